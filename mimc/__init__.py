@@ -1,0 +1,47 @@
+"""mimc: compress masked-image-modeling encoders into small, fast, validated deployables.
+
+The public verbs (each CLI command is a thin shell around one):
+``load``, ``save``, ``compress``, ``export_onnx``, ``profile``, ``evaluate``.
+Imports are lazy so ``import mimc`` stays cheap.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(model):
+    """Any MODEL argument (``ref``, artifact dir, HF dir, checkpoint file, hub id) -> Encoder."""
+    from .models.resolve import load_model
+
+    return load_model(model)
+
+
+def save(encoder, out_dir, overwrite: bool = False):
+    """Write an artifact directory (model.safetensors + mimc.json), atomically."""
+    from .artifact import save_artifact
+
+    return save_artifact(encoder, out_dir, overwrite=overwrite)
+
+
+def compress(encoder, config, calibration_batches=None):
+    """Apply one stage; returns ``(new_encoder, StageRecord)`` and never modifies ``encoder``."""
+    from .compress.registry import compress as _compress
+
+    return _compress(encoder, config, calibration_batches)
+
+
+def export_onnx(encoder, path, **options):
+    """Export to ONNX and validate on ONNX Runtime; see :mod:`mimc.export.onnx`."""
+    from .export.onnx import export_onnx as _export
+
+    return _export(encoder, path, **options)
+
+
+def profile(model_path, **options):
+    """Latency report for an ONNX graph or engine; see :mod:`mimc.profile`."""
+    from .profile.run import profile as _profile
+
+    return _profile(model_path, **options)
+
+
+__all__ = ["__version__", "load", "save", "compress", "export_onnx", "profile"]

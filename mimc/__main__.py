@@ -1,0 +1,4 @@
+"""``python -m mimc`` (also what ``torchrun -m mimc`` runs)."""
+from .cli.app import main
+
+main()

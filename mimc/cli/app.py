@@ -1,0 +1,34 @@
+"""The ``mimc`` command. Each command lives in its own module with a ``register(app)`` function."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="mimc",
+    help="Compress masked-image-modeling encoders into small, fast, validated ONNX models and engines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# One module per command, in the order `mimc --help` lists them.
+COMMAND_MODULES = [
+    "inspect",
+    "prune",
+    "export",
+    "profile",
+    "eval",
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"{__package__}.{_name}").register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The only code that reads images and turns them into batches.
+
+A data spec is one of:
+- a folder of images (flat, or one subfolder per class: then labels come with them),
+- a ``.npy`` array (N, H, W, C) / (N, C, H, W) / video (N, T, ...), or a ``.npz`` with ``images``
+  (and optionally ``labels``, ``class_names``),
+- ``builtin``: the labelled images shipped with mimc (see ``mimc/models/ref/``).
+
+Preprocessing follows the encoder's own input spec: resize the short side, centre crop to
+``image_size``, scale to [0, 1], normalise by the config's mean and std. A video encoder given still
+images sees each image repeated over its frames.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+BUILTIN = "builtin"
+BUILTIN_PATH = Path(__file__).parent / "models" / "ref" / "builtin.npz"
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed inputs for one encoder, with labels when the source has them."""
+
+    pixels: torch.Tensor  # (N, C, H, W) or (N, T, C, H, W), float32, normalised
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    source: str
+    sha256: str  # hash of the preprocessed pixels: identifies the calibration set in manifests
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def batches(self, batch_size: int = 16) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self), batch_size):
+            yield self.pixels[i : i + batch_size]
+
+    def subset(self, index: np.ndarray | list[int]) -> "ImageSet":
+        index = np.asarray(index)
+        labels = self.labels[index] if self.labels is not None else None
+        pixels = self.pixels[torch.as_tensor(index, dtype=torch.long)]
+        return ImageSet(pixels, labels, self.class_names, self.source, _hash_tensor(pixels))
+
+
+def _hash_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
+    """Accept (H, W), (H, W, C) or (C, H, W) in uint8 or float [0, 1]; return uint8 (H, W, 3 or 1)."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise DataError(f"image array has shape {arr.shape}: expected (H, W), (H, W, C) or (C, H, W)")
+    if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr.astype(np.float32) * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return arr
+
+
+def _resize_crop(img_hwc: np.ndarray, size: int) -> np.ndarray:
+    """Resize the short side to ``size`` (bicubic) and centre crop; returns float32 HWC in [0, 1]."""
+    from PIL import Image
+
+    pil = Image.fromarray(img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc)
+    w, h = pil.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    pil = pil.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    pil = pil.crop((left, top, left + size, top + size))
+    out = np.asarray(pil, dtype=np.float32) / 255.0
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def preprocess(images: list[np.ndarray], cfg) -> torch.Tensor:
+    """uint8 HWC images -> normalised tensor shaped for ``cfg`` (an EncoderConfig)."""
+    out = []
+    for img in images:
+        x = _resize_crop(_to_uint8_hwc(img), cfg.image_size)
+        channels = x.shape[2]
+        if channels != cfg.in_chans:
+            if channels == 1 and cfg.in_chans == 3:
+                x = np.repeat(x, 3, axis=2)
+            elif channels in (3, 4) and cfg.in_chans == 1:
+                x = x[:, :, :3].mean(axis=2, keepdims=True)
+            elif channels == 4 and cfg.in_chans == 3:
+                x = x[:, :, :3]
+            else:
+                raise DataError(f"images have {channels} channels but the model expects {cfg.in_chans}: convert the images")
+        out.append(x)
+    arr = np.stack(out).transpose(0, 3, 1, 2)  # N, C, H, W
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(cfg.image_std, dtype=np.float32)[None, :, None, None]
+    pixels = torch.from_numpy(((arr - mean) / std).astype(np.float32))
+    if cfg.is_video:
+        pixels = pixels[:, None].expand(-1, cfg.num_frames, -1, -1, -1).contiguous()
+    return pixels
+
+
+def _normalise_array(arr: np.ndarray, cfg) -> torch.Tensor:
+    """An array of raw images or already-shaped model inputs -> model inputs."""
+    expected = tuple(cfg.input_shape)
+    if arr.ndim == len(expected) + 1 and tuple(arr.shape[1:]) == expected and arr.dtype.kind == "f":
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # already model inputs
+    if cfg.is_video and arr.ndim == 5:
+        frames = arr.shape[1]
+        if frames != cfg.num_frames:
+            raise DataError(f"video array has {frames} frames but the model expects {cfg.num_frames}: resample the clips")
+        flat = preprocess(list(arr.reshape(-1, *arr.shape[2:])), cfg.replace(num_frames=1, tubelet_size=1))
+        return flat.reshape(arr.shape[0], frames, *flat.shape[1:])
+    if arr.ndim not in (3, 4):
+        raise DataError(f"array of shape {arr.shape} is not a batch of images: expected (N, H, W[, C]) or (N, C, H, W)")
+    return preprocess(list(arr), cfg)
+
+
+def _load_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray | None, list[str] | None]:
+    from PIL import Image, UnidentifiedImageError
+
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subdirs:
+        files = [(f, i) for i, d in enumerate(subdirs) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        class_names = [d.name for d in subdirs]
+    else:
+        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        class_names = None
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}: point --data at a folder of images")
+    images = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"cannot read image {f} ({exc}): remove or replace it") from exc
+    labels = np.asarray([lab for _, lab in files]) if class_names else None
+    return images, labels, class_names
+
+
+def load_images(spec: str | Path, cfg, n: int | None = None, seed: int = 0) -> ImageSet:
+    """Read and preprocess images for the encoder described by ``cfg``.
+
+    ``n`` picks a seeded random subset (all images when None or larger than the set).
+    """
+    labels = class_names = None
+    spec_str = str(spec)
+    if spec_str == BUILTIN:
+        path = BUILTIN_PATH
+        if not path.is_file():
+            raise DataError(f"built-in images missing at {path}: reinstall mimc")
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise DataError(f"data path {path} does not exist: pass an image folder, a .npy/.npz file or 'builtin'")
+    if path.is_dir():
+        images, labels, class_names = _load_folder(path)
+        raw: np.ndarray | list = images
+    elif path.suffix in (".npz", ".npy"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"cannot read {path} as a numpy array without pickle ({exc}): save it with np.savez") from exc
+        if path.suffix == ".npz":
+            if "images" not in loaded:
+                raise DataError(f"{path} has no 'images' array (keys: {list(loaded.keys())}): save it as np.savez(f, images=..., labels=...)")
+            raw = loaded["images"]
+            labels = loaded["labels"] if "labels" in loaded else None
+            class_names = [str(c) for c in loaded["class_names"]] if "class_names" in loaded else None
+        else:
+            raw = loaded
+    else:
+        raise DataError(f"{path} is neither a folder nor a .npy/.npz file: pass an image folder, a .npy/.npz file or 'builtin'")
+
+    count = len(raw)
+    if count == 0:
+        raise DataError(f"{path} holds no images: pass a non-empty data set")
+    index = np.arange(count)
+    if n is not None and n < count:
+        index = np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))
+    if isinstance(raw, list):
+        pixels = preprocess([raw[i] for i in index], cfg)
+    else:
+        pixels = _normalise_array(np.asarray(raw)[index], cfg)
+    if labels is not None:
+        labels = np.asarray(labels)[index]
+    return ImageSet(pixels, labels, class_names, spec_str, _hash_tensor(pixels))
+
+
+def deterministic_inputs(cfg, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal inputs of the encoder's shape (for validation and export)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *cfg.input_shape), generator=g)

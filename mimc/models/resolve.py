@@ -1,0 +1,86 @@
+"""MODEL argument -> canonical encoder.
+
+Accepted: ``ref`` (the built-in reference MAE), a mimc artifact directory, a transformers model
+directory (``config.json``), a timm checkpoint file (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``),
+or a hub id (``org/name``; loaded by transformers, needs internet).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import ModelNotFoundError, NotAModelError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def describe_source(model: str) -> str:
+    """What kind of MODEL argument this is: ref, artifact, hf-dir, checkpoint or hub."""
+    from ..artifact import is_artifact
+
+    if model == "ref":
+        return "ref"
+    path = Path(model)
+    if path.exists():
+        if is_artifact(path):
+            return "artifact"
+        if path.is_dir() and (path / "config.json").is_file():
+            return "hf-dir"
+        if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+            return "checkpoint"
+        if path.is_dir():
+            raise NotAModelError(
+                f"{path} is a directory but neither a mimc artifact (mimc.json) nor a transformers model (config.json): point at a model directory"
+            )
+        raise NotAModelError(
+            f"{path} is not a model file: expected one of {', '.join(CHECKPOINT_SUFFIXES)}, a model directory, a hub id or 'ref'"
+        )
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] or model.endswith(CHECKPOINT_SUFFIXES)
+    if not looks_like_path and _HUB_ID.match(model):
+        return "hub"
+    raise ModelNotFoundError(f"model '{model}' not found: give an existing path, a hub id like facebook/vit-mae-base, or 'ref'")
+
+
+def load_model(model: str | os.PathLike):
+    """Load any MODEL argument as a canonical :class:`~mimc.models.vit.Encoder` with a manifest."""
+    from ..artifact import Manifest, load_artifact, sha256_file
+
+    model = str(model)
+    kind = describe_source(model)
+    if kind == "artifact":
+        return load_artifact(model)
+    if kind == "ref":
+        from .reference import load_reference
+
+        encoder = load_reference()
+        source = {"id": "ref", "family": "ref", "sha256": _ref_sha()}
+    elif kind in ("hf-dir", "hub"):
+        from .convert.hf import load_hf
+
+        encoder = load_hf(model)
+        sha = sha256_file(_hf_weights(Path(model))) if kind == "hf-dir" and _hf_weights(Path(model)) else None
+        source = {"id": model, "family": encoder.config.family, "sha256": sha, "kind": kind}
+    else:
+        from .convert.timm import load_timm_checkpoint
+
+        encoder = load_timm_checkpoint(model)
+        source = {"id": model, "family": encoder.config.family, "sha256": sha256_file(model), "kind": kind}
+    encoder.eval()
+    encoder.manifest = Manifest(encoder=encoder.config.to_dict(), source=source)
+    return encoder
+
+
+def _hf_weights(path: Path) -> Path | None:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def _ref_sha() -> str | None:
+    from ..artifact import sha256_file
+    from .reference import REF_WEIGHTS
+
+    return sha256_file(REF_WEIGHTS) if REF_WEIGHTS.is_file() else None

@@ -1,0 +1,369 @@
+"""The canonical encoder every source is converted into.
+
+A plain pre-norm vision transformer: patch (or tubelet) embedding, optional cls token, absolute
+position embedding and/or relative position bias, blocks with optional layer scale, final norm,
+pooling. It sees every patch in order and is deterministic: MAE-style random masking has no place
+in a deployed encoder, and token reduction is an explicit, static stage (``token_schedule``).
+
+Attention is written out (matmul, softmax, matmul) rather than through SDPA so both ONNX exporters
+produce the same plain graph, quantization sees the two attention MatMuls, and token-reduction
+methods can read the attention they need.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+POOLINGS = ("cls", "mean")
+REL_POS_BIAS = ("none", "per_block", "shared")
+POS_EMBEDS = ("learned", "none")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+@dataclass
+class EncoderConfig:
+    """Everything needed to rebuild an encoder's structure (weights live in safetensors)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_frames: int = 1  # > 1: video input (B, T, C, H, W) cut into tubelets
+    tubelet_size: int = 1
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    cls_token: bool = True
+    pos_embed: str = "learned"
+    rel_pos_bias: str = "none"
+    layer_scale: bool = False
+    final_norm: bool = True
+    pooling: str = "mean"  # pooled feature: cls token, or mean of patch tokens (MAE, BEiT, VideoMAE)
+    pool_norm: bool = False  # LayerNorm after mean pooling (BEiT / data2vec / VideoMAE fc_norm)
+    act: str = "gelu"
+    # Per-block overrides written by width pruning; None means every block uses the global value.
+    block_mlp_dims: list[int] | None = None
+    block_heads: list[int] | None = None
+    head_dim: int | None = None  # None: dim // num_heads
+    # Lineage of structure: original index of every kept block (None: all of 0..depth-1).
+    block_ids: list[int] | None = None
+    source_depth: int | None = None
+    # Static token reduction (written by the tokens stage); None: every block sees every token.
+    token_schedule: dict[str, Any] | None = None
+    nm_pattern: str | None = None  # "2:4" when every block Linear satisfies the pattern
+    family: str = "vit"
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),
+            (self.rel_pos_bias in REL_POS_BIAS, f"rel_pos_bias must be one of {REL_POS_BIAS}"),
+            (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
+            (self.act in ACTIVATIONS, f"act must be one of {ACTIVATIONS}"),
+            (self.depth >= 0, "depth must be >= 0"),
+            (self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"),
+            (self.num_frames % self.tubelet_size == 0, "num_frames must be a multiple of tubelet_size"),
+            (self.pooling != "cls" or self.cls_token, "cls pooling needs a cls token"),
+        ]
+        if self.head_dim is None:
+            checks.append((self.dim % self.num_heads == 0, "dim must be divisible by num_heads"))
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"invalid encoder config: {msg}")
+        for name in ("block_mlp_dims", "block_heads", "block_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.depth:
+                raise ConfigError(f"invalid encoder config: {name} has {len(value)} entries for depth {self.depth}")
+
+    # Derived quantities -------------------------------------------------------------------------
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames > 1
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (T', H', W')."""
+        side = self.image_size // self.patch_size
+        return (self.num_frames // self.tubelet_size, side, side)
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.cls_token else 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input without the batch dimension."""
+        if self.is_video:
+            return (self.num_frames, self.in_chans, self.image_size, self.image_size)
+        return (self.in_chans, self.image_size, self.image_size)
+
+    def mlp_dim_of(self, i: int) -> int:
+        return self.block_mlp_dims[i] if self.block_mlp_dims is not None else self.mlp_dim
+
+    def heads_of(self, i: int) -> int:
+        return self.block_heads[i] if self.block_heads is not None else self.num_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
+
+    def kept_block_ids(self) -> list[int]:
+        return list(self.block_ids) if self.block_ids is not None else list(range(self.depth))
+
+    # Serialization ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown encoder config keys {unknown}: this artifact was written by a newer mimc; upgrade mimc")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "EncoderConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class EncoderOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, N, D) after the final norm
+    pooled: torch.Tensor  # (B, D)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # input of every block and the final output
+
+
+class PatchEmbed(nn.Module):
+    """Images (B, C, H, W) -> (B, N, D) by a strided conv; video (B, T, C, H, W) by a 3D conv."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.video = cfg.is_video
+        if self.video:
+            k = (cfg.tubelet_size, cfg.patch_size, cfg.patch_size)
+            self.proj = nn.Conv3d(cfg.in_chans, cfg.dim, kernel_size=k, stride=k)
+        else:
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.video:
+            x = x.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def relative_position_index(grid_hw: tuple[int, int], cls_token: bool) -> torch.Tensor:
+    """BEiT's index into the bias table: pairwise (dy, dx) offsets plus three cls entries."""
+    h, w = grid_hw
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    rel[:, :, 0] *= 2 * w - 1
+    patch_index = rel.sum(-1)
+    if not cls_token:
+        return patch_index
+    n_rel = (2 * h - 1) * (2 * w - 1)
+    n = h * w + 1
+    index = torch.zeros(n, n, dtype=torch.long)
+    index[1:, 1:] = patch_index
+    index[0, :] = n_rel  # cls -> token
+    index[:, 0] = n_rel + 1  # token -> cls
+    index[0, 0] = n_rel + 2  # cls -> cls
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """Learned bias table (BEiT), expanded to (heads, N, N) on the fly with a constant index."""
+
+    def __init__(self, cfg: EncoderConfig, num_heads: int):
+        super().__init__()
+        _, h, w = cfg.grid
+        n_entries = (2 * h - 1) * (2 * w - 1) + (3 if cfg.cls_token else 0)
+        self.table = nn.Parameter(torch.zeros(n_entries, num_heads))
+        self.register_buffer("index", relative_position_index((h, w), cfg.cls_token), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.index.shape[0]
+        return self.table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: EncoderConfig, num_heads: int, per_block_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = cfg.attn_head_dim
+        inner = num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(inner, cfg.dim)
+        self.rel_pos_bias = RelativePositionBias(cfg, num_heads) if per_block_bias else None
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.rel_pos_bias is not None:
+            attn = attn + self.rel_pos_bias()
+        if bias is not None:
+            attn = attn + bias
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = "tanh" if act == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, cfg: EncoderConfig, index: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, cfg.heads_of(index), per_block_bias=cfg.rel_pos_bias == "per_block")
+        self.ls1 = LayerScale(cfg.dim) if cfg.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_dim_of(index), cfg.act)
+        self.ls2 = LayerScale(cfg.dim) if cfg.layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), bias))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class Encoder(nn.Module):
+    """The canonical MIM encoder. ``forward(pixels)`` returns an :class:`EncoderOutput`."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim)) if cfg.pos_embed == "learned" else None
+        self.rel_pos_bias = RelativePositionBias(cfg, cfg.num_heads) if cfg.rel_pos_bias == "shared" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.pool_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pool_norm else nn.Identity()
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def pool(self, hidden: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled feature: the cls token, or the (size-weighted) mean of the patch tokens."""
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        patches = hidden[:, self.config.num_prefix_tokens :]
+        if sizes is None:
+            pooled = patches.mean(dim=1)
+        else:
+            w = sizes[:, self.config.num_prefix_tokens :]
+            pooled = (patches * w).sum(dim=1) / w.sum(dim=1)
+        return self.pool_norm(pooled)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> EncoderOutput:
+        x = self.embed(pixel_values)
+        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        hidden_states = [x] if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x, shared_bias)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        x = self.norm(x)
+        return EncoderOutput(x, self.pool(x), tuple(hidden_states) if hidden_states is not None else None)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_encoder(cfg: EncoderConfig, seed: int | None = None) -> Encoder:
+    """A randomly initialised encoder (truncated-normal linears, as timm and MAE do)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    enc = Encoder(cfg)
+    for name, p in enc.named_parameters():
+        if name.endswith("bias") or "norm" in name or name.endswith("gamma"):
+            continue
+        if p.dim() >= 2 or name in ("cls_token", "pos_embed"):
+            nn.init.trunc_normal_(p, std=0.02)
+    return enc.eval()
+
+
+def vit_base_config(**overrides: Any) -> EncoderConfig:
+    """ViT-B/16 at 224 px, shaped like an MAE encoder (mean pooling)."""
+    base = dict(image_size=224, patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072, family="mae")
+    base.update(overrides)
+    return EncoderConfig(**base)
+
+
+def flops_per_image(cfg: EncoderConfig) -> float:
+    """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding)."""
+    n = cfg.num_tokens
+    d = cfg.dim
+    macs = cfg.num_patches * d * cfg.in_chans * cfg.patch_size**2 * cfg.tubelet_size
+    for i in range(cfg.depth):
+        inner = cfg.heads_of(i) * cfg.attn_head_dim
+        macs += n * d * 3 * inner + n * inner * d  # qkv, proj
+        macs += 2 * n * n * inner  # q @ k^T and attn @ v
+        macs += 2 * n * d * cfg.mlp_dim_of(i)  # fc1, fc2
+    return float(macs)
+
+
+__all__ = [
+    "EncoderConfig",
+    "EncoderOutput",
+    "Encoder",
+    "Block",
+    "Attention",
+    "Mlp",
+    "PatchEmbed",
+    "RelativePositionBias",
+    "build_encoder",
+    "vit_base_config",
+    "flops_per_image",
+]
