@@ -1,0 +1,77 @@
+"""Device profiles: what a deployment target is, read from ``profiles/*.yaml`` or a user's YAML.
+
+A profile names a backend and the numbers a roofline needs. Shipped profiles live in
+``mimc/profiles/`` (package data); ``--device`` accepts their name or a path to a YAML file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    backend: str
+    precisions: tuple[str, ...]
+    peak_tflops: dict[str, float]  # dense peak per precision (2:4 sparse doubles on sparse tensor cores)
+    memory_bandwidth_gbs: float
+    memory_gb: float
+    batch_sizes: tuple[int, ...] = (1,)
+    description: str = ""
+    compute_capability: str | None = None  # "9.0" for Hopper; None for CPUs
+    sparse_tensor_cores: bool = False
+    threads: int | None = None  # CPU profiles: intra-op threads to measure with
+    sources: dict[str, str] = field(default_factory=dict)  # field -> public source of the number
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+REQUIRED = ("name", "backend", "precisions", "peak_tflops", "memory_bandwidth_gbs", "memory_gb")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(device: str | Path) -> DeviceProfile:
+    """A shipped profile by name, or a YAML file by path; one-line errors for anything wrong."""
+    path = Path(device)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PROFILES_DIR / f"{device}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"device profile {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"device profile {path} is not a mapping: see mimc/profiles/cpu.yaml for the format")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ConfigError(f"device profile {path} is missing field(s) {missing}: add them (see mimc/profiles/cpu.yaml)")
+    known = {f.name for f in fields(DeviceProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"device profile {path} has unknown field(s) {unknown}: valid fields are {sorted(known)}")
+    if data["backend"] not in BACKENDS:
+        raise ConfigError(f"device profile {path}: backend '{data['backend']}' is not one of {BACKENDS}")
+    bad = [p for p in data["precisions"] if p not in PRECISIONS]
+    if bad:
+        raise ConfigError(f"device profile {path}: unknown precision(s) {bad}; valid: {PRECISIONS}")
+    data["precisions"] = tuple(data["precisions"])
+    data["batch_sizes"] = tuple(data.get("batch_sizes", (1,)))
+    data["peak_tflops"] = {str(k): float(v) for k, v in data["peak_tflops"].items()}
+    if data.get("compute_capability") is not None:
+        data["compute_capability"] = str(data["compute_capability"])
+    return DeviceProfile(**data)
