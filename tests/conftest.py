@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny seeded encoders (depth 4, dim 64, 32 px) so the suite runs in minutes on 2 cores."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(**overrides):
+    from mimc.models.vit import EncoderConfig
+
+    base = dict(image_size=32, patch_size=8, dim=64, depth=4, num_heads=4, mlp_dim=128, family="mae")
+    base.update(overrides)
+    return EncoderConfig(**base)
+
+
+def tiny_video_config(**overrides):
+    base = dict(num_frames=4, tubelet_size=2, cls_token=False, pooling="mean", pool_norm=True, family="videomae")
+    base.update(overrides)
+    return tiny_config(**base)
+
+
+@pytest.fixture
+def tiny_encoder():
+    from mimc.models.vit import build_encoder
+
+    return build_encoder(tiny_config(), seed=0)
+
+
+@pytest.fixture
+def tiny_video_encoder():
+    from mimc.models.vit import build_encoder
+
+    return build_encoder(tiny_video_config(), seed=0)
+
+
+@pytest.fixture
+def tiny_images():
+    """Seeded uint8 images (N, H, W, 3) with labels: two classes of distinct textures."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 24
+    labels = np.arange(n) % 2
+    xs = np.linspace(0, 1, 32)[None, :, None]
+    images = []
+    for lab in labels:
+        freq = 3 if lab == 0 else 9
+        base = 0.5 + 0.5 * np.sin(2 * np.pi * freq * xs + rng.uniform(0, 6.28))
+        img = np.broadcast_to(base, (32, 32, 3)) * rng.uniform(0.7, 1.0) + rng.normal(0, 0.05, (32, 32, 3))
+        images.append(np.clip(img * 255, 0, 255).astype(np.uint8))
+    return np.stack(images), labels
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and TensorRT; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

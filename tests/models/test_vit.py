@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from mimc.artifact import load_artifact, save_artifact
+from mimc.errors import BadInputError, ConfigError, NotAModelError
+from mimc.models.vit import EncoderConfig, build_encoder, flops_per_image, vit_base_config
+from tests.conftest import tiny_config, tiny_video_config
+
+
+def test_shapes_image_and_video():
+    enc = build_encoder(tiny_config(), seed=0)
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert out.last_hidden_state.shape == (2, 17, 64)
+    assert out.pooled.shape == (2, 64)
+    venc = build_encoder(tiny_video_config(), seed=0)
+    vout = venc(torch.randn(1, 4, 3, 32, 32))
+    assert vout.last_hidden_state.shape == (1, 2 * 16, 64)
+
+
+def test_mean_pooling_excludes_cls_and_cls_pooling_takes_it():
+    enc = build_encoder(tiny_config(pooling="mean"), seed=0)
+    out = enc(torch.randn(1, 3, 32, 32))
+    assert torch.allclose(out.pooled, out.last_hidden_state[:, 1:].mean(1), atol=1e-6)
+    enc = build_encoder(tiny_config(pooling="cls"), seed=0)
+    out = enc(torch.randn(1, 3, 32, 32))
+    assert torch.equal(out.pooled, out.last_hidden_state[:, 0])
+
+
+def test_relative_position_bias_changes_output():
+    enc = build_encoder(tiny_config(rel_pos_bias="per_block", layer_scale=True), seed=0)
+    x = torch.randn(1, 3, 32, 32)
+    before = enc(x).pooled.clone()
+    with torch.no_grad():
+        enc.blocks[0].attn.rel_pos_bias.table.normal_()
+    assert not torch.allclose(before, enc(x).pooled)
+
+
+def test_save_load_round_trip(tmp_path, tiny_encoder):
+    x = torch.randn(2, 3, 32, 32)
+    save_artifact(tiny_encoder, tmp_path / "a")
+    loaded = load_artifact(tmp_path / "a")
+    assert torch.equal(loaded(x).last_hidden_state, tiny_encoder(x).last_hidden_state)
+    assert loaded.config == tiny_encoder.config
+
+
+def test_save_refuses_existing_output(tmp_path, tiny_encoder):
+    save_artifact(tiny_encoder, tmp_path / "a")
+    with pytest.raises(BadInputError):
+        save_artifact(tiny_encoder, tmp_path / "a")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path, tiny_encoder):
+    save_artifact(tiny_encoder, tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(NotAModelError):
+        load_artifact(tmp_path / "a")
+
+
+def test_config_rejects_bad_values_and_unknown_keys():
+    with pytest.raises(ConfigError):
+        tiny_config(pooling="max")
+    with pytest.raises(ConfigError):
+        EncoderConfig.from_dict({**tiny_config().to_dict(), "bogus": 1})
+
+
+def test_vit_b_macs_match_published():
+    assert abs(flops_per_image(vit_base_config()) / 17.6e9 - 1) < 0.02
