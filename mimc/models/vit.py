@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from . import token_ops
 
 POOLINGS = ("cls", "mean")
 REL_POS_BIAS = ("none", "per_block", "shared")
@@ -219,7 +220,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, cfg.dim)
         self.rel_pos_bias = RelativePositionBias(cfg, num_heads) if per_block_bias else None
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, return_keys: bool = False, return_attn: bool = False):
+        """The attention output; with ``return_keys``/``return_attn`` also (keys averaged over heads,
+        attention probabilities) for token reduction. The default call builds exactly the plain graph."""
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -230,7 +233,10 @@ class Attention(nn.Module):
             attn = attn + bias
         attn = attn.softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        return self.proj(out)
+        out = self.proj(out)
+        if not (return_keys or return_attn):
+            return out
+        return out, (k.mean(dim=1) if return_keys else None), (attn if return_attn else None)
 
 
 class Mlp(nn.Module):
@@ -265,9 +271,36 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_dim_of(index), cfg.act)
         self.ls2 = LayerScale(cfg.dim) if cfg.layer_scale else nn.Identity()
 
+        # Static token reduction between attention and MLP (set by Encoder from the token plan).
+        self.merge_r = 0  # ToMe: tokens merged here
+        self.keep_k = 0  # top-k: patch tokens kept here
+        self.fuse = False
+        self.score = "mean"
+        self.prop_attn = False
+        self.prefix = cfg.num_prefix_tokens
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), bias))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def forward_tokens(self, x: torch.Tensor, bias: torch.Tensor | None, sizes: torch.Tensor | None):
+        """Forward with this block's token reduction; ``sizes`` (B, N, 1) counts the patches each token
+        stands for (None: all ones). Returns ``(x, sizes)``."""
+        if self.prop_attn and sizes is not None:
+            log_sizes = sizes.log()[:, None, None, :, 0]  # proportional attention: bigger tokens draw more
+            bias = log_sizes if bias is None else bias + log_sizes
+        if self.merge_r == 0 and self.keep_k == 0:
+            return self.forward(x, bias), sizes
+        out, keys, attn = self.attn(self.norm1(x), bias, return_keys=self.merge_r > 0, return_attn=self.keep_k > 0)
+        x = x + self.ls1(out)
+        if sizes is None:
+            sizes = torch.ones_like(x[..., :1])
+        if self.merge_r > 0:
+            x, sizes = token_ops.tome_merge(x, sizes, keys, self.merge_r, self.prefix)
+        else:
+            scores = token_ops.attention_received(attn, self.prefix, self.score)
+            x, sizes = token_ops.topk_select(x, sizes, scores, self.keep_k, self.prefix, self.fuse)
+        return x + self.ls2(self.mlp(self.norm2(x))), sizes
 
 
 class Encoder(nn.Module):
@@ -284,6 +317,34 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.pool_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pool_norm else nn.Identity()
+        self._apply_token_plan(token_ops.build_plan(cfg))
+
+    def _apply_token_plan(self, plan: token_ops.TokenPlan) -> None:
+        """Turn the token schedule into static per-block attributes and constant index buffers."""
+        self.token_plan = plan
+        for block, r, k in zip(self.blocks, plan.merge_r or [0] * len(self.blocks), plan.keep_k or [0] * len(self.blocks)):
+            block.merge_r, block.keep_k = r, k
+            block.fuse, block.score, block.prop_attn = plan.fuse, plan.score, plan.prop_attn
+        # Non-persistent: the state_dict keys stay those of the dense encoder.
+        index = torch.tensor(plan.drop_index, dtype=torch.long) if plan.drop_index is not None else None
+        self.register_buffer("drop_index", index, persistent=False)
+        if index is not None and self.config.rel_pos_bias != "none":
+            # A fixed pattern keeps fixed positions, so the bias is the full bias sliced to them.
+            prefix = self.config.num_prefix_tokens
+            kept = torch.cat([torch.arange(prefix), index + prefix])
+            for module in self.modules():
+                if isinstance(module, RelativePositionBias):
+                    module.index = module.index[kept][:, kept]
+
+    def drop_patches(self, x: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """MAE-native patch dropping after the position embedding (identity without a drop schedule)."""
+        prefix = self.config.num_prefix_tokens
+        if self.drop_index is not None:
+            return torch.cat([x[:, :prefix], x[:, prefix:].index_select(1, self.drop_index)], dim=1)
+        if self.token_plan.drop_keep:
+            saliency = token_ops.patch_variance(pixel_values, self.config.patch_size, self.config.tubelet_size)
+            return token_ops.gather_tokens(x, saliency.topk(self.token_plan.drop_keep, dim=-1).indices, prefix)
+        return x
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixel_values)
@@ -307,14 +368,21 @@ class Encoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> EncoderOutput:
         x = self.embed(pixel_values)
+        reduces = self.token_plan.reduces
+        if reduces:
+            x = self.drop_patches(x, pixel_values)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         hidden_states = [x] if output_hidden_states else None
+        sizes = None  # patches per token, once tokens were merged or fused
         for block in self.blocks:
-            x = block(x, shared_bias)
+            if reduces:
+                x, sizes = block.forward_tokens(x, shared_bias, sizes)
+            else:
+                x = block(x, shared_bias)
             if hidden_states is not None:
                 hidden_states.append(x)
         x = self.norm(x)
-        return EncoderOutput(x, self.pool(x), tuple(hidden_states) if hidden_states is not None else None)
+        return EncoderOutput(x, self.pool(x, sizes), tuple(hidden_states) if hidden_states is not None else None)
 
     @property
     def num_params(self) -> int:
