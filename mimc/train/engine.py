@@ -1,0 +1,308 @@
+"""The training loop every learning stage shares: feature distillation from a dense teacher.
+
+- Loss on final features: per-sample relative MSE of the token features (when student and teacher
+  keep the same tokens) plus 1 − cosine of the pooled features, each averaged over samples — a mean
+  of per-sample terms, so sharding the batch over processes changes nothing but float rounding.
+- Unlabeled images, reshuffled every epoch, with random horizontal flips.
+- Optional MAE-style input masking (DMAE): teacher and student see the same random visible patches
+  only. The patches are gathered after the encoder's own ``embed`` (position embeddings included)
+  and run through its ``blocks`` and ``norm``; at 75 % masking a step costs about a quarter.
+- AdamW, linear warm-up then cosine decay, gradient clipping.
+- Every random choice of step s (the batch, the flips, the visible patches, a stage's own noise)
+  comes from a generator seeded by (seed, s): a resumed run and a run sharded over torchrun ranks
+  draw exactly what an uninterrupted single process draws.
+- Checkpoints every N steps (see :mod:`mimc.train.checkpoint`); only rank 0 writes.
+
+References:
+- Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers" (DMAE), CVPR 2023 —
+  github.com/UCSC-VLAA/DMAE
+- He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 —
+  github.com/facebookresearch/mae
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from . import checkpoint as ckpt
+from .dist import DistContext, check_divisible, context
+from .schedule import warmup_cosine
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation options of one run (a stage builds these from its config)."""
+
+    steps: int
+    lr: float
+    batch_size: int  # global: split over torchrun ranks
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # 0 disables clipping
+    mask_ratio: float = 0.0
+    flip: bool = True
+    seed: int = 0
+    token_weight: float = 1.0
+    pooled_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps}: train for at least 1 step")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio={self.mask_ratio} must be in [0, 1): 0.75 shows the student a quarter of the patches")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+
+
+@dataclass
+class RunOptions:
+    """Runtime options of a training run; not part of a stage's recorded config."""
+
+    run_dir: Path | None = None  # where checkpoints go (the future output folder)
+    checkpoint_every: int = 100
+    resume: bool = False
+    show_progress: bool = False
+    on_step: Callable[[int, float], None] | None = None  # called after each step (and its checkpoint)
+    teacher: Any = None  # an explicit teacher encoder (distill); None: the stage's default
+
+
+_RUN: contextvars.ContextVar[RunOptions] = contextvars.ContextVar("mimc_train_run", default=RunOptions())
+
+
+@contextlib.contextmanager
+def run_options(**options: Any) -> Iterator[RunOptions]:
+    """``with run_options(run_dir=out, resume=True): compress(...)`` — seen by the learning stages."""
+    run = RunOptions(**options)
+    if run.run_dir is not None:
+        run.run_dir = Path(run.run_dir)
+    token = _RUN.set(run)
+    try:
+        yield run
+    finally:
+        _RUN.reset(token)
+
+
+def current_run() -> RunOptions:
+    return _RUN.get()
+
+
+class StepHooks(Protocol):
+    """What a stage may add to the loop (all optional)."""
+
+    def before_step(self, step: int, total: int, generator: torch.Generator) -> None: ...
+    def extra_loss(self) -> torch.Tensor | None: ...
+    def after_step(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    steps_run: int  # in this process (fewer when resumed)
+    resumed_from: int
+    seconds: float
+    steps_per_second: float
+    final_loss: float
+    world_size: int
+    losses: list[float] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("losses")
+        d["seconds"] = round(d["seconds"], 3)
+        d["steps_per_second"] = round(d["steps_per_second"], 4)
+        d["final_loss"] = round(d["final_loss"], 6)
+        return d
+
+
+def supports_masking(encoder: nn.Module) -> bool:
+    """Input masking gathers tokens; a relative position bias or a token schedule needs them all."""
+    cfg = encoder.config
+    return cfg.rel_pos_bias == "none" and cfg.token_schedule is None
+
+
+class FeatureModel(nn.Module):
+    """``forward(pixels, keep)`` -> (token features, pooled), ``keep`` the visible patch indices."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.encoder
+        if keep is None:
+            out = enc(pixels)
+            return out.last_hidden_state, out.pooled
+        x = enc.embed(pixels)
+        prefix = enc.config.num_prefix_tokens
+        patches = torch.gather(x[:, prefix:], 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :prefix], patches], dim=1)
+        for block in enc.blocks:
+            x = block(x, None)
+        x = enc.norm(x)
+        return x, enc.pool(x)
+
+
+def distill_loss(student: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor],
+                 settings: TrainSettings) -> torch.Tensor:
+    s_tok, s_pool = student
+    t_tok, t_pool = teacher
+    loss = settings.pooled_weight * (1.0 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
+    if settings.token_weight and s_tok.shape == t_tok.shape:
+        per_sample = ((s_tok - t_tok) ** 2).flatten(1).mean(1) / (t_tok**2).flatten(1).mean(1).clamp_min(1e-12)
+        loss = loss + settings.token_weight * per_sample.mean()
+    return loss
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class _Sampler:
+    """The global batch of each step: a fresh seeded permutation of the images every epoch."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed, self._perms = count, seed, {}
+
+    def indices(self, step: int, batch: int) -> torch.Tensor:
+        out = []
+        for k in range(step * batch, (step + 1) * batch):
+            epoch, pos = divmod(k, self.count)
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch + 1))}
+            out.append(self._perms[epoch][pos])
+        return torch.stack(out)
+
+
+def _param_groups(params: dict[str, nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    # Decay matrices only: decaying norms and biases pulls them toward 0, which no one wants.
+    decay = [p for p in params.values() if p.ndim >= 2]
+    other = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return groups
+
+
+def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings: TrainSettings,
+          meta: dict[str, Any] | None = None, hooks: StepHooks | None = None) -> TrainResult:
+    """Distill ``teacher`` into the trainable parameters of ``student`` (in place) on ``pixels``."""
+    run = current_run()
+    ctx: DistContext = context()
+    check_divisible(settings.batch_size, ctx.world_size)
+    if settings.mask_ratio > 0 and not supports_masking(student):
+        raise ConfigError("input masking needs absolute position embeddings and all tokens (no relative position bias, no token schedule): pass --mask-ratio 0")
+    if len(pixels) == 0:
+        raise ConfigError("no training images: pass --data with at least one image")
+    params = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    if not params:
+        raise ConfigError("the student has nothing trainable")
+    meta = {**(meta or {}), "settings": dataclasses.asdict(settings), "n_images": int(len(pixels))}
+
+    teacher.eval().requires_grad_(False)
+    student.eval()  # no dropout in the canonical encoder; eval keeps it deterministic
+    device = torch.device(ctx.device)
+    student.to(device)
+    teacher.to(device)
+    model = FeatureModel(student)
+    runner: nn.Module = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(_param_groups(params, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
+
+    start, losses = 0, []
+    if run.resume and run.run_dir is not None:
+        saved = ckpt.load_checkpoint(run.run_dir)
+        ckpt.check_meta(run.run_dir, saved.meta, meta)
+        missing = sorted(set(params) - set(saved.trainable))
+        if missing:
+            raise ConfigError(f"checkpoint in {run.run_dir} lacks {missing[:3]}: start a fresh run with another -o")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved.trainable[name].to(device))
+        optimizer.load_state_dict(saved.optimizer)
+        torch.set_rng_state(saved.rng_state)
+        start, losses = saved.step, saved.losses
+
+    cfg = teacher.config
+    num_patches = cfg.num_patches
+    visible = max(1, round(num_patches * (1.0 - settings.mask_ratio)))
+    sampler = _Sampler(len(pixels), settings.seed)
+    shard = ctx.shard(settings.batch_size)
+    bar = _progress(run.show_progress and ctx.is_main, settings.steps, start)
+    t0 = time.perf_counter()
+    with bar:
+        task = bar.add_task("training", total=settings.steps, completed=start) if bar is not None and hasattr(bar, "add_task") else None
+        for step in range(start, settings.steps):
+            gen = _step_generator(settings.seed, step)
+            idx = sampler.indices(step, settings.batch_size)
+            batch = pixels[idx]
+            if settings.flip:
+                flips = torch.rand(settings.batch_size, generator=gen) < 0.5
+                batch = torch.where(flips.view(-1, *([1] * (batch.ndim - 1))), batch.flip(-1), batch)
+            keep = None
+            if settings.mask_ratio > 0:
+                noise = torch.rand(settings.batch_size, num_patches, generator=gen)
+                keep = noise.argsort(dim=1)[:, :visible].sort(dim=1).values
+            if hooks is not None:
+                hooks.before_step(step, settings.steps, gen)
+            lr = warmup_cosine(step, settings.steps, settings.lr, settings.warmup_steps, settings.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            local = batch[shard].to(device)
+            local_keep = keep[shard].to(device) if keep is not None else None
+            with torch.no_grad():
+                target = FeatureModel(teacher)(local, local_keep)
+            loss = distill_loss(runner(local, local_keep), target, settings)
+            extra = hooks.extra_loss() if hooks is not None else None
+            total = loss + extra if extra is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if settings.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), settings.clip_grad)
+            optimizer.step()
+            if hooks is not None:
+                hooks.after_step()
+            losses.append(ctx.all_reduce_mean(float(loss.detach())))
+            done = step + 1
+            if run.run_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0 and done < settings.steps and ctx.is_main:
+                ckpt.save_checkpoint(run.run_dir, done, {k: v.detach() for k, v in params.items()}, optimizer.state_dict(), meta, losses)
+            if task is not None:
+                bar.update(task, completed=done, description=f"training  loss {losses[-1]:.4f}")
+            if run.on_step is not None:
+                run.on_step(done, losses[-1])
+    seconds = time.perf_counter() - t0
+    ctx.barrier()
+    student.to("cpu")
+    teacher.to("cpu")
+    ran = settings.steps - start
+    tail = losses[-10:] if losses else [float("nan")]
+    return TrainResult(settings.steps, ran, start, seconds, ran / seconds if seconds > 0 else 0.0,
+                       sum(tail) / len(tail), ctx.world_size, losses)
+
+
+def _progress(show: bool, total: int, start: int):
+    if not show:
+        return contextlib.nullcontext()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+
+__all__ = ["TrainSettings", "RunOptions", "run_options", "current_run", "FeatureModel", "TrainResult", "train", "supports_masking"]
