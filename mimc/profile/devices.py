@@ -36,6 +36,34 @@ class DeviceProfile:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
 
+    def supports(self, precision: str) -> bool:
+        return precision in self.precisions
+
+    def peak_flops(self, precision: str, sparse: bool = False) -> float:
+        """Peak FLOP/s for ``precision`` (dense; doubled for 2:4 sparse math on sparse tensor cores).
+
+        A precision without its own peak falls back to the nearest wider one that has one (bf16 ->
+        fp16 -> fp32), because a device without, say, a bf16 number runs it no faster than fp16.
+        """
+        for p in _PEAK_FALLBACK.get(precision, (precision,)):
+            if p in self.peak_tflops:
+                scale = 2.0 if sparse and self.sparse_tensor_cores else 1.0
+                return self.peak_tflops[p] * 1e12 * scale
+        raise ConfigError(f"device profile {self.name} has no peak_tflops for {precision}: add it to the profile YAML")
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_gbs * 1e9
+
+
+_PEAK_FALLBACK = {
+    "fp32": ("fp32",),
+    "tf32": ("tf32", "fp32"),
+    "fp16": ("fp16", "fp32"),
+    "bf16": ("bf16", "fp16", "fp32"),
+    "int8": ("int8",),
+    "fp8": ("fp8",),
+}
 
 REQUIRED = ("name", "backend", "precisions", "peak_tflops", "memory_bandwidth_gbs", "memory_gb")
 
@@ -69,6 +97,14 @@ def load_profile(device: str | Path) -> DeviceProfile:
     bad = [p for p in data["precisions"] if p not in PRECISIONS]
     if bad:
         raise ConfigError(f"device profile {path}: unknown precision(s) {bad}; valid: {PRECISIONS}")
+    bad_peaks = [k for k in data["peak_tflops"] if k not in PRECISIONS]
+    if bad_peaks:
+        raise ConfigError(f"device profile {path}: peak_tflops has unknown precision(s) {bad_peaks}; valid: {PRECISIONS}")
+    numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
+    numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
+    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+    if not_positive:
+        raise ConfigError(f"device profile {path}: {not_positive} must be positive numbers: fix the file")
     data["precisions"] = tuple(data["precisions"])
     data["batch_sizes"] = tuple(data.get("batch_sizes", (1,)))
     data["peak_tflops"] = {str(k): float(v) for k, v in data["peak_tflops"].items()}
