@@ -1,0 +1,305 @@
+"""transformers ViTMAE, ViT, VideoMAE, BEiT and data2vec-vision -> the canonical encoder.
+
+References:
+- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022; github.com/facebookresearch/mae
+- BEiT: Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022; github.com/microsoft/unilm
+- VideoMAE: Tong et al., NeurIPS 2022; github.com/MCG-NJU/VideoMAE
+- data2vec: Baevski et al., ICML 2022; github.com/facebookresearch/fairseq
+- Source code converted from: github.com/huggingface/transformers (models/vit_mae, vit, videomae, beit, data2vec)
+
+Conversion reads the *loaded* modules, never raw checkpoint key names: transformers 5.x renamed
+modules (ViT/ViTMAE/BEiT attention became ``q_proj/k_proj/v_proj/o_proj``, ``encoder.layer`` became
+``layers``) while VideoMAE and data2vec-vision kept the 4.x names. Each canonical piece is looked up
+through a short list of candidate module paths, newest naming first, so both layouts convert.
+
+What is dropped, on purpose: MAE/VideoMAE decoders and random masking (the deployed encoder sees
+every patch, in order), classification heads, BEiT's masked-image-modeling head, and ViT's
+``pooler`` (a dense + tanh layer trained only for classification; the canonical ``pooled`` of a ViT
+is the normalised cls token, which is what the pooler reads).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import ModelNotFoundError, NotAModelError
+from ..vit import Encoder, EncoderConfig
+
+# transformers model_type -> mimc family
+FAMILIES = {"vit_mae": "mae", "vit": "vit", "videomae": "videomae", "beit": "beit", "data2vec-vision": "data2vec"}
+
+# Top-level classes load_hf instantiates when a checkpoint names them; anything else of a supported
+# model_type loads through AutoModel (the bare encoder). Classification heads are kept only for
+# VideoMAE, whose ``fc_norm`` (the pooled feature's LayerNorm) lives outside the base model.
+KNOWN_CLASSES = {
+    "ViTMAEModel", "ViTMAEForPreTraining", "ViTModel", "ViTForImageClassification",
+    "VideoMAEModel", "VideoMAEForPreTraining", "VideoMAEForVideoClassification",
+    "BeitModel", "BeitForImageClassification", "BeitForMaskedImageModeling",
+    "Data2VecVisionModel", "Data2VecVisionForImageClassification",
+}  # fmt: skip
+
+# Where each canonical piece lives inside one HF layer (candidates, newest naming first).
+LAYER_PATHS = {
+    "norm1": ("layernorm_before",),
+    "norm2": ("layernorm_after",),
+    "q": ("attention.q_proj", "attention.attention.query"),
+    "k": ("attention.k_proj", "attention.attention.key"),
+    "v": ("attention.v_proj", "attention.attention.value"),
+    "proj": ("attention.o_proj", "attention.output.dense"),
+    "fc1": ("mlp.fc1", "intermediate.dense"),
+    "fc2": ("mlp.fc2", "output.dense"),
+    "rel_pos": ("relative_position_bias", "attention.attention.relative_position_bias"),
+}
+# ... and inside the base model.
+BASE_PATHS = {
+    "layers": ("layers", "encoder.layer"),
+    "patch": ("embeddings.patch_embeddings.projection",),
+    "final_norm": ("layernorm",),
+    "shared_rel_pos": ("shared_position_bias", "encoder.relative_position_bias"),
+    "pooler_norm": ("pooler.layernorm",),
+}
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# transformers' image processors for these families default to IMAGENET_STANDARD_MEAN/STD.
+PROCESSOR_DEFAULT_MEAN = [0.5, 0.5, 0.5]
+PROCESSOR_DEFAULT_STD = [0.5, 0.5, 0.5]
+PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def _find(root: nn.Module, candidates: tuple[str, ...]) -> Any:
+    """The first candidate attribute path that exists (and is not None) under ``root``."""
+    for path in candidates:
+        obj: Any = root
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
+def _square(value: Any, what: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise NotAModelError(f"non-square {what} {tuple(value)} is not supported: mimc's encoder needs square images and patches")
+        value = value[0]
+    return int(value)
+
+
+def _family_of(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise NotAModelError(
+            f"transformers model_type '{model_type}' is not supported: mimc converts {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def _is_layernorm(module: Any) -> bool:
+    return isinstance(module, nn.LayerNorm)
+
+
+def _layer_scale(layer: nn.Module, name: str) -> torch.Tensor | None:
+    # BEiT stores the float 1.0 (not a Parameter) when layer scale is off; data2vec stores None.
+    value = getattr(layer, name, None)
+    return value.detach() if isinstance(value, torch.Tensor) else None
+
+
+def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -> EncoderConfig:
+    hf = model.config
+    layers = _find(base, BASE_PATHS["layers"])
+    first = layers[0]
+    act = ACTIVATIONS.get(hf.hidden_act) if isinstance(hf.hidden_act, str) else None
+    if act is None:
+        raise NotAModelError(f"activation '{hf.hidden_act}' is not supported: mimc's encoder has {sorted(set(ACTIVATIONS))}")
+    heads = hf.num_attention_heads
+    q = _find(first, LAYER_PATHS["q"])
+    head_dim = q.out_features // heads
+    per_block = _find(first, LAYER_PATHS["rel_pos"]) is not None
+    shared = _find(base, BASE_PATHS["shared_rel_pos"]) is not None
+    if per_block and shared:
+        raise NotAModelError("a model with both shared and per-block relative position bias is not supported by mimc's encoder")
+    fc_norm = getattr(model, "fc_norm", None)  # VideoMAEForVideoClassification
+    pooler_norm = _find(base, BASE_PATHS["pooler_norm"])
+    if family == "vit":
+        pooling = "cls"
+    elif family in ("beit", "data2vec"):
+        pooling = "mean" if getattr(hf, "use_mean_pooling", False) else "cls"
+    else:  # MAE, VideoMAE: mean of the patch tokens (VideoMAE has no cls token at all)
+        pooling = "mean"
+    has_pos = isinstance(getattr(base.embeddings, "position_embeddings", None), torch.Tensor)
+    return EncoderConfig(
+        image_size=_square(hf.image_size, "image_size"),
+        patch_size=_square(hf.patch_size, "patch_size"),
+        in_chans=hf.num_channels,
+        num_frames=getattr(hf, "num_frames", 1) if family == "videomae" else 1,
+        tubelet_size=getattr(hf, "tubelet_size", 1) if family == "videomae" else 1,
+        dim=hf.hidden_size,
+        depth=len(layers),
+        num_heads=heads,
+        mlp_dim=_find(first, LAYER_PATHS["fc1"]).out_features,
+        qkv_bias=any(_find(first, LAYER_PATHS[n]).bias is not None for n in ("q", "k", "v")),
+        norm_eps=float(hf.layer_norm_eps),
+        cls_token=family != "videomae",
+        pos_embed="learned" if has_pos else "none",
+        rel_pos_bias="per_block" if per_block else "shared" if shared else "none",
+        layer_scale=_layer_scale(first, "lambda_1") is not None,
+        final_norm=_is_layernorm(_find(base, BASE_PATHS["final_norm"])),
+        pooling=pooling,
+        pool_norm=pooling == "mean" and (_is_layernorm(pooler_norm) or _is_layernorm(fc_norm)),
+        act=act,
+        head_dim=head_dim if head_dim * heads != hf.hidden_size else None,
+        family=family,
+        image_mean=list(mean) if mean is not None else list(PROCESSOR_DEFAULT_MEAN),
+        image_std=list(std) if std is not None else list(PROCESSOR_DEFAULT_STD),
+    )
+
+
+def _copy_norm(state: dict, prefix: str, norm: nn.LayerNorm) -> None:
+    state[f"{prefix}.weight"] = norm.weight.detach()
+    state[f"{prefix}.bias"] = norm.bias.detach()
+
+
+def _convert_layer(state: dict, i: int, layer: nn.Module, cfg: EncoderConfig) -> None:
+    p = f"blocks.{i}"
+    q, k, v = (_find(layer, LAYER_PATHS[n]) for n in ("q", "k", "v"))
+    state[f"{p}.attn.qkv.weight"] = torch.cat([q.weight, k.weight, v.weight]).detach()
+    if cfg.qkv_bias:
+        # BEiT, data2vec and VideoMAE train q and v biases only; a zero k bias is exactly equivalent.
+        biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in (q, k, v)]
+        state[f"{p}.attn.qkv.bias"] = torch.cat(biases).detach()
+    proj, fc1, fc2 = (_find(layer, LAYER_PATHS[n]) for n in ("proj", "fc1", "fc2"))
+    for name, lin in (("attn.proj", proj), ("mlp.fc1", fc1), ("mlp.fc2", fc2)):
+        state[f"{p}.{name}.weight"] = lin.weight.detach()
+        state[f"{p}.{name}.bias"] = lin.bias.detach()
+    _copy_norm(state, f"{p}.norm1", _find(layer, LAYER_PATHS["norm1"]))
+    _copy_norm(state, f"{p}.norm2", _find(layer, LAYER_PATHS["norm2"]))
+    if cfg.layer_scale:
+        state[f"{p}.ls1.gamma"] = _layer_scale(layer, "lambda_1")
+        state[f"{p}.ls2.gamma"] = _layer_scale(layer, "lambda_2")
+    if cfg.rel_pos_bias == "per_block":
+        state[f"{p}.attn.rel_pos_bias.table"] = _find(layer, LAYER_PATHS["rel_pos"]).relative_position_bias_table.detach()
+
+
+def convert_hf_model(model: nn.Module, image_mean=None, image_std=None) -> Encoder:
+    """An already-loaded transformers model -> a canonical :class:`Encoder` with the same outputs.
+
+    Accepts the bare encoders and their pre-training / classification wrappers; only the encoder
+    is taken. ``image_mean``/``image_std`` come from the model's preprocessor config when known.
+    """
+    family = _family_of(model)
+    base = getattr(model, "base_model", model)
+    if _find(base, BASE_PATHS["layers"]) is None or _find(base, BASE_PATHS["patch"]) is None:
+        raise NotAModelError(f"{type(model).__name__} has no encoder layers mimc recognises: pass a {family} encoder model")
+    cfg = _encoder_config(model, base, family, image_mean, image_std)
+    emb = base.embeddings
+    patch = _find(base, BASE_PATHS["patch"])
+    state: dict[str, torch.Tensor] = {"patch_embed.proj.weight": patch.weight.detach(), "patch_embed.proj.bias": patch.bias.detach()}
+    if cfg.cls_token:
+        state["cls_token"] = emb.cls_token.detach()
+    if cfg.pos_embed == "learned":
+        # VideoMAE's fixed sinusoidal table is a plain tensor attribute; copying it into the learned
+        # slot gives identical numbers (and lets later stages treat every family alike).
+        state["pos_embed"] = emb.position_embeddings.detach().reshape(1, cfg.num_tokens, cfg.dim).clone()
+    if cfg.rel_pos_bias == "shared":
+        state["rel_pos_bias.table"] = _find(base, BASE_PATHS["shared_rel_pos"]).relative_position_bias_table.detach()
+    for i, layer in enumerate(_find(base, BASE_PATHS["layers"])):
+        _convert_layer(state, i, layer, cfg)
+    if cfg.final_norm:
+        _copy_norm(state, "norm", _find(base, BASE_PATHS["final_norm"]))
+    if cfg.pool_norm:
+        pooler_norm = _find(base, BASE_PATHS["pooler_norm"])
+        _copy_norm(state, "pool_norm", pooler_norm if _is_layernorm(pooler_norm) else model.fc_norm)
+    encoder = Encoder(cfg)
+    # strict: every canonical parameter must come from the source, none invented.
+    encoder.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True)
+    return encoder.eval()
+
+
+def read_preprocessor(source: str | os.PathLike) -> tuple[list[float] | None, list[float] | None]:
+    """image_mean / image_std from a model's preprocessor config (local dir or hub), if it has one."""
+    for name in PREPROCESSOR_FILES:
+        path = Path(source) / name
+        if not path.is_file() and not Path(source).is_dir():
+            path = _hub_file(str(source), name)
+        if path is not None and Path(path).is_file():
+            try:
+                data = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                continue
+            if "image_mean" in data and "image_std" in data:
+                return [float(x) for x in data["image_mean"]], [float(x) for x in data["image_std"]]
+    return None, None
+
+
+def _hub_file(repo_id: str, filename: str) -> Path | None:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception:  # noqa: BLE001 - the preprocessor is optional metadata; the weights decide success
+        return None
+
+
+def _model_class(hf_config):
+    import transformers
+
+    for name in getattr(hf_config, "architectures", None) or []:
+        if name in KNOWN_CLASSES and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def load_hf(source: str | os.PathLike) -> Encoder:
+    """A local transformers model directory or a hub id -> canonical :class:`Encoder`.
+
+    Uses transformers' own ``from_pretrained`` (hub ids need internet, or a warm local cache).
+    """
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    source = str(source)
+    local = Path(source).is_dir()
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        if local:
+            raise NotAModelError(f"{source}/config.json is not a usable transformers config ({_one_line(exc)}): point at a saved model directory") from None
+        raise ModelNotFoundError(
+            f"model '{source}' could not be fetched from the Hugging Face hub: it needs internet access and an existing model id, or give a local model directory"
+        ) from None
+    if hf_config.model_type not in FAMILIES:
+        raise NotAModelError(f"{source} is a '{hf_config.model_type}' model; mimc converts {', '.join(sorted(FAMILIES))}")
+    cls = _model_class(hf_config)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # missing keys are checked below, in one clear line
+    hf_logging.disable_progress_bar()  # mimc's CLI draws its own progress on stderr
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if local:
+            raise NotAModelError(f"{source}: its weights cannot be loaded ({_one_line(exc)}): re-save or re-download the model") from None
+        raise ModelNotFoundError(f"model '{source}' weights could not be fetched from the hub ({_one_line(exc)}): check internet access or use a local directory") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    # ViT's tanh pooler is unused by mimc; any other missing weight means the encoder would be random.
+    missing = sorted(k for k in info.get("missing_keys", ()) if "pooler.dense" not in k)
+    if missing:
+        raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
+    mean, std = read_preprocessor(source)
+    return convert_hf_model(model.eval(), image_mean=mean, image_std=std)
+
+
+__all__ = ["convert_hf_model", "load_hf", "read_preprocessor", "FAMILIES"]

@@ -1,0 +1,239 @@
+"""transformers -> canonical encoder: equivalence with transformers' own forward, save/load round trips."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mimc.errors import NotAModelError  # noqa: E402
+from mimc.models.convert.hf import convert_hf_model, load_hf  # noqa: E402
+
+TOL = 1e-4
+COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+GRID = 16  # (32 / 8) ** 2 patches
+
+
+def randomize(model, seed=0):
+    """Every parameter random (HF inits BEiT's bias tables, cls and layer scale to constants, which
+    would let a converter that forgets them pass). Norm weights stay near 1 so activations stay sane."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("lambda_1") or name.endswith("lambda_2"):
+                p.copy_(0.5 + 0.2 * noise)
+            else:
+                p.copy_((0.2 if p.dim() > 1 else 0.5) * noise)
+    return model.eval()
+
+
+def images(n=2, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def videos(n=2, seed=1):
+    return torch.randn(n, 4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def in_order_noise(n):
+    # ViTMAE argsorts this noise to shuffle patches; arange keeps every patch in its place.
+    return torch.arange(GRID, dtype=torch.float32).expand(n, GRID)
+
+
+def _mae(**kw):
+    return randomize(transformers.ViTMAEModel(transformers.ViTMAEConfig(**COMMON, mask_ratio=0.0, **kw)))
+
+
+def _vit(**kw):
+    return randomize(transformers.ViTModel(transformers.ViTConfig(**COMMON, **kw)))
+
+
+def _beit(mean_pooling, shared, cls=None, **kw):
+    cls = cls or transformers.BeitModel
+    cfg = transformers.BeitConfig(
+        **COMMON,
+        use_mean_pooling=mean_pooling,
+        use_relative_position_bias=not shared,
+        use_shared_relative_position_bias=shared,
+        use_absolute_position_embeddings=shared,
+        layer_scale_init_value=0.1,
+        **kw,
+    )
+    return randomize(cls(cfg))
+
+
+def _data2vec(mean_pooling, shared):
+    cfg = transformers.Data2VecVisionConfig(
+        **COMMON,
+        use_mean_pooling=mean_pooling,
+        use_relative_position_bias=not shared,
+        use_shared_relative_position_bias=shared,
+        use_absolute_position_embeddings=shared,
+        layer_scale_init_value=0.1,
+    )
+    return randomize(transformers.Data2VecVisionModel(cfg, add_pooling_layer=True))
+
+
+def _videomae(**kw):
+    cfg = transformers.VideoMAEConfig(**COMMON, num_frames=4, tubelet_size=2, **kw)
+    return randomize(transformers.VideoMAEForVideoClassification(cfg))
+
+
+def _reference(model, x):
+    """(last_hidden_state, pooled or None) from transformers' own forward, masking disabled."""
+    with torch.no_grad():
+        if isinstance(model, transformers.ViTMAEForPreTraining):
+            model = model.vit
+        if isinstance(model, transformers.ViTMAEModel):
+            return model(x, noise=in_order_noise(len(x))).last_hidden_state, None
+        if isinstance(model, transformers.ViTModel):
+            out = model(x).last_hidden_state
+            return out, out[:, 0]  # mimc's ViT pooled = normalised cls token (the tanh pooler is dropped)
+        if isinstance(model, transformers.VideoMAEForVideoClassification):
+            out = model.videomae(x).last_hidden_state
+            pooled = model.fc_norm(out.mean(1)) if model.fc_norm is not None else None
+            return out, pooled
+        if isinstance(model, transformers.BeitForMaskedImageModeling):
+            return model.beit(x).last_hidden_state, None
+        out = model(x)
+        return out.last_hidden_state, out.pooler_output
+
+
+CASES = {
+    "vit_mae": (lambda: _mae(), images, dict(family="mae", pooling="mean", cls_token=True)),
+    "vit": (lambda: _vit(), images, dict(family="vit", pooling="cls")),
+    "beit_mean_per_block": (lambda: _beit(True, False), images, dict(family="beit", rel_pos_bias="per_block", final_norm=False, pool_norm=True, layer_scale=True)),
+    "beit_cls_shared": (lambda: _beit(False, True), images, dict(family="beit", rel_pos_bias="shared", pooling="cls", final_norm=True, pos_embed="learned")),
+    "data2vec_mean_per_block": (lambda: _data2vec(True, False), images, dict(family="data2vec", rel_pos_bias="per_block", pool_norm=True)),
+    "data2vec_cls_shared": (lambda: _data2vec(False, True), images, dict(family="data2vec", rel_pos_bias="shared", pooling="cls")),
+    "videomae_mean_pooling": (lambda: _videomae(), videos, dict(family="videomae", cls_token=False, final_norm=False, pool_norm=True, num_frames=4, tubelet_size=2)),
+    "videomae_final_norm": (lambda: _videomae(use_mean_pooling=False), videos, dict(family="videomae", final_norm=True, pool_norm=False)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converted_encoder_matches_transformers_forward(case):
+    build, make_input, expected_cfg = CASES[case]
+    model = build()
+    x = make_input()
+    ref_last, ref_pooled = _reference(model, x)
+
+    encoder = convert_hf_model(model)
+    with torch.no_grad():
+        out = encoder(x)
+
+    for key, value in expected_cfg.items():
+        assert getattr(encoder.config, key) == value, key
+    assert out.last_hidden_state.shape == ref_last.shape
+    assert (out.last_hidden_state - ref_last).abs().max().item() <= TOL
+    if ref_pooled is not None:
+        assert (out.pooled - ref_pooled).abs().max().item() <= TOL
+
+
+def test_mae_pretraining_wrapper_converts_encoder_only_and_never_masks():
+    cfg = transformers.ViTMAEConfig(**COMMON, mask_ratio=0.75, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_intermediate_size=64)
+    model = randomize(transformers.ViTMAEForPreTraining(cfg))
+    x = images()
+    encoder = convert_hf_model(model)
+    with torch.no_grad():
+        full = encoder(x).last_hidden_state
+        # The HF forward with masking off (mask_ratio 0, patches in order) is the reference.
+        model.config.mask_ratio = 0.0
+        ref = model.vit(x, noise=in_order_noise(len(x))).last_hidden_state
+    assert full.shape == (2, GRID + 1, 64)  # every patch, despite the 75 % mask ratio of the source
+    assert (full - ref).abs().max().item() <= TOL
+    assert not any(name.startswith("decoder") for name in encoder.state_dict())
+    with torch.no_grad():
+        assert torch.equal(encoder(x).last_hidden_state, full)  # deterministic: no random masking
+
+
+def test_beit_masked_image_modeling_wrapper_converts_the_backbone():
+    model = _beit(True, False, cls=transformers.BeitForMaskedImageModeling, vocab_size=32)
+    x = images()
+    ref, _ = _reference(model, x)
+    with torch.no_grad():
+        out = convert_hf_model(model)(x).last_hidden_state
+    assert (out - ref).abs().max().item() <= TOL
+
+
+def test_gelu_tanh_activation_is_carried_over():
+    model = _vit(hidden_act="gelu_pytorch_tanh")
+    encoder = convert_hf_model(model)
+    assert encoder.config.act == "gelu_tanh"
+    ref, _ = _reference(model, images())
+    with torch.no_grad():
+        assert (encoder(images()).last_hidden_state - ref).abs().max().item() <= TOL
+
+
+def test_unsupported_model_is_a_one_line_error():
+    model = transformers.ViTModel(transformers.ViTConfig(**COMMON, hidden_act="relu"))
+    with pytest.raises(NotAModelError) as err:
+        convert_hf_model(model)
+    assert "relu" in str(err.value) and "\n" not in str(err.value)
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50))
+    with pytest.raises(NotAModelError, match="model_type 'bert'"):
+        convert_hf_model(bert)
+
+
+@pytest.mark.parametrize("case", ["vit_mae", "beit_mean_per_block", "videomae_mean_pooling"])
+def test_save_pretrained_then_load_hf_gives_the_same_numbers(case, tmp_path):
+    build, make_input, _ = CASES[case]
+    model = build()
+    x = make_input()
+    ref_last, ref_pooled = _reference(model, x)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
+
+    encoder = load_hf(tmp_path)
+    with torch.no_grad():
+        out = encoder(x)
+    assert (out.last_hidden_state - ref_last).abs().max().item() <= TOL
+    if ref_pooled is not None:  # VideoMAE's fc_norm sits outside the base model and must survive the reload
+        assert (out.pooled - ref_pooled).abs().max().item() <= TOL
+    assert encoder.config.image_mean == [0.1, 0.2, 0.3]
+    assert encoder.config.image_std == [0.4, 0.5, 0.6]
+
+
+def test_mimc_load_of_an_hf_directory_records_its_source(tmp_path):
+    import mimc
+
+    model = _vit()
+    model.save_pretrained(tmp_path)
+    encoder = mimc.load(str(tmp_path))
+    ref, _ = _reference(model, images())
+    with torch.no_grad():
+        assert (encoder(images()).last_hidden_state - ref).abs().max().item() <= TOL
+    source = encoder.manifest.source
+    assert source["kind"] == "hf-dir" and source["family"] == "vit" and len(source["sha256"]) == 64
+    # Without a preprocessor config the transformers processors' defaults apply.
+    assert encoder.config.image_mean == [0.5, 0.5, 0.5]
+
+
+def test_incomplete_or_foreign_hf_directories_are_rejected(tmp_path):
+    bad_type = tmp_path / "bert"
+    bad_type.mkdir()
+    (bad_type / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(NotAModelError, match="bert"):
+        load_hf(bad_type)
+
+    no_weights = tmp_path / "no_weights"
+    transformers.ViTConfig(**COMMON).save_pretrained(no_weights)
+    with pytest.raises(NotAModelError) as err:
+        load_hf(no_weights)
+    assert "\n" not in str(err.value)
+
+    # A ViT checkpoint saved without its last layer: loading would leave that layer random.
+    partial = tmp_path / "partial"
+    model = _vit()
+    model.save_pretrained(partial)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".2." not in k}, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NotAModelError, match="lacks"):
+        load_hf(partial)
