@@ -1,0 +1,130 @@
+"""``mimc prune MODEL --ratio R | --keep N | --blocks 3,5``: remove transformer blocks, data-free by default."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+
+
+def model_slug(model: str) -> str:
+    """A short name for default output paths: ``ref``, a directory's or file's stem, a hub id's name."""
+    name = Path(model.rstrip("/\\")).name or "model"
+    for suffix in (".safetensors", ".pth", ".pt", ".bin", ".onnx"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "model"
+
+
+def parse_blocks(text: str | None) -> tuple[int, ...] | None:
+    from ..errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--blocks must be comma-separated 0-based block indices like 3,5, got '{text}'") from None
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an occupied output before any work is done (atomic_dir would refuse it after)."""
+    from ..errors import BadInputError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
+
+
+def print_scores(scores: dict[str, list[float]], block_ids: list[int], removed: set[int], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("block", justify="right")
+    for name in scores:
+        table.add_column(name, justify="right")
+    table.add_column("", justify="left")
+    for pos, bid in enumerate(block_ids):
+        mark = "[red]removed[/]" if bid in removed else ""
+        table.add_row(str(bid), *(f"{scores[c][pos]:.6g}" for c in scores), mark, style="dim" if bid in removed else None)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    @handle_errors
+    def prune(
+        model: str = typer.Argument("ref", help=MODEL_HELP),
+        ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of blocks to remove, strictly between 0 and 1."),
+        keep: Optional[int] = typer.Option(None, "--keep", help="Number of blocks to keep."),
+        blocks: Optional[str] = typer.Option(None, "--blocks", help="0-based blocks to remove, e.g. 3,5 (overrides the criterion)."),
+        criterion: str = typer.Option("entropy", "--criterion", "-c", help="entropy, entropy_hist, l1, l2, variance, kurtosis, random, last, sensitivity (needs --data)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Images for sensitivity and data fidelity: a folder, .npy/.npz or 'builtin'."),
+        n: int = typer.Option(256, "--n", help="Use at most this many images from --data."),
+        dtype: str = typer.Option("fp16", "--dtype", help="Precision the entropy criterion counts values in (fp16, bf16, fp32)."),
+        hist_bins: int = typer.Option(65536, "--hist-bins", help="Bins of the entropy_hist criterion."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default ./<model>-pruned)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+        seed: int = SeedOption,
+        json_out: bool = JsonOption,
+    ) -> None:
+        """Remove transformer blocks (a removed block passes the residual stream through)."""
+        from ..artifact import save_artifact
+        from ..compress.blocks import BlockPruningConfig
+        from ..compress.registry import compress
+        from ..data import load_images
+        from ..errors import DataError
+        from ..models.resolve import load_model
+
+        config = BlockPruningConfig(
+            ratio=ratio, keep=keep, blocks=parse_blocks(blocks), criterion=criterion, seed=seed, hist_bins=hist_bins, dtype=dtype
+        )
+        if config.needs_data and data is None:
+            raise DataError("criterion 'sensitivity' measures each block on images: pass --data DIR (a folder, .npy/.npz or 'builtin')")
+        out = output if output is not None else Path(f"{model_slug(model)}-pruned")
+        check_output(out, overwrite)
+        with console.status(f"loading {model}"):
+            encoder = load_model(model)
+        config.num_removed(encoder.config.depth)  # fail on --keep/--blocks beyond depth before any work
+        batches = None
+        if data is not None:
+            with console.status(f"reading {data}"):
+                batches = list(load_images(data, encoder.config, n=n, seed=seed).batches(batch_size))
+        with console.status(f"scoring {encoder.config.depth} blocks ({config.criterion})"):
+            pruned, record = compress(encoder, config, batches)
+        with console.status(f"writing {out}"):
+            save_artifact(pruned, out, overwrite=overwrite)
+
+        m = record.metrics
+        result = {
+            "output": str(out),
+            "criterion": config.criterion,
+            "removed_blocks": m["removed_blocks"],
+            "kept_blocks": m["kept_blocks"],
+            "scores": m["scores"],
+            "params_before": m["params_before"],
+            "params_after": m["params_after"],
+            "macs_ratio": m["macs_ratio"],
+            "fidelity_deterministic": m["fidelity_deterministic"],
+            "fidelity_data": m.get("fidelity_data"),
+            "warnings": m.get("warnings", []),
+            "seconds": record.seconds,
+        }
+        if json_out:
+            emit_json(result)
+            return
+        print_scores(m["scores"], m["block_ids"], set(m["removed_blocks"]), f"block scores (low = removed first): {model}")
+        for w in result["warnings"]:
+            console.print(f"[yellow]warning:[/] {w}")
+        fid = m["fidelity_deterministic"]["pooled_cosine_mean"]
+        line = (
+            f"removed {len(m['removed_blocks'])} of {len(m['block_ids'])} blocks {m['removed_blocks']}: "
+            f"params {m['params_before'] / 1e6:.2f}M -> {m['params_after'] / 1e6:.2f}M, MACs x{m['macs_ratio']:.3f}, "
+            f"pooled cosine to input {fid:.4f} (deterministic inputs)"
+        )
+        if result["fidelity_data"]:
+            line += f", {result['fidelity_data']['pooled_cosine_mean']:.4f} on {data}"
+        console.print(line, highlight=False)
+        console.print(f"wrote {out}", highlight=False)
