@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "export",
     "profile",
     "eval",
+    "sparsify",
+    "distill",
 ]
 
 for _name in COMMAND_MODULES:
