@@ -212,24 +212,30 @@ def _compare(model: Any, reference: Any, images: Any, batch_size: int) -> tuple[
 
 
 # k-NN ---------------------------------------------------------------------------------------------
-def knn_top1(feats: torch.Tensor | np.ndarray, labels: Iterable[int], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
-    """Leave-one-out weighted k-NN top-1 on L2-normalised features (cosine, k=10, exp(sim/0.07))."""
+def knn_predictions(feats: torch.Tensor | np.ndarray, labels: Iterable[int], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """Leave-one-out weighted k-NN prediction for every sample (labels in, labels out)."""
     feats = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
-    labels_t = torch.as_tensor(np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels), dtype=torch.long)
+    labels_np = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
     n = feats.shape[0]
-    if n < 2 or labels_t.shape[0] != n:
-        raise DataError(f"k-NN needs at least 2 labelled images with one label each (got {n} images, {labels_t.shape[0]} labels)")
-    _, labels_t = torch.unique(labels_t, return_inverse=True)  # any label values -> 0..C-1
-    num_classes = int(labels_t.max()) + 1
+    if n < 2 or labels_np.shape[0] != n:
+        raise DataError(f"k-NN needs at least 2 labelled images with one label each (got {n} images, {labels_np.shape[0]} labels)")
+    classes, inverse = np.unique(labels_np, return_inverse=True)  # any label values -> 0..C-1
+    labels_t = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
     f = F.normalize(feats, dim=-1)
     sim = f @ f.T
     sim.fill_diagonal_(-float("inf"))  # leave one out: an image never votes for itself
     k = min(k, n - 1)
     top_sim, top_idx = sim.topk(k, dim=-1)
     weights = (top_sim / temperature).exp()
-    votes = torch.zeros(n, num_classes, dtype=torch.float64)
+    votes = torch.zeros(n, len(classes), dtype=torch.float64)
     votes.scatter_add_(1, labels_t[top_idx], weights)
-    return float((votes.argmax(dim=-1) == labels_t).double().mean())
+    return classes[votes.argmax(dim=-1).numpy()]
+
+
+def knn_top1(feats: torch.Tensor | np.ndarray, labels: Iterable[int], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
+    """Leave-one-out weighted k-NN top-1 on L2-normalised features (cosine, k=10, exp(sim/0.07))."""
+    labels_np = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
+    return float((knn_predictions(feats, labels_np, k, temperature) == labels_np).mean())
 
 
 # The eval verb ------------------------------------------------------------------------------------
@@ -270,4 +276,4 @@ def _input_spec(cfg) -> tuple:
     return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
-__all__ = ["OnnxModel", "Fidelity", "features", "fidelity", "knn_top1", "evaluate", "load_for_eval"]
+__all__ = ["OnnxModel", "Fidelity", "features", "fidelity", "knn_top1", "knn_predictions", "evaluate", "load_for_eval"]

@@ -1,0 +1,112 @@
+"""Evaluation: the k-NN protocol, feature fidelity (pooled, per-token, SQNR), ONNX models, the verb."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mimc.artifact import save_artifact
+from mimc.compress.blocks import remove_blocks
+from mimc.errors import NotAModelError
+from mimc.evaluate import evaluate, features, fidelity, knn_predictions, knn_top1
+from mimc.models.vit import EncoderOutput
+
+
+# k-NN ---------------------------------------------------------------------------------------------
+def test_knn_separable_is_perfect_and_shuffled_is_chance():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 32)) * 10
+    labels = np.repeat(np.arange(4), 50)
+    feats = centers[labels] + rng.normal(size=(200, 32))
+    assert knn_top1(feats, labels) == 1.0
+    shuffled = [knn_top1(rng.normal(size=(200, 32)), rng.permutation(labels)) for _ in range(5)]
+    assert 0.1 < float(np.mean(shuffled)) < 0.4  # chance is 0.25
+
+
+def test_knn_is_leave_one_out():
+    feats = np.random.default_rng(1).normal(size=(20, 8))
+    # Every sample has its own label: only the sample itself could vote for it.
+    assert knn_top1(feats, np.arange(20)) == 0.0
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    # Query 0 has one near neighbour of class 1 (cos 0.99) and nine of class 2 at cos ~0.5: the
+    # exp(sim / 0.07) weights let the near one win where a majority vote would pick class 2.
+    q = np.array([1.0, 0.0, 0.0])
+    near = np.array([0.99, np.sqrt(1 - 0.99**2), 0.0])
+    far = [np.array([0.5, 0.0, np.sqrt(0.75)]) + 1e-3 * i for i in range(9)]
+    feats = np.stack([q, near, *far])
+    labels = np.array([1, 1] + [2] * 9)
+    assert knn_predictions(feats, labels)[0] == 1
+    assert knn_predictions(feats, labels, temperature=100.0)[0] == 2  # ~uniform weights: majority
+
+
+def test_knn_accepts_string_labels():
+    feats = np.array([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
+    assert knn_top1(feats, np.array(["cat", "cat", "dog", "dog"]), k=1) == 1.0
+
+
+# Fidelity -----------------------------------------------------------------------------------------
+def test_fidelity_to_itself_is_perfect_and_pruning_lowers_it(tiny_encoder):
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    same = fidelity(tiny_encoder, tiny_encoder, x, batch_size=2)
+    assert same.pooled_cosine_min == pytest.approx(1.0, abs=1e-6) and same.token_cosine_min == pytest.approx(1.0, abs=1e-6)
+    assert same.sqnr_db == 200.0 and same.n_images == 5
+    pruned = fidelity(remove_blocks(tiny_encoder, [0, 1]), tiny_encoder, x)
+    assert pruned.pooled_cosine_mean < 0.999 and pruned.sqnr_db < 60
+    assert pruned.pooled_cosine_min <= pruned.pooled_cosine_mean
+    assert pruned.token_cosine_mean is not None and pruned.note is None
+
+
+class _FewerTokens(torch.nn.Module):
+    """Stands in for a token-reduced model: same pooled features, half the tokens."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+
+    def forward(self, x):
+        out = self.encoder(x)
+        return EncoderOutput(out.last_hidden_state[:, ::2], out.pooled)
+
+
+def test_fidelity_with_fewer_tokens_reports_pooled_only(tiny_encoder):
+    x = torch.randn(3, 3, 32, 32)
+    fid = fidelity(_FewerTokens(tiny_encoder), tiny_encoder, x)
+    assert fid.token_cosine_mean is None and "tokens" in fid.note
+    assert fid.pooled_cosine_min == pytest.approx(1.0, abs=1e-6)
+
+
+# ONNX ---------------------------------------------------------------------------------------------
+def test_onnx_features_match_torch_and_foreign_onnx_is_refused(tiny_encoder, tmp_path):
+    from mimc.export.onnx import export_onnx
+
+    art = save_artifact(tiny_encoder, tmp_path / "art")
+    export_onnx(tiny_encoder, art / "model.onnx", batch=2)  # static batch 2: 5 images need padding
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(features(str(art / "model.onnx"), x), features(tiny_encoder, x), atol=1e-4, rtol=0)
+    fid = fidelity(str(art / "model.onnx"), tiny_encoder, x)
+    assert fid.pooled_cosine_min > 0.99999 and fid.token_cosine_min > 0.99999
+
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    (foreign / "model.onnx").write_bytes((art / "model.onnx").read_bytes())
+    with pytest.raises(NotAModelError, match="not written by mimc"):
+        features(str(foreign / "model.onnx"), x)
+
+
+# The verb -----------------------------------------------------------------------------------------
+def test_evaluate_reports_fidelity_and_knn(tiny_encoder, tiny_images, tmp_path):
+    images, labels = tiny_images
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    pruned = remove_blocks(tiny_encoder, [3])
+    report = evaluate(pruned, tiny_encoder, data=str(tmp_path / "set.npz"))
+    assert report["data"]["n_images"] == len(images) and report["data"]["labelled"]
+    assert 0.0 < report["fidelity"]["pooled_cosine_mean"] < 1.0
+    assert 0.0 <= report["knn_top1"] <= 1.0 and 0.0 <= report["reference_knn_top1"] <= 1.0
+    self_report = evaluate(tiny_encoder, tiny_encoder, data=str(tmp_path / "set.npz"), n=10)
+    assert self_report["knn_top1"] == self_report["reference_knn_top1"] and self_report["data"]["n_images"] == 10
+    np.save(tmp_path / "unlabelled.npy", images)
+    unlabelled = evaluate(pruned, None, data=str(tmp_path / "unlabelled.npy"))
+    assert "knn_top1" not in unlabelled and "fidelity" not in unlabelled
