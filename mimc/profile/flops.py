@@ -213,16 +213,19 @@ def _infer(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
     """Tensor name -> (dtype, concrete shape or None) after ONNX shape inference with data propagation."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # a custom op can stop onnx's inference; fall back to ORT's symbolic inference
+    except Exception:  # a custom op can stop onnx's inference; ORT's symbolic inference may still work
         inferred = model
     info = _collect(inferred)
-    if _missing_matmul_shapes(inferred, info):
-        try:  # ORT's symbolic inference folds Shape->Gather->Concat->Reshape chains onnx sometimes leaves open
+    missing = _missing(inferred, info)
+    if missing:
+        try:  # ORT's symbolic inference folds Shape->Gather->Concat->Expand chains onnx leaves open
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-            info = _collect(inferred)
-        except Exception:
+            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            sym_info = _collect(symbolic)
+            if _missing(symbolic, sym_info) < missing:
+                info = {**info, **{k: v for k, v in sym_info.items() if v[1] is not None}}
+        except Exception:  # not installed, or it gave up: keep onnx's answer
             pass
     return info
 
@@ -254,9 +257,9 @@ def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
     return info
 
 
-def _missing_matmul_shapes(model: onnx.ModelProto, info: dict) -> bool:
-    return any(
-        info.get(n.output[0], (0, None))[1] is None for n in model.graph.node if n.op_type in MATMUL_OPS | CONV_OPS
+def _missing(model: onnx.ModelProto, info: dict) -> int:
+    return sum(
+        1 for n in model.graph.node if n.op_type not in VIEW_OPS and n.output and info.get(n.output[0], (0, None))[1] is None
     )
 
 

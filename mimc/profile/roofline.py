@@ -28,8 +28,15 @@ from .flops import GraphCost, NodeCost, count_graph, load_graph
 GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
 
 
-def read_nm_pattern(onnx_path: str | Path) -> str | None:
-    """The N:M pattern recorded in the artifact's mimc.json beside the graph, if there is one."""
+def read_nm_pattern(onnx_path: str | Path, model: onnx.ModelProto | None = None) -> str | None:
+    """The N:M pattern mimc recorded for this graph: the encoder config stamped into the graph's
+    metadata by ``mimc export``, else the artifact's mimc.json beside the graph."""
+    for prop in (model.metadata_props if model is not None else []):
+        if prop.key == "mimc_encoder_config":
+            try:
+                return json.loads(prop.value).get("nm_pattern")
+            except (json.JSONDecodeError, AttributeError):
+                break
     manifest = Path(onnx_path).parent / "mimc.json"
     if not manifest.is_file():
         return None
@@ -114,7 +121,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     if precision is not None:
         other_width = 4 if precision in ("fp32", "tf32") or not profile.supports("fp16") else 2
 
-    nm_manifest = read_nm_pattern(onnx_path) if not isinstance(onnx_path, onnx.ModelProto) else None
+    nm_manifest = read_nm_pattern(onnx_path if not isinstance(onnx_path, onnx.ModelProto) else "", model)
     sparse: set[str] = set()
     if profile.sparse_tensor_cores:
         sparse = sparse_weights(cost, model)
