@@ -80,6 +80,9 @@ def _pre_export_checks(encoder) -> None:
         if not torch.isfinite(p).all():
             raise BadInputError(f"parameter {name} holds NaN or Inf: the model is broken; re-create it from its source")
     # N:M sparsity: the sparsify stage's checker is called here when encoder.config.nm_pattern is set.
+    from ..compress.nm import check_nm
+
+    check_nm(encoder)
 
 
 def _check_options(batch: Any, opset: int, exporter: str, precision: str) -> int | str:
@@ -151,16 +154,23 @@ def _torch_export(wrapper: nn.Module, example: torch.Tensor, out: Path, dynamic:
             program.save(str(out), external_data=False)
 
 
+def check_deployable(model) -> None:
+    """Refuse a graph holding training-only or random ops (an onnx.ModelProto)."""
+    bad = sorted({n.op_type for n in model.graph.node if n.op_type in TRAINING_ONLY_OPS})
+    bad += [f"{n.op_type}(training_mode=1)" for n in model.graph.node
+            if any(a.name == "training_mode" and a.i == 1 for a in n.attribute)]
+    if bad:
+        raise ValidationError(
+            f"exported graph contains training-only ops {bad}: put the model in eval mode (encoder.eval()) and export again"
+        )
+
+
 def _finish_graph(tmp: Path, final_name: str, encoder, batch: int | str, precision: str, exporter: str) -> dict[str, Any]:
     """Stamp mimc metadata, enforce the deployable-graph rules, save (external data when huge)."""
     import onnx
 
     model = onnx.load(str(tmp))
-    bad = sorted({n.op_type for n in model.graph.node if n.op_type in TRAINING_ONLY_OPS})
-    bad += [f"{n.op_type}(training_mode=1)" for n in model.graph.node
-            if any(a.name == "training_mode" and a.i == 1 for a in n.attribute)]
-    if bad:
-        raise ValidationError(f"exported graph contains training-only ops {bad}: the encoder was not in eval mode; call encoder.eval() and export again")
+    check_deployable(model)
     manifest = getattr(encoder, "manifest", None)
     meta = {
         "mimc_version": mimc_version(),
@@ -288,4 +298,4 @@ def _record_in_manifest(path: Path, report: dict[str, Any]) -> None:
     write_json(path.parent / MANIFEST_NAME, manifest.to_dict())
 
 
-__all__ = ["export_onnx", "INPUT_NAME", "OUTPUT_NAMES", "EXPORTERS", "TRAINING_ONLY_OPS"]
+__all__ = ["export_onnx", "check_deployable", "INPUT_NAME", "OUTPUT_NAMES", "EXPORTERS", "TRAINING_ONLY_OPS"]
