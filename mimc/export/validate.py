@@ -232,8 +232,9 @@ def make_session(path: str | Path, providers: Sequence[str] | str | None = None,
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
+    chosen = resolve_providers(providers)
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=resolve_providers(providers))
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=chosen)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the same here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"ONNX Runtime cannot load {path} ({first[:300]}): re-export it with `mimc export`") from exc
