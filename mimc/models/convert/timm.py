@@ -1,0 +1,215 @@
+"""timm VisionTransformer checkpoints (MAE, BEiT-style and DINO weights) -> the canonical encoder.
+
+References:
+- timm: Wightman, github.com/huggingface/pytorch-image-models (models/vision_transformer.py, beit.py)
+- MAE: He et al., CVPR 2022, github.com/facebookresearch/mae
+- DINO: Caron et al., ICCV 2021, github.com/facebookresearch/dino
+- BEiT: Bao et al., ICLR 2022, github.com/microsoft/unilm/tree/master/beit
+
+Safety: ``.pth/.pt/.bin`` files are pickles, and unpickling can run arbitrary code. They are read only
+through ``torch.load(path, map_location="cpu", weights_only=True)``, which refuses any object that is
+not a tensor or plain container; a refusal becomes :class:`UnsafeCheckpointError`. ``.safetensors``
+holds raw tensors only. Checkpoints are read, never written.
+
+Shape inference (and what a sidecar can override) is documented in :mod:`.timm_state`. Hints come,
+in increasing priority, from: a timm hub ``config.json`` beside the file (``pretrained_cfg``,
+``model_args``, ``architecture``), a ``<checkpoint stem>.json`` beside the file, the safetensors
+header metadata, and keyword arguments. Keys: ``num_heads``, ``image_size``, ``global_pool``
+(token|avg), ``family``, ``norm_eps``, ``mean``, ``std``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickletools
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import NotAModelError, UnsafeCheckpointError
+from ..vit import Encoder
+from .timm_state import encoder_from_state
+
+ANCHOR = "patch_embed.proj.weight"
+# Nested dicts that hold the weights in training checkpoints, in order of preference
+# (DINO saves student and teacher; the teacher is the one evaluated and released).
+WRAPPERS = ("model", "state_dict", "teacher", "model_ema", "module", "student")
+HINT_KEYS = ("num_heads", "image_size", "global_pool", "family", "norm_eps", "mean", "std")
+# Globals a plain tensor checkpoint legitimately references (used only to word the error message).
+_TENSOR_GLOBALS = re.compile(r"^(torch|collections|numpy|_codecs|builtins)\b")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle stream of a checkpoint: data.pkl inside torch's zip format, else the file itself."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            return zf.read(name) if name else b""
+    return path.read_bytes()
+
+
+def _code_global(path: Path) -> str | None:
+    """Statically list the pickle's imports (nothing is executed) and return one that is not a
+    tensor type. Only words the error; safety itself comes from ``weights_only=True``."""
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(_pickle_bytes(path))):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                name = arg.replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            else:
+                continue
+            if not _TENSOR_GLOBALS.match(name):
+                return name
+    except Exception:  # noqa: BLE001 - a malformed stream simply has no nameable global
+        return None
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """(loaded object, safetensors metadata) without ever executing pickled code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise NotAModelError(f"{path} is not a valid .safetensors file ({_one_line(exc)}): re-download or re-export it") from None
+    try:
+        # argparse.Namespace is allowlisted: MAE/DeiT/BEiT training checkpoints store their ``args``
+        # as one; rebuilding it only sets attributes and runs no code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for unreadable files
+        culprit = _code_global(path)
+        if culprit is not None:
+            raise UnsafeCheckpointError(
+                f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
+            ) from None
+        raise NotAModelError(f"{path} is not a readable PyTorch checkpoint ({_one_line(exc)}): re-download it or export .safetensors") from None
+    if not isinstance(obj, dict):
+        raise NotAModelError(f"{path} holds a {type(obj).__name__}, not a state dict: save model.state_dict() instead")
+    return obj, {}
+
+
+def _has_anchor(d: dict) -> bool:
+    return any(isinstance(k, str) and (k == ANCHOR or k.endswith("." + ANCHOR)) for k in d)
+
+
+def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Find the encoder weights in a checkpoint: unwrap training dicts, strip ``module.``/``backbone.``
+    style prefixes, keep only tensors under the encoder's prefix. Also reports MAE decoder presence."""
+    candidates = [obj] + [obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)]
+    candidates += [v for v in obj.values() if isinstance(v, dict) and all(v is not c for c in candidates)]
+    found = next((c for c in candidates if _has_anchor(c)), None)
+    if found is None:
+        hint = " (it looks like a transformers checkpoint: point at its directory with config.json)" if any(
+            isinstance(k, str) and ("embeddings.patch_embeddings" in k) for k in obj
+        ) else ""
+        raise NotAModelError(f"no timm ViT weights found (no '{ANCHOR}'){hint}: give a timm/MAE/DINO/BEiT ViT checkpoint")
+    prefix = min((k[: -len(ANCHOR)] for k in found if isinstance(k, str) and k.endswith(ANCHOR)), key=len)
+    state = {k[len(prefix) :]: v for k, v in found.items() if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    info = {"has_decoder": any(k.startswith(("decoder", "mask_token")) for k in state), "prefix": prefix}
+    return state, info
+
+
+def _parse(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _hints_from_timm_config(data: dict[str, Any]) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    arch = str(data.get("architecture", "")).lower()
+    if "mae" in arch:
+        hints["family"] = "mae"
+    elif "beit" in arch:
+        hints["family"] = "beit"
+    pretrained = data.get("pretrained_cfg") or {}
+    for key in ("mean", "std"):
+        if key in pretrained:
+            hints[key] = [float(x) for x in pretrained[key]]
+    args = dict(data.get("model_args") or {})
+    if "img_size" in args:
+        args["image_size"] = args.pop("img_size")
+    hints.update({k: args[k] for k in HINT_KEYS if k in args})
+    hints.update({k: data[k] for k in HINT_KEYS if k in data})
+    return hints
+
+
+def read_hints(path: str | os.PathLike, metadata: dict[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """What shapes cannot tell (heads, pooling, normalisation), from sidecars, metadata and overrides."""
+    path = Path(path)
+    hints: dict[str, Any] = {}
+    for sidecar in (path.parent / "config.json", path.with_suffix(".json")):
+        if sidecar.is_file():
+            try:
+                data = json.loads(sidecar.read_text())
+            except (OSError, ValueError) as exc:
+                raise NotAModelError(f"sidecar {sidecar} is not valid JSON ({_one_line(exc)}): fix or remove it") from None
+            if isinstance(data, dict) and "model_type" not in data:  # a transformers config is not a hint file
+                hints.update(_hints_from_timm_config(data))
+    hints.update({k: _parse(v) for k, v in (metadata or {}).items() if k in HINT_KEYS})
+    hints.update({k: v for k, v in overrides.items() if v is not None})
+    return hints
+
+
+def load_timm_checkpoint(path: str | os.PathLike, num_heads: int | None = None, image_size: int | None = None) -> Encoder:
+    """A timm-layout checkpoint file (.safetensors, or .pth/.pt/.bin read weights-only) -> Encoder."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotAModelError(f"{path} is not a file: give a .safetensors/.pth checkpoint")
+    obj, metadata = read_checkpoint(path)
+    state, info = unwrap_state_dict(obj)
+    hints = read_hints(path, metadata, num_heads=num_heads, image_size=image_size)
+    hints.setdefault("has_decoder", info["has_decoder"])  # MAE pre-training checkpoints keep the decoder
+    return encoder_from_state(state, hints)
+
+
+def convert_timm_model(model: nn.Module) -> Encoder:
+    """A timm VisionTransformer / Beit module -> Encoder; architecture details read off the module."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "patch_embed"):
+        raise NotAModelError(f"{type(model).__name__} is not a timm VisionTransformer or Beit")
+    act = getattr(blocks[0].mlp, "act", None) if len(blocks) else nn.GELU()
+    if not isinstance(act, nn.GELU):
+        raise NotAModelError(f"timm MLP activation {type(act).__name__} is not supported: mimc's encoder uses GELU")
+    pool = getattr(model, "global_pool", None)
+    img_size = getattr(model.patch_embed, "img_size", None)
+    hints: dict[str, Any] = {
+        "num_heads": blocks[0].attn.num_heads if len(blocks) else None,
+        "global_pool": pool if pool in ("token", "avg") else None,
+        "norm_eps": blocks[0].norm1.eps if len(blocks) else 1e-6,
+        "act": "gelu_tanh" if act.approximate == "tanh" else "gelu",
+        "image_size": img_size[0] if isinstance(img_size, (tuple, list)) else img_size,
+        "family": "beit" if type(model).__name__ == "Beit" else "vit",
+    }
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" in cfg and "std" in cfg:
+        hints["mean"], hints["std"] = [float(x) for x in cfg["mean"]], [float(x) for x in cfg["std"]]
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return encoder_from_state(state, {k: v for k, v in hints.items() if v is not None})
+
+
+__all__ = ["load_timm_checkpoint", "convert_timm_model", "read_checkpoint", "unwrap_state_dict", "read_hints"]
