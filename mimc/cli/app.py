@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "prune",
     "tokens",
     "export",
+    "quantize",
     "profile",
     "eval",
     "sparsify",
