@@ -246,8 +246,8 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
     failures = gate_failures(metrics, precision)
     if failures and not force:
         raise ValidationError(
-            f"exported graph differs from the torch model ({'; '.join(failures)}, {precision} gate): "
-            "nothing written; pass --force to keep it anyway"
+            f"exported graph fails the {precision} fidelity gate against the torch model ({'; '.join(failures)}): "
+            "nothing written; pass --force (force=True) to keep it anyway"
         )
     return {
         **metrics,
