@@ -1,0 +1,290 @@
+"""TensorRT on a present GPU: the engine sidecar check and measured profiling (CUDA events, per-layer times).
+
+References:
+    NVIDIA TensorRT Developer Guide and Python API (docs.nvidia.com/deeplearning/tensorrt): Runtime,
+    ICudaEngine (num_io_tensors, get_tensor_name/mode/dtype/shape), IExecutionContext (set_input_shape,
+    set_tensor_address, execute_async_v3), IProfiler, IEngineInspector. github.com/NVIDIA/TensorRT,
+    samples/python/common_runtime.py and trtexec's timing (warm-up, then CUDA-event timed enqueues,
+    percentiles). Engines are tied to the GPU model and TensorRT version that built them, hence the sidecar.
+
+Timing: every iteration is bracketed by CUDA events recorded on the stream around ``execute_async_v3``,
+so host overhead between launches does not count; per-layer times come from a separate run with an
+IProfiler attached (profiling serialises layers, so those runs are not used for latency).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInputError, ConfigError, DeviceUnavailableError, MimcError, require
+from .devices import DeviceProfile
+
+SIDECAR_FORMAT = "mimc-tensorrt-engine"
+SIDECAR_VERSION = 1
+INSTALL_HINT = "pip install 'mimc[gpu]'"
+
+
+def import_tensorrt():
+    return require("tensorrt", "gpu", "building or running TensorRT engines")
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    return Path(f"{engine_path}.json")
+
+
+# The GPU, through torch's CUDA runtime (torch is a core dependency; a GPU user has a CUDA build) ----------
+class CudaDevice:
+    """The few CUDA runtime calls profiling needs: buffers, a stream, timing events, memory info."""
+
+    def __init__(self, index: int = 0):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"no CUDA GPU is visible (torch.cuda.is_available() is False): run on a machine with an NVIDIA GPU, a CUDA build of torch and {INSTALL_HINT}"
+            )
+        self._torch = torch
+        self.index = index
+        torch.cuda.set_device(index)
+        self.name = torch.cuda.get_device_name(index)
+        major, minor = torch.cuda.get_device_capability(index)
+        self.compute_capability = f"{major}.{minor}"
+        self._stream = torch.cuda.Stream()
+        self._buffers: list[Any] = []
+
+    @property
+    def stream_handle(self) -> int:
+        return self._stream.cuda_stream
+
+    def alloc(self, nbytes: int) -> int:
+        buf = self._torch.zeros(max(1, int(nbytes)), dtype=self._torch.uint8, device=f"cuda:{self.index}")
+        self._buffers.append(buf)  # kept alive until free(): TensorRT only holds the raw pointer
+        return buf.data_ptr()
+
+    def free(self) -> None:
+        self._buffers.clear()
+        self._torch.cuda.empty_cache()
+
+    def event(self):
+        return self._torch.cuda.Event(enable_timing=True)
+
+    def record(self, event) -> None:
+        event.record(self._stream)
+
+    @staticmethod
+    def elapsed_ms(start, end) -> float:
+        return start.elapsed_time(end)
+
+    def synchronize(self) -> None:
+        self._stream.synchronize()
+
+    def mem_info(self) -> tuple[int, int]:
+        return self._torch.cuda.mem_get_info(self.index)
+
+
+def runtime_info(trt, device) -> dict[str, str]:
+    return {"tensorrt_version": trt.__version__, "gpu_name": device.name, "compute_capability": device.compute_capability}
+
+
+def check_profile_matches_gpu(profile: DeviceProfile, runtime: dict[str, str]) -> None:
+    """Refuse to build or measure 'for h100' on an A100: the numbers would be for the wrong device."""
+    if profile.backend != "tensorrt":
+        raise ConfigError(f"device '{profile.name}' uses {profile.backend}, not TensorRT: pass a TensorRT device (see `mimc profiles`)")
+    if profile.compute_capability and profile.compute_capability != runtime["compute_capability"]:
+        raise ConfigError(
+            f"device profile '{profile.name}' is compute capability {profile.compute_capability} but this GPU is "
+            f"{runtime['gpu_name']} ({runtime['compute_capability']}): pass the profile of this GPU or your own YAML"
+        )
+
+
+def check_engine_compat(sidecar: dict[str, Any], runtime: dict[str, str], engine_path: str | Path) -> None:
+    """An engine runs only on the GPU model and TensorRT version that built it: refuse others in one line."""
+    name = Path(engine_path).name
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise BadInputError(f"{sidecar_path(engine_path).name} is not a mimc engine sidecar: rebuild the engine with `mimc build`")
+    built_trt, here_trt = str(sidecar.get("tensorrt_version")), runtime["tensorrt_version"]
+    if built_trt != here_trt:
+        raise BadInputError(f"engine {name} was built with TensorRT {built_trt} but this is TensorRT {here_trt}: rebuild it here with `mimc build`")
+    built_cc, here_cc = str(sidecar.get("compute_capability")), runtime["compute_capability"]
+    built_gpu, here_gpu = sidecar.get("gpu_name"), runtime["gpu_name"]
+    if built_cc != here_cc or built_gpu != here_gpu:
+        raise BadInputError(
+            f"engine {name} was built for {built_gpu} (compute capability {built_cc}) but this GPU is {here_gpu} ({here_cc}): rebuild it here with `mimc build`"
+        )
+
+
+def load_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise BadInputError(f"engine {engine_path} does not exist: build one with `mimc build MODEL.onnx --device DEVICE`")
+    side = sidecar_path(engine_path)
+    if not side.is_file():
+        raise BadInputError(f"engine {engine_path.name} has no sidecar {side.name}: rebuild it with `mimc build` so mimc can check it fits this GPU")
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"sidecar {side} is not valid JSON ({exc.msg}): rebuild the engine with `mimc build`") from exc
+
+
+# TensorRT callbacks ---------------------------------------------------------------------------------
+def make_logger(trt, echo_warnings: bool = True):
+    """A TensorRT logger that keeps every message (the sparsity report is an INFO line)."""
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[Any, str]] = []
+
+        def log(self, severity, msg):
+            self.messages.append((severity, msg))
+            if echo_warnings and severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                from ..cli.common import console
+
+                console.print(f"[yellow]TensorRT:[/] {msg}", highlight=False, soft_wrap=True)
+
+        def errors(self) -> list[str]:
+            bad = (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)
+            return [m for s, m in self.messages if s in bad]
+
+    return CapturingLogger()
+
+
+def make_layer_profiler(trt):
+    class LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.ms: dict[str, list[float]] = {}
+
+        def report_layer_time(self, layer_name, ms):
+            self.ms.setdefault(layer_name, []).append(float(ms))
+
+    return LayerTimes()
+
+
+_ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)")
+_PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:(.*)")
+
+
+def parse_sparsity_log(messages: list[str]) -> dict[str, list[str]]:
+    """TensorRT's own report of which layers could use, and which did use, sparse kernels."""
+    out: dict[str, list[str]] = {"eligible": [], "picked": []}
+    for msg in messages:
+        for key, pattern in (("eligible", _ELIGIBLE), ("picked", _PICKED)):
+            m = pattern.search(msg)
+            if m:
+                out[key] += [x.strip() for x in m.group(1).split(",") if x.strip()]
+    return out
+
+
+# Measurement ----------------------------------------------------------------------------------------
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    if not samples_ms:
+        raise MimcError("no timing samples were taken: pass iters >= 1")
+    s = sorted(samples_ms)
+
+    def q(p: float) -> float:  # linear interpolation, as numpy.percentile's default
+        pos = (len(s) - 1) * p
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
+
+
+def _itemsize(trt, dtype) -> float:
+    try:
+        import numpy as np
+
+        return np.dtype(trt.nptype(dtype)).itemsize
+    except Exception:  # fp8 / int4 have no numpy type
+        return 1
+
+
+def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
+    shapes = sidecar.get("shapes") or {}
+    first = next(iter(shapes.values()), None)
+    if not first:
+        return (1, 1)
+    return int(first["min"][0]), int(first["max"][0])
+
+
+def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20, iters: int = 200,
+                   layer_iters: int = 10, device=None) -> dict[str, Any]:
+    """Measure a TensorRT engine on this GPU: latency percentiles, throughput, memory, per-layer times."""
+    if warmup < 0 or iters < 1 or layer_iters < 0:
+        raise ConfigError(f"warmup >= 0, iters >= 1 and layer_iters >= 0 are needed (got {warmup}, {iters}, {layer_iters})")
+    sidecar = load_sidecar(engine_path)
+    trt = import_tensorrt()
+    device = device or CudaDevice()
+    runtime = runtime_info(trt, device)
+    check_engine_compat(sidecar, runtime, engine_path)
+    check_profile_matches_gpu(profile, runtime)
+    lo, hi = _engine_batch_range(sidecar)
+    wanted = list(batch_sizes) if batch_sizes else list(profile.batch_sizes)
+    outside = [b for b in wanted if not lo <= b <= hi]
+    if batch_sizes and outside:
+        raise ConfigError(f"batch size(s) {outside} are outside the engine's range {lo}..{hi}: rebuild with `mimc build --batch {lo}:{hi}:{max(outside)}`")
+    batches = [b for b in wanted if lo <= b <= hi] or [lo]
+
+    logger = make_logger(trt)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {'; '.join(logger.errors()[-2:]) or 'no reason given'}")
+    free_before, total = device.mem_info()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    results = []
+    for b in batches:
+        context = engine.create_execution_context()
+        for name in inputs:
+            shape = list(engine.get_tensor_shape(name))
+            shape[0] = b
+            context.set_input_shape(name, shape)
+        for name in names:
+            shape = list(context.get_tensor_shape(name))
+            context.set_tensor_address(name, device.alloc(math.prod(shape) * _itemsize(trt, engine.get_tensor_dtype(name))))
+        for _ in range(warmup):
+            context.execute_async_v3(device.stream_handle)
+        device.synchronize()
+        events = [(device.event(), device.event()) for _ in range(iters)]
+        for start, end in events:
+            device.record(start)
+            context.execute_async_v3(device.stream_handle)
+            device.record(end)
+        device.synchronize()
+        stats = percentiles([device.elapsed_ms(s, e) for s, e in events])
+        row: dict[str, Any] = {"batch": b, "latency_ms": stats, "throughput_per_s": b * 1e3 / stats["p50"]}
+        free_now, _ = device.mem_info()
+        row["device_memory_used_bytes"] = max(0, free_before - free_now)
+        if layer_iters:
+            row["layers"] = _layer_times(trt, engine, context, device, layer_iters)
+        results.append(row)
+        del context
+        device.free()
+    memory = {"engine_file_bytes": Path(engine_path).stat().st_size, "device_total_bytes": total}
+    for attr in ("device_memory_size_v2", "device_memory_size"):  # TensorRT 10.1+ / older spelling
+        if hasattr(engine, attr):
+            memory["activation_bytes"] = int(getattr(engine, attr))
+            break
+    return {
+        "label": "measured", "backend": "tensorrt", "engine": str(engine_path), "device": profile.name,
+        "gpu": runtime["gpu_name"], "tensorrt_version": runtime["tensorrt_version"], "precision": sidecar.get("precision"),
+        "sparse": sidecar.get("sparse"), "warmup": warmup, "iters": iters, "timing": "CUDA events around execute_async_v3",
+        "skipped_batch_sizes": outside, "results": results, "memory": memory,
+    }
+
+
+def _layer_times(trt, engine, context, device, n: int) -> list[dict[str, Any]]:
+    """Mean time per layer over ``n`` profiled runs, slowest first."""
+    profiler = make_layer_profiler(trt)
+    context.profiler = profiler
+    for _ in range(n):
+        context.execute_async_v3(device.stream_handle)
+        device.synchronize()
+    rows = [{"layer": k, "ms": sum(v) / len(v)} for k, v in profiler.ms.items()]
+    total = sum(r["ms"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r["ms"] / total
+    return sorted(rows, key=lambda r: -r["ms"])
