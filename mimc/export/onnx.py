@@ -227,6 +227,7 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
                 validation = _validate(encoder, graph["file"], inputs, precision, force, seed)
             report = _report(encoder, path, graph, batch, opset, exporter, precision, validation, export_seconds)
             if graph["external_data"]:
+                os.chmod(graph["file"].parent / graph["external_data"], 0o644)  # readable like the graph
                 os.replace(graph["file"].parent / graph["external_data"], path.parent / graph["external_data"])
             os.replace(graph["file"], path)
     finally:
@@ -274,7 +275,8 @@ def _report(encoder, path: Path, graph: dict, batch, opset: int, exporter: str, 
         "file": path.name,
         "sha256": sha256_file(graph["file"]),
         "bytes": graph["file"].stat().st_size,
-        "external_data": graph["external_data"],
+        "external_data": graph["external_data"],  # weights file beside the graph when over 2 GiB
+        "external_data_bytes": (graph["file"].parent / graph["external_data"]).stat().st_size if graph["external_data"] else 0,
         "opset": graph["opset"],  # what the graph declares (dynamo writes >= 18 even when 17 was asked)
         "opset_requested": opset,
         "exporter": exporter,

@@ -183,3 +183,16 @@ def test_training_only_ops_are_rejected():
     graph = helper.make_graph([helper.make_node("Dropout", ["x"], ["y"])], "g", [x], [y])
     with pytest.raises(ValidationError, match="Dropout"):
         check_deployable(helper.make_model(graph))
+
+
+def test_huge_graphs_keep_weights_beside_them(tmp_path, monkeypatch):
+    # Protobuf caps a file at 2 GiB; pretend this tiny model is past the threshold.
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 0)
+    cfg = tiny_config()
+    encoder = build_encoder(cfg, seed=0)
+    report = export_onnx(encoder, tmp_path / "model.onnx")
+    assert report["external_data"] == "model.onnx.data" and report["validation"]["passed"]
+    assert _leftovers(tmp_path) == ["model.onnx", "model.onnx.data"]
+    assert report["external_data_bytes"] > report["bytes"]  # the weights moved out of the graph file
+    x = deterministic_inputs(cfg, batch=1, seed=5)
+    assert np.abs(run_onnx(tmp_path / "model.onnx", x)["pooled"] - _torch_out(encoder, x)["pooled"]).max() <= 1e-4
