@@ -1,0 +1,154 @@
+"""ViT-B/16 224, batch 1, ONNX Runtime CPU, 2 threads: fp32 vs quantize_dynamic vs mimc static int8.
+
+One run, all graphs timed in the same process: sessions with ``session.intra_op.allow_spinning=0``
+and 2 intra-op threads, each warmed up, timed in blocks of iterations alternating between graphs
+(round robin), medians quoted. Besides wall time, the process CPU time per run is reported: on a
+machine shared with other jobs the wall clock measures the neighbours too, while CPU time (with
+spinning off) measures the work each graph needs.
+
+Random-init weights have no activation outliers, so fidelity here only shows the graphs compute the
+same function; fidelity claims come from benchmarks/ref_quantize_table.py on `ref`.
+
+    python benchmarks/bench_quantize_vitb.py [--rounds 6] [--iters 4] [--calib 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "bench_quantize_vitb.json"
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=4, help="iterations per block")
+    parser.add_argument("--calib", type=int, default=32, help="calibration images (builtin, resized to 224)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
+    from mimc.data import load_images
+    from mimc.export.onnx import export_onnx
+    from mimc.models.vit import build_encoder, vit_base_config
+
+    torch.set_num_threads(args.threads)
+    cfg = vit_base_config()
+    encoder = build_encoder(cfg, seed=0)
+    images = load_images("builtin", cfg, n=args.calib + 8, seed=0)
+    calib, held = images.subset(np.arange(args.calib)), images.subset(np.arange(args.calib, args.calib + 8))
+    graphs: dict[str, Path] = {}
+    notes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        graphs["fp32"] = tmp / "model.onnx"
+        export_onnx(encoder, graphs["fp32"], batch=1)
+        t = time.perf_counter()
+        graphs["ort quantize_dynamic"] = tmp / "dynamic.onnx"
+        quantize_dynamic(str(graphs["fp32"]), str(graphs["ort quantize_dynamic"]), weight_type=QuantType.QInt8)
+        notes["ort quantize_dynamic"] = f"defaults (per-tensor s8 weights), {time.perf_counter() - t:.1f} s"
+
+        import onnx
+
+        fp32_model = onnx.load(str(graphs["fp32"]))
+        inits = {i.name for i in fp32_model.graph.initializer}
+        attn = [n.name for n in fp32_model.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(calib.pixels.numpy()[i : i + 1] for i in range(len(calib)))
+
+            def get_next(self):
+                x = next(self.it, None)
+                return None if x is None else {"pixel_values": x}
+
+        t = time.perf_counter()
+        graphs["ort quantize_static QDQ"] = tmp / "static_qdq.onnx"
+        quantize_static(str(graphs["fp32"]), str(graphs["ort quantize_static QDQ"]), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], nodes_to_exclude=attn, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        notes["ort quantize_static QDQ"] = f"MatMul linears only, u8/s8 per-channel, MinMax, {time.perf_counter() - t:.1f} s"
+        reports = {}
+        for name, attention in (("mimc int8 (cpu default)", None), ("mimc int8, attention float", False)):
+            t = time.perf_counter()
+            graphs[name] = tmp / f"mimc_{len(reports)}.onnx"
+            config = QuantizeConfig(quantize_attention_matmuls=attention, target="cpu")
+            reports[name] = quantize_onnx(graphs["fp32"], graphs[name], calib.batches(8), config, held.batches(8))
+            notes[name] = f"{config.method}, {reports[name]['quantized_attention_matmuls']} attention matmuls, {time.perf_counter() - t:.1f} s"
+
+        sessions = {name: session(path, args.threads) for name, path in graphs.items()}
+        x = held.pixels[:1].numpy()
+        ref = sessions["fp32"].run(None, {"pixel_values": x})[1]
+        cosine = {}
+        for name, s in sessions.items():
+            for _ in range(3):  # warm-up
+                out = s.run(None, {"pixel_values": x})[1]
+            cosine[name] = float(np.sum(out * ref) / (np.linalg.norm(out) * np.linalg.norm(ref)))
+        wall: dict[str, list[float]] = {n: [] for n in sessions}
+        cpu: dict[str, list[float]] = {n: [] for n in sessions}
+        for r in range(args.rounds):
+            order = list(sessions) if r % 2 == 0 else list(reversed(sessions))
+            for name in order:
+                for _ in range(args.iters):
+                    c, t = cpu_seconds(), time.perf_counter()
+                    sessions[name].run(None, {"pixel_values": x})
+                    wall[name].append(time.perf_counter() - t)
+                    cpu[name].append(cpu_seconds() - c)
+        sizes = {n: p.stat().st_size for n, p in graphs.items()}
+
+    base_w, base_c = np.median(wall["fp32"]), np.median(cpu["fp32"])
+    rows = []
+    for name in sessions:
+        w, c = float(np.median(wall[name])), float(np.median(cpu[name]))
+        rows.append({"graph": name, "wall_ms_median": round(w * 1e3, 2), "speedup_wall": round(base_w / w, 3),
+                     "cpu_ms_median": round(c * 1e3, 2), "speedup_cpu": round(base_c / c, 3),
+                     "pooled_cosine_vs_fp32": round(cosine[name], 6), "mb": round(sizes[name] / 1e6, 1), "notes": notes.get(name, "")})
+    print("| graph | wall ms (median) | vs fp32 | CPU ms (median) | vs fp32 | cosine to fp32 | MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['graph']} | {r['wall_ms_median']:.1f} | {r['speedup_wall']:.2f}x | {r['cpu_ms_median']:.1f} | "
+              f"{r['speedup_cpu']:.2f}x | {r['pooled_cosine_vs_fp32']:.5f} | {r['mb']:.0f} |")
+    load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else None
+    result = {
+        "benchmark": "bench_quantize_vitb", "model": "ViT-B/16 224 random init (seed 0)", "batch": 1,
+        "threads": args.threads, "rounds": args.rounds, "iters_per_block": args.iters, "calibration_images": args.calib,
+        "onnxruntime": ort.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
+        "load_average_at_end": load, "rows": rows,
+        "mimc_reports": {k: {kk: v[kk] for kk in ("method", "quantized_linears", "quantized_attention_matmuls", "fidelity")}
+                         for k, v in reports.items()},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nload average {load}; wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
