@@ -19,6 +19,7 @@ is the normalised cls token, which is what the pooler reads).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -221,15 +222,15 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None) -> Encod
     return encoder.eval()
 
 
-def read_preprocessor(source: str | os.PathLike) -> tuple[list[float] | None, list[float] | None]:
+def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False) -> tuple[list[float] | None, list[float] | None]:
     """image_mean / image_std from a model's preprocessor config (local dir or hub), if it has one."""
     for name in PREPROCESSOR_FILES:
-        path = Path(source) / name
-        if not path.is_file() and not Path(source).is_dir():
-            path = _hub_file(str(source), name)
-        if path is not None and Path(path).is_file():
+        path: Path | None = Path(source) / name
+        if not Path(source).is_dir():
+            path = _hub_file(str(source), name, local_files_only)
+        if path is not None and path.is_file():
             try:
-                data = json.loads(Path(path).read_text())
+                data = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
             if "image_mean" in data and "image_std" in data:
@@ -237,13 +238,29 @@ def read_preprocessor(source: str | os.PathLike) -> tuple[list[float] | None, li
     return None, None
 
 
-def _hub_file(repo_id: str, filename: str) -> Path | None:
+def _hub_file(repo_id: str, filename: str, local_files_only: bool) -> Path | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=local_files_only))
     except Exception:  # noqa: BLE001 - the preprocessor is optional metadata; the weights decide success
         return None
+
+
+def hub_reachable() -> bool:
+    """Whether the hub's host resolves. Checked first so an offline machine gets mimc's error at
+    once (or a cached copy) instead of huggingface_hub's five retries with backoff (~25 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy local DNS says nothing; let the client try
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def _model_class(hf_config):
@@ -260,24 +277,66 @@ def _one_line(exc: BaseException) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
+def _raise_if_unsafe(source: str, local: bool) -> None:
+    """Name the culprit when a local ``pytorch_model.bin`` was refused for running code on load."""
+    from ...errors import UnsafeCheckpointError
+    from .timm import pickle_code_global
+
+    for weights in sorted(Path(source).glob("*.bin")) if local else []:
+        culprit = pickle_code_global(weights)
+        if culprit is not None:
+            raise UnsafeCheckpointError(
+                f"{weights} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
+            )
+
+
+def _not_found(source: str, offline: bool) -> ModelNotFoundError:
+    if offline:
+        return ModelNotFoundError(
+            f"model '{source}' is not in the local Hugging Face cache and the hub cannot be reached (offline): connect to the internet or give a local model directory"
+        )
+    return ModelNotFoundError(f"model '{source}' was not found on the Hugging Face hub: check the id (like facebook/vit-mae-base) or give a local model directory")
+
+
 def load_hf(source: str | os.PathLike) -> Encoder:
     """A local transformers model directory or a hub id -> canonical :class:`Encoder`.
 
-    Uses transformers' own ``from_pretrained`` (hub ids need internet, or a warm local cache).
+    Uses transformers' own ``from_pretrained``. Hub ids need internet, or a copy in the local cache
+    (used automatically when the hub cannot be reached or ``HF_HUB_OFFLINE=1``).
     """
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
+    from huggingface_hub import constants as hub_constants
 
     source = str(source)
     local = Path(source).is_dir()
+    offline = not local and (bool(hub_constants.HF_HUB_OFFLINE) or not hub_reachable())
+    with _hub_offline(offline):
+        return _load_hf(source, local, offline)
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub honours ``local_files_only`` for files but still makes side requests (its
+    user-agent registry) unless its offline flag is set, so set it for the duration of the load."""
+    from huggingface_hub import constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = saved or offline
     try:
-        hf_config = AutoConfig.from_pretrained(source)
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    try:
+        hf_config = AutoConfig.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError, KeyError) as exc:
         if local:
             raise NotAModelError(f"{source}/config.json is not a usable transformers config ({_one_line(exc)}): point at a saved model directory") from None
-        raise ModelNotFoundError(
-            f"model '{source}' could not be fetched from the Hugging Face hub: it needs internet access and an existing model id, or give a local model directory"
-        ) from None
+        raise _not_found(source, offline) from None
     if hf_config.model_type not in FAMILIES:
         raise NotAModelError(f"{source} is a '{hf_config.model_type}' model; mimc converts {', '.join(sorted(FAMILIES))}")
     cls = _model_class(hf_config)
@@ -285,11 +344,13 @@ def load_hf(source: str | os.PathLike) -> Encoder:
     hf_logging.set_verbosity_error()  # missing keys are checked below, in one clear line
     hf_logging.disable_progress_bar()  # mimc's CLI draws its own progress on stderr
     try:
-        model, info = cls.from_pretrained(source, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+        # transformers itself loads .bin weights with torch.load(weights_only=True).
+        model, info = cls.from_pretrained(source, output_loading_info=True, local_files_only=offline, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
+        _raise_if_unsafe(source, local)
         if local:
             raise NotAModelError(f"{source}: its weights cannot be loaded ({_one_line(exc)}): re-save or re-download the model") from None
-        raise ModelNotFoundError(f"model '{source}' weights could not be fetched from the hub ({_one_line(exc)}): check internet access or use a local directory") from None
+        raise ModelNotFoundError(f"model '{source}' weights could not be loaded from the hub ({_one_line(exc)}): check internet access or use a local directory") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -298,8 +359,8 @@ def load_hf(source: str | os.PathLike) -> Encoder:
     missing = sorted(k for k in info.get("missing_keys", ()) if "pooler.dense" not in k)
     if missing:
         raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
-    mean, std = read_preprocessor(source)
+    mean, std = read_preprocessor(source, local_files_only=offline)
     return convert_hf_model(model.eval(), image_mean=mean, image_std=std)
 
 
-__all__ = ["convert_hf_model", "load_hf", "read_preprocessor", "FAMILIES"]
+__all__ = ["convert_hf_model", "load_hf", "read_preprocessor", "hub_reachable", "FAMILIES"]

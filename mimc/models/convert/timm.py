@@ -25,6 +25,7 @@ import json
 import os
 import pickletools
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def _pickle_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _code_global(path: Path) -> str | None:
+def pickle_code_global(path: Path) -> str | None:
     """Statically list the pickle's imports (nothing is executed) and return one that is not a
     tensor type. Only words the error; safety itself comes from ``weights_only=True``."""
     strings: list[str] = []
@@ -95,10 +96,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     try:
         # argparse.Namespace is allowlisted: MAE/DeiT/BEiT training checkpoints store their ``args``
         # as one; rebuilding it only sets attributes and runs no code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notice; failures are reported below
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for unreadable files
-        culprit = _code_global(path)
+        culprit = pickle_code_global(path)
         if culprit is not None:
             raise UnsafeCheckpointError(
                 f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
