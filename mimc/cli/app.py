@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "export",
     "quantize",
     "profile",
+    "profiles",
+    "build",
     "eval",
     "sparsify",
     "distill",

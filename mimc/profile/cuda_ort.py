@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BadInputError, ConfigError, DeviceUnavailableError, require
 from .devices import DeviceProfile
-from .trt import percentiles
+from .trt import flat_stats, percentiles
 
 PROVIDER = "CUDAExecutionProvider"
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
@@ -66,7 +66,7 @@ def measure_session(sess, batch: int, warmup: int, iters: int, device: str = "cu
         sess.run_with_iobinding(binding)
         samples.append((clock() - t0) * 1e3)
     stats = percentiles(samples)
-    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"]}
+    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"], **flat_stats(stats, batch)}
 
 
 def profile_onnx_cuda(onnx_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20,
@@ -86,6 +86,6 @@ def profile_onnx_cuda(onnx_path: str | Path, profile: DeviceProfile, batch_sizes
             memory = {"device_free_bytes": free, "device_total_bytes": total}
     except ImportError:  # pragma: no cover - torch is a core dependency
         pass
-    return {"label": "measured", "backend": "onnxruntime-cuda", "onnx": str(onnx_path), "device": profile.name,
+    return {"label": "measured", "backend": "onnxruntime-cuda", "model": str(onnx_path), "onnx": str(onnx_path), "device": profile.name,
             "warmup": warmup, "iters": iters, "timing": "wall clock around run_with_iobinding (synchronous)",
             "results": results, "memory": memory}

@@ -141,9 +141,11 @@ def make_logger(trt, echo_warnings: bool = True):
         def log(self, severity, msg):
             self.messages.append((severity, msg))
             if echo_warnings and severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                from rich.markup import escape
+
                 from ..cli.common import console
 
-                console.print(f"[yellow]TensorRT:[/] {msg}", highlight=False, soft_wrap=True)
+                console.print(f"[yellow]TensorRT:[/] {escape(str(msg))}", highlight=False, soft_wrap=True)
 
         def errors(self) -> list[str]:
             bad = (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)
@@ -193,6 +195,12 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
 
 
+def flat_stats(stats: dict[str, float], batch: int) -> dict[str, float]:
+    """The same numbers under the flat keys `mimc profile`'s CPU reports use, so one table prints both."""
+    return {"p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
+            "throughput_items_s": batch * 1e3 / stats["p50"]}
+
+
 def _itemsize(trt, dtype) -> float:
     try:
         import numpy as np
@@ -224,7 +232,9 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
     lo, hi = _engine_batch_range(sidecar)
     wanted = list(batch_sizes) if batch_sizes else list(profile.batch_sizes)
     outside = [b for b in wanted if not lo <= b <= hi]
-    if batch_sizes and outside:
+    # The profile's own sizes beyond the engine's range are skipped and reported; sizes a user listed are not.
+    explicit = bool(batch_sizes) and list(batch_sizes) != list(profile.batch_sizes)
+    if explicit and outside:
         raise ConfigError(f"batch size(s) {outside} are outside the engine's range {lo}..{hi}: rebuild with `mimc build --batch {lo}:{hi}:{max(outside)}`")
     batches = [b for b in wanted if lo <= b <= hi] or [lo]
 
@@ -255,7 +265,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
             device.record(end)
         device.synchronize()
         stats = percentiles([device.elapsed_ms(s, e) for s, e in events])
-        row: dict[str, Any] = {"batch": b, "latency_ms": stats, "throughput_per_s": b * 1e3 / stats["p50"]}
+        row: dict[str, Any] = {"batch": b, "latency_ms": stats, "throughput_per_s": b * 1e3 / stats["p50"], **flat_stats(stats, b)}
         free_now, _ = device.mem_info()
         row["device_memory_used_bytes"] = max(0, free_before - free_now)
         if layer_iters:
@@ -269,7 +279,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
             memory["activation_bytes"] = int(getattr(engine, attr))
             break
     return {
-        "label": "measured", "backend": "tensorrt", "engine": str(engine_path), "device": profile.name,
+        "label": "measured", "backend": "tensorrt", "model": str(engine_path), "engine": str(engine_path), "device": profile.name,
         "gpu": runtime["gpu_name"], "tensorrt_version": runtime["tensorrt_version"], "precision": sidecar.get("precision"),
         "sparse": sidecar.get("sparse"), "warmup": warmup, "iters": iters, "timing": "CUDA events around execute_async_v3",
         "skipped_batch_sizes": outside, "results": results, "memory": memory,

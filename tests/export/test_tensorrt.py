@@ -418,3 +418,51 @@ def test_real_engine_build_and_profile(tmp_path, tiny_graph):
     assert side["gpu_name"] == device.name
     report = profile_engine(tmp_path / "e.plan", profile, batch_sizes=[1, 4], warmup=5, iters=20)
     assert [r["batch"] for r in report["results"]] == [1, 4] and report["results"][0]["latency_ms"]["p50"] > 0
+
+
+# The CLI -------------------------------------------------------------------------------------------
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from mimc.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "h900"], "unknown device 'h900'"),
+        (["--device", "a100", "--precision", "fp8"], "has no fp8"),
+        (["--device", "cpu"], "TensorRT device"),
+        (["--device", "h100", "--batch", "8:1"], "--batch"),
+        (["--device", "h100", "--precision", "int8"], "mimc quantize"),
+        (["--device", "t4", "--sparse"], "no sparse tensor cores"),
+    ],
+)
+def test_cli_build_bad_input_exits_2(tiny_graph, extra, message):
+    result = _cli(["build", tiny_graph, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("error:") == 1
+
+
+def test_cli_build_missing_graph_and_missing_tensorrt(tmp_path, tiny_graph, monkeypatch):
+    result = _cli(["build", tmp_path / "nope.onnx", "--device", "h100"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    before = set(tiny_graph.parent.iterdir())
+    result = _cli(["build", tiny_graph, "--device", "h100"])
+    assert result.exit_code == 2 and "pip install 'mimc[gpu]'" in result.output
+    assert set(tiny_graph.parent.iterdir()) == before  # nothing written
+
+
+def test_cli_build_with_fake_tensorrt(tmp_path, tiny_graph, monkeypatch):
+    device, calls = FakeDevice(), {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(device, calls))
+    monkeypatch.setattr("mimc.export.tensorrt.CudaDevice", lambda: device)
+    out = tmp_path / "h100-fp16.plan"
+    result = _cli(["build", tiny_graph, "--device", "h100", "--precision", "fp16", "--batch", "1:2:4", "-o", out, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["engine"] == str(out) and out.is_file() and sidecar_path(out).is_file()
+    assert report["sidecar"]["precision"] == "fp16" and report["sidecar"]["batch_range"] == [1, 2, 4]

@@ -92,3 +92,24 @@ def test_unknown_device_names_the_known_ones():
 def test_precisions_are_known():
     for name in available_profiles():
         assert set(load_profile(name).precisions) <= set(PRECISIONS)
+
+
+def test_cli_profiles_lists_every_target_and_reads_a_yaml(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mimc.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["profiles", "--json"])
+    assert result.exit_code == 0
+    assert {p["name"] for p in json.loads(result.stdout)} == set(available_profiles())
+    result = runner.invoke(app, ["profiles", "h100"])
+    assert result.exit_code == 0 and "3.35 TB/s" in result.output
+    data = load_profile("t4").to_dict()
+    data["name"] = "my-t4"
+    result = runner.invoke(app, ["profiles", str(_write(tmp_path, data)), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["name"] == "my-t4"
+    result = runner.invoke(app, ["profiles", "h900"])
+    assert result.exit_code == 2 and "unknown device 'h900'" in result.output
