@@ -1,0 +1,126 @@
+"""The training engine: schedules, sampling, the masked forward, checkpoints and exact resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mimc.artifact import state_hash
+from mimc.errors import BadInputError, ConfigError
+from mimc.models.vit import build_encoder
+from mimc.train import FeatureModel, TrainSettings, run_options, train
+from mimc.train.checkpoint import has_checkpoint, load_checkpoint, meta_differences
+from mimc.train.engine import _Sampler
+from mimc.train.schedule import linear, warmup_cosine
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/compress/test_nm.py: a second thread only slows tiny models
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pair():
+    return build_encoder(tiny_config(depth=2), seed=0), build_encoder(tiny_config(depth=2), seed=1)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+
+def test_warmup_cosine_and_linear():
+    assert warmup_cosine(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 1.0, warmup=10, final=0.1) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 1.0, warmup=10, final=0.1) == pytest.approx(0.1)
+    mid = warmup_cosine(55, 100, 1.0, warmup=10)
+    assert mid == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert linear(0, 11, 4.0, 0.05) == 4.0 and linear(10, 11, 4.0, 0.05) == pytest.approx(0.05)
+
+
+def test_sampler_visits_every_image_once_per_epoch():
+    sampler = _Sampler(10, seed=3)
+    first = torch.cat([sampler.indices(s, 5) for s in range(2)])
+    second = torch.cat([sampler.indices(s, 5) for s in range(2, 4)])
+    assert sorted(first.tolist()) == list(range(10)) == sorted(second.tolist())
+    assert first.tolist() != second.tolist()  # reshuffled each epoch
+    assert torch.equal(_Sampler(10, seed=3).indices(3, 5), sampler.indices(3, 5))
+
+
+def test_masked_forward_with_every_patch_equals_the_encoder(pair, pixels):
+    enc = pair[0]
+    out = enc(pixels[:2])
+    keep = torch.arange(enc.config.num_patches).expand(2, -1)
+    tokens, pooled = FeatureModel(enc)(pixels[:2], keep)
+    assert torch.allclose(tokens, out.last_hidden_state, atol=1e-6)
+    assert torch.allclose(pooled, out.pooled, atol=1e-6)
+    few, _ = FeatureModel(enc)(pixels[:2], keep[:, :4])
+    assert few.shape[1] == 4 + enc.config.num_prefix_tokens
+
+
+def test_training_reduces_the_loss_and_is_seeded(pair, pixels):
+    teacher, student = pair
+    settings = TrainSettings(steps=12, lr=3e-3, batch_size=4, mask_ratio=0.5)
+    a = build_encoder(tiny_config(depth=2), seed=1)
+    result = train(student, teacher, pixels, settings)
+    train(a, teacher, pixels, settings)
+    assert state_hash(a) == state_hash(student)
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+    assert result.steps == 12 and result.world_size == 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(pair, pixels, tmp_path):
+    teacher, _ = pair
+    settings = TrainSettings(steps=6, lr=3e-3, batch_size=4, mask_ratio=0.75, warmup_steps=2, weight_decay=0.05)
+    full = build_encoder(tiny_config(depth=2), seed=1)
+    train(full, teacher, pixels, settings, meta={"source_sha256": "x"})
+
+    def stop(step, loss):
+        if step == 4:
+            raise _Interrupt
+
+    part = build_encoder(tiny_config(depth=2), seed=1)
+    with pytest.raises(_Interrupt), run_options(run_dir=tmp_path, checkpoint_every=3, on_step=stop):
+        train(part, teacher, pixels, settings, meta={"source_sha256": "x"})
+    saved = load_checkpoint(tmp_path)
+    assert saved.step == 3 and len(saved.losses) == 3 and "state" in saved.optimizer
+    resumed = build_encoder(tiny_config(depth=2), seed=1)
+    with run_options(run_dir=tmp_path, resume=True):
+        result = train(resumed, teacher, pixels, settings, meta={"source_sha256": "x"})
+    assert result.resumed_from == 3 and result.steps_run == 3
+    assert state_hash(resumed) == state_hash(full)  # bit for bit
+    with pytest.raises(BadInputError, match="different model"), run_options(run_dir=tmp_path, resume=True):
+        train(build_encoder(tiny_config(depth=2), seed=1), teacher, pixels, settings, meta={"source_sha256": "y"})
+
+
+def test_checkpoint_is_not_written_without_a_run_dir(pair, pixels, tmp_path):
+    teacher, student = pair
+    with run_options(checkpoint_every=1):
+        train(student, teacher, pixels, TrainSettings(steps=2, lr=1e-3, batch_size=4))
+    assert not has_checkpoint(tmp_path)
+
+
+def test_meta_differences():
+    assert meta_differences({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []
+    assert meta_differences({"a": 1}, {"a": 2, "c": 0}) == ["a", "c"]
+
+
+def test_bad_settings(pair, pixels):
+    teacher, student = pair
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        TrainSettings(steps=1, lr=1e-3, batch_size=2, mask_ratio=1.0)
+    with pytest.raises(ConfigError, match="at least 1 step"):
+        TrainSettings(steps=0, lr=1e-3, batch_size=2)
+    frozen = build_encoder(tiny_config(depth=2), seed=2).requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing trainable"):
+        train(frozen, teacher, pixels, TrainSettings(steps=1, lr=1e-3, batch_size=2))
