@@ -1,0 +1,141 @@
+"""`mimc sparsify` and `mimc distill`: results on disk, resume, and bad input (exit 2, nothing written or lost)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mimc.artifact import load_artifact, read_manifest, save_artifact
+from mimc.cli.app import app
+from mimc.compress.blocks import remove_blocks
+from mimc.compress.nm import check_nm
+from mimc.models.vit import build_encoder
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a second thread only slows tiny models down on a loaded machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dense = build_encoder(tiny_config(depth=2), seed=0)
+    save_artifact(dense, tmp_path / "dense")
+    save_artifact(build_encoder(tiny_config(depth=2), seed=9), tmp_path / "other")
+    save_artifact(remove_blocks(dense, [1]), tmp_path / "half")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "imgs.npz", images=rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8))
+    return tmp_path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_sparsify_one_shot_writes_an_exact_nm_artifact(work):
+    res = invoke("sparsify", "dense", "--pattern", "2:4", "--method", "sparsegpt", "--calib", "imgs.npz", "-o", "sp", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["metrics"]["method"] == "sparsegpt" and out["metrics"]["n_calib"] == 12
+    enc = load_artifact(work / "sp")
+    assert enc.config.nm_pattern == "2:4"
+    check_nm(enc)
+    stage = read_manifest(work / "sp").stages[-1]
+    assert stage.name == "sparsify" and stage.config["method"] == "sparsegpt"
+
+
+def test_sparsify_learned_resume_after_interruption(work, monkeypatch):
+    args = ["sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "4", "--batch-size", "4",
+            "--prior", "magnitude", "--checkpoint-every", "2"]
+    assert invoke(*args, "-o", "full").exit_code == 0
+
+    import mimc.train.engine as engine
+
+    real = engine.RunOptions
+
+    def interrupting(**kw):  # the run is killed right after its step-3 checkpoint window
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None
+        return run
+
+    monkeypatch.setattr(engine, "RunOptions", interrupting)
+    res = invoke(*args, "-o", "cut")
+    assert res.exit_code == 130
+    assert (work / "cut" / "checkpoint").is_dir() and not (work / "cut" / "mimc.json").exists()
+    monkeypatch.setattr(engine, "RunOptions", real)
+    again = invoke(*args, "-o", "cut")  # without --resume: refused, the checkpoint kept
+    assert again.exit_code == 2 and "--resume cut" in again.output
+    res = invoke("sparsify", "dense", "--data", "imgs.npz", "--resume", "cut", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
+    full, cut = load_artifact(work / "full"), load_artifact(work / "cut")
+    for (k, a), b in zip(full.state_dict().items(), cut.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pattern", "2:7"], "M=7 does not divide in_features=64 of blocks.0.attn.qkv"),
+    (["--pattern", "4:4"], "N must be smaller than M"),
+    (["--method", "wanda"], "pass --calib DIR or --data DIR"),
+    (["--method", "learned"], "pass --calib DIR or --data DIR"),
+    (["--method", "random"], "unknown N:M method"),
+])
+def test_sparsify_bad_input(work, args, message):
+    res = invoke("sparsify", "dense", *args, "-o", "bad")
+    assert res.exit_code == 2 and message in " ".join(res.output.split())
+    assert len(res.output.strip().splitlines()) <= 3  # one message, no traceback
+    assert not (work / "bad").exists()
+
+
+def test_resume_from_another_model_is_refused(work, monkeypatch):
+    import mimc.train.engine as engine
+
+    real = engine.RunOptions
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    monkeypatch.setattr(engine, "RunOptions", interrupting)
+    invoke("sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4",
+           "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run")
+    monkeypatch.setattr(engine, "RunOptions", real)
+    before = sorted(p.name for p in (work / "run" / "checkpoint").iterdir())
+    state = (work / "run" / "checkpoint" / "state.json").read_text()
+    res = invoke("sparsify", "other", "--data", "imgs.npz", "--resume", "run")
+    assert res.exit_code == 2 and "different model" in res.output
+    res = invoke("sparsify", "dense", "--data", "imgs.npz", "--steps", "9", "--resume", "run")
+    assert res.exit_code == 2 and "differs from the interrupted run" in " ".join(res.output.split())
+    assert sorted(p.name for p in (work / "run" / "checkpoint").iterdir()) == before
+    assert (work / "run" / "checkpoint" / "state.json").read_text() == state  # nothing lost
+    assert invoke("sparsify", "dense", "--data", "imgs.npz", "--resume", "nowhere").exit_code == 2
+
+
+def test_distill_heals_and_refuses_bad_input(work):
+    res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--batch-size", "4",
+                 "--lr", "1e-3", "-o", "healed", "--json")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)["metrics"]
+    assert m["steps"] == 3 and m["mask_ratio"] == 0.75 and "fidelity_pooled_cosine" in m
+    assert read_manifest(work / "healed").stages[-1].name == "distill"
+    for args, message in [
+        (["half", "--steps", "2"], "pass --data DIR"),
+        (["half", "--data", "imgs.npz", "--steps", "2"], "--teacher"),  # the manifest names no source
+        (["half", "--data", "imgs.npz", "--teacher", "dense", "--mask-ratio", "1.5"], "mask_ratio"),
+        (["half", "--data", "missing.npz", "--teacher", "dense"], "does not exist"),
+        (["half", "--data", "imgs.npz", "--teacher", "dense", "-o", "healed"], "already exists"),
+    ]:
+        res = invoke("distill", *args)
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+    assert not (work / "half-distilled").exists()
