@@ -79,9 +79,10 @@ def _data2vec(mean_pooling, shared):
     return randomize(transformers.Data2VecVisionModel(cfg, add_pooling_layer=True))
 
 
-def _videomae(**kw):
+def _videomae(pretraining=False, **kw):
     cfg = transformers.VideoMAEConfig(**COMMON, num_frames=4, tubelet_size=2, **kw)
-    return randomize(transformers.VideoMAEForVideoClassification(cfg))
+    cls = transformers.VideoMAEForPreTraining if pretraining else transformers.VideoMAEForVideoClassification
+    return randomize(cls(cfg))
 
 
 def _reference(model, x):
@@ -98,6 +99,8 @@ def _reference(model, x):
             out = model.videomae(x).last_hidden_state
             pooled = model.fc_norm(out.mean(1)) if model.fc_norm is not None else None
             return out, pooled
+        if isinstance(model, transformers.VideoMAEForPreTraining):
+            return model.videomae(x).last_hidden_state, None
         if isinstance(model, transformers.BeitForMaskedImageModeling):
             return model.beit(x).last_hidden_state, None
         out = model(x)
@@ -112,6 +115,7 @@ CASES = {
     "data2vec_mean_per_block": (lambda: _data2vec(True, False), images, dict(family="data2vec", rel_pos_bias="per_block", pool_norm=True)),
     "data2vec_cls_shared": (lambda: _data2vec(False, True), images, dict(family="data2vec", rel_pos_bias="shared", pooling="cls")),
     "videomae_mean_pooling": (lambda: _videomae(), videos, dict(family="videomae", cls_token=False, final_norm=False, pool_norm=True, num_frames=4, tubelet_size=2)),
+    "videomae_pretraining": (lambda: _videomae(pretraining=True, decoder_hidden_size=32, decoder_num_attention_heads=2, decoder_num_hidden_layers=1, decoder_intermediate_size=64), videos, dict(family="videomae", final_norm=False, pool_norm=False)),
     "videomae_final_norm": (lambda: _videomae(use_mean_pooling=False), videos, dict(family="videomae", final_norm=True, pool_norm=False)),
 }
 
