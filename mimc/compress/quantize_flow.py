@@ -81,7 +81,8 @@ def split_images(images, n: int, seed: int):
     """(calibration subset, held-out subset), disjoint and seeded; held-out may be None for tiny sets."""
     total = len(images)
     order = np.random.default_rng(seed).permutation(total)
-    n_eval = min(EVAL_IMAGES, total // 4)
+    # A full held-out set when there are enough images, else a quarter of them (calibration keeps the rest).
+    n_eval = min(EVAL_IMAGES, max(total - n, total // 4))
     held, rest = order[:n_eval], order[n_eval:]
     calib = np.sort(rest[:n])
     return images.subset(calib), (images.subset(np.sort(held)) if n_eval else None)

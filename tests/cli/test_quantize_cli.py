@@ -1,0 +1,103 @@
+"""`mimc quantize`: artifact -> export -> int8 graph recorded in mimc.json; bad inputs exit 2, write nothing."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from mimc.artifact import MANIFEST_NAME, save_artifact
+from mimc.models.vit import build_encoder
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def app():
+    from mimc.cli.app import app
+
+    return app
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    return save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")
+
+
+@pytest.fixture
+def calib(tmp_path, tiny_images):
+    images, labels = tiny_images
+    path = tmp_path / "calib.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def _invoke(app, args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result, match):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def _snapshot(folder):
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+
+
+def test_quantize_artifact_exports_then_quantizes_and_records(app, artifact, calib):
+    result = _invoke(app, ["quantize", artifact, "--int8", "--calib", calib, "--n", "16", "--smooth", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    out = artifact / "model.int8.onnx"
+    assert (artifact / "model.onnx").is_file() and out.is_file()
+    assert report["calibration_images"] == 16 and report["held_out_images"] == 8  # 24 images: the other 8 held out
+    assert report["fidelity"]["passed"] and report["fidelity"]["inputs"] == "held-out images"
+    entry = json.loads((artifact / MANIFEST_NAME).read_text())["files"]["model.int8.onnx"]
+    assert entry["precision"] == "int8" and entry["method"] == "percentile" and entry["n"] == 16
+    assert entry["calibration_sha256"] == report["calibration_sha256"] and len(entry["calibration_sha256"]) == 64
+    assert entry["smoothing"] == {"smooth_alpha": 0.5, "repq": False}
+    assert entry["stage"]["name"] == "quantize" and entry["stage"]["metrics"]["fidelity"]["cosine"] >= 0.99
+    assert {p.key for p in onnx.load(str(out)).metadata_props} >= {"mimc_version", "mimc_quantization"}
+
+
+def test_fp8_for_an_h100_says_it_cannot_run_here(app, artifact, calib):
+    result = _invoke(app, ["quantize", artifact, "--fp8", "--calib", calib, "--n", "16", "--device", "h100"])
+    assert result.exit_code == 0, result.output
+    assert (artifact / "model.fp8.onnx").is_file()
+    assert "not runnable here" in result.stderr
+
+
+def test_bad_inputs_exit_2_and_write_nothing(app, artifact, calib, tmp_path):
+    before = _snapshot(artifact)
+    _one_error_line(_invoke(app, ["quantize", artifact]), "calibration images")
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    _one_error_line(_invoke(app, ["quantize", artifact, "--calib", wrong]), "expects (3, 32, 32)")
+    two_channel = tmp_path / "two.npz"
+    np.savez(two_channel, images=np.zeros((4, 32, 32, 2), dtype=np.uint8))
+    _one_error_line(_invoke(app, ["quantize", artifact, "--calib", two_channel]), "channels")
+    _one_error_line(_invoke(app, ["quantize", artifact, "--calib", calib, "-o", tmp_path / "nope" / "q.onnx"]), "does not exist")
+    _one_error_line(_invoke(app, ["quantize", artifact, "--fp8", "--calib", calib]), "does not support fp8")
+    _one_error_line(_invoke(app, ["quantize", artifact, "--int8", "--fp8", "--calib", calib]), "exclude each other")
+    assert _snapshot(artifact) == before
+
+
+def test_foreign_onnx_is_refused(app, artifact, calib, tmp_path):
+    assert _invoke(app, ["export", artifact]).exit_code == 0
+    foreign_dir = tmp_path / "foreign"
+    foreign_dir.mkdir()
+    model = onnx.load(str(artifact / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign_dir / "model.onnx"))
+    _one_error_line(_invoke(app, ["quantize", foreign_dir / "model.onnx", "--calib", calib]), "not a mimc graph")
+    assert [p.name for p in foreign_dir.iterdir()] == ["model.onnx"]
+    # A mimc graph copied out of its artifact still carries its metadata and quantizes.
+    shutil.copy(artifact / "model.onnx", tmp_path / "loose.onnx")
+    result = _invoke(app, ["quantize", tmp_path / "loose.onnx", "--calib", calib, "--n", "8", "--method", "minmax"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "loose.int8.onnx").is_file()
