@@ -287,17 +287,21 @@ def evaluate(encoder: Encoder, builtin_path: Path, cfg: EncoderConfig) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for ref.safetensors, builtin.npz, train_log.json")
-    ap.add_argument("--steps", type=int, default=3000, help="optimizer steps (about 0.4 s each on 2 threads)")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps (about 0.25 s each on 2 idle threads)")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--digit-fraction", type=float, default=0.25, help="share of each batch drawn from training digits")
+    ap.add_argument("--decoder-dim", type=int, default=96)
+    ap.add_argument("--decoder-depth", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=60.0,
+                    help="safety stop on a busy machine: save what there is after this long (recorded in the log)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=0, help="k-NN on builtin every N steps (0: only at the end)")
+    ap.add_argument("--eval-every", type=int, default=250, help="k-NN on builtin every N steps (0: only at the end)")
     args = ap.parse_args(argv)
     command = "python scripts/train_ref.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(command, flush=True)
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = reference_config()
     encoder = build_encoder(cfg, seed=args.seed)
     init_for_mae(encoder)
-    decoder = MaeDecoder(cfg)
+    decoder = MaeDecoder(cfg, dim=args.decoder_dim, depth=args.decoder_depth)
     train_digits, _, _, _ = digits_split(args.seed)
     sampler = CropSampler(photo_pool(), train_digits, args.digit_fraction, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -341,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     evals: list[dict] = []
     start = time.perf_counter()
     running = 0.0
+    steps_done = 0
     for step in range(args.steps):
+        if time.perf_counter() - start > args.max_minutes * 60:
+            print(f"stopping early at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
         encoder.train()
         decoder.train()
         for group in opt.param_groups:
@@ -352,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         opt.step()
+        steps_done = step + 1
         running += loss.item()
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             n = (step % args.log_every) + 1
@@ -368,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder.pos_embed.requires_grad_(True)
     encoder.eval()
     metrics = evaluate(encoder, builtin_path, cfg)
-    evals.append({"step": args.steps, **metrics})
+    evals.append({"step": steps_done, **metrics})
     print(f"trained k-NN: {metrics}", flush=True)
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in encoder.state_dict().items()}
@@ -380,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "encoder_config": cfg.to_dict(),
-        "decoder": {"dim": 128, "depth": 2, "heads": 4},
+        "decoder": {"dim": args.decoder_dim, "depth": args.decoder_depth, "heads": 4},
+        "steps_done": steps_done,
         "pretraining_data": {"skimage_photos": PHOTOS + ["stereo_motorcycle (left, right)"],
                              "sklearn_sample_images": ["china.jpg", "flower.jpg"],
                              "sklearn_digits_train_images": int(len(train_digits)),
@@ -392,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "knn_random_init": random_metrics,
         "evals": evals,
         "train_seconds": round(train_seconds, 1),
-        "steps_per_second": round(args.steps / train_seconds, 3),
+        "steps_per_second": round(steps_done / train_seconds, 3),
         "loss_curve": log,
         "torch": torch.__version__,
         "python": platform.python_version(),

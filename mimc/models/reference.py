@@ -1,6 +1,6 @@
 """``ref``: mimc's own small reference MAE, shipped inside the package.
 
-A 12-block ViT (32 px, 4 px patches, dim 192, 3 heads) pretrained as a masked autoencoder (75 %
+A 12-block ViT (32 px, 4 px patches, dim 128, 4 heads) pretrained as a masked autoencoder (75 %
 masking, pixel-normalised loss) by ``scripts/train_ref.py`` on photographs that ship inside PyPI
 packages (scikit-image's sample data, scikit-learn's sample images and part of its digits). The
 decoder lived only in the training script; what ships is the canonical encoder. Its held-out,
@@ -27,10 +27,10 @@ REF_LOG = REF_DIR / "train_log.json"
 REF_CONFIG = EncoderConfig(
     image_size=32,
     patch_size=4,
-    dim=192,
+    dim=128,
     depth=12,
-    num_heads=3,
-    mlp_dim=768,
+    num_heads=4,
+    mlp_dim=512,
     cls_token=True,
     pooling="mean",
     family="ref",
