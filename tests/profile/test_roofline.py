@@ -116,3 +116,29 @@ def test_encoder_predictions_order_as_expected(tmp_path):
     assert predict(full, orin, batch=8)["latency_ms"] > a["latency_ms"]  # a slower device predicts slower
     assert a["by_op"]["MatMul"]["count"] == 6 * 4  # qkv, q@k, attn@v, proj, fc1, fc2 per block
     assert any("TF32" in n for n in a["notes"])
+
+
+def fp8_graph(path):
+    """x @ DequantizeLinear(W_fp8): an fp8 Q/DQ weight as mimc quantize --fp8 writes it (opset 19)."""
+    w = onnx.TensorProto()
+    w.name, w.data_type, w.raw_data = "W8", TensorProto.FLOAT8E4M3FN, bytes([0x38]) * (K * N)  # 1.0: dense
+    w.dims.extend([K, N])
+    scale = numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")
+    zero = onnx.TensorProto()
+    zero.name, zero.data_type, zero.raw_data = "z", TensorProto.FLOAT8E4M3FN, bytes(1)
+    nodes = [helper.make_node("DequantizeLinear", ["W8", "s", "z"], ["W"], name="dq"),
+             helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N])], initializer=[w, scale, zero])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+def test_fp8_graph_is_priced_at_fp8_and_refused_where_there_is_none(tmp_path):
+    path = fp8_graph(tmp_path / "fp8.onnx")
+    r = predict(path, load_profile("h100"), batch=8)
+    assert r["graph_precision"] == "fp8" and r["nodes"][0]["precision"] == "fp8"
+    assert r["nodes"][0]["bytes"] == pytest.approx(K * N * 1 + 4 * 8 * (K + N))  # weight read at 1 byte
+    with pytest.raises(ConfigError, match="the graph carries fp8 but device 'a100'") as info:
+        predict(path, load_profile("a100"))
+    assert info.value.exit_code == 2
