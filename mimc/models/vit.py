@@ -410,7 +410,12 @@ def vit_base_config(**overrides: Any) -> EncoderConfig:
 
 
 def flops_per_image(cfg: EncoderConfig) -> float:
-    """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding)."""
+    """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding).
+
+    With a token schedule, every block is counted at its own token counts (see token_ops.reduced_macs).
+    """
+    if cfg.token_schedule:
+        return token_ops.reduced_macs(cfg)
     n = cfg.num_tokens
     d = cfg.dim
     macs = cfg.num_patches * d * cfg.in_chans * cfg.patch_size**2 * cfg.tubelet_size

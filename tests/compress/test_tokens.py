@@ -45,6 +45,7 @@ def test_stage_records_metrics_and_leaves_input_untouched(tiny_encoder):
     m = record.metrics
     assert m["tokens_per_block"] == [17, 15, 13, 11, 9]
     assert m["macs_reduced"] < m["macs_dense"] == flops_per_image(tiny_encoder.config)
+    assert flops_per_image(new.config) == m["macs_reduced"]  # the schedule-aware count everyone uses
     assert m["theoretical_speedup"] > 1.0
     assert 0.9 < m["fidelity_deterministic"]["pooled_cosine_mean"] < 1.0
     assert new.manifest.stages[-1].config["r"] == 2
