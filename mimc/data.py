@@ -13,6 +13,7 @@ images sees each image repeated over its frames.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -61,8 +62,12 @@ def _to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise DataError(f"image array has shape {arr.shape}: expected (H, W), (H, W, C) or (C, H, W)")
-    if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+    if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
         arr = arr.transpose(1, 2, 0)
+    if arr.shape[2] not in (1, 3, 4):
+        raise DataError(f"image has {arr.shape[2]} channels (shape {arr.shape}): expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8:
         arr = np.clip(arr.astype(np.float32) * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return arr
@@ -111,7 +116,9 @@ def preprocess(images: list[np.ndarray], cfg) -> torch.Tensor:
 def _normalise_array(arr: np.ndarray, cfg) -> torch.Tensor:
     """An array of raw images or already-shaped model inputs -> model inputs."""
     expected = tuple(cfg.input_shape)
-    if arr.ndim == len(expected) + 1 and tuple(arr.shape[1:]) == expected and arr.dtype.kind == "f":
+    # Float arrays already shaped like the model's input are taken as model inputs only when they
+    # look normalised (some negative values): float images in [0, 1] of the same shape get preprocessed.
+    if arr.ndim == len(expected) + 1 and tuple(arr.shape[1:]) == expected and arr.dtype.kind == "f" and arr.size and arr.min() < 0:
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # already model inputs
     if cfg.is_video and arr.ndim == 5:
         frames = arr.shape[1]
@@ -147,6 +154,27 @@ def _load_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray | None, list[
     return images, labels, class_names
 
 
+def _load_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A .npy array, or a .npz with ``images`` (and optional ``labels``, ``class_names``); never unpickles."""
+    labels = class_names = None
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if path.suffix.lower() == ".npy":
+            return loaded, None, None
+        with loaded:
+            if "images" not in loaded:
+                raise DataError(f"{path} has no 'images' array (keys: {list(loaded.keys())}): save it as np.savez(f, images=..., labels=...)")
+            raw = loaded["images"]  # arrays of objects fail here (ValueError) rather than at np.load
+            if "labels" in loaded:
+                labels = loaded["labels"]
+            if "class_names" in loaded:
+                class_names = [str(c) for c in loaded["class_names"]]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read {path} as numpy arrays without pickle ({reason}): save plain arrays with np.savez") from exc
+    return raw, labels, class_names
+
+
 def load_images(spec: str | Path, cfg, n: int | None = None, seed: int = 0) -> ImageSet:
     """Read and preprocess images for the encoder described by ``cfg``.
 
@@ -165,25 +193,20 @@ def load_images(spec: str | Path, cfg, n: int | None = None, seed: int = 0) -> I
     if path.is_dir():
         images, labels, class_names = _load_folder(path)
         raw: np.ndarray | list = images
-    elif path.suffix in (".npz", ".npy"):
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"cannot read {path} as a numpy array without pickle ({exc}): save it with np.savez") from exc
-        if path.suffix == ".npz":
-            if "images" not in loaded:
-                raise DataError(f"{path} has no 'images' array (keys: {list(loaded.keys())}): save it as np.savez(f, images=..., labels=...)")
-            raw = loaded["images"]
-            labels = loaded["labels"] if "labels" in loaded else None
-            class_names = [str(c) for c in loaded["class_names"]] if "class_names" in loaded else None
-        else:
-            raw = loaded
+    elif path.suffix.lower() in (".npz", ".npy"):
+        raw, labels, class_names = _load_array_file(path)
     else:
         raise DataError(f"{path} is neither a folder nor a .npy/.npz file: pass an image folder, a .npy/.npz file or 'builtin'")
 
+    if isinstance(raw, np.ndarray) and raw.ndim == 0:
+        raise DataError(f"{path} holds a scalar, not images: save an array shaped (N, H, W[, C])")
     count = len(raw)
     if count == 0:
         raise DataError(f"{path} holds no images: pass a non-empty data set")
+    if n is not None and n < 1:
+        raise DataError(f"asked for {n} images: pass a positive number of images (or none for all)")
+    if labels is not None and len(labels) != count:
+        raise DataError(f"{path} has {len(labels)} labels for {count} images: save one label per image")
     index = np.arange(count)
     if n is not None and n < count:
         index = np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))

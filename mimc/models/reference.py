@@ -50,7 +50,10 @@ def load_reference() -> Encoder:
         raise MimcError(f"reference weights missing at {REF_WEIGHTS}: reinstall mimc or run scripts/train_ref.py --out {REF_DIR}")
     state = {k: v.to(torch.float32) for k, v in load_file(str(REF_WEIGHTS)).items()}
     encoder = Encoder(reference_config())
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: weights from another REF_CONFIG
+        raise MimcError(f"reference weights at {REF_WEIGHTS} do not fit REF_CONFIG: retrain with scripts/train_ref.py") from exc
     if missing or unexpected:
         raise MimcError(
             f"reference weights at {REF_WEIGHTS} do not match REF_CONFIG (missing {missing[:3]}, unexpected {unexpected[:3]}): "
