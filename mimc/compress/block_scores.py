@@ -147,17 +147,22 @@ def data_free_scores(
     return {c: scores[c] for c in criteria if c in scores}, warnings
 
 
-@torch.no_grad()
 def sensitivity_scores(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
-    """1 - mean pooled cosine to the full model with each block skipped alone (low = removable).
-
-    Runs the encoder's own forward with its block list swapped, so anything a block carries
-    (relative position bias, layer scale, width) behaves exactly as in the pruned model.
-    """
-    import torch.nn.functional as F
-
+    """1 - mean pooled cosine to the full model with each block skipped alone (low = removable)."""
     if not batches:
         raise ValueError("sensitivity needs at least one batch")
+    token_plan = getattr(encoder, "token_plan", None)
+    if token_plan is None or not token_plan.reduces:
+        return _sensitivity_from_prefix(encoder, batches)
+    return _sensitivity_by_swapping(encoder, batches)
+
+
+@torch.no_grad()
+def _sensitivity_by_swapping(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
+    """Runs the encoder's own forward with its block list swapped, so anything the forward does
+    (token reduction, relative position bias, layer scale) behaves exactly as in the pruned model."""
+    import torch.nn.functional as F
+
     was_training = encoder.training
     encoder.eval()
     full_blocks = encoder.blocks
@@ -172,6 +177,36 @@ def sensitivity_scores(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> l
         encoder.blocks = full_blocks
         encoder.train(was_training)
     return scores
+
+
+@torch.no_grad()
+def _sensitivity_from_prefix(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
+    """Same scores without re-running the unchanged prefix: skipping block i starts from the
+    full model's input to block i, halving the work (no token reduction, so the forward is plain)."""
+    import torch.nn.functional as F
+
+    was_training = encoder.training
+    encoder.eval()
+    depth = len(encoder.blocks)
+    shared = encoder.rel_pos_bias() if getattr(encoder, "rel_pos_bias", None) is not None else None
+    cos_sums = [0.0] * depth
+    count = 0
+    try:
+        for x in batches:
+            h = [encoder.embed(x)]
+            for block in encoder.blocks:
+                h.append(block(h[-1], shared))
+            ref = encoder.pool(encoder.norm(h[-1]))
+            for i in range(depth):
+                y = h[i]  # block i passes the residual stream through
+                for block in encoder.blocks[i + 1 :]:
+                    y = block(y, shared)
+                cos = F.cosine_similarity(encoder.pool(encoder.norm(y)), ref, dim=-1)
+                cos_sums[i] += float(cos.double().sum())
+            count += x.shape[0]
+    finally:
+        encoder.train(was_training)
+    return [1.0 - s / count for s in cos_sums]
 
 
 def removal_order(scores: Sequence[float]) -> list[int]:

@@ -258,3 +258,11 @@ def test_spearman_handles_ties_and_constants():
     a, b = rng.normal(size=30), rng.normal(size=30)
     ra, rb = a.argsort().argsort(), b.argsort().argsort()
     assert spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_sensitivity_prefix_shortcut_matches_the_full_forward():
+    from mimc.compress.block_scores import _sensitivity_by_swapping, sensitivity_scores
+
+    enc = build_encoder(tiny_config(rel_pos_bias="shared", layer_scale=True), seed=2)
+    batches = list(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).split(2))
+    assert sensitivity_scores(enc, batches) == pytest.approx(_sensitivity_by_swapping(enc, batches), abs=1e-6)
