@@ -8,11 +8,12 @@ inputs, and only then renamed into place; a graph beyond its precision's gate ra
 :class:`~mimc.errors.ValidationError` and leaves nothing, unless ``force``.
 
 Exporter choice (measured on this machine, torch 2.13, tiny encoders: plain, relative position
-bias per block and shared + layer scale, video Conv3d; static and dynamic batch): both exporters
-handle every shape and match torch within 2.4e-6. TorchScript (``dynamo=False``) is the default
-because it (1) honours opset 17 exactly, while dynamo emits opset 18 at least, which older
-TensorRT/ORT builds on deployment targets may lack; (2) exports in 0.2-0.8 s where dynamo needs
-2-5 s for the same tiny model (the test suite and recipes export often on 2 shared cores); (3)
+bias per block and shared + layer scale, video Conv3d, and the token stage's ToMe merge, attention
+top-k and patch dropping, image and video; static and dynamic batch): both exporters handle every
+shape and match torch within 3.1e-6. TorchScript (``dynamo=False``) is the default because it
+(1) honours opset 17 exactly, while dynamo emits opset 18 at least, which older TensorRT/ORT builds
+on deployment targets may lack; (2) exports 3-7x faster (tiny models, loaded 2-core machine:
+0.2-5 s vs 2-35 s; the test suite and recipes export often); (3)
 prints nothing on stdout (dynamo logs its progress there, which would corrupt ``--json``). Its one
 cost is a few Shape/Expand nodes for the cls-token broadcast that ORT and TensorRT fold at load.
 TorchScript export is deprecated in torch 2.13, so ``exporter="dynamo"`` is kept working and tested.
@@ -185,6 +186,8 @@ def _finish_graph(tmp: Path, final_name: str, encoder, batch: int | str, precisi
         model.metadata_props.add(key=key, value=value)
     model.producer_name, model.producer_version = "mimc", mimc_version()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.input, *model.graph.output]}
     external = model.ByteSize() > EXTERNAL_DATA_BYTES
     final = tmp.parent / "final" / final_name
     final.parent.mkdir()
@@ -192,7 +195,7 @@ def _finish_graph(tmp: Path, final_name: str, encoder, batch: int | str, precisi
                     location=f"{final_name}.data" if external else None)
     del model
     onnx.checker.check_model(str(final), full_check=False)  # path form: works past 2 GiB too
-    return {"opset": opset, "external_data": f"{final_name}.data" if external else None, "file": final}
+    return {"opset": opset, "external_data": f"{final_name}.data" if external else None, "file": final, "shapes": shapes}
 
 
 def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: int = 17, exporter: str = "torchscript",
@@ -252,6 +255,7 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
         )
     return {
         **metrics,
+        "output_shapes": {k: list(v.shape) for k, v in candidate.items()},
         "passed": not failures,
         "forced": bool(failures),
         "failures": failures,
@@ -265,10 +269,13 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
 
 def _report(encoder, path: Path, graph: dict, batch, opset: int, exporter: str, precision: str, validation,
             seconds: float) -> dict[str, Any]:
-    cfg = encoder.config
-    b = "batch" if batch == "dynamic" else batch
-    # Token reduction changes the output token count; then the graph itself is the authority.
-    hidden = [b, cfg.num_tokens if cfg.token_schedule is None else None, cfg.dim]
+    # From the graph itself (token reduction changes the token count); where the exporter left an
+    # axis symbolic, the shape ORT actually produced during validation fills it in.
+    shapes = dict(graph["shapes"])
+    seen = (validation or {}).get("output_shapes", {})
+    for name, shape in seen.items():
+        declared = shapes.get(name) or [None] * len(shape)
+        shapes[name] = [d if isinstance(d, int) or i == 0 else shape[i] for i, d in enumerate(declared)]
     return {
         "kind": "onnx",
         "path": str(path),
@@ -283,8 +290,8 @@ def _report(encoder, path: Path, graph: dict, batch, opset: int, exporter: str, 
         "torch_version": torch.__version__,
         "batch": batch,
         "precision": precision,
-        "inputs": {INPUT_NAME: [b, *cfg.input_shape]},
-        "outputs": {"last_hidden_state": hidden, "pooled": [b, cfg.dim]},
+        "inputs": {INPUT_NAME: shapes[INPUT_NAME]},
+        "outputs": {name: shapes[name] for name in OUTPUT_NAMES},
         "validation": validation,
         "export_seconds": round(seconds, 3),
         "mimc_version": mimc_version(),

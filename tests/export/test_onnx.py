@@ -196,3 +196,20 @@ def test_huge_graphs_keep_weights_beside_them(tmp_path, monkeypatch):
     assert report["external_data_bytes"] > report["bytes"]  # the weights moved out of the graph file
     x = deterministic_inputs(cfg, batch=1, seed=5)
     assert np.abs(run_onnx(tmp_path / "model.onnx", x)["pooled"] - _torch_out(encoder, x)["pooled"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("method_options", [{"method": "tome", "r": 3}, {"method": "topk", "keep": 0.5, "at": (2,)}])
+def test_token_reduced_encoders_export(tmp_path, method_options):
+    from mimc.compress.registry import compress
+    from mimc.compress.tokens import TokenReductionConfig
+
+    cfg = tiny_config()
+    reduced, _ = compress(build_encoder(cfg, seed=0), TokenReductionConfig(**method_options))
+    report = export_onnx(reduced, tmp_path / "tok.onnx", batch="dynamic")
+    assert report["validation"]["passed"]
+    tokens = report["outputs"]["last_hidden_state"][1]  # read from the graph, not the config
+    assert isinstance(tokens, int) and tokens < cfg.num_tokens
+    x = deterministic_inputs(cfg, batch=3, seed=4)
+    out, ref = run_onnx(tmp_path / "tok.onnx", x), _torch_out(reduced, x)
+    assert out["last_hidden_state"].shape == ref["last_hidden_state"].shape == (3, tokens, cfg.dim)
+    assert max(np.abs(out[k] - ref[k]).max() for k in ref) <= 1e-4
