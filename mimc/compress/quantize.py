@@ -238,7 +238,6 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
     from ..export.validate import compare_outputs, onnxruntime, session_options
 
     ort = onnxruntime()
-    name, batch, _ = None, None, None
     sessions = []
     for path, emulate in ((fp32_path, False), (quant_path, config.resolved_target == "tensorrt")):
         so = session_options()

@@ -110,7 +110,9 @@ def resolve_graph(model: str, precision: str, output: Path | None):
     if output is None:
         from ..cli.prune import model_slug  # the shared default-name rule
 
-        output = Path(f"{model_slug(model)}{suffix}")
+        # Like `mimc export`: a new artifact ./<model>-mimc holding the weights, model.onnx and the
+        # quantized graph, so `mimc eval` / `mimc profile` know its input spec.
+        output = Path(f"{model_slug(model)}-mimc") / f"model{suffix}"
     return None, encoder, encoder.config, output
 
 
@@ -121,23 +123,50 @@ def quantize_model(model: str, config: QuantizeConfig, calib: str | None, output
     if calib is None:
         raise DataError("quantization needs calibration images: pass --calib DIR (a folder, .npz/.npy or 'builtin')")
     graph, encoder, cfg, out = resolve_graph(model, config.precision, Path(output) if output is not None else None)
+    new_artifact = encoder is not None and output is None
     if out.suffix != ".onnx":
         raise BadInputError(f"output {out} must end in .onnx: choose a path like model.int8.onnx")
-    if not out.parent.is_dir():
+    if new_artifact:
+        if out.parent.exists() and (not out.parent.is_dir() or any(out.parent.iterdir())):
+            raise BadInputError(f"output {out.parent} already exists and is not empty: choose another -o, or run `mimc quantize {out.parent}`")
+    elif not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist: create it or choose another output path")
     check_model_inputs_file(calib, cfg)
     images = load_images(calib, cfg, n=config.n + EVAL_IMAGES, seed=seed)
     calib_set, held_out = split_images(images, config.n, seed)
-    with tempfile.TemporaryDirectory(prefix=".mimc-quantize.") as tmp_dir:
-        if graph is None:
-            graph = _export_fp32(model, encoder, Path(tmp_dir))
-        report = quantize_onnx(graph, out, calib_set.batches(batch_size), config,
-                               held_out.batches(batch_size) if held_out is not None else None, force=force)
+    held_batches = held_out.batches(batch_size) if held_out is not None else None
+    if new_artifact:
+        report = _quantize_into_new_artifact(encoder, out, calib, calib_set, held_out, config, force, batch_size)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".mimc-quantize.") as tmp_dir:
+            if graph is None:
+                graph = _export_fp32(model, encoder, Path(tmp_dir))
+            report = quantize_onnx(graph, out, calib_set.batches(batch_size), config, held_batches, force=force)
+        _annotate(report, calib_set, held_out, calib)
+        if is_artifact(out.parent):
+            _record(out, report)
+    return report
+
+
+def _annotate(report: dict[str, Any], calib_set, held_out, calib: str) -> None:
     report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
     report["calibration_source"] = str(calib)
     report["held_out_images"] = len(held_out) if held_out is not None else 0
-    if is_artifact(out.parent):
-        _record(out, report)
+
+
+def _quantize_into_new_artifact(encoder, out: Path, calib: str, calib_set, held_out, config, force: bool, batch_size: int):
+    """Weights, model.onnx and the quantized graph in a temp dir that becomes ``out.parent`` only on success."""
+    from ..artifact import atomic_dir, save_artifact
+    from ..export.onnx import export_onnx
+
+    with atomic_dir(out.parent) as tmp:
+        save_artifact(encoder, tmp, overwrite=True)
+        export_onnx(encoder, tmp / "model.onnx")
+        held_batches = held_out.batches(batch_size) if held_out is not None else None
+        report = quantize_onnx(tmp / "model.onnx", tmp / out.name, calib_set.batches(batch_size), config, held_batches, force=force)
+        report["path"] = str(out)
+        _annotate(report, calib_set, held_out, calib)
+        _record(tmp / out.name, report)
     return report
 
 

@@ -101,3 +101,15 @@ def test_foreign_onnx_is_refused(app, artifact, calib, tmp_path):
     result = _invoke(app, ["quantize", tmp_path / "loose.onnx", "--calib", calib, "--n", "8", "--method", "minmax"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "loose.int8.onnx").is_file()
+
+
+def test_any_model_becomes_an_artifact_with_both_graphs(app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(app, ["quantize", "ref", "--calib", "builtin", "--n", "16", "--method", "minmax", "--json"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "ref-mimc"
+    assert sorted(p.name for p in out.iterdir()) == ["mimc.json", "model.int8.onnx", "model.onnx", "model.safetensors"]
+    files = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert files["model.int8.onnx"]["held_out_images"] == 32 and files["model.int8.onnx"]["fidelity"]["passed"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ref-mimc"]  # no temp dirs left
+    _one_error_line(_invoke(app, ["quantize", "ref", "--calib", "builtin"]), "already exists")
