@@ -48,7 +48,9 @@ FLOAT8_TYPES = {getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNU
 INT8_TYPES = {TensorProto.INT8, TensorProto.UINT8}
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
-MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "FusedMatMul"}
+# com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see _skeleton.
+CONTRIB_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "FusedMatMul", *CONTRIB_MATMULS}
 CONV_OPS = {"Conv", "ConvInteger", "QLinearConv"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # Ops that only reinterpret a buffer: no data moved, no math.
@@ -179,7 +181,17 @@ def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     graph = onnx.GraphProto()
     graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
+    for node in model.graph.node:
+        if node.op_type in CONTRIB_MATMULS:
+            # Shape stand-in onnx understands: cast both operands to float and MatMul them (same output shape).
+            a, b = (f"{node.output[0]}__mimc_shape_{i}" for i in "ab")
+            graph.node.extend([
+                onnx.helper.make_node("Cast", [node.input[0]], [a], to=TensorProto.FLOAT),
+                onnx.helper.make_node("Cast", [node.input[1]], [b], to=TensorProto.FLOAT),
+                onnx.helper.make_node("MatMul", [a, b], [node.output[0]]),
+            ])
+        else:
+            graph.node.append(node)
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)
     init_names = set()
@@ -363,7 +375,8 @@ def _count_dense(cost: NodeCost, node: onnx.NodeProto, info: dict, out_shape: li
     if op in CONV_OPS:
         k = _numel(b_shape[1:])  # (C_in / groups) x kernel volume per output element
         cost.macs = float(out_elems * k)
-        bias = len(node.input) > (8 if op == "QLinearConv" else 2) and node.input[-1]
+        bias_index = {"Conv": 2, "QLinearConv": 8}.get(op)  # ConvInteger has no bias input
+        bias = bias_index is not None and len(node.input) > bias_index and bool(node.input[bias_index])
     elif op == "Gemm":
         trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
         k = a_shape[0] if trans_a else a_shape[-1]

@@ -153,3 +153,21 @@ def test_vit_b16_is_17_6_gmacs(tmp_path):
     cost = count_graph(path)
     assert cost.macs == pytest.approx(17.6e9, rel=0.02)
     assert cost.macs == pytest.approx(flops_per_image(enc.config), rel=1e-9)
+
+
+@pytest.mark.parametrize("options, precision", [({"target": "cpu"}, "int8"), ({"target": "tensorrt"}, "int8"), ({"precision": "fp8"}, "fp8")])
+def test_mimc_quantized_graphs(tiny_onnx, tmp_path, options, precision):
+    """mimc quantize's own graphs: ORT's MatMulIntegerToFloat (cpu) and Q/DQ (TensorRT int8 / fp8)."""
+    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
+
+    enc, _ = tiny_onnx
+    fp32 = export(enc, tmp_path / "model.onnx", batch=1)
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((4, 3, 32, 32)).astype(np.float32) for _ in range(2)]
+    out = tmp_path / f"model.{precision}.onnx"
+    quantize_onnx(fp32, out, calib, QuantizeConfig(n=8, **options), calib)
+    cost = count_graph(out)
+    assert cost.precision == precision and cost.unknown == []
+    assert cost.macs == pytest.approx(flops_per_image(enc.config), rel=1e-9)
+    linears = [n for n in cost.nodes if n.kind == "matmul" and n.weight is not None]
+    assert len(linears) == 4 * enc.config.depth and all(n.precision == precision for n in linears)
