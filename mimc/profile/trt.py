@@ -206,8 +206,9 @@ def _itemsize(trt, dtype) -> float:
         import numpy as np
 
         return np.dtype(trt.nptype(dtype)).itemsize
-    except Exception:  # fp8 / int4 have no numpy type
-        return 1
+    except Exception:  # bf16 / fp8 / int4 have no numpy type: err on the large side, a short buffer would crash
+        name = str(dtype).upper()
+        return 1 if ("FP8" in name or "INT4" in name or "FP4" in name) else 4
 
 
 def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
