@@ -241,3 +241,18 @@ def test_incomplete_or_foreign_hf_directories_are_rejected(tmp_path):
     save_file({k: v for k, v in weights.items() if ".2." not in k}, partial / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(NotAModelError, match="lacks"):
         load_hf(partial)
+
+
+def test_converted_encoder_owns_its_weights_and_init_is_restored():
+    model = _vit()
+    encoder = convert_hf_model(model)
+    x = images()
+    with torch.no_grad():
+        before = encoder(x).last_hidden_state.clone()
+        for p in model.parameters():
+            p.add_(1.0)  # training the source afterwards must not leak into the converted copy
+        assert torch.equal(encoder(x).last_hidden_state, before)
+    # Construction skipped random init; torch.nn.init must work again afterwards.
+    t = torch.zeros(1000)
+    torch.nn.init.normal_(t)
+    assert t.std() > 0.5

@@ -30,6 +30,7 @@ from torch import nn
 
 from ...errors import ModelNotFoundError, NotAModelError
 from ..vit import Encoder, EncoderConfig
+from .common import encoder_with_weights
 
 # transformers model_type -> mimc family
 FAMILIES = {"vit_mae": "mae", "vit": "vit", "videomae": "videomae", "beit": "beit", "data2vec-vision": "data2vec"}
@@ -187,11 +188,13 @@ def _convert_layer(state: dict, i: int, layer: nn.Module, cfg: EncoderConfig) ->
         state[f"{p}.attn.rel_pos_bias.table"] = _find(layer, LAYER_PATHS["rel_pos"]).relative_position_bias_table.detach()
 
 
-def convert_hf_model(model: nn.Module, image_mean=None, image_std=None) -> Encoder:
+def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bool = True) -> Encoder:
     """An already-loaded transformers model -> a canonical :class:`Encoder` with the same outputs.
 
     Accepts the bare encoders and their pre-training / classification wrappers; only the encoder
     is taken. ``image_mean``/``image_std`` come from the model's preprocessor config when known.
+    ``copy=False`` lets the encoder share the source's weight storage (for a source about to be
+    discarded, as in :func:`load_hf`); the default keeps the two independent.
     """
     family = _family_of(model)
     base = getattr(model, "base_model", model)
@@ -216,10 +219,9 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None) -> Encod
     if cfg.pool_norm:
         pooler_norm = _find(base, BASE_PATHS["pooler_norm"])
         _copy_norm(state, "pool_norm", pooler_norm if _is_layernorm(pooler_norm) else model.fc_norm)
-    encoder = Encoder(cfg)
     # strict: every canonical parameter must come from the source, none invented.
-    encoder.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True)
-    return encoder.eval()
+    encoder, _ = encoder_with_weights(cfg, state, copy=copy, strict=True)
+    return encoder
 
 
 def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False) -> tuple[list[float] | None, list[float] | None]:
@@ -360,7 +362,7 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     if missing:
         raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
     mean, std = read_preprocessor(source, local_files_only=offline)
-    return convert_hf_model(model.eval(), image_mean=mean, image_std=std)
+    return convert_hf_model(model.eval(), image_mean=mean, image_std=std, copy=False)
 
 
 __all__ = ["convert_hf_model", "load_hf", "read_preprocessor", "hub_reachable", "FAMILIES"]

@@ -186,7 +186,7 @@ def load_timm_checkpoint(path: str | os.PathLike, num_heads: int | None = None, 
     state, info = unwrap_state_dict(obj)
     hints = read_hints(path, metadata, num_heads=num_heads, image_size=image_size)
     hints.setdefault("has_decoder", info["has_decoder"])  # MAE pre-training checkpoints keep the decoder
-    return encoder_from_state(state, hints)
+    return encoder_from_state(state, hints, copy=False)  # the tensors were just read: adopt them
 
 
 def convert_timm_model(model: nn.Module) -> Encoder:

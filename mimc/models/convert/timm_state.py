@@ -28,6 +28,7 @@ import torch
 
 from ...errors import NotAModelError
 from ..vit import Encoder, EncoderConfig
+from .common import encoder_with_weights
 
 # Widths whose heads are not 64-dim: ViT-H/14 (1280), ViT-g/14 (1408), ViT-G/14 (1664) all use 16 heads.
 HEADS_BY_DIM = {1280: 16, 1408: 16, 1664: 16}
@@ -192,14 +193,15 @@ def canonical_state(state: dict[str, torch.Tensor], cfg: EncoderConfig, pad_cls_
     return out
 
 
-def encoder_from_state(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = None) -> Encoder:
-    """A timm-layout state dict (prefix already stripped) -> canonical :class:`Encoder`."""
+def encoder_from_state(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = None, copy: bool = True) -> Encoder:
+    """A timm-layout state dict (prefix already stripped) -> canonical :class:`Encoder`.
+
+    ``copy=False`` adopts the tensors as parameters (for a state dict just read from a file)."""
     hints = hints or {}
     cfg, pad_cls_pos = infer_config(state, hints)
     weights = canonical_state(state, cfg, pad_cls_pos)
-    encoder = Encoder(cfg)
     try:
-        result = encoder.load_state_dict(weights, strict=False)
+        encoder, result = encoder_with_weights(cfg, weights, copy=copy, strict=False)
     except RuntimeError as exc:  # a shape that contradicts the inferred architecture
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "shape mismatch")
         raise NotAModelError(f"checkpoint does not fit the inferred architecture ({detail}): give num_heads/image_size in a sidecar JSON") from None
