@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         for c in scores:
             table.add_column(c, justify="right")
         for pos, bid in enumerate(result["block_ids"]):
-            table.add_row(str(bid), *(f"{scores[c][pos]:.5g}" for c in scores))
+            table.add_row(str(bid), *(f"{scores[c][pos]:.4g}" for c in scores))
         rho = result.get("spearman_vs_sensitivity")
         if rho:
             table.add_section()

@@ -1,0 +1,197 @@
+"""`mimc prune`, `mimc inspect`, `mimc eval`: the main job on `ref` end to end, and every bad input
+(exit 2, one line, nothing written, input untouched)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mimc.artifact import is_artifact, load_artifact, save_artifact
+from mimc.models.vit import build_encoder
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def app():
+    from mimc.cli.app import app
+
+    return app
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    return save_artifact(build_encoder(tiny_config(depth=6), seed=0), tmp_path / "tiny")
+
+
+@pytest.fixture
+def labelled_npz(tmp_path, tiny_images):
+    images, labels = tiny_images
+    path = tmp_path / "set.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def _invoke(app, args):
+    # Rich sizes tables to the terminal; a wide one keeps every criterion's column readable.
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def _one_error_line(result, match):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def _snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# The main job on ref ------------------------------------------------------------------------------
+def test_main_job_on_ref_prune_export_eval(app, tmp_path):
+    half = tmp_path / "out" / "half"
+    result = _invoke(app, ["prune", "ref", "--ratio", "0.5", "-o", half, "--json"])
+    assert result.exit_code == 0, result.output
+    pruned = json.loads(result.stdout)
+    assert len(pruned["removed_blocks"]) == 6 and len(pruned["kept_blocks"]) == 6
+    assert pruned["criterion"] == "entropy" and len(pruned["scores"]["entropy"]) == 12
+    assert is_artifact(half) and load_artifact(half).config.depth == 6
+
+    result = _invoke(app, ["export", half, "--json"])
+    assert result.exit_code == 0, result.output
+    assert (half / "model.onnx").is_file()
+
+    result = _invoke(app, ["eval", half / "model.onnx", "--ref", "ref", "--data", "builtin", "--n", "60", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["data"]["n_images"] == 60 and report["data"]["labelled"]
+    assert 0.0 < report["fidelity"]["pooled_cosine_mean"] < 1.0
+    assert report["fidelity"]["token_cosine_mean"] is not None
+    assert 0.0 <= report["knn_top1"] <= 1.0 and 0.0 < report["reference_knn_top1"] <= 1.0
+
+
+# prune --------------------------------------------------------------------------------------------
+def test_prune_table_default_output_and_data_fidelity(app, artifact, labelled_npz, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(app, ["prune", artifact, "--blocks", "1,4", "--criterion", "l1", "--data", labelled_npz])
+    assert result.exit_code == 0, result.output
+    assert "removed" in result.stderr and "l1" in result.stderr
+    out = tmp_path / "tiny-pruned"
+    loaded = load_artifact(out)
+    assert loaded.config.block_ids == [0, 2, 3, 5]
+    metrics = loaded.manifest.stages[-1].metrics
+    assert metrics["removed_blocks"] == [1, 4] and metrics["fidelity_data"]["n_images"] == 24
+
+
+def test_prune_sensitivity_uses_the_data(app, artifact, labelled_npz, tmp_path):
+    result = _invoke(app, ["prune", artifact, "--keep", "4", "-c", "sensitivity", "--data", labelled_npz, "-o", tmp_path / "s", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    s = report["scores"]["sensitivity"]
+    assert sorted(report["removed_blocks"]) == sorted(sorted(range(6), key=lambda i: s[i])[:2])
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["prune", "MISSING", "--ratio", "0.5"], "not found"),
+        (["prune", "NOTMODEL", "--ratio", "0.5"], "neither a mimc artifact"),
+        (["prune", "ART", "--ratio", "0"], "between 0 and 1"),
+        (["prune", "ART", "--ratio", "1"], "between 0 and 1"),
+        (["prune", "ART", "--ratio", "-0.3"], "between 0 and 1"),
+        (["prune", "ART", "--keep", "7"], "more than the model's 6 blocks"),
+        (["prune", "ART", "--blocks", "2,9"], "do not exist"),
+        (["prune", "ART", "--ratio", "0.5", "--keep", "3"], "exactly one"),
+        (["prune", "ART", "--ratio", "0.5", "--criterion", "magic"], "unknown criterion"),
+        (["prune", "ART", "--ratio", "0.5", "--criterion", "sensitivity"], "--data"),
+        (["prune", "ART", "--ratio", "0.5", "--data", "MISSING.npz"], "does not exist"),
+    ],
+)
+def test_prune_bad_inputs_exit_2_and_write_nothing(app, artifact, tmp_path, args, match):
+    not_a_model = tmp_path / "notmodel"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("hello")
+    subs = {"MISSING": str(tmp_path / "missing"), "NOTMODEL": str(not_a_model), "ART": str(artifact), "MISSING.npz": str(tmp_path / "x.npz")}
+    before = {p: _snapshot(p) for p in (artifact, not_a_model)}
+    out = tmp_path / "out"
+    result = _invoke(app, [subs.get(a, a) for a in args] + ["-o", out])
+    _one_error_line(result, match)
+    assert not out.exists()
+    assert {p: _snapshot(p) for p in (artifact, not_a_model)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notmodel", "tiny"]  # no temp dirs left
+
+
+def test_prune_refuses_occupied_output(app, artifact, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _invoke(app, ["prune", artifact, "--ratio", "0.5", "-o", out])
+    _one_error_line(result, "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# inspect ------------------------------------------------------------------------------------------
+def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_npz, tmp_path):
+    plot = tmp_path / "scores.png"
+    result = _invoke(app, ["inspect", artifact, "--data", labelled_npz, "-o", plot, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    expected = {"entropy", "entropy_hist", "l1", "l2", "variance", "kurtosis", "random", "last", "sensitivity"}
+    assert set(report["scores"]) == expected and all(len(v) == 6 for v in report["scores"].values())
+    rho = report["spearman_vs_sensitivity"]
+    assert set(rho) == expected - {"sensitivity"} and all(r is None or -1.0 <= r <= 1.0 for r in rho.values())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    result = _invoke(app, ["inspect", artifact, "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert "entropy_hist" in result.stderr and "kurtosis" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["inspect", "MISSING"], "not found"),
+        (["inspect", "ART", "-o", "plot.txt"], ".png"),
+        (["inspect", "ART", "--dtype", "int4"], "unknown entropy dtype"),
+        (["inspect", "ART", "--data", "MISSING.npz"], "does not exist"),
+    ],
+)
+def test_inspect_bad_inputs(app, artifact, tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    subs = {"MISSING": str(tmp_path / "missing"), "ART": str(artifact), "MISSING.npz": str(tmp_path / "x.npz")}
+    result = _invoke(app, [subs.get(a, a) for a in args])
+    _one_error_line(result, match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+# eval ---------------------------------------------------------------------------------------------
+def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, labelled_npz, tmp_path, tiny_images):
+    result = _invoke(app, ["eval", artifact, "--ref", artifact, "--data", labelled_npz, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fidelity"]["pooled_cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert report["knn_top1"] == report["reference_knn_top1"]
+    np.save(tmp_path / "plain.npy", tiny_images[0])
+    result = _invoke(app, ["eval", artifact, "--data", tmp_path / "plain.npy"])
+    assert result.exit_code == 0, result.output
+    assert "k-NN skipped" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["eval", "MISSING"], "not found"),
+        (["eval", "FOREIGN"], "not written by mimc"),
+        (["eval", "ART", "--data", "MISSING.npz"], "does not exist"),
+        (["eval", "ART", "--ref", "MISSING"], "not found"),
+        (["eval", "ART", "--n", "0"], "--n"),
+    ],
+)
+def test_eval_bad_inputs(app, artifact, tmp_path, args, match):
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(b"not really onnx")
+    subs = {"MISSING": str(tmp_path / "missing"), "ART": str(artifact), "FOREIGN": str(foreign), "MISSING.npz": str(tmp_path / "x.npz")}
+    result = _invoke(app, [subs.get(a, a) for a in args])
+    _one_error_line(result, match)
