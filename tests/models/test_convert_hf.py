@@ -184,7 +184,7 @@ def test_unsupported_model_is_a_one_line_error():
         convert_hf_model(bert)
 
 
-@pytest.mark.parametrize("case", ["vit_mae", "beit_mean_per_block", "videomae_mean_pooling"])
+@pytest.mark.parametrize("case", ["vit_mae", "beit_mean_per_block", "data2vec_mean_per_block", "videomae_mean_pooling"])
 def test_save_pretrained_then_load_hf_gives_the_same_numbers(case, tmp_path):
     build, make_input, _ = CASES[case]
     model = build()

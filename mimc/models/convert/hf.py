@@ -126,7 +126,10 @@ def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -
     shared = _find(base, BASE_PATHS["shared_rel_pos"]) is not None
     if per_block and shared:
         raise NotAModelError("a model with both shared and per-block relative position bias is not supported by mimc's encoder")
-    fc_norm = getattr(model, "fc_norm", None)  # VideoMAEForVideoClassification
+    # VideoMAEForVideoClassification keeps the pooled feature's LayerNorm outside the base model. Its
+    # eps is torch's default 1e-5 while mimc uses layer_norm_eps for every norm: < 1e-5 relative on
+    # unit-scale features, far inside the 1e-4 equivalence gate.
+    fc_norm = getattr(model, "fc_norm", None)
     pooler_norm = _find(base, BASE_PATHS["pooler_norm"])
     if family == "vit":
         pooling = "cls"
@@ -348,6 +351,12 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     try:
         # transformers itself loads .bin weights with torch.load(weights_only=True).
         model, info = cls.from_pretrained(source, output_loading_info=True, local_files_only=offline, weights_only=True)
+        if any("pooler.layernorm" in k for k in info.get("unexpected_keys", ())):
+            # Data2VecVisionModel defaults to no pooler, which would drop the trained LayerNorm of
+            # the mean-pooled feature; build it with one when the checkpoint has its weights.
+            model, info = cls.from_pretrained(
+                source, output_loading_info=True, local_files_only=offline, weights_only=True, add_pooling_layer=True
+            )
     except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
         _raise_if_unsafe(source, local)
         if local:
