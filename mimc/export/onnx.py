@@ -12,8 +12,10 @@ bias per block and shared + layer scale, video Conv3d, and the token stage's ToM
 top-k and patch dropping, image and video; static and dynamic batch): both exporters handle every
 shape and match torch within 3.1e-6. TorchScript (``dynamo=False``) is the default because it
 (1) honours opset 17 exactly, while dynamo emits opset 18 at least, which older TensorRT/ORT builds
-on deployment targets may lack; (2) exports 3-7x faster (tiny models, loaded 2-core machine:
-0.2-5 s vs 2-35 s; the test suite and recipes export often); (3)
+on deployment targets may lack; (2) exports tiny models 3-7x faster (0.2-5 s vs 2-35 s on a
+loaded 2-core machine; the test suite and recipes export often) - on ViT-B/16 the two are alike
+(benchmarks/bench_export_vitb.py: 54 vs 59 s export+validation under heavy load, same ORT latency,
+both within 5e-6 of torch); (3)
 prints nothing on stdout (dynamo logs its progress there, which would corrupt ``--json``). Its one
 cost is a few Shape/Expand nodes for the cls-token broadcast that ORT and TensorRT fold at load.
 TorchScript export is deprecated in torch 2.13, so ``exporter="dynamo"`` is kept working and tested.
