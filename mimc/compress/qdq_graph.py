@@ -97,9 +97,26 @@ def linear_sites(idx: GraphIndex) -> list[LinearSite]:
 
 
 def attention_sites(idx: GraphIndex) -> list:
-    """MatMuls of two activations (q @ k^T and attn @ v)."""
-    return [n for n in idx.model.graph.node if n.op_type == "MatMul"
-            and idx.constant(n.input[0]) is None and idx.constant(n.input[1]) is None]
+    """The two attention products: q @ k^T (its output reaches a Softmax through elementwise ops,
+    e.g. the relative-position bias Add) and attn @ v (its first input is a Softmax output).
+
+    Other MatMuls of two activations (token merging's assignment matrices) stay float.
+    """
+
+    def reaches_softmax(name: str, hops: int = 4) -> bool:
+        for user in idx.consumers.get(name, []):
+            if user.op_type == "Softmax" or (hops and user.op_type in ("Add", "Mul", "Div", "Sub") and reaches_softmax(user.output[0], hops - 1)):
+                return True
+        return False
+
+    sites = []
+    for n in idx.model.graph.node:
+        if n.op_type != "MatMul" or idx.constant(n.input[0]) is not None or idx.constant(n.input[1]) is not None:
+            continue
+        src = idx.producer.get(n.input[0])
+        if reaches_softmax(n.output[0]) or (src is not None and src.op_type == "Softmax"):
+            sites.append(n)
+    return sites
 
 
 def norm_linear_pairs(idx: GraphIndex, sites: list[LinearSite]) -> list[tuple[object, LinearSite]]:

@@ -224,6 +224,14 @@ def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str |
     model.producer_name, model.producer_version = "mimc", mimc_version()
 
 
+def _token_reduced(model) -> bool:
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        return json.loads(meta.get("mimc_encoder_config", "{}")).get("token_schedule") is not None
+    except json.JSONDecodeError:
+        return False
+
+
 def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
     if config.precision == "fp8":
         return False, ("ONNX Runtime CPU has no FP8 matmul kernels; run it with TensorRT on Hopper/Ada. "
@@ -233,7 +241,8 @@ def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
     return True, "ONNX Runtime CPU (MatMulIntegerToFloat, VNNI)"
 
 
-def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig) -> dict[str, Any]:
+def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
+                     pooled_only: bool = False) -> dict[str, Any]:
     """Compare the quantized graph with the fp32 graph on held-out inputs (worst-sample cosine, SQNR)."""
     from ..export.validate import compare_outputs, onnxruntime, session_options
 
@@ -259,6 +268,11 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
                 outs[k].setdefault(o, []).append(v)
     ref = {k: np.concatenate(v) for k, v in outs[0].items()}
     cand = {k: np.concatenate(v) for k, v in outs[1].items()}
+    if pooled_only and "pooled" in ref:
+        # Token merging picks its merges from token similarities: a perturbation as small as int8
+        # noise can swap which tokens merge, reordering last_hidden_state while the pooled feature
+        # (what downstream heads and k-NN use) barely moves. Judge the pooled output there.
+        ref, cand = {"pooled": ref["pooled"]}, {"pooled": cand["pooled"]}
     metrics = compare_outputs(ref, cand)
     pooled = metrics["outputs"].get("pooled", metrics)
     r, c = ref.get("pooled"), cand.get("pooled")
@@ -268,7 +282,7 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
         mean_cos = round(float(np.mean(cos)), 6)
     return {"cosine": metrics["cosine"], "sqnr_db": metrics["sqnr_db"], "max_abs": metrics["max_abs"],
             "pooled_cosine_min": pooled["cosine"], "pooled_cosine_mean": mean_cos, "pooled_sqnr_db": pooled["sqnr_db"],
-            "images": int(full.shape[0] // step * step)}
+            "images": int(full.shape[0] // step * step), "gated_outputs": sorted(ref)}
 
 
 def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calibration_batches: Iterable,
@@ -303,7 +317,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         tmp = Path(tmp_dir) / onnx_out.name
         onnx.save_model(quantized, str(tmp))
         onnx.checker.check_model(str(tmp))
-        fidelity = measure_fidelity(onnx_in, tmp, held_out, config)
+        fidelity = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=_token_reduced(model))
         failures = gate_failures(fidelity, config.precision)
         if failures and not force:
             raise ValidationError(f"quantized graph fails the {config.precision} fidelity gate ({'; '.join(failures)}): "

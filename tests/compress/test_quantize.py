@@ -225,3 +225,15 @@ def test_kl_threshold_clips_long_tails_only():
     counts, edges = np.histogram(x, bins=2048, range=(0, x.max()))
     t = kl_threshold(counts, edges[1])
     assert 2.5 < t < 20.0  # keeps the Gaussian body, drops the outlier's empty range
+
+
+def test_token_merged_graph_is_gated_on_the_pooled_feature(tmp_path):
+    from mimc.compress.registry import compress
+    from mimc.compress.tokens import TokenReductionConfig
+
+    enc, _ = compress(build_encoder(tiny_config(), seed=0), TokenReductionConfig(method="tome", r=2))
+    src = tmp_path / "tome.onnx"
+    export_onnx(enc, src)
+    report = quantize_onnx(src, tmp_path / "tome.int8.onnx", image_batches(enc.config), QuantizeConfig(target="tensorrt"),
+                           image_batches(enc.config, n=8, seed=1))
+    assert report["fidelity"]["gated_outputs"] == ["pooled"] and report["fidelity"]["cosine"] >= 0.99
