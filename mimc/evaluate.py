@@ -161,10 +161,10 @@ def fidelity(model: Any, reference: Any, images: Any, batch_size: int = 32) -> F
 
     Streams batch by batch so token features of large sets never sit in memory at once.
     """
-    return _compare(model, reference, images, batch_size)[0]
+    return compare_features(model, reference, images, batch_size)[0]
 
 
-def _compare(model: Any, reference: Any, images: Any, batch_size: int) -> tuple[Fidelity, torch.Tensor, torch.Tensor]:
+def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -> tuple[Fidelity, torch.Tensor, torch.Tensor]:
     """Fidelity plus both models' pooled features (so k-NN needs no second forward pass)."""
     run, run_ref = _runner(load_for_eval(model)), _runner(load_for_eval(reference))
     feats: list[torch.Tensor] = []
@@ -253,7 +253,7 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     if ref is not None:
         same_spec = _input_spec(ref.config) == _input_spec(cand.config)
         if same_spec and ref.config.dim == cand.config.dim:
-            fid, cand_feats, ref_feats = _compare(cand, ref, images, batch_size)
+            fid, cand_feats, ref_feats = compare_features(cand, ref, images, batch_size)
             report["fidelity"] = fid.summary()
         else:
             report["fidelity"] = None
@@ -276,4 +276,4 @@ def _input_spec(cfg) -> tuple:
     return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
-__all__ = ["OnnxModel", "Fidelity", "features", "fidelity", "knn_top1", "knn_predictions", "evaluate", "load_for_eval"]
+__all__ = ["OnnxModel", "Fidelity", "features", "fidelity", "compare_features", "knn_top1", "knn_predictions", "evaluate", "load_for_eval"]

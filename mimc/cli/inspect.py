@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         from ..data import load_images
         from ..errors import BadInputError, ConfigError
         from ..models.resolve import load_model
-        from .prune import model_slug
+        from .prune import model_slug, score_formatter
 
         if dtype not in ENTROPY_DTYPES:
             raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")
@@ -126,8 +126,9 @@ def register(app: typer.Typer) -> None:
         table.add_column("block", justify="right")
         for c in scores:
             table.add_column(c, justify="right")
+        fmt = {c: score_formatter(v) for c, v in scores.items()}
         for pos, bid in enumerate(result["block_ids"]):
-            table.add_row(str(bid), *(f"{scores[c][pos]:.4g}" for c in scores))
+            table.add_row(str(bid), *(fmt[c](scores[c][pos]) for c in scores))
         rho = result.get("spearman_vs_sensitivity")
         if rho:
             table.add_section()

@@ -37,6 +37,25 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
 
 
+def score_formatter(values: list[float]):
+    """A fixed-point format with enough decimals that the column's differences show.
+
+    Block scores of one criterion often differ only in the 3rd-5th significant digit (entropy of
+    ViT blocks: 9.02 +- 0.005 nats), which a plain ``.4g`` would hide.
+    """
+    import math
+
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return lambda v: f"{v}"
+    if all(float(v).is_integer() for v in finite):
+        return lambda v: f"{v:.0f}"
+    spread = max(finite) - min(finite)
+    scale = spread if spread > 0 else max(abs(v) for v in finite) or 1.0
+    decimals = min(10, max(0, 2 - math.floor(math.log10(scale))))
+    return lambda v: f"{v:.{decimals}f}"
+
+
 def print_scores(scores: dict[str, list[float]], block_ids: list[int], removed: set[int], title: str) -> None:
     from rich.table import Table
 
@@ -45,9 +64,10 @@ def print_scores(scores: dict[str, list[float]], block_ids: list[int], removed: 
     for name in scores:
         table.add_column(name, justify="right")
     table.add_column("", justify="left")
+    fmt = {c: score_formatter(v) for c, v in scores.items()}
     for pos, bid in enumerate(block_ids):
         mark = "[red]removed[/]" if bid in removed else ""
-        table.add_row(str(bid), *(f"{scores[c][pos]:.6g}" for c in scores), mark, style="dim" if bid in removed else None)
+        table.add_row(str(bid), *(fmt[c](scores[c][pos]) for c in scores), mark, style="dim" if bid in removed else None)
     console.print(table)
 
 

@@ -1,0 +1,121 @@
+"""Every block-pruning criterion on `ref`: k-NN top-1 and pooled fidelity at 25 % and 50 % of blocks
+removed, next to the oracle (sensitivity measured with data) and the dense model.
+
+Protocol: `ref` (12 blocks) is pruned in one shot by each criterion, without any recovery training;
+every model is evaluated on the built-in labelled set (`load_images('builtin')`) with mimc's k-NN
+protocol (leave-one-out, cosine, k=10, exp(sim/0.07)) and the pooled-feature cosine to the dense
+model. The oracle scores blocks by the pooled-feature fidelity lost when each is skipped alone,
+measured on a seeded subset of the same images (no labels used) - an optimistic reference for what
+a data-free criterion could reach. `random` is reported as mean ± std over 5 seeds. Spearman is
+each criterion's rank correlation with the oracle over the 12 blocks.
+
+    /work/venv/bin/python benchmarks/ref_block_criteria.py
+
+Writes benchmarks/results/ref_block_criteria.md and .json. Not a timing benchmark.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads spinning on a shared CPU slow everyone
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+RATIOS = (0.25, 0.5)
+RANDOM_SEEDS = (0, 1, 2, 3, 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--oracle-n", type=int, default=128, help="images the oracle measures sensitivity on")
+    ap.add_argument("--out", type=Path, default=RESULTS / "ref_block_criteria.md")
+    args = ap.parse_args()
+
+    from mimc.compress.block_scores import DATA_FREE_CRITERIA, data_free_scores, sensitivity_scores, spearman
+    from mimc.compress.blocks import BlockPruningConfig
+    from mimc.compress.registry import compress
+    from mimc.data import load_images
+    from mimc.evaluate import compare_features, knn_top1
+    from mimc.models.resolve import load_model
+
+    dense = load_model("ref")
+    images = load_images("builtin", dense.config)
+    oracle_batches = list(load_images("builtin", dense.config, n=args.oracle_n, seed=0).batches(64))
+    dense_feats = None
+
+    def measure(model) -> dict:
+        nonlocal dense_feats
+        fid, feats, ref_feats = compare_features(model, dense, images, 64)
+        dense_feats = ref_feats
+        return {"knn_top1": knn_top1(feats, images.labels), "pooled_cosine": fid.pooled_cosine_mean, "sqnr_db": fid.sqnr_db}
+
+    oracle = sensitivity_scores(dense, oracle_batches)
+    free_scores, _ = data_free_scores(dense.blocks, DATA_FREE_CRITERIA, seed=0)
+    rows: list[dict] = []
+    for ratio in RATIOS:
+        for criterion in [c for c in DATA_FREE_CRITERIA if c != "random"] + ["random", "sensitivity"]:
+            seeds = RANDOM_SEEDS if criterion == "random" else (0,)
+            runs = []
+            for seed in seeds:
+                cfg = BlockPruningConfig(ratio=ratio, criterion=criterion, seed=seed)
+                pruned, record = compress(dense, cfg, oracle_batches if criterion == "sensitivity" else None)
+                runs.append({**measure(pruned), "removed": record.metrics["removed_blocks"]})
+            row = {"ratio": ratio, "criterion": "oracle (sensitivity)" if criterion == "sensitivity" else criterion, "removed": runs[0]["removed"]}
+            for key in ("knn_top1", "pooled_cosine", "sqnr_db"):
+                values = [r[key] for r in runs]
+                row[key] = statistics.mean(values)
+                row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+            if criterion == "random":
+                row["removed"] = [r["removed"] for r in runs]
+            score = oracle if criterion == "sensitivity" else free_scores[criterion]
+            row["spearman_vs_oracle"] = spearman(score, oracle) if criterion not in ("sensitivity", "random") else None
+            rows.append(row)
+            print(f"{ratio:.2f} {row['criterion']:<22} knn {row['knn_top1']:.4f} cos {row['pooled_cosine']:.4f} removed {row['removed']}", flush=True)
+    dense_knn = knn_top1(dense_feats, images.labels)
+
+    result = {
+        "model": "ref",
+        "data": {"source": "builtin", "n_images": len(images), "classes": len(set(images.labels.tolist())), "sha256": images.sha256},
+        "oracle_images": args.oracle_n,
+        "dense_knn_top1": dense_knn,
+        "scores": {**free_scores, "sensitivity": oracle},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def fmt(row: dict, key: str, digits: int) -> str:
+        s = f"{row[key]:.{digits}f}"
+        return s + (f" ± {row[key + '_std']:.{digits}f}" if row.get(key + "_std") is not None else "")
+
+    lines = [
+        "# Block-pruning criteria on `ref` (one shot, no recovery training)",
+        "",
+        f"Built-in labelled set: {len(images)} images, {result['data']['classes']} classes; k-NN top-1 leave-one-out "
+        f"(cosine, k=10, exp(sim/0.07)); pooled cosine and SQNR to the dense model. Oracle = sensitivity "
+        f"(pooled fidelity lost when each block alone is skipped) on {args.oracle_n} of the same images. "
+        f"`random`: mean ± std over seeds {list(RANDOM_SEEDS)}. Spearman: rank correlation of the criterion's "
+        "block scores with the oracle's (+1 = same removal order). Blocks are 0-based.",
+        "",
+        "| blocks removed | criterion | k-NN top-1 | pooled cosine | SQNR dB | Spearman vs oracle | removed blocks |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| 0 (dense) | — | {dense_knn:.4f} | 1.0000 | — | — | — |",
+    ]
+    for row in rows:
+        rho = "—" if row["spearman_vs_oracle"] is None else f"{row['spearman_vs_oracle']:+.2f}"
+        removed = "varies" if row["criterion"] == "random" else ", ".join(map(str, row["removed"]))
+        lines.append(
+            f"| {int(round(row['ratio'] * 12))} ({row['ratio']:.0%}) | {row['criterion']} | {fmt(row, 'knn_top1', 4)} | "
+            f"{fmt(row, 'pooled_cosine', 4)} | {fmt(row, 'sqnr_db', 1)} | {rho} | {removed} |"
+        )
+    lines += ["", "Command: `/work/venv/bin/python benchmarks/ref_block_criteria.py`", ""]
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
