@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -67,6 +68,7 @@ def main() -> None:
     calib, held = images.subset(np.arange(args.calib)), images.subset(np.arange(args.calib, args.calib + 8))
     graphs: dict[str, Path] = {}
     notes: dict[str, str] = {}
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         graphs["fp32"] = tmp / "model.onnx"
@@ -92,9 +94,11 @@ def main() -> None:
 
         t = time.perf_counter()
         graphs["ort quantize_static QDQ"] = tmp / "static_qdq.onnx"
+        os.chdir(tmp)  # ORT's shape inference may drop temp files in the working directory
         quantize_static(str(graphs["fp32"]), str(graphs["ort quantize_static QDQ"]), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul"], nodes_to_exclude=attn, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.chdir(cwd)
         notes["ort quantize_static QDQ"] = f"MatMul linears only, u8/s8 per-channel, MinMax, {time.perf_counter() - t:.1f} s"
         reports = {}
         for name, attention in (("mimc int8 (cpu default)", None), ("mimc int8, attention float", False)):

@@ -237,3 +237,18 @@ def test_token_merged_graph_is_gated_on_the_pooled_feature(tmp_path):
     report = quantize_onnx(src, tmp_path / "tome.int8.onnx", image_batches(enc.config), QuantizeConfig(target="tensorrt"),
                            image_batches(enc.config, n=8, seed=1))
     assert report["fidelity"]["gated_outputs"] == ["pooled"] and report["fidelity"]["cosine"] >= 0.99
+
+
+def test_calibration_and_held_out_images_are_disjoint_and_seeded(tmp_path, tiny_images):
+    from mimc.compress.quantize_flow import split_images
+    from mimc.data import load_images
+
+    images, labels = tiny_images
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    data = load_images(tmp_path / "d.npz", tiny_config())
+    calib, held = split_images(data, n=12, seed=0)
+    assert len(calib) == 12 and len(held) == 12
+    flat = lambda s: {row.numpy().tobytes() for row in s.pixels}  # noqa: E731
+    assert not flat(calib) & flat(held)
+    again, _ = split_images(data, n=12, seed=0)
+    assert again.sha256 == calib.sha256 and split_images(data, n=12, seed=1)[0].sha256 != calib.sha256
