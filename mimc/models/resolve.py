@@ -1,8 +1,9 @@
 """MODEL argument -> canonical encoder.
 
 Accepted: ``ref`` (the built-in reference MAE), a mimc artifact directory, a transformers model
-directory (``config.json``), a timm checkpoint file (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``),
-or a hub id (``org/name``; loaded by transformers, needs internet).
+directory (``config.json`` with a ``model_type``), a timm checkpoint file (``.safetensors`` / ``.pth``
+/ ``.pt`` / ``.bin``) or a timm hub download (``config.json`` naming an ``architecture`` beside
+``model.safetensors``), or a hub id (``org/name``; loaded by transformers, needs internet or a cached copy).
 """
 from __future__ import annotations
 
@@ -17,17 +18,17 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def describe_source(model: str) -> str:
-    """What kind of MODEL argument this is: ref, artifact, hf-dir, checkpoint or hub."""
+    """What kind of MODEL argument this is: ref, artifact, hf-dir, timm-dir, checkpoint or hub."""
     from ..artifact import is_artifact
 
     if model == "ref":
         return "ref"
-    path = Path(model)
+    path = Path(model).expanduser()  # quoted paths and recipe files keep a literal '~'
     if path.exists():
         if is_artifact(path):
             return "artifact"
         if path.is_dir() and (path / "config.json").is_file():
-            return "hf-dir"
+            return "timm-dir" if _timm_weights(path) is not None else "hf-dir"
         if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
             return "checkpoint"
         if path.is_dir():
@@ -49,6 +50,8 @@ def load_model(model: str | os.PathLike):
 
     model = str(model)
     kind = describe_source(model)
+    if kind != "hub":
+        model = os.path.expanduser(model)
     if kind == "artifact":
         return load_artifact(model)
     if kind == "ref":
@@ -65,11 +68,29 @@ def load_model(model: str | os.PathLike):
     else:
         from .convert.timm import load_timm_checkpoint
 
-        encoder = load_timm_checkpoint(model)
-        source = {"id": model, "family": encoder.config.family, "sha256": sha256_file(model), "kind": kind}
+        weights = _timm_weights(Path(model)) if kind == "timm-dir" else Path(model)
+        encoder = load_timm_checkpoint(weights)
+        source = {"id": model, "family": encoder.config.family, "sha256": sha256_file(weights), "kind": kind}
     encoder.eval()
     encoder.manifest = Manifest(encoder=encoder.config.to_dict(), source=source)
     return encoder
+
+
+def _timm_weights(path: Path) -> Path | None:
+    """The weights of a timm hub download: its config.json names an ``architecture`` and has no
+    transformers ``model_type``; the weights sit beside it (read with that config as hints)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # left to the transformers loader, which reports a broken config.json
+    if not isinstance(config, dict) or "model_type" in config or "architecture" not in config:
+        return None
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    return None
 
 
 def _hf_weights(path: Path) -> Path | None:

@@ -223,3 +223,34 @@ def test_hf_directory_with_a_code_running_pytorch_model_bin(tmp_path):
     assert_one_line(err, "pytorch_model.bin", "run code")
     assert not marker.exists()
     assert sha(tmp_path / "pytorch_model.bin") == before
+
+
+def _timm_layout_checkpoint(path, **metadata):
+    from safetensors.torch import save_file
+
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    enc = build_encoder(tiny_config(pooling="cls"), seed=1)
+    save_file(dict(enc.state_dict()), str(path), metadata={k: str(v) for k, v in metadata.items()})
+    return enc
+
+
+def test_timm_hub_download_directory_loads_with_its_config_as_hints(tmp_path):
+    enc = _timm_layout_checkpoint(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch8_32", "model_args": {"num_heads": 4}}))
+    assert describe_source(str(tmp_path)) == "timm-dir"
+    loaded = load_model(str(tmp_path))
+    assert loaded.manifest.source["kind"] == "timm-dir" and loaded.config.num_heads == 4
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).last_hidden_state, enc(x).last_hidden_state, atol=1e-5)
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _timm_layout_checkpoint(tmp_path / "vit.safetensors", num_heads=4)
+    assert describe_source("~/vit.safetensors") == "checkpoint"
+    assert load_model("~/vit.safetensors").config.depth == 4
+    with pytest.raises(ModelNotFoundError):
+        load_model("~/missing.safetensors")
