@@ -254,3 +254,34 @@ def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
     assert load_model("~/vit.safetensors").config.depth == 4
     with pytest.raises(ModelNotFoundError):
         load_model("~/missing.safetensors")
+
+
+@pytest.mark.parametrize("bad", ["missing", "plain_dir", "corrupt_safetensors", "code_pickle", "offline_hub"])
+def test_cli_bad_model_exits_2_with_one_line_and_writes_nothing(bad, tmp_path, monkeypatch, no_network):
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from mimc.cli.app import app
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    marker = tmp_path / "PWNED"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    model = {
+        "missing": str(inputs / "nope.pth"),
+        "plain_dir": str(inputs),
+        "corrupt_safetensors": str(inputs / "bad.safetensors"),
+        "code_pickle": str(inputs / "evil.pth"),
+        "offline_hub": "someone/some-model",
+    }[bad]
+    (inputs / "bad.safetensors").write_bytes(b"\x00" * 16)
+    torch.save({"x": RunsCode(marker)}, inputs / "evil.pth")
+    hashes = {p.name: sha(p) for p in inputs.iterdir()}
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(app, ["export", model, "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert not out.exists() and not marker.exists()
+    assert {p.name: sha(p) for p in inputs.iterdir()} == hashes
