@@ -67,10 +67,10 @@ def register(app: typer.Typer) -> None:
         """Export to ONNX (input pixel_values; outputs last_hidden_state, pooled) and validate it."""
         from ..artifact import atomic_dir, is_artifact, save_artifact
         from ..errors import BadInputError
-        from ..export.onnx import _check_options, export_onnx
+        from ..export.onnx import check_export_options, export_onnx
         from ..models.resolve import describe_source, load_model
 
-        batch_value = _check_options(batch, opset, exporter, "fp32")  # exit 2 before any loading
+        batch_value = check_export_options(batch, opset, exporter, "fp32")  # exit 2 before any loading
         kind = describe_source(model)  # nonexistent path / not a model -> exit 2
         in_place = kind == "artifact" and (output is None or _same_dir(output, Path(model)))
         if in_place:
@@ -87,6 +87,9 @@ def register(app: typer.Typer) -> None:
             if in_place:
                 report = export_onnx(encoder, out_dir / ONNX_NAME, **options)
             else:
+                # Files listed by the source artifact (other graphs, engines) do not come along.
+                if getattr(encoder, "manifest", None) is not None:
+                    encoder.manifest.files = {}
                 # Weights, manifest and graph appear together or not at all.
                 with atomic_dir(out_dir, overwrite=overwrite) as tmp:
                     save_artifact(encoder, tmp, overwrite=True)

@@ -88,7 +88,8 @@ def _pre_export_checks(encoder) -> None:
     check_nm(encoder)
 
 
-def _check_options(batch: Any, opset: int, exporter: str, precision: str) -> int | str:
+def check_export_options(batch: Any, opset: int, exporter: str, precision: str) -> int | str:
+    """Validate export options (the CLI calls this before loading anything); returns the batch."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter '{exporter}': choose one of {', '.join(EXPORTERS)}")
     if isinstance(batch, str):
@@ -210,7 +211,7 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
     """
     from ..data import deterministic_inputs
 
-    batch = _check_options(batch, opset, exporter, precision)
+    batch = check_export_options(batch, opset, exporter, precision)
     path = Path(path)
     in_artifact = _check_destination(path, encoder)
     _pre_export_checks(encoder)
@@ -309,4 +310,4 @@ def _record_in_manifest(path: Path, report: dict[str, Any]) -> None:
     write_json(path.parent / MANIFEST_NAME, manifest.to_dict())
 
 
-__all__ = ["export_onnx", "check_deployable", "INPUT_NAME", "OUTPUT_NAMES", "EXPORTERS", "TRAINING_ONLY_OPS"]
+__all__ = ["export_onnx", "check_deployable", "check_export_options", "INPUT_NAME", "OUTPUT_NAMES", "EXPORTERS", "TRAINING_ONLY_OPS"]

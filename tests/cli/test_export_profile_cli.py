@@ -57,10 +57,17 @@ def test_export_any_model_creates_an_artifact_beside_the_graph(app, tmp_path, mo
 
 
 def test_export_to_another_artifact_dir(app, tmp_path, artifact):
+    from mimc.artifact import write_json
+
+    manifest = json.loads((artifact / MANIFEST_NAME).read_text())
+    manifest["files"]["model.int8.onnx"] = {"kind": "onnx"}  # a file that stays behind in the source
+    write_json(artifact / MANIFEST_NAME, manifest)
     out = tmp_path / "copy"
-    result = _invoke(app, ["export", artifact, "-o", out])
+    result = _invoke(app, ["export", artifact, "-o", out, "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert (out / "model.onnx").is_file() and not (artifact / "model.onnx").exists()
+    copied = load_artifact(out).manifest
+    assert list(copied.files) == ["model.onnx"] and copied.files["model.onnx"]["batch"] == 2
 
 
 @pytest.mark.parametrize(
