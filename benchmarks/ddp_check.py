@@ -56,13 +56,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import mimc
+    from mimc.compress.registry import compress
     from mimc.compress.blocks import BlockPruningConfig
 
     rows, checks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         dense = mimc.load(args.model)
-        half, _ = mimc.compress(dense, BlockPruningConfig(ratio=0.5, criterion="last"))
+        half, _ = compress(dense, BlockPruningConfig(ratio=0.5, criterion="last"))
         mimc.save(half, work / "half")
         mimc.save(dense, work / "dense")
         jobs = {

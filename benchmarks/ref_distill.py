@@ -37,6 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mimc
+    from mimc.compress.registry import compress
     from mimc.compress.blocks import BlockPruningConfig
     from mimc.compress.distill import DistillConfig
     from mimc.data import load_images
@@ -46,7 +47,7 @@ def main() -> None:
     images = load_images("builtin", dense.config)
     train_idx, held_idx = split(len(images), args.n_train)
     train, held = images.subset(train_idx), images.subset(held_idx)
-    pruned, prune_record = mimc.compress(dense, BlockPruningConfig(ratio=0.5, criterion=args.criterion))
+    pruned, prune_record = compress(dense, BlockPruningConfig(ratio=0.5, criterion=args.criterion))
     rows = [{"model": "dense", **evaluate(dense, dense, held), "steps": 0, "seconds": 0.0},
             {"model": f"pruned 50% ({args.criterion}; removed {prune_record.metrics.get('removed_blocks')})",
              **evaluate(pruned, dense, held), "steps": 0, "seconds": 0.0}]
@@ -54,7 +55,7 @@ def main() -> None:
         config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, mask_ratio=mask_ratio)
         start = time.perf_counter()
         with run_options(teacher=dense):
-            healed, record = mimc.compress(pruned, config, list(train.batches(64)))
+            healed, record = compress(pruned, config, list(train.batches(64)))
         seconds = time.perf_counter() - start
         row = {"model": f"pruned + distill (mask {mask_ratio})", **evaluate(healed, dense, held), "steps": args.steps,
                "seconds": round(seconds, 1), "steps_per_second": record.metrics["steps_per_second"]}

@@ -50,6 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mimc
+    from mimc.compress.registry import compress
     from mimc.compress.nm import NMSparsityConfig
     from mimc.data import load_images
     from mimc.evaluate import features, knn_top1
@@ -71,7 +72,7 @@ def main() -> None:
         method = "learned" if label.startswith("learned") else label.split(" ")[0]
         config = NMSparsityConfig(pattern=args.pattern, method=method, n_calib=128, **extra)
         start = time.perf_counter()
-        sparse, record = mimc.compress(dense, config, batches if method != "magnitude" else None)
+        sparse, record = compress(dense, config, batches if method != "magnitude" else None)
         seconds = time.perf_counter() - start
         row = {"method": label, **evaluate(sparse, dense, held), "steps": record.metrics.get("steps", 0),
                "seconds": round(seconds, 1)}

@@ -116,6 +116,24 @@ class LayerStats:
     tokens: int = 0
 
 
+def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bool = False):
+    """A forward hook accumulating a Linear's input statistics into ``stats[name]``."""
+
+    def hook(_module, inputs, _output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        s = stats.get(name)
+        if s is None:
+            s = stats[name] = LayerStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]) if hessian else None)
+        s.sq_norm += (x * x).sum(dim=0)
+        if s.hessian is not None:
+            s.hessian += x.T @ x
+        s.tokens += x.shape[0]
+        if stop:
+            raise _StopForward
+
+    return hook
+
+
 def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch.Tensor], hessian: bool) -> dict[str, LayerStats]:
     """Input statistics of block ``block_index``'s Linears over the calibration batches.
 
@@ -126,23 +144,7 @@ def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch
     linears = [(name, lin) for name, lin in block_linears(encoder) if name.startswith(prefix)]
     stats: dict[str, LayerStats] = {}
     last_name = linears[-1][0]
-
-    def make_hook(name: str):
-        def hook(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            s = stats.get(name)
-            if s is None:
-                s = stats[name] = LayerStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]) if hessian else None)
-            s.sq_norm += (x * x).sum(dim=0)
-            if s.hessian is not None:
-                s.hessian += x.T @ x
-            s.tokens += x.shape[0]
-            if name == last_name:
-                raise _StopForward
-
-        return hook
-
-    handles = [lin.register_forward_hook(make_hook(name)) for name, lin in linears]
+    handles = [lin.register_forward_hook(_stats_hook(stats, name, hessian, stop=name == last_name)) for name, lin in linears]
     try:
         with torch.no_grad():
             for batch in pixels:
@@ -150,6 +152,21 @@ def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch
                     encoder(batch)
                 except _StopForward:
                     pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor], shared_bias, hessian: bool) -> dict[str, LayerStats]:
+    """Input statistics of one block's Linears, running only that block on its carried inputs."""
+    stats: dict[str, LayerStats] = {}
+    handles = [mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian)) for name, mod in block.named_modules()
+               if isinstance(mod, nn.Linear)]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                block(x, shared_bias)
     finally:
         for h in handles:
             h.remove()
@@ -219,8 +236,18 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
         return masks
     if not pixels:
         raise DataError(f"N:M method '{method}' needs calibration images: pass --calib DIR (a folder, .npz/.npy or 'builtin')")
+    # Without a token schedule each block's input can be carried forward (one pass in all);
+    # otherwise the encoder's own forward is re-run up to each block.
+    carried = shared_bias = None
+    if encoder.config.token_schedule is None:
+        with torch.no_grad():
+            carried = [encoder.embed(batch) for batch in pixels]
+            shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
     for b in range(len(encoder.blocks)):
-        stats = collect_block_stats(encoder, b, pixels, hessian=method == "sparsegpt")
+        if carried is not None:
+            stats = _carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt")
+        else:
+            stats = collect_block_stats(encoder, b, pixels, hessian=method == "sparsegpt")
         for name, s in stats.items():
             lin = linears[name]
             with torch.no_grad():
@@ -230,6 +257,9 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
                 else:
                     new, masks[name] = sparsegpt_prune(lin.weight, s.hessian / max(s.tokens, 1), n, m, damp, blocksize, update_weights)
                     lin.weight.copy_(new)
+        if carried is not None:
+            with torch.no_grad():  # the sparsified block's output is the next block's calibration input
+                carried = [encoder.blocks[b](x, shared_bias) for x in carried]
     return masks
 
 
