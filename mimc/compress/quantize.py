@@ -301,6 +301,8 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     _check_paths(onnx_in, onnx_out)
     model = load_float_graph(onnx_in)
     calibration = _as_arrays(calibration_batches)
+    if calibration and sum(a.shape[0] for a in calibration) > config.n:
+        calibration = [np.concatenate(calibration)[: config.n]]  # at most n images, the first ones given
     _, graph_batch, shape = graph_input(model)
     held_out = _as_arrays(eval_batches)
     eval_source = "held-out images"
