@@ -186,6 +186,26 @@ def onnxruntime():
     return ort
 
 
+# Wheels that install the `onnxruntime` module; exactly one should be present.
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-training")
+
+
+def onnxruntime_distribution() -> str:
+    """Which wheel provides the installed module (``onnxruntime`` or ``onnxruntime-gpu``, ...)."""
+    from importlib import metadata
+
+    onnxruntime()
+    found = []
+    for name in _ORT_DISTRIBUTIONS:
+        try:
+            metadata.distribution(name)
+            found.append(name)
+        except metadata.PackageNotFoundError:
+            continue
+    # Two wheels overwrite each other's files; say so rather than pick one silently.
+    return "+".join(found) if found else "unknown"
+
+
 # Preference order when the caller asks for every available provider. TensorRT's provider is left
 # out: it builds an engine on first run (minutes) - mimc builds engines explicitly instead.
 _PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -283,5 +303,6 @@ __all__ = [
     "session_options",
     "available_providers",
     "resolve_providers",
+    "onnxruntime_distribution",
     "onnxruntime",
 ]

@@ -216,7 +216,7 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     called before each measurement (progress display).
     """
     from ..artifact import sha256_file
-    from ..export.validate import onnxruntime
+    from ..export.validate import onnxruntime, onnxruntime_distribution
 
     path = Path(onnx_path)
     ort = onnxruntime()
@@ -244,6 +244,7 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
         "backend": "onnxruntime-cpu",
         "provider": "CPUExecutionProvider",
         "onnxruntime_version": ort.__version__,
+        "onnxruntime_distribution": onnxruntime_distribution(),
         "threads": threads,
         "session_options": {"session.intra_op.allow_spinning": "0", "inter_op_num_threads": 1, "execution_mode": "sequential"},
         "warmup": warmup,

@@ -31,6 +31,7 @@ def test_measured_report_has_sane_numbers(graphs):
 
     assert report["label"] == "measured"
     assert report["onnxruntime_version"] == onnxruntime.__version__
+    assert "onnxruntime" in report["onnxruntime_distribution"]  # which wheel: onnxruntime or onnxruntime-gpu
     assert report["provider"] == "CPUExecutionProvider" and report["threads"] == 1
     assert report["session_options"]["session.intra_op.allow_spinning"] == "0"
     assert [r["batch"] for r in report["results"]] == [1, 3]
