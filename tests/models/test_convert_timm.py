@@ -300,3 +300,29 @@ def test_timm_state_dict_file_matches_timm_forward(case, tmp_path):
         tokens = model.forward_features(x)
         out = load_timm_checkpoint(path)(x)
     assert (out.last_hidden_state - tokens).abs().max().item() <= TOL
+
+
+def mae_sincos_numpy(dim, grid):
+    """MAE's get_2d_sincos_pos_embed, transcribed from facebookresearch/mae util/pos_embed.py."""
+    import numpy as np
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), axis=0).reshape(2, 1, grid, grid)
+    emb = np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1)
+    return np.concatenate([np.zeros([1, dim]), emb], axis=0)
+
+
+def test_encoder_only_mae_checkpoint_is_recognised_by_its_sincos_positions(tmp_path):
+    sd = make_state()
+    sd["pos_embed"] = torch.from_numpy(mae_sincos_numpy(64, SIDE)).float()[None]
+    torch.save({"model": sd}, tmp_path / "mae_pretrain_vit.pth")  # no decoder: the released MAE encoders
+    encoder = load_timm_checkpoint(tmp_path / "mae_pretrain_vit.pth", num_heads=4)
+    assert encoder.config.family == "mae" and encoder.config.pooling == "mean"
+    assert_matches(encoder, sd, heads=4, pooling="mean")
+    # A learned table of the same shape (DINO, DeiT) stays a plain ViT with cls pooling.
+    save_file(make_state(), str(tmp_path / "learned.safetensors"), metadata={"num_heads": "4"})
+    assert load_timm_checkpoint(tmp_path / "learned.safetensors").config.family == "vit"

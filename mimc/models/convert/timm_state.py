@@ -16,6 +16,8 @@ from ``hints`` (a sidecar JSON / safetensors metadata, or the timm module itself
   DINO/BEiT ViT-Ti/S/B/L has 64-dim heads) except the known non-64 widths below (ViT-H/g/G: 16 heads).
 - ``global_pool`` ("token" or "avg"): an ``fc_norm`` means mean pooling; MAE and BEiT-style weights
   default to mean pooling, everything else (DINO, supervised ViT) to the cls token, as in timm.
+- ``family``: BEiT-style from q/v biases, ``gamma_1`` or relative-position tables; MAE from a decoder
+  in the checkpoint or from MAE's frozen 2D sin-cos position table; otherwise "vit".
 - ``norm_eps``: 1e-6 (timm, MAE, DINO and BEiT all use it).
 """
 from __future__ import annotations
@@ -98,6 +100,28 @@ def _grid_side(state: dict[str, torch.Tensor], has_cls: bool) -> tuple[int | Non
     return None, False
 
 
+def mae_sincos_table(dim: int, side: int) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos position table (patch rows only): [sin w, cos w, sin h, cos h]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    h, w = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+
+    def embed(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord.flatten()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(w), embed(h)], dim=1).float()
+
+
+def _has_mae_positions(state: dict[str, torch.Tensor], side: int) -> bool:
+    """MAE (and its descendants) freeze this exact table; learned tables (DINO, DeiT) never match it,
+    so it identifies MAE weights even in encoder-only checkpoints without a decoder."""
+    pos = state.get("pos_embed")
+    if pos is None or pos.shape[-1] % 4:
+        return False
+    patches = pos.reshape(-1, pos.shape[-1])[-side * side :].float()
+    return torch.allclose(patches, mae_sincos_table(pos.shape[-1], side), atol=1e-4)
+
+
 def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple[EncoderConfig, bool]:
     """EncoderConfig from shapes (+ hints), and whether pos_embed needs a zero row for the cls token."""
     patch = state["patch_embed.proj.weight"]
@@ -112,7 +136,6 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple
     per_block_table = "blocks.0.attn.relative_position_bias_table" in state
     shared_table = "rel_pos_bias.relative_position_bias_table" in state
     beit_style = per_block_table or shared_table or "blocks.0.gamma_1" in state or "blocks.0.attn.q_bias" in state
-    family = hints.get("family") or ("beit" if beit_style else "mae" if hints.get("has_decoder") else "vit")
     if hints.get("num_heads"):
         heads = int(hints["num_heads"])
     elif per_block_table or shared_table:
@@ -129,6 +152,8 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple
         side = int(hints["image_size"]) // patch_size if hints.get("image_size") else None
     if side is None:
         raise NotAModelError("cannot infer the image size (no pos_embed or relative-position table): give image_size in a sidecar JSON next to the checkpoint")
+    mae_style = hints.get("has_decoder") or _has_mae_positions(state, side)
+    family = hints.get("family") or ("beit" if beit_style else "mae" if mae_style else "vit")
     has_fc_norm = "fc_norm.weight" in state
     pool = hints.get("global_pool")
     if has_fc_norm or pool == "avg" or not has_cls:
