@@ -57,10 +57,15 @@ def test_worker_process_does_not_load_torch():
 
 
 def test_profile_dispatch_cpu_uses_profile_threads_and_sizes(graphs):
+    from mimc.profile.devices import load_profile
+
+    cpu = load_profile("cpu")
     report = profile(graphs / "dynamic.onnx", device="cpu", warmup=1, iters=3)
     assert report["label"] == "measured" and report["device"] == "cpu"
-    assert report["threads"] == 2  # cpu.yaml says 2
-    assert [r["batch"] for r in report["results"]] == [1, 8]  # cpu.yaml batch_sizes for a dynamic graph
+    if cpu.threads:
+        assert report["threads"] == cpu.threads
+    assert [r["batch"] for r in report["results"]] == list(cpu.batch_sizes)  # a dynamic graph runs the profile's sizes
+    assert profile(graphs / "dynamic.onnx", device="cpu", warmup=0, iters=1, threads=1, batch_sizes="2")["threads"] == 1
 
 
 def test_predict_is_labelled_predicted(graphs):
