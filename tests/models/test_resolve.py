@@ -285,3 +285,28 @@ def test_cli_bad_model_exits_2_with_one_line_and_writes_nothing(bad, tmp_path, m
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert not out.exists() and not marker.exists()
     assert {p.name: sha(p) for p in inputs.iterdir()} == hashes
+
+
+@pytest.mark.parametrize(
+    "hub_error, expected",
+    [
+        ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.", "internet"),
+        ("x/y is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token", "not found"),
+        ("You are trying to access a gated repo.\nMake sure to have access to it", "gated"),
+    ],
+)
+def test_hub_failures_while_online_are_told_apart(monkeypatch, hub_error, expected):
+    transformers = pytest.importorskip("transformers")
+    from mimc.models.convert import hf
+
+    def fail(*args, **kwargs):
+        raise OSError(hub_error)
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # CI may export HF_HUB_OFFLINE=1
+    monkeypatch.setattr(hf, "hub_reachable", lambda: True)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fail)  # no request is ever made
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("x/y")
+    assert_one_line(err, "'x/y'", expected)

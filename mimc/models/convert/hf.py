@@ -295,12 +295,17 @@ def _raise_if_unsafe(source: str, local: bool) -> None:
             )
 
 
-def _not_found(source: str, offline: bool) -> ModelNotFoundError:
-    if offline:
+def _not_found(source: str, offline: bool, exc: BaseException | None = None) -> ModelNotFoundError:
+    text = str(exc or "").lower()
+    if offline or "couldn't connect" in text or "connection error" in text:
         return ModelNotFoundError(
             f"model '{source}' is not in the local Hugging Face cache and the hub cannot be reached (offline): connect to the internet or give a local model directory"
         )
-    return ModelNotFoundError(f"model '{source}' was not found on the Hugging Face hub: check the id (like facebook/vit-mae-base) or give a local model directory")
+    if "gated" in text:
+        return ModelNotFoundError(f"model '{source}' is gated on the Hugging Face hub: request access and log in with `hf auth login`, or give a local model directory")
+    return ModelNotFoundError(
+        f"model '{source}' was not found on the Hugging Face hub: check the id (like facebook/vit-mae-base; private repos need `hf auth login`) or give a local model directory"
+    )
 
 
 def load_hf(source: str | os.PathLike) -> Encoder:
@@ -341,7 +346,7 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     except (OSError, ValueError, KeyError) as exc:
         if local:
             raise NotAModelError(f"{source}/config.json is not a usable transformers config ({_one_line(exc)}): point at a saved model directory") from None
-        raise _not_found(source, offline) from None
+        raise _not_found(source, offline, exc) from None
     if hf_config.model_type not in FAMILIES:
         raise NotAModelError(f"{source} is a '{hf_config.model_type}' model; mimc converts {', '.join(sorted(FAMILIES))}")
     cls = _model_class(hf_config)
