@@ -129,6 +129,7 @@ def test_garbage_pth_is_not_a_model_but_not_called_unsafe(tmp_path):
 def test_hub_id_while_offline_fails_fast_without_touching_the_network(tmp_path, monkeypatch, no_network):
     from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline discovered by the failed lookup
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     assert describe_source("facebook/vit-mae-base") == "hub"
     with pytest.raises(ModelNotFoundError) as err:
