@@ -93,11 +93,18 @@ def test_prune_sensitivity_uses_the_data(app, artifact, labelled_npz, tmp_path):
     assert sorted(report["removed_blocks"]) == sorted(sorted(range(6), key=lambda i: s[i])[:2])
 
 
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
         (["prune", "MISSING", "--ratio", "0.5"], "not found"),
         (["prune", "NOTMODEL", "--ratio", "0.5"], "neither a mimc artifact"),
+        (["prune", "CORRUPT", "--ratio", "0.5"], "not a valid .safetensors"),
+        (["prune", "EVIL", "--ratio", "0.5"], "would run code"),
         (["prune", "ART", "--ratio", "0"], "between 0 and 1"),
         (["prune", "ART", "--ratio", "1"], "between 0 and 1"),
         (["prune", "ART", "--ratio", "-0.3"], "between 0 and 1"),
@@ -110,10 +117,17 @@ def test_prune_sensitivity_uses_the_data(app, artifact, labelled_npz, tmp_path):
     ],
 )
 def test_prune_bad_inputs_exit_2_and_write_nothing(app, artifact, tmp_path, args, match):
+    import torch
+
     not_a_model = tmp_path / "notmodel"
     not_a_model.mkdir()
     (not_a_model / "readme.txt").write_text("hello")
-    subs = {"MISSING": str(tmp_path / "missing"), "NOTMODEL": str(not_a_model), "ART": str(artifact), "MISSING.npz": str(tmp_path / "x.npz")}
+    (not_a_model / "corrupt.safetensors").write_bytes(b"definitely not safetensors")
+    torch.save({"weights": _RunsCodeWhenUnpickled()}, not_a_model / "evil.pth")  # saving runs nothing
+    subs = {
+        "MISSING": str(tmp_path / "missing"), "NOTMODEL": str(not_a_model), "ART": str(artifact), "MISSING.npz": str(tmp_path / "x.npz"),
+        "CORRUPT": str(not_a_model / "corrupt.safetensors"), "EVIL": str(not_a_model / "evil.pth"),
+    }
     before = {p: _snapshot(p) for p in (artifact, not_a_model)}
     out = tmp_path / "out"
     result = _invoke(app, [subs.get(a, a) for a in args] + ["-o", out])
