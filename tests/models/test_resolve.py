@@ -298,7 +298,7 @@ def test_cli_bad_model_exits_2_with_one_line_and_writes_nothing(bad, tmp_path, m
 )
 def test_hub_failures_while_online_are_told_apart(monkeypatch, hub_error, expected):
     transformers = pytest.importorskip("transformers")
-    from mimc.models.convert import hf
+    from mimc.models.convert import hf_load
 
     def fail(*args, **kwargs):
         raise OSError(hub_error)
@@ -306,7 +306,7 @@ def test_hub_failures_while_online_are_told_apart(monkeypatch, hub_error, expect
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # CI may export HF_HUB_OFFLINE=1
-    monkeypatch.setattr(hf, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hf_load, "hub_reachable", lambda: True)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fail)  # no request is ever made
     with pytest.raises(ModelNotFoundError) as err:
         load_model("x/y")

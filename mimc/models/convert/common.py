@@ -1,7 +1,13 @@
-"""Helpers shared by the converters: building an encoder straight from converted weights."""
+"""Helpers shared by the converters: building an encoder straight from converted weights, naming
+what a refused pickle would have run, one-line error details."""
 from __future__ import annotations
 
 import contextlib
+import io
+import pickletools
+import re
+import zipfile
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -9,6 +15,11 @@ from torch import nn
 
 from ..vit import Encoder, EncoderConfig
 
+# Globals a plain tensor checkpoint legitimately references (used only to word the error message).
+_TENSOR_GLOBALS = re.compile(
+    r"^(torch\..+|numpy\..+|collections\.OrderedDict|_codecs\.encode|argparse\.Namespace"
+    r"|builtins\.(set|frozenset|bytearray|slice|complex|dict|list|tuple|int|float|str|bytes|bool))$"
+)
 _INIT_FUNCTIONS = (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
     "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
@@ -44,3 +55,38 @@ def encoder_with_weights(cfg: EncoderConfig, state: dict[str, torch.Tensor], cop
     state = {k: v.float().contiguous() for k, v in state.items()}
     result = encoder.load_state_dict(state, strict=strict, assign=not copy)
     return encoder.eval(), result
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle stream of a checkpoint: data.pkl inside torch's zip format, else the file itself."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            return zf.read(name) if name else b""
+    return path.read_bytes()
+
+
+def pickle_code_global(path: Path) -> str | None:
+    """Statically list the pickle's imports (nothing is executed) and return one that is not a
+    tensor type. Only words the error; safety itself comes from ``weights_only=True``."""
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(_pickle_bytes(path))):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                name = arg.replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            else:
+                continue
+            if not _TENSOR_GLOBALS.match(name):
+                return name
+    except Exception:  # noqa: BLE001 - a malformed stream simply has no nameable global
+        return None
+    return None

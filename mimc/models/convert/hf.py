@@ -19,31 +19,18 @@ is the normalised cls token, which is what the pooler reads).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...errors import ModelNotFoundError, NotAModelError
+from ...errors import NotAModelError
 from ..vit import Encoder, EncoderConfig
 from .common import encoder_with_weights
 
 # transformers model_type -> mimc family
 FAMILIES = {"vit_mae": "mae", "vit": "vit", "videomae": "videomae", "beit": "beit", "data2vec-vision": "data2vec"}
-
-# Top-level classes load_hf instantiates when a checkpoint names them; anything else of a supported
-# model_type loads through AutoModel (the bare encoder). Classification heads are kept only for
-# VideoMAE, whose ``fc_norm`` (the pooled feature's LayerNorm) lives outside the base model.
-KNOWN_CLASSES = {
-    "ViTMAEModel", "ViTMAEForPreTraining", "ViTModel", "ViTForImageClassification",
-    "VideoMAEModel", "VideoMAEForPreTraining", "VideoMAEForVideoClassification",
-    "BeitModel", "BeitForImageClassification", "BeitForMaskedImageModeling",
-    "Data2VecVisionModel", "Data2VecVisionForImageClassification",
-}  # fmt: skip
 
 # Where each canonical piece lives inside one HF layer (candidates, newest naming first).
 LAYER_PATHS = {
@@ -69,7 +56,6 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 # transformers' image processors for these families default to IMAGENET_STANDARD_MEAN/STD.
 PROCESSOR_DEFAULT_MEAN = [0.5, 0.5, 0.5]
 PROCESSOR_DEFAULT_STD = [0.5, 0.5, 0.5]
-PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 
 
 def _find(root: nn.Module, candidates: tuple[str, ...]) -> Any:
@@ -227,156 +213,15 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     return encoder
 
 
-def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False) -> tuple[list[float] | None, list[float] | None]:
-    """image_mean / image_std from a model's preprocessor config (local dir or hub), if it has one."""
-    for name in PREPROCESSOR_FILES:
-        path: Path | None = Path(source) / name
-        if not Path(source).is_dir():
-            path = _hub_file(str(source), name, local_files_only)
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if "image_mean" in data and "image_std" in data:
-                return [float(x) for x in data["image_mean"]], [float(x) for x in data["image_std"]]
-    return None, None
-
-
-def _hub_file(repo_id: str, filename: str, local_files_only: bool) -> Path | None:
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id, filename, local_files_only=local_files_only))
-    except Exception:  # noqa: BLE001 - the preprocessor is optional metadata; the weights decide success
-        return None
-
-
-def hub_reachable() -> bool:
-    """Whether the hub's host resolves. Checked first so an offline machine gets mimc's error at
-    once (or a cached copy) instead of huggingface_hub's five retries with backoff (~25 s)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy local DNS says nothing; let the client try
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-def _model_class(hf_config):
-    import transformers
-
-    for name in getattr(hf_config, "architectures", None) or []:
-        if name in KNOWN_CLASSES and hasattr(transformers, name):
-            return getattr(transformers, name)
-    return transformers.AutoModel
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] + ("..." if len(text) > 200 else "")
-
-
-def _raise_if_unsafe(source: str, local: bool) -> None:
-    """Name the culprit when a local ``pytorch_model.bin`` was refused for running code on load."""
-    from ...errors import UnsafeCheckpointError
-    from .timm import pickle_code_global
-
-    for weights in sorted(Path(source).glob("*.bin")) if local else []:
-        culprit = pickle_code_global(weights)
-        if culprit is not None:
-            raise UnsafeCheckpointError(
-                f"{weights} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
-            )
-
-
-def _not_found(source: str, offline: bool, exc: BaseException | None = None) -> ModelNotFoundError:
-    text = str(exc or "").lower()
-    if offline or "couldn't connect" in text or "connection error" in text:
-        return ModelNotFoundError(
-            f"model '{source}' is not in the local Hugging Face cache and the hub cannot be reached (offline): connect to the internet or give a local model directory"
-        )
-    if "gated" in text:
-        return ModelNotFoundError(f"model '{source}' is gated on the Hugging Face hub: request access and log in with `hf auth login`, or give a local model directory")
-    return ModelNotFoundError(
-        f"model '{source}' was not found on the Hugging Face hub: check the id (like facebook/vit-mae-base; private repos need `hf auth login`) or give a local model directory"
-    )
-
-
 def load_hf(source: str | os.PathLike) -> Encoder:
     """A local transformers model directory or a hub id -> canonical :class:`Encoder`.
 
-    Uses transformers' own ``from_pretrained``. Hub ids need internet, or a copy in the local cache
-    (used automatically when the hub cannot be reached or ``HF_HUB_OFFLINE=1``).
+    Uses transformers' own ``from_pretrained``; hub ids need internet or a cached copy. See
+    :mod:`.hf_load` for the loading rules and errors.
     """
-    from huggingface_hub import constants as hub_constants
+    from .hf_load import load_hf as _load_hf
 
-    source = str(source)
-    local = Path(source).is_dir()
-    offline = not local and (bool(hub_constants.HF_HUB_OFFLINE) or not hub_reachable())
-    with _hub_offline(offline):
-        return _load_hf(source, local, offline)
+    return _load_hf(source)
 
 
-@contextlib.contextmanager
-def _hub_offline(offline: bool):
-    """huggingface_hub honours ``local_files_only`` for files but still makes side requests (its
-    user-agent registry) unless its offline flag is set, so set it for the duration of the load."""
-    from huggingface_hub import constants as hub_constants
-
-    saved = hub_constants.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = saved or offline
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = saved
-
-
-def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
-    try:
-        hf_config = AutoConfig.from_pretrained(source, local_files_only=offline)
-    except (OSError, ValueError, KeyError) as exc:
-        if local:
-            raise NotAModelError(f"{source}/config.json is not a usable transformers config ({_one_line(exc)}): point at a saved model directory") from None
-        raise _not_found(source, offline, exc) from None
-    if hf_config.model_type not in FAMILIES:
-        raise NotAModelError(f"{source} is a '{hf_config.model_type}' model; mimc converts {', '.join(sorted(FAMILIES))}")
-    cls = _model_class(hf_config)
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # missing keys are checked below, in one clear line
-    hf_logging.disable_progress_bar()  # mimc's CLI draws its own progress on stderr
-    try:
-        # transformers itself loads .bin weights with torch.load(weights_only=True).
-        model, info = cls.from_pretrained(source, output_loading_info=True, local_files_only=offline, weights_only=True)
-        if any("pooler.layernorm" in k for k in info.get("unexpected_keys", ())):
-            # Data2VecVisionModel defaults to no pooler, which would drop the trained LayerNorm of
-            # the mean-pooled feature; build it with one when the checkpoint has its weights.
-            model, info = cls.from_pretrained(
-                source, output_loading_info=True, local_files_only=offline, weights_only=True, add_pooling_layer=True
-            )
-    except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
-        _raise_if_unsafe(source, local)
-        if local:
-            raise NotAModelError(f"{source}: its weights cannot be loaded ({_one_line(exc)}): re-save or re-download the model") from None
-        raise ModelNotFoundError(f"model '{source}' weights could not be loaded from the hub ({_one_line(exc)}): check internet access or use a local directory") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    # ViT's tanh pooler is unused by mimc; any other missing weight means the encoder would be random.
-    missing = sorted(k for k in info.get("missing_keys", ()) if "pooler.dense" not in k)
-    if missing:
-        raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
-    mean, std = read_preprocessor(source, local_files_only=offline)
-    return convert_hf_model(model.eval(), image_mean=mean, image_std=std, copy=False)
-
-
-__all__ = ["convert_hf_model", "load_hf", "read_preprocessor", "hub_reachable", "FAMILIES"]
+__all__ = ["convert_hf_model", "load_hf", "FAMILIES"]

@@ -20,13 +20,9 @@ header metadata, and keyword arguments. Keys: ``num_heads``, ``image_size``, ``g
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import pickletools
-import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +31,7 @@ from torch import nn
 
 from ...errors import NotAModelError, UnsafeCheckpointError
 from ..vit import Encoder
+from .common import one_line, pickle_code_global
 from .timm_state import encoder_from_state
 
 ANCHOR = "patch_embed.proj.weight"
@@ -42,43 +39,6 @@ ANCHOR = "patch_embed.proj.weight"
 # (DINO saves student and teacher; the teacher is the one evaluated and released).
 WRAPPERS = ("model", "state_dict", "teacher", "model_ema", "module", "student")
 HINT_KEYS = ("num_heads", "image_size", "global_pool", "family", "norm_eps", "mean", "std")
-# Globals a plain tensor checkpoint legitimately references (used only to word the error message).
-_TENSOR_GLOBALS = re.compile(r"^(torch|collections|numpy|_codecs|builtins)\b")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:160] + ("..." if len(text) > 160 else "")
-
-
-def _pickle_bytes(path: Path) -> bytes:
-    """The pickle stream of a checkpoint: data.pkl inside torch's zip format, else the file itself."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            return zf.read(name) if name else b""
-    return path.read_bytes()
-
-
-def pickle_code_global(path: Path) -> str | None:
-    """Statically list the pickle's imports (nothing is executed) and return one that is not a
-    tensor type. Only words the error; safety itself comes from ``weights_only=True``."""
-    strings: list[str] = []
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(_pickle_bytes(path))):
-            if isinstance(arg, str):
-                strings.append(arg)
-            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                name = arg.replace(" ", ".")
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                name = f"{strings[-2]}.{strings[-1]}"
-            else:
-                continue
-            if not _TENSOR_GLOBALS.match(name):
-                return name
-    except Exception:  # noqa: BLE001 - a malformed stream simply has no nameable global
-        return None
-    return None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
@@ -92,7 +52,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
                 metadata = dict(f.metadata() or {})
                 return {k: f.get_tensor(k) for k in f.keys()}, metadata
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise NotAModelError(f"{path} is not a valid .safetensors file ({_one_line(exc)}): re-download or re-export it") from None
+            raise NotAModelError(f"{path} is not a valid .safetensors file ({one_line(exc)}): re-download or re-export it") from None
     try:
         # argparse.Namespace is allowlisted: MAE/DeiT/BEiT training checkpoints store their ``args``
         # as one; rebuilding it only sets attributes and runs no code.
@@ -105,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             raise UnsafeCheckpointError(
                 f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
             ) from None
-        raise NotAModelError(f"{path} is not a readable PyTorch checkpoint ({_one_line(exc)}): re-download it or export .safetensors") from None
+        raise NotAModelError(f"{path} is not a readable PyTorch checkpoint ({one_line(exc)}): re-download it or export .safetensors") from None
     if not isinstance(obj, dict):
         raise NotAModelError(f"{path} holds a {type(obj).__name__}, not a state dict: save model.state_dict() instead")
     return obj, {}
@@ -169,7 +129,7 @@ def read_hints(path: str | os.PathLike, metadata: dict[str, str] | None = None, 
             try:
                 data = json.loads(sidecar.read_text())
             except (OSError, ValueError) as exc:
-                raise NotAModelError(f"sidecar {sidecar} is not valid JSON ({_one_line(exc)}): fix or remove it") from None
+                raise NotAModelError(f"sidecar {sidecar} is not valid JSON ({one_line(exc)}): fix or remove it") from None
             if isinstance(data, dict) and "model_type" not in data:  # a transformers config is not a hint file
                 hints.update(_hints_from_timm_config(data))
     hints.update({k: _parse(v) for k, v in (metadata or {}).items() if k in HINT_KEYS})
