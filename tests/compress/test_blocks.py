@@ -266,3 +266,12 @@ def test_sensitivity_prefix_shortcut_matches_the_full_forward():
     enc = build_encoder(tiny_config(rel_pos_bias="shared", layer_scale=True), seed=2)
     batches = list(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).split(2))
     assert sensitivity_scores(enc, batches) == pytest.approx(_sensitivity_by_swapping(enc, batches), abs=1e-6)
+
+
+def test_video_encoder_prunes_and_records_fidelity(tiny_video_encoder):
+    new, record = compress(tiny_video_encoder, BlockPruningConfig(ratio=0.25, criterion="entropy_hist"))
+    assert new.config.depth == 3 and new.config.num_frames == 4
+    x = torch.randn(2, *new.config.input_shape)
+    with torch.no_grad():
+        assert new(x).pooled.shape == (2, 64)
+    assert 0.0 < record.metrics["fidelity_deterministic"]["pooled_cosine_mean"] <= 1.0
