@@ -233,13 +233,28 @@ def _infer(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
         try:  # ORT's symbolic inference folds Shape->Gather->Concat->Expand chains onnx leaves open
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            symbolic = _in_temp_dir(lambda: SymbolicShapeInference.infer_shapes(model, auto_merge=True))
             sym_info = _collect(symbolic)
             if _missing(symbolic, sym_info) < missing:
                 info = {**info, **{k: v for k, v in sym_info.items() if v[1] is not None}}
         except Exception:  # not installed, or it gave up: keep onnx's answer
             pass
     return info
+
+
+def _in_temp_dir(fn):
+    """Run ``fn`` from a scratch directory: ORT's symbolic inference drops sym_shape_infer_temp.onnx
+    into the working directory when it gives up, and mimc must not litter the user's folder."""
+    import os
+    import tempfile
+
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="mimc-shapes-") as tmp:
+        os.chdir(tmp)
+        try:
+            return fn()
+        finally:
+            os.chdir(cwd)
 
 
 def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
