@@ -68,6 +68,10 @@ _PEAK_FALLBACK = {
 REQUIRED = ("name", "backend", "precisions", "peak_tflops", "memory_bandwidth_gbs", "memory_gb")
 
 
+# Short names people type for shipped profiles (`--device orin` as in the README).
+ALIASES = {"orin": "jetson-orin", "agx-orin": "jetson-orin", "4090": "rtx-4090", "h100-sxm": "h100", "h200-sxm": "h200"}
+
+
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
@@ -76,7 +80,7 @@ def load_profile(device: str | Path) -> DeviceProfile:
     """A shipped profile by name, or a YAML file by path; one-line errors for anything wrong."""
     path = Path(device)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = PROFILES_DIR / f"{device}.yaml"
+        path = PROFILES_DIR / f"{ALIASES.get(str(device).lower(), device)}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")
     try:

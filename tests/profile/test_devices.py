@@ -113,3 +113,8 @@ def test_cli_profiles_lists_every_target_and_reads_a_yaml(tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)[0]["name"] == "my-t4"
     result = runner.invoke(app, ["profiles", "h900"])
     assert result.exit_code == 2 and "unknown device 'h900'" in result.output
+
+
+def test_short_names_resolve_to_shipped_profiles():
+    assert load_profile("orin").name == "jetson-orin"
+    assert load_profile("4090").name == "rtx-4090"
