@@ -116,16 +116,41 @@ def builder_settings(profile: DeviceProfile, graph_prec: str, inputs: dict[str, 
     }
 
 
-def write_fp16_graph(src: str | Path, dst: str | Path) -> Path:
-    """``src`` cast to fp16, keeping LayerNorm, softmax and the graph's inputs/outputs in fp32."""
+def write_fp16_graph(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Write ``src`` cast to fp16 (LayerNorm, softmax, graph inputs/outputs kept fp32) to ``dst``.
+
+    The cast graph is compared with ``src`` on ONNX Runtime CPU before it is kept; below the fp16
+    cosine gate it raises ValidationError and nothing is written. Returns the fidelity metrics.
+    """
+    import onnx
+
     float16 = require("onnxruntime.transformers.float16", "cpu", "writing an fp16 graph")
     model = load_graph(src)
     half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
-    import onnx
-
     with atomic_file(dst) as tmp:
         onnx.save(half, str(tmp))
-    return Path(dst)
+        fidelity = fp16_fidelity(src, tmp, graph_inputs(model))
+    return fidelity
+
+
+def fp16_fidelity(fp32_path: str | Path, fp16_path: str | Path, inputs: dict[str, list[int | None]]) -> dict[str, Any]:
+    """Cosine / SQNR of the fp16 graph to the fp32 one on seeded inputs (ORT CPU); gate at fp16's."""
+    import numpy as np
+
+    from .validate import check_gate, compare_outputs, run_onnx
+
+    rng = np.random.default_rng(0)
+    # Batch 2 where the batch is dynamic, so one sample's error cannot hide in a batch mean.
+    feed = {name: rng.standard_normal([d if d is not None else 2 for d in dims]).astype(np.float32) for name, dims in inputs.items()}
+    try:
+        ref = run_onnx(fp32_path, feed)
+        half = run_onnx(fp16_path, feed)
+    except Exception as exc:  # an ORT CPU build without some fp16 kernel: say so, do not guess
+        return {"checked": False, "reason": f"ONNX Runtime CPU could not run the graphs ({type(exc).__name__})"}
+    metrics = compare_outputs(ref, half)
+    check_gate(metrics, "fp16", what="the fp16 graph")
+    return {"checked": True, "cosine": metrics["cosine"], "sqnr_db": metrics["sqnr_db"], "max_abs": metrics["max_abs"],
+            "inputs": "seeded normal, ONNX Runtime CPU"}
 
 
 def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | Path, batch_range=None,
@@ -147,9 +172,10 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
     device = device or CudaDevice()
     runtime = runtime_info(trt, device)
     check_profile_matches_gpu(profile, runtime)
-    graph_file = onnx_path
+    graph_file, fp16 = onnx_path, None
     if settings["write_fp16_graph"]:
-        graph_file = write_fp16_graph(onnx_path, out_path.parent / f"{onnx_path.stem}.fp16.onnx")
+        graph_file = out_path.parent / f"{onnx_path.stem}.fp16.onnx"
+        fp16 = write_fp16_graph(onnx_path, graph_file)
 
     start = time.perf_counter()
     logger = make_logger(trt)
@@ -176,7 +202,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
         "batch_range": settings["batch_range"], "timing_cache": str(timing_cache) if timing_cache else None,
         "sparse": {"requested": settings["sparse"], "eligible_layers": sparsity["eligible"],
                    "picked_layers": sparsity["picked"], "inspector_sparse_layers": inspector_sparse, "picked": picked},
-        "notes": settings["notes"], "build_seconds": build_seconds, "engine_bytes": out_path.stat().st_size,
+        "fp16_graph_fidelity": fp16, "notes": settings["notes"], "build_seconds": build_seconds, "engine_bytes": out_path.stat().st_size,
         "engine_sha256": sha256_file(out_path), "mimc_version": mimc_version(), "created": now_iso(),
     }
     write_json(sidecar_path(out_path), sidecar)

@@ -318,6 +318,7 @@ def test_build_fp16_writes_the_cast_graph(tmp_path, tiny_graph, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(device, calls))
     side = build_engine(tiny_graph, load_profile("h100"), tmp_path / "e.plan", precision="fp16", device=device)
     assert side["precision"] == "fp16" and calls["parsed"].endswith("model.fp16.onnx")
+    assert side["fp16_graph_fidelity"]["cosine"] >= 0.999
     assert graph_precision(calls["parsed"]) == "fp16"
 
 
@@ -375,7 +376,9 @@ def test_no_gpu_here_is_a_clear_error(tmp_path):
 def test_fp16_graph_keeps_norms_and_softmax_in_fp32(tmp_path, tiny_graph):
     import onnxruntime as ort
 
-    out = write_fp16_graph(tiny_graph, tmp_path / "model.fp16.onnx")
+    out = tmp_path / "model.fp16.onnx"
+    fidelity = write_fp16_graph(tiny_graph, out)
+    assert fidelity["checked"] and fidelity["cosine"] >= 0.999
     model = onnx.load(str(out))
     assert graph_precision(model) == "fp16"
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -466,3 +469,24 @@ def test_cli_build_with_fake_tensorrt(tmp_path, tiny_graph, monkeypatch):
     report = json.loads(result.stdout)
     assert report["engine"] == str(out) and out.is_file() and sidecar_path(out).is_file()
     assert report["sidecar"]["precision"] == "fp16" and report["sidecar"]["batch_range"] == [1, 2, 4]
+
+
+def test_fp16_graph_below_the_gate_is_not_written(tmp_path, tiny_graph, monkeypatch):
+    from mimc.errors import ValidationError
+
+    # A converter that breaks the graph (every weight zeroed) must be caught by the fidelity gate.
+    import onnxruntime.transformers.float16 as f16
+
+    real = f16.convert_float_to_float16
+
+    def broken(model, **kwargs):
+        half = real(model, **kwargs)
+        for init in half.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT16 and len(init.dims) == 2:
+                init.raw_data = bytes(len(init.raw_data))
+        return half
+
+    monkeypatch.setattr(f16, "convert_float_to_float16", broken)
+    with pytest.raises(ValidationError, match="fp16 fidelity gate"):
+        write_fp16_graph(tiny_graph, tmp_path / "model.fp16.onnx")
+    assert not list(tmp_path.iterdir())
