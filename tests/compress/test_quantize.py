@@ -252,3 +252,15 @@ def test_calibration_and_held_out_images_are_disjoint_and_seeded(tmp_path, tiny_
     assert not flat(calib) & flat(held)
     again, _ = split_images(data, n=12, seed=0)
     assert again.sha256 == calib.sha256 and split_images(data, n=12, seed=1)[0].sha256 != calib.sha256
+
+
+def test_percentile_range_cuts_each_tail_separately():
+    from mimc.compress.calibrate import _Histogram, _percentile_range
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(1.0, 1.0, 100_000), [-50.0, 60.0]])  # skewed, two far outliers
+    h = _Histogram(float(x.min()), float(x.max()))
+    h.add(x)
+    lo, hi = _percentile_range(h, 99.9)
+    assert -50.0 < lo < 0.0 and 1.0 < hi < 60.0
+    assert abs(lo - np.quantile(x, 0.001)) < 0.2 and abs(hi - np.quantile(x, 0.999)) < 0.2
