@@ -213,7 +213,9 @@ def _build(trt, logger, graph_file: Path, settings: dict[str, Any], timing_cache
     builder = trt.Builder(logger)
     flags = 0
     for flag in settings["network_flags"]:
-        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
+        value = getattr(trt.NetworkDefinitionCreationFlag, flag, None)
+        if value is not None:  # a TensorRT that dropped the flag is strongly typed anyway (11 deprecated it)
+            flags |= 1 << int(value)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(graph_file)):  # from file: external weights beside the graph resolve
