@@ -256,3 +256,19 @@ def test_converted_encoder_owns_its_weights_and_init_is_restored():
     t = torch.zeros(1000)
     torch.nn.init.normal_(t)
     assert t.std() > 0.5
+
+
+@pytest.mark.parametrize("case", ["vit_mae", "beit_mean_per_block", "videomae_mean_pooling"])
+def test_per_block_hidden_states_match(case):
+    """Block i of the canonical encoder is block i of the source (block pruning and distillation rely on it)."""
+    build, make_input, _ = CASES[case]
+    model = build()
+    x = make_input()
+    kwargs = {"noise": in_order_noise(len(x))} if case == "vit_mae" else {}
+    base = model.base_model
+    with torch.no_grad():
+        ref = base(x, output_hidden_states=True, **kwargs).hidden_states
+        ours = convert_hf_model(model)(x, output_hidden_states=True).hidden_states
+    assert len(ours) == len(ref) == base.config.num_hidden_layers + 1
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert (a - b).abs().max().item() <= TOL, f"hidden state {i}"
