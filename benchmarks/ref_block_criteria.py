@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -32,6 +33,7 @@ RANDOM_SEEDS = (0, 1, 2, 3, 4)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--oracle-n", type=int, default=128, help="images the oracle measures sensitivity on")
+    ap.add_argument("--n", type=int, default=None, help="evaluate on a seeded subset (default: every built-in image)")
     ap.add_argument("--out", type=Path, default=RESULTS / "ref_block_criteria.md")
     args = ap.parse_args()
 
@@ -43,7 +45,7 @@ def main() -> None:
     from mimc.models.resolve import load_model
 
     dense = load_model("ref")
-    images = load_images("builtin", dense.config)
+    images = load_images("builtin", dense.config, n=args.n, seed=0)
     oracle_batches = list(load_images("builtin", dense.config, n=args.oracle_n, seed=0).batches(64))
     dense_feats = None
 
@@ -85,8 +87,6 @@ def main() -> None:
         "scores": {**free_scores, "sensitivity": oracle},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
     def fmt(row: dict, key: str, digits: int) -> str:
         s = f"{row[key]:.{digits}f}"
@@ -112,7 +112,12 @@ def main() -> None:
             f"| {int(round(row['ratio'] * 12))} ({row['ratio']:.0%}) | {row['criterion']} | {fmt(row, 'knn_top1', 4)} | "
             f"{fmt(row, 'pooled_cosine', 4)} | {fmt(row, 'sqnr_db', 1)} | {rho} | {removed} |"
         )
-    lines += ["", "Command: `/work/venv/bin/python benchmarks/ref_block_criteria.py`", ""]
+    ref_sha = dense.manifest.source.get("sha256")
+    command = " ".join(["/work/venv/bin/python", "benchmarks/ref_block_criteria.py", *sys.argv[1:]])
+    lines += ["", f"`ref` weights sha256 {ref_sha}. Command: `{command}`", ""]
+    result["ref_sha256"] = ref_sha
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
