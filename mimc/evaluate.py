@@ -108,7 +108,8 @@ def _runner(model: Any) -> Runner:
     if isinstance(model, OnnxModel):
         return model
     if isinstance(model, torch.nn.Module):
-        model.eval()
+        # No model.eval() here: evaluation must not change its input's state, and the canonical
+        # encoder has no dropout or batch norm, so train and eval mode compute the same thing.
 
         @torch.no_grad()
         def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
