@@ -47,7 +47,9 @@ def encoder_with_weights(cfg: EncoderConfig, state: dict[str, torch.Tensor], cop
     """Build an :class:`Encoder` for ``cfg`` and load ``state`` into it.
 
     ``copy=False`` adopts the given tensors as the parameters (no second copy of the weights);
-    use it only when nothing else keeps the tensors, e.g. a checkpoint just read from disk.
+    use it only when nothing else keeps the tensors, e.g. a checkpoint just read from disk. Tensors
+    read from .safetensors stay memory-mapped copy-on-write, as in transformers: the file is never
+    written, and replacing it by rename (as every mimc write does) leaves the loaded weights intact.
     Returns ``(encoder, load_result)``; with ``strict`` a missing or extra key raises.
     """
     with skip_weight_init():

@@ -130,8 +130,13 @@ def read_hints(path: str | os.PathLike, metadata: dict[str, str] | None = None, 
                 data = json.loads(sidecar.read_text())
             except (OSError, ValueError) as exc:
                 raise NotAModelError(f"sidecar {sidecar} is not valid JSON ({one_line(exc)}): fix or remove it") from None
-            if isinstance(data, dict) and "model_type" not in data:  # a transformers config is not a hint file
-                hints.update(_hints_from_timm_config(data))
+            if not isinstance(data, dict) or "model_type" in data:  # a transformers config is not a hint file
+                continue
+            # A directory's config.json counts only when it is timm's (an unrelated training config
+            # with "num_heads" must not steer this file); <stem>.json is explicitly this file's sidecar.
+            if sidecar.name == "config.json" and not {"architecture", "pretrained_cfg", "model_args"} & set(data):
+                continue
+            hints.update(_hints_from_timm_config(data))
     hints.update({k: _parse(v) for k, v in (metadata or {}).items() if k in HINT_KEYS})
     hints.update({k: v for k, v in overrides.items() if v is not None})
     return hints
