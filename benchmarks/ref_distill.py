@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ref")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--full-steps", type=int, default=None, help="steps of the unmasked run (default --steps; fewer to only time it)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--criterion", default="entropy")
@@ -52,12 +53,13 @@ def main() -> None:
             {"model": f"pruned 50% ({args.criterion}; removed {prune_record.metrics.get('removed_blocks')})",
              **evaluate(pruned, dense, held), "steps": 0, "seconds": 0.0}]
     for mask_ratio in (0.75, 0.0):
-        config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, mask_ratio=mask_ratio)
+        steps = args.steps if mask_ratio > 0 or args.full_steps is None else args.full_steps
+        config = DistillConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, mask_ratio=mask_ratio)
         start = time.perf_counter()
         with run_options(teacher=dense):
             healed, record = compress(pruned, config, list(train.batches(64)))
         seconds = time.perf_counter() - start
-        row = {"model": f"pruned + distill (mask {mask_ratio})", **evaluate(healed, dense, held), "steps": args.steps,
+        row = {"model": f"pruned + distill (mask {mask_ratio})", **evaluate(healed, dense, held), "steps": steps,
                "seconds": round(seconds, 1), "steps_per_second": record.metrics["steps_per_second"]}
         rows.append(row)
         print(f"  {row}", flush=True)

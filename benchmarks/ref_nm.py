@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="learned: input masking (DMAE-style), 4x cheaper steps at 0.75")
+    parser.add_argument("--prior", default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-train", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
@@ -64,7 +66,9 @@ def main() -> None:
              "knn_top1": round(knn_top1(features(dense, held.pixels), held.labels), 4), "steps": 0, "seconds": 0.0}]
     runs = [("magnitude", {}), ("wanda", {}), ("sparsegpt (mask only)", {"update_weights": False}),
             ("sparsegpt", {"update_weights": True})]
-    learned = {"steps": args.steps, "batch_size": args.batch_size}
+    learned = {"steps": args.steps, "batch_size": args.batch_size, "mask_ratio": args.mask_ratio}
+    if args.prior is not None:
+        learned["prior"] = args.prior
     if args.lr is not None:
         learned["lr"] = args.lr
     runs.append(("learned (MaskLLM)", {"learned": learned}))

@@ -97,7 +97,10 @@ class _KeepZeros:
 
     def after_step(self) -> None:
         with torch.no_grad():
-            for lin, keep in self.masks:
+            for i, (lin, keep) in enumerate(self.masks):
+                if keep.device != lin.weight.device:  # the engine moved the student to its device
+                    keep = keep.to(lin.weight.device)
+                    self.masks[i] = (lin, keep)
                 lin.weight.mul_(keep)
 
 

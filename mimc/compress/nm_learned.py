@@ -14,9 +14,10 @@ Defaults (``NMLearnedConfig``), after MaskLLM-4V (the ViT port) unless noted:
   without weight update): candidate k moves by (⟨s_k, m_prior⟩ − N/2)/(N/2)·α·std(π), α = 3, i.e.
   +3σ for the prior's own mask and −3σ for a disjoint one (the N/2 scaling generalises MaskLLM's
   2:4 rule to any N:M).
-- AdamW on π, lr 1e-2 with cosine decay to 1e-3 and no weight decay: mimc's runs are a few hundred
-  steps rather than 4V's 20 epochs, so the logits must move faster than 4V's 1e-3
-  (benchmarks/ref_nm.py measured the trade-off on ``ref``).
+- AdamW on π, lr 1e-2 with cosine decay to 1e-3, no weight decay, 300 steps of 32 images: mimc's
+  runs are a few hundred steps rather than 4V's 20 epochs (lr 1e-3), so the logits must move faster.
+- ``mask_ratio`` 0 (every patch, as MaskLLM); 0.75 hides three quarters of the patches from teacher
+  and student alike (DMAE-style), about 4x cheaper per step — benchmarks/ref_nm.py uses it.
 - Gumbel noise is drawn from a generator seeded by (seed, step), identical on every torchrun rank.
 
 References:
