@@ -128,20 +128,24 @@ def kl_threshold(abs_counts: np.ndarray, bin_width: float, levels: int = KL_LEVE
     return float(best_i * bin_width)
 
 
-def _entropy_range(h: _Histogram) -> tuple[float, float]:
+def _entropy_range(h: _Histogram, levels: int = KL_LEVELS) -> tuple[float, float]:
     edges = h.edges()
     centres = 0.5 * (edges[:-1] + edges[1:])
     amax = max(abs(h.lo), abs(h.hi))
     abs_counts = np.histogram(np.abs(centres), bins=HIST_BINS, range=(0.0, amax), weights=h.counts)[0]
-    t = kl_threshold(abs_counts, amax / HIST_BINS)
+    t = kl_threshold(abs_counts, amax / HIST_BINS, levels)
     return float(max(h.lo, -t, -amax)), float(min(h.hi, t))
 
 
 def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable, method: str = "minmax",
-                   percentile: float = 99.99) -> tuple[dict[str, tuple[float, float]], int]:
+                   percentile: float = 99.99, kl_levels: int = KL_LEVELS, observed: Sequence[str] = ()
+                   ) -> tuple[dict[str, tuple[float, float]], int]:
     """Per-tensor (min, max) to quantize with, and the number of images seen.
 
     ``model`` is an fp32 ``onnx.ModelProto``; every range includes 0 (zero must be exact).
+    ``kl_levels``: quantization levels the entropy search assumes on |x| (128 for symmetric int8;
+    asymmetric u8 spends its 256 levels on the occupied range, so 256 there). Tensors named in
+    ``observed`` keep their observed (min, max) whatever the method.
     """
     if method not in METHODS:
         raise DataError(f"unknown calibration method '{method}': choose one of {', '.join(METHODS)}")
@@ -160,8 +164,8 @@ def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable,
         for x in chunks:
             for t, out in zip(tensors, sess.run(tensors, {name: x})):
                 hists[t].add(out)
-        pick = (lambda h: _percentile_range(h, percentile)) if method == "percentile" else _entropy_range
-        ranges = {t: pick(hists[t]) for t in tensors}
+        pick = (lambda h: _percentile_range(h, percentile)) if method == "percentile" else (lambda h: _entropy_range(h, kl_levels))
+        ranges = {t: (ranges[t] if t in observed else pick(hists[t])) for t in tensors}
     images = sum(c.shape[0] for c in chunks)
     return {t: (float(np.float32(a)), float(np.float32(b))) for t, (a, b) in ranges.items()}, images
 

@@ -192,7 +192,13 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig)
         sites = linear_sites(idx)
     attn = attention_sites(idx) if config.attention_quantized else []
     acts = [s.act for s in sites] + [i for n in attn for i in n.input]
-    ranges, images = collect_ranges(model, acts, calibration, config.method, config.percentile)
+    kl_levels = 256 if config.resolved_target == "cpu" else 128  # u8 asymmetric vs symmetric int8 / fp8
+    # Attention probabilities are power-law distributed: percentile or entropy calibration clips
+    # exactly the few large weights that matter (measured on `ref`: entropy fell from 46 to 29 dB
+    # SQNR). Keep their observed range; it is at most [0, 1] and finer than a fixed [0, 1]
+    # (fixed [0, 1] as ModelOpt uses cost ~6 dB on `ref`).
+    ranges, images = collect_ranges(model, acts, calibration, config.method, config.percentile, kl_levels,
+                                    observed=_softmax_outputs(idx, attn))
     if config.resolved_target == "cpu":
         rewrite_cpu(model, sites, attn, ranges)
     else:
@@ -200,6 +206,10 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig)
     info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
                  "activation_tensors": len(set(acts)), "calibration_images": images})
     return model, info
+
+
+def _softmax_outputs(idx: GraphIndex, attn_nodes: list) -> list[str]:
+    return [n.input[0] for n in attn_nodes if (p := idx.producer.get(n.input[0])) is not None and p.op_type == "Softmax"]
 
 
 def _to_opset(model, opset: int):
