@@ -113,3 +113,23 @@ def test_any_model_becomes_an_artifact_with_both_graphs(app, tmp_path, monkeypat
     assert files["model.int8.onnx"]["held_out_images"] == 32 and files["model.int8.onnx"]["fidelity"]["passed"]
     assert [p.name for p in tmp_path.iterdir()] == ["ref-mimc"]  # no temp dirs left
     _one_error_line(_invoke(app, ["quantize", "ref", "--calib", "builtin"]), "already exists")
+
+
+def test_videomae_converted_artifact_quantizes(app, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from mimc.models.convert.hf import convert_hf_model
+
+    torch.manual_seed(0)
+    hf = transformers.VideoMAEModel(transformers.VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, use_mean_pooling=True)).eval()
+    art = save_artifact(convert_hf_model(hf), tmp_path / "video")
+    clips = np.random.default_rng(0).integers(0, 256, (20, 4, 32, 32, 3), dtype=np.uint8)  # raw RGB clips
+    np.savez(tmp_path / "clips.npz", images=clips)
+    result = _invoke(app, ["quantize", art, "--calib", tmp_path / "clips.npz", "--n", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["quantized_linears"] == 8 and report["fidelity"]["passed"]
+    assert json.loads((art / MANIFEST_NAME).read_text())["files"]["model.int8.onnx"]["precision"] == "int8"
