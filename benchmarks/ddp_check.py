@@ -67,7 +67,7 @@ def main() -> None:
         mimc.save(half, work / "half")
         mimc.save(dense, work / "dense")
         jobs = {
-            "sparsify learned": ["sparsify", "dense", "--method", "learned", "--data", "builtin", "--prior", "magnitude",
+            "sparsify learned": ["sparsify", "dense", "--method", "learned", "--data", "builtin", "--prior", "magnitude", "--mask-ratio", "0.75",
                                  "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
             "distill": ["distill", "half", "--teacher", "dense", "--data", "builtin", "--steps", str(args.steps),
                         "--batch-size", str(args.batch_size), "--lr", "5e-4"],
