@@ -127,16 +127,21 @@ def main() -> None:
     def verdict(ok: bool) -> str:
         return "yes" if ok else "**no**"
 
-    print("| measure | value | target | met |")
-    print("| --- | --- | --- | --- |")
-    print(f"| `mimc prune --ratio 0.5` whole process | {prune_s:.2f} s (stage {prune_report['seconds']:.2f} s) | < 5 s | {verdict(prune_s < 5)} |")
-    print(f"| `mimc export` incl. validation | {export_s:.1f} s | < 60 s | {verdict(export_s < 60)} |")
-    print(f"| ORT CPU batch 1, dense | {latency['dense']['median_ms']:.1f} ms (p10-p90 {latency['dense']['p10_ms']:.0f}-{latency['dense']['p90_ms']:.0f}) | | |")
-    print(f"| ORT CPU batch 1, 50 % blocks removed | {latency['pruned']['median_ms']:.1f} ms (p10-p90 {latency['pruned']['p10_ms']:.0f}-{latency['pruned']['p90_ms']:.0f}) | | |")
-    print(f"| latency ratio dense / pruned | {ratio:.2f}x (MAC theory {result['latency_ratio_theory']:.2f}x) | >= 1.8x | {verdict(ratio >= 1.8)} |")
-    print(f"\nparams {prune_report['params_before'] / 1e6:.1f} M -> {prune_report['params_after'] / 1e6:.1f} M; removed blocks {prune_report['removed_blocks']}; "
+    lines: list[str] = []
+    lines.append("| measure | value | target | met |")
+    lines.append("| --- | --- | --- | --- |")
+    lines.append(f"| `mimc prune --ratio 0.5` whole process | {prune_s:.2f} s (stage {prune_report['seconds']:.2f} s) | < 5 s | {verdict(prune_s < 5)} |")
+    lines.append(f"| `mimc export` incl. validation | {export_s:.1f} s | < 60 s | {verdict(export_s < 60)} |")
+    lines.append(f"| ORT CPU batch 1, dense | {latency['dense']['median_ms']:.1f} ms (p10-p90 {latency['dense']['p10_ms']:.0f}-{latency['dense']['p90_ms']:.0f}) | | |")
+    lines.append(f"| ORT CPU batch 1, 50 % blocks removed | {latency['pruned']['median_ms']:.1f} ms (p10-p90 {latency['pruned']['p10_ms']:.0f}-{latency['pruned']['p90_ms']:.0f}) | | |")
+    lines.append(f"| latency ratio dense / pruned | {ratio:.2f}x (MAC theory {result['latency_ratio_theory']:.2f}x) | >= 1.8x | {verdict(ratio >= 1.8)} |")
+    lines.append(f"\nparams {prune_report['params_before'] / 1e6:.1f} M -> {prune_report['params_after'] / 1e6:.1f} M; removed blocks {prune_report['removed_blocks']}; "
           f"load average {load_before[0]:.1f} before, {result['machine']['loadavg_after'][0]:.1f} after (2 cores shared)")
-    print(f"wrote {args.out}")
+    lines.append(f"\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a 2-core machine shared with other jobs; "
+                 f"OMP_WAIT_POLICY={result['omp_wait_policy']}. Command: `/work/venv/bin/python benchmarks/bench_block_prune_vitb.py {' '.join(sys.argv[1:])}`")
+    print("\n".join(lines))
+    args.out.with_suffix(".md").write_text("# ViT-B/16 block pruning: prune, export, latency\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
