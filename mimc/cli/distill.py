@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Fraction of patches hidden from both (default 0.75; 0 for models that need every token)."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch, split over torchrun ranks (default 32)."),
+        hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help="Also match each kept block's output to its teacher block (default 0: final features only)."),
         n: Optional[int] = typer.Option(None, "--n", help="Use at most this many images from --data."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between checkpoints."),
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         if data is None:
             raise DataError("distill learns from unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
-        given = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "seed": seed}
+        given = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "hidden_weight": hidden_weight, "seed": seed}
         config = DistillConfig.from_dict({k: v for k, v in given.items() if v is not None}) if resume is None else None
         out = resolve_run_dir(output, resume, Path(f"{model_slug(model)}-distilled"), overwrite)
         with console.status(f"loading {model}"):

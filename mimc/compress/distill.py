@@ -48,6 +48,7 @@ class DistillConfig(StageConfig):
     mask_ratio: float = 0.75
     token_weight: float = 1.0
     pooled_weight: float = 1.0
+    hidden_weight: float = 0.0  # > 0: also match every kept block's output to its teacher block
     flip: bool = True
     seed: int = 0
 
@@ -125,7 +126,7 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
         steps=config.steps, lr=config.lr, batch_size=config.batch_size, min_lr=config.min_lr,
         warmup_steps=int(config.warmup_ratio * config.steps), weight_decay=config.weight_decay,
         clip_grad=config.clip_grad, mask_ratio=config.mask_ratio, flip=config.flip, seed=config.seed,
-        token_weight=config.token_weight, pooled_weight=config.pooled_weight,
+        token_weight=config.token_weight, pooled_weight=config.pooled_weight, hidden_weight=config.hidden_weight,
     )
     meta = {
         "stage": config.to_dict(),

@@ -3,6 +3,8 @@
 - Loss on final features: per-sample relative MSE of the token features (when student and teacher
   keep the same tokens) plus 1 − cosine of the pooled features, each averaged over samples — a mean
   of per-sample terms, so sharding the batch over processes changes nothing but float rounding.
+  Optionally (``hidden_weight``) the output of every kept block is matched to the teacher's block
+  it descends from (``EncoderConfig.block_ids``).
 - Unlabeled images, reshuffled every epoch, with random horizontal flips.
 - Optional MAE-style input masking (DMAE): teacher and student see the same random visible patches
   only. The patches are gathered after the encoder's own ``embed`` (position embeddings included)
@@ -55,6 +57,7 @@ class TrainSettings:
     seed: int = 0
     token_weight: float = 1.0
     pooled_weight: float = 1.0
+    hidden_weight: float = 0.0  # > 0: also match each kept block's output to the teacher's same block
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -134,35 +137,56 @@ def supports_masking(encoder: nn.Module) -> bool:
 
 
 class FeatureModel(nn.Module):
-    """``forward(pixels, keep)`` -> (token features, pooled), ``keep`` the visible patch indices."""
+    """``forward(pixels, keep)`` -> (token features, pooled[, block outputs]), ``keep`` the visible patches."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, hidden: bool = False):
         super().__init__()
         self.encoder = encoder
+        self.hidden = hidden
 
-    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None):
         enc = self.encoder
         if keep is None:
-            out = enc(pixels)
+            out = enc(pixels, output_hidden_states=self.hidden)
+            if self.hidden:
+                return out.last_hidden_state, out.pooled, out.hidden_states[1:]
             return out.last_hidden_state, out.pooled
         x = enc.embed(pixels)
         prefix = enc.config.num_prefix_tokens
         patches = torch.gather(x[:, prefix:], 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :prefix], patches], dim=1)
+        blocks_out = []
         for block in enc.blocks:
             x = block(x, None)
+            blocks_out.append(x)
         x = enc.norm(x)
+        if self.hidden:
+            return x, enc.pool(x), tuple(blocks_out)
         return x, enc.pool(x)
 
 
-def distill_loss(student: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor],
-                 settings: TrainSettings) -> torch.Tensor:
-    s_tok, s_pool = student
-    t_tok, t_pool = teacher
+def block_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
+    """(student block, teacher block) pairs that descend from the same source block."""
+    teacher_ids = teacher.config.kept_block_ids()
+    return [(i, teacher_ids.index(bid)) for i, bid in enumerate(student.config.kept_block_ids()) if bid in teacher_ids]
+
+
+def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample ‖s − t‖² / ‖t‖² (means over tokens and channels), averaged over samples."""
+    return (((s - t) ** 2).flatten(1).mean(1) / (t**2).flatten(1).mean(1).clamp_min(1e-12)).mean()
+
+
+def distill_loss(student: tuple, teacher: tuple, settings: TrainSettings, pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    s_tok, s_pool = student[0], student[1]
+    t_tok, t_pool = teacher[0], teacher[1]
     loss = settings.pooled_weight * (1.0 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
     if settings.token_weight and s_tok.shape == t_tok.shape:
-        per_sample = ((s_tok - t_tok) ** 2).flatten(1).mean(1) / (t_tok**2).flatten(1).mean(1).clamp_min(1e-12)
-        loss = loss + settings.token_weight * per_sample.mean()
+        loss = loss + settings.token_weight * _relative_mse(s_tok, t_tok)
+    if settings.hidden_weight and pairs:
+        # Blocks whose token counts differ (token reduction) have no token-wise counterpart: skipped.
+        terms = [_relative_mse(student[2][i], teacher[2][j]) for i, j in pairs if student[2][i].shape == teacher[2][j].shape]
+        if terms:
+            loss = loss + settings.hidden_weight * torch.stack(terms).mean()
     return loss
 
 
@@ -216,7 +240,10 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings
     device = torch.device(ctx.device)
     student.to(device)
     teacher.to(device)
-    model = FeatureModel(student)
+    hidden = settings.hidden_weight > 0
+    pairs = block_pairs(student, teacher) if hidden else None
+    model = FeatureModel(student, hidden)
+    teacher_model = FeatureModel(teacher, hidden)
     runner: nn.Module = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -266,8 +293,8 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings
             local = batch[shard].to(device)
             local_keep = keep[shard].to(device) if keep is not None else None
             with torch.no_grad():
-                target = FeatureModel(teacher)(local, local_keep)
-            loss = distill_loss(runner(local, local_keep), target, settings)
+                target = teacher_model(local, local_keep)
+            loss = distill_loss(runner(local, local_keep), target, settings, pairs)
             extra = hooks.extra_loss() if hooks is not None else None
             total = loss + extra if extra is not None else loss
             optimizer.zero_grad(set_to_none=True)

@@ -124,3 +124,17 @@ def test_bad_settings(pair, pixels):
     frozen = build_encoder(tiny_config(depth=2), seed=2).requires_grad_(False)
     with pytest.raises(ConfigError, match="nothing trainable"):
         train(frozen, teacher, pixels, TrainSettings(steps=1, lr=1e-3, batch_size=2))
+
+
+def test_intermediate_matching_pairs_blocks_by_origin(pixels):
+    from mimc.compress.blocks import remove_blocks
+    from mimc.train.engine import block_pairs
+
+    teacher = build_encoder(tiny_config(), seed=0)
+    student = remove_blocks(teacher, [1, 2])
+    assert block_pairs(student, teacher) == [(0, 0), (1, 3)]
+    tokens, pooled, blocks = FeatureModel(student, hidden=True)(pixels[:2])
+    assert len(blocks) == 2 and blocks[-1].shape == tokens.shape
+    settings = TrainSettings(steps=8, lr=3e-3, batch_size=4, mask_ratio=0.5, hidden_weight=1.0)
+    result = train(student, teacher, pixels, settings)
+    assert sum(result.losses[-2:]) < sum(result.losses[:2])
