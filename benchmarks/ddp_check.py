@@ -7,8 +7,7 @@ mimc``) on `ref` for two learning stages:
   keep/zero decisions) and the fidelity both record;
 - ``distill`` of ref with half its blocks removed: compares every weight (max abs difference).
 
-The single process runs with 2 threads and with 1 thread; each torchrun rank gets 1 thread (the
-machine has 2 cores). Prints a markdown table and writes benchmarks/results/ddp_check.json.
+Every process runs with 1 thread (the machine has 2 cores). Prints a markdown table and writes benchmarks/results/ddp_check.json.
 Timings are measured on a shared, loaded CPU: read the steps/s as rough.
 
     python benchmarks/ddp_check.py [--steps 40] [--batch-size 32]
@@ -24,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# (processes, threads each). One process with 2 threads would be the equal-resources baseline, but
+# on a loaded shared CPU OpenMP's spinning threads make it tens of times slower, so it is left out.
+CONFIGS = ((1, 1), (2, 1))
 
 
 def run_cli(args: list[str], cwd: Path, procs: int, threads: int) -> dict:
@@ -63,6 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         dense = mimc.load(args.model)
+        weights_sha = (getattr(dense, "manifest", None).source or {}).get("sha256")
         half, _ = compress(dense, BlockPruningConfig(ratio=0.5, criterion="last"))
         mimc.save(half, work / "half")
         mimc.save(dense, work / "dense")
@@ -74,7 +77,7 @@ def main() -> None:
         }
         for name, cmd in jobs.items():
             outs = {}
-            for procs, threads in ((1, 2), (1, 1), (2, 1)):
+            for procs, threads in CONFIGS:
                 tag = f"{name.split()[0]}-{procs}p{threads}t"
                 res = run_cli([*cmd, "-o", tag], work, procs, threads)
                 m = res["metrics"]
@@ -83,8 +86,7 @@ def main() -> None:
                              "steps_per_second": m["steps_per_second"], "final_loss": m["final_loss"],
                              "fidelity_pooled_cosine": m["fidelity_pooled_cosine"]})
                 print(f"  {rows[-1]}", flush=True)
-            checks[name] = {"2 procs vs 1 proc (2 threads)": compare(outs[(1, 2)], outs[(2, 1)]),
-                            "1 proc 1 thread vs 2 threads": compare(outs[(1, 2)], outs[(1, 1)])}
+            checks[name] = {"2 procs x 1 thread vs 1 proc x 1 thread": compare(outs[(1, 1)], outs[(2, 1)])}
     print(f"\n{args.model}, global batch {args.batch_size}, {args.steps} steps (shared loaded CPU)\n")
     print("| stage | processes x threads | steps/s | final loss | pooled cosine to dense |")
     print("| --- | --- | --- | --- | --- |")
@@ -93,7 +95,7 @@ def main() -> None:
     print(f"\n{json.dumps(checks, indent=1)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "global_batch": args.batch_size, "steps": args.steps, "rows": rows,
+    out.write_text(json.dumps({"model": args.model, "weights_sha256": weights_sha, "global_batch": args.batch_size, "steps": args.steps, "rows": rows,
                                "agreement": checks, "note": "timings measured on a shared CPU under load",
                                "command": f"python benchmarks/ddp_check.py --steps {args.steps} --batch-size {args.batch_size}"},
                               indent=2) + "\n")

@@ -83,7 +83,7 @@ def main() -> None:
     print(f"\n{summary}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "n_train": len(train), "n_held_out": len(held), "threads": args.threads,
+    payload = {"model": args.model, "weights_sha256": (getattr(dense, "manifest", None).source or {}).get("sha256"), "n_train": len(train), "n_held_out": len(held), "threads": args.threads,
                "note": "wall times measured on a shared CPU under load", "rows": rows, "summary": summary,
                "command": "python benchmarks/ref_distill.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
     out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -104,7 +104,7 @@ def main() -> None:
     print(f"\n{verdict}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "pattern": args.pattern, "n_train": len(train), "n_held_out": len(held),
+    payload = {"model": args.model, "weights_sha256": (getattr(dense, "manifest", None).source or {}).get("sha256"), "pattern": args.pattern, "n_train": len(train), "n_held_out": len(held),
                "threads": args.threads, "note": "wall times measured on a shared CPU under load", "rows": rows, "verdict": verdict,
                "command": "python benchmarks/ref_nm.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)}
     out.write_text(json.dumps(payload, indent=2) + "\n")
