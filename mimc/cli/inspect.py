@@ -122,7 +122,8 @@ def register(app: typer.Typer) -> None:
             return
 
         scores = result["scores"]
-        table = Table(title=f"block scores (low = removed first): {model}", title_justify="left")
+        console.print(f"block scores (low = removed first): {model}", highlight=False)
+        table = Table()
         table.add_column("block", justify="right")
         for c in scores:
             table.add_column(c, justify="right")

@@ -59,7 +59,8 @@ def score_formatter(values: list[float]):
 def print_scores(scores: dict[str, list[float]], block_ids: list[int], removed: set[int], title: str) -> None:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    console.print(title, highlight=False)  # above, not as a table title: narrow tables would wrap it
+    table = Table()
     table.add_column("block", justify="right")
     for name in scores:
         table.add_column(name, justify="right")
