@@ -103,7 +103,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     print(f"| fp32 | - | 1 / 1 | - | {100 * ref_knn:.2f} | 0 |")
     for r in rows:
-        print(f"| {r['recipe']} | {r['target']} | {r['pooled_cosine_mean']:.4f} / {r['pooled_cosine_min']:.4f} | "
+        print(f"| {r['recipe']} | {r['target']} | {r['pooled_cosine_mean']:.5f} / {r['pooled_cosine_min']:.5f} | "
               f"{r['sqnr_db']:.1f} | {r['knn_top1']:.2f} | {r['knn_drop_points']:.2f} |")
     from mimc.models.resolve import _ref_sha
 
