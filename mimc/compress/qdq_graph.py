@@ -146,6 +146,7 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
 
     idx = GraphIndex.build(model)
     summary = {"pairs": len(pairs), "smooth_alpha": smooth_alpha, "repq": repq}
+    new_bias_adds = []
     for k, (ln, site) in enumerate(pairs):
         gamma, beta = idx.constant(ln.input[1]), idx.constant(ln.input[2])
         if gamma is None or beta is None:
@@ -173,9 +174,28 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
             pos = [j for j, i in enumerate(site.bias_add.input) if i != site.matmul.output[0]][0]
             site.bias_add.input[pos] = names[3]
         elif repq:
-            raise BadInputError(f"MatMul {site.matmul.name} has no bias Add to absorb the RepQ shift: export with bias")
+            new_bias_adds.append((site.matmul, names[3]))  # a Linear without bias (qkv_bias=False) gets one
+    _insert_bias_adds(model, new_bias_adds)
     prune_unused(model)
     return summary
+
+
+def _insert_bias_adds(model, adds) -> None:
+    """MatMul -> Add(bias) for MatMuls that had no bias: the RepQ shift needs somewhere to go."""
+    from onnx import helper
+
+    if not adds:
+        return
+    after = {id(m): bias for m, bias in adds}
+    nodes = []
+    for n in model.graph.node:
+        nodes.append(n)
+        if id(n) in after:
+            out = n.output[0]
+            n.output[0] = f"{out}_mimc_nobias"
+            nodes.append(helper.make_node("Add", [n.output[0], after[id(n)]], [out], name=f"{n.name}_mimc_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 # Rewrites -----------------------------------------------------------------------------------------

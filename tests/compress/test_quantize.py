@@ -264,3 +264,18 @@ def test_percentile_range_cuts_each_tail_separately():
     lo, hi = _percentile_range(h, 99.9)
     assert -50.0 < lo < 0.0 and 1.0 < hi < 60.0
     assert abs(lo - np.quantile(x, 0.001)) < 0.2 and abs(hi - np.quantile(x, 0.999)) < 0.2
+
+
+def test_repq_gives_a_bias_to_linears_without_one(tmp_path):
+    enc = build_encoder(tiny_config(qkv_bias=False), seed=0)
+    src = tmp_path / "nobias.onnx"
+    export_onnx(enc, src)
+    model = onnx.load(str(src))
+    idx = GraphIndex.build(model)
+    pairs = norm_linear_pairs(idx, linear_sites(idx))
+    ranges = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], image_batches(enc.config))
+    fold_pairs(model, pairs, ranges, smooth_alpha=None, repq=True, symmetric=True)
+    assert sum(n.name.endswith("_mimc_bias") for n in model.graph.node) == enc.config.depth  # one per qkv
+    onnx.save(model, str(tmp_path / "folded.onnx"))
+    x = image_batches(enc.config, n=2, seed=2)[0][:1]
+    assert np.abs(run_onnx(src, x)["pooled"] - run_onnx(tmp_path / "folded.onnx", x)["pooled"]).max() <= 1e-4
