@@ -71,10 +71,14 @@ def default_teacher(encoder):
     """The dense source named in the student's manifest, loaded afresh."""
     from ..models.resolve import load_model
 
-    source = (getattr(getattr(encoder, "manifest", None), "source", None) or {}).get("id")
+    source = _source_id(encoder)
     if not source:
         raise ConfigError("the model's manifest names no source to distill from: pass --teacher SRC (e.g. ref)")
     return load_model(source)
+
+
+def _source_id(encoder) -> str | None:
+    return (getattr(getattr(encoder, "manifest", None), "source", None) or {}).get("id")
 
 
 def check_teacher(student, teacher) -> None:
@@ -113,6 +117,8 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
     if not batches:
         raise DataError("distill needs unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
     teacher = current_run().teacher
+    # The label recorded in the manifest: where the teacher came from.
+    teacher_label = (_source_id(teacher) or "explicit") if teacher is not None else _source_id(encoder)
     teacher = clone_encoder(teacher) if teacher is not None else default_teacher(encoder)
     teacher.eval()
     check_teacher(encoder, teacher)
@@ -138,9 +144,8 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
     student.requires_grad_(False).eval()
     if student.config.nm_pattern:
         check_nm(student)
-    source = (getattr(getattr(encoder, "manifest", None), "source", None) or {}).get("id")
     metrics = {
-        "teacher": source if current_run().teacher is None else "explicit",
+        "teacher": teacher_label,
         "fidelity_before_pooled_cosine": before,
         "fidelity_pooled_cosine": pooled_fidelity(student, teacher, eval_pixels),
         "n_train_images": int(len(pixels)),
