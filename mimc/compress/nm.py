@@ -15,9 +15,11 @@ One-shot methods (``NMSparsityConfig.method``):
   spread onto the not-yet-processed columns (the OBS update).
 - ``learned``: MaskLLM, see :mod:`mimc.compress.nm_learned`.
 
-Calibration is sequential per block: the statistics of block i come from a forward pass through the
+Calibration is sequential per block: the statistics of block i come from its inputs after the
 already-sparsified blocks 0..i-1 (as Wanda and SparseGPT do), so later blocks see the errors of
-earlier ones. The four Linears of one block share one pass.
+earlier ones. Each block's inputs are carried forward from the previous block (one pass over the
+calibration images in all); with a token schedule the encoder's own forward is re-run up to each
+block instead. The four Linears of one block share the same inputs.
 
 :func:`check_nm` is the one checker of the pattern; the stage calls it after writing masks and
 export calls it before writing a graph.
