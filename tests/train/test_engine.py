@@ -138,3 +138,13 @@ def test_intermediate_matching_pairs_blocks_by_origin(pixels):
     settings = TrainSettings(steps=8, lr=3e-3, batch_size=4, mask_ratio=0.5, hidden_weight=1.0)
     result = train(student, teacher, pixels, settings)
     assert sum(result.losses[-2:]) < sum(result.losses[:2])
+
+
+def test_rank_shards_and_uneven_batches():
+    from mimc.train.dist import DistContext, check_divisible
+
+    assert DistContext(world_size=2, rank=1).shard(8) == slice(4, 8)
+    assert DistContext().shard(8) == slice(0, 8)
+    check_divisible(8, 2)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        check_divisible(5, 2)
