@@ -85,5 +85,6 @@ def register(app: typer.Typer) -> None:
             f"MACs {metrics['macs_ratio']:.3f}x of dense (theoretical speed-up {metrics['theoretical_speedup']:.2f}x); "
             f"pooled cosine to the input model {fid['pooled_cosine_mean']:.4f} (min {fid['pooled_cosine_min']:.4f})",
             highlight=False,
+            soft_wrap=True,
         )
-        console.print(f"wrote {output}", highlight=False)
+        console.print(f"wrote {output}", highlight=False, soft_wrap=True)
