@@ -198,3 +198,32 @@ def test_topk_keeps_cls_and_scores_by_cls_when_cls_pooled():
     mlp_in = torch.cat([h1[:, :1], h1[:, 1 + top]], dim=1)
     expected = mlp_in + enc.blocks[0].mlp(enc.blocks[0].norm2(mlp_in))
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_variance_drop_keeps_the_textured_patches():
+    cfg = tiny_config(token_schedule={"method": "drop", "keep": 0.25, "pattern": "variance"})
+    enc = build_encoder(cfg, seed=0)
+    img = torch.zeros(1, 3, 32, 32)
+    textured = [1, 6, 11, 12]  # patch numbers on the 4 x 4 grid
+    for p in textured:
+        r, c = divmod(p, 4)
+        img[0, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] = torch.randn(3, 8, 8)
+    with torch.no_grad():
+        kept = enc.drop_patches(enc.embed(img), img)
+        full = enc.embed(img)
+    assert kept.shape[1] == 1 + 4
+    # Which original token each kept row is (rows are copied, so they match exactly).
+    source = [int(((kept[0, i] - full[0]).abs().sum(-1) == 0).nonzero()[0]) for i in range(5)]
+    assert source[0] == 0 and sorted(source[1:]) == [1 + p for p in textured]
+
+
+def test_proportional_attention_changes_merged_outputs_only():
+    base = tiny_config(token_schedule={"method": "tome", "r": [3, 3, 2, 2], "prop_attn": False})
+    plain = build_encoder(base, seed=0)
+    prop = Encoder(base.replace(token_schedule={"method": "tome", "r": [3, 3, 2, 2], "prop_attn": True}))
+    prop.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = plain.eval()(x, output_hidden_states=True), prop.eval()(x, output_hidden_states=True)
+    assert torch.equal(a.hidden_states[1], b.hidden_states[1])  # block 1 sees unit sizes: log 1 = 0
+    assert not torch.allclose(a.pooled, b.pooled)
