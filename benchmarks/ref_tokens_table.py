@@ -107,6 +107,18 @@ def video_rows() -> list[dict]:
     return rows
 
 
+def ref_provenance() -> str:
+    """Which ``ref`` weights the numbers belong to (they are retrained from time to time)."""
+    from mimc.artifact import sha256_file
+    from mimc.models.reference import REF_LOG, REF_WEIGHTS
+
+    steps = "?"
+    if REF_LOG.is_file():
+        log = json.loads(REF_LOG.read_text())
+        steps = log.get("steps_done", log.get("settings", {}).get("steps", "?"))
+    return f"`ref` weights: sha256 {sha256_file(REF_WEIGHTS)[:12]}, {steps} MAE training steps (mimc/models/ref/train_log.json)."
+
+
 def main() -> None:
     ref, n_images = ref_rows()
     video = video_rows()
@@ -117,6 +129,7 @@ def main() -> None:
         f"weights, static schedules. `ref`: {n_images} built-in labelled images, leave-one-out weighted k-NN (k=10) on pooled features.",
         "Tiny VideoMAE: random init (4 blocks, 2x4x4 tubes), fidelity on 32 seeded inputs; k-NN is meaningless for random weights.",
         "MACs: linears + attention matmuls with the per-block token counts, relative to dense.",
+        ref_provenance(),
         "",
         "| model | method | setting | tokens entering each block (then final) | MACs vs dense | pooled cosine (mean / min) | k-NN top-1 | k-NN retained |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

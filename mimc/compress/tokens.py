@@ -57,6 +57,9 @@ class TokenReductionConfig(StageConfig):
             raise ConfigError(f"unknown token method '{self.method}': choose one of {', '.join(token_ops.METHODS)}")
         if self.pattern not in token_ops.PATTERNS:
             raise ConfigError(f"unknown drop pattern '{self.pattern}': choose one of {', '.join(token_ops.PATTERNS)}")
+        if isinstance(self.r, (list, tuple)) and not self.r_list:  # r: [8, 8, 4] in a recipe = one value per block
+            object.__setattr__(self, "r_list", tuple(self.r))
+            object.__setattr__(self, "r", 0)
         if not _is_int(self.r) or self.r < 0:
             raise ConfigError(f"r must be a whole number of tokens >= 0, got {self.r!r}")
         object.__setattr__(self, "r_list", tuple(self.r_list))

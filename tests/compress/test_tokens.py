@@ -16,6 +16,9 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert again == cfg and again.at == (2, 3)
     with pytest.raises(ConfigError):
         TokenReductionConfig.from_dict({"method": "tome", "r": 2, "ratio": 0.5})
+    per_block = TokenReductionConfig.from_dict({"method": "tome", "r": [4, 2, 1]})  # as a YAML recipe writes it
+    assert per_block.r_list == (4, 2, 1) and per_block.r == 0
+    assert TokenReductionConfig.from_dict(per_block.to_dict()) == per_block
 
 
 @pytest.mark.parametrize(
