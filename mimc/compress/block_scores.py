@@ -19,8 +19,9 @@ Convention for every criterion: **a low score means a redundant block, removed f
 - ``sensitivity`` (needs images): 1 - pooled cosine to the full model when the block alone is
   skipped; a block whose removal changes the features least is removed first.
 
-Everything is NumPy on the weights' memory: bincount over the 16-bit patterns of fp16 values is
-a few ms per ViT-B block, where ``torch.unique`` sorts.
+Everything is NumPy on the weights' memory: a bincount over the 16-bit patterns of fp16 values
+scored all 12 ViT-B blocks in ~0.5 s on a busy 2-core machine, where ``torch.unique`` (a sort)
+took ~2.4 s and a torch int32 bincount ~2.2 s.
 """
 from __future__ import annotations
 
