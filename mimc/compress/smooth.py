@@ -233,6 +233,12 @@ def _fold(encoder, calibration_batches, max_batches, fold_pair):
     batches = _materialize(calibration_batches, max_batches)
     ranges = channel_ranges(new, batches)
     factors = [fold_pair(norm, linear, *ranges[name]) for name, norm, linear in _pairs(new)]
+    if not new.config.qkv_bias and any(b.attn.qkv.bias is not None for b in new.blocks):
+        # RepQ's shift gave qkv a bias: the config must say so or the artifact would not reload.
+        for b in new.blocks:
+            if b.attn.qkv.bias is None:
+                b.attn.qkv.bias = nn.Parameter(torch.zeros(b.attn.qkv.out_features, dtype=b.attn.qkv.weight.dtype))
+        new.config = new.config.replace(qkv_bias=True)
     after = channel_ranges(new, batches)
     metrics = {
         "pairs": len(factors),

@@ -108,3 +108,15 @@ def test_needs_calibration_images_of_the_right_shape():
         compress(enc, SmoothQuantConfig(), [torch.randn(2, 3, 16, 16)])
     with pytest.raises(DataError, match="no calibration batches"):
         compress(enc, RepQConfig(), [])
+
+
+def test_repq_on_a_bias_free_qkv_keeps_the_artifact_loadable(tmp_path):
+    from mimc.artifact import load_artifact, save_artifact
+
+    enc = with_outliers(build_encoder(tiny_config(qkv_bias=False), seed=0))
+    folded, _ = compress(enc, RepQConfig(), batches(enc.config))
+    assert folded.config.qkv_bias and not enc.config.qkv_bias
+    reloaded = load_artifact(save_artifact(folded, tmp_path / "a"))
+    x = batches(enc.config, seed=1)[0]
+    with torch.no_grad():
+        assert (reloaded(x).pooled - enc(x).pooled).abs().max() <= 1e-4
