@@ -72,6 +72,9 @@ def main() -> None:
         "knn_drop_from_pruning": round(drop, 4),
         "fraction_of_drop_recovered": recovery,
         "recovers_at_least_half": {k: (v is not None and v >= 0.5) for k, v in recovery.items()},
+        # k-NN is only meaningful when the dense model's k-NN is; fidelity to dense always is.
+        "fraction_of_fidelity_gap_closed": {r["model"]: round((r["pooled_cosine"] - rows[1]["pooled_cosine"]) / (1.0 - rows[1]["pooled_cosine"]), 4)
+                                            for r in rows[2:]},
         "per_step_speedup_from_masking": round(masked["steps_per_second"] / full["steps_per_second"], 2),
     }
     print(f"\n{args.model}: 50 % of blocks removed, distilled on {len(train)} unlabeled images, evaluated on {len(held)} "
