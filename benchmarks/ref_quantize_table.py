@@ -32,7 +32,7 @@ RECIPES = [
     ("percentile + repq", {"repq": True}),
     ("minmax + repq", {"method": "minmax", "repq": True}),
     ("percentile + smooth 0.5 + repq", {"smooth": 0.5, "repq": True}),
-    ("percentile, attention float", {"quantize_attention_matmuls": False}),
+    ("percentile + attention matmuls int8", {"quantize_attention_matmuls": True}),
     ("tensorrt int8 Q/DQ (emulated)", {"target": "tensorrt"}),
     ("tensorrt int8 Q/DQ + smooth 0.5", {"target": "tensorrt", "smooth": 0.5}),
     ("fp8 E4M3 minmax (emulated)", {"precision": "fp8", "method": "minmax"}),

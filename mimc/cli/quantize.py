@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         percentile: float = typer.Option(99.99, "--percentile", help="Percentile kept by --method percentile."),
         smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant alpha in [0, 1], folded in before calibration."),
         repq: bool = typer.Option(False, "--repq", help="RepQ-ViT per-channel -> per-tensor reparameterization of LayerNorm outputs."),
-        attention: Optional[bool] = typer.Option(None, "--attention/--no-attention", help="Quantize the two attention matmuls (default: yes on cpu, no on TensorRT)."),
+        attention: bool = typer.Option(False, "--attention", help="Also quantize the two attention matmuls (default: float; see `mimc.compress.quantize`)."),
         device: str = typer.Option("cpu", "--device", help="Target device profile (cpu, h100, ...) or a profile .yaml: picks the graph layout."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (default: model.int8.onnx beside the input)."),
         force: bool = typer.Option(False, "--force", help="Write the graph even when it fails the fidelity gate."),

@@ -101,7 +101,8 @@ def test_per_channel_weight_scales_are_exact(graph, tmp_path):
 def test_cpu_graph_runs_integer_matmuls_and_keeps_norms_float(graph, tmp_path):
     path, enc = graph
     out = tmp_path / "cpu.onnx"
-    report = quantize_onnx(path, out, image_batches(enc.config), QuantizeConfig(), image_batches(enc.config, n=8, seed=1))
+    report = quantize_onnx(path, out, image_batches(enc.config), QuantizeConfig(quantize_attention_matmuls=True),
+                           image_batches(enc.config, n=8, seed=1))
     counts = ops(out)
     depth = enc.config.depth
     assert counts["MatMulIntegerToFloat"] == 6 * depth and counts["MatMul"] == 0  # 4 linears + 2 attention matmuls
@@ -213,8 +214,9 @@ def test_config_round_trip_and_validation():
     cfg = QuantizeConfig(precision="fp8", method="entropy", smooth=0.5, repq=True)
     assert config_from_dict("quantize", cfg.to_dict()) == cfg
     assert cfg.resolved_target == "tensorrt" and not cfg.attention_quantized
-    assert QuantizeConfig().resolved_target == "cpu" and QuantizeConfig().attention_quantized
-    for bad in ({"precision": "int4"}, {"method": "mse"}, {"n": 0}, {"smooth": 2.0}, {"precision": "fp8", "target": "cpu"}):
+    assert QuantizeConfig().resolved_target == "cpu" and not QuantizeConfig().attention_quantized
+    for bad in ({"precision": "int4"}, {"method": "mse"}, {"n": 0}, {"smooth": 2.0}, {"precision": "fp8", "target": "cpu"},
+                {"quantize_attention_matmuls": None}):
         with pytest.raises(ConfigError):
             QuantizeConfig(**bad)
 
