@@ -8,6 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# ``mimc.compress(encoder, config, calibration_batches=None) -> (encoder, StageRecord)``: the package
+# is callable (see mimc/compress/__init__.py), so the verb survives submodule imports.
+from . import compress  # noqa: E402  (cheap: imports nothing heavy)
+
 
 def load(model):
     """Any MODEL argument (``ref``, artifact dir, HF dir, checkpoint file, hub id) -> Encoder."""
@@ -21,13 +25,6 @@ def save(encoder, out_dir, overwrite: bool = False):
     from .artifact import save_artifact
 
     return save_artifact(encoder, out_dir, overwrite=overwrite)
-
-
-def compress(encoder, config, calibration_batches=None):
-    """Apply one stage; returns ``(new_encoder, StageRecord)`` and never modifies ``encoder``."""
-    from .compress.registry import compress as _compress
-
-    return _compress(encoder, config, calibration_batches)
 
 
 def export_onnx(encoder, path, **options):

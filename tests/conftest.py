@@ -1,8 +1,13 @@
 """Shared fixtures: tiny seeded encoders (depth 4, dim 64, 32 px) so the suite runs in minutes on 2 cores."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Under load, OpenMP's active waiting made 2-thread forwards ~7x slower; set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine the thread
 # hand-off made small training steps up to ~30x slower.

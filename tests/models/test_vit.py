@@ -66,3 +66,13 @@ def test_config_rejects_bad_values_and_unknown_keys():
 
 def test_vit_b_macs_match_published():
     assert abs(flops_per_image(vit_base_config()) / 17.6e9 - 1) < 0.02
+
+
+def test_compress_verb_survives_submodule_imports(tiny_encoder):
+    import mimc
+    import mimc.compress.blocks  # noqa: F401  (sets mimc.compress to the package)
+    from mimc.compress.blocks import BlockPruningConfig
+
+    new, record = mimc.compress(tiny_encoder, BlockPruningConfig(keep=2, criterion="last"))
+    assert new.config.depth == 2 and tiny_encoder.config.depth == 4
+    assert record.name == "prune"
