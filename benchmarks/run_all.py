@@ -1,0 +1,41 @@
+"""Run every CPU benchmark in sequence (one at a time: they time ONNX Runtime on all cores).
+
+    python benchmarks/run_all.py            # everything (~1 h on 2 idle cores)
+    python benchmarks/run_all.py --only vitb # the ViT-B latency benchmarks only
+
+Each script writes its own table to benchmarks/results/. GPU numbers come from
+benchmarks/gpu_table.py on a machine with a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+VITB = ["bench_block_prune_vitb.py", "bench_export_vitb.py", "bench_tokens_vitb.py", "bench_quantize_vitb.py", "roofline_cpu.py"]
+REF = ["ref_block_criteria.py", "ref_tokens_table.py", "ref_quantize_table.py", "ref_nm.py", "ref_distill.py", "ddp_check.py"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["vitb", "ref"], default=None)
+    args = ap.parse_args()
+    scripts = {"vitb": VITB, "ref": REF, None: VITB + REF}[args.only]
+    failed = []
+    for name in scripts:
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        rc = subprocess.call([sys.executable, str(HERE / name)])
+        print(f"== {name}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
