@@ -303,7 +303,7 @@ def eval_only(out: Path, seed: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for ref.safetensors, builtin.npz, train_log.json")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps (about 0.2 s each on 2 idle threads; several seconds on a busy machine)")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps (timing: docs/ref.md)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     ap.add_argument("--warmup", type=int, default=30)
