@@ -25,8 +25,9 @@ Targets (the graph is chosen for where it runs):
 
   mimc's graph needs 5-10 % less CPU time than quantize_dynamic in every run, with or without the
   attention matmuls. Quantizing those is a near-tie in speed at 224 px (they are ~4 % of ViT-B's
-  MACs) and costs fidelity on a trained model (`ref`: pooled SQNR 43.3 dB with them, 48.1 dB
-  without; benchmarks/results/ref_quantize_table.json), so the default leaves them float and
+  MACs) and costs fidelity on trained weights (`ref`, worst-output SQNR with / without them:
+  43.3 / 48.1 dB on the 400-step weights, 48.5 / 50.5 dB on the 300-step 4-block-decoder weights;
+  benchmarks/results/ref_quantize_table.json), so the default leaves them float and
   ``--attention`` opts in (worth measuring for long sequences such as VideoMAE).
 
   Exploratory runs (same machine and load, 4 calibration inputs): quantize_dynamic per-channel
@@ -87,7 +88,7 @@ class QuantizeConfig(StageConfig):
     percentile: float = 99.99
     smooth: float | None = None  # SmoothQuant alpha, folded into the graph before calibration
     repq: bool = False
-    quantize_attention_matmuls: bool = False  # measured: no speed gain at 224 px, -5 dB SQNR on `ref`
+    quantize_attention_matmuls: bool = False  # measured: no speed gain at 224 px, 2-5 dB less SQNR on `ref`
     target: str | None = None
 
     def __post_init__(self) -> None:
