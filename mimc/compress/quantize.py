@@ -12,28 +12,29 @@ Targets (the graph is chosen for where it runs):
   tokens). FP8 E4M3 the same way at opset 19.
 - ``cpu`` (ONNX Runtime CPU, VNNI): MatMulIntegerToFloat with static u8 activation scales.
   Measured on ViT-B/16 (random init, batch 1, 2 threads, allow_spinning=0, medians of alternating
-  blocks, one process; the 2 cores were shared with other busy processes - load average 14, 8 and
-  7 in the three runs - so process CPU time is quoted beside wall time), speed-up over fp32,
+  blocks, one process; the 2 cores were shared with other busy processes - load average 14, 8, 7
+  and 4 in the four runs - so process CPU time is quoted beside wall time), speed-up over fp32,
   wall / CPU time, benchmarks/bench_quantize_vitb.py:
 
-  | graph                                                            | run 1       | run 2       | run 3       |
-  | ---------------------------------------------------------------- | ----------- | ----------- | ----------- |
-  | onnxruntime quantize_dynamic (defaults)                          | 3.14 / 2.93 | 2.72 / 2.79 | 2.96 / 2.88 |
-  | onnxruntime quantize_static QDQ, linears only, u8/s8 per-channel | 3.07 / 2.83 | 2.93 / 2.76 | 2.91 / 2.77 |
-  | mimc: MatMulIntegerToFloat, bias fused, + attention matmuls      | 3.90 / 3.21 | 3.01 / 2.99 | 3.12 / 3.09 |
-  | mimc: same, attention matmuls left float (the default)           | 3.53 / 3.09 | 2.92 / 3.07 | 3.11 / 3.07 |
+  | graph                                                            | run 1       | run 2       | run 3       | run 4       |
+  | ---------------------------------------------------------------- | ----------- | ----------- | ----------- | ----------- |
+  | onnxruntime quantize_dynamic (defaults)                          | 3.14 / 2.93 | 2.72 / 2.79 | 2.96 / 2.88 | 2.98 / 3.00 |
+  | onnxruntime quantize_static QDQ, linears only, u8/s8 per-channel | 3.07 / 2.83 | 2.93 / 2.76 | 2.91 / 2.77 | 2.91 / 2.89 |
+  | mimc: MatMulIntegerToFloat, bias fused, + attention matmuls      | 3.90 / 3.21 | 3.01 / 2.99 | 3.12 / 3.09 | 3.24 / 3.28 |
+  | mimc: same, attention matmuls left float (the default)           | 3.53 / 3.09 | 2.92 / 3.07 | 3.11 / 3.07 | 3.07 / 3.07 |
 
-  mimc's graph needs 5-10 % less CPU time than quantize_dynamic in every run, with or without the
-  attention matmuls. Quantizing those is a near-tie in speed at 224 px (they are ~4 % of ViT-B's
-  MACs) and costs fidelity on trained weights (`ref`, worst-output SQNR with / without them:
-  43.3 / 48.1 dB on the 400-step weights, 48.5 / 50.5 dB on the 300-step 4-block-decoder weights;
+  mimc's default graph needs 2-9 % less CPU time than quantize_dynamic in every run, 6-9 % with the
+  attention matmuls quantized. Those are ~4 % of ViT-B's MACs at 224 px; quantizing them was
+  faster in runs 1 and 4, a tie in run 3 and slower in run 2, and it costs fidelity on trained
+  weights (`ref`, worst-output SQNR with / without them: 43.3 / 48.1 dB on the 400-step weights, 48.5 / 50.5 dB on the 300-step 4-block-decoder weights;
   benchmarks/results/ref_quantize_table.json), so the default leaves them float and
   ``--attention`` opts in (worth measuring for long sequences such as VideoMAE).
 
   Exploratory runs (same machine and load, 4 calibration inputs): quantize_dynamic per-channel
   2.82x CPU time; quantize_static QOperator (QLinearMatMul) 3.05x wall; MatMulIntegerToFloat with
   s8 activations 0.35x (MLAS has no fast s8 x s8 path on x86; VNNI's vpdpbusd is u8 x s8).
-  reduce_range only matters without VNNI; saving ORT's optimized graph only shortens session start.
+  Not measured: reduce_range (ORT's documentation: only useful without VNNI) and saving ORT's
+  optimized graph (it changes session start-up, not the kernels that run).
 
   Why a hand-built graph rather than onnxruntime.quantization.quantize_static: its QDQ output is
   fused by ORT into QLinearMatMul (u8 output, re-dequantized) plus a separate float bias Add (seen
