@@ -1,7 +1,8 @@
 """mimc: compress masked-image-modeling encoders into small, fast, validated deployables.
 
 The public verbs (each CLI command is a thin shell around one):
-``load``, ``save``, ``compress``, ``export_onnx``, ``profile``, ``evaluate``.
+``load``, ``save``, ``compress``, ``export_onnx``, ``quantize``, ``build_engine``, ``profile``;
+evaluation is ``mimc.evaluate.evaluate`` (a module of that name would shadow a verb).
 Imports are lazy so ``import mimc`` stays cheap.
 """
 from __future__ import annotations
@@ -34,6 +35,20 @@ def export_onnx(encoder, path, **options):
     return _export(encoder, path, **options)
 
 
+def quantize(onnx_in, onnx_out, calibration_batches, config, eval_batches=None):
+    """Graph-level int8/fp8 Q/DQ of an fp32 mimc graph; see :func:`mimc.compress.quantize.quantize_onnx`."""
+    from .compress.quantize import quantize_onnx
+
+    return quantize_onnx(onnx_in, onnx_out, calibration_batches, config, eval_batches)
+
+
+def build_engine(onnx_path, profile, out_path, **options):
+    """TensorRT engine + JSON sidecar (needs a GPU and ``mimc[gpu]``); see :mod:`mimc.export.tensorrt`."""
+    from .export.tensorrt import build_engine as _build
+
+    return _build(onnx_path, profile, out_path, **options)
+
+
 def profile(model_path, **options):
     """Latency report for an ONNX graph or engine; see :mod:`mimc.profile`."""
     from .profile.run import profile as _profile
@@ -41,4 +56,4 @@ def profile(model_path, **options):
     return _profile(model_path, **options)
 
 
-__all__ = ["__version__", "load", "save", "compress", "export_onnx", "profile"]
+__all__ = ["__version__", "load", "save", "compress", "export_onnx", "quantize", "build_engine", "profile"]
