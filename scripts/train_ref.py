@@ -303,10 +303,10 @@ def eval_only(out: Path, seed: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for ref.safetensors, builtin.npz, train_log.json")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps (timing: docs/ref.md)")
+    ap.add_argument("--steps", type=int, default=3000, help="optimizer steps (timing: docs/ref.md)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--digit-fraction", type=float, default=0.4, help="share of each batch drawn from training digits")
