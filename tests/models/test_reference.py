@@ -135,10 +135,10 @@ def test_blocks_differ(ref, builtin):
     # Relative size of each block's update to the residual stream.
     updates = torch.stack([(hidden[i + 1] - hidden[i]).norm() / hidden[i].norm() for i in range(REF_CONFIG.depth)])
     assert updates.max() > 2 * updates.min()
-    # Weight statistics differ block to block far beyond fp16 rounding (relative ~1e-4 on a norm).
-    # ref is a short CPU run, so its weights are still close to their init: the spread is small.
+    # Weight statistics differ block to block far beyond fp16 rounding (relative ~1e-4 on a norm):
+    # weight-only criteria (entropy, l1, l2, ...) must have something to rank.
     norms = torch.stack([b.mlp.fc1.weight.norm() for b in ref.blocks])
-    assert norms.std() / norms.mean() > 1e-3
+    assert norms.std() / norms.mean() > 0.01
 
 
 def test_missing_weights_raise_clear_error(monkeypatch, tmp_path):
