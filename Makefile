@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/mimc eval $(OUT)/demo/half --ref ref --data builtin
 
 test: setup
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -p no:cacheprovider
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
