@@ -29,14 +29,10 @@ RESULTS = Path(__file__).parent / "results" / "bench_quantize_vitb.json"
 
 
 def session(path: Path, threads: int):
-    import onnxruntime as ort
+    # mimc's own session settings: spinning off, sequential, CPU provider (DESIGN.md timing rules).
+    from mimc.export.validate import make_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=threads)
 
 
 def cpu_seconds() -> float:

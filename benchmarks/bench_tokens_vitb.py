@@ -42,14 +42,11 @@ METHODS = {
 
 
 def session(path: Path, threads: int):
-    import onnxruntime as ort
+    # mimc's own session settings: spinning off (spinning workers would steal the cores from the
+    # next session in the alternation), sequential, CPU provider.
+    from mimc.export.validate import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # Spinning workers would steal the cores from the next session in the alternation.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=threads)
 
 
 def main() -> None:

@@ -18,12 +18,6 @@ from tests.conftest import tiny_config
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a second thread only slows tiny models down on a loaded machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -16,12 +16,6 @@ from mimc.train.schedule import linear, warmup_cosine
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/compress/test_nm.py: a second thread only slows tiny models
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
