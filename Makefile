@@ -20,8 +20,8 @@ setup: $(BIN)/.installed
 # The main job on the embedded reference model: prune half the blocks data-free, export a validated
 # ONNX graph, profile dense vs pruned on this CPU, and measure fidelity and k-NN against the dense model.
 demo: setup
-	rm -rf $(OUT)/demo
-	$(BIN)/mimc inspect ref -o $(OUT)/demo-inspect.png
+	rm -rf $(OUT)/demo && mkdir -p $(OUT)/demo
+	$(BIN)/mimc inspect ref -o $(OUT)/demo/inspect.png
 	$(BIN)/mimc prune ref --ratio 0.5 -o $(OUT)/demo/half
 	$(BIN)/mimc export ref -o $(OUT)/demo/dense
 	$(BIN)/mimc export $(OUT)/demo/half
