@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -25,19 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cpu_seconds, session
+
 RESULTS = Path(__file__).parent / "results" / "bench_quantize_vitb.json"
-
-
-def session(path: Path, threads: int):
-    # mimc's own session settings: spinning off, sequential, CPU provider (DESIGN.md timing rules).
-    from mimc.export.validate import make_session
-
-    return make_session(path, threads=threads)
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from mimc.compress.tokens import TokenReductionConfig  # noqa: E402
 from mimc.export.onnx import export_onnx  # noqa: E402
 from mimc.models.vit import build_encoder, flops_per_image, vit_base_config  # noqa: E402
 
+from _common import session  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_tokens_vitb.json"
 
 # Settings at ~50 % of the dense MACs (ToMe with a decreasing schedule: 197 -> 34 tokens).
@@ -39,14 +41,6 @@ METHODS = {
     "drop keep 0.5 (grid)": TokenReductionConfig(method="drop", keep=0.5, pattern="grid"),
     "drop keep 0.5 (variance)": TokenReductionConfig(method="drop", keep=0.5, pattern="variance"),
 }
-
-
-def session(path: Path, threads: int):
-    # mimc's own session settings: spinning off (spinning workers would steal the cores from the
-    # next session in the alternation), sequential, CPU provider.
-    from mimc.export.validate import make_session
-
-    return make_session(path, threads=threads)
 
 
 def main() -> None:

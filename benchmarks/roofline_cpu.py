@@ -21,26 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _common import cpu_seconds, session
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def session(path: Path, threads: int):
-    # mimc's own session settings: spinning off, sequential, CPU provider (DESIGN.md timing rules).
-    from mimc.export.validate import make_session
-
-    return make_session(path, threads=threads)
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
