@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant alpha in [0, 1], folded in before calibration."),
         repq: bool = typer.Option(False, "--repq", help="RepQ-ViT per-channel -> per-tensor reparameterization of LayerNorm outputs."),
         attention: bool = typer.Option(False, "--attention", help="Also quantize the two attention matmuls (default: float; see `mimc.compress.quantize`)."),
+        fuse_attention: bool = typer.Option(True, "--fuse-attention/--no-fuse-attention",
+                                            help="cpu target: run each block's qkv + float attention as one ORT QAttention kernel."),
         device: str = typer.Option("cpu", "--device", help="Target device profile (cpu, h100, ...) or a profile .yaml: picks the graph layout."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (default: model.int8.onnx beside the input)."),
         force: bool = typer.Option(False, "--force", help="Write the graph even when it fails the fidelity gate."),
@@ -38,7 +40,8 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--int8 and --fp8 exclude each other: pass one of them")
         precision = "fp8" if fp8 else "int8"
         config = QuantizeConfig(precision=precision, method=method, n=n, percentile=percentile, smooth=smooth, repq=repq,
-                                quantize_attention_matmuls=attention, target=target_for_device(device, precision))
+                                quantize_attention_matmuls=attention, fuse_attention=fuse_attention,
+                                target=target_for_device(device, precision))
         with console.status(f"quantizing {model} to {precision} ({config.method}, {config.resolved_target})"):
             report = quantize_model(model, config, calib, output=output, seed=seed, force=force)
         if json_out:
@@ -48,7 +51,9 @@ def register(app: typer.Typer) -> None:
         status = "[green]passed[/]" if fid["passed"] else "[red]FAILED (forced)[/]"
         console.print(
             f"{precision} {report['target']} graph: {report['quantized_linears']} linears"
-            f" + {report['quantized_attention_matmuls']} attention matmuls quantized, calibrated on"
+            f" + {report['quantized_attention_matmuls']} attention matmuls quantized"
+            f"{', ' + str(report['fused_attention_blocks']) + ' blocks fused into QAttention' if report['fused_attention_blocks'] else ''}"
+            ", calibrated on"
             f" {report['calibration_images']} images ({config.method}); pooled cosine to fp32"
             f" {fid['pooled_cosine_mean']:.4f} (worst {fid['cosine']:.4f}), SQNR {fid['sqnr_db']:.1f} dB"
             f" on {fid['images']} {fid['inputs']}: gate {status}",

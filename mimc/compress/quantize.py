@@ -67,6 +67,7 @@ import numpy as np
 from ..artifact import MANIFEST_NAME, mimc_version, sha256_file
 from ..errors import BadInputError, ConfigError, ValidationError
 from .calibrate import METHODS, collect_channel_ranges, collect_ranges, graph_input
+from .ort_fusion import fuse_attention_cpu
 from .qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
 from .registry import StageConfig, register
 
@@ -91,6 +92,7 @@ class QuantizeConfig(StageConfig):
     repq: bool = False
     quantize_attention_matmuls: bool = False  # measured: no speed gain at 224 px, 2-5 dB less SQNR on `ref`
     target: str | None = None
+    fuse_attention: bool = True  # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -105,6 +107,8 @@ class QuantizeConfig(StageConfig):
             raise ConfigError(f"smooth alpha must be in [0, 1], got {self.smooth!r}: pass e.g. --smooth 0.5")
         if not isinstance(self.quantize_attention_matmuls, bool):
             raise ConfigError(f"quantize_attention_matmuls must be true or false, got {self.quantize_attention_matmuls!r}")
+        if not isinstance(self.fuse_attention, bool):
+            raise ConfigError(f"fuse_attention must be true or false, got {self.fuse_attention!r}")
         if self.target is not None and self.target not in TARGETS:
             raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.precision == "fp8" and self.target == "cpu":
@@ -210,6 +214,8 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig)
                                     observed=_softmax_outputs(idx, attn))
     if config.resolved_target == "cpu":
         rewrite_cpu(model, sites, attn, ranges)
+        if config.fuse_attention and not attn:
+            info.update(fuse_attention_cpu(model))
     else:
         rewrite_qdq(model, sites, attn, ranges, config.precision)
     info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
@@ -262,7 +268,7 @@ def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
                        "Fidelity here is an fp32 emulation of the same Q/DQ graph (E4M3 rounding, float math).")
     if config.resolved_target == "tensorrt":
         return True, "runs on ONNX Runtime CPU as plain Q/DQ (emulated, slow); built for TensorRT"
-    return True, "ONNX Runtime CPU (MatMulIntegerToFloat, VNNI)"
+    return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
 
 
 def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
@@ -354,6 +360,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "method": config.method, "n": config.n, "calibration_images": info["calibration_images"],
             "calibration_sha256": calib_sha, "smoothing": {"smooth_alpha": config.smooth, "repq": config.repq},
             "quantized_linears": info["quantized_linears"], "quantized_attention_matmuls": info["quantized_attention_matmuls"],
+            "fused_attention_blocks": info.get("fused_attention_blocks", 0), "unfused_attention": info.get("unfused_attention", {}),
             "source": {"file": onnx_in.name, "sha256": source_sha},
             "fidelity": {**fidelity, "reference": "fp32 graph", "inputs": eval_source, "passed": not failures,
                          "forced": bool(failures), "failures": failures,

@@ -187,7 +187,8 @@ def _export_fp32(model: str, encoder, tmp: Path) -> Path:
 def _record(out: Path, report: dict[str, Any]) -> None:
     manifest = read_manifest(out.parent)
     metrics = {"fidelity": report["fidelity"], "calibration_sha256": report["calibration_sha256"],
-               "calibration_images": report["calibration_images"], "target": report["target"]}
+               "calibration_images": report["calibration_images"], "target": report["target"],
+               "fused_attention_blocks": report["fused_attention_blocks"]}
     stage = StageRecord(name="quantize", config=report["config"], config_version=report["config_version"],
                         metrics=metrics, seconds=report["seconds"], parent_hash=report["source"]["sha256"])
     entry = {k: v for k, v in report.items() if k != "path"}

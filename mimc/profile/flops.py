@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import BadInputError, ConfigError
+from .flops_fused import FUSED_ATTENTION, qattention_costs, skeleton_nodes
 
 # Element byte widths by ONNX dtype; float8 and int4 exist only in Q/DQ graphs.
 DTYPE_BYTES: dict[int, float] = {
@@ -181,8 +182,13 @@ def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     graph = onnx.GraphProto()
     graph.name = model.graph.name
+    init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type in CONTRIB_MATMULS:
+        if node.op_type in FUSED_ATTENTION:
+            stand_in, stand_in_inits = skeleton_nodes(node, init_dims.get(node.input[1]))
+            graph.node.extend(stand_in)
+            graph.initializer.extend(stand_in_inits)
+        elif node.op_type in CONTRIB_MATMULS:
             # Shape stand-in onnx understands: cast both operands to float and MatMul them (same output shape).
             a, b = (f"{node.output[0]}__mimc_shape_{i}" for i in "ab")
             graph.node.extend([
@@ -341,6 +347,9 @@ def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCos
             continue
         if op in QDQ_OPS:
             nodes.append(NodeCost(name, op, "fused"))
+            continue
+        if op in FUSED_ATTENTION:  # qkv GEMM (int8) + attention (fp32) in one kernel: two entries
+            nodes.extend(qattention_costs(node, name, info, use, NodeCost, TensorUse, _numel))
             continue
         cost = NodeCost(name, op, "memory")
         # Keep one entry per input position (empty optional inputs as zero) so operand indices line up.

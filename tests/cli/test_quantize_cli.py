@@ -63,6 +63,15 @@ def test_quantize_artifact_exports_then_quantizes_and_records(app, artifact, cal
     assert entry["smoothing"] == {"smooth_alpha": 0.5, "repq": False}
     assert entry["stage"]["name"] == "quantize" and entry["stage"]["metrics"]["fidelity"]["cosine"] >= 0.99
     assert {p.key for p in onnx.load(str(out)).metadata_props} >= {"mimc_version", "mimc_quantization"}
+    assert report["fused_attention_blocks"] == 4 and entry["stage"]["config"]["fuse_attention"] is True
+
+
+def test_no_fuse_attention_keeps_the_float_attention_nodes(app, artifact, calib):
+    result = _invoke(app, ["quantize", artifact, "--calib", calib, "--n", "16", "--no-fuse-attention", "-o", artifact / "plain.onnx"])
+    assert result.exit_code == 0, result.output
+    assert "QAttention" not in result.stdout
+    ops = {n.op_type for n in onnx.load(str(artifact / "plain.onnx")).graph.node}
+    assert "QAttention" not in ops and "Softmax" in ops
 
 
 def test_fp8_for_an_h100_says_it_cannot_run_here(app, artifact, calib):

@@ -87,9 +87,9 @@ def test_per_channel_weight_scales_are_exact(graph, tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     checked = 0
     for n in model.graph.node:
-        if n.op_type == "MatMulIntegerToFloat" and n.input[1] in inits:
-            w = weights[n.name[: -len("_mimc_w_int8")]]
-            q, scale = inits[n.input[1]], inits[n.input[3]]
+        if n.op_type in ("MatMulIntegerToFloat", "QAttention") and n.input[1] in inits:  # QAttention: qkv + attention
+            w = weights[n.name.removesuffix("_qattention")[: -len("_mimc_w_int8")]]
+            q, scale = inits[n.input[1]], inits[n.input[3 if n.op_type == "MatMulIntegerToFloat" else 4]]
             assert q.dtype == np.int8 and scale.shape == (w.shape[1],)
             np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / 127.0, rtol=1e-6)
             assert np.abs(q).max(axis=0).min() == 127  # every output channel uses its full range

@@ -171,3 +171,7 @@ def test_mimc_quantized_graphs(tiny_onnx, tmp_path, options, precision):
     assert cost.macs == pytest.approx(flops_per_image(enc.config), rel=1e-9)
     linears = [n for n in cost.nodes if n.kind == "matmul" and n.weight is not None]
     assert len(linears) == 4 * enc.config.depth and all(n.precision == precision for n in linears)
+    if options.get("target") == "cpu":  # one QAttention per block: an int8 qkv GEMM and an fp32 attention
+        fused = [n for n in cost.nodes if n.op_type == "QAttention"]
+        assert [n.precision for n in fused] == ["int8", "fp32"] * enc.config.depth
+        assert all(n.macs > 0 and n.shapes_known for n in fused)
