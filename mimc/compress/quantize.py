@@ -10,46 +10,41 @@ Targets (the graph is chosen for where it runs):
   weights per output channel, activations per tensor, one shared Q/DQ per LayerNorm output, on
   qkv / proj / fc1 / fc2 (attention matmuls by flag: TensorRT does not fuse INT8 MHA beyond 512
   tokens). FP8 E4M3 the same way at opset 19.
-- ``cpu`` (ONNX Runtime CPU, VNNI): MatMulIntegerToFloat with static u8 activation scales.
-  Measured on ViT-B/16 (random init, batch 1, 2 threads, allow_spinning=0, medians of alternating
-  blocks, one process; the 2 cores were shared with other busy processes - load average 14, 8, 7
-  and 4 in the four runs - so process CPU time is quoted beside wall time), speed-up over fp32,
-  wall / CPU time, benchmarks/bench_quantize_vitb.py:
+- ``cpu`` (ONNX Runtime CPU, VNNI): static u8 activations x s8 per-channel weights. proj / fc1 /
+  fc2 are ``MatMulIntegerToFloat`` (bias fused) fed by one static ``QuantizeLinear`` per activation
+  tensor; qkv and the float attention core of each block are one ``QAttention`` kernel
+  (mimc/compress/ort_fusion.py; ``fuse_attention=False`` keeps them apart, bit-identical output).
 
-  | graph                                                            | run 1       | run 2       | run 3       | run 4       |
-  | ---------------------------------------------------------------- | ----------- | ----------- | ----------- | ----------- |
-  | onnxruntime quantize_dynamic (defaults)                          | 3.14 / 2.93 | 2.72 / 2.79 | 2.96 / 2.88 | 2.98 / 3.00 |
-  | onnxruntime quantize_static QDQ, linears only, u8/s8 per-channel | 3.07 / 2.83 | 2.93 / 2.76 | 2.91 / 2.77 | 2.91 / 2.89 |
-  | mimc: MatMulIntegerToFloat, bias fused, + attention matmuls      | 3.90 / 3.21 | 3.01 / 2.99 | 3.12 / 3.09 | 3.24 / 3.28 |
-  | mimc: same, attention matmuls left float (the default)           | 3.53 / 3.09 | 2.92 / 3.07 | 3.11 / 3.07 | 3.07 / 3.07 |
+  Where the time goes (ViT-B/16, batch 1, 2 threads, ORT 1.32 profiler, kernel ms per image):
+  quantize_dynamic 79.6 = DynamicQuantizeMatMul 49.2 + float attention nodes (FusedMatMul,
+  MatMul, Softmax, Transpose, Split, Squeeze) 17.3 + ConvInteger 5.0 + the rest; mimc 70.2 =
+  MatMulIntegerToFloat 35.8 + QAttention 23.6 + GELU 2.9 + QuantizeLinear 2.2 + LayerNorm 2.1 +
+  residual Add 1.6 + float patch Conv 1.2. The integer GEMM itself is the same MLAS u8 x s8 kernel
+  either way (one 197 x 768 x 3072 GEMM, best of 150: MatMulIntegerToFloat per-channel 1.16 ms,
+  DynamicQuantizeMatMul 1.12 ms, ~820 GOP/s), so mimc's margin comes from the graph around it: the
+  fused attention (a dozen kernel launches and thread-pool hand-offs per block fewer), the patch
+  embedding kept float (ORT's ConvInteger is 4x slower than its float Conv here), and static scales
+  (no per-call min/max). benchmarks/bench_quantize_vitb.py measures fp32, both onnxruntime dynamic
+  recipes, quantize_static and the mimc variants in one run (numbers in README).
 
-  mimc's default graph needs 2-9 % less CPU time than quantize_dynamic in every run, 6-9 % with the
-  attention matmuls quantized. Those are ~4 % of ViT-B's MACs at 224 px; quantizing them was
-  faster in runs 1 and 4, a tie in run 3 and slower in run 2, and it costs fidelity on trained
-  weights (`ref`, worst-output SQNR with / without them: 43.3 / 48.1 dB on the 400-step weights, 48.5 / 50.5 dB on the 300-step 4-block-decoder weights;
-  benchmarks/results/ref_quantize_table.json), so the default leaves them float and
-  ``--attention`` opts in (worth measuring for long sequences such as VideoMAE).
+  Measured and not taken: Add + LayerNorm as ``SkipLayerNormalization`` (slower here and not
+  bit-identical); ``MultiHeadAttention`` after the int8 qkv GEMM (same speed as QAttention, not
+  bit-identical); s8 activations (MatMulIntegerToFloat s8 x s8 0.35x: VNNI's vpdpbusd is u8 x s8);
+  quantize_static QOperator (QLinearMatMul: u8 output re-dequantized plus a separate bias Add).
+  Int8 attention matmuls (``--attention``) cannot live inside QAttention (its attention is float);
+  they were no faster than the fused float attention at 224 px and cost 2-5 dB SQNR on `ref`
+  (benchmarks/results/ref_quantize_table.json), so they stay opt-in.
 
-  Exploratory runs (same machine and load, 4 calibration inputs): quantize_dynamic per-channel
-  2.82x CPU time; quantize_static QOperator (QLinearMatMul) 3.05x wall; MatMulIntegerToFloat with
-  s8 activations 0.35x (MLAS has no fast s8 x s8 path on x86; VNNI's vpdpbusd is u8 x s8).
-  Not measured: reduce_range (ORT's documentation: only useful without VNNI) and saving ORT's
-  optimized graph (it changes session start-up, not the kernels that run).
-
-  Why a hand-built graph rather than onnxruntime.quantization.quantize_static: its QDQ output is
-  fused by ORT into QLinearMatMul (u8 output, re-dequantized) plus a separate float bias Add (seen
-  in ORT's profiler), it cannot put static scales on the attention matmuls' two activations, and
-  its histogram calibrators hold every intermediate output in memory (see calibrate.py). The int8
-  GEMM is ~75-85 % of the time in every variant (ORT profiler), so the wins are the removed per-call
-  min/max (dynamic), one static Q per activation tensor and the fused bias. Weights stay s8,
-  activations u8: VNNI's vpdpbusd multiplies u8 x s8. onnxruntime.quantization stays the baseline
-  the benchmark compares against.
+  Why a hand-built graph rather than onnxruntime.quantization.quantize_static: it cannot put static
+  scales on the attention matmuls' two activations, it does not fuse attention, and its histogram
+  calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
+  stays the baseline the benchmark compares against.
 
 References:
 - Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
   Inference", CVPR 2018 (affine u8 quantization); NVIDIA TensorRT "Working with Quantized Types"
   (explicit Q/DQ placement); Micikevicius et al., "FP8 Formats for Deep Learning", arXiv 2209.05433.
-- microsoft/onnxruntime: contrib op MatMulIntegerToFloat (onnxruntime/contrib_ops/cpu/quantization).
+- microsoft/onnxruntime: contrib ops MatMulIntegerToFloat and QAttention (onnxruntime/contrib_ops/cpu/quantization).
 - NVIDIA/TensorRT-Model-Optimizer: ViT FP8 recipe (LayerNorm/softmax/GELU/residuals kept float).
 """
 from __future__ import annotations
@@ -90,7 +85,7 @@ class QuantizeConfig(StageConfig):
     percentile: float = 99.99
     smooth: float | None = None  # SmoothQuant alpha, folded into the graph before calibration
     repq: bool = False
-    quantize_attention_matmuls: bool = False  # measured: no speed gain at 224 px, 2-5 dB less SQNR on `ref`
+    quantize_attention_matmuls: bool = False  # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
     target: str | None = None
     fuse_attention: bool = True  # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
 
