@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import token_ops
+from .vit_tokens import BlockTokenReduction, EncoderTokenReduction
 
 POOLINGS = ("cls", "mean")
 REL_POS_BIAS = ("none", "per_block", "shared")
@@ -259,8 +260,9 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class Block(nn.Module):
-    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+class Block(BlockTokenReduction, nn.Module):
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); ``forward_tokens`` (vit_tokens) adds the
+    block's static token reduction between the two."""
 
     def __init__(self, cfg: EncoderConfig, index: int):
         super().__init__()
@@ -270,41 +272,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.dim, cfg.mlp_dim_of(index), cfg.act)
         self.ls2 = LayerScale(cfg.dim) if cfg.layer_scale else nn.Identity()
-
-        # Static token reduction between attention and MLP (set by Encoder from the token plan).
-        self.merge_r = 0  # ToMe: tokens merged here
-        self.keep_k = 0  # top-k: patch tokens kept here
-        self.fuse = False
-        self.score = "mean"
-        self.prop_attn = False
-        self.prefix = cfg.num_prefix_tokens
+        self._init_token_reduction(cfg.num_prefix_tokens)  # set by Encoder from the token plan
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), bias))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
-    def forward_tokens(self, x: torch.Tensor, bias: torch.Tensor | None, sizes: torch.Tensor | None):
-        """Forward with this block's token reduction; ``sizes`` (B, N, 1) counts the patches each token
-        stands for (None: all ones). Returns ``(x, sizes)``."""
-        if self.prop_attn and sizes is not None:
-            log_sizes = sizes.log()[:, None, None, :, 0]  # proportional attention: bigger tokens draw more
-            bias = log_sizes if bias is None else bias + log_sizes
-        if self.merge_r == 0 and self.keep_k == 0:
-            return self.forward(x, bias), sizes
-        out, keys, attn = self.attn(self.norm1(x), bias, return_keys=self.merge_r > 0, return_attn=self.keep_k > 0)
-        x = x + self.ls1(out)
-        if sizes is None:
-            sizes = torch.ones_like(x[..., :1])
-        if self.merge_r > 0:
-            x, sizes = token_ops.tome_merge(x, sizes, keys, self.merge_r, self.prefix)
-        else:
-            scores = token_ops.attention_received(attn, self.prefix, self.score)
-            x, sizes = token_ops.topk_select(x, sizes, scores, self.keep_k, self.prefix, self.fuse)
-        return x + self.ls2(self.mlp(self.norm2(x))), sizes
 
-
-class Encoder(nn.Module):
-    """The canonical MIM encoder. ``forward(pixels)`` returns an :class:`EncoderOutput`."""
+class Encoder(EncoderTokenReduction, nn.Module):
+    """The canonical MIM encoder. ``forward(pixels)`` returns an :class:`EncoderOutput`; the token plan
+    and ``drop_patches`` come from :class:`~mimc.models.vit_tokens.EncoderTokenReduction`."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -318,33 +295,6 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.pool_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pool_norm else nn.Identity()
         self._apply_token_plan(token_ops.build_plan(cfg))
-
-    def _apply_token_plan(self, plan: token_ops.TokenPlan) -> None:
-        """Turn the token schedule into static per-block attributes and constant index buffers."""
-        self.token_plan = plan
-        for block, r, k in zip(self.blocks, plan.merge_r or [0] * len(self.blocks), plan.keep_k or [0] * len(self.blocks)):
-            block.merge_r, block.keep_k = r, k
-            block.fuse, block.score, block.prop_attn = plan.fuse, plan.score, plan.prop_attn
-        # Non-persistent: the state_dict keys stay those of the dense encoder.
-        index = torch.tensor(plan.drop_index, dtype=torch.long) if plan.drop_index is not None else None
-        self.register_buffer("drop_index", index, persistent=False)
-        if index is not None and self.config.rel_pos_bias != "none":
-            # A fixed pattern keeps fixed positions, so the bias is the full bias sliced to them.
-            prefix = self.config.num_prefix_tokens
-            kept = torch.cat([torch.arange(prefix), index + prefix])
-            for module in self.modules():
-                if isinstance(module, RelativePositionBias):
-                    module.index = module.index[kept][:, kept]
-
-    def drop_patches(self, x: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """MAE-native patch dropping after the position embedding (identity without a drop schedule)."""
-        prefix = self.config.num_prefix_tokens
-        if self.drop_index is not None:
-            return torch.cat([x[:, :prefix], x[:, prefix:].index_select(1, self.drop_index)], dim=1)
-        if self.token_plan.drop_keep:
-            saliency = token_ops.patch_variance(pixel_values, self.config.patch_size, self.config.tubelet_size)
-            return token_ops.gather_tokens(x, saliency.topk(self.token_plan.drop_keep, dim=-1).indices, prefix)
-        return x
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixel_values)
