@@ -181,7 +181,9 @@ def save_artifact(encoder, out_dir: str | os.PathLike, manifest: Manifest | None
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "mimc"})
+        # One metadata key only: safetensors writes its metadata map in hash order, which changes from
+        # process to process, and the same weights must give the same bytes (weights_sha256, replay).
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         manifest.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     encoder.manifest = manifest

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "eval",
     "sparsify",
     "distill",
+    "run",
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,256 @@
+"""Recipes: a whole compression run as one YAML file, validated before any work, replayable.
+
+```yaml
+model: ref                 # any MODEL argument (ref, an artifact, an HF folder, a hub id, a timm checkpoint)
+data: builtin              # images for stages that need them, quantize calibration and eval
+n: 256                     # images drawn from data for data-driven model stages
+seed: 0
+output: out/ref-recipe     # the artifact directory (the CLI's -o overrides it)
+stages:
+  - prune: {ratio: 0.5}                   # model stages, in order: prune, tokens, sparsify, distill, smooth, repq
+  - tokens: {method: drop, keep: 0.5}
+  - export: {batch: 1}                    # then graph stages: export, quantize, profile, eval
+  - quantize: {method: percentile}
+  - profile: {device: cpu}
+  - eval: {}
+```
+
+Every stage's options are a frozen dataclass: the model stages' are the registry's
+(mimc.compress.registry), the graph stages' are defined here. ``mimc run`` writes the resolved
+recipe (every option spelled out) into the artifact as ``recipe.yaml``, so the run can be replayed
+exactly; :func:`recipe_from_artifact` rebuilds a recipe from any artifact's ``mimc.json`` (stages and
+exported graphs), including ones written stage by stage with the single commands.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .compress.registry import StageConfig, config_from_dict, config_types
+from .errors import BadInputError, ConfigError
+
+RECIPE_NAME = "recipe.yaml"
+RUN_REPORT_NAME = "run.json"
+GRAPH_STAGES = ("export", "quantize", "profile", "eval")
+
+
+@dataclass(frozen=True)
+class ExportOptions(StageConfig):
+    """``export``: the fp32 graph ``model.onnx`` (see mimc.export.onnx.export_onnx)."""
+
+    name: ClassVar[str] = "export"
+    batch: int | str = 1  # an int (static) or "dynamic"
+    opset: int = 17
+    exporter: str = "torchscript"
+
+    def __post_init__(self) -> None:
+        from .export.onnx import check_export_options
+
+        check_export_options(self.batch, self.opset, self.exporter, "fp32")
+
+
+@dataclass(frozen=True)
+class ProfileOptions(StageConfig):
+    """``profile``: latency of the run's last graph on ``device`` and, with ``baseline``, of the
+    source model's dense fp32 graph with the same settings in the same run (the speed-up)."""
+
+    name: ClassVar[str] = "profile"
+    device: str = "cpu"
+    predict: bool = False  # roofline prediction instead of a measurement (devices that are absent)
+    graph: str | None = None  # a file in the artifact; None: the last graph the recipe wrote
+    baseline: bool = True
+    batch_sizes: tuple[int, ...] = ()  # empty: the graph's own batch
+    warmup: int = 10
+    iters: int = 50
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from .profile.devices import load_profile
+
+        load_profile(self.device)  # unknown device / bad YAML: one line, before any work
+        _check_bool(self, "predict", "baseline")
+        if self.warmup < 0 or self.iters < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"profile needs warmup >= 0, iters >= 1, threads >= 1 (got {self.warmup}, {self.iters}, {self.threads})")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"profile batch_sizes must be positive integers, got {list(self.batch_sizes)}")
+
+
+@dataclass(frozen=True)
+class EvalOptions(StageConfig):
+    """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN."""
+
+    name: ClassVar[str] = "eval"
+    graph: str | None = None
+    n: int | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise ConfigError(f"eval n must be a positive integer, got {self.n!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"eval batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+GRAPH_OPTIONS: dict[str, type] = {"export": ExportOptions, "profile": ProfileOptions, "eval": EvalOptions}
+
+
+def _check_bool(config, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{config.name} option {name} must be true or false, got {getattr(config, name)!r}")
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # the stage name
+    config: StageConfig
+
+    @property
+    def is_model_stage(self) -> bool:
+        return self.kind not in GRAPH_STAGES
+
+
+@dataclass
+class Recipe:
+    model: str
+    steps: list[Step]
+    data: str | None = None
+    n: int = 256
+    seed: int = 0
+    output: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe: every option of every stage written out (what ``recipe.yaml`` holds)."""
+        out: dict[str, Any] = {"model": self.model}
+        if self.data is not None:
+            out["data"] = self.data
+        out.update({"n": self.n, "seed": self.seed})
+        if self.output is not None:
+            out["output"] = self.output
+        out["stages"] = [{s.kind: s.config.to_dict()} for s in self.steps]
+        return out
+
+    @property
+    def needs_data(self) -> bool:
+        return any(s.kind in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    """A mapping (parsed YAML) -> :class:`Recipe`; every stage's options are validated here."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping with 'model' and 'stages', got {type(data).__name__}")
+    known = {"model", "data", "n", "seed", "output", "stages"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}: valid keys are {sorted(known)}")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{where}: 'model' must name a model (e.g. model: ref)")
+    n, seed = data.get("n", 256), data.get("seed", 0)
+    for key, value in (("n", n), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "n" else 0):
+            raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {value!r}")
+    for key in ("data", "output"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {data[key]!r}")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [{{prune: {{ratio: 0.5}}}}, export]")
+    steps = [_parse_step(item, i, where) for i, item in enumerate(stages, 1)]
+    _check_order(steps, where)
+    recipe = Recipe(model=model, steps=steps, data=data.get("data"), n=n, seed=seed, output=data.get("output"))
+    if recipe.needs_data and recipe.data is None:
+        needing = [s.kind for s in steps if s.kind == "quantize" or (s.is_model_stage and s.config.needs_data)]
+        raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
+    return recipe
+
+
+def _parse_step(item: Any, index: int, where: str) -> Step:
+    if isinstance(item, str):
+        kind, options = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        kind, options = next(iter(item.items()))
+        options = {} if options is None else options
+    else:
+        raise ConfigError(f"{where}: stage {index} must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {item!r}")
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: options of stage {index} ({kind}) must be a mapping, got {options!r}")
+    valid = sorted(set(config_types()) | set(GRAPH_OPTIONS))
+    if kind not in valid:
+        raise ConfigError(f"{where}: unknown stage '{kind}' (stage {index}): known stages are {valid}")
+    try:
+        if kind in GRAPH_OPTIONS:
+            config = GRAPH_OPTIONS[kind].from_dict(options)
+        else:
+            config = config_from_dict(kind, options)
+    except TypeError as exc:  # a wrong type the dataclass could not even take
+        raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
+    return Step(kind, config)
+
+
+def _check_order(steps: list[Step], where: str) -> None:
+    first_graph = next((i for i, s in enumerate(steps) if not s.is_model_stage), None)
+    if first_graph is not None:
+        late = [s.kind for s in steps[first_graph:] if s.is_model_stage]
+        if late:
+            raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].kind}': "
+                              "put prune/tokens/sparsify/distill before export/quantize/profile/eval")
+    kinds = [s.kind for s in steps]
+    for kind in ("export", "quantize"):
+        if kinds.count(kind) > 1:
+            raise ConfigError(f"{where}: stage '{kind}' appears {kinds.count(kind)} times: a run writes one {kind}ed graph")
+    if "export" in kinds and "quantize" in kinds and kinds.index("quantize") < kinds.index("export"):
+        raise ConfigError(f"{where}: quantize comes before export: export first (quantize reads model.onnx)")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json)."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        return recipe_from_artifact(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
+    return parse_recipe(data, where=str(path))
+
+
+def recipe_from_artifact(path: str | Path) -> Recipe:
+    """The recipe that rebuilds an artifact: its recipe.yaml when ``mimc run`` wrote it, else one
+    assembled from mimc.json (the source model, every recorded stage, the exported graphs)."""
+    import yaml
+
+    from .artifact import is_artifact, read_manifest
+
+    path = Path(path)
+    if (path / RECIPE_NAME).is_file():
+        return parse_recipe(yaml.safe_load((path / RECIPE_NAME).read_text()), where=str(path / RECIPE_NAME))
+    if not is_artifact(path):
+        raise BadInputError(f"{path} is not a mimc artifact (no mimc.json): pass a recipe .yaml or an artifact directory")
+    manifest = read_manifest(path)
+    model = manifest.source.get("id")
+    if not model:
+        raise BadInputError(f"{path}/mimc.json does not name its source model: write a recipe with 'model:' by hand")
+    stages: list[Any] = [{s.name: s.config} for s in manifest.stages]
+    data = None
+    export = manifest.files.get("model.onnx")
+    if export is not None:
+        stages.append({"export": {"batch": export.get("batch", 1), "opset": export.get("opset_requested", export.get("opset", 17)),
+                                  "exporter": export.get("exporter", "torchscript")}})
+    for name, entry in sorted(manifest.files.items()):
+        if entry.get("stage", {}).get("name") == "quantize":
+            stages.append({"quantize": entry["config"]})
+            data = entry.get("calibration_source", data)
+            break
+    return parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
+
+
+__all__ = ["Recipe", "Step", "ExportOptions", "ProfileOptions", "EvalOptions", "parse_recipe", "load_recipe",
+           "recipe_from_artifact", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

@@ -1,0 +1,170 @@
+"""Run a :class:`mimc.recipe.Recipe`: model stages in memory, then graph stages in one artifact.
+
+Everything is checked before the first stage runs (options, stage order, output folder, model,
+images), the artifact is built in a temporary folder that becomes the output only when every stage
+succeeded, and the output holds the weights, ``mimc.json`` (every stage's record), the graphs, the
+resolved ``recipe.yaml`` (replay it with ``mimc run OUT/recipe.yaml`` or ``mimc run OUT``) and
+``run.json``: per stage its options, seconds and what it measured (fidelity for every stage that
+changes the model; latency against the dense source for ``profile``).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .artifact import atomic_dir, save_artifact
+from .errors import BadInputError, ConfigError
+from .recipe import RECIPE_NAME, RUN_REPORT_NAME, Recipe, Step
+
+
+def default_output(recipe: Recipe) -> Path:
+    from .cli.prune import model_slug  # the shared default-name rule
+
+    return Path(recipe.output) if recipe.output else Path(f"{model_slug(recipe.model)}-recipe")
+
+
+def _check_graph_needs(recipe: Recipe) -> None:
+    kinds = [s.kind for s in recipe.steps]
+    for step in recipe.steps:
+        if step.kind == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(kinds)):
+            raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
+
+
+def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
+               on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
+    """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
+    from .compress.registry import compress
+    from .models.resolve import load_model
+    from .train import run_options
+
+    out = Path(output) if output is not None else default_output(recipe)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
+    _check_graph_needs(recipe)
+    start = time.perf_counter()
+    source = load_model(recipe.model)
+    images = _images(recipe, source.config) if recipe.needs_data else None
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "output": str(out), "stages": []}
+    encoder = source
+    for i, step in enumerate(recipe.steps, 1):
+        if not step.is_model_stage:
+            break
+        if on_stage is not None:
+            on_stage(i, step)
+        batches = list(images.batches(64)) if step.config.needs_data else None
+        # distill's teacher is the recipe's source model (the dense encoder the run started from)
+        with run_options(teacher=source):
+            encoder, record = compress(encoder, step.config, batches)
+        report["stages"].append({"stage": step.kind, "options": step.config.to_dict(), "seconds": record.seconds,
+                                 "metrics": record.metrics})
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_artifact(encoder, tmp, overwrite=True)
+        last_graph: Path | None = None
+        export_options = None
+        for i, step in enumerate(recipe.steps, 1):
+            if step.is_model_stage:
+                continue
+            if on_stage is not None:
+                on_stage(i, step)
+            t = time.perf_counter()
+            if step.kind == "export":
+                entry, last_graph = _export(encoder, tmp, step.config), tmp / "model.onnx"
+                export_options = step.config
+            elif step.kind == "quantize":
+                entry = _quantize(tmp, step.config, recipe, force)
+                last_graph = tmp / entry["file"]
+            elif step.kind == "profile":
+                entry = _profile(tmp, _graph(tmp, step.config.graph, last_graph), step.config, source, export_options)
+            else:
+                entry = _eval(tmp, _graph(tmp, step.config.graph, last_graph), step.config, encoder, source, recipe)
+            report["stages"].append({"stage": step.kind, "options": step.config.to_dict(),
+                                     "seconds": round(time.perf_counter() - t, 3), **entry})
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        _write_yaml(tmp / RECIPE_NAME, {k: v for k, v in recipe.to_dict().items() if k != "output"})
+        (tmp / RUN_REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _images(recipe: Recipe, cfg):
+    from .compress.quantize_flow import check_model_inputs_file
+    from .data import load_images
+
+    check_model_inputs_file(recipe.data, cfg)  # wrong size / channels: one line, before any work
+    return load_images(recipe.data, cfg, n=recipe.n, seed=recipe.seed)
+
+
+def _graph(tmp: Path, name: str | None, last: Path | None) -> Path | None:
+    if name is None:
+        return last
+    path = tmp / name
+    if not path.is_file():
+        raise BadInputError(f"graph '{name}' was not written by an earlier stage of this recipe: "
+                            f"choose one of {sorted(p.name for p in tmp.glob('*.onnx'))}")
+    return path
+
+
+def _export(encoder, tmp: Path, options) -> dict[str, Any]:
+    from .export.onnx import export_onnx
+
+    rep = export_onnx(encoder, tmp / "model.onnx", batch=options.batch, opset=options.opset, exporter=options.exporter)
+    return {"file": "model.onnx", "validation": rep.get("validation")}
+
+
+def _quantize(tmp: Path, config, recipe: Recipe, force: bool) -> dict[str, Any]:
+    from .compress.quantize_flow import quantize_model
+
+    rep = quantize_model(str(tmp), config, recipe.data, seed=recipe.seed, force=force)
+    return {"file": rep["file"], "fidelity": rep["fidelity"], "fused_attention_blocks": rep.get("fused_attention_blocks", 0),
+            "calibration_sha256": rep["calibration_sha256"]}
+
+
+def _profile(tmp: Path, graph: Path, options, source, export_options) -> dict[str, Any]:
+    """The graph and, with ``baseline``, the dense source exported the same way, profiled alike."""
+    from .export.onnx import export_onnx
+    from .profile.run import profile
+
+    kwargs = dict(device=options.device, predict=options.predict, batch_sizes=list(options.batch_sizes) or None,
+                  warmup=options.warmup, iters=options.iters, threads=options.threads)
+    entry: dict[str, Any] = {"file": graph.name, "result": profile(graph, **kwargs)}
+    if options.baseline:
+        with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
+            base = Path(base_dir) / "dense.onnx"
+            batch = export_options.batch if export_options is not None else 1
+            export_onnx(source, base, batch=batch, validate=False)
+            entry["baseline"] = profile(base, **kwargs)
+        entry["speedup_vs_dense"] = _speedup(entry["baseline"], entry["result"])
+    return entry
+
+
+def _latency(report: dict[str, Any]) -> float | None:
+    results = report.get("results") or []
+    first = results[0] if results else {}
+    for key in ("p50_ms", "latency_ms"):  # measured, predicted
+        if isinstance(first.get(key), (int, float)):
+            return float(first[key])
+    return None
+
+
+def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
+    a, b = _latency(baseline), _latency(result)
+    return round(a / b, 3) if a and b else None
+
+
+def _eval(tmp: Path, graph: Path | None, options, encoder, source, recipe: Recipe) -> dict[str, Any]:
+    from .evaluate import evaluate, load_for_eval
+
+    model = load_for_eval(str(graph)) if graph is not None else encoder
+    rep = evaluate(model, source, data=recipe.data or "builtin", n=options.n, seed=recipe.seed, batch_size=options.batch_size)
+    return {"file": graph.name if graph is not None else "model.safetensors", **rep}
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+
+
+__all__ = ["run_recipe", "default_output"]
