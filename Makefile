@@ -18,7 +18,8 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # The main job on the embedded reference model: prune half the blocks data-free, export a validated
-# ONNX graph, profile dense vs pruned on this CPU, and measure fidelity and k-NN against the dense model.
+# ONNX graph, profile dense vs pruned on this CPU, and measure fidelity and k-NN against the dense model;
+# then the whole pipeline as one recipe (blocks + tokens + int8, profiled and evaluated against dense).
 demo: setup
 	rm -rf $(OUT)/demo && mkdir -p $(OUT)/demo
 	$(BIN)/mimc inspect ref -o $(OUT)/demo/inspect.png
@@ -28,6 +29,7 @@ demo: setup
 	$(BIN)/mimc profile $(OUT)/demo/dense/model.onnx --device cpu
 	$(BIN)/mimc profile $(OUT)/demo/half/model.onnx --device cpu
 	$(BIN)/mimc eval $(OUT)/demo/half --ref ref --data builtin
+	$(BIN)/mimc run examples/ref-cpu.yaml -o $(OUT)/demo/recipe
 
 test: setup
 	$(BIN)/python -m pytest tests -p no:cacheprovider
