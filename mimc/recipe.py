@@ -206,23 +206,28 @@ def _check_order(steps: list[Step], where: str) -> None:
         raise ConfigError(f"{where}: quantize comes before export: export first (quantize reads model.onnx)")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json)."""
+def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
+    """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
+    ``data`` replaces the recipe's images."""
     import yaml
 
     path = Path(path)
     if path.is_dir():
-        return recipe_from_artifact(path)
+        return recipe_from_artifact(path, data)
     if not path.is_file():
         raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
     try:
-        data = yaml.safe_load(path.read_text())
+        parsed = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BadInputError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
-    return parse_recipe(data, where=str(path))
+    return parse_recipe(_with_data(parsed, data), where=str(path))
 
 
-def recipe_from_artifact(path: str | Path) -> Recipe:
+def _with_data(parsed: Any, data: str | None) -> Any:
+    return {**parsed, "data": data} if data is not None and isinstance(parsed, dict) else parsed
+
+
+def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     """The recipe that rebuilds an artifact: its recipe.yaml when ``mimc run`` wrote it, else one
     assembled from mimc.json (the source model, every recorded stage, the exported graphs)."""
     import yaml
@@ -231,7 +236,7 @@ def recipe_from_artifact(path: str | Path) -> Recipe:
 
     path = Path(path)
     if (path / RECIPE_NAME).is_file():
-        return parse_recipe(yaml.safe_load((path / RECIPE_NAME).read_text()), where=str(path / RECIPE_NAME))
+        return parse_recipe(_with_data(yaml.safe_load((path / RECIPE_NAME).read_text()), data), where=str(path / RECIPE_NAME))
     if not is_artifact(path):
         raise BadInputError(f"{path} is not a mimc artifact (no mimc.json): pass a recipe .yaml or an artifact directory")
     manifest = read_manifest(path)
@@ -239,7 +244,7 @@ def recipe_from_artifact(path: str | Path) -> Recipe:
     if not model:
         raise BadInputError(f"{path}/mimc.json does not name its source model: write a recipe with 'model:' by hand")
     stages: list[Any] = [{s.name: s.config} for s in manifest.stages]
-    data = None
+    recorded = None
     export = manifest.files.get("model.onnx")
     if export is not None:
         stages.append({"export": {"batch": export.get("batch", 1), "opset": export.get("opset_requested", export.get("opset", 17)),
@@ -247,8 +252,9 @@ def recipe_from_artifact(path: str | Path) -> Recipe:
     for name, entry in sorted(manifest.files.items()):
         if entry.get("stage", {}).get("name") == "quantize":
             stages.append({"quantize": entry["config"]})
-            data = entry.get("calibration_source", data)
+            recorded = entry.get("calibration_source")
             break
+    data = data if data is not None else recorded  # model stages do not record their images: --data
     return parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -132,6 +133,19 @@ def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source)
         lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0], result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_data_given_at_replay_fills_what_the_manifest_did_not_record(tmp_path):
+    from mimc.compress.nm import NMSparsityConfig
+    from mimc.compress.registry import compress
+    from mimc.models.resolve import load_model
+
+    sparse, _ = compress(load_model("ref"), NMSparsityConfig(method="wanda", n_calib=8), [torch.rand(8, 3, 32, 32)])
+    art = save_artifact(sparse, tmp_path / "art")
+    with pytest.raises(ConfigError, match="need images"):
+        load_recipe(art)
+    recipe = load_recipe(art, data="builtin")
+    assert recipe.data == "builtin" and recipe.steps[0].config == NMSparsityConfig(method="wanda", n_calib=8)
 
 
 def test_replaying_a_folder_that_is_not_an_artifact_is_refused(tmp_path):

@@ -24,12 +24,10 @@ def register(app: typer.Typer) -> None:
         """Run a recipe: model stages (prune, tokens, sparsify, distill) then graph stages (export, quantize, profile, eval)."""
         import yaml
 
-        from ..recipe import load_recipe, parse_recipe
+        from ..recipe import load_recipe
         from ..recipe_run import default_output, run_recipe
 
-        parsed = load_recipe(recipe)
-        if data is not None:
-            parsed = parse_recipe({**parsed.to_dict(), "data": data}, where=str(recipe))
+        parsed = load_recipe(recipe, data=data)
         if dry_run:
             typer.echo(yaml.safe_dump(parsed.to_dict(), sort_keys=False, default_flow_style=None), nl=False)
             return
