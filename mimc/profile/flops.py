@@ -17,283 +17,38 @@ What is counted:
       1 byte) plus activations read and written. View ops (Reshape, Squeeze, ...) move nothing and cost 0.
       Q/DQ pairs are treated as fused into the op they feed, as TensorRT and ORT's QDQ fusion do: the
       consumer reads the quantized width and the Q/DQ nodes cost nothing.
+
+Layout: the op tables and cost records are in :mod:`~mimc.profile.flops_costs`, loading and shape
+inference in :mod:`~mimc.profile.flops_shapes`, ORT's fused QAttention in
+:mod:`~mimc.profile.flops_fused`; this module counts, and re-exports their public names.
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import onnx
 from onnx import TensorProto
 
-from ..errors import BadInputError, ConfigError
-from .flops_fused import FUSED_ATTENTION, qattention_costs, skeleton_nodes
-
-# Element byte widths by ONNX dtype; float8 and int4 exist only in Q/DQ graphs.
-DTYPE_BYTES: dict[int, float] = {
-    TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
-    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
-    TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
-    TensorProto.BOOL: 1,
-}
-for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ"):
-    if hasattr(TensorProto, _name):
-        DTYPE_BYTES[getattr(TensorProto, _name)] = 1
-for _name in ("INT4", "UINT4"):
-    if hasattr(TensorProto, _name):
-        DTYPE_BYTES[getattr(TensorProto, _name)] = 0.5
-FLOAT8_TYPES = {getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ") if hasattr(TensorProto, n)}
-INT8_TYPES = {TensorProto.INT8, TensorProto.UINT8}
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-
-# com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see _skeleton.
-CONTRIB_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "FusedMatMul", *CONTRIB_MATMULS}
-CONV_OPS = {"Conv", "ConvInteger", "QLinearConv"}
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-# Ops that only reinterpret a buffer: no data moved, no math.
-VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Constant", "Dropout"}
-ELEMENTWISE_FLOPS: dict[str, float] = {
-    **dict.fromkeys(["Add", "Sub", "Mul", "Div", "Max", "Min", "Neg", "Abs", "Relu", "Sqrt", "Reciprocal",
-                     "Pow", "Where", "Clip", "LeakyRelu", "Equal", "Less", "Greater", "Not", "And", "Or",
-                     "Floor", "Ceil", "Round", "Sign", "Mod"], 1.0),
-    **dict.fromkeys(["Exp", "Log", "Erf", "Tanh", "Sigmoid", "Sin", "Cos", "HardSigmoid"], 4.0),
-    "Softmax": 5.0,  # max, subtract, exp, sum, divide
-    "LogSoftmax": 5.0,
-    "LayerNormalization": 8.0,  # mean, centre, square, mean, rsqrt, normalise, scale, shift
-    "SimplifiedLayerNormalization": 6.0,
-    "Gelu": 8.0, "FastGelu": 8.0, "BiasGelu": 9.0,
-    "BatchNormalization": 2.0, "InstanceNormalization": 8.0, "GroupNormalization": 8.0,
-    "DynamicQuantizeLinear": 3.0,  # min/max reduction, scale, round
-}
-REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare", "ArgMax", "ArgMin"}
-
-
-@dataclass
-class TensorUse:
-    """One tensor a node reads or writes: element count, stored dtype, and its role."""
-
-    elems: int
-    dtype: int
-    role: str  # "weight" | "input" | "output"
-
-    @property
-    def bytes(self) -> float:
-        return self.elems * DTYPE_BYTES.get(self.dtype, 4)
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_TYPES
-
-
-@dataclass
-class NodeCost:
-    name: str
-    op_type: str
-    kind: str  # "matmul" | "conv" | "elementwise" | "reduce" | "memory" | "view" | "fused"
-    macs: float = 0.0
-    flops: float = 0.0
-    precision: str = "fp32"  # the arithmetic's precision: fp32 | fp16 | bf16 | int8 | fp8
-    tensors: list[TensorUse] = field(default_factory=list)
-    weight: str | None = None  # initializer name of a MatMul/Gemm/Conv weight (for N:M checks)
-    shapes_known: bool = True
-
-    @property
-    def weight_bytes(self) -> float:
-        return sum(t.bytes for t in self.tensors if t.role == "weight")
-
-    @property
-    def activation_bytes(self) -> float:
-        return sum(t.bytes for t in self.tensors if t.role != "weight")
-
-    @property
-    def bytes(self) -> float:
-        return self.weight_bytes + self.activation_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op_type": self.op_type, "kind": self.kind, "precision": self.precision,
-                "macs": self.macs, "flops": self.flops, "weight_bytes": self.weight_bytes,
-                "activation_bytes": self.activation_bytes, "shapes_known": self.shapes_known}
-
-
-@dataclass
-class GraphCost:
-    nodes: list[NodeCost]
-    batch: int
-    precision: str  # the graph's precision (see graph_precision)
-    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict, repr=False)
-
-    @property
-    def macs(self) -> float:
-        return sum(n.macs for n in self.nodes)
-
-    @property
-    def flops(self) -> float:
-        return sum(n.flops for n in self.nodes)
-
-    @property
-    def bytes(self) -> float:
-        return sum(n.bytes for n in self.nodes)
-
-    @property
-    def weight_bytes(self) -> float:
-        return sum(n.weight_bytes for n in self.nodes)
-
-    @property
-    def unknown(self) -> list[str]:
-        return [n.name for n in self.nodes if not n.shapes_known]
-
-    def by_op(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for n in self.nodes:
-            row = out.setdefault(n.op_type, {"count": 0, "macs": 0.0, "flops": 0.0, "bytes": 0.0})
-            row["count"] += 1
-            row["macs"] += n.macs
-            row["flops"] += n.flops
-            row["bytes"] += n.bytes
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        return {"batch": self.batch, "precision": self.precision, "gmacs": self.macs / 1e9, "gflops": self.flops / 1e9,
-                "weight_mb": self.weight_bytes / 1e6, "total_mb": self.bytes / 1e6, "nodes": len(self.nodes),
-                "nodes_with_unknown_shapes": self.unknown}
-
-
-# Loading and shapes --------------------------------------------------------------------------------
-def load_graph(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export`")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and friends; all mean the same to a user
-        raise BadInputError(f"{path} is not a readable ONNX model ({type(exc).__name__}): export it again with `mimc export`") from exc
-
-
-def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A light copy for shape inference: big initializers become typed graph inputs (copying hundreds of
-    MB of weights only to read their dims is slow), and the first symbolic input dim becomes ``batch``."""
-    if batch < 1:
-        raise ConfigError(f"batch must be >= 1, got {batch}")
-    graph = onnx.GraphProto()
-    graph.name = model.graph.name
-    init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type in FUSED_ATTENTION:
-            stand_in, stand_in_inits = skeleton_nodes(node, init_dims.get(node.input[1]))
-            graph.node.extend(stand_in)
-            graph.initializer.extend(stand_in_inits)
-        elif node.op_type in CONTRIB_MATMULS:
-            # Shape stand-in onnx understands: cast both operands to float and MatMul them (same output shape).
-            a, b = (f"{node.output[0]}__mimc_shape_{i}" for i in "ab")
-            graph.node.extend([
-                onnx.helper.make_node("Cast", [node.input[0]], [a], to=TensorProto.FLOAT),
-                onnx.helper.make_node("Cast", [node.input[1]], [b], to=TensorProto.FLOAT),
-                onnx.helper.make_node("MatMul", [a, b], [node.output[0]]),
-            ])
-        else:
-            graph.node.append(node)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    init_names = set()
-    for init in model.graph.initializer:
-        init_names.add(init.name)
-        if math.prod(init.dims) <= 64:  # small ones may be shapes that shape inference folds
-            graph.initializer.append(init)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
-        inp = copy.deepcopy(inp)
-        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
-        for axis, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                if axis == 0 and d.dim_value != batch:
-                    raise ConfigError(
-                        f"input '{inp.name}' has a static batch of {d.dim_value}, not {batch}: export with a dynamic batch axis or use batch {d.dim_value}"
-                    )
-                continue
-            d.Clear()
-            d.dim_value = batch if axis == 0 else 1
-        graph.input.append(inp)
-    out = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    out.functions.extend(model.functions)
-    return out
-
-
-def _infer(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
-    """Tensor name -> (dtype, concrete shape or None) after ONNX shape inference with data propagation."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # a custom op can stop onnx's inference; ORT's symbolic inference may still work
-        inferred = model
-    info = _collect(inferred)
-    missing = _missing(inferred, info)
-    if missing:
-        try:  # ORT's symbolic inference folds Shape->Gather->Concat->Expand chains onnx leaves open
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            symbolic = _in_temp_dir(lambda: SymbolicShapeInference.infer_shapes(model, auto_merge=True))
-            sym_info = _collect(symbolic)
-            if _missing(symbolic, sym_info) < missing:
-                info = {**info, **{k: v for k, v in sym_info.items() if v[1] is not None}}
-        except Exception:  # not installed, or it gave up: keep onnx's answer
-            pass
-    return info
-
-
-def _in_temp_dir(fn):
-    """Run ``fn`` from a scratch directory: ORT's symbolic inference drops sym_shape_infer_temp.onnx
-    into the working directory when it gives up, and mimc must not litter the user's folder."""
-    import os
-    import tempfile
-
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="mimc-shapes-") as tmp:
-        os.chdir(tmp)
-        try:
-            return fn()
-        finally:
-            os.chdir(cwd)
-
-
-def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
-    info: dict[str, tuple[int, list[int] | None]] = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            continue
-        shape: list[int] | None = []
-        if not tt.HasField("shape"):
-            shape = None
-        else:
-            for d in tt.shape.dim:
-                if d.HasField("dim_value") and d.dim_value >= 0:
-                    shape.append(int(d.dim_value))
-                else:
-                    shape = None
-                    break
-        info[vi.name] = (tt.elem_type, shape)
-    for init in model.graph.initializer:
-        info[init.name] = (init.data_type, list(init.dims))
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    info[node.output[0]] = (a.t.data_type, list(a.t.dims))
-    return info
-
-
-def _missing(model: onnx.ModelProto, info: dict) -> int:
-    return sum(
-        1 for n in model.graph.node if n.op_type not in VIEW_OPS and n.output and info.get(n.output[0], (0, None))[1] is None
-    )
+from .flops_costs import (
+    CONTRIB_MATMULS,
+    CONV_OPS,
+    DTYPE_BYTES,
+    ELEMENTWISE_FLOPS,
+    FLOAT8_TYPES,
+    FLOAT_TYPES,
+    INT8_TYPES,
+    MATMUL_OPS,
+    QDQ_OPS,
+    REDUCE_OPS,
+    VIEW_OPS,
+    GraphCost,
+    NodeCost,
+    TensorUse,
+    precision_of_dtype,
+)
+from .flops_fused import FUSED_ATTENTION, qattention_costs
+from .flops_shapes import load_graph, tensor_info
 
 
 # Counting ------------------------------------------------------------------------------------------
@@ -301,18 +56,10 @@ def _numel(shape: list[int] | None) -> int:
     return int(math.prod(shape)) if shape is not None else 0
 
 
-def precision_of_dtype(dtype: int) -> str:
-    if dtype in FLOAT8_TYPES:
-        return "fp8"
-    if dtype in INT8_TYPES:
-        return "int8"
-    return {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}.get(dtype, "fp32")
-
-
 def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCost:
     """Per-node MACs, FLOPs and bytes of ``model`` run at ``batch`` (see the module docstring)."""
     model = load_graph(model)
-    info = _infer(_skeleton(model, batch))
+    info = tensor_info(model, batch)
     graph = model.graph
     for init in graph.initializer:  # dtypes and dims straight from the weights
         info[init.name] = (init.data_type, list(init.dims))
@@ -442,3 +189,12 @@ def graph_precision(model: str | Path | onnx.ModelProto) -> str:
     if TensorProto.BFLOAT16 in floats:
         return "bf16"
     return "fp32"
+
+
+# Public names, including those defined in flops_costs / flops_shapes (``from mimc.profile.flops import X``).
+__all__ = [
+    "count_graph", "graph_precision", "load_graph", "tensor_info", "precision_of_dtype",
+    "TensorUse", "NodeCost", "GraphCost",
+    "DTYPE_BYTES", "FLOAT8_TYPES", "INT8_TYPES", "FLOAT_TYPES", "CONTRIB_MATMULS", "MATMUL_OPS", "CONV_OPS",
+    "QDQ_OPS", "VIEW_OPS", "ELEMENTWISE_FLOPS", "REDUCE_OPS",
+]
