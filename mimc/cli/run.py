@@ -69,6 +69,11 @@ def summarize(entry: dict) -> str:
     parts = []
     if isinstance(fid, dict) and isinstance(fid.get("pooled_cosine_mean", fid.get("cosine")), (int, float)):
         parts.append(f"pooled cosine to its input {fid.get('pooled_cosine_mean', fid.get('cosine')):.4f}")
+    if not parts and isinstance(metrics.get("fidelity_pooled_cosine"), (int, float)):  # learning stages
+        against = f"the teacher ({metrics['teacher']})" if "teacher" in metrics else "its input"
+        parts.append(f"pooled cosine to {against} {metrics['fidelity_pooled_cosine']:.4f}")
+        if isinstance(metrics.get("fidelity_before_pooled_cosine"), (int, float)):
+            parts[-1] += f" (before {metrics['fidelity_before_pooled_cosine']:.4f})"
     if isinstance(metrics.get("macs_ratio"), (int, float)):
         parts.append(f"MACs x{metrics['macs_ratio']:.3f}")
     return ", ".join(parts)
