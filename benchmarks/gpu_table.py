@@ -45,12 +45,13 @@ def variants(encoder, device_profile, calib, held, tmp: Path):
     from mimc.compress.registry import compress
     from mimc.export.onnx import export_onnx
 
+    # exist_ok everywhere: a rerun into the same --out (to reuse its timing cache) must not die here.
     dense = tmp / "dense" / "model.onnx"
-    dense.parent.mkdir()
+    dense.parent.mkdir(exist_ok=True)
     export_onnx(encoder, dense, batch="dynamic")
     yield "dense fp16", dense, "fp16"
     half, _ = compress(encoder, BlockPruningConfig(ratio=0.5))
-    (tmp / "half").mkdir()
+    (tmp / "half").mkdir(exist_ok=True)
     export_onnx(half, tmp / "half" / "model.onnx", batch="dynamic")
     yield "50% blocks fp16", tmp / "half" / "model.onnx", "fp16"
     for precision in ("int8", "fp8"):
@@ -59,7 +60,7 @@ def variants(encoder, device_profile, calib, held, tmp: Path):
             quantize_onnx(dense, out, calib.batches(8), QuantizeConfig(precision=precision, target="tensorrt"), held.batches(8))
             yield precision, out, None
     sparse, _ = compress(encoder, NMSparsityConfig(pattern="2:4"))
-    (tmp / "nm").mkdir()
+    (tmp / "nm").mkdir(exist_ok=True)
     export_onnx(sparse, tmp / "nm" / "model.onnx", batch="dynamic")
     yield "2:4 fp16", tmp / "nm" / "model.onnx", "fp16"
 

@@ -23,7 +23,7 @@ from ..profile.devices import PRECISIONS, DeviceProfile
 from ..profile.flops import graph_precision, load_graph
 from ..profile.roofline import read_nm_pattern
 from ..profile.trt import (SIDECAR_FORMAT, SIDECAR_VERSION, CudaDevice, check_profile_matches_gpu, import_tensorrt,
-                           make_logger, parse_sparsity_log, runtime_info, sidecar_path)
+                           make_logger, one_line, parse_sparsity_log, runtime_info, sidecar_path, tensorrt_major)
 
 # Kept in fp32 by the fp16 writer: LayerNorm statistics and softmax overflow or lose too much in fp16.
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]
@@ -179,8 +179,9 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
 
     start = time.perf_counter()
     logger = make_logger(trt)
-    serialized, cache_bytes = _build(trt, logger, graph_file, settings, timing_cache)
+    serialized, cache_bytes, cache_note = _build(trt, logger, graph_file, settings, timing_cache)
     build_seconds = time.perf_counter() - start
+    notes = list(settings["notes"]) + ([cache_note] if cache_note else [])
     sparsity = parse_sparsity_log([m for _, m in logger.messages])
     inspector_sparse = _inspect_sparse_tactics(trt, logger, serialized) if settings["sparse"] else None
     picked = None
@@ -202,24 +203,27 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
         "batch_range": settings["batch_range"], "timing_cache": str(timing_cache) if timing_cache else None,
         "sparse": {"requested": settings["sparse"], "eligible_layers": sparsity["eligible"],
                    "picked_layers": sparsity["picked"], "inspector_sparse_layers": inspector_sparse, "picked": picked},
-        "fp16_graph_fidelity": fp16, "notes": settings["notes"], "build_seconds": build_seconds, "engine_bytes": out_path.stat().st_size,
+        "fp16_graph_fidelity": fp16, "notes": notes, "build_seconds": build_seconds, "engine_bytes": out_path.stat().st_size,
         "engine_sha256": sha256_file(out_path), "mimc_version": mimc_version(), "created": now_iso(),
     }
     write_json(sidecar_path(out_path), sidecar)
     return sidecar
 
 
-def _build(trt, logger, graph_file: Path, settings: dict[str, Any], timing_cache) -> tuple[Any, bytes | None]:
+def _build(trt, logger, graph_file: Path, settings: dict[str, Any], timing_cache) -> tuple[Any, bytes | None, str | None]:
+    """Serialized engine, the updated timing cache (None: leave the file alone) and a note about the cache."""
     builder = trt.Builder(logger)
     flags = 0
     for flag in settings["network_flags"]:
         value = getattr(trt.NetworkDefinitionCreationFlag, flag, None)
-        if value is not None:  # a TensorRT that dropped the flag is strongly typed anyway (11 deprecated it)
+        if value is not None:
             flags |= 1 << int(value)
+        elif (tensorrt_major(trt) or 0) < 11:  # 11 made strong typing the only mode; before that the flag is the contract
+            raise MimcError(f"this TensorRT ({trt.__version__}) has no NetworkDefinitionCreationFlag.{flag}: install TensorRT >= 10")
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, logger)  # kept alive until the build: the network uses the parser's weights
     if not parser.parse_from_file(str(graph_file)):  # from file: external weights beside the graph resolve
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        errors = [one_line(parser.get_error(i)) for i in range(parser.num_errors)]
         raise MimcError(f"TensorRT could not parse {graph_file.name}: {errors[0] if errors else 'no reason given'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace_bytes"])
@@ -229,17 +233,43 @@ def _build(trt, logger, graph_file: Path, settings: dict[str, Any], timing_cache
     opt = builder.create_optimization_profile()
     for name, s in settings["shapes"].items():
         opt.set_shape(name, s["min"], s["opt"], s["max"])
-    config.add_optimization_profile(opt)
-    cache = None
-    if timing_cache is not None:
-        data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.add_optimization_profile(opt) < 0:  # returns the profile's index, -1 when TensorRT rejects it
+        raise MimcError(f"TensorRT rejected the optimization profile {settings['shapes']}: {one_line('; '.join(logger.errors()[-1:])) or 'no reason given'}")
+    cache, note = _attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise MimcError(f"TensorRT failed to build an engine from {graph_file.name}: {'; '.join(logger.errors()[-2:]) or 'see the log above'}")
-    cache_bytes = bytes(config.get_timing_cache().serialize()) if cache is not None else None
-    return serialized, cache_bytes
+        raise MimcError(f"TensorRT failed to build an engine from {graph_file.name}: {one_line('; '.join(logger.errors()[-2:])) or 'see the log above'}")
+    cache_bytes = None
+    if cache is not None:
+        updated = config.get_timing_cache()
+        cache_bytes = bytes(updated.serialize()) if updated is not None else None
+    return serialized, cache_bytes, note
+
+
+def _attach_timing_cache(config, timing_cache) -> tuple[Any, str | None]:
+    """Load ``timing_cache`` (or start an empty one) into ``config``.
+
+    TensorRT signals an unusable cache file without raising: ``create_timing_cache`` returns None for
+    a blob it cannot read, and ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a
+    cache from another GPU or TensorRT version (IBuilderConfig / ITimingCache docs: a cache is only
+    valid for the exact TensorRT version and device properties that made it). Such a file is not
+    used and not overwritten (it may be another machine's); the build goes on with a fresh in-memory
+    cache and says so in the sidecar notes.
+    """
+    if timing_cache is None:
+        return None, None
+    path = Path(timing_cache)
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache, None
+    if not data:
+        raise MimcError("TensorRT could not create an empty timing cache: build without --timing-cache")
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise MimcError("TensorRT could not create an empty timing cache: build without --timing-cache")
+    return None, (f"timing cache {path.name} was made by another TensorRT version or GPU (or is damaged): "
+                  "built without it and left the file unchanged; pass a new --timing-cache path to keep one for this machine")
 
 
 def _inspect_sparse_tactics(trt, logger, serialized) -> list[str] | None:

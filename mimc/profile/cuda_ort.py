@@ -26,6 +26,30 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
        "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
+def _load_cuda_libraries(ort) -> None:
+    """Make CUDA/cuDNN loadable before the CUDA provider is created.
+
+    onnxruntime-gpu (1.19+, CUDA 12 / cuDNN 9 wheels) does not bundle CUDA or cuDNN; its docs
+    (CUDA Execution Provider, "Compatibility with PyTorch" / preload_dlls, onnxruntime 1.21+) say
+    importing a compatible CUDA torch first is enough, else ``onnxruntime.preload_dlls()`` loads them
+    from the nvidia-* pip packages. Without either, the provider fails to load and ORT silently
+    falls back to the CPU, which :func:`cuda_session` then reports.
+    """
+    try:
+        import torch
+
+        if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
+            return
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # best effort: the provider check below gives the actionable message
+            pass
+
+
 def cuda_session(onnx_path: str | Path, device_id: int = 0):
     ort = require("onnxruntime", "gpu", "profiling on ONNX Runtime's CUDA provider")
     if PROVIDER not in ort.get_available_providers():
@@ -35,9 +59,13 @@ def cuda_session(onnx_path: str | Path, device_id: int = 0):
         )
     if not Path(onnx_path).is_file():
         raise BadInputError(f"ONNX file {onnx_path} does not exist: export one with `mimc export`")
+    _load_cuda_libraries(ort)
     sess = ort.InferenceSession(str(onnx_path), providers=[(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"])
     if sess.get_providers()[0] != PROVIDER:  # ORT falls back silently when CUDA cannot initialise
-        raise DeviceUnavailableError(f"ONNX Runtime could not start the CUDA provider (got {sess.get_providers()}): check the CUDA/cuDNN install")
+        raise DeviceUnavailableError(
+            f"ONNX Runtime could not start the CUDA provider (got {sess.get_providers()}): install CUDA and cuDNN "
+            "libraries matching onnxruntime-gpu (a CUDA build of torch provides them)"
+        )
     return sess
 
 
@@ -60,10 +88,14 @@ def measure_session(sess, batch: int, warmup: int, iters: int, device: str = "cu
         binding.bind_output(out.name, device, device_id)
     for _ in range(warmup):
         sess.run_with_iobinding(binding)
+    binding.synchronize_outputs()
     samples = []
     for _ in range(iters):
         t0 = clock()
         sess.run_with_iobinding(binding)
+        # Run() already waits for the provider's stream unless a run option disables it; waiting on the
+        # bound outputs as well (IOBinding.synchronize_outputs) keeps the clock honest if that changes.
+        binding.synchronize_outputs()
         samples.append((clock() - t0) * 1e3)
     stats = percentiles(samples)
     return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"], **flat_stats(stats, batch)}

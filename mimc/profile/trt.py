@@ -19,16 +19,34 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInputError, ConfigError, DeviceUnavailableError, MimcError, require
+from ..errors import BadInputError, ConfigError, DeviceUnavailableError, MimcError, MissingExtraError, require
 from .devices import DeviceProfile
 
 SIDECAR_FORMAT = "mimc-tensorrt-engine"
 SIDECAR_VERSION = 1
 INSTALL_HINT = "pip install 'mimc[gpu]'"
+MIN_TENSORRT = 10
+
+
+def tensorrt_major(trt) -> int | None:
+    """Major version from ``trt.__version__`` ('10.9.0.34' -> 10); None when it is unreadable."""
+    m = re.match(r"\s*(\d+)", str(getattr(trt, "__version__", "")))
+    return int(m.group(1)) if m else None
 
 
 def import_tensorrt():
-    return require("tensorrt", "gpu", "building or running TensorRT engines")
+    """``tensorrt``, refused below 10: the build relies on strongly typed networks (STRONGLY_TYPED,
+    10.0+) and the name-based I/O API (execute_async_v3, set_tensor_address). On 8.x the flag is
+    absent, so a Q/DQ or fp16 graph would silently build as a weakly typed fp32 engine (explicit
+    quantization also needed BuilderFlag.INT8 there) -- a JetPack 5 Orin or an old container has 8.x."""
+    trt = require("tensorrt", "gpu", "building or running TensorRT engines")
+    major = tensorrt_major(trt)
+    if major is not None and major < MIN_TENSORRT:
+        raise MissingExtraError(
+            f"TensorRT {trt.__version__} is too old: mimc needs TensorRT >= {MIN_TENSORRT} (strongly typed networks): "
+            f"pip install -U 'tensorrt>={MIN_TENSORRT}' or {INSTALL_HINT}"
+        )
+    return trt
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -62,6 +80,9 @@ class CudaDevice:
     def alloc(self, nbytes: int) -> int:
         buf = self._torch.zeros(max(1, int(nbytes)), dtype=self._torch.uint8, device=f"cuda:{self.index}")
         self._buffers.append(buf)  # kept alive until free(): TensorRT only holds the raw pointer
+        # The zero fill runs on torch's current stream, TensorRT on self._stream (torch's pool streams
+        # do not wait for the default stream): finish the fill before TensorRT may read the buffer.
+        self._torch.cuda.current_stream(self.index).synchronize()
         return buf.data_ptr()
 
     def free(self) -> None:
@@ -131,16 +152,33 @@ def load_sidecar(engine_path: str | Path) -> dict[str, Any]:
 
 # TensorRT callbacks ---------------------------------------------------------------------------------
 def make_logger(trt, echo_warnings: bool = True):
-    """A TensorRT logger that keeps every message (the sparsity report is an INFO line)."""
+    """The process's TensorRT logger, its message list emptied: one build or profile at a time reads it.
+
+    TensorRT keeps a single logger pointer per process: a Builder or Runtime made with a different
+    logger while an earlier builder, runtime or engine is alive gets the first one ("TensorRT maintains
+    only a single logger pointer at any given time", NVIDIA/TensorRT#1475, #1539). A fresh logger per
+    build would then miss its own build's sparsity lines, so every call returns the same object.
+    VERBOSE lines are dropped: a ViT-B build emits tens of thousands (every tactic timed) and nothing
+    here reads them; the sparsity report is INFO.
+    """
+    cached = getattr(trt, "_mimc_logger", None)
+    if cached is not None:
+        cached.messages.clear()
+        cached.echo = echo_warnings
+        return cached
+    severity = trt.ILogger.Severity
 
     class CapturingLogger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.messages: list[tuple[Any, str]] = []
+            self.echo = echo_warnings
 
-        def log(self, severity, msg):
-            self.messages.append((severity, msg))
-            if echo_warnings and severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+        def log(self, sev, msg):
+            if sev == severity.VERBOSE:
+                return
+            self.messages.append((sev, msg))
+            if self.echo and sev in (severity.ERROR, severity.INTERNAL_ERROR):
                 from rich.markup import escape
 
                 from ..cli.common import console
@@ -148,10 +186,17 @@ def make_logger(trt, echo_warnings: bool = True):
                 console.print(f"[yellow]TensorRT:[/] {escape(str(msg))}", highlight=False, soft_wrap=True)
 
         def errors(self) -> list[str]:
-            bad = (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)
+            bad = (severity.ERROR, severity.INTERNAL_ERROR)
             return [m for s, m in self.messages if s in bad]
 
-    return CapturingLogger()
+    logger = CapturingLogger()
+    trt._mimc_logger = logger  # lives as long as the module: TensorRT may call it until exit
+    return logger
+
+
+def one_line(text: Any) -> str:
+    """TensorRT messages (parser errors especially) span lines; mimc errors are one line."""
+    return " ".join(str(text).split())
 
 
 def make_layer_profiler(trt):
@@ -242,27 +287,24 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
     logger = make_logger(trt)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
-        raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {'; '.join(logger.errors()[-2:]) or 'no reason given'}")
+        raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {one_line('; '.join(logger.errors()[-2:])) or 'no reason given'}")
     free_before, total = device.mem_info()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     results = []
     for b in batches:
         context = engine.create_execution_context()
-        for name in inputs:
-            shape = list(engine.get_tensor_shape(name))
-            shape[0] = b
-            context.set_input_shape(name, shape)
-        for name in names:
-            shape = list(context.get_tensor_shape(name))
-            context.set_tensor_address(name, device.alloc(math.prod(shape) * _itemsize(trt, engine.get_tensor_dtype(name))))
+        if context is None:  # TensorRT returns None when it cannot allocate the context's activations
+            raise MimcError(f"TensorRT could not create an execution context for {Path(engine_path).name}: "
+                            f"{one_line('; '.join(logger.errors()[-2:])) or 'out of device memory?'}")
+        _bind(trt, engine, context, device, names, inputs, b, logger)
         for _ in range(warmup):
-            context.execute_async_v3(device.stream_handle)
+            _enqueue(context, device, logger)
         device.synchronize()
         events = [(device.event(), device.event()) for _ in range(iters)]
         for start, end in events:
             device.record(start)
-            context.execute_async_v3(device.stream_handle)
+            _enqueue(context, device, logger)
             device.record(end)
         device.synchronize()
         stats = percentiles([device.elapsed_ms(s, e) for s, e in events])
@@ -270,7 +312,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
         free_now, _ = device.mem_info()
         row["device_memory_used_bytes"] = max(0, free_before - free_now)
         if layer_iters:
-            row["layers"] = _layer_times(trt, engine, context, device, layer_iters)
+            row["layers"] = _layer_times(trt, engine, context, device, layer_iters, logger)
         results.append(row)
         del context
         device.free()
@@ -287,12 +329,42 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
     }
 
 
-def _layer_times(trt, engine, context, device, n: int) -> list[dict[str, Any]]:
-    """Mean time per layer over ``n`` profiled runs, slowest first."""
+def _bind(trt, engine, context, device, names: list[str], inputs: list[str], batch: int, logger) -> None:
+    """Set the input shapes for ``batch`` and give every I/O tensor a device buffer.
+
+    The setters return False (with a logged error) instead of raising: a shape outside the engine's
+    optimization profile, or an address TensorRT refuses, must stop here, not as garbage timings.
+    """
+    for name in inputs:
+        shape = list(engine.get_tensor_shape(name))
+        shape[0] = batch
+        if not context.set_input_shape(name, shape):
+            raise MimcError(f"TensorRT refused input shape {shape} for '{name}': {one_line('; '.join(logger.errors()[-1:])) or 'outside the engine profile'}")
+    for name in names:
+        shape = list(context.get_tensor_shape(name))
+        if any(int(d) < 0 for d in shape):  # -1 left after the inputs are set: a data-dependent output
+            raise MimcError(f"tensor '{name}' has unresolved shape {shape} at batch {batch}: mimc profiles only static-shaped outputs")
+        nbytes = math.prod(int(d) for d in shape) * _itemsize(trt, engine.get_tensor_dtype(name))
+        if not context.set_tensor_address(name, device.alloc(nbytes)):
+            raise MimcError(f"TensorRT refused the buffer for '{name}': {one_line('; '.join(logger.errors()[-1:])) or 'no reason given'}")
+
+
+def _enqueue(context, device, logger) -> None:
+    # execute_async_v3 reports failure by returning False (TensorRT 10 Python API), not by raising.
+    if not context.execute_async_v3(device.stream_handle):
+        raise MimcError(f"TensorRT execution failed: {one_line('; '.join(logger.errors()[-2:])) or 'no reason given'}")
+
+
+def _layer_times(trt, engine, context, device, n: int, logger) -> list[dict[str, Any]]:
+    """Mean time per layer over ``n`` profiled runs, slowest first.
+
+    With a profiler attached and ``enqueue_emits_profile`` at its default (True), TensorRT makes
+    enqueue synchronous and reports every layer to the profiler (IExecutionContext docs).
+    """
     profiler = make_layer_profiler(trt)
     context.profiler = profiler
     for _ in range(n):
-        context.execute_async_v3(device.stream_handle)
+        _enqueue(context, device, logger)
         device.synchronize()
     rows = [{"layer": k, "ms": sum(v) / len(v)} for k, v in profiler.ms.items()]
     total = sum(r["ms"] for r in rows) or 1.0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import numpy as np
 import onnx
@@ -17,9 +16,9 @@ from mimc.profile.devices import load_profile
 from mimc.profile.flops import graph_precision
 from mimc.profile.trt import check_engine_compat, parse_sparsity_log, profile_engine, sidecar_path
 from tests.conftest import tiny_config
+from tests.export.fake_tensorrt import H100, FakeDevice, fake_tensorrt
 
 DYNAMIC = {"pixel_values": [None, 3, 32, 32]}
-H100 = ("NVIDIA H100 80GB HBM3", "9.0")
 
 
 # Pure settings ---------------------------------------------------------------------------------------
@@ -97,182 +96,6 @@ def test_engine_compatibility_check(tmp_path):
         check_engine_compat(side, {**here, "tensorrt_version": "11.4.0"}, "e.plan")
     with pytest.raises(BadInputError, match="not a mimc engine sidecar"):
         check_engine_compat({}, here, "e.plan")
-
-
-# A fake `tensorrt` ---------------------------------------------------------------------------------
-class FakeDevice:
-    """CUDA stand-in: a virtual clock that each enqueue advances by 1.5 ms per image."""
-
-    def __init__(self, name=H100[0], cc=H100[1]):
-        self.name, self.compute_capability, self.now, self.stream_handle, self.allocs = name, cc, 0.0, 7, []
-
-    def alloc(self, nbytes):
-        self.allocs.append(nbytes)
-        return 1000 + len(self.allocs)
-
-    def free(self):
-        pass
-
-    def event(self):
-        return types.SimpleNamespace(t=None)
-
-    def record(self, ev):
-        ev.t = self.now
-
-    def elapsed_ms(self, a, b):
-        return b.t - a.t
-
-    def synchronize(self):
-        pass
-
-    def mem_info(self):
-        return (70 << 30, 80 << 30)
-
-
-def fake_tensorrt(device: FakeDevice, calls: dict, picked=("fc2",)):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.9.0"
-    sev = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
-
-    class ILogger:
-        Severity = sev
-
-        def __init__(self):
-            pass
-
-    class IProfiler:
-        def __init__(self):
-            pass
-
-    trt.ILogger, trt.IProfiler = ILogger, IProfiler
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(SPARSE_WEIGHTS="SPARSE_WEIGHTS")
-    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
-    trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    trt.nptype = lambda dtype: np.float32
-
-    class Cache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return self.data + b"+tuned"
-
-    class Config:
-        def __init__(self):
-            self.flags, self.profiles, self.cache, self.profiling_verbosity = [], [], None, None
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["workspace"] = (pool, size)
-
-        def set_flag(self, flag):
-            self.flags.append(flag)
-
-        def add_optimization_profile(self, p):
-            self.profiles.append(p)
-
-        def create_timing_cache(self, data):
-            calls["cache_in"] = data
-            return Cache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes[name] = (list(lo), list(opt), list(hi))
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            calls["network_flags"] = flags
-            return types.SimpleNamespace()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            calls["builder_flags"], calls["profiles"] = list(config.flags), [p.shapes for p in config.profiles]
-            calls["verbosity"] = config.profiling_verbosity
-            if "SPARSE_WEIGHTS" in config.flags:
-                self.logger.log(sev.INFO, "(Sparsity) Layers eligible for sparse math: fc1, fc2")
-                self.logger.log(sev.INFO, f"(Sparsity) TRT inference plan picked sparse implementation for layers: {', '.join(picked)}")
-            return b"ENGINE-BYTES"
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.num_errors = 0
-
-        def parse_from_file(self, path):
-            calls["parsed"] = path
-            return True
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.shapes, self.profiler = engine, {}, None
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = list(shape)
-
-        def get_tensor_shape(self, name):
-            b = self.shapes["pixel_values"][0]
-            return [b, 3, 32, 32] if name == "pixel_values" else [b, 64]
-
-        def set_tensor_address(self, name, ptr):
-            calls.setdefault("addresses", set()).add(name)
-
-        def execute_async_v3(self, stream):
-            device.now += 1.5 * self.shapes["pixel_values"][0]
-            if self.profiler is not None:
-                self.profiler.report_layer_time("fc1", 1.0)
-                self.profiler.report_layer_time("fc2", 0.5)
-            return True
-
-    class Engine:
-        num_io_tensors = 2
-        device_memory_size_v2 = 12345
-
-        def get_tensor_name(self, i):
-            return ["pixel_values", "pooled"][i]
-
-        def get_tensor_mode(self, name):
-            return "in" if name == "pixel_values" else "out"
-
-        def get_tensor_shape(self, name):
-            return [-1, 3, 32, 32] if name == "pixel_values" else [-1, 64]
-
-        def get_tensor_dtype(self, name):
-            return "float"
-
-        def create_execution_context(self):
-            return Context(self)
-
-        def create_engine_inspector(self):
-            layers = [{"Name": "fc1", "TacticName": "sm90_xmma_gemm"}, {"Name": "fc2", "TacticName": "sm90_xmma_sparse_gemm"}]
-            return types.SimpleNamespace(get_engine_information=lambda fmt: json.dumps({"Layers": layers}))
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine() if data == b"ENGINE-BYTES" else None
-
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
-    return trt
 
 
 @pytest.fixture(scope="module")
