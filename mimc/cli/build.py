@@ -20,7 +20,9 @@ def print_build(side: dict[str, Any], engine: Path) -> None:
     table.add_row("batch min:opt:max", ":".join(map(str, side["batch_range"])))
     sparse = side["sparse"]
     if sparse["requested"]:
-        picked = {True: f"[green]yes[/] ({len(sparse['picked_layers'])} layers)", False: "[yellow]no[/] (dense kernels were faster)",
+        # The log names the layers; when only the engine inspector saw sparse tactics, count those.
+        n_sparse = len(sparse["picked_layers"]) or len(sparse.get("inspector_sparse_layers") or [])
+        picked = {True: f"[green]yes[/] ({n_sparse} layers)", False: "[yellow]no[/] (dense kernels were faster)",
                   None: "unknown (TensorRT did not say)"}[sparse["picked"]]
         table.add_row("sparse kernels picked", picked)
     else:

@@ -6,6 +6,9 @@ References:
     set_tensor_address, execute_async_v3), IProfiler, IEngineInspector. github.com/NVIDIA/TensorRT,
     samples/python/common_runtime.py and trtexec's timing (warm-up, then CUDA-event timed enqueues,
     percentiles). Engines are tied to the GPU model and TensorRT version that built them, hence the sidecar.
+    Python binding conventions checked against NVIDIA/TensorRT python/src/infer/pyCore.cpp (10.x): the
+    runtime setters and execute_async_v3 return False on failure instead of raising; Runtime keeps its
+    logger alive and an engine its runtime (keep_alive), so temporaries are safe.
 
 Timing: every iteration is bracketed by CUDA events recorded on the stream around ``execute_async_v3``,
 so host overhead between launches does not count; per-layer times come from a separate run with an

@@ -240,10 +240,30 @@ def test_real_engine_build_and_profile(tmp_path, tiny_graph):
     profile = load_profile(profiles[device.compute_capability])
     if device.compute_capability == "8.9" and "4090" in device.name:
         profile = load_profile("rtx-4090")
-    side = build_engine(tiny_graph, profile, tmp_path / "e.plan", batch_range="1:2:4", precision="fp16", workspace_gb=1)
-    assert side["gpu_name"] == device.name
-    report = profile_engine(tmp_path / "e.plan", profile, batch_sizes=[1, 4], warmup=5, iters=20)
+    cache = tmp_path / "trt.cache"
+    side = build_engine(tiny_graph, profile, tmp_path / "e.plan", batch_range="1:2:4", precision="fp16", workspace_gb=1,
+                        timing_cache=cache)
+    assert side["gpu_name"] == device.name and cache.stat().st_size > 0
+    # A second build in the same process reuses the cache and the process-wide logger.
+    again = build_engine(tiny_graph, profile, tmp_path / "e2.plan", batch_range="1:2:4", precision="fp16", workspace_gb=1,
+                         timing_cache=cache)
+    assert not [n for n in again["notes"] if "timing cache" in n]
+    report = profile_engine(tmp_path / "e.plan", profile, batch_sizes=[1, 4], warmup=5, iters=20, layer_iters=3)
     assert [r["batch"] for r in report["results"]] == [1, 4] and report["results"][0]["latency_ms"]["p50"] > 0
+    layers = report["results"][0]["layers"]  # IProfiler callbacks from execute_async_v3
+    assert layers and sum(r["share"] for r in layers) == pytest.approx(1.0)
+    assert report["memory"]["activation_bytes"] >= 0
+
+
+@pytest.mark.gpu
+def test_real_onnxruntime_cuda_provider(tiny_graph):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider (install onnxruntime-gpu)")
+    from mimc.profile.cuda_ort import profile_onnx_cuda
+
+    report = profile_onnx_cuda(tiny_graph, load_profile("h100"), batch_sizes=[1, 2], warmup=2, iters=10)
+    assert [r["batch"] for r in report["results"]] == [1, 2] and report["results"][0]["latency_ms"]["p50"] > 0
 
 
 # The CLI -------------------------------------------------------------------------------------------

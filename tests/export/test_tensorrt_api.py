@@ -182,3 +182,16 @@ def test_gpu_table_variants_can_rerun_into_the_same_folder(tmp_path):
     for _ in range(2):  # the second run used to die on mkdir (FileExistsError)
         name, graph, precision = next(gpu_table.variants(encoder, load_profile("h100"), None, None, tmp_path))
         assert (name, precision) == ("dense fp16", "fp16") and graph.is_file()
+
+
+def test_cli_counts_sparse_layers_the_inspector_saw(tmp_path, graphs, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mimc.cli.app import app
+
+    device, _, _ = _fake(monkeypatch, picked=())  # the log names no layer; the engine inspector sees fc2
+    monkeypatch.setattr("mimc.export.tensorrt.CudaDevice", lambda: device)
+    out = tmp_path / "nm.plan"
+    result = CliRunner().invoke(app, ["build", str(graphs[1]), "--device", "h100", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "yes (1 layers)" in result.output
