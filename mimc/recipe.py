@@ -64,12 +64,15 @@ class ProfileOptions(StageConfig):
     warmup: int = 10
     iters: int = 50
     threads: int | None = None
+    precision: str | None = None  # predict only: price the graph at this precision (an fp16 engine from fp32)
 
     def __post_init__(self) -> None:
         from .profile.devices import load_profile
 
-        load_profile(self.device)  # unknown device / bad YAML: one line, before any work
+        prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
         _check_bool(self, "predict", "baseline")
+        if self.precision is not None and (not self.predict or not prof.supports(self.precision)):
+            raise ConfigError(f"profile precision {self.precision!r} needs predict: true and a device that runs it ({prof.name}: {list(prof.precisions)})")
         if self.warmup < 0 or self.iters < 1 or (self.threads is not None and self.threads < 1):
             raise ConfigError(f"profile needs warmup >= 0, iters >= 1, threads >= 1 (got {self.warmup}, {self.iters}, {self.threads})")
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):

@@ -127,7 +127,7 @@ def _profile(tmp: Path, graph: Path, options, source, export_options) -> dict[st
     from .profile.run import profile
 
     kwargs = dict(device=options.device, predict=options.predict, batch_sizes=list(options.batch_sizes) or None,
-                  warmup=options.warmup, iters=options.iters, threads=options.threads)
+                  warmup=options.warmup, iters=options.iters, threads=options.threads, precision=options.precision)
     entry: dict[str, Any] = {"file": graph.name, "result": profile(graph, **kwargs)}
     if options.baseline:
         with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:

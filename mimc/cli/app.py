@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "sparsify",
     "distill",
     "run",
+    "search",
 ]
 
 for _name in COMMAND_MODULES:

@@ -67,11 +67,14 @@ def _import(module: str, purpose: str):
 
 def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = False,
             batch_sizes: Sequence[int] | str | None = None, warmup: int = 10, iters: int = 50,
-            threads: int | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+            threads: int | None = None, on_batch: Callable[[int], None] | None = None,
+            precision: str | None = None) -> dict[str, Any]:
     """Latency report for ``model_path`` on ``device`` (a profile name or YAML path).
 
     ``batch_sizes`` None: the graph's static batch (or the profile's ``batch_sizes`` when the batch
-    is dynamic); ``threads`` None: the profile's ``threads``, else every core.
+    is dynamic); ``threads`` None: the profile's ``threads``, else every core. ``precision`` (with
+    ``predict`` only) prices the graph at that precision, e.g. an fp32 graph as the fp16 engine
+    TensorRT would build from it.
     """
     from .devices import load_profile
 
@@ -83,6 +86,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if threads is not None and threads < 1:
         raise BadInputError(f"--threads must be >= 1, got {threads}: pass e.g. --threads 2")
     is_engine = path.suffix in ENGINE_SUFFIXES
+    if precision is not None and not predict:
+        raise BadInputError(f"a precision override ({precision}) prices a graph by roofline: pass --predict, or profile a graph/engine built at {precision}")
 
     if predict:
         if is_engine:
@@ -93,7 +98,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         for b in sizes:
             if on_batch is not None:
                 on_batch(b)
-            results.append(roofline.predict(path, prof, batch=b))
+            results.append(roofline.predict(path, prof, batch=b, precision=precision))
         return _envelope("predicted", path, prof, results, note="a roofline lower bound, not a measurement")
 
     if prof.backend == "onnxruntime-cpu":
