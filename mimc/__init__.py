@@ -1,7 +1,8 @@
 """mimc: compress masked-image-modeling encoders into small, fast, validated deployables.
 
 The public verbs (each CLI command is a thin shell around one):
-``load``, ``save``, ``compress``, ``export_onnx``, ``quantize``, ``build_engine``, ``profile``;
+``load``, ``save``, ``compress``, ``export_onnx``, ``quantize``, ``build_engine``, ``profile``,
+``run_recipe``;
 evaluation is ``mimc.evaluate.evaluate`` (a module of that name would shadow a verb).
 Imports are lazy so ``import mimc`` stays cheap.
 """
@@ -56,4 +57,15 @@ def profile(model_path, **options):
     return _profile(model_path, **options)
 
 
-__all__ = ["__version__", "load", "save", "compress", "export_onnx", "quantize", "build_engine", "profile"]
+def run_recipe(recipe, output=None, **options):
+    """Run a recipe (a YAML path, an artifact directory to replay, a mapping, or a Recipe) into one
+    artifact; returns the run report. See :mod:`mimc.recipe` and :mod:`mimc.recipe_run`."""
+    from .recipe import Recipe, load_recipe, parse_recipe
+    from .recipe_run import run_recipe as _run
+
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    return _run(recipe, output, **options)
+
+
+__all__ = ["__version__", "load", "save", "compress", "export_onnx", "quantize", "build_engine", "profile", "run_recipe"]
