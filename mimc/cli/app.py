@@ -17,6 +17,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "inspect",
     "prune",
+    "width",
     "tokens",
     "export",
     "quantize",
