@@ -47,7 +47,8 @@ class ExportOptions(StageConfig):
     def __post_init__(self) -> None:
         from .export.onnx import check_export_options
 
-        check_export_options(self.batch, self.opset, self.exporter, "fp32")
+        # "2" (a quoted YAML number) becomes 2, so recipe.yaml and the graph agree on the batch
+        object.__setattr__(self, "batch", check_export_options(self.batch, self.opset, self.exporter, "fp32"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class ProfileOptions(StageConfig):
 
         prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
         _check_bool(self, "predict", "baseline")
+        _check_int(self, "warmup", "iters", *(("threads",) if self.threads is not None else ()))
+        if self.graph is not None and not isinstance(self.graph, str):
+            raise ConfigError(f"profile graph must be a file name like model.int8.onnx, got {self.graph!r}")
         if self.precision is not None and (not self.predict or not prof.supports(self.precision)):
             raise ConfigError(f"profile precision {self.precision!r} needs predict: true and a device that runs it ({prof.name}: {list(prof.precisions)})")
         if self.warmup < 0 or self.iters < 1 or (self.threads is not None and self.threads < 1):
@@ -89,6 +93,8 @@ class EvalOptions(StageConfig):
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        if self.graph is not None and not isinstance(self.graph, str):
+            raise ConfigError(f"eval graph must be a file name like model.int8.onnx, got {self.graph!r}")
         if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
             raise ConfigError(f"eval n must be a positive integer, got {self.n!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -96,6 +102,14 @@ class EvalOptions(StageConfig):
 
 
 GRAPH_OPTIONS: dict[str, type] = {"export": ExportOptions, "profile": ProfileOptions, "eval": EvalOptions}
+
+
+def _check_int(config, *names: str) -> None:
+    # before the range checks: a string there would fail them with a Python comparison error
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{config.name} option {name} must be an integer, got {value!r}")
 
 
 def _check_bool(config, *names: str) -> None:
@@ -162,6 +176,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [{{prune: {{ratio: 0.5}}}}, export]")
     steps = [_parse_step(item, i, where) for i, item in enumerate(stages, 1)]
     _check_order(steps, where)
+    _check_graph_names(steps, where)
     recipe = Recipe(model=model, steps=steps, data=data.get("data"), n=n, seed=seed, output=data.get("output"))
     if recipe.needs_data and recipe.data is None:
         needing = [s.kind for s in steps if s.kind == "quantize" or (s.is_model_stage and s.config.needs_data)]
@@ -182,6 +197,7 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
     valid = sorted(set(config_types()) | set(GRAPH_OPTIONS))
     if kind not in valid:
         raise ConfigError(f"{where}: unknown stage '{kind}' (stage {index}): known stages are {valid}")
+    _check_lists(GRAPH_OPTIONS.get(kind) or config_types()[kind], options, index, kind, where)
     try:
         if kind in GRAPH_OPTIONS:
             config = GRAPH_OPTIONS[kind].from_dict(options)
@@ -192,6 +208,31 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
     except ConfigError as exc:
         raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
     return Step(kind, config)
+
+
+def _check_lists(config_type: type, options: dict, index: int, kind: str, where: str) -> None:
+    """A list-valued option (tokens ``at``, prune ``blocks``, profile ``batch_sizes``) given one value
+    would otherwise fail inside the dataclass as "'int' object is not iterable"."""
+    import dataclasses
+
+    for f in dataclasses.fields(config_type):
+        value = options.get(f.name)
+        if value is not None and "tuple[" in str(f.type) and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: stage {index} ({kind}): option '{f.name}' takes a list, got {value!r}: "
+                              f"write {f.name}: [{value}]")
+
+
+def _check_graph_names(steps: list[Step], where: str) -> None:
+    """``graph:`` of profile / eval must name a graph an earlier stage of the recipe writes."""
+    written: list[str] = []
+    for i, step in enumerate(steps, 1):
+        if step.kind == "export":
+            written.append("model.onnx")
+        elif step.kind == "quantize":
+            written += [f"model.{step.config.precision}.onnx"] + ([] if "model.onnx" in written else ["model.onnx"])
+        elif step.kind in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
+            hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
+            raise ConfigError(f"{where}: stage {i} ({step.kind}) reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
 
 
 def _check_order(steps: list[Step], where: str) -> None:

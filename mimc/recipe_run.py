@@ -33,6 +33,33 @@ def _check_graph_needs(recipe: Recipe) -> None:
             raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
 
 
+def _check_not_source(recipe: Recipe, out: Path) -> None:
+    """Overwriting the recipe's own model would leave a recipe.yaml whose model is the result itself:
+    its replay would compress the output again instead of rebuilding it."""
+    model = Path(recipe.model)
+    if model.exists() and out.exists() and (model.resolve() == out.resolve() or out.resolve() in model.resolve().parents):
+        raise BadInputError(f"output {out} is the recipe's model {recipe.model}: write to another -o "
+                            "(replacing the source would leave a recipe that cannot rebuild the result)")
+
+
+def _check_masking(recipe: Recipe, source) -> None:
+    """Learning stages that mask input patches need every token and absolute positions; a tokens
+    stage before them (or a BEiT-style source) rules that out. Found here, not after the stages ran."""
+    from .train.engine import supports_masking
+
+    can_mask = supports_masking(source)
+    for i, step in enumerate(recipe.steps, 1):
+        if step.kind == "tokens":
+            can_mask = False
+        ratio = getattr(step.config, "mask_ratio", 0.0) if step.kind == "distill" else \
+            (step.config.learned.mask_ratio if step.kind == "sparsify" and step.config.method == "learned" else 0.0)
+        if ratio and not can_mask:
+            why = "a tokens stage comes before it" if supports_masking(source) else "the model has a relative position bias or a token schedule"
+            option = "mask_ratio: 0" if step.kind == "distill" else "learned: {mask_ratio: 0}"
+            raise ConfigError(f"recipe: stage {i} ({step.kind}) masks {ratio:.0%} of the patches, which needs every token "
+                              f"and absolute positions, but {why}: set {option} in its options")
+
+
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
@@ -44,8 +71,10 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
     _check_graph_needs(recipe)
+    _check_not_source(recipe, out)
     start = time.perf_counter()
     source = load_model(recipe.model)
+    _check_masking(recipe, source)
     images = _images(recipe, source.config) if recipe.needs_data else None
     report: dict[str, Any] = {"recipe": recipe.to_dict(), "output": str(out), "stages": []}
     encoder = source

@@ -44,6 +44,11 @@ class SearchSpace:
     nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
 
     def __post_init__(self) -> None:
+        # --blocks 0,0,0.5 or --keep 1,1.0: each distinct value once (duplicates would build and time
+        # the same candidate twice and list it twice)
+        for name in ("block_ratios", "token_keeps", "precisions"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         if not self.block_ratios or any(not 0.0 <= r < 1.0 for r in self.block_ratios):
             raise ConfigError(f"block ratios must lie in [0, 1), got {list(self.block_ratios)}: pass e.g. --blocks 0,0.25,0.5")
         if not self.token_keeps or any(not 0.0 < k <= 1.0 for k in self.token_keeps):
@@ -66,7 +71,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        parts = [f"blocks -{self.blocks:.0%}" if self.blocks else "all blocks", f"tokens {self.keep:.0%}",
+        parts = [f"blocks -{_pct(self.blocks)}" if self.blocks else "all blocks", f"tokens {_pct(self.keep)}",
                  *(["2:4"] if self.nm else []), self.precision]
         return ", ".join(parts)
 
@@ -75,6 +80,11 @@ class Candidate:
                 "precision": self.precision, "latency_ms": self.latency_ms, "latency": self.latency_label,
                 "pooled_cosine": self.pooled_cosine, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
                 "error": self.error}
+
+
+def _pct(fraction: float) -> str:
+    """50%, 12.5%, 0.1%: never "0%" for a fraction that keeps one patch of a thousand."""
+    return f"{fraction * 100:.3g}%"
 
 
 def _precisions(space: SearchSpace, prof) -> tuple[str, ...]:
@@ -100,6 +110,8 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     prof = load_profile(device)
     if not 0.0 < min_cosine <= 1.0:
         raise ConfigError(f"min cosine must be in (0, 1], got {min_cosine}: pass e.g. --min-cosine 0.98")
+    if budget_ms is not None and not budget_ms > 0:
+        raise ConfigError(f"latency budget must be a positive number of milliseconds, got {budget_ms}: pass e.g. --budget-ms 5")
     precisions = _precisions(space, prof)
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
     if not predict and prof.backend != "onnxruntime-cpu":
@@ -233,16 +245,18 @@ def _graph_features(path: Path, images, emulate: bool) -> np.ndarray:
     return np.stack(pooled).astype(np.float64)
 
 
-def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int) -> dict[str, Any] | None:
-    """The recipe (mimc.recipe format) that rebuilds the best candidate, profiled and evaluated."""
+def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int, device: str | None = None) -> dict[str, Any] | None:
+    """The recipe (mimc.recipe format) that rebuilds the best candidate, profiled and evaluated.
+
+    ``device``: the profile as the user named it (a name or a .yaml path; default the profile's
+    name, which only finds built-in profiles). The quantize stage keeps the search's calibration
+    count ``n``; the run draws its own images, so its eval stage re-measures the fidelity.
+    """
     if not result.get("best_stages"):
         return None
     stages = [dict(s) for s in result["best_stages"]]
-    for s in stages:
-        if "quantize" in s:
-            s["quantize"] = {k: v for k, v in s["quantize"].items() if k != "n"}  # the recipe's n images
     predicted = result["latency"].startswith("predicted")
-    profile = {"device": result["device"], "predict": predicted}
+    profile = {"device": device or result["device"], "predict": predicted}
     if predicted and result["best"]["precision"] == "fp16":
         profile["precision"] = "fp16"  # the fp32 graph priced as the fp16 engine TensorRT builds from it
     stages += [{"profile": profile}, {"eval": {}}]

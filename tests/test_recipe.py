@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,3 +152,62 @@ def test_data_given_at_replay_fills_what_the_manifest_did_not_record(tmp_path):
 def test_replaying_a_folder_that_is_not_an_artifact_is_refused(tmp_path):
     with pytest.raises(BadInputError, match="not a mimc artifact"):
         load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([{"tokens": {"method": "topk", "keep": 0.5, "at": 3}}], "option 'at' takes a list, got 3: write at: [3]"),
+    (["export", {"profile": {"batch_sizes": 4}}], "option 'batch_sizes' takes a list"),
+    (["export", {"profile": {"iters": "many"}}], "profile option iters must be an integer, got 'many'"),
+    ([{"eval": {"graph": "model.int8.onnx"}}], "reads graph 'model.int8.onnx', which no earlier stage writes: add an export"),
+    ([{"profile": {"graph": "model.onnx"}}, "export"], "which no earlier stage writes"),
+    (["export", {"eval": {"graph": "model.int8.onnx"}}], "choose one of ['model.onnx']"),
+])
+def test_option_values_of_the_wrong_shape_are_named_before_any_work(stages, match):
+    # before: "'int' object is not iterable", "'<' not supported ...", or a missing graph found only
+    # after every model stage had run
+    with pytest.raises(ConfigError) as info:
+        parse_recipe({"model": "ref", "stages": stages})
+    assert match in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_quoted_export_batch_is_resolved_to_the_integer_the_graph_gets():
+    recipe = parse_recipe({"model": "ref", "stages": [{"export": {"batch": "2"}}]})
+    assert recipe.steps[0].config.batch == 2 and recipe.to_dict()["stages"][0]["export"]["batch"] == 2
+
+
+def test_masked_distillation_after_tokens_is_refused_before_any_stage_runs(tmp_path, monkeypatch, source):
+    import mimc.compress.registry as registry
+
+    model, data = source
+    monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the recipe was refused"))
+    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"tokens": {"method": "drop", "keep": 0.5}}, {"distill": {"steps": 1}}]})
+    with pytest.raises(ConfigError, match=r"stage 2 \(distill\) masks 75% .* a tokens stage comes before it: set mask_ratio: 0"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwriting_the_recipes_own_model_is_refused_and_leaves_it_intact(tmp_path, source):
+    model, _ = source
+    before = {p.name: p.read_bytes() for p in Path(model).iterdir()}
+    recipe = parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]})
+    with pytest.raises(BadInputError, match="is the recipe's model"):
+        run_recipe(recipe, model, overwrite=True)
+    assert {p.name: p.read_bytes() for p in Path(model).iterdir()} == before
+
+
+def test_a_failure_in_a_late_stage_leaves_the_previous_output_untouched(tmp_path, monkeypatch, source):
+    import mimc.recipe_run as recipe_run
+
+    model, _ = source
+    out = tmp_path / "out"
+    recipe = parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}, "export", {"eval": {"n": 4}}]})
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(recipe_run, "_eval", boom)
+    with pytest.raises(RuntimeError):
+        run_recipe(recipe, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -109,3 +109,32 @@ def test_cli_writes_the_table_json_and_a_recipe_and_refuses_bad_input(tmp_path, 
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0], res.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_repeated_grid_values_are_searched_once_and_labels_keep_small_fractions():
+    space = SearchSpace(block_ratios=(0.0, 0, 0.5), token_keeps=(1, 1.0, 0.5), precisions=("fp32", "fp32"))
+    assert space.block_ratios == (0.0, 0.5) and space.token_keeps == (1, 0.5) and space.precisions == ("fp32",)
+    from mimc.search import Candidate
+
+    assert Candidate(0.001, 0.001, False, "fp32").label == "blocks -0.1%, tokens 0.1%, fp32"  # was "-0%", "0%"
+
+
+def test_non_positive_budget_is_refused(setup):
+    enc, calib, held, _ = setup
+    with pytest.raises(ConfigError, match="budget-ms"):
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=0)
+
+
+def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibration_count(tmp_path):
+    from mimc.compress.quantize import QuantizeConfig
+
+    profile = tmp_path / "mygpu.yaml"
+    profile.write_text(yaml.safe_dump({"name": "mygpu", "description": "x", "backend": "tensorrt", "compute_capability": "8.0",
+                                       "precisions": ["fp32", "fp16", "int8"], "sparse_tensor_cores": False,
+                                       "peak_tflops": {"fp32": 10, "fp16": 80, "int8": 160}, "memory_bandwidth_gbs": 300,
+                                       "memory_gb": 16, "batch_sizes": [1]}))
+    result = {"device": "mygpu", "latency": "predicted (roofline)", "best": {"precision": "int8"},
+              "best_stages": [{"export": {"batch": 1}}, {"quantize": QuantizeConfig(n=16, target="tensorrt").to_dict()}]}
+    recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0, device=str(profile)))  # was: unknown device 'mygpu'
+    by = {s.kind: s.config for s in recipe.steps}
+    assert by["profile"].device == str(profile) and by["quantize"].n == 16  # was the default 256

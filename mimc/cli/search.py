@@ -70,7 +70,9 @@ def register(app: typer.Typer) -> None:
         with console.status("searching") as status:
             result = search(encoder, device, held, calib, space, min_cosine=min_cosine, budget_ms=budget_ms, iters=iters,
                             on_candidate=lambda i, total, c: status.update(f"candidate {i}/{total}: {c.label}"))
-        recipe = recipe_of(result, model, data, n, seed)
+        # a profile .yaml is named by its absolute path: the recipe may run from another folder
+        spec = str(Path(device).resolve()) if Path(device).suffix in (".yaml", ".yml") and Path(device).is_file() else device
+        recipe = recipe_of(result, model, data, n, seed, device=spec)
         result = {"model": model, "data": data, **result}
         with atomic_dir(out, overwrite=overwrite) as tmp:
             (tmp / "search.json").write_text(json.dumps(result, indent=2) + "\n")
