@@ -136,6 +136,7 @@ class Recipe:
     n: int = 256
     seed: int = 0
     output: str | None = None
+    note: str | None = None  # what a recipe rebuilt from mimc.json cannot promise (not part of the YAML)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe: every option of every stage written out (what ``recipe.yaml`` holds)."""
@@ -299,7 +300,13 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
             recorded = entry.get("calibration_source")
             break
     data = data if data is not None else recorded  # model stages do not record their images: --data
-    return parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
+    recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
+    learned = [s.kind for s in recipe.steps if s.is_model_stage and s.config.needs_data]
+    if learned:
+        # mimc.json keeps each stage's options but not which images it drew (count, seed, order)
+        recipe.note = (f"{path}/mimc.json does not record the images stage(s) {learned} drew: the replay draws n={recipe.n} "
+                       f"from {recipe.data} (seed {recipe.seed}), so its weights can differ from {path}'s")
+    return recipe
 
 
 __all__ = ["Recipe", "Step", "ExportOptions", "ProfileOptions", "EvalOptions", "parse_recipe", "load_recipe",

@@ -77,6 +77,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     _check_masking(recipe, source)
     images = _images(recipe, source.config) if recipe.needs_data else None
     report: dict[str, Any] = {"recipe": recipe.to_dict(), "output": str(out), "stages": []}
+    if recipe.note:
+        report["note"] = recipe.note
     encoder = source
     for i, step in enumerate(recipe.steps, 1):
         if not step.is_model_stage:

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         from ..recipe_run import default_output, run_recipe
 
         parsed = load_recipe(recipe, data=data)
+        if parsed.note:
+            console.print(f"[yellow]note: {parsed.note}[/]", highlight=False)
         if dry_run:
             typer.echo(yaml.safe_dump(parsed.to_dict(), sort_keys=False, default_flow_style=None), nl=False)
             return
