@@ -226,14 +226,20 @@ def _check_lists(config_type: type, options: dict, index: int, kind: str, where:
 def _check_graph_names(steps: list[Step], where: str) -> None:
     """``graph:`` of profile / eval must name a graph an earlier stage of the recipe writes."""
     written: list[str] = []
+    batch: int | str = 1  # quantize without export exports a batch-1 graph itself
     for i, step in enumerate(steps, 1):
         if step.kind == "export":
             written.append("model.onnx")
+            batch = step.config.batch
         elif step.kind == "quantize":
             written += [f"model.{step.config.precision}.onnx"] + ([] if "model.onnx" in written else ["model.onnx"])
         elif step.kind in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
             hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
             raise ConfigError(f"{where}: stage {i} ({step.kind}) reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
+        # a static graph runs one batch size only: found here, not after the model stages ran
+        if step.kind == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
+            raise ConfigError(f"{where}: stage {i} (profile) times batch sizes {list(step.config.batch_sizes)} of a graph exported with "
+                              f"batch {batch}: give the export stage batch: dynamic, or profile batch_sizes: [{batch}]")
 
 
 def _check_order(steps: list[Step], where: str) -> None:
@@ -301,11 +307,17 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
             break
     data = data if data is not None else recorded  # model stages do not record their images: --data
     recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
+    notes = []
     learned = [s.kind for s in recipe.steps if s.is_model_stage and s.config.needs_data]
     if learned:
         # mimc.json keeps each stage's options but not which images it drew (count, seed, order)
-        recipe.note = (f"{path}/mimc.json does not record the images stage(s) {learned} drew: the replay draws n={recipe.n} "
-                       f"from {recipe.data} (seed {recipe.seed}), so its weights can differ from {path}'s")
+        notes.append(f"{path}/mimc.json does not record the images stage(s) {learned} drew: the replay draws n={recipe.n} "
+                     f"from {recipe.data} (seed {recipe.seed}), so its weights can differ from {path}'s")
+    teachers = sorted({str(s.metrics.get("teacher")) for s in manifest.stages
+                       if s.name == "distill" and s.metrics.get("teacher") not in (None, model)})
+    if teachers:  # `mimc distill --teacher OTHER`; a recipe's distill learns from its own model
+        notes.append(f"distill learned from {teachers}, the replay distills from {model}")
+    recipe.note = "; ".join(notes) or None
     return recipe
 
 

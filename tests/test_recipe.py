@@ -163,6 +163,7 @@ def test_replaying_a_folder_that_is_not_an_artifact_is_refused(tmp_path):
     ([{"eval": {"graph": "model.int8.onnx"}}], "reads graph 'model.int8.onnx', which no earlier stage writes: add an export"),
     ([{"profile": {"graph": "model.onnx"}}, "export"], "which no earlier stage writes"),
     (["export", {"eval": {"graph": "model.int8.onnx"}}], "choose one of ['model.onnx']"),
+    ([{"export": {"batch": 1}}, {"profile": {"batch_sizes": [4]}}], "give the export stage batch: dynamic, or profile batch_sizes: [1]"),
 ])
 def test_option_values_of_the_wrong_shape_are_named_before_any_work(stages, match):
     # before: "'int' object is not iterable", "'<' not supported ...", or a missing graph found only
@@ -213,3 +214,18 @@ def test_a_failure_in_a_late_stage_leaves_the_previous_output_untouched(tmp_path
     with pytest.raises(RuntimeError):
         run_recipe(recipe, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_manifest_distilled_from_another_teacher_says_the_replay_uses_the_source(tmp_path):
+    from mimc.artifact import StageRecord
+    from mimc.compress.blocks import BlockPruningConfig
+    from mimc.compress.distill import DistillConfig
+    from mimc.compress.registry import compress
+    from mimc.models.resolve import load_model
+
+    pruned, _ = compress(load_model("ref"), BlockPruningConfig(keep=3, criterion="l2"))
+    record = StageRecord(name="distill", config=DistillConfig(steps=1).to_dict(), config_version=1,
+                         metrics={"teacher": "facebook/vit-mae-large"}, seconds=0.0, parent_hash="")
+    pruned.manifest = pruned.manifest.with_stage(record, pruned.config.to_dict())  # as `mimc distill --teacher` records it
+    recipe = load_recipe(save_artifact(pruned, tmp_path / "art"), data="builtin")
+    assert "distill learned from ['facebook/vit-mae-large'], the replay distills from ref" in recipe.note
