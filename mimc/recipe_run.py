@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .artifact import atomic_dir, save_artifact
 from .errors import BadInputError, ConfigError
-from .recipe import RECIPE_NAME, RUN_REPORT_NAME, Recipe, Step
+from .recipe import RECIPE_NAME, RUN_REPORT_NAME, ExportOptions, Recipe, Step
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -163,8 +163,10 @@ def _profile(tmp: Path, graph: Path, options, source, export_options) -> dict[st
     if options.baseline:
         with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
             base = Path(base_dir) / "dense.onnx"
-            batch = export_options.batch if export_options is not None else 1
-            export_onnx(source, base, batch=batch, validate=False)
+            # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
+            # against a torchscript / opset-17 one (quantize without export exports the defaults)
+            same = export_options if export_options is not None else ExportOptions()
+            export_onnx(source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
             entry["baseline"] = profile(base, **kwargs)
         entry["speedup_vs_dense"] = _speedup(entry["baseline"], entry["result"])
     return entry

@@ -229,3 +229,21 @@ def test_a_manifest_distilled_from_another_teacher_says_the_replay_uses_the_sour
     pruned.manifest = pruned.manifest.with_stage(record, pruned.config.to_dict())  # as `mimc distill --teacher` records it
     recipe = load_recipe(save_artifact(pruned, tmp_path / "art"), data="builtin")
     assert "distill learned from ['facebook/vit-mae-large'], the replay distills from ref" in recipe.note
+
+
+def test_the_profile_baseline_is_exported_like_the_graph_it_is_compared_with(tmp_path, monkeypatch, source):
+    import mimc.export.onnx as onnx_export
+
+    model, _ = source
+    calls, original = [], onnx_export.export_onnx
+
+    def spy(encoder, path, **kwargs):
+        calls.append((Path(path).name, kwargs))
+        return original(encoder, path, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", spy)
+    recipe = parse_recipe({"model": model, "stages": [{"export": {"batch": 2, "opset": 18}}, {"profile": {"warmup": 0, "iters": 1}}]})
+    report = run_recipe(recipe, tmp_path / "out")
+    baseline = dict(calls)["dense.onnx"]
+    assert (baseline["batch"], baseline["opset"], baseline["exporter"]) == (2, 18, "torchscript")  # was opset 17
+    assert report["stages"][-1]["baseline"]["results"][0]["batch"] == 2
