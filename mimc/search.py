@@ -10,7 +10,10 @@ Every candidate is built for real and measured, never guessed:
   int8 graph, or the TensorRT Q/DQ graph run as its exact fp32 emulation on ONNX Runtime; fp16 in
   torch half precision;
 - latency is measured with ONNX Runtime on this CPU for ``--device cpu``, else predicted by the
-  roofline of the device profile (labelled "predicted" per candidate, never mixed).
+  roofline of the device profile (labelled "predicted" per candidate, never mixed). Measured
+  candidates are timed together once all are built: one warmed session each, timed in alternating
+  rounds (forward, then reverse order), the median of every timed run — so a load spike on a shared
+  machine lands on all candidates alike instead of on whichever was being timed then.
 
 The result lists every candidate, marks the Pareto front (no other candidate is both faster and
 more faithful) and picks the fastest one at or above ``min_cosine``, saying whether it meets the
@@ -68,6 +71,7 @@ class Candidate:
     pareto: bool = False
     error: str | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
+    graph: Path | None = None  # measured searches: the graph timed after every candidate is built
 
     @property
     def label(self) -> str:
@@ -138,6 +142,8 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
             candidates.append(cand)
+        if not predict:
+            _time_interleaved([c for c in candidates if c.error is None], iters, prof.threads)
     ok = [c for c in candidates if c.error is None]
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine >= c.pooled_cosine
@@ -209,10 +215,35 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
         rep = roofline(graph, prof, batch=1, precision="fp16" if precision == "fp16" else None)
         cand.latency_ms, cand.latency_label = round(float(rep["latency_ms"]), 4), "predicted"
     else:
-        from .profile.ort import profile_onnx_cpu
+        cand.graph, cand.latency_label = graph, "measured"  # timed with the others (_time_interleaved)
 
-        rep = profile_onnx_cpu(graph, [1], warmup=3, iters=iters, threads=prof.threads)
-        cand.latency_ms, cand.latency_label = round(float(rep["results"][0]["p50_ms"]), 4), "measured"
+
+def _time_interleaved(cands: list[Candidate], iters: int, threads: int | None, rounds: int = 4, warmup: int = 3) -> None:
+    """Median batch-1 latency of every candidate's graph, timed in alternating rounds (see the module docstring)."""
+    import os
+    import time
+
+    from .export.validate import make_session
+
+    threads = threads or os.cpu_count() or 1
+    runs = []
+    for c in cands:
+        sess = make_session(c.graph, providers=["CPUExecutionProvider"], threads=threads)
+        feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+                for i in sess.get_inputs()}
+        names = [o.name for o in sess.get_outputs()]
+        for _ in range(warmup):
+            sess.run(names, feed)
+        runs.append((c, sess, feed, names, []))
+    per_round = max(1, -(-iters // rounds))
+    for r in range(rounds):
+        for c, sess, feed, names, times in (runs if r % 2 == 0 else runs[::-1]):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(names, feed)
+                times.append(time.perf_counter() - t0)
+    for c, _, _, _, times in runs:
+        c.latency_ms = round(float(np.median(times)) * 1e3, 4)
 
 
 def _torch_features(model, images, half: bool = False) -> np.ndarray:

@@ -138,3 +138,29 @@ def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibrati
     recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0, device=str(profile)))  # was: unknown device 'mygpu'
     by = {s.kind: s.config for s in recipe.steps}
     assert by["profile"].device == str(profile) and by["quantize"].n == 16  # was the default 256
+
+
+def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_another(setup, monkeypatch):
+    import mimc.export.validate as validate
+
+    enc, calib, held, _ = setup
+    order, original = [], validate.make_session
+
+    class Recorded:
+        def __init__(self, path, **kwargs):
+            self.sess, self.path = original(path, **kwargs), str(path)
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+        def run(self, *args):
+            order.append(self.path)
+            return self.sess.run(*args)
+
+    monkeypatch.setattr(validate, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
+    result = search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0,), precisions=("fp32",)), iters=4)
+    graphs = list(dict.fromkeys(order))
+    assert len(graphs) == 2 and all(order.count(g) >= 4 for g in graphs)
+    # each candidate's timed runs are split into several blocks with the other's in between
+    switches = sum(a != b for a, b in zip(order, order[1:]))
+    assert switches >= 3 and all(c["latency_ms"] > 0 and c["latency"] == "measured" for c in result["candidates"])
