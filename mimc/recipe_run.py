@@ -36,8 +36,8 @@ def _check_graph_needs(recipe: Recipe) -> None:
 def _check_not_source(recipe: Recipe, out: Path) -> None:
     """Overwriting the recipe's own model would leave a recipe.yaml whose model is the result itself:
     its replay would compress the output again instead of rebuilding it."""
-    model = Path(recipe.model)
-    if model.exists() and out.exists() and (model.resolve() == out.resolve() or out.resolve() in model.resolve().parents):
+    model = Path(recipe.model).expanduser()  # as models.resolve reads it; 'ref' is never a path
+    if recipe.model != "ref" and model.exists() and out.exists() and (model.resolve() == out.resolve() or out.resolve() in model.resolve().parents):
         raise BadInputError(f"output {out} is the recipe's model {recipe.model}: write to another -o "
                             "(replacing the source would leave a recipe that cannot rebuild the result)")
 

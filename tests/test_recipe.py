@@ -189,13 +189,19 @@ def test_masked_distillation_after_tokens_is_refused_before_any_stage_runs(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_overwriting_the_recipes_own_model_is_refused_and_leaves_it_intact(tmp_path, source):
+def test_overwriting_the_recipes_own_model_is_refused_and_leaves_it_intact(tmp_path, monkeypatch, source):
     model, _ = source
     before = {p.name: p.read_bytes() for p in Path(model).iterdir()}
     recipe = parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]})
     with pytest.raises(BadInputError, match="is the recipe's model"):
         run_recipe(recipe, model, overwrite=True)
     assert {p.name: p.read_bytes() for p in Path(model).iterdir()} == before
+    # 'ref' names the built-in model even where a folder called ref exists: not the source
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "old.txt").write_text("x")
+    run_recipe(parse_recipe({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}]}), "ref", overwrite=True)
+    assert (tmp_path / "ref" / "mimc.json").is_file()
 
 
 def test_a_failure_in_a_late_stage_leaves_the_previous_output_untouched(tmp_path, monkeypatch, source):
