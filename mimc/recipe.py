@@ -225,17 +225,34 @@ def _check_lists(config_type: type, options: dict, index: int, kind: str, where:
 
 def _check_graph_names(steps: list[Step], where: str) -> None:
     """``graph:`` of profile / eval must name a graph an earlier stage of the recipe writes."""
+    from .profile.devices import load_profile
+
     written: list[str] = []
     batch: int | str = 1  # quantize without export exports a batch-1 graph itself
+    last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
     for i, step in enumerate(steps, 1):
         if step.kind == "export":
             written.append("model.onnx")
             batch = step.config.batch
+            last = "model.onnx"
         elif step.kind == "quantize":
-            written += [f"model.{step.config.precision}.onnx"] + ([] if "model.onnx" in written else ["model.onnx"])
+            last = f"model.{step.config.precision}.onnx"
+            written += [last] + ([] if "model.onnx" in written else ["model.onnx"])
+            target[last] = step.config.resolved_target
         elif step.kind in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
             hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
             raise ConfigError(f"{where}: stage {i} ({step.kind}) reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
+        if step.kind == "profile" and not step.config.predict:
+            # a TensorRT Q/DQ graph on ONNX Runtime CPU times fp32 emulation of the int8 math (slower
+            # than fp32), and TensorRT cannot parse the CPU graph's com.microsoft kernels
+            name = step.config.graph or last
+            backend = load_profile(step.config.device).backend
+            if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
+                raise ConfigError(f"{where}: stage {i} (profile) would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
+                                  "quantize with target: cpu, or profile a GPU device with predict: true")
+            if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
+                raise ConfigError(f"{where}: stage {i} (profile) would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
+                                  "quantize with target: tensorrt, or profile device: cpu")
         # a static graph runs one batch size only: found here, not after the model stages ran
         if step.kind == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
             raise ConfigError(f"{where}: stage {i} (profile) times batch sizes {list(step.config.batch_sizes)} of a graph exported with "

@@ -164,12 +164,13 @@ def test_replaying_a_folder_that_is_not_an_artifact_is_refused(tmp_path):
     ([{"profile": {"graph": "model.onnx"}}, "export"], "which no earlier stage writes"),
     (["export", {"eval": {"graph": "model.int8.onnx"}}], "choose one of ['model.onnx']"),
     ([{"export": {"batch": 1}}, {"profile": {"batch_sizes": [4]}}], "give the export stage batch: dynamic, or profile batch_sizes: [1]"),
+    (["export", {"quantize": {"target": "tensorrt"}}, {"profile": {"device": "cpu"}}], "a TensorRT Q/DQ graph, on ONNX Runtime CPU"),
 ])
 def test_option_values_of_the_wrong_shape_are_named_before_any_work(stages, match):
-    # before: "'int' object is not iterable", "'<' not supported ...", or a missing graph found only
-    # after every model stage had run
+    # before: "'int' object is not iterable", "'<' not supported ...", a missing graph found only
+    # after every model stage had run, or a TensorRT graph timed as CPU fp32 emulation
     with pytest.raises(ConfigError) as info:
-        parse_recipe({"model": "ref", "stages": stages})
+        parse_recipe({"model": "ref", "data": "builtin", "stages": stages})
     assert match in str(info.value) and "\n" not in str(info.value)
 
 
