@@ -122,7 +122,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
         from .profile.run import cuda_available
 
         if not cuda_available():
-            raise ConfigError(f"device {prof.name} is not here (no CUDA GPU): search it with predicted latency (drop --measure)")
+            raise ConfigError(f"device {prof.name} is not here (no CUDA GPU): search it with predicted latency (predict=None or True)")
         raise ConfigError(f"measured search on {prof.name} is not built yet (it needs TensorRT engines per candidate): use predicted latency")
     nm_options = (False, True) if (space.nm if space.nm is not None else prof.sparse_tensor_cores) else (False,)
     if True in nm_options and not prof.sparse_tensor_cores:
