@@ -7,7 +7,7 @@ n: 256                     # images drawn from data for data-driven model stages
 seed: 0
 output: out/ref-recipe     # the artifact directory (the CLI's -o overrides it)
 stages:
-  - prune: {ratio: 0.5}                   # model stages, in order: prune, tokens, sparsify, distill, smooth, repq
+  - prune: {ratio: 0.5}                   # model stages, in order: prune, width, tokens, sparsify, distill, smooth, repq
   - tokens: {method: drop, keep: 0.5}
   - export: {batch: 1}                    # then graph stages: export, quantize, profile, eval
   - quantize: {method: percentile}
@@ -265,7 +265,7 @@ def _check_order(steps: list[Step], where: str) -> None:
         late = [s.kind for s in steps[first_graph:] if s.is_model_stage]
         if late:
             raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].kind}': "
-                              "put prune/tokens/sparsify/distill before export/quantize/profile/eval")
+                              "put prune/width/tokens/sparsify/distill before export/quantize/profile/eval")
     kinds = [s.kind for s in steps]
     for kind in ("export", "quantize"):
         if kinds.count(kind) > 1:

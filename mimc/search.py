@@ -45,17 +45,20 @@ class SearchSpace:
     token_keeps: tuple[float, ...] = (1.0, 0.75, 0.5)
     precisions: tuple[str, ...] | None = None  # None: what the device runs (cpu: fp32, int8)
     nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
+    mlp_ratios: tuple[float, ...] = (0.0,)  # fractions of MLP neurons removed (width stage, activation criterion)
 
     def __post_init__(self) -> None:
         # --blocks 0,0,0.5 or --keep 1,1.0: each distinct value once (duplicates would build and time
         # the same candidate twice and list it twice)
-        for name in ("block_ratios", "token_keeps", "precisions"):
+        for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         if not self.block_ratios or any(not 0.0 <= r < 1.0 for r in self.block_ratios):
             raise ConfigError(f"block ratios must lie in [0, 1), got {list(self.block_ratios)}: pass e.g. --blocks 0,0.25,0.5")
         if not self.token_keeps or any(not 0.0 < k <= 1.0 for k in self.token_keeps):
             raise ConfigError(f"token keep fractions must lie in (0, 1], got {list(self.token_keeps)}: pass e.g. --keep 1,0.75,0.5")
+        if not self.mlp_ratios or any(not 0.0 <= r < 1.0 for r in self.mlp_ratios):
+            raise ConfigError(f"MLP width fractions must lie in [0, 1), got {list(self.mlp_ratios)}: pass e.g. --mlp 0,0.5")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Candidate:
     keep: float
     nm: bool
     precision: str
+    mlp: float = 0.0
     latency_ms: float | None = None
     latency_label: str = ""
     pooled_cosine: float | None = None
@@ -75,12 +79,13 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        parts = [f"blocks -{_pct(self.blocks)}" if self.blocks else "all blocks", f"tokens {_pct(self.keep)}",
+        parts = [*([f"MLP -{_pct(self.mlp)}"] if self.mlp else []),
+                 f"blocks -{_pct(self.blocks)}" if self.blocks else "all blocks", f"tokens {_pct(self.keep)}",
                  *(["2:4"] if self.nm else []), self.precision]
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
+        return {"label": self.label, "mlp_removed": self.mlp, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
                 "precision": self.precision, "latency_ms": self.latency_ms, "latency": self.latency_label,
                 "pooled_cosine": self.pooled_cosine, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
                 "error": self.error}
@@ -128,16 +133,16 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     if True in nm_options and not prof.sparse_tensor_cores:
         raise ConfigError(f"device {prof.name} has no sparse tensor cores: 2:4 weights would not run faster there; drop --nm")
     dense_feats = _torch_features(encoder, images)
-    grid = list(itertools.product(space.block_ratios, space.token_keeps, nm_options, precisions))
+    grid = list(itertools.product(space.mlp_ratios, space.block_ratios, space.token_keeps, nm_options, precisions))
     cache: dict[tuple, Any] = {}
     candidates = []
     with tempfile.TemporaryDirectory(prefix=".mimc-search.") as tmp_dir:
-        for i, (blocks, keep, nm, precision) in enumerate(grid, 1):
-            cand = Candidate(blocks, keep, nm, precision)
+        for i, (mlp, blocks, keep, nm, precision) in enumerate(grid, 1):
+            cand = Candidate(blocks, keep, nm, precision, mlp=mlp)
             if on_candidate is not None:
                 on_candidate(i, len(grid), cand)
             try:
-                model = _model(encoder, blocks, keep, nm, calib, cache, cand)
+                model = _model(encoder, mlp, blocks, keep, nm, calib, cache, cand)
                 _measure(cand, model, precision, prof, predict, images, calib, dense_feats, Path(tmp_dir) / f"c{i}", iters)
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
@@ -158,14 +163,17 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower --min-cosine or widen the grid"}
 
 
-def _model(encoder, blocks: float, keep: float, nm: bool, calib, cache: dict, cand: Candidate):
-    """The candidate's encoder; prefixes (blocks, then tokens, then 2:4) are built once and shared."""
+def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cache: dict, cand: Candidate):
+    """The candidate's encoder; prefixes (width, blocks, tokens, 2:4) are built once and shared."""
     from .compress.blocks import BlockPruningConfig
     from .compress.nm import NMSparsityConfig
     from .compress.registry import compress
     from .compress.tokens import TokenReductionConfig
+    from .compress.width import WidthPruningConfig
 
     steps = []
+    if mlp:  # the activation criterion: 4x less feature error than weight norms on `ref` (ref_width_table)
+        steps.append(WidthPruningConfig(mlp=mlp, criterion="activation"))
     if blocks:
         steps.append(BlockPruningConfig(ratio=blocks))
     if keep < 1.0:

@@ -164,3 +164,17 @@ def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_anoth
     # each candidate's timed runs are split into several blocks with the other's in between
     switches = sum(a != b for a, b in zip(order, order[1:]))
     assert switches >= 3 and all(c["latency_ms"] > 0 and c["latency"] == "measured" for c in result["candidates"])
+
+
+def test_mlp_width_is_a_search_dimension_and_its_recipe_runs_the_width_stage(setup):
+    enc, calib, held, _ = setup
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp16",), nm=False, mlp_ratios=(0.0, 0.5))
+    result = search(enc, "jetson-orin", held, calib, space, min_cosine=0.5)
+    by = {c["label"]: c for c in result["candidates"]}
+    narrow, full = by["MLP -50%, all blocks, tokens 100%, fp16"], by["all blocks, tokens 100%, fp16"]
+    assert narrow["gmacs"] < full["gmacs"] and narrow["latency_ms"] < full["latency_ms"] and narrow["pooled_cosine"] < 1.0
+    assert result["best"]["label"] == narrow["label"]  # both pass 0.5; the narrow one is faster
+    first = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0)).steps[0]
+    assert first.kind == "width" and first.config.mlp == 0.5 and first.config.criterion == "activation"
+    with pytest.raises(ConfigError, match="MLP width fractions"):
+        SearchSpace(mlp_ratios=(1.0,))

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         n_eval: int = typer.Option(64, "--n-eval", help="Held-out images the fidelity is measured on."),
         blocks: str = typer.Option("0,0.25,0.5", "--blocks", help="Fractions of blocks to remove."),
         keep: str = typer.Option("1,0.75,0.5", "--keep", help="Fractions of patches to keep (MAE-native grid drop)."),
+        mlp: str = typer.Option("0", "--mlp", help="Fractions of every block's MLP neurons to remove (width stage), e.g. 0,0.5."),
         precisions: Optional[str] = typer.Option(None, "--precisions", help="e.g. fp32,int8 (default: what the device runs)."),
         nm: Optional[bool] = typer.Option(None, "--nm/--no-nm", help="Try 2:4 weights (default: where the device has sparse tensor cores)."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per candidate when measuring."),
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
 
         if n < 1 or n_eval < 1 or iters < 1:
             raise ConfigError(f"--n, --n-eval and --iters must be >= 1 (got {n}, {n_eval}, {iters})")
-        space = SearchSpace(block_ratios=_floats(blocks, "--blocks"), token_keeps=_floats(keep, "--keep"),
+        space = SearchSpace(block_ratios=_floats(blocks, "--blocks"), token_keeps=_floats(keep, "--keep"), mlp_ratios=_floats(mlp, "--mlp"),
                             precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None, nm=nm)
         load_profile(device)
         out = output if output is not None else Path(f"{model_slug(model)}-search")
