@@ -41,6 +41,8 @@ def print_report(report: dict[str, Any]) -> None:
         )
     elif label == "predicted":
         console.print("predicted: a roofline lower bound from FLOPs and bytes, not a measurement", style="dim")
+    if label == "measured" and report.get("note"):
+        console.print(f"[yellow]note:[/] {report['note']}", highlight=False)
 
 
 def _mb(value: Any) -> str:

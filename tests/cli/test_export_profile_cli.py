@@ -158,3 +158,26 @@ def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
     _one_error_line(_invoke(app, ["profile", onnx_file, "--device", "h100"]), 2, "needs a CUDA GPU")
     _one_error_line(_invoke(app, ["profile", onnx_file, "-o", tmp_path / "no" / "r.json"]), 2, "does not exist")
     assert not (tmp_path / "no").exists()
+
+
+def test_profiling_a_tensorrt_qdq_graph_on_the_cpu_says_it_is_an_emulation(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mimc.artifact import save_artifact
+    from mimc.cli.app import app
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    art = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "a")
+    runner = CliRunner()
+    notes = {}
+    for device in ("h100", "cpu"):
+        out = art / f"{device}.onnx"
+        result = runner.invoke(app, ["quantize", str(art), "--calib", "builtin", "--n", "8", "--device", device, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        prof = runner.invoke(app, ["profile", str(out), "--device", "cpu", "--iters", "2", "--warmup", "1", "--json"])
+        assert prof.exit_code == 0, prof.output
+        notes[device] = json.loads(prof.stdout).get("note")
+    assert "emulation" in notes["h100"] and notes["cpu"] is None
