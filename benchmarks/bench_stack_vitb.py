@@ -1,7 +1,8 @@
 """Stacking the stages on ViT-B/16 224, ONNX Runtime CPU: blocks, tokens and int8 compound.
 
-One run: a random-init ViT-B/16 exported dense, with half its blocks removed (entropy), with half
-its patches dropped too (MAE-native grid), and each of those quantized to mimc's CPU int8 graph;
+One run: a random-init ViT-B/16 exported dense, with half its MLP neurons removed (width, l2),
+with half its blocks removed (entropy), with half its patches dropped too (MAE-native grid), with
+all three, and each of those quantized to mimc's CPU int8 graph;
 timed at batch 1 with 2 intra-op threads, spinning off, in alternating rounds (medians). The MAC
 ratio is the theory for the fp32 rows; int8 adds the integer GEMMs' speed-up on top. Random
 weights: fidelity claims come from the `ref` tables (benchmarks/ref_*.py), not from here.
@@ -39,6 +40,7 @@ def main() -> None:
     from mimc.compress.quantize import QuantizeConfig, quantize_onnx
     from mimc.compress.registry import compress
     from mimc.compress.tokens import TokenReductionConfig
+    from mimc.compress.width import WidthPruningConfig
     from mimc.data import load_images
     from mimc.export.onnx import export_onnx
     from mimc.models.vit import build_encoder, flops_per_image, vit_base_config
@@ -47,7 +49,10 @@ def main() -> None:
     dense = build_encoder(vit_base_config(), seed=0)
     half, _ = compress(dense, BlockPruningConfig(ratio=0.5))
     half_drop, _ = compress(half, TokenReductionConfig(method="drop", keep=0.5))
-    encoders = {"dense": dense, "50% blocks": half, "50% blocks + 50% patches": half_drop}
+    narrow, _ = compress(dense, WidthPruningConfig(mlp=0.5))
+    narrow_all, _ = compress(half_drop, WidthPruningConfig(mlp=0.5))
+    encoders = {"dense": dense, "50% MLP width": narrow, "50% blocks": half, "50% blocks + 50% patches": half_drop,
+                "50% blocks + 50% patches + 50% MLP width": narrow_all}
     images = load_images("builtin", dense.config, n=args.calib + 8, seed=0)
     calib, held = images.subset(np.arange(args.calib)), images.subset(np.arange(args.calib, args.calib + 8))
     paths, macs, notes = {}, {}, {}
