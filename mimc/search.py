@@ -226,32 +226,12 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
         cand.graph, cand.latency_label = graph, "measured"  # timed with the others (_time_interleaved)
 
 
-def _time_interleaved(cands: list[Candidate], iters: int, threads: int | None, rounds: int = 4, warmup: int = 3) -> None:
-    """Median batch-1 latency of every candidate's graph, timed in alternating rounds (see the module docstring)."""
-    import os
-    import time
+def _time_interleaved(cands: list[Candidate], iters: int, threads: int | None) -> None:
+    """Median batch-1 latency of every candidate's graph, timed together in alternating rounds."""
+    from .profile.ort import time_interleaved
 
-    from .export.validate import make_session
-
-    threads = threads or os.cpu_count() or 1
-    runs = []
-    for c in cands:
-        sess = make_session(c.graph, providers=["CPUExecutionProvider"], threads=threads)
-        feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
-                for i in sess.get_inputs()}
-        names = [o.name for o in sess.get_outputs()]
-        for _ in range(warmup):
-            sess.run(names, feed)
-        runs.append((c, sess, feed, names, []))
-    per_round = max(1, -(-iters // rounds))
-    for r in range(rounds):
-        for c, sess, feed, names, times in (runs if r % 2 == 0 else runs[::-1]):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                sess.run(names, feed)
-                times.append(time.perf_counter() - t0)
-    for c, _, _, _, times in runs:
-        c.latency_ms = round(float(np.median(times)) * 1e3, 4)
+    for c, ms in zip(cands, time_interleaved([c.graph for c in cands], iters=iters, threads=threads)):
+        c.latency_ms = ms
 
 
 def _torch_features(model, images, half: bool = False) -> np.ndarray:

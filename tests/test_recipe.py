@@ -54,6 +54,8 @@ def test_a_recipe_runs_every_stage_into_one_artifact_and_replays_exactly(tmp_pat
     assert by["quantize"]["fidelity"]["pooled_cosine_mean"] >= 0.99
     assert by["profile"]["result"]["label"] == "measured" and by["profile"]["file"] == "model.int8.onnx"
     assert by["profile"]["baseline"]["label"] == "measured" and by["profile"]["speedup_vs_dense"] > 0
+    inter = by["profile"]["interleaved_ms"]  # the ratio comes from both graphs timed together
+    assert by["profile"]["speedup_vs_dense"] == round(inter["dense"] / inter["graph"], 3)
     assert 0 < by["eval"]["fidelity"]["pooled_cosine_mean"] <= 1 and "knn_top1" in by["eval"]
     # Replaying the output (its recipe.yaml) rebuilds the same bytes.
     again = tmp_path / "again"

@@ -196,6 +196,33 @@ def _run_worker(path: Path, specs: list[dict[str, Any]], warmup: int, iters: int
     return result
 
 
+def time_interleaved(paths: Sequence[str | Path], iters: int = 20, threads: int | None = None, rounds: int = 4,
+                     warmup: int = 3) -> list[float]:
+    """Median batch latency (ms) of several graphs timed together: one warmed session each, timed in
+    alternating rounds (forward, then reverse order), so load on a shared machine hits all alike.
+    For comparisons (speed-ups); :func:`profile_onnx_cpu` gives one graph's full report."""
+    from ..export.validate import make_session
+
+    threads = threads or os.cpu_count() or 1
+    runs = []
+    for path in paths:
+        sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
+        feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+                for i in sess.get_inputs()}
+        names = [o.name for o in sess.get_outputs()]
+        for _ in range(warmup):
+            sess.run(names, feed)
+        runs.append((sess, feed, names, []))
+    per_round = max(1, -(-iters // rounds))
+    for r in range(rounds):
+        for sess, feed, names, times in (runs if r % 2 == 0 else runs[::-1]):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(names, feed)
+                times.append(time.perf_counter() - t0)
+    return [round(float(np.median(times)) * 1e3, 4) for _, _, _, times in runs]
+
+
 def host_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
