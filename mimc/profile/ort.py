@@ -48,14 +48,19 @@ _ONNX_ELEM = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7
 
 
 # Graph inspection (parent process) ---------------------------------------------------------------
-def graph_inputs(onnx_path: str | Path) -> list[dict[str, Any]]:
-    """Name, dtype and shape (int, or None for a symbolic axis) of every real graph input."""
+def _read_model(onnx_path: str | Path):
     import onnx
 
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError/ValueError/OSError for a non-ONNX file
         raise BadInputError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): pass a .onnx file written by `mimc export`") from exc
+
+
+def graph_inputs(onnx_path: str | Path, model=None) -> list[dict[str, Any]]:
+    """Name, dtype and shape (int, or None for a symbolic axis) of every real graph input
+    (``model``: the already loaded ModelProto of ``onnx_path``, to read the file once)."""
+    model = model if model is not None else _read_model(onnx_path)
     initializers = {i.name for i in model.graph.initializer}
     out = []
     for value in model.graph.input:
@@ -88,6 +93,19 @@ def input_specs(inputs: list[dict[str, Any]], batch: int, path: str | Path) -> l
             raise BadInputError(f"input '{inp['name']}' of {path} has unsupported type {inp['dtype']}: profile a float graph")
         specs.append({"name": inp["name"], "dtype": inp["dtype"], "shape": shape})
     return specs
+
+
+def layout_note(model) -> str | None:
+    """A Q/DQ graph quantized for TensorRT runs on ONNX Runtime CPU only as an emulation: say so."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        target = json.loads(meta.get("mimc_quantization", "{}")).get("target")
+    except json.JSONDecodeError:
+        return None
+    if target == "tensorrt":
+        return ("this graph's Q/DQ layout is built for TensorRT: ONNX Runtime CPU runs it as an emulation, so this is not "
+                "int8 CPU latency; for that, quantize with --device cpu")
+    return None
 
 
 def static_batch(inputs: list[dict[str, Any]]) -> int | None:
@@ -249,7 +267,10 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     ort = onnxruntime()
     if warmup < 0 or iters < 1:
         raise BadInputError(f"need warmup >= 0 and iters >= 1 (got {warmup}, {iters}): pass e.g. --warmup 10 --iters 50")
-    inputs = graph_inputs(path)
+    model = _read_model(path)
+    inputs = graph_inputs(path, model)
+    note = layout_note(model)
+    del model  # the workers load the graph themselves
     fixed = static_batch(inputs)
     batch_sizes = list(batch_sizes) if batch_sizes else [fixed or 1]
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
@@ -280,6 +301,7 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
         "memory_method": MEMORY_METHOD,
         "host": host_info(),
         "results": results,
+        **({"note": note} if note else {}),
     }
 
 

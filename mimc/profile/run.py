@@ -108,7 +108,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
 
         sizes = sizes or _default_sizes(path, prof)
         report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads, on_batch=on_batch)
-        return {**_envelope("measured", path, prof, report.pop("results"), note=_layout_note(path)), **report}
+        return {**_envelope("measured", path, prof, report.pop("results"), note=report.pop("note", None)), **report}
 
     # GPU backends: measured on the device or not at all.
     if not cuda_available():
@@ -128,23 +128,6 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         )
     report.setdefault("label", "measured")
     return report
-
-
-def _layout_note(path: Path) -> str | None:
-    """A Q/DQ graph quantized for TensorRT runs on ONNX Runtime CPU only as an emulation: say so."""
-    import json
-
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    try:
-        target = json.loads(meta.get("mimc_quantization", "{}")).get("target")
-    except json.JSONDecodeError:
-        return None
-    if target == "tensorrt":
-        return ("this graph's Q/DQ layout is built for TensorRT: ONNX Runtime CPU runs it as an emulation, so this is not "
-                "int8 CPU latency; for that, quantize with --device cpu")
-    return None
 
 
 def _default_sizes(path: Path, prof) -> list[int]:
