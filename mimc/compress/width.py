@@ -83,7 +83,7 @@ class WidthPruningConfig(StageConfig):
         return heads if self.heads == 0 else max(1, int(round(heads * (1.0 - self.heads))))
 
 
-def _head_rows(block, h: int, head_dim: int, inner: int) -> list[int]:
+def _head_rows(h: int, head_dim: int, inner: int) -> list[int]:
     """Rows of the fused qkv weight that belong to head ``h`` (q, k and v parts)."""
     base = h * head_dim
     return [part * inner + base + i for part in range(3) for i in range(head_dim)]
@@ -163,7 +163,7 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
     new_cfg = cfg.replace(block_mlp_dims=[len(k) for k in keep_neurons], block_heads=[len(k) for k in keep_heads],
                           head_dim=cfg.attn_head_dim)
     new = build_encoder(new_cfg)
-    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    state = dict(encoder.state_dict())  # sliced entries are new tensors; load_state_dict copies the rest
     for i, block in enumerate(encoder.blocks):
         p = f"blocks.{i}."
         n_idx = torch.tensor(keep_neurons[i])
@@ -171,7 +171,7 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
         state[p + "mlp.fc1.bias"] = state[p + "mlp.fc1.bias"][n_idx]
         state[p + "mlp.fc2.weight"] = state[p + "mlp.fc2.weight"][:, n_idx]
         hd, inner = block.attn.head_dim, block.attn.num_heads * block.attn.head_dim
-        rows = torch.tensor([r for h in keep_heads[i] for r in _head_rows(block, h, hd, inner)])
+        rows = torch.tensor([r for h in keep_heads[i] for r in _head_rows(h, hd, inner)])
         rows = rows.reshape(len(keep_heads[i]), 3, hd).permute(1, 0, 2).reshape(-1)  # (q heads, k heads, v heads)
         cols = torch.tensor([h * hd + j for h in keep_heads[i] for j in range(hd)])
         state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][rows]
