@@ -96,7 +96,7 @@ def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCos
             nodes.append(NodeCost(name, op, "fused"))
             continue
         if op in FUSED_ATTENTION:  # qkv GEMM (int8) + attention (fp32) in one kernel: two entries
-            nodes.extend(qattention_costs(node, name, info, use, NodeCost, TensorUse, _numel))
+            nodes.extend(qattention_costs(node, name, info, use))
             continue
         cost = NodeCost(name, op, "memory")
         # Keep one entry per input position (empty optional inputs as zero) so operand indices line up.

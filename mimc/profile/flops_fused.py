@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .flops_costs import NodeCost, TensorUse
+
 FUSED_ATTENTION = {"QAttention"}
 
 
@@ -32,13 +34,13 @@ def skeleton_nodes(node: onnx.NodeProto, weight_dims: list[int] | None) -> tuple
     return nodes, inits
 
 
-def qattention_costs(node: onnx.NodeProto, name: str, info: dict, use, node_cost, tensor_use, numel) -> list:
+def qattention_costs(node: onnx.NodeProto, name: str, info: dict, use) -> list[NodeCost]:
     """Two NodeCost entries for one QAttention node (see the module docstring)."""
     in_dtype, in_shape = info.get(node.input[0], (TensorProto.UINT8, None))
     w_dtype, w_shape = info.get(node.input[1], (TensorProto.INT8, None))
     heads = next((a.i for a in node.attribute if a.name == "num_heads"), 0)
-    qkv = node_cost(f"{name}/qkv", node.op_type, "matmul", precision="int8")
-    attention = node_cost(f"{name}/attention", node.op_type, "matmul", precision="fp32")
+    qkv = NodeCost(f"{name}/qkv", node.op_type, "matmul", precision="int8")
+    attention = NodeCost(f"{name}/attention", node.op_type, "matmul", precision="fp32")
     qkv.tensors = [t for t in (use(node.input[0], "input"), use(node.input[1], "input"), use(node.input[2], "input")) if t is not None]
     qkv.weight = node.input[1] if qkv.tensors[1].role == "weight" else None
     if in_shape is None or w_shape is None or len(in_shape) != 3 or len(w_shape) != 2 or heads <= 0:
@@ -49,12 +51,12 @@ def qattention_costs(node: onnx.NodeProto, name: str, info: dict, use, node_cost
     rows = batch * tokens
     qkv.macs = float(rows * width * 3 * hidden)
     qkv.flops = 2.0 * qkv.macs + rows * 3 * hidden  # + bias
-    qkv.tensors.append(tensor_use(rows * 3 * hidden, TensorProto.FLOAT, "output"))
+    qkv.tensors.append(TensorUse(rows * 3 * hidden, TensorProto.FLOAT, "output"))
     scores = batch * heads * tokens * tokens
     attention.macs = float(2 * scores * (hidden // heads))  # q k^T and probabilities @ v
     attention.flops = 2.0 * attention.macs + 5.0 * scores  # + scale-and-softmax
-    attention.tensors = [tensor_use(rows * 3 * hidden, TensorProto.FLOAT, "input"),
-                         tensor_use(numel([batch, tokens, hidden]), TensorProto.FLOAT, "output")]
+    attention.tensors = [TensorUse(rows * 3 * hidden, TensorProto.FLOAT, "input"),
+                         TensorUse(rows * hidden, TensorProto.FLOAT, "output")]
     return [qkv, attention]
 
 
