@@ -251,13 +251,9 @@ def _torch_features(model, images, half: bool = False) -> np.ndarray:
 
 def _graph_features(path: Path, images, emulate: bool) -> np.ndarray:
     """Pooled features from a batch-1 graph; ``emulate`` runs Q/DQ as its exact fp32 math (no fusion)."""
-    from .export.validate import onnxruntime, session_options
+    from .compress.quantize import graph_session
 
-    ort = onnxruntime()
-    so = session_options()
-    if emulate:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = graph_session(path, emulate)
     names = [o.name for o in sess.get_outputs()]
     pixels = images.pixels.numpy()
     pooled = [sess.run(None, {sess.get_inputs()[0].name: pixels[i : i + 1]})[names.index("pooled")][0] for i in range(len(pixels))]

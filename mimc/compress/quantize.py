@@ -266,20 +266,27 @@ def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
     return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
 
 
+def graph_session(path: Path, emulate: bool):
+    """An ORT CPU session for a (quantized) graph; ``emulate`` runs a Q/DQ graph as its exact math.
+
+    Fusing DQ -> MatMul into int8 kernels is ORT's choice, not TensorRT's; with fusions off ORT
+    computes exactly the Q/DQ graph's math (round, clip, dequantize, fp32 matmul).
+    """
+    from ..export.validate import onnxruntime, session_options
+
+    ort = onnxruntime()
+    so = session_options()
+    if emulate:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
 def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
                      pooled_only: bool = False) -> dict[str, Any]:
     """Compare the quantized graph with the fp32 graph on held-out inputs (worst-sample cosine, SQNR)."""
-    from ..export.validate import compare_outputs, onnxruntime, session_options
+    from ..export.validate import compare_outputs
 
-    ort = onnxruntime()
-    sessions = []
-    for path, emulate in ((fp32_path, False), (quant_path, config.resolved_target == "tensorrt")):
-        so = session_options()
-        if emulate:
-            # Fusing DQ -> MatMul into int8 kernels is ORT's choice, not TensorRT's; with fusions off
-            # ORT computes exactly the Q/DQ graph's math (round, clip, dequantize, fp32 matmul).
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"]))
+    sessions = [graph_session(fp32_path, False), graph_session(quant_path, config.resolved_target == "tensorrt")]
     name = sessions[0].get_inputs()[0].name
     dims = sessions[0].get_inputs()[0].shape
     batch = dims[0] if isinstance(dims[0], int) else None
@@ -368,4 +375,4 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     return report
 
 
-__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "is_mimc_graph", "PRECISIONS", "TARGETS"]
+__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "graph_session", "is_mimc_graph", "PRECISIONS", "TARGETS"]
