@@ -134,22 +134,6 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     return _Core(qkv, nodes, out.output[0], heads, float(np.asarray(scale).reshape(())))
 
 
-_SHAPE_OPS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant", "Identity"})
-
-
-def _drop_dead_shape_nodes(model) -> None:
-    """Remove the shape arithmetic only the fused Reshapes read (side-effect-free ops only)."""
-    graph = model.graph
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        nodes = list(graph.node)  # hold the wrappers: ids of temporaries get reused
-        kept = [n for n in nodes if n.op_type not in _SHAPE_OPS or any(o in used for o in n.output)]
-        if len(kept) == len(nodes):
-            return
-        del graph.node[:]
-        graph.node.extend(kept)
-
-
 def fuse_attention_cpu(model) -> dict:
     """Replace each recognised block's qkv MatMulIntegerToFloat + float attention core by QAttention.
 
@@ -194,8 +178,7 @@ def fuse_attention_cpu(model) -> dict:
         del model.graph.node[:]
         model.graph.node.extend(kept)
         model.graph.initializer.extend(inits)
-        _drop_dead_shape_nodes(model)
-        prune_unused(model)
+        prune_unused(model)  # with the Reshapes gone, their shape arithmetic (dynamic batch) goes too
     return {"fused_attention_blocks": len(cores), "unfused_attention": reasons}
 
 

@@ -330,12 +330,16 @@ def rewrite_cpu(model, sites: list[LinearSite], attn_nodes: list, ranges: dict) 
     prune_unused(model)
 
 
+# Side-effect-free ops whose only job is a value or a shape: dead once nothing reads their outputs.
+PURE_OPS = frozenset({"Identity", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast"})
+
+
 def prune_unused(model) -> None:
-    """Drop initializers and Identity/Constant nodes nothing reads any more."""
+    """Drop initializers and pure value/shape nodes (PURE_OPS) nothing reads any more."""
     g = model.graph
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.op_type in ("Identity", "Constant") and not any(o in used for o in n.output)]
+        dead = [n for n in g.node if n.op_type in PURE_OPS and not any(o in used for o in n.output)]
         if not dead:
             break
         dead_ids = {id(n) for n in dead}
