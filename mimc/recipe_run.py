@@ -21,7 +21,7 @@ from .recipe import RECIPE_NAME, RUN_REPORT_NAME, ExportOptions, Recipe, Step
 
 
 def default_output(recipe: Recipe) -> Path:
-    from .cli.prune import model_slug  # the shared default-name rule
+    from .models.resolve import model_slug  # the shared default-name rule
 
     return Path(recipe.output) if recipe.output else Path(f"{model_slug(recipe.model)}-recipe")
 

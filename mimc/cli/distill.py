@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import DataError
         from ..models.resolve import load_model
         from ..train.engine import supports_masking
-        from .prune import model_slug
+        from ..models.resolve import model_slug
         from .sparsify import check_resume_source, finish, merge_resumed, resolve_run_dir, run_training_stage
 
         if data is None:

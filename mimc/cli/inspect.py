@@ -91,7 +91,8 @@ def register(app: typer.Typer) -> None:
         from ..data import load_images
         from ..errors import BadInputError, ConfigError
         from ..models.resolve import load_model
-        from .prune import model_slug, score_formatter
+        from ..models.resolve import model_slug
+        from .prune import score_formatter
 
         if dtype not in ENTROPY_DTYPES:
             raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")

@@ -9,15 +9,6 @@ import typer
 from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
-def model_slug(model: str) -> str:
-    """A short name for default output paths: ``ref``, a directory's or file's stem, a hub id's name."""
-    name = Path(model.rstrip("/\\")).name or "model"
-    for suffix in (".safetensors", ".pth", ".pt", ".bin", ".onnx"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name or "model"
-
-
 def parse_blocks(text: str | None) -> tuple[int, ...] | None:
     from ..errors import ConfigError
 
@@ -97,7 +88,7 @@ def register(app: typer.Typer) -> None:
         from ..compress.registry import compress
         from ..data import load_images
         from ..errors import DataError
-        from ..models.resolve import load_model
+        from ..models.resolve import load_model, model_slug
 
         config = BlockPruningConfig(
             ratio=ratio, keep=keep, blocks=parse_blocks(blocks), criterion=criterion, seed=seed, hist_bins=hist_bins, dtype=dtype

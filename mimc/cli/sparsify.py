@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
         from ..data import load_images
         from ..errors import DataError
         from ..models.resolve import load_model
-        from .prune import model_slug
+        from ..models.resolve import model_slug
 
         given_learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior, "seed": seed}
         given = {"pattern": pattern, "method": method, "n_calib": n_calib, "update_weights": False if no_update else None,

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         from ..data import load_images
         from ..errors import DataError
         from ..models.resolve import load_model
-        from .prune import check_output, model_slug
+        from ..models.resolve import model_slug
+        from .prune import check_output
 
         config = WidthPruningConfig(mlp=mlp, heads=heads, criterion=criterion, round_to=round_to)
         if config.needs_data and data is None:

@@ -108,7 +108,7 @@ def resolve_graph(model: str, precision: str, output: Path | None):
 
     encoder = load_model(model)
     if output is None:
-        from ..cli.prune import model_slug  # the shared default-name rule
+        from ..models.resolve import model_slug  # the shared default-name rule
 
         # Like `mimc export`: a new artifact ./<model>-mimc holding the weights, model.onnx and the
         # quantized graph, so `mimc eval` / `mimc profile` know its input spec.

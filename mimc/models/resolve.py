@@ -17,6 +17,15 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def model_slug(model: str) -> str:
+    """A short name for default output paths: ``ref``, a directory's or file's stem, a hub id's name."""
+    name = Path(model.rstrip("/\\")).name or "model"
+    for suffix in (".safetensors", ".pth", ".pt", ".bin", ".onnx"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "model"
+
+
 def describe_source(model: str) -> str:
     """What kind of MODEL argument this is: ref, artifact, hf-dir, timm-dir, checkpoint or hub."""
     from ..artifact import is_artifact
