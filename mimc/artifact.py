@@ -143,6 +143,13 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an occupied output directory; commands call it before any work, atomic_dir again at the end."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise BadInputError(f"output {path} already exists and is not empty: choose another -o or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes ``path`` on success.
@@ -151,8 +158,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     the new contents are complete.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise BadInputError(f"output {path} already exists and is not empty: choose another -o or pass --overwrite")
+    check_output(path, overwrite)
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifact import atomic_dir, save_artifact
+from .artifact import atomic_dir, check_output, save_artifact
 from .errors import BadInputError, ConfigError
 from .recipe import RECIPE_NAME, RUN_REPORT_NAME, ExportOptions, Recipe, Step
 
@@ -68,8 +68,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     from .train import run_options
 
     out = Path(output) if output is not None else default_output(recipe)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
+    check_output(out, overwrite)
     _check_graph_needs(recipe)
     _check_not_source(recipe, out)
     start = time.perf_counter()

@@ -20,14 +20,6 @@ def parse_blocks(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--blocks must be comma-separated 0-based block indices like 3,5, got '{text}'") from None
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an occupied output before any work is done (atomic_dir would refuse it after)."""
-    from ..errors import BadInputError
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
-
-
 def score_formatter(values: list[float]):
     """A fixed-point format with enough decimals that the column's differences show.
 
@@ -83,7 +75,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Remove transformer blocks (a removed block passes the residual stream through)."""
-        from ..artifact import save_artifact
+        from ..artifact import check_output, save_artifact
         from ..compress.blocks import BlockPruningConfig
         from ..compress.registry import compress
         from ..data import load_images

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         from ..profile.devices import load_profile
         from ..search import SearchSpace, recipe_of, search
         from ..models.resolve import model_slug
-        from .prune import check_output
+        from ..artifact import check_output
 
         if n < 1 or n_eval < 1 or iters < 1:
             raise ConfigError(f"--n, --n-eval and --iters must be >= 1 (got {n}, {n_eval}, {iters})")

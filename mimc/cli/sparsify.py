@@ -16,7 +16,7 @@ from .common import JsonOption, MODEL_HELP, console, emit_json, handle_errors
 
 def resolve_run_dir(output: Optional[Path], resume: Optional[Path], default: Path, overwrite: bool) -> Path:
     """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
-    from ..artifact import is_artifact
+    from ..artifact import check_output, is_artifact
     from ..errors import BadInputError
     from ..train.checkpoint import has_checkpoint
 
@@ -31,8 +31,7 @@ def resolve_run_dir(output: Optional[Path], resume: Optional[Path], default: Pat
     out = Path(output) if output is not None else default
     if out.exists() and has_checkpoint(out) and not overwrite:
         raise BadInputError(f"{out} holds an interrupted run's checkpoint: pass --resume {out} to continue, or choose another -o")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInputError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
+    check_output(out, overwrite)
     return out
 
 

@@ -63,13 +63,12 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Reduce the tokens every block sees, with static shapes that export to ONNX."""
-        from ..artifact import save_artifact
+        from ..artifact import check_output, save_artifact
         from ..compress.registry import compress
         from ..models.resolve import load_model
 
         config = build_config(method, r, inflection, keep, at, fuse, pattern, prop_attn)  # bad options fail before any work
-        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-            raise BadInputError(f"output {output} already exists and is not empty: choose another -o or pass --overwrite")
+        check_output(output, overwrite)
         encoder = load_model(model)
         with console.status(f"reducing tokens ({config.method}) and measuring fidelity"):
             new, record = compress(encoder, config)

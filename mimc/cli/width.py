@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import DataError
         from ..models.resolve import load_model
         from ..models.resolve import model_slug
-        from .prune import check_output
+        from ..artifact import check_output
 
         config = WidthPruningConfig(mlp=mlp, heads=heads, criterion=criterion, round_to=round_to)
         if config.needs_data and data is None:
