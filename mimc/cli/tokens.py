@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import BadInputError, ConfigError
+from ..errors import ConfigError
 from .common import MODEL_HELP, JsonOption, console, emit_json, handle_errors
 
 EPILOG = (
