@@ -1,10 +1,10 @@
 """ViT-B/16 224 export: TorchScript vs dynamo exporter - time, fidelity, graph, ORT CPU latency.
 
-Backs the exporter choice in mimc/export/onnx.py on a full-size model. One run: both graphs are
-exported by ``mimc.export.onnx.export_onnx`` (with validation on ORT CPU), then timed in the same
+Backs the exporter choice in mimc/deploy/onnx.py on a full-size model. One run: both graphs are
+exported by ``mimc.deploy.onnx.export_onnx`` (with validation on ORT CPU), then timed in the same
 process: sessions with ``session.intra_op.allow_spinning=0`` and 2 intra-op threads, each warmed up,
 timed in blocks of iterations alternating between the graphs, medians quoted. Finally the
-TorchScript graph is profiled by ``mimc.profile.ort.profile_onnx_cpu`` (isolated worker process) for
+TorchScript graph is profiled by ``mimc.runtime.ort.profile_onnx_cpu`` (isolated worker process) for
 its peak memory. Random-init weights (latency and export behaviour do not depend on training).
 
     python benchmarks/bench_export_vitb.py [--rounds 5] [--iters 5]
@@ -33,10 +33,10 @@ def main() -> None:
     import torch
 
     from mimc.artifact import now_iso, write_json
-    from mimc.export.onnx import export_onnx
-    from mimc.export.validate import make_session
+    from mimc.deploy.onnx import export_onnx
+    from mimc.deploy.validate import make_session
     from mimc.models.vit import build_encoder, vit_base_config
-    from mimc.profile.ort import host_info, profile_onnx_cpu
+    from mimc.runtime.ort import host_info, profile_onnx_cpu
 
     torch.set_num_threads(args.threads)
     encoder = build_encoder(vit_base_config(), seed=0)

@@ -57,9 +57,9 @@ def main() -> None:
     import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
     from mimc.data import load_images
-    from mimc.export.onnx import export_onnx
+    from mimc.deploy.onnx import export_onnx
     from mimc.models.vit import build_encoder, vit_base_config
 
     torch.set_num_threads(args.threads)

@@ -36,13 +36,13 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from mimc.compress.blocks import BlockPruningConfig
-    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
-    from mimc.compress.registry import compress
-    from mimc.compress.tokens import TokenReductionConfig
-    from mimc.compress.width import WidthPruningConfig
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+    from mimc.compression.registry import compress
+    from mimc.compression.tokens import TokenReductionConfig
+    from mimc.compression.width import WidthPruningConfig
     from mimc.data import load_images
-    from mimc.export.onnx import export_onnx
+    from mimc.deploy.onnx import export_onnx
     from mimc.models.vit import build_encoder, flops_per_image, vit_base_config
 
     torch.set_num_threads(args.threads)

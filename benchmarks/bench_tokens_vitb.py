@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mimc.compress.registry import compress  # noqa: E402
-from mimc.compress.tokens import TokenReductionConfig  # noqa: E402
-from mimc.export.onnx import export_onnx  # noqa: E402
+from mimc.compression.registry import compress  # noqa: E402
+from mimc.compression.tokens import TokenReductionConfig  # noqa: E402
+from mimc.deploy.onnx import export_onnx  # noqa: E402
 from mimc.models.vit import build_encoder, flops_per_image, vit_base_config  # noqa: E402
 
 from _common import session  # noqa: E402

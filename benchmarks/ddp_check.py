@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import mimc
-    from mimc.compress.registry import compress
-    from mimc.compress.blocks import BlockPruningConfig
+    from mimc.compression.registry import compress
+    from mimc.compression.blocks import BlockPruningConfig
 
     rows, checks = [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@ On a machine with an NVIDIA GPU and ``pip install 'mimc[gpu]'`` (tensorrt, onnxr
 
 For each variant it exports a dynamic-batch graph, builds an engine for ``--device`` (strongly typed:
 the graph carries the precision; one timing cache shared by all builds) and measures it with CUDA
-events (``mimc.profile.trt.profile_engine``):
+events (``mimc.runtime.trt.profile_engine``):
 
   dense fp16           the model, cast to fp16 (LayerNorm/softmax in fp32)
   50% blocks fp16      half the blocks removed (mimc prune --ratio 0.5, entropy criterion)
@@ -31,7 +31,7 @@ from pathlib import Path
 
 def check_machine() -> None:
     """Fail before any work: a GPU, then TensorRT."""
-    from mimc.profile.trt import CudaDevice, import_tensorrt
+    from mimc.runtime.trt import CudaDevice, import_tensorrt
 
     CudaDevice()
     import_tensorrt()
@@ -39,11 +39,11 @@ def check_machine() -> None:
 
 def variants(encoder, device_profile, calib, held, tmp: Path):
     """(name, onnx path, build precision) for each compressed form of ``encoder``."""
-    from mimc.compress.blocks import BlockPruningConfig
-    from mimc.compress.nm import NMSparsityConfig
-    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
-    from mimc.compress.registry import compress
-    from mimc.export.onnx import export_onnx
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.compression.nm import NMSparsityConfig
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+    from mimc.compression.registry import compress
+    from mimc.deploy.onnx import export_onnx
 
     # exist_ok everywhere: a rerun into the same --out (to reuse its timing cache) must not die here.
     dense = tmp / "dense" / "model.onnx"
@@ -79,7 +79,7 @@ def main() -> int:
     from mimc.errors import MimcError
 
     try:
-        from mimc.profile.devices import load_profile
+        from mimc.latency.devices import load_profile
 
         profile = load_profile(args.device)
         batches = [int(b) for b in args.batch.split(",")]
@@ -96,11 +96,11 @@ def run(args, profile, batches):
     import numpy as np
 
     from mimc.data import load_images
-    from mimc.export.tensorrt import build_engine
+    from mimc.deploy.tensorrt import build_engine
     from mimc.models.resolve import load_model
     from mimc.models.vit import build_encoder, vit_base_config
-    from mimc.profile.roofline import predict
-    from mimc.profile.trt import profile_engine
+    from mimc.latency.roofline import predict
+    from mimc.runtime.trt import profile_engine
 
     encoder = load_model(args.model) if args.model else build_encoder(vit_base_config(), seed=0)
     images = load_images("builtin", encoder.config, n=args.calib + 8, seed=0)

@@ -42,9 +42,9 @@ def main() -> None:
         print(args.out.read_text())
         return
 
-    from mimc.compress.block_scores import DATA_FREE_CRITERIA, data_free_scores, sensitivity_scores, spearman
-    from mimc.compress.blocks import BlockPruningConfig
-    from mimc.compress.registry import compress
+    from mimc.compression.block_scores import DATA_FREE_CRITERIA, data_free_scores, sensitivity_scores, spearman
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.compression.registry import compress
     from mimc.data import load_images
     from mimc.evaluate import compare_features, knn_top1
     from mimc.models.resolve import load_model

@@ -43,9 +43,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mimc
-    from mimc.compress.registry import compress
-    from mimc.compress.blocks import BlockPruningConfig
-    from mimc.compress.distill import DistillConfig
+    from mimc.compression.registry import compress
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.compression.distill import DistillConfig
     from mimc.data import load_images
     from mimc.train import run_options
 
@@ -56,7 +56,7 @@ def main() -> None:
     pruned, prune_record = compress(dense, BlockPruningConfig(ratio=0.5, criterion=args.criterion))
     label = f"pruned 50% ({args.criterion}; removed {prune_record.metrics.get('removed_blocks')})"
     if args.tokens_keep is not None:
-        from mimc.compress.tokens import TokenReductionConfig
+        from mimc.compression.tokens import TokenReductionConfig
 
         pruned, _ = compress(pruned, TokenReductionConfig(method="drop", keep=args.tokens_keep))
         label += f" + patches kept {args.tokens_keep:.0%} (grid)"

@@ -52,8 +52,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mimc
-    from mimc.compress.registry import compress
-    from mimc.compress.nm import NMSparsityConfig
+    from mimc.compression.registry import compress
+    from mimc.compression.nm import NMSparsityConfig
     from mimc.data import load_images
     from mimc.evaluate import features, knn_top1
 

@@ -42,7 +42,7 @@ RECIPES = [
 def features(path: Path, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     import onnx
 
-    from mimc.export.validate import onnxruntime, run_onnx, session_options
+    from mimc.deploy.validate import onnxruntime, run_onnx, session_options
 
     ort = onnxruntime()
     so = session_options(threads=2)
@@ -62,10 +62,10 @@ def main() -> None:
 
     import torch
 
-    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
     from mimc.data import load_images
     from mimc.evaluate import knn_top1
-    from mimc.export.onnx import export_onnx
+    from mimc.deploy.onnx import export_onnx
     from mimc.models.resolve import load_model
 
     torch.set_num_threads(2)

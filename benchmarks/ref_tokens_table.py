@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mimc.compress.registry import compress  # noqa: E402
-from mimc.compress.tokens import TokenReductionConfig  # noqa: E402
+from mimc.compression.registry import compress  # noqa: E402
+from mimc.compression.tokens import TokenReductionConfig  # noqa: E402
 from mimc.data import deterministic_inputs, load_images  # noqa: E402
 from mimc.evaluate import features, fidelity, knn_top1  # noqa: E402
 from mimc.models.resolve import load_model  # noqa: E402

@@ -55,8 +55,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import mimc
-    from mimc.compress.registry import compress
-    from mimc.compress.width import WidthPruningConfig
+    from mimc.compression.registry import compress
+    from mimc.compression.width import WidthPruningConfig
     from mimc.data import load_images
     from mimc.models.vit import flops_per_image
 

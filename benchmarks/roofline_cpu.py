@@ -1,6 +1,6 @@
 """Roofline prediction on the `cpu` profile vs measured ONNX Runtime CPU latency: ViT-B dense, 50 % blocks, int8.
 
-The prediction is mimc.profile.roofline.predict (sum over nodes of max(FLOPs / peak, bytes / bandwidth))
+The prediction is mimc.latency.roofline.predict (sum over nodes of max(FLOPs / peak, bytes / bandwidth))
 with mimc/profiles/cpu.yaml; the measurement is ONNX Runtime's CPU provider in this process, 2 intra-op
 threads, ``session.intra_op.allow_spinning=0``, each session warmed up, timed in blocks of iterations
 alternating between graphs, medians quoted. Process CPU time per run is reported beside wall time:
@@ -10,7 +10,7 @@ closer estimate of what the graph costs on an idle machine.
 Graphs (random-init weights; latency does not depend on the values):
   dense     ViT-B/16 224, mimc export (TorchScript, opset 17, batch 1)
   50% blocks  mimc prune --ratio 0.5 (criterion 'last': which blocks go does not change the cost)
-  int8      mimc's quantize stage (mimc.compress.quantize, target cpu) on 16 builtin calibration images
+  int8      mimc's quantize stage (mimc.quant.quantize, target cpu) on 16 builtin calibration images
 
     python benchmarks/roofline_cpu.py [--rounds 6] [--iters 3] [--threads 2]
 
@@ -43,14 +43,14 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from mimc.compress.blocks import BlockPruningConfig
-    from mimc.compress.quantize import QuantizeConfig, quantize_onnx
-    from mimc.compress.registry import compress
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+    from mimc.compression.registry import compress
     from mimc.data import load_images
-    from mimc.export.onnx import export_onnx
+    from mimc.deploy.onnx import export_onnx
     from mimc.models.vit import build_encoder, vit_base_config
-    from mimc.profile.devices import load_profile
-    from mimc.profile.roofline import predict
+    from mimc.latency.devices import load_profile
+    from mimc.latency.roofline import predict
 
     torch.set_num_threads(args.threads)
     profile = load_profile("cpu")

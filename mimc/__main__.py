@@ -1,4 +1,4 @@
 """``python -m mimc`` (also what ``torchrun -m mimc`` runs)."""
-from .cli.app import main
+from mimc.cli.app import main
 
 main()

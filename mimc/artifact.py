@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import BadInputError, NotAModelError
+from mimc.errors import BadInputError, NotAModelError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mimc.json"
@@ -26,7 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def mimc_version() -> str:
-    from . import __version__
+    from mimc import __version__
 
     return __version__
 
@@ -218,7 +218,7 @@ def load_artifact(path: str | os.PathLike):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models.vit import Encoder, EncoderConfig
+    from mimc.models.vit import Encoder, EncoderConfig
 
     path = Path(path)
     manifest = read_manifest(path)

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
+from mimc.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 BUILTIN = "builtin"

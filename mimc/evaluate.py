@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, NotAModelError
+from mimc.errors import DataError, NotAModelError
 
 KNN_K = 10
-SQNR_CAP_DB = 200.0  # the same cap as mimc.export.validate
+SQNR_CAP_DB = 200.0  # the same cap as mimc.deploy.validate
 KNN_TEMPERATURE = 0.07
 
 Runner = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -37,8 +37,8 @@ class OnnxModel:
     """An ONNX graph written by mimc, run on ONNX Runtime CPU; ``config`` comes from its artifact."""
 
     def __init__(self, path: str | os.PathLike):
-        from .artifact import is_artifact, read_manifest
-        from .models.vit import EncoderConfig
+        from mimc.artifact import is_artifact, read_manifest
+        from mimc.models.vit import EncoderConfig
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -54,14 +54,14 @@ class OnnxModel:
 
     def session(self):
         if self._session is None:
-            from .export.validate import make_session
+            from mimc.deploy.validate import make_session
 
             # mimc's session options: no spinning threads stealing cores from the torch reference.
             self._session = make_session(self.path)
         return self._session
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from .export.validate import run_onnx
+        from mimc.deploy.validate import run_onnx
 
         sess = self.session()
         inp = sess.get_inputs()[0]
@@ -98,7 +98,7 @@ def load_for_eval(model: Any):
     if isinstance(model, (str, os.PathLike)):
         if str(model).endswith(".onnx"):
             return OnnxModel(model)
-        from .models.resolve import load_model
+        from mimc.models.resolve import load_model
 
         return load_model(str(model))
     return model
@@ -121,7 +121,7 @@ def _runner(model: Any) -> Runner:
 
 
 def _batches(images: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    from .data import ImageSet
+    from mimc.data import ImageSet
 
     if isinstance(images, ImageSet):
         yield from images.batches(batch_size)
@@ -242,7 +242,7 @@ def knn_top1(feats: torch.Tensor | np.ndarray, labels: Iterable[int], k: int = K
 # The eval verb ------------------------------------------------------------------------------------
 def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
     """Fidelity to ``reference`` (when given) and k-NN top-1 of both (when the data is labelled)."""
-    from .data import load_images
+    from mimc.data import load_images
 
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mimc.artifact import save_artifact
-from mimc.compress.blocks import remove_blocks
+from mimc.compression.blocks import remove_blocks
 from mimc.errors import NotAModelError
 from mimc.evaluate import evaluate, features, fidelity, knn_predictions, knn_top1
 from mimc.models.vit import EncoderOutput
@@ -80,7 +80,7 @@ def test_fidelity_with_fewer_tokens_reports_pooled_only(tiny_encoder):
 
 # ONNX ---------------------------------------------------------------------------------------------
 def test_onnx_features_match_torch_and_foreign_onnx_is_refused(tiny_encoder, tmp_path):
-    from mimc.export.onnx import export_onnx
+    from mimc.deploy.onnx import export_onnx
 
     art = save_artifact(tiny_encoder, tmp_path / "art")
     export_onnx(tiny_encoder, art / "model.onnx", batch=2)  # static batch 2: 5 images need padding

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, console, emit_json, handle_errors
 
 
 def print_build(side: dict[str, Any], engine: Path) -> None:
@@ -48,11 +48,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) plus a JSON sidecar."""
-        from ..errors import BadInputError
-        from ..export.tensorrt import build_engine, builder_settings, graph_inputs, parse_batch_range
-        from ..profile.devices import load_profile
-        from ..profile.flops import graph_precision, load_graph
-        from ..profile.roofline import read_nm_pattern
+        from mimc.errors import BadInputError
+        from mimc.deploy.tensorrt import build_engine, builder_settings, graph_inputs, parse_batch_range
+        from mimc.latency.devices import load_profile
+        from mimc.latency.flops import graph_precision, load_graph
+        from mimc.latency.roofline import read_nm_pattern
 
         profile = load_profile(device)
         batch_range = parse_batch_range(batch)

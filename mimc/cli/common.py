@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import MimcError
+from mimc.errors import MimcError
 
 # Human-readable output goes to stderr so `--json` leaves stdout machine-readable.
 console = Console(stderr=True)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, console, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, console, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -36,13 +36,13 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Recover a pruned model by distilling the dense teacher's features, without labels."""
-        from ..compress.distill import DistillConfig, default_teacher
-        from ..data import load_images
-        from ..errors import DataError
-        from ..models.resolve import load_model
-        from ..train.engine import supports_masking
-        from ..models.resolve import model_slug
-        from .sparsify import check_resume_source, finish, merge_resumed, resolve_run_dir, run_training_stage
+        from mimc.compression.distill import DistillConfig, default_teacher
+        from mimc.data import load_images
+        from mimc.errors import DataError
+        from mimc.models.resolve import load_model
+        from mimc.train.engine import supports_masking
+        from mimc.models.resolve import model_slug
+        from mimc.cli.sparsify import check_resume_source, finish, merge_resumed, resolve_run_dir, run_training_stage
 
         if data is None:
             raise DataError("distill learns from unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")

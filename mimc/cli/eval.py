@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -23,8 +23,8 @@ def register(app: typer.Typer) -> None:
         """Cosine of pooled and per-token features to --ref, SQNR, and k-NN top-1 on labelled data."""
         from rich.table import Table
 
-        from ..errors import BadInputError
-        from ..evaluate import evaluate, load_for_eval
+        from mimc.errors import BadInputError
+        from mimc.evaluate import evaluate, load_for_eval
 
         if n is not None and n < 1:
             raise BadInputError(f"--n must be >= 1, got {n}")

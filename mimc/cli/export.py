@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, console, emit_json, handle_errors
 
 ONNX_NAME = "model.onnx"
 
@@ -65,10 +65,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Export to ONNX (input pixel_values; outputs last_hidden_state, pooled) and validate it."""
-        from ..artifact import atomic_dir, is_artifact, save_artifact
-        from ..errors import BadInputError
-        from ..export.onnx import check_export_options, export_onnx
-        from ..models.resolve import describe_source, load_model
+        from mimc.artifact import atomic_dir, is_artifact, save_artifact
+        from mimc.errors import BadInputError
+        from mimc.deploy.onnx import check_export_options, export_onnx
+        from mimc.models.resolve import describe_source, load_model
 
         batch_value = check_export_options(batch, opset, exporter, "fp32")  # exit 2 before any loading
         kind = describe_source(model)  # nonexistent path / not a model -> exit 2

@@ -7,12 +7,12 @@ from typing import Any, Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
 def inspect_blocks(encoder, batches=None, dtype: str = "fp16", hist_bins: int = 65536, seed: int = 0) -> dict[str, Any]:
     """Scores of every criterion per block; with batches also ``sensitivity`` and Spearman vs it."""
-    from ..compress.block_scores import DATA_FREE_CRITERIA, data_free_scores, removal_order, sensitivity_scores, spearman
+    from mimc.compression.block_scores import DATA_FREE_CRITERIA, data_free_scores, removal_order, sensitivity_scores, spearman
 
     scores, warnings = data_free_scores(encoder.blocks, DATA_FREE_CRITERIA, dtype, hist_bins, seed)
     result: dict[str, Any] = {
@@ -31,7 +31,7 @@ def inspect_blocks(encoder, batches=None, dtype: str = "fp16", hist_bins: int = 
 
 
 def _pyplot():
-    from ..errors import MissingExtraError
+    from mimc.errors import MissingExtraError
 
     try:
         import matplotlib
@@ -45,7 +45,7 @@ def _pyplot():
 
 def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
     """Min-max normalised scores per criterion against the block index (PNG), written atomically."""
-    from ..artifact import atomic_file
+    from mimc.artifact import atomic_file
 
     plt = _pyplot()
 
@@ -87,12 +87,12 @@ def register(app: typer.Typer) -> None:
         """Per-block scores of every pruning criterion (low = removed first), a table and a PNG plot."""
         from rich.table import Table
 
-        from ..compress.block_scores import ENTROPY_DTYPES
-        from ..data import load_images
-        from ..errors import BadInputError, ConfigError
-        from ..models.resolve import load_model
-        from ..models.resolve import model_slug
-        from .prune import score_formatter
+        from mimc.compression.block_scores import ENTROPY_DTYPES
+        from mimc.data import load_images
+        from mimc.errors import BadInputError, ConfigError
+        from mimc.models.resolve import load_model
+        from mimc.models.resolve import model_slug
+        from mimc.cli.prune import score_formatter
 
         if dtype not in ENTROPY_DTYPES:
             raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")

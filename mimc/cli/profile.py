@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, console, emit_json, handle_errors
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -64,10 +64,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Latency p50/p90/p99, throughput and peak memory per batch size; labelled measured or predicted."""
-        from ..artifact import write_json
-        from ..errors import BadInputError
-        from ..profile.run import check_model_path, parse_batch_sizes
-        from ..profile.run import profile as run_profile
+        from mimc.artifact import write_json
+        from mimc.errors import BadInputError
+        from mimc.latency.run import check_model_path, parse_batch_sizes
+        from mimc.latency.run import profile as run_profile
 
         # Every bad input is refused before anything runs.
         check_model_path(model)

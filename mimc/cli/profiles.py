@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, console, emit_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         """List device profiles: backend, precisions, dense peak TFLOP/s, memory bandwidth, sparse tensor cores."""
         from rich.table import Table
 
-        from ..profile.devices import available_profiles, load_profile
+        from mimc.latency.devices import available_profiles, load_profile
 
         chosen = [load_profile(device)] if device else [load_profile(n) for n in available_profiles()]
         if json_out:

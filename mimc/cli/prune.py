@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
 def parse_blocks(text: str | None) -> tuple[int, ...] | None:
-    from ..errors import ConfigError
+    from mimc.errors import ConfigError
 
     if text is None:
         return None
@@ -75,12 +75,12 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Remove transformer blocks (a removed block passes the residual stream through)."""
-        from ..artifact import check_output, save_artifact
-        from ..compress.blocks import BlockPruningConfig
-        from ..compress.registry import compress
-        from ..data import load_images
-        from ..errors import DataError
-        from ..models.resolve import load_model, model_slug
+        from mimc.artifact import check_output, save_artifact
+        from mimc.compression.blocks import BlockPruningConfig
+        from mimc.compression.registry import compress
+        from mimc.data import load_images
+        from mimc.errors import DataError
+        from mimc.models.resolve import load_model, model_slug
 
         config = BlockPruningConfig(
             ratio=ratio, keep=keep, blocks=parse_blocks(blocks), criterion=criterion, seed=seed, hist_bins=hist_bins, dtype=dtype

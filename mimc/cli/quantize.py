@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         percentile: float = typer.Option(99.99, "--percentile", help="Percentile kept by --method percentile."),
         smooth: Optional[float] = typer.Option(None, "--smooth", help="SmoothQuant alpha in [0, 1], folded in before calibration."),
         repq: bool = typer.Option(False, "--repq", help="RepQ-ViT per-channel -> per-tensor reparameterization of LayerNorm outputs."),
-        attention: bool = typer.Option(False, "--attention", help="Also quantize the two attention matmuls (default: float; see `mimc.compress.quantize`)."),
+        attention: bool = typer.Option(False, "--attention", help="Also quantize the two attention matmuls (default: float; see `mimc.quant.quantize`)."),
         fuse_attention: bool = typer.Option(True, "--fuse-attention/--no-fuse-attention",
                                             help="cpu target: run each block's qkv + float attention as one ORT QAttention kernel."),
         device: str = typer.Option("cpu", "--device", help="Target device profile (cpu, h100, ...) or a profile .yaml: picks the graph layout."),
@@ -32,9 +32,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Calibrate and quantize (W8A8 or FP8) with optional outlier folding; gate fidelity on held-out images."""
-        from ..compress.quantize import QuantizeConfig
-        from ..compress.quantize_flow import quantize_model, target_for_device
-        from ..errors import ConfigError
+        from mimc.quant.quantize import QuantizeConfig
+        from mimc.quant.quantize_flow import quantize_model, target_for_device
+        from mimc.errors import ConfigError
 
         if int8 and fp8:
             raise ConfigError("--int8 and --fp8 exclude each other: pass one of them")

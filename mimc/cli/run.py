@@ -6,14 +6,14 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, console, emit_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @handle_errors
     def run(
-        recipe: Path = typer.Argument(..., help="A recipe .yaml (see mimc/recipe.py), or an artifact directory to replay."),
+        recipe: Path = typer.Argument(..., help="A recipe .yaml (see mimc/pipeline/recipe.py), or an artifact directory to replay."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default: the recipe's 'output', else ./<model>-recipe)."),
         data: Optional[str] = typer.Option(None, "--data", help="Override the recipe's images (a folder, .npz/.npy or 'builtin')."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
@@ -24,8 +24,8 @@ def register(app: typer.Typer) -> None:
         """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, profile, eval)."""
         import yaml
 
-        from ..recipe import load_recipe
-        from ..recipe_run import default_output, run_recipe
+        from mimc.pipeline.recipe import load_recipe
+        from mimc.pipeline.recipe_run import default_output, run_recipe
 
         parsed = load_recipe(recipe, data=data)
         if parsed.note:

@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
-    from ..errors import ConfigError
+    from mimc.errors import ConfigError
 
     try:
         return tuple(float(p) for p in text.split(",") if p.strip())
@@ -47,14 +47,14 @@ def register(app: typer.Typer) -> None:
         import yaml
         from rich.table import Table
 
-        from ..artifact import atomic_dir
-        from ..data import load_images
-        from ..errors import ConfigError
-        from ..models.resolve import load_model
-        from ..profile.devices import load_profile
-        from ..search import SearchSpace, recipe_of, search
-        from ..models.resolve import model_slug
-        from ..artifact import check_output
+        from mimc.artifact import atomic_dir
+        from mimc.data import load_images
+        from mimc.errors import ConfigError
+        from mimc.models.resolve import load_model
+        from mimc.latency.devices import load_profile
+        from mimc.pipeline.search import SearchSpace, recipe_of, search
+        from mimc.models.resolve import model_slug
+        from mimc.artifact import check_output
 
         if n < 1 or n_eval < 1 or iters < 1:
             raise ConfigError(f"--n, --n-eval and --iters must be >= 1 (got {n}, {n_eval}, {iters})")

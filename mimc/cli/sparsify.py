@@ -11,14 +11,14 @@ from typing import Any, Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, console, emit_json, handle_errors
 
 
 def resolve_run_dir(output: Optional[Path], resume: Optional[Path], default: Path, overwrite: bool) -> Path:
     """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
-    from ..artifact import check_output, is_artifact
-    from ..errors import BadInputError
-    from ..train.checkpoint import has_checkpoint
+    from mimc.artifact import check_output, is_artifact
+    from mimc.errors import BadInputError
+    from mimc.train.checkpoint import has_checkpoint
 
     if resume is not None:
         if output is not None and Path(output).resolve() != Path(resume).resolve():
@@ -37,7 +37,7 @@ def resolve_run_dir(output: Optional[Path], resume: Optional[Path], default: Pat
 
 def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "") -> dict[str, Any]:
     """The interrupted run's options, refusing command-line options that contradict them."""
-    from ..errors import BadInputError
+    from mimc.errors import BadInputError
 
     merged = dict(stored)
     for key, value in given.items():
@@ -56,9 +56,9 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
 
 def check_resume_source(run_dir: Path, encoder) -> dict[str, Any]:
     """The checkpoint's meta, after checking it was made from this very model."""
-    from ..artifact import state_hash
-    from ..errors import BadInputError
-    from ..train.checkpoint import read_meta
+    from mimc.artifact import state_hash
+    from mimc.errors import BadInputError
+    from mimc.train.checkpoint import read_meta
 
     meta = read_meta(run_dir)
     if meta.get("source_sha256") != state_hash(encoder):
@@ -69,9 +69,9 @@ def check_resume_source(run_dir: Path, encoder) -> dict[str, Any]:
 def run_training_stage(encoder, config, batches, run_dir: Path | None, resume: bool, checkpoint_every: int,
                        teacher=None):
     """compress() with the runtime options a learning stage reads; rank 0 shows the progress bar."""
-    from ..compress.registry import compress
-    from ..train import run_options
-    from ..train.dist import is_main_process
+    from mimc.compression.registry import compress
+    from mimc.train import run_options
+    from mimc.train.dist import is_main_process
 
     with run_options(run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every,
                      show_progress=is_main_process(), teacher=teacher):
@@ -80,8 +80,8 @@ def run_training_stage(encoder, config, batches, run_dir: Path | None, resume: b
 
 def finish(encoder, out: Path, overwrite: bool, record, json_out: bool, summary: dict[str, Any]) -> None:
     """Rank 0 writes the artifact (replacing the run's checkpoint folder); every rank leaves the group."""
-    from ..artifact import save_artifact
-    from ..train.dist import is_main_process, shutdown
+    from mimc.artifact import save_artifact
+    from mimc.train.dist import is_main_process, shutdown
 
     if is_main_process():
         save_artifact(encoder, out, overwrite=overwrite)
@@ -119,11 +119,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Make every block Linear N:M sparse (exact pattern; the manifest records it for TensorRT)."""
-        from ..compress.nm import NMSparsityConfig, parse_pattern
-        from ..data import load_images
-        from ..errors import DataError
-        from ..models.resolve import load_model
-        from ..models.resolve import model_slug
+        from mimc.compression.nm import NMSparsityConfig, parse_pattern
+        from mimc.data import load_images
+        from mimc.errors import DataError
+        from mimc.models.resolve import load_model
+        from mimc.models.resolve import model_slug
 
         given_learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior, "seed": seed}
         given = {"pattern": pattern, "method": method, "n_calib": n_calib, "update_weights": False if no_update else None,

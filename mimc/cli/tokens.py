@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import ConfigError
-from .common import MODEL_HELP, JsonOption, console, emit_json, handle_errors
+from mimc.errors import ConfigError
+from mimc.cli.common import MODEL_HELP, JsonOption, console, emit_json, handle_errors
 
 EPILOG = (
     "Examples: mimc tokens ref --method tome --r 8 -o out/tome | "
@@ -29,7 +29,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 def build_config(method: str, r: Optional[str], inflection: float, keep: Optional[float], at: Optional[str],
                  fuse: bool, pattern: str, prop_attn: bool):
     """CLI options -> TokenReductionConfig (raises ConfigError on anything out of range)."""
-    from ..compress.tokens import TokenReductionConfig
+    from mimc.compression.tokens import TokenReductionConfig
 
     options: dict = {"method": method, "inflection": inflection, "keep": keep, "fuse": fuse, "pattern": pattern, "prop_attn": prop_attn}
     if r is not None:
@@ -63,9 +63,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Reduce the tokens every block sees, with static shapes that export to ONNX."""
-        from ..artifact import check_output, save_artifact
-        from ..compress.registry import compress
-        from ..models.resolve import load_model
+        from mimc.artifact import check_output, save_artifact
+        from mimc.compression.registry import compress
+        from mimc.models.resolve import load_model
 
         config = build_config(method, r, inflection, keep, at, fuse, pattern, prop_attn)  # bad options fail before any work
         check_output(output, overwrite)

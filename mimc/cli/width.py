@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -26,14 +26,14 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Structured width pruning: a narrower ViT (per-block widths in its config) that exports like any other."""
-        from ..artifact import save_artifact
-        from ..compress.registry import compress
-        from ..compress.width import WidthPruningConfig
-        from ..data import load_images
-        from ..errors import DataError
-        from ..models.resolve import load_model
-        from ..models.resolve import model_slug
-        from ..artifact import check_output
+        from mimc.artifact import save_artifact
+        from mimc.compression.registry import compress
+        from mimc.compression.width import WidthPruningConfig
+        from mimc.data import load_images
+        from mimc.errors import DataError
+        from mimc.models.resolve import load_model
+        from mimc.models.resolve import model_slug
+        from mimc.artifact import check_output
 
         config = WidthPruningConfig(mlp=mlp, heads=heads, criterion=criterion, round_to=round_to)
         if config.needs_data and data is None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MimcError
-from .vit import Encoder, EncoderConfig
+from mimc.errors import MimcError
+from mimc.models.vit import Encoder, EncoderConfig
 
 REF_DIR = Path(__file__).parent / "ref"
 REF_WEIGHTS = REF_DIR / "ref.safetensors"

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ModelNotFoundError, NotAModelError
+from mimc.errors import ModelNotFoundError, NotAModelError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -28,7 +28,7 @@ def model_slug(model: str) -> str:
 
 def describe_source(model: str) -> str:
     """What kind of MODEL argument this is: ref, artifact, hf-dir, timm-dir, checkpoint or hub."""
-    from ..artifact import is_artifact
+    from mimc.artifact import is_artifact
 
     if model == "ref":
         return "ref"
@@ -55,7 +55,7 @@ def describe_source(model: str) -> str:
 
 def load_model(model: str | os.PathLike):
     """Load any MODEL argument as a canonical :class:`~mimc.models.vit.Encoder` with a manifest."""
-    from ..artifact import Manifest, load_artifact, sha256_file
+    from mimc.artifact import Manifest, load_artifact, sha256_file
 
     model = str(model)
     kind = describe_source(model)
@@ -64,18 +64,18 @@ def load_model(model: str | os.PathLike):
     if kind == "artifact":
         return load_artifact(model)
     if kind == "ref":
-        from .reference import load_reference
+        from mimc.models.reference import load_reference
 
         encoder = load_reference()
         source = {"id": "ref", "family": "ref", "sha256": _ref_sha()}
     elif kind in ("hf-dir", "hub"):
-        from .convert.hf import load_hf
+        from mimc.models.convert.hf import load_hf
 
         encoder = load_hf(model)
         sha = sha256_file(_hf_weights(Path(model))) if kind == "hf-dir" and _hf_weights(Path(model)) else None
         source = {"id": model, "family": encoder.config.family, "sha256": sha, "kind": kind}
     else:
-        from .convert.timm import load_timm_checkpoint
+        from mimc.models.convert.timm import load_timm_checkpoint
 
         weights = _timm_weights(Path(model)) if kind == "timm-dir" else Path(model)
         encoder = load_timm_checkpoint(weights)
@@ -110,7 +110,7 @@ def _hf_weights(path: Path) -> Path | None:
 
 
 def _ref_sha() -> str | None:
-    from ..artifact import sha256_file
-    from .reference import REF_WEIGHTS
+    from mimc.artifact import sha256_file
+    from mimc.models.reference import REF_WEIGHTS
 
     return sha256_file(REF_WEIGHTS) if REF_WEIGHTS.is_file() else None

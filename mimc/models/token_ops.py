@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from mimc.errors import ConfigError
 
 METHODS = ("tome", "topk", "drop")
 PATTERNS = ("grid", "variance")

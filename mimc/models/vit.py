@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from . import token_ops
-from .vit_tokens import BlockTokenReduction, EncoderTokenReduction
+from mimc.errors import ConfigError
+from mimc.models import token_ops
+from mimc.models.vit_tokens import BlockTokenReduction, EncoderTokenReduction
 
 POOLINGS = ("cls", "mean")
 REL_POS_BIAS = ("none", "per_block", "shared")

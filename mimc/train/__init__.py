@@ -5,6 +5,6 @@ hands it with its teacher (the dense source) and unlabeled images to :func:`trai
 that are not part of a stage's recorded options — where to checkpoint, resuming, progress, an
 explicit teacher — travel in :func:`run_options`.
 """
-from .engine import FeatureModel, TrainResult, TrainSettings, current_run, run_options, train
+from mimc.train.engine import FeatureModel, TrainResult, TrainSettings, current_run, run_options, train
 
 __all__ = ["FeatureModel", "TrainResult", "TrainSettings", "current_run", "run_options", "train"]

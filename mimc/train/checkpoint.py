@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..artifact import atomic_dir
-from ..errors import BadInputError
+from mimc.artifact import atomic_dir
+from mimc.errors import BadInputError
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "state.json"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from ..errors import ConfigError
+from mimc.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from . import checkpoint as ckpt
-from .dist import DistContext, check_divisible, context
-from .schedule import warmup_cosine
+from mimc.errors import ConfigError
+from mimc.train import checkpoint as ckpt
+from mimc.train.dist import DistContext, check_divisible, context
+from mimc.train.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)

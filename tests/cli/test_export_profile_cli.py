@@ -105,7 +105,7 @@ def test_export_bad_models(app, tmp_path, monkeypatch):
 
 
 def test_export_failing_the_gate_exits_1_and_writes_nothing(app, tmp_path, artifact, monkeypatch):
-    from mimc.export import onnx as export_mod
+    from mimc.deploy import onnx as export_mod
 
     monkeypatch.setattr(export_mod, "gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
     manifest = (artifact / MANIFEST_NAME).read_text()
@@ -139,14 +139,14 @@ def test_profile_json_and_report_file(app, tmp_path, onnx_file):
 
 
 def test_profile_predict(app, onnx_file):
-    pytest.importorskip("mimc.profile.roofline")
+    pytest.importorskip("mimc.latency.roofline")
     result = _invoke(app, ["profile", onnx_file, "--device", "h100", "--predict", "--batch", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["label"] == "predicted"
 
 
 def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
-    from mimc.profile import run as run_mod
+    from mimc.latency import run as run_mod
 
     monkeypatch.setattr(run_mod, "cuda_available", lambda: False)
     text = tmp_path / "x.txt"

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from mimc.artifact import load_artifact, read_manifest, save_artifact
 from mimc.cli.app import app
-from mimc.compress.blocks import remove_blocks
-from mimc.compress.nm import check_nm
+from mimc.compression.blocks import remove_blocks
+from mimc.compression.nm import check_nm
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
 

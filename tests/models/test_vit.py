@@ -70,8 +70,8 @@ def test_vit_b_macs_match_published():
 
 def test_compress_verb_survives_submodule_imports(tiny_encoder):
     import mimc
-    import mimc.compress.blocks  # noqa: F401  (sets mimc.compress to the package)
-    from mimc.compress.blocks import BlockPruningConfig
+    import mimc.compression.blocks  # noqa: F401  (a package of another name: nothing shadows the verb)
+    from mimc.compression.blocks import BlockPruningConfig
 
     new, record = mimc.compress(tiny_encoder, BlockPruningConfig(keep=2, criterion="last"))
     assert new.config.depth == 2 and tiny_encoder.config.depth == 4

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mimc.artifact import save_artifact
-from mimc.compress.blocks import remove_blocks
+from mimc.compression.blocks import remove_blocks
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
 

@@ -121,7 +121,7 @@ def test_bad_settings(pair, pixels):
 
 
 def test_intermediate_matching_pairs_blocks_by_origin(pixels):
-    from mimc.compress.blocks import remove_blocks
+    from mimc.compression.blocks import remove_blocks
     from mimc.train.engine import block_pairs
 
     teacher = build_encoder(tiny_config(), seed=0)

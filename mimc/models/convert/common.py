@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..vit import Encoder, EncoderConfig
+from mimc.models.vit import Encoder, EncoderConfig
 
 # Globals a plain tensor checkpoint legitimately references (used only to word the error message).
 _TENSOR_GLOBALS = re.compile(

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import NotAModelError
-from ..vit import Encoder, EncoderConfig
-from .common import encoder_with_weights
+from mimc.errors import NotAModelError
+from mimc.models.vit import Encoder, EncoderConfig
+from mimc.models.convert.common import encoder_with_weights
 
 # transformers model_type -> mimc family
 FAMILIES = {"vit_mae": "mae", "vit": "vit", "videomae": "videomae", "beit": "beit", "data2vec-vision": "data2vec"}
@@ -219,7 +219,7 @@ def load_hf(source: str | os.PathLike) -> Encoder:
     Uses transformers' own ``from_pretrained``; hub ids need internet or a cached copy. See
     :mod:`.hf_load` for the loading rules and errors.
     """
-    from .hf_load import load_hf as _load_hf
+    from mimc.models.convert.hf_load import load_hf as _load_hf
 
     return _load_hf(source)
 

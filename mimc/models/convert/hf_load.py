@@ -15,10 +15,10 @@ import json
 import os
 from pathlib import Path
 
-from ...errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError
-from ..vit import Encoder
-from .common import one_line, pickle_code_global
-from .hf import FAMILIES, convert_hf_model
+from mimc.errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError
+from mimc.models.vit import Encoder
+from mimc.models.convert.common import one_line, pickle_code_global
+from mimc.models.convert.hf import FAMILIES, convert_hf_model
 
 # Classes loaded as themselves when a checkpoint names them, so that pieces outside the base model
 # survive (VideoMAE's ``fc_norm``, BEiT/data2vec poolers); convert_hf_model then takes the encoder

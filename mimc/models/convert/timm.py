@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import NotAModelError, UnsafeCheckpointError
-from ..vit import Encoder
-from .common import one_line, pickle_code_global
-from .timm_state import encoder_from_state
+from mimc.errors import NotAModelError, UnsafeCheckpointError
+from mimc.models.vit import Encoder
+from mimc.models.convert.common import one_line, pickle_code_global
+from mimc.models.convert.timm_state import encoder_from_state
 
 ANCHOR = "patch_embed.proj.weight"
 # Nested dicts that hold the weights in training checkpoints, in order of preference

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ...errors import NotAModelError
-from ..vit import Encoder, EncoderConfig
-from .common import encoder_with_weights
+from mimc.errors import NotAModelError
+from mimc.models.vit import Encoder, EncoderConfig
+from mimc.models.convert.common import encoder_with_weights
 
 # Widths whose heads are not 64-dim: ViT-H/14 (1280), ViT-g/14 (1408), ViT-G/14 (1664) all use 16 heads.
 HEADS_BY_DIM = {1280: 16, 1408: 16, 1664: 16}

@@ -1,0 +1,172 @@
+"""Block pruning: score every transformer block, delete the k most redundant ones.
+
+References:
+- Gardener: "Data-free block pruning by weight entropy" (arXiv 2602.03918, ICML 2026);
+  code: https://github.com/Peihao-Xiang/Gardener. Blocks are scored once and the k lowest are
+  removed in one shot (no re-scoring); a removed block becomes the identity, i.e. the residual
+  stream passes straight through, which is the same as deleting the block.
+- Scores live in :mod:`mimc.compression.block_scores`.
+
+The pruned encoder is a plain shallower ViT: ``config.depth`` shrinks, ``block_ids`` keeps the
+original index of every surviving block, per-block lists (MLP widths, head counts) are sliced and
+a per-block relative position bias leaves with its block. It exports like any other encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from mimc.errors import ConfigError
+from mimc.models.vit import Encoder, flops_per_image
+from mimc.compression.block_scores import CRITERIA, ENTROPY_DTYPES, data_free_scores, removal_order, sensitivity_scores
+from mimc.compression.registry import StageConfig, clone_encoder, register
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPruningConfig(StageConfig):
+    """Remove blocks: give exactly one of ``ratio`` (fraction removed), ``keep`` (blocks kept) or
+    ``blocks`` (0-based positions to remove; the criterion's scores are still recorded)."""
+
+    name: ClassVar[str] = "prune"
+    version: ClassVar[int] = 1
+
+    ratio: float | None = None
+    keep: int | None = None
+    blocks: tuple[int, ...] | None = None
+    criterion: str = "entropy"
+    seed: int = 0
+    hist_bins: int = 65536
+    dtype: str = "fp16"  # value precision the entropy criterion counts in (fp32 is degenerate)
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("ratio", "keep", "blocks") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"block pruning needs exactly one of ratio, keep or blocks (got {given or 'none'}): pass --ratio R, --keep N or --blocks 3,5")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"unknown criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
+        if self.dtype not in ENTROPY_DTYPES:
+            raise ConfigError(f"unknown entropy dtype '{self.dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")
+        if isinstance(self.hist_bins, bool) or not isinstance(self.hist_bins, int) or self.hist_bins < 2:
+            raise ConfigError(f"hist_bins must be an integer >= 2, got {self.hist_bins!r}")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
+                raise ConfigError(f"ratio must be a fraction of blocks to remove, strictly between 0 and 1, got {self.ratio!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+            raise ConfigError(f"keep must be a whole number of blocks >= 1, got {self.keep!r}")
+        if self.blocks is not None:
+            blocks = tuple(self.blocks)
+            if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+                raise ConfigError(f"blocks must be a non-empty list of 0-based block indices, got {self.blocks!r}")
+            if len(set(blocks)) != len(blocks):
+                raise ConfigError(f"blocks lists an index twice ({list(blocks)}): give each block once")
+            object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+
+    @property
+    def needs_data(self) -> bool:
+        return self.criterion == "sensitivity"
+
+    def num_removed(self, depth: int) -> int:
+        """How many blocks this config removes from an encoder of ``depth`` blocks (validated)."""
+        if self.blocks is not None:
+            bad = [b for b in self.blocks if b >= depth]
+            if bad:
+                raise ConfigError(f"blocks {bad} do not exist: this model has {depth} blocks (0..{depth - 1})")
+            k = len(self.blocks)
+        elif self.keep is not None:
+            if self.keep > depth:
+                raise ConfigError(f"keep={self.keep} is more than the model's {depth} blocks: pass --keep between 1 and {depth}")
+            k = depth - self.keep
+            if k == 0:
+                raise ConfigError(f"keep={self.keep} equals the model's depth, so nothing would be removed: pass --keep below {depth}")
+        else:
+            k = int(round(float(self.ratio) * depth))
+            if k == 0:
+                raise ConfigError(f"ratio {self.ratio} of {depth} blocks rounds to 0 blocks removed: pass a ratio >= {0.5 / depth:.3g}")
+            if k >= depth:
+                raise ConfigError(f"ratio {self.ratio} of {depth} blocks would remove every block: pass a ratio <= {(depth - 0.5) / depth:.3g}")
+        if k >= depth:
+            raise ConfigError(f"removing {k} of {depth} blocks leaves none: keep at least one block")
+        return k
+
+
+def remove_blocks(encoder: Encoder, positions: Iterable[int]) -> Encoder:
+    """A new encoder without the blocks at ``positions``; ``encoder`` is not modified.
+
+    Only the kept blocks are copied (the removed ones never are), which keeps ViT-B fast.
+    """
+    cfg = encoder.config
+    drop = set(positions)
+    keep = [i for i in range(cfg.depth) if i not in drop]
+    if cfg.token_schedule is not None:
+        # Token schedules are indexed by block; re-indexing them is the tokens stage's business.
+        raise ConfigError("this model already has a token-reduction schedule: prune blocks before reducing tokens")
+    full_blocks = encoder.blocks
+    encoder.blocks = nn.ModuleList(full_blocks[i] for i in keep)  # swapped back below
+    try:
+        new = clone_encoder(encoder)
+    finally:
+        encoder.blocks = full_blocks
+    ids = cfg.kept_block_ids()
+    new.config = cfg.replace(
+        depth=len(keep),
+        block_ids=[ids[i] for i in keep],
+        source_depth=cfg.source_depth if cfg.source_depth is not None else cfg.depth,
+        block_mlp_dims=[cfg.block_mlp_dims[i] for i in keep] if cfg.block_mlp_dims is not None else None,
+        block_heads=[cfg.block_heads[i] for i in keep] if cfg.block_heads is not None else None,
+    )
+    new.config.validate()
+    return new.eval()
+
+
+def score_blocks(encoder: Encoder, config: BlockPruningConfig, batches: list[torch.Tensor] | None) -> tuple[list[float], list[str]]:
+    if config.criterion == "sensitivity":
+        return sensitivity_scores(encoder, batches or []), []
+    scores, warnings = data_free_scores(encoder.blocks, [config.criterion], config.dtype, config.hist_bins, config.seed)
+    return scores[config.criterion], warnings
+
+
+@register(BlockPruningConfig)
+def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
+    from mimc.data import deterministic_inputs
+    from mimc.evaluate import fidelity
+
+    cfg = encoder.config
+    k = config.num_removed(cfg.depth)
+    batches = list(calibration_batches) if calibration_batches is not None else None
+    scores, warnings = score_blocks(encoder, config, batches)
+    if config.blocks is not None:
+        removed = list(config.blocks)
+    else:
+        removed = sorted(removal_order(scores)[:k])
+    new = remove_blocks(encoder, removed)
+
+    ids = cfg.kept_block_ids()
+    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new.config)
+    metrics: dict[str, Any] = {
+        "criterion": config.criterion,
+        "selection": "blocks" if config.blocks is not None else "lowest_scores",
+        "block_ids": ids,
+        "scores": {config.criterion: [round(float(s), 6) for s in scores]},
+        "removed_blocks": [ids[i] for i in removed],
+        "removed_positions": removed,
+        "kept_blocks": list(new.config.block_ids),
+        "params_before": encoder.num_params,
+        "params_after": new.num_params,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
+        # Fidelity to the input encoder (the dense source when this is the first stage) on one seeded
+        # input: one forward of each model, the largest share of a ViT-B prune's few seconds.
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).summary(),
+    }
+    if batches:
+        metrics["fidelity_data"] = fidelity(new, encoder, batches).summary()
+    if warnings:
+        metrics["warnings"] = warnings
+    return new, metrics
+
+
+__all__ = ["BlockPruningConfig", "remove_blocks", "prune_blocks", "score_blocks"]

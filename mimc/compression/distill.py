@@ -1,0 +1,158 @@
+"""Label-free recovery by feature distillation from the dense source (after block or token pruning).
+
+The compressed encoder is the student, the dense source the teacher; the student learns to
+reproduce the teacher's final token features and pooled feature on unlabeled images (loss and loop
+in :mod:`mimc.train.engine`). With ``mask_ratio`` > 0 both see the same random 25 % (at 0.75) of the
+patches, as in DMAE: several times cheaper per step, and the student still serves full images.
+
+The teacher is, by default, the source the student's manifest names (``source.id``, e.g. ``ref``);
+``mimc distill --teacher SRC`` (or ``run_options(teacher=...)``) overrides it. A student that carries an
+N:M pattern keeps it: its zeros are re-applied after every optimizer step.
+
+References:
+- Hinton et al., "Distilling the Knowledge in a Neural Network", 2015.
+- Bai et al., "Masked Autoencoders Enable Efficient Knowledge Distillers" (DMAE), CVPR 2023 —
+  github.com/UCSC-VLAA/DMAE
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from mimc.artifact import state_hash
+from mimc.errors import ConfigError, DataError
+from mimc.compression.nm import block_linears, calibration_pixels, check_nm, pooled_fidelity
+from mimc.compression.registry import StageConfig, clone_encoder, register
+
+# Structure a student may differ from its teacher in and still be compared feature by feature.
+_MUST_MATCH = ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "cls_token", "pooling")
+
+
+@dataclass(frozen=True)
+class DistillConfig(StageConfig):
+    """Recovery by distillation: AdamW with warm-up and cosine decay on every student weight."""
+
+    name: ClassVar[str] = "distill"
+    version: ClassVar[int] = 1
+
+    steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    clip_grad: float = 1.0
+    mask_ratio: float = 0.75
+    token_weight: float = 1.0
+    pooled_weight: float = 1.0
+    hidden_weight: float = 0.0  # > 0: also match every kept block's output to its teacher block
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"distill steps={self.steps}: train for at least 1 step")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio={self.mask_ratio} must be in [0, 1): 0.75 keeps a quarter of the patches")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.lr <= 0 or self.batch_size < 1:
+            raise ConfigError("distill needs lr > 0 and batch_size >= 1")
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+
+def default_teacher(encoder):
+    """The dense source named in the student's manifest, loaded afresh."""
+    from mimc.models.resolve import load_model
+
+    source = _source_id(encoder)
+    if not source:
+        raise ConfigError("the model's manifest names no source to distill from: pass --teacher SRC (e.g. ref)")
+    return load_model(source)
+
+
+def _source_id(encoder) -> str | None:
+    return (getattr(getattr(encoder, "manifest", None), "source", None) or {}).get("id")
+
+
+def check_teacher(student, teacher) -> None:
+    for key in _MUST_MATCH:
+        a, b = getattr(student.config, key), getattr(teacher.config, key)
+        if a != b:
+            raise ConfigError(f"teacher and student differ in {key} ({b} vs {a}): distill from the model this one was compressed from")
+
+
+class _KeepZeros:
+    """Re-applies an N:M student's zeros after every optimizer step so the pattern survives."""
+
+    def __init__(self, student):
+        self.masks = [(lin, lin.weight.detach() != 0) for _, lin in block_linears(student)]
+
+    def before_step(self, step: int, total: int, generator: torch.Generator) -> None:
+        return None
+
+    def extra_loss(self):
+        return None
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for i, (lin, keep) in enumerate(self.masks):
+                if keep.device != lin.weight.device:  # the engine moved the student to its device
+                    keep = keep.to(lin.weight.device)
+                    self.masks[i] = (lin, keep)
+                lin.weight.mul_(keep)
+
+
+@register(DistillConfig)
+def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[Any, dict[str, Any]]:
+    from mimc.train import TrainSettings, current_run, train
+
+    batches = list(calibration_batches or [])
+    if not batches:
+        raise DataError("distill needs unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
+    teacher = current_run().teacher
+    # The label recorded in the manifest: where the teacher came from.
+    teacher_label = (_source_id(teacher) or "explicit") if teacher is not None else _source_id(encoder)
+    teacher = clone_encoder(teacher) if teacher is not None else default_teacher(encoder)
+    teacher.eval()
+    check_teacher(encoder, teacher)
+    pixels = torch.cat(batches)
+    eval_pixels = calibration_pixels([pixels], 256, 32)
+    before = pooled_fidelity(encoder, teacher, eval_pixels)
+
+    student = clone_encoder(encoder).eval().requires_grad_(True)
+    hooks = _KeepZeros(student) if student.config.nm_pattern else None
+    settings = TrainSettings(
+        steps=config.steps, lr=config.lr, batch_size=config.batch_size, min_lr=config.min_lr,
+        warmup_steps=int(config.warmup_ratio * config.steps), weight_decay=config.weight_decay,
+        clip_grad=config.clip_grad, mask_ratio=config.mask_ratio, flip=config.flip, seed=config.seed,
+        token_weight=config.token_weight, pooled_weight=config.pooled_weight, hidden_weight=config.hidden_weight,
+    )
+    meta = {
+        "stage": config.to_dict(),
+        "source_sha256": state_hash(encoder),
+        "teacher_sha256": state_hash(teacher),
+        "data_sha256": hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest(),
+    }
+    result = train(student, teacher, pixels, settings, meta=meta, hooks=hooks)
+    student.requires_grad_(False).eval()
+    if student.config.nm_pattern:
+        check_nm(student)
+    metrics = {
+        "teacher": teacher_label,
+        "fidelity_before_pooled_cosine": before,
+        "fidelity_pooled_cosine": pooled_fidelity(student, teacher, eval_pixels),
+        "n_train_images": int(len(pixels)),
+        "mask_ratio": config.mask_ratio,
+        **result.metrics(),
+    }
+    return student, metrics
+
+
+__all__ = ["DistillConfig", "distill", "default_teacher", "check_teacher"]

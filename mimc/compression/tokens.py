@@ -1,0 +1,150 @@
+"""Token reduction stage: ToMe merging, EViT-style attention top-k, MAE-native patch dropping.
+
+References:
+- ToMe: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (arXiv 2210.09461),
+  github.com/facebookresearch/ToMe.
+- EViT: Liang et al., "Not All Patches are What You Need", ICLR 2022 (arXiv 2202.07800),
+  github.com/youweiliang/evit.
+- MAE: He et al., CVPR 2022 (arXiv 2111.06377), github.com/facebookresearch/mae; VideoMAE: Tong et
+  al., NeurIPS 2022 (arXiv 2203.12602), github.com/MCG-NJU/VideoMAE (tube masking).
+
+The stage changes no weight: it writes a static ``token_schedule`` into the encoder config, and the
+encoder (``mimc.models.vit``) turns it into fixed per-block token counts, so the result exports to
+ONNX with static shapes. The tensor work lives in :mod:`mimc.models.token_ops`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from mimc.errors import ConfigError
+from mimc.models import token_ops
+from mimc.models.vit import Encoder, flops_per_image
+from mimc.compression.registry import StageConfig, register
+
+DEFAULT_KEEP = {"topk": 0.7, "drop": 0.5}
+EVIT_BLOCKS = (4, 7, 10)  # EViT's reorganisation blocks for a 12-block ViT (1-based)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenReductionConfig(StageConfig):
+    """Options of the ``tokens`` stage.
+
+    - ``tome``: ``r`` tokens merged per block (an int), or a per-block list in ``r_list``;
+      ``inflection`` < 0 makes the int schedule decrease over depth (ToMe's (r, inflection)).
+      ``prop_attn`` adds log(size) to attention logits (off: off-the-shelf MAE weights never saw it).
+    - ``topk``: keep ``keep`` of the patch tokens at blocks ``at`` (1-based, as in the EViT paper;
+      empty: EViT's 4, 7, 10 scaled to the depth), ``fuse`` the rest into one token.
+    - ``drop``: keep ``keep`` of the patches before block 1, by a fixed ``grid`` pattern (a tube
+      pattern for video) or per image by patch pixel ``variance``.
+    """
+
+    name: ClassVar[str] = "tokens"
+    version: ClassVar[int] = 1
+
+    method: str = "tome"
+    r: int = 0
+    r_list: tuple[int, ...] = ()
+    inflection: float = 0.0
+    keep: float | None = None  # None: 0.7 for topk, 0.5 for drop
+    at: tuple[int, ...] = ()
+    fuse: bool = True
+    pattern: str = "grid"
+    prop_attn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in token_ops.METHODS:
+            raise ConfigError(f"unknown token method '{self.method}': choose one of {', '.join(token_ops.METHODS)}")
+        if self.pattern not in token_ops.PATTERNS:
+            raise ConfigError(f"unknown drop pattern '{self.pattern}': choose one of {', '.join(token_ops.PATTERNS)}")
+        if isinstance(self.r, (list, tuple)) and not self.r_list:  # r: [8, 8, 4] in a recipe = one value per block
+            object.__setattr__(self, "r_list", tuple(self.r))
+            object.__setattr__(self, "r", 0)
+        if not _is_int(self.r) or self.r < 0:
+            raise ConfigError(f"r must be a whole number of tokens >= 0, got {self.r!r}")
+        object.__setattr__(self, "r_list", tuple(self.r_list))
+        object.__setattr__(self, "at", tuple(self.at))
+        if any(not _is_int(v) or v < 0 for v in self.r_list):
+            raise ConfigError(f"r_list must hold whole numbers >= 0, got {list(self.r_list)}")
+        if self.method == "tome" and self.r_list and self.r:
+            raise ConfigError("give either r or r_list for ToMe, not both")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
+                raise ConfigError(f"keep={self.keep!r} is out of range: give the fraction of tokens to keep, in (0, 1]")
+        if self.method == "tome" and self.keep is not None:
+            raise ConfigError("ToMe takes r (tokens merged per block), not keep: pass --r")
+        if self.method != "tome" and (self.r or self.r_list):
+            raise ConfigError(f"method '{self.method}' takes keep, not r: pass --keep")
+        if self.method != "topk" and self.at:
+            raise ConfigError("--at only applies to --method topk")
+        if any(not _is_int(b) or b < 1 for b in self.at):
+            raise ConfigError(f"--at takes 1-based block numbers, got {list(self.at)}")
+
+    @property
+    def keep_rate(self) -> float:
+        return float(self.keep) if self.keep is not None else DEFAULT_KEEP.get(self.method, 1.0)
+
+    def schedule(self, encoder_config: Any) -> dict[str, Any]:
+        """The static ``token_schedule`` for an encoder of this shape (validated by building its plan)."""
+        cfg = encoder_config
+        if self.method == "tome":
+            r = list(self.r_list) if self.r_list else self.r
+            sched: dict[str, Any] = {"method": "tome", "r": token_ops.tome_r_list(cfg.depth, r, self.inflection), "prop_attn": self.prop_attn}
+        elif self.method == "topk":
+            at = self.at or tuple(sorted({max(1, round(b * cfg.depth / 12)) for b in EVIT_BLOCKS}))
+            sched = {
+                "method": "topk",
+                "keep": self.keep_rate,
+                "blocks": [b - 1 for b in at],
+                "fuse": self.fuse,
+                "score": "cls" if cfg.pooling == "cls" else "mean",
+            }
+        else:
+            sched = {"method": "drop", "keep": self.keep_rate, "pattern": self.pattern}
+        token_ops.build_plan(cfg.replace(token_schedule=sched))  # raises ConfigError when it cannot run
+        return sched
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def with_schedule(encoder: Encoder, schedule: dict[str, Any] | None) -> Encoder:
+    """A new encoder with the same weights and the given token schedule; ``encoder`` is untouched."""
+    new = Encoder(encoder.config.replace(token_schedule=schedule))
+    new.load_state_dict(encoder.state_dict())
+    return new.eval()
+
+
+@register(TokenReductionConfig)
+def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
+    from mimc.data import deterministic_inputs
+    from mimc.evaluate import fidelity
+
+    cfg = encoder.config
+    if cfg.token_schedule:
+        raise ConfigError(f"this model already reduces tokens ({cfg.token_schedule.get('method')}): apply mimc tokens to the model before its first token stage")
+    schedule = config.schedule(cfg)
+    new = with_schedule(encoder, schedule)
+    plan = new.token_plan
+    macs_dense, macs_reduced = flops_per_image(cfg), token_ops.reduced_macs(new.config, plan)
+    # Mean tokens per block, weighted like the work: what "x % of the tokens" means in the benchmark.
+    mean_tokens = sum(plan.counts[:-1]) / max(1, cfg.depth)
+    metrics: dict[str, Any] = {
+        "method": config.method,
+        "schedule": schedule,
+        "tokens_per_block": plan.counts,
+        "token_fraction": round(mean_tokens / cfg.num_tokens, 6),
+        "macs_dense": macs_dense,
+        "macs_reduced": macs_reduced,
+        "macs_ratio": round(macs_reduced / macs_dense, 6),
+        "theoretical_speedup": round(macs_dense / macs_reduced, 4),
+        # Fidelity to the input encoder (the dense source when this is the first stage).
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=4, seed=0)).summary(),
+    }
+    if calibration_batches is not None:
+        metrics["fidelity_data"] = fidelity(new, encoder, list(calibration_batches)).summary()
+    return new, metrics
+
+
+__all__ = ["TokenReductionConfig", "reduce_tokens", "with_schedule"]

@@ -1,0 +1,117 @@
+"""Device profiles: what a deployment target is, read from ``profiles/*.yaml`` or a user's YAML.
+
+A profile names a backend and the numbers a roofline needs. Shipped profiles live in
+``mimc/profiles/`` (package data); ``--device`` accepts their name or a path to a YAML file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mimc.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    backend: str
+    precisions: tuple[str, ...]
+    peak_tflops: dict[str, float]  # dense peak per precision (2:4 sparse doubles on sparse tensor cores)
+    memory_bandwidth_gbs: float
+    memory_gb: float
+    batch_sizes: tuple[int, ...] = (1,)
+    description: str = ""
+    compute_capability: str | None = None  # "9.0" for Hopper; None for CPUs
+    sparse_tensor_cores: bool = False
+    threads: int | None = None  # CPU profiles: intra-op threads to measure with
+    sources: dict[str, str] = field(default_factory=dict)  # field -> public source of the number
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
+
+    def supports(self, precision: str) -> bool:
+        return precision in self.precisions
+
+    def peak_flops(self, precision: str, sparse: bool = False) -> float:
+        """Peak FLOP/s for ``precision`` (dense; doubled for 2:4 sparse math on sparse tensor cores).
+
+        A precision without its own peak falls back to the nearest wider one that has one (bf16 ->
+        fp16 -> fp32), because a device without, say, a bf16 number runs it no faster than fp16.
+        """
+        for p in _PEAK_FALLBACK.get(precision, (precision,)):
+            if p in self.peak_tflops:
+                scale = 2.0 if sparse and self.sparse_tensor_cores else 1.0
+                return self.peak_tflops[p] * 1e12 * scale
+        raise ConfigError(f"device profile {self.name} has no peak_tflops for {precision}: add it to the profile YAML")
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_gbs * 1e9
+
+
+_PEAK_FALLBACK = {
+    "fp32": ("fp32",),
+    "tf32": ("tf32", "fp32"),
+    "fp16": ("fp16", "fp32"),
+    "bf16": ("bf16", "fp16", "fp32"),
+    "int8": ("int8",),
+    "fp8": ("fp8",),
+}
+
+REQUIRED = ("name", "backend", "precisions", "peak_tflops", "memory_bandwidth_gbs", "memory_gb")
+
+
+# Short names people type for shipped profiles (`--device orin` as in the README).
+ALIASES = {"orin": "jetson-orin", "agx-orin": "jetson-orin", "4090": "rtx-4090", "h100-sxm": "h100", "h200-sxm": "h200"}
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(device: str | Path) -> DeviceProfile:
+    """A shipped profile by name, or a YAML file by path; one-line errors for anything wrong."""
+    path = Path(device)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PROFILES_DIR / f"{ALIASES.get(str(device).lower(), device)}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"device profile {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"device profile {path} is not a mapping: see mimc/profiles/cpu.yaml for the format")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ConfigError(f"device profile {path} is missing field(s) {missing}: add them (see mimc/profiles/cpu.yaml)")
+    known = {f.name for f in fields(DeviceProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"device profile {path} has unknown field(s) {unknown}: valid fields are {sorted(known)}")
+    if data["backend"] not in BACKENDS:
+        raise ConfigError(f"device profile {path}: backend '{data['backend']}' is not one of {BACKENDS}")
+    bad = [p for p in data["precisions"] if p not in PRECISIONS]
+    if bad:
+        raise ConfigError(f"device profile {path}: unknown precision(s) {bad}; valid: {PRECISIONS}")
+    bad_peaks = [k for k in data["peak_tflops"] if k not in PRECISIONS]
+    if bad_peaks:
+        raise ConfigError(f"device profile {path}: peak_tflops has unknown precision(s) {bad_peaks}; valid: {PRECISIONS}")
+    numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
+    numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
+    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+    if not_positive:
+        raise ConfigError(f"device profile {path}: {not_positive} must be positive numbers: fix the file")
+    data["precisions"] = tuple(data["precisions"])
+    data["batch_sizes"] = tuple(data.get("batch_sizes", (1,)))
+    data["peak_tflops"] = {str(k): float(v) for k, v in data["peak_tflops"].items()}
+    if data.get("compute_capability") is not None:
+        data["compute_capability"] = str(data["compute_capability"])
+    return DeviceProfile(**data)

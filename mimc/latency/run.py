@@ -1,0 +1,158 @@
+"""``profile``: one entry point that picks how to measure (or predict) a graph on a device profile.
+
+- ``.onnx`` on an ``onnxruntime-cpu`` device: measured here by :mod:`mimc.runtime.ort`.
+- ``predict=True``: a roofline estimate from the graph's FLOPs and bytes (:mod:`mimc.latency.roofline`).
+- ``.plan`` / ``.engine``, or a ``tensorrt`` / ``onnxruntime-cuda`` device: measured on the GPU by
+  :mod:`mimc.runtime.trt` / :mod:`mimc.runtime.cuda_ort`; without a CUDA GPU this is refused, never
+  silently replaced by a prediction.
+
+Every report carries ``"label": "measured"`` or ``"predicted"``, and one report never holds both.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
+    """``"1,8"`` -> ``[1, 8]``; refuses anything that is not a positive integer."""
+    if text is None or text == "":
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    sizes = []
+    for item in items:
+        s = str(item).strip()
+        if not s.lstrip("-").isdigit() or int(s) < 1:
+            raise BadInputError(f"batch size '{s}' is not a positive integer: pass e.g. --batch 1,8")
+        sizes.append(int(s))
+    return sorted(set(sizes), key=sizes.index)
+
+
+def check_model_path(model_path: str | os.PathLike) -> Path:
+    path = Path(model_path)
+    if not path.exists():
+        raise BadInputError(f"{path} does not exist: pass an .onnx file (mimc export MODEL writes one) or a TensorRT .plan")
+    if path.is_dir():
+        hint = f"; did you mean {path / 'model.onnx'}?" if (path / "model.onnx").is_file() else ""
+        raise BadInputError(f"{path} is a directory, not an ONNX file or engine: pass the .onnx file inside it{hint}")
+    if path.suffix not in ONNX_SUFFIXES + ENGINE_SUFFIXES:
+        raise BadInputError(f"{path} is not an ONNX graph or TensorRT engine (expected {', '.join(ONNX_SUFFIXES + ENGINE_SUFFIXES)}): export one with `mimc export MODEL`")
+    return path
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU is visible (torch is a core dependency; its check needs no driver call when absent)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _import(module: str, purpose: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name and not exc.name.startswith("mimc"):
+            raise MissingExtraError(f"{purpose} needs '{exc.name}', which is not installed: pip install 'mimc[gpu]'") from exc
+        raise MissingExtraError(f"{purpose} is not available in this mimc build ({module} is missing): upgrade mimc") from exc
+
+
+def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = False,
+            batch_sizes: Sequence[int] | str | None = None, warmup: int = 10, iters: int = 50,
+            threads: int | None = None, on_batch: Callable[[int], None] | None = None,
+            precision: str | None = None) -> dict[str, Any]:
+    """Latency report for ``model_path`` on ``device`` (a profile name or YAML path).
+
+    ``batch_sizes`` None: the graph's static batch (or the profile's ``batch_sizes`` when the batch
+    is dynamic); ``threads`` None: the profile's ``threads``, else every core. ``precision`` (with
+    ``predict`` only) prices the graph at that precision, e.g. an fp32 graph as the fp16 engine
+    TensorRT would build from it.
+    """
+    from mimc.latency.devices import load_profile
+
+    path = check_model_path(model_path)
+    prof = load_profile(device)
+    sizes = parse_batch_sizes(batch_sizes)
+    if warmup < 0 or iters < 1:
+        raise BadInputError(f"need --warmup >= 0 and --iters >= 1 (got {warmup}, {iters}): pass e.g. --warmup 10 --iters 50")
+    if threads is not None and threads < 1:
+        raise BadInputError(f"--threads must be >= 1, got {threads}: pass e.g. --threads 2")
+    is_engine = path.suffix in ENGINE_SUFFIXES
+    if precision is not None and not predict:
+        raise BadInputError(f"a precision override ({precision}) prices a graph by roofline: pass --predict, or profile a graph/engine built at {precision}")
+
+    if predict:
+        if is_engine:
+            raise BadInputError(f"--predict reads FLOPs and bytes from an ONNX graph, not an engine: pass the .onnx that {path.name} was built from")
+        roofline = _import("mimc.latency.roofline", "roofline prediction")
+        sizes = sizes or _default_sizes(path, prof)
+        results = []
+        for b in sizes:
+            if on_batch is not None:
+                on_batch(b)
+            results.append(roofline.predict(path, prof, batch=b, precision=precision))
+        return _envelope("predicted", path, prof, results, note="a roofline lower bound, not a measurement")
+
+    if prof.backend == "onnxruntime-cpu":
+        if is_engine:
+            raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs ONNX Runtime on the CPU: pass the .onnx graph")
+        from mimc.runtime.ort import profile_onnx_cpu
+
+        sizes = sizes or _default_sizes(path, prof)
+        report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads, on_batch=on_batch)
+        return {**_envelope("measured", path, prof, report.pop("results"), note=report.pop("note", None)), **report}
+
+    # GPU backends: measured on the device or not at all.
+    if not cuda_available():
+        raise DeviceUnavailableError(
+            f"device {prof.name} needs a CUDA GPU, none found: run on the target or pass --predict for a roofline estimate"
+        )
+    if is_engine:
+        trt = _import("mimc.runtime.trt", "TensorRT profiling")
+        report = trt.profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters)
+    elif prof.backend == "onnxruntime-cuda":
+        cuda_ort = _import("mimc.runtime.cuda_ort", "ONNX Runtime CUDA profiling")
+        report = cuda_ort.profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
+    else:
+        raise BadInputError(
+            f"device '{prof.name}' runs TensorRT engines: build one with `mimc build {path} --device {prof.name}` "
+            "and profile the .plan, or pass --predict"
+        )
+    report.setdefault("label", "measured")
+    return report
+
+
+def _default_sizes(path: Path, prof) -> list[int]:
+    """A static graph runs at its own batch only; a dynamic one at the profile's batch sizes."""
+    from mimc.runtime.ort import graph_inputs, static_batch
+
+    fixed = static_batch(graph_inputs(path))
+    return [fixed] if fixed else list(prof.batch_sizes)
+
+
+def _envelope(label: str, path: Path, prof, results: list[dict[str, Any]], note: str | None = None) -> dict[str, Any]:
+    from mimc.artifact import mimc_version, now_iso
+
+    out = {
+        "label": label,
+        "model": str(path),
+        "device": prof.name,
+        "backend": prof.backend,
+        "results": results,
+        "mimc_version": mimc_version(),
+        "created": now_iso(),
+    }
+    if note:
+        out["note"] = note
+    return out
+
+
+__all__ = ["profile", "parse_batch_sizes", "check_model_path", "cuda_available"]

@@ -1,0 +1,342 @@
+"""Recipes: a whole compression run as one YAML file, validated before any work, replayable.
+
+```yaml
+model: ref                 # any MODEL argument (ref, an artifact, an HF folder, a hub id, a timm checkpoint)
+data: builtin              # images for stages that need them, quantize calibration and eval
+n: 256                     # images drawn from data for data-driven model stages
+seed: 0
+output: out/ref-recipe     # the artifact directory (the CLI's -o overrides it)
+stages:
+  - prune: {ratio: 0.5}                   # model stages, in order: prune, width, tokens, sparsify, distill, smooth, repq
+  - tokens: {method: drop, keep: 0.5}
+  - export: {batch: 1}                    # then graph stages: export, quantize, profile, eval
+  - quantize: {method: percentile}
+  - profile: {device: cpu}
+  - eval: {}
+```
+
+Every stage's options are a frozen dataclass: the model stages' are the registry's
+(mimc.compression.registry), the graph stages' are defined here. ``mimc run`` writes the resolved
+recipe (every option spelled out) into the artifact as ``recipe.yaml``, so the run can be replayed
+exactly; :func:`recipe_from_artifact` rebuilds a recipe from any artifact's ``mimc.json`` (stages and
+exported graphs), including ones written stage by stage with the single commands.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mimc.compression.registry import StageConfig, config_from_dict, config_types
+from mimc.errors import BadInputError, ConfigError
+
+RECIPE_NAME = "recipe.yaml"
+RUN_REPORT_NAME = "run.json"
+GRAPH_STAGES = ("export", "quantize", "profile", "eval")
+
+
+@dataclass(frozen=True)
+class ExportOptions(StageConfig):
+    """``export``: the fp32 graph ``model.onnx`` (see mimc.deploy.onnx.export_onnx)."""
+
+    name: ClassVar[str] = "export"
+    batch: int | str = 1  # an int (static) or "dynamic"
+    opset: int = 17
+    exporter: str = "torchscript"
+
+    def __post_init__(self) -> None:
+        from mimc.deploy.onnx import check_export_options
+
+        # "2" (a quoted YAML number) becomes 2, so recipe.yaml and the graph agree on the batch
+        object.__setattr__(self, "batch", check_export_options(self.batch, self.opset, self.exporter, "fp32"))
+
+
+@dataclass(frozen=True)
+class ProfileOptions(StageConfig):
+    """``profile``: latency of the run's last graph on ``device`` and, with ``baseline``, of the
+    source model's dense fp32 graph with the same settings in the same run (the speed-up)."""
+
+    name: ClassVar[str] = "profile"
+    device: str = "cpu"
+    predict: bool = False  # roofline prediction instead of a measurement (devices that are absent)
+    graph: str | None = None  # a file in the artifact; None: the last graph the recipe wrote
+    baseline: bool = True
+    batch_sizes: tuple[int, ...] = ()  # empty: the graph's own batch
+    warmup: int = 10
+    iters: int = 50
+    threads: int | None = None
+    precision: str | None = None  # predict only: price the graph at this precision (an fp16 engine from fp32)
+
+    def __post_init__(self) -> None:
+        from mimc.latency.devices import load_profile
+
+        prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
+        _check_bool(self, "predict", "baseline")
+        _check_int(self, "warmup", "iters", *(("threads",) if self.threads is not None else ()))
+        if self.graph is not None and not isinstance(self.graph, str):
+            raise ConfigError(f"profile graph must be a file name like model.int8.onnx, got {self.graph!r}")
+        if self.precision is not None and (not self.predict or not prof.supports(self.precision)):
+            raise ConfigError(f"profile precision {self.precision!r} needs predict: true and a device that runs it ({prof.name}: {list(prof.precisions)})")
+        if self.warmup < 0 or self.iters < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"profile needs warmup >= 0, iters >= 1, threads >= 1 (got {self.warmup}, {self.iters}, {self.threads})")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"profile batch_sizes must be positive integers, got {list(self.batch_sizes)}")
+
+
+@dataclass(frozen=True)
+class EvalOptions(StageConfig):
+    """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN."""
+
+    name: ClassVar[str] = "eval"
+    graph: str | None = None
+    n: int | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.graph is not None and not isinstance(self.graph, str):
+            raise ConfigError(f"eval graph must be a file name like model.int8.onnx, got {self.graph!r}")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise ConfigError(f"eval n must be a positive integer, got {self.n!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"eval batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+GRAPH_OPTIONS: dict[str, type] = {"export": ExportOptions, "profile": ProfileOptions, "eval": EvalOptions}
+
+
+def _check_int(config, *names: str) -> None:
+    # before the range checks: a string there would fail them with a Python comparison error
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{config.name} option {name} must be an integer, got {value!r}")
+
+
+def _check_bool(config, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{config.name} option {name} must be true or false, got {getattr(config, name)!r}")
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # the stage name
+    config: StageConfig
+
+    @property
+    def is_model_stage(self) -> bool:
+        return self.kind not in GRAPH_STAGES
+
+
+@dataclass
+class Recipe:
+    model: str
+    steps: list[Step]
+    data: str | None = None
+    n: int = 256
+    seed: int = 0
+    output: str | None = None
+    note: str | None = None  # what a recipe rebuilt from mimc.json cannot promise (not part of the YAML)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe: every option of every stage written out (what ``recipe.yaml`` holds)."""
+        out: dict[str, Any] = {"model": self.model}
+        if self.data is not None:
+            out["data"] = self.data
+        out.update({"n": self.n, "seed": self.seed})
+        if self.output is not None:
+            out["output"] = self.output
+        out["stages"] = [{s.kind: s.config.to_dict()} for s in self.steps]
+        return out
+
+    @property
+    def needs_data(self) -> bool:
+        return any(s.kind in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    """A mapping (parsed YAML) -> :class:`Recipe`; every stage's options are validated here."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping with 'model' and 'stages', got {type(data).__name__}")
+    known = {"model", "data", "n", "seed", "output", "stages"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}: valid keys are {sorted(known)}")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{where}: 'model' must name a model (e.g. model: ref)")
+    n, seed = data.get("n", 256), data.get("seed", 0)
+    for key, value in (("n", n), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "n" else 0):
+            raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {value!r}")
+    for key in ("data", "output"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {data[key]!r}")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [{{prune: {{ratio: 0.5}}}}, export]")
+    steps = [_parse_step(item, i, where) for i, item in enumerate(stages, 1)]
+    _check_order(steps, where)
+    _check_graph_names(steps, where)
+    recipe = Recipe(model=model, steps=steps, data=data.get("data"), n=n, seed=seed, output=data.get("output"))
+    if recipe.needs_data and recipe.data is None:
+        needing = [s.kind for s in steps if s.kind == "quantize" or (s.is_model_stage and s.config.needs_data)]
+        raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
+    return recipe
+
+
+def _parse_step(item: Any, index: int, where: str) -> Step:
+    if isinstance(item, str):
+        kind, options = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        kind, options = next(iter(item.items()))
+        options = {} if options is None else options
+    else:
+        raise ConfigError(f"{where}: stage {index} must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {item!r}")
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: options of stage {index} ({kind}) must be a mapping, got {options!r}")
+    valid = sorted(set(config_types()) | set(GRAPH_OPTIONS))
+    if kind not in valid:
+        raise ConfigError(f"{where}: unknown stage '{kind}' (stage {index}): known stages are {valid}")
+    _check_lists(GRAPH_OPTIONS.get(kind) or config_types()[kind], options, index, kind, where)
+    try:
+        if kind in GRAPH_OPTIONS:
+            config = GRAPH_OPTIONS[kind].from_dict(options)
+        else:
+            config = config_from_dict(kind, options)
+    except TypeError as exc:  # a wrong type the dataclass could not even take
+        raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
+    return Step(kind, config)
+
+
+def _check_lists(config_type: type, options: dict, index: int, kind: str, where: str) -> None:
+    """A list-valued option (tokens ``at``, prune ``blocks``, profile ``batch_sizes``) given one value
+    would otherwise fail inside the dataclass as "'int' object is not iterable"."""
+    import dataclasses
+
+    for f in dataclasses.fields(config_type):
+        value = options.get(f.name)
+        if value is not None and "tuple[" in str(f.type) and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: stage {index} ({kind}): option '{f.name}' takes a list, got {value!r}: "
+                              f"write {f.name}: [{value}]")
+
+
+def _check_graph_names(steps: list[Step], where: str) -> None:
+    """``graph:`` of profile / eval must name a graph an earlier stage of the recipe writes."""
+    from mimc.latency.devices import load_profile
+
+    written: list[str] = []
+    batch: int | str = 1  # quantize without export exports a batch-1 graph itself
+    last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
+    for i, step in enumerate(steps, 1):
+        if step.kind == "export":
+            written.append("model.onnx")
+            batch = step.config.batch
+            last = "model.onnx"
+        elif step.kind == "quantize":
+            last = f"model.{step.config.precision}.onnx"
+            written += [last] + ([] if "model.onnx" in written else ["model.onnx"])
+            target[last] = step.config.resolved_target
+        elif step.kind in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
+            hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
+            raise ConfigError(f"{where}: stage {i} ({step.kind}) reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
+        if step.kind == "profile" and not step.config.predict:
+            # a TensorRT Q/DQ graph on ONNX Runtime CPU times fp32 emulation of the int8 math (slower
+            # than fp32), and TensorRT cannot parse the CPU graph's com.microsoft kernels
+            name = step.config.graph or last
+            backend = load_profile(step.config.device).backend
+            if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
+                raise ConfigError(f"{where}: stage {i} (profile) would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
+                                  "quantize with target: cpu, or profile a GPU device with predict: true")
+            if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
+                raise ConfigError(f"{where}: stage {i} (profile) would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
+                                  "quantize with target: tensorrt, or profile device: cpu")
+        # a static graph runs one batch size only: found here, not after the model stages ran
+        if step.kind == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
+            raise ConfigError(f"{where}: stage {i} (profile) times batch sizes {list(step.config.batch_sizes)} of a graph exported with "
+                              f"batch {batch}: give the export stage batch: dynamic, or profile batch_sizes: [{batch}]")
+
+
+def _check_order(steps: list[Step], where: str) -> None:
+    first_graph = next((i for i, s in enumerate(steps) if not s.is_model_stage), None)
+    if first_graph is not None:
+        late = [s.kind for s in steps[first_graph:] if s.is_model_stage]
+        if late:
+            raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].kind}': "
+                              "put prune/width/tokens/sparsify/distill before export/quantize/profile/eval")
+    kinds = [s.kind for s in steps]
+    for kind in ("export", "quantize"):
+        if kinds.count(kind) > 1:
+            raise ConfigError(f"{where}: stage '{kind}' appears {kinds.count(kind)} times: a run writes one {kind}ed graph")
+    if "export" in kinds and "quantize" in kinds and kinds.index("quantize") < kinds.index("export"):
+        raise ConfigError(f"{where}: quantize comes before export: export first (quantize reads model.onnx)")
+
+
+def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
+    """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
+    ``data`` replaces the recipe's images."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        return recipe_from_artifact(path, data)
+    if not path.is_file():
+        raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
+    try:
+        parsed = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
+    return parse_recipe(_with_data(parsed, data), where=str(path))
+
+
+def _with_data(parsed: Any, data: str | None) -> Any:
+    return {**parsed, "data": data} if data is not None and isinstance(parsed, dict) else parsed
+
+
+def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
+    """The recipe that rebuilds an artifact: its recipe.yaml when ``mimc run`` wrote it, else one
+    assembled from mimc.json (the source model, every recorded stage, the exported graphs)."""
+    import yaml
+
+    from mimc.artifact import is_artifact, read_manifest
+
+    path = Path(path)
+    if (path / RECIPE_NAME).is_file():
+        return parse_recipe(_with_data(yaml.safe_load((path / RECIPE_NAME).read_text()), data), where=str(path / RECIPE_NAME))
+    if not is_artifact(path):
+        raise BadInputError(f"{path} is not a mimc artifact (no mimc.json): pass a recipe .yaml or an artifact directory")
+    manifest = read_manifest(path)
+    model = manifest.source.get("id")
+    if not model:
+        raise BadInputError(f"{path}/mimc.json does not name its source model: write a recipe with 'model:' by hand")
+    stages: list[Any] = [{s.name: s.config} for s in manifest.stages]
+    recorded = None
+    export = manifest.files.get("model.onnx")
+    if export is not None:
+        stages.append({"export": {"batch": export.get("batch", 1), "opset": export.get("opset_requested", export.get("opset", 17)),
+                                  "exporter": export.get("exporter", "torchscript")}})
+    for name, entry in sorted(manifest.files.items()):
+        if entry.get("stage", {}).get("name") == "quantize":
+            stages.append({"quantize": entry["config"]})
+            recorded = entry.get("calibration_source")
+            break
+    data = data if data is not None else recorded  # model stages do not record their images: --data
+    recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
+    notes = []
+    learned = [s.kind for s in recipe.steps if s.is_model_stage and s.config.needs_data]
+    if learned:
+        # mimc.json keeps each stage's options but not which images it drew (count, seed, order)
+        notes.append(f"{path}/mimc.json does not record the images stage(s) {learned} drew: the replay draws n={recipe.n} "
+                     f"from {recipe.data} (seed {recipe.seed}), so its weights can differ from {path}'s")
+    teachers = sorted({str(s.metrics.get("teacher")) for s in manifest.stages
+                       if s.name == "distill" and s.metrics.get("teacher") not in (None, model)})
+    if teachers:  # `mimc distill --teacher OTHER`; a recipe's distill learns from its own model
+        notes.append(f"distill learned from {teachers}, the replay distills from {model}")
+    recipe.note = "; ".join(notes) or None
+    return recipe
+
+
+__all__ = ["Recipe", "Step", "ExportOptions", "ProfileOptions", "EvalOptions", "parse_recipe", "load_recipe",
+           "recipe_from_artifact", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

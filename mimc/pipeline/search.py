@@ -1,0 +1,281 @@
+"""Search: which combination of blocks, tokens, N:M and precision is fastest at a required fidelity.
+
+Every candidate is built for real and measured, never guessed:
+
+- the model stages run through :func:`mimc.compression.registry.compress` (block pruning by entropy,
+  MAE-native grid patch dropping, one-shot 2:4 Wanda where the device has sparse tensor cores),
+  each prefix computed once and shared by the candidates built on it;
+- fidelity is the mean pooled-feature cosine to the dense source on held-out images (disjoint
+  from the calibration images), through the graph that would ship: the fp32 ONNX graph, mimc's CPU
+  int8 graph, or the TensorRT Q/DQ graph run as its exact fp32 emulation on ONNX Runtime; fp16 in
+  torch half precision;
+- latency is measured with ONNX Runtime on this CPU for ``--device cpu``, else predicted by the
+  roofline of the device profile (labelled "predicted" per candidate, never mixed). Measured
+  candidates are timed together once all are built: one warmed session each, timed in alternating
+  rounds (forward, then reverse order), the median of every timed run — so a load spike on a shared
+  machine lands on all candidates alike instead of on whichever was being timed then.
+
+The result lists every candidate, marks the Pareto front (no other candidate is both faster and
+more faithful) and picks the fastest one at or above ``min_cosine``, saying whether it meets the
+latency budget; its recipe (mimc.pipeline.recipe) rebuilds it: ``mimc run OUT/recipe.yaml``.
+
+References: the Pareto/latency-constrained selection follows hardware-aware compression search
+as in HAQ (Wang et al., CVPR 2019) and AMC (He et al., ECCV 2018), here exhaustive over a small
+grid because each point is cheap to build and must be measured, not learned.
+"""
+from __future__ import annotations
+
+import itertools
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mimc.errors import ConfigError
+
+CPU_PRECISIONS = ("fp32", "int8")
+GPU_PRECISIONS = ("fp16", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    block_ratios: tuple[float, ...] = (0.0, 0.25, 0.5)
+    token_keeps: tuple[float, ...] = (1.0, 0.75, 0.5)
+    precisions: tuple[str, ...] | None = None  # None: what the device runs (cpu: fp32, int8)
+    nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
+    mlp_ratios: tuple[float, ...] = (0.0,)  # fractions of MLP neurons removed (width stage, activation criterion)
+
+    def __post_init__(self) -> None:
+        # --blocks 0,0,0.5 or --keep 1,1.0: each distinct value once (duplicates would build and time
+        # the same candidate twice and list it twice)
+        for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        if not self.block_ratios or any(not 0.0 <= r < 1.0 for r in self.block_ratios):
+            raise ConfigError(f"block ratios must lie in [0, 1), got {list(self.block_ratios)}: pass e.g. --blocks 0,0.25,0.5")
+        if not self.token_keeps or any(not 0.0 < k <= 1.0 for k in self.token_keeps):
+            raise ConfigError(f"token keep fractions must lie in (0, 1], got {list(self.token_keeps)}: pass e.g. --keep 1,0.75,0.5")
+        if not self.mlp_ratios or any(not 0.0 <= r < 1.0 for r in self.mlp_ratios):
+            raise ConfigError(f"MLP width fractions must lie in [0, 1), got {list(self.mlp_ratios)}: pass e.g. --mlp 0,0.5")
+
+
+@dataclass
+class Candidate:
+    blocks: float
+    keep: float
+    nm: bool
+    precision: str
+    mlp: float = 0.0
+    latency_ms: float | None = None
+    latency_label: str = ""
+    pooled_cosine: float | None = None
+    macs: float = 0.0
+    pareto: bool = False
+    error: str | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    graph: Path | None = None  # measured searches: the graph timed after every candidate is built
+
+    @property
+    def label(self) -> str:
+        parts = [*([f"MLP -{_pct(self.mlp)}"] if self.mlp else []),
+                 f"blocks -{_pct(self.blocks)}" if self.blocks else "all blocks", f"tokens {_pct(self.keep)}",
+                 *(["2:4"] if self.nm else []), self.precision]
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "mlp_removed": self.mlp, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
+                "precision": self.precision, "latency_ms": self.latency_ms, "latency": self.latency_label,
+                "pooled_cosine": self.pooled_cosine, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
+                "error": self.error}
+
+
+def _pct(fraction: float) -> str:
+    """50%, 12.5%, 0.1%: never "0%" for a fraction that keeps one patch of a thousand."""
+    return f"{fraction * 100:.3g}%"
+
+
+def _precisions(space: SearchSpace, prof) -> tuple[str, ...]:
+    wanted = space.precisions or (CPU_PRECISIONS if prof.backend == "onnxruntime-cpu" else
+                                  tuple(p for p in GPU_PRECISIONS if prof.supports(p)))
+    if prof.backend == "onnxruntime-cpu" and set(wanted) - set(CPU_PRECISIONS):
+        raise ConfigError(f"ONNX Runtime CPU runs fp32 and int8 graphs, not {sorted(set(wanted) - set(CPU_PRECISIONS))}: pass --precisions fp32,int8")
+    bad = [p for p in wanted if not prof.supports(p) or p not in CPU_PRECISIONS + GPU_PRECISIONS]
+    if bad:
+        raise ConfigError(f"device '{prof.name}' cannot run {bad} (it has {list(prof.precisions)}): drop them from --precisions")
+    return tuple(wanted)
+
+
+def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace(), min_cosine: float = 0.98,
+           budget_ms: float | None = None, predict: bool | None = None, iters: int = 20,
+           on_candidate: Callable[[int, int, Candidate], None] | None = None) -> dict[str, Any]:
+    """Build, measure and rank every candidate of ``space`` for ``device`` (see the module docstring).
+
+    ``images``: held-out ImageSet for fidelity; ``calib``: calibration ImageSet (int8/fp8, Wanda).
+    """
+    from mimc.latency.devices import load_profile
+
+    prof = load_profile(device)
+    if not 0.0 < min_cosine <= 1.0:
+        raise ConfigError(f"min cosine must be in (0, 1], got {min_cosine}: pass e.g. --min-cosine 0.98")
+    if budget_ms is not None and not budget_ms > 0:
+        raise ConfigError(f"latency budget must be a positive number of milliseconds, got {budget_ms}: pass e.g. --budget-ms 5")
+    precisions = _precisions(space, prof)
+    predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
+    if not predict and prof.backend != "onnxruntime-cpu":
+        from mimc.latency.run import cuda_available
+
+        if not cuda_available():
+            raise ConfigError(f"device {prof.name} is not here (no CUDA GPU): search it with predicted latency (predict=None or True)")
+        raise ConfigError(f"measured search on {prof.name} is not built yet (it needs TensorRT engines per candidate): use predicted latency")
+    nm_options = (False, True) if (space.nm if space.nm is not None else prof.sparse_tensor_cores) else (False,)
+    if True in nm_options and not prof.sparse_tensor_cores:
+        raise ConfigError(f"device {prof.name} has no sparse tensor cores: 2:4 weights would not run faster there; drop --nm")
+    dense_feats = _torch_features(encoder, images)
+    grid = list(itertools.product(space.mlp_ratios, space.block_ratios, space.token_keeps, nm_options, precisions))
+    cache: dict[tuple, Any] = {}
+    candidates = []
+    with tempfile.TemporaryDirectory(prefix=".mimc-search.") as tmp_dir:
+        for i, (mlp, blocks, keep, nm, precision) in enumerate(grid, 1):
+            cand = Candidate(blocks, keep, nm, precision, mlp=mlp)
+            if on_candidate is not None:
+                on_candidate(i, len(grid), cand)
+            try:
+                model = _model(encoder, mlp, blocks, keep, nm, calib, cache, cand)
+                _measure(cand, model, precision, prof, predict, images, calib, dense_feats, Path(tmp_dir) / f"c{i}", iters)
+            except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
+                cand.error = str(exc)
+            candidates.append(cand)
+        if not predict:
+            _time_interleaved([c for c in candidates if c.error is None], iters, prof.threads)
+    ok = [c for c in candidates if c.error is None]
+    for c in ok:
+        c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine >= c.pooled_cosine
+                           and (o.latency_ms < c.latency_ms or o.pooled_cosine > c.pooled_cosine) for o in ok)
+    faithful = sorted((c for c in ok if c.pooled_cosine >= min_cosine), key=lambda c: c.latency_ms)
+    best = faithful[0] if faithful else None
+    return {"device": prof.name, "latency": "predicted (roofline)" if predict else "measured (ONNX Runtime CPU)",
+            "min_cosine": min_cosine, "budget_ms": budget_ms, "n_eval_images": len(images),
+            "candidates": [c.to_dict() for c in candidates],
+            "best": best.to_dict() if best else None, "best_stages": best.stages if best else None,
+            "meets_budget": None if best is None or budget_ms is None else bool(best.latency_ms <= budget_ms),
+            "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower --min-cosine or widen the grid"}
+
+
+def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cache: dict, cand: Candidate):
+    """The candidate's encoder; prefixes (width, blocks, tokens, 2:4) are built once and shared."""
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.compression.nm import NMSparsityConfig
+    from mimc.compression.registry import compress
+    from mimc.compression.tokens import TokenReductionConfig
+    from mimc.compression.width import WidthPruningConfig
+
+    steps = []
+    if mlp:  # the activation criterion: 4x less feature error than weight norms on `ref` (ref_width_table)
+        steps.append(WidthPruningConfig(mlp=mlp, criterion="activation"))
+    if blocks:
+        steps.append(BlockPruningConfig(ratio=blocks))
+    if keep < 1.0:
+        steps.append(TokenReductionConfig(method="drop", keep=keep))
+    if nm:
+        steps.append(NMSparsityConfig(method="wanda", n_calib=len(calib)))
+    model = encoder
+    for k, config in enumerate(steps):
+        key = tuple(steps[: k + 1])
+        if key not in cache:
+            batches = list(calib.batches(32)) if config.needs_data else None
+            cache[key] = compress(model, config, batches)[0]
+        model = cache[key]
+        cand.stages.append({config.name: config.to_dict()})
+    return model
+
+
+def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images, calib, dense_feats, tmp: Path, iters: int):
+    from mimc.deploy.onnx import export_onnx
+    from mimc.models.vit import flops_per_image
+
+    tmp.mkdir(parents=True)
+    cand.macs = float(flops_per_image(model.config))
+    fp32 = tmp / "model.onnx"
+    export_onnx(model, fp32, batch=1, validate=False)
+    cand.stages.append({"export": {"batch": 1}})
+    graph, emulate = fp32, False
+    if precision in ("int8", "fp8"):
+        from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+
+        target = "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
+        config = QuantizeConfig(precision=precision, n=len(calib), target=target)
+        graph, emulate = tmp / f"model.{precision}.onnx", target == "tensorrt"
+        quantize_onnx(fp32, graph, calib.batches(8), config, images.batches(8), force=True)
+        cand.stages.append({"quantize": config.to_dict()})
+    if precision == "fp16":
+        feats = _torch_features(model, images, half=True)
+    elif graph is fp32:
+        feats = _torch_features(model, images)
+    else:
+        feats = _graph_features(graph, images, emulate)
+    cos = np.sum(feats * dense_feats, axis=1) / np.maximum(np.linalg.norm(feats, axis=1) * np.linalg.norm(dense_feats, axis=1), 1e-30)
+    cand.pooled_cosine = round(float(np.mean(cos)), 6)
+    if predict:
+        from mimc.latency.roofline import predict as roofline
+
+        rep = roofline(graph, prof, batch=1, precision="fp16" if precision == "fp16" else None)
+        cand.latency_ms, cand.latency_label = round(float(rep["latency_ms"]), 4), "predicted"
+    else:
+        cand.graph, cand.latency_label = graph, "measured"  # timed with the others (_time_interleaved)
+
+
+def _time_interleaved(cands: list[Candidate], iters: int, threads: int | None) -> None:
+    """Median batch-1 latency of every candidate's graph, timed together in alternating rounds."""
+    from mimc.runtime.ort import time_interleaved
+
+    for c, ms in zip(cands, time_interleaved([c.graph for c in cands], iters=iters, threads=threads)):
+        c.latency_ms = ms
+
+
+def _torch_features(model, images, half: bool = False) -> np.ndarray:
+    import copy
+
+    import torch
+
+    from mimc.evaluate import features
+
+    if not half:
+        return features(model, images).numpy().astype(np.float64)
+    m = copy.deepcopy(model).half()
+    with torch.no_grad():
+        out = [m(x.half()).pooled.float() for x in images.batches(32)]
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def _graph_features(path: Path, images, emulate: bool) -> np.ndarray:
+    """Pooled features from a batch-1 graph; ``emulate`` runs Q/DQ as its exact fp32 math (no fusion)."""
+    from mimc.quant.quantize import graph_session
+
+    sess = graph_session(path, emulate)
+    names = [o.name for o in sess.get_outputs()]
+    pixels = images.pixels.numpy()
+    pooled = [sess.run(None, {sess.get_inputs()[0].name: pixels[i : i + 1]})[names.index("pooled")][0] for i in range(len(pixels))]
+    return np.stack(pooled).astype(np.float64)
+
+
+def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int, device: str | None = None) -> dict[str, Any] | None:
+    """The recipe (mimc.pipeline.recipe format) that rebuilds the best candidate, profiled and evaluated.
+
+    ``device``: the profile as the user named it (a name or a .yaml path; default the profile's
+    name, which only finds built-in profiles). The quantize stage keeps the search's calibration
+    count ``n``; the run draws its own images, so its eval stage re-measures the fidelity.
+    """
+    if not result.get("best_stages"):
+        return None
+    stages = [dict(s) for s in result["best_stages"]]
+    predicted = result["latency"].startswith("predicted")
+    profile = {"device": device or result["device"], "predict": predicted}
+    if predicted and result["best"]["precision"] == "fp16":
+        profile["precision"] = "fp16"  # the fp32 graph priced as the fp16 engine TensorRT builds from it
+    stages += [{"profile": profile}, {"eval": {}}]
+    return {"model": model, "data": data, "n": n, "seed": seed, "stages": stages}
+
+
+__all__ = ["SearchSpace", "Candidate", "search", "recipe_of"]

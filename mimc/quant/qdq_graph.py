@@ -1,0 +1,359 @@
+"""Where quantization goes in an exported mimc encoder graph, and the rewrites that put it there.
+
+A mimc encoder exports every Linear as ``MatMul(x, W[in, out]) -> Add(bias)``; the two attention
+products are MatMuls of two activations. Everything else (patch-embedding Conv, LayerNorm,
+Softmax, GELU, residual Adds, pooling) stays float: quantizing LayerNorm/Softmax/residual Adds is
+what dropped ViT-B's feature cosine to 0.947 (DESIGN.md), while W8A8 on the four block linears
+keeps it at 0.999.
+
+Two rewrites, one per target:
+- ``qdq``: standard ONNX QuantizeLinear/DequantizeLinear pairs (TensorRT's explicit-precision
+  graph; also FP8 E4M3). Activations per tensor and symmetric (TensorRT int8 has no zero point),
+  weights per output channel and symmetric, one shared Q/DQ per activation tensor.
+- ``cpu``: ``com.microsoft.MatMulIntegerToFloat`` fed by one static ``QuantizeLinear`` (u8,
+  asymmetric) per activation tensor, s8 per-channel weights and the bias folded into the kernel.
+  See mimc/quant/quantize.py for why and what it was measured against.
+
+The graph-level outlier folding (SmoothQuant / RepQ on LayerNormalization -> MatMul pairs) lives
+here too, so an ONNX file alone can be folded; the math is mimc.compression.smooth's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mimc.errors import BadInputError
+
+FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
+
+
+@dataclass
+class LinearSite:
+    matmul: object  # onnx.NodeProto
+    act: str  # the activation input
+    weight: np.ndarray  # (in, out) float32
+    bias: np.ndarray | None  # (out,), from a following Add with a constant
+    bias_add: object | None
+    output: str  # output of the Add when there is one, else of the MatMul
+
+
+@dataclass
+class GraphIndex:
+    """Initializers, producers and consumers of a graph; constants resolved through Identity/Transpose."""
+
+    model: object
+    inits: dict = field(default_factory=dict)
+    producer: dict = field(default_factory=dict)
+    consumers: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model) -> "GraphIndex":
+        idx = cls(model)
+        idx.inits = {i.name: i for i in model.graph.initializer}
+        for n in model.graph.node:
+            for o in n.output:
+                idx.producer[o] = n
+            for i in n.input:
+                idx.consumers.setdefault(i, []).append(n)
+        return idx
+
+    def constant(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t) if node.attribute and node.attribute[0].name == "value" else None
+        if node.op_type == "Identity":
+            return self.constant(node.input[0])
+        if node.op_type == "Transpose":
+            inner = self.constant(node.input[0])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            return None if inner is None else np.transpose(inner, perm)
+        return None
+
+
+def linear_sites(idx: GraphIndex) -> list[LinearSite]:
+    sites = []
+    for n in idx.model.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        w = idx.constant(n.input[1])
+        if w is None or w.ndim != 2 or idx.constant(n.input[0]) is not None:
+            continue
+        bias = add = None
+        users = idx.consumers.get(n.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != n.output[0]]
+            b = idx.constant(other[0]) if len(other) == 1 else None
+            if b is not None and b.shape == (w.shape[1],):
+                bias, add = b.astype(np.float32), users[0]
+        sites.append(LinearSite(n, n.input[0], w.astype(np.float32), bias, add, add.output[0] if add is not None else n.output[0]))
+    return sites
+
+
+def attention_sites(idx: GraphIndex) -> list:
+    """The two attention products: q @ k^T (its output reaches a Softmax through elementwise ops,
+    e.g. the relative-position bias Add) and attn @ v (its first input is a Softmax output).
+
+    Other MatMuls of two activations (token merging's assignment matrices) stay float.
+    """
+
+    def reaches_softmax(name: str, hops: int = 4) -> bool:
+        for user in idx.consumers.get(name, []):
+            if user.op_type == "Softmax" or (hops and user.op_type in ("Add", "Mul", "Div", "Sub") and reaches_softmax(user.output[0], hops - 1)):
+                return True
+        return False
+
+    sites = []
+    for n in idx.model.graph.node:
+        if n.op_type != "MatMul" or idx.constant(n.input[0]) is not None or idx.constant(n.input[1]) is not None:
+            continue
+        src = idx.producer.get(n.input[0])
+        if reaches_softmax(n.output[0]) or (src is not None and src.op_type == "Softmax"):
+            sites.append(n)
+    return sites
+
+
+def norm_linear_pairs(idx: GraphIndex, sites: list[LinearSite]) -> list[tuple[object, LinearSite]]:
+    """LayerNormalization nodes whose output feeds exactly one block linear (norm1 -> qkv, norm2 -> fc1)."""
+    by_act = {s.act: s for s in sites}
+    pairs = []
+    for n in idx.model.graph.node:
+        if n.op_type != "LayerNormalization" or len(n.input) < 3:
+            continue
+        users = idx.consumers.get(n.output[0], [])
+        if len(users) == 1 and n.output[0] in by_act and users[0] is by_act[n.output[0]].matmul:
+            pairs.append((n, by_act[n.output[0]]))
+    return pairs
+
+
+# Outlier folding on the graph ---------------------------------------------------------------------
+def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, repq: bool, symmetric: bool) -> dict:
+    """Rewrite LayerNorm gamma/beta and the next MatMul's weight/bias in place (exact in float).
+
+    ``channel_ranges[ln_output] = (min_c, max_c)``. Each touched tensor gets a private initializer
+    (the exporter shares identical LayerNorm parameters between blocks through Identity nodes).
+    """
+    import torch
+    from onnx import numpy_helper
+
+    from mimc.compression.smooth import fold_repq, fold_smoothquant
+
+    idx = GraphIndex.build(model)
+    summary = {"pairs": len(pairs), "smooth_alpha": smooth_alpha, "repq": repq}
+    new_bias_adds = []
+    for k, (ln, site) in enumerate(pairs):
+        gamma, beta = idx.constant(ln.input[1]), idx.constant(ln.input[2])
+        if gamma is None or beta is None:
+            raise BadInputError(f"LayerNormalization {ln.name} has non-constant scale/bias: cannot fold outliers into it")
+        norm = torch.nn.LayerNorm(gamma.shape[0])
+        lin = torch.nn.Linear(site.weight.shape[0], site.weight.shape[1], bias=True)
+        with torch.no_grad():
+            norm.weight.copy_(torch.from_numpy(gamma.astype(np.float32)))
+            norm.bias.copy_(torch.from_numpy(beta.astype(np.float32)))
+            lin.weight.copy_(torch.from_numpy(site.weight.T.copy()))
+            lin.bias.copy_(torch.from_numpy(site.bias if site.bias is not None else np.zeros(site.weight.shape[1], np.float32)))
+        lo, hi = (torch.from_numpy(np.asarray(a, np.float64)) for a in channel_ranges[ln.output[0]])
+        if smooth_alpha is not None:
+            s = fold_smoothquant(norm, lin, torch.maximum(lo.abs(), hi.abs()), smooth_alpha)
+            lo, hi = lo / s, hi / s  # the ranges the RepQ step below sees, after smoothing (s > 0)
+        if repq:
+            fold_repq(norm, lin, lo, hi, symmetric)
+        names = [f"mimc_fold_{k}_gamma", f"mimc_fold_{k}_beta", f"mimc_fold_{k}_weight", f"mimc_fold_{k}_bias"]
+        arrays = [norm.weight, norm.bias, lin.weight.T, lin.bias]
+        for name, arr in zip(names, arrays):
+            model.graph.initializer.append(numpy_helper.from_array(arr.detach().contiguous().numpy().astype(np.float32), name))
+        ln.input[1], ln.input[2] = names[0], names[1]
+        site.matmul.input[1] = names[2]
+        if site.bias_add is not None:
+            pos = [j for j, i in enumerate(site.bias_add.input) if i != site.matmul.output[0]][0]
+            site.bias_add.input[pos] = names[3]
+        elif repq:
+            new_bias_adds.append((site.matmul, names[3]))  # a Linear without bias (qkv_bias=False) gets one
+    _insert_bias_adds(model, new_bias_adds)
+    prune_unused(model)
+    return summary
+
+
+def _insert_bias_adds(model, adds) -> None:
+    """MatMul -> Add(bias) for MatMuls that had no bias: the RepQ shift needs somewhere to go."""
+    from onnx import helper
+
+    if not adds:
+        return
+    after = {id(m): bias for m, bias in adds}
+    nodes = []
+    for n in model.graph.node:
+        nodes.append(n)
+        if id(n) in after:
+            out = n.output[0]
+            n.output[0] = f"{out}_mimc_nobias"
+            nodes.append(helper.make_node("Add", [n.output[0], after[id(n)]], [out], name=f"{n.name}_mimc_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+# Rewrites -----------------------------------------------------------------------------------------
+def _scalar(name: str, value, dtype) -> object:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+
+def per_channel_weight(w: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel quantization of W (in, out): (quantized values, scales (out,))."""
+    amax = np.abs(w).max(axis=0).astype(np.float64)
+    qmax = FP8_MAX if precision == "fp8" else 127.0
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    ratio = w / scale[None, :]
+    if precision == "fp8":
+        import ml_dtypes
+
+        return np.clip(ratio, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn), scale
+    return np.clip(np.round(ratio), -127, 127).astype(np.int8), scale
+
+
+def activation_qparams(lo: float, hi: float, kind: str) -> tuple[np.float32, object]:
+    """(scale, zero point) for one activation tensor; kind: int8 (symmetric), fp8, u8 (asymmetric)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if kind == "u8":
+        scale = (hi - lo) / 255.0 if hi > lo else 1.0
+        return np.float32(scale), np.uint8(np.clip(round(-lo / scale), 0, 255))
+    amax = max(abs(lo), abs(hi))
+    if kind == "fp8":
+        import ml_dtypes
+
+        return np.float32(amax / FP8_MAX if amax > 0 else 1.0), np.array(0, dtype=ml_dtypes.float8_e4m3fn)
+    return np.float32(amax / 127.0 if amax > 0 else 1.0), np.int8(0)
+
+
+def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, precision: str) -> None:
+    """Insert shared Q/DQ on activations and DQ on per-channel weights (TensorRT / FP8 layout)."""
+    from onnx import helper, numpy_helper
+
+    kind = "fp8" if precision == "fp8" else "int8"
+    g = model.graph
+    dq_of: dict[str, str] = {}
+    new_inits = []
+    emitted: list = []
+
+    def activation(t: str) -> str:
+        if t not in dq_of:
+            scale, zp = activation_qparams(*ranges[t], kind)
+            s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
+            new_inits.extend([_scalar(s, scale, np.float32), numpy_helper.from_array(np.asarray(zp), z)])
+            emitted.append(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
+            emitted.append(helper.make_node("DequantizeLinear", [f"{t}_mimc_q", s, z], [f"{t}_mimc_dq"], name=f"{t}_mimc_DQ"))
+            dq_of[t] = f"{t}_mimc_dq"
+        return dq_of[t]
+
+    plan = {id(s.matmul): s for s in sites}
+    attn = {id(n) for n in attn_nodes}
+    out_nodes = []
+    for n in g.node:
+        if id(n) in plan:
+            site = plan[id(n)]
+            q, scale = per_channel_weight(site.weight, precision)
+            base = f"{n.name or n.output[0]}_mimc_w"
+            zp = np.zeros(scale.shape, dtype=q.dtype)
+            new_inits += [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                          numpy_helper.from_array(zp, base + "_zp")]
+            emitted.append(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"],
+                                            name=base + "_DQ", axis=1))
+            n.input[0], n.input[1] = activation(site.act), base + "_dq"
+        elif id(n) in attn:
+            n.input[0], n.input[1] = activation(n.input[0]), activation(n.input[1])
+        out_nodes.extend(emitted)
+        emitted.clear()
+        out_nodes.append(n)
+    del g.node[:]
+    g.node.extend(out_nodes)
+    g.initializer.extend(new_inits)
+    prune_unused(model)
+
+
+def rewrite_cpu(model, sites: list[LinearSite], attn_nodes: list, ranges: dict) -> None:
+    """MatMulIntegerToFloat with static u8 activations, s8 per-channel weights and the bias fused."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    q_of: dict[str, tuple[str, str, str]] = {}
+    new_inits, emitted = [], []
+
+    def activation(t: str) -> tuple[str, str, str]:
+        if t not in q_of:
+            scale, zp = activation_qparams(*ranges[t], "u8")
+            s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
+            new_inits.extend([_scalar(s, scale, np.float32), _scalar(z, zp, np.uint8)])
+            emitted.append(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
+            q_of[t] = (f"{t}_mimc_q", s, z)
+        return q_of[t]
+
+    plan = {id(s.matmul): s for s in sites}
+    fused_adds = {id(s.bias_add) for s in sites if s.bias_add is not None}
+    attn = {id(n) for n in attn_nodes}
+    out_nodes = []
+    for n in g.node:
+        if id(n) in fused_adds:
+            continue  # its output is produced by the MatMulIntegerToFloat that absorbed it
+        if id(n) in plan:
+            site = plan[id(n)]
+            q, scale = per_channel_weight(site.weight, "int8")
+            base = f"{n.name or n.output[0]}_mimc_w"
+            new_inits += [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")]
+            a, a_s, a_z = activation(site.act)
+            inputs = [a, base, a_s, base + "_scale", a_z, ""]
+            if site.bias is not None:
+                new_inits.append(numpy_helper.from_array(site.bias, base + "_bias"))
+                inputs.append(base + "_bias")
+            emitted.append(helper.make_node("MatMulIntegerToFloat", inputs, [site.output], name=base + "_int8",
+                                            domain="com.microsoft"))
+        elif id(n) in attn:
+            (a, a_s, a_z), (b, b_s, b_z) = activation(n.input[0]), activation(n.input[1])
+            emitted.append(helper.make_node("MatMulIntegerToFloat", [a, b, a_s, b_s, a_z, b_z], list(n.output),
+                                            name=f"{n.name or n.output[0]}_int8", domain="com.microsoft"))
+        else:
+            out_nodes.append(n)
+            continue
+        out_nodes.extend(emitted)
+        emitted.clear()
+    del g.node[:]
+    g.node.extend(out_nodes)
+    g.initializer.extend(new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    prune_unused(model)
+
+
+# Side-effect-free ops whose only job is a value or a shape: dead once nothing reads their outputs.
+PURE_OPS = frozenset({"Identity", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast"})
+
+
+def prune_unused(model) -> None:
+    """Drop initializers and pure value/shape nodes (PURE_OPS) nothing reads any more."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in PURE_OPS and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        dead_ids = {id(n) for n in dead}
+        keep = [n for n in g.node if id(n) not in dead_ids]
+        del g.node[:]
+        g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep_inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep_inits)
+    keep_inputs = [i for i in g.input if i.name in used or i.name not in {t.name for t in keep_inits}]
+    del g.input[:]
+    g.input.extend(keep_inputs)
+
+
+__all__ = ["LinearSite", "GraphIndex", "linear_sites", "attention_sites", "norm_linear_pairs", "fold_pairs",
+           "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused"]

@@ -1,0 +1,378 @@
+"""Calibrated INT8 / FP8 quantization of an exported encoder graph (a graph-level stage).
+
+``quantize_onnx(onnx_in, onnx_out, calibration_batches, QuantizeConfig(...))`` folds outliers
+(optional SmoothQuant / RepQ), calibrates activation ranges on the fp32 graph, rewrites the graph
+for its target, measures fidelity to the fp32 graph on held-out inputs, gates it per precision and
+only then writes ``onnx_out`` (atomically, with mimc metadata stamped into the graph).
+
+Targets (the graph is chosen for where it runs):
+- ``tensorrt``: explicit Q/DQ as TensorRT's strongly typed networks expect: W8A8 symmetric,
+  weights per output channel, activations per tensor, one shared Q/DQ per LayerNorm output, on
+  qkv / proj / fc1 / fc2 (attention matmuls by flag: TensorRT does not fuse INT8 MHA beyond 512
+  tokens). FP8 E4M3 the same way at opset 19.
+- ``cpu`` (ONNX Runtime CPU, VNNI): static u8 activations x s8 per-channel weights. proj / fc1 /
+  fc2 are ``MatMulIntegerToFloat`` (bias fused) fed by one static ``QuantizeLinear`` per activation
+  tensor; qkv and the float attention core of each block are one ``QAttention`` kernel
+  (mimc/quant/ort_fusion.py; ``fuse_attention=False`` keeps them apart, bit-identical output).
+
+  Where the time goes (ViT-B/16, batch 1, 2 threads, ORT 1.32 profiler, kernel ms per image):
+  quantize_dynamic 79.6 = DynamicQuantizeMatMul 49.2 + float attention nodes (FusedMatMul,
+  MatMul, Softmax, Transpose, Split, Squeeze) 17.3 + ConvInteger 5.0 + the rest; mimc 70.2 =
+  MatMulIntegerToFloat 35.8 + QAttention 23.6 + GELU 2.9 + QuantizeLinear 2.2 + LayerNorm 2.1 +
+  residual Add 1.6 + float patch Conv 1.2. The integer GEMM itself is the same MLAS u8 x s8 kernel
+  either way (one 197 x 768 x 3072 GEMM, best of 150: MatMulIntegerToFloat per-channel 1.16 ms,
+  DynamicQuantizeMatMul 1.12 ms, ~820 GOP/s), so mimc's margin comes from the graph around it: the
+  fused attention (a dozen kernel launches and thread-pool hand-offs per block fewer), the patch
+  embedding kept float (ORT's ConvInteger is 4x slower than its float Conv here), and static scales
+  (no per-call min/max). benchmarks/bench_quantize_vitb.py measures fp32, both onnxruntime dynamic
+  recipes, quantize_static and the mimc variants in one run (numbers in README).
+
+  Measured and not taken: Add + LayerNorm as ``SkipLayerNormalization`` (slower here and not
+  bit-identical); ``MultiHeadAttention`` after the int8 qkv GEMM (same speed as QAttention, not
+  bit-identical); s8 activations (MatMulIntegerToFloat s8 x s8 0.35x: VNNI's vpdpbusd is u8 x s8);
+  quantize_static QOperator (QLinearMatMul: u8 output re-dequantized plus a separate bias Add).
+  Int8 attention matmuls (``--attention``) cannot live inside QAttention (its attention is float);
+  they were no faster than the fused float attention at 224 px and cost 2-5 dB SQNR on `ref`
+  (benchmarks/results/ref_quantize_table.json), so they stay opt-in.
+
+  Why a hand-built graph rather than onnxruntime.quantization.quantize_static: it cannot put static
+  scales on the attention matmuls' two activations, it does not fuse attention, and its histogram
+  calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
+  stays the baseline the benchmark compares against.
+
+References:
+- Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+  Inference", CVPR 2018 (affine u8 quantization); NVIDIA TensorRT "Working with Quantized Types"
+  (explicit Q/DQ placement); Micikevicius et al., "FP8 Formats for Deep Learning", arXiv 2209.05433.
+- microsoft/onnxruntime: contrib ops MatMulIntegerToFloat and QAttention (onnxruntime/contrib_ops/cpu/quantization).
+- NVIDIA/TensorRT-Model-Optimizer: ViT FP8 recipe (LayerNorm/softmax/GELU/residuals kept float).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+import numpy as np
+
+from mimc.artifact import MANIFEST_NAME, mimc_version, sha256_file
+from mimc.errors import BadInputError, ConfigError, ValidationError
+from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges, graph_input
+from mimc.quant.ort_fusion import fuse_attention_cpu
+from mimc.quant.qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
+from mimc.compression.registry import StageConfig, register
+
+PRECISIONS = ("int8", "fp8")
+TARGETS = ("cpu", "tensorrt")
+FP8_OPSET = 19
+QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
+                       "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig(StageConfig):
+    """Options of the graph-level quantize stage; ``target`` None picks cpu for int8, tensorrt for fp8."""
+
+    name: ClassVar[str] = "quantize"
+    version: ClassVar[int] = 1
+    precision: str = "int8"
+    method: str = "percentile"
+    n: int = 256
+    percentile: float = 99.99
+    smooth: float | None = None  # SmoothQuant alpha, folded into the graph before calibration
+    repq: bool = False
+    quantize_attention_matmuls: bool = False  # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
+    target: str | None = None
+    fuse_attention: bool = True  # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}: pass --int8 or --fp8")
+        if self.method not in METHODS:
+            raise ConfigError(f"calibration method must be one of {METHODS}, got {self.method!r}: pass e.g. --method percentile")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n (calibration images) must be a positive integer, got {self.n!r}: pass e.g. --n 256")
+        if not isinstance(self.percentile, (int, float)) or not 90.0 <= self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in [90, 100], got {self.percentile!r}: pass e.g. --percentile 99.99")
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) or not 0.0 <= self.smooth <= 1.0):
+            raise ConfigError(f"smooth alpha must be in [0, 1], got {self.smooth!r}: pass e.g. --smooth 0.5")
+        if not isinstance(self.quantize_attention_matmuls, bool):
+            raise ConfigError(f"quantize_attention_matmuls must be true or false, got {self.quantize_attention_matmuls!r}")
+        if not isinstance(self.fuse_attention, bool):
+            raise ConfigError(f"fuse_attention must be true or false, got {self.fuse_attention!r}")
+        if self.target is not None and self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.precision == "fp8" and self.target == "cpu":
+            raise ConfigError("fp8 Q/DQ graphs run on TensorRT (Hopper/Ada), not on ONNX Runtime CPU: pass --device h100 (or another fp8 profile) or --int8")
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    @property
+    def resolved_target(self) -> str:
+        return self.target or ("tensorrt" if self.precision == "fp8" else "cpu")
+
+    @property
+    def attention_quantized(self) -> bool:
+        return bool(self.quantize_attention_matmuls)
+
+
+@register(QuantizeConfig)
+def _quantize_encoder(encoder, config, calibration_batches):
+    raise ConfigError("quantize is a graph-level stage: export first, then call mimc.quant.quantize.quantize_onnx(onnx_in, onnx_out, batches, config)")
+
+
+# Input checks -------------------------------------------------------------------------------------
+def is_mimc_graph(path: Path, model) -> bool:
+    """Written by mimc: mimc metadata in the graph, or an artifact's mimc.json beside it."""
+    keys = {p.key for p in model.metadata_props}
+    return "mimc_version" in keys or (path.parent / MANIFEST_NAME).is_file()
+
+
+def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
+    if not onnx_in.is_file():
+        raise BadInputError(f"ONNX file {onnx_in} does not exist: export one with `mimc export MODEL`")
+    if onnx_out.suffix != ".onnx":
+        raise BadInputError(f"output {onnx_out} must end in .onnx: choose a path like model.int8.onnx")
+    if not onnx_out.parent.is_dir():
+        raise BadInputError(f"output folder {onnx_out.parent} does not exist: create it or choose another output path")
+    if onnx_out.resolve() == onnx_in.resolve():
+        raise BadInputError(f"output {onnx_out} is the input graph: choose another output path (inputs are never modified)")
+
+
+def load_float_graph(onnx_in: Path):
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_in))
+    except Exception as exc:  # protobuf DecodeError and friends: all mean "not an ONNX file"
+        raise BadInputError(f"{onnx_in} is not a readable ONNX file ({type(exc).__name__}): export one with `mimc export MODEL`") from exc
+    if not is_mimc_graph(onnx_in, model):
+        raise BadInputError(f"{onnx_in} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
+    if quantized:
+        raise BadInputError(f"{onnx_in} is already quantized ({', '.join(quantized)}): quantize the fp32 model.onnx instead")
+    return model
+
+
+def _as_arrays(batches: Iterable | None) -> list[np.ndarray]:
+    if batches is None:
+        return []
+    return [np.ascontiguousarray(b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b), dtype=np.float32)
+            for b in batches]
+
+
+def calibration_hash(arrays: list[np.ndarray]) -> str | None:
+    """sha256 of the concatenated pixels: equals mimc.data.ImageSet.sha256 for the same images."""
+    import hashlib
+
+    if not arrays:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(np.concatenate(arrays)).tobytes()).hexdigest()
+
+
+# The stage ----------------------------------------------------------------------------------------
+def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
+    """fp32 ModelProto -> quantized ModelProto (a new message) and what was done."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's graph
+    info: dict[str, Any] = {}
+    idx = GraphIndex.build(model)
+    sites = linear_sites(idx)
+    if not sites:
+        raise BadInputError("the graph has no MatMul with constant weights to quantize: is this an exported mimc encoder?")
+    if config.smooth is not None or config.repq:
+        pairs = norm_linear_pairs(idx, sites)
+        channel = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration)
+        info["folding"] = fold_pairs(model, pairs, channel, config.smooth, config.repq,
+                                     symmetric=config.resolved_target == "tensorrt")
+        idx = GraphIndex.build(model)
+        sites = linear_sites(idx)
+    if config.precision == "fp8":
+        model = _to_opset(model, FP8_OPSET)
+        idx = GraphIndex.build(model)
+        sites = linear_sites(idx)
+    attn = attention_sites(idx) if config.attention_quantized else []
+    acts = [s.act for s in sites] + [i for n in attn for i in n.input]
+    kl_levels = 256 if config.resolved_target == "cpu" else 128  # u8 asymmetric vs symmetric int8 / fp8
+    # Attention probabilities are power-law distributed: percentile or entropy calibration clips
+    # exactly the few large weights that matter (measured on `ref`: entropy fell from 46 to 29 dB
+    # SQNR). Keep their observed range; it is at most [0, 1] and finer than a fixed [0, 1]
+    # (fixed [0, 1] as ModelOpt uses cost ~6 dB on `ref`).
+    ranges, images = collect_ranges(model, acts, calibration, config.method, config.percentile, kl_levels,
+                                    observed=_softmax_outputs(idx, attn))
+    if config.resolved_target == "cpu":
+        rewrite_cpu(model, sites, attn, ranges)
+        if config.fuse_attention and not attn:
+            info.update(fuse_attention_cpu(model))
+    else:
+        rewrite_qdq(model, sites, attn, ranges, config.precision)
+    info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
+                 "activation_tensors": len(set(acts)), "calibration_images": images})
+    return model, info
+
+
+def _softmax_outputs(idx: GraphIndex, attn_nodes: list) -> list[str]:
+    return [n.input[0] for n in attn_nodes if (p := idx.producer.get(n.input[0])) is not None and p.op_type == "Softmax"]
+
+
+def _to_opset(model, opset: int):
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current >= opset:
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise BadInputError(f"cannot raise the graph from opset {current} to {opset} for FP8 ({str(exc).splitlines()[0][:200]}): re-export with --opset {opset}") from exc
+
+
+def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update({
+        "mimc_version": mimc_version(),
+        "mimc_precision": config.precision,
+        "mimc_quantization": json.dumps({"config": config.to_dict(), "target": config.resolved_target,
+                                         "calibration_sha256": calib_sha, "source_onnx_sha256": source_sha,
+                                         **{k: v for k, v in info.items() if k != "folding"}}, sort_keys=True),
+    })
+    del model.metadata_props[:]
+    for key in sorted(meta):
+        model.metadata_props.add(key=key, value=meta[key])
+    model.producer_name, model.producer_version = "mimc", mimc_version()
+
+
+def _token_reduced(model) -> bool:
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        return json.loads(meta.get("mimc_encoder_config", "{}")).get("token_schedule") is not None
+    except json.JSONDecodeError:
+        return False
+
+
+def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
+    if config.precision == "fp8":
+        return False, ("ONNX Runtime CPU has no FP8 matmul kernels; run it with TensorRT on Hopper/Ada. "
+                       "Fidelity here is an fp32 emulation of the same Q/DQ graph (E4M3 rounding, float math).")
+    if config.resolved_target == "tensorrt":
+        return True, "runs on ONNX Runtime CPU as plain Q/DQ (emulated, slow); built for TensorRT"
+    return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
+
+
+def graph_session(path: Path, emulate: bool):
+    """An ORT CPU session for a (quantized) graph; ``emulate`` runs a Q/DQ graph as its exact math.
+
+    Fusing DQ -> MatMul into int8 kernels is ORT's choice, not TensorRT's; with fusions off ORT
+    computes exactly the Q/DQ graph's math (round, clip, dequantize, fp32 matmul).
+    """
+    from mimc.deploy.validate import onnxruntime, session_options
+
+    ort = onnxruntime()
+    so = session_options()
+    if emulate:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
+                     pooled_only: bool = False) -> dict[str, Any]:
+    """Compare the quantized graph with the fp32 graph on held-out inputs (worst-sample cosine, SQNR)."""
+    from mimc.deploy.validate import compare_outputs
+
+    sessions = [graph_session(fp32_path, False), graph_session(quant_path, config.resolved_target == "tensorrt")]
+    name = sessions[0].get_inputs()[0].name
+    dims = sessions[0].get_inputs()[0].shape
+    batch = dims[0] if isinstance(dims[0], int) else None
+    full = np.concatenate(eval_inputs)
+    step = batch or full.shape[0]
+    chunks = [full[i : i + step] for i in range(0, (full.shape[0] // step) * step, step)]
+    outs = [{}, {}]
+    for x in chunks:
+        for k, sess in enumerate(sessions):
+            for o, v in zip([o.name for o in sess.get_outputs()], sess.run(None, {name: x})):
+                outs[k].setdefault(o, []).append(v)
+    ref = {k: np.concatenate(v) for k, v in outs[0].items()}
+    cand = {k: np.concatenate(v) for k, v in outs[1].items()}
+    if pooled_only and "pooled" in ref:
+        # Token merging picks its merges from token similarities: a perturbation as small as int8
+        # noise can swap which tokens merge, reordering last_hidden_state while the pooled feature
+        # (what downstream heads and k-NN use) barely moves. Judge the pooled output there.
+        ref, cand = {"pooled": ref["pooled"]}, {"pooled": cand["pooled"]}
+    metrics = compare_outputs(ref, cand)
+    pooled = metrics["outputs"].get("pooled", metrics)
+    r, c = ref.get("pooled"), cand.get("pooled")
+    mean_cos = None
+    if r is not None:
+        cos = np.sum(r * c, axis=1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1), 1e-30)
+        mean_cos = round(float(np.mean(cos)), 6)
+    return {"cosine": metrics["cosine"], "sqnr_db": metrics["sqnr_db"], "max_abs": metrics["max_abs"],
+            "pooled_cosine_min": pooled["cosine"], "pooled_cosine_mean": mean_cos, "pooled_sqnr_db": pooled["sqnr_db"],
+            "images": int(full.shape[0] // step * step), "gated_outputs": sorted(ref)}
+
+
+def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calibration_batches: Iterable,
+                  config: QuantizeConfig, eval_batches: Iterable | None = None, force: bool = False) -> dict[str, Any]:
+    """Quantize an fp32 mimc graph; returns the report (also stamped into the graph's metadata).
+
+    ``eval_batches`` are held-out inputs for the fidelity gate (not the calibration images); when
+    None, seeded normal inputs stand in (labelled so in the report).
+    """
+    import onnx
+
+    from mimc.deploy.validate import gate_failures, gate_for
+
+    start = time.perf_counter()
+    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
+    _check_paths(onnx_in, onnx_out)
+    model = load_float_graph(onnx_in)
+    calibration = _as_arrays(calibration_batches)
+    if calibration and sum(a.shape[0] for a in calibration) > config.n:
+        calibration = [np.concatenate(calibration)[: config.n]]  # at most n images, the first ones given
+    _, graph_batch, shape = graph_input(model)
+    held_out = _as_arrays(eval_batches)
+    eval_source = "held-out images"
+    if not held_out:
+        rng = np.random.default_rng(0)
+        held_out = [rng.standard_normal((max(graph_batch or 1, 4), *shape)).astype(np.float32)]
+        eval_source = "seeded normal inputs (no held-out images given)"
+    quantized, info = quantize_graph(model, calibration, config)
+    calib_sha = calibration_hash(calibration)
+    source_sha = sha256_file(onnx_in)
+    _stamp(quantized, config, info, calib_sha, source_sha)
+    runnable, why = runnable_here(config)
+    with tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.", dir=onnx_out.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / onnx_out.name
+        onnx.save_model(quantized, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        fidelity = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=_token_reduced(model))
+        failures = gate_failures(fidelity, config.precision)
+        if failures and not force:
+            raise ValidationError(f"quantized graph fails the {config.precision} fidelity gate ({'; '.join(failures)}): "
+                                  "nothing written; try --smooth 0.5, --method percentile or more --n, or pass --force")
+        report = {
+            "kind": "onnx", "file": onnx_out.name, "path": str(onnx_out), "sha256": sha256_file(tmp),
+            "bytes": tmp.stat().st_size, "precision": config.precision, "target": config.resolved_target,
+            "method": config.method, "n": config.n, "calibration_images": info["calibration_images"],
+            "calibration_sha256": calib_sha, "smoothing": {"smooth_alpha": config.smooth, "repq": config.repq},
+            "quantized_linears": info["quantized_linears"], "quantized_attention_matmuls": info["quantized_attention_matmuls"],
+            "fused_attention_blocks": info.get("fused_attention_blocks", 0), "unfused_attention": info.get("unfused_attention", {}),
+            "source": {"file": onnx_in.name, "sha256": source_sha},
+            "fidelity": {**fidelity, "reference": "fp32 graph", "inputs": eval_source, "passed": not failures,
+                         "forced": bool(failures), "failures": failures,
+                         "gate": {"precision": config.precision, **gate_for(config.precision).to_dict()}},
+            "runnable_here": runnable, "runnable_note": why, "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")),
+            "config": config.to_dict(), "config_version": config.version, "mimc_version": mimc_version(),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        os.replace(tmp, onnx_out)
+    return report
+
+
+__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "graph_session", "is_mimc_graph", "PRECISIONS", "TARGETS"]

@@ -1,0 +1,83 @@
+"""Distillation recovery: it heals a pruned student, keeps N:M zeros, and refuses incompatible teachers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimc.artifact import Manifest, state_hash
+from mimc.compression.blocks import remove_blocks
+from mimc.compression.distill import DistillConfig
+from mimc.compression.nm import NMSparsityConfig, check_nm
+from mimc.compression.registry import compress
+from mimc.errors import ConfigError, DataError
+from mimc.models.vit import build_encoder
+from mimc.train import run_options
+from tests.conftest import tiny_config
+
+
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_encoder(tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return list(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3)).split(16))
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.75])
+def test_distill_recovers_a_block_pruned_student(teacher, images, mask_ratio):
+    student = remove_blocks(teacher, [1, 2])
+    before = state_hash(student)
+    cfg = DistillConfig(steps=25, lr=2e-3, batch_size=8, mask_ratio=mask_ratio, warmup_ratio=0.0)
+    with run_options(teacher=teacher):
+        healed, record = compress(student, cfg, images)
+    assert state_hash(student) == before  # the input is untouched
+    m = record.metrics
+    assert m["fidelity_pooled_cosine"] > m["fidelity_before_pooled_cosine"]
+    assert m["steps"] == 25 and m["mask_ratio"] == mask_ratio and m["world_size"] == 1
+    assert healed.config.depth == 2
+
+
+def test_teacher_defaults_to_the_manifest_source(teacher, images, monkeypatch):
+    import mimc.models.resolve as resolve
+
+    student = remove_blocks(teacher, [3])
+    student.manifest = Manifest(encoder=student.config.to_dict(), source={"id": "tiny-source"})
+    loaded = []
+    monkeypatch.setattr(resolve, "load_model", lambda src: loaded.append(src) or teacher)
+    _, record = compress(student, DistillConfig(steps=1, batch_size=4), images)
+    assert loaded == ["tiny-source"] and record.metrics["teacher"] == "tiny-source"
+
+
+def test_no_source_and_no_teacher_is_refused(teacher, images):
+    with pytest.raises(ConfigError, match="--teacher"):
+        compress(build_encoder(tiny_config(depth=2), seed=1), DistillConfig(steps=1), images)
+
+
+def test_distill_keeps_an_nm_pattern(teacher, images):
+    sparse, _ = compress(teacher, NMSparsityConfig(method="magnitude"))
+    with run_options(teacher=teacher):
+        healed, _ = compress(sparse, DistillConfig(steps=3, lr=1e-2, batch_size=8), images)
+    check_nm(healed)
+    assert healed.config.nm_pattern == "2:4"
+    assert not torch.equal(healed.blocks[0].mlp.fc1.weight, sparse.blocks[0].mlp.fc1.weight)  # it did learn
+
+
+def test_incompatible_teacher_and_masking(teacher, images):
+    wide = build_encoder(tiny_config(dim=32, num_heads=4, mlp_dim=64), seed=0)
+    with pytest.raises(ConfigError, match="differ in dim"), run_options(teacher=teacher):
+        compress(wide, DistillConfig(steps=1), images)
+    beit = build_encoder(tiny_config(rel_pos_bias="per_block", pos_embed="none"), seed=0)
+    with pytest.raises(ConfigError, match="--mask-ratio 0"), run_options(teacher=beit):
+        compress(beit, DistillConfig(steps=1, mask_ratio=0.5), images)
+
+
+def test_needs_data_and_valid_options(teacher):
+    with pytest.raises(DataError):
+        compress(teacher, DistillConfig(steps=1))
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        DistillConfig(mask_ratio=1.0)
+    assert DistillConfig.from_dict(DistillConfig(steps=5).to_dict()) == DistillConfig(steps=5)

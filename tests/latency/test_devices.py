@@ -1,0 +1,120 @@
+"""Device profiles: every shipped one loads and names a source for each number; bad YAML exits 2."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mimc.errors import ConfigError
+from mimc.latency.devices import PRECISIONS, available_profiles, load_profile
+
+GPU_PROFILES = ["h100", "h200", "a100", "l4", "t4", "jetson-orin", "rtx-4090"]
+
+
+def test_every_gpu_target_is_shipped():
+    assert set(GPU_PROFILES) <= set(available_profiles())
+
+
+@pytest.mark.parametrize("name", sorted(set(GPU_PROFILES) | {"cpu"}))
+def test_shipped_profile_loads_with_a_source_for_each_number(name):
+    p = load_profile(name)
+    assert p.name == name
+    assert set(p.peak_tflops) <= set(p.precisions), "a peak for a precision the device does not run"
+    for field in ("peak_tflops", "memory_bandwidth_gbs", "memory_gb"):
+        assert p.sources.get(field, "").strip(), f"{name}: no public source for {field}"
+    if p.backend == "tensorrt":
+        assert p.compute_capability and p.sources.get("compute_capability")
+        assert p.sources.get("sparse_tensor_cores")
+        assert "fp16" in p.precisions and "int8" in p.precisions
+    assert all(b >= 1 for b in p.batch_sizes)
+
+
+def test_h100_numbers_match_the_datasheet():
+    p = load_profile("h100")
+    assert p.peak_tflops["fp16"] == pytest.approx(989, rel=0.01)
+    assert p.peak_tflops["int8"] == pytest.approx(1979, rel=0.01) and p.peak_tflops["fp8"] == pytest.approx(1979, rel=0.01)
+    assert p.memory_bandwidth_gbs == pytest.approx(3350)
+    assert p.peak_flops("fp16", sparse=True) == pytest.approx(2 * p.peak_flops("fp16"))
+
+
+def test_precision_capabilities_follow_the_architecture():
+    assert "fp8" not in load_profile("a100").precisions  # Ampere has no fp8
+    t4 = load_profile("t4")
+    assert not t4.sparse_tensor_cores and "bf16" not in t4.precisions
+    assert t4.peak_flops("int8", sparse=True) == t4.peak_flops("int8")  # no sparse credit without sparse TCs
+    assert load_profile("h200").memory_bandwidth_gbs > load_profile("h100").memory_bandwidth_gbs
+
+
+def test_peak_fallback_and_missing_peak():
+    a100 = load_profile("a100")
+    assert a100.peak_flops("bf16") == a100.peak_flops("fp16")
+    with pytest.raises(ConfigError, match="no peak_tflops for fp8"):
+        a100.peak_flops("fp8")
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_user_yaml_is_accepted(tmp_path):
+    data = load_profile("l4").to_dict()
+    data["name"] = "my-l4"
+    p = load_profile(_write(tmp_path, data))
+    assert p.name == "my-l4" and p.peak_tflops == load_profile("l4").peak_tflops
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("memory_bandwidth_gbs"), "missing field"),
+        (lambda d: d.update(backend="cuda-magic"), "backend"),
+        (lambda d: d.update(precisions=["fp4"]), "unknown precision"),
+        (lambda d: d["peak_tflops"].update(fp16=-1), "positive"),
+        (lambda d: d["peak_tflops"].update(int3=5), "unknown precision"),
+        (lambda d: d.update(colour="green"), "unknown field"),
+    ],
+)
+def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
+    data = load_profile("h100").to_dict()
+    change(data)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_profile(_write(tmp_path, data))
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+def test_unknown_device_names_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown device 'h900'.*h100") as info:
+        load_profile("h900")
+    assert info.value.exit_code == 2
+
+
+def test_precisions_are_known():
+    for name in available_profiles():
+        assert set(load_profile(name).precisions) <= set(PRECISIONS)
+
+
+def test_cli_profiles_lists_every_target_and_reads_a_yaml(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mimc.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["profiles", "--json"])
+    assert result.exit_code == 0
+    assert {p["name"] for p in json.loads(result.stdout)} == set(available_profiles())
+    result = runner.invoke(app, ["profiles", "h100"])
+    assert result.exit_code == 0 and "3.35 TB/s" in result.output
+    data = load_profile("t4").to_dict()
+    data["name"] = "my-t4"
+    result = runner.invoke(app, ["profiles", str(_write(tmp_path, data)), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["name"] == "my-t4"
+    result = runner.invoke(app, ["profiles", "h900"])
+    assert result.exit_code == 2 and "unknown device 'h900'" in result.output
+
+
+def test_short_names_resolve_to_shipped_profiles():
+    assert load_profile("orin").name == "jetson-orin"
+    assert load_profile("4090").name == "rtx-4090"

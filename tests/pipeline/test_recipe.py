@@ -1,0 +1,258 @@
+"""Recipes: validation before any work, a full run into one artifact, exact replay, manifests as recipes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mimc.artifact import MANIFEST_NAME, read_manifest, save_artifact
+from mimc.errors import BadInputError, ConfigError
+from mimc.models.vit import build_encoder
+from mimc.pipeline.recipe import load_recipe, parse_recipe, recipe_from_artifact
+from mimc.pipeline.recipe_run import run_recipe
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def source(tmp_path, tiny_images):
+    """A tiny artifact as the recipe's model and a labelled .npz as its data."""
+    images, labels = tiny_images
+    data = tmp_path / "data.npz"
+    np.savez(data, images=images, labels=labels)
+    model = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "src")
+    return str(model), str(data)
+
+
+def recipe_dict(model, data, **extra):
+    return {"model": model, "data": data, "n": 16, "stages": [
+        {"prune": {"ratio": 0.5}},
+        {"sparsify": {"pattern": "2:4", "method": "wanda", "n_calib": 8}},
+        "export",
+        {"quantize": {"n": 16}},
+        {"profile": {"device": "cpu", "warmup": 1, "iters": 3}},
+        {"eval": {}},
+    ], **extra}
+
+
+def test_a_recipe_runs_every_stage_into_one_artifact_and_replays_exactly(tmp_path, source):
+    model, data = source
+    out = tmp_path / "out"
+    report = run_recipe(parse_recipe(recipe_dict(model, data)), out)
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", MANIFEST_NAME, "model.onnx", "model.int8.onnx", "recipe.yaml", "run.json"} <= files
+    assert [s["stage"] for s in report["stages"]] == ["prune", "sparsify", "export", "quantize", "profile", "eval"]
+    assert json.loads((out / "run.json").read_text())["stages"][0]["metrics"]["removed_blocks"] == report["stages"][0]["metrics"]["removed_blocks"]
+    manifest = read_manifest(out)
+    assert [s.name for s in manifest.stages] == ["prune", "sparsify"]
+    assert manifest.files["model.int8.onnx"]["fidelity"]["passed"]
+    by = {s["stage"]: s for s in report["stages"]}
+    assert by["quantize"]["fidelity"]["pooled_cosine_mean"] >= 0.99
+    assert by["profile"]["result"]["label"] == "measured" and by["profile"]["file"] == "model.int8.onnx"
+    assert by["profile"]["baseline"]["label"] == "measured" and by["profile"]["speedup_vs_dense"] > 0
+    inter = by["profile"]["interleaved_ms"]  # the ratio comes from both graphs timed together
+    assert by["profile"]["speedup_vs_dense"] == round(inter["dense"] / inter["graph"], 3)
+    assert 0 < by["eval"]["fidelity"]["pooled_cosine_mean"] <= 1 and "knn_top1" in by["eval"]
+    # Replaying the output (its recipe.yaml) rebuilds the same bytes.
+    again = tmp_path / "again"
+    run_recipe(load_recipe(out), again)
+    for name in ("model.safetensors", "model.onnx", "model.int8.onnx"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.quant.quantize import QuantizeConfig
+    from mimc.quant.quantize_flow import quantize_model
+    from mimc.compression.registry import compress
+    from mimc.deploy.onnx import export_onnx
+    from mimc.models.resolve import load_model
+
+    model, data = "ref", "builtin"  # a source the manifest can name (an in-memory encoder has none)
+    pruned, _ = compress(load_model(model), BlockPruningConfig(keep=3, criterion="l2"))
+    art = save_artifact(pruned, tmp_path / "art")
+    export_onnx(pruned, art / "model.onnx", batch="dynamic")
+    quantize_model(str(art), QuantizeConfig(n=16, smooth=0.5), data)
+    recipe = recipe_from_artifact(art)
+    assert recipe.model == model and recipe.data == data
+    assert [(s.kind, s.config.to_dict()) for s in recipe.steps[:1]] == [("prune", BlockPruningConfig(keep=3, criterion="l2").to_dict())]
+    assert recipe.steps[1].kind == "export" and recipe.steps[1].config.batch == "dynamic"
+    assert recipe.steps[2].kind == "quantize" and recipe.steps[2].config == QuantizeConfig(n=16, smooth=0.5)
+    out = run_recipe(recipe, tmp_path / "replayed")
+    assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (art / "model.safetensors").read_bytes()
+    assert out["stages"][-1]["fidelity"]["passed"]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"stages": [{"prnue": {"ratio": 0.5}}]}, "unknown stage 'prnue'"),
+    ({"stages": [{"prune": {"ratoi": 0.5}}]}, "unknown option(s) ['ratoi']"),
+    ({"stages": [{"prune": {"ratio": 1.5}}]}, "stage 1 (prune)"),
+    ({"stages": ["export", {"prune": {"ratio": 0.5}}]}, "come after graph stage 'export'"),
+    ({"stages": ["export", "export"]}, "appears 2 times"),
+    ({"stages": [{"quantize": {}}, "export"]}, "export first"),
+    ({"stages": [{"profile": {"device": "tpu-v9"}}]}, "tpu-v9"),
+    ({"stages": []}, "non-empty list"),
+    ({"modle": "ref"}, "unknown key(s) ['modle']"),
+    ({"n": 0}, "'n' must be a positive integer"),
+])
+def test_bad_recipes_are_refused_before_any_work(change, match):
+    data = {"model": "ref", "data": "builtin", "stages": [{"prune": {"ratio": 0.5}}], **change}
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(data)
+    assert match in str(info.value) and "\n" not in str(info.value)
+
+
+def test_stages_that_need_images_need_data():
+    with pytest.raises(ConfigError, match=r"need images: add 'data: DIR'"):
+        parse_recipe({"model": "ref", "stages": ["export", {"quantize": {}}]})
+    with pytest.raises(ConfigError, match="add an 'export'"):
+        run_recipe(parse_recipe({"model": "ref", "stages": [{"profile": {}}]}), "unused")
+
+
+def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source):
+    from mimc.cli.app import app
+
+    model, data = source
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "stages": [{"prune": {"ratio": 0.5}}, "export"]}))
+    runner = CliRunner()
+    dry = runner.invoke(app, ["run", str(path), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert parse_recipe(yaml.safe_load(dry.stdout)).to_dict() == load_recipe(path).to_dict()
+    out = tmp_path / "cli-out"
+    ok = runner.invoke(app, ["run", str(path), "-o", str(out), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["stages"][1]["file"] == "model.onnx" and (out / "model.onnx").is_file()
+    again = runner.invoke(app, ["run", str(path), "-o", str(out)])  # occupied output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: ref\nstages: [{prune: {ratio: 0.5}}\n")  # unclosed bracket
+    for result, match in ((again, "already exists"), (runner.invoke(app, ["run", str(bad), "-o", str(tmp_path / "x")]), "not valid YAML"),
+                          (runner.invoke(app, ["run", str(tmp_path / "missing.yaml")]), "does not exist")):
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and match in lines[0], result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_data_given_at_replay_fills_what_the_manifest_did_not_record(tmp_path):
+    from mimc.compression.nm import NMSparsityConfig
+    from mimc.compression.registry import compress
+    from mimc.models.resolve import load_model
+
+    sparse, _ = compress(load_model("ref"), NMSparsityConfig(method="wanda", n_calib=8), [torch.rand(8, 3, 32, 32)])
+    art = save_artifact(sparse, tmp_path / "art")
+    with pytest.raises(ConfigError, match="need images"):
+        load_recipe(art)
+    recipe = load_recipe(art, data="builtin")
+    assert recipe.data == "builtin" and recipe.steps[0].config == NMSparsityConfig(method="wanda", n_calib=8)
+    # mimc.json has no record of the images wanda drew: the replay says so instead of implying exactness
+    assert "does not record the images stage(s) ['sparsify'] drew" in recipe.note and "\n" not in recipe.note
+
+
+def test_replaying_a_folder_that_is_not_an_artifact_is_refused(tmp_path):
+    with pytest.raises(BadInputError, match="not a mimc artifact"):
+        load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([{"tokens": {"method": "topk", "keep": 0.5, "at": 3}}], "option 'at' takes a list, got 3: write at: [3]"),
+    (["export", {"profile": {"batch_sizes": 4}}], "option 'batch_sizes' takes a list"),
+    (["export", {"profile": {"iters": "many"}}], "profile option iters must be an integer, got 'many'"),
+    ([{"eval": {"graph": "model.int8.onnx"}}], "reads graph 'model.int8.onnx', which no earlier stage writes: add an export"),
+    ([{"profile": {"graph": "model.onnx"}}, "export"], "which no earlier stage writes"),
+    (["export", {"eval": {"graph": "model.int8.onnx"}}], "choose one of ['model.onnx']"),
+    ([{"export": {"batch": 1}}, {"profile": {"batch_sizes": [4]}}], "give the export stage batch: dynamic, or profile batch_sizes: [1]"),
+    (["export", {"quantize": {"target": "tensorrt"}}, {"profile": {"device": "cpu"}}], "a TensorRT Q/DQ graph, on ONNX Runtime CPU"),
+])
+def test_option_values_of_the_wrong_shape_are_named_before_any_work(stages, match):
+    # before: "'int' object is not iterable", "'<' not supported ...", a missing graph found only
+    # after every model stage had run, or a TensorRT graph timed as CPU fp32 emulation
+    with pytest.raises(ConfigError) as info:
+        parse_recipe({"model": "ref", "data": "builtin", "stages": stages})
+    assert match in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_quoted_export_batch_is_resolved_to_the_integer_the_graph_gets():
+    recipe = parse_recipe({"model": "ref", "stages": [{"export": {"batch": "2"}}]})
+    assert recipe.steps[0].config.batch == 2 and recipe.to_dict()["stages"][0]["export"]["batch"] == 2
+
+
+def test_masked_distillation_after_tokens_is_refused_before_any_stage_runs(tmp_path, monkeypatch, source):
+    import mimc.compression.registry as registry
+
+    model, data = source
+    monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the recipe was refused"))
+    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"tokens": {"method": "drop", "keep": 0.5}}, {"distill": {"steps": 1}}]})
+    with pytest.raises(ConfigError, match=r"stage 2 \(distill\) masks 75% .* a tokens stage comes before it: set mask_ratio: 0"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwriting_the_recipes_own_model_is_refused_and_leaves_it_intact(tmp_path, monkeypatch, source):
+    model, _ = source
+    before = {p.name: p.read_bytes() for p in Path(model).iterdir()}
+    recipe = parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]})
+    with pytest.raises(BadInputError, match="is the recipe's model"):
+        run_recipe(recipe, model, overwrite=True)
+    assert {p.name: p.read_bytes() for p in Path(model).iterdir()} == before
+    # 'ref' names the built-in model even where a folder called ref exists: not the source
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "old.txt").write_text("x")
+    run_recipe(parse_recipe({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}]}), "ref", overwrite=True)
+    assert (tmp_path / "ref" / "mimc.json").is_file()
+
+
+def test_a_failure_in_a_late_stage_leaves_the_previous_output_untouched(tmp_path, monkeypatch, source):
+    import mimc.pipeline.recipe_run as recipe_run
+
+    model, _ = source
+    out = tmp_path / "out"
+    recipe = parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}, "export", {"eval": {"n": 4}}]})
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(recipe_run, "_eval", boom)
+    with pytest.raises(RuntimeError):
+        run_recipe(recipe, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_manifest_distilled_from_another_teacher_says_the_replay_uses_the_source(tmp_path):
+    from mimc.artifact import StageRecord
+    from mimc.compression.blocks import BlockPruningConfig
+    from mimc.compression.distill import DistillConfig
+    from mimc.compression.registry import compress
+    from mimc.models.resolve import load_model
+
+    pruned, _ = compress(load_model("ref"), BlockPruningConfig(keep=3, criterion="l2"))
+    record = StageRecord(name="distill", config=DistillConfig(steps=1).to_dict(), config_version=1,
+                         metrics={"teacher": "facebook/vit-mae-large"}, seconds=0.0, parent_hash="")
+    pruned.manifest = pruned.manifest.with_stage(record, pruned.config.to_dict())  # as `mimc distill --teacher` records it
+    recipe = load_recipe(save_artifact(pruned, tmp_path / "art"), data="builtin")
+    assert "distill learned from ['facebook/vit-mae-large'], the replay distills from ref" in recipe.note
+
+
+def test_the_profile_baseline_is_exported_like_the_graph_it_is_compared_with(tmp_path, monkeypatch, source):
+    import mimc.deploy.onnx as onnx_export
+
+    model, _ = source
+    calls, original = [], onnx_export.export_onnx
+
+    def spy(encoder, path, **kwargs):
+        calls.append((Path(path).name, kwargs))
+        return original(encoder, path, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", spy)
+    recipe = parse_recipe({"model": model, "stages": [{"export": {"batch": 2, "opset": 18}}, {"profile": {"warmup": 0, "iters": 1}}]})
+    report = run_recipe(recipe, tmp_path / "out")
+    baseline = dict(calls)["dense.onnx"]
+    assert (baseline["batch"], baseline["opset"], baseline["exporter"]) == (2, 18, "torchscript")  # was opset 17
+    assert report["stages"][-1]["baseline"]["results"][0]["batch"] == 2

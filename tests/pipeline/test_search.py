@@ -1,0 +1,180 @@
+"""Search: every candidate built and measured, a consistent Pareto front, the right pick, a runnable recipe."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mimc.artifact import save_artifact
+from mimc.data import load_images
+from mimc.errors import ConfigError
+from mimc.models.vit import build_encoder
+from mimc.pipeline.recipe import parse_recipe
+from mimc.pipeline.search import SearchSpace, recipe_of, search
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = (rng.random((40, 32, 32, 3)) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("s") / "d.npz"
+    np.savez(path, images=images, labels=np.arange(40) % 2)
+    enc = build_encoder(tiny_config(), seed=0)
+    data = load_images(path, enc.config, n=40, seed=0)
+    return enc, data.subset(np.arange(16)), data.subset(np.arange(16, 40)), path
+
+
+def check_front(result):
+    ok = [c for c in result["candidates"] if c["error"] is None]
+    for c in ok:
+        dominated = any(o is not c and o["latency_ms"] <= c["latency_ms"] and o["pooled_cosine"] >= c["pooled_cosine"]
+                        and (o["latency_ms"] < c["latency_ms"] or o["pooled_cosine"] > c["pooled_cosine"]) for o in ok)
+        assert c["pareto"] == (not dominated), c
+    faithful = [c for c in ok if c["pooled_cosine"] >= result["min_cosine"]]
+    assert result["best"]["latency_ms"] == min(c["latency_ms"] for c in faithful)
+
+
+def test_measured_cpu_search_builds_every_candidate_and_picks_the_fastest_faithful(setup):
+    enc, calib, held, _ = setup
+    space = SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0, 0.5))
+    result = search(enc, "cpu", held, calib, space, min_cosine=0.9, budget_ms=1e6, iters=3)
+    cands = {c["label"]: c for c in result["candidates"]}
+    assert len(cands) == 8 and all(c["error"] is None and c["latency"] == "measured" for c in cands.values())
+    assert cands["all blocks, tokens 100%, fp32"]["pooled_cosine"] >= 0.9999  # the dense model itself
+    assert cands["blocks -50%, tokens 100%, fp32"]["gmacs"] < 0.6 * cands["all blocks, tokens 100%, fp32"]["gmacs"]
+    for label, c in cands.items():  # int8 moves features a little, never more than the structure did
+        if label.endswith("int8"):
+            assert abs(c["pooled_cosine"] - cands[label.replace("int8", "fp32")]["pooled_cosine"]) < 0.02
+    check_front(result)
+    assert result["meets_budget"] is True
+    recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0))
+    assert [s.kind for s in recipe.steps][-2:] == ["profile", "eval"]
+    assert ("quantize" in [s.kind for s in recipe.steps]) == result["best"]["label"].endswith("int8")
+
+
+def test_predicted_gpu_search_adds_2_4_and_gpu_precisions(setup):
+    enc, calib, held, _ = setup
+    result = search(enc, "h100", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), min_cosine=0.9)
+    cands = {c["label"]: c for c in result["candidates"]}
+    assert set(cands) == {f"all blocks, tokens 100%{nm}, {p}" for nm in ("", ", 2:4") for p in ("fp16", "int8", "fp8")}
+    assert all(c["latency"] == "predicted" for c in cands.values())
+    for p in ("fp16", "int8", "fp8"):  # sparse tensor cores: the roofline credits 2:4 weights
+        assert cands[f"all blocks, tokens 100%, 2:4, {p}"]["latency_ms"] <= cands[f"all blocks, tokens 100%, {p}"]["latency_ms"]
+    check_front(result)
+    recipe = recipe_of(result, "ref", "builtin", 16, 0)
+    if result["best"]["precision"] == "fp16":
+        assert recipe["stages"][-2]["profile"]["precision"] == "fp16"
+    parse_recipe(recipe)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"device": "cpu", "space": SearchSpace(precisions=("fp16",))}, "ONNX Runtime CPU runs fp32 and int8"),
+    ({"device": "cpu", "space": SearchSpace(nm=True)}, "no sparse tensor cores"),
+    ({"device": "t4", "space": SearchSpace(precisions=("fp8",))}, "cannot run ['fp8']"),
+    ({"device": "cpu", "min_cosine": 0.0}, "min cosine"),
+])
+def test_impossible_searches_are_refused(setup, kwargs, match):
+    enc, calib, held, _ = setup
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        search(enc, images=held, calib=calib, **kwargs)
+
+
+def test_search_space_is_checked():
+    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}):
+        with pytest.raises(ConfigError):
+            SearchSpace(**bad)
+
+
+def test_cli_writes_the_table_json_and_a_recipe_and_refuses_bad_input(tmp_path, setup):
+    from mimc.cli.app import app
+
+    enc, _, _, data = setup
+    model = save_artifact(enc, tmp_path / "m")
+    out = tmp_path / "search"
+    args = ["search", str(model), "--device", "jetson-orin", "--data", str(data), "--n", "8", "--n-eval", "8",
+            "--blocks", "0,0.5", "--keep", "1", "--precisions", "fp16", "--no-nm", "--min-cosine", "0.5", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "search.json").read_text())
+    assert len(report["candidates"]) == 2 and report["best"] is not None
+    assert parse_recipe(yaml.safe_load((out / "recipe.yaml").read_text())).model == str(model)
+    again = CliRunner().invoke(app, args)
+    bad = CliRunner().invoke(app, args[:-2] + ["-o", str(tmp_path / "b"), "--blocks", "0,x"])  # the last --blocks wins
+    for res, match in ((again, "already exists"), (bad, "comma-separated numbers")):
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and match in lines[0], res.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_repeated_grid_values_are_searched_once_and_labels_keep_small_fractions():
+    space = SearchSpace(block_ratios=(0.0, 0, 0.5), token_keeps=(1, 1.0, 0.5), precisions=("fp32", "fp32"))
+    assert space.block_ratios == (0.0, 0.5) and space.token_keeps == (1, 0.5) and space.precisions == ("fp32",)
+    from mimc.pipeline.search import Candidate
+
+    assert Candidate(0.001, 0.001, False, "fp32").label == "blocks -0.1%, tokens 0.1%, fp32"  # was "-0%", "0%"
+
+
+def test_non_positive_budget_is_refused(setup):
+    enc, calib, held, _ = setup
+    with pytest.raises(ConfigError, match="budget-ms"):
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=0)
+
+
+def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibration_count(tmp_path):
+    from mimc.quant.quantize import QuantizeConfig
+
+    profile = tmp_path / "mygpu.yaml"
+    profile.write_text(yaml.safe_dump({"name": "mygpu", "description": "x", "backend": "tensorrt", "compute_capability": "8.0",
+                                       "precisions": ["fp32", "fp16", "int8"], "sparse_tensor_cores": False,
+                                       "peak_tflops": {"fp32": 10, "fp16": 80, "int8": 160}, "memory_bandwidth_gbs": 300,
+                                       "memory_gb": 16, "batch_sizes": [1]}))
+    result = {"device": "mygpu", "latency": "predicted (roofline)", "best": {"precision": "int8"},
+              "best_stages": [{"export": {"batch": 1}}, {"quantize": QuantizeConfig(n=16, target="tensorrt").to_dict()}]}
+    recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0, device=str(profile)))  # was: unknown device 'mygpu'
+    by = {s.kind: s.config for s in recipe.steps}
+    assert by["profile"].device == str(profile) and by["quantize"].n == 16  # was the default 256
+
+
+def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_another(setup, monkeypatch):
+    import mimc.deploy.validate as validate
+
+    enc, calib, held, _ = setup
+    order, original = [], validate.make_session
+
+    class Recorded:
+        def __init__(self, path, **kwargs):
+            self.sess, self.path = original(path, **kwargs), str(path)
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+        def run(self, *args):
+            order.append(self.path)
+            return self.sess.run(*args)
+
+    monkeypatch.setattr(validate, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
+    result = search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0,), precisions=("fp32",)), iters=4)
+    graphs = list(dict.fromkeys(order))
+    assert len(graphs) == 2 and all(order.count(g) >= 4 for g in graphs)
+    # each candidate's timed runs are split into several blocks with the other's in between
+    switches = sum(a != b for a, b in zip(order, order[1:]))
+    assert switches >= 3 and all(c["latency_ms"] > 0 and c["latency"] == "measured" for c in result["candidates"])
+
+
+def test_mlp_width_is_a_search_dimension_and_its_recipe_runs_the_width_stage(setup):
+    enc, calib, held, _ = setup
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp16",), nm=False, mlp_ratios=(0.0, 0.5))
+    result = search(enc, "jetson-orin", held, calib, space, min_cosine=0.5)
+    by = {c["label"]: c for c in result["candidates"]}
+    narrow, full = by["MLP -50%, all blocks, tokens 100%, fp16"], by["all blocks, tokens 100%, fp16"]
+    assert narrow["gmacs"] < full["gmacs"] and narrow["latency_ms"] < full["latency_ms"] and narrow["pooled_cosine"] < 1.0
+    assert result["best"]["label"] == narrow["label"]  # both pass 0.5; the narrow one is faster
+    first = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0)).steps[0]
+    assert first.kind == "width" and first.config.mlp == 0.5 and first.config.criterion == "activation"
+    with pytest.raises(ConfigError, match="MLP width fractions"):
+        SearchSpace(mlp_ratios=(1.0,))
