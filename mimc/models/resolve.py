@@ -69,7 +69,7 @@ def load_model(model: str | os.PathLike):
         encoder = load_reference()
         source = {"id": "ref", "family": "ref", "sha256": _ref_sha()}
     elif kind in ("hf-dir", "hub"):
-        from mimc.models.convert.hf import load_hf
+        from mimc.models.convert.hf_load import load_hf
 
         encoder = load_hf(model)
         sha = sha256_file(_hf_weights(Path(model))) if kind == "hf-dir" and _hf_weights(Path(model)) else None

@@ -21,6 +21,7 @@ from torch import nn
 
 from mimc.errors import ConfigError
 from mimc.models import token_ops
+from mimc.models.position import RelativePositionBias
 from mimc.models.vit_tokens import BlockTokenReduction, EncoderTokenReduction
 
 POOLINGS = ("cls", "mean")
@@ -172,42 +173,6 @@ class PatchEmbed(nn.Module):
         if self.video:
             x = x.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def relative_position_index(grid_hw: tuple[int, int], cls_token: bool) -> torch.Tensor:
-    """BEiT's index into the bias table: pairwise (dy, dx) offsets plus three cls entries."""
-    h, w = grid_hw
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    rel[:, :, 0] += h - 1
-    rel[:, :, 1] += w - 1
-    rel[:, :, 0] *= 2 * w - 1
-    patch_index = rel.sum(-1)
-    if not cls_token:
-        return patch_index
-    n_rel = (2 * h - 1) * (2 * w - 1)
-    n = h * w + 1
-    index = torch.zeros(n, n, dtype=torch.long)
-    index[1:, 1:] = patch_index
-    index[0, :] = n_rel  # cls -> token
-    index[:, 0] = n_rel + 1  # token -> cls
-    index[0, 0] = n_rel + 2  # cls -> cls
-    return index
-
-
-class RelativePositionBias(nn.Module):
-    """Learned bias table (BEiT), expanded to (heads, N, N) on the fly with a constant index."""
-
-    def __init__(self, cfg: EncoderConfig, num_heads: int):
-        super().__init__()
-        _, h, w = cfg.grid
-        n_entries = (2 * h - 1) * (2 * w - 1) + (3 if cfg.cls_token else 0)
-        self.table = nn.Parameter(torch.zeros(n_entries, num_heads))
-        self.register_buffer("index", relative_position_index((h, w), cfg.cls_token), persistent=False)
-
-    def forward(self) -> torch.Tensor:
-        n = self.index.shape[0]
-        return self.table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
 
 
 class Attention(nn.Module):

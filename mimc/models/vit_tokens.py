@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from mimc.models import token_ops
+from mimc.models.position import RelativePositionBias
 
 
 class BlockTokenReduction:
@@ -58,9 +59,6 @@ class EncoderTokenReduction:
 
     def _apply_token_plan(self, plan: token_ops.TokenPlan) -> None:
         """Turn the token schedule into static per-block attributes and constant index buffers."""
-        # Imported here: mimc.models.vit imports this module while it is being defined.
-        from mimc.models.vit import RelativePositionBias
-
         self.token_plan = plan
         for block, r, k in zip(self.blocks, plan.merge_r or [0] * len(self.blocks), plan.keep_k or [0] * len(self.blocks)):
             block.merge_r, block.keep_k = r, k

@@ -9,7 +9,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mimc.errors import NotAModelError  # noqa: E402
-from mimc.models.convert.hf import convert_hf_model, load_hf  # noqa: E402
+from mimc.models.convert.hf import convert_hf_model  # noqa: E402
+from mimc.models.convert.hf_load import load_hf  # noqa: E402
 
 TOL = 1e-4
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)

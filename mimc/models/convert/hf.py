@@ -16,10 +16,12 @@ What is dropped, on purpose: MAE/VideoMAE decoders and random masking (the deplo
 every patch, in order), classification heads, BEiT's masked-image-modeling head, and ViT's
 ``pooler`` (a dense + tanh layer trained only for classification; the canonical ``pooled`` of a ViT
 is the normalised cls token, which is what the pooler reads).
+
+This module converts a model already in memory; loading one from a directory or the hub is
+:mod:`mimc.models.convert.hf_load`, which imports this module and never the reverse.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -183,7 +185,7 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     Accepts the bare encoders and their pre-training / classification wrappers; only the encoder
     is taken. ``image_mean``/``image_std`` come from the model's preprocessor config when known.
     ``copy=False`` lets the encoder share the source's weight storage (for a source about to be
-    discarded, as in :func:`load_hf`); the default keeps the two independent.
+    discarded, as in :func:`mimc.models.convert.hf_load.load_hf`); the default keeps the two independent.
     """
     family = _family_of(model)
     base = getattr(model, "base_model", model)
@@ -213,15 +215,4 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     return encoder
 
 
-def load_hf(source: str | os.PathLike) -> Encoder:
-    """A local transformers model directory or a hub id -> canonical :class:`Encoder`.
-
-    Uses transformers' own ``from_pretrained``; hub ids need internet or a cached copy. See
-    :mod:`.hf_load` for the loading rules and errors.
-    """
-    from mimc.models.convert.hf_load import load_hf as _load_hf
-
-    return _load_hf(source)
-
-
-__all__ = ["convert_hf_model", "load_hf", "FAMILIES"]
+__all__ = ["convert_hf_model", "FAMILIES"]
