@@ -47,7 +47,7 @@ def main() -> None:
     from mimc.compression.blocks import BlockPruningConfig
     from mimc.compression.distill import DistillConfig
     from mimc.data import load_images
-    from mimc.train import run_options
+    from mimc.train import TrainRun
 
     dense = mimc.load(args.model)
     images = load_images("builtin", dense.config)
@@ -66,8 +66,7 @@ def main() -> None:
         steps = args.steps if mask_ratio > 0 or args.full_steps is None else args.full_steps
         config = DistillConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, mask_ratio=mask_ratio)
         start = time.perf_counter()
-        with run_options(teacher=dense):
-            healed, record = compress(pruned, config, list(train.batches(64)))
+        healed, record = compress(pruned, config, list(train.batches(64)), run=TrainRun(teacher=dense))
         seconds = time.perf_counter() - start
         row = {"model": f"pruned + distill (mask {mask_ratio})", **evaluate(healed, dense, held), "steps": steps,
                "seconds": round(seconds, 1), "steps_per_second": record.metrics["steps_per_second"]}

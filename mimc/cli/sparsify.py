@@ -70,12 +70,12 @@ def run_training_stage(encoder, config, batches, run_dir: Path | None, resume: b
                        teacher=None):
     """compress() with the runtime options a learning stage reads; rank 0 shows the progress bar."""
     from mimc.compression.registry import compress
-    from mimc.train import run_options
+    from mimc.train import TrainRun
     from mimc.train.dist import is_main_process
 
-    with run_options(run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every,
-                     show_progress=is_main_process(), teacher=teacher):
-        return compress(encoder, config, batches)
+    run = TrainRun(run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every, show_progress=is_main_process(),
+                   teacher=teacher)
+    return compress(encoder, config, batches, run=run)
 
 
 def finish(encoder, out: Path, overwrite: bool, record, json_out: bool, summary: dict[str, Any]) -> None:
@@ -119,7 +119,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Make every block Linear N:M sparse (exact pattern; the manifest records it for TensorRT)."""
-        from mimc.compression.nm import NMSparsityConfig, parse_pattern
+        from mimc.compression.nm import NMSparsityConfig
+        from mimc.models.nm_pattern import parse_pattern
         from mimc.data import load_images
         from mimc.errors import DataError
         from mimc.models.resolve import load_model

@@ -6,7 +6,7 @@ in :mod:`mimc.train.engine`). With ``mask_ratio`` > 0 both see the same random 2
 patches, as in DMAE: several times cheaper per step, and the student still serves full images.
 
 The teacher is, by default, the source the student's manifest names (``source.id``, e.g. ``ref``);
-``mimc distill --teacher SRC`` (or ``run_options(teacher=...)``) overrides it. A student that carries an
+``mimc distill --teacher SRC`` (or ``compress(..., run=TrainRun(teacher=...))``) overrides it. A student that carries an
 N:M pattern keeps it: its zeros are re-applied after every optimizer step.
 
 References:
@@ -23,34 +23,37 @@ from typing import Any, ClassVar
 import torch
 
 from mimc.artifact import state_hash
-from mimc.errors import ConfigError, DataError
-from mimc.compression.nm import block_linears, calibration_pixels, check_nm, pooled_fidelity
+from mimc.compression.calib_stats import calibration_pixels
+from mimc.compression.nm import pooled_fidelity
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.errors import ConfigError, DataError
+from mimc.models.nm_pattern import block_linears, check_nm
+from mimc.train import FeatureLoss, TrainConfig, TrainRun, train
 
 # Structure a student may differ from its teacher in and still be compared feature by feature.
 _MUST_MATCH = ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "cls_token", "pooling")
 
 
 @dataclass(frozen=True)
-class DistillConfig(StageConfig):
+class DistillConfig(TrainConfig, StageConfig):
     """Recovery by distillation: AdamW with warm-up and cosine decay on every student weight."""
 
     name: ClassVar[str] = "distill"
     version: ClassVar[int] = 1
+    key_order: ClassVar[tuple[str, ...]] = (
+        "steps", "lr", "min_lr", "warmup_ratio", "weight_decay", "batch_size", "clip_grad", "mask_ratio",
+        "token_weight", "pooled_weight", "hidden_weight", "flip", "seed",
+    )  # fmt: skip
 
-    steps: int = 1000
-    lr: float = 1e-4
+    # The shared options whose defaults differ for distillation (the rest: TrainConfig's defaults).
     min_lr: float = 1e-6
-    warmup_ratio: float = 0.05
     weight_decay: float = 0.05
-    batch_size: int = 32
-    clip_grad: float = 1.0
     mask_ratio: float = 0.75
+    # Distillation's own options.
+    warmup_ratio: float = 0.05
     token_weight: float = 1.0
     pooled_weight: float = 1.0
     hidden_weight: float = 0.0  # > 0: also match every kept block's output to its teacher block
-    flip: bool = True
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -61,6 +64,11 @@ class DistillConfig(StageConfig):
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.lr <= 0 or self.batch_size < 1:
             raise ConfigError("distill needs lr > 0 and batch_size >= 1")
+        super().__post_init__()
+
+    @property
+    def warmup(self) -> int:
+        return int(self.warmup_ratio * self.steps)
 
     @property
     def needs_data(self) -> bool:
@@ -88,35 +96,27 @@ def check_teacher(student, teacher) -> None:
             raise ConfigError(f"teacher and student differ in {key} ({b} vs {a}): distill from the model this one was compressed from")
 
 
-class _KeepZeros:
-    """Re-applies an N:M student's zeros after every optimizer step so the pattern survives."""
+def nm_zeros(student) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
+    """Each block Linear with the mask of its non-zero weights (an N:M student's pattern)."""
+    return [(lin, lin.weight.detach() != 0) for _, lin in block_linears(student)]
 
-    def __init__(self, student):
-        self.masks = [(lin, lin.weight.detach() != 0) for _, lin in block_linears(student)]
 
-    def before_step(self, step: int, total: int, generator: torch.Generator) -> None:
-        return None
-
-    def extra_loss(self):
-        return None
-
-    def after_step(self) -> None:
-        with torch.no_grad():
-            for i, (lin, keep) in enumerate(self.masks):
-                if keep.device != lin.weight.device:  # the engine moved the student to its device
-                    keep = keep.to(lin.weight.device)
-                    self.masks[i] = (lin, keep)
-                lin.weight.mul_(keep)
+def reapply_zeros(zeros: list[tuple[torch.nn.Linear, torch.Tensor]]) -> None:
+    """Zero the masked weights again after an optimizer step, so the N:M pattern survives training."""
+    with torch.no_grad():
+        for i, (lin, keep) in enumerate(zeros):
+            if keep.device != lin.weight.device:  # the loop moved the student to its device
+                keep = keep.to(lin.weight.device)
+                zeros[i] = (lin, keep)
+            lin.weight.mul_(keep)
 
 
 @register(DistillConfig)
-def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[Any, dict[str, Any]]:
-    from mimc.train import TrainSettings, current_run, train
-
+def distill(encoder, config: DistillConfig, calibration_batches=None, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     batches = list(calibration_batches or [])
     if not batches:
         raise DataError("distill needs unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
-    teacher = current_run().teacher
+    teacher = run.teacher if run is not None else None
     # The label recorded in the manifest: where the teacher came from.
     teacher_label = (_source_id(teacher) or "explicit") if teacher is not None else _source_id(encoder)
     teacher = clone_encoder(teacher) if teacher is not None else default_teacher(encoder)
@@ -127,20 +127,16 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
     before = pooled_fidelity(encoder, teacher, eval_pixels)
 
     student = clone_encoder(encoder).eval().requires_grad_(True)
-    hooks = _KeepZeros(student) if student.config.nm_pattern else None
-    settings = TrainSettings(
-        steps=config.steps, lr=config.lr, batch_size=config.batch_size, min_lr=config.min_lr,
-        warmup_steps=int(config.warmup_ratio * config.steps), weight_decay=config.weight_decay,
-        clip_grad=config.clip_grad, mask_ratio=config.mask_ratio, flip=config.flip, seed=config.seed,
-        token_weight=config.token_weight, pooled_weight=config.pooled_weight, hidden_weight=config.hidden_weight,
-    )
+    zeros = nm_zeros(student) if student.config.nm_pattern else None
     meta = {
         "stage": config.to_dict(),
         "source_sha256": state_hash(encoder),
         "teacher_sha256": state_hash(teacher),
         "data_sha256": hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest(),
     }
-    result = train(student, teacher, pixels, settings, meta=meta, hooks=hooks)
+    result = train(student, teacher, pixels, config, run, meta=meta,
+                   loss_weights=FeatureLoss(config.token_weight, config.pooled_weight, config.hidden_weight),
+                   project=(lambda: reapply_zeros(zeros)) if zeros is not None else None)
     student.requires_grad_(False).eval()
     if student.config.nm_pattern:
         check_nm(student)

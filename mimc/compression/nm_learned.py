@@ -4,7 +4,7 @@ Each group of M consecutive input weights of every block Linear gets logits π o
 candidate masks (``itertools.combinations``; 6 for 2:4). Training draws a soft mask per step:
 p = softmax((κ·π + g)/τ), g Gumbel noise, m = pᵀS (S the candidates; ``hard=False``, soft trains
 better) and runs the encoder with W⊙m. The weights are frozen (buffers); only π learns, by
-distillation from the dense encoder (:mod:`mimc.train`) minus λ·Σ‖W⊙m‖², which rewards keeping large
+distillation from the dense encoder (:func:`mimc.train.train`) minus λ·Σ‖W⊙m‖², which rewards keeping large
 weights. The final mask is the argmax candidate of each group, baked into the weights as zeros.
 
 Defaults (``NMLearnedConfig``), after MaskLLM-4V (the ViT port) unless noted:
@@ -37,27 +37,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimc.artifact import state_hash
-from mimc.errors import ConfigError
-from mimc.compression.nm import block_linears, calibration_pixels, check_nm, one_shot_sparsify, pooled_fidelity
+from mimc.compression.calib_stats import calibration_pixels
+from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder
+from mimc.errors import ConfigError
+from mimc.models.nm_pattern import block_linears, check_nm
+from mimc.train import TrainConfig, TrainRun, train
+from mimc.train.schedule import linear
 
 PRIORS = ("sparsegpt", "wanda", "magnitude", "none")
 
 
 @dataclass(frozen=True)
-class NMLearnedConfig(StageConfig):
-    """MaskLLM's options (the ``learned`` field of the sparsify stage)."""
+class NMLearnedConfig(TrainConfig, StageConfig):
+    """MaskLLM's options (the ``learned`` field of the sparsify stage): the shared optimiser options
+    with MaskLLM's defaults, plus its temperatures, regulariser and prior."""
 
     name: ClassVar[str] = "sparsify.learned"
     version: ClassVar[int] = 1
+    key_order: ClassVar[tuple[str, ...]] = (
+        "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "batch_size", "clip_grad", "tau_start", "tau_end",
+        "kappa_start", "kappa_end", "reg_lambda", "prior", "prior_strength", "sigma0", "mask_ratio", "flip", "seed",
+    )  # fmt: skip
 
+    # The shared options whose defaults differ for MaskLLM (the rest: TrainConfig's defaults).
     steps: int = 300
     lr: float = 1e-2
     min_lr: float = 1e-3
+    # MaskLLM's own options.
     warmup_steps: int = 0
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    clip_grad: float = 1.0
     tau_start: float = 4.0
     tau_end: float = 0.05
     kappa_start: float = 10.0
@@ -66,9 +74,6 @@ class NMLearnedConfig(StageConfig):
     prior: str = "sparsegpt"
     prior_strength: float = 3.0  # α: the prior's mask starts α·σ above the mean
     sigma0: float = 0.2
-    mask_ratio: float = 0.0
-    flip: bool = True
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
@@ -79,6 +84,11 @@ class NMLearnedConfig(StageConfig):
             raise ConfigError("MaskLLM temperatures (tau) and logit scales (kappa) must be positive")
         if self.sigma0 <= 0:
             raise ConfigError("sigma0 must be positive: it is the spread of the initial logits")
+        super().__post_init__()
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps
 
 
 def candidate_masks(n: int, m: int) -> torch.Tensor:
@@ -127,30 +137,22 @@ def init_logits(keep: torch.Tensor | None, out: int, cols: int, n: int, m: int, 
     return logits
 
 
-class _MaskHooks:
-    """Anneals τ and κ, draws the step's Gumbel noise, and adds −λ·Σ‖W⊙m‖² to the loss."""
+def anneal_and_draw_noise(layers: list[MaskedLinear], cfg: NMLearnedConfig, step: int, generator: torch.Generator) -> None:
+    """Set τ and κ of ``step`` and draw every layer's Gumbel noise from the step's generator."""
+    tau = linear(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+    kappa = linear(step, cfg.steps, cfg.kappa_start, cfg.kappa_end)
+    for layer in layers:
+        layer.tau, layer.kappa = tau, kappa
+        u = torch.rand(layer.logits.shape, generator=generator).clamp_(1e-10, 1.0 - 1e-7)
+        layer.noise = (-torch.log(-torch.log(u))).to(layer.logits.device)
 
-    def __init__(self, layers: list[MaskedLinear], cfg: NMLearnedConfig):
-        self.layers, self.cfg = layers, cfg
 
-    def before_step(self, step: int, total: int, generator: torch.Generator) -> None:
-        from mimc.train.schedule import linear
-
-        tau = linear(step, total, self.cfg.tau_start, self.cfg.tau_end)
-        kappa = linear(step, total, self.cfg.kappa_start, self.cfg.kappa_end)
-        for layer in self.layers:
-            layer.tau, layer.kappa = tau, kappa
-            u = torch.rand(layer.logits.shape, generator=generator).clamp_(1e-10, 1.0 - 1e-7)
-            layer.noise = (-torch.log(-torch.log(u))).to(layer.logits.device)
-
-    def extra_loss(self) -> torch.Tensor | None:
-        if not self.cfg.reg_lambda:
-            return None
-        total = sum(((layer.weight * layer.last_mask) ** 2).sum() for layer in self.layers)
-        return -self.cfg.reg_lambda * total
-
-    def after_step(self) -> None:
+def keep_large_weights_penalty(layers: list[MaskedLinear], reg_lambda: float) -> torch.Tensor | None:
+    """−λ·Σ‖W⊙m‖² over the masks of the last forward: lower when the masks keep large weights."""
+    if not reg_lambda:
         return None
+    total = sum(((layer.weight * layer.last_mask) ** 2).sum() for layer in layers)
+    return -reg_lambda * total
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -162,9 +164,10 @@ def _pixels_sha(pixels: torch.Tensor) -> str:
     return hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
 
 
-def learn_nm_masks(encoder, config, calibration_batches) -> tuple[Any, dict[str, Any]]:
+def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``learned`` method of the sparsify stage (``config`` is an NMSparsityConfig)."""
-    from mimc.train import TrainSettings, train
+    # The fidelity helper still sits in the stage module (a shared metrics module replaces it).
+    from mimc.compression.nm import pooled_fidelity
 
     n, m = config.nm
     lc: NMLearnedConfig = config.learned
@@ -190,12 +193,10 @@ def learn_nm_masks(encoder, config, calibration_batches) -> tuple[Any, dict[str,
         _set_module(student, name, layer)
         layers.append(layer)
 
-    settings = TrainSettings(
-        steps=lc.steps, lr=lc.lr, batch_size=lc.batch_size, warmup_steps=lc.warmup_steps, min_lr=lc.min_lr,
-        weight_decay=lc.weight_decay, clip_grad=lc.clip_grad, mask_ratio=lc.mask_ratio, flip=lc.flip, seed=lc.seed,
-    )
     meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder), "data_sha256": _pixels_sha(pixels)}
-    result = train(student, clone_encoder(encoder), pixels, settings, meta=meta, hooks=_MaskHooks(layers, lc))
+    result = train(student, clone_encoder(encoder), pixels, lc, run, meta=meta,
+                   prepare_step=lambda step, generator: anneal_and_draw_noise(layers, lc, step, generator),
+                   penalty=lambda: keep_large_weights_penalty(layers, lc.reg_lambda))
 
     out = clone_encoder(encoder).eval()
     linears = dict(block_linears(out))
@@ -229,4 +230,5 @@ def learn_nm_masks(encoder, config, calibration_batches) -> tuple[Any, dict[str,
     return out, metrics
 
 
-__all__ = ["NMLearnedConfig", "MaskedLinear", "candidate_masks", "init_logits", "learn_nm_masks"]
+__all__ = ["NMLearnedConfig", "MaskedLinear", "candidate_masks", "init_logits", "anneal_and_draw_noise",
+           "keep_large_weights_penalty", "learn_nm_masks"]

@@ -3,12 +3,15 @@
 A stage is a frozen dataclass with ``name``, ``version`` and ``needs_data`` class attributes.
 Configs round-trip through plain dicts (unknown keys rejected) so a manifest or a YAML recipe can
 replay them. A handler takes ``(encoder, config, calibration_batches)`` and returns
-``(new_encoder, metrics)``; it must not modify the encoder it was given.
+``(new_encoder, metrics)``; it must not modify the encoder it was given. A learning stage's handler
+also takes ``run`` (a :class:`mimc.train.TrainRun`: checkpoints, resume, progress, teacher), which
+``compress`` passes on when its caller gives one.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import time
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -16,11 +19,13 @@ import torch
 
 from mimc.artifact import Manifest, StageRecord, state_hash
 from mimc.errors import ConfigError, DataError
+from mimc.train.config import TrainRun
 
 Handler = Callable[[Any, "StageConfig", "Iterable[torch.Tensor] | None"], "tuple[Any, dict[str, Any]]"]
 
 _HANDLERS: dict[type, Handler] = {}
 _CONFIGS: dict[str, type] = {}
+_TAKES_RUN: set[type] = set()  # config types whose handler takes the runtime options of a learning run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,8 @@ def register(config_type: type) -> Callable[[Handler], Handler]:
     def wrap(fn: Handler) -> Handler:
         _HANDLERS[config_type] = fn
         _CONFIGS[config_type.name] = config_type
+        if "run" in inspect.signature(fn).parameters:
+            _TAKES_RUN.add(config_type)
         return fn
 
     return wrap
@@ -88,8 +95,11 @@ def _import_stages() -> None:
     importlib.import_module("mimc.quant.quantize")  # the graph-level stage registers here too (moved by the pipeline work)
 
 
-def compress(encoder, config: StageConfig, calibration_batches: Iterable[torch.Tensor] | None = None):
-    """Apply one stage. Returns ``(new_encoder, StageRecord)``; ``encoder`` is left untouched."""
+def compress(encoder, config: StageConfig, calibration_batches: Iterable[torch.Tensor] | None = None, run: TrainRun | None = None):
+    """Apply one stage. Returns ``(new_encoder, StageRecord)``; ``encoder`` is left untouched.
+
+    ``run`` reaches the learning stages; the others ignore it.
+    """
     _import_stages()
     handler = _HANDLERS.get(type(config))
     if handler is None:
@@ -98,7 +108,8 @@ def compress(encoder, config: StageConfig, calibration_batches: Iterable[torch.T
         raise DataError(f"stage '{config.name}' with these options needs images: pass --data/--calib DIR (a folder, .npz/.npy or 'builtin')")
     parent_hash = state_hash(encoder)
     start = time.perf_counter()
-    new_encoder, metrics = handler(encoder, config, calibration_batches)
+    extra = {"run": run} if type(config) in _TAKES_RUN else {}
+    new_encoder, metrics = handler(encoder, config, calibration_batches, **extra)
     seconds = time.perf_counter() - start
     record = StageRecord(
         name=config.name,

@@ -82,8 +82,8 @@ def _pre_export_checks(encoder) -> None:
     for name, p in encoder.named_parameters():
         if not torch.isfinite(p).all():
             raise BadInputError(f"parameter {name} holds NaN or Inf: the model is broken; re-create it from its source")
-    # N:M sparsity: the sparsify stage's checker is called here when encoder.config.nm_pattern is set.
-    from mimc.compression.nm import check_nm
+    # N:M sparsity: the pattern's one checker (beside the encoder config) runs when nm_pattern is set.
+    from mimc.models.nm_pattern import check_nm
 
     check_nm(encoder)
 

@@ -65,7 +65,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
     from mimc.compression.registry import compress
     from mimc.models.resolve import load_model
-    from mimc.train import run_options
+    from mimc.train import TrainRun
 
     out = Path(output) if output is not None else default_output(recipe)
     check_output(out, overwrite)
@@ -86,8 +86,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
             on_stage(i, step)
         batches = list(images.batches(64)) if step.config.needs_data else None
         # distill's teacher is the recipe's source model (the dense encoder the run started from)
-        with run_options(teacher=source):
-            encoder, record = compress(encoder, step.config, batches)
+        encoder, record = compress(encoder, step.config, batches, run=TrainRun(teacher=source))
         report["stages"].append({"stage": step.kind, "options": step.config.to_dict(), "seconds": record.seconds,
                                  "metrics": record.metrics})
     with atomic_dir(out, overwrite=overwrite) as tmp:

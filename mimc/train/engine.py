@@ -24,12 +24,10 @@ References:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,77 +35,18 @@ from torch import nn
 
 from mimc.errors import ConfigError
 from mimc.train import checkpoint as ckpt
+from mimc.train.config import TrainConfig, TrainRun
 from mimc.train.dist import DistContext, check_divisible, context
 from mimc.train.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation options of one run (a stage builds these from its config)."""
+class FeatureLoss:
+    """Weights of the distillation loss terms (see :func:`distill_loss`)."""
 
-    steps: int
-    lr: float
-    batch_size: int  # global: split over torchrun ranks
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0  # 0 disables clipping
-    mask_ratio: float = 0.0
-    flip: bool = True
-    seed: int = 0
     token_weight: float = 1.0
     pooled_weight: float = 1.0
     hidden_weight: float = 0.0  # > 0: also match each kept block's output to the teacher's same block
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps}: train for at least 1 step")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio={self.mask_ratio} must be in [0, 1): 0.75 shows the student a quarter of the patches")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
-
-
-@dataclass
-class RunOptions:
-    """Runtime options of a training run; not part of a stage's recorded config."""
-
-    run_dir: Path | None = None  # where checkpoints go (the future output folder)
-    checkpoint_every: int = 100
-    resume: bool = False
-    show_progress: bool = False
-    on_step: Callable[[int, float], None] | None = None  # called after each step (and its checkpoint)
-    teacher: Any = None  # an explicit teacher encoder (distill); None: the stage's default
-
-
-_RUN: contextvars.ContextVar[RunOptions] = contextvars.ContextVar("mimc_train_run", default=RunOptions())
-
-
-@contextlib.contextmanager
-def run_options(**options: Any) -> Iterator[RunOptions]:
-    """``with run_options(run_dir=out, resume=True): compress(...)`` — seen by the learning stages."""
-    run = RunOptions(**options)
-    if run.run_dir is not None:
-        run.run_dir = Path(run.run_dir)
-    token = _RUN.set(run)
-    try:
-        yield run
-    finally:
-        _RUN.reset(token)
-
-
-def current_run() -> RunOptions:
-    return _RUN.get()
-
-
-class StepHooks(Protocol):
-    """What a stage may add to the loop (all optional)."""
-
-    def before_step(self, step: int, total: int, generator: torch.Generator) -> None: ...
-    def extra_loss(self) -> torch.Tensor | None: ...
-    def after_step(self) -> None: ...
 
 
 @dataclass
@@ -176,17 +115,17 @@ def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (((s - t) ** 2).flatten(1).mean(1) / (t**2).flatten(1).mean(1).clamp_min(1e-12)).mean()
 
 
-def distill_loss(student: tuple, teacher: tuple, settings: TrainSettings, pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+def distill_loss(student: tuple, teacher: tuple, weights: FeatureLoss, pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
     s_tok, s_pool = student[0], student[1]
     t_tok, t_pool = teacher[0], teacher[1]
-    loss = settings.pooled_weight * (1.0 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
-    if settings.token_weight and s_tok.shape == t_tok.shape:
-        loss = loss + settings.token_weight * _relative_mse(s_tok, t_tok)
-    if settings.hidden_weight and pairs:
+    loss = weights.pooled_weight * (1.0 - F.cosine_similarity(s_pool, t_pool, dim=-1)).mean()
+    if weights.token_weight and s_tok.shape == t_tok.shape:
+        loss = loss + weights.token_weight * _relative_mse(s_tok, t_tok)
+    if weights.hidden_weight and pairs:
         # Blocks whose token counts differ (token reduction) have no token-wise counterpart: skipped.
         terms = [_relative_mse(student[2][i], teacher[2][j]) for i, j in pairs if student[2][i].shape == teacher[2][j].shape]
         if terms:
-            loss = loss + settings.hidden_weight * torch.stack(terms).mean()
+            loss = loss + weights.hidden_weight * torch.stack(terms).mean()
     return loss
 
 
@@ -220,27 +159,37 @@ def _param_groups(params: dict[str, nn.Parameter], weight_decay: float) -> list[
     return groups
 
 
-def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings: TrainSettings,
-          meta: dict[str, Any] | None = None, hooks: StepHooks | None = None) -> TrainResult:
-    """Distill ``teacher`` into the trainable parameters of ``student`` (in place) on ``pixels``."""
-    run = current_run()
+def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, config: TrainConfig,
+          run: TrainRun | None = None, *, meta: dict[str, Any] | None = None, loss_weights: FeatureLoss = FeatureLoss(),
+          prepare_step: Callable[[int, torch.Generator], None] | None = None,
+          penalty: Callable[[], torch.Tensor | None] | None = None,
+          project: Callable[[], None] | None = None) -> TrainResult:
+    """Distill ``teacher`` into the trainable parameters of ``student`` (in place) on ``pixels``.
+
+    A stage adds what only it does as plain functions: ``prepare_step(step, generator)`` runs after
+    the step's batch is drawn (it may draw more from the same generator), ``penalty()`` is added to
+    the loss after the forward, ``project()`` runs after every optimizer step.
+    """
+    run = run if run is not None else TrainRun()
     ctx: DistContext = context()
-    check_divisible(settings.batch_size, ctx.world_size)
-    if settings.mask_ratio > 0 and not supports_masking(student):
+    check_divisible(config.batch_size, ctx.world_size)
+    if config.mask_ratio > 0 and not supports_masking(student):
         raise ConfigError("input masking needs absolute position embeddings and all tokens (no relative position bias, no token schedule): pass --mask-ratio 0")
     if len(pixels) == 0:
         raise ConfigError("no training images: pass --data with at least one image")
     params = {name: p for name, p in student.named_parameters() if p.requires_grad}
     if not params:
         raise ConfigError("the student has nothing trainable")
-    meta = {**(meta or {}), "settings": dataclasses.asdict(settings), "n_images": int(len(pixels))}
+    recorded = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    meta = {**(meta or {}), "settings": {**recorded, "warmup": config.warmup, **dataclasses.asdict(loss_weights)},
+            "n_images": int(len(pixels))}
 
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout in the canonical encoder; eval keeps it deterministic
     device = torch.device(ctx.device)
     student.to(device)
     teacher.to(device)
-    hidden = settings.hidden_weight > 0
+    hidden = loss_weights.hidden_weight > 0
     pairs = block_pairs(student, teacher) if hidden else None
     model = FeatureModel(student, hidden)
     teacher_model = FeatureModel(teacher, hidden)
@@ -249,7 +198,7 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(params, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(_param_groups(params, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
 
     start, losses = 0, []
     if run.resume and run.run_dir is not None:
@@ -267,46 +216,46 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings
 
     cfg = teacher.config
     num_patches = cfg.num_patches
-    visible = max(1, round(num_patches * (1.0 - settings.mask_ratio)))
-    sampler = _Sampler(len(pixels), settings.seed)
-    shard = ctx.shard(settings.batch_size)
-    bar = _progress(run.show_progress and ctx.is_main, settings.steps, start)
+    visible = max(1, round(num_patches * (1.0 - config.mask_ratio)))
+    sampler = _Sampler(len(pixels), config.seed)
+    shard = ctx.shard(config.batch_size)
+    bar = _progress(run.show_progress and ctx.is_main, config.steps, start)
     t0 = time.perf_counter()
     with bar:
-        task = bar.add_task("training", total=settings.steps, completed=start) if bar is not None and hasattr(bar, "add_task") else None
-        for step in range(start, settings.steps):
-            gen = _step_generator(settings.seed, step)
-            idx = sampler.indices(step, settings.batch_size)
+        task = bar.add_task("training", total=config.steps, completed=start) if bar is not None and hasattr(bar, "add_task") else None
+        for step in range(start, config.steps):
+            gen = _step_generator(config.seed, step)
+            idx = sampler.indices(step, config.batch_size)
             batch = pixels[idx]
-            if settings.flip:
-                flips = torch.rand(settings.batch_size, generator=gen) < 0.5
+            if config.flip:
+                flips = torch.rand(config.batch_size, generator=gen) < 0.5
                 batch = torch.where(flips.view(-1, *([1] * (batch.ndim - 1))), batch.flip(-1), batch)
             keep = None
-            if settings.mask_ratio > 0:
-                noise = torch.rand(settings.batch_size, num_patches, generator=gen)
+            if config.mask_ratio > 0:
+                noise = torch.rand(config.batch_size, num_patches, generator=gen)
                 keep = noise.argsort(dim=1)[:, :visible].sort(dim=1).values
-            if hooks is not None:
-                hooks.before_step(step, settings.steps, gen)
-            lr = warmup_cosine(step, settings.steps, settings.lr, settings.warmup_steps, settings.min_lr)
+            if prepare_step is not None:
+                prepare_step(step, gen)
+            lr = warmup_cosine(step, config.steps, config.lr, config.warmup, config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             local = batch[shard].to(device)
             local_keep = keep[shard].to(device) if keep is not None else None
             with torch.no_grad():
                 target = teacher_model(local, local_keep)
-            loss = distill_loss(runner(local, local_keep), target, settings, pairs)
-            extra = hooks.extra_loss() if hooks is not None else None
+            loss = distill_loss(runner(local, local_keep), target, loss_weights, pairs)
+            extra = penalty() if penalty is not None else None
             total = loss + extra if extra is not None else loss
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            if settings.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), settings.clip_grad)
+            if config.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_grad)
             optimizer.step()
-            if hooks is not None:
-                hooks.after_step()
+            if project is not None:
+                project()
             losses.append(ctx.all_reduce_mean(float(loss.detach())))
             done = step + 1
-            if run.run_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0 and done < settings.steps and ctx.is_main:
+            if run.run_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0 and done < config.steps and ctx.is_main:
                 ckpt.save_checkpoint(run.run_dir, done, {k: v.detach() for k, v in params.items()}, optimizer.state_dict(), meta, losses)
             if task is not None:
                 bar.update(task, completed=done, description=f"training  loss {losses[-1]:.4f}")
@@ -316,9 +265,9 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, settings
     ctx.barrier()
     student.to("cpu")
     teacher.to("cpu")
-    ran = settings.steps - start
+    ran = config.steps - start
     tail = losses[-10:] if losses else [float("nan")]
-    return TrainResult(settings.steps, ran, start, seconds, ran / seconds if seconds > 0 else 0.0,
+    return TrainResult(config.steps, ran, start, seconds, ran / seconds if seconds > 0 else 0.0,
                        sum(tail) / len(tail), ctx.world_size, losses)
 
 
@@ -332,4 +281,4 @@ def _progress(show: bool, total: int, start: int):
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
 
 
-__all__ = ["TrainSettings", "RunOptions", "run_options", "current_run", "FeatureModel", "TrainResult", "train", "supports_masking"]
+__all__ = ["FeatureLoss", "FeatureModel", "TrainResult", "distill_loss", "train", "supports_masking"]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mimc.artifact import load_artifact, read_manifest, save_artifact
 from mimc.cli.app import app
 from mimc.compression.blocks import remove_blocks
-from mimc.compression.nm import check_nm
+from mimc.models.nm_pattern import check_nm
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
 
@@ -53,20 +53,20 @@ def test_sparsify_learned_resume_after_interruption(work, monkeypatch):
             "--prior", "magnitude", "--checkpoint-every", "2"]
     assert invoke(*args, "-o", "full").exit_code == 0
 
-    import mimc.train.engine as engine
+    import mimc.train as train_pkg  # the CLI builds its TrainRun from here
 
-    real = engine.RunOptions
+    real = train_pkg.TrainRun
 
     def interrupting(**kw):  # the run is killed right after its step-3 checkpoint window
         run = real(**kw)
         run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None
         return run
 
-    monkeypatch.setattr(engine, "RunOptions", interrupting)
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
     res = invoke(*args, "-o", "cut")
     assert res.exit_code == 130
     assert (work / "cut" / "checkpoint").is_dir() and not (work / "cut" / "mimc.json").exists()
-    monkeypatch.setattr(engine, "RunOptions", real)
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
     again = invoke(*args, "-o", "cut")  # without --resume: refused, the checkpoint kept
     assert again.exit_code == 2 and "--resume cut" in again.output
     res = invoke("sparsify", "dense", "--data", "imgs.npz", "--resume", "cut", "--json")
@@ -92,19 +92,19 @@ def test_sparsify_bad_input(work, args, message):
 
 
 def test_resume_from_another_model_is_refused(work, monkeypatch):
-    import mimc.train.engine as engine
+    import mimc.train as train_pkg  # the CLI builds its TrainRun from here
 
-    real = engine.RunOptions
+    real = train_pkg.TrainRun
 
     def interrupting(**kw):
         run = real(**kw)
         run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
         return run
 
-    monkeypatch.setattr(engine, "RunOptions", interrupting)
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
     invoke("sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4",
            "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run")
-    monkeypatch.setattr(engine, "RunOptions", real)
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
     before = sorted(p.name for p in (work / "run" / "checkpoint").iterdir())
     state = (work / "run" / "checkpoint" / "state.json").read_text()
     res = invoke("sparsify", "other", "--data", "imgs.npz", "--resume", "run")

@@ -7,11 +7,12 @@ import torch
 from mimc.artifact import Manifest, state_hash
 from mimc.compression.blocks import remove_blocks
 from mimc.compression.distill import DistillConfig
-from mimc.compression.nm import NMSparsityConfig, check_nm
+from mimc.compression.nm import NMSparsityConfig
 from mimc.compression.registry import compress
 from mimc.errors import ConfigError, DataError
+from mimc.models.nm_pattern import check_nm
 from mimc.models.vit import build_encoder
-from mimc.train import run_options
+from mimc.train import TrainRun
 from tests.conftest import tiny_config
 
 
@@ -32,8 +33,7 @@ def test_distill_recovers_a_block_pruned_student(teacher, images, mask_ratio):
     student = remove_blocks(teacher, [1, 2])
     before = state_hash(student)
     cfg = DistillConfig(steps=25, lr=2e-3, batch_size=8, mask_ratio=mask_ratio, warmup_ratio=0.0)
-    with run_options(teacher=teacher):
-        healed, record = compress(student, cfg, images)
+    healed, record = compress(student, cfg, images, run=TrainRun(teacher=teacher))
     assert state_hash(student) == before  # the input is untouched
     m = record.metrics
     assert m["fidelity_pooled_cosine"] > m["fidelity_before_pooled_cosine"]
@@ -59,8 +59,7 @@ def test_no_source_and_no_teacher_is_refused(teacher, images):
 
 def test_distill_keeps_an_nm_pattern(teacher, images):
     sparse, _ = compress(teacher, NMSparsityConfig(method="magnitude"))
-    with run_options(teacher=teacher):
-        healed, _ = compress(sparse, DistillConfig(steps=3, lr=1e-2, batch_size=8), images)
+    healed, _ = compress(sparse, DistillConfig(steps=3, lr=1e-2, batch_size=8), images, run=TrainRun(teacher=teacher))
     check_nm(healed)
     assert healed.config.nm_pattern == "2:4"
     assert not torch.equal(healed.blocks[0].mlp.fc1.weight, sparse.blocks[0].mlp.fc1.weight)  # it did learn
@@ -68,11 +67,11 @@ def test_distill_keeps_an_nm_pattern(teacher, images):
 
 def test_incompatible_teacher_and_masking(teacher, images):
     wide = build_encoder(tiny_config(dim=32, num_heads=4, mlp_dim=64), seed=0)
-    with pytest.raises(ConfigError, match="differ in dim"), run_options(teacher=teacher):
-        compress(wide, DistillConfig(steps=1), images)
+    with pytest.raises(ConfigError, match="differ in dim"):
+        compress(wide, DistillConfig(steps=1), images, run=TrainRun(teacher=teacher))
     beit = build_encoder(tiny_config(rel_pos_bias="per_block", pos_embed="none"), seed=0)
-    with pytest.raises(ConfigError, match="--mask-ratio 0"), run_options(teacher=beit):
-        compress(beit, DistillConfig(steps=1, mask_ratio=0.5), images)
+    with pytest.raises(ConfigError, match="--mask-ratio 0"):
+        compress(beit, DistillConfig(steps=1, mask_ratio=0.5), images, run=TrainRun(teacher=beit))
 
 
 def test_needs_data_and_valid_options(teacher):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from mimc.artifact import state_hash
-from mimc.compression.nm import (NMSparsityConfig, block_linears, check_nm, nm_keep_mask, parse_pattern,
-                              sparsegpt_prune)
+from mimc.compression.nm import NMSparsityConfig
+from mimc.compression.nm_oneshot import nm_keep_mask, sparsegpt_prune
 from mimc.compression.registry import compress
 from mimc.errors import ConfigError, DataError, ValidationError
+from mimc.models.nm_pattern import block_linears, check_nm, parse_pattern
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
 

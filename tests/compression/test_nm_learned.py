@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from mimc.artifact import state_hash
-from mimc.compression.nm import NMSparsityConfig, block_linears, check_nm, one_shot_sparsify
+from mimc.compression.nm import NMSparsityConfig
 from mimc.compression.nm_learned import NMLearnedConfig, candidate_masks, init_logits
+from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import clone_encoder, compress
 from mimc.errors import BadInputError, ConfigError
+from mimc.models.nm_pattern import block_linears, check_nm
 from mimc.models.vit import build_encoder
-from mimc.train import run_options
+from mimc.train import TrainRun
 from tests.conftest import tiny_config
 
 
@@ -103,29 +105,27 @@ def _stop_at(k):
 
 def test_resume_gives_the_same_mask_as_an_uninterrupted_run(encoder, images, tmp_path):
     cfg = learned(steps=6, flip=True)
-    with run_options(run_dir=tmp_path / "a", checkpoint_every=100):
-        full, _ = compress(encoder, cfg, images)
+    full, _ = compress(encoder, cfg, images, run=TrainRun(run_dir=tmp_path / "a", checkpoint_every=100))
     run = tmp_path / "b"
-    with pytest.raises(_Interrupt), run_options(run_dir=run, checkpoint_every=2, on_step=_stop_at(3)):
-        compress(encoder, cfg, images)
+    with pytest.raises(_Interrupt):
+        compress(encoder, cfg, images, run=TrainRun(run_dir=run, checkpoint_every=2, on_step=_stop_at(3)))
     assert (run / "checkpoint" / "state.json").is_file()
-    with run_options(run_dir=run, checkpoint_every=2, resume=True):
-        resumed, rec = compress(encoder, cfg, images)
+    resumed, rec = compress(encoder, cfg, images, run=TrainRun(run_dir=run, checkpoint_every=2, resume=True))
     assert rec.metrics["resumed_from"] == 2
     assert state_hash(resumed) == state_hash(full)
 
 
 def test_resume_refuses_other_options_or_data(encoder, images, tmp_path):
     run = tmp_path / "r"
-    with pytest.raises(_Interrupt), run_options(run_dir=run, checkpoint_every=1, on_step=_stop_at(1)):
-        compress(encoder, learned(), images)
-    with pytest.raises(BadInputError, match="different options"), run_options(run_dir=run, resume=True):
-        compress(encoder, learned(steps=7), images)
-    with pytest.raises(BadInputError, match="different data"), run_options(run_dir=run, resume=True):
-        compress(encoder, learned(), [b + 1 for b in images])
+    with pytest.raises(_Interrupt):
+        compress(encoder, learned(), images, run=TrainRun(run_dir=run, checkpoint_every=1, on_step=_stop_at(1)))
+    with pytest.raises(BadInputError, match="different options"):
+        compress(encoder, learned(steps=7), images, run=TrainRun(run_dir=run, resume=True))
+    with pytest.raises(BadInputError, match="different data"):
+        compress(encoder, learned(), [b + 1 for b in images], run=TrainRun(run_dir=run, resume=True))
     other = build_encoder(tiny_config(depth=1), seed=5)
-    with pytest.raises(BadInputError, match="different model"), run_options(run_dir=run, resume=True):
-        compress(other, learned(), images)
+    with pytest.raises(BadInputError, match="different model"):
+        compress(other, learned(), images, run=TrainRun(run_dir=run, resume=True))
 
 
 def test_bad_learned_options():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from mimc.artifact import state_hash
 from mimc.errors import BadInputError, ConfigError
 from mimc.models.vit import build_encoder
-from mimc.train import FeatureModel, TrainSettings, run_options, train
+from mimc.train import FeatureLoss, FeatureModel, TrainConfig, TrainRun, train
 from mimc.train.checkpoint import has_checkpoint, load_checkpoint, meta_differences
 from mimc.train.engine import _Sampler
 from mimc.train.schedule import linear, warmup_cosine
@@ -60,7 +61,7 @@ def test_masked_forward_with_every_patch_equals_the_encoder(pair, pixels):
 
 def test_training_reduces_the_loss_and_is_seeded(pair, pixels):
     teacher, student = pair
-    settings = TrainSettings(steps=12, lr=3e-3, batch_size=4, mask_ratio=0.5)
+    settings = TrainConfig(steps=12, lr=3e-3, batch_size=4, mask_ratio=0.5)
     a = build_encoder(tiny_config(depth=2), seed=1)
     result = train(student, teacher, pixels, settings)
     train(a, teacher, pixels, settings)
@@ -73,9 +74,20 @@ class _Interrupt(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _WarmedUp(TrainConfig):
+    """A stage's options as the loop sees them: the shared fields plus the stage's own warm-up spelling."""
+
+    warmup_steps: int = 0
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps
+
+
 def test_resume_continues_exactly(pair, pixels, tmp_path):
     teacher, _ = pair
-    settings = TrainSettings(steps=6, lr=3e-3, batch_size=4, mask_ratio=0.75, warmup_steps=2, weight_decay=0.05)
+    settings = _WarmedUp(steps=6, lr=3e-3, batch_size=4, mask_ratio=0.75, warmup_steps=2, weight_decay=0.05)
     full = build_encoder(tiny_config(depth=2), seed=1)
     train(full, teacher, pixels, settings, meta={"source_sha256": "x"})
 
@@ -84,23 +96,22 @@ def test_resume_continues_exactly(pair, pixels, tmp_path):
             raise _Interrupt
 
     part = build_encoder(tiny_config(depth=2), seed=1)
-    with pytest.raises(_Interrupt), run_options(run_dir=tmp_path, checkpoint_every=3, on_step=stop):
-        train(part, teacher, pixels, settings, meta={"source_sha256": "x"})
+    with pytest.raises(_Interrupt):
+        train(part, teacher, pixels, settings, TrainRun(run_dir=tmp_path, checkpoint_every=3, on_step=stop), meta={"source_sha256": "x"})
     saved = load_checkpoint(tmp_path)
     assert saved.step == 3 and len(saved.losses) == 3 and "state" in saved.optimizer
     resumed = build_encoder(tiny_config(depth=2), seed=1)
-    with run_options(run_dir=tmp_path, resume=True):
-        result = train(resumed, teacher, pixels, settings, meta={"source_sha256": "x"})
+    result = train(resumed, teacher, pixels, settings, TrainRun(run_dir=tmp_path, resume=True), meta={"source_sha256": "x"})
     assert result.resumed_from == 3 and result.steps_run == 3
     assert state_hash(resumed) == state_hash(full)  # bit for bit
-    with pytest.raises(BadInputError, match="different model"), run_options(run_dir=tmp_path, resume=True):
-        train(build_encoder(tiny_config(depth=2), seed=1), teacher, pixels, settings, meta={"source_sha256": "y"})
+    with pytest.raises(BadInputError, match="different model"):
+        train(build_encoder(tiny_config(depth=2), seed=1), teacher, pixels, settings, TrainRun(run_dir=tmp_path, resume=True),
+              meta={"source_sha256": "y"})
 
 
 def test_checkpoint_is_not_written_without_a_run_dir(pair, pixels, tmp_path):
     teacher, student = pair
-    with run_options(checkpoint_every=1):
-        train(student, teacher, pixels, TrainSettings(steps=2, lr=1e-3, batch_size=4))
+    train(student, teacher, pixels, TrainConfig(steps=2, lr=1e-3, batch_size=4), TrainRun(checkpoint_every=1))
     assert not has_checkpoint(tmp_path)
 
 
@@ -112,12 +123,12 @@ def test_meta_differences():
 def test_bad_settings(pair, pixels):
     teacher, student = pair
     with pytest.raises(ConfigError, match="mask_ratio"):
-        TrainSettings(steps=1, lr=1e-3, batch_size=2, mask_ratio=1.0)
+        TrainConfig(steps=1, lr=1e-3, batch_size=2, mask_ratio=1.0)
     with pytest.raises(ConfigError, match="at least 1 step"):
-        TrainSettings(steps=0, lr=1e-3, batch_size=2)
+        TrainConfig(steps=0, lr=1e-3, batch_size=2)
     frozen = build_encoder(tiny_config(depth=2), seed=2).requires_grad_(False)
     with pytest.raises(ConfigError, match="nothing trainable"):
-        train(frozen, teacher, pixels, TrainSettings(steps=1, lr=1e-3, batch_size=2))
+        train(frozen, teacher, pixels, TrainConfig(steps=1, lr=1e-3, batch_size=2))
 
 
 def test_intermediate_matching_pairs_blocks_by_origin(pixels):
@@ -129,8 +140,8 @@ def test_intermediate_matching_pairs_blocks_by_origin(pixels):
     assert block_pairs(student, teacher) == [(0, 0), (1, 3)]
     tokens, pooled, blocks = FeatureModel(student, hidden=True)(pixels[:2])
     assert len(blocks) == 2 and blocks[-1].shape == tokens.shape
-    settings = TrainSettings(steps=8, lr=3e-3, batch_size=4, mask_ratio=0.5, hidden_weight=1.0)
-    result = train(student, teacher, pixels, settings)
+    settings = TrainConfig(steps=8, lr=3e-3, batch_size=4, mask_ratio=0.5)
+    result = train(student, teacher, pixels, settings, loss_weights=FeatureLoss(hidden_weight=1.0))
     assert sum(result.losses[-2:]) < sum(result.losses[:2])
 
 
