@@ -33,6 +33,8 @@ class TokenReductionConfig(StageConfig):
     - ``tome``: ``r`` tokens merged per block (an int), or a per-block list in ``r_list``;
       ``inflection`` < 0 makes the int schedule decrease over depth (ToMe's (r, inflection)).
       ``prop_attn`` adds log(size) to attention logits (off: off-the-shelf MAE weights never saw it).
+      As in the published code, a block merges at most half its unprotected tokens, so a large r
+      is clipped per block (ViT-B with r=16 merges 10 in block 12); the metrics list what runs.
     - ``topk``: keep ``keep`` of the patch tokens at blocks ``at`` (1-based, as in the EViT paper;
       empty: EViT's 4, 7, 10 scaled to the depth), ``fuse`` the rest into one token.
     - ``drop``: keep ``keep`` of the patches before block 1, by a fixed ``grid`` pattern (a tube
@@ -134,6 +136,7 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
         "method": config.method,
         "schedule": schedule,
         "tokens_per_block": plan.counts,
+        **({"r_per_block": plan.merge_r} if config.method == "tome" else {}),
         "token_fraction": round(mean_tokens / cfg.num_tokens, 6),
         "macs_dense": macs_dense,
         "macs_reduced": macs_reduced,

@@ -30,23 +30,36 @@ SCORES = ("cls", "mean")
 
 
 # ToMe ---------------------------------------------------------------------------------------------
-def bipartite_assignment(metric: torch.Tensor, r: int) -> torch.Tensor:
-    """ToMe's bipartite soft matching as a one-hot assignment matrix.
+def bipartite_assignment(metric: torch.Tensor, r: int, protected: int = 0) -> torch.Tensor:
+    """ToMe's bipartite soft matching (tome/merge.py ``bipartite_soft_matching``) as a one-hot matrix.
 
-    ``metric`` (B, M, C) describes the M mergeable tokens (protected tokens already removed).
-    Tokens alternate into A (even positions) and B (odd); each A token's best cosine match in B is
-    an edge; the r strongest edges merge their A token into its B partner. Returns S (B, M - r, M)
-    whose columns are ordered [A tokens, B tokens] (see :func:`split_ab`) and whose rows are the
-    output tokens: the unmerged A tokens in their original order, then every B token.
+    ``metric`` (B, N, C) describes the whole sequence, protected (cls) tokens included: tokens
+    alternate into A (even positions, so the cls token is A's first) and B (odd). Each A token's
+    best cosine match in B is an edge; the r strongest edges merge their A token into its B partner.
+    The cls token never merges (upstream sets its score row to -inf, which puts it last in the edge
+    order; here it is simply left out of the ranking). Returns S (B, N - r, N) whose columns are
+    ordered [A tokens, B tokens] (see :func:`split_ab`) and whose rows are the output tokens in
+    upstream's order: the unmerged A tokens, then every B token. Upstream keeps the unmerged A
+    tokens in edge order (strongest edge first) and re-sorts them by position only when there is a
+    cls token, to keep it first; the next block's A/B split depends on that order, so it is copied.
+    ``r`` must already be clipped to ``(N - protected) // 2`` (the plan does it, see
+    :func:`clip_r`).
     """
+    if protected not in (0, 1):
+        raise ValueError(f"ToMe protects at most one (cls) token, got {protected}")
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)
     node_max, node_idx = scores.max(dim=-1)
-    # argsort via topk: exports as one TopK node.
-    edge_order = node_max.topk(n_a, dim=-1).indices
-    unmerged = edge_order[:, r:].sort(dim=-1).values  # keep A tokens in their original order
+    # argsort(descending) via topk: exports as one TopK node. Only unprotected A tokens are ranked.
+    ranked = n_a - protected
+    edge_order = node_max[:, protected:].topk(ranked, dim=-1).indices + protected
+    unmerged = edge_order[:, r:]
+    if protected:
+        # Sorting puts cls back in front; equal to upstream's sort of all unmerged (cls included).
+        cls_index = torch.zeros_like(node_idx[:, :1])
+        unmerged = torch.cat([cls_index, unmerged.sort(dim=-1).values], dim=1)
     a_range = torch.arange(n_a, device=metric.device)
     b_range = torch.arange(n_b, device=metric.device)
     keep_a = (unmerged[:, :, None] == a_range).to(metric.dtype)  # (B, n_a - r, n_a)
@@ -61,12 +74,15 @@ def bipartite_assignment(metric: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def split_ab(x: torch.Tensor) -> torch.Tensor:
-    """Reorder tokens (B, M, C) as [even positions, odd positions]: the column order of S."""
+    """Reorder tokens (B, N, C) as [even positions, odd positions]: the column order of S."""
     return torch.cat([x[:, ::2], x[:, 1::2]], dim=1)
 
 
 def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x' = S(s*x) / (S s), s' = S s, with x and sizes already in [A, B] order (two GEMMs)."""
+    """x' = S(s*x) / (S s), s' = S s, with x and sizes already in [A, B] order (two GEMMs).
+
+    Upstream's ``merge_wavg``: the same size-weighted mean, by gather + scatter_reduce(sum).
+    """
     new_sizes = assignment @ sizes
     return (assignment @ (x * sizes)) / new_sizes, new_sizes
 
@@ -74,10 +90,17 @@ def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, assignment: torch.Tenso
 def tome_merge(
     x: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, r: int, prefix: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge r tokens of ``x`` (B, N, D); the first ``prefix`` tokens (cls) are never touched."""
-    assignment = bipartite_assignment(metric[:, prefix:], r)
-    merged, merged_sizes = merge_weighted(split_ab(x[:, prefix:]), split_ab(sizes[:, prefix:]), assignment)
-    return torch.cat([x[:, :prefix], merged], dim=1), torch.cat([sizes[:, :prefix], merged_sizes], dim=1)
+    """Merge r tokens of ``x`` (B, N, D) as ToMe does; the first ``prefix`` (cls) tokens never merge.
+
+    The cls token takes part in the A/B split (as upstream's), it is only excluded from matching.
+    """
+    assignment = bipartite_assignment(metric, r, prefix)
+    return merge_weighted(split_ab(x), split_ab(sizes), assignment)
+
+
+def clip_r(r: int, tokens: int, protected: int) -> int:
+    """ToMe merges at most half the unprotected tokens per block: r = min(r, (t - protected) // 2)."""
+    return max(0, min(r, (tokens - protected) // 2))
 
 
 # EViT-style attention top-k -----------------------------------------------------------------------
@@ -167,7 +190,7 @@ class TokenPlan:
     """What each block does to the token sequence, resolved once when the encoder is built."""
 
     method: str | None = None
-    merge_r: list[int] = field(default_factory=list)  # per block: tokens merged (ToMe)
+    merge_r: list[int] = field(default_factory=list)  # per block: tokens merged (ToMe), already clipped
     keep_k: list[int] = field(default_factory=list)  # per block: patch tokens kept (top-k), 0 = none
     fuse: bool = False
     score: str = "mean"
@@ -182,7 +205,8 @@ class TokenPlan:
 
 
 def tome_r_list(depth: int, r: int | list[int], inflection: float = 0.0) -> list[int]:
-    """ToMe's r schedule: an int (constant), (r, inflection) (inflection < 0 decreases), or a list."""
+    """ToMe's r schedule (tome/utils.py ``parse_r``): an int (constant), (r, inflection) (inflection
+    < 0 decreases), or a list padded with zeros. The requested values: :func:`build_plan` clips them."""
     if isinstance(r, (list, tuple)):
         values = [int(v) for v in r]
         if len(values) > depth:
@@ -235,10 +259,10 @@ def build_plan(cfg: Any) -> TokenPlan:
             raise ConfigError(f"token schedule lists r for {len(r_list)} blocks but the model has {cfg.depth}: re-run mimc tokens on this model")
         plan.prop_attn = bool(sched.get("prop_attn", False))
         for i, r in enumerate(r_list):
-            if r < 0 or r > (n - prefix) // 2:
-                raise ConfigError(
-                    f"r={r} at block {i + 1} is out of range for {n - prefix} tokens: ToMe merges at most half the tokens per block, use a smaller --r"
-                )
+            if r < 0:
+                raise ConfigError(f"r={r} at block {i + 1} is negative: give the number of tokens merged, >= 0")
+            # Clipped here, once, as upstream clips at run time: the counts stay static for export.
+            r = clip_r(r, n, prefix)
             plan.merge_r[i] = r
             n -= r
             counts.append(n)

@@ -56,9 +56,12 @@ def test_stage_records_metrics_and_leaves_input_untouched(tiny_encoder):
         compress(new, TokenReductionConfig(method="drop"))
 
 
-def test_r_too_large_for_the_token_count(tiny_encoder):
-    with pytest.raises(ConfigError, match="r=5 at block 3"):
-        compress(tiny_encoder, TokenReductionConfig(method="tome", r=5))  # 16 -> 11 -> 6 patches: at most 3 mergeable
+def test_r_too_large_for_the_token_count_is_clipped_as_upstream(tiny_encoder):
+    # ToMe merges at most half the unprotected tokens of a block: 16 -> 11 -> 6 patches, then 3 and 1.
+    _, record = compress(tiny_encoder, TokenReductionConfig(method="tome", r=5))
+    assert record.metrics["schedule"]["r"] == [5, 5, 5, 5]
+    assert record.metrics["r_per_block"] == [5, 5, 3, 1]
+    assert record.metrics["tokens_per_block"] == [17, 12, 7, 4, 3]
     with pytest.raises(ConfigError, match="beyond"):
         compress(tiny_encoder, TokenReductionConfig(method="topk", at=(5,)))
 
