@@ -241,8 +241,17 @@ class ImageSource:
     def __repr__(self) -> str:
         return f"ImageSource({self.spec!r}, seed={self.seed})"
 
+    @classmethod
+    def of(cls, images: ImageSet) -> "ImageSource":
+        """A source over images already in memory (a search's calibration split): every draw returns them."""
+        source = cls(images.source)
+        source._fixed = images
+        return source
+
     def draw(self, cfg, n: int | None = None) -> ImageSet:
         """A seeded subset of ``n`` images (all when None) preprocessed for ``cfg``'s input spec."""
+        if getattr(self, "_fixed", None) is not None:
+            return self._fixed
         key = (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std), n)
         if key not in self._drawn:
             check_model_inputs_file(self.spec, cfg)

@@ -46,6 +46,7 @@ class Job:
     force: bool = False  # keep graphs that fail their fidelity gate
     seed: int = 0
     export_options: dict[str, Any] = field(default_factory=dict)
+    feed_images: bool = False  # hand the images to every model stage (its data fidelity), not only to those that need them
 
 
 @dataclass
@@ -89,7 +90,8 @@ def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Calla
         if cache is not None and key in cache:
             encoder, record = cache[key]
         else:
-            batches = job.images.batches(encoder.config, job.n, job.batch_size) if config.needs_data else None
+            wants = config.needs_data or (job.feed_images and job.images is not None)
+            batches = job.images.batches(encoder.config, job.n, job.batch_size) if wants else None
             run = dict(vars(job.run)) if job.run is not None else {}
             run["teacher"] = job.teacher if job.teacher is not None else job.source
             with run_options(**run):
