@@ -1,22 +1,18 @@
 """mimc: compress masked-image-modeling encoders into small, fast, validated deployables.
 
-The public verbs (each CLI command is a thin shell around one):
-``load``, ``save``, ``compress``, ``export_onnx``, ``quantize``, ``build_engine``, ``profile``,
-``run_recipe``;
-evaluation is ``mimc.evaluate.evaluate`` (a module of that name would shadow a verb).
-Imports are lazy so ``import mimc`` stays cheap.
+The documented Python API is the verbs of :mod:`mimc.api` (``mimc.prune``, ``mimc.width``,
+``mimc.tokens``, ``mimc.sparsify``, ``mimc.distill``, ``mimc.export``, ``mimc.quantize``,
+``mimc.build``, ``mimc.profile``, ``mimc.evaluate``, ``mimc.inspect``, ``mimc.run``,
+``mimc.search``), plus ``load``, ``save`` and ``compress`` (one stage config on an Encoder in memory).
+They are imported on first use, so ``import mimc`` stays cheap; no subpackage shares a verb's name,
+so a verb is never shadowed by a module import.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-
-
-def compress(encoder, config, calibration_batches=None):
-    """Apply one stage config: ``(encoder, StageRecord)``; the input encoder is left untouched."""
-    from mimc.compression.registry import compress as _compress
-
-    return _compress(encoder, config, calibration_batches)
+_VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
+          "inspect", "run", "recipe", "search", "profiles")
 
 
 def load(model):
@@ -33,43 +29,23 @@ def save(encoder, out_dir, overwrite: bool = False):
     return save_artifact(encoder, out_dir, overwrite=overwrite)
 
 
-def export_onnx(encoder, path, **options):
-    """Export to ONNX and validate on ONNX Runtime; see :mod:`mimc.deploy.onnx`."""
-    from mimc.deploy.onnx import export_onnx as _export
+def compress(encoder, config, calibration_batches=None):
+    """Apply one stage config: ``(encoder, StageRecord)``; the input encoder is left untouched."""
+    from mimc.compression.registry import compress as _compress
 
-    return _export(encoder, path, **options)
-
-
-def quantize(onnx_in, onnx_out, calibration_batches, config, eval_batches=None):
-    """Graph-level int8/fp8 Q/DQ of an fp32 mimc graph; see :func:`mimc.quant.quantize.quantize_onnx`."""
-    from mimc.quant.quantize import quantize_onnx
-
-    return quantize_onnx(onnx_in, onnx_out, calibration_batches, config, eval_batches)
+    return _compress(encoder, config, calibration_batches)
 
 
-def build_engine(onnx_path, profile, out_path, **options):
-    """TensorRT engine + JSON sidecar (needs a GPU and ``mimc[gpu]``); see :mod:`mimc.deploy.tensorrt`."""
-    from mimc.deploy.tensorrt import build_engine as _build
+def __getattr__(name: str):
+    if name in _VERBS or name == "SearchSpace":
+        import mimc.api
 
-    return _build(onnx_path, profile, out_path, **options)
-
-
-def profile(model_path, **options):
-    """Latency report for an ONNX graph or engine; see :mod:`mimc.latency`."""
-    from mimc.latency.run import profile as _profile
-
-    return _profile(model_path, **options)
+        return getattr(mimc.api, name)
+    raise AttributeError(f"module 'mimc' has no attribute {name!r}")
 
 
-def run_recipe(recipe, output=None, **options):
-    """Run a recipe (a YAML path, an artifact directory to replay, a mapping, or a Recipe) into one
-    artifact; returns the run report. See :mod:`mimc.pipeline.recipe` and :mod:`mimc.pipeline.recipe_run`."""
-    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
-    from mimc.pipeline.recipe_run import run_recipe as _run
-
-    if not isinstance(recipe, Recipe):
-        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
-    return _run(recipe, output, **options)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_VERBS])
 
 
-__all__ = ["__version__", "load", "save", "compress", "export_onnx", "quantize", "build_engine", "profile", "run_recipe"]
+__all__ = ["__version__", "load", "save", "compress", *_VERBS]

@@ -223,3 +223,62 @@ def deterministic_inputs(cfg, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """Seeded standard-normal inputs of the encoder's shape (for validation and export)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *cfg.input_shape), generator=g)
+
+
+class ImageSource:
+    """A data spec plus a seed: what the pipeline hands every stage instead of a path.
+
+    A stage asks for ``n`` images preprocessed for its encoder (:meth:`draw`); the same request
+    returns the same images (a seeded subset) without reading the source again, so a run that
+    calibrates, learns and evaluates reads each image set once.
+    """
+
+    def __init__(self, spec: str | Path, seed: int = 0):
+        self.spec = str(spec)
+        self.seed = seed
+        self._drawn: dict[tuple, ImageSet] = {}
+
+    def __repr__(self) -> str:
+        return f"ImageSource({self.spec!r}, seed={self.seed})"
+
+    @classmethod
+    def of(cls, images: ImageSet) -> "ImageSource":
+        """A source over images already in memory (a search's calibration split): every draw returns them."""
+        source = cls(images.source)
+        source._fixed = images
+        return source
+
+    def draw(self, cfg, n: int | None = None) -> ImageSet:
+        """A seeded subset of ``n`` images (all when None) preprocessed for ``cfg``'s input spec."""
+        if getattr(self, "_fixed", None) is not None:
+            return self._fixed
+        key = (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std), n)
+        if key not in self._drawn:
+            check_model_inputs_file(self.spec, cfg)
+            self._drawn[key] = load_images(self.spec, cfg, n=n, seed=self.seed)
+        return self._drawn[key]
+
+    def batches(self, cfg, n: int | None = None, batch_size: int = 64) -> list[torch.Tensor]:
+        return list(self.draw(cfg, n).batches(batch_size))
+
+
+def check_model_inputs_file(spec: str, cfg) -> None:
+    """An .npy/.npz of normalised model inputs (negative values) must have the model's exact shape.
+
+    Float arrays are otherwise treated as images and resized; model inputs of the wrong size or
+    channel count would then be silently resampled instead of refused.
+    """
+    path = Path(spec)
+    if path.suffix not in (".npy", ".npz") or not path.is_file():
+        return
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else np.load(path, allow_pickle=False)
+        arr = loaded if path.suffix == ".npy" else (loaded["images"] if "images" in loaded else None)
+    except (ValueError, OSError):
+        return  # load_images reports unreadable files with its own message
+    if arr is None or arr.dtype.kind != "f" or arr.size == 0:
+        return
+    expected = tuple(cfg.input_shape)
+    if float(np.min(arr[: min(len(arr), 8)])) < 0 and tuple(arr.shape[1:]) != expected:
+        raise DataError(f"{path} holds model inputs of shape {tuple(arr.shape[1:])} but the model expects {expected}: "
+                        "save inputs for this model or raw images (uint8) to be resized")

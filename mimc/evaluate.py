@@ -242,11 +242,12 @@ def knn_top1(feats: torch.Tensor | np.ndarray, labels: Iterable[int], k: int = K
 # The eval verb ------------------------------------------------------------------------------------
 def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
     """Fidelity to ``reference`` (when given) and k-NN top-1 of both (when the data is labelled)."""
-    from mimc.data import load_images
+    from mimc.data import ImageSource
 
+    source = data if isinstance(data, ImageSource) else ImageSource(data, seed)
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
-    images = load_images(data, cand.config, n=n, seed=seed)
+    images = source.draw(cand.config, n)
     report: dict[str, Any] = {
         "data": {"source": images.source, "n_images": len(images), "labelled": images.labels is not None, "sha256": images.sha256},
     }
@@ -265,7 +266,7 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
         report["knn_top1"] = knn_top1(cand_feats, images.labels)
         if ref is not None:
             if ref_feats is None:
-                ref_images = load_images(data, ref.config, n=n, seed=seed)
+                ref_images = source.draw(ref.config, n)
                 ref_feats = features(ref, ref_images, batch_size)
             report["reference_knn_top1"] = knn_top1(ref_feats, images.labels)
             base = report["reference_knn_top1"]

@@ -2,35 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, console, emit_json, handle_errors
-
-
-def print_build(side: dict[str, Any], engine: Path) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"built {engine}", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("GPU / TensorRT", f"{side['gpu_name']} (cc {side['compute_capability']}) / {side['tensorrt_version']}")
-    table.add_row("precision (from the graph)", side["precision"])
-    table.add_row("batch min:opt:max", ":".join(map(str, side["batch_range"])))
-    sparse = side["sparse"]
-    if sparse["requested"]:
-        # The log names the layers; when only the engine inspector saw sparse tactics, count those.
-        n_sparse = len(sparse["picked_layers"]) or len(sparse.get("inspector_sparse_layers") or [])
-        picked = {True: f"[green]yes[/] ({n_sparse} layers)", False: "[yellow]no[/] (dense kernels were faster)",
-                  None: "unknown (TensorRT did not say)"}[sparse["picked"]]
-        table.add_row("sparse kernels picked", picked)
-    else:
-        table.add_row("sparse weights", "off")
-    table.add_row("engine", f"{side['engine_bytes'] / 1e6:.1f} MB, built in {side['build_seconds']:.1f} s")
-    console.print(table)
-    for note in side.get("notes", []):
-        console.print(f"note: {note}", style="dim", highlight=False, markup=False)
+from mimc.cli.common import JsonOption, handle_errors, status
+from mimc.cli.render import key_values, line, show
 
 
 def register(app: typer.Typer) -> None:
@@ -48,27 +25,26 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) plus a JSON sidecar."""
-        from mimc.errors import BadInputError
-        from mimc.deploy.tensorrt import build_engine, builder_settings, graph_inputs, parse_batch_range
-        from mimc.latency.devices import load_profile
-        from mimc.latency.flops import graph_precision, load_graph
-        from mimc.latency.roofline import read_nm_pattern
+        import mimc
 
-        profile = load_profile(device)
-        batch_range = parse_batch_range(batch)
-        if model.suffix != ".onnx":
-            raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
-        graph = load_graph(model)
-        # Every check that needs no GPU runs first, so bad input exits 2 here as on the target.
-        settings = builder_settings(profile, graph_precision(graph), graph_inputs(graph), precision=precision,
-                                    batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
-                                    nm_pattern=read_nm_pattern(model, graph))
-        del graph
-        out = output or model.parent / f"{profile.name}-{settings['precision']}.plan"
-        with console.status(f"building a TensorRT engine for {profile.name} (minutes for a ViT-B)"):
-            side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
-                                timing_cache=timing_cache, sparse=sparse, precision=precision)
-        if json_out:
-            emit_json({"engine": str(out), "sidecar": side})
-        else:
-            print_build(side, out)
+        with status(f"building a TensorRT engine for {device} (minutes for a ViT-B)"):
+            report = mimc.build(model, device, precision=precision, batch_range=batch,
+                                workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output)
+        show(report, json_out, _human)
+
+
+def _human(r: dict) -> None:
+    side, sparse = r["sidecar"], r["sidecar"]["sparse"]
+    rows = [("GPU / TensorRT", f"{side['gpu_name']} (cc {side['compute_capability']}) / {side['tensorrt_version']}"),
+            ("precision (from the graph)", side["precision"]), ("batch min:opt:max", ":".join(map(str, side["batch_range"])))]
+    if sparse["requested"]:
+        # The log names the layers; when only the engine inspector saw sparse tactics, count those.
+        n_sparse = len(sparse["picked_layers"]) or len(sparse.get("inspector_sparse_layers") or [])
+        rows.append(("sparse kernels picked", {True: f"[green]yes[/] ({n_sparse} layers)", False: "[yellow]no[/] (dense kernels were faster)",
+                                               None: "unknown (TensorRT did not say)"}[sparse["picked"]]))
+    else:
+        rows.append(("sparse weights", "off"))
+    rows.append(("engine", f"{side['engine_bytes'] / 1e6:.1f} MB, built in {side['build_seconds']:.1f} s"))
+    key_values(f"built {r['engine']}", rows)
+    for text in side.get("notes", []):
+        line(f"[dim]note: {text}[/]")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mimc.errors import MimcError
+from mimc.api import MimcError
 
 # Human-readable output goes to stderr so `--json` leaves stdout machine-readable.
 console = Console(stderr=True)
@@ -56,3 +56,32 @@ def progress(description: str, total: int | None = None):
         console=console,
         transient=True,
     )
+
+
+def status(text: str):
+    """A transient spinner on stderr while a verb works."""
+    return console.status(text)
+
+
+def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """``3,5`` -> (3, 5); None stays None."""
+    from mimc.api import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated whole numbers like 3,5, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty: pass e.g. {flag} 4,7,10")
+    return values
+
+
+def float_list(text: str, flag: str) -> tuple[float, ...]:
+    from mimc.api import ConfigError
+
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers like 0,0.25,0.5, got '{text}'") from None

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, console, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, handle_errors
+from mimc.cli.render import note, show, stage_line
 
 
 def register(app: typer.Typer) -> None:
@@ -36,29 +37,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Recover a pruned model by distilling the dense teacher's features, without labels."""
-        from mimc.compression.distill import DistillConfig, default_teacher
-        from mimc.data import load_images
-        from mimc.errors import DataError
-        from mimc.models.resolve import load_model
-        from mimc.train.engine import supports_masking
-        from mimc.models.resolve import model_slug
-        from mimc.cli.sparsify import check_resume_source, finish, merge_resumed, resolve_run_dir, run_training_stage
+        import mimc
 
-        if data is None:
-            raise DataError("distill learns from unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
-        given = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "hidden_weight": hidden_weight, "seed": seed}
-        config = DistillConfig.from_dict({k: v for k, v in given.items() if v is not None}) if resume is None else None
-        out = resolve_run_dir(output, resume, Path(f"{model_slug(model)}-distilled"), overwrite)
-        with console.status(f"loading {model}"):
-            encoder = load_model(model)
-        with console.status("loading the teacher"):
-            teacher_model = load_model(teacher) if teacher is not None else default_teacher(encoder)
-        if resume is not None:
-            config = DistillConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
-        elif mask_ratio is None and not (supports_masking(encoder) and supports_masking(teacher_model)):
-            console.print("[yellow]note:[/] this model needs every token (relative position bias or a token schedule): training without input masking")
-            config = DistillConfig.from_dict({**config.to_dict(), "mask_ratio": 0.0})
-        with console.status(f"reading {data}"):
-            batches = list(load_images(data, encoder.config, n=n, seed=config.seed).batches(64))
-        student, record = run_training_stage(encoder, config, batches, out, resume is not None, checkpoint_every, teacher=teacher_model)
-        finish(student, out, True, record, json_out, {"steps": config.steps, "teacher": teacher or (getattr(encoder, "manifest", None).source or {}).get("id")})
+        report = mimc.distill(model, output, data=data, teacher=teacher, n=n, resume=resume, checkpoint_every=checkpoint_every,
+                              overwrite=overwrite, on_note=note, steps=steps, lr=lr, batch_size=batch_size,
+                              mask_ratio=mask_ratio, hidden_weight=hidden_weight, seed=seed)
+        if report.written:  # under torchrun, rank 0 writes and reports
+            show(report, json_out, stage_line)

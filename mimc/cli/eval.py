@@ -5,7 +5,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.render import columns, line, show
 
 
 def register(app: typer.Typer) -> None:
@@ -21,44 +22,30 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Cosine of pooled and per-token features to --ref, SQNR, and k-NN top-1 on labelled data."""
-        from rich.table import Table
+        import mimc
 
-        from mimc.errors import BadInputError
-        from mimc.evaluate import evaluate, load_for_eval
+        with status(f"evaluating {model} on {data}"):
+            report = mimc.evaluate(model, ref, data, n=n, seed=seed, batch_size=batch_size)
+        show(report, json_out, _human)
 
-        if n is not None and n < 1:
-            raise BadInputError(f"--n must be >= 1, got {n}")
-        if batch_size < 1:
-            raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
-        with console.status(f"loading {model}" + (f" and {ref}" if ref else "")):
-            cand = load_for_eval(model)
-            reference = load_for_eval(ref) if ref is not None else None
-        with console.status(f"evaluating on {data}"):
-            report = evaluate(cand, reference, data=data, n=n, seed=seed, batch_size=batch_size)
-        report = {"model": model, "reference": ref, **report}
-        if json_out:
-            emit_json(report)
-            return
 
-        d = report["data"]
-        table = Table(title=f"{model} on {d['source']} ({d['n_images']} images)", title_justify="left", show_header=False)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        fid = report.get("fidelity")
-        if fid:
-            table.add_row(f"pooled cosine to {ref} (mean / min)", f"{fid['pooled_cosine_mean']:.4f} / {fid['pooled_cosine_min']:.4f}")
-            if fid["token_cosine_mean"] is not None:
-                table.add_row("per-token cosine (mean / min)", f"{fid['token_cosine_mean']:.4f} / {fid['token_cosine_min']:.4f}")
-            table.add_row("SQNR of pooled features", f"{fid['sqnr_db']:.1f} dB")
-        if "knn_top1" in report:
-            table.add_row("k-NN top-1 (k=10, leave-one-out)", f"{report['knn_top1']:.4f}")
-            if "reference_knn_top1" in report:
-                table.add_row(f"k-NN top-1 of {ref}", f"{report['reference_knn_top1']:.4f}")
-        console.print(table)
-        for note in (report.get("fidelity_note"), fid.get("note") if fid else None):
-            if note:
-                console.print(f"note: {note}", highlight=False)
-        if "knn_top1" not in report:
-            console.print("note: the data has no labels (no class subfolders / 'labels' array): k-NN skipped", highlight=False)
-        if ref is None:
-            console.print("note: pass --ref MODEL to measure fidelity to a reference", highlight=False)
+def _human(r: dict) -> None:
+    d, fid, ref = r["data"], r.get("fidelity"), r.get("reference")
+    rows = []
+    if fid:
+        rows.append([f"pooled cosine to {ref} (mean / min)", f"{fid['pooled_cosine_mean']:.4f} / {fid['pooled_cosine_min']:.4f}"])
+        if fid["token_cosine_mean"] is not None:
+            rows.append(["per-token cosine (mean / min)", f"{fid['token_cosine_mean']:.4f} / {fid['token_cosine_min']:.4f}"])
+        rows.append(["SQNR of pooled features", f"{fid['sqnr_db']:.1f} dB"])
+    if "knn_top1" in r:
+        rows.append(["k-NN top-1 (k=10, leave-one-out)", f"{r['knn_top1']:.4f}"])
+        if "reference_knn_top1" in r:
+            rows.append([f"k-NN top-1 of {ref}", f"{r['reference_knn_top1']:.4f}"])
+    columns(f"{r['model']} on {d['source']} ({d['n_images']} images)", ["metric", "value"], rows, left=("metric",))
+    for text in (r.get("fidelity_note"), fid.get("note") if fid else None):
+        if text:
+            line(f"note: {text}")
+    if "knn_top1" not in r:
+        line("note: the data has no labels (no class subfolders / 'labels' array): k-NN skipped")
+    if ref is None:
+        line("note: pass --ref MODEL to measure fidelity to a reference")

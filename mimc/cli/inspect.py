@@ -3,70 +3,12 @@ oracle sensitivity and how well each data-free criterion ranks blocks like it (S
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
-
-
-def inspect_blocks(encoder, batches=None, dtype: str = "fp16", hist_bins: int = 65536, seed: int = 0) -> dict[str, Any]:
-    """Scores of every criterion per block; with batches also ``sensitivity`` and Spearman vs it."""
-    from mimc.compression.block_scores import DATA_FREE_CRITERIA, data_free_scores, removal_order, sensitivity_scores, spearman
-
-    scores, warnings = data_free_scores(encoder.blocks, DATA_FREE_CRITERIA, dtype, hist_bins, seed)
-    result: dict[str, Any] = {
-        "block_ids": encoder.config.kept_block_ids(),
-        "scores": scores,
-        "removal_order": {c: [encoder.config.kept_block_ids()[i] for i in removal_order(s)] for c, s in scores.items()},
-        "warnings": warnings,
-    }
-    if batches:
-        oracle = sensitivity_scores(encoder, batches)
-        result["scores"]["sensitivity"] = oracle
-        result["removal_order"]["sensitivity"] = [result["block_ids"][i] for i in removal_order(oracle)]
-        # Every score means "low = remove first", so +1 is perfect agreement with the oracle.
-        result["spearman_vs_sensitivity"] = {c: spearman(s, oracle) for c, s in scores.items() if c != "sensitivity"}
-    return result
-
-
-def _pyplot():
-    from mimc.errors import MissingExtraError
-
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingExtraError("the inspect plot needs matplotlib, which is not installed: pip install matplotlib, or pass --no-plot") from None
-    matplotlib.use("Agg")  # no display needed; also keeps tests headless
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
-    """Min-max normalised scores per criterion against the block index (PNG), written atomically."""
-    from mimc.artifact import atomic_file
-
-    plt = _pyplot()
-
-    ids = result["block_ids"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    rho = result.get("spearman_vs_sensitivity", {})
-    for name, values in result["scores"].items():
-        lo, hi = min(values), max(values)
-        norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
-        label = name if name not in rho or rho[name] is None else f"{name} (ρ={rho[name]:+.2f})"
-        style = dict(lw=3, color="black") if name == "sensitivity" else dict(lw=1.3, marker="o", ms=3)
-        ax.plot(ids, norm, label=label, **style)
-    ax.set_xlabel("block (original index)")
-    ax.set_ylabel("score, min-max normalised (low = removed first)")
-    ax.set_xticks(ids)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.render import line, score_table, show, warnings
 
 
 def register(app: typer.Typer) -> None:
@@ -85,62 +27,22 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Per-block scores of every pruning criterion (low = removed first), a table and a PNG plot."""
-        from rich.table import Table
+        import mimc
 
-        from mimc.compression.block_scores import ENTROPY_DTYPES
-        from mimc.data import load_images
-        from mimc.errors import BadInputError, ConfigError
-        from mimc.models.resolve import load_model
-        from mimc.models.resolve import model_slug
-        from mimc.cli.prune import score_formatter
+        plot = None if no_plot else (output if output is not None else True)  # True: ./<model>-blocks.png
+        with status(f"scoring the blocks of {model}" + (" (oracle: one forward pass per block)" if data else "")):
+            report = mimc.inspect(model, data=data, n=n, plot=plot, dtype=dtype, hist_bins=hist_bins,
+                                  batch_size=batch_size, seed=seed)
+        show(report, json_out, _human)
 
-        if dtype not in ENTROPY_DTYPES:
-            raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")
-        if hist_bins < 2:
-            raise ConfigError(f"--hist-bins must be >= 2, got {hist_bins}")
-        plot_path = None if no_plot else (output if output is not None else Path(f"{model_slug(model)}-blocks.png"))
-        if plot_path is not None and plot_path.suffix.lower() != ".png":
-            raise BadInputError(f"plot path {plot_path} does not end in .png: pass -o NAME.png")
-        if plot_path is not None and not plot_path.parent.is_dir():
-            raise BadInputError(f"folder {plot_path.parent} does not exist: create it or pass another -o")
-        if plot_path is not None:
-            _pyplot()  # a missing matplotlib fails before the work, not after
-        with console.status(f"loading {model}"):
-            encoder = load_model(model)
-        batches = None
-        if data is not None:
-            with console.status(f"reading {data}"):
-                batches = list(load_images(data, encoder.config, n=n, seed=seed).batches(batch_size))
-        with console.status(f"scoring {encoder.config.depth} blocks" + (" (oracle: one forward pass per block)" if batches else "")):
-            result = inspect_blocks(encoder, batches, dtype, hist_bins, seed)
-        result["model"] = model
-        result["data"] = data
-        if plot_path is not None:
-            plot_scores(result, plot_path, f"block scores: {model}")
-            result["plot"] = str(plot_path)
-        if json_out:
-            emit_json(result)
-            return
 
-        scores = result["scores"]
-        console.print(f"block scores (low = removed first): {model}", highlight=False)
-        table = Table()
-        table.add_column("block", justify="right")
-        for c in scores:
-            table.add_column(c, justify="right")
-        fmt = {c: score_formatter(v) for c, v in scores.items()}
-        for pos, bid in enumerate(result["block_ids"]):
-            table.add_row(str(bid), *(fmt[c](scores[c][pos]) for c in scores))
-        rho = result.get("spearman_vs_sensitivity")
-        if rho:
-            table.add_section()
-            table.add_row("ρ vs oracle", *("—" if c == "sensitivity" or rho.get(c) is None else f"{rho[c]:+.2f}" for c in scores))
-        console.print(table)
-        for w in result["warnings"]:
-            console.print(f"[yellow]warning:[/] {w}")
-        if rho:
-            best = max((c for c in rho if rho[c] is not None), key=lambda c: rho[c], default=None)
-            if best is not None:
-                console.print(f"closest to the oracle: {best} (Spearman {rho[best]:+.2f})", highlight=False)
-        if plot_path is not None:
-            console.print(f"wrote {plot_path}", highlight=False)
+def _human(r: dict) -> None:
+    rho = r.get("spearman_vs_sensitivity")
+    score_table(r["scores"], r["block_ids"], f"block scores (low = removed first): {r['model']}", rho=rho)
+    warnings(r["warnings"])
+    if rho:
+        best = max((c for c in rho if rho[c] is not None), key=lambda c: rho[c], default=None)
+        if best is not None:
+            line(f"closest to the oracle: {best} (Spearman {rho[best]:+.2f})")
+    if r.get("plot"):
+        line(f"wrote {r['plot']}")

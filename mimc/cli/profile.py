@@ -6,47 +6,8 @@ from typing import Any, Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, console, emit_json, handle_errors
-
-
-def print_report(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    label = report["label"]
-    title = f"{label}: {report['model']} on {report['device']} ({report['backend']})"
-    table = Table(title=title, title_justify="left")
-    table.add_column("batch", justify="right")
-    if label == "measured":
-        for name in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "peak RSS MB", "session MB"):
-            table.add_column(name, justify="right")
-        for r in report["results"]:
-            table.add_row(
-                str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
-                f"{r['throughput_items_s']:.1f}", _mb(r.get("peak_rss_mb")), _mb(r.get("session_mb")),
-            )
-    else:
-        for name in ("latency ms", "items/s", "GMACs", "bound by compute / memory ms", "precision"):
-            table.add_column(name, justify="right")
-        for r in report["results"]:
-            table.add_row(
-                str(r["batch"]), f"{r['latency_ms']:.4f}", f"{r['throughput_per_s']:.1f}", f"{r['gmacs']:.3f}",
-                f"{r['compute_bound_ms']:.4f} / {r['memory_bound_ms']:.4f}", str(r["precision"]),
-            )
-    console.print(table)
-    if label == "measured" and "threads" in report:
-        console.print(
-            f"ONNX Runtime {report['onnxruntime_version']}, {report['provider']}, {report['threads']} threads, "
-            f"{report['warmup']} warm-up + {report['iters']} timed runs; memory: {report['memory_method']}",
-            style="dim", highlight=False,
-        )
-    elif label == "predicted":
-        console.print("predicted: a roofline lower bound from FLOPs and bytes, not a measurement", style="dim")
-    if label == "measured" and report.get("note"):
-        console.print(f"[yellow]note:[/] {report['note']}", highlight=False)
-
-
-def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value:.1f}"
+from mimc.cli.common import JsonOption, handle_errors, status
+from mimc.cli.render import columns, line, note, show
 
 
 def register(app: typer.Typer) -> None:
@@ -64,29 +25,34 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Latency p50/p90/p99, throughput and peak memory per batch size; labelled measured or predicted."""
-        from mimc.artifact import write_json
-        from mimc.errors import BadInputError
-        from mimc.latency.run import check_model_path, parse_batch_sizes
-        from mimc.latency.run import profile as run_profile
+        import mimc
 
-        # Every bad input is refused before anything runs.
-        check_model_path(model)
-        sizes = parse_batch_sizes(batch)
-        if output is not None and not output.parent.is_dir():
-            raise BadInputError(f"output folder {output.parent} does not exist: create it or choose another -o")
-        if output is not None and output.is_dir():
-            raise BadInputError(f"output {output} is a directory: give a file path like report.json")
-        with console.status(f"profiling {model}") as status:
-            def on_batch(b: int) -> None:
-                status.update(f"{'predicting' if predict else 'profiling'} {model.name} at batch {b}")
+        with status(f"profiling {model}") as spinner:
+            report = mimc.profile(model, device, batch_sizes=batch, warmup=warmup, iters=iters,
+                                  threads=threads, predict=predict, output=output,
+                                  on_batch=lambda b: spinner.update(f"{'predicting' if predict else 'profiling'} {model.name} at batch {b}"))
+        show(report, json_out, lambda r: _human(r, output))
 
-            report = run_profile(model, device=device, predict=predict, batch_sizes=sizes, warmup=warmup,
-                                 iters=iters, threads=threads, on_batch=on_batch)
-        if output is not None:
-            write_json(output, report)
-        if json_out:
-            emit_json(report)
-        else:
-            print_report(report)
-            if output is not None:
-                console.print(f"report written to {output}")
+
+def _human(r: dict, output: Optional[Path]) -> None:
+    title = f"{r['label']}: {r['model']} on {r['device']} ({r['backend']})"
+    if r["label"] == "measured":
+        columns(title, ["batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "peak RSS MB", "session MB"],
+                [[str(x["batch"]), f"{x['p50_ms']:.3f}", f"{x['p90_ms']:.3f}", f"{x['p99_ms']:.3f}", f"{x['mean_ms']:.3f}",
+                  f"{x['throughput_items_s']:.1f}", _mb(x.get("peak_rss_mb")), _mb(x.get("session_mb"))] for x in r["results"]])
+        if "threads" in r:
+            line(f"[dim]ONNX Runtime {r['onnxruntime_version']}, {r['provider']}, {r['threads']} threads, {r['warmup']} warm-up + "
+                 f"{r['iters']} timed runs; memory: {r['memory_method']}[/]")
+        if r.get("note"):
+            note(r["note"])
+    else:
+        columns(title, ["batch", "latency ms", "items/s", "GMACs", "bound by compute / memory ms", "precision"],
+                [[str(x["batch"]), f"{x['latency_ms']:.4f}", f"{x['throughput_per_s']:.1f}", f"{x['gmacs']:.3f}",
+                  f"{x['compute_bound_ms']:.4f} / {x['memory_bound_ms']:.4f}", str(x["precision"])] for x in r["results"]])
+        line("[dim]predicted: a roofline lower bound from FLOPs and bytes, not a measurement[/]")
+    if output is not None:
+        line(f"report written to {output}")
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}"

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.render import line, note, show
 
 
 def register(app: typer.Typer) -> None:
@@ -32,33 +33,25 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Calibrate and quantize (W8A8 or FP8) with optional outlier folding; gate fidelity on held-out images."""
-        from mimc.quant.quantize import QuantizeConfig
-        from mimc.quant.quantize_flow import quantize_model, target_for_device
-        from mimc.errors import ConfigError
+        import mimc
 
         if int8 and fp8:
-            raise ConfigError("--int8 and --fp8 exclude each other: pass one of them")
+            raise mimc.api.ConfigError("--int8 and --fp8 exclude each other: pass one of them")
         precision = "fp8" if fp8 else "int8"
-        config = QuantizeConfig(precision=precision, method=method, n=n, percentile=percentile, smooth=smooth, repq=repq,
-                                quantize_attention_matmuls=attention, fuse_attention=fuse_attention,
-                                target=target_for_device(device, precision))
-        with console.status(f"quantizing {model} to {precision} ({config.method}, {config.resolved_target})"):
-            report = quantize_model(model, config, calib, output=output, seed=seed, force=force)
-        if json_out:
-            emit_json(report)
-            return
-        fid = report["fidelity"]
-        status = "[green]passed[/]" if fid["passed"] else "[red]FAILED (forced)[/]"
-        console.print(
-            f"{precision} {report['target']} graph: {report['quantized_linears']} linears"
-            f" + {report['quantized_attention_matmuls']} attention matmuls quantized"
-            f"{', ' + str(report['fused_attention_blocks']) + ' blocks fused into QAttention' if report['fused_attention_blocks'] else ''}"
-            ", calibrated on"
-            f" {report['calibration_images']} images ({config.method}); pooled cosine to fp32"
-            f" {fid['pooled_cosine_mean']:.4f} (worst {fid['cosine']:.4f}), SQNR {fid['sqnr_db']:.1f} dB"
-            f" on {fid['images']} {fid['inputs']}: gate {status}",
-            highlight=False,
-        )
-        if not report["runnable_here"]:
-            console.print(f"[yellow]note:[/] not runnable here: {report['runnable_note']}", highlight=False)
-        console.print(f"wrote {report['path']}", highlight=False)
+        with status(f"quantizing {model} to {precision} ({method})"):
+            report = mimc.quantize(model, calib, output, precision=precision, device=device, seed=seed, force=force,
+                                   method=method, n=n, percentile=percentile, smooth=smooth, repq=repq,
+                                   quantize_attention_matmuls=attention, fuse_attention=fuse_attention)
+        show(report, json_out, _human)
+
+
+def _human(r: dict) -> None:
+    fid = r["fidelity"]
+    fused = f", {r['fused_attention_blocks']} blocks fused into QAttention" if r["fused_attention_blocks"] else ""
+    line(f"{r['precision']} {r['target']} graph: {r['quantized_linears']} linears + {r['quantized_attention_matmuls']} attention "
+         f"matmuls quantized{fused}, calibrated on {r['calibration_images']} images ({r['config']['method']}); pooled cosine "
+         f"to fp32 {fid['pooled_cosine_mean']:.4f} (worst {fid['cosine']:.4f}), SQNR {fid['sqnr_db']:.1f} dB on {fid['images']} "
+         f"{fid['inputs']}: gate {'[green]passed[/]' if fid['passed'] else '[red]FAILED (forced)[/]'}")
+    if not r["runnable_here"]:
+        note(f"not runnable here: {r['runnable_note']}")
+    line(f"wrote {r['path']}")

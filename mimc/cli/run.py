@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, handle_errors, status
+from mimc.cli.render import line, note, run_summary, show
 
 
 def register(app: typer.Typer) -> None:
@@ -22,60 +23,21 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, profile, eval)."""
-        import yaml
+        import mimc
 
-        from mimc.pipeline.recipe import load_recipe
-        from mimc.pipeline.recipe_run import default_output, run_recipe
-
-        parsed = load_recipe(recipe, data=data)
+        parsed = mimc.recipe(recipe, data=data)
         if parsed.note:
-            console.print(f"[yellow]note: {parsed.note}[/]", highlight=False)
+            note(parsed.note)
         if dry_run:
-            typer.echo(yaml.safe_dump(parsed.to_dict(), sort_keys=False, default_flow_style=None), nl=False)
+            typer.echo(parsed.to_yaml(), nl=False)
             return
-        out = output if output is not None else default_output(parsed)
-        with console.status("starting") as status:
-            report = run_recipe(parsed, out, overwrite=overwrite, force=force,
-                                on_stage=lambda i, step: status.update(f"stage {i}/{len(parsed.steps)}: {step.kind}"))
-        if json_out:
-            emit_json(report)
-            return
-        for entry in report["stages"]:
-            console.print(f"  {entry['stage']:<9} {entry['seconds']:>8.2f} s  {summarize(entry)}", highlight=False)
-        console.print(f"wrote {out} ({report['seconds']:.1f} s); replay with `mimc run {out}`", highlight=False)
+        with status("starting") as spinner:
+            report = mimc.run(parsed, output, overwrite=overwrite, force=force,
+                              on_stage=lambda i, step: spinner.update(f"stage {i}/{len(parsed.steps)}: {step.kind}"))
+        show(report, json_out, _human)
 
 
-def summarize(entry: dict) -> str:
-    """One line per stage: the fidelity or latency it measured, and against what."""
-    kind, metrics = entry["stage"], entry.get("metrics", {})
-    if kind == "export":
-        val = entry.get("validation") or {}
-        return f"validated on ONNX Runtime, max abs {val['max_abs']:.2e}" if isinstance(val.get("max_abs"), (int, float)) else ""
-    if kind == "quantize":
-        fid = entry["fidelity"]
-        return f"pooled cosine to the fp32 graph {fid['pooled_cosine_mean']:.5f} (worst {fid['pooled_cosine_min']:.5f}), {entry['file']}"
-    if kind == "profile":
-        result, label = entry["result"], entry["result"].get("label", "measured")
-        line = f"{entry['file']} on {result.get('device')} ({label})"
-        if entry.get("speedup_vs_dense") is not None:
-            line += f": {entry['speedup_vs_dense']:.2f}x the dense source"
-        return line
-    if kind == "eval":
-        parts = [entry["file"]]
-        if isinstance(entry.get("fidelity"), dict):
-            parts.append(f"pooled cosine to the source {entry['fidelity']['pooled_cosine_mean']:.4f}")
-        if "knn_top1" in entry:
-            parts.append(f"k-NN {entry['knn_top1']:.3f}" + (f" (source {entry['reference_knn_top1']:.3f})" if "reference_knn_top1" in entry else ""))
-        return ", ".join(parts)
-    fid = metrics.get("fidelity_deterministic") or metrics.get("fidelity") or metrics.get("fidelity_data") or {}
-    parts = []
-    if isinstance(fid, dict) and isinstance(fid.get("pooled_cosine_mean", fid.get("cosine")), (int, float)):
-        parts.append(f"pooled cosine to its input {fid.get('pooled_cosine_mean', fid.get('cosine')):.4f}")
-    if not parts and isinstance(metrics.get("fidelity_pooled_cosine"), (int, float)):  # learning stages
-        against = f"the teacher ({metrics['teacher']})" if "teacher" in metrics else "its input"
-        parts.append(f"pooled cosine to {against} {metrics['fidelity_pooled_cosine']:.4f}")
-        if isinstance(metrics.get("fidelity_before_pooled_cosine"), (int, float)):
-            parts[-1] += f" (before {metrics['fidelity_before_pooled_cosine']:.4f})"
-    if isinstance(metrics.get("macs_ratio"), (int, float)):
-        parts.append(f"MACs x{metrics['macs_ratio']:.3f}")
-    return ", ".join(parts)
+def _human(r: dict) -> None:
+    for entry in r["stages"]:
+        line(f"  {entry['stage']:<9} {entry['seconds']:>8.2f} s  {run_summary(entry)}")
+    line(f"wrote {r['output']} ({r['seconds']:.1f} s); replay with `mimc run {r['output']}`")

@@ -6,16 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    from mimc.errors import ConfigError
-
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(f"{option} takes comma-separated numbers like 0,0.25,0.5, got '{text}'") from None
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, float_list, handle_errors, status
+from mimc.cli.render import columns, line, show
 
 
 def register(app: typer.Typer) -> None:
@@ -41,67 +33,36 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build and measure every combination of blocks x tokens (x 2:4) x precision; Pareto front + the fastest faithful one."""
-        import json
+        import mimc
 
-        import numpy as np
-        import yaml
-        from rich.table import Table
+        space = mimc.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
+                                 mlp_ratios=float_list(mlp, "--mlp"), nm=nm,
+                                 precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None)
+        with status("searching") as spinner:
+            report = mimc.search(model, device, min_cosine=min_cosine, budget_ms=budget_ms, data=data, n=n, n_eval=n_eval,
+                                 space=space, iters=iters, seed=seed, output=output, overwrite=overwrite,
+                                 on_candidate=lambda i, total, c: spinner.update(f"candidate {i}/{total}: {c.label}"))
+        show(report, json_out, _human)
 
-        from mimc.artifact import atomic_dir
-        from mimc.data import load_images
-        from mimc.errors import ConfigError
-        from mimc.models.resolve import load_model
-        from mimc.latency.devices import load_profile
-        from mimc.pipeline.search import SearchSpace, recipe_of, search
-        from mimc.models.resolve import model_slug
-        from mimc.artifact import check_output
 
-        if n < 1 or n_eval < 1 or iters < 1:
-            raise ConfigError(f"--n, --n-eval and --iters must be >= 1 (got {n}, {n_eval}, {iters})")
-        space = SearchSpace(block_ratios=_floats(blocks, "--blocks"), token_keeps=_floats(keep, "--keep"), mlp_ratios=_floats(mlp, "--mlp"),
-                            precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None, nm=nm)
-        load_profile(device)
-        out = output if output is not None else Path(f"{model_slug(model)}-search")
-        check_output(out, overwrite)
-        with console.status(f"loading {model} and {data}"):
-            encoder = load_model(model)
-            images = load_images(data, encoder.config, n=n + n_eval, seed=seed)
-        if len(images) <= n:
-            raise ConfigError(f"{data} has {len(images)} images, fewer than --n {n} plus held-out ones: lower --n")
-        calib, held = images.subset(np.arange(n)), images.subset(np.arange(n, len(images)))
-        with console.status("searching") as status:
-            result = search(encoder, device, held, calib, space, min_cosine=min_cosine, budget_ms=budget_ms, iters=iters,
-                            on_candidate=lambda i, total, c: status.update(f"candidate {i}/{total}: {c.label}"))
-        # a profile .yaml is named by its absolute path: the recipe may run from another folder
-        spec = str(Path(device).resolve()) if Path(device).suffix in (".yaml", ".yml") and Path(device).is_file() else device
-        recipe = recipe_of(result, model, data, n, seed, device=spec)
-        result = {"model": model, "data": data, **result}
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            (tmp / "search.json").write_text(json.dumps(result, indent=2) + "\n")
-            if recipe is not None:
-                (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
-        if json_out:
-            emit_json(result)
-            return
-        table = Table(title=f"{model} on {result['device']}: latency {result['latency']}, fidelity on {result['n_eval_images']} held-out images",
-                      title_justify="left")
-        for col in ("candidate", "GMACs", "ms", "pooled cosine", ""):
-            table.add_column(col, justify="left" if col in ("candidate", "") else "right")
-        best = (result["best"] or {}).get("label")
-        for c in sorted(result["candidates"], key=lambda c: (c["latency_ms"] is None, c["latency_ms"] or 0)):
-            if c["error"]:
-                table.add_row(c["label"], "", "", "", f"[red]{c['error']}[/]")
-                continue
-            mark = "[green]best[/]" if c["label"] == best else ("pareto" if c["pareto"] else "")
-            style = None if c["pooled_cosine"] >= min_cosine else "dim"
-            table.add_row(c["label"], f"{c['gmacs']:.3f}", f"{c['latency_ms']:.3g}", f"{c['pooled_cosine']:.4f}", mark, style=style)
-        console.print(table)
-        if result["best"] is None:
-            console.print(f"[yellow]{result['note']}[/]", highlight=False)
-        else:
-            b = result["best"]
-            line = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine']:.4f}"
-            if budget_ms is not None:
-                line += f"; budget {budget_ms} ms {'met' if result['meets_budget'] else '[red]NOT met[/]'}"
-            console.print(line, highlight=False)
-            console.print(f"wrote {out}/search.json and {out}/recipe.yaml: `mimc run {out}/recipe.yaml -o OUT` builds it", highlight=False)
+def _human(r: dict) -> None:
+    best = (r["best"] or {}).get("label")
+    rows = []
+    for c in sorted(r["candidates"], key=lambda c: (c["latency_ms"] is None, c["latency_ms"] or 0)):
+        if c["error"]:
+            rows.append([c["label"], "", "", "", f"[red]{c['error']}[/]"])
+            continue
+        mark = "[green]best[/]" if c["label"] == best else ("pareto" if c["pareto"] else "")
+        dim = (lambda t: t) if c["pooled_cosine"] >= r["min_cosine"] else (lambda t: f"[dim]{t}[/]")
+        rows.append([dim(c["label"]), dim(f"{c['gmacs']:.3f}"), dim(f"{c['latency_ms']:.3g}"), dim(f"{c['pooled_cosine']:.4f}"), mark])
+    columns(f"{r['model']} on {r['device']}: latency {r['latency']}, fidelity on {r['n_eval_images']} held-out images",
+            ["candidate", "GMACs", "ms", "pooled cosine", ""], rows, left=("candidate", ""))
+    if r["best"] is None:
+        line(f"[yellow]{r['note']}[/]")
+        return
+    b = r["best"]
+    text = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine']:.4f}"
+    if r["budget_ms"] is not None:
+        text += f"; budget {r['budget_ms']} ms {'met' if r['meets_budget'] else '[red]NOT met[/]'}"
+    line(text)
+    line(f"wrote {r['output']}/search.json and {r['output']}/recipe.yaml: `mimc run {r['output']}/recipe.yaml -o OUT` builds it")

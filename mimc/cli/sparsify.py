@@ -7,91 +7,12 @@ shard of the batch and rank 0 writes the artifact.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, console, emit_json, handle_errors
-
-
-def resolve_run_dir(output: Optional[Path], resume: Optional[Path], default: Path, overwrite: bool) -> Path:
-    """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
-    from mimc.artifact import check_output, is_artifact
-    from mimc.errors import BadInputError
-    from mimc.train.checkpoint import has_checkpoint
-
-    if resume is not None:
-        if output is not None and Path(output).resolve() != Path(resume).resolve():
-            raise BadInputError(f"--resume {resume} continues into its own folder: drop -o {output} or make it the same folder")
-        if is_artifact(resume):
-            raise BadInputError(f"{resume} is a finished artifact, not an interrupted run: nothing to resume")
-        if not has_checkpoint(resume):
-            raise BadInputError(f"{resume} holds no training checkpoint: pass the -o folder of an interrupted run")
-        return Path(resume)
-    out = Path(output) if output is not None else default
-    if out.exists() and has_checkpoint(out) and not overwrite:
-        raise BadInputError(f"{out} holds an interrupted run's checkpoint: pass --resume {out} to continue, or choose another -o")
-    check_output(out, overwrite)
-    return out
-
-
-def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "") -> dict[str, Any]:
-    """The interrupted run's options, refusing command-line options that contradict them."""
-    from mimc.errors import BadInputError
-
-    merged = dict(stored)
-    for key, value in given.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            merged[key] = merge_resumed(stored.get(key, {}), value, f"{path}{key}.")
-            continue
-        old = stored.get(key)
-        if isinstance(old, list):
-            old = tuple(old)
-        if old != value:
-            raise BadInputError(f"option {path}{key}={value!r} differs from the interrupted run's {old!r}: drop it to resume, or start a fresh run with another -o")
-    return merged
-
-
-def check_resume_source(run_dir: Path, encoder) -> dict[str, Any]:
-    """The checkpoint's meta, after checking it was made from this very model."""
-    from mimc.artifact import state_hash
-    from mimc.errors import BadInputError
-    from mimc.train.checkpoint import read_meta
-
-    meta = read_meta(run_dir)
-    if meta.get("source_sha256") != state_hash(encoder):
-        raise BadInputError(f"resume folder {run_dir} was written for a different model: pass the MODEL the run was started from")
-    return meta
-
-
-def run_training_stage(encoder, config, batches, run_dir: Path | None, resume: bool, checkpoint_every: int,
-                       teacher=None):
-    """compress() with the runtime options a learning stage reads; rank 0 shows the progress bar."""
-    from mimc.compression.registry import compress
-    from mimc.train import TrainRun
-    from mimc.train.dist import is_main_process
-
-    run = TrainRun(run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every, show_progress=is_main_process(),
-                   teacher=teacher)
-    return compress(encoder, config, batches, run=run)
-
-
-def finish(encoder, out: Path, overwrite: bool, record, json_out: bool, summary: dict[str, Any]) -> None:
-    """Rank 0 writes the artifact (replacing the run's checkpoint folder); every rank leaves the group."""
-    from mimc.artifact import save_artifact
-    from mimc.train.dist import is_main_process, shutdown
-
-    if is_main_process():
-        save_artifact(encoder, out, overwrite=overwrite)
-        result = {"output": str(out), **summary, "metrics": record.metrics, "seconds": record.seconds}
-        if json_out:
-            emit_json(result)
-        else:
-            shown = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float, str))}
-            console.print(f"[green]wrote[/] {out}  " + "  ".join(f"{k}={v}" for k, v in shown.items()), highlight=False)
-    shutdown()
+from mimc.cli.common import JsonOption, MODEL_HELP, handle_errors
+from mimc.cli.render import show, stage_line
 
 
 def register(app: typer.Typer) -> None:
@@ -119,43 +40,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Make every block Linear N:M sparse (exact pattern; the manifest records it for TensorRT)."""
-        from mimc.compression.nm import NMSparsityConfig
-        from mimc.models.nm_pattern import parse_pattern
-        from mimc.data import load_images
-        from mimc.errors import DataError
-        from mimc.models.resolve import load_model
-        from mimc.models.resolve import model_slug
+        import mimc
 
-        given_learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior, "seed": seed}
-        given = {"pattern": pattern, "method": method, "n_calib": n_calib, "update_weights": False if no_update else None,
-                 "seed": seed, "learned": given_learned}
-        if resume is None:
-            config = NMSparsityConfig.from_dict({k: v for k, v in given.items() if v is not None and k != "learned"}
-                                                | {"learned": {k: v for k, v in given_learned.items() if v is not None}})
-        else:
-            config = None
-        nn_, mm = parse_pattern(pattern or "2:4")
-        default_out = Path(f"{model_slug(model)}-{nn_}of{mm}")
-        learned = (config.method if config else "learned") == "learned"
-        run_dir = resolve_run_dir(output, resume, default_out, overwrite) if learned or resume else None
-        out = run_dir if run_dir is not None else (output if output is not None else default_out)
-        if run_dir is None:
-            resolve_run_dir(out, None, out, overwrite)  # the same occupied-output checks, before any work
-        if config is not None and config.needs_data and calib is None and data is None:
-            raise DataError(f"method '{config.method}' learns from images: pass --calib DIR or --data DIR (a folder, .npz/.npy or 'builtin')")
-
-        with console.status(f"loading {model}"):
-            encoder = load_model(model)
-        if resume is not None:
-            meta = check_resume_source(resume, encoder)
-            config = NMSparsityConfig.from_dict(merge_resumed(meta["stage"], given))
-            if calib is None and data is None:
-                raise DataError("resuming a learned run needs its images again: pass the same --data DIR")
-        images = data if (learned and data is not None) else (calib or data)
-        batches = None
-        if images is not None:
-            limit = n if learned else config.n_calib
-            with console.status(f"reading {images}"):
-                batches = list(load_images(images, encoder.config, n=limit, seed=config.seed).batches(64))
-        sparse, record = run_training_stage(encoder, config, batches, run_dir, resume is not None, checkpoint_every)
-        finish(sparse, out, overwrite or run_dir is not None, record, json_out, {"pattern": config.pattern, "method": config.method})
+        learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior}
+        report = mimc.sparsify(model, output, calib=calib, data=data, n=n, resume=resume, checkpoint_every=checkpoint_every,
+                               overwrite=overwrite, seed=seed, learned=learned, pattern=pattern, method=method,
+                               n_calib=n_calib, update_weights=False if no_update else None)
+        if report.written:  # under torchrun, rank 0 writes and reports
+            show(report, json_out, stage_line)

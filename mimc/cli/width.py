@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.render import fidelity_phrase, line, show
 
 
 def register(app: typer.Typer) -> None:
@@ -26,36 +27,16 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Structured width pruning: a narrower ViT (per-block widths in its config) that exports like any other."""
-        from mimc.artifact import save_artifact
-        from mimc.compression.registry import compress
-        from mimc.compression.width import WidthPruningConfig
-        from mimc.data import load_images
-        from mimc.errors import DataError
-        from mimc.models.resolve import load_model
-        from mimc.models.resolve import model_slug
-        from mimc.artifact import check_output
+        import mimc
 
-        config = WidthPruningConfig(mlp=mlp, heads=heads, criterion=criterion, round_to=round_to)
-        if config.needs_data and data is None:
-            raise DataError("criterion 'activation' measures activations on images: pass --data DIR (a folder, .npy/.npz or 'builtin')")
-        out = output if output is not None else Path(f"{model_slug(model)}-narrow")
-        check_output(out, overwrite)
-        with console.status(f"loading {model}"):
-            encoder = load_model(model)
-        batches = list(load_images(data, encoder.config, n=n, seed=seed).batches(32)) if data is not None else None
-        with console.status("scoring heads and neurons"):
-            new, record = compress(encoder, config, batches)
-        save_artifact(new, out, overwrite=overwrite)
-        m = record.metrics
-        result = {"output": str(out), "config": record.config, **{k: v for k, v in m.items() if k not in ("kept_neurons",)}}
-        if json_out:
-            emit_json(result)
-            return
-        fid = m["fidelity_deterministic"]["pooled_cosine_mean"]
-        line = (f"MLP widths {sorted(set(m['mlp_dims']))}, heads {sorted(set(m['heads']))} per block: params "
-                f"{m['params_before'] / 1e6:.2f}M -> {m['params_after'] / 1e6:.2f}M, MACs x{m['macs_ratio']:.3f}, "
-                f"pooled cosine to input {fid:.4f} (deterministic inputs)")
-        if m.get("fidelity_data"):
-            line += f", {m['fidelity_data']['pooled_cosine_mean']:.4f} on {data}"
-        console.print(line, highlight=False)
-        console.print(f"wrote {out}", highlight=False)
+        with status("scoring heads and neurons"):
+            report = mimc.width(model, output, data=data, n=n, seed=seed, overwrite=overwrite, mlp=mlp, heads=heads,
+                                criterion=criterion, round_to=round_to)
+        show(report, json_out, lambda r: _human(r, data))
+
+
+def _human(r: dict, data: str | None) -> None:
+    m = r["metrics"]
+    line(f"MLP widths {sorted(set(m['mlp_dims']))}, heads {sorted(set(m['heads']))} per block: params "
+         f"{m['params_before'] / 1e6:.2f}M -> {m['params_after'] / 1e6:.2f}M, MACs x{m['macs_ratio']:.3f}, " + fidelity_phrase(m, data))
+    line(f"wrote {r['output']}")

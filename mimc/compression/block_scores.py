@@ -26,7 +26,7 @@ took ~2.4 s and a torch int32 bincount ~2.2 s.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -234,3 +234,22 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / denom) if denom > 0 else None
+
+
+def inspect_blocks(encoder, batches=None, dtype: str = "fp16", hist_bins: int = 65536, seed: int = 0) -> dict[str, Any]:
+    """Scores of every criterion per block; with batches also ``sensitivity`` and Spearman vs it."""
+    scores, warnings = data_free_scores(encoder.blocks, DATA_FREE_CRITERIA, dtype, hist_bins, seed)
+    ids = encoder.config.kept_block_ids()
+    result: dict[str, Any] = {
+        "block_ids": ids,
+        "scores": scores,
+        "removal_order": {c: [ids[i] for i in removal_order(s)] for c, s in scores.items()},
+        "warnings": warnings,
+    }
+    if batches:
+        oracle = sensitivity_scores(encoder, batches)
+        result["scores"]["sensitivity"] = oracle
+        result["removal_order"]["sensitivity"] = [ids[i] for i in removal_order(oracle)]
+        # Every score means "low = remove first", so +1 is perfect agreement with the oracle.
+        result["spearman_vs_sensitivity"] = {c: spearman(s, oracle) for c, s in scores.items() if c != "sensitivity"}
+    return result

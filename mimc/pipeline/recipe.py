@@ -149,6 +149,11 @@ class Recipe:
         out["stages"] = [{s.kind: s.config.to_dict()} for s in self.steps]
         return out
 
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
     @property
     def needs_data(self) -> bool:
         return any(s.kind in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)

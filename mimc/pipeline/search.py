@@ -164,12 +164,14 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
 
 
 def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cache: dict, cand: Candidate):
-    """The candidate's encoder; prefixes (width, blocks, tokens, 2:4) are built once and shared."""
+    """The candidate's encoder, built by the pipeline's executor; prefixes (width, blocks, tokens,
+    2:4) are built once and shared through ``cache``."""
     from mimc.compression.blocks import BlockPruningConfig
     from mimc.compression.nm import NMSparsityConfig
-    from mimc.compression.registry import compress
     from mimc.compression.tokens import TokenReductionConfig
     from mimc.compression.width import WidthPruningConfig
+    from mimc.data import ImageSource
+    from mimc.pipeline.executor import Job, apply_model_stages
 
     steps = []
     if mlp:  # the activation criterion: 4x less feature error than weight norms on `ref` (ref_width_table)
@@ -180,14 +182,9 @@ def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cac
         steps.append(TokenReductionConfig(method="drop", keep=keep))
     if nm:
         steps.append(NMSparsityConfig(method="wanda", n_calib=len(calib)))
-    model = encoder
-    for k, config in enumerate(steps):
-        key = tuple(steps[: k + 1])
-        if key not in cache:
-            batches = list(calib.batches(32)) if config.needs_data else None
-            cache[key] = compress(model, config, batches)[0]
-        model = cache[key]
-        cand.stages.append({config.name: config.to_dict()})
+    job = Job(source=encoder, stages=steps, images=ImageSource.of(calib), n=None, batch_size=32)
+    model, _ = apply_model_stages(encoder, steps, job, cache=cache)
+    cand.stages += [{config.name: config.to_dict()} for config in steps]
     return model
 
 
@@ -198,7 +195,7 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
     tmp.mkdir(parents=True)
     cand.macs = float(flops_per_image(model.config))
     fp32 = tmp / "model.onnx"
-    export_onnx(model, fp32, batch=1, validate=False)
+    export_onnx(model, fp32, batch=1, validate=False)  # the export stage's graph, unvalidated (fidelity is measured below)
     cand.stages.append({"export": {"batch": 1}})
     graph, emulate = fp32, False
     if precision in ("int8", "fp8"):

@@ -1,0 +1,22 @@
+"""The verbs: one typed function per command, each returning a report with ``to_dict()``.
+
+Every CLI command is: parse options -> call one verb -> render its report. Model verbs (``prune``,
+``width``, ``tokens``, ``sparsify``, ``distill``) run one stage through the pipeline's executor;
+graph verbs (``export``, ``quantize``, ``build``, ``profile``) write or measure graphs; ``evaluate``
+and ``inspect`` measure; ``run`` executes a recipe and ``search`` finds the fastest faithful one.
+"""
+from __future__ import annotations
+
+from mimc.api._eval import EvalReport, InspectReport, evaluate, inspect
+from mimc.api._graph import BuildReport, ProfileReport, build, export, profile, quantize
+from mimc.api._model import distill, prune, sparsify, tokens, width
+from mimc.api._run import RunReport, SearchReport, profiles, recipe, run, search
+from mimc.api.reports import GraphReport, StageReport
+from mimc.errors import ConfigError, MimcError
+from mimc.pipeline.search import SearchSpace
+
+VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
+         "inspect", "run", "recipe", "search", "profiles")
+
+__all__ = [*VERBS, "StageReport", "GraphReport", "ProfileReport", "BuildReport", "EvalReport", "InspectReport",
+           "RunReport", "SearchReport", "SearchSpace", "MimcError", "ConfigError"]

@@ -1,0 +1,108 @@
+"""The measuring verbs: evaluate (fidelity to a reference, k-NN) and inspect (every block criterion)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mimc.api.reports import DictReport
+from mimc.errors import BadInputError, ConfigError
+
+
+class EvalReport(DictReport):
+    """Fidelity to the reference (one :class:`~mimc.metrics.Fidelity` spelling) and k-NN top-1 of both."""
+
+
+class InspectReport(DictReport):
+    """Per-block scores of every criterion (low = removed first); with images the oracle and Spearman vs it."""
+
+
+def evaluate(model, reference=None, data: Any = "builtin", *, n: int | None = None, seed: int = 0,
+             batch_size: int = 32) -> EvalReport:
+    """Feature fidelity of MODEL (an Encoder, a MODEL argument or a mimc ``.onnx``) to ``reference``, and k-NN."""
+    from mimc.evaluate import evaluate as _evaluate
+    from mimc.evaluate import load_for_eval
+
+    if n is not None and (isinstance(n, bool) or n < 1):
+        raise ConfigError(f"n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    cand = load_for_eval(model)
+    ref = load_for_eval(reference) if reference is not None else None
+    body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size)
+    name = lambda m: m if isinstance(m, (str, Path)) else None  # noqa: E731
+    return EvalReport({"model": name(model), "reference": name(reference), **body})
+
+
+def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp16", hist_bins: int = 65536,
+            batch_size: int = 32, seed: int = 0) -> InspectReport:
+    """Scores of every block criterion side by side; with ``data`` the oracle sensitivity and each
+    criterion's Spearman correlation with it; ``plot``: also write a PNG (``True``: ``./<model>-blocks.png``)."""
+    from mimc.compression.block_scores import ENTROPY_DTYPES, inspect_blocks
+    from mimc.data import ImageSource
+    from mimc.models.resolve import load_model
+
+    if dtype not in ENTROPY_DTYPES:
+        raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")
+    if hist_bins < 2:
+        raise ConfigError(f"hist_bins must be >= 2, got {hist_bins}")
+    if plot is True:
+        from mimc.models.resolve import model_slug
+
+        plot = Path(f"{model_slug(str(model))}-blocks.png")
+    if plot is not None:
+        plot = Path(plot)
+        if plot.suffix.lower() != ".png":
+            raise BadInputError(f"plot path {plot} does not end in .png: name a .png file")
+        if not plot.parent.is_dir():
+            raise BadInputError(f"folder {plot.parent} does not exist: create it or choose another plot path")
+        _pyplot()  # a missing matplotlib fails before the work, not after
+    encoder = load_model(model) if isinstance(model, (str, Path)) else model
+    batches = ImageSource(data, seed).batches(encoder.config, n, batch_size) if data is not None else None
+    result = inspect_blocks(encoder, batches, dtype, hist_bins, seed)
+    result["model"] = str(model) if isinstance(model, (str, Path)) else None
+    result["data"] = data
+    if plot is not None:
+        plot_scores(result, plot, f"block scores: {result['model'] or 'model'}")
+        result["plot"] = str(plot)
+    return InspectReport(result)
+
+
+def _pyplot():
+    from mimc.errors import MissingExtraError
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError("the inspect plot needs matplotlib, which is not installed: pip install matplotlib, or skip the plot") from None
+    matplotlib.use("Agg")  # no display needed; also keeps tests headless
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
+    """Min-max normalised scores per criterion against the block index (PNG), written atomically."""
+    from mimc.artifact import atomic_file
+
+    plt = _pyplot()
+    ids = result["block_ids"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    rho = result.get("spearman_vs_sensitivity", {})
+    for name, values in result["scores"].items():
+        lo, hi = min(values), max(values)
+        norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
+        label = name if name not in rho or rho[name] is None else f"{name} (ρ={rho[name]:+.2f})"
+        style = dict(lw=3, color="black") if name == "sensitivity" else dict(lw=1.3, marker="o", ms=3)
+        ax.plot(ids, norm, label=label, **style)
+    ax.set_xlabel("block (original index)")
+    ax.set_ylabel("score, min-max normalised (low = removed first)")
+    ax.set_xticks(ids)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+__all__ = ["evaluate", "inspect", "EvalReport", "InspectReport"]

@@ -1,0 +1,189 @@
+"""The graph verbs: export, quantize, build, profile.
+
+``export`` and ``quantize`` run the pipeline's graph stages: into the MODEL's own artifact when it
+is one (files added atomically and recorded in its ``mimc.json``), else into a new artifact that
+holds the weights and the graphs together.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mimc.api.reports import DictReport, GraphReport
+from mimc.errors import BadInputError
+
+ONNX_NAME = "model.onnx"
+
+
+class ProfileReport(DictReport):
+    """Latency per batch size, labelled measured or predicted (see :func:`mimc.latency.run.profile`)."""
+
+
+class BuildReport(DictReport):
+    """A TensorRT engine and its sidecar (GPU, TensorRT version, precision, sparsity picked)."""
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _slug(model: str) -> str:
+    name = Path(model.rstrip("/\\")).name or "model"
+    for suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "model"
+
+
+def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
+           validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
+    """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
+    from mimc.artifact import is_artifact
+    from mimc.models.resolve import describe_source, load_model
+    from mimc.pipeline.executor import Job, execute, extend
+    from mimc.pipeline.recipe import ExportOptions
+
+    config = ExportOptions(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
+    kind = describe_source(model)  # nonexistent path / not a model -> exit 2
+    in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
+    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{_slug(model)}-mimc"))
+    if not in_place and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        hint = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
+        raise BadInputError(f"output {out_dir} already exists and is not empty: choose another output or overwrite it{hint}")
+    encoder = load_model(model)
+    runtime = dict(validate=validate, force=force, seed=seed)
+    if in_place:
+        result = extend(out_dir, encoder, [config], export_options=runtime)
+    else:
+        if getattr(encoder, "manifest", None) is not None:
+            encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
+        result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
+    report = result.stages[-1].entry["report"]
+    return GraphReport(out_dir / ONNX_NAME, out_dir, report)
+
+
+def quantize(model: str, calib=None, output=None, *, precision: str = "int8", device: str = "cpu", config=None,
+             seed: int = 0, force: bool = False, **options) -> GraphReport:
+    """A calibrated int8/fp8 Q/DQ graph gated on held-out images: ``config`` (a
+    :class:`~mimc.quant.quantize.QuantizeConfig`) or its options, the graph layout picked by ``device``.
+
+    MODEL: an fp32 mimc ``.onnx`` (written beside it), an artifact (into it; exported first when it has
+    no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
+    from mimc.artifact import is_artifact, load_artifact
+    from mimc.data import ImageSource
+    from mimc.errors import DataError
+    from mimc.graph import encoder_config_of_graph
+    from mimc.models.resolve import load_model, model_slug
+    from mimc.pipeline.executor import Job, execute, extend
+    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file
+    from mimc.pipeline.recipe import ExportOptions
+
+    from mimc.pipeline.graph_stages import target_for_device
+    from mimc.quant.quantize import QuantizeConfig
+
+    if config is None:
+        config = QuantizeConfig(precision=precision, target=target_for_device(device, precision), **options)
+    if calib is None:
+        raise DataError("quantization needs calibration images: pass calib (a folder, .npz/.npy or 'builtin')")
+    images = ImageSource(calib, seed)
+    suffix = ".fp8.onnx" if config.precision == "fp8" else ".int8.onnx"
+    path = Path(model)
+    out = Path(output) if output is not None else None
+    if out is not None and out.suffix != ".onnx":
+        raise BadInputError(f"output {out} must end in .onnx: choose a path like model.int8.onnx")
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
+        cfg = encoder_config_of_graph(path)
+        out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
+        _check_folder(out)
+        report = quantize_file(path, out, images.draw(cfg, config.n + EVAL_IMAGES), config, seed, force, calib)
+        return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
+    if is_artifact(path) and (out is None or _same_dir(out, path / f"model{suffix}")):
+        encoder = load_artifact(path)
+        images.draw(encoder.config, config.n + EVAL_IMAGES)  # bad images: refused before an export is written
+        result = extend(path, encoder, [config], images=images, force=force, seed=seed)
+        report = result.stages[-1].entry["report"]
+        return GraphReport(Path(report["path"]), path, report)
+    encoder = load_artifact(path) if is_artifact(path) else load_model(model)
+    if out is not None:  # one graph file where asked; the fp32 graph it comes from is exported to a temp folder
+        _check_folder(out)
+        graph = path / ONNX_NAME if is_artifact(path) and (path / ONNX_NAME).is_file() else None
+        drawn = images.draw(encoder.config, config.n + EVAL_IMAGES)
+        with tempfile.TemporaryDirectory(prefix=".mimc-quantize.") as tmp:
+            if graph is None:
+                from mimc.deploy.onnx import export_onnx
+
+                graph = Path(tmp) / ONNX_NAME
+                export_onnx(encoder, graph)
+            report = quantize_file(graph, out, drawn, config, seed, force, calib)
+        return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
+    folder = Path(f"{model_slug(model)}-mimc")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise BadInputError(f"output {folder} already exists and is not empty: choose another output, or run `mimc quantize {folder}`")
+    images.draw(encoder.config, config.n + EVAL_IMAGES)
+    # Like `mimc export`: a new artifact holding the weights, model.onnx and the quantized graph.
+    result = execute(Job(source=encoder, stages=[ExportOptions(), config], images=images, seed=seed, force=force), folder)
+    report = result.stages[-1].entry["report"]
+    report["path"] = str(folder / f"model{suffix}")
+    return GraphReport(folder / f"model{suffix}", folder, report)
+
+
+def _check_folder(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise BadInputError(f"output folder {out.parent} does not exist: create it or choose another output path")
+
+
+def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, iters: int = 50, threads=None,
+            predict: bool = False, output=None, on_batch=None) -> ProfileReport:
+    """Latency p50/p90/p99, throughput and peak memory per batch size (measured), or a roofline
+    lower bound (predicted) for a device that is not here. ``output``: also write the JSON report."""
+    from mimc.artifact import write_json
+    from mimc.latency.run import check_model_path, parse_batch_sizes
+    from mimc.latency.run import profile as run_profile
+
+    if isinstance(batch_sizes, str):
+        batch_sizes = parse_batch_sizes(batch_sizes)  # "1,8"
+    model = Path(model)
+    check_model_path(model)
+    if output is not None and not Path(output).parent.is_dir():
+        raise BadInputError(f"output folder {Path(output).parent} does not exist: create it or choose another output")
+    if output is not None and Path(output).is_dir():
+        raise BadInputError(f"output {output} is a directory: give a file path like report.json")
+    report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
+                         threads=threads, on_batch=on_batch)
+    if output is not None:
+        write_json(output, report)
+    return ProfileReport(report)
+
+
+def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
+          sparse=None, output=None) -> BuildReport:
+    """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar;
+    every check that needs no GPU runs first, so bad input is refused here as on the target."""
+    from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
+    from mimc.graph import graph_inputs, graph_precision, load_graph, read_nm_pattern
+    from mimc.latency.devices import load_profile
+
+    if batch_range is None or isinstance(batch_range, str):
+        batch_range = parse_batch_range(batch_range)  # "1:4:8"
+    model = Path(model)
+    profile_ = load_profile(device)
+    if model.suffix != ".onnx":
+        raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
+    graph = load_graph(model)
+    settings = builder_settings(profile_, graph_precision(graph), graph_inputs(graph), precision=precision,
+                                batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
+                                nm_pattern=read_nm_pattern(model, graph))
+    del graph
+    out = Path(output) if output is not None else model.parent / f"{profile_.name}-{settings['precision']}.plan"
+    side = build_engine(model, profile_, out, batch_range=batch_range, workspace_gb=workspace_gb,
+                        timing_cache=timing_cache, sparse=sparse, precision=precision)
+    return BuildReport({"engine": str(out), "sidecar": side})
+
+
+__all__ = ["export", "quantize", "profile", "build", "ProfileReport", "BuildReport"]

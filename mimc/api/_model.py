@@ -1,0 +1,165 @@
+"""The model verbs: prune, width, tokens, sparsify, distill — one stage through the executor.
+
+Each takes a MODEL (``ref``, a path, a hub id, or an Encoder in memory), the stage's options, and
+where its images come from; it writes one artifact and returns a :class:`StageReport`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mimc.api.reports import StageReport
+from mimc.errors import DataError
+
+
+def _load(model):
+    from mimc.models.resolve import load_model
+
+    return load_model(model) if isinstance(model, (str, Path)) else model
+
+
+def _name(model) -> str:
+    return str(model) if isinstance(model, (str, Path)) else "model"
+
+
+def _default_output(model, suffix: str) -> Path:
+    from mimc.models.resolve import model_slug
+
+    return Path(f"{model_slug(_name(model))}-{suffix}")
+
+
+def run_stage(model, config, output, suffix: str, data=None, n: int | None = None, batch_size: int = 64, seed: int = 0,
+              overwrite: bool = False, teacher=None, run=None, preflight=None, encoder=None) -> StageReport:
+    """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
+    from mimc.artifact import check_output
+    from mimc.data import ImageSource
+    from mimc.pipeline.executor import Job, execute
+    from mimc.train.dist import is_main_process
+
+    if config.needs_data and data is None:
+        raise DataError(f"stage '{config.name}' with these options needs images: pass data (a folder, .npz/.npy or 'builtin')")
+    out = Path(output) if output is not None else _default_output(model, suffix)
+    if run is None:
+        check_output(out, overwrite)
+    encoder = encoder if encoder is not None else _load(model)
+    if preflight is not None:
+        preflight(encoder)
+    images = ImageSource(data, seed) if data is not None else None
+    if images is not None:
+        images.draw(encoder.config, n)  # unreadable or mis-shaped images: refused before any work
+    job = Job(source=encoder, stages=[config], images=images, n=n, batch_size=batch_size, teacher=teacher, run=run,
+              seed=seed, feed_images=True)
+    write = is_main_process()
+    result = execute(job, out, overwrite=overwrite or run is not None, write=write)
+    stage = result.stages[0]
+    return StageReport(out, stage.stage, stage.options, stage.entry, stage.seconds, _name(model), result.encoder, write)
+
+
+def prune(model: Any = "ref", output=None, *, data=None, n: int = 256, batch_size: int = 32, seed: int = 0,
+          overwrite: bool = False, **options) -> StageReport:
+    """Remove transformer blocks (options of :class:`~mimc.compression.blocks.BlockPruningConfig`)."""
+    from mimc.compression.blocks import BlockPruningConfig
+
+    config = BlockPruningConfig(**{"seed": seed, **options})
+    return run_stage(model, config, output, "pruned", data, n, batch_size, seed, overwrite,
+                     preflight=lambda enc: config.num_removed(enc.config.depth))
+
+
+def width(model: Any = "ref", output=None, *, data=None, n: int = 64, seed: int = 0, overwrite: bool = False,
+          **options) -> StageReport:
+    """Remove MLP neurons and attention heads (:class:`~mimc.compression.width.WidthPruningConfig`)."""
+    from mimc.compression.width import WidthPruningConfig
+
+    return run_stage(model, WidthPruningConfig(**options), output, "narrow", data, n, 32, seed, overwrite)
+
+
+def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageReport:
+    """Static token reduction (:class:`~mimc.compression.tokens.TokenReductionConfig`)."""
+    from mimc.compression.tokens import TokenReductionConfig
+    from mimc.errors import ConfigError
+
+    if options.get("method", "tome") == "tome" and options.get("r") is None and not options.get("r_list"):
+        raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)")
+    return run_stage(model, TokenReductionConfig(**options), output, "tokens", overwrite=overwrite)
+
+
+def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int | None = None, resume=None,
+             checkpoint_every: int = 100, overwrite: bool = False, seed: int | None = None, learned: dict | None = None,
+             **options) -> StageReport:
+    """N:M sparsity, one-shot or learned (:class:`~mimc.compression.nm.NMSparsityConfig`); a learned run
+    checkpoints into ``output`` and ``resume=OUTPUT`` continues it exactly."""
+    from mimc.compression.nm import NMSparsityConfig, parse_pattern
+    from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
+
+    given_learned = {**(learned or {}), "seed": seed}
+    given = {**options, "seed": seed, "learned": given_learned}
+    config = None
+    if resume is None:
+        config = NMSparsityConfig.from_dict({k: v for k, v in given.items() if v is not None and k != "learned"}
+                                            | {"learned": {k: v for k, v in given_learned.items() if v is not None}})
+    nn_, mm = parse_pattern(options.get("pattern") or "2:4")
+    default_out = _default_output(model, f"{nn_}of{mm}")
+    is_learned = (config.method if config else "learned") == "learned"
+    run_dir = resolve_run_dir(output, resume, default_out, overwrite) if is_learned or resume else None
+    out = run_dir if run_dir is not None else (Path(output) if output is not None else default_out)
+    if run_dir is None:
+        resolve_run_dir(out, None, out, overwrite)  # the same occupied-output checks, before any work
+    if config is not None and config.needs_data and calib is None and data is None:
+        raise DataError(f"method '{config.method}' learns from images: pass calib or data (a folder, .npz/.npy or 'builtin')")
+    encoder = _load(model)
+    if resume is not None:
+        config = NMSparsityConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
+        if calib is None and data is None:
+            raise DataError("resuming a learned run needs its images again: pass the same data")
+    images = data if (is_learned and data is not None) else (calib or data)
+    report = run_stage(model, config, out, "", images, n if is_learned else config.n_calib, 64, config.seed, overwrite,
+                       run=_run(run_dir, resume, checkpoint_every), encoder=encoder)
+    _leave_group()
+    return report
+
+
+def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None = None, resume=None,
+            checkpoint_every: int = 100, overwrite: bool = False, on_note=None, **options) -> StageReport:
+    """Recover a pruned model from the dense teacher's features (:class:`~mimc.compression.distill.DistillConfig`);
+    the teacher defaults to the source named in the model's manifest."""
+    from mimc.compression.distill import DistillConfig, default_teacher
+    from mimc.train.engine import supports_masking
+    from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
+
+    if data is None:
+        raise DataError("distill learns from unlabeled images: pass data (a folder, .npz/.npy or 'builtin')")
+    given = {k: v for k, v in options.items()}
+    config = DistillConfig.from_dict({k: v for k, v in given.items() if v is not None}) if resume is None else None
+    out = resolve_run_dir(output, resume, _default_output(model, "distilled"), overwrite)
+    encoder = _load(model)
+    teacher_model = _load(teacher) if teacher is not None else default_teacher(encoder)
+    if resume is not None:
+        config = DistillConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
+    elif given.get("mask_ratio") is None and not (supports_masking(encoder) and supports_masking(teacher_model)):
+        if on_note is not None:
+            on_note("this model needs every token (relative position bias or a token schedule): training without input masking")
+        config = DistillConfig.from_dict({**config.to_dict(), "mask_ratio": 0.0})
+    report = run_stage(model, config, out, "", data, n, 64, config.seed, True, teacher=teacher_model,
+                       run=_run(out, resume, checkpoint_every), encoder=encoder)
+    _leave_group()
+    report.metrics.setdefault("teacher", _name(teacher) if teacher is not None else (getattr(encoder, "manifest", None).source or {}).get("id"))
+    return report
+
+
+def _leave_group() -> None:
+    from mimc.train.dist import shutdown
+
+    shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
+
+
+def _run(run_dir, resume, checkpoint_every: int):
+    from mimc.train.dist import is_main_process
+    from mimc.train.config import TrainRun
+
+    if run_dir is None:
+        return None
+    return TrainRun(run_dir=Path(run_dir), resume=resume is not None, checkpoint_every=checkpoint_every,
+                      show_progress=is_main_process())
+
+
+__all__ = ["prune", "width", "tokens", "sparsify", "distill", "run_stage"]

@@ -1,0 +1,86 @@
+"""The whole-pipeline verbs: run (a recipe into one artifact) and search (the fastest faithful recipe)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from mimc.api.reports import DictReport
+from mimc.errors import ConfigError
+
+
+class RunReport(DictReport):
+    """A recipe run: per stage its options, seconds and what it measured (also ``OUT/run.json``)."""
+
+
+class SearchReport(DictReport):
+    """Every candidate with its latency and fidelity, the Pareto front and the best one."""
+
+
+def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False, force: bool = False,
+        on_stage: Callable | None = None) -> RunReport:
+    """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact."""
+    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
+    from mimc.pipeline.recipe_run import run_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe, data=data)
+    return RunReport(run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage))
+
+
+def recipe(source, data: str | None = None):
+    """A validated :class:`~mimc.pipeline.recipe.Recipe` from a YAML path, an artifact folder (its
+    recipe.yaml, else one assembled from mimc.json) or a mapping; ``data`` replaces its images."""
+    from mimc.pipeline.recipe import load_recipe, parse_recipe
+
+    return parse_recipe({**source, **({"data": data} if data else {})}) if isinstance(source, dict) else load_recipe(source, data=data)
+
+
+def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget_ms: float | None = None,
+           data: str = "builtin", n: int = 64, n_eval: int = 64, space=None, iters: int = 20, seed: int = 0,
+           output=None, overwrite: bool = False, on_candidate: Callable | None = None) -> SearchReport:
+    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search.SearchSpace`);
+    write ``search.json`` and the best candidate's ``recipe.yaml`` into ``output``."""
+    import numpy as np
+    import yaml
+
+    from mimc.artifact import atomic_dir, check_output
+    from mimc.data import ImageSource
+    from mimc.latency.devices import load_profile
+    from mimc.models.resolve import load_model, model_slug
+    from mimc.pipeline.search import SearchSpace, recipe_of
+    from mimc.pipeline.search import search as _search
+
+    for name, value in (("n", n), ("n_eval", n_eval), ("iters", iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    space = space if space is not None else SearchSpace()
+    load_profile(device)
+    out = Path(output) if output is not None else Path(f"{model_slug(str(model))}-search")
+    check_output(out, overwrite)
+    encoder = load_model(model) if isinstance(model, (str, Path)) else model
+    images = ImageSource(data, seed).draw(encoder.config, n + n_eval)
+    if len(images) <= n:
+        raise ConfigError(f"{data} has {len(images)} images, fewer than n={n} plus held-out ones: lower n")
+    calib, held = images.subset(np.arange(n)), images.subset(np.arange(n, len(images)))
+    result = _search(encoder, device, held, calib, space, min_cosine=min_cosine, budget_ms=budget_ms, iters=iters,
+                     on_candidate=on_candidate)
+    # a profile .yaml is named by its absolute path: the recipe may run from another folder
+    spec = str(Path(device).resolve()) if Path(device).suffix in (".yaml", ".yml") and Path(device).is_file() else device
+    recipe = recipe_of(result, str(model), data, n, seed, device=spec)
+    result = {"model": str(model), "data": data, **result, "output": str(out)}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "search.json").write_text(json.dumps({k: v for k, v in result.items() if k != "output"}, indent=2) + "\n")
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
+    return SearchReport(result)
+
+
+def profiles(device: str | None = None) -> list[Any]:
+    """The device profiles mimc knows (shipped), or the one named (a name or a .yaml path)."""
+    from mimc.latency.devices import available_profiles, load_profile
+
+    return [load_profile(device)] if device else [load_profile(n) for n in available_profiles()]
+
+
+__all__ = ["run", "recipe", "search", "profiles", "RunReport", "SearchReport"]

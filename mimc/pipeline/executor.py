@@ -1,0 +1,180 @@
+"""The one executor: an ordered list of stages over in-memory objects, into one artifact.
+
+Model stages (prune, width, tokens, sparsify, distill, smooth, repq: an encoder in, a new encoder
+out) run first, in memory, through :func:`mimc.compression.registry.compress`; graph stages
+(export, quantize, profile, eval: :mod:`mimc.pipeline.graph_stages`) then write into a temporary
+folder that becomes the output only when every stage succeeded. The single commands, ``mimc run``
+and ``mimc search`` all run stages through here:
+
+- :func:`execute` — a :class:`Job` into a new artifact folder (``mimc prune``, ``mimc run``, ...);
+- :func:`extend` — graph stages added to an existing artifact (``mimc export DIR``, ``mimc quantize DIR``);
+- :func:`apply_model_stages` — the model stages alone, in memory (``mimc search`` builds candidates so).
+
+Images enter as one :class:`mimc.data.ImageSource`; the teacher of a learning stage is an explicit
+field of the job, never ambient state.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mimc.artifact import atomic_dir, check_output, save_artifact
+
+RECIPE_NAME = "recipe.yaml"
+RUN_REPORT_NAME = "run.json"
+GRAPH_STAGES = ("export", "quantize", "profile", "eval")
+
+
+def is_model_stage(config) -> bool:
+    return config.name not in GRAPH_STAGES
+
+
+@dataclass
+class Job:
+    """Everything one execution needs, in memory."""
+
+    source: Any  # the Encoder the stages start from; the dense reference of profile / eval
+    stages: Sequence[Any]  # stage configs, model stages first
+    images: Any = None  # mimc.data.ImageSource for the stages that need images
+    n: int | None = 256  # images a data-driven model stage draws
+    batch_size: int = 64  # images per batch handed to a model stage
+    teacher: Any = None  # learning stages' teacher (default: ``source``)
+    run: Any = None  # mimc.train.config.TrainRun of a learning stage: run folder, resume, progress
+    force: bool = False  # keep graphs that fail their fidelity gate
+    seed: int = 0
+    export_options: dict[str, Any] = field(default_factory=dict)
+    feed_images: bool = False  # hand the images to every model stage (its data fidelity), not only to those that need them
+
+
+@dataclass
+class StageResult:
+    """One stage as it ran: its options, seconds and what it measured."""
+
+    stage: str
+    options: dict[str, Any]
+    seconds: float
+    entry: dict[str, Any] = field(default_factory=dict)  # metrics (model stage) or graph-stage fields
+    record: Any = None  # the StageRecord of a model stage
+
+    def to_dict(self) -> dict[str, Any]:
+        body = {"metrics": self.entry} if self.record is not None else {k: v for k, v in self.entry.items() if k != "report"}
+        return {"stage": self.stage, "options": self.options, "seconds": self.seconds, **body}
+
+
+@dataclass
+class RunResult:
+    output: Path | None
+    encoder: Any
+    stages: list[StageResult]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.output) if self.output is not None else None,
+                "stages": [s.to_dict() for s in self.stages], "seconds": self.seconds}
+
+
+def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Callable[[int, Any], None] | None = None,
+                       cache: dict | None = None) -> tuple[Any, list[StageResult]]:
+    """Run the model stages in order; ``cache`` (keyed by the stage prefix) shares work between calls."""
+    import dataclasses
+
+    from mimc.compression.registry import compress
+    from mimc.train.config import TrainRun
+
+    results = []
+    for i, config in enumerate(stages, 1):
+        if on_stage is not None:
+            on_stage(i, config)
+        key = tuple(stages[:i])
+        if cache is not None and key in cache:
+            encoder, record = cache[key]
+        else:
+            wants = config.needs_data or (job.feed_images and job.images is not None)
+            batches = job.images.batches(encoder.config, job.n, job.batch_size) if wants else None
+            # the teacher of a learning stage: the job's, else the dense source the run started from
+            run = dataclasses.replace(job.run or TrainRun(), teacher=job.teacher if job.teacher is not None else job.source)
+            encoder, record = compress(encoder, config, batches, run=run)
+            if cache is not None:
+                cache[key] = (encoder, record)
+        results.append(StageResult(config.name, config.to_dict(), record.seconds, record.metrics, record))
+    return encoder, results
+
+
+def run_graph_stages(ctx, stages: Sequence[Any], on_stage: Callable[[int, Any], None] | None = None,
+                     first_index: int = 1) -> list[StageResult]:
+    from mimc.pipeline.graph_stages import GRAPH_HANDLERS
+
+    results = []
+    for i, config in enumerate(stages, first_index):
+        if on_stage is not None:
+            on_stage(i, config)
+        start = time.perf_counter()
+        entry = GRAPH_HANDLERS[config.name](ctx, config)
+        results.append(StageResult(config.name, config.to_dict(), round(time.perf_counter() - start, 3), entry))
+    return results
+
+
+def execute(job: Job, output: str | Path | None, overwrite: bool = False, recipe: dict[str, Any] | None = None,
+            note: str | None = None, on_stage: Callable[[int, Any], None] | None = None, write: bool = True) -> RunResult:
+    """Run every stage of ``job`` and write one artifact at ``output``.
+
+    ``recipe``: also write the resolved recipe (``recipe.yaml``) and the run report (``run.json``)
+    beside the weights, as ``mimc run`` does. ``write=False`` (a non-zero torchrun rank) runs the
+    stages and writes nothing.
+    """
+    from mimc.pipeline.graph_stages import GraphContext
+
+    out = Path(output) if output is not None else None
+    if out is not None and write:
+        check_output(out, overwrite)
+    start = time.perf_counter()
+    model_stages = [c for c in job.stages if is_model_stage(c)]
+    graph_stages = [c for c in job.stages if not is_model_stage(c)]
+    encoder, results = apply_model_stages(job.source, model_stages, job, on_stage)
+    if out is None or not write:
+        return RunResult(out, encoder, results, round(time.perf_counter() - start, 3))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_artifact(encoder, tmp, overwrite=True)
+        ctx = GraphContext(folder=tmp, encoder=encoder, source=job.source, images=job.images, force=job.force,
+                           seed=job.seed, data_spec=job.images.spec if job.images is not None else None,
+                           export_options=dict(job.export_options))
+        results += run_graph_stages(ctx, graph_stages, on_stage, first_index=len(model_stages) + 1)
+        seconds = round(time.perf_counter() - start, 3)
+        if recipe is not None:
+            _write_run_files(tmp, recipe, note, results, out, seconds)
+    return RunResult(out, encoder, results, seconds)
+
+
+def extend(folder: str | Path, encoder, stages: Sequence[Any], images=None, force: bool = False, seed: int = 0,
+           export_options: dict[str, Any] | None = None, on_stage: Callable[[int, Any], None] | None = None) -> RunResult:
+    """Add graph stages to an existing artifact folder (each file written atomically, recorded in its mimc.json)."""
+    from mimc.pipeline.graph_stages import GraphContext
+
+    folder = Path(folder)
+    start = time.perf_counter()
+    last = folder / "model.onnx"
+    ctx = GraphContext(folder=folder, encoder=encoder, source=encoder, images=images, force=force, seed=seed,
+                       data_spec=images.spec if images is not None else None, export_options=dict(export_options or {}),
+                       last_graph=last if last.is_file() else None)
+    results = run_graph_stages(ctx, stages, on_stage)
+    return RunResult(folder, encoder, results, round(time.perf_counter() - start, 3))
+
+
+def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, results: list[StageResult], out: Path,
+                     seconds: float) -> None:
+    import yaml
+
+    report: dict[str, Any] = {"recipe": recipe, "output": str(out), "stages": [r.to_dict() for r in results]}
+    if note:
+        report["note"] = note
+    report["seconds"] = seconds
+    resolved = {k: v for k, v in recipe.items() if k != "output"}
+    (tmp / RECIPE_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
+    (tmp / RUN_REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "run_graph_stages",
+           "is_model_stage", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

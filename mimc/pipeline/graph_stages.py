@@ -1,0 +1,199 @@
+"""The graph stages: export, quantize, profile, eval — each a handler over one :class:`GraphContext`.
+
+A graph stage reads the in-memory state the executor hands it (the current encoder, the dense
+source, the image source, the artifact folder being written and the last graph in it) and writes
+its graph into that folder, recording it in the folder's ``mimc.json``. The same handlers serve
+``mimc run``, the single commands (``mimc export``, ``mimc quantize``) and ``mimc search``.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, write_json
+from mimc.errors import BadInputError, ConfigError, DataError
+
+EVAL_IMAGES = 32  # held-out images for the quantization fidelity gate (never used for calibration)
+QUANTIZE_BATCH = 16
+
+
+@dataclass
+class GraphContext:
+    """What a graph stage sees: objects in memory, and the folder it writes graphs into."""
+
+    folder: Path  # the artifact folder being written (a temporary one until the run succeeds)
+    encoder: Any  # the model the graphs are exported from
+    source: Any = None  # the dense source: profile's baseline, eval's reference
+    images: Any = None  # mimc.data.ImageSource
+    last_graph: Path | None = None
+    export_config: Any = None  # the export stage's options (profile's baseline is exported alike)
+    force: bool = False
+    seed: int = 0
+    data_spec: str | None = None  # recorded as the calibration source
+    export_options: dict[str, Any] = field(default_factory=dict)  # validate / force / seed of `mimc export`
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
+def graph_path(ctx: GraphContext, name: str | None) -> Path | None:
+    """``graph:`` of profile / eval: a file an earlier stage wrote, else the last graph."""
+    if name is None:
+        return ctx.last_graph
+    path = ctx.folder / name
+    if not path.is_file():
+        raise BadInputError(f"graph '{name}' was not written by an earlier stage of this run: "
+                            f"choose one of {sorted(p.name for p in ctx.folder.glob('*.onnx'))}")
+    return path
+
+
+# export -------------------------------------------------------------------------------------------
+def export_stage(ctx: GraphContext, config) -> dict[str, Any]:
+    from mimc.deploy.onnx import export_onnx
+
+    options = dict(batch=config.batch, opset=config.opset, exporter=config.exporter)
+    options.update(ctx.export_options)
+    report = export_onnx(ctx.encoder, ctx.folder / "model.onnx", **options)
+    ctx.last_graph, ctx.export_config = ctx.folder / "model.onnx", config
+    return {"file": "model.onnx", "validation": report.get("validation"), "report": report}
+
+
+# quantize -----------------------------------------------------------------------------------------
+def split_images(images, n: int, seed: int):
+    """(calibration subset, held-out subset), disjoint and seeded; held-out may be None for tiny sets."""
+    total = len(images)
+    order = np.random.default_rng(seed).permutation(total)
+    # A full held-out set when there are enough images, else a quarter of them (calibration keeps the rest).
+    n_eval = min(EVAL_IMAGES, max(total - n, total // 4))
+    held, rest = order[:n_eval], order[n_eval:]
+    calib = np.sort(rest[:n])
+    return images.subset(calib), (images.subset(np.sort(held)) if n_eval else None)
+
+
+def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
+    """The fp32 graph of the folder (exported first, with the defaults, when there is none) ->
+    ``model.<precision>.onnx``, calibrated on the image source, gated on disjoint held-out images."""
+    if ctx.images is None:
+        raise DataError("quantization needs calibration images: give the run a data source (data)")
+    graph = ctx.folder / "model.onnx"
+    if not graph.is_file():
+        from mimc.deploy.onnx import export_onnx
+
+        export_onnx(ctx.encoder, graph)
+    out = ctx.folder / f"model.{config.precision}.onnx"
+    report = quantize_file(graph, out, ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config,
+                           ctx.seed, ctx.force, ctx.data_spec or ctx.images.spec)
+    ctx.last_graph = out
+    return {"file": out.name, "fidelity": report["fidelity"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
+            "calibration_sha256": report["calibration_sha256"], "report": report}
+
+
+def quantize_file(graph: Path, out: Path, images, config, seed: int, force: bool, data_spec: str) -> dict[str, Any]:
+    """Quantize one fp32 mimc graph file; record it in the artifact's mimc.json when it sits in one."""
+    from mimc.quant.quantize import quantize_onnx
+
+    calib_set, held_out = split_images(images, config.n, seed)
+    held = held_out.batches(QUANTIZE_BATCH) if held_out is not None else None
+    report = quantize_onnx(graph, out, calib_set.batches(QUANTIZE_BATCH), config, held, force=force)
+    report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
+    report["calibration_source"] = str(data_spec)
+    report["held_out_images"] = len(held_out) if held_out is not None else 0
+    if is_artifact(out.parent):
+        record_graph(out, report)
+    return report
+
+
+def record_graph(out: Path, report: dict[str, Any]) -> None:
+    """Quantization changes the graph, not the weights: it is recorded under ``files[<graph>]``."""
+    manifest = read_manifest(out.parent)
+    metrics = {"fidelity": report["fidelity"], "calibration_sha256": report["calibration_sha256"],
+               "calibration_images": report["calibration_images"], "target": report["target"],
+               "fused_attention_blocks": report["fused_attention_blocks"]}
+    stage = StageRecord(name="quantize", config=report["config"], config_version=report["config_version"],
+                        metrics=metrics, seconds=report["seconds"], parent_hash=report["source"]["sha256"])
+    entry = {k: v for k, v in report.items() if k != "path"}
+    entry["stage"] = asdict(stage)
+    manifest.files[out.name] = entry
+    write_json(out.parent / MANIFEST_NAME, manifest.to_dict())
+
+
+def target_for_device(device: str, precision: str) -> str:
+    """A device profile name or YAML path -> the graph target; refuses precisions it lacks."""
+    from mimc.latency.devices import load_profile
+
+    profile = load_profile(device)
+    if precision not in profile.precisions:
+        raise ConfigError(f"device '{profile.name}' does not support {precision} (it has {', '.join(profile.precisions)}): "
+                          f"pick another device or precision")
+    return "cpu" if profile.backend == "onnxruntime-cpu" else "tensorrt"
+
+
+# profile ------------------------------------------------------------------------------------------
+def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
+    """The graph and, with ``baseline``, the dense source exported the same way, profiled alike."""
+    from mimc.deploy.onnx import export_onnx
+    from mimc.latency.run import profile
+
+    graph = graph_path(ctx, config.graph)
+    kwargs = dict(device=config.device, predict=config.predict, batch_sizes=list(config.batch_sizes) or None,
+                  warmup=config.warmup, iters=config.iters, threads=config.threads, precision=config.precision)
+    entry: dict[str, Any] = {"file": graph.name, "result": profile(graph, **kwargs)}
+    if config.baseline:
+        from mimc.pipeline.recipe import ExportOptions
+
+        with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
+            base = Path(base_dir) / "dense.onnx"
+            # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
+            # against a torchscript / opset-17 one (quantize without export exports the defaults)
+            same = ctx.export_config if ctx.export_config is not None else ExportOptions()
+            export_onnx(ctx.source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
+            entry["baseline"] = profile(base, **kwargs)
+            if entry["result"].get("label") == "measured" and entry["result"].get("backend") == "onnxruntime-cpu":
+                # Two separate worker runs would time the graphs one after the other; the ratio comes
+                # from both graphs timed together in alternating rounds instead.
+                from mimc.runtime.ort import time_interleaved
+
+                dense_ms, graph_ms = time_interleaved([base, graph], iters=config.iters, threads=config.threads)
+                entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
+                entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3)
+            else:  # predicted, or measured on a GPU: the two reports' own latencies
+                entry["speedup_vs_dense"] = _speedup(entry["baseline"], entry["result"])
+    return entry
+
+
+def _latency(report: dict[str, Any]) -> float | None:
+    results = report.get("results") or []
+    first = results[0] if results else {}
+    for key in ("p50_ms", "latency_ms"):  # measured, predicted
+        if isinstance(first.get(key), (int, float)):
+            return float(first[key])
+    return None
+
+
+def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
+    a, b = _latency(baseline), _latency(result)
+    return round(a / b, 3) if a and b else None
+
+
+# eval ---------------------------------------------------------------------------------------------
+def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
+    from mimc.data import ImageSource
+    from mimc.evaluate import evaluate, load_for_eval
+
+    graph = graph_path(ctx, config.graph)
+    model = load_for_eval(str(graph)) if graph is not None else ctx.encoder
+    images = ctx.images if ctx.images is not None else ImageSource("builtin", ctx.seed)
+    rep = evaluate(model, ctx.source, data=images, n=config.n, seed=ctx.seed, batch_size=config.batch_size)
+    return {"file": graph.name if graph is not None else "model.safetensors", **rep}
+
+
+GRAPH_HANDLERS: dict[str, Callable[[GraphContext, Any], dict[str, Any]]] = {
+    "export": export_stage,
+    "quantize": quantize_stage,
+    "profile": profile_stage,
+    "eval": eval_stage,
+}
+
+__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "record_graph", "target_for_device"]

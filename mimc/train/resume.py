@@ -1,0 +1,55 @@
+"""The run folder of a learning stage: refusing occupied or mismatched folders, and resuming exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mimc.errors import BadInputError
+
+
+def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
+    """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
+    from mimc.artifact import check_output, is_artifact
+    from mimc.train.checkpoint import has_checkpoint
+
+    if resume is not None:
+        if output is not None and Path(output).resolve() != Path(resume).resolve():
+            raise BadInputError(f"resume {resume} continues into its own folder: drop output {output} or make it the same folder")
+        if is_artifact(resume):
+            raise BadInputError(f"{resume} is a finished artifact, not an interrupted run: nothing to resume")
+        if not has_checkpoint(resume):
+            raise BadInputError(f"{resume} holds no training checkpoint: pass the output folder of an interrupted run")
+        return Path(resume)
+    out = Path(output) if output is not None else default
+    if out.exists() and has_checkpoint(out) and not overwrite:
+        raise BadInputError(f"{out} holds an interrupted run's checkpoint: resume {out} to continue, or choose another output")
+    check_output(out, overwrite)
+    return out
+
+
+def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """The interrupted run's options, refusing given options that contradict them."""
+    merged = dict(stored)
+    for key, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            merged[key] = merge_resumed(stored.get(key, {}), value, f"{path}{key}.")
+            continue
+        old = stored.get(key)
+        if isinstance(old, list):
+            old = tuple(old)
+        if old != value:
+            raise BadInputError(f"option {path}{key}={value!r} differs from the interrupted run's {old!r}: drop it to resume, or start a fresh run with another output")
+    return merged
+
+
+def check_resume_source(run_dir: Path, encoder) -> dict[str, Any]:
+    """The checkpoint's meta, after checking it was made from this very model."""
+    from mimc.artifact import state_hash
+    from mimc.train.checkpoint import read_meta
+
+    meta = read_meta(run_dir)
+    if meta.get("source_sha256") != state_hash(encoder):
+        raise BadInputError(f"resume folder {run_dir} was written for a different model: pass the MODEL the run was started from")
+    return meta
