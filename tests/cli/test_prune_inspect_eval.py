@@ -55,8 +55,8 @@ def test_main_job_on_ref_prune_export_eval(app, tmp_path):
     result = _invoke(app, ["prune", "ref", "--ratio", "0.5", "-o", half, "--json"])
     assert result.exit_code == 0, result.output
     pruned = json.loads(result.stdout)
-    assert len(pruned["removed_blocks"]) == 6 and len(pruned["kept_blocks"]) == 6
-    assert pruned["criterion"] == "entropy" and len(pruned["scores"]["entropy"]) == 12
+    assert len(pruned["metrics"]["removed_blocks"]) == 6 and len(pruned["metrics"]["kept_blocks"]) == 6
+    assert pruned["config"]["criterion"] == "entropy" and len(pruned["metrics"]["scores"]["entropy"]) == 12
     assert is_artifact(half) and load_artifact(half).config.depth == 6
 
     result = _invoke(app, ["export", half, "--json"])
@@ -89,8 +89,8 @@ def test_prune_sensitivity_uses_the_data(app, artifact, labelled_npz, tmp_path):
     result = _invoke(app, ["prune", artifact, "--keep", "4", "-c", "sensitivity", "--data", labelled_npz, "-o", tmp_path / "s", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    s = report["scores"]["sensitivity"]
-    assert sorted(report["removed_blocks"]) == sorted(sorted(range(6), key=lambda i: s[i])[:2])
+    s = report["metrics"]["scores"]["sensitivity"]
+    assert sorted(report["metrics"]["removed_blocks"]) == sorted(sorted(range(6), key=lambda i: s[i])[:2])
 
 
 class _RunsCodeWhenUnpickled:

@@ -26,7 +26,8 @@ def test_width_writes_a_narrow_artifact_and_records_the_stage(tmp_path, tiny_ima
                      "--round-to", "8", "-o", out, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["mlp_dims"] == [64] * 4 and report["heads"] == [2] * 4 and report["fidelity_data"]["n_images"] == 24
+    m = report["metrics"]
+    assert m["mlp_dims"] == [64] * 4 and m["heads"] == [2] * 4 and m["fidelity_data"]["n_images"] == 24
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["stages"][-1]["name"] == "width" and manifest["encoder"]["block_heads"] == [2] * 4
 
