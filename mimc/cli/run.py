@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         out = output if output is not None else default_output(parsed)
         with console.status("starting") as status:
             report = run_recipe(parsed, out, overwrite=overwrite, force=force,
-                                on_stage=lambda i, step: status.update(f"stage {i}/{len(parsed.steps)}: {step.kind}"))
+                                on_stage=lambda i, step: status.update(f"stage {i}/{len(parsed.steps)}: {step.name}"))
         if json_out:
             emit_json(report)
             return

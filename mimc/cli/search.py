@@ -20,7 +20,7 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
-    @handle_errors
+    @handle_errors(flags={"block_ratios": "--blocks", "token_keeps": "--keep", "mlp_ratios": "--mlp"})
     def search_(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         device: str = typer.Option("cpu", "--device", help="Target profile (cpu measured here; others predicted by roofline) or a .yaml."),

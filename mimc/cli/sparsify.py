@@ -96,7 +96,7 @@ def finish(encoder, out: Path, overwrite: bool, record, json_out: bool, summary:
 
 def register(app: typer.Typer) -> None:
     @app.command("sparsify")
-    @handle_errors
+    @handle_errors(flags={"update_weights": "--no-update"})
     def sparsify(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern along each Linear's input (default 2:4)."),

@@ -73,7 +73,7 @@ def default_teacher(encoder):
 
     source = _source_id(encoder)
     if not source:
-        raise ConfigError("the model's manifest names no source to distill from: pass --teacher SRC (e.g. ref)")
+        raise ConfigError("the model's manifest names no source to distill from: give teacher (e.g. ref)", option="teacher")
     return load_model(source)
 
 
@@ -115,7 +115,7 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
 
     batches = list(calibration_batches or [])
     if not batches:
-        raise DataError("distill needs unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
+        raise DataError("distill needs unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     teacher = current_run().teacher
     # The label recorded in the manifest: where the teacher came from.
     teacher_label = (_source_id(teacher) or "explicit") if teacher is not None else _source_id(encoder)

@@ -42,6 +42,7 @@ from torch import nn
 
 from mimc.errors import ConfigError, DataError, ValidationError
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.options import option
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -53,11 +54,11 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
         n_str, m_str = str(pattern).split(":")
         n, m = int(n_str), int(m_str)
     except ValueError:
-        raise ConfigError(f"N:M pattern '{pattern}' is not of the form N:M: pass e.g. --pattern 2:4") from None
+        raise ConfigError(f"pattern '{pattern}' is not of the form N:M: give e.g. pattern 2:4", option="pattern") from None
     if n < 1 or m < 2:
-        raise ConfigError(f"N:M pattern '{pattern}' needs N >= 1 and M >= 2: pass e.g. --pattern 2:4")
+        raise ConfigError(f"pattern '{pattern}' needs N >= 1 and M >= 2: give e.g. pattern 2:4", option="pattern")
     if n >= m:
-        raise ConfigError(f"N:M pattern '{pattern}' keeps N={n} of M={m}, which prunes nothing: N must be smaller than M (e.g. 2:4)")
+        raise ConfigError(f"pattern '{pattern}' keeps N={n} of M={m}, which prunes nothing: N must be smaller than M (e.g. 2:4)", option="pattern")
     return n, m
 
 
@@ -237,7 +238,7 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
                 lin.weight.mul_(masks[name])
         return masks
     if not pixels:
-        raise DataError(f"N:M method '{method}' needs calibration images: pass --calib DIR (a folder, .npz/.npy or 'builtin')")
+        raise DataError(f"N:M method '{method}' needs calibration images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     # Without a token schedule each block's input can be carried forward (one pass in all);
     # otherwise the encoder's own forward is re-run up to each block.
     carried = shared_bias = None
@@ -273,24 +274,18 @@ class NMSparsityConfig(StageConfig):
     name: ClassVar[str] = "sparsify"
     version: ClassVar[int] = 1
 
-    pattern: str = "2:4"
-    method: str = "magnitude"
-    n_calib: int = 128  # calibration images for wanda / sparsegpt (and the learned prior)
-    update_weights: bool = True  # sparsegpt: OBS update of the kept weights
-    damp: float = 0.01  # sparsegpt: damping, a fraction of the mean Hessian diagonal
-    blocksize: int = 128  # sparsegpt: columns per lazy-update block
-    calib_batch_size: int = 16
+    pattern: str = option("2:4", doc="N:M: keep N weights of every M consecutive inputs")
+    method: str = option("magnitude", choices=METHODS)
+    n_calib: int = option(128, ge=1, doc="calibration images for wanda / sparsegpt (and the learned prior)")
+    update_weights: bool = option(True, doc="sparsegpt: OBS update of the kept weights")
+    damp: float = option(0.01, ge=0, lt=1, doc="sparsegpt: damping, a fraction of the mean Hessian diagonal (usually 0.01)")
+    blocksize: int = option(128, ge=1, doc="sparsegpt: columns per lazy-update block")
+    calib_batch_size: int = option(16, ge=1)
     seed: int = 0
-    learned: Any = None  # NMLearnedConfig; None means its defaults
+    learned: Any = option(None, doc="MaskLLM's options (method learned); null: their defaults")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         parse_pattern(self.pattern)
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown N:M method '{self.method}': choose one of {', '.join(METHODS)}")
-        if self.n_calib < 1 or self.calib_batch_size < 1:
-            raise ConfigError("n_calib and calib_batch_size must be >= 1")
-        if not 0.0 <= self.damp < 1.0:
-            raise ConfigError(f"damp={self.damp} must be in [0, 1): the usual value is 0.01")
         from mimc.compression.nm_learned import NMLearnedConfig
 
         if self.learned is None:
@@ -298,7 +293,7 @@ class NMSparsityConfig(StageConfig):
         elif isinstance(self.learned, dict):
             object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned))
         elif not isinstance(self.learned, NMLearnedConfig):
-            raise ConfigError("sparsify option 'learned' must be a mapping of MaskLLM options")
+            raise ConfigError("learned must be a mapping of MaskLLM options", option="learned")
 
     @property
     def needs_data(self) -> bool:

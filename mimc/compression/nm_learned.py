@@ -170,7 +170,7 @@ def learn_nm_masks(encoder, config, calibration_batches) -> tuple[Any, dict[str,
     lc: NMLearnedConfig = config.learned
     batches = list(calibration_batches or [])
     if not batches:
-        raise ConfigError("learned N:M needs training images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
+        raise ConfigError("learned N:M needs training images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     pixels = torch.cat(batches)
     calib = calibration_pixels([pixels], config.n_calib, config.calib_batch_size)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from mimc.artifact import atomic_dir, check_output, save_artifact
 from mimc.errors import BadInputError, ConfigError
-from mimc.pipeline.recipe import RECIPE_NAME, RUN_REPORT_NAME, ExportOptions, Recipe, Step
+from mimc.pipeline.recipe import RECIPE_NAME, RUN_REPORT_NAME, ExportConfig, Recipe, Step, stage_key
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -27,9 +27,9 @@ def default_output(recipe: Recipe) -> Path:
 
 
 def _check_graph_needs(recipe: Recipe) -> None:
-    kinds = [s.kind for s in recipe.steps]
+    names = [s.name for s in recipe.steps]
     for step in recipe.steps:
-        if step.kind == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(kinds)):
+        if step.name == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(names)):
             raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
 
 
@@ -49,14 +49,14 @@ def _check_masking(recipe: Recipe, source) -> None:
 
     can_mask = supports_masking(source)
     for i, step in enumerate(recipe.steps, 1):
-        if step.kind == "tokens":
+        if step.name == "tokens":
             can_mask = False
-        ratio = getattr(step.config, "mask_ratio", 0.0) if step.kind == "distill" else \
-            (step.config.learned.mask_ratio if step.kind == "sparsify" and step.config.method == "learned" else 0.0)
+        ratio = getattr(step.config, "mask_ratio", 0.0) if step.name == "distill" else \
+            (step.config.learned.mask_ratio if step.name == "sparsify" and step.config.method == "learned" else 0.0)
         if ratio and not can_mask:
             why = "a tokens stage comes before it" if supports_masking(source) else "the model has a relative position bias or a token schedule"
-            option = "mask_ratio: 0" if step.kind == "distill" else "learned: {mask_ratio: 0}"
-            raise ConfigError(f"recipe: stage {i} ({step.kind}) masks {ratio:.0%} of the patches, which needs every token "
+            option = "mask_ratio: 0" if step.name == "distill" else "learned: {mask_ratio: 0}"
+            raise ConfigError(f"recipe: {stage_key(i - 1, step.name)} masks {ratio:.0%} of the patches, which needs every token "
                               f"and absolute positions, but {why}: set {option} in its options")
 
 
@@ -88,7 +88,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
         # distill's teacher is the recipe's source model (the dense encoder the run started from)
         with run_options(teacher=source):
             encoder, record = compress(encoder, step.config, batches)
-        report["stages"].append({"stage": step.kind, "options": step.config.to_dict(), "seconds": record.seconds,
+        report["stages"].append({"stage": step.name, "options": step.config.to_dict(), "seconds": record.seconds,
                                  "metrics": record.metrics})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_artifact(encoder, tmp, overwrite=True)
@@ -100,17 +100,17 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
             if on_stage is not None:
                 on_stage(i, step)
             t = time.perf_counter()
-            if step.kind == "export":
+            if step.name == "export":
                 entry, last_graph = _export(encoder, tmp, step.config), tmp / "model.onnx"
                 export_options = step.config
-            elif step.kind == "quantize":
+            elif step.name == "quantize":
                 entry = _quantize(tmp, step.config, recipe, force)
                 last_graph = tmp / entry["file"]
-            elif step.kind == "profile":
+            elif step.name == "profile":
                 entry = _profile(tmp, _graph(tmp, step.config.graph, last_graph), step.config, source, export_options)
             else:
                 entry = _eval(tmp, _graph(tmp, step.config.graph, last_graph), step.config, encoder, source, recipe)
-            report["stages"].append({"stage": step.kind, "options": step.config.to_dict(),
+            report["stages"].append({"stage": step.name, "options": step.config.to_dict(),
                                      "seconds": round(time.perf_counter() - t, 3), **entry})
         report["seconds"] = round(time.perf_counter() - start, 3)
         _write_yaml(tmp / RECIPE_NAME, {k: v for k, v in recipe.to_dict().items() if k != "output"})
@@ -164,7 +164,7 @@ def _profile(tmp: Path, graph: Path, options, source, export_options) -> dict[st
             base = Path(base_dir) / "dense.onnx"
             # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
             # against a torchscript / opset-17 one (quantize without export exports the defaults)
-            same = export_options if export_options is not None else ExportOptions()
+            same = export_options if export_options is not None else ExportConfig()
             export_onnx(source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
             entry["baseline"] = profile(base, **kwargs)
             if entry["result"].get("label") == "measured" and entry["result"].get("backend") == "onnxruntime-cpu":
