@@ -147,7 +147,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse an occupied output directory; commands call it before any work, atomic_dir again at the end."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise BadInputError(f"output {path} already exists and is not empty: choose another -o or pass --overwrite")
+        raise BadInputError(f"{path} already exists and is not empty: choose another output or allow overwrite", option=("output", "overwrite"))
 
 
 @contextlib.contextmanager

@@ -142,7 +142,7 @@ def _load_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray | None, list[
         files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
         class_names = None
     if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}: point --data at a folder of images")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}: point data at a folder of images", option="data")
     images = []
     for f, _ in files:
         try:

@@ -1,14 +1,39 @@
 """Typed errors. User mistakes exit 2, failures in the work exit 1.
 
 Each message is one line naming the problem and the fix; the CLI prints it without a traceback.
+The library speaks in option names: an error about an option carries its name (``option="ratio"``)
+and its message words it as that bare name (``ratio must be in (0, 1), got 1.5``). The CLI rephrases
+the name as its flag (``--ratio``), a recipe as its key (``stages[0].prune.ratio``); see
+:meth:`MimcError.phrased`.
 """
 from __future__ import annotations
 
+import re
+from typing import Mapping, Sequence
+
 
 class MimcError(Exception):
-    """Base class; `exit_code` is what the CLI returns."""
+    """Base class; `exit_code` is what the CLI returns; `options` the option names the message uses."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, option: str | Sequence[str] | None = None) -> None:
+        super().__init__(message)
+        self.options: tuple[str, ...] = (option,) if isinstance(option, str) else tuple(option or ())
+
+    def phrased(self, names: Mapping[str, str]) -> str:
+        """The message with each carried option's name replaced by ``names[option]`` (a flag, a key
+        path); an option missing from the message is named in front of it."""
+        message = str(self)
+        for option in self.options:
+            if option not in names:
+                continue
+            # a whole word only: not part of another name, a flag, a dotted key or a file name
+            pattern = re.compile(rf"(?<![\w.\-]){re.escape(option)}(?![\w\-]|\.\w)")
+            message, count = pattern.subn(lambda _: names[option], message)
+            if not count:
+                message = f"{names[option]}: {message}"
+        return message
 
 
 class BadInputError(MimcError):

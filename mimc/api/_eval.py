@@ -23,9 +23,9 @@ def evaluate(model, reference=None, data: Any = "builtin", *, n: int | None = No
     from mimc.evaluate import load_for_eval
 
     if n is not None and (isinstance(n, bool) or n < 1):
-        raise ConfigError(f"n must be >= 1, got {n}")
+        raise ConfigError(f"n must be >= 1, got {n}", option="n")
     if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
     body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size)
@@ -42,9 +42,9 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
     from mimc.models.resolve import load_model
 
     if dtype not in ENTROPY_DTYPES:
-        raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")
+        raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}", option="dtype")
     if hist_bins < 2:
-        raise ConfigError(f"hist_bins must be >= 2, got {hist_bins}")
+        raise ConfigError(f"hist_bins must be >= 2, got {hist_bins}", option="hist_bins")
     if plot is True:
         from mimc.models.resolve import model_slug
 

@@ -45,9 +45,9 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     from mimc.artifact import is_artifact
     from mimc.models.resolve import describe_source, load_model
     from mimc.pipeline.executor import Job, execute, extend
-    from mimc.pipeline.recipe import ExportOptions
+    from mimc.pipeline.recipe import ExportConfig
 
-    config = ExportOptions(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
+    config = ExportConfig(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
     kind = describe_source(model)  # nonexistent path / not a model -> exit 2
     in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
     out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{_slug(model)}-mimc"))
@@ -80,7 +80,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file
-    from mimc.pipeline.recipe import ExportOptions
+    from mimc.pipeline.recipe import ExportConfig
 
     from mimc.pipeline.graph_stages import target_for_device
     from mimc.quant.quantize import QuantizeConfig
@@ -88,7 +88,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     if config is None:
         config = QuantizeConfig(precision=precision, target=target_for_device(device, precision), **options)
     if calib is None:
-        raise DataError("quantization needs calibration images: pass calib (a folder, .npz/.npy or 'builtin')")
+        raise DataError("quantization needs calibration images: give calib (a folder, .npz/.npy or 'builtin')", option="calib")
     images = ImageSource(calib, seed)
     suffix = ".fp8.onnx" if config.precision == "fp8" else ".int8.onnx"
     path = Path(model)
@@ -127,7 +127,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
         raise BadInputError(f"output {folder} already exists and is not empty: choose another output, or run `mimc quantize {folder}`")
     images.draw(encoder.config, config.n + EVAL_IMAGES)
     # Like `mimc export`: a new artifact holding the weights, model.onnx and the quantized graph.
-    result = execute(Job(source=encoder, stages=[ExportOptions(), config], images=images, seed=seed, force=force), folder)
+    result = execute(Job(source=encoder, stages=[ExportConfig(), config], images=images, seed=seed, force=force), folder)
     report = result.stages[-1].entry["report"]
     report["path"] = str(folder / f"model{suffix}")
     return GraphReport(folder / f"model{suffix}", folder, report)

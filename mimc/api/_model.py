@@ -37,7 +37,7 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     from mimc.train.dist import is_main_process
 
     if config.needs_data and data is None:
-        raise DataError(f"stage '{config.name}' with these options needs images: pass data (a folder, .npz/.npy or 'builtin')")
+        raise DataError(f"stage '{config.name}' with these options needs images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     out = Path(output) if output is not None else _default_output(model, suffix)
     if run is None:
         check_output(out, overwrite)
@@ -79,7 +79,7 @@ def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageRe
     from mimc.errors import ConfigError
 
     if options.get("method", "tome") == "tome" and options.get("r") is None and not options.get("r_list"):
-        raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)")
+        raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)", option="r")
     return run_stage(model, TokenReductionConfig(**options), output, "tokens", overwrite=overwrite)
 
 
@@ -105,12 +105,12 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     if run_dir is None:
         resolve_run_dir(out, None, out, overwrite)  # the same occupied-output checks, before any work
     if config is not None and config.needs_data and calib is None and data is None:
-        raise DataError(f"method '{config.method}' learns from images: pass calib or data (a folder, .npz/.npy or 'builtin')")
+        raise DataError(f"method '{config.method}' learns from images: give calib or data (a folder, .npz/.npy or 'builtin')", option=("calib", "data"))
     encoder = _load(model)
     if resume is not None:
         config = NMSparsityConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
         if calib is None and data is None:
-            raise DataError("resuming a learned run needs its images again: pass the same data")
+            raise DataError("resuming a learned run needs its images again: give the same data", option="data")
     images = data if (is_learned and data is not None) else (calib or data)
     report = run_stage(model, config, out, "", images, n if is_learned else config.n_calib, 64, config.seed, overwrite,
                        run=_run(run_dir, resume, checkpoint_every), encoder=encoder)
@@ -127,7 +127,7 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
     from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
 
     if data is None:
-        raise DataError("distill learns from unlabeled images: pass data (a folder, .npz/.npy or 'builtin')")
+        raise DataError("distill learns from unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     given = {k: v for k, v in options.items()}
     config = DistillConfig.from_dict({k: v for k, v in given.items() if v is not None}) if resume is None else None
     out = resolve_run_dir(output, resume, _default_output(model, "distilled"), overwrite)

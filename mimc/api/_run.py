@@ -53,7 +53,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
 
     for name, value in (("n", n), ("n_eval", n_eval), ("iters", iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", option=name)
     space = space if space is not None else SearchSpace()
     load_profile(device)
     out = Path(output) if output is not None else Path(f"{model_slug(str(model))}-search")
@@ -61,7 +61,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     encoder = load_model(model) if isinstance(model, (str, Path)) else model
     images = ImageSource(data, seed).draw(encoder.config, n + n_eval)
     if len(images) <= n:
-        raise ConfigError(f"{data} has {len(images)} images, fewer than n={n} plus held-out ones: lower n")
+        raise ConfigError(f"{data} has {len(images)} images, fewer than n={n} plus held-out ones: lower n", option="n")
     calib, held = images.subset(np.arange(n)), images.subset(np.arange(n, len(images)))
     result = _search(encoder, device, held, calib, space, min_cosine=min_cosine, budget_ms=budget_ms, iters=iters,
                      on_candidate=on_candidate)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import typer
+from typer.models import OptionInfo
 from rich.console import Console
 from rich.markup import escape
 
@@ -20,8 +22,17 @@ JsonOption = typer.Option(False, "--json", help="Print a machine-readable result
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
 
 
-def handle_errors(fn: Callable) -> Callable:
-    """Turn MimcError into one line on stderr and its exit code; no traceback for user mistakes."""
+def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None = None) -> Callable:
+    """Turn MimcError into one line on stderr and its exit code; no traceback for user mistakes.
+
+    Library errors name options (``ratio``, ``data``); the line names this command's flags instead:
+    each option the error carries becomes the flag of the command parameter of that name
+    (``hist_bins`` -> ``--hist-bins``), or ``flags[option]`` where the flag differs from the
+    library's option (``@handle_errors(flags={"data": "--calib"})``).
+    """
+    if fn is None:
+        return functools.partial(handle_errors, flags=flags)
+    names = {**command_flags(fn), **(flags or {})}
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,13 +40,24 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except MimcError as exc:
             # escape: messages name extras like `pip install 'mimc[gpu]'`, which rich would eat as markup
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(exc.phrased(names))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def command_flags(fn: Callable) -> dict[str, str]:
+    """Parameter name -> its long flag, for a typer command's options (``fuse`` -> ``--fuse``)."""
+    out = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if isinstance(param.default, OptionInfo):
+            decls = [d.split("/")[0] for d in param.default.param_decls or () if d.startswith("--")]
+            if decls:
+                out[name] = decls[0]
+    return out
 
 
 def emit_json(data: Any) -> None:

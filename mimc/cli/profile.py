@@ -12,7 +12,7 @@ from mimc.cli.render import columns, line, note, show
 
 def register(app: typer.Typer) -> None:
     @app.command("profile")
-    @handle_errors
+    @handle_errors(flags={"batch_sizes": "--batch"})
     def profile(
         model: Path = typer.Argument(..., help="An .onnx graph (mimc export writes <artifact>/model.onnx) or a TensorRT .plan."),
         device: str = typer.Option("cpu", "--device", "-d", help="A device profile name (see `mimc profiles`) or a profile .yaml."),

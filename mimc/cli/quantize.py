@@ -12,7 +12,7 @@ from mimc.cli.render import line, note, show
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
-    @handle_errors
+    @handle_errors(flags={"data": "--calib", "quantize_attention_matmuls": "--attention"})
     def quantize(
         model: str = typer.Argument(..., help=MODEL_HELP + " Or an fp32 model.onnx written by mimc."),
         int8: bool = typer.Option(False, "--int8", help="INT8 W8A8 (the default)."),

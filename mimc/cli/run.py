@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             return
         with status("starting") as spinner:
             report = mimc.run(parsed, output, overwrite=overwrite, force=force,
-                              on_stage=lambda i, step: spinner.update(f"stage {i}/{len(parsed.steps)}: {step.kind}"))
+                              on_stage=lambda i, step: spinner.update(f"stage {i}/{len(parsed.steps)}: {step.name}"))
         show(report, json_out, _human)
 
 

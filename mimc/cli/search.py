@@ -12,7 +12,7 @@ from mimc.cli.render import columns, line, show
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
-    @handle_errors
+    @handle_errors(flags={"block_ratios": "--blocks", "token_keeps": "--keep", "mlp_ratios": "--mlp"})
     def search_(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         device: str = typer.Option("cpu", "--device", help="Target profile (cpu measured here; others predicted by roofline) or a .yaml."),

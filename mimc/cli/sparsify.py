@@ -17,7 +17,7 @@ from mimc.cli.render import show, stage_line
 
 def register(app: typer.Typer) -> None:
     @app.command("sparsify")
-    @handle_errors
+    @handle_errors(flags={"update_weights": "--no-update"})
     def sparsify(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern along each Linear's input (default 2:4)."),

@@ -18,7 +18,7 @@ EPILOG = (
 
 def register(app: typer.Typer) -> None:
     @app.command("tokens", epilog=EPILOG)
-    @handle_errors
+    @handle_errors(flags={"r_list": "--r"})
     def tokens(
         model: str = typer.Argument(..., help=MODEL_HELP),
         output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),

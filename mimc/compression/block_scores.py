@@ -128,7 +128,7 @@ def data_free_scores(
         if unique > DEGENERATE_UNIQUE_FRACTION:
             warnings.append(
                 f"entropy over exact {dtype} values is degenerate ({unique:.1%} of weight values are distinct, "
-                f"every block scores ~ln N): use --dtype fp16 or --criterion entropy_hist"
+                f"every block scores ~ln N): use dtype fp16 or criterion entropy_hist"
             )
     if "entropy_hist" in criteria:
         lo = min(float(a.min()) for w in weights for a in w) if depth else 0.0

@@ -23,6 +23,7 @@ from mimc.errors import ConfigError
 from mimc.models.vit import Encoder, flops_per_image
 from mimc.compression.block_scores import CRITERIA, ENTROPY_DTYPES, data_free_scores, removal_order, sensitivity_scores
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.options import option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,36 +34,24 @@ class BlockPruningConfig(StageConfig):
     name: ClassVar[str] = "prune"
     version: ClassVar[int] = 1
 
-    ratio: float | None = None
-    keep: int | None = None
-    blocks: tuple[int, ...] | None = None
-    criterion: str = "entropy"
+    ratio: float | None = option(None, gt=0, lt=1, doc="fraction of the blocks removed")
+    keep: int | None = option(None, ge=1, doc="how many blocks remain")
+    blocks: tuple[int, ...] | None = option(None, ge=0, min_items=1, doc="0-based positions removed")
+    criterion: str = option("entropy", choices=CRITERIA)
     seed: int = 0
-    hist_bins: int = 65536
-    dtype: str = "fp16"  # value precision the entropy criterion counts in (fp32 is degenerate)
+    hist_bins: int = option(65536, ge=2, doc="histogram bins of entropy_hist")
+    # value precision the entropy criterion counts in (fp32 is degenerate)
+    dtype: str = option("fp16", choices=ENTROPY_DTYPES)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         given = [n for n in ("ratio", "keep", "blocks") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ConfigError(f"block pruning needs exactly one of ratio, keep or blocks (got {given or 'none'}): pass --ratio R, --keep N or --blocks 3,5")
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"unknown criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
-        if self.dtype not in ENTROPY_DTYPES:
-            raise ConfigError(f"unknown entropy dtype '{self.dtype}': choose one of {', '.join(ENTROPY_DTYPES)}")
-        if isinstance(self.hist_bins, bool) or not isinstance(self.hist_bins, int) or self.hist_bins < 2:
-            raise ConfigError(f"hist_bins must be an integer >= 2, got {self.hist_bins!r}")
-        if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
-                raise ConfigError(f"ratio must be a fraction of blocks to remove, strictly between 0 and 1, got {self.ratio!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
-            raise ConfigError(f"keep must be a whole number of blocks >= 1, got {self.keep!r}")
+            raise ConfigError(f"block pruning takes exactly one of ratio, keep or blocks, got {given or 'none'}: give one, "
+                              "e.g. ratio 0.5", option=("ratio", "keep", "blocks"))
         if self.blocks is not None:
-            blocks = tuple(self.blocks)
-            if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
-                raise ConfigError(f"blocks must be a non-empty list of 0-based block indices, got {self.blocks!r}")
-            if len(set(blocks)) != len(blocks):
-                raise ConfigError(f"blocks lists an index twice ({list(blocks)}): give each block once")
-            object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+            if len(set(self.blocks)) != len(self.blocks):
+                raise ConfigError(f"blocks lists an index twice ({list(self.blocks)}): give each block once", option="blocks")
+            object.__setattr__(self, "blocks", tuple(sorted(self.blocks)))
 
     @property
     def needs_data(self) -> bool:
@@ -73,20 +62,20 @@ class BlockPruningConfig(StageConfig):
         if self.blocks is not None:
             bad = [b for b in self.blocks if b >= depth]
             if bad:
-                raise ConfigError(f"blocks {bad} do not exist: this model has {depth} blocks (0..{depth - 1})")
+                raise ConfigError(f"blocks {bad} do not exist in a model of depth {depth}: give indices 0..{depth - 1}", option="blocks")
             k = len(self.blocks)
         elif self.keep is not None:
             if self.keep > depth:
-                raise ConfigError(f"keep={self.keep} is more than the model's {depth} blocks: pass --keep between 1 and {depth}")
+                raise ConfigError(f"keep={self.keep} is more than the model's depth {depth}: give keep between 1 and {depth - 1}", option="keep")
             k = depth - self.keep
             if k == 0:
-                raise ConfigError(f"keep={self.keep} equals the model's depth, so nothing would be removed: pass --keep below {depth}")
+                raise ConfigError(f"keep={self.keep} equals the model's depth, so nothing would be removed: give keep below {depth}", option="keep")
         else:
             k = int(round(float(self.ratio) * depth))
             if k == 0:
-                raise ConfigError(f"ratio {self.ratio} of {depth} blocks rounds to 0 blocks removed: pass a ratio >= {0.5 / depth:.3g}")
+                raise ConfigError(f"ratio {self.ratio} of {depth} blocks rounds to 0 blocks removed: give ratio >= {0.5 / depth:.3g}", option="ratio")
             if k >= depth:
-                raise ConfigError(f"ratio {self.ratio} of {depth} blocks would remove every block: pass a ratio <= {(depth - 0.5) / depth:.3g}")
+                raise ConfigError(f"ratio {self.ratio} of {depth} blocks would remove every block: give ratio <= {(depth - 0.5) / depth:.3g}", option="ratio")
         if k >= depth:
             raise ConfigError(f"removing {k} of {depth} blocks leaves none: keep at least one block")
         return k

@@ -81,7 +81,7 @@ def default_teacher(encoder):
 
     source = _source_id(encoder)
     if not source:
-        raise ConfigError("the model's manifest names no source to distill from: pass --teacher SRC (e.g. ref)")
+        raise ConfigError("the model's manifest names no source to distill from: give teacher (e.g. ref)", option="teacher")
     return load_model(source)
 
 
@@ -115,7 +115,7 @@ def reapply_zeros(zeros: list[tuple[torch.nn.Linear, torch.Tensor]]) -> None:
 def distill(encoder, config: DistillConfig, calibration_batches=None, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     batches = list(calibration_batches or [])
     if not batches:
-        raise DataError("distill needs unlabeled images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
+        raise DataError("distill needs unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     teacher = run.teacher if run is not None else None
     # The label recorded in the manifest: where the teacher came from.
     teacher_label = (_source_id(teacher) or "explicit") if teacher is not None else _source_id(encoder)

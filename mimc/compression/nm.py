@@ -26,6 +26,7 @@ from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError
 from mimc.models.nm_pattern import check_nm, parse_pattern, validate_pattern
 from mimc.train.config import TrainRun
+from mimc.options import option
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -38,30 +39,26 @@ class NMSparsityConfig(StageConfig):
     name: ClassVar[str] = "sparsify"
     version: ClassVar[int] = 1
 
-    pattern: str = "2:4"
-    method: str = "magnitude"
-    n_calib: int = 128  # calibration images for wanda / sparsegpt (and the learned prior)
-    update_weights: bool = True  # sparsegpt: OBS update of the kept weights
-    damp: float = 0.01  # sparsegpt: damping, a fraction of the mean Hessian diagonal
-    blocksize: int = 128  # sparsegpt: columns per lazy-update block
-    calib_batch_size: int = 16
+    pattern: str = option("2:4", doc="N:M: keep N weights of every M consecutive inputs")
+    method: str = option("magnitude", choices=METHODS)
+    n_calib: int = option(128, ge=1, doc="calibration images for wanda / sparsegpt (and the learned prior)")
+    update_weights: bool = option(True, doc="sparsegpt: OBS update of the kept weights")
+    damp: float = option(0.01, ge=0, lt=1, doc="sparsegpt: damping, a fraction of the mean Hessian diagonal (usually 0.01)")
+    blocksize: int = option(128, ge=1, doc="sparsegpt: columns per lazy-update block")
+    calib_batch_size: int = option(16, ge=1)
     seed: int = 0
-    learned: Any = None  # NMLearnedConfig; None means its defaults
+    learned: Any = option(None, doc="MaskLLM's options (method learned); null: their defaults")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         parse_pattern(self.pattern)
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown N:M method '{self.method}': choose one of {', '.join(METHODS)}")
-        if self.n_calib < 1 or self.calib_batch_size < 1:
-            raise ConfigError("n_calib and calib_batch_size must be >= 1")
-        if not 0.0 <= self.damp < 1.0:
-            raise ConfigError(f"damp={self.damp} must be in [0, 1): the usual value is 0.01")
+        from mimc.compression.nm_learned import NMLearnedConfig
+
         if self.learned is None:
             object.__setattr__(self, "learned", NMLearnedConfig())
         elif isinstance(self.learned, dict):
             object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned))
         elif not isinstance(self.learned, NMLearnedConfig):
-            raise ConfigError("sparsify option 'learned' must be a mapping of MaskLLM options")
+            raise ConfigError("learned must be a mapping of MaskLLM options", option="learned")
 
     @property
     def needs_data(self) -> bool:

@@ -75,7 +75,7 @@ class NMLearnedConfig(TrainConfig, StageConfig):
     prior_strength: float = 3.0  # α: the prior's mask starts α·σ above the mean
     sigma0: float = 0.2
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.prior not in PRIORS:
             raise ConfigError(f"unknown MaskLLM prior '{self.prior}': choose one of {', '.join(PRIORS)}")
         if self.steps < 1 or self.batch_size < 1:
@@ -173,7 +173,7 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
     lc: NMLearnedConfig = config.learned
     batches = list(calibration_batches or [])
     if not batches:
-        raise ConfigError("learned N:M needs training images: pass --data DIR (a folder, .npz/.npy or 'builtin')")
+        raise ConfigError("learned N:M needs training images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     pixels = torch.cat(batches)
     calib = calibration_pixels([pixels], config.n_calib, config.calib_batch_size)
 

@@ -102,7 +102,7 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
                 lin.weight.mul_(masks[name])
         return masks
     if not pixels:
-        raise DataError(f"N:M method '{method}' needs calibration images: pass --calib DIR (a folder, .npz/.npy or 'builtin')")
+        raise DataError(f"N:M method '{method}' needs calibration images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     # Without a token schedule each block's input can be carried forward (one pass in all);
     # otherwise the encoder's own forward is re-run up to each block.
     carried = shared_bias = None

@@ -1,11 +1,9 @@
-"""Stage configs, the registry from config type to handler, and the one verb ``compress``.
+"""The registry from stage config type to handler, and the one verb ``compress``.
 
-A stage is a frozen dataclass with ``name``, ``version`` and ``needs_data`` class attributes.
-Configs round-trip through plain dicts (unknown keys rejected) so a manifest or a YAML recipe can
-replay them. A handler takes ``(encoder, config, calibration_batches)`` and returns
-``(new_encoder, metrics)``; it must not modify the encoder it was given. A learning stage's handler
-also takes ``run`` (a :class:`mimc.train.TrainRun`: checkpoints, resume, progress, teacher), which
-``compress`` passes on when its caller gives one.
+A stage's options are a :class:`mimc.options.StageConfig` (``name``, ``version``, ``needs_data``,
+declared validation, a dict round-trip that rejects unknown keys, so a manifest or a YAML recipe can
+replay them). A handler takes ``(encoder, config, calibration_batches)`` and returns
+``(new_encoder, metrics)``; it must not modify the encoder it was given.
 """
 from __future__ import annotations
 
@@ -13,49 +11,22 @@ import copy
 import dataclasses
 import inspect
 import time
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from mimc.artifact import Manifest, StageRecord, state_hash
 from mimc.errors import ConfigError, DataError
 from mimc.train.config import TrainRun
+from mimc.options import StageConfig  # re-exported: stage modules import it from here
+
+__all__ = ["StageConfig", "register", "config_types", "config_from_dict", "compress", "clone_encoder"]
 
 Handler = Callable[[Any, "StageConfig", "Iterable[torch.Tensor] | None"], "tuple[Any, dict[str, Any]]"]
 
 _HANDLERS: dict[type, Handler] = {}
 _CONFIGS: dict[str, type] = {}
 _TAKES_RUN: set[type] = set()  # config types whose handler takes the runtime options of a learning run
-
-
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
-    """Base of every stage's options."""
-
-    name: ClassVar[str] = "stage"
-    version: ClassVar[int] = 1
-
-    @property
-    def needs_data(self) -> bool:
-        """Whether this configuration needs calibration or training images."""
-        return False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown} for stage '{cls.name}': valid options are {sorted(known)}")
-        values = {}
-        for key, value in data.items():
-            # Lists from JSON/YAML become tuples where the field default is a tuple (frozen, hashable).
-            if isinstance(value, list):
-                value = tuple(value)
-            values[key] = value
-        return cls(**values)
 
 
 def register(config_type: type) -> Callable[[Handler], Handler]:
@@ -105,7 +76,7 @@ def compress(encoder, config: StageConfig, calibration_batches: Iterable[torch.T
     if handler is None:
         raise ConfigError(f"no handler registered for {type(config).__name__}")
     if config.needs_data and calibration_batches is None:
-        raise DataError(f"stage '{config.name}' with these options needs images: pass --data/--calib DIR (a folder, .npz/.npy or 'builtin')")
+        raise DataError(f"stage '{config.name}' with these options needs images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     parent_hash = state_hash(encoder)
     start = time.perf_counter()
     extra = {"run": run} if type(config) in _TAKES_RUN else {}

@@ -24,13 +24,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from mimc.errors import ConfigError, DataError
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.options import option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +40,8 @@ class SmoothQuantConfig(StageConfig):
 
     name: ClassVar[str] = "smooth"
     version: ClassVar[int] = 1
-    alpha: float = 0.5
-    max_batches: int | None = None  # None: every calibration batch
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"smooth alpha must be a number in [0, 1], got {self.alpha!r}: pass e.g. --smooth 0.5")
-        _check_max_batches(self.max_batches)
+    alpha: float = option(0.5, ge=0, le=1, doc="migration strength (0.5 balances activations and weights)")
+    max_batches: int | None = option(None, ge=1, doc="calibration batches used; null: all")
 
     @property
     def needs_data(self) -> bool:
@@ -63,21 +59,11 @@ class RepQConfig(StageConfig):
     name: ClassVar[str] = "repq"
     version: ClassVar[int] = 1
     symmetric: bool = False
-    max_batches: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.symmetric, bool):
-            raise ConfigError(f"repq symmetric must be true or false, got {self.symmetric!r}")
-        _check_max_batches(self.max_batches)
+    max_batches: int | None = option(None, ge=1, doc="calibration batches used; null: all")
 
     @property
     def needs_data(self) -> bool:
         return True
-
-
-def _check_max_batches(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"max_batches must be a positive integer or null, got {value!r}")
 
 
 # Calibration statistics ---------------------------------------------------------------------------
@@ -129,7 +115,7 @@ def channel_ranges(encoder, calibration_batches: Iterable[torch.Tensor], max_bat
             h.remove()
         encoder.train(was_training)
     if seen == 0:
-        raise DataError("no calibration batches: pass --calib DIR (a folder, .npz/.npy or 'builtin') with at least one image")
+        raise DataError("no calibration batches: give data (a folder, .npz/.npy or 'builtin') with at least one image", option="data")
     return {k: (v[0], v[1]) for k, v in stats.items()}
 
 

@@ -21,6 +21,7 @@ from mimc.errors import ConfigError
 from mimc.models import token_ops
 from mimc.models.vit import Encoder, flops_per_image
 from mimc.compression.registry import StageConfig, register
+from mimc.options import option
 
 DEFAULT_KEEP = {"topk": 0.7, "drop": 0.5}
 EVIT_BLOCKS = (4, 7, 10)  # EViT's reorganisation blocks for a 12-block ViT (1-based)
@@ -44,43 +45,31 @@ class TokenReductionConfig(StageConfig):
     name: ClassVar[str] = "tokens"
     version: ClassVar[int] = 1
 
-    method: str = "tome"
-    r: int = 0
-    r_list: tuple[int, ...] = ()
+    method: str = option("tome", choices=token_ops.METHODS)
+    r: int = option(0, ge=0, doc="tokens merged per block (ToMe)")
+    r_list: tuple[int, ...] = option((), ge=0, doc="tokens merged at each block (ToMe)")
     inflection: float = 0.0
-    keep: float | None = None  # None: 0.7 for topk, 0.5 for drop
-    at: tuple[int, ...] = ()
+    keep: float | None = option(None, gt=0, le=1, doc="fraction of patch tokens kept; null: 0.7 for topk, 0.5 for drop")
+    at: tuple[int, ...] = option((), ge=1, doc="1-based blocks where topk reduces tokens")
     fuse: bool = True
-    pattern: str = "grid"
+    pattern: str = option("grid", choices=token_ops.PATTERNS)
     prop_attn: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in token_ops.METHODS:
-            raise ConfigError(f"unknown token method '{self.method}': choose one of {', '.join(token_ops.METHODS)}")
-        if self.pattern not in token_ops.PATTERNS:
-            raise ConfigError(f"unknown drop pattern '{self.pattern}': choose one of {', '.join(token_ops.PATTERNS)}")
         if isinstance(self.r, (list, tuple)) and not self.r_list:  # r: [8, 8, 4] in a recipe = one value per block
             object.__setattr__(self, "r_list", tuple(self.r))
             object.__setattr__(self, "r", 0)
-        if not _is_int(self.r) or self.r < 0:
-            raise ConfigError(f"r must be a whole number of tokens >= 0, got {self.r!r}")
-        object.__setattr__(self, "r_list", tuple(self.r_list))
-        object.__setattr__(self, "at", tuple(self.at))
-        if any(not _is_int(v) or v < 0 for v in self.r_list):
-            raise ConfigError(f"r_list must hold whole numbers >= 0, got {list(self.r_list)}")
+        super().__post_init__()
+
+    def check(self) -> None:
         if self.method == "tome" and self.r_list and self.r:
-            raise ConfigError("give either r or r_list for ToMe, not both")
-        if self.keep is not None:
-            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
-                raise ConfigError(f"keep={self.keep!r} is out of range: give the fraction of tokens to keep, in (0, 1]")
+            raise ConfigError("give either r or r_list for ToMe, not both", option=("r", "r_list"))
         if self.method == "tome" and self.keep is not None:
-            raise ConfigError("ToMe takes r (tokens merged per block), not keep: pass --r")
+            raise ConfigError("ToMe takes r (tokens merged per block), not keep: give r", option=("r", "keep"))
         if self.method != "tome" and (self.r or self.r_list):
-            raise ConfigError(f"method '{self.method}' takes keep, not r: pass --keep")
+            raise ConfigError(f"method '{self.method}' takes keep, not r: give keep", option=("method", "keep", "r"))
         if self.method != "topk" and self.at:
-            raise ConfigError("--at only applies to --method topk")
-        if any(not _is_int(b) or b < 1 for b in self.at):
-            raise ConfigError(f"--at takes 1-based block numbers, got {list(self.at)}")
+            raise ConfigError("at only applies to method topk", option=("at", "method"))
 
     @property
     def keep_rate(self) -> float:
@@ -105,10 +94,6 @@ class TokenReductionConfig(StageConfig):
             sched = {"method": "drop", "keep": self.keep_rate, "pattern": self.pattern}
         token_ops.build_plan(cfg.replace(token_schedule=sched))  # raises ConfigError when it cannot run
         return sched
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def with_schedule(encoder: Encoder, schedule: dict[str, Any] | None) -> Encoder:

@@ -39,6 +39,7 @@ import torch
 from mimc.errors import ConfigError
 from mimc.models.vit import Encoder, build_encoder, flops_per_image
 from mimc.compression.registry import StageConfig, register
+from mimc.options import option
 
 CRITERIA = ("l2", "activation")
 
@@ -50,25 +51,15 @@ class WidthPruningConfig(StageConfig):
     name: ClassVar[str] = "width"
     version: ClassVar[int] = 1
 
-    mlp: float = 0.0
-    heads: float = 0.0
-    criterion: str = "l2"
-    round_to: int = 16
-    max_batches: int = 8
+    mlp: float = option(0.0, ge=0, lt=1, doc="fraction of each block's MLP neurons removed")
+    heads: float = option(0.0, ge=0, lt=1, doc="fraction of each block's attention heads removed")
+    criterion: str = option("l2", choices=CRITERIA)
+    round_to: int = option(16, ge=1, doc="MLP widths are kept a multiple of this")
+    max_batches: int = option(8, ge=1)
 
-    def __post_init__(self) -> None:
-        for key in ("mlp", "heads"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-                raise ConfigError(f"width {key} must be a fraction to remove in [0, 1), got {value!r}: pass e.g. --mlp 0.5")
+    def check(self) -> None:
         if self.mlp == 0 and self.heads == 0:
-            raise ConfigError("width pruning needs --mlp and/or --heads above 0: pass e.g. --mlp 0.5")
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"unknown width criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ConfigError(f"round_to must be a positive integer, got {self.round_to!r}")
-        if isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1:
-            raise ConfigError(f"max_batches must be a positive integer, got {self.max_batches!r}")
+            raise ConfigError("width pruning removes nothing: give mlp and/or heads above 0, e.g. mlp 0.5", option=("mlp", "heads"))
 
     @property
     def needs_data(self) -> bool:
@@ -114,7 +105,7 @@ def _scores(encoder: Encoder, config: WidthPruningConfig, batches: list[torch.Te
 def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
     """Mean |GELU output| per neuron and mean L2 norm of each head's attention output, per block."""
     if not batches:
-        raise ConfigError("width criterion 'activation' needs calibration images: pass --data DIR, or use --criterion l2")
+        raise ConfigError("criterion 'activation' needs calibration images: give data, or use criterion l2", option=("criterion", "data"))
     sums = [[None, None, 0] for _ in encoder.blocks]
     hooks = []
     for i, block in enumerate(encoder.blocks):
@@ -153,7 +144,7 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
     cfg = encoder.config
     if config.heads and cfg.rel_pos_bias == "shared":
         raise ConfigError("this model shares one relative position bias table across blocks: per-block head pruning would "
-                          "need per-block tables; prune the MLP only (--heads 0)")
+                          "need per-block tables; prune the MLP only (heads=0)", option="heads")
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores = _scores(encoder, config, batches)
     keep_neurons, keep_heads = [], []

@@ -91,20 +91,20 @@ def _pre_export_checks(encoder) -> None:
 def check_export_options(batch: Any, opset: int, exporter: str, precision: str) -> int | str:
     """Validate export options (the CLI calls this before loading anything); returns the batch."""
     if exporter not in EXPORTERS:
-        raise ConfigError(f"unknown exporter '{exporter}': choose one of {', '.join(EXPORTERS)}")
+        raise ConfigError(f"unknown exporter '{exporter}': choose one of {', '.join(EXPORTERS)}", option="exporter")
     if isinstance(batch, str):
         if batch == "dynamic":
             pass
         elif batch.isdigit():
             batch = int(batch)
         else:
-            raise ConfigError(f"batch '{batch}' is neither a positive integer nor 'dynamic': pass e.g. --batch 1 or --batch dynamic")
+            raise ConfigError(f"batch '{batch}' is neither a positive integer nor 'dynamic': give e.g. batch 1 or batch dynamic", option="batch")
     if not isinstance(batch, str) and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise ConfigError(f"batch must be a positive integer or 'dynamic', got {batch!r}: pass e.g. --batch 1")
+        raise ConfigError(f"batch must be a positive integer or 'dynamic', got {batch!r}: give e.g. batch 1", option="batch")
     if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ConfigError(f"opset {opset} is too old: mimc exports opset >= {MIN_OPSET} (LayerNormalization as one node)")
+        raise ConfigError(f"opset {opset} is too old: mimc exports opset >= {MIN_OPSET} (LayerNormalization as one node)", option="opset")
     if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET:
-        raise ConfigError(f"the torchscript exporter writes opsets {MIN_OPSET}-{TORCHSCRIPT_MAX_OPSET}: lower --opset or use --exporter dynamo")
+        raise ConfigError(f"torchscript export writes opsets {MIN_OPSET}-{TORCHSCRIPT_MAX_OPSET}: lower opset or use exporter dynamo", option=("opset", "exporter"))
     gate_for(precision)  # unknown precision -> ConfigError
     return batch
 
@@ -254,7 +254,8 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
     if failures and not force:
         raise ValidationError(
             f"exported graph fails the {precision} fidelity gate against the torch model ({'; '.join(failures)}): "
-            "nothing written; pass --force (force=True) to keep it anyway"
+            "nothing written; keep it anyway with force",
+            option="force",
         )
     return {
         **metrics,

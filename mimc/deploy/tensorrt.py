@@ -36,16 +36,16 @@ def parse_batch_range(text: str | None) -> tuple[int, int, int] | None:
     try:
         parts = [int(p) for p in str(text).split(":")]
     except ValueError:
-        raise ConfigError(f"--batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)") from None
+        raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch") from None
     if len(parts) == 1:
         parts = parts * 3
     elif len(parts) == 2:
         parts = [parts[0], parts[1], parts[1]]
     elif len(parts) != 3:
-        raise ConfigError(f"--batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)")
+        raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch")
     lo, opt, hi = parts
     if not 1 <= lo <= opt <= hi:
-        raise ConfigError(f"--batch '{text}' must satisfy 1 <= MIN <= OPT <= MAX")
+        raise ConfigError(f"batch '{text}' must satisfy 1 <= MIN <= OPT <= MAX", option="batch")
     return lo, opt, hi
 
 
@@ -68,18 +68,18 @@ def builder_settings(profile: DeviceProfile, graph_prec: str, inputs: dict[str, 
         raise ConfigError(f"device '{profile.name}' uses {profile.backend}; `mimc build` makes TensorRT engines: pick a TensorRT device (see `mimc profiles`)")
     precision = precision or graph_prec
     if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}", option="precision")
     if not profile.supports(precision):
         raise ConfigError(f"device '{profile.name}' has no {precision} (it has {', '.join(profile.precisions)}): choose one of those")
     if precision != graph_prec:
         # TensorRT 11 takes precision from the graph; only fp32 -> fp16 is a cast mimc writes here.
         if not (graph_prec == "fp32" and precision == "fp16"):
             hint = "run `mimc quantize` for int8/fp8 graphs" if precision in ("int8", "fp8") else "export a graph of that precision"
-            raise ConfigError(f"the graph is {graph_prec} but --precision {precision} was asked: {hint}")
+            raise ConfigError(f"the graph is {graph_prec} but precision {precision} was asked: {hint}", option="precision")
     if not 0 < workspace_gb <= profile.memory_gb:
-        raise ConfigError(f"--workspace-gb {workspace_gb} must be > 0 and at most the device's {profile.memory_gb} GB")
+        raise ConfigError(f"workspace_gb {workspace_gb} must be > 0 and at most the device's {profile.memory_gb} GB", option="workspace_gb")
     if sparse and not profile.sparse_tensor_cores:
-        raise ConfigError(f"device '{profile.name}' has no sparse tensor cores: drop --sparse")
+        raise ConfigError(f"device '{profile.name}' has no 2:4 tensor cores: build without sparse", option="sparse")
     notes = []
     if sparse is None:
         sparse = nm_pattern == "2:4" and profile.sparse_tensor_cores
@@ -96,7 +96,7 @@ def builder_settings(profile: DeviceProfile, graph_prec: str, inputs: dict[str, 
         if dims and dims[0] is not None:
             static = dims[0]
             if batch_range is not None and batch_range != (static, static, static):
-                raise ConfigError(f"the graph has a static batch of {static}: export with `--batch dynamic` to build for {':'.join(map(str, batch_range))}")
+                raise ConfigError(f"the graph has a static batch of {static}: re-export with batch dynamic to build for {':'.join(map(str, batch_range))}")
             rng = (static, static, static)
         else:
             rng = batch_range or (1, 1, max(profile.batch_sizes))
@@ -167,7 +167,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
     if not out_path.parent.is_dir():
         raise BadInputError(f"output folder {out_path.parent} does not exist: create it or choose another -o")
     if timing_cache is not None and not Path(timing_cache).parent.is_dir():
-        raise BadInputError(f"timing cache folder {Path(timing_cache).parent} does not exist: create it or choose another --timing-cache")
+        raise BadInputError(f"timing cache folder {Path(timing_cache).parent} does not exist: create it or choose another timing_cache", option="timing_cache")
     trt = import_tensorrt()
     device = device or CudaDevice()
     runtime = runtime_info(trt, device)
@@ -264,12 +264,12 @@ def _attach_timing_cache(config, timing_cache) -> tuple[Any, str | None]:
     if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return cache, None
     if not data:
-        raise MimcError("TensorRT could not create an empty timing cache: build without --timing-cache")
+        raise MimcError("TensorRT could not create an empty timing cache: build without timing_cache", option="timing_cache")
     fresh = config.create_timing_cache(b"")
     if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
-        raise MimcError("TensorRT could not create an empty timing cache: build without --timing-cache")
+        raise MimcError("TensorRT could not create an empty timing cache: build without timing_cache", option="timing_cache")
     return None, (f"timing cache {path.name} was made by another TensorRT version or GPU (or is damaged): "
-                  "built without it and left the file unchanged; pass a new --timing-cache path to keep one for this machine")
+                  "built without it and left the file unchanged; give a new timing_cache path to keep one for this machine")
 
 
 def _inspect_sparse_tactics(trt, logger, serialized) -> list[str] | None:

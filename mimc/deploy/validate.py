@@ -169,7 +169,8 @@ def check_gate(metrics: Mapping[str, Any], precision: str = "fp32", gate: Gate |
     if failures:
         raise ValidationError(
             f"{what} fails the {precision} fidelity gate ({'; '.join(failures)}): nothing written; "
-            "pass --force to keep it anyway"
+            "keep it anyway with force",
+            option="force",
         )
 
 

@@ -30,7 +30,7 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
     for item in items:
         s = str(item).strip()
         if not s.lstrip("-").isdigit() or int(s) < 1:
-            raise BadInputError(f"batch size '{s}' is not a positive integer: pass e.g. --batch 1,8")
+            raise BadInputError(f"batch_sizes: '{s}' is not a positive integer: give e.g. 1,8", option="batch_sizes")
         sizes.append(int(s))
     return sorted(set(sizes), key=sizes.index)
 
@@ -82,16 +82,16 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     prof = load_profile(device)
     sizes = parse_batch_sizes(batch_sizes)
     if warmup < 0 or iters < 1:
-        raise BadInputError(f"need --warmup >= 0 and --iters >= 1 (got {warmup}, {iters}): pass e.g. --warmup 10 --iters 50")
+        raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
     if threads is not None and threads < 1:
-        raise BadInputError(f"--threads must be >= 1, got {threads}: pass e.g. --threads 2")
+        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
     is_engine = path.suffix in ENGINE_SUFFIXES
     if precision is not None and not predict:
-        raise BadInputError(f"a precision override ({precision}) prices a graph by roofline: pass --predict, or profile a graph/engine built at {precision}")
+        raise BadInputError(f"precision {precision} prices a graph by roofline: turn on predict, or profile a graph/engine built at {precision}", option=("precision", "predict"))
 
     if predict:
         if is_engine:
-            raise BadInputError(f"--predict reads FLOPs and bytes from an ONNX graph, not an engine: pass the .onnx that {path.name} was built from")
+            raise BadInputError(f"predict reads FLOPs and bytes from an ONNX graph, not an engine: give the .onnx that {path.name} was built from", option="predict")
         roofline = _import("mimc.latency.roofline", "roofline prediction")
         sizes = sizes or _default_sizes(path, prof)
         results = []
@@ -113,7 +113,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     # GPU backends: measured on the device or not at all.
     if not cuda_available():
         raise DeviceUnavailableError(
-            f"device {prof.name} needs a CUDA GPU, none found: run on the target or pass --predict for a roofline estimate"
+            f"device {prof.name} needs a CUDA GPU, none found: run on the target or turn on predict for a roofline estimate",
+            option="predict",
         )
     if is_engine:
         trt = _import("mimc.runtime.trt", "TensorRT profiling")
@@ -124,7 +125,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     else:
         raise BadInputError(
             f"device '{prof.name}' runs TensorRT engines: build one with `mimc build {path} --device {prof.name}` "
-            "and profile the .plan, or pass --predict"
+            "and profile the .plan, or turn on predict",
+            option="predict",
         )
     report.setdefault("label", "measured")
     return report

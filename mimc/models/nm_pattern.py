@@ -21,11 +21,11 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
         n_str, m_str = str(pattern).split(":")
         n, m = int(n_str), int(m_str)
     except ValueError:
-        raise ConfigError(f"N:M pattern '{pattern}' is not of the form N:M: pass e.g. --pattern 2:4") from None
+        raise ConfigError(f"pattern '{pattern}' is not of the form N:M: give e.g. pattern 2:4", option="pattern") from None
     if n < 1 or m < 2:
-        raise ConfigError(f"N:M pattern '{pattern}' needs N >= 1 and M >= 2: pass e.g. --pattern 2:4")
+        raise ConfigError(f"pattern '{pattern}' needs N >= 1 and M >= 2: give e.g. pattern 2:4", option="pattern")
     if n >= m:
-        raise ConfigError(f"N:M pattern '{pattern}' keeps N={n} of M={m}, which prunes nothing: N must be smaller than M (e.g. 2:4)")
+        raise ConfigError(f"pattern '{pattern}' keeps N={n} of M={m}, which prunes nothing: N must be smaller than M (e.g. 2:4)", option="pattern")
     return n, m
 
 

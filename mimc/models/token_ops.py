@@ -232,7 +232,8 @@ def build_plan(cfg: Any) -> TokenPlan:
         raise ConfigError(f"unknown token reduction method {method!r}: use one of {', '.join(METHODS)}")
     if method in ("tome", "topk") and cfg.rel_pos_bias != "none":
         raise ConfigError(
-            f"token method '{method}' creates tokens without a grid position, which a relative position bias (BEiT) needs: use --method drop --pattern grid"
+            f"token method '{method}' creates tokens without a grid position, which a relative position bias (BEiT) needs: use method drop with pattern grid",
+            option=("method", "pattern"),
         )
     plan = TokenPlan(method=method, merge_r=[0] * cfg.depth, keep_k=[0] * cfg.depth)
     counts = [n]
@@ -247,7 +248,7 @@ def build_plan(cfg: Any) -> TokenPlan:
             n_kept = len(plan.drop_index)
         else:
             if cfg.rel_pos_bias != "none":
-                raise ConfigError("the variance pattern keeps different patches per image, so a relative position bias cannot follow it: use --pattern grid")
+                raise ConfigError("pattern 'variance' keeps different patches per image, so a relative position bias cannot follow it: use pattern grid", option="pattern")
             n_kept = plan.drop_keep = max(1, round(keep * cfg.num_patches))
         if n_kept == cfg.num_patches:
             plan.drop_index, plan.drop_keep = None, 0  # keep = 1: exactly the dense model
@@ -272,7 +273,7 @@ def build_plan(cfg: Any) -> TokenPlan:
         blocks = [int(b) for b in sched.get("blocks", [])]
         bad = [b + 1 for b in blocks if not 0 <= b < cfg.depth]
         if bad:
-            raise ConfigError(f"--at {bad} is beyond the model's {cfg.depth} blocks: give block numbers 1..{cfg.depth}")
+            raise ConfigError(f"at {bad} is beyond the model's {cfg.depth} blocks: give block numbers 1..{cfg.depth}", option="at")
         plan.fuse = bool(sched.get("fuse", True))
         plan.score = sched.get("score", "cls" if cfg.pooling == "cls" else "mean")
         if plan.score not in SCORES:

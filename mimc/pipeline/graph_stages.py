@@ -141,13 +141,13 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                   warmup=config.warmup, iters=config.iters, threads=config.threads, precision=config.precision)
     entry: dict[str, Any] = {"file": graph.name, "result": profile(graph, **kwargs)}
     if config.baseline:
-        from mimc.pipeline.recipe import ExportOptions
+        from mimc.pipeline.recipe import ExportConfig
 
         with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
             base = Path(base_dir) / "dense.onnx"
             # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
             # against a torchscript / opset-17 one (quantize without export exports the defaults)
-            same = ctx.export_config if ctx.export_config is not None else ExportOptions()
+            same = ctx.export_config if ctx.export_config is not None else ExportConfig()
             export_onnx(ctx.source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
             entry["baseline"] = profile(base, **kwargs)
             if entry["result"].get("label") == "measured" and entry["result"].get("backend") == "onnxruntime-cpu":

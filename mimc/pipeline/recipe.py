@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mimc.compression.registry import StageConfig, config_from_dict, config_types
+from mimc.compression.registry import config_from_dict, config_types
 from mimc.errors import BadInputError, ConfigError
+from mimc.options import StageConfig, option
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
@@ -36,15 +37,15 @@ GRAPH_STAGES = ("export", "quantize", "profile", "eval")
 
 
 @dataclass(frozen=True)
-class ExportOptions(StageConfig):
+class ExportConfig(StageConfig):
     """``export``: the fp32 graph ``model.onnx`` (see mimc.deploy.onnx.export_onnx)."""
 
     name: ClassVar[str] = "export"
-    batch: int | str = 1  # an int (static) or "dynamic"
-    opset: int = 17
-    exporter: str = "torchscript"
+    batch: int | str = option(1, doc="an integer (a static batch) or 'dynamic'")
+    opset: int = option(17, doc="ONNX opset")
+    exporter: str = option("torchscript", doc="torchscript or dynamo")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         from mimc.deploy.onnx import check_export_options
 
         # "2" (a quoted YAML number) becomes 2, so recipe.yaml and the graph agree on the batch
@@ -52,80 +53,61 @@ class ExportOptions(StageConfig):
 
 
 @dataclass(frozen=True)
-class ProfileOptions(StageConfig):
+class ProfileConfig(StageConfig):
     """``profile``: latency of the run's last graph on ``device`` and, with ``baseline``, of the
     source model's dense fp32 graph with the same settings in the same run (the speed-up)."""
 
     name: ClassVar[str] = "profile"
-    device: str = "cpu"
-    predict: bool = False  # roofline prediction instead of a measurement (devices that are absent)
-    graph: str | None = None  # a file in the artifact; None: the last graph the recipe wrote
-    baseline: bool = True
-    batch_sizes: tuple[int, ...] = ()  # empty: the graph's own batch
-    warmup: int = 10
-    iters: int = 50
-    threads: int | None = None
-    precision: str | None = None  # predict only: price the graph at this precision (an fp16 engine from fp32)
+    device: str = option("cpu", doc="a device profile name (cpu, h100, ...) or a profile .yaml")
+    predict: bool = option(False, doc="roofline prediction instead of a measurement (devices that are absent)")
+    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
+    baseline: bool = option(True, doc="also time the source model's dense fp32 graph (the speed-up)")
+    batch_sizes: tuple[int, ...] = option((), ge=1, doc="empty: the graph's own batch")
+    warmup: int = option(10, ge=0)
+    iters: int = option(50, ge=1)
+    threads: int | None = option(None, ge=1)
+    # predict only: price the graph at this precision (an fp16 engine from fp32)
+    precision: str | None = option(None, doc="predict only: price the graph at this precision")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         from mimc.latency.devices import load_profile
 
         prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
-        _check_bool(self, "predict", "baseline")
-        _check_int(self, "warmup", "iters", *(("threads",) if self.threads is not None else ()))
-        if self.graph is not None and not isinstance(self.graph, str):
-            raise ConfigError(f"profile graph must be a file name like model.int8.onnx, got {self.graph!r}")
         if self.precision is not None and (not self.predict or not prof.supports(self.precision)):
-            raise ConfigError(f"profile precision {self.precision!r} needs predict: true and a device that runs it ({prof.name}: {list(prof.precisions)})")
-        if self.warmup < 0 or self.iters < 1 or (self.threads is not None and self.threads < 1):
-            raise ConfigError(f"profile needs warmup >= 0, iters >= 1, threads >= 1 (got {self.warmup}, {self.iters}, {self.threads})")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"profile batch_sizes must be positive integers, got {list(self.batch_sizes)}")
+            raise ConfigError(f"precision {self.precision!r} needs predict on and a device that runs it ({prof.name}: {list(prof.precisions)})",
+                              option=("precision", "predict"))
 
 
 @dataclass(frozen=True)
-class EvalOptions(StageConfig):
+class EvalConfig(StageConfig):
     """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN."""
 
     name: ClassVar[str] = "eval"
-    graph: str | None = None
-    n: int | None = None
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.graph is not None and not isinstance(self.graph, str):
-            raise ConfigError(f"eval graph must be a file name like model.int8.onnx, got {self.graph!r}")
-        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
-            raise ConfigError(f"eval n must be a positive integer, got {self.n!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"eval batch_size must be a positive integer, got {self.batch_size!r}")
+    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
+    n: int | None = option(None, ge=1, doc="images evaluated; null: the recipe's n")
+    batch_size: int = option(32, ge=1)
 
 
-GRAPH_OPTIONS: dict[str, type] = {"export": ExportOptions, "profile": ProfileOptions, "eval": EvalOptions}
+GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "profile": ProfileConfig, "eval": EvalConfig}
 
 
-def _check_int(config, *names: str) -> None:
-    # before the range checks: a string there would fail them with a Python comparison error
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{config.name} option {name} must be an integer, got {value!r}")
-
-
-def _check_bool(config, *names: str) -> None:
-    for name in names:
-        if not isinstance(getattr(config, name), bool):
-            raise ConfigError(f"{config.name} option {name} must be true or false, got {getattr(config, name)!r}")
+def stage_key(index: int, name: str, option: str | None = None) -> str:
+    """Where a stage (0-based ``index``) or one of its options sits in a recipe: ``stages[2].prune.ratio``."""
+    return f"stages[{index}].{name}" + (f".{option}" if option else "")
 
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # the stage name
     config: StageConfig
 
     @property
+    def name(self) -> str:
+        """The stage's name, the recipe key (``prune``, ``export``, ...)."""
+        return self.config.name
+
+    @property
     def is_model_stage(self) -> bool:
-        return self.kind not in GRAPH_STAGES
+        return self.name not in GRAPH_STAGES
 
 
 @dataclass
@@ -146,7 +128,7 @@ class Recipe:
         out.update({"n": self.n, "seed": self.seed})
         if self.output is not None:
             out["output"] = self.output
-        out["stages"] = [{s.kind: s.config.to_dict()} for s in self.steps]
+        out["stages"] = [{s.name: s.config.to_dict()} for s in self.steps]
         return out
 
     def to_yaml(self) -> str:
@@ -156,7 +138,7 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        return any(s.kind in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)
+        return any(s.name in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
@@ -180,52 +162,42 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [{{prune: {{ratio: 0.5}}}}, export]")
-    steps = [_parse_step(item, i, where) for i, item in enumerate(stages, 1)]
+    steps = [_parse_step(item, i, where) for i, item in enumerate(stages)]
     _check_order(steps, where)
     _check_graph_names(steps, where)
     recipe = Recipe(model=model, steps=steps, data=data.get("data"), n=n, seed=seed, output=data.get("output"))
     if recipe.needs_data and recipe.data is None:
-        needing = [s.kind for s in steps if s.kind == "quantize" or (s.is_model_stage and s.config.needs_data)]
+        needing = [s.name for s in steps if s.name == "quantize" or (s.is_model_stage and s.config.needs_data)]
         raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
     return recipe
 
 
 def _parse_step(item: Any, index: int, where: str) -> Step:
     if isinstance(item, str):
-        kind, options = item, {}
+        name, options = item, {}
     elif isinstance(item, dict) and len(item) == 1:
-        kind, options = next(iter(item.items()))
+        name, options = next(iter(item.items()))
         options = {} if options is None else options
     else:
-        raise ConfigError(f"{where}: stage {index} must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {item!r}")
+        raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {item!r}")
     if not isinstance(options, dict):
-        raise ConfigError(f"{where}: options of stage {index} ({kind}) must be a mapping, got {options!r}")
-    valid = sorted(set(config_types()) | set(GRAPH_OPTIONS))
-    if kind not in valid:
-        raise ConfigError(f"{where}: unknown stage '{kind}' (stage {index}): known stages are {valid}")
-    _check_lists(GRAPH_OPTIONS.get(kind) or config_types()[kind], options, index, kind, where)
+        raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {options!r}")
+    valid = sorted(set(config_types()) | set(GRAPH_CONFIGS))
+    if name not in valid:
+        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {valid}")
     try:
-        if kind in GRAPH_OPTIONS:
-            config = GRAPH_OPTIONS[kind].from_dict(options)
+        if name in GRAPH_CONFIGS:
+            config = GRAPH_CONFIGS[name].from_dict(options)
         else:
-            config = config_from_dict(kind, options)
+            config = config_from_dict(name, options)
     except TypeError as exc:  # a wrong type the dataclass could not even take
-        raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
+        raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
     except ConfigError as exc:
-        raise ConfigError(f"{where}: stage {index} ({kind}): {exc}") from None
-    return Step(kind, config)
-
-
-def _check_lists(config_type: type, options: dict, index: int, kind: str, where: str) -> None:
-    """A list-valued option (tokens ``at``, prune ``blocks``, profile ``batch_sizes``) given one value
-    would otherwise fail inside the dataclass as "'int' object is not iterable"."""
-    import dataclasses
-
-    for f in dataclasses.fields(config_type):
-        value = options.get(f.name)
-        if value is not None and "tuple[" in str(f.type) and not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: stage {index} ({kind}): option '{f.name}' takes a list, got {value!r}: "
-                              f"write {f.name}: [{value}]")
+        # the library names options (`ratio`); a recipe names their keys (`stages[0].prune.ratio`)
+        if exc.options:
+            raise ConfigError(f"{where}: {exc.phrased({o: stage_key(index, name, o) for o in exc.options})}") from None
+        raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
+    return Step(config)
 
 
 def _check_graph_names(steps: list[Step], where: str) -> None:
@@ -235,47 +207,47 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
     written: list[str] = []
     batch: int | str = 1  # quantize without export exports a batch-1 graph itself
     last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
-    for i, step in enumerate(steps, 1):
-        if step.kind == "export":
+    for i, step in enumerate(steps):
+        if step.name == "export":
             written.append("model.onnx")
             batch = step.config.batch
             last = "model.onnx"
-        elif step.kind == "quantize":
+        elif step.name == "quantize":
             last = f"model.{step.config.precision}.onnx"
             written += [last] + ([] if "model.onnx" in written else ["model.onnx"])
             target[last] = step.config.resolved_target
-        elif step.kind in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
+        elif step.name in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
             hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
-            raise ConfigError(f"{where}: stage {i} ({step.kind}) reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
-        if step.kind == "profile" and not step.config.predict:
+            raise ConfigError(f"{where}: {stage_key(i, step.name)} reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
+        if step.name == "profile" and not step.config.predict:
             # a TensorRT Q/DQ graph on ONNX Runtime CPU times fp32 emulation of the int8 math (slower
             # than fp32), and TensorRT cannot parse the CPU graph's com.microsoft kernels
             name = step.config.graph or last
             backend = load_profile(step.config.device).backend
             if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
-                raise ConfigError(f"{where}: stage {i} (profile) would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
+                raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
                                   "quantize with target: cpu, or profile a GPU device with predict: true")
             if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
-                raise ConfigError(f"{where}: stage {i} (profile) would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
+                raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
                                   "quantize with target: tensorrt, or profile device: cpu")
         # a static graph runs one batch size only: found here, not after the model stages ran
-        if step.kind == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
-            raise ConfigError(f"{where}: stage {i} (profile) times batch sizes {list(step.config.batch_sizes)} of a graph exported with "
+        if step.name == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
+            raise ConfigError(f"{where}: {stage_key(i, 'profile')} times batch sizes {list(step.config.batch_sizes)} of a graph exported with "
                               f"batch {batch}: give the export stage batch: dynamic, or profile batch_sizes: [{batch}]")
 
 
 def _check_order(steps: list[Step], where: str) -> None:
     first_graph = next((i for i, s in enumerate(steps) if not s.is_model_stage), None)
     if first_graph is not None:
-        late = [s.kind for s in steps[first_graph:] if s.is_model_stage]
+        late = [s.name for s in steps[first_graph:] if s.is_model_stage]
         if late:
-            raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].kind}': "
+            raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].name}': "
                               "put prune/width/tokens/sparsify/distill before export/quantize/profile/eval")
-    kinds = [s.kind for s in steps]
-    for kind in ("export", "quantize"):
-        if kinds.count(kind) > 1:
-            raise ConfigError(f"{where}: stage '{kind}' appears {kinds.count(kind)} times: a run writes one {kind}ed graph")
-    if "export" in kinds and "quantize" in kinds and kinds.index("quantize") < kinds.index("export"):
+    names = [s.name for s in steps]
+    for name in ("export", "quantize"):
+        if names.count(name) > 1:
+            raise ConfigError(f"{where}: stage '{name}' appears {names.count(name)} times: a run writes one {name}ed graph")
+    if "export" in names and "quantize" in names and names.index("quantize") < names.index("export"):
         raise ConfigError(f"{where}: quantize comes before export: export first (quantize reads model.onnx)")
 
 
@@ -327,10 +299,10 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
             stages.append({"quantize": entry["config"]})
             recorded = entry.get("calibration_source")
             break
-    data = data if data is not None else recorded  # model stages do not record their images: --data
+    data = data if data is not None else recorded  # model stages do not record their images: mimc run --data
     recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
     notes = []
-    learned = [s.kind for s in recipe.steps if s.is_model_stage and s.config.needs_data]
+    learned = [s.name for s in recipe.steps if s.is_model_stage and s.config.needs_data]
     if learned:
         # mimc.json keeps each stage's options but not which images it drew (count, seed, order)
         notes.append(f"{path}/mimc.json does not record the images stage(s) {learned} drew: the replay draws n={recipe.n} "
@@ -343,5 +315,5 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     return recipe
 
 
-__all__ = ["Recipe", "Step", "ExportOptions", "ProfileOptions", "EvalOptions", "parse_recipe", "load_recipe",
+__all__ = ["Recipe", "Step", "ExportConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
            "recipe_from_artifact", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

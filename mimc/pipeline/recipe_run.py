@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from mimc.artifact import check_output
 from mimc.errors import BadInputError, ConfigError
-from mimc.pipeline.recipe import Recipe, Step
+
+from mimc.pipeline.recipe import Recipe, Step, stage_key
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -22,9 +23,9 @@ def default_output(recipe: Recipe) -> Path:
 
 
 def _check_graph_needs(recipe: Recipe) -> None:
-    kinds = [s.kind for s in recipe.steps]
+    names = [s.name for s in recipe.steps]
     for step in recipe.steps:
-        if step.kind == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(kinds)):
+        if step.name == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(names)):
             raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
 
 
@@ -44,14 +45,14 @@ def _check_masking(recipe: Recipe, source) -> None:
 
     can_mask = supports_masking(source)
     for i, step in enumerate(recipe.steps, 1):
-        if step.kind == "tokens":
+        if step.name == "tokens":
             can_mask = False
-        ratio = getattr(step.config, "mask_ratio", 0.0) if step.kind == "distill" else \
-            (step.config.learned.mask_ratio if step.kind == "sparsify" and step.config.method == "learned" else 0.0)
+        ratio = getattr(step.config, "mask_ratio", 0.0) if step.name == "distill" else \
+            (step.config.learned.mask_ratio if step.name == "sparsify" and step.config.method == "learned" else 0.0)
         if ratio and not can_mask:
             why = "a tokens stage comes before it" if supports_masking(source) else "the model has a relative position bias or a token schedule"
-            option = "mask_ratio: 0" if step.kind == "distill" else "learned: {mask_ratio: 0}"
-            raise ConfigError(f"recipe: stage {i} ({step.kind}) masks {ratio:.0%} of the patches, which needs every token "
+            option = "mask_ratio: 0" if step.name == "distill" else "learned: {mask_ratio: 0}"
+            raise ConfigError(f"recipe: {stage_key(i - 1, step.name)} masks {ratio:.0%} of the patches, which needs every token "
                               f"and absolute positions, but {why}: set {option} in its options")
 
 

@@ -34,31 +34,29 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import ConfigError
+from mimc.options import Options, option
 
 CPU_PRECISIONS = ("fp32", "int8")
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
-class SearchSpace:
-    block_ratios: tuple[float, ...] = (0.0, 0.25, 0.5)
-    token_keeps: tuple[float, ...] = (1.0, 0.75, 0.5)
-    precisions: tuple[str, ...] | None = None  # None: what the device runs (cpu: fp32, int8)
+class SearchSpace(Options):
+    block_ratios: tuple[float, ...] = option((0.0, 0.25, 0.5), ge=0, lt=1, min_items=1, doc="fractions of blocks removed")
+    token_keeps: tuple[float, ...] = option((1.0, 0.75, 0.5), gt=0, le=1, min_items=1, doc="fractions of patches kept")
+    # None: what the device runs (cpu: fp32, int8)
+    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "fp16", "int8", "fp8"))
     nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
-    mlp_ratios: tuple[float, ...] = (0.0,)  # fractions of MLP neurons removed (width stage, activation criterion)
+    # fractions of MLP neurons removed (width stage, activation criterion)
+    mlp_ratios: tuple[float, ...] = option((0.0,), ge=0, lt=1, min_items=1, doc="fractions of MLP neurons removed")
 
     def __post_init__(self) -> None:
-        # --blocks 0,0,0.5 or --keep 1,1.0: each distinct value once (duplicates would build and time
+        # blocks 0,0,0.5 or keep 1,1.0: each distinct value once (duplicates would build and time
         # the same candidate twice and list it twice)
         for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios"):
-            if getattr(self, name) is not None:
+            if isinstance(getattr(self, name), (list, tuple)):
                 object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
-        if not self.block_ratios or any(not 0.0 <= r < 1.0 for r in self.block_ratios):
-            raise ConfigError(f"block ratios must lie in [0, 1), got {list(self.block_ratios)}: pass e.g. --blocks 0,0.25,0.5")
-        if not self.token_keeps or any(not 0.0 < k <= 1.0 for k in self.token_keeps):
-            raise ConfigError(f"token keep fractions must lie in (0, 1], got {list(self.token_keeps)}: pass e.g. --keep 1,0.75,0.5")
-        if not self.mlp_ratios or any(not 0.0 <= r < 1.0 for r in self.mlp_ratios):
-            raise ConfigError(f"MLP width fractions must lie in [0, 1), got {list(self.mlp_ratios)}: pass e.g. --mlp 0,0.5")
+        super().__post_init__()
 
 
 @dataclass
@@ -100,10 +98,11 @@ def _precisions(space: SearchSpace, prof) -> tuple[str, ...]:
     wanted = space.precisions or (CPU_PRECISIONS if prof.backend == "onnxruntime-cpu" else
                                   tuple(p for p in GPU_PRECISIONS if prof.supports(p)))
     if prof.backend == "onnxruntime-cpu" and set(wanted) - set(CPU_PRECISIONS):
-        raise ConfigError(f"ONNX Runtime CPU runs fp32 and int8 graphs, not {sorted(set(wanted) - set(CPU_PRECISIONS))}: pass --precisions fp32,int8")
+        raise ConfigError(f"ONNX Runtime CPU runs fp32 and int8 graphs, not {sorted(set(wanted) - set(CPU_PRECISIONS))}: give precisions fp32,int8",
+                          option="precisions")
     bad = [p for p in wanted if not prof.supports(p) or p not in CPU_PRECISIONS + GPU_PRECISIONS]
     if bad:
-        raise ConfigError(f"device '{prof.name}' cannot run {bad} (it has {list(prof.precisions)}): drop them from --precisions")
+        raise ConfigError(f"device '{prof.name}' cannot run {bad} (it has {list(prof.precisions)}): drop them from precisions", option="precisions")
     return tuple(wanted)
 
 
@@ -118,9 +117,9 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
 
     prof = load_profile(device)
     if not 0.0 < min_cosine <= 1.0:
-        raise ConfigError(f"min cosine must be in (0, 1], got {min_cosine}: pass e.g. --min-cosine 0.98")
+        raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine}: e.g. 0.98", option="min_cosine")
     if budget_ms is not None and not budget_ms > 0:
-        raise ConfigError(f"latency budget must be a positive number of milliseconds, got {budget_ms}: pass e.g. --budget-ms 5")
+        raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
     precisions = _precisions(space, prof)
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
     if not predict and prof.backend != "onnxruntime-cpu":
@@ -131,7 +130,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
         raise ConfigError(f"measured search on {prof.name} is not built yet (it needs TensorRT engines per candidate): use predicted latency")
     nm_options = (False, True) if (space.nm if space.nm is not None else prof.sparse_tensor_cores) else (False,)
     if True in nm_options and not prof.sparse_tensor_cores:
-        raise ConfigError(f"device {prof.name} has no sparse tensor cores: 2:4 weights would not run faster there; drop --nm")
+        raise ConfigError(f"device {prof.name} has no sparse tensor cores: 2:4 weights would not run faster there; turn nm off", option="nm")
     dense_feats = _torch_features(encoder, images)
     grid = list(itertools.product(space.mlp_ratios, space.block_ratios, space.token_keeps, nm_options, precisions))
     cache: dict[tuple, Any] = {}
@@ -160,7 +159,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             "candidates": [c.to_dict() for c in candidates],
             "best": best.to_dict() if best else None, "best_stages": best.stages if best else None,
             "meets_budget": None if best is None or budget_ms is None else bool(best.latency_ms <= budget_ms),
-            "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower --min-cosine or widen the grid"}
+            "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower min_cosine or widen the grid"}
 
 
 def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cache: dict, cand: Candidate):

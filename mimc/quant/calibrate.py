@@ -58,7 +58,7 @@ def _graph_batches(batches: Iterable, graph_batch: int | None, input_shape: Sequ
             )
         arrays.append(np.ascontiguousarray(a, dtype=np.float32))
     if not arrays:
-        raise DataError("no calibration images: pass --calib DIR (a folder, .npz/.npy or 'builtin') with at least one image")
+        raise DataError("no calibration images: give data (a folder, .npz/.npy or 'builtin') with at least one image", option="data")
     full = np.concatenate(arrays)
     step = graph_batch or full.shape[0]
     usable = (full.shape[0] // step) * step

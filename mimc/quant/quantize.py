@@ -65,6 +65,7 @@ from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
 from mimc.quant.ort_fusion import fuse_attention_cpu
 from mimc.quant.qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
 from mimc.compression.registry import StageConfig, register
+from mimc.options import option
 
 PRECISIONS = ("int8", "fp8")
 TARGETS = ("cpu", "tensorrt")
@@ -79,35 +80,22 @@ class QuantizeConfig(StageConfig):
 
     name: ClassVar[str] = "quantize"
     version: ClassVar[int] = 1
-    precision: str = "int8"
-    method: str = "percentile"
-    n: int = 256
-    percentile: float = 99.99
-    smooth: float | None = None  # SmoothQuant alpha, folded into the graph before calibration
+    precision: str = option("int8", choices=PRECISIONS)
+    method: str = option("percentile", choices=METHODS, doc="calibration range method")
+    n: int = option(256, ge=1, doc="calibration images")
+    percentile: float = option(99.99, ge=90, le=100, doc="percentile kept by method percentile")
+    smooth: float | None = option(None, ge=0, le=1, doc="SmoothQuant alpha, folded into the graph before calibration")
     repq: bool = False
-    quantize_attention_matmuls: bool = False  # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
-    target: str | None = None
-    fuse_attention: bool = True  # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
+    # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
+    quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
+    target: str | None = option(None, choices=TARGETS, doc="graph layout; null: cpu for int8, tensorrt for fp8")
+    # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
+    fuse_attention: bool = option(True, doc="cpu target: run qkv + attention as one QAttention kernel")
 
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}: pass --int8 or --fp8")
-        if self.method not in METHODS:
-            raise ConfigError(f"calibration method must be one of {METHODS}, got {self.method!r}: pass e.g. --method percentile")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ConfigError(f"n (calibration images) must be a positive integer, got {self.n!r}: pass e.g. --n 256")
-        if not isinstance(self.percentile, (int, float)) or not 90.0 <= self.percentile <= 100.0:
-            raise ConfigError(f"percentile must be in [90, 100], got {self.percentile!r}: pass e.g. --percentile 99.99")
-        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) or not 0.0 <= self.smooth <= 1.0):
-            raise ConfigError(f"smooth alpha must be in [0, 1], got {self.smooth!r}: pass e.g. --smooth 0.5")
-        if not isinstance(self.quantize_attention_matmuls, bool):
-            raise ConfigError(f"quantize_attention_matmuls must be true or false, got {self.quantize_attention_matmuls!r}")
-        if not isinstance(self.fuse_attention, bool):
-            raise ConfigError(f"fuse_attention must be true or false, got {self.fuse_attention!r}")
-        if self.target is not None and self.target not in TARGETS:
-            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+    def check(self) -> None:
         if self.precision == "fp8" and self.target == "cpu":
-            raise ConfigError("fp8 Q/DQ graphs run on TensorRT (Hopper/Ada), not on ONNX Runtime CPU: pass --device h100 (or another fp8 profile) or --int8")
+            raise ConfigError("fp8 Q/DQ graphs run on TensorRT (Hopper/Ada), not on ONNX Runtime CPU: give target tensorrt "
+                              "or precision int8", option=("target", "precision"))
 
     @property
     def needs_data(self) -> bool:
@@ -231,7 +219,7 @@ def _to_opset(model, opset: int):
     try:
         return version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors
-        raise BadInputError(f"cannot raise the graph from opset {current} to {opset} for FP8 ({str(exc).splitlines()[0][:200]}): re-export with --opset {opset}") from exc
+        raise BadInputError(f"cannot raise the graph from opset {current} to {opset} for FP8 ({str(exc).splitlines()[0][:200]}): re-export with opset {opset}", option="opset") from exc
 
 
 def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
@@ -355,7 +343,8 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         failures = gate_failures(fidelity, config.precision)
         if failures and not force:
             raise ValidationError(f"quantized graph fails the {config.precision} fidelity gate ({'; '.join(failures)}): "
-                                  "nothing written; try --smooth 0.5, --method percentile or more --n, or pass --force")
+                                  "nothing written; try smooth 0.5, method percentile or a larger n, or keep it anyway with force",
+                                  option=("smooth", "method", "n", "force"))
         report = {
             "kind": "onnx", "file": onnx_out.name, "path": str(onnx_out), "sha256": sha256_file(tmp),
             "bytes": tmp.stat().st_size, "precision": config.precision, "target": config.resolved_target,

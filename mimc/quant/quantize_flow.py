@@ -33,7 +33,7 @@ def target_for_device(device: str, precision: str) -> str:
     profile = load_profile(device)
     if precision not in profile.precisions:
         raise ConfigError(f"device '{profile.name}' does not support {precision} (it has {', '.join(profile.precisions)}): "
-                          f"pick another --device or precision")
+                          f"choose another device or precision", option=("device", "precision"))
     return "cpu" if profile.backend == "onnxruntime-cpu" else "tensorrt"
 
 
@@ -121,7 +121,7 @@ def quantize_model(model: str, config: QuantizeConfig, calib: str | None, output
     from mimc.data import load_images
 
     if calib is None:
-        raise DataError("quantization needs calibration images: pass --calib DIR (a folder, .npz/.npy or 'builtin')")
+        raise DataError("quantization needs calibration images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     graph, encoder, cfg, out = resolve_graph(model, config.precision, Path(output) if output is not None else None)
     new_artifact = encoder is not None and output is None
     if out.suffix != ".onnx":

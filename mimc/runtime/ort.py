@@ -85,7 +85,8 @@ def input_specs(inputs: list[dict[str, Any]], batch: int, path: str | Path) -> l
             shape[0] = batch
         elif shape[0] != batch:
             raise BadInputError(
-                f"{path} has a static batch of {shape[0]}: profile it with --batch {shape[0]} or re-export with --batch dynamic"
+                f"{path} has a static batch of {shape[0]}: profile it with batch_sizes {shape[0]} or re-export with batch dynamic",
+                option="batch_sizes",
             )
         if any(d is None or d == 0 for d in shape[1:]):
             raise BadInputError(f"input '{inp['name']}' of {path} has symbolic axes beyond the batch {inp['shape']}: export with static image size")
@@ -104,7 +105,7 @@ def layout_note(model) -> str | None:
         return None
     if target == "tensorrt":
         return ("this graph's Q/DQ layout is built for TensorRT: ONNX Runtime CPU runs it as an emulation, so this is not "
-                "int8 CPU latency; for that, quantize with --device cpu")
+                "int8 CPU latency; for that, quantize for the cpu target")
     return None
 
 
@@ -266,7 +267,7 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     path = Path(onnx_path)
     ort = onnxruntime()
     if warmup < 0 or iters < 1:
-        raise BadInputError(f"need warmup >= 0 and iters >= 1 (got {warmup}, {iters}): pass e.g. --warmup 10 --iters 50")
+        raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
     model = _read_model(path)
     inputs = graph_inputs(path, model)
     note = layout_note(model)
@@ -274,11 +275,11 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     fixed = static_batch(inputs)
     batch_sizes = list(batch_sizes) if batch_sizes else [fixed or 1]
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise BadInputError(f"batch sizes must be positive integers, got {batch_sizes}: pass e.g. --batch 1,8")
+        raise BadInputError(f"batch_sizes must be positive integers, got {batch_sizes}: e.g. 1 and 8", option="batch_sizes")
     plans = [input_specs(inputs, b, path) for b in batch_sizes]  # refuse before measuring anything
     threads = int(threads) if threads else (os.cpu_count() or 1)
     if threads < 1:
-        raise BadInputError(f"threads must be >= 1, got {threads}: pass e.g. --threads 2")
+        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
     results = []
     for b, specs in zip(batch_sizes, plans):
         if on_batch is not None:

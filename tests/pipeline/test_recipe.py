@@ -79,9 +79,9 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     quantize_model(str(art), QuantizeConfig(n=16, smooth=0.5), data)
     recipe = recipe_from_artifact(art)
     assert recipe.model == model and recipe.data == data
-    assert [(s.kind, s.config.to_dict()) for s in recipe.steps[:1]] == [("prune", BlockPruningConfig(keep=3, criterion="l2").to_dict())]
-    assert recipe.steps[1].kind == "export" and recipe.steps[1].config.batch == "dynamic"
-    assert recipe.steps[2].kind == "quantize" and recipe.steps[2].config == QuantizeConfig(n=16, smooth=0.5)
+    assert [(s.name, s.config.to_dict()) for s in recipe.steps[:1]] == [("prune", BlockPruningConfig(keep=3, criterion="l2").to_dict())]
+    assert recipe.steps[1].name == "export" and recipe.steps[1].config.batch == "dynamic"
+    assert recipe.steps[2].name == "quantize" and recipe.steps[2].config == QuantizeConfig(n=16, smooth=0.5)
     out = run_recipe(recipe, tmp_path / "replayed")
     assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (art / "model.safetensors").read_bytes()
     assert out["stages"][-1]["fidelity"]["passed"]
@@ -90,7 +90,7 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
 @pytest.mark.parametrize("change, match", [
     ({"stages": [{"prnue": {"ratio": 0.5}}]}, "unknown stage 'prnue'"),
     ({"stages": [{"prune": {"ratoi": 0.5}}]}, "unknown option(s) ['ratoi']"),
-    ({"stages": [{"prune": {"ratio": 1.5}}]}, "stage 1 (prune)"),
+    ({"stages": [{"prune": {"ratio": 1.5}}]}, "recipe: stages[0].prune.ratio must be in (0, 1), got 1.5"),
     ({"stages": ["export", {"prune": {"ratio": 0.5}}]}, "come after graph stage 'export'"),
     ({"stages": ["export", "export"]}, "appears 2 times"),
     ({"stages": [{"quantize": {}}, "export"]}, "export first"),
@@ -159,9 +159,9 @@ def test_replaying_a_folder_that_is_not_an_artifact_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("stages, match", [
-    ([{"tokens": {"method": "topk", "keep": 0.5, "at": 3}}], "option 'at' takes a list, got 3: write at: [3]"),
-    (["export", {"profile": {"batch_sizes": 4}}], "option 'batch_sizes' takes a list"),
-    (["export", {"profile": {"iters": "many"}}], "profile option iters must be an integer, got 'many'"),
+    ([{"tokens": {"method": "topk", "keep": 0.5, "at": 3}}], "stages[0].tokens.at must be a list, got 3: write [3]"),
+    (["export", {"profile": {"batch_sizes": 4}}], "stages[1].profile.batch_sizes must be a list"),
+    (["export", {"profile": {"iters": "many"}}], "stages[1].profile.iters must be an integer, got 'many'"),
     ([{"eval": {"graph": "model.int8.onnx"}}], "reads graph 'model.int8.onnx', which no earlier stage writes: add an export"),
     ([{"profile": {"graph": "model.onnx"}}, "export"], "which no earlier stage writes"),
     (["export", {"eval": {"graph": "model.int8.onnx"}}], "choose one of ['model.onnx']"),
@@ -187,7 +187,7 @@ def test_masked_distillation_after_tokens_is_refused_before_any_stage_runs(tmp_p
     model, data = source
     monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the recipe was refused"))
     recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"tokens": {"method": "drop", "keep": 0.5}}, {"distill": {"steps": 1}}]})
-    with pytest.raises(ConfigError, match=r"stage 2 \(distill\) masks 75% .* a tokens stage comes before it: set mask_ratio: 0"):
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.distill masks 75% .* a tokens stage comes before it: set mask_ratio: 0"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

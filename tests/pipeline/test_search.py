@@ -52,8 +52,8 @@ def test_measured_cpu_search_builds_every_candidate_and_picks_the_fastest_faithf
     check_front(result)
     assert result["meets_budget"] is True
     recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0))
-    assert [s.kind for s in recipe.steps][-2:] == ["profile", "eval"]
-    assert ("quantize" in [s.kind for s in recipe.steps]) == result["best"]["label"].endswith("int8")
+    assert [s.name for s in recipe.steps][-2:] == ["profile", "eval"]
+    assert ("quantize" in [s.name for s in recipe.steps]) == result["best"]["label"].endswith("int8")
 
 
 def test_predicted_gpu_search_adds_2_4_and_gpu_precisions(setup):
@@ -136,7 +136,7 @@ def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibrati
     result = {"device": "mygpu", "latency": "predicted (roofline)", "best": {"precision": "int8"},
               "best_stages": [{"export": {"batch": 1}}, {"quantize": QuantizeConfig(n=16, target="tensorrt").to_dict()}]}
     recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0, device=str(profile)))  # was: unknown device 'mygpu'
-    by = {s.kind: s.config for s in recipe.steps}
+    by = {s.name: s.config for s in recipe.steps}
     assert by["profile"].device == str(profile) and by["quantize"].n == 16  # was the default 256
 
 
@@ -175,6 +175,6 @@ def test_mlp_width_is_a_search_dimension_and_its_recipe_runs_the_width_stage(set
     assert narrow["gmacs"] < full["gmacs"] and narrow["latency_ms"] < full["latency_ms"] and narrow["pooled_cosine"] < 1.0
     assert result["best"]["label"] == narrow["label"]  # both pass 0.5; the narrow one is faster
     first = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0)).steps[0]
-    assert first.kind == "width" and first.config.mlp == 0.5 and first.config.criterion == "activation"
+    assert first.name == "width" and first.config.mlp == 0.5 and first.config.criterion == "activation"
     with pytest.raises(ConfigError, match="MLP width fractions"):
         SearchSpace(mlp_ratios=(1.0,))
