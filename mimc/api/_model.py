@@ -154,7 +154,7 @@ def _leave_group() -> None:
 
 def _run(run_dir, resume, checkpoint_every: int):
     from mimc.train.dist import is_main_process
-    from mimc.train.config import TrainRun
+    from mimc.train import TrainRun
 
     if run_dir is None:
         return None

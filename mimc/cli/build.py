@@ -25,10 +25,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) plus a JSON sidecar."""
-        import mimc
+        from mimc import api
 
         with status(f"building a TensorRT engine for {device} (minutes for a ViT-B)"):
-            report = mimc.build(model, device, precision=precision, batch_range=batch,
+            report = api.build(model, device, precision=precision, batch_range=batch,
                                 workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output)
         show(report, json_out, _human)
 

@@ -37,9 +37,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Recover a pruned model by distilling the dense teacher's features, without labels."""
-        import mimc
+        from mimc import api
 
-        report = mimc.distill(model, output, data=data, teacher=teacher, n=n, resume=resume, checkpoint_every=checkpoint_every,
+        report = api.distill(model, output, data=data, teacher=teacher, n=n, resume=resume, checkpoint_every=checkpoint_every,
                               overwrite=overwrite, on_note=note, steps=steps, lr=lr, batch_size=batch_size,
                               mask_ratio=mask_ratio, hidden_weight=hidden_weight, seed=seed)
         if report.written:  # under torchrun, rank 0 writes and reports

@@ -22,10 +22,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Cosine of pooled and per-token features to --ref, SQNR, and k-NN top-1 on labelled data."""
-        import mimc
+        from mimc import api
 
         with status(f"evaluating {model} on {data}"):
-            report = mimc.evaluate(model, ref, data, n=n, seed=seed, batch_size=batch_size)
+            report = api.evaluate(model, ref, data, n=n, seed=seed, batch_size=batch_size)
         show(report, json_out, _human)
 
 

@@ -29,10 +29,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Export to ONNX (input pixel_values; outputs last_hidden_state, pooled) and validate it."""
-        import mimc
+        from mimc import api
 
         with status(f"exporting and validating {model}"):
-            report = mimc.export(model, output, batch=batch, opset=opset, exporter=exporter, validate=validate,
+            report = api.export(model, output, batch=batch, opset=opset, exporter=exporter, validate=validate,
                                  force=force, seed=seed, overwrite=overwrite)
         show(report, json_out, _human)
 

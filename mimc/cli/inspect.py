@@ -27,11 +27,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Per-block scores of every pruning criterion (low = removed first), a table and a PNG plot."""
-        import mimc
+        from mimc import api
 
         plot = None if no_plot else (output if output is not None else True)  # True: ./<model>-blocks.png
         with status(f"scoring the blocks of {model}" + (" (oracle: one forward pass per block)" if data else "")):
-            report = mimc.inspect(model, data=data, n=n, plot=plot, dtype=dtype, hist_bins=hist_bins,
+            report = api.inspect(model, data=data, n=n, plot=plot, dtype=dtype, hist_bins=hist_bins,
                                   batch_size=batch_size, seed=seed)
         show(report, json_out, _human)
 

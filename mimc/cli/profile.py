@@ -25,10 +25,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Latency p50/p90/p99, throughput and peak memory per batch size; labelled measured or predicted."""
-        import mimc
+        from mimc import api
 
         with status(f"profiling {model}") as spinner:
-            report = mimc.profile(model, device, batch_sizes=batch, warmup=warmup, iters=iters,
+            report = api.profile(model, device, batch_sizes=batch, warmup=warmup, iters=iters,
                                   threads=threads, predict=predict, output=output,
                                   on_batch=lambda b: spinner.update(f"{'predicting' if predict else 'profiling'} {model.name} at batch {b}"))
         show(report, json_out, lambda r: _human(r, output))

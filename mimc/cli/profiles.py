@@ -17,9 +17,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """List device profiles: backend, precisions, dense peak TFLOP/s, memory bandwidth, sparse tensor cores."""
-        import mimc
+        from mimc import api
 
-        chosen = mimc.profiles(device)
+        chosen = api.profiles(device)
         if json_out:
             emit_json([p.to_dict() for p in chosen])
             return

@@ -30,10 +30,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Remove transformer blocks (a removed block passes the residual stream through)."""
-        import mimc
+        from mimc import api
 
         with status(f"pruning {model}"):
-            report = mimc.prune(model, output, data=data, n=n, batch_size=batch_size, seed=seed, overwrite=overwrite,
+            report = api.prune(model, output, data=data, n=n, batch_size=batch_size, seed=seed, overwrite=overwrite,
                                 ratio=ratio, keep=keep, blocks=int_list(blocks, "--blocks"), criterion=criterion,
                                 hist_bins=hist_bins, dtype=dtype)
         show(report, json_out, lambda r: _human(r, data))

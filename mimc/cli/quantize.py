@@ -33,13 +33,13 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Calibrate and quantize (W8A8 or FP8) with optional outlier folding; gate fidelity on held-out images."""
-        import mimc
+        from mimc import api
 
         if int8 and fp8:
-            raise mimc.api.ConfigError("--int8 and --fp8 exclude each other: pass one of them")
+            raise api.ConfigError("--int8 and --fp8 exclude each other: pass one of them")
         precision = "fp8" if fp8 else "int8"
         with status(f"quantizing {model} to {precision} ({method})"):
-            report = mimc.quantize(model, calib, output, precision=precision, device=device, seed=seed, force=force,
+            report = api.quantize(model, calib, output, precision=precision, device=device, seed=seed, force=force,
                                    method=method, n=n, percentile=percentile, smooth=smooth, repq=repq,
                                    quantize_attention_matmuls=attention, fuse_attention=fuse_attention)
         show(report, json_out, _human)

@@ -23,16 +23,16 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, profile, eval)."""
-        import mimc
+        from mimc import api
 
-        parsed = mimc.recipe(recipe, data=data)
+        parsed = api.recipe(recipe, data=data)
         if parsed.note:
             note(parsed.note)
         if dry_run:
             typer.echo(parsed.to_yaml(), nl=False)
             return
         with status("starting") as spinner:
-            report = mimc.run(parsed, output, overwrite=overwrite, force=force,
+            report = api.run(parsed, output, overwrite=overwrite, force=force,
                               on_stage=lambda i, step: spinner.update(f"stage {i}/{len(parsed.steps)}: {step.name}"))
         show(report, json_out, _human)
 

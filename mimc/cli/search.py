@@ -33,13 +33,13 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build and measure every combination of blocks x tokens (x 2:4) x precision; Pareto front + the fastest faithful one."""
-        import mimc
+        from mimc import api
 
-        space = mimc.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
+        space = api.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
                                  mlp_ratios=float_list(mlp, "--mlp"), nm=nm,
                                  precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None)
         with status("searching") as spinner:
-            report = mimc.search(model, device, min_cosine=min_cosine, budget_ms=budget_ms, data=data, n=n, n_eval=n_eval,
+            report = api.search(model, device, min_cosine=min_cosine, budget_ms=budget_ms, data=data, n=n, n_eval=n_eval,
                                  space=space, iters=iters, seed=seed, output=output, overwrite=overwrite,
                                  on_candidate=lambda i, total, c: spinner.update(f"candidate {i}/{total}: {c.label}"))
         show(report, json_out, _human)

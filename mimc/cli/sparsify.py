@@ -40,10 +40,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Make every block Linear N:M sparse (exact pattern; the manifest records it for TensorRT)."""
-        import mimc
+        from mimc import api
 
         learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior}
-        report = mimc.sparsify(model, output, calib=calib, data=data, n=n, resume=resume, checkpoint_every=checkpoint_every,
+        report = api.sparsify(model, output, calib=calib, data=data, n=n, resume=resume, checkpoint_every=checkpoint_every,
                                overwrite=overwrite, seed=seed, learned=learned, pattern=pattern, method=method,
                                n_calib=n_calib, update_weights=False if no_update else None)
         if report.written:  # under torchrun, rank 0 writes and reports

@@ -34,13 +34,13 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Reduce the tokens every block sees, with static shapes that export to ONNX."""
-        import mimc
+        from mimc import api
 
         rs = int_list(r, "--r")
         options = dict(method=method, inflection=inflection, keep=keep, fuse=fuse, pattern=pattern, prop_attn=prop_attn,
                        at=int_list(at, "--at"), **({"r": rs[0]} if rs and len(rs) == 1 else {"r_list": rs} if rs else {}))
         with status(f"reducing tokens ({method}) and measuring fidelity"):
-            report = mimc.tokens(model, output, overwrite=overwrite, **{k: v for k, v in options.items() if v is not None})
+            report = api.tokens(model, output, overwrite=overwrite, **{k: v for k, v in options.items() if v is not None})
         show(report, json_out, _human)
 
 

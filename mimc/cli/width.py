@@ -27,10 +27,10 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Structured width pruning: a narrower ViT (per-block widths in its config) that exports like any other."""
-        import mimc
+        from mimc import api
 
         with status("scoring heads and neurons"):
-            report = mimc.width(model, output, data=data, n=n, seed=seed, overwrite=overwrite, mlp=mlp, heads=heads,
+            report = api.width(model, output, data=data, n=n, seed=seed, overwrite=overwrite, mlp=mlp, heads=heads,
                                 criterion=criterion, round_to=round_to)
         show(report, json_out, lambda r: _human(r, data))
 

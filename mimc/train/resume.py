@@ -14,15 +14,18 @@ def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
 
     if resume is not None:
         if output is not None and Path(output).resolve() != Path(resume).resolve():
-            raise BadInputError(f"resume {resume} continues into its own folder: drop output {output} or make it the same folder")
+            raise BadInputError(f"resume {resume} continues into its own folder: drop output {output} or make it the same folder",
+                                option=("resume", "output"))
         if is_artifact(resume):
             raise BadInputError(f"{resume} is a finished artifact, not an interrupted run: nothing to resume")
         if not has_checkpoint(resume):
-            raise BadInputError(f"{resume} holds no training checkpoint: pass the output folder of an interrupted run")
+            raise BadInputError(f"{resume} holds no training checkpoint: give resume the output folder of an interrupted run",
+                                option=("resume", "output"))
         return Path(resume)
     out = Path(output) if output is not None else default
     if out.exists() and has_checkpoint(out) and not overwrite:
-        raise BadInputError(f"{out} holds an interrupted run's checkpoint: resume {out} to continue, or choose another output")
+        raise BadInputError(f"{out} holds an interrupted run's checkpoint: give resume {out} to continue, or choose another output",
+                            option=("resume", "output"))
     check_output(out, overwrite)
     return out
 
@@ -40,7 +43,8 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
         if isinstance(old, list):
             old = tuple(old)
         if old != value:
-            raise BadInputError(f"option {path}{key}={value!r} differs from the interrupted run's {old!r}: drop it to resume, or start a fresh run with another output")
+            raise BadInputError(f"option {path}{key}={value!r} differs from the interrupted run's {old!r}: drop it to resume, "
+                                "or start a fresh run with another output", option="output")
     return merged
 
 
