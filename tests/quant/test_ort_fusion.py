@@ -21,14 +21,15 @@ def ops(path):
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-def fused_and_unfused(enc, tmp_path, batch=1, **config):
+def fused_and_unfused(enc, tmp_path, batch=1, force=False, **config):
     """Quantize ``enc``'s export twice, with and without the fusion, from the same calibration."""
     src = tmp_path / "model.onnx"
     export_onnx(enc, src, batch=batch)
     reports = {}
     for fuse in (True, False):
         reports[fuse] = quantize_onnx(src, tmp_path / f"fuse_{fuse}.onnx", image_batches(enc.config),
-                                      QuantizeConfig(fuse_attention=fuse, **config), image_batches(enc.config, n=8, seed=1))
+                                      QuantizeConfig(fuse_attention=fuse, **config), image_batches(enc.config, n=8, seed=1),
+                                      force=force)
     return src, reports
 
 
@@ -66,14 +67,16 @@ def test_relative_position_bias_stays_unfused_and_says_why(tmp_path):
 
 def test_token_pruning_blocks_that_read_attention_stay_unfused(tmp_path):
     enc, _ = compress(build_encoder(tiny_config(), seed=0), TokenReductionConfig(method="topk", keep=0.5, at=(2,), fuse=False))
-    src, reports = fused_and_unfused(enc, tmp_path)
+    # force: on a random tiny model int8 noise can move the top-k selection (the gate's cosine then
+    # depends on the CPU's kernels); what is tested here is the fusion, which must not change the math
+    src, reports = fused_and_unfused(enc, tmp_path, force=True)
     report = reports[True]
     # block 2 (1-based) reads its attention probabilities to rank tokens; the others fuse
     assert report["fused_attention_blocks"] == enc.config.depth - 1
     assert sum(report["unfused_attention"].values()) == 1
     x = image_batches(enc.config, n=4, seed=3)[0][:1]
     assert run_onnx(tmp_path / "fuse_True.onnx", x)["pooled"].shape == run_onnx(src, x)["pooled"].shape
-    assert report["fidelity"]["passed"]
+    assert max_diff(tmp_path / "fuse_True.onnx", tmp_path / "fuse_False.onnx", x) <= 1e-4
 
 
 @pytest.mark.parametrize("video, batch", [(True, 1), (False, "dynamic")], ids=["video", "dynamic-batch"])
