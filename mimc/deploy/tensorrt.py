@@ -79,7 +79,7 @@ def builder_settings(profile: DeviceProfile, graph_prec: str, inputs: dict[str, 
     if not 0 < workspace_gb <= profile.memory_gb:
         raise ConfigError(f"workspace_gb {workspace_gb} must be > 0 and at most the device's {profile.memory_gb} GB", option="workspace_gb")
     if sparse and not profile.sparse_tensor_cores:
-        raise ConfigError(f"device '{profile.name}' has no 2:4 tensor cores: build without sparse", option="sparse")
+        raise ConfigError(f"device '{profile.name}' has no sparse-capable tensor cores: build without sparse", option="sparse")
     notes = []
     if sparse is None:
         sparse = nm_pattern == "2:4" and profile.sparse_tensor_cores

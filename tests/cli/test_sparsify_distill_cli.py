@@ -82,7 +82,7 @@ def test_sparsify_learned_resume_after_interruption(work, monkeypatch):
     (["--pattern", "4:4"], "N must be smaller than M"),
     (["--method", "wanda"], "pass --calib DIR or --data DIR"),
     (["--method", "learned"], "pass --calib DIR or --data DIR"),
-    (["--method", "random"], "unknown N:M method"),
+    (["--method", "random"], "unknown --method 'random'"),
 ])
 def test_sparsify_bad_input(work, args, message):
     res = invoke("sparsify", "dense", *args, "-o", "bad")

@@ -36,7 +36,7 @@ def test_tokens_writes_an_artifact_with_the_schedule(app, tmp_path, model_dir):
         (["--method", "topk", "--keep", "0"], "keep"),
         (["--method", "drop", "--keep", "1.5"], "keep"),
         (["--method", "topk", "--at", "4,7,10"], "beyond"),
-        (["--method", "blur"], "unknown token method"),
+        (["--method", "blur"], "unknown --method 'blur'"),
         (["--method", "tome"], "--r"),
         (["--method", "tome", "--r", "2,x"], "--r"),
     ],

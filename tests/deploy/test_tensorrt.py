@@ -37,8 +37,9 @@ def test_sparse_weights_follow_the_manifest_and_the_device():
     assert not t4["sparse"] and "no sparse tensor cores" in t4["notes"][0]
     assert not builder_settings(load_profile("h100"), "fp16", DYNAMIC, nm_pattern="4:8")["sparse"]
     assert not builder_settings(load_profile("h100"), "fp16", DYNAMIC, sparse=False, nm_pattern="2:4")["sparse"]
-    with pytest.raises(ConfigError, match="no sparse tensor cores"):
+    with pytest.raises(ConfigError, match="no sparse-capable tensor cores: build without sparse") as info:
         builder_settings(load_profile("t4"), "fp16", DYNAMIC, sparse=True)
+    assert info.value.options == ("sparse",)
 
 
 @pytest.mark.parametrize(
@@ -74,8 +75,9 @@ def test_parse_batch_range(text, expected):
 
 @pytest.mark.parametrize("text", ["a:b", "8:4:2", "0", "1:2:3:4"])
 def test_parse_batch_range_rejects(text):
-    with pytest.raises(ConfigError, match="--batch"):
+    with pytest.raises(ConfigError, match="batch '") as info:
         parse_batch_range(text)
+    assert info.value.options == ("batch",)  # the CLI words it as --batch (test_cli_build_bad_input_exits_2)
 
 
 def test_sparsity_log_parsing():
@@ -283,7 +285,7 @@ def _cli(args):
         (["--device", "cpu"], "TensorRT device"),
         (["--device", "h100", "--batch", "8:1"], "--batch"),
         (["--device", "h100", "--precision", "int8"], "mimc quantize"),
-        (["--device", "t4", "--sparse"], "no sparse tensor cores"),
+        (["--device", "t4", "--sparse"], "no sparse-capable tensor cores: build without --sparse"),
     ],
 )
 def test_cli_build_bad_input_exits_2(tiny_graph, extra, message):
