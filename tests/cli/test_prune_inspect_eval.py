@@ -168,7 +168,7 @@ def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_n
     [
         (["inspect", "MISSING"], "not found"),
         (["inspect", "ART", "-o", "plot.txt"], ".png"),
-        (["inspect", "ART", "--dtype", "int4"], "unknown entropy dtype"),
+        (["inspect", "ART", "--dtype", "int4"], "unknown entropy --dtype"),
         (["inspect", "ART", "--data", "MISSING.npz"], "does not exist"),
     ],
 )

@@ -80,8 +80,8 @@ def test_sparsify_learned_resume_after_interruption(work, monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--pattern", "2:7"], "M=7 does not divide in_features=64 of blocks.0.attn.qkv"),
     (["--pattern", "4:4"], "N must be smaller than M"),
-    (["--method", "wanda"], "pass --calib DIR or --data DIR"),
-    (["--method", "learned"], "pass --calib DIR or --data DIR"),
+    (["--method", "wanda"], "give --calib or --data"),
+    (["--method", "learned"], "give --calib or --data"),
     (["--method", "random"], "unknown --method 'random'"),
 ])
 def test_sparsify_bad_input(work, args, message):
@@ -124,7 +124,7 @@ def test_distill_heals_and_refuses_bad_input(work):
     assert m["steps"] == 3 and m["mask_ratio"] == 0.75 and "fidelity_pooled_cosine" in m
     assert read_manifest(work / "healed").stages[-1].name == "distill"
     for args, message in [
-        (["half", "--steps", "2"], "pass --data DIR"),
+        (["half", "--steps", "2"], "give --data"),
         (["half", "--data", "imgs.npz", "--steps", "2"], "--teacher"),  # the manifest names no source
         (["half", "--data", "imgs.npz", "--teacher", "dense", "--mask-ratio", "1.5"], "mask_ratio"),
         (["half", "--data", "missing.npz", "--teacher", "dense"], "does not exist"),

@@ -35,7 +35,7 @@ def test_width_writes_a_narrow_artifact_and_records_the_stage(tmp_path, tiny_ima
 def test_width_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     src = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "src")
     for args, match in ((["--mlp", "1.5"], "--mlp must be in [0, 1), got 1.5"), ([], "give --mlp and/or --heads above 0"),
-                        (["--mlp", "0.5", "--criterion", "activation"], "pass --data")):
+                        (["--mlp", "0.5", "--criterion", "activation"], "give --data")):
         result = invoke(["width", src, *args, "-o", tmp_path / "out"])
         assert result.exit_code == 2, result.output
         lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
