@@ -99,7 +99,7 @@ def video_rows() -> list[dict]:
              "macs_ratio": 1.0, "pooled_cosine": 1.0, "knn_top1": None, "knn_retained": None}]
     for method, setting, cfg in VIDEO_SETTINGS:
         enc, rec = compress(dense, cfg)
-        fid = fidelity(enc, dense, x).summary()
+        fid = fidelity(enc, dense, x).to_dict()
         rows.append({"model": "tiny VideoMAE (random init)", "method": method, "setting": setting,
                      "tokens_per_block": rec.metrics["tokens_per_block"], "macs_ratio": rec.metrics["macs_ratio"],
                      "pooled_cosine": fid["pooled_cosine_mean"], "pooled_cosine_min": fid["pooled_cosine_min"],

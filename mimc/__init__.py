@@ -8,7 +8,7 @@ Imports are lazy so ``import mimc`` stays cheap.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from mimc._version import __version__
 
 
 

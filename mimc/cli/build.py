@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, console, echo_tensorrt, emit_json, handle_errors
 
 
 def print_build(side: dict[str, Any], engine: Path) -> None:
@@ -49,10 +49,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) plus a JSON sidecar."""
         from mimc.errors import BadInputError
-        from mimc.deploy.tensorrt import build_engine, builder_settings, graph_inputs, parse_batch_range
+        from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
         from mimc.latency.devices import load_profile
-        from mimc.latency.flops import graph_precision, load_graph
-        from mimc.latency.roofline import read_nm_pattern
+        from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
 
         profile = load_profile(device)
         batch_range = parse_batch_range(batch)
@@ -60,14 +59,14 @@ def register(app: typer.Typer) -> None:
             raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
         graph = load_graph(model)
         # Every check that needs no GPU runs first, so bad input exits 2 here as on the target.
-        settings = builder_settings(profile, graph_precision(graph), graph_inputs(graph), precision=precision,
+        settings = builder_settings(profile, graph_precision(graph), input_dims(graph), precision=precision,
                                     batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
                                     nm_pattern=read_nm_pattern(model, graph))
         del graph
         out = output or model.parent / f"{profile.name}-{settings['precision']}.plan"
         with console.status(f"building a TensorRT engine for {profile.name} (minutes for a ViT-B)"):
             side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
-                                timing_cache=timing_cache, sparse=sparse, precision=precision)
+                                timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=echo_tensorrt)
         if json_out:
             emit_json({"engine": str(out), "sidecar": side})
         else:

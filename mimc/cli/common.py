@@ -20,6 +20,11 @@ JsonOption = typer.Option(False, "--json", help="Print a machine-readable result
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
 
 
+def echo_tensorrt(message: str) -> None:
+    """Print a TensorRT error line as it is logged (the library's ``on_message`` callback)."""
+    console.print(f"[yellow]TensorRT:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn MimcError into one line on stderr and its exit code; no traceback for user mistakes."""
 

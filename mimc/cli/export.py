@@ -40,7 +40,9 @@ def print_export(report: dict[str, Any], artifact: Path) -> None:
         table.add_row("validation", "[yellow]skipped (--no-validate)[/]")
     else:
         verdict = "[green]pass[/]" if v["passed"] else "[red]FAILED, kept by --force[/]"
-        table.add_row("vs torch (ORT CPU)", f"max abs {v['max_abs']:.2e}, cosine {v['cosine']:.6f}, SQNR {v['sqnr_db']:.1f} dB")
+        f = v["fidelity"]
+        sqnr = min(x for x in (f["sqnr_db"], f["token_sqnr_db"]) if x is not None)
+        table.add_row("vs torch (ORT CPU)", f"max abs {f['max_abs']:.2e}, cosine {f['image_cosine_min']:.6f}, SQNR {sqnr:.1f} dB")
         table.add_row(f"{v['gate']['precision']} gate", verdict)
     table.add_row("seconds", f"export {report['export_seconds']:.1f}" + (f", validate {v['seconds']:.1f}" if v else ""))
     console.print(table)

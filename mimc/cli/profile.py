@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, console, emit_json, handle_errors
+from mimc.cli.common import JsonOption, console, echo_tensorrt, emit_json, handle_errors
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
                 status.update(f"{'predicting' if predict else 'profiling'} {model.name} at batch {b}")
 
             report = run_profile(model, device=device, predict=predict, batch_sizes=sizes, warmup=warmup,
-                                 iters=iters, threads=threads, on_batch=on_batch)
+                                 iters=iters, threads=threads, on_batch=on_batch, on_message=echo_tensorrt)
         if output is not None:
             write_json(output, report)
         if json_out:

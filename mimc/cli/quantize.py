@@ -47,16 +47,17 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json(report)
             return
-        fid = report["fidelity"]
-        status = "[green]passed[/]" if fid["passed"] else "[red]FAILED (forced)[/]"
+        val = report["validation"]
+        fid = val["fidelity"]
+        status = "[green]passed[/]" if val["passed"] else "[red]FAILED (forced)[/]"
         console.print(
             f"{precision} {report['target']} graph: {report['quantized_linears']} linears"
             f" + {report['quantized_attention_matmuls']} attention matmuls quantized"
             f"{', ' + str(report['fused_attention_blocks']) + ' blocks fused into QAttention' if report['fused_attention_blocks'] else ''}"
             ", calibrated on"
             f" {report['calibration_images']} images ({config.method}); pooled cosine to fp32"
-            f" {fid['pooled_cosine_mean']:.4f} (worst {fid['cosine']:.4f}), SQNR {fid['sqnr_db']:.1f} dB"
-            f" on {fid['images']} {fid['inputs']}: gate {status}",
+            f" {fid['pooled_cosine_mean']:.4f} (worst {fid['image_cosine_min']:.4f}), SQNR {fid['sqnr_db']:.1f} dB"
+            f" on {fid['n_images']} {val['inputs']}: gate {status}",
             highlight=False,
         )
         if not report["runnable_here"]:

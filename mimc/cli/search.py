@@ -93,14 +93,14 @@ def register(app: typer.Typer) -> None:
                 table.add_row(c["label"], "", "", "", f"[red]{c['error']}[/]")
                 continue
             mark = "[green]best[/]" if c["label"] == best else ("pareto" if c["pareto"] else "")
-            style = None if c["pooled_cosine"] >= min_cosine else "dim"
-            table.add_row(c["label"], f"{c['gmacs']:.3f}", f"{c['latency_ms']:.3g}", f"{c['pooled_cosine']:.4f}", mark, style=style)
+            style = None if c["pooled_cosine_mean"] >= min_cosine else "dim"
+            table.add_row(c["label"], f"{c['gmacs']:.3f}", f"{c['latency_ms']:.3g}", f"{c['pooled_cosine_mean']:.4f}", mark, style=style)
         console.print(table)
         if result["best"] is None:
             console.print(f"[yellow]{result['note']}[/]", highlight=False)
         else:
             b = result["best"]
-            line = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine']:.4f}"
+            line = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine_mean']:.4f}"
             if budget_ms is not None:
                 line += f"; budget {budget_ms} ms {'met' if result['meets_budget'] else '[red]NOT met[/]'}"
             console.print(line, highlight=False)

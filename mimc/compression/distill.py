@@ -24,7 +24,7 @@ import torch
 
 from mimc.artifact import state_hash
 from mimc.errors import ConfigError, DataError
-from mimc.compression.nm import block_linears, calibration_pixels, check_nm, pooled_fidelity
+from mimc.compression.nm import block_linears, calibration_pixels, check_nm
 from mimc.compression.registry import StageConfig, clone_encoder, register
 
 # Structure a student may differ from its teacher in and still be compared feature by feature.
@@ -111,6 +111,7 @@ class _KeepZeros:
 
 @register(DistillConfig)
 def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[Any, dict[str, Any]]:
+    from mimc.evaluate import fidelity
     from mimc.train import TrainSettings, current_run, train
 
     batches = list(calibration_batches or [])
@@ -124,7 +125,7 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
     check_teacher(encoder, teacher)
     pixels = torch.cat(batches)
     eval_pixels = calibration_pixels([pixels], 256, 32)
-    before = pooled_fidelity(encoder, teacher, eval_pixels)
+    before = fidelity(encoder, teacher, eval_pixels).to_dict()
 
     student = clone_encoder(encoder).eval().requires_grad_(True)
     hooks = _KeepZeros(student) if student.config.nm_pattern else None
@@ -146,8 +147,8 @@ def distill(encoder, config: DistillConfig, calibration_batches=None) -> tuple[A
         check_nm(student)
     metrics = {
         "teacher": teacher_label,
-        "fidelity_before_pooled_cosine": before,
-        "fidelity_pooled_cosine": pooled_fidelity(student, teacher, eval_pixels),
+        "fidelity_data_before": before,
+        "fidelity_data": fidelity(student, teacher, eval_pixels).to_dict(),
         "n_train_images": int(len(pixels)),
         "mask_ratio": config.mask_ratio,
         **result.metrics(),

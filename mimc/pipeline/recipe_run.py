@@ -147,7 +147,7 @@ def _quantize(tmp: Path, config, recipe: Recipe, force: bool) -> dict[str, Any]:
     from mimc.quant.quantize_flow import quantize_model
 
     rep = quantize_model(str(tmp), config, recipe.data, seed=recipe.seed, force=force)
-    return {"file": rep["file"], "fidelity": rep["fidelity"], "fused_attention_blocks": rep.get("fused_attention_blocks", 0),
+    return {"file": rep["file"], "validation": rep["validation"], "fused_attention_blocks": rep.get("fused_attention_blocks", 0),
             "calibration_sha256": rep["calibration_sha256"]}
 
 

@@ -11,7 +11,6 @@ which describe the weights.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, write_json
 from mimc.errors import BadInputError, ConfigError, DataError
+from mimc.graph import encoder_config_of_graph
 from mimc.quant.quantize import QuantizeConfig, quantize_onnx
 
 EVAL_IMAGES = 32  # held-out images for the fidelity gate (never used for calibration)
@@ -35,24 +35,6 @@ def target_for_device(device: str, precision: str) -> str:
         raise ConfigError(f"device '{profile.name}' does not support {precision} (it has {', '.join(profile.precisions)}): "
                           f"pick another --device or precision")
     return "cpu" if profile.backend == "onnxruntime-cpu" else "tensorrt"
-
-
-def _encoder_config_of_graph(path: Path):
-    """The EncoderConfig a mimc graph was exported from: its artifact's mimc.json, else its metadata."""
-    import onnx
-
-    from mimc.models.vit import EncoderConfig
-
-    if is_artifact(path.parent):
-        return EncoderConfig.from_dict(read_manifest(path.parent).encoder)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a DecodeError means the same as any other failure here
-        raise BadInputError(f"{path} is not a readable ONNX file ({type(exc).__name__}): export one with `mimc export MODEL`") from exc
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "mimc_encoder_config" not in meta:
-        raise BadInputError(f"{path} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
-    return EncoderConfig.from_dict(json.loads(meta["mimc_encoder_config"]))
 
 
 def check_model_inputs_file(spec: str, cfg) -> None:
@@ -95,7 +77,7 @@ def resolve_graph(model: str, precision: str, output: Path | None):
     if path.suffix == ".onnx":
         if not path.is_file():
             raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
-        cfg = _encoder_config_of_graph(path)
+        cfg = encoder_config_of_graph(path)
         stem = path.name[: -len(".onnx")]
         return path, None, cfg, output or path.with_name(f"{stem}{suffix}")
     if is_artifact(path):
@@ -172,8 +154,8 @@ def _quantize_into_new_artifact(encoder, out: Path, calib: str, calib_set, held_
 
 def _export_fp32(model: str, encoder, tmp: Path) -> Path:
     """An artifact without model.onnx gets one (recorded in its mimc.json); other sources export to tmp."""
-    from mimc.artifact import load_artifact
     from mimc.deploy.onnx import export_onnx
+    from mimc.models.io import load_artifact
 
     if encoder is None:  # an artifact directory without model.onnx
         target = Path(model) / "model.onnx"
@@ -186,7 +168,7 @@ def _export_fp32(model: str, encoder, tmp: Path) -> Path:
 
 def _record(out: Path, report: dict[str, Any]) -> None:
     manifest = read_manifest(out.parent)
-    metrics = {"fidelity": report["fidelity"], "calibration_sha256": report["calibration_sha256"],
+    metrics = {"validation": report["validation"], "calibration_sha256": report["calibration_sha256"],
                "calibration_images": report["calibration_images"], "target": report["target"],
                "fused_attention_blocks": report["fused_attention_blocks"]}
     stage = StageRecord(name="quantize", config=report["config"], config_version=report["config_version"],

@@ -49,9 +49,9 @@ def test_a_recipe_runs_every_stage_into_one_artifact_and_replays_exactly(tmp_pat
     assert json.loads((out / "run.json").read_text())["stages"][0]["metrics"]["removed_blocks"] == report["stages"][0]["metrics"]["removed_blocks"]
     manifest = read_manifest(out)
     assert [s.name for s in manifest.stages] == ["prune", "sparsify"]
-    assert manifest.files["model.int8.onnx"]["fidelity"]["passed"]
+    assert manifest.files["model.int8.onnx"]["validation"]["passed"]
     by = {s["stage"]: s for s in report["stages"]}
-    assert by["quantize"]["fidelity"]["pooled_cosine_mean"] >= 0.99
+    assert by["quantize"]["validation"]["fidelity"]["pooled_cosine_mean"] >= 0.99
     assert by["profile"]["result"]["label"] == "measured" and by["profile"]["file"] == "model.int8.onnx"
     assert by["profile"]["baseline"]["label"] == "measured" and by["profile"]["speedup_vs_dense"] > 0
     inter = by["profile"]["interleaved_ms"]  # the ratio comes from both graphs timed together
@@ -84,7 +84,7 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     assert recipe.steps[2].kind == "quantize" and recipe.steps[2].config == QuantizeConfig(n=16, smooth=0.5)
     out = run_recipe(recipe, tmp_path / "replayed")
     assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (art / "model.safetensors").read_bytes()
-    assert out["stages"][-1]["fidelity"]["passed"]
+    assert out["stages"][-1]["validation"]["passed"]
 
 
 @pytest.mark.parametrize("change, match", [
