@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mimc.errors import DataError, NotAModelError
-from mimc.metrics import Fidelity, FidelityMeter, knn_predictions, knn_top1
+from mimc.metrics import Fidelity, FidelityMeter, knn_top1
 from mimc.runtime.onnx_model import OnnxModel
 
 Runner = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -131,4 +131,4 @@ def _input_spec(cfg) -> tuple:
     return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
-__all__ = ["OnnxModel", "Fidelity", "features", "fidelity", "compare_features", "knn_top1", "knn_predictions", "evaluate", "load_for_eval"]
+__all__ = ["features", "fidelity", "compare_features", "evaluate", "load_for_eval"]

@@ -11,7 +11,7 @@ import torch
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, MissingExtraError, ValidationError
 from mimc.deploy.validate import GATES, check_gate, gate_failures, verdict
 from mimc.metrics import SQNR_CAP_DB, Fidelity, compare_outputs
-from mimc.runtime import session as validate
+from mimc.runtime import session
 from mimc.runtime.session import run_onnx
 
 
@@ -139,7 +139,7 @@ def test_run_onnx_array_mapping_and_session_reuse(tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = run_onnx(path, x)
     np.testing.assert_array_equal(out["y"], x + 1)
-    sess = validate.make_session(path)
+    sess = session.make_session(path)
     np.testing.assert_array_equal(run_onnx(sess, {"x": torch.from_numpy(x)})["y"], x + 1)
     with pytest.raises(BadInputError, match="inputs"):
         run_onnx(path, {"wrong": x})
@@ -155,17 +155,17 @@ def test_run_onnx_bad_files_and_providers(tmp_path):
     path = _add_one_graph(tmp_path / "add.onnx")
     with pytest.raises(DeviceUnavailableError, match="not available"):
         run_onnx(path, np.zeros((1, 3), np.float32), providers=["NoSuchExecutionProvider"])
-    assert validate.resolve_providers(None) == ["CPUExecutionProvider"]
-    assert "CPUExecutionProvider" in validate.resolve_providers("auto")
+    assert session.resolve_providers(None) == ["CPUExecutionProvider"]
+    assert "CPUExecutionProvider" in session.resolve_providers("auto")
 
 
 def test_missing_onnxruntime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(MissingExtraError, match=r"pip install 'mimc\[cpu\]'"):
-        validate.onnxruntime()
+        session.onnxruntime()
 
 
 def test_sessions_do_not_spin():
-    so = validate.session_options(threads=2)
+    so = session.session_options(threads=2)
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert so.intra_op_num_threads == 2

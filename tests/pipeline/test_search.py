@@ -141,10 +141,10 @@ def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibrati
 
 
 def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_another(setup, monkeypatch):
-    import mimc.runtime.ort as validate  # time_interleaved's sessions
+    import mimc.runtime.ort as ort  # time_interleaved makes its sessions there
 
     enc, calib, held, _ = setup
-    order, original = [], validate.make_session
+    order, original = [], ort.make_session
 
     class Recorded:
         def __init__(self, path, **kwargs):
@@ -157,7 +157,7 @@ def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_anoth
             order.append(self.path)
             return self.sess.run(*args)
 
-    monkeypatch.setattr(validate, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
+    monkeypatch.setattr(ort, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
     result = search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0,), precisions=("fp32",)), iters=4)
     graphs = list(dict.fromkeys(order))
     assert len(graphs) == 2 and all(order.count(g) >= 4 for g in graphs)
