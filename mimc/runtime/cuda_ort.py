@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
 from mimc.runtime.trt import flat_stats, percentiles
 
-if TYPE_CHECKING:  # a profile is read here, never loaded: runtime sits below mimc.latency
-    from mimc.latency.devices import DeviceProfile
+# A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
+# compute_capability - and never imported: runtime sits below mimc.latency.
+DeviceProfile = Any
 
 PROVIDER = "CUDAExecutionProvider"
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,

@@ -20,12 +20,13 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, MimcError, MissingExtraError, require
 
-if TYPE_CHECKING:  # a profile is read here, never loaded: runtime sits below mimc.latency
-    from mimc.latency.devices import DeviceProfile
+# A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
+# compute_capability - and never imported: runtime sits below mimc.latency.
+DeviceProfile = Any
 
 SIDECAR_FORMAT = "mimc-tensorrt-engine"
 SIDECAR_VERSION = 1
