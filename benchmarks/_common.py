@@ -7,7 +7,7 @@ from pathlib import Path
 
 def session(path: Path, threads: int):
     """An ONNX Runtime CPU session with mimc's settings: spinning off, sequential (DESIGN.md timing rules)."""
-    from mimc.deploy.validate import make_session
+    from mimc.runtime.session import make_session
 
     return make_session(path, threads=threads)
 

@@ -41,7 +41,7 @@ def run_cli(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
 def time_sessions(paths: dict[str, Path], rounds: int, block: int, threads: int) -> dict[str, dict]:
     import numpy as np
 
-    from mimc.deploy.validate import make_session
+    from mimc.runtime.session import make_session
 
     sessions = {name: make_session(p, threads=threads) for name, p in paths.items()}
     feeds = {}

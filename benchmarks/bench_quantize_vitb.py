@@ -164,7 +164,7 @@ def main() -> None:
         "threads": args.threads, "rounds": args.rounds, "iters_per_block": args.iters, "calibration_images": args.calib,
         "onnxruntime": ort.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
         "load_average_at_end": load, "verdict": verdict, "rows": rows,
-        "mimc_reports": {k: {kk: v[kk] for kk in ("method", "quantized_linears", "quantized_attention_matmuls", "fused_attention_blocks", "fidelity")}
+        "mimc_reports": {k: {kk: v[kk] for kk in ("method", "quantized_linears", "quantized_attention_matmuls", "fused_attention_blocks", "validation")}
                          for k, v in reports.items()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

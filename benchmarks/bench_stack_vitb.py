@@ -65,7 +65,7 @@ def main() -> None:
             paths[f"{label}, int8"] = tmp / f"m{i}.int8.onnx"
             report = quantize_onnx(paths[f"{label}, fp32"], paths[f"{label}, int8"], calib.batches(8), QuantizeConfig(target="cpu"),
                                    held.batches(8))
-            notes[f"{label}, int8"] = {"pooled_cosine_vs_its_fp32_graph": report["fidelity"]["pooled_cosine_mean"],
+            notes[f"{label}, int8"] = {"pooled_cosine_vs_its_fp32_graph": report["validation"]["fidelity"]["pooled_cosine_mean"],
                                        "fused_attention_blocks": report["fused_attention_blocks"]}
         sessions = {label: session(path, args.threads) for label, path in paths.items()}
         x = held.pixels[:1].numpy()

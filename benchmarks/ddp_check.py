@@ -84,7 +84,7 @@ def main() -> None:
                 outs[(procs, threads)] = work / tag
                 rows.append({"stage": name, "processes": procs, "threads_per_process": threads, "steps": m["steps"],
                              "steps_per_second": m["steps_per_second"], "final_loss": m["final_loss"],
-                             "fidelity_pooled_cosine": m["fidelity_pooled_cosine"]})
+                             "fidelity_pooled_cosine": m["fidelity_data"]["pooled_cosine_mean"]})
                 print(f"  {rows[-1]}", flush=True)
             checks[name] = {"2 procs x 1 thread vs 1 proc x 1 thread": compare(outs[(1, 1)], outs[(2, 1)])}
     print(f"\n{args.model}, global batch {args.batch_size}, {args.steps} steps (shared loaded CPU)\n")

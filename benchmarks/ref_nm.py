@@ -29,7 +29,8 @@ def split(n: int, n_train: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(model, dense, held) -> dict[str, float]:
-    from mimc.evaluate import features, fidelity, knn_top1
+    from mimc.evaluate import features, fidelity
+    from mimc.metrics import knn_top1
 
     fid = fidelity(model, dense, held.pixels)
     return {"pooled_cosine": round(fid.pooled_cosine_mean, 5), "sqnr_db": round(fid.sqnr_db, 2),
@@ -55,7 +56,8 @@ def main() -> None:
     from mimc.compression.registry import compress
     from mimc.compression.nm import NMSparsityConfig
     from mimc.data import load_images
-    from mimc.evaluate import features, knn_top1
+    from mimc.evaluate import features
+    from mimc.metrics import knn_top1
 
     dense = mimc.load(args.model)
     images = load_images("builtin", dense.config)

@@ -1,7 +1,7 @@
 """Fidelity and k-NN accuracy per token-reduction method and keep rate, on ``ref`` and a tiny VideoMAE.
 
 - ``ref`` (mimc's shipped MAE, 32 px, 8x8 patches, 12 blocks) on the built-in labelled images:
-  pooled-feature cosine to the dense model, and leave-one-out k-NN top-1 (mimc.evaluate.knn_top1)
+  pooled-feature cosine to the dense model, and leave-one-out k-NN top-1 (mimc.metrics.knn_top1)
   of the reduced model vs the dense one.
 - A tiny random-init VideoMAE (transformers VideoMAEConfig -> save_pretrained -> mimc.load, so the
   converter is exercised): fidelity only (random weights have no accuracy to keep), on seeded
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mimc.compression.registry import compress  # noqa: E402
 from mimc.compression.tokens import TokenReductionConfig  # noqa: E402
 from mimc.data import deterministic_inputs, load_images  # noqa: E402
-from mimc.evaluate import features, fidelity, knn_top1  # noqa: E402
+from mimc.evaluate import features, fidelity  # noqa: E402
+from mimc.metrics import knn_top1  # noqa: E402
 from mimc.models.resolve import load_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "ref_tokens.md"
@@ -99,7 +100,7 @@ def video_rows() -> list[dict]:
              "macs_ratio": 1.0, "pooled_cosine": 1.0, "knn_top1": None, "knn_retained": None}]
     for method, setting, cfg in VIDEO_SETTINGS:
         enc, rec = compress(dense, cfg)
-        fid = fidelity(enc, dense, x).summary()
+        fid = fidelity(enc, dense, x).to_dict()
         rows.append({"model": "tiny VideoMAE (random init)", "method": method, "setting": setting,
                      "tokens_per_block": rec.metrics["tokens_per_block"], "macs_ratio": rec.metrics["macs_ratio"],
                      "pooled_cosine": fid["pooled_cosine_mean"], "pooled_cosine_min": fid["pooled_cosine_min"],

@@ -9,7 +9,7 @@ so a verb is never shadowed by a module import.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from mimc._version import __version__
 
 _VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
           "inspect", "run", "recipe", "search", "profiles")

@@ -26,7 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def mimc_version() -> str:
-    from mimc import __version__
+    from mimc._version import __version__
 
     return __version__
 
@@ -211,31 +211,3 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(data)
     except TypeError as exc:
         raise NotAModelError(f"{path / MANIFEST_NAME} is not a mimc manifest ({exc}): re-create the artifact") from exc
-
-
-def load_artifact(path: str | os.PathLike):
-    """Rebuild the encoder from ``mimc.json`` and load ``model.safetensors`` into it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from mimc.models.vit import Encoder, EncoderConfig
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    cfg = EncoderConfig.from_dict(manifest.encoder)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise NotAModelError(f"{path} has mimc.json but no {WEIGHTS_NAME}: re-create the artifact")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise NotAModelError(f"{weights} is not a valid safetensors file ({exc}): re-create the artifact") from exc
-    encoder = Encoder(cfg)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise NotAModelError(
-            f"{weights} does not match its mimc.json (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}): re-create the artifact"
-        )
-    encoder.eval()
-    encoder.manifest = manifest
-    return encoder

@@ -73,7 +73,8 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
 
     MODEL: an fp32 mimc ``.onnx`` (written beside it), an artifact (into it; exported first when it has
     no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
-    from mimc.artifact import is_artifact, load_artifact
+    from mimc.artifact import is_artifact
+    from mimc.models.io import load_artifact
     from mimc.data import ImageSource
     from mimc.errors import DataError
     from mimc.graph import encoder_config_of_graph
@@ -139,7 +140,7 @@ def _check_folder(out: Path) -> None:
 
 
 def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, iters: int = 50, threads=None,
-            predict: bool = False, output=None, on_batch=None) -> ProfileReport:
+            predict: bool = False, output=None, on_batch=None, on_message=None) -> ProfileReport:
     """Latency p50/p90/p99, throughput and peak memory per batch size (measured), or a roofline
     lower bound (predicted) for a device that is not here. ``output``: also write the JSON report."""
     from mimc.artifact import write_json
@@ -155,18 +156,19 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     if output is not None and Path(output).is_dir():
         raise BadInputError(f"output {output} is a directory: give a file path like report.json")
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
-                         threads=threads, on_batch=on_batch)
+                         threads=threads, on_batch=on_batch, on_message=on_message)
     if output is not None:
         write_json(output, report)
     return ProfileReport(report)
 
 
 def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
-          sparse=None, output=None) -> BuildReport:
+          sparse=None, output=None, on_message=None) -> BuildReport:
     """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar;
-    every check that needs no GPU runs first, so bad input is refused here as on the target."""
+    every check that needs no GPU runs first, so bad input is refused here as on the target.
+    ``on_message`` gets TensorRT's error lines as they are logged."""
     from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
-    from mimc.graph import graph_inputs, graph_precision, load_graph, read_nm_pattern
+    from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
     from mimc.latency.devices import load_profile
 
     if batch_range is None or isinstance(batch_range, str):
@@ -176,13 +178,13 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     if model.suffix != ".onnx":
         raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
     graph = load_graph(model)
-    settings = builder_settings(profile_, graph_precision(graph), graph_inputs(graph), precision=precision,
+    settings = builder_settings(profile_, graph_precision(graph), input_dims(graph), precision=precision,
                                 batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
                                 nm_pattern=read_nm_pattern(model, graph))
     del graph
     out = Path(output) if output is not None else model.parent / f"{profile_.name}-{settings['precision']}.plan"
     side = build_engine(model, profile_, out, batch_range=batch_range, workspace_gb=workspace_gb,
-                        timing_cache=timing_cache, sparse=sparse, precision=precision)
+                        timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return BuildReport({"engine": str(out), "sidecar": side})
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, handle_errors, status
+from mimc.cli.common import JsonOption, echo_tensorrt, handle_errors, status
 from mimc.cli.render import key_values, line, show
 
 
@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
 
         with status(f"building a TensorRT engine for {device} (minutes for a ViT-B)"):
             report = api.build(model, device, precision=precision, batch_range=batch,
-                                workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output)
+                                workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
+                               on_message=echo_tensorrt)
         show(report, json_out, _human)
 
 

@@ -60,6 +60,11 @@ def command_flags(fn: Callable) -> dict[str, str]:
     return out
 
 
+def echo_tensorrt(message: str) -> None:
+    """Print a TensorRT error line as it is logged (the library's ``on_message`` callback)."""
+    console.print(f"[yellow]TensorRT:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, handle_errors, status
+from mimc.cli.common import JsonOption, echo_tensorrt, handle_errors, status
 from mimc.cli.render import columns, line, note, show
 
 
@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
         with status(f"profiling {model}") as spinner:
             report = api.profile(model, device, batch_sizes=batch, warmup=warmup, iters=iters,
-                                  threads=threads, predict=predict, output=output,
+                                  threads=threads, predict=predict, output=output, on_message=echo_tensorrt,
                                   on_batch=lambda b: spinner.update(f"{'predicting' if predict else 'profiling'} {model.name} at batch {b}"))
         show(report, json_out, lambda r: _human(r, output))
 

@@ -46,12 +46,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _human(r: dict) -> None:
-    fid = r["fidelity"]
+    val = r["validation"]
+    fid = val["fidelity"]
     fused = f", {r['fused_attention_blocks']} blocks fused into QAttention" if r["fused_attention_blocks"] else ""
     line(f"{r['precision']} {r['target']} graph: {r['quantized_linears']} linears + {r['quantized_attention_matmuls']} attention "
          f"matmuls quantized{fused}, calibrated on {r['calibration_images']} images ({r['config']['method']}); pooled cosine "
-         f"to fp32 {fid['pooled_cosine_mean']:.4f} (worst {fid['cosine']:.4f}), SQNR {fid['sqnr_db']:.1f} dB on {fid['images']} "
-         f"{fid['inputs']}: gate {'[green]passed[/]' if fid['passed'] else '[red]FAILED (forced)[/]'}")
+         f"to fp32 {fid['pooled_cosine_mean']:.4f} (worst {fid['image_cosine_min']:.4f}), SQNR {fid['sqnr_db']:.1f} dB on {fid['n_images']} "
+         f"{val['inputs']}: gate {'[green]passed[/]' if val['passed'] else '[red]FAILED (forced)[/]'}")
     if not r["runnable_here"]:
         note(f"not runnable here: {r['runnable_note']}")
     line(f"wrote {r['path']}")

@@ -105,10 +105,10 @@ def run_summary(entry: dict) -> str:
     """One line per recipe stage: the fidelity or latency it measured, and against what."""
     kind, metrics = entry["stage"], entry.get("metrics", {})
     if kind == "export":
-        val = entry.get("validation") or {}
+        val = (entry.get("validation") or {}).get("fidelity") or {}
         return f"validated on ONNX Runtime, max abs {val['max_abs']:.2e}" if isinstance(val.get("max_abs"), (int, float)) else ""
     if kind == "quantize":
-        fid = entry["fidelity"]
+        fid = entry["validation"]["fidelity"]
         return f"pooled cosine to the fp32 graph {fid['pooled_cosine_mean']:.5f} (worst {fid['pooled_cosine_min']:.5f}), {entry['file']}"
     if kind == "profile":
         result, label = entry["result"], entry["result"].get("label", "measured")
@@ -125,13 +125,12 @@ def run_summary(entry: dict) -> str:
         return ", ".join(parts)
     fid = metrics.get("fidelity_deterministic") or metrics.get("fidelity") or metrics.get("fidelity_data") or {}
     parts = []
-    if isinstance(fid, dict) and isinstance(fid.get("pooled_cosine_mean", fid.get("cosine")), (int, float)):
-        parts.append(f"pooled cosine to its input {fid.get('pooled_cosine_mean', fid.get('cosine')):.4f}")
-    if not parts and isinstance(metrics.get("fidelity_pooled_cosine"), (int, float)):  # learning stages
-        against = f"the teacher ({metrics['teacher']})" if "teacher" in metrics else "its input"
-        parts.append(f"pooled cosine to {against} {metrics['fidelity_pooled_cosine']:.4f}")
-        if isinstance(metrics.get("fidelity_before_pooled_cosine"), (int, float)):
-            parts[-1] += f" (before {metrics['fidelity_before_pooled_cosine']:.4f})"
+    if isinstance(fid, dict) and isinstance(fid.get("pooled_cosine_mean"), (int, float)):
+        against = f"the teacher ({metrics['teacher']})" if "teacher" in metrics else "its input"  # distillation
+        parts.append(f"pooled cosine to {against} {fid['pooled_cosine_mean']:.4f}")
+        before = metrics.get("fidelity_data_before")
+        if isinstance(before, dict) and isinstance(before.get("pooled_cosine_mean"), (int, float)):
+            parts[-1] += f" (before {before['pooled_cosine_mean']:.4f})"
     if isinstance(metrics.get("macs_ratio"), (int, float)):
         parts.append(f"MACs x{metrics['macs_ratio']:.3f}")
     return ", ".join(parts)

@@ -53,15 +53,15 @@ def _human(r: dict) -> None:
             rows.append([c["label"], "", "", "", f"[red]{c['error']}[/]"])
             continue
         mark = "[green]best[/]" if c["label"] == best else ("pareto" if c["pareto"] else "")
-        dim = (lambda t: t) if c["pooled_cosine"] >= r["min_cosine"] else (lambda t: f"[dim]{t}[/]")
-        rows.append([dim(c["label"]), dim(f"{c['gmacs']:.3f}"), dim(f"{c['latency_ms']:.3g}"), dim(f"{c['pooled_cosine']:.4f}"), mark])
+        dim = (lambda t: t) if c["pooled_cosine_mean"] >= r["min_cosine"] else (lambda t: f"[dim]{t}[/]")
+        rows.append([dim(c["label"]), dim(f"{c['gmacs']:.3f}"), dim(f"{c['latency_ms']:.3g}"), dim(f"{c['pooled_cosine_mean']:.4f}"), mark])
     columns(f"{r['model']} on {r['device']}: latency {r['latency']}, fidelity on {r['n_eval_images']} held-out images",
             ["candidate", "GMACs", "ms", "pooled cosine", ""], rows, left=("candidate", ""))
     if r["best"] is None:
         line(f"[yellow]{r['note']}[/]")
         return
     b = r["best"]
-    text = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine']:.4f}"
+    text = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine_mean']:.4f}"
     if r["budget_ms"] is not None:
         text += f"; budget {r['budget_ms']} ms {'met' if r['meets_budget'] else '[red]NOT met[/]'}"
     line(text)

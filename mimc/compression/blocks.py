@@ -149,10 +149,10 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
         "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
         # Fidelity to the input encoder (the dense source when this is the first stage) on one seeded
         # input: one forward of each model, the largest share of a ViT-B prune's few seconds.
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).summary(),
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
     }
     if batches:
-        metrics["fidelity_data"] = fidelity(new, encoder, batches).summary()
+        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
     if warnings:
         metrics["warnings"] = warnings
     return new, metrics

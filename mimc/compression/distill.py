@@ -24,7 +24,6 @@ import torch
 
 from mimc.artifact import state_hash
 from mimc.compression.calib_stats import calibration_pixels
-from mimc.compression.nm import pooled_fidelity
 from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError, DataError
 from mimc.models.nm_pattern import block_linears, check_nm
@@ -113,6 +112,8 @@ def reapply_zeros(zeros: list[tuple[torch.nn.Linear, torch.Tensor]]) -> None:
 
 @register(DistillConfig)
 def distill(encoder, config: DistillConfig, calibration_batches=None, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
+    from mimc.evaluate import fidelity
+
     batches = list(calibration_batches or [])
     if not batches:
         raise DataError("distill needs unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
@@ -124,7 +125,7 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
     check_teacher(encoder, teacher)
     pixels = torch.cat(batches)
     eval_pixels = calibration_pixels([pixels], 256, 32)
-    before = pooled_fidelity(encoder, teacher, eval_pixels)
+    before = fidelity(encoder, teacher, eval_pixels).to_dict()
 
     student = clone_encoder(encoder).eval().requires_grad_(True)
     zeros = nm_zeros(student) if student.config.nm_pattern else None
@@ -142,8 +143,8 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
         check_nm(student)
     metrics = {
         "teacher": teacher_label,
-        "fidelity_before_pooled_cosine": before,
-        "fidelity_pooled_cosine": pooled_fidelity(student, teacher, eval_pixels),
+        "fidelity_data_before": before,
+        "fidelity_data": fidelity(student, teacher, eval_pixels).to_dict(),
         "n_train_images": int(len(pixels)),
         "mask_ratio": config.mask_ratio,
         **result.metrics(),

@@ -74,17 +74,6 @@ class NMSparsityConfig(StageConfig):
         return data
 
 
-def pooled_fidelity(student: nn.Module, teacher: nn.Module, pixels: list[torch.Tensor]) -> float:
-    """Mean cosine between student and teacher pooled features (1.0 = identical direction)."""
-    if not pixels:
-        return float("nan")
-    sims = []
-    with torch.no_grad():
-        for batch in pixels:
-            sims.append(torch.nn.functional.cosine_similarity(student(batch).pooled, teacher(batch).pooled, dim=-1))
-    return round(float(torch.cat(sims).mean()), 6)
-
-
 @register(NMSparsityConfig)
 def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: TrainRun | None = None):
     n, m = config.nm
@@ -102,13 +91,15 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: T
         "density": round(sum(float(k.float().sum()) for k in masks.values()) / sum(k.numel() for k in masks.values()), 6),
         "n_calib": sum(p.shape[0] for p in pixels),
     }
+    from mimc.evaluate import fidelity
+
     if pixels:
-        metrics["fidelity_pooled_cosine"] = pooled_fidelity(student, encoder, pixels)
+        metrics["fidelity_data"] = fidelity(student, encoder, pixels).to_dict()
     else:
         from mimc.data import deterministic_inputs
 
-        metrics["fidelity_pooled_cosine_random_inputs"] = pooled_fidelity(student, encoder, [deterministic_inputs(encoder.config, 8)])
+        metrics["fidelity_deterministic"] = fidelity(student, encoder, [deterministic_inputs(encoder.config, 8)]).to_dict()
     return student, metrics
 
 
-__all__ = ["NMSparsityConfig", "sparsify", "pooled_fidelity"]
+__all__ = ["NMSparsityConfig", "sparsify"]

@@ -166,8 +166,7 @@ def _pixels_sha(pixels: torch.Tensor) -> str:
 
 def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``learned`` method of the sparsify stage (``config`` is an NMSparsityConfig)."""
-    # The fidelity helper still sits in the stage module (a shared metrics module replaces it).
-    from mimc.compression.nm import pooled_fidelity
+    from mimc.evaluate import fidelity
 
     n, m = config.nm
     lc: NMLearnedConfig = config.learned
@@ -182,7 +181,7 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
     if lc.prior != "none":
         prior_model = clone_encoder(encoder).eval()
         prior_masks = one_shot_sparsify(prior_model, n, m, lc.prior, calib, update_weights=False, damp=config.damp, blocksize=config.blocksize)
-        prior_fidelity = pooled_fidelity(prior_model, encoder, calib)
+        prior_fidelity = fidelity(prior_model, encoder, calib).to_dict() if calib else None
 
     student = clone_encoder(encoder).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(lc.seed)
@@ -220,12 +219,12 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
         "method": "learned",
         "prior": lc.prior,
         "density": round(sum(density) / len(density), 6),
-        "fidelity_pooled_cosine": pooled_fidelity(out, encoder, eval_pixels),
+        "fidelity_data": fidelity(out, encoder, eval_pixels).to_dict(),
         "n_train_images": int(len(pixels)),
         **result.metrics(),
     }
     if prior_masks:
-        metrics["prior_fidelity_pooled_cosine_calib"] = prior_fidelity
+        metrics["prior_fidelity_calib"] = prior_fidelity
         metrics["groups_changed_vs_prior"] = round(changed / max(groups, 1), 6)
     return out, metrics
 

@@ -198,9 +198,9 @@ def _materialize(calibration_batches, max_batches: int | None) -> list[torch.Ten
 
 
 @torch.no_grad()
-def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, float]:
+def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, Any]:
     """The folded float model against its source: should be rounding noise (~1e-6)."""
-    from mimc.deploy.validate import compare_outputs
+    from mimc.metrics import compare_outputs
 
     was_training = original.training
     original.eval()
@@ -209,9 +209,9 @@ def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, float]:
         a, b = original(batch), folded(batch)
     finally:
         original.train(was_training)
-    m = compare_outputs({"last_hidden_state": a.last_hidden_state, "pooled": a.pooled},
-                        {"last_hidden_state": b.last_hidden_state, "pooled": b.pooled})
-    return {"max_abs": m["max_abs"], "cosine": m["cosine"], "sqnr_db": m["sqnr_db"]}
+    fidelity = compare_outputs({"last_hidden_state": a.last_hidden_state, "pooled": a.pooled},
+                               {"last_hidden_state": b.last_hidden_state, "pooled": b.pooled})
+    return fidelity.to_dict()
 
 
 def _fold(encoder, calibration_batches, max_batches, fold_pair):

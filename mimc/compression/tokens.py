@@ -128,10 +128,10 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
         "macs_ratio": round(macs_reduced / macs_dense, 6),
         "theoretical_speedup": round(macs_dense / macs_reduced, 4),
         # Fidelity to the input encoder (the dense source when this is the first stage).
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=4, seed=0)).summary(),
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=4, seed=0)).to_dict(),
     }
     if calibration_batches is not None:
-        metrics["fidelity_data"] = fidelity(new, encoder, list(calibration_batches)).summary()
+        metrics["fidelity_data"] = fidelity(new, encoder, list(calibration_batches)).to_dict()
     return new, metrics
 
 

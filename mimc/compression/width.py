@@ -181,10 +181,10 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
         "params_before": encoder.num_params, "params_after": new.num_params,
         "macs_before": macs_before, "macs_after": macs_after,
         "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).summary(),
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
     }
     if batches:
-        metrics["fidelity_data"] = fidelity(new, encoder, batches).summary()
+        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
     if not math.isfinite(metrics["fidelity_deterministic"]["pooled_cosine_mean"]):
         raise ConfigError("width pruning produced non-finite features: the model's weights are not usable")
     return new, metrics

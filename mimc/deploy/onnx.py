@@ -41,7 +41,9 @@ from torch import nn
 
 from mimc.artifact import MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file, write_json
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.deploy.validate import compare_outputs, gate_failures, gate_for, onnxruntime, run_onnx
+from mimc.deploy.validate import gate_failures, gate_for, verdict
+from mimc.metrics import compare_outputs
+from mimc.runtime.session import onnxruntime, run_onnx
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("last_hidden_state", "pooled")
@@ -249,8 +251,8 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
         out = encoder(inputs)
     reference = {"last_hidden_state": out.last_hidden_state, "pooled": out.pooled}
     candidate = run_onnx(graph_file, inputs)
-    metrics = compare_outputs(reference, candidate)
-    failures = gate_failures(metrics, precision)
+    fidelity = compare_outputs(reference, candidate)
+    failures = gate_failures(fidelity, precision)
     if failures and not force:
         raise ValidationError(
             f"exported graph fails the {precision} fidelity gate against the torch model ({'; '.join(failures)}): "
@@ -258,12 +260,8 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
             option="force",
         )
     return {
-        **metrics,
+        **verdict(fidelity, precision, failures),
         "output_shapes": {k: list(v.shape) for k, v in candidate.items()},
-        "passed": not failures,
-        "forced": bool(failures),
-        "failures": failures,
-        "gate": {"precision": precision, **gate_for(precision).to_dict()},
         "inputs": f"mimc.data.deterministic_inputs(batch={inputs.shape[0]}, seed={seed})",
         "provider": "CPUExecutionProvider",
         "onnxruntime_version": onnxruntime().__version__,

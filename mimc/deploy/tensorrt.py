@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mimc.artifact import atomic_file, mimc_version, now_iso, sha256_file, write_json
 from mimc.errors import BadInputError, ConfigError, MimcError, require
 from mimc.latency.devices import PRECISIONS, DeviceProfile
-from mimc.latency.flops import graph_precision, load_graph
-from mimc.latency.roofline import read_nm_pattern
+from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
 from mimc.runtime.trt import (SIDECAR_FORMAT, SIDECAR_VERSION, CudaDevice, check_profile_matches_gpu, import_tensorrt,
                            make_logger, one_line, parse_sparsity_log, runtime_info, sidecar_path, tensorrt_major)
 
@@ -47,17 +46,6 @@ def parse_batch_range(text: str | None) -> tuple[int, int, int] | None:
     if not 1 <= lo <= opt <= hi:
         raise ConfigError(f"batch '{text}' must satisfy 1 <= MIN <= OPT <= MAX", option="batch")
     return lo, opt, hi
-
-
-def graph_inputs(model) -> dict[str, list[int | None]]:
-    """Graph input name -> dims (None where symbolic), initializers excluded."""
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        out[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
-    return out
 
 
 def builder_settings(profile: DeviceProfile, graph_prec: str, inputs: dict[str, list[int | None]], *,
@@ -120,7 +108,8 @@ def write_fp16_graph(src: str | Path, dst: str | Path) -> dict[str, Any]:
     """Write ``src`` cast to fp16 (LayerNorm, softmax, graph inputs/outputs kept fp32) to ``dst``.
 
     The cast graph is compared with ``src`` on ONNX Runtime CPU before it is kept; below the fp16
-    cosine gate it raises ValidationError and nothing is written. Returns the fidelity metrics.
+    cosine gate it raises ValidationError and nothing is written. Returns the validation report
+    (``fidelity``: :meth:`mimc.metrics.Fidelity.to_dict`, and the gate's verdict).
     """
     import onnx
 
@@ -129,15 +118,17 @@ def write_fp16_graph(src: str | Path, dst: str | Path) -> dict[str, Any]:
     half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
     with atomic_file(dst) as tmp:
         onnx.save(half, str(tmp))
-        fidelity = fp16_fidelity(src, tmp, graph_inputs(model))
-    return fidelity
+        validation = fp16_fidelity(src, tmp, input_dims(model))
+    return validation
 
 
 def fp16_fidelity(fp32_path: str | Path, fp16_path: str | Path, inputs: dict[str, list[int | None]]) -> dict[str, Any]:
     """Cosine / SQNR of the fp16 graph to the fp32 one on seeded inputs (ORT CPU); gate at fp16's."""
     import numpy as np
 
-    from mimc.deploy.validate import check_gate, compare_outputs, run_onnx
+    from mimc.deploy.validate import check_gate, verdict
+    from mimc.metrics import compare_outputs
+    from mimc.runtime.session import run_onnx
 
     rng = np.random.default_rng(0)
     # Batch 2 where the batch is dynamic, so one sample's error cannot hide in a batch mean.
@@ -147,21 +138,22 @@ def fp16_fidelity(fp32_path: str | Path, fp16_path: str | Path, inputs: dict[str
         half = run_onnx(fp16_path, feed)
     except Exception as exc:  # an ORT CPU build without some fp16 kernel: say so, do not guess
         return {"checked": False, "reason": f"ONNX Runtime CPU could not run the graphs ({type(exc).__name__})"}
-    metrics = compare_outputs(ref, half)
-    check_gate(metrics, "fp16", what="the fp16 graph")
-    return {"checked": True, "cosine": metrics["cosine"], "sqnr_db": metrics["sqnr_db"], "max_abs": metrics["max_abs"],
-            "inputs": "seeded normal, ONNX Runtime CPU"}
+    fidelity = compare_outputs(ref, half)
+    check_gate(fidelity, "fp16", what="the fp16 graph")
+    return {"checked": True, **verdict(fidelity, "fp16"), "inputs": "seeded normal, ONNX Runtime CPU"}
 
 
 def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | Path, batch_range=None,
                  workspace_gb: float = 4.0, timing_cache: str | Path | None = None, sparse: bool | None = None,
-                 precision: str | None = None, device=None) -> dict[str, Any]:
-    """Build ``out_path`` (a serialized engine) and ``out_path.json`` (its sidecar); returns the sidecar."""
+                 precision: str | None = None, device=None, on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build ``out_path`` (a serialized engine) and ``out_path.json`` (its sidecar); returns the sidecar.
+
+    ``on_message``: called with each TensorRT error line as it is logged (the CLI prints them)."""
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     model = load_graph(onnx_path)
     if isinstance(batch_range, str):
         batch_range = parse_batch_range(batch_range)
-    settings = builder_settings(profile, graph_precision(model), graph_inputs(model), precision=precision,
+    settings = builder_settings(profile, graph_precision(model), input_dims(model), precision=precision,
                                 batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
                                 nm_pattern=read_nm_pattern(onnx_path, model))
     if not out_path.parent.is_dir():
@@ -178,7 +170,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
         fp16 = write_fp16_graph(onnx_path, graph_file)
 
     start = time.perf_counter()
-    logger = make_logger(trt)
+    logger = make_logger(trt, on_message)
     serialized, cache_bytes, cache_note = _build(trt, logger, graph_file, settings, timing_cache)
     build_seconds = time.perf_counter() - start
     notes = list(settings["notes"]) + ([cache_note] if cache_note else [])
@@ -203,7 +195,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
         "batch_range": settings["batch_range"], "timing_cache": str(timing_cache) if timing_cache else None,
         "sparse": {"requested": settings["sparse"], "eligible_layers": sparsity["eligible"],
                    "picked_layers": sparsity["picked"], "inspector_sparse_layers": inspector_sparse, "picked": picked},
-        "fp16_graph_fidelity": fp16, "notes": notes, "build_seconds": build_seconds, "engine_bytes": out_path.stat().st_size,
+        "fp16_graph_validation": fp16, "notes": notes, "build_seconds": build_seconds, "engine_bytes": out_path.stat().st_size,
         "engine_sha256": sha256_file(out_path), "mimc_version": mimc_version(), "created": now_iso(),
     }
     write_json(sidecar_path(out_path), sidecar)

@@ -48,7 +48,8 @@ from mimc.latency.flops_costs import (
     precision_of_dtype,
 )
 from mimc.latency.flops_fused import FUSED_ATTENTION, qattention_costs
-from mimc.latency.flops_shapes import load_graph, tensor_info
+from mimc.graph import graph_precision, load_graph
+from mimc.latency.flops_shapes import tensor_info
 
 
 # Counting ------------------------------------------------------------------------------------------
@@ -160,40 +161,9 @@ def _count_dense(cost: NodeCost, node: onnx.NodeProto, info: dict, out_shape: li
     cost.flops = 2.0 * cost.macs + (out_elems if bias else 0)
 
 
-def graph_precision(model: str | Path | onnx.ModelProto) -> str:
-    """The precision a graph carries: fp8 / int8 when it has Q/DQ (or integer matmuls), fp16 / bf16
-    when its matmuls take half-precision tensors, else fp32. TensorRT 11 builds exactly this."""
-    model = load_graph(model)
-    graph = model.graph
-    dtypes = {i.name: i.data_type for i in graph.initializer}
-    quant: set[str] = set()
-    for node in graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            out_type = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
-            zp_type = dtypes.get(zp) if zp else None
-            if zp_type in FLOAT8_TYPES or out_type in FLOAT8_TYPES or dtypes.get(node.input[0]) in FLOAT8_TYPES:
-                quant.add("fp8")
-            else:
-                quant.add("int8")
-        elif node.op_type in ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "DynamicQuantizeLinear"):
-            quant.add("int8")
-    if "fp8" in quant:
-        return "fp8"
-    if "int8" in quant:
-        return "int8"
-    floats = {i.data_type for i in graph.initializer if i.data_type in FLOAT_TYPES}
-    floats |= {vi.type.tensor_type.elem_type for vi in graph.input}
-    if TensorProto.FLOAT16 in floats:
-        return "fp16"
-    if TensorProto.BFLOAT16 in floats:
-        return "bf16"
-    return "fp32"
-
-
 # Public names, including those defined in flops_costs / flops_shapes (``from mimc.latency.flops import X``).
 __all__ = [
-    "count_graph", "graph_precision", "load_graph", "tensor_info", "precision_of_dtype",
+    "count_graph", "tensor_info", "precision_of_dtype",
     "TensorUse", "NodeCost", "GraphCost",
     "DTYPE_BYTES", "FLOAT8_TYPES", "INT8_TYPES", "FLOAT_TYPES", "CONTRIB_MATMULS", "MATMUL_OPS", "CONV_OPS",
     "QDQ_OPS", "VIEW_OPS", "ELEMENTWISE_FLOPS", "REDUCE_OPS",

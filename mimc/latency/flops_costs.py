@@ -15,6 +15,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from mimc.graph import FLOAT8_TYPES, FLOAT_TYPES  # noqa: F401  (re-exported with the other dtype tables)
+
 # Element byte widths by ONNX dtype; float8 and int4 exist only in Q/DQ graphs.
 DTYPE_BYTES: dict[int, float] = {
     TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
@@ -28,9 +30,7 @@ for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ"):
 for _name in ("INT4", "UINT4"):
     if hasattr(TensorProto, _name):
         DTYPE_BYTES[getattr(TensorProto, _name)] = 0.5
-FLOAT8_TYPES = {getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ") if hasattr(TensorProto, n)}
 INT8_TYPES = {TensorProto.INT8, TensorProto.UINT8}
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 # com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see flops_shapes._skeleton.
 CONTRIB_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}

@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from mimc.errors import BadInputError, ConfigError
+from mimc.errors import ConfigError
 from mimc.latency.flops_costs import CONTRIB_MATMULS, VIEW_OPS
 from mimc.latency.flops_fused import FUSED_ATTENTION, skeleton_nodes
-
-
-def load_graph(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export`")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and friends; all mean the same to a user
-        raise BadInputError(f"{path} is not a readable ONNX model ({type(exc).__name__}): export it again with `mimc export`") from exc
 
 
 def tensor_info(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int, list[int] | None]]:
@@ -160,4 +147,4 @@ def _missing(model: onnx.ModelProto, info: dict) -> int:
     )
 
 
-__all__ = ["load_graph", "tensor_info"]
+__all__ = ["tensor_info"]

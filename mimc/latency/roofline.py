@@ -13,7 +13,6 @@ hardly matters since they are memory-bound.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +22,10 @@ from onnx import numpy_helper
 
 from mimc.errors import ConfigError
 from mimc.latency.devices import PRECISIONS, DeviceProfile
-from mimc.latency.flops import GraphCost, NodeCost, count_graph, load_graph
+from mimc.graph import load_graph, read_nm_pattern
+from mimc.latency.flops import GraphCost, NodeCost, count_graph
 
 GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
-
-
-def read_nm_pattern(onnx_path: str | Path, model: onnx.ModelProto | None = None) -> str | None:
-    """The N:M pattern mimc recorded for this graph: the encoder config stamped into the graph's
-    metadata by ``mimc export``, else the artifact's mimc.json beside the graph."""
-    for prop in (model.metadata_props if model is not None else []):
-        if prop.key == "mimc_encoder_config":
-            try:
-                return json.loads(prop.value).get("nm_pattern")
-            except (json.JSONDecodeError, AttributeError):
-                break
-    manifest = Path(onnx_path).parent / "mimc.json"
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return (data.get("encoder") or {}).get("nm_pattern")
 
 
 def is_nm_sparse(weight: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:

@@ -1,6 +1,6 @@
 """``profile``: one entry point that picks how to measure (or predict) a graph on a device profile.
 
-- ``.onnx`` on an ``onnxruntime-cpu`` device: measured here by :mod:`mimc.runtime.ort`.
+- ``.onnx`` on an ``onnxruntime-cpu`` device: measured here by :mod:`mimc.latency.ort_cpu`.
 - ``predict=True``: a roofline estimate from the graph's FLOPs and bytes (:mod:`mimc.latency.roofline`).
 - ``.plan`` / ``.engine``, or a ``tensorrt`` / ``onnxruntime-cuda`` device: measured on the GPU by
   :mod:`mimc.runtime.trt` / :mod:`mimc.runtime.cuda_ort`; without a CUDA GPU this is refused, never
@@ -68,13 +68,13 @@ def _import(module: str, purpose: str):
 def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = False,
             batch_sizes: Sequence[int] | str | None = None, warmup: int = 10, iters: int = 50,
             threads: int | None = None, on_batch: Callable[[int], None] | None = None,
-            precision: str | None = None) -> dict[str, Any]:
+            precision: str | None = None, on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Latency report for ``model_path`` on ``device`` (a profile name or YAML path).
 
     ``batch_sizes`` None: the graph's static batch (or the profile's ``batch_sizes`` when the batch
     is dynamic); ``threads`` None: the profile's ``threads``, else every core. ``precision`` (with
     ``predict`` only) prices the graph at that precision, e.g. an fp32 graph as the fp16 engine
-    TensorRT would build from it.
+    TensorRT would build from it. ``on_message`` gets TensorRT's error lines as they are logged.
     """
     from mimc.latency.devices import load_profile
 
@@ -104,7 +104,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if prof.backend == "onnxruntime-cpu":
         if is_engine:
             raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs ONNX Runtime on the CPU: pass the .onnx graph")
-        from mimc.runtime.ort import profile_onnx_cpu
+        from mimc.latency.ort_cpu import profile_onnx_cpu
 
         sizes = sizes or _default_sizes(path, prof)
         report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads, on_batch=on_batch)
@@ -118,7 +118,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         )
     if is_engine:
         trt = _import("mimc.runtime.trt", "TensorRT profiling")
-        report = trt.profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters)
+        report = trt.profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
     elif prof.backend == "onnxruntime-cuda":
         cuda_ort = _import("mimc.runtime.cuda_ort", "ONNX Runtime CUDA profiling")
         report = cuda_ort.profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
@@ -134,9 +134,10 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
 
 def _default_sizes(path: Path, prof) -> list[int]:
     """A static graph runs at its own batch only; a dynamic one at the profile's batch sizes."""
-    from mimc.runtime.ort import graph_inputs, static_batch
+    from mimc.graph import graph_inputs, load_graph
+    from mimc.latency.ort_cpu import static_batch
 
-    fixed = static_batch(graph_inputs(path))
+    fixed = static_batch(graph_inputs(load_graph(path, external_data=False), path))
     return [fixed] if fixed else list(prof.batch_sizes)
 
 

@@ -55,7 +55,8 @@ def describe_source(model: str) -> str:
 
 def load_model(model: str | os.PathLike):
     """Load any MODEL argument as a canonical :class:`~mimc.models.vit.Encoder` with a manifest."""
-    from mimc.artifact import Manifest, load_artifact, sha256_file
+    from mimc.artifact import Manifest, sha256_file
+    from mimc.models.io import load_artifact
 
     model = str(model)
     kind = describe_source(model)

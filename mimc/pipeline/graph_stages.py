@@ -86,7 +86,7 @@ def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
     report = quantize_file(graph, out, ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config,
                            ctx.seed, ctx.force, ctx.data_spec or ctx.images.spec)
     ctx.last_graph = out
-    return {"file": out.name, "fidelity": report["fidelity"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
+    return {"file": out.name, "validation": report["validation"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
             "calibration_sha256": report["calibration_sha256"], "report": report}
 
 
@@ -108,7 +108,7 @@ def quantize_file(graph: Path, out: Path, images, config, seed: int, force: bool
 def record_graph(out: Path, report: dict[str, Any]) -> None:
     """Quantization changes the graph, not the weights: it is recorded under ``files[<graph>]``."""
     manifest = read_manifest(out.parent)
-    metrics = {"fidelity": report["fidelity"], "calibration_sha256": report["calibration_sha256"],
+    metrics = {"validation": report["validation"], "calibration_sha256": report["calibration_sha256"],
                "calibration_images": report["calibration_images"], "target": report["target"],
                "fused_attention_blocks": report["fused_attention_blocks"]}
     stage = StageRecord(name="quantize", config=report["config"], config_version=report["config_version"],

@@ -35,6 +35,7 @@ import numpy as np
 
 from mimc.errors import ConfigError
 from mimc.options import Options, option
+from mimc.metrics import FidelityMeter
 
 CPU_PRECISIONS = ("fp32", "int8")
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
@@ -68,7 +69,7 @@ class Candidate:
     mlp: float = 0.0
     latency_ms: float | None = None
     latency_label: str = ""
-    pooled_cosine: float | None = None
+    pooled_cosine_mean: float | None = None
     macs: float = 0.0
     pareto: bool = False
     error: str | None = None
@@ -85,7 +86,7 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "mlp_removed": self.mlp, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
                 "precision": self.precision, "latency_ms": self.latency_ms, "latency": self.latency_label,
-                "pooled_cosine": self.pooled_cosine, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
+                "pooled_cosine_mean": self.pooled_cosine_mean, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
                 "error": self.error}
 
 
@@ -150,9 +151,9 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             _time_interleaved([c for c in candidates if c.error is None], iters, prof.threads)
     ok = [c for c in candidates if c.error is None]
     for c in ok:
-        c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine >= c.pooled_cosine
-                           and (o.latency_ms < c.latency_ms or o.pooled_cosine > c.pooled_cosine) for o in ok)
-    faithful = sorted((c for c in ok if c.pooled_cosine >= min_cosine), key=lambda c: c.latency_ms)
+        c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
+                           and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
+    faithful = sorted((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms)
     best = faithful[0] if faithful else None
     return {"device": prof.name, "latency": "predicted (roofline)" if predict else "measured (ONNX Runtime CPU)",
             "min_cosine": min_cosine, "budget_ms": budget_ms, "n_eval_images": len(images),
@@ -211,8 +212,9 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
         feats = _torch_features(model, images)
     else:
         feats = _graph_features(graph, images, emulate)
-    cos = np.sum(feats * dense_feats, axis=1) / np.maximum(np.linalg.norm(feats, axis=1) * np.linalg.norm(dense_feats, axis=1), 1e-30)
-    cand.pooled_cosine = round(float(np.mean(cos)), 6)
+    meter = FidelityMeter()
+    meter.update(feats, dense_feats)
+    cand.pooled_cosine_mean = round(meter.result().pooled_cosine_mean, 6)
     if predict:
         from mimc.latency.roofline import predict as roofline
 
@@ -247,9 +249,9 @@ def _torch_features(model, images, half: bool = False) -> np.ndarray:
 
 def _graph_features(path: Path, images, emulate: bool) -> np.ndarray:
     """Pooled features from a batch-1 graph; ``emulate`` runs Q/DQ as its exact fp32 math (no fusion)."""
-    from mimc.quant.quantize import graph_session
+    from mimc.runtime.session import make_session
 
-    sess = graph_session(path, emulate)
+    sess = make_session(path, emulate_qdq=emulate)
     names = [o.name for o in sess.get_outputs()]
     pixels = images.pixels.numpy()
     pooled = [sess.run(None, {sess.get_inputs()[0].name: pixels[i : i + 1]})[names.index("pooled")][0] for i in range(len(pixels))]

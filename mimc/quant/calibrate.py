@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mimc.errors import DataError
+from mimc.graph import single_input
 
 METHODS = ("minmax", "percentile", "entropy")
 HIST_BINS = 2048
@@ -33,7 +34,7 @@ def _session_with_outputs(model, tensors: Sequence[str]):
     """An ORT session over ``model`` that also returns the named intermediate tensors."""
     import onnx
 
-    from mimc.deploy.validate import onnxruntime, session_options
+    from mimc.runtime.session import onnxruntime, session_options
 
     ort = onnxruntime()
     m = onnx.ModelProto()
@@ -65,16 +66,6 @@ def _graph_batches(batches: Iterable, graph_batch: int | None, input_shape: Sequ
     if usable == 0:
         raise DataError(f"the graph has a static batch of {step} but only {full.shape[0]} calibration images were given: pass more images")
     return [full[i : i + step] for i in range(0, usable, step)]
-
-
-def graph_input(model) -> tuple[str, int | None, tuple[int, ...]]:
-    """(name, static batch or None, per-sample shape) of the graph's only input."""
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) != 1:
-        raise DataError(f"the graph has {len(inputs)} inputs: mimc quantizes encoders with one input (pixel_values)")
-    dims = inputs[0].type.tensor_type.shape.dim
-    batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-    return inputs[0].name, batch, tuple(d.dim_value for d in dims[1:])
 
 
 class _Histogram:
@@ -149,7 +140,7 @@ def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable,
     """
     if method not in METHODS:
         raise DataError(f"unknown calibration method '{method}': choose one of {', '.join(METHODS)}")
-    name, batch, shape = graph_input(model)
+    name, batch, shape = single_input(model)
     chunks = _graph_batches(calibration_batches, batch, shape)
     tensors = list(dict.fromkeys(tensors))
     sess = _session_with_outputs(model, tensors)
@@ -173,7 +164,7 @@ def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable,
 def collect_channel_ranges(model, tensors: Sequence[str], calibration_batches: Iterable
                            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (last axis) min and max of the named tensors: what outlier folding needs."""
-    name, batch, shape = graph_input(model)
+    name, batch, shape = single_input(model)
     chunks = _graph_batches(calibration_batches, batch, shape)
     tensors = list(dict.fromkeys(tensors))
     sess = _session_with_outputs(model, tensors)
@@ -188,4 +179,4 @@ def collect_channel_ranges(model, tensors: Sequence[str], calibration_batches: I
     return {t: (lo[t], hi[t]) for t in tensors}
 
 
-__all__ = ["METHODS", "collect_ranges", "collect_channel_ranges", "kl_threshold", "graph_input"]
+__all__ = ["METHODS", "collect_ranges", "collect_channel_ranges", "kl_threshold"]

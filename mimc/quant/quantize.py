@@ -59,9 +59,11 @@ from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
-from mimc.artifact import MANIFEST_NAME, mimc_version, sha256_file
+from mimc.artifact import mimc_version, sha256_file
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges, graph_input
+from mimc.graph import is_mimc_graph, load_graph, single_input, token_reduced
+from mimc.metrics import Fidelity
+from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
 from mimc.quant.ort_fusion import fuse_attention_cpu
 from mimc.quant.qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
 from mimc.compression.registry import StageConfig, register
@@ -116,12 +118,6 @@ def _quantize_encoder(encoder, config, calibration_batches):
 
 
 # Input checks -------------------------------------------------------------------------------------
-def is_mimc_graph(path: Path, model) -> bool:
-    """Written by mimc: mimc metadata in the graph, or an artifact's mimc.json beside it."""
-    keys = {p.key for p in model.metadata_props}
-    return "mimc_version" in keys or (path.parent / MANIFEST_NAME).is_file()
-
-
 def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
     if not onnx_in.is_file():
         raise BadInputError(f"ONNX file {onnx_in} does not exist: export one with `mimc export MODEL`")
@@ -134,12 +130,7 @@ def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
 
 
 def load_float_graph(onnx_in: Path):
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_in))
-    except Exception as exc:  # protobuf DecodeError and friends: all mean "not an ONNX file"
-        raise BadInputError(f"{onnx_in} is not a readable ONNX file ({type(exc).__name__}): export one with `mimc export MODEL`") from exc
+    model = load_graph(onnx_in)
     if not is_mimc_graph(onnx_in, model):
         raise BadInputError(f"{onnx_in} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
@@ -237,14 +228,6 @@ def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str |
     model.producer_name, model.producer_version = "mimc", mimc_version()
 
 
-def _token_reduced(model) -> bool:
-    meta = {p.key: p.value for p in model.metadata_props}
-    try:
-        return json.loads(meta.get("mimc_encoder_config", "{}")).get("token_schedule") is not None
-    except json.JSONDecodeError:
-        return False
-
-
 def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
     if config.precision == "fp8":
         return False, ("ONNX Runtime CPU has no FP8 matmul kernels; run it with TensorRT on Hopper/Ada. "
@@ -254,27 +237,14 @@ def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
     return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
 
 
-def graph_session(path: Path, emulate: bool):
-    """An ORT CPU session for a (quantized) graph; ``emulate`` runs a Q/DQ graph as its exact math.
-
-    Fusing DQ -> MatMul into int8 kernels is ORT's choice, not TensorRT's; with fusions off ORT
-    computes exactly the Q/DQ graph's math (round, clip, dequantize, fp32 matmul).
-    """
-    from mimc.deploy.validate import onnxruntime, session_options
-
-    ort = onnxruntime()
-    so = session_options()
-    if emulate:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
 def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
-                     pooled_only: bool = False) -> dict[str, Any]:
-    """Compare the quantized graph with the fp32 graph on held-out inputs (worst-sample cosine, SQNR)."""
-    from mimc.deploy.validate import compare_outputs
+                     pooled_only: bool = False) -> tuple[Fidelity, list[str]]:
+    """The quantized graph against the fp32 graph on held-out inputs; also the outputs compared."""
+    from mimc.metrics import compare_outputs
+    from mimc.runtime.session import make_session
 
-    sessions = [graph_session(fp32_path, False), graph_session(quant_path, config.resolved_target == "tensorrt")]
+    # A graph quantized for TensorRT is judged as its exact Q/DQ math: ORT's own int8 fusions are not TensorRT's.
+    sessions = [make_session(fp32_path), make_session(quant_path, emulate_qdq=config.resolved_target == "tensorrt")]
     name = sessions[0].get_inputs()[0].name
     dims = sessions[0].get_inputs()[0].shape
     batch = dims[0] if isinstance(dims[0], int) else None
@@ -293,16 +263,7 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
         # noise can swap which tokens merge, reordering last_hidden_state while the pooled feature
         # (what downstream heads and k-NN use) barely moves. Judge the pooled output there.
         ref, cand = {"pooled": ref["pooled"]}, {"pooled": cand["pooled"]}
-    metrics = compare_outputs(ref, cand)
-    pooled = metrics["outputs"].get("pooled", metrics)
-    r, c = ref.get("pooled"), cand.get("pooled")
-    mean_cos = None
-    if r is not None:
-        cos = np.sum(r * c, axis=1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1), 1e-30)
-        mean_cos = round(float(np.mean(cos)), 6)
-    return {"cosine": metrics["cosine"], "sqnr_db": metrics["sqnr_db"], "max_abs": metrics["max_abs"],
-            "pooled_cosine_min": pooled["cosine"], "pooled_cosine_mean": mean_cos, "pooled_sqnr_db": pooled["sqnr_db"],
-            "images": int(full.shape[0] // step * step), "gated_outputs": sorted(ref)}
+    return compare_outputs(ref, cand), sorted(ref)
 
 
 def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calibration_batches: Iterable,
@@ -314,7 +275,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     """
     import onnx
 
-    from mimc.deploy.validate import gate_failures, gate_for
+    from mimc.deploy.validate import gate_failures, verdict
 
     start = time.perf_counter()
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
@@ -323,7 +284,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     calibration = _as_arrays(calibration_batches)
     if calibration and sum(a.shape[0] for a in calibration) > config.n:
         calibration = [np.concatenate(calibration)[: config.n]]  # at most n images, the first ones given
-    _, graph_batch, shape = graph_input(model)
+    _, graph_batch, shape = single_input(model)
     held_out = _as_arrays(eval_batches)
     eval_source = "held-out images"
     if not held_out:
@@ -339,7 +300,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         tmp = Path(tmp_dir) / onnx_out.name
         onnx.save_model(quantized, str(tmp))
         onnx.checker.check_model(str(tmp))
-        fidelity = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=_token_reduced(model))
+        fidelity, gated_outputs = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=token_reduced(model))
         failures = gate_failures(fidelity, config.precision)
         if failures and not force:
             raise ValidationError(f"quantized graph fails the {config.precision} fidelity gate ({'; '.join(failures)}): "
@@ -353,9 +314,8 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "quantized_linears": info["quantized_linears"], "quantized_attention_matmuls": info["quantized_attention_matmuls"],
             "fused_attention_blocks": info.get("fused_attention_blocks", 0), "unfused_attention": info.get("unfused_attention", {}),
             "source": {"file": onnx_in.name, "sha256": source_sha},
-            "fidelity": {**fidelity, "reference": "fp32 graph", "inputs": eval_source, "passed": not failures,
-                         "forced": bool(failures), "failures": failures,
-                         "gate": {"precision": config.precision, **gate_for(config.precision).to_dict()}},
+            "validation": {**verdict(fidelity, config.precision, failures), "reference": "fp32 graph", "inputs": eval_source,
+                           "gated_outputs": gated_outputs},
             "runnable_here": runnable, "runnable_note": why, "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")),
             "config": config.to_dict(), "config_version": config.version, "mimc_version": mimc_version(),
             "seconds": round(time.perf_counter() - start, 3),
@@ -364,4 +324,4 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     return report
 
 
-__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "graph_session", "is_mimc_graph", "PRECISIONS", "TARGETS"]
+__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "load_float_graph", "PRECISIONS", "TARGETS"]

@@ -19,8 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.latency.devices import DeviceProfile
 from mimc.runtime.trt import flat_stats, percentiles
+
+# A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
+# compute_capability - and never imported: runtime sits below mimc.latency.
+DeviceProfile = Any
 
 PROVIDER = "CUDAExecutionProvider"
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,

@@ -20,10 +20,13 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, MimcError, MissingExtraError, require
-from mimc.latency.devices import DeviceProfile
+
+# A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
+# compute_capability - and never imported: runtime sits below mimc.latency.
+DeviceProfile = Any
 
 SIDECAR_FORMAT = "mimc-tensorrt-engine"
 SIDECAR_VERSION = 1
@@ -154,8 +157,11 @@ def load_sidecar(engine_path: str | Path) -> dict[str, Any]:
 
 
 # TensorRT callbacks ---------------------------------------------------------------------------------
-def make_logger(trt, echo_warnings: bool = True):
+def make_logger(trt, on_message: Callable[[str], None] | None = None):
     """The process's TensorRT logger, its message list emptied: one build or profile at a time reads it.
+
+    ``on_message`` is called with every ERROR / INTERNAL_ERROR line as it arrives (the CLI prints
+    them); all non-verbose lines are kept in ``messages`` either way.
 
     TensorRT keeps a single logger pointer per process: a Builder or Runtime made with a different
     logger while an earlier builder, runtime or engine is alive gets the first one ("TensorRT maintains
@@ -167,7 +173,7 @@ def make_logger(trt, echo_warnings: bool = True):
     cached = getattr(trt, "_mimc_logger", None)
     if cached is not None:
         cached.messages.clear()
-        cached.echo = echo_warnings
+        cached.on_message = on_message
         return cached
     severity = trt.ILogger.Severity
 
@@ -175,18 +181,14 @@ def make_logger(trt, echo_warnings: bool = True):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.messages: list[tuple[Any, str]] = []
-            self.echo = echo_warnings
+            self.on_message = on_message
 
         def log(self, sev, msg):
             if sev == severity.VERBOSE:
                 return
             self.messages.append((sev, msg))
-            if self.echo and sev in (severity.ERROR, severity.INTERNAL_ERROR):
-                from rich.markup import escape
-
-                from mimc.cli.common import console
-
-                console.print(f"[yellow]TensorRT:[/] {escape(str(msg))}", highlight=False, soft_wrap=True)
+            if self.on_message is not None and sev in (severity.ERROR, severity.INTERNAL_ERROR):
+                self.on_message(str(msg))
 
         def errors(self) -> list[str]:
             bad = (severity.ERROR, severity.INTERNAL_ERROR)
@@ -268,8 +270,10 @@ def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
 
 
 def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20, iters: int = 200,
-                   layer_iters: int = 10, device=None) -> dict[str, Any]:
-    """Measure a TensorRT engine on this GPU: latency percentiles, throughput, memory, per-layer times."""
+                   layer_iters: int = 10, device=None, on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure a TensorRT engine on this GPU: latency percentiles, throughput, memory, per-layer times.
+
+    ``on_message``: called with each TensorRT error line as it is logged (see :func:`make_logger`)."""
     if warmup < 0 or iters < 1 or layer_iters < 0:
         raise ConfigError(f"warmup >= 0, iters >= 1 and layer_iters >= 0 are needed (got {warmup}, {iters}, {layer_iters})")
     sidecar = load_sidecar(engine_path)
@@ -287,7 +291,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
         raise ConfigError(f"batch size(s) {outside} are outside the engine's range {lo}..{hi}: rebuild with `mimc build --batch {lo}:{hi}:{max(outside)}`")
     batches = [b for b in wanted if lo <= b <= hi] or [lo]
 
-    logger = make_logger(trt)
+    logger = make_logger(trt, on_message)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
         raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {one_line('; '.join(logger.errors()[-2:])) or 'no reason given'}")

@@ -6,7 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from mimc.artifact import MANIFEST_NAME, is_artifact, load_artifact, save_artifact
+from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
+from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
 
@@ -39,7 +40,7 @@ def test_export_artifact_in_place(app, artifact):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["path"].endswith("model.onnx") and (artifact / "model.onnx").is_file()
-    assert report["validation"]["passed"] and report["validation"]["max_abs"] <= 1e-4
+    assert report["validation"]["passed"] and report["validation"]["fidelity"]["max_abs"] <= 1e-4
     files = json.loads((artifact / MANIFEST_NAME).read_text())["files"]
     assert files["model.onnx"]["sha256"] == report["sha256"]
 

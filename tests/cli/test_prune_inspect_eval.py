@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mimc.artifact import is_artifact, load_artifact, save_artifact
+from mimc.artifact import is_artifact, save_artifact
+from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
 

@@ -56,12 +56,12 @@ def test_quantize_artifact_exports_then_quantizes_and_records(app, artifact, cal
     out = artifact / "model.int8.onnx"
     assert (artifact / "model.onnx").is_file() and out.is_file()
     assert report["calibration_images"] == 16 and report["held_out_images"] == 8  # 24 images: the other 8 held out
-    assert report["fidelity"]["passed"] and report["fidelity"]["inputs"] == "held-out images"
+    assert report["validation"]["passed"] and report["validation"]["inputs"] == "held-out images"
     entry = json.loads((artifact / MANIFEST_NAME).read_text())["files"]["model.int8.onnx"]
     assert entry["precision"] == "int8" and entry["method"] == "percentile" and entry["n"] == 16
     assert entry["calibration_sha256"] == report["calibration_sha256"] and len(entry["calibration_sha256"]) == 64
     assert entry["smoothing"] == {"smooth_alpha": 0.5, "repq": False}
-    assert entry["stage"]["name"] == "quantize" and entry["stage"]["metrics"]["fidelity"]["cosine"] >= 0.99
+    assert entry["stage"]["name"] == "quantize" and entry["stage"]["metrics"]["validation"]["fidelity"]["image_cosine_min"] >= 0.99
     assert {p.key for p in onnx.load(str(out)).metadata_props} >= {"mimc_version", "mimc_quantization"}
     assert report["fused_attention_blocks"] == 4 and entry["stage"]["config"]["fuse_attention"] is True
 
@@ -119,7 +119,7 @@ def test_any_model_becomes_an_artifact_with_both_graphs(app, tmp_path, monkeypat
     out = tmp_path / "ref-mimc"
     assert sorted(p.name for p in out.iterdir()) == ["mimc.json", "model.int8.onnx", "model.onnx", "model.safetensors"]
     files = json.loads((out / MANIFEST_NAME).read_text())["files"]
-    assert files["model.int8.onnx"]["held_out_images"] == 32 and files["model.int8.onnx"]["fidelity"]["passed"]
+    assert files["model.int8.onnx"]["held_out_images"] == 32 and files["model.int8.onnx"]["validation"]["passed"]
     assert [p.name for p in tmp_path.iterdir()] == ["ref-mimc"]  # no temp dirs left
     _one_error_line(_invoke(app, ["quantize", "ref", "--calib", "builtin"]), "already exists")
 
@@ -140,5 +140,5 @@ def test_videomae_converted_artifact_quantizes(app, tmp_path):
     result = _invoke(app, ["quantize", art, "--calib", tmp_path / "clips.npz", "--n", "12", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["quantized_linears"] == 8 and report["fidelity"]["passed"]
+    assert report["quantized_linears"] == 8 and report["validation"]["passed"]
     assert json.loads((art / MANIFEST_NAME).read_text())["files"]["model.int8.onnx"]["precision"] == "int8"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mimc.artifact import load_artifact, read_manifest, save_artifact
+from mimc.artifact import read_manifest, save_artifact
+from mimc.models.io import load_artifact
 from mimc.cli.app import app
 from mimc.compression.blocks import remove_blocks
 from mimc.models.nm_pattern import check_nm
@@ -121,7 +122,7 @@ def test_distill_heals_and_refuses_bad_input(work):
                  "--lr", "1e-3", "-o", "healed", "--json")
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)["metrics"]
-    assert m["steps"] == 3 and m["mask_ratio"] == 0.75 and "fidelity_pooled_cosine" in m
+    assert m["steps"] == 3 and m["mask_ratio"] == 0.75 and "fidelity_data" in m
     assert read_manifest(work / "healed").stages[-1].name == "distill"
     for args, message in [
         (["half", "--steps", "2"], "give --data"),

@@ -3,7 +3,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from mimc.artifact import load_artifact, save_artifact
+from mimc.artifact import save_artifact
+from mimc.models.io import load_artifact
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mimc.artifact import load_artifact, save_artifact, state_hash
+from mimc.artifact import save_artifact, state_hash
+from mimc.models.io import load_artifact
 from mimc.compression.block_scores import block_linear_weights, data_free_scores, entropy_exact, spearman
 from mimc.compression.blocks import BlockPruningConfig, remove_blocks
 from mimc.compression.registry import compress

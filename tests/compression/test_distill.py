@@ -36,7 +36,7 @@ def test_distill_recovers_a_block_pruned_student(teacher, images, mask_ratio):
     healed, record = compress(student, cfg, images, run=TrainRun(teacher=teacher))
     assert state_hash(student) == before  # the input is untouched
     m = record.metrics
-    assert m["fidelity_pooled_cosine"] > m["fidelity_before_pooled_cosine"]
+    assert m["fidelity_data"]["pooled_cosine_mean"] > m["fidelity_data_before"]["pooled_cosine_mean"]
     assert m["steps"] == 25 and m["mask_ratio"] == mask_ratio and m["world_size"] == 1
     assert healed.config.depth == 2
 

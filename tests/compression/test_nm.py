@@ -45,7 +45,7 @@ def test_exact_nm_structure(small_encoder, calib, method, pattern):
         assert float(counts.float().mean()) > n - 0.01  # N kept, not fewer (random weights are never exactly 0)
     check_nm(out)
     assert record.metrics["density"] == pytest.approx(n / m)
-    assert 0.5 < record.metrics["fidelity_pooled_cosine"] <= 1.0
+    assert 0.5 < record.metrics["fidelity_data"]["pooled_cosine_mean"] <= 1.0
     other = {name: lin for name, lin in block_linears(small_encoder)}
     for name, lin in block_linears(out):  # only blocks' Linears change, not embeddings or norms
         assert lin.weight.shape == other[name].weight.shape
@@ -55,7 +55,7 @@ def test_data_driven_methods_beat_magnitude(small_encoder, calib):
     fid = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         _, rec = compress(small_encoder, NMSparsityConfig(method=method), calib)
-        fid[method] = rec.metrics["fidelity_pooled_cosine"]
+        fid[method] = rec.metrics["fidelity_data"]["pooled_cosine_mean"]
     assert fid["sparsegpt"] > fid["magnitude"]
 
 

@@ -111,7 +111,8 @@ def test_needs_calibration_images_of_the_right_shape():
 
 
 def test_repq_on_a_bias_free_qkv_keeps_the_artifact_loadable(tmp_path):
-    from mimc.artifact import load_artifact, save_artifact
+    from mimc.artifact import save_artifact
+    from mimc.models.io import load_artifact
 
     enc = with_outliers(build_encoder(tiny_config(qkv_bias=False), seed=0))
     folded, _ = compress(enc, RepQConfig(), batches(enc.config))

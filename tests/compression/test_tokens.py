@@ -2,7 +2,8 @@ import onnx
 import pytest
 import torch
 
-from mimc.artifact import load_artifact, save_artifact, state_hash
+from mimc.artifact import save_artifact, state_hash
+from mimc.models.io import load_artifact
 from mimc.compression.registry import compress, config_from_dict
 from mimc.compression.tokens import TokenReductionConfig
 from mimc.errors import ConfigError

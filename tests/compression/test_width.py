@@ -79,7 +79,8 @@ def test_widths_round_to_tiles_and_bad_options_are_refused():
 
 
 def test_narrow_model_survives_other_stages_export_and_fused_int8(tmp_path):
-    from mimc.artifact import load_artifact, save_artifact
+    from mimc.artifact import save_artifact
+    from mimc.models.io import load_artifact
     from mimc.compression.blocks import BlockPruningConfig
     from mimc.quant.quantize import QuantizeConfig, quantize_onnx
     from mimc.deploy.onnx import export_onnx
@@ -95,4 +96,4 @@ def test_narrow_model_survives_other_stages_export_and_fused_int8(tmp_path):
         assert torch.allclose(load_artifact(art)(x).pooled, shallow(x).pooled)
         export_onnx(shallow, art / "model.onnx")  # validated against torch inside
     report = quantize_onnx(tmp_path / "a1" / "model.onnx", tmp_path / "q.onnx", image_batches(tiny_config()), QuantizeConfig())
-    assert report["fused_attention_blocks"] == 3 and report["fidelity"]["passed"]
+    assert report["fused_attention_blocks"] == 3 and report["validation"]["passed"]

@@ -8,12 +8,13 @@ import onnx
 import pytest
 import torch
 
-from mimc.artifact import MANIFEST_NAME, load_artifact, save_artifact, sha256_file, state_hash
+from mimc.artifact import MANIFEST_NAME, save_artifact, sha256_file, state_hash
+from mimc.models.io import load_artifact
 from mimc.data import deterministic_inputs
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy import onnx as export_mod
 from mimc.deploy.onnx import check_deployable, export_onnx
-from mimc.deploy.validate import run_onnx
+from mimc.runtime.session import run_onnx
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config, tiny_video_config
 
@@ -41,7 +42,7 @@ def test_export_matches_torch_on_ort(tmp_path, name):
     encoder = build_encoder(cfg, seed=0)
     path = tmp_path / "model.onnx"
     report = export_onnx(encoder, path)
-    assert report["validation"]["passed"] and report["validation"]["max_abs"] <= 1e-4
+    assert report["validation"]["passed"] and report["validation"]["fidelity"]["max_abs"] <= 1e-4
 
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -119,7 +120,8 @@ def test_manifest_records_validation(tmp_path):
     entry = manifest["files"]["model.onnx"]
     assert entry["sha256"] == sha256_file(art / "model.onnx")
     v = entry["validation"]
-    assert v["max_abs"] <= 1e-4 and v["cosine"] > 0.9999 and v["sqnr_db"] > 60 and v["passed"]
+    f = v["fidelity"]
+    assert f["max_abs"] <= 1e-4 and f["image_cosine_min"] > 0.9999 and f["sqnr_db"] > 60 and f["token_sqnr_db"] > 60 and v["passed"]
     assert "path" not in entry  # relative to the artifact, which may move
     assert load_artifact(art).manifest.files["model.onnx"]["opset"] == 17  # still a loadable manifest
 

@@ -13,7 +13,7 @@ from mimc.deploy.onnx import export_onnx
 from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range, write_fp16_graph
 from mimc.models.vit import build_encoder
 from mimc.latency.devices import load_profile
-from mimc.latency.flops import graph_precision
+from mimc.graph import graph_precision
 from mimc.runtime.trt import check_engine_compat, parse_sparsity_log, profile_engine, sidecar_path
 from tests.conftest import tiny_config
 from tests.deploy.fake_tensorrt import H100, FakeDevice, fake_tensorrt
@@ -143,7 +143,7 @@ def test_build_fp16_writes_the_cast_graph(tmp_path, tiny_graph, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(device, calls))
     side = build_engine(tiny_graph, load_profile("h100"), tmp_path / "e.plan", precision="fp16", device=device)
     assert side["precision"] == "fp16" and calls["parsed"].endswith("model.fp16.onnx")
-    assert side["fp16_graph_fidelity"]["cosine"] >= 0.999
+    assert side["fp16_graph_validation"]["fidelity"]["image_cosine_min"] >= 0.999
     assert graph_precision(calls["parsed"]) == "fp16"
 
 
@@ -203,7 +203,7 @@ def test_fp16_graph_keeps_norms_and_softmax_in_fp32(tmp_path, tiny_graph):
 
     out = tmp_path / "model.fp16.onnx"
     fidelity = write_fp16_graph(tiny_graph, out)
-    assert fidelity["checked"] and fidelity["cosine"] >= 0.999
+    assert fidelity["checked"] and fidelity["passed"] and fidelity["fidelity"]["image_cosine_min"] >= 0.999
     model = onnx.load(str(out))
     assert graph_precision(model) == "fp16"
     inferred = onnx.shape_inference.infer_shapes(model)

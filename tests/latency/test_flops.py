@@ -9,7 +9,8 @@ from mimc.errors import BadInputError, ConfigError
 from mimc.deploy.onnx import export_onnx
 from mimc.models import token_ops
 from mimc.models.vit import build_encoder, flops_per_image, vit_base_config
-from mimc.latency.flops import count_graph, graph_precision
+from mimc.graph import graph_precision
+from mimc.latency.flops import count_graph
 
 from tests.conftest import tiny_config, tiny_video_config
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mimc.artifact import load_artifact, save_artifact
+from mimc.artifact import save_artifact
+from mimc.models.io import load_artifact
 from mimc.errors import BadInputError, ConfigError, NotAModelError
 from mimc.models.vit import EncoderConfig, build_encoder, flops_per_image, vit_base_config
 from tests.conftest import tiny_config, tiny_video_config

@@ -49,9 +49,9 @@ def test_a_recipe_runs_every_stage_into_one_artifact_and_replays_exactly(tmp_pat
     assert json.loads((out / "run.json").read_text())["stages"][0]["metrics"]["removed_blocks"] == report["stages"][0]["metrics"]["removed_blocks"]
     manifest = read_manifest(out)
     assert [s.name for s in manifest.stages] == ["prune", "sparsify"]
-    assert manifest.files["model.int8.onnx"]["fidelity"]["passed"]
+    assert manifest.files["model.int8.onnx"]["validation"]["passed"]
     by = {s["stage"]: s for s in report["stages"]}
-    assert by["quantize"]["fidelity"]["pooled_cosine_mean"] >= 0.99
+    assert by["quantize"]["validation"]["fidelity"]["pooled_cosine_mean"] >= 0.99
     assert by["profile"]["result"]["label"] == "measured" and by["profile"]["file"] == "model.int8.onnx"
     assert by["profile"]["baseline"]["label"] == "measured" and by["profile"]["speedup_vs_dense"] > 0
     inter = by["profile"]["interleaved_ms"]  # the ratio comes from both graphs timed together
@@ -67,7 +67,7 @@ def test_a_recipe_runs_every_stage_into_one_artifact_and_replays_exactly(tmp_pat
 def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     from mimc.compression.blocks import BlockPruningConfig
     from mimc.quant.quantize import QuantizeConfig
-    from mimc.quant.quantize_flow import quantize_model
+    import mimc
     from mimc.compression.registry import compress
     from mimc.deploy.onnx import export_onnx
     from mimc.models.resolve import load_model
@@ -76,7 +76,7 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     pruned, _ = compress(load_model(model), BlockPruningConfig(keep=3, criterion="l2"))
     art = save_artifact(pruned, tmp_path / "art")
     export_onnx(pruned, art / "model.onnx", batch="dynamic")
-    quantize_model(str(art), QuantizeConfig(n=16, smooth=0.5), data)
+    mimc.quantize(str(art), data, config=QuantizeConfig(n=16, smooth=0.5))
     recipe = recipe_from_artifact(art)
     assert recipe.model == model and recipe.data == data
     assert [(s.name, s.config.to_dict()) for s in recipe.steps[:1]] == [("prune", BlockPruningConfig(keep=3, criterion="l2").to_dict())]
@@ -84,7 +84,7 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     assert recipe.steps[2].name == "quantize" and recipe.steps[2].config == QuantizeConfig(n=16, smooth=0.5)
     out = run_recipe(recipe, tmp_path / "replayed")
     assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (art / "model.safetensors").read_bytes()
-    assert out["stages"][-1]["fidelity"]["passed"]
+    assert out["stages"][-1]["validation"]["passed"]
 
 
 @pytest.mark.parametrize("change, match", [

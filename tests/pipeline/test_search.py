@@ -31,10 +31,10 @@ def setup(tmp_path_factory):
 def check_front(result):
     ok = [c for c in result["candidates"] if c["error"] is None]
     for c in ok:
-        dominated = any(o is not c and o["latency_ms"] <= c["latency_ms"] and o["pooled_cosine"] >= c["pooled_cosine"]
-                        and (o["latency_ms"] < c["latency_ms"] or o["pooled_cosine"] > c["pooled_cosine"]) for o in ok)
+        dominated = any(o is not c and o["latency_ms"] <= c["latency_ms"] and o["pooled_cosine_mean"] >= c["pooled_cosine_mean"]
+                        and (o["latency_ms"] < c["latency_ms"] or o["pooled_cosine_mean"] > c["pooled_cosine_mean"]) for o in ok)
         assert c["pareto"] == (not dominated), c
-    faithful = [c for c in ok if c["pooled_cosine"] >= result["min_cosine"]]
+    faithful = [c for c in ok if c["pooled_cosine_mean"] >= result["min_cosine"]]
     assert result["best"]["latency_ms"] == min(c["latency_ms"] for c in faithful)
 
 
@@ -44,11 +44,11 @@ def test_measured_cpu_search_builds_every_candidate_and_picks_the_fastest_faithf
     result = search(enc, "cpu", held, calib, space, min_cosine=0.9, budget_ms=1e6, iters=3)
     cands = {c["label"]: c for c in result["candidates"]}
     assert len(cands) == 8 and all(c["error"] is None and c["latency"] == "measured" for c in cands.values())
-    assert cands["all blocks, tokens 100%, fp32"]["pooled_cosine"] >= 0.9999  # the dense model itself
+    assert cands["all blocks, tokens 100%, fp32"]["pooled_cosine_mean"] >= 0.9999  # the dense model itself
     assert cands["blocks -50%, tokens 100%, fp32"]["gmacs"] < 0.6 * cands["all blocks, tokens 100%, fp32"]["gmacs"]
     for label, c in cands.items():  # int8 moves features a little, never more than the structure did
         if label.endswith("int8"):
-            assert abs(c["pooled_cosine"] - cands[label.replace("int8", "fp32")]["pooled_cosine"]) < 0.02
+            assert abs(c["pooled_cosine_mean"] - cands[label.replace("int8", "fp32")]["pooled_cosine_mean"]) < 0.02
     check_front(result)
     assert result["meets_budget"] is True
     recipe = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0))
@@ -141,10 +141,10 @@ def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibrati
 
 
 def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_another(setup, monkeypatch):
-    import mimc.deploy.validate as validate
+    import mimc.runtime.ort as ort  # time_interleaved makes its sessions there
 
     enc, calib, held, _ = setup
-    order, original = [], validate.make_session
+    order, original = [], ort.make_session
 
     class Recorded:
         def __init__(self, path, **kwargs):
@@ -157,7 +157,7 @@ def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_anoth
             order.append(self.path)
             return self.sess.run(*args)
 
-    monkeypatch.setattr(validate, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
+    monkeypatch.setattr(ort, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
     result = search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0,), precisions=("fp32",)), iters=4)
     graphs = list(dict.fromkeys(order))
     assert len(graphs) == 2 and all(order.count(g) >= 4 for g in graphs)
@@ -172,7 +172,7 @@ def test_mlp_width_is_a_search_dimension_and_its_recipe_runs_the_width_stage(set
     result = search(enc, "jetson-orin", held, calib, space, min_cosine=0.5)
     by = {c["label"]: c for c in result["candidates"]}
     narrow, full = by["MLP -50%, all blocks, tokens 100%, fp16"], by["all blocks, tokens 100%, fp16"]
-    assert narrow["gmacs"] < full["gmacs"] and narrow["latency_ms"] < full["latency_ms"] and narrow["pooled_cosine"] < 1.0
+    assert narrow["gmacs"] < full["gmacs"] and narrow["latency_ms"] < full["latency_ms"] and narrow["pooled_cosine_mean"] < 1.0
     assert result["best"]["label"] == narrow["label"]  # both pass 0.5; the narrow one is faster
     first = parse_recipe(recipe_of(result, "ref", "builtin", 16, 0)).steps[0]
     assert first.name == "width" and first.config.mlp == 0.5 and first.config.criterion == "activation"

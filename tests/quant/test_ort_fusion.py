@@ -11,7 +11,7 @@ from mimc.quant.quantize import QuantizeConfig, quantize_onnx
 from mimc.compression.registry import compress
 from mimc.compression.tokens import TokenReductionConfig
 from mimc.deploy.onnx import export_onnx
-from mimc.deploy.validate import run_onnx
+from mimc.runtime.session import run_onnx
 from mimc.models.vit import build_encoder
 from tests.quant.test_quantize import image_batches
 from tests.conftest import tiny_config, tiny_video_config
@@ -52,7 +52,7 @@ def test_every_block_fuses_and_computes_the_same(tmp_path, overrides):
     assert counts["MatMulIntegerToFloat"] == 3 * depth  # proj, fc1, fc2 stay separate
     x = image_batches(enc.config, n=4, seed=3)[0][:1]
     assert max_diff(fused, unfused, x) <= 1e-4  # same u8 x s8 GEMM, same float attention
-    assert reports[True]["fidelity"]["passed"]
+    assert reports[True]["validation"]["passed"]
 
 
 def test_relative_position_bias_stays_unfused_and_says_why(tmp_path):

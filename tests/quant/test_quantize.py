@@ -16,7 +16,7 @@ from mimc.compression.registry import config_from_dict
 from mimc.data import preprocess
 from mimc.errors import BadInputError, ConfigError, DataError, ValidationError
 from mimc.deploy.onnx import export_onnx
-from mimc.deploy.validate import run_onnx
+from mimc.runtime.session import run_onnx
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config, tiny_video_config
 
@@ -74,7 +74,7 @@ def test_tensorrt_graph_quantizes_only_the_four_linears(graph, tmp_path):
             assert inits[n.input[2]].dtype == np.int8 and inits[n.input[2]] == 0
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 2:
             assert next(a.i for a in n.attribute if a.name == "axis") == 1
-    assert report["fidelity"]["cosine"] >= 0.99 and report["fidelity"]["passed"]
+    assert report["validation"]["fidelity"]["image_cosine_min"] >= 0.99 and report["validation"]["passed"]
 
 
 def test_per_channel_weight_scales_are_exact(graph, tmp_path):
@@ -114,7 +114,7 @@ def test_cpu_graph_runs_integer_matmuls_and_keeps_norms_float(graph, tmp_path):
             assert all(producer.get(i) != "QuantizeLinear" for i in n.input)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["mimc_precision"] == "int8" and "mimc_encoder_config" in meta and "mimc_quantization" in meta
-    assert report["runnable_here"] and report["fidelity"]["pooled_cosine_min"] >= 0.99
+    assert report["runnable_here"] and report["validation"]["fidelity"]["pooled_cosine_min"] >= 0.99
 
 
 def test_same_inputs_give_byte_identical_graphs(graph, tmp_path):
@@ -134,9 +134,10 @@ def test_same_inputs_give_byte_identical_graphs(graph, tmp_path):
 def test_fidelity_gate_on_held_out_images(graph, tmp_path, config):
     path, enc = graph
     report = quantize_onnx(path, tmp_path / "q.onnx", image_batches(enc.config), config, image_batches(enc.config, n=8, seed=1))
-    fid = report["fidelity"]
-    assert fid["inputs"] == "held-out images" and fid["images"] == 8
-    assert fid["pooled_cosine_min"] >= 0.99 and fid["sqnr_db"] >= 20
+    val = report["validation"]
+    fid = val["fidelity"]
+    assert val["inputs"] == "held-out images" and fid["n_images"] == 8
+    assert fid["pooled_cosine_min"] >= 0.99 and fid["sqnr_db"] >= 20 and fid["token_sqnr_db"] >= 20
 
 
 def test_graph_folding_is_exact(graph, tmp_path):
@@ -165,7 +166,7 @@ def test_fp8_graph_passes_the_checker_and_says_it_cannot_run_here(graph, tmp_pat
     zps = [i for i in model.graph.initializer if i.name.endswith("_mimc_zp")]
     assert zps and all(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in zps)
     assert report["runnable_here"] is False and "FP8" in report["runnable_note"]
-    assert report["target"] == "tensorrt" and report["fidelity"]["cosine"] >= 0.99
+    assert report["target"] == "tensorrt" and report["validation"]["fidelity"]["image_cosine_min"] >= 0.99
 
 
 def test_block_pruned_and_video_encoders_quantize(tmp_path):
@@ -181,7 +182,7 @@ def test_block_pruned_and_video_encoders_quantize(tmp_path):
         calib = [torch.randn((4, *enc.config.input_shape), generator=g) for _ in range(2)]
         report = quantize_onnx(src, tmp_path / f"{name}.int8.onnx", calib, QuantizeConfig())
         assert report["quantized_linears"] == 4 * enc.config.depth
-        assert report["fidelity"]["cosine"] >= 0.99
+        assert report["validation"]["fidelity"]["image_cosine_min"] >= 0.99
 
 
 def test_bad_inputs_write_nothing(graph, tmp_path, monkeypatch):
@@ -238,11 +239,11 @@ def test_token_merged_graph_is_gated_on_the_pooled_feature(tmp_path):
     export_onnx(enc, src)
     report = quantize_onnx(src, tmp_path / "tome.int8.onnx", image_batches(enc.config), QuantizeConfig(target="tensorrt"),
                            image_batches(enc.config, n=8, seed=1))
-    assert report["fidelity"]["gated_outputs"] == ["pooled"] and report["fidelity"]["cosine"] >= 0.99
+    assert report["validation"]["gated_outputs"] == ["pooled"] and report["validation"]["fidelity"]["image_cosine_min"] >= 0.99
 
 
 def test_calibration_and_held_out_images_are_disjoint_and_seeded(tmp_path, tiny_images):
-    from mimc.quant.quantize_flow import split_images
+    from mimc.pipeline.graph_stages import split_images
     from mimc.data import load_images
 
     images, labels = tiny_images

@@ -11,7 +11,7 @@ from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
 from mimc.deploy.onnx import export_onnx
 from mimc.models.vit import build_encoder
 from mimc.latency import run as run_mod
-from mimc.runtime.ort import profile_onnx_cpu
+from mimc.latency.ort_cpu import profile_onnx_cpu
 from mimc.latency.run import parse_batch_sizes, profile
 from tests.conftest import tiny_config
 
@@ -51,7 +51,7 @@ def test_static_batch_graph_runs_only_at_its_batch(graphs):
 
 def test_worker_process_does_not_load_torch():
     # The memory figure is only meaningful if the worker stays a minimal ORT process.
-    code = "import sys, mimc.runtime.ort, mimc.deploy.validate; print('torch' in sys.modules)"
+    code = "import sys, mimc.runtime.ort, mimc.runtime.session, mimc.deploy.validate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -86,7 +86,7 @@ def test_gpu_device_without_cuda_is_refused(graphs, monkeypatch):
 def test_gpu_dispatch_reaches_the_engine_profiler(tmp_path, monkeypatch):
     calls = []
     fake = types.ModuleType("mimc.runtime.trt")
-    fake.profile_engine = lambda path, prof, sizes, warmup, iters: calls.append((path.name, prof.name, sizes)) or {"results": []}
+    fake.profile_engine = lambda path, prof, sizes, warmup, iters, on_message=None: calls.append((path.name, prof.name, sizes)) or {"results": []}
     monkeypatch.setitem(sys.modules, "mimc.runtime.trt", fake)
     monkeypatch.setattr(run_mod, "cuda_available", lambda: True)
     engine = tmp_path / "model.plan"

@@ -1,0 +1,279 @@
+"""Fidelity of a candidate's features to a reference's, measured one way everywhere; k-NN top-1.
+
+:class:`FidelityMeter` streams batches (candidate and reference pooled features, and token features
+when both have them) and keeps only running sums, so memory does not grow with the number of images;
+:func:`compare_outputs` measures named graph outputs in one go. Both return a :class:`Fidelity`,
+whose ``to_dict()`` is the one spelling of the keys in every report.
+
+Formulas (float64 throughout):
+- cosine of two vectors: a·b / (|a| |b|); two zero vectors agree (1.0), one zero vector does not (0.0).
+- pooled cosine: per image; token cosine: per token (over the feature axis).
+- image cosine: per image over everything compared, each image's output flattened; the worst is
+  ``image_cosine_min``, what the per-precision gates judge.
+- SQNR: 10 log10(Σref² / Σ(ref−cand)²), capped at ±200 dB (JSON has no infinity).
+
+References:
+- Polygraphy (NVIDIA/TensorRT, tools/Polygraphy): output comparison by absolute error, cosine
+  similarity or signal-to-noise ratio.
+- SQNR as the quantization fidelity measure: Nagel et al., "A White Paper on Neural Network
+  Quantization", arXiv 2106.08295 (2021).
+- k-NN protocol: weighted k-NN on L2-normalised features as in InstDisc (Wu et al., CVPR 2018)
+  and DINO (Caron et al., ICCV 2021; https://github.com/facebookresearch/dino, ``eval_knn.py``):
+  cosine similarity, k=10 neighbours, votes weighted by exp(sim / 0.07), run leave-one-out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mimc.errors import BadInputError, DataError
+
+# Outputs that agree bit for bit have infinite SQNR; JSON has no infinity, so reports cap it here.
+SQNR_CAP_DB = 200.0
+KNN_K = 10
+KNN_TEMPERATURE = 0.07
+# Fields kept exact in to_dict(): absolute errors of ~1e-6 are what the fp32 gate reads.
+_EXACT = ("max_abs", "ref_max_abs")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How close a candidate's features are to a reference's on the same inputs (None: not measured)."""
+
+    pooled_cosine_mean: float | None = None
+    pooled_cosine_min: float | None = None
+    token_cosine_mean: float | None = None  # per token
+    token_cosine_min: float | None = None
+    image_cosine_min: float | None = None  # worst image over every compared output (the gated cosine)
+    sqnr_db: float | None = None  # pooled features
+    token_sqnr_db: float | None = None
+    max_abs: float | None = None  # over every compared output
+    ref_max_abs: float | None = None  # largest |reference|: scales the fp32 gate
+    n_images: int = 0
+    note: str | None = None
+
+    @property
+    def worst_sqnr_db(self) -> float | None:
+        """The lowest SQNR over the compared outputs (what the gates judge)."""
+        values = [v for v in (self.sqnr_db, self.token_sqnr_db) if v is not None]
+        return min(values) if values else None
+
+    def to_dict(self, digits: int | None = 6) -> dict[str, Any]:
+        """The report form; cosines and SQNR rounded to ``digits`` decimals, absolute errors exact."""
+        out = asdict(self)
+        if digits is not None:
+            for k, v in out.items():
+                if k not in _EXACT and isinstance(v, float) and math.isfinite(v):
+                    out[k] = round(v, digits)
+        return out
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB, capped at ±SQNR_CAP_DB."""
+    if noise == 0.0:
+        return SQNR_CAP_DB
+    if signal == 0.0:
+        return -SQNR_CAP_DB
+    return min(SQNR_CAP_DB, 10.0 * math.log10(signal / noise))
+
+
+def cosine_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Cosine of every row of two (N, D) float64 arrays."""
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    dots = np.sum(ref * cand, axis=1)
+    same = np.all(ref == cand, axis=1)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(same, 1.0, 0.0))
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _per_image(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+
+
+class _Sums:
+    """Running sums of one kind of feature (pooled or token)."""
+
+    def __init__(self) -> None:
+        self.cos_sum = 0.0
+        self.cos_count = 0
+        self.cos_min = math.inf
+        self.image_min = math.inf
+        self.signal = 0.0
+        self.noise = 0.0
+        self.max_abs = 0.0
+        self.ref_max_abs = 0.0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        rows_ref = ref.reshape(-1, ref.shape[-1]) if ref.ndim > 1 else ref.reshape(1, -1)
+        cos = cosine_rows(rows_ref, cand.reshape(rows_ref.shape))
+        if cos.size:
+            self.cos_sum += float(np.sum(cos))
+            self.cos_count += int(cos.size)
+            self.cos_min = min(self.cos_min, float(np.min(cos)))
+        image = cosine_rows(_per_image(ref), _per_image(cand))
+        if image.size:
+            self.image_min = min(self.image_min, float(np.min(image)))
+        diff = cand - ref
+        self.signal += float(np.sum(ref * ref))
+        self.noise += float(np.sum(diff * diff))
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+            self.ref_max_abs = max(self.ref_max_abs, float(np.max(np.abs(ref))))
+
+
+class FidelityMeter:
+    """Streams batches into a :class:`Fidelity`; memory stays constant in the number of images.
+
+    Token features are compared while both sides have them with the same shape; the first batch where
+    they do not drops the token measures for the whole run and says why in ``note``.
+    """
+
+    def __init__(self) -> None:
+        self._pooled = _Sums()
+        self._tokens: _Sums | None = _Sums()
+        self._images = 0
+        self._pooled_seen = False
+        self.note: str | None = None
+
+    def update(self, pooled: Any, ref_pooled: Any, tokens: Any = None, ref_tokens: Any = None) -> None:
+        """One batch: candidate and reference pooled features (N, D), optionally tokens (N, T, D)."""
+        p, rp = _as_numpy(pooled), _as_numpy(ref_pooled)
+        if p.shape != rp.shape:
+            raise DataError(f"pooled features have shapes {tuple(p.shape)} vs the reference's {tuple(rp.shape)}: "
+                            "compare models of the same width")
+        self._pooled.add(rp, p)
+        self._pooled_seen = True
+        self._images += int(_per_image(rp).shape[0])
+        if self._tokens is None:
+            return
+        if tokens is not None and ref_tokens is not None and tuple(tokens.shape) == tuple(ref_tokens.shape):
+            self._tokens.add(_as_numpy(ref_tokens), _as_numpy(tokens))
+            return
+        self._tokens = None
+        if tokens is None or ref_tokens is None:
+            self.note = "a model has no token output: pooled features compared only"
+        else:
+            self.note = (f"candidate has {tokens.shape[1]} tokens vs the reference's {ref_tokens.shape[1]}: "
+                         "per-token cosine undefined, pooled features compared only")
+
+    def update_tokens_only(self, tokens: Any, ref_tokens: Any) -> None:
+        """Token features of a graph without a pooled output (generic graph outputs)."""
+        t, rt = _as_numpy(tokens), _as_numpy(ref_tokens)
+        if self._tokens is None:
+            return
+        self._tokens.add(rt, t)
+        if not self._pooled_seen:
+            self._images += int(rt.shape[0]) if rt.ndim else 1
+
+    def result(self) -> Fidelity:
+        if self._images == 0:
+            raise DataError("no images to compare on: pass a non-empty data set")
+        p, t = self._pooled, self._tokens if self._tokens is not None and self._tokens.cos_count else None
+        parts = [s for s in (p if self._pooled_seen else None, t) if s is not None]
+        return Fidelity(
+            pooled_cosine_mean=p.cos_sum / p.cos_count if self._pooled_seen else None,
+            pooled_cosine_min=p.cos_min if self._pooled_seen else None,
+            token_cosine_mean=t.cos_sum / t.cos_count if t else None,
+            token_cosine_min=t.cos_min if t else None,
+            image_cosine_min=min((s.image_min for s in parts), default=1.0),
+            sqnr_db=sqnr_db(p.signal, p.noise) if self._pooled_seen else None,
+            token_sqnr_db=sqnr_db(t.signal, t.noise) if t else None,
+            max_abs=max(s.max_abs for s in parts),
+            ref_max_abs=max(s.ref_max_abs for s in parts),
+            n_images=self._images,
+            note=self.note,
+        )
+
+
+# Named outputs (graphs, EncoderOutput) --------------------------------------------------------------
+def _as_mapping(outputs: Any) -> dict[str, Any]:
+    if isinstance(outputs, Mapping):
+        return dict(outputs)
+    if isinstance(outputs, Sequence) and not isinstance(outputs, (str, bytes)) and not hasattr(outputs, "shape"):
+        fields = getattr(outputs, "_fields", None)  # EncoderOutput and other NamedTuples keep their names
+        names = fields if fields else [f"output_{i}" for i in range(len(outputs))]
+        return {n: o for n, o in zip(names, outputs) if o is not None}
+    return {"output": outputs}
+
+
+def _unnamed(outputs: dict[str, Any]) -> bool:
+    return all(k == "output" or k.startswith("output_") for k in outputs)
+
+
+def compare_outputs(reference: Any, candidate: Any) -> Fidelity:
+    """Fidelity of ``candidate`` outputs to ``reference`` outputs on the same inputs.
+
+    Both may be one array/tensor, a sequence or NamedTuple of them, or a name -> array mapping;
+    outputs are matched by name (by position for plain sequences). ``last_hidden_state`` (or any
+    other 3-D output) is token features; ``pooled`` (or any other output) is per-image features.
+    """
+    ref_map, cand_map = _as_mapping(reference), _as_mapping(candidate)
+    if set(ref_map) != set(cand_map):
+        if len(ref_map) == len(cand_map) and (_unnamed(ref_map) or _unnamed(cand_map)):
+            cand_map = dict(zip(ref_map, cand_map.values()))  # plain sequences: match by position
+        else:
+            raise BadInputError(
+                f"outputs differ: reference has {sorted(ref_map)}, candidate has {sorted(cand_map)}: compare graphs with the same outputs"
+            )
+    pooled, tokens = [], []
+    for name, ref in ref_map.items():
+        r, c = _as_numpy(ref), _as_numpy(cand_map[name])
+        if r.shape != c.shape:
+            raise BadInputError(f"output '{name}' has shape {c.shape}, reference {r.shape}: the graph does not match the model")
+        is_tokens = name == "last_hidden_state" or (name != "pooled" and r.ndim == 3)
+        (tokens if is_tokens else pooled).append((c, r))
+    if len(pooled) > 1 or len(tokens) > 1:
+        raise BadInputError(f"outputs {sorted(ref_map)} hold more than one pooled or token output: compare them one at a time")
+    meter = FidelityMeter()
+    if pooled:
+        (p, rp), = pooled
+        t, rt = tokens[0] if tokens else (None, None)
+        meter.update(p, rp, t, rt)
+        if not tokens:
+            meter.note = None  # nothing was dropped: there were no token outputs to compare
+    else:
+        (t, rt), = tokens
+        meter.update_tokens_only(t, rt)
+    return meter.result()
+
+
+# k-NN ---------------------------------------------------------------------------------------------
+def knn_predictions(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """Leave-one-out weighted k-NN prediction for every sample (labels in, labels out)."""
+    import torch
+    import torch.nn.functional as F
+
+    feats = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
+    labels_np = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
+    n = feats.shape[0]
+    if n < 2 or labels_np.shape[0] != n:
+        raise DataError(f"k-NN needs at least 2 labelled images with one label each (got {n} images, {labels_np.shape[0]} labels)")
+    classes, inverse = np.unique(labels_np, return_inverse=True)  # any label values -> 0..C-1
+    labels_t = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
+    f = F.normalize(feats, dim=-1)
+    sim = f @ f.T
+    sim.fill_diagonal_(-float("inf"))  # leave one out: an image never votes for itself
+    k = min(k, n - 1)
+    top_sim, top_idx = sim.topk(k, dim=-1)
+    weights = (top_sim / temperature).exp()
+    votes = torch.zeros(n, len(classes), dtype=torch.float64)
+    votes.scatter_add_(1, labels_t[top_idx], weights)
+    return classes[votes.argmax(dim=-1).numpy()]
+
+
+def knn_top1(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
+    """Leave-one-out weighted k-NN top-1 on L2-normalised features (cosine, k=10, exp(sim/0.07))."""
+    labels_np = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
+    return float((knn_predictions(feats, labels_np, k, temperature) == labels_np).mean())
+
+
+__all__ = ["Fidelity", "FidelityMeter", "compare_outputs", "cosine_rows", "sqnr_db", "knn_predictions", "knn_top1",
+           "SQNR_CAP_DB", "KNN_K", "KNN_TEMPERATURE"]
