@@ -75,7 +75,7 @@ class NMLearnedConfig(TrainConfig, StageConfig):
     prior_strength: float = 3.0  # α: the prior's mask starts α·σ above the mean
     sigma0: float = 0.2
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.prior not in PRIORS:
             raise ConfigError(f"unknown MaskLLM prior '{self.prior}': choose one of {', '.join(PRIORS)}")
         if self.steps < 1 or self.batch_size < 1:
