@@ -46,7 +46,7 @@ def main() -> None:
     from mimc.compression.blocks import BlockPruningConfig
     from mimc.compression.registry import compress
     from mimc.data import load_images
-    from mimc.evaluate import compare_features
+    from mimc.evaluation import compare_features
     from mimc.metrics import knn_top1
     from mimc.models.resolve import load_model
 

@@ -29,7 +29,7 @@ def split(n: int, n_train: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(model, dense, held) -> dict[str, float]:
-    from mimc.evaluate import features, fidelity
+    from mimc.evaluation import features, fidelity
     from mimc.metrics import knn_top1
 
     fid = fidelity(model, dense, held.pixels)
@@ -56,7 +56,7 @@ def main() -> None:
     from mimc.compression.registry import compress
     from mimc.compression.nm import NMSparsityConfig
     from mimc.data import load_images
-    from mimc.evaluate import features
+    from mimc.evaluation import features
     from mimc.metrics import knn_top1
 
     dense = mimc.load(args.model)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mimc.compression.registry import compress  # noqa: E402
 from mimc.compression.tokens import TokenReductionConfig  # noqa: E402
 from mimc.data import deterministic_inputs, load_images  # noqa: E402
-from mimc.evaluate import features, fidelity  # noqa: E402
+from mimc.evaluation import features, fidelity  # noqa: E402
 from mimc.metrics import knn_top1  # noqa: E402
 from mimc.models.resolve import load_model  # noqa: E402
 
@@ -68,7 +68,7 @@ def tiny_videomae(tmp: Path):
 
 
 def pooled_cosine(feats: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Per-image cosine of pooled features (as mimc.evaluate.fidelity reports it), mean and min."""
+    """Per-image cosine of pooled features (as mimc.evaluation.fidelity reports it), mean and min."""
     cos = torch.nn.functional.cosine_similarity(feats.double(), reference.double(), dim=-1)
     return {"pooled_cosine_mean": float(cos.mean()), "pooled_cosine_min": float(cos.min())}
 

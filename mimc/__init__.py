@@ -2,7 +2,7 @@
 
 The documented Python API is the verbs of :mod:`mimc.api` (``mimc.prune``, ``mimc.width``,
 ``mimc.tokens``, ``mimc.sparsify``, ``mimc.distill``, ``mimc.export``, ``mimc.quantize``,
-``mimc.build``, ``mimc.profile``, ``mimc.evaluate``, ``mimc.inspect``, ``mimc.run``,
+``mimc.build``, ``mimc.profile``, ``mimc.evaluation``, ``mimc.inspect``, ``mimc.run``,
 ``mimc.search``), plus ``load``, ``save`` and ``compress`` (one stage config on an Encoder in memory).
 They are imported on first use, so ``import mimc`` stays cheap; no subpackage shares a verb's name,
 so a verb is never shadowed by a module import.

@@ -14,7 +14,7 @@ Data
   a held-out digits split (30 per class) and 64 px tiles of three texture photographs (brick,
   grass, gravel) that are not in the photo pool.
 
-k-NN protocol (mimc/evaluate.py implements the same): leave-one-out over the labelled set, cosine
+k-NN protocol (mimc/evaluation.py implements the same): leave-one-out over the labelled set, cosine
 similarity of L2-normalised pooled features, k=10 neighbours, votes weighted by exp(sim / 0.07),
 top-1 accuracy.
 

@@ -20,13 +20,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimc.cli",),
     ("mimc.api",),
     ("mimc.pipeline",),
-    ("mimc.compression", "mimc.deploy"),
     ("mimc.quant",),
-    ("mimc.train", "mimc.latency", "mimc.evaluate"),
+    ("mimc.compression", "mimc.deploy"),
+    ("mimc.train", "mimc.latency", "mimc.evaluation"),
     ("mimc.runtime", "mimc.graph", "mimc.metrics", "mimc.data"),
     ("mimc.models",),
     ("mimc.options", "mimc.artifact"),
-    ("mimc.errors",),
+    ("mimc.errors", "mimc._version"),
 ]
 CLI_MAX_LINES = 80
 

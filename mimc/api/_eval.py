@@ -19,8 +19,8 @@ class InspectReport(DictReport):
 def evaluate(model, reference=None, data: Any = "builtin", *, n: int | None = None, seed: int = 0,
              batch_size: int = 32) -> EvalReport:
     """Feature fidelity of MODEL (an Encoder, a MODEL argument or a mimc ``.onnx``) to ``reference``, and k-NN."""
-    from mimc.evaluate import evaluate as _evaluate
-    from mimc.evaluate import load_for_eval
+    from mimc.evaluation import evaluate as _evaluate
+    from mimc.evaluation import load_for_eval
 
     if n is not None and (isinstance(n, bool) or n < 1):
         raise ConfigError(f"n must be >= 1, got {n}", option="n")

@@ -45,7 +45,7 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     from mimc.artifact import is_artifact
     from mimc.models.resolve import describe_source, load_model
     from mimc.pipeline.executor import Job, execute, extend
-    from mimc.pipeline.recipe import ExportConfig
+    from mimc.pipeline.stages import ExportConfig
 
     config = ExportConfig(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
     kind = describe_source(model)  # nonexistent path / not a model -> exit 2
@@ -81,7 +81,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file
-    from mimc.pipeline.recipe import ExportConfig
+    from mimc.pipeline.stages import ExportConfig
 
     from mimc.pipeline.graph_stages import target_for_device
     from mimc.quant.quantize import QuantizeConfig

@@ -120,7 +120,7 @@ def score_blocks(encoder: Encoder, config: BlockPruningConfig, batches: list[tor
 @register(BlockPruningConfig)
 def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
     from mimc.data import deterministic_inputs
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     cfg = encoder.config
     k = config.num_removed(cfg.depth)

@@ -112,7 +112,7 @@ def reapply_zeros(zeros: list[tuple[torch.nn.Linear, torch.Tensor]]) -> None:
 
 @register(DistillConfig)
 def distill(encoder, config: DistillConfig, calibration_batches=None, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     batches = list(calibration_batches or [])
     if not batches:

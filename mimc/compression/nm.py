@@ -91,7 +91,7 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: T
         "density": round(sum(float(k.float().sum()) for k in masks.values()) / sum(k.numel() for k in masks.values()), 6),
         "n_calib": sum(p.shape[0] for p in pixels),
     }
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     if pixels:
         metrics["fidelity_data"] = fidelity(student, encoder, pixels).to_dict()

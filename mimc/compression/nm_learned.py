@@ -166,7 +166,7 @@ def _pixels_sha(pixels: torch.Tensor) -> str:
 
 def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``learned`` method of the sparsify stage (``config`` is an NMSparsityConfig)."""
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     n, m = config.nm
     lc: NMLearnedConfig = config.learned

@@ -63,7 +63,6 @@ def _import_stages() -> None:
     for info in pkgutil.iter_modules(package.__path__):
         if info.name not in ("registry", "__init__"):
             importlib.import_module(f"{__package__}.{info.name}")
-    importlib.import_module("mimc.quant.quantize")  # the graph-level stage registers here too (moved by the pipeline work)
 
 
 def compress(encoder, config: StageConfig, calibration_batches: Iterable[torch.Tensor] | None = None, run: TrainRun | None = None):

@@ -106,7 +106,7 @@ def with_schedule(encoder: Encoder, schedule: dict[str, Any] | None) -> Encoder:
 @register(TokenReductionConfig)
 def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
     from mimc.data import deterministic_inputs
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     cfg = encoder.config
     if cfg.token_schedule:

@@ -139,7 +139,7 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
 @register(WidthPruningConfig)
 def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
     from mimc.data import deterministic_inputs
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     cfg = encoder.config
     if config.heads and cfg.rel_pos_bias == "shared":

@@ -23,13 +23,10 @@ from typing import Any, Callable, Sequence
 
 from mimc.artifact import atomic_dir, check_output, save_artifact
 
+from mimc.pipeline.stages import GRAPH_STAGES, is_model_stage
+
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
-GRAPH_STAGES = ("export", "quantize", "profile", "eval")
-
-
-def is_model_stage(config) -> bool:
-    return config.name not in GRAPH_STAGES
 
 
 @dataclass

@@ -141,7 +141,7 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                   warmup=config.warmup, iters=config.iters, threads=config.threads, precision=config.precision)
     entry: dict[str, Any] = {"file": graph.name, "result": profile(graph, **kwargs)}
     if config.baseline:
-        from mimc.pipeline.recipe import ExportConfig
+        from mimc.pipeline.stages import ExportConfig
 
         with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
             base = Path(base_dir) / "dense.onnx"
@@ -180,7 +180,7 @@ def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
 # eval ---------------------------------------------------------------------------------------------
 def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
     from mimc.data import ImageSource
-    from mimc.evaluate import evaluate, load_for_eval
+    from mimc.evaluation import evaluate, load_for_eval
 
     graph = graph_path(ctx, config.graph)
     model = load_for_eval(str(graph)) if graph is not None else ctx.encoder

@@ -27,68 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mimc.compression.registry import config_from_dict, config_types
 from mimc.errors import BadInputError, ConfigError
-from mimc.options import StageConfig, option
+from mimc.options import StageConfig
+from mimc.pipeline.stages import GRAPH_CONFIGS, GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
-GRAPH_STAGES = ("export", "quantize", "profile", "eval")
 
 
-@dataclass(frozen=True)
-class ExportConfig(StageConfig):
-    """``export``: the fp32 graph ``model.onnx`` (see mimc.deploy.onnx.export_onnx)."""
-
-    name: ClassVar[str] = "export"
-    batch: int | str = option(1, doc="an integer (a static batch) or 'dynamic'")
-    opset: int = option(17, doc="ONNX opset")
-    exporter: str = option("torchscript", doc="torchscript or dynamo")
-
-    def check(self) -> None:
-        from mimc.deploy.onnx import check_export_options
-
-        # "2" (a quoted YAML number) becomes 2, so recipe.yaml and the graph agree on the batch
-        object.__setattr__(self, "batch", check_export_options(self.batch, self.opset, self.exporter, "fp32"))
-
-
-@dataclass(frozen=True)
-class ProfileConfig(StageConfig):
-    """``profile``: latency of the run's last graph on ``device`` and, with ``baseline``, of the
-    source model's dense fp32 graph with the same settings in the same run (the speed-up)."""
-
-    name: ClassVar[str] = "profile"
-    device: str = option("cpu", doc="a device profile name (cpu, h100, ...) or a profile .yaml")
-    predict: bool = option(False, doc="roofline prediction instead of a measurement (devices that are absent)")
-    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
-    baseline: bool = option(True, doc="also time the source model's dense fp32 graph (the speed-up)")
-    batch_sizes: tuple[int, ...] = option((), ge=1, doc="empty: the graph's own batch")
-    warmup: int = option(10, ge=0)
-    iters: int = option(50, ge=1)
-    threads: int | None = option(None, ge=1)
-    # predict only: price the graph at this precision (an fp16 engine from fp32)
-    precision: str | None = option(None, doc="predict only: price the graph at this precision")
-
-    def check(self) -> None:
-        from mimc.latency.devices import load_profile
-
-        prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
-        if self.precision is not None and (not self.predict or not prof.supports(self.precision)):
-            raise ConfigError(f"precision {self.precision!r} needs predict on and a device that runs it ({prof.name}: {list(prof.precisions)})",
-                              option=("precision", "predict"))
-
-
-@dataclass(frozen=True)
-class EvalConfig(StageConfig):
-    """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN."""
-
-    name: ClassVar[str] = "eval"
-    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
-    n: int | None = option(None, ge=1, doc="images evaluated; null: the recipe's n")
-    batch_size: int = option(32, ge=1)
-
-
-GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "profile": ProfileConfig, "eval": EvalConfig}
 
 
 def stage_key(index: int, name: str, option: str | None = None) -> str:
@@ -182,14 +128,11 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {item!r}")
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {options!r}")
-    valid = sorted(set(config_types()) | set(GRAPH_CONFIGS))
+    valid = sorted(config_types())
     if name not in valid:
         raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {valid}")
     try:
-        if name in GRAPH_CONFIGS:
-            config = GRAPH_CONFIGS[name].from_dict(options)
-        else:
-            config = config_from_dict(name, options)
+        config = config_types()[name].from_dict(options)
     except TypeError as exc:  # a wrong type the dataclass could not even take
         raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
     except ConfigError as exc:

@@ -237,7 +237,7 @@ def _torch_features(model, images, half: bool = False) -> np.ndarray:
 
     import torch
 
-    from mimc.evaluate import features
+    from mimc.evaluation import features
 
     if not half:
         return features(model, images).numpy().astype(np.float64)

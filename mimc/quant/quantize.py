@@ -66,7 +66,7 @@ from mimc.metrics import Fidelity
 from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
 from mimc.quant.ort_fusion import fuse_attention_cpu
 from mimc.quant.qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
-from mimc.compression.registry import StageConfig, register
+from mimc.options import StageConfig
 from mimc.options import option
 
 PRECISIONS = ("int8", "fp8")
@@ -110,11 +110,6 @@ class QuantizeConfig(StageConfig):
     @property
     def attention_quantized(self) -> bool:
         return bool(self.quantize_attention_matmuls)
-
-
-@register(QuantizeConfig)
-def _quantize_encoder(encoder, config, calibration_batches):
-    raise ConfigError("quantize is a graph-level stage: export first, then call mimc.quant.quantize.quantize_onnx(onnx_in, onnx_out, batches, config)")
 
 
 # Input checks -------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_learning_moves_off_a_bad_prior(encoder, images):
     out, rec = compress(skewed, learned(**options), images)
     prior_model = clone_encoder(skewed)
     one_shot_sparsify(prior_model, 2, 4, "magnitude", None)
-    from mimc.evaluate import fidelity
+    from mimc.evaluation import fidelity
 
     assert fidelity(out, skewed, images).pooled_cosine_mean > fidelity(prior_model, skewed, images).pooled_cosine_mean
     # Control: logits that cannot move differ from the prior only by the initial noise.

@@ -8,7 +8,7 @@ import torch
 from mimc.artifact import save_artifact
 from mimc.compression.blocks import remove_blocks
 from mimc.errors import NotAModelError
-from mimc.evaluate import evaluate, features, fidelity
+from mimc.evaluation import evaluate, features, fidelity
 from mimc.metrics import knn_predictions, knn_top1
 from mimc.models.vit import EncoderOutput
 

@@ -1,0 +1,96 @@
+"""The stages of the pipeline, in one registry: name -> options type, level (model or graph), handler.
+
+Model stages (prune, width, tokens, sparsify, distill, smooth, repq) take an Encoder and return a new
+one; their options and handlers live in :mod:`mimc.compression` and run through
+:func:`mimc.compression.registry.compress`. Graph stages (export, quantize, profile, eval) read and
+write ONNX graphs in the artifact folder; their options are defined here (quantize's in
+:mod:`mimc.quant.quantize`) and their handlers in :mod:`mimc.pipeline.graph_stages`. A recipe, the
+single commands and the search all build their stage lists from these types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mimc.errors import ConfigError
+from mimc.options import StageConfig, option
+from mimc.quant.quantize import QuantizeConfig
+
+GRAPH_STAGES = ("export", "quantize", "profile", "eval")
+
+
+@dataclass(frozen=True)
+class ExportConfig(StageConfig):
+    """``export``: the fp32 graph ``model.onnx`` (see mimc.deploy.onnx.export_onnx)."""
+
+    name: ClassVar[str] = "export"
+    batch: int | str = option(1, doc="an integer (a static batch) or 'dynamic'")
+    opset: int = option(17, doc="ONNX opset")
+    exporter: str = option("torchscript", doc="torchscript or dynamo")
+
+    def check(self) -> None:
+        from mimc.deploy.onnx import check_export_options
+
+        # "2" (a quoted YAML number) becomes 2, so recipe.yaml and the graph agree on the batch
+        object.__setattr__(self, "batch", check_export_options(self.batch, self.opset, self.exporter, "fp32"))
+
+
+@dataclass(frozen=True)
+class ProfileConfig(StageConfig):
+    """``profile``: latency of the run's last graph on ``device`` and, with ``baseline``, of the
+    source model's dense fp32 graph with the same settings in the same run (the speed-up)."""
+
+    name: ClassVar[str] = "profile"
+    device: str = option("cpu", doc="a device profile name (cpu, h100, ...) or a profile .yaml")
+    predict: bool = option(False, doc="roofline prediction instead of a measurement (devices that are absent)")
+    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
+    baseline: bool = option(True, doc="also time the source model's dense fp32 graph (the speed-up)")
+    batch_sizes: tuple[int, ...] = option((), ge=1, doc="empty: the graph's own batch")
+    warmup: int = option(10, ge=0)
+    iters: int = option(50, ge=1)
+    threads: int | None = option(None, ge=1)
+    # predict only: price the graph at this precision (an fp16 engine from fp32)
+    precision: str | None = option(None, doc="predict only: price the graph at this precision")
+
+    def check(self) -> None:
+        from mimc.latency.devices import load_profile
+
+        prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
+        if self.precision is not None and (not self.predict or not prof.supports(self.precision)):
+            raise ConfigError(f"precision {self.precision!r} needs predict on and a device that runs it ({prof.name}: {list(prof.precisions)})",
+                              option=("precision", "predict"))
+
+
+@dataclass(frozen=True)
+class EvalConfig(StageConfig):
+    """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN."""
+
+    name: ClassVar[str] = "eval"
+    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
+    n: int | None = option(None, ge=1, doc="images evaluated; null: the recipe's n")
+    batch_size: int = option(32, ge=1)
+
+
+GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "quantize": QuantizeConfig, "profile": ProfileConfig, "eval": EvalConfig}
+
+
+def config_types() -> dict[str, type]:
+    """Every stage's options type by its recipe name, model stages and graph stages alike."""
+    from mimc.compression.registry import config_types as model_config_types
+
+    return {**model_config_types(), **GRAPH_CONFIGS}
+
+
+def config_from_dict(name: str, options: dict) -> StageConfig:
+    types = config_types()
+    if name not in types:
+        raise ConfigError(f"unknown stage '{name}': known stages are {sorted(types)}")
+    return types[name].from_dict(options)
+
+
+def is_model_stage(config: StageConfig) -> bool:
+    return config.name not in GRAPH_STAGES
+
+
+__all__ = ["ExportConfig", "ProfileConfig", "EvalConfig", "GRAPH_CONFIGS", "GRAPH_STAGES", "config_types",
+           "config_from_dict", "is_model_stage"]
