@@ -91,12 +91,19 @@ def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 def quantize_file(graph: Path, out: Path, images, config, seed: int, force: bool, data_spec: str) -> dict[str, Any]:
-    """Quantize one fp32 mimc graph file; record it in the artifact's mimc.json when it sits in one."""
+    """Quantize one fp32 mimc graph file on a seeded calibration / held-out split of ``images``;
+    recorded in the artifact's mimc.json when ``out`` sits in one."""
+    calib_set, held_out = split_images(images, config.n, seed)
+    return quantize_split(graph, out, calib_set, held_out, config, force, data_spec)
+
+
+def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: bool, data_spec: str,
+                   batch_size: int = QUANTIZE_BATCH) -> dict[str, Any]:
+    """Quantize on ``calib_set``, gate on ``held_out`` (None: seeded normal inputs)."""
     from mimc.quant.quantize import quantize_onnx
 
-    calib_set, held_out = split_images(images, config.n, seed)
-    held = held_out.batches(QUANTIZE_BATCH) if held_out is not None else None
-    report = quantize_onnx(graph, out, calib_set.batches(QUANTIZE_BATCH), config, held, force=force)
+    held = held_out.batches(batch_size) if held_out is not None else None
+    report = quantize_onnx(graph, out, calib_set.batches(batch_size), config, held, force=force)
     report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
     report["calibration_source"] = str(data_spec)
     report["held_out_images"] = len(held_out) if held_out is not None else 0
@@ -196,4 +203,5 @@ GRAPH_HANDLERS: dict[str, Callable[[GraphContext, Any], dict[str, Any]]] = {
     "eval": eval_stage,
 }
 
-__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "record_graph", "target_for_device"]
+__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "quantize_split", "record_graph",
+           "target_for_device"]

@@ -189,22 +189,25 @@ def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cac
 
 
 def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images, calib, dense_feats, tmp: Path, iters: int):
-    from mimc.deploy.onnx import export_onnx
     from mimc.models.vit import flops_per_image
+    from mimc.pipeline.graph_stages import GraphContext, export_stage, quantize_split
+    from mimc.pipeline.stages import ExportConfig
 
     tmp.mkdir(parents=True)
     cand.macs = float(flops_per_image(model.config))
-    fp32 = tmp / "model.onnx"
-    export_onnx(model, fp32, batch=1, validate=False)  # the export stage's graph, unvalidated (fidelity is measured below)
+    # the pipeline's export stage, unvalidated: fidelity is measured below, through the graph that ships
+    ctx = GraphContext(folder=tmp, encoder=model, export_options={"validate": False})
+    export = ExportConfig(batch=1)
+    fp32 = Path(export_stage(ctx, export)["report"]["path"])
     cand.stages.append({"export": {"batch": 1}})
     graph, emulate = fp32, False
     if precision in ("int8", "fp8"):
-        from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+        from mimc.quant.quantize import QuantizeConfig
 
         target = "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
         config = QuantizeConfig(precision=precision, n=len(calib), target=target)
         graph, emulate = tmp / f"model.{precision}.onnx", target == "tensorrt"
-        quantize_onnx(fp32, graph, calib.batches(8), config, images.batches(8), force=True)
+        quantize_split(fp32, graph, calib, images, config, True, calib.source, batch_size=8)
         cand.stages.append({"quantize": config.to_dict()})
     if precision == "fp16":
         feats = _torch_features(model, images, half=True)

@@ -100,7 +100,7 @@ def test_int8_attention_and_tensorrt_graphs_are_not_fused(tmp_path):
 
 
 def test_fuse_attention_option_is_checked_and_round_trips():
-    from mimc.compression.registry import config_from_dict
+    from mimc.pipeline.stages import config_from_dict
     from mimc.errors import ConfigError
 
     cfg = QuantizeConfig(fuse_attention=False)

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from mimc.quant.calibrate import collect_channel_ranges, kl_threshold
 from mimc.quant.qdq_graph import GraphIndex, fold_pairs, linear_sites, norm_linear_pairs
 from mimc.quant.quantize import QuantizeConfig, quantize_onnx
-from mimc.compression.registry import config_from_dict
+from mimc.pipeline.stages import config_from_dict
 from mimc.data import preprocess
 from mimc.errors import BadInputError, ConfigError, DataError, ValidationError
 from mimc.deploy.onnx import export_onnx
