@@ -105,6 +105,8 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Training images for the learned method (also used as --calib)."),
         n_calib: Optional[int] = typer.Option(None, "--n-calib", help="Calibration images used (default 128)."),
         no_update: bool = typer.Option(False, "--no-update", help="sparsegpt: choose the mask only, keep the weights."),
+        weighting: Optional[str] = typer.Option(None, "--weighting", help="Token weights of the wanda/sparsegpt statistics (and learned prior): uniform or rsq."),
+        r_min: Optional[float] = typer.Option(None, "--r-min", help="rsq: weight of the least-attended token before the mean-1 rescale (default 1/3)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="learned: training steps (default 300)."),
         lr: Optional[float] = typer.Option(None, "--lr", help="learned: peak learning rate of the mask logits."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="learned: global batch (split over torchrun ranks)."),
@@ -127,7 +129,7 @@ def register(app: typer.Typer) -> None:
 
         given_learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior, "seed": seed}
         given = {"pattern": pattern, "method": method, "n_calib": n_calib, "update_weights": False if no_update else None,
-                 "seed": seed, "learned": given_learned}
+                 "seed": seed, "weighting": weighting, "r_min": r_min, "learned": given_learned}
         if resume is None:
             config = NMSparsityConfig.from_dict({k: v for k, v in given.items() if v is not None and k != "learned"}
                                                 | {"learned": {k: v for k, v in given_learned.items() if v is not None}})

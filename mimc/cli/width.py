@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument("ref", help=MODEL_HELP),
         mlp: float = typer.Option(0.0, "--mlp", help="Fraction of each block's MLP hidden neurons to remove, in [0, 1)."),
         heads: float = typer.Option(0.0, "--heads", help="Fraction of each block's attention heads to remove, in [0, 1)."),
-        criterion: str = typer.Option("l2", "--criterion", help="l2 (data-free weight norms) or activation (needs --data)."),
+        criterion: str = typer.Option("l2", "--criterion", help="l2 (data-free weight norms), activation or optin (both need --data)."),
+        macs: Optional[float] = typer.Option(None, "--macs", help="Keep this ratio of the dense MACs, heads and neurons allocated per block (instead of --mlp/--heads)."),
         round_to: int = typer.Option(16, "--round-to", help="Keep MLP widths a multiple of this (GEMM tiles)."),
         data: Optional[str] = typer.Option(None, "--data", help="Images for --criterion activation and data fidelity."),
         n: int = typer.Option(64, "--n", help="Use at most this many images from --data."),
@@ -35,9 +36,9 @@ def register(app: typer.Typer) -> None:
         from mimc.models.resolve import model_slug
         from mimc.artifact import check_output
 
-        config = WidthPruningConfig(mlp=mlp, heads=heads, criterion=criterion, round_to=round_to)
+        config = WidthPruningConfig(mlp=mlp, heads=heads, criterion=criterion, round_to=round_to, macs=macs)
         if config.needs_data and data is None:
-            raise DataError("criterion 'activation' measures activations on images: pass --data DIR (a folder, .npy/.npz or 'builtin')")
+            raise DataError(f"criterion '{criterion}' measures activations on images: pass --data DIR (a folder, .npy/.npz or 'builtin')")
         out = output if output is not None else Path(f"{model_slug(model)}-narrow")
         check_output(out, overwrite)
         with console.status(f"loading {model}"):

@@ -15,6 +15,10 @@ One-shot methods (``NMSparsityConfig.method``):
   spread onto the not-yet-processed columns (the OBS update).
 - ``learned``: MaskLLM, see :mod:`mimc.compression.nm_learned`.
 
+``weighting='rsq'`` weights every calibration token by the attention it receives when the Wanda and
+SparseGPT statistics are accumulated (RSQ, :mod:`mimc.compression.rsq`); ``uniform`` (the default)
+weights every token equally and runs exactly the unweighted code.
+
 Calibration is sequential per block: the statistics of block i come from its inputs after the
 already-sparsified blocks 0..i-1 (as Wanda and SparseGPT do), so later blocks see the errors of
 earlier ones. Each block's inputs are carried forward from the previous block (one pass over the
@@ -42,6 +46,7 @@ from torch import nn
 
 from mimc.errors import ConfigError, DataError, ValidationError
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.compression.rsq import DEFAULT_R_MIN, WEIGHTINGS, token_weights, weighted_moments
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -118,17 +123,27 @@ class LayerStats:
     tokens: int = 0
 
 
-def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bool = False):
-    """A forward hook accumulating a Linear's input statistics into ``stats[name]``."""
+def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bool = False, weights: dict | None = None):
+    """A forward hook accumulating a Linear's input statistics into ``stats[name]``.
+
+    ``weights``: a holder whose ``"r"`` is the current batch's per-token weights (B, N) (RSQ); None
+    accumulates every token with weight 1.
+    """
 
     def hook(_module, inputs, _output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         s = stats.get(name)
         if s is None:
             s = stats[name] = LayerStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]) if hessian else None)
-        s.sq_norm += (x * x).sum(dim=0)
-        if s.hessian is not None:
-            s.hessian += x.T @ x
+        if weights is not None:
+            sq, hess = weighted_moments(x, weights["r"].reshape(-1), s.hessian is not None)
+            s.sq_norm += sq
+            if hess is not None:
+                s.hessian += hess
+        else:
+            s.sq_norm += (x * x).sum(dim=0)
+            if s.hessian is not None:
+                s.hessian += x.T @ x
         s.tokens += x.shape[0]
         if stop:
             raise _StopForward
@@ -160,14 +175,23 @@ def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch
     return stats
 
 
-def _carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor], shared_bias, hessian: bool) -> dict[str, LayerStats]:
-    """Input statistics of one block's Linears, running only that block on its carried inputs."""
+def _carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor], shared_bias, hessian: bool,
+                         r_min: float | None = None) -> dict[str, LayerStats]:
+    """Input statistics of one block's Linears, running only that block on its carried inputs.
+
+    With ``r_min`` every token is weighted by RSQ's attention-received weight for this block.
+    """
     stats: dict[str, LayerStats] = {}
-    handles = [mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian)) for name, mod in block.named_modules()
+    holder = {} if r_min is not None else None
+    # The weights read this block's attention, so they are computed before the hooks go on.
+    weights = [token_weights(block, x, shared_bias, r_min) for x in inputs] if r_min is not None else None
+    handles = [mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian, weights=holder)) for name, mod in block.named_modules()
                if isinstance(mod, nn.Linear)]
     try:
         with torch.no_grad():
-            for x in inputs:
+            for k, x in enumerate(inputs):
+                if holder is not None:
+                    holder["r"] = weights[k]
                 block(x, shared_bias)
     finally:
         for h in handles:
@@ -226,8 +250,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
 
 # One-shot masks -------------------------------------------------------------------------------------
 def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: list[torch.Tensor] | None,
-                      update_weights: bool = False, damp: float = 0.01, blocksize: int = 128) -> dict[str, torch.Tensor]:
-    """Sparsify ``encoder`` in place block by block; returns the keep mask of every block Linear."""
+                      update_weights: bool = False, damp: float = 0.01, blocksize: int = 128,
+                      weighting: str = "uniform", r_min: float = DEFAULT_R_MIN) -> dict[str, torch.Tensor]:
+    """Sparsify ``encoder`` in place block by block; returns the keep mask of every block Linear.
+
+    ``weighting='rsq'``: token-weighted statistics (:mod:`mimc.compression.rsq`).
+    """
     masks: dict[str, torch.Tensor] = {}
     linears = dict(block_linears(encoder))
     if method == "magnitude":
@@ -241,13 +269,16 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
     # Without a token schedule each block's input can be carried forward (one pass in all);
     # otherwise the encoder's own forward is re-run up to each block.
     carried = shared_bias = None
+    if weighting == "rsq" and encoder.config.token_schedule is not None:
+        raise ConfigError("--weighting rsq reads each block's attention on its carried inputs: sparsify before the tokens stage")
     if encoder.config.token_schedule is None:
         with torch.no_grad():
             carried = [encoder.embed(batch) for batch in pixels]
             shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
     for b in range(len(encoder.blocks)):
         if carried is not None:
-            stats = _carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt")
+            stats = _carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt",
+                                         r_min=r_min if weighting == "rsq" else None)
         else:
             stats = collect_block_stats(encoder, b, pixels, hessian=method == "sparsegpt")
         for name, s in stats.items():
@@ -282,6 +313,8 @@ class NMSparsityConfig(StageConfig):
     calib_batch_size: int = 16
     seed: int = 0
     learned: Any = None  # NMLearnedConfig; None means its defaults
+    weighting: str = "uniform"  # token weights of the wanda / sparsegpt statistics: uniform or rsq (RSQ)
+    r_min: float = DEFAULT_R_MIN  # rsq: the least-attended token's weight before the mean-1 rescale
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -289,6 +322,12 @@ class NMSparsityConfig(StageConfig):
             raise ConfigError(f"unknown N:M method '{self.method}': choose one of {', '.join(METHODS)}")
         if self.n_calib < 1 or self.calib_batch_size < 1:
             raise ConfigError("n_calib and calib_batch_size must be >= 1")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown token weighting '{self.weighting}': choose one of {', '.join(WEIGHTINGS)}")
+        if isinstance(self.r_min, bool) or not isinstance(self.r_min, (int, float)) or not 0.0 < float(self.r_min) <= 1.0:
+            raise ConfigError(f"r_min must lie in (0, 1], got {self.r_min!r}: the default is 1/3 (RSQ's 1..3 range)")
+        if self.weighting == "rsq" and self.method == "magnitude":
+            raise ConfigError("--weighting rsq weights calibration tokens: use it with --method wanda, sparsegpt or learned")
         if not 0.0 <= self.damp < 1.0:
             raise ConfigError(f"damp={self.damp} must be in [0, 1): the usual value is 0.01")
         from mimc.compression.nm_learned import NMLearnedConfig
@@ -352,7 +391,8 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None):
         return learn_nm_masks(encoder, config, calibration_batches)
     pixels = calibration_pixels(calibration_batches, config.n_calib, config.calib_batch_size)
     student = clone_encoder(encoder).eval()
-    masks = one_shot_sparsify(student, n, m, config.method, pixels, config.update_weights, config.damp, config.blocksize)
+    masks = one_shot_sparsify(student, n, m, config.method, pixels, config.update_weights, config.damp, config.blocksize,
+                              config.weighting, config.r_min)
     student.config = student.config.replace(nm_pattern=config.pattern)
     check_nm(student)
     metrics: dict[str, Any] = {
@@ -360,6 +400,7 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None):
         "method": config.method,
         "density": round(sum(float(k.float().sum()) for k in masks.values()) / sum(k.numel() for k in masks.values()), 6),
         "n_calib": sum(p.shape[0] for p in pixels),
+        "weighting": config.weighting,
     }
     if pixels:
         metrics["fidelity_pooled_cosine"] = pooled_fidelity(student, encoder, pixels)

@@ -178,7 +178,8 @@ def learn_nm_masks(encoder, config, calibration_batches) -> tuple[Any, dict[str,
     prior_fidelity = None
     if lc.prior != "none":
         prior_model = clone_encoder(encoder).eval()
-        prior_masks = one_shot_sparsify(prior_model, n, m, lc.prior, calib, update_weights=False, damp=config.damp, blocksize=config.blocksize)
+        prior_masks = one_shot_sparsify(prior_model, n, m, lc.prior, calib, update_weights=False, damp=config.damp, blocksize=config.blocksize,
+                                        weighting=config.weighting, r_min=config.r_min)
         prior_fidelity = pooled_fidelity(prior_model, encoder, calib)
 
     student = clone_encoder(encoder).eval().requires_grad_(False)

@@ -1,6 +1,8 @@
 """Width pruning: remove attention heads and MLP hidden neurons from every block (structured, exact).
 
-Every block keeps the same fraction: ``mlp`` of its hidden neurons and ``heads`` of its attention
+With ``macs`` (a ratio of the dense MACs) the widths are allocated per block instead, globally
+under that budget (:mod:`mimc.compression.optin`; any criterion, including OPTIN's trajectory
+score ``optin``). Otherwise every block keeps the same fraction: ``mlp`` of its hidden neurons and ``heads`` of its attention
 heads are removed, chosen per block by importance, so the result is a plain narrower ViT whose
 per-block widths are written to ``EncoderConfig.block_mlp_dims`` / ``block_heads``. It exports and
 quantizes like any encoder (ORT's QAttention takes the per-block head count from the graph).
@@ -40,12 +42,14 @@ from mimc.errors import ConfigError
 from mimc.models.vit import Encoder, build_encoder, flops_per_image
 from mimc.compression.registry import StageConfig, register
 
-CRITERIA = ("l2", "activation")
+CRITERIA = ("l2", "activation", "optin")
 
 
 @dataclasses.dataclass(frozen=True)
 class WidthPruningConfig(StageConfig):
-    """Fractions removed per block: ``mlp`` of the MLP hidden neurons, ``heads`` of the heads."""
+    """Fractions removed per block: ``mlp`` of the MLP hidden neurons, ``heads`` of the heads; or, with
+    ``macs``, a global per-block allocation of heads and neurons keeping that ratio of the dense MACs
+    (:mod:`mimc.compression.optin`). ``optin_*``: the OPTIN criterion's images and pooled-term ratio λ."""
 
     name: ClassVar[str] = "width"
     version: ClassVar[int] = 1
@@ -55,13 +59,25 @@ class WidthPruningConfig(StageConfig):
     criterion: str = "l2"
     round_to: int = 16
     max_batches: int = 8
+    macs: float | None = None
+    optin_images: int = 32
+    optin_lambda: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.macs is not None:
+            if isinstance(self.macs, bool) or not isinstance(self.macs, (int, float)) or not 0.0 < float(self.macs) <= 1.0:
+                raise ConfigError(f"width macs must be the ratio of MACs to keep in (0, 1], got {self.macs!r}: pass e.g. --macs 0.6")
+            if self.mlp or self.heads:
+                raise ConfigError("--macs allocates heads and neurons per block itself: drop --mlp / --heads")
+        if isinstance(self.optin_images, bool) or not isinstance(self.optin_images, int) or self.optin_images < 2:
+            raise ConfigError(f"optin_images must be an integer >= 2, got {self.optin_images!r}")
+        if self.optin_lambda < 0:
+            raise ConfigError(f"optin_lambda must be >= 0, got {self.optin_lambda!r}")
         for key in ("mlp", "heads"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
                 raise ConfigError(f"width {key} must be a fraction to remove in [0, 1), got {value!r}: pass e.g. --mlp 0.5")
-        if self.mlp == 0 and self.heads == 0:
+        if self.mlp == 0 and self.heads == 0 and self.macs is None:
             raise ConfigError("width pruning needs --mlp and/or --heads above 0: pass e.g. --mlp 0.5")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"unknown width criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
@@ -72,7 +88,7 @@ class WidthPruningConfig(StageConfig):
 
     @property
     def needs_data(self) -> bool:
-        return self.criterion == "activation"
+        return self.criterion in ("activation", "optin")
 
     def kept_mlp(self, width: int) -> int:
         keep = width * (1.0 - self.mlp)
@@ -91,6 +107,10 @@ def _head_rows(h: int, head_dim: int, inner: int) -> list[int]:
 
 def _scores(encoder: Encoder, config: WidthPruningConfig, batches: list[torch.Tensor] | None):
     """Per block: (neuron importance (mlp_dim,), head importance (heads,))."""
+    if config.criterion == "optin":
+        from mimc.compression.optin import optin_scores
+
+        return optin_scores(encoder, _first_images(batches, config.optin_images), config.optin_lambda)
     acts = _activation_stats(encoder, batches[: config.max_batches]) if config.criterion == "activation" else None
     out = []
     for i, block in enumerate(encoder.blocks):
@@ -139,6 +159,17 @@ def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
     return [(s[0] / s[2], s[1] / s[2]) for s in sums]
 
 
+def _first_images(batches: list[torch.Tensor] | None, limit: int) -> list[torch.Tensor]:
+    """At most ``limit`` images of the batches (OPTIN's one calibration batch, streamed as given)."""
+    out, count = [], 0
+    for x in batches or []:
+        if count >= limit:
+            break
+        out.append(x[: limit - count])
+        count += out[-1].shape[0]
+    return out
+
+
 def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     # Ties broken by index (stable): the same weights always give the same structure.
     order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
@@ -157,7 +188,12 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores = _scores(encoder, config, batches)
     keep_neurons, keep_heads = [], []
-    for (neuron, head), block in zip(scores, encoder.blocks):
+    if config.macs is not None:  # global allocation under the MAC budget
+        from mimc.compression.optin import allocate
+
+        keep_neurons, keep_heads = allocate(cfg, scores, config.macs, config.round_to, prune_heads=cfg.rel_pos_bias != "shared",
+                                            normalise=config.criterion != "optin")
+    for (neuron, head), block in zip(scores if config.macs is None else [], encoder.blocks):
         keep_neurons.append(_topk_sorted(neuron, config.kept_mlp(neuron.numel())))
         keep_heads.append(_topk_sorted(head, config.kept_heads(head.numel())))
     new_cfg = cfg.replace(block_mlp_dims=[len(k) for k in keep_neurons], block_heads=[len(k) for k in keep_heads],
@@ -190,6 +226,7 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
         "params_before": encoder.num_params, "params_after": new.num_params,
         "macs_before": macs_before, "macs_after": macs_after,
         "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
+        "macs_target": config.macs,
         "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).summary(),
     }
     if batches:
