@@ -190,3 +190,34 @@ def test_scores_on_a_transformers_vit_match_masking_it_the_authors_way():
     feats = run(head=(1, 2))
     want = sum(_reference_md(base[k], feats[k]) for k in range(1, 3))
     assert float(scores[1][1][2]) == pytest.approx(want, rel=2e-3, abs=1e-6)
+
+
+def test_cli_width_macs_and_sparsify_weighting(tmp_path, tiny_images):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from mimc.artifact import MANIFEST_NAME, save_artifact
+    from mimc.cli.app import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    src = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "src")
+    images, labels = tiny_images
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    res = invoke("width", src, "--macs", "0.6", "--criterion", "optin", "--data", tmp_path / "d.npz", "--round-to", "8",
+                 "-o", tmp_path / "narrow", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["config"]["macs"] == 0.6 and report["macs_ratio"] <= 0.6
+    manifest = json.loads((tmp_path / "narrow" / MANIFEST_NAME).read_text())
+    assert manifest["encoder"]["block_mlp_dims"] == report["mlp_dims"]
+    res = invoke("sparsify", src, "--method", "wanda", "--weighting", "rsq", "--r-min", "0.5", "--calib", tmp_path / "d.npz",
+                 "-o", tmp_path / "sp", "--json")
+    assert res.exit_code == 0, res.output
+    stage = json.loads((tmp_path / "sp" / MANIFEST_NAME).read_text())["stages"][-1]
+    assert stage["config"]["weighting"] == "rsq" and stage["config"]["r_min"] == 0.5
+    res = invoke("width", src, "--macs", "0.6", "--mlp", "0.5", "-o", tmp_path / "bad")
+    assert res.exit_code == 2 and "drop --mlp" in res.stderr
