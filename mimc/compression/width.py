@@ -2,9 +2,10 @@
 
 With ``macs`` (a ratio of the dense MACs) the widths are allocated per block instead, globally
 under that budget (:mod:`mimc.compression.optin`; any criterion, including OPTIN's trajectory
-score ``optin``). Otherwise every block keeps the same fraction: ``mlp`` of its hidden neurons and ``heads`` of its attention
-heads are removed, chosen per block by importance, so the result is a plain narrower ViT whose
-per-block widths are written to ``EncoderConfig.block_mlp_dims`` / ``block_heads``. It exports and
+score ``optin``). Otherwise every block keeps the same fraction: ``mlp`` of its hidden neurons
+and ``heads`` of its attention heads are removed, chosen per block by importance. Either way the
+result is a plain narrower ViT whose per-block widths are written to
+``EncoderConfig.block_mlp_dims`` / ``block_heads``. It exports and
 quantizes like any encoder (ORT's QAttention takes the per-block head count from the graph).
 
 Importance (per block, per unit):
@@ -187,15 +188,14 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
                           "need per-block tables; prune the MLP only (--heads 0)")
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores = _scores(encoder, config, batches)
-    keep_neurons, keep_heads = [], []
     if config.macs is not None:  # global allocation under the MAC budget
         from mimc.compression.optin import allocate
 
         keep_neurons, keep_heads = allocate(cfg, scores, config.macs, config.round_to, prune_heads=cfg.rel_pos_bias != "shared",
                                             normalise=config.criterion != "optin")
-    for (neuron, head), block in zip(scores if config.macs is None else [], encoder.blocks):
-        keep_neurons.append(_topk_sorted(neuron, config.kept_mlp(neuron.numel())))
-        keep_heads.append(_topk_sorted(head, config.kept_heads(head.numel())))
+    else:
+        keep_neurons = [_topk_sorted(neuron, config.kept_mlp(neuron.numel())) for neuron, _ in scores]
+        keep_heads = [_topk_sorted(head, config.kept_heads(head.numel())) for _, head in scores]
     new_cfg = cfg.replace(block_mlp_dims=[len(k) for k in keep_neurons], block_heads=[len(k) for k in keep_heads],
                           head_dim=cfg.attn_head_dim)
     new = build_encoder(new_cfg)
