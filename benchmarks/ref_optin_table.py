@@ -36,7 +36,7 @@ def random_hf_vit(out: Path) -> str:
 
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
-                                 image_size=32, patch_size=4, initializer_range=0.2)
+                                 image_size=32, patch_size=4, initializer_range=0.1)
     transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(out)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     return str(out)
@@ -89,13 +89,28 @@ def main() -> None:
 
     def cached_scores(encoder, config, batches):
         key = config.criterion
+        if key == "optin":
+            key = f"optin-{config.optin_trajectory}"
         if key not in cache:
             start = time.perf_counter()
             cache[key] = scorer(encoder, config, batches)
             print(f"  scored {key} in {time.perf_counter() - start:.0f} s", flush=True)
+            torch.save(cache[key], tmp / f"scores_{key}.pt")  # for ablations without re-scoring
+            print(f"  saved {tmp / f'scores_{key}.pt'}", flush=True)
         return cache[key]
 
     width_mod._scores = cached_scores
+    # One OPTIN pass gives the terms of both trajectories (optin_terms), so the ablation costs nothing extra.
+    from mimc.compression import optin as optin_mod
+
+    terms_cache, terms_fn = {}, optin_mod.optin_terms
+
+    def cached_terms(enc, batches, seed=0):
+        if seed not in terms_cache:
+            terms_cache[seed] = terms_fn(enc, batches, seed)
+        return terms_cache[seed]
+
+    optin_mod.optin_terms = cached_terms
     rows = [{"ratio": "dense", "method": "dense", "macs_ratio": 1.0, **evaluate(dense, dense, held), "mlp_dims": None, "heads": None}]
     models = {}
     for ratio_name in args.ratios.split(","):
@@ -110,7 +125,9 @@ def main() -> None:
                  (f"torch-pruning magnitude (mlp {frac})", None),
                  ("global l2 --macs", WidthPruningConfig(macs=ratio)),
                  ("global activation --macs", WidthPruningConfig(macs=ratio, criterion="activation")),
-                 ("optin --macs", WidthPruningConfig(macs=ratio, criterion="optin", optin_images=args.optin_images))]
+                 ("optin --macs", WidthPruningConfig(macs=ratio, criterion="optin", optin_images=args.optin_images)),
+                 ("optin, final-block trajectory (ablation)", WidthPruningConfig(macs=ratio, criterion="optin", optin_images=args.optin_images,
+                                                                                optin_trajectory="final"))]
         for label, config in plans:
             if config is None:
                 model = torch_pruning_mlp(dense, frac)

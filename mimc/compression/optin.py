@@ -32,6 +32,9 @@ Where mimc differs, and why:
 - upstream samples fresh random tokens at every comparison; mimc draws one seeded sample per batch
   (shared by every unit), so scores are deterministic and less noisy.
 - statistics stream: the score sums over calibration batches (upstream: one batch of 128).
+- ``trajectory='final'`` (not upstream, an ablation): the last block's MD term instead of the sum.
+  The sum counts an early unit's effect once per later block, so early blocks win most of the
+  budget (benchmarks/ref_optin_table.py shows how far).
 Removing a unit is computed exactly and cheaply at its own block: a neuron's removal subtracts
 ``h_j · fc2[:, j]`` from the MLP output, a head's removal subtracts its slice of the projection;
 only the blocks after it are re-run, with many units stacked along the batch dimension.
@@ -108,20 +111,22 @@ class _BatchReference:
 
 
 @torch.no_grad()
-def _trajectory_losses(encoder: Encoder, ref: _BatchReference, l: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MD term, pooled term) per variant, ``out`` (P, B, N, D) the perturbed output of block l."""
+def _trajectory_losses(encoder: Encoder, ref: _BatchReference, l: int, out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per variant: the MD term summed over blocks l.., the last block's MD term alone, the pooled
+    term; ``out`` (P, B, N, D) is the perturbed output of block l."""
     p, b, n, d = out.shape
-    md = _gram_loss(ref.feats[l], ref.sample(_features(encoder, l, out)))
+    md = last = _gram_loss(ref.feats[l], ref.sample(_features(encoder, l, out)))
     x = out.reshape(p * b, n, d)
     for j in range(l + 1, len(encoder.blocks)):
         x = encoder.blocks[j](x, ref.bias)
-        md += _gram_loss(ref.feats[j], ref.sample(_features(encoder, j, x.reshape(p, b, n, d))))
+        last = _gram_loss(ref.feats[j], ref.sample(_features(encoder, j, x.reshape(p, b, n, d))))
+        md = md + last
     pooled = F.normalize(encoder.pool(encoder.norm(x)).float(), dim=-1).reshape(p, b, -1)
-    return md, _gram_loss(ref.pooled, pooled)
+    return {"md": md, "final": last, "pool": _gram_loss(ref.pooled, pooled)}
 
 
 @torch.no_grad()
-def _score_block(encoder: Encoder, ref: _BatchReference, l: int, md_h, pool_h, md_n, pool_n) -> None:
+def _score_block(encoder: Encoder, ref: _BatchReference, l: int, terms: dict) -> None:
     """Add block l's per-head and per-neuron losses on this batch into the accumulators."""
     block = encoder.blocks[l]
     b = ref.out[l].shape[0]
@@ -132,9 +137,8 @@ def _score_block(encoder: Encoder, ref: _BatchReference, l: int, md_h, pool_h, m
     for s in range(0, width, chunk):
         idx = torch.arange(s, min(s + chunk, width))
         delta = h[..., idx].permute(2, 0, 1)[..., None] * w2[:, idx].T[:, None, None, :]  # (P, B, N, D)
-        md, pool = _trajectory_losses(encoder, ref, l, ref.out[l][None] - block.ls2(delta))
-        md_n[l][idx] += md
-        pool_n[l][idx] += pool
+        for key, value in _trajectory_losses(encoder, ref, l, ref.out[l][None] - block.ls2(delta)).items():
+            terms[key][0][l][idx] += value
     # Heads: removing h subtracts its slice of the projection; block l's MLP is re-run.
     attn = block.attn
     o = ref.heads_out[l].reshape(*ref.heads_out[l].shape[:2], attn.num_heads, attn.head_dim)
@@ -144,14 +148,31 @@ def _score_block(encoder: Encoder, ref: _BatchReference, l: int, md_h, pool_h, m
         delta = torch.einsum("bnhe,dhe->hbnd", o[:, :, idx], wp[:, idx])
         mid = ref.mid[l][None] - block.ls1(delta)
         out = mid + block.ls2(block.mlp(block.norm2(mid)))
-        md, pool = _trajectory_losses(encoder, ref, l, out)
-        md_h[l][idx] += md
-        pool_h[l][idx] += pool
+        for key, value in _trajectory_losses(encoder, ref, l, out).items():
+            terms[key][1][l][idx] += value
+
+
+TRAJECTORIES = ("sum", "final")
+
+
+def optin_scores(encoder: Encoder, batches: list[torch.Tensor], lam: float = 10.0, seed: int = 0, trajectory: str = "sum"):
+    """Per block: (neuron scores (mlp_dim,), head scores (heads,)); larger = more important.
+
+    ``trajectory``: ``sum`` (the paper) sums the MD term over the unit's block and every later one;
+    ``final`` keeps the last block's term only (an ablation: the sum counts an early unit's effect
+    once per later block, which favours early blocks).
+    """
+    if trajectory not in TRAJECTORIES:
+        raise ConfigError(f"unknown OPTIN trajectory '{trajectory}': choose one of {', '.join(TRAJECTORIES)}")
+    terms = optin_terms(encoder, batches, seed)
+    md = terms["md" if trajectory == "sum" else "final"]
+    return list(zip(_combine(md[0], terms["pool"][0], lam), _combine(md[1], terms["pool"][1], lam)))
 
 
 @torch.no_grad()
-def optin_scores(encoder: Encoder, batches: list[torch.Tensor], lam: float = 10.0, seed: int = 0):
-    """Per block: (neuron scores (mlp_dim,), head scores (heads,)); larger = more important."""
+def optin_terms(encoder: Encoder, batches: list[torch.Tensor], seed: int = 0) -> dict[str, tuple[list, list]]:
+    """The loss terms (``md``, ``final``, ``pool``), each (per-block neuron terms, per-block head terms),
+    summed over the batches."""
     if not batches:
         raise ConfigError("width criterion 'optin' measures the effect of each unit on images: pass --data DIR")
     if encoder.config.token_schedule:
@@ -161,16 +182,14 @@ def optin_scores(encoder: Encoder, batches: list[torch.Tensor], lam: float = 10.
     if next(encoder.parameters()).dtype != torch.float32:
         encoder = copy.deepcopy(encoder).float()  # scores in float32; the caller's model stays as it is
     blocks = encoder.blocks
-    md_n = [torch.zeros(b.mlp.fc1.out_features, dtype=torch.float64) for b in blocks]
-    pool_n = [torch.zeros_like(t) for t in md_n]
-    md_h = [torch.zeros(b.attn.num_heads, dtype=torch.float64) for b in blocks]
-    pool_h = [torch.zeros_like(t) for t in md_h]
+    terms = {key: ([torch.zeros(b.mlp.fc1.out_features, dtype=torch.float64) for b in blocks],
+                   [torch.zeros(b.attn.num_heads, dtype=torch.float64) for b in blocks]) for key in ("md", "final", "pool")}
     generator = torch.Generator().manual_seed(seed)
     for pixels in batches:  # streamed: one batch's states in memory at a time
         ref = _BatchReference(encoder, pixels.float(), generator)
         for l in range(len(blocks)):
-            _score_block(encoder, ref, l, md_h, pool_h, md_n, pool_n)
-    return [(n, h) for n, h in zip(_combine(md_n, pool_n, lam), _combine(md_h, pool_h, lam))]
+            _score_block(encoder, ref, l, terms)
+    return terms
 
 
 def _combine(md: list[torch.Tensor], pool: list[torch.Tensor], lam: float) -> list[torch.Tensor]:
@@ -245,4 +264,4 @@ def allocate(cfg, scores, macs_ratio: float, round_to: int, prune_heads: bool = 
     return keep_neurons, [sorted(k) for k in keep_heads]
 
 
-__all__ = ["optin_scores", "allocate", "unit_macs", "MD_TOKENS"]
+__all__ = ["optin_scores", "optin_terms", "allocate", "unit_macs", "MD_TOKENS", "TRAJECTORIES"]

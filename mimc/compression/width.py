@@ -63,6 +63,7 @@ class WidthPruningConfig(StageConfig):
     macs: float | None = None
     optin_images: int = 32
     optin_lambda: float = 10.0
+    optin_trajectory: str = "sum"  # "sum": the paper's MD summed over later blocks; "final": the last block's only
 
     def __post_init__(self) -> None:
         if self.macs is not None:
@@ -72,6 +73,8 @@ class WidthPruningConfig(StageConfig):
                 raise ConfigError("--macs allocates heads and neurons per block itself: drop --mlp / --heads")
         if isinstance(self.optin_images, bool) or not isinstance(self.optin_images, int) or self.optin_images < 2:
             raise ConfigError(f"optin_images must be an integer >= 2, got {self.optin_images!r}")
+        if self.optin_trajectory not in ("sum", "final"):
+            raise ConfigError(f"optin_trajectory must be 'sum' or 'final', got {self.optin_trajectory!r}")
         if self.optin_lambda < 0:
             raise ConfigError(f"optin_lambda must be >= 0, got {self.optin_lambda!r}")
         for key in ("mlp", "heads"):
@@ -111,7 +114,8 @@ def _scores(encoder: Encoder, config: WidthPruningConfig, batches: list[torch.Te
     if config.criterion == "optin":
         from mimc.compression.optin import optin_scores
 
-        return optin_scores(encoder, _first_images(batches, config.optin_images), config.optin_lambda)
+        return optin_scores(encoder, _first_images(batches, config.optin_images), config.optin_lambda,
+                            trajectory=config.optin_trajectory)
     acts = _activation_stats(encoder, batches[: config.max_batches]) if config.criterion == "activation" else None
     out = []
     for i, block in enumerate(encoder.blocks):
