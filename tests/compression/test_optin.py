@@ -54,9 +54,10 @@ def test_global_allocation_slices_exactly_and_widths_survive_save_and_load(tmp_p
 
 
 def test_config_round_trip_and_refusals():
-    cfg = WidthPruningConfig(macs=0.6, criterion="optin", optin_images=16, optin_lambda=5.0)
+    cfg = WidthPruningConfig(macs=0.6, criterion="optin", optin_images=16, optin_lambda=5.0, optin_trajectory="final")
     assert config_from_dict("width", cfg.to_dict()) == cfg and cfg.needs_data
-    for bad in (dict(macs=0.0), dict(macs=1.5), dict(macs=0.6, mlp=0.5), dict(macs=0.6, optin_images=1)):
+    for bad in (dict(macs=0.0), dict(macs=1.5), dict(macs=0.6, mlp=0.5), dict(macs=0.6, optin_images=1),
+                dict(macs=0.6, optin_trajectory="mean")):
         with pytest.raises(ConfigError):
             WidthPruningConfig(**bad)
     enc = build_encoder(tiny_config(), seed=0)
@@ -119,6 +120,14 @@ def test_fast_scores_equal_plain_masking_reference():
             want = sum(_reference_md(base[j], feats[j]) for j in range(block, 3))
             got = float(scores[block][0 if kind == "neuron" else 1][unit])
             assert got == pytest.approx(want, rel=2e-3, abs=1e-6)
+
+
+def test_final_trajectory_keeps_the_last_block_term_only():
+    enc = build_encoder(tiny_config(depth=3), seed=0)
+    x = batches(1, size=4)
+    total = optin_scores(enc, x, lam=0.0)
+    final = optin_scores(enc, x, lam=0.0, trajectory="final")
+    assert torch.allclose(total[2][0], final[2][0]) and (total[0][0] >= final[0][0]).all()
 
 
 def test_pooled_term_sits_lambda_below_the_md_term():
