@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Training images for the learned method (also used as --calib)."),
         n_calib: Optional[int] = typer.Option(None, "--n-calib", help="Calibration images used (default 128)."),
         no_update: bool = typer.Option(False, "--no-update", help="sparsegpt: choose the mask only, keep the weights."),
+        weighting: Optional[str] = typer.Option(None, "--weighting", help="Token weights of the wanda/sparsegpt statistics (and learned prior): uniform or rsq."),
+        r_min: Optional[float] = typer.Option(None, "--r-min", help="rsq: weight of the least-attended token before the mean-1 rescale (default 1/3)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="learned: training steps (default 300)."),
         lr: Optional[float] = typer.Option(None, "--lr", help="learned: peak learning rate of the mask logits."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="learned: global batch (split over torchrun ranks)."),
@@ -45,6 +47,6 @@ def register(app: typer.Typer) -> None:
         learned = {"steps": steps, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior}
         report = api.sparsify(model, output, calib=calib, data=data, n=n, resume=resume, checkpoint_every=checkpoint_every,
                                overwrite=overwrite, seed=seed, learned=learned, pattern=pattern, method=method,
-                               n_calib=n_calib, update_weights=False if no_update else None)
+                               n_calib=n_calib, update_weights=False if no_update else None, weighting=weighting, r_min=r_min)
         if report.written:  # under torchrun, rank 0 writes and reports
             show(report, json_out, stage_line)

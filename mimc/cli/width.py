@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument("ref", help=MODEL_HELP),
         mlp: float = typer.Option(0.0, "--mlp", help="Fraction of each block's MLP hidden neurons to remove, in [0, 1)."),
         heads: float = typer.Option(0.0, "--heads", help="Fraction of each block's attention heads to remove, in [0, 1)."),
-        criterion: str = typer.Option("l2", "--criterion", help="l2 (data-free weight norms) or activation (needs --data)."),
+        criterion: str = typer.Option("l2", "--criterion", help="l2 (data-free weight norms), activation or optin (both need --data)."),
+        macs: Optional[float] = typer.Option(None, "--macs", help="Keep this ratio of the dense MACs, heads and neurons allocated per block (instead of --mlp/--heads)."),
         round_to: int = typer.Option(16, "--round-to", help="Keep MLP widths a multiple of this (GEMM tiles)."),
         data: Optional[str] = typer.Option(None, "--data", help="Images for --criterion activation and data fidelity."),
         n: int = typer.Option(64, "--n", help="Use at most this many images from --data."),
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
         with status("scoring heads and neurons"):
             report = api.width(model, output, data=data, n=n, seed=seed, overwrite=overwrite, mlp=mlp, heads=heads,
-                                criterion=criterion, round_to=round_to)
+                                criterion=criterion, round_to=round_to, macs=macs)
         show(report, json_out, lambda r: _human(r, data))
 
 

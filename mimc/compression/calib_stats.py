@@ -45,17 +45,27 @@ class LayerStats:
     tokens: int = 0
 
 
-def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bool = False):
-    """A forward hook accumulating a Linear's input statistics into ``stats[name]``."""
+def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bool = False, weights: dict | None = None):
+    """A forward hook accumulating a Linear's input statistics into ``stats[name]``.
+
+    ``weights``: a holder whose ``"r"`` is the current batch's per-token weights (B, N) (RSQ); None
+    accumulates every token with weight 1.
+    """
 
     def hook(_module, inputs, _output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         s = stats.get(name)
         if s is None:
             s = stats[name] = LayerStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]) if hessian else None)
-        s.sq_norm += (x * x).sum(dim=0)
-        if s.hessian is not None:
-            s.hessian += x.T @ x
+        if weights is not None:
+            sq, hess = weighted_moments(x, weights["r"].reshape(-1), s.hessian is not None)
+            s.sq_norm += sq
+            if hess is not None:
+                s.hessian += hess
+        else:
+            s.sq_norm += (x * x).sum(dim=0)
+            if s.hessian is not None:
+                s.hessian += x.T @ x
         s.tokens += x.shape[0]
         if stop:
             raise _StopForward
@@ -87,14 +97,23 @@ def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch
     return stats
 
 
-def carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor], shared_bias, hessian: bool) -> dict[str, LayerStats]:
-    """Input statistics of one block's Linears, running only that block on its carried inputs."""
+def carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor], shared_bias, hessian: bool,
+                        r_min: float | None = None) -> dict[str, LayerStats]:
+    """Input statistics of one block's Linears, running only that block on its carried inputs.
+
+    With ``r_min`` every token is weighted by RSQ's attention-received weight for this block.
+    """
     stats: dict[str, LayerStats] = {}
-    handles = [mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian)) for name, mod in block.named_modules()
+    holder = {} if r_min is not None else None
+    # The weights read this block's attention, so they are computed before the hooks go on.
+    weights = [token_weights(block, x, shared_bias, r_min) for x in inputs] if r_min is not None else None
+    handles = [mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian, weights=holder)) for name, mod in block.named_modules()
                if isinstance(mod, nn.Linear)]
     try:
         with torch.no_grad():
-            for x in inputs:
+            for k, x in enumerate(inputs):
+                if holder is not None:
+                    holder["r"] = weights[k]
                 block(x, shared_bias)
     finally:
         for h in handles:

@@ -9,6 +9,10 @@ Methods (``NMSparsityConfig.method``): ``magnitude``, ``wanda`` and ``sparsegpt`
 (:mod:`mimc.compression.nm_oneshot`); ``learned`` is MaskLLM (:mod:`mimc.compression.nm_learned`).
 The stage calls :func:`~mimc.models.nm_pattern.check_nm` after writing masks; export calls it
 before writing a graph.
+
+``weighting='rsq'`` weights every calibration token by the attention it receives when the Wanda and
+SparseGPT statistics are accumulated (RSQ, :mod:`mimc.compression.rsq`); ``uniform`` (the default)
+weights every token equally and runs exactly the unweighted code.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from mimc.errors import ConfigError
 from mimc.models.nm_pattern import check_nm, parse_pattern, validate_pattern
 from mimc.train.config import TrainRun
 from mimc.options import option
+from mimc.compression.rsq import DEFAULT_R_MIN, WEIGHTINGS
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -48,9 +53,14 @@ class NMSparsityConfig(StageConfig):
     calib_batch_size: int = option(16, ge=1)
     seed: int = 0
     learned: Any = option(None, doc="MaskLLM's options (method learned); null: their defaults")
+    weighting: str = option("uniform", choices=WEIGHTINGS, doc="token weights of the wanda / sparsegpt statistics: uniform or rsq (RSQ)")
+    r_min: float = option(DEFAULT_R_MIN, gt=0, le=1, doc="rsq: the least-attended token's weight before the mean-1 rescale")
 
     def check(self) -> None:
         parse_pattern(self.pattern)
+        if self.weighting == "rsq" and self.method == "magnitude":
+            raise ConfigError("weighting rsq weights calibration tokens: use it with method wanda, sparsegpt or learned",
+                              option=("weighting", "method"))
         from mimc.compression.nm_learned import NMLearnedConfig
 
         if self.learned is None:
@@ -82,7 +92,8 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: T
         return learn_nm_masks(encoder, config, calibration_batches, run)
     pixels = calibration_pixels(calibration_batches, config.n_calib, config.calib_batch_size)
     student = clone_encoder(encoder).eval()
-    masks = one_shot_sparsify(student, n, m, config.method, pixels, config.update_weights, config.damp, config.blocksize)
+    masks = one_shot_sparsify(student, n, m, config.method, pixels, config.update_weights, config.damp, config.blocksize,
+                              config.weighting, config.r_min)
     student.config = student.config.replace(nm_pattern=config.pattern)
     check_nm(student)
     metrics: dict[str, Any] = {
@@ -90,6 +101,7 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: T
         "method": config.method,
         "density": round(sum(float(k.float().sum()) for k in masks.values()) / sum(k.numel() for k in masks.values()), 6),
         "n_calib": sum(p.shape[0] for p in pixels),
+        "weighting": config.weighting,
     }
     from mimc.evaluation import fidelity
 

@@ -180,7 +180,8 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
     prior_fidelity = None
     if lc.prior != "none":
         prior_model = clone_encoder(encoder).eval()
-        prior_masks = one_shot_sparsify(prior_model, n, m, lc.prior, calib, update_weights=False, damp=config.damp, blocksize=config.blocksize)
+        prior_masks = one_shot_sparsify(prior_model, n, m, lc.prior, calib, update_weights=False, damp=config.damp, blocksize=config.blocksize,
+                                        weighting=config.weighting, r_min=config.r_min)
         prior_fidelity = fidelity(prior_model, encoder, calib).to_dict() if calib else None
 
     student = clone_encoder(encoder).eval().requires_grad_(False)

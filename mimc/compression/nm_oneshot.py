@@ -91,8 +91,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
 
 # One-shot masks -------------------------------------------------------------------------------------
 def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: list[torch.Tensor] | None,
-                      update_weights: bool = False, damp: float = 0.01, blocksize: int = 128) -> dict[str, torch.Tensor]:
-    """Sparsify ``encoder`` in place block by block; returns the keep mask of every block Linear."""
+                      update_weights: bool = False, damp: float = 0.01, blocksize: int = 128,
+                      weighting: str = "uniform", r_min: float = DEFAULT_R_MIN) -> dict[str, torch.Tensor]:
+    """Sparsify ``encoder`` in place block by block; returns the keep mask of every block Linear.
+
+    ``weighting='rsq'``: token-weighted statistics (:mod:`mimc.compression.rsq`).
+    """
     masks: dict[str, torch.Tensor] = {}
     linears = dict(block_linears(encoder))
     if method == "magnitude":
@@ -103,6 +107,9 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
         return masks
     if not pixels:
         raise DataError(f"N:M method '{method}' needs calibration images: give data (a folder, .npz/.npy or 'builtin')", option="data")
+    if weighting == "rsq" and encoder.config.token_schedule is not None:
+        raise ConfigError("weighting rsq reads each block's attention on its carried inputs: sparsify before the tokens stage",
+                          option="weighting")
     # Without a token schedule each block's input can be carried forward (one pass in all);
     # otherwise the encoder's own forward is re-run up to each block.
     carried = shared_bias = None
@@ -112,7 +119,8 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
             shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
     for b in range(len(encoder.blocks)):
         if carried is not None:
-            stats = carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt")
+            stats = carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt",
+                                        r_min=r_min if weighting == "rsq" else None)
         else:
             stats = collect_block_stats(encoder, b, pixels, hessian=method == "sparsegpt")
         for name, s in stats.items():

@@ -1,8 +1,11 @@
 """Width pruning: remove attention heads and MLP hidden neurons from every block (structured, exact).
 
-Every block keeps the same fraction: ``mlp`` of its hidden neurons and ``heads`` of its attention
-heads are removed, chosen per block by importance, so the result is a plain narrower ViT whose
-per-block widths are written to ``EncoderConfig.block_mlp_dims`` / ``block_heads``. It exports and
+With ``macs`` (a ratio of the dense MACs) the widths are allocated per block instead, globally
+under that budget (:mod:`mimc.compression.optin`; any criterion, including OPTIN's trajectory
+score ``optin``). Otherwise every block keeps the same fraction: ``mlp`` of its hidden neurons
+and ``heads`` of its attention heads are removed, chosen per block by importance. Either way the
+result is a plain narrower ViT whose per-block widths are written to
+``EncoderConfig.block_mlp_dims`` / ``block_heads``. It exports and
 quantizes like any encoder (ORT's QAttention takes the per-block head count from the graph).
 
 Importance (per block, per unit):
@@ -41,12 +44,14 @@ from mimc.models.vit import Encoder, build_encoder, flops_per_image
 from mimc.compression.registry import StageConfig, register
 from mimc.options import option
 
-CRITERIA = ("l2", "activation")
+CRITERIA = ("l2", "activation", "optin")
 
 
 @dataclasses.dataclass(frozen=True)
 class WidthPruningConfig(StageConfig):
-    """Fractions removed per block: ``mlp`` of the MLP hidden neurons, ``heads`` of the heads."""
+    """Fractions removed per block: ``mlp`` of the MLP hidden neurons, ``heads`` of the heads; or, with
+    ``macs``, a global per-block allocation of heads and neurons keeping that ratio of the dense MACs
+    (:mod:`mimc.compression.optin`). ``optin_*``: the OPTIN criterion's images and pooled-term ratio λ."""
 
     name: ClassVar[str] = "width"
     version: ClassVar[int] = 1
@@ -56,14 +61,21 @@ class WidthPruningConfig(StageConfig):
     criterion: str = option("l2", choices=CRITERIA)
     round_to: int = option(16, ge=1, doc="MLP widths are kept a multiple of this")
     max_batches: int = option(8, ge=1)
+    macs: float | None = option(None, gt=0, le=1, doc="ratio of MACs kept, allocated per block (global); replaces mlp/heads")
+    optin_images: int = option(32, ge=2, doc="optin: images the trajectory scores are computed on")
+    optin_lambda: float = option(10.0, ge=0, doc="optin: how far the pooled-feature term sits below the token term (lambda)")
+    optin_trajectory: str = option("sum", choices=("sum", "final"),
+                                   doc="optin: sum the loss over every later block (the paper) or the last block's only")
 
     def check(self) -> None:
-        if self.mlp == 0 and self.heads == 0:
+        if self.macs is not None and (self.mlp or self.heads):
+            raise ConfigError("macs allocates heads and neurons per block itself: drop mlp / heads", option=("macs", "mlp", "heads"))
+        if self.mlp == 0 and self.heads == 0 and self.macs is None:
             raise ConfigError("width pruning removes nothing: give mlp and/or heads above 0, e.g. mlp 0.5", option=("mlp", "heads"))
 
     @property
     def needs_data(self) -> bool:
-        return self.criterion == "activation"
+        return self.criterion in ("activation", "optin")
 
     def kept_mlp(self, width: int) -> int:
         keep = width * (1.0 - self.mlp)
@@ -82,6 +94,11 @@ def _head_rows(h: int, head_dim: int, inner: int) -> list[int]:
 
 def _scores(encoder: Encoder, config: WidthPruningConfig, batches: list[torch.Tensor] | None):
     """Per block: (neuron importance (mlp_dim,), head importance (heads,))."""
+    if config.criterion == "optin":
+        from mimc.compression.optin import optin_scores
+
+        return optin_scores(encoder, _first_images(batches, config.optin_images), config.optin_lambda,
+                            trajectory=config.optin_trajectory)
     acts = _activation_stats(encoder, batches[: config.max_batches]) if config.criterion == "activation" else None
     out = []
     for i, block in enumerate(encoder.blocks):
@@ -130,6 +147,17 @@ def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
     return [(s[0] / s[2], s[1] / s[2]) for s in sums]
 
 
+def _first_images(batches: list[torch.Tensor] | None, limit: int) -> list[torch.Tensor]:
+    """At most ``limit`` images of the batches (OPTIN's one calibration batch, streamed as given)."""
+    out, count = [], 0
+    for x in batches or []:
+        if count >= limit:
+            break
+        out.append(x[: limit - count])
+        count += out[-1].shape[0]
+    return out
+
+
 def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     # Ties broken by index (stable): the same weights always give the same structure.
     order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
@@ -147,10 +175,14 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
                           "need per-block tables; prune the MLP only (heads=0)", option="heads")
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores = _scores(encoder, config, batches)
-    keep_neurons, keep_heads = [], []
-    for (neuron, head), block in zip(scores, encoder.blocks):
-        keep_neurons.append(_topk_sorted(neuron, config.kept_mlp(neuron.numel())))
-        keep_heads.append(_topk_sorted(head, config.kept_heads(head.numel())))
+    if config.macs is not None:  # global allocation under the MAC budget
+        from mimc.compression.optin import allocate
+
+        keep_neurons, keep_heads = allocate(cfg, scores, config.macs, config.round_to, prune_heads=cfg.rel_pos_bias != "shared",
+                                            normalise=config.criterion != "optin")
+    else:
+        keep_neurons = [_topk_sorted(neuron, config.kept_mlp(neuron.numel())) for neuron, _ in scores]
+        keep_heads = [_topk_sorted(head, config.kept_heads(head.numel())) for _, head in scores]
     new_cfg = cfg.replace(block_mlp_dims=[len(k) for k in keep_neurons], block_heads=[len(k) for k in keep_heads],
                           head_dim=cfg.attn_head_dim)
     new = build_encoder(new_cfg)
@@ -181,6 +213,7 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
         "params_before": encoder.num_params, "params_after": new.num_params,
         "macs_before": macs_before, "macs_after": macs_after,
         "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
+        "macs_target": config.macs,
         "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
     }
     if batches:
