@@ -57,7 +57,7 @@ def main() -> None:
             sparse, record = compress(dense, config, batches)
             row = {"method": label, "weighting": weighting, **evaluate(sparse, dense, held), "seconds": round(time.perf_counter() - start, 1)}
             if method == "learned":
-                row["prior_cosine_calib"] = record.metrics.get("prior_fidelity_pooled_cosine_calib")
+                row["prior_cosine_calib"] = record.metrics.get("prior_fidelity_calib")
             rows.append(row)
             print(f"  {row}", flush=True)
     print(f"\n{args.model}: {args.pattern} with and without RSQ token weighting (r_min {args.r_min:.3f}), {len(held)} held-out images\n")

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from mimc.compression.rsq import token_weights, weighted_moments
 from mimc.models.nm_pattern import block_linears
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mimc.compression.calib_stats import carried_block_stats, collect_block_stats
+from mimc.compression.rsq import DEFAULT_R_MIN
 from mimc.errors import ConfigError, DataError
 from mimc.models.nm_pattern import block_linears
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mimc.compression.optin import MD_TOKENS, allocate, optin_scores, unit_macs
-from mimc.compression.registry import compress, config_from_dict
+from mimc.compression.registry import compress
+from mimc.pipeline.stages import config_from_dict
 from mimc.compression.width import WidthPruningConfig
 from mimc.errors import ConfigError
 from mimc.models.vit import build_encoder, flops_per_image
@@ -37,7 +38,8 @@ def test_mac_budget_is_met_within_one_rounding_step(criterion, ratio):
 
 
 def test_global_allocation_slices_exactly_and_widths_survive_save_and_load(tmp_path):
-    from mimc.artifact import load_artifact, read_manifest, save_artifact
+    from mimc.artifact import read_manifest, save_artifact
+    from mimc.models.io import load_artifact
 
     enc = build_encoder(tiny_config(layer_scale=True), seed=0)
     new, record = compress(enc, WidthPruningConfig(macs=0.6, criterion="optin", round_to=8, optin_images=4), batches())
@@ -220,9 +222,9 @@ def test_cli_width_macs_and_sparsify_weighting(tmp_path, tiny_images):
                  "-o", tmp_path / "narrow", "--json")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["config"]["macs"] == 0.6 and report["macs_ratio"] <= 0.6
+    assert report["config"]["macs"] == 0.6 and report["metrics"]["macs_ratio"] <= 0.6
     manifest = json.loads((tmp_path / "narrow" / MANIFEST_NAME).read_text())
-    assert manifest["encoder"]["block_mlp_dims"] == report["mlp_dims"]
+    assert manifest["encoder"]["block_mlp_dims"] == report["metrics"]["mlp_dims"]
     res = invoke("sparsify", src, "--method", "wanda", "--weighting", "rsq", "--r-min", "0.5", "--calib", tmp_path / "d.npz",
                  "-o", tmp_path / "sp", "--json")
     assert res.exit_code == 0, res.output

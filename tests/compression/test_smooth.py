@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mimc.artifact import state_hash
-from mimc.compression.registry import compress, config_from_dict
+from mimc.compression.registry import compress
+from mimc.pipeline.stages import config_from_dict
 from mimc.compression.smooth import RepQConfig, SmoothQuantConfig, channel_ranges
 from mimc.errors import ConfigError, DataError
 from mimc.models.vit import build_encoder

@@ -4,7 +4,8 @@ import torch
 
 from mimc.artifact import save_artifact, state_hash
 from mimc.models.io import load_artifact
-from mimc.compression.registry import compress, config_from_dict
+from mimc.compression.registry import compress
+from mimc.pipeline.stages import config_from_dict
 from mimc.compression.tokens import TokenReductionConfig
 from mimc.errors import ConfigError
 from mimc.models.vit import build_encoder, flops_per_image

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimc.compression.registry import compress, config_from_dict
+from mimc.compression.registry import compress
+from mimc.pipeline.stages import config_from_dict
 from mimc.compression.width import WidthPruningConfig
 from mimc.errors import ConfigError, DataError
 from mimc.models.vit import build_encoder, flops_per_image
