@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         blocks: str = typer.Option("0,0.25,0.5", "--blocks", help="Fractions of blocks to remove."),
         keep: str = typer.Option("1,0.75,0.5", "--keep", help="Fractions of patches to keep (MAE-native grid drop)."),
         mlp: str = typer.Option("0", "--mlp", help="Fractions of every block's MLP neurons to remove (width stage), e.g. 0,0.5."),
+        width_macs: str = typer.Option("", "--width-macs", help="MAC ratios of a global width allocation, e.g. 0.7,0.6 (see --width-criterion)."),
+        width_criterion: str = typer.Option("activation", "--width-criterion", help="l2, activation or optin for --width-macs."),
         precisions: Optional[str] = typer.Option(None, "--precisions", help="e.g. fp32,int8 (default: what the device runs)."),
         nm: Optional[bool] = typer.Option(None, "--nm/--no-nm", help="Try 2:4 weights (default: where the device has sparse tensor cores)."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per candidate when measuring."),
@@ -36,7 +38,8 @@ def register(app: typer.Typer) -> None:
         from mimc import api
 
         space = api.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
-                                 mlp_ratios=float_list(mlp, "--mlp"), nm=nm,
+                                 mlp_ratios=float_list(mlp, "--mlp"), nm=nm, width_macs=float_list(width_macs, "--width-macs"),
+                                 width_criterion=width_criterion,
                                  precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None)
         with status("searching") as spinner:
             report = api.search(model, device, min_cosine=min_cosine, budget_ms=budget_ms, data=data, n=n, n_eval=n_eval,

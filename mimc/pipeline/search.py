@@ -50,11 +50,15 @@ class SearchSpace(Options):
     nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
     # fractions of MLP neurons removed (width stage, activation criterion)
     mlp_ratios: tuple[float, ...] = option((0.0,), ge=0, lt=1, min_items=1, doc="fractions of MLP neurons removed")
+    # the width stage under a global MAC budget (heads and neurons allocated per block): MAC ratios kept
+    width_macs: tuple[float, ...] = option((), gt=0, lt=1, doc="MAC ratios of a global width allocation (width stage macs)")
+    width_criterion: str = option("activation", choices=("l2", "activation", "optin"),
+                                  doc="criterion of the width_macs candidates (optin: OPTIN trajectory scores)")
 
     def __post_init__(self) -> None:
         # blocks 0,0,0.5 or keep 1,1.0: each distinct value once (duplicates would build and time
         # the same candidate twice and list it twice)
-        for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios"):
+        for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios", "width_macs"):
             if isinstance(getattr(self, name), (list, tuple)):
                 object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         super().__post_init__()
@@ -67,6 +71,8 @@ class Candidate:
     nm: bool
     precision: str
     mlp: float = 0.0
+    width_macs: float | None = None  # a global width allocation keeping this MAC ratio (instead of mlp)
+    width_criterion: str = "activation"
     latency_ms: float | None = None
     latency_label: str = ""
     pooled_cosine_mean: float | None = None
@@ -79,12 +85,13 @@ class Candidate:
     @property
     def label(self) -> str:
         parts = [*([f"MLP -{_pct(self.mlp)}"] if self.mlp else []),
+                 *([f"width MACs x{self.width_macs:g} ({self.width_criterion})"] if self.width_macs else []),
                  f"blocks -{_pct(self.blocks)}" if self.blocks else "all blocks", f"tokens {_pct(self.keep)}",
                  *(["2:4"] if self.nm else []), self.precision]
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "mlp_removed": self.mlp, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
+        return {"label": self.label, "mlp_removed": self.mlp, "width_macs": self.width_macs, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
                 "precision": self.precision, "latency_ms": self.latency_ms, "latency": self.latency_label,
                 "pooled_cosine_mean": self.pooled_cosine_mean, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
                 "error": self.error}
@@ -133,16 +140,17 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     if True in nm_options and not prof.sparse_tensor_cores:
         raise ConfigError(f"device {prof.name} has no sparse tensor cores: 2:4 weights would not run faster there; turn nm off", option="nm")
     dense_feats = _torch_features(encoder, images)
-    grid = list(itertools.product(space.mlp_ratios, space.block_ratios, space.token_keeps, nm_options, precisions))
+    widths = [(r, None) for r in space.mlp_ratios] + [(0.0, m) for m in space.width_macs]
+    grid = list(itertools.product(widths, space.block_ratios, space.token_keeps, nm_options, precisions))
     cache: dict[tuple, Any] = {}
     candidates = []
     with tempfile.TemporaryDirectory(prefix=".mimc-search.") as tmp_dir:
-        for i, (mlp, blocks, keep, nm, precision) in enumerate(grid, 1):
-            cand = Candidate(blocks, keep, nm, precision, mlp=mlp)
+        for i, ((mlp, width_macs), blocks, keep, nm, precision) in enumerate(grid, 1):
+            cand = Candidate(blocks, keep, nm, precision, mlp=mlp, width_macs=width_macs, width_criterion=space.width_criterion)
             if on_candidate is not None:
                 on_candidate(i, len(grid), cand)
             try:
-                model = _model(encoder, mlp, blocks, keep, nm, calib, cache, cand)
+                model = _model(encoder, cand, calib, cache)
                 _measure(cand, model, precision, prof, predict, images, calib, dense_feats, Path(tmp_dir) / f"c{i}", iters)
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
@@ -163,7 +171,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower min_cosine or widen the grid"}
 
 
-def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cache: dict, cand: Candidate):
+def _model(encoder, cand: Candidate, calib, cache: dict):
     """The candidate's encoder, built by the pipeline's executor; prefixes (width, blocks, tokens,
     2:4) are built once and shared through ``cache``."""
     from mimc.compression.blocks import BlockPruningConfig
@@ -174,13 +182,15 @@ def _model(encoder, mlp: float, blocks: float, keep: float, nm: bool, calib, cac
     from mimc.pipeline.executor import Job, apply_model_stages
 
     steps = []
-    if mlp:  # the activation criterion: 4x less feature error than weight norms on `ref` (ref_width_table)
-        steps.append(WidthPruningConfig(mlp=mlp, criterion="activation"))
-    if blocks:
-        steps.append(BlockPruningConfig(ratio=blocks))
-    if keep < 1.0:
-        steps.append(TokenReductionConfig(method="drop", keep=keep))
-    if nm:
+    if cand.mlp:  # the activation criterion: 4x less feature error than weight norms on `ref` (ref_width_table)
+        steps.append(WidthPruningConfig(mlp=cand.mlp, criterion="activation"))
+    if cand.width_macs:
+        steps.append(WidthPruningConfig(macs=cand.width_macs, criterion=cand.width_criterion))
+    if cand.blocks:
+        steps.append(BlockPruningConfig(ratio=cand.blocks))
+    if cand.keep < 1.0:
+        steps.append(TokenReductionConfig(method="drop", keep=cand.keep))
+    if cand.nm:
         steps.append(NMSparsityConfig(method="wanda", n_calib=len(calib)))
     job = Job(source=encoder, stages=steps, images=ImageSource.of(calib), n=None, batch_size=32)
     model, _ = apply_model_stages(encoder, steps, job, cache=cache)

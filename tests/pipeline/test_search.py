@@ -178,3 +178,19 @@ def test_mlp_width_is_a_search_dimension_and_its_recipe_runs_the_width_stage(set
     assert first.name == "width" and first.config.mlp == 0.5 and first.config.criterion == "activation"
     with pytest.raises(ConfigError, match=r"mlp_ratios must hold values in \[0, 1\)"):
         SearchSpace(mlp_ratios=(1.0,))
+
+
+@pytest.mark.parametrize("criterion", ["l2", "optin"])
+def test_a_global_width_allocation_is_a_search_dimension(setup, criterion):
+    enc, calib, held, _ = setup
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), mlp_ratios=(0.0,), width_macs=(0.7,),
+                        width_criterion=criterion, precisions=("fp32",))
+    result = search(enc, "h100", held, calib, space, min_cosine=0.5)
+    by_macs = {c["width_macs"]: c for c in result["candidates"]}
+    assert set(by_macs) == {None, 0.7} and all(c["error"] is None for c in by_macs.values())
+    dense, narrow = by_macs[None], by_macs[0.7]
+    assert f"width MACs x0.7 ({criterion})" in narrow["label"]
+    assert 0.6 * dense["gmacs"] < narrow["gmacs"] <= 0.7 * dense["gmacs"] + 1e-4  # the budget, within one rounding step
+    if result["best"]["width_macs"] == 0.7:
+        width = next(s["width"] for s in result["best_stages"] if "width" in s)
+        assert width["macs"] == 0.7 and width["criterion"] == criterion
