@@ -150,10 +150,6 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _pixels_sha(pixels: torch.Tensor) -> str:
-    return hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
-
-
 def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``learned`` method of the sparsify stage (``config`` is an NMSparsityConfig)."""
     from mimc.evaluation import fidelity
@@ -182,7 +178,8 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
         _set_module(student, name, layer)
         layers.append(layer)
 
-    meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder), "data_sha256": _pixels_sha(pixels)}
+    meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder),
+            "data_sha256": hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()}
     result = train(student, clone_encoder(encoder), pixels, lc, run, meta=meta,
                    prepare_step=lambda step, generator: anneal_and_draw_noise(layers, lc, step, generator),
                    penalty=lambda: keep_large_weights_penalty(layers, lc.reg_lambda))
