@@ -134,12 +134,9 @@ def data_free_scores(
         lo = min(float(a.min()) for w in weights for a in w) if depth else 0.0
         hi = max(float(a.max()) for w in weights for a in w) if depth else 0.0
         scores["entropy_hist"] = [entropy_histogram(w, lo, hi, hist_bins) for w in weights]
-    stats = {"l1", "l2", "variance", "kurtosis"} & set(criteria)
-    if stats:
+    if {"l1", "l2", "variance", "kurtosis"} & set(criteria):  # one pass gives all four; unrequested ones are dropped below
         per_block = [moments(w) for w in weights]
-        for name in ("l1", "l2", "variance", "kurtosis"):
-            if name in stats:
-                scores[name] = [m[name] for m in per_block]
+        scores.update({name: [m[name] for m in per_block] for name in ("l1", "l2", "variance", "kurtosis")})
     if "random" in criteria:
         g = torch.Generator().manual_seed(seed)
         scores["random"] = torch.rand(depth, generator=g, dtype=torch.float64).tolist()

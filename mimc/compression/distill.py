@@ -27,6 +27,7 @@ from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError, DataError
 from mimc.models.nm_pattern import block_linears, check_nm
+from mimc.options import option
 from mimc.train import FeatureLoss, TrainConfig, TrainRun, train
 
 # Structure a student may differ from its teacher in and still be compared feature by feature.
@@ -45,25 +46,14 @@ class DistillConfig(TrainConfig, StageConfig):
     )  # fmt: skip
 
     # The shared options whose defaults differ for distillation (the rest: TrainConfig's defaults).
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    mask_ratio: float = 0.75
+    min_lr: float = option(1e-6, doc="learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.05, doc="AdamW weight decay (matrices only)")
+    mask_ratio: float = option(0.75, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     # Distillation's own options.
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = option(0.05, ge=0, lt=1, doc="fraction of the steps spent warming the learning rate up")
     token_weight: float = 1.0
     pooled_weight: float = 1.0
     hidden_weight: float = 0.0  # > 0: also match every kept block's output to its teacher block
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"distill steps={self.steps}: train for at least 1 step")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio={self.mask_ratio} must be in [0, 1): 0.75 keeps a quarter of the patches")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if self.lr <= 0 or self.batch_size < 1:
-            raise ConfigError("distill needs lr > 0 and batch_size >= 1")
-        super().__post_init__()
 
     @property
     def warmup(self) -> int:

@@ -42,6 +42,7 @@ from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder
 from mimc.errors import ConfigError
 from mimc.models.nm_pattern import block_linears, check_nm
+from mimc.options import option
 from mimc.train import TrainConfig, TrainRun, train
 from mimc.train.schedule import linear
 
@@ -61,30 +62,19 @@ class NMLearnedConfig(TrainConfig, StageConfig):
     )  # fmt: skip
 
     # The shared options whose defaults differ for MaskLLM (the rest: TrainConfig's defaults).
-    steps: int = 300
-    lr: float = 1e-2
-    min_lr: float = 1e-3
+    steps: int = option(300, ge=1, doc="optimizer steps")
+    lr: float = option(1e-2, gt=0, doc="peak learning rate")
+    min_lr: float = option(1e-3, doc="learning rate at the end of the cosine decay")
     # MaskLLM's own options.
     warmup_steps: int = 0
-    tau_start: float = 4.0
-    tau_end: float = 0.05
-    kappa_start: float = 10.0
-    kappa_end: float = 100.0
+    tau_start: float = option(4.0, gt=0, doc="Gumbel-softmax temperature at the first step")
+    tau_end: float = option(0.05, gt=0, doc="Gumbel-softmax temperature at the last step")
+    kappa_start: float = option(10.0, gt=0, doc="logit scale at the first step")
+    kappa_end: float = option(100.0, gt=0, doc="logit scale at the last step")
     reg_lambda: float = 1e-5
-    prior: str = "sparsegpt"
+    prior: str = option("sparsegpt", choices=PRIORS, doc="one-shot mask the logits start from")
     prior_strength: float = 3.0  # α: the prior's mask starts α·σ above the mean
-    sigma0: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.prior not in PRIORS:
-            raise ConfigError(f"unknown MaskLLM prior '{self.prior}': choose one of {', '.join(PRIORS)}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("learned N:M needs steps >= 1 and batch_size >= 1")
-        if min(self.tau_start, self.tau_end, self.kappa_start, self.kappa_end) <= 0:
-            raise ConfigError("MaskLLM temperatures (tau) and logit scales (kappa) must be positive")
-        if self.sigma0 <= 0:
-            raise ConfigError("sigma0 must be positive: it is the spread of the initial logits")
-        super().__post_init__()
+    sigma0: float = option(0.2, gt=0, doc="spread of the initial logits")
 
     @property
     def warmup(self) -> int:
@@ -160,10 +150,6 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _pixels_sha(pixels: torch.Tensor) -> str:
-    return hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
-
-
 def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``learned`` method of the sparsify stage (``config`` is an NMSparsityConfig)."""
     from mimc.evaluation import fidelity
@@ -193,7 +179,8 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
         _set_module(student, name, layer)
         layers.append(layer)
 
-    meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder), "data_sha256": _pixels_sha(pixels)}
+    meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder),
+            "data_sha256": hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()}
     result = train(student, clone_encoder(encoder), pixels, lc, run, meta=meta,
                    prepare_step=lambda step, generator: anneal_and_draw_noise(layers, lc, step, generator),
                    penalty=lambda: keep_large_weights_penalty(layers, lc.reg_lambda))

@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import ClassVar, Iterable
 
 import torch
@@ -77,8 +78,7 @@ def _pairs(encoder) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
 
 
 @torch.no_grad()
-def channel_ranges(encoder, calibration_batches: Iterable[torch.Tensor], max_batches: int | None = None
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def channel_ranges(encoder, calibration_batches: Iterable[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (min, max) of every smoothed LayerNorm's output over the calibration batches."""
     stats: dict[str, list[torch.Tensor]] = {}
     hooks = []
@@ -100,8 +100,6 @@ def channel_ranges(encoder, calibration_batches: Iterable[torch.Tensor], max_bat
     seen = 0
     try:
         for batch in calibration_batches:
-            if max_batches is not None and seen >= max_batches:
-                break
             if not isinstance(batch, torch.Tensor) or tuple(batch.shape[1:]) != tuple(encoder.config.input_shape):
                 shape = tuple(batch.shape) if hasattr(batch, "shape") else type(batch).__name__
                 raise DataError(
@@ -187,16 +185,6 @@ def _range_spread(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float
     return round(sum(ratios) / len(ratios), 4) if ratios else 1.0
 
 
-def _materialize(calibration_batches, max_batches: int | None) -> list[torch.Tensor]:
-    """Calibration sets are small (hundreds of images); a list lets us measure before and after."""
-    batches = []
-    for batch in calibration_batches:
-        if max_batches is not None and len(batches) >= max_batches:
-            break
-        batches.append(batch)
-    return batches
-
-
 @torch.no_grad()
 def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, Any]:
     """The folded float model against its source: should be rounding noise (~1e-6)."""
@@ -216,7 +204,8 @@ def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, Any]:
 
 def _fold(encoder, calibration_batches, max_batches, fold_pair):
     new = clone_encoder(encoder)
-    batches = _materialize(calibration_batches, max_batches)
+    # Calibration sets are small (hundreds of images): a list lets us measure before and after.
+    batches = list(itertools.islice(calibration_batches, max_batches))
     ranges = channel_ranges(new, batches)
     factors = [fold_pair(norm, linear, *ranges[name]) for name, norm, linear in _pairs(new)]
     if not new.config.qkv_bias and any(b.attn.qkv.bias is not None for b in new.blocks):

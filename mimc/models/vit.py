@@ -325,21 +325,9 @@ def vit_base_config(**overrides: Any) -> EncoderConfig:
 
 
 def flops_per_image(cfg: EncoderConfig) -> float:
-    """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding).
-
-    With a token schedule, every block is counted at its own token counts (see token_ops.reduced_macs).
-    """
-    if cfg.token_schedule:
-        return token_ops.reduced_macs(cfg)
-    n = cfg.num_tokens
-    d = cfg.dim
-    macs = cfg.num_patches * d * cfg.in_chans * cfg.patch_size**2 * cfg.tubelet_size
-    for i in range(cfg.depth):
-        inner = cfg.heads_of(i) * cfg.attn_head_dim
-        macs += n * d * 3 * inner + n * inner * d  # qkv, proj
-        macs += 2 * n * n * inner  # q @ k^T and attn @ v
-        macs += 2 * n * d * cfg.mlp_dim_of(i)  # fc1, fc2
-    return float(macs)
+    """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding), every
+    block counted at its own token counts (without a token schedule: all tokens everywhere)."""
+    return token_ops.reduced_macs(cfg)
 
 
 __all__ = [

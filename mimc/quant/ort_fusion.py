@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimc.quant.qdq_graph import GraphIndex, prune_unused
+from mimc.quant.qdq_graph import GraphIndex, rebuild_nodes
 
 
 @dataclass
@@ -173,12 +173,8 @@ def fuse_attention_cpu(model) -> dict:
             name=f"{core.qkv.name}_qattention", domain="com.microsoft", **attrs)
         drop |= {id(n) for n in core.nodes}
     if replace:
-        nodes = list(model.graph.node)
-        kept = [replace.get(id(n), n) for n in nodes if id(n) not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
-        model.graph.initializer.extend(inits)
-        prune_unused(model)  # with the Reshapes gone, their shape arithmetic (dynamic batch) goes too
+        # Pruning afterwards: with the Reshapes gone, their shape arithmetic (dynamic batch) goes too.
+        rebuild_nodes(model, lambda n, emit: [] if id(n) in drop else [replace.get(id(n), n)], inits)
     return {"fused_attention_blocks": len(cores), "unfused_attention": reasons}
 
 

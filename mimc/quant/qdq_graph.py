@@ -175,8 +175,7 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
             site.bias_add.input[pos] = names[3]
         elif repq:
             new_bias_adds.append((site.matmul, names[3]))  # a Linear without bias (qkv_bias=False) gets one
-    _insert_bias_adds(model, new_bias_adds)
-    prune_unused(model)
+    _insert_bias_adds(model, new_bias_adds)  # also drops what folding left unused
     return summary
 
 
@@ -184,18 +183,16 @@ def _insert_bias_adds(model, adds) -> None:
     """MatMul -> Add(bias) for MatMuls that had no bias: the RepQ shift needs somewhere to go."""
     from onnx import helper
 
-    if not adds:
-        return
     after = {id(m): bias for m, bias in adds}
-    nodes = []
-    for n in model.graph.node:
-        nodes.append(n)
-        if id(n) in after:
-            out = n.output[0]
-            n.output[0] = f"{out}_mimc_nobias"
-            nodes.append(helper.make_node("Add", [n.output[0], after[id(n)]], [out], name=f"{n.name}_mimc_bias"))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+
+    def replace(n, emit) -> list:
+        if id(n) not in after:
+            return [n]
+        out = n.output[0]
+        n.output[0] = f"{out}_mimc_nobias"
+        return [n, helper.make_node("Add", [n.output[0], after[id(n)]], [out], name=f"{n.name}_mimc_bias")]
+
+    rebuild_nodes(model, replace, [])
 
 
 # Rewrites -----------------------------------------------------------------------------------------
@@ -232,102 +229,96 @@ def activation_qparams(lo: float, hi: float, kind: str) -> tuple[np.float32, obj
     return np.float32(amax / 127.0 if amax > 0 else 1.0), np.int8(0)
 
 
+def rebuild_nodes(model, replace, inits: list) -> None:
+    """Rebuild the node list in order: ``replace(node, emit)`` returns the nodes standing for ``node``
+    (none drops it); nodes passed to ``emit`` (Q/DQ of activations and weights) go just before them."""
+    nodes: list = []
+    for n in model.graph.node:
+        nodes.extend(replace(n, nodes.append))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    prune_unused(model)
+
+
 def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, precision: str) -> None:
     """Insert shared Q/DQ on activations and DQ on per-channel weights (TensorRT / FP8 layout)."""
     from onnx import helper, numpy_helper
 
     kind = "fp8" if precision == "fp8" else "int8"
-    g = model.graph
+    plan, attn = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}
     dq_of: dict[str, str] = {}
-    new_inits = []
-    emitted: list = []
+    inits: list = []
 
-    def activation(t: str) -> str:
+    def activation(t: str, emit) -> str:
         if t not in dq_of:
             scale, zp = activation_qparams(*ranges[t], kind)
             s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
-            new_inits.extend([_scalar(s, scale, np.float32), numpy_helper.from_array(np.asarray(zp), z)])
-            emitted.append(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
-            emitted.append(helper.make_node("DequantizeLinear", [f"{t}_mimc_q", s, z], [f"{t}_mimc_dq"], name=f"{t}_mimc_DQ"))
+            inits.extend([_scalar(s, scale, np.float32), numpy_helper.from_array(np.asarray(zp), z)])
+            emit(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
+            emit(helper.make_node("DequantizeLinear", [f"{t}_mimc_q", s, z], [f"{t}_mimc_dq"], name=f"{t}_mimc_DQ"))
             dq_of[t] = f"{t}_mimc_dq"
         return dq_of[t]
 
-    plan = {id(s.matmul): s for s in sites}
-    attn = {id(n) for n in attn_nodes}
-    out_nodes = []
-    for n in g.node:
+    def replace(n, emit) -> list:
         if id(n) in plan:
             site = plan[id(n)]
             q, scale = per_channel_weight(site.weight, precision)
             base = f"{n.name or n.output[0]}_mimc_w"
             zp = np.zeros(scale.shape, dtype=q.dtype)
-            new_inits += [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
-                          numpy_helper.from_array(zp, base + "_zp")]
-            emitted.append(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"],
-                                            name=base + "_DQ", axis=1))
-            n.input[0], n.input[1] = activation(site.act), base + "_dq"
+            inits.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                          numpy_helper.from_array(zp, base + "_zp")])
+            emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"],
+                                  name=base + "_DQ", axis=1))
+            n.input[0], n.input[1] = activation(site.act, emit), base + "_dq"
         elif id(n) in attn:
-            n.input[0], n.input[1] = activation(n.input[0]), activation(n.input[1])
-        out_nodes.extend(emitted)
-        emitted.clear()
-        out_nodes.append(n)
-    del g.node[:]
-    g.node.extend(out_nodes)
-    g.initializer.extend(new_inits)
-    prune_unused(model)
+            n.input[0], n.input[1] = activation(n.input[0], emit), activation(n.input[1], emit)
+        return [n]
+
+    rebuild_nodes(model, replace, inits)
 
 
 def rewrite_cpu(model, sites: list[LinearSite], attn_nodes: list, ranges: dict) -> None:
     """MatMulIntegerToFloat with static u8 activations, s8 per-channel weights and the bias fused."""
     from onnx import helper, numpy_helper
 
-    g = model.graph
+    plan, attn = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}
+    fused_adds = {id(s.bias_add) for s in sites if s.bias_add is not None}
     q_of: dict[str, tuple[str, str, str]] = {}
-    new_inits, emitted = [], []
+    inits: list = []
 
-    def activation(t: str) -> tuple[str, str, str]:
+    def activation(t: str, emit) -> tuple[str, str, str]:
         if t not in q_of:
             scale, zp = activation_qparams(*ranges[t], "u8")
             s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
-            new_inits.extend([_scalar(s, scale, np.float32), _scalar(z, zp, np.uint8)])
-            emitted.append(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
+            inits.extend([_scalar(s, scale, np.float32), _scalar(z, zp, np.uint8)])
+            emit(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
             q_of[t] = (f"{t}_mimc_q", s, z)
         return q_of[t]
 
-    plan = {id(s.matmul): s for s in sites}
-    fused_adds = {id(s.bias_add) for s in sites if s.bias_add is not None}
-    attn = {id(n) for n in attn_nodes}
-    out_nodes = []
-    for n in g.node:
+    def replace(n, emit) -> list:
         if id(n) in fused_adds:
-            continue  # its output is produced by the MatMulIntegerToFloat that absorbed it
+            return []  # its output is produced by the MatMulIntegerToFloat that absorbed it
         if id(n) in plan:
             site = plan[id(n)]
             q, scale = per_channel_weight(site.weight, "int8")
             base = f"{n.name or n.output[0]}_mimc_w"
-            new_inits += [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")]
-            a, a_s, a_z = activation(site.act)
+            inits.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")])
+            a, a_s, a_z = activation(site.act, emit)
             inputs = [a, base, a_s, base + "_scale", a_z, ""]
             if site.bias is not None:
-                new_inits.append(numpy_helper.from_array(site.bias, base + "_bias"))
+                inits.append(numpy_helper.from_array(site.bias, base + "_bias"))
                 inputs.append(base + "_bias")
-            emitted.append(helper.make_node("MatMulIntegerToFloat", inputs, [site.output], name=base + "_int8",
-                                            domain="com.microsoft"))
-        elif id(n) in attn:
-            (a, a_s, a_z), (b, b_s, b_z) = activation(n.input[0]), activation(n.input[1])
-            emitted.append(helper.make_node("MatMulIntegerToFloat", [a, b, a_s, b_s, a_z, b_z], list(n.output),
-                                            name=f"{n.name or n.output[0]}_int8", domain="com.microsoft"))
-        else:
-            out_nodes.append(n)
-            continue
-        out_nodes.extend(emitted)
-        emitted.clear()
-    del g.node[:]
-    g.node.extend(out_nodes)
-    g.initializer.extend(new_inits)
+            return [helper.make_node("MatMulIntegerToFloat", inputs, [site.output], name=base + "_int8", domain="com.microsoft")]
+        if id(n) in attn:
+            (a, a_s, a_z), (b, b_s, b_z) = activation(n.input[0], emit), activation(n.input[1], emit)
+            return [helper.make_node("MatMulIntegerToFloat", [a, b, a_s, b_s, a_z, b_z], list(n.output),
+                                     name=f"{n.name or n.output[0]}_int8", domain="com.microsoft")]
+        return [n]
+
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    prune_unused(model)
+    rebuild_nodes(model, replace, inits)
 
 
 # Side-effect-free ops whose only job is a value or a shape: dead once nothing reads their outputs.
@@ -356,4 +347,4 @@ def prune_unused(model) -> None:
 
 
 __all__ = ["LinearSite", "GraphIndex", "linear_sites", "attention_sites", "norm_linear_pairs", "fold_pairs",
-           "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused"]
+           "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused", "rebuild_nodes"]

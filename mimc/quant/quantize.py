@@ -107,10 +107,6 @@ class QuantizeConfig(StageConfig):
     def resolved_target(self) -> str:
         return self.target or ("tensorrt" if self.precision == "fp8" else "cpu")
 
-    @property
-    def attention_quantized(self) -> bool:
-        return bool(self.quantize_attention_matmuls)
-
 
 # Input checks -------------------------------------------------------------------------------------
 def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
@@ -166,13 +162,11 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig)
         channel = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration)
         info["folding"] = fold_pairs(model, pairs, channel, config.smooth, config.repq,
                                      symmetric=config.resolved_target == "tensorrt")
-        idx = GraphIndex.build(model)
-        sites = linear_sites(idx)
     if config.precision == "fp8":
         model = _to_opset(model, FP8_OPSET)
-        idx = GraphIndex.build(model)
-        sites = linear_sites(idx)
-    attn = attention_sites(idx) if config.attention_quantized else []
+    idx = GraphIndex.build(model)  # folding and the opset conversion rewrote the graph
+    sites = linear_sites(idx)
+    attn = attention_sites(idx) if config.quantize_attention_matmuls else []
     acts = [s.act for s in sites] + [i for n in attn for i in n.input]
     kl_levels = 256 if config.resolved_target == "cpu" else 128  # u8 asymmetric vs symmetric int8 / fp8
     # Attention probabilities are power-law distributed: percentile or entropy calibration clips

@@ -13,40 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from mimc.errors import ConfigError
+from mimc.options import Options, option
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Options):
     """Optimiser options of a learning run: AdamW, linear warm-up then cosine decay, clipping.
 
-    ``batch_size`` is global (split over torchrun ranks); ``clip_grad`` 0 disables clipping;
-    ``mask_ratio`` > 0 hides that fraction of the patches from teacher and student alike.
+    A stage that changes a default redeclares the field with the same ``option()`` bounds.
     """
 
-    steps: int = 1000
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    clip_grad: float = 1.0
-    mask_ratio: float = 0.0
+    steps: int = option(1000, ge=1, doc="optimizer steps")
+    lr: float = option(1e-4, gt=0, doc="peak learning rate")
+    min_lr: float = option(0.0, doc="learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.0, doc="AdamW weight decay (matrices only)")
+    batch_size: int = option(32, ge=1, doc="global batch, split over torchrun ranks")
+    clip_grad: float = option(1.0, doc="gradient norm clip; 0 disables clipping")
+    mask_ratio: float = option(0.0, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     flip: bool = True
     seed: int = 0
 
     # The order of ``to_dict()``'s keys (a stage's fields interleave with these): manifests and
     # recipes written before the shared type existed keep their byte layout. Empty: field order.
     key_order: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps}: train for at least 1 step")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio={self.mask_ratio} must be in [0, 1): 0.75 shows the student a quarter of the patches")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
 
     @property
     def warmup(self) -> int:

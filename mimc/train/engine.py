@@ -87,9 +87,8 @@ class FeatureModel(nn.Module):
         enc = self.encoder
         if keep is None:
             out = enc(pixels, output_hidden_states=self.hidden)
-            if self.hidden:
-                return out.last_hidden_state, out.pooled, out.hidden_states[1:]
-            return out.last_hidden_state, out.pooled
+            x, pooled, blocks_out = out.last_hidden_state, out.pooled, out.hidden_states
+            return (x, pooled, blocks_out[1:]) if self.hidden else (x, pooled)
         x = enc.embed(pixels)
         prefix = enc.config.num_prefix_tokens
         patches = torch.gather(x[:, prefix:], 1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
@@ -99,9 +98,7 @@ class FeatureModel(nn.Module):
             x = block(x, None)
             blocks_out.append(x)
         x = enc.norm(x)
-        if self.hidden:
-            return x, enc.pool(x), tuple(blocks_out)
-        return x, enc.pool(x)
+        return (x, enc.pool(x), tuple(blocks_out)) if self.hidden else (x, enc.pool(x))
 
 
 def block_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
@@ -214,15 +211,14 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, config: 
         torch.set_rng_state(saved.rng_state)
         start, losses = saved.step, saved.losses
 
-    cfg = teacher.config
-    num_patches = cfg.num_patches
+    num_patches = teacher.config.num_patches
     visible = max(1, round(num_patches * (1.0 - config.mask_ratio)))
     sampler = _Sampler(len(pixels), config.seed)
     shard = ctx.shard(config.batch_size)
-    bar = _progress(run.show_progress and ctx.is_main, config.steps, start)
+    bar = _progress() if run.show_progress and ctx.is_main else None
     t0 = time.perf_counter()
-    with bar:
-        task = bar.add_task("training", total=config.steps, completed=start) if bar is not None and hasattr(bar, "add_task") else None
+    with bar or contextlib.nullcontext():
+        task = bar.add_task("training", total=config.steps, completed=start) if bar is not None else None
         for step in range(start, config.steps):
             gen = _step_generator(config.seed, step)
             idx = sampler.indices(step, config.batch_size)
@@ -271,9 +267,7 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, config: 
                        sum(tail) / len(tail), ctx.world_size, losses)
 
 
-def _progress(show: bool, total: int, start: int):
-    if not show:
-        return contextlib.nullcontext()
+def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -127,7 +127,7 @@ def test_distill_heals_and_refuses_bad_input(work):
     for args, message in [
         (["half", "--steps", "2"], "give --data"),
         (["half", "--data", "imgs.npz", "--steps", "2"], "--teacher"),  # the manifest names no source
-        (["half", "--data", "imgs.npz", "--teacher", "dense", "--mask-ratio", "1.5"], "mask_ratio"),
+        (["half", "--data", "imgs.npz", "--teacher", "dense", "--mask-ratio", "1.5"], "--mask-ratio must be in [0, 1)"),
         (["half", "--data", "missing.npz", "--teacher", "dense"], "does not exist"),
         (["half", "--data", "imgs.npz", "--teacher", "dense", "-o", "healed"], "already exists"),
     ]:

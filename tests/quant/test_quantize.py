@@ -214,8 +214,8 @@ def test_bad_inputs_write_nothing(graph, tmp_path, monkeypatch):
 def test_config_round_trip_and_validation():
     cfg = QuantizeConfig(precision="fp8", method="entropy", smooth=0.5, repq=True)
     assert config_from_dict("quantize", cfg.to_dict()) == cfg
-    assert cfg.resolved_target == "tensorrt" and not cfg.attention_quantized
-    assert QuantizeConfig().resolved_target == "cpu" and not QuantizeConfig().attention_quantized
+    assert cfg.resolved_target == "tensorrt" and not cfg.quantize_attention_matmuls
+    assert QuantizeConfig().resolved_target == "cpu" and not QuantizeConfig().quantize_attention_matmuls
     for bad in ({"precision": "int4"}, {"method": "mse"}, {"n": 0}, {"smooth": 2.0}, {"precision": "fp8", "target": "cpu"},
                 {"quantize_attention_matmuls": None}):
         with pytest.raises(ConfigError):

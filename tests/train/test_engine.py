@@ -124,7 +124,7 @@ def test_bad_settings(pair, pixels):
     teacher, student = pair
     with pytest.raises(ConfigError, match="mask_ratio"):
         TrainConfig(steps=1, lr=1e-3, batch_size=2, mask_ratio=1.0)
-    with pytest.raises(ConfigError, match="at least 1 step"):
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
         TrainConfig(steps=0, lr=1e-3, batch_size=2)
     frozen = build_encoder(tiny_config(depth=2), seed=2).requires_grad_(False)
     with pytest.raises(ConfigError, match="nothing trainable"):

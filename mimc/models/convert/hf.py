@@ -90,10 +90,6 @@ def _family_of(model: nn.Module) -> str:
     return FAMILIES[model_type]
 
 
-def _is_layernorm(module: Any) -> bool:
-    return isinstance(module, nn.LayerNorm)
-
-
 def _layer_scale(layer: nn.Module, name: str) -> torch.Tensor | None:
     # BEiT stores the float 1.0 (not a Parameter) when layer scale is off; data2vec stores None.
     value = getattr(layer, name, None)
@@ -142,9 +138,9 @@ def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -
         pos_embed="learned" if has_pos else "none",
         rel_pos_bias="per_block" if per_block else "shared" if shared else "none",
         layer_scale=_layer_scale(first, "lambda_1") is not None,
-        final_norm=_is_layernorm(_find(base, BASE_PATHS["final_norm"])),
+        final_norm=isinstance(_find(base, BASE_PATHS["final_norm"]), nn.LayerNorm),
         pooling=pooling,
-        pool_norm=pooling == "mean" and (_is_layernorm(pooler_norm) or _is_layernorm(fc_norm)),
+        pool_norm=pooling == "mean" and (isinstance(pooler_norm, nn.LayerNorm) or isinstance(fc_norm, nn.LayerNorm)),
         act=act,
         head_dim=head_dim if head_dim * heads != hf.hidden_size else None,
         family=family,
@@ -153,9 +149,10 @@ def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -
     )
 
 
-def _copy_norm(state: dict, prefix: str, norm: nn.LayerNorm) -> None:
-    state[f"{prefix}.weight"] = norm.weight.detach()
-    state[f"{prefix}.bias"] = norm.bias.detach()
+def _copy(state: dict, prefix: str, module: nn.Module) -> None:
+    """A Linear's or LayerNorm's weight and bias."""
+    state[f"{prefix}.weight"] = module.weight.detach()
+    state[f"{prefix}.bias"] = module.bias.detach()
 
 
 def _convert_layer(state: dict, i: int, layer: nn.Module, cfg: EncoderConfig) -> None:
@@ -166,12 +163,8 @@ def _convert_layer(state: dict, i: int, layer: nn.Module, cfg: EncoderConfig) ->
         # BEiT, data2vec and VideoMAE train q and v biases only; a zero k bias is exactly equivalent.
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in (q, k, v)]
         state[f"{p}.attn.qkv.bias"] = torch.cat(biases).detach()
-    proj, fc1, fc2 = (_find(layer, LAYER_PATHS[n]) for n in ("proj", "fc1", "fc2"))
-    for name, lin in (("attn.proj", proj), ("mlp.fc1", fc1), ("mlp.fc2", fc2)):
-        state[f"{p}.{name}.weight"] = lin.weight.detach()
-        state[f"{p}.{name}.bias"] = lin.bias.detach()
-    _copy_norm(state, f"{p}.norm1", _find(layer, LAYER_PATHS["norm1"]))
-    _copy_norm(state, f"{p}.norm2", _find(layer, LAYER_PATHS["norm2"]))
+    for name, key in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"), ("norm1", "norm1"), ("norm2", "norm2")):
+        _copy(state, f"{p}.{name}", _find(layer, LAYER_PATHS[key]))
     if cfg.layer_scale:
         state[f"{p}.ls1.gamma"] = _layer_scale(layer, "lambda_1")
         state[f"{p}.ls2.gamma"] = _layer_scale(layer, "lambda_2")
@@ -194,7 +187,8 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     cfg = _encoder_config(model, base, family, image_mean, image_std)
     emb = base.embeddings
     patch = _find(base, BASE_PATHS["patch"])
-    state: dict[str, torch.Tensor] = {"patch_embed.proj.weight": patch.weight.detach(), "patch_embed.proj.bias": patch.bias.detach()}
+    state: dict[str, torch.Tensor] = {}
+    _copy(state, "patch_embed.proj", patch)
     if cfg.cls_token:
         state["cls_token"] = emb.cls_token.detach()
     if cfg.pos_embed == "learned":
@@ -206,10 +200,10 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     for i, layer in enumerate(_find(base, BASE_PATHS["layers"])):
         _convert_layer(state, i, layer, cfg)
     if cfg.final_norm:
-        _copy_norm(state, "norm", _find(base, BASE_PATHS["final_norm"]))
+        _copy(state, "norm", _find(base, BASE_PATHS["final_norm"]))
     if cfg.pool_norm:
         pooler_norm = _find(base, BASE_PATHS["pooler_norm"])
-        _copy_norm(state, "pool_norm", pooler_norm if _is_layernorm(pooler_norm) else model.fc_norm)
+        _copy(state, "pool_norm", pooler_norm if isinstance(pooler_norm, nn.LayerNorm) else model.fc_norm)
     # strict: every canonical parameter must come from the source, none invented.
     encoder, _ = encoder_with_weights(cfg, state, copy=copy, strict=True)
     return encoder
