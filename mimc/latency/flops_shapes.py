@@ -117,20 +117,12 @@ def _in_temp_dir(fn):
 def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
     info: dict[str, tuple[int, list[int] | None]] = {}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             continue
-        shape: list[int] | None = []
-        if not tt.HasField("shape"):
-            shape = None
-        else:
-            for d in tt.shape.dim:
-                if d.HasField("dim_value") and d.dim_value >= 0:
-                    shape.append(int(d.dim_value))
-                else:
-                    shape = None
-                    break
-        info[vi.name] = (tt.elem_type, shape)
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim if tt.HasField("shape") else None
+        known = dims is not None and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims)
+        info[vi.name] = (tt.elem_type, [int(d.dim_value) for d in dims] if known else None)
     for init in model.graph.initializer:
         info[init.name] = (init.data_type, list(init.dims))
     for node in model.graph.node:

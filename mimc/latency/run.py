@@ -10,12 +10,11 @@ Every report carries ``"label": "measured"`` or ``"predicted"``, and one report 
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
+from mimc.errors import BadInputError, DeviceUnavailableError
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine")
@@ -56,15 +55,6 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _import(module: str, purpose: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if exc.name and not exc.name.startswith("mimc"):
-            raise MissingExtraError(f"{purpose} needs '{exc.name}', which is not installed: pip install 'mimc[gpu]'") from exc
-        raise MissingExtraError(f"{purpose} is not available in this mimc build ({module} is missing): upgrade mimc") from exc
-
-
 def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = False,
             batch_sizes: Sequence[int] | str | None = None, warmup: int = 10, iters: int = 50,
             threads: int | None = None, on_batch: Callable[[int], None] | None = None,
@@ -92,7 +82,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if predict:
         if is_engine:
             raise BadInputError(f"predict reads FLOPs and bytes from an ONNX graph, not an engine: give the .onnx that {path.name} was built from", option="predict")
-        roofline = _import("mimc.latency.roofline", "roofline prediction")
+        from mimc.latency import roofline
+
         sizes = sizes or _default_sizes(path, prof)
         results = []
         for b in sizes:
@@ -117,10 +108,12 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
             option="predict",
         )
     if is_engine:
-        trt = _import("mimc.runtime.trt", "TensorRT profiling")
+        from mimc.runtime import trt
+
         report = trt.profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
     elif prof.backend == "onnxruntime-cuda":
-        cuda_ort = _import("mimc.runtime.cuda_ort", "ONNX Runtime CUDA profiling")
+        from mimc.runtime import cuda_ort
+
         report = cuda_ort.profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
     else:
         raise BadInputError(
