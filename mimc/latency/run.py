@@ -82,14 +82,14 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if predict:
         if is_engine:
             raise BadInputError(f"predict reads FLOPs and bytes from an ONNX graph, not an engine: give the .onnx that {path.name} was built from", option="predict")
-        from mimc.latency import roofline
+        from mimc.latency.roofline import predict as roofline_predict
 
         sizes = sizes or _default_sizes(path, prof)
         results = []
         for b in sizes:
             if on_batch is not None:
                 on_batch(b)
-            results.append(roofline.predict(path, prof, batch=b, precision=precision))
+            results.append(roofline_predict(path, prof, batch=b, precision=precision))
         return _envelope("predicted", path, prof, results, note="a roofline lower bound, not a measurement")
 
     if prof.backend == "onnxruntime-cpu":
@@ -108,13 +108,13 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
             option="predict",
         )
     if is_engine:
-        from mimc.runtime import trt
+        from mimc.runtime.trt import profile_engine
 
-        report = trt.profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
+        report = profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
     elif prof.backend == "onnxruntime-cuda":
-        from mimc.runtime import cuda_ort
+        from mimc.runtime.cuda_ort import profile_onnx_cuda
 
-        report = cuda_ort.profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
+        report = profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
     else:
         raise BadInputError(
             f"device '{prof.name}' runs TensorRT engines: build one with `mimc build {path} --device {prof.name}` "
