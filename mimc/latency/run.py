@@ -48,10 +48,8 @@ def check_model_path(model_path: str | os.PathLike) -> Path:
 
 def cuda_available() -> bool:
     """Whether a CUDA GPU is visible (torch is a core dependency; its check needs no driver call when absent)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        return False
+    import torch
+
     return bool(torch.cuda.is_available())
 
 

@@ -39,13 +39,10 @@ def _load_cuda_libraries(ort) -> None:
     from the nvidia-* pip packages. Without either, the provider fails to load and ORT silently
     falls back to the CPU, which :func:`cuda_session` then reports.
     """
-    try:
-        import torch
+    import torch
 
-        if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
-            return
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
+        return
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
@@ -113,15 +110,12 @@ def profile_onnx_cuda(onnx_path: str | Path, profile: DeviceProfile, batch_sizes
     sess = cuda_session(onnx_path, device_id)
     batches = list(batch_sizes or profile.batch_sizes)
     results = [measure_session(sess, b, warmup, iters, "cuda", device_id) for b in batches]
-    memory = {}
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info(device_id)
-            memory = {"device_free_bytes": free, "device_total_bytes": total}
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    memory = {}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device_id)
+        memory = {"device_free_bytes": free, "device_total_bytes": total}
     return {"label": "measured", "backend": "onnxruntime-cuda", "model": str(onnx_path), "onnx": str(onnx_path), "device": profile.name,
             "warmup": warmup, "iters": iters, "timing": "wall clock around run_with_iobinding (synchronous)",
             "results": results, "memory": memory}

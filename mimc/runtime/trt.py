@@ -204,18 +204,6 @@ def one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def make_layer_profiler(trt):
-    class LayerTimes(trt.IProfiler):
-        def __init__(self):
-            trt.IProfiler.__init__(self)
-            self.ms: dict[str, list[float]] = {}
-
-        def report_layer_time(self, layer_name, ms):
-            self.ms.setdefault(layer_name, []).append(float(ms))
-
-    return LayerTimes()
-
-
 _ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)")
 _PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:(.*)")
 
@@ -368,8 +356,15 @@ def _layer_times(trt, engine, context, device, n: int, logger) -> list[dict[str,
     With a profiler attached and ``enqueue_emits_profile`` at its default (True), TensorRT makes
     enqueue synchronous and reports every layer to the profiler (IExecutionContext docs).
     """
-    profiler = make_layer_profiler(trt)
-    context.profiler = profiler
+    class LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.ms: dict[str, list[float]] = {}
+
+        def report_layer_time(self, layer_name, ms):
+            self.ms.setdefault(layer_name, []).append(float(ms))
+
+    profiler = context.profiler = LayerTimes()
     for _ in range(n):
         _enqueue(context, device, logger)
         device.synchronize()
