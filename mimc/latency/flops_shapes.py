@@ -14,7 +14,6 @@ import copy
 import math
 
 import onnx
-from onnx import TensorProto
 
 from mimc.errors import ConfigError
 from mimc.latency.flops_costs import CONTRIB_MATMULS, VIEW_OPS
@@ -35,18 +34,10 @@ def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     graph.name = model.graph.name
     init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type in FUSED_ATTENTION:
+        if node.op_type in FUSED_ATTENTION or node.op_type in CONTRIB_MATMULS:
             stand_in, stand_in_inits = skeleton_nodes(node, init_dims.get(node.input[1]))
             graph.node.extend(stand_in)
             graph.initializer.extend(stand_in_inits)
-        elif node.op_type in CONTRIB_MATMULS:
-            # Shape stand-in onnx understands: cast both operands to float and MatMul them (same output shape).
-            a, b = (f"{node.output[0]}__mimc_shape_{i}" for i in "ab")
-            graph.node.extend([
-                onnx.helper.make_node("Cast", [node.input[0]], [a], to=TensorProto.FLOAT),
-                onnx.helper.make_node("Cast", [node.input[1]], [b], to=TensorProto.FLOAT),
-                onnx.helper.make_node("MatMul", [a, b], [node.output[0]]),
-            ])
         else:
             graph.node.append(node)
     graph.output.extend(model.graph.output)

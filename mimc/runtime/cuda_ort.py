@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.trt import flat_stats, percentiles
+from mimc.runtime.trt import latency_row
 
 # A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
 # compute_capability - and never imported: runtime sits below mimc.latency.
@@ -98,8 +98,7 @@ def measure_session(sess, batch: int, warmup: int, iters: int, device: str = "cu
         # bound outputs as well (IOBinding.synchronize_outputs) keeps the clock honest if that changes.
         binding.synchronize_outputs()
         samples.append((clock() - t0) * 1e3)
-    stats = percentiles(samples)
-    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"], **flat_stats(stats, batch)}
+    return latency_row(samples, batch)
 
 
 def profile_onnx_cuda(onnx_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20,

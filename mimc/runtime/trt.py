@@ -233,9 +233,12 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
 
 
-def flat_stats(stats: dict[str, float], batch: int) -> dict[str, float]:
-    """The same numbers under the flat keys `mimc profile`'s CPU reports use, so one table prints both."""
-    return {"p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
+def latency_row(samples_ms: list[float], batch: int) -> dict[str, Any]:
+    """One batch size's GPU timings: percentiles under ``latency_ms``, and the same numbers under the
+    flat keys `mimc profile`'s CPU reports use, so one table prints both."""
+    stats = percentiles(samples_ms)
+    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"],
+            "p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
             "throughput_items_s": batch * 1e3 / stats["p50"]}
 
 
@@ -302,8 +305,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
             _enqueue(context, device, logger)
             device.record(end)
         device.synchronize()
-        stats = percentiles([device.elapsed_ms(s, e) for s, e in events])
-        row: dict[str, Any] = {"batch": b, "latency_ms": stats, "throughput_per_s": b * 1e3 / stats["p50"], **flat_stats(stats, b)}
+        row = latency_row([device.elapsed_ms(s, e) for s, e in events], b)
         free_now, _ = device.mem_info()
         row["device_memory_used_bytes"] = max(0, free_before - free_now)
         if layer_iters:
