@@ -135,7 +135,7 @@ def _default_sizes(path: Path, prof) -> list[int]:
 def _envelope(label: str, path: Path, prof, results: list[dict[str, Any]], note: str | None = None) -> dict[str, Any]:
     from mimc.artifact import mimc_version, now_iso
 
-    out = {
+    return {
         "label": label,
         "model": str(path),
         "device": prof.name,
@@ -143,10 +143,8 @@ def _envelope(label: str, path: Path, prof, results: list[dict[str, Any]], note:
         "results": results,
         "mimc_version": mimc_version(),
         "created": now_iso(),
+        **({"note": note} if note else {}),
     }
-    if note:
-        out["note"] = note
-    return out
 
 
 __all__ = ["profile", "parse_batch_sizes", "check_model_path", "cuda_available"]

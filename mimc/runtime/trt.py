@@ -253,11 +253,8 @@ def _itemsize(trt, dtype) -> float:
 
 
 def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
-    shapes = sidecar.get("shapes") or {}
-    first = next(iter(shapes.values()), None)
-    if not first:
-        return (1, 1)
-    return int(first["min"][0]), int(first["max"][0])
+    first = next(iter((sidecar.get("shapes") or {}).values()), None)
+    return (int(first["min"][0]), int(first["max"][0])) if first else (1, 1)
 
 
 def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20, iters: int = 200,
