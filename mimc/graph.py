@@ -85,20 +85,13 @@ def token_reduced(model: onnx.ModelProto) -> bool:
 def read_nm_pattern(onnx_path: str | Path, model: onnx.ModelProto | None = None) -> str | None:
     """The N:M pattern mimc recorded for this graph: the encoder config stamped into the graph's
     metadata by ``mimc export``, else the artifact's mimc.json beside the graph."""
-    for prop in (model.metadata_props if model is not None else []):
-        if prop.key == ENCODER_CONFIG_KEY:
-            try:
-                return json.loads(prop.value).get("nm_pattern")
-            except (json.JSONDecodeError, AttributeError):
-                break
-    manifest = Path(onnx_path).parent / MANIFEST_NAME
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return (data.get("encoder") or {}).get("nm_pattern")
+    config = encoder_config_dict(model) if model is not None else None
+    if config is None:
+        try:
+            config = json.loads((Path(onnx_path).parent / MANIFEST_NAME).read_text()).get("encoder") or {}
+        except (OSError, json.JSONDecodeError):
+            return None
+    return config.get("nm_pattern")
 
 
 # Inputs -------------------------------------------------------------------------------------------

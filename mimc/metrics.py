@@ -144,18 +144,25 @@ class FidelityMeter:
         self.note: str | None = None
 
     def update(self, pooled: Any, ref_pooled: Any, tokens: Any = None, ref_tokens: Any = None) -> None:
-        """One batch: candidate and reference pooled features (N, D), optionally tokens (N, T, D)."""
-        p, rp = _as_numpy(pooled), _as_numpy(ref_pooled)
-        if p.shape != rp.shape:
-            raise DataError(f"pooled features have shapes {tuple(p.shape)} vs the reference's {tuple(rp.shape)}: "
-                            "compare models of the same width")
-        self._pooled.add(rp, p)
-        self._pooled_seen = True
-        self._images += int(_per_image(rp).shape[0])
+        """One batch: candidate and reference pooled features (N, D), optionally tokens (N, T, D).
+
+        ``pooled`` None: a graph without a pooled output (generic graph outputs), tokens compared only.
+        """
+        if pooled is not None:
+            p, rp = _as_numpy(pooled), _as_numpy(ref_pooled)
+            if p.shape != rp.shape:
+                raise DataError(f"pooled features have shapes {tuple(p.shape)} vs the reference's {tuple(rp.shape)}: "
+                                "compare models of the same width")
+            self._pooled.add(rp, p)
+            self._pooled_seen = True
+            self._images += int(_per_image(rp).shape[0])
         if self._tokens is None:
             return
         if tokens is not None and ref_tokens is not None and tuple(tokens.shape) == tuple(ref_tokens.shape):
-            self._tokens.add(_as_numpy(ref_tokens), _as_numpy(tokens))
+            rt = _as_numpy(ref_tokens)
+            self._tokens.add(rt, _as_numpy(tokens))
+            if not self._pooled_seen:
+                self._images += int(rt.shape[0]) if rt.ndim else 1
             return
         self._tokens = None
         if tokens is None or ref_tokens is None:
@@ -163,15 +170,6 @@ class FidelityMeter:
         else:
             self.note = (f"candidate has {tokens.shape[1]} tokens vs the reference's {ref_tokens.shape[1]}: "
                          "per-token cosine undefined, pooled features compared only")
-
-    def update_tokens_only(self, tokens: Any, ref_tokens: Any) -> None:
-        """Token features of a graph without a pooled output (generic graph outputs)."""
-        t, rt = _as_numpy(tokens), _as_numpy(ref_tokens)
-        if self._tokens is None:
-            return
-        self._tokens.add(rt, t)
-        if not self._pooled_seen:
-            self._images += int(rt.shape[0]) if rt.ndim else 1
 
     def result(self) -> Fidelity:
         if self._images == 0:
@@ -233,15 +231,11 @@ def compare_outputs(reference: Any, candidate: Any) -> Fidelity:
     if len(pooled) > 1 or len(tokens) > 1:
         raise BadInputError(f"outputs {sorted(ref_map)} hold more than one pooled or token output: compare them one at a time")
     meter = FidelityMeter()
-    if pooled:
-        (p, rp), = pooled
-        t, rt = tokens[0] if tokens else (None, None)
-        meter.update(p, rp, t, rt)
-        if not tokens:
-            meter.note = None  # nothing was dropped: there were no token outputs to compare
-    else:
-        (t, rt), = tokens
-        meter.update_tokens_only(t, rt)
+    p, rp = pooled[0] if pooled else (None, None)
+    t, rt = tokens[0] if tokens else (None, None)
+    meter.update(p, rp, t, rt)
+    if not tokens:
+        meter.note = None  # nothing was dropped: there were no token outputs to compare
     return meter.result()
 
 

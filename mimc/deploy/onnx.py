@@ -94,13 +94,10 @@ def check_export_options(batch: Any, opset: int, exporter: str, precision: str) 
     """Validate export options (the CLI calls this before loading anything); returns the batch."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter '{exporter}': choose one of {', '.join(EXPORTERS)}", option="exporter")
-    if isinstance(batch, str):
-        if batch == "dynamic":
-            pass
-        elif batch.isdigit():
-            batch = int(batch)
-        else:
+    if isinstance(batch, str) and batch != "dynamic":
+        if not batch.isdigit():
             raise ConfigError(f"batch '{batch}' is neither a positive integer nor 'dynamic': give e.g. batch 1 or batch dynamic", option="batch")
+        batch = int(batch)
     if not isinstance(batch, str) and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"batch must be a positive integer or 'dynamic', got {batch!r}: give e.g. batch 1", option="batch")
     if not isinstance(opset, int) or opset < MIN_OPSET:

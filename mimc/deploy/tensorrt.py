@@ -36,13 +36,9 @@ def parse_batch_range(text: str | None) -> tuple[int, int, int] | None:
         parts = [int(p) for p in str(text).split(":")]
     except ValueError:
         raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch") from None
-    if len(parts) == 1:
-        parts = parts * 3
-    elif len(parts) == 2:
-        parts = [parts[0], parts[1], parts[1]]
-    elif len(parts) != 3:
+    if not 1 <= len(parts) <= 3:
         raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch")
-    lo, opt, hi = parts
+    lo, opt, hi = parts[0], parts[min(1, len(parts) - 1)], parts[-1]
     if not 1 <= lo <= opt <= hi:
         raise ConfigError(f"batch '{text}' must satisfy 1 <= MIN <= OPT <= MAX", option="batch")
     return lo, opt, hi
@@ -255,9 +251,7 @@ def _attach_timing_cache(config, timing_cache) -> tuple[Any, str | None]:
     cache = config.create_timing_cache(data)
     if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return cache, None
-    if not data:
-        raise MimcError("TensorRT could not create an empty timing cache: build without timing_cache", option="timing_cache")
-    fresh = config.create_timing_cache(b"")
+    fresh = config.create_timing_cache(b"") if data else None  # an empty cache that failed cannot be retried
     if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
         raise MimcError("TensorRT could not create an empty timing cache: build without timing_cache", option="timing_cache")
     return None, (f"timing cache {path.name} was made by another TensorRT version or GPU (or is damaged): "

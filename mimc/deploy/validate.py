@@ -30,9 +30,6 @@ class Gate:
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 # Why these numbers:
 # - fp32: the graph computes the same math in the same dtype; only summation order differs
@@ -98,7 +95,6 @@ def check_gate(fidelity: Fidelity, precision: str = "fp32", gate: Gate | None = 
         )
 
 
-
 def verdict(fidelity: Fidelity, precision: str, failures: list[str] | None = None) -> dict[str, Any]:
     """The report of one gated comparison: the measurement (``fidelity``) and the judgement."""
     failures = gate_failures(fidelity, precision) if failures is None else failures
@@ -107,7 +103,7 @@ def verdict(fidelity: Fidelity, precision: str, failures: list[str] | None = Non
         "passed": not failures,
         "forced": bool(failures),  # a failing graph is only ever kept by force
         "failures": failures,
-        "gate": {"precision": precision, **gate_for(precision).to_dict()},
+        "gate": {"precision": precision, **asdict(gate_for(precision))},
     }
 
 

@@ -56,13 +56,11 @@ class DeviceProfile:
         return self.memory_bandwidth_gbs * 1e9
 
 
+# Precisions not listed here (fp32, int8, fp8) have no fallback.
 _PEAK_FALLBACK = {
-    "fp32": ("fp32",),
     "tf32": ("tf32", "fp32"),
     "fp16": ("fp16", "fp32"),
     "bf16": ("bf16", "fp16", "fp32"),
-    "int8": ("int8",),
-    "fp8": ("fp8",),
 }
 
 REQUIRED = ("name", "backend", "precisions", "peak_tflops", "memory_bandwidth_gbs", "memory_gb")

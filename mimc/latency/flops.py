@@ -20,7 +20,7 @@ What is counted:
 
 Layout: the op tables and cost records are in :mod:`~mimc.latency.flops_costs`, loading and shape
 inference in :mod:`~mimc.latency.flops_shapes`, ORT's fused QAttention in
-:mod:`~mimc.latency.flops_fused`; this module counts, and re-exports their public names.
+:mod:`~mimc.latency.flops_fused`; this module counts.
 """
 from __future__ import annotations
 
@@ -30,23 +30,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from mimc.latency.flops_costs import (
-    CONTRIB_MATMULS,
-    CONV_OPS,
-    DTYPE_BYTES,
-    ELEMENTWISE_FLOPS,
-    FLOAT8_TYPES,
-    FLOAT_TYPES,
-    INT8_TYPES,
-    MATMUL_OPS,
-    QDQ_OPS,
-    REDUCE_OPS,
-    VIEW_OPS,
-    GraphCost,
-    NodeCost,
-    TensorUse,
-    precision_of_dtype,
-)
+from mimc.latency.flops_costs import (CONV_OPS, ELEMENTWISE_FLOPS, MATMUL_OPS, QDQ_OPS, REDUCE_OPS, VIEW_OPS, GraphCost,
+                                      NodeCost, TensorUse, precision_of_dtype)
 from mimc.latency.flops_fused import FUSED_ATTENTION, qattention_costs
 from mimc.graph import graph_precision, load_graph
 from mimc.latency.flops_shapes import tensor_info
@@ -79,11 +64,9 @@ def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCos
         src = dq_source(name) if role != "output" else None
         # A DQ output is read at the quantized width (the DQ is fused into its consumer).
         dtype, shape = info.get(src if src else name, (TensorProto.FLOAT, None))
-        if src is None:
-            dtype = info.get(name, (dtype, None))[0]
         if role != "output" and ((src or name) in weights or (src and _is_weight_chain(src, producer, weights))):
             role = "weight"
-        return TensorUse(_numel(shape), dtype, role) if shape is not None else TensorUse(0, dtype, role)
+        return TensorUse(_numel(shape), dtype, role)
 
     nodes: list[NodeCost] = []
     for i, node in enumerate(graph.node):
@@ -161,10 +144,4 @@ def _count_dense(cost: NodeCost, node: onnx.NodeProto, info: dict, out_shape: li
     cost.flops = 2.0 * cost.macs + (out_elems if bias else 0)
 
 
-# Public names, including those defined in flops_costs / flops_shapes (``from mimc.latency.flops import X``).
-__all__ = [
-    "count_graph", "tensor_info", "precision_of_dtype",
-    "TensorUse", "NodeCost", "GraphCost",
-    "DTYPE_BYTES", "FLOAT8_TYPES", "INT8_TYPES", "FLOAT_TYPES", "CONTRIB_MATMULS", "MATMUL_OPS", "CONV_OPS",
-    "QDQ_OPS", "VIEW_OPS", "ELEMENTWISE_FLOPS", "REDUCE_OPS",
-]
+__all__ = ["count_graph"]

@@ -10,8 +10,6 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import onnx
 from onnx import TensorProto
 
@@ -97,17 +95,8 @@ class NodeCost:
         return sum(t.bytes for t in self.tensors if t.role == "weight")
 
     @property
-    def activation_bytes(self) -> float:
-        return sum(t.bytes for t in self.tensors if t.role != "weight")
-
-    @property
     def bytes(self) -> float:
-        return self.weight_bytes + self.activation_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op_type": self.op_type, "kind": self.kind, "precision": self.precision,
-                "macs": self.macs, "flops": self.flops, "weight_bytes": self.weight_bytes,
-                "activation_bytes": self.activation_bytes, "shapes_known": self.shapes_known}
+        return sum(t.bytes for t in self.tensors)
 
 
 @dataclass
@@ -126,32 +115,8 @@ class GraphCost:
         return sum(n.flops for n in self.nodes)
 
     @property
-    def bytes(self) -> float:
-        return sum(n.bytes for n in self.nodes)
-
-    @property
-    def weight_bytes(self) -> float:
-        return sum(n.weight_bytes for n in self.nodes)
-
-    @property
     def unknown(self) -> list[str]:
         return [n.name for n in self.nodes if not n.shapes_known]
-
-    def by_op(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for n in self.nodes:
-            row = out.setdefault(n.op_type, {"count": 0, "macs": 0.0, "flops": 0.0, "bytes": 0.0})
-            row["count"] += 1
-            row["macs"] += n.macs
-            row["flops"] += n.flops
-            row["bytes"] += n.bytes
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        return {"batch": self.batch, "precision": self.precision, "gmacs": self.macs / 1e9, "gflops": self.flops / 1e9,
-                "weight_mb": self.weight_bytes / 1e6, "total_mb": self.bytes / 1e6, "nodes": len(self.nodes),
-                "nodes_with_unknown_shapes": self.unknown}
-
 
 
 __all__ = [

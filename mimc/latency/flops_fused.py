@@ -1,4 +1,4 @@
-"""FLOPs and bytes of ONNX Runtime's fused attention kernel ``com.microsoft.QAttention``.
+"""FLOPs and bytes of ONNX Runtime's fused attention kernel ``com.microsoft.QAttention``; shape stand-ins for ORT contrib ops.
 
 mimc's CPU int8 graph runs each block's qkv projection and attention as one QAttention node
 (mimc/quant/ort_fusion.py). One node, two kinds of arithmetic: the qkv GEMM is u8 x s8, the
@@ -17,21 +17,24 @@ FUSED_ATTENTION = {"QAttention"}
 
 
 def skeleton_nodes(node: onnx.NodeProto, weight_dims: list[int] | None) -> tuple[list, list]:
-    """Shape stand-in for a QAttention node onnx can infer: float(input) @ float(weight), first third
-    of the last axis (the output is (batch, tokens, hidden) for a (in, 3 * hidden) weight)."""
-    if weight_dims is None or len(weight_dims) != 2:
+    """Shape stand-in onnx can infer for an ORT contrib matmul or QAttention: float(input) @ float(weight)
+    (the contrib matmuls' output shape); for QAttention the first third of its last axis (the output is
+    (batch, tokens, hidden) for a (in, 3 * hidden) weight)."""
+    attention = node.op_type in FUSED_ATTENTION
+    if attention and (weight_dims is None or len(weight_dims) != 2):
         return [], []  # unknown weight: the output shape stays unknown and is reported as such
     a, b, full, starts, ends, axes = (f"{node.output[0]}__mimc_shape_{k}" for k in ("a", "b", "full", "s", "e", "x"))
-    hidden = int(weight_dims[1]) // 3
-    inits = [numpy_helper.from_array(np.array([v], dtype=np.int64), name)
-             for v, name in ((0, starts), (hidden, ends), (-1, axes))]
     nodes = [
         onnx.helper.make_node("Cast", [node.input[0]], [a], to=TensorProto.FLOAT),
         onnx.helper.make_node("Cast", [node.input[1]], [b], to=TensorProto.FLOAT),
-        onnx.helper.make_node("MatMul", [a, b], [full]),
-        onnx.helper.make_node("Slice", [full, starts, ends, axes], [node.output[0]]),
+        onnx.helper.make_node("MatMul", [a, b], [full if attention else node.output[0]]),
     ]
-    return nodes, inits
+    if not attention:
+        return nodes, []
+    hidden = int(weight_dims[1]) // 3
+    inits = [numpy_helper.from_array(np.array([v], dtype=np.int64), name)
+             for v, name in ((0, starts), (hidden, ends), (-1, axes))]
+    return [*nodes, onnx.helper.make_node("Slice", [full, starts, ends, axes], [node.output[0]])], inits
 
 
 def qattention_costs(node: onnx.NodeProto, name: str, info: dict, use) -> list[NodeCost]:

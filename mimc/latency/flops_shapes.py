@@ -14,7 +14,6 @@ import copy
 import math
 
 import onnx
-from onnx import TensorProto
 
 from mimc.errors import ConfigError
 from mimc.latency.flops_costs import CONTRIB_MATMULS, VIEW_OPS
@@ -35,18 +34,10 @@ def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     graph.name = model.graph.name
     init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type in FUSED_ATTENTION:
+        if node.op_type in FUSED_ATTENTION or node.op_type in CONTRIB_MATMULS:
             stand_in, stand_in_inits = skeleton_nodes(node, init_dims.get(node.input[1]))
             graph.node.extend(stand_in)
             graph.initializer.extend(stand_in_inits)
-        elif node.op_type in CONTRIB_MATMULS:
-            # Shape stand-in onnx understands: cast both operands to float and MatMul them (same output shape).
-            a, b = (f"{node.output[0]}__mimc_shape_{i}" for i in "ab")
-            graph.node.extend([
-                onnx.helper.make_node("Cast", [node.input[0]], [a], to=TensorProto.FLOAT),
-                onnx.helper.make_node("Cast", [node.input[1]], [b], to=TensorProto.FLOAT),
-                onnx.helper.make_node("MatMul", [a, b], [node.output[0]]),
-            ])
         else:
             graph.node.append(node)
     graph.output.extend(model.graph.output)
@@ -117,20 +108,12 @@ def _in_temp_dir(fn):
 def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
     info: dict[str, tuple[int, list[int] | None]] = {}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             continue
-        shape: list[int] | None = []
-        if not tt.HasField("shape"):
-            shape = None
-        else:
-            for d in tt.shape.dim:
-                if d.HasField("dim_value") and d.dim_value >= 0:
-                    shape.append(int(d.dim_value))
-                else:
-                    shape = None
-                    break
-        info[vi.name] = (tt.elem_type, shape)
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim if tt.HasField("shape") else None
+        known = dims is not None and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims)
+        info[vi.name] = (tt.elem_type, [int(d.dim_value) for d in dims] if known else None)
     for init in model.graph.initializer:
         info[init.name] = (init.data_type, list(init.dims))
     for node in model.graph.node:

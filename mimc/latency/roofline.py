@@ -23,7 +23,8 @@ from onnx import numpy_helper
 from mimc.errors import ConfigError
 from mimc.latency.devices import PRECISIONS, DeviceProfile
 from mimc.graph import load_graph, read_nm_pattern
-from mimc.latency.flops import GraphCost, NodeCost, count_graph
+from mimc.latency.flops import count_graph
+from mimc.latency.flops_costs import GraphCost, NodeCost
 
 GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
 
@@ -120,12 +121,11 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
         if node.kind in ("view", "fused"):
             continue
         is_sparse = node.weight in sparse
+        p = precision or node.precision
         if node.kind in ("matmul", "conv"):
-            p = precision or node.precision
             p = gemm_fp32_as if p == "fp32" else p
             peak = profile.peak_flops(p, sparse=is_sparse)
         else:
-            p = precision or node.precision
             peak = vector_peak
         nbytes = _node_bytes(node, precision, other_width, is_sparse)
         t_compute = node.flops / peak

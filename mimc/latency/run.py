@@ -10,12 +10,11 @@ Every report carries ``"label": "measured"`` or ``"predicted"``, and one report 
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
+from mimc.errors import BadInputError, DeviceUnavailableError
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine")
@@ -49,20 +48,9 @@ def check_model_path(model_path: str | os.PathLike) -> Path:
 
 def cuda_available() -> bool:
     """Whether a CUDA GPU is visible (torch is a core dependency; its check needs no driver call when absent)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        return False
+    import torch
+
     return bool(torch.cuda.is_available())
-
-
-def _import(module: str, purpose: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if exc.name and not exc.name.startswith("mimc"):
-            raise MissingExtraError(f"{purpose} needs '{exc.name}', which is not installed: pip install 'mimc[gpu]'") from exc
-        raise MissingExtraError(f"{purpose} is not available in this mimc build ({module} is missing): upgrade mimc") from exc
 
 
 def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = False,
@@ -92,13 +80,14 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if predict:
         if is_engine:
             raise BadInputError(f"predict reads FLOPs and bytes from an ONNX graph, not an engine: give the .onnx that {path.name} was built from", option="predict")
-        roofline = _import("mimc.latency.roofline", "roofline prediction")
+        from mimc.latency.roofline import predict as roofline_predict
+
         sizes = sizes or _default_sizes(path, prof)
         results = []
         for b in sizes:
             if on_batch is not None:
                 on_batch(b)
-            results.append(roofline.predict(path, prof, batch=b, precision=precision))
+            results.append(roofline_predict(path, prof, batch=b, precision=precision))
         return _envelope("predicted", path, prof, results, note="a roofline lower bound, not a measurement")
 
     if prof.backend == "onnxruntime-cpu":
@@ -117,11 +106,13 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
             option="predict",
         )
     if is_engine:
-        trt = _import("mimc.runtime.trt", "TensorRT profiling")
-        report = trt.profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
+        from mimc.runtime.trt import profile_engine
+
+        report = profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
     elif prof.backend == "onnxruntime-cuda":
-        cuda_ort = _import("mimc.runtime.cuda_ort", "ONNX Runtime CUDA profiling")
-        report = cuda_ort.profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
+        from mimc.runtime.cuda_ort import profile_onnx_cuda
+
+        report = profile_onnx_cuda(path, prof, sizes or _default_sizes(path, prof), warmup, iters)
     else:
         raise BadInputError(
             f"device '{prof.name}' runs TensorRT engines: build one with `mimc build {path} --device {prof.name}` "
@@ -144,7 +135,7 @@ def _default_sizes(path: Path, prof) -> list[int]:
 def _envelope(label: str, path: Path, prof, results: list[dict[str, Any]], note: str | None = None) -> dict[str, Any]:
     from mimc.artifact import mimc_version, now_iso
 
-    out = {
+    return {
         "label": label,
         "model": str(path),
         "device": prof.name,
@@ -152,10 +143,8 @@ def _envelope(label: str, path: Path, prof, results: list[dict[str, Any]], note:
         "results": results,
         "mimc_version": mimc_version(),
         "created": now_iso(),
+        **({"note": note} if note else {}),
     }
-    if note:
-        out["note"] = note
-    return out
 
 
 __all__ = ["profile", "parse_batch_sizes", "check_model_path", "cuda_available"]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.trt import flat_stats, percentiles
+from mimc.runtime.trt import latency_row
 
 # A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
 # compute_capability - and never imported: runtime sits below mimc.latency.
@@ -39,13 +39,10 @@ def _load_cuda_libraries(ort) -> None:
     from the nvidia-* pip packages. Without either, the provider fails to load and ORT silently
     falls back to the CPU, which :func:`cuda_session` then reports.
     """
-    try:
-        import torch
+    import torch
 
-        if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
-            return
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
+        return
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
@@ -101,8 +98,7 @@ def measure_session(sess, batch: int, warmup: int, iters: int, device: str = "cu
         # bound outputs as well (IOBinding.synchronize_outputs) keeps the clock honest if that changes.
         binding.synchronize_outputs()
         samples.append((clock() - t0) * 1e3)
-    stats = percentiles(samples)
-    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"], **flat_stats(stats, batch)}
+    return latency_row(samples, batch)
 
 
 def profile_onnx_cuda(onnx_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20,
@@ -113,15 +109,12 @@ def profile_onnx_cuda(onnx_path: str | Path, profile: DeviceProfile, batch_sizes
     sess = cuda_session(onnx_path, device_id)
     batches = list(batch_sizes or profile.batch_sizes)
     results = [measure_session(sess, b, warmup, iters, "cuda", device_id) for b in batches]
-    memory = {}
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info(device_id)
-            memory = {"device_free_bytes": free, "device_total_bytes": total}
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    memory = {}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device_id)
+        memory = {"device_free_bytes": free, "device_total_bytes": total}
     return {"label": "measured", "backend": "onnxruntime-cuda", "model": str(onnx_path), "onnx": str(onnx_path), "device": profile.name,
             "warmup": warmup, "iters": iters, "timing": "wall clock around run_with_iobinding (synchronous)",
             "results": results, "memory": memory}

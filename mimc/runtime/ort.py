@@ -43,29 +43,25 @@ DTYPES = {
 
 
 # Measurement (worker process) --------------------------------------------------------------------
-def _status_kb(field: str) -> int | None:
+def _status_mb(field: str) -> float | None:
+    """A kB field of /proc/self/status in MB; None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
-def _rss_mb() -> float | None:
-    kb = _status_kb("VmRSS")
-    return kb / 1024 if kb is not None else None
-
-
 def _peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    if kb is None:  # no /proc (macOS): ru_maxrss is bytes there, kB on Linux
+    peak = _status_mb("VmHWM")
+    if peak is None:  # no /proc (macOS): ru_maxrss is bytes there, kB on Linux
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-    return kb / 1024
+    return peak
 
 
 def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int, seed: int = 0) -> dict[str, Any]:
@@ -78,7 +74,7 @@ def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, thr
             feed[s["name"]] = rng.standard_normal(s["shape"]).astype(dtype)
         else:
             feed[s["name"]] = np.zeros(s["shape"], dtype=dtype)
-    rss_before = _rss_mb()
+    rss_before = _status_mb("VmRSS")
     start = time.perf_counter()
     sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
     load_s = time.perf_counter() - start

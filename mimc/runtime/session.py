@@ -55,13 +55,9 @@ def onnxruntime_distribution() -> str:
 _PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def available_providers() -> list[str]:
-    return list(onnxruntime().get_available_providers())
-
-
 def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     """None: CPU only (validation is defined on the CPU provider); "auto": best available."""
-    available = available_providers()
+    available = list(onnxruntime().get_available_providers())
     if providers is None:
         return ["CPUExecutionProvider"]
     if providers == "auto":
@@ -144,5 +140,5 @@ def _feed_array(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-__all__ = ["onnxruntime", "onnxruntime_distribution", "available_providers", "resolve_providers", "session_options",
+__all__ = ["onnxruntime", "onnxruntime_distribution", "resolve_providers", "session_options",
            "make_session", "run_onnx"]

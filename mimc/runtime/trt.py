@@ -204,18 +204,6 @@ def one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def make_layer_profiler(trt):
-    class LayerTimes(trt.IProfiler):
-        def __init__(self):
-            trt.IProfiler.__init__(self)
-            self.ms: dict[str, list[float]] = {}
-
-        def report_layer_time(self, layer_name, ms):
-            self.ms.setdefault(layer_name, []).append(float(ms))
-
-    return LayerTimes()
-
-
 _ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)")
 _PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:(.*)")
 
@@ -245,9 +233,12 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
 
 
-def flat_stats(stats: dict[str, float], batch: int) -> dict[str, float]:
-    """The same numbers under the flat keys `mimc profile`'s CPU reports use, so one table prints both."""
-    return {"p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
+def latency_row(samples_ms: list[float], batch: int) -> dict[str, Any]:
+    """One batch size's GPU timings: percentiles under ``latency_ms``, and the same numbers under the
+    flat keys `mimc profile`'s CPU reports use, so one table prints both."""
+    stats = percentiles(samples_ms)
+    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"],
+            "p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
             "throughput_items_s": batch * 1e3 / stats["p50"]}
 
 
@@ -262,11 +253,8 @@ def _itemsize(trt, dtype) -> float:
 
 
 def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
-    shapes = sidecar.get("shapes") or {}
-    first = next(iter(shapes.values()), None)
-    if not first:
-        return (1, 1)
-    return int(first["min"][0]), int(first["max"][0])
+    first = next(iter((sidecar.get("shapes") or {}).values()), None)
+    return (int(first["min"][0]), int(first["max"][0])) if first else (1, 1)
 
 
 def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20, iters: int = 200,
@@ -314,8 +302,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
             _enqueue(context, device, logger)
             device.record(end)
         device.synchronize()
-        stats = percentiles([device.elapsed_ms(s, e) for s, e in events])
-        row: dict[str, Any] = {"batch": b, "latency_ms": stats, "throughput_per_s": b * 1e3 / stats["p50"], **flat_stats(stats, b)}
+        row = latency_row([device.elapsed_ms(s, e) for s, e in events], b)
         free_now, _ = device.mem_info()
         row["device_memory_used_bytes"] = max(0, free_before - free_now)
         if layer_iters:
@@ -368,8 +355,15 @@ def _layer_times(trt, engine, context, device, n: int, logger) -> list[dict[str,
     With a profiler attached and ``enqueue_emits_profile`` at its default (True), TensorRT makes
     enqueue synchronous and reports every layer to the profiler (IExecutionContext docs).
     """
-    profiler = make_layer_profiler(trt)
-    context.profiler = profiler
+    class LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.ms: dict[str, list[float]] = {}
+
+        def report_layer_time(self, layer_name, ms):
+            self.ms.setdefault(layer_name, []).append(float(ms))
+
+    profiler = context.profiler = LayerTimes()
     for _ in range(n):
         _enqueue(context, device, logger)
         device.synchronize()
