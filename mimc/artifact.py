@@ -194,10 +194,14 @@ def _resolved(path: str | os.PathLike) -> Path | None:
         return None
 
 
-def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | Sequence[str] = "output") -> None:
-    """Refuse an output that is one of the inputs, lies inside one, or contains one: writing it would
-    replace or swallow what the command reads."""
+def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | Sequence[str] = "output",
+                    inside: bool = True) -> None:
+    """Refuse an output that is one of the inputs, lies inside one (unless ``inside=False``: a graph
+    file added to an artifact), or contains one: writing it would replace or swallow what is read."""
+    raw = str(output)
     out = _resolved(output)
+    if raw.strip() == "" or Path(raw).name in ("", ".", "..") or out in (_resolved("."), Path("/")):
+        raise BadInputError(f"output {clip(raw)} is not a new folder or file name: give one like out", option=option)
     if out is None:
         return
     for item in inputs or ():
@@ -208,7 +212,7 @@ def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | S
             continue
         if out == src:
             why = "is the input"
-        elif src in out.parents:
+        elif inside and src in out.parents:
             why = "lies inside the input"
         elif out in src.parents:
             why = "contains the input"
@@ -220,10 +224,7 @@ def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | S
 def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Any = ()) -> None:
     """Refuse an unusable output before any work: the current folder, an input, an occupied folder
     (unless ``overwrite``) or a place this user cannot write. ``atomic_dir`` checks again at the end."""
-    raw = str(path)
     path = Path(path)
-    if raw.strip() == "" or path.name in ("", ".", "..") or _resolved(path) in (_resolved("."), Path("/")):
-        raise BadInputError(f"output {clip(raw)} is not a new folder name: give one like -o out", option="output")
     check_not_input(path, inputs)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise BadInputError(f"{path} already exists and is not empty: choose another output or allow overwrite", option=("output", "overwrite"))
