@@ -29,7 +29,8 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
     source = recipe if isinstance(recipe, (str, Path)) else None
     if not isinstance(recipe, Recipe):
         recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe, data=data)
-    check_not_input(output if output is not None else default_output(recipe), (recipe.model, recipe.data, source))
+    check_not_input(output if output is not None else default_output(recipe),
+                    (recipe.model, recipe.data, source, getattr(recipe, "source_path", None)))
     return RunReport(run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage))
 
 

@@ -204,7 +204,9 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
         return recipe_from_artifact(path, data)
     if not path.is_file():
         raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
-    return parse_recipe(_with_data(read_yaml(path), data), where=str(path))
+    recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
+    recipe.source_path = path  # the file it came from: an output must never replace it
+    return recipe
 
 
 MAX_RECIPE_BYTES = 1 << 20
