@@ -147,11 +147,35 @@ def _load_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray | None, list[
     for f, _ in files:
         try:
             with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB")))
+                images.append(_pil_rgb(im))
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"cannot read image {f} ({exc}): remove or replace it") from exc
     labels = np.asarray([lab for _, lab in files]) if class_names else None
     return images, labels, class_names
+
+
+def _pil_rgb(im) -> np.ndarray:
+    """An opened PIL image as uint8 RGB. 16-bit greys (PNG mode I;16 / I) are scaled from 0..65535
+    (PIL's own convert would clip every value above 255 to white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        wide = np.asarray(im).astype(np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def check_array_values(raw: np.ndarray, path: Path) -> None:
+    """Refuse arrays that are not real numbers, or hold NaN / infinity (they would flow silently
+    through every forward pass and make every fidelity number NaN)."""
+    kind = raw.dtype.kind
+    if kind not in "biuf":
+        what = {"c": "complex numbers", "O": "Python objects", "U": "text", "S": "bytes", "V": "records", "M": "dates",
+                "m": "time spans"}.get(kind, str(raw.dtype))
+        raise DataError(f"{path} holds {what} ({raw.dtype}), not image values: save real numbers (uint8 or float)", option="data")
+    if kind == "f":
+        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        if bad:
+            raise DataError(f"{path} holds {bad} NaN or infinite values: replace them before using it as images", option="data")
 
 
 def _load_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
@@ -198,6 +222,8 @@ def load_images(spec: str | Path, cfg, n: int | None = None, seed: int = 0) -> I
     else:
         raise DataError(f"{path} is neither a folder nor a .npy/.npz file: pass an image folder, a .npy/.npz file or 'builtin'")
 
+    if isinstance(raw, np.ndarray):
+        check_array_values(raw, path)
     if isinstance(raw, np.ndarray) and raw.ndim == 0:
         raise DataError(f"{path} holds a scalar, not images: save an array shaped (N, H, W[, C])")
     count = len(raw)

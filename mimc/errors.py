@@ -9,7 +9,7 @@ the name as its flag (``--ratio``), a recipe as its key (``stages[0].prune.ratio
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 
 class MimcError(Exception):
@@ -76,6 +76,18 @@ class DeviceUnavailableError(MimcError):
     """The target device (GPU, TensorRT) is not present on this machine (exit 2)."""
 
     exit_code = 2
+
+
+def clip(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error line, cut to ``limit`` characters: a message never echoes an
+    unbounded user value (a huge recipe value would otherwise become the error itself)."""
+    return shorten(repr(value), limit)
+
+
+def shorten(text: Any, limit: int = 80) -> str:
+    """``str(text)`` on one line, cut to ``limit`` characters."""
+    text = str(text).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def require(module: str, extra: str, purpose: str):

@@ -23,7 +23,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
-from mimc.errors import ConfigError
+from mimc.errors import ConfigError, clip
 
 _SPEC = "mimc.option"
 
@@ -115,23 +115,23 @@ def _is(value: Any, base: type) -> bool:
 
 def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
     if kind.bases and not any(_is(value, b) for b in kind.bases):
-        raise ConfigError(f"{name} must be {' or '.join(_WORDS[b] for b in kind.bases)}, got {value!r}", option=name)
+        raise ConfigError(f"{name} must be {' or '.join(_WORDS[b] for b in kind.bases)}, got {clip(value)}", option=name)
     if spec.choices is not None and value not in spec.choices:
-        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(map(str, spec.choices))}", option=name)
+        raise ConfigError(f"unknown {name} {clip(value)}: choose one of {', '.join(map(str, spec.choices))}", option=name)
     if spec.bounded and isinstance(value, numbers.Real) and not spec.in_range(value):
-        raise ConfigError(f"{name} must be {spec.describe_range()}, got {value!r}", option=name)
+        raise ConfigError(f"{name} must be {spec.describe_range()}, got {clip(value)}", option=name)
 
 
 def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:
     shown = list(values)
     if spec.min_items is not None and len(values) < spec.min_items:
-        raise ConfigError(f"{name} must hold at least {spec.min_items} value(s), got {shown}", option=name)
+        raise ConfigError(f"{name} must hold at least {spec.min_items} value(s), got {clip(shown)}", option=name)
     if kind.bases and not all(any(_is(v, b) for b in kind.bases) for v in values):
-        raise ConfigError(f"{name} must be a list of {' or '.join(_PLURAL[b] for b in kind.bases)}, got {shown}", option=name)
+        raise ConfigError(f"{name} must be a list of {' or '.join(_PLURAL[b] for b in kind.bases)}, got {clip(shown)}", option=name)
     if spec.choices is not None and any(v not in spec.choices for v in values):
-        raise ConfigError(f"{name} must hold values from {', '.join(map(str, spec.choices))}, got {shown}", option=name)
+        raise ConfigError(f"{name} must hold values from {', '.join(map(str, spec.choices))}, got {clip(shown)}", option=name)
     if spec.bounded and not all(spec.in_range(v) for v in values):
-        raise ConfigError(f"{name} must hold values {spec.describe_range()}, got {shown}", option=name)
+        raise ConfigError(f"{name} must hold values {spec.describe_range()}, got {clip(shown)}", option=name)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -155,7 +155,7 @@ class Options:
                 continue
             if kind.items:
                 if not isinstance(value, (list, tuple)):
-                    raise ConfigError(f"{f.name} must be a list, got {value!r}: write [{value!r}]", option=f.name)
+                    raise ConfigError(f"{f.name} must be a list, got {clip(value)}: write [{clip(value)}]", option=f.name)
                 value = tuple(value)
                 object.__setattr__(self, f.name, value)  # frozen and hashable, as from_dict makes it
                 _check_items(f.name, value, kind, spec)

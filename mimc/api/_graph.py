@@ -42,7 +42,7 @@ def _slug(model: str) -> str:
 def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
     """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
-    from mimc.artifact import is_artifact
+    from mimc.artifact import check_not_input, is_artifact
     from mimc.models.resolve import describe_source, load_model
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
@@ -51,6 +51,8 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     kind = describe_source(model)  # nonexistent path / not a model -> exit 2
     in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
     out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{_slug(model)}-mimc"))
+    if not in_place:
+        check_not_input(out_dir, (model,))
     if not in_place and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         hint = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
         raise BadInputError(f"output {out_dir} already exists and is not empty: choose another output or overwrite it{hint}")
@@ -101,7 +103,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
         cfg = encoder_config_of_graph(path)
         out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
-        _check_folder(out)
+        _check_folder(out, (path, calib))
         report = quantize_file(path, out, images.draw(cfg, config.n + EVAL_IMAGES), config, seed, force, calib)
         return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
     if is_artifact(path) and (out is None or _same_dir(out, path / f"model{suffix}")):
@@ -112,7 +114,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
         return GraphReport(Path(report["path"]), path, report)
     encoder = load_artifact(path) if is_artifact(path) else load_model(model)
     if out is not None:  # one graph file where asked; the fp32 graph it comes from is exported to a temp folder
-        _check_folder(out)
+        _check_folder(out, (path, calib))
         graph = path / ONNX_NAME if is_artifact(path) and (path / ONNX_NAME).is_file() else None
         drawn = images.draw(encoder.config, config.n + EVAL_IMAGES)
         with tempfile.TemporaryDirectory(prefix=".mimc-quantize.") as tmp:
@@ -134,9 +136,13 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     return GraphReport(folder / f"model{suffix}", folder, report)
 
 
-def _check_folder(out: Path) -> None:
+def _check_folder(out: Path, inputs=()) -> None:
+    from mimc.artifact import check_not_input, check_writable
+
     if not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist: create it or choose another output path")
+    check_not_input(out, inputs, inside=False)  # a graph file may be added to an artifact, never replace an input
+    check_writable(out)
 
 
 def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, iters: int = 50, threads=None,
@@ -155,6 +161,11 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         raise BadInputError(f"output folder {Path(output).parent} does not exist: create it or choose another output")
     if output is not None and Path(output).is_dir():
         raise BadInputError(f"output {output} is a directory: give a file path like report.json")
+    if output is not None:
+        from mimc.artifact import check_not_input, check_writable
+
+        check_not_input(output, (model,))  # the report must not replace the graph it measures
+        check_writable(output)
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message)
     if output is not None:

@@ -31,7 +31,7 @@ def _default_output(model, suffix: str) -> Path:
 def run_stage(model, config, output, suffix: str, data=None, n: int | None = None, batch_size: int = 64, seed: int = 0,
               overwrite: bool = False, teacher=None, run=None, preflight=None, encoder=None) -> StageReport:
     """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
-    from mimc.artifact import check_output
+    from mimc.artifact import check_not_input, check_output
     from mimc.data import ImageSource
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process
@@ -39,6 +39,7 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     if config.needs_data and data is None:
         raise DataError(f"stage '{config.name}' with these options needs images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     out = Path(output) if output is not None else _default_output(model, suffix)
+    check_not_input(out, (model, data))  # never write over, into or around what is read
     if run is None:
         check_output(out, overwrite)
     encoder = encoder if encoder is not None else _load(model)

@@ -23,8 +23,14 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
     from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
     from mimc.pipeline.recipe_run import run_recipe
 
+    from mimc.artifact import check_not_input
+    from mimc.pipeline.recipe_run import default_output
+
+    source = recipe if isinstance(recipe, (str, Path)) else None
     if not isinstance(recipe, Recipe):
         recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe, data=data)
+    check_not_input(output if output is not None else default_output(recipe),
+                    (recipe.model, recipe.data, source, getattr(recipe, "source_path", None)))
     return RunReport(run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage))
 
 
@@ -57,7 +63,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     space = space if space is not None else SearchSpace()
     load_profile(device)
     out = Path(output) if output is not None else Path(f"{model_slug(str(model))}-search")
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(model, data, device))
     encoder = load_model(model) if isinstance(model, (str, Path)) else model
     images = ImageSource(data, seed).draw(encoder.config, n + n_eval)
     if len(images) <= n:

@@ -14,8 +14,23 @@ from rich.markup import escape
 
 from mimc.api import MimcError
 
-# Human-readable output goes to stderr so `--json` leaves stdout machine-readable.
-console = Console(stderr=True)
+# Results (tables, summaries) go to stdout, so `mimc profiles | grep h100` works; progress, notes and
+# errors to stderr. `--json` prints only JSON on stdout. Emoji codes off: `2:4x` is a pattern, and
+# rich would print `:M:` as an emoji.
+console = Console(stderr=True, emoji=False)
+
+
+class _Results:
+    """Prints results on stdout. A console is made per call (stdout may be swapped, as by test
+    runners) and, when stdout is not a terminal (a pipe, a file), is wide enough that no table or
+    line is cut to 80 columns: columns take the width their content needs."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        wide = {} if sys.stdout.isatty() else {"width": 100_000}
+        Console(emoji=False, **wide).print(*objects, **kwargs)
+
+
+out = _Results()
 
 MODEL_HELP = "A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, or 'ref'."
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
@@ -39,8 +54,11 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
         try:
             return fn(*args, **kwargs)
         except MimcError as exc:
+            message = exc.phrased(names)
             # escape: messages name extras like `pip install 'mimc[gpu]'`, which rich would eat as markup
-            console.print(f"[bold red]error:[/] {escape(exc.phrased(names))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            if kwargs.get("json_out"):
+                emit_json({"error": message, "exit_code": exc.exit_code})
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")

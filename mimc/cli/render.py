@@ -1,4 +1,5 @@
-"""How the commands show their reports: tables and one-line summaries (stderr), and ``--json`` (stdout)."""
+"""How the commands show their reports: tables and one-line summaries on stdout (notes and warnings on
+stderr), and ``--json`` (stdout)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from mimc.cli.common import console, emit_json
+from mimc.cli.common import console, emit_json, out
 
 
 def show(report: Any, json_out: bool, human) -> None:
@@ -19,7 +20,7 @@ def show(report: Any, json_out: bool, human) -> None:
 
 
 def line(text: str) -> None:
-    console.print(text, highlight=False, soft_wrap=True)
+    out.print(text, highlight=False, soft_wrap=True)
 
 
 def note(text: str) -> None:
@@ -46,7 +47,7 @@ def score_formatter(values: list[float]):
 def score_table(scores: dict[str, list[float]], block_ids: list[int], title: str, removed: set[int] = frozenset(),
                 rho: dict[str, float | None] | None = None) -> None:
     """Per-block scores, one column per criterion (low = removed first)."""
-    console.print(title, highlight=False)  # above, not as a table title: narrow tables would wrap it
+    out.print(title, highlight=False)  # above, not as a table title: narrow tables would wrap it
     table = Table()
     table.add_column("block", justify="right")
     for name in scores:
@@ -60,7 +61,7 @@ def score_table(scores: dict[str, list[float]], block_ids: list[int], title: str
     if rho:
         table.add_section()
         table.add_row("ρ vs oracle", *("—" if c == "sensitivity" or rho.get(c) is None else f"{rho[c]:+.2f}" for c in scores))
-    console.print(table)
+    out.print(table)
 
 
 def warnings(items: list[str]) -> None:
@@ -83,7 +84,7 @@ def key_values(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column()
     for k, v in rows:
         table.add_row(k, v)
-    console.print(table)
+    out.print(table)
 
 
 def columns(title: str | None, headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> None:
@@ -92,7 +93,7 @@ def columns(title: str | None, headers: list[str], rows: list[list[str]], left: 
         table.add_column(h, justify="left" if h in left else "right")
     for r in rows:
         table.add_row(*r)
-    console.print(table)
+    out.print(table)
 
 
 def stage_line(r: dict) -> None:

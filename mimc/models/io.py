@@ -8,28 +8,35 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mimc.artifact import WEIGHTS_NAME, read_manifest
-from mimc.errors import NotAModelError
+from mimc.artifact import MANIFEST_NAME, read_manifest, verify_weights
+from mimc.errors import MimcError, NotAModelError, clip, shorten
 from mimc.models.vit import Encoder, EncoderConfig
 
 
 def load_artifact(path: str | os.PathLike) -> Encoder:
-    """Rebuild the encoder from ``mimc.json`` and load ``model.safetensors`` into it."""
+    """Rebuild the encoder from ``mimc.json`` and load ``model.safetensors`` into it, after checking
+    the weights are the ones the manifest names and the manifest's structure is consistent."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     manifest = read_manifest(path)
-    cfg = EncoderConfig.from_dict(manifest.encoder)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise NotAModelError(f"{path} has mimc.json but no {WEIGHTS_NAME}: re-create the artifact")
+    where = path / MANIFEST_NAME
+    try:
+        cfg = EncoderConfig.from_dict(manifest.encoder)
+    except (MimcError, TypeError, ValueError, KeyError) as exc:
+        raise NotAModelError(f"{where}: its encoder config is invalid ({shorten(exc)}): re-create the artifact") from None
+    _check_structure(cfg, where)
+    weights = verify_weights(path, manifest)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise NotAModelError(f"{weights} is not a valid safetensors file ({exc}): re-create the artifact") from exc
+        raise NotAModelError(f"{weights} is not a valid safetensors file ({shorten(exc)}): re-create the artifact") from exc
     encoder = Encoder(cfg)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact") from None
     if missing or unexpected:
         raise NotAModelError(
             f"{weights} does not match its mimc.json (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}): re-create the artifact"
@@ -37,6 +44,26 @@ def load_artifact(path: str | os.PathLike) -> Encoder:
     encoder.eval()
     encoder.manifest = manifest
     return encoder
+
+
+def _check_structure(cfg: EncoderConfig, where: Path) -> None:
+    """Lineage that must hold for any artifact mimc wrote: kept blocks are distinct, in order and
+    within the source depth."""
+    ids = cfg.block_ids
+    if ids is None:
+        return
+    source_depth = cfg.source_depth
+    bad = None
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        bad = "block_ids must be non-negative whole numbers"
+    elif any(b <= a for a, b in zip(ids, ids[1:])):
+        bad = "block_ids must be increasing without repeats"
+    elif source_depth is not None and (not isinstance(source_depth, int) or source_depth < len(ids)):
+        bad = f"source_depth {clip(source_depth)} is smaller than the {len(ids)} kept blocks"
+    elif source_depth is not None and ids and ids[-1] >= source_depth:
+        bad = f"block_ids names block {ids[-1]} of {source_depth}"
+    if bad:
+        raise NotAModelError(f"{where}: {bad}: re-create the artifact")
 
 
 __all__ = ["load_artifact"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mimc.errors import BadInputError, ConfigError
+from mimc.errors import BadInputError, ConfigError, clip, shorten
 from mimc.options import StageConfig
 from mimc.pipeline.stages import GRAPH_CONFIGS, GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
 
@@ -101,10 +101,10 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     n, seed = data.get("n", 256), data.get("seed", 0)
     for key, value in (("n", n), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "n" else 0):
-            raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {clip(value)}")
     for key in ("data", "output"):
         if data.get(key) is not None and not isinstance(data[key], str):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {data[key]!r}")
+            raise ConfigError(f"{where}: '{key}' must be a string, got {clip(data[key])}")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [{{prune: {{ratio: 0.5}}}}, export]")
@@ -125,9 +125,9 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         name, options = next(iter(item.items()))
         options = {} if options is None else options
     else:
-        raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {item!r}")
+        raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {clip(item)}")
     if not isinstance(options, dict):
-        raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {options!r}")
+        raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {clip(options)}")
     valid = sorted(config_types())
     if name not in valid:
         raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {valid}")
@@ -204,11 +204,64 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
         return recipe_from_artifact(path, data)
     if not path.is_file():
         raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
+    recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
+    recipe.source_path = path  # the file it came from: an output must never replace it
+    return recipe
+
+
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def read_yaml(path: Path) -> Any:
+    """A recipe file parsed strictly: plain YAML only — anchors and aliases (``&a`` / ``*a``, which
+    let a few hundred bytes expand to gigabytes) and duplicate keys (YAML would keep the last one
+    silently) are refused, as is a file over 1 MiB."""
+    import yaml
+
     try:
-        parsed = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
-    return parse_recipe(_with_data(parsed, data), where=str(path))
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise BadInputError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB: a recipe is a short YAML file")
+        return yaml.load(path.read_text(), Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
+        raise BadInputError(f"recipe {path} is not valid YAML{where} ({shorten(exc.problem or exc.context)}): fix the file") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise BadInputError(f"recipe {path} is not readable YAML ({shorten(exc)}): fix the file") from None
+
+
+_LOADER = None
+
+
+def _strict_loader():
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: write values out",
+                                       event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # an unhashable key; the base class refuses it
+                if duplicate:
+                    raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    _LOADER = StrictLoader
+    return _LOADER
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:
@@ -224,7 +277,7 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
 
     path = Path(path)
     if (path / RECIPE_NAME).is_file():
-        return parse_recipe(_with_data(yaml.safe_load((path / RECIPE_NAME).read_text()), data), where=str(path / RECIPE_NAME))
+        return parse_recipe(_with_data(read_yaml(path / RECIPE_NAME), data), where=str(path / RECIPE_NAME))
     if not is_artifact(path):
         raise BadInputError(f"{path} is not a mimc artifact (no mimc.json): pass a recipe .yaml or an artifact directory")
     manifest = read_manifest(path)

@@ -136,7 +136,7 @@ def test_profile_json_and_report_file(app, tmp_path, onnx_file):
     assert [r["batch"] for r in report["results"]] == [1, 2]
     assert json.loads(report_path.read_text())["results"][0]["batch"] == 1
     table = _invoke(app, ["profile", onnx_file, "--iters", "3", "--warmup", "0", "--batch", "1"])
-    assert table.exit_code == 0 and "p50 ms" in table.stderr
+    assert table.exit_code == 0 and "p50 ms" in table.stdout
 
 
 def test_profile_predict(app, onnx_file):

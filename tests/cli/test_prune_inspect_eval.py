@@ -78,7 +78,7 @@ def test_prune_table_default_output_and_data_fidelity(app, artifact, labelled_np
     monkeypatch.chdir(tmp_path)
     result = _invoke(app, ["prune", artifact, "--blocks", "1,4", "--criterion", "l1", "--data", labelled_npz])
     assert result.exit_code == 0, result.output
-    assert "removed" in result.stderr and "l1" in result.stderr
+    assert "removed" in result.stdout and "l1" in result.stdout
     out = tmp_path / "tiny-pruned"
     loaded = load_artifact(out)
     assert loaded.config.block_ids == [0, 2, 3, 5]
@@ -161,7 +161,7 @@ def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_n
 
     result = _invoke(app, ["inspect", artifact, "--no-plot"])
     assert result.exit_code == 0, result.output
-    assert "entropy_hist" in result.stderr and "kurtosis" in result.stderr
+    assert "entropy_hist" in result.stdout and "kurtosis" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, labelle
     np.save(tmp_path / "plain.npy", tiny_images[0])
     result = _invoke(app, ["eval", artifact, "--data", tmp_path / "plain.npy"])
     assert result.exit_code == 0, result.output
-    assert "k-NN skipped" in result.stderr
+    assert "k-NN skipped" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -135,16 +135,47 @@ def _hub_offline(offline: bool):
         hub_constants.HF_HUB_OFFLINE = saved
 
 
+def refuse_custom_code(folder: str | os.PathLike) -> None:
+    """Refuse a local model folder that ships code for transformers to run (``auto_map`` in its
+    config.json, naming a .py beside it): mimc loads weights only and never executes a folder's code."""
+    folder = Path(folder)
+    for name in ("config.json", *PREPROCESSOR_FILES):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            files = sorted({str(v).split("--")[-1].split(".")[0] + ".py" for v in _flat(data["auto_map"])})
+            raise UnsafeCheckpointError(
+                f"{folder / name} has auto_map: the model needs its own code ({', '.join(files[:3]) or 'a .py file'}), which mimc "
+                "never runs: use a model of a built-in transformers class (vit_mae, vit, videomae, beit, data2vec-vision)"
+            )
+
+
+def _flat(value) -> list:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value] if value else []
+
+
 def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
+    if local:
+        refuse_custom_code(source)
     try:
-        hf_config = AutoConfig.from_pretrained(source, local_files_only=offline)
+        # trust_remote_code=False everywhere: transformers must neither run a model's code nor ask.
+        hf_config = AutoConfig.from_pretrained(source, local_files_only=offline, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         if local:
             raise NotAModelError(f"{source}/config.json is not a usable transformers config ({one_line(exc)}): point at a saved model directory") from None
         raise _not_found(source, offline, exc) from None
+    if getattr(hf_config, "auto_map", None):
+        raise UnsafeCheckpointError(f"model '{source}' has auto_map: it needs its own code, which mimc never runs: "
+                                    "use a model of a built-in transformers class")
     if hf_config.model_type not in FAMILIES:
         raise NotAModelError(f"{source} is a '{hf_config.model_type}' model; mimc converts {', '.join(sorted(FAMILIES))}")
     cls = _model_class(hf_config)
@@ -153,12 +184,14 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     hf_logging.disable_progress_bar()  # mimc's CLI draws its own progress on stderr
     try:
         # transformers itself loads .bin weights with torch.load(weights_only=True).
-        model, info = cls.from_pretrained(source, output_loading_info=True, local_files_only=offline, weights_only=True)
+        model, info = cls.from_pretrained(source, output_loading_info=True, local_files_only=offline, weights_only=True,
+                                         trust_remote_code=False)
         if any("pooler.layernorm" in k for k in info.get("unexpected_keys", ())):
             # Data2VecVisionModel defaults to no pooler, which would drop the trained LayerNorm of
             # the mean-pooled feature; build it with one when the checkpoint has its weights.
             model, info = cls.from_pretrained(
-                source, output_loading_info=True, local_files_only=offline, weights_only=True, add_pooling_layer=True
+                source, output_loading_info=True, local_files_only=offline, weights_only=True, add_pooling_layer=True,
+                trust_remote_code=False,
             )
     except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
         _raise_if_unsafe(source, local)
