@@ -153,9 +153,10 @@ def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -
     )
 
 
-def _copy_norm(state: dict, prefix: str, norm: nn.LayerNorm) -> None:
-    state[f"{prefix}.weight"] = norm.weight.detach()
-    state[f"{prefix}.bias"] = norm.bias.detach()
+def _copy(state: dict, prefix: str, module: nn.Module) -> None:
+    """A Linear's or LayerNorm's weight and bias."""
+    state[f"{prefix}.weight"] = module.weight.detach()
+    state[f"{prefix}.bias"] = module.bias.detach()
 
 
 def _convert_layer(state: dict, i: int, layer: nn.Module, cfg: EncoderConfig) -> None:
@@ -166,12 +167,8 @@ def _convert_layer(state: dict, i: int, layer: nn.Module, cfg: EncoderConfig) ->
         # BEiT, data2vec and VideoMAE train q and v biases only; a zero k bias is exactly equivalent.
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in (q, k, v)]
         state[f"{p}.attn.qkv.bias"] = torch.cat(biases).detach()
-    proj, fc1, fc2 = (_find(layer, LAYER_PATHS[n]) for n in ("proj", "fc1", "fc2"))
-    for name, lin in (("attn.proj", proj), ("mlp.fc1", fc1), ("mlp.fc2", fc2)):
-        state[f"{p}.{name}.weight"] = lin.weight.detach()
-        state[f"{p}.{name}.bias"] = lin.bias.detach()
-    _copy_norm(state, f"{p}.norm1", _find(layer, LAYER_PATHS["norm1"]))
-    _copy_norm(state, f"{p}.norm2", _find(layer, LAYER_PATHS["norm2"]))
+    for name, piece in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"), ("norm1", "norm1"), ("norm2", "norm2")):
+        _copy(state, f"{p}.{name}", _find(layer, LAYER_PATHS[piece]))
     if cfg.layer_scale:
         state[f"{p}.ls1.gamma"] = _layer_scale(layer, "lambda_1")
         state[f"{p}.ls2.gamma"] = _layer_scale(layer, "lambda_2")
@@ -193,8 +190,8 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
         raise NotAModelError(f"{type(model).__name__} has no encoder layers mimc recognises: pass a {family} encoder model")
     cfg = _encoder_config(model, base, family, image_mean, image_std)
     emb = base.embeddings
-    patch = _find(base, BASE_PATHS["patch"])
-    state: dict[str, torch.Tensor] = {"patch_embed.proj.weight": patch.weight.detach(), "patch_embed.proj.bias": patch.bias.detach()}
+    state: dict[str, torch.Tensor] = {}
+    _copy(state, "patch_embed.proj", _find(base, BASE_PATHS["patch"]))
     if cfg.cls_token:
         state["cls_token"] = emb.cls_token.detach()
     if cfg.pos_embed == "learned":
@@ -206,10 +203,10 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     for i, layer in enumerate(_find(base, BASE_PATHS["layers"])):
         _convert_layer(state, i, layer, cfg)
     if cfg.final_norm:
-        _copy_norm(state, "norm", _find(base, BASE_PATHS["final_norm"]))
+        _copy(state, "norm", _find(base, BASE_PATHS["final_norm"]))
     if cfg.pool_norm:
         pooler_norm = _find(base, BASE_PATHS["pooler_norm"])
-        _copy_norm(state, "pool_norm", pooler_norm if _is_layernorm(pooler_norm) else model.fc_norm)
+        _copy(state, "pool_norm", pooler_norm if _is_layernorm(pooler_norm) else model.fc_norm)
     # strict: every canonical parameter must come from the source, none invented.
     encoder, _ = encoder_with_weights(cfg, state, copy=copy, strict=True)
     return encoder

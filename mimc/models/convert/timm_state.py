@@ -37,23 +37,15 @@ HEADS_BY_DIM = {1280: 16, 1408: 16, 1664: 16}
 IMAGENET_DEFAULT = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 IMAGENET_STANDARD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # BEiT's normalisation
 
-# timm name (regex over the key without the block prefix) -> canonical name. Block keys first.
+# timm name (regex over the key without the block prefix) -> canonical name (\g<0>: the same name).
 BLOCK_KEYS = {
-    r"norm1\.(weight|bias)": r"norm1.\1",
-    r"norm2\.(weight|bias)": r"norm2.\1",
-    r"attn\.qkv\.(weight|bias)": r"attn.qkv.\1",
-    r"attn\.proj\.(weight|bias)": r"attn.proj.\1",
-    r"mlp\.fc1\.(weight|bias)": r"mlp.fc1.\1",
-    r"mlp\.fc2\.(weight|bias)": r"mlp.fc2.\1",
+    r"(?:norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\.(?:weight|bias)": r"\g<0>",
     r"(?:ls1\.gamma|gamma_1)": "ls1.gamma",
     r"(?:ls2\.gamma|gamma_2)": "ls2.gamma",
     r"attn\.relative_position_bias_table": "attn.rel_pos_bias.table",
 }
 TOP_KEYS = {
-    r"cls_token": "cls_token",
-    r"pos_embed": "pos_embed",
-    r"patch_embed\.proj\.(weight|bias)": r"patch_embed.proj.\1",
-    r"norm\.(weight|bias)": r"norm.\1",
+    r"cls_token|pos_embed|(?:patch_embed\.proj|norm)\.(?:weight|bias)": r"\g<0>",
     r"fc_norm\.(weight|bias)": r"pool_norm.\1",
     r"rel_pos_bias\.relative_position_bias_table": "rel_pos_bias.table",
 }
