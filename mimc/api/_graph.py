@@ -31,31 +31,27 @@ def _same_dir(a: Path, b: Path) -> bool:
         return False
 
 
-def _slug(model: str) -> str:
-    name = Path(model.rstrip("/\\")).name or "model"
-    for suffix in (".safetensors", ".pth", ".pt", ".bin"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name or "model"
+def _new_artifact(folder: Path, overwrite: bool, hint: str) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise BadInputError(f"output {folder} already exists and is not empty: choose another output{hint}")
 
 
 def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
     """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
     from mimc.artifact import check_not_input, is_artifact
-    from mimc.models.resolve import describe_source, load_model
+    from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
 
     config = ExportConfig(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
     kind = describe_source(model)  # nonexistent path / not a model -> exit 2
     in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
-    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{_slug(model)}-mimc"))
+    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{model_slug(model)}-mimc"))
     if not in_place:
         check_not_input(out_dir, (model,))
-    if not in_place and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        hint = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
-        raise BadInputError(f"output {out_dir} already exists and is not empty: choose another output or overwrite it{hint}")
+        into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
+        _new_artifact(out_dir, overwrite, f" or overwrite it{into}")
     encoder = load_model(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
@@ -64,8 +60,7 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         if getattr(encoder, "manifest", None) is not None:
             encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
-    report = result.stages[-1].entry["report"]
-    return GraphReport(out_dir / ONNX_NAME, out_dir, report)
+    return GraphReport(out_dir / ONNX_NAME, out_dir, result.stages[-1].entry["report"])
 
 
 def quantize(model: str, calib=None, output=None, *, precision: str = "int8", device: str = "cpu", config=None,
@@ -76,16 +71,14 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     MODEL: an fp32 mimc ``.onnx`` (written beside it), an artifact (into it; exported first when it has
     no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
     from mimc.artifact import is_artifact
-    from mimc.models.io import load_artifact
     from mimc.data import ImageSource
     from mimc.errors import DataError
     from mimc.graph import encoder_config_of_graph
+    from mimc.models.io import load_artifact
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
-    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file
+    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file, target_for_device
     from mimc.pipeline.stages import ExportConfig
-
-    from mimc.pipeline.graph_stages import target_for_device
     from mimc.quant.quantize import QuantizeConfig
 
     if config is None:
@@ -93,47 +86,44 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     if calib is None:
         raise DataError("quantization needs calibration images: give calib (a folder, .npz/.npy or 'builtin')", option="calib")
     images = ImageSource(calib, seed)
-    suffix = ".fp8.onnx" if config.precision == "fp8" else ".int8.onnx"
+    suffix = f".{config.precision}.onnx"
+    name = f"model{suffix}"
     path = Path(model)
     out = Path(output) if output is not None else None
     if out is not None and out.suffix != ".onnx":
         raise BadInputError(f"output {out} must end in .onnx: choose a path like model.int8.onnx")
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
-        cfg = encoder_config_of_graph(path)
-        out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
-        _check_folder(out, (path, calib))
-        report = quantize_file(path, out, images.draw(cfg, config.n + EVAL_IMAGES), config, seed, force, calib)
-        return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
-    if is_artifact(path) and (out is None or _same_dir(out, path / f"model{suffix}")):
-        encoder = load_artifact(path)
+    if path.suffix != ".onnx" and (out is None or is_artifact(path) and _same_dir(out, path / name)):
+        # Into the MODEL's artifact, else (like `mimc export`) a new one holding the weights,
+        # model.onnx and the quantized graph.
+        encoder = load_artifact(path) if is_artifact(path) else load_model(model)
+        folder = path if is_artifact(path) else Path(f"{model_slug(model)}-mimc")
+        if folder is not path:
+            _new_artifact(folder, False, f", or run `mimc quantize {folder}`")
         images.draw(encoder.config, config.n + EVAL_IMAGES)  # bad images: refused before an export is written
-        result = extend(path, encoder, [config], images=images, force=force, seed=seed)
-        report = result.stages[-1].entry["report"]
-        return GraphReport(Path(report["path"]), path, report)
-    encoder = load_artifact(path) if is_artifact(path) else load_model(model)
-    if out is not None:  # one graph file where asked; the fp32 graph it comes from is exported to a temp folder
+        if folder is path:
+            result = extend(path, encoder, [config], images=images, force=force, seed=seed)
+        else:
+            result = execute(Job(source=encoder, stages=[ExportConfig(), config], images=images, seed=seed, force=force), folder)
+        return GraphReport(folder / name, folder, result.stages[-1].entry["report"])
+    # One graph file where asked, from an fp32 graph: the given one, the artifact's, or one exported to a temp folder.
+    with tempfile.TemporaryDirectory(prefix=".mimc-quantize.") as tmp:
+        if path.suffix == ".onnx":
+            if not path.is_file():
+                raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
+            encoder, graph, cfg = None, path, encoder_config_of_graph(path)
+            out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
+        else:
+            encoder = load_artifact(path) if is_artifact(path) else load_model(model)
+            given = path / ONNX_NAME if is_artifact(path) else None
+            graph, cfg = given if given is not None and given.is_file() else Path(tmp) / ONNX_NAME, encoder.config
         _check_folder(out, (path, calib))
-        graph = path / ONNX_NAME if is_artifact(path) and (path / ONNX_NAME).is_file() else None
-        drawn = images.draw(encoder.config, config.n + EVAL_IMAGES)
-        with tempfile.TemporaryDirectory(prefix=".mimc-quantize.") as tmp:
-            if graph is None:
-                from mimc.deploy.onnx import export_onnx
+        drawn = images.draw(cfg, config.n + EVAL_IMAGES)
+        if not graph.is_file():
+            from mimc.deploy.onnx import export_onnx
 
-                graph = Path(tmp) / ONNX_NAME
-                export_onnx(encoder, graph)
-            report = quantize_file(graph, out, drawn, config, seed, force, calib)
-        return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
-    folder = Path(f"{model_slug(model)}-mimc")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise BadInputError(f"output {folder} already exists and is not empty: choose another output, or run `mimc quantize {folder}`")
-    images.draw(encoder.config, config.n + EVAL_IMAGES)
-    # Like `mimc export`: a new artifact holding the weights, model.onnx and the quantized graph.
-    result = execute(Job(source=encoder, stages=[ExportConfig(), config], images=images, seed=seed, force=force), folder)
-    report = result.stages[-1].entry["report"]
-    report["path"] = str(folder / f"model{suffix}")
-    return GraphReport(folder / f"model{suffix}", folder, report)
+            export_onnx(encoder, graph)
+        report = quantize_file(graph, out, drawn, config, seed, force, calib)
+    return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
 
 
 def _check_folder(out: Path, inputs=()) -> None:

@@ -113,10 +113,8 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
         if calib is None and data is None:
             raise DataError("resuming a learned run needs its images again: give the same data", option="data")
     images = data if (is_learned and data is not None) else (calib or data)
-    report = run_stage(model, config, out, "", images, n if is_learned else config.n_calib, 64, config.seed, overwrite,
-                       run=_run(run_dir, resume, checkpoint_every), encoder=encoder)
-    _leave_group()
-    return report
+    return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume, checkpoint_every,
+                  overwrite=overwrite, encoder=encoder)
 
 
 def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None = None, resume=None,
@@ -129,7 +127,7 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
 
     if data is None:
         raise DataError("distill learns from unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
-    given = {k: v for k, v in options.items()}
+    given = dict(options)
     config = DistillConfig.from_dict({k: v for k, v in given.items() if v is not None}) if resume is None else None
     out = resolve_run_dir(output, resume, _default_output(model, "distilled"), overwrite)
     encoder = _load(model)
@@ -140,27 +138,22 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
         if on_note is not None:
             on_note("this model needs every token (relative position bias or a token schedule): training without input masking")
         config = DistillConfig.from_dict({**config.to_dict(), "mask_ratio": 0.0})
-    report = run_stage(model, config, out, "", data, n, 64, config.seed, True, teacher=teacher_model,
-                       run=_run(out, resume, checkpoint_every), encoder=encoder)
-    _leave_group()
+    report = _train(model, config, out, data, n, out, resume, checkpoint_every, overwrite=True, teacher=teacher_model,
+                    encoder=encoder)
     report.metrics.setdefault("teacher", _name(teacher) if teacher is not None else (getattr(encoder, "manifest", None).source or {}).get("id"))
     return report
 
 
-def _leave_group() -> None:
-    from mimc.train.dist import shutdown
-
-    shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
-
-
-def _run(run_dir, resume, checkpoint_every: int):
-    from mimc.train.dist import is_main_process
+def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, **kwargs) -> StageReport:
+    """:func:`run_stage` of sparsify / distill: a learned run checkpoints into ``run_dir``."""
     from mimc.train import TrainRun
+    from mimc.train.dist import is_main_process, shutdown
 
-    if run_dir is None:
-        return None
-    return TrainRun(run_dir=Path(run_dir), resume=resume is not None, checkpoint_every=checkpoint_every,
-                      show_progress=is_main_process())
+    run = None if run_dir is None else TrainRun(run_dir=Path(run_dir), resume=resume is not None,
+                                                checkpoint_every=checkpoint_every, show_progress=is_main_process())
+    report = run_stage(model, config, out, "", data, n, 64, config.seed, run=run, **kwargs)
+    shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
+    return report
 
 
 __all__ = ["prune", "width", "tokens", "sparsify", "distill", "run_stage"]

@@ -67,10 +67,7 @@ class RunResult:
     encoder: Any
     stages: list[StageResult]
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"output": str(self.output) if self.output is not None else None,
-                "stages": [s.to_dict() for s in self.stages], "seconds": self.seconds}
+    report: dict[str, Any] | None = None  # with a recipe: the run report (as written to run.json)
 
 
 def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Callable[[int, Any], None] | None = None,
@@ -136,13 +133,11 @@ def execute(job: Job, output: str | Path | None, overwrite: bool = False, recipe
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_artifact(encoder, tmp, overwrite=True)
         ctx = GraphContext(folder=tmp, encoder=encoder, source=job.source, images=job.images, force=job.force,
-                           seed=job.seed, data_spec=job.images.spec if job.images is not None else None,
-                           export_options=dict(job.export_options))
+                           seed=job.seed, export_options=dict(job.export_options))
         results += run_graph_stages(ctx, graph_stages, on_stage, first_index=len(model_stages) + 1)
         seconds = round(time.perf_counter() - start, 3)
-        if recipe is not None:
-            _write_run_files(tmp, recipe, note, results, out, seconds)
-    return RunResult(out, encoder, results, seconds)
+        report = _write_run_files(tmp, recipe, note, results, out, seconds) if recipe is not None else None
+    return RunResult(out, encoder, results, seconds, report)
 
 
 def extend(folder: str | Path, encoder, stages: Sequence[Any], images=None, force: bool = False, seed: int = 0,
@@ -154,14 +149,13 @@ def extend(folder: str | Path, encoder, stages: Sequence[Any], images=None, forc
     start = time.perf_counter()
     last = folder / "model.onnx"
     ctx = GraphContext(folder=folder, encoder=encoder, source=encoder, images=images, force=force, seed=seed,
-                       data_spec=images.spec if images is not None else None, export_options=dict(export_options or {}),
-                       last_graph=last if last.is_file() else None)
+                       export_options=dict(export_options or {}), last_graph=last if last.is_file() else None)
     results = run_graph_stages(ctx, stages, on_stage)
     return RunResult(folder, encoder, results, round(time.perf_counter() - start, 3))
 
 
 def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, results: list[StageResult], out: Path,
-                     seconds: float) -> None:
+                     seconds: float) -> dict[str, Any]:
     import yaml
 
     report: dict[str, Any] = {"recipe": recipe, "output": str(out), "stages": [r.to_dict() for r in results]}
@@ -171,6 +165,7 @@ def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, result
     resolved = {k: v for k, v in recipe.items() if k != "output"}
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
     (tmp / RUN_REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
 
 
 __all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "run_graph_stages",

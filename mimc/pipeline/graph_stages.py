@@ -33,9 +33,7 @@ class GraphContext:
     export_config: Any = None  # the export stage's options (profile's baseline is exported alike)
     force: bool = False
     seed: int = 0
-    data_spec: str | None = None  # recorded as the calibration source
     export_options: dict[str, Any] = field(default_factory=dict)  # validate / force / seed of `mimc export`
-    entries: list[dict[str, Any]] = field(default_factory=list)
 
 
 def graph_path(ctx: GraphContext, name: str | None) -> Path | None:
@@ -84,7 +82,7 @@ def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
         export_onnx(ctx.encoder, graph)
     out = ctx.folder / f"model.{config.precision}.onnx"
     report = quantize_file(graph, out, ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config,
-                           ctx.seed, ctx.force, ctx.data_spec or ctx.images.spec)
+                           ctx.seed, ctx.force, ctx.images.spec)
     ctx.last_graph = out
     return {"file": out.name, "validation": report["validation"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
             "calibration_sha256": report["calibration_sha256"], "report": report}

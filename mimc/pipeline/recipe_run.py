@@ -74,14 +74,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
         images.draw(source.config, recipe.n)  # unreadable or mis-shaped images: one line, before any work
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,
               force=force)
-    steps = recipe.steps
     result = execute(job, out, overwrite=overwrite, recipe=recipe.to_dict(), note=recipe.note,
-                     on_stage=None if on_stage is None else (lambda i, config: on_stage(i, steps[i - 1])))
-    report: dict[str, Any] = {"recipe": recipe.to_dict(), "output": str(out), "stages": [s.to_dict() for s in result.stages]}
-    if recipe.note:
-        report["note"] = recipe.note
-    report["seconds"] = result.seconds
-    return report
+                     on_stage=None if on_stage is None else (lambda i, config: on_stage(i, recipe.steps[i - 1])))
+    return result.report
 
 
 __all__ = ["run_recipe", "default_output"]

@@ -155,8 +155,12 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
             candidates.append(cand)
-        if not predict:
-            _time_interleaved([c for c in candidates if c.error is None], iters, prof.threads)
+        if not predict:  # median batch-1 latency of every built graph, timed together in alternating rounds
+            from mimc.runtime.ort import time_interleaved
+
+            built = [c for c in candidates if c.error is None]
+            for c, ms in zip(built, time_interleaved([c.graph for c in built], iters=iters, threads=prof.threads)):
+                c.latency_ms = ms
     ok = [c for c in candidates if c.error is None]
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
@@ -207,8 +211,7 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
     cand.macs = float(flops_per_image(model.config))
     # the pipeline's export stage, unvalidated: fidelity is measured below, through the graph that ships
     ctx = GraphContext(folder=tmp, encoder=model, export_options={"validate": False})
-    export = ExportConfig(batch=1)
-    fp32 = Path(export_stage(ctx, export)["report"]["path"])
+    fp32 = Path(export_stage(ctx, ExportConfig(batch=1))["report"]["path"])
     cand.stages.append({"export": {"batch": 1}})
     graph, emulate = fp32, False
     if precision in ("int8", "fp8"):
@@ -234,15 +237,7 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
         rep = roofline(graph, prof, batch=1, precision="fp16" if precision == "fp16" else None)
         cand.latency_ms, cand.latency_label = round(float(rep["latency_ms"]), 4), "predicted"
     else:
-        cand.graph, cand.latency_label = graph, "measured"  # timed with the others (_time_interleaved)
-
-
-def _time_interleaved(cands: list[Candidate], iters: int, threads: int | None) -> None:
-    """Median batch-1 latency of every candidate's graph, timed together in alternating rounds."""
-    from mimc.runtime.ort import time_interleaved
-
-    for c, ms in zip(cands, time_interleaved([c.graph for c in cands], iters=iters, threads=threads)):
-        c.latency_ms = ms
+        cand.graph, cand.latency_label = graph, "measured"  # timed with the others once all are built
 
 
 def _torch_features(model, images, half: bool = False) -> np.ndarray:
