@@ -10,13 +10,7 @@ from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
 from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
-
-
-@pytest.fixture
-def app():
-    from mimc.cli.app import app
-
-    return app
+from tests.cli.conftest import invoke, one_error_line
 
 
 @pytest.fixture
@@ -24,19 +18,10 @@ def artifact(tmp_path):
     return save_artifact(build_encoder(tiny_config(rel_pos_bias="per_block", layer_scale=True), seed=0), tmp_path / "art")
 
 
-def _invoke(app, args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result, code, match):
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], result.stderr
-    assert "Traceback" not in result.output
 
 
 def test_export_artifact_in_place(app, artifact):
-    result = _invoke(app, ["export", artifact, "--json"])
+    result = invoke(app, ["export", artifact, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["path"].endswith("model.onnx") and (artifact / "model.onnx").is_file()
@@ -47,7 +32,7 @@ def test_export_artifact_in_place(app, artifact):
 
 def test_export_any_model_creates_an_artifact_beside_the_graph(app, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = _invoke(app, ["export", "ref", "--batch", "dynamic", "--json"])
+    result = invoke(app, ["export", "ref", "--batch", "dynamic", "--json"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "ref-mimc"  # derived default: ./<slug>-mimc
     assert is_artifact(out) and (out / "model.onnx").is_file()
@@ -64,7 +49,7 @@ def test_export_to_another_artifact_dir(app, tmp_path, artifact):
     manifest["files"]["model.int8.onnx"] = {"kind": "onnx"}  # a file that stays behind in the source
     write_json(artifact / MANIFEST_NAME, manifest)
     out = tmp_path / "copy"
-    result = _invoke(app, ["export", artifact, "-o", out, "--batch", "2"])
+    result = invoke(app, ["export", artifact, "-o", out, "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert (out / "model.onnx").is_file() and not (artifact / "model.onnx").exists()
     copied = load_artifact(out).manifest
@@ -83,25 +68,25 @@ def test_export_to_another_artifact_dir(app, tmp_path, artifact):
 def test_export_bad_options(app, artifact, args, match):
     before = sorted(p.name for p in artifact.iterdir())
     manifest = (artifact / MANIFEST_NAME).read_text()
-    _one_error_line(_invoke(app, ["export", artifact, *args]), 2, match)
+    one_error_line(invoke(app, ["export", artifact, *args]), match, code=2)
     assert sorted(p.name for p in artifact.iterdir()) == before
     assert (artifact / MANIFEST_NAME).read_text() == manifest
 
 
 def test_export_bad_models(app, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _one_error_line(_invoke(app, ["export", tmp_path / "missing"]), 2, "not found")
+    one_error_line(invoke(app, ["export", tmp_path / "missing"]), "not found", code=2)
     (tmp_path / "empty").mkdir()
-    _one_error_line(_invoke(app, ["export", tmp_path / "empty"]), 2, "neither a mimc artifact")
+    one_error_line(invoke(app, ["export", tmp_path / "empty"]), "neither a mimc artifact", code=2)
     corrupt = tmp_path / "corrupt"
     save_artifact(build_encoder(tiny_config(), seed=0), corrupt)
     (corrupt / "model.safetensors").write_bytes(b"garbage")
-    _one_error_line(_invoke(app, ["export", corrupt]), 2, "safetensors")
+    one_error_line(invoke(app, ["export", corrupt]), "safetensors", code=2)
     assert not (corrupt / "model.onnx").exists()
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "x").write_text("keep me")
-    _one_error_line(_invoke(app, ["export", "ref", "-o", occupied]), 2, "already exists")
+    one_error_line(invoke(app, ["export", "ref", "-o", occupied]), "already exists", code=2)
     assert [p.name for p in occupied.iterdir()] == ["x"]
 
 
@@ -110,38 +95,38 @@ def test_export_failing_the_gate_exits_1_and_writes_nothing(app, tmp_path, artif
 
     monkeypatch.setattr(export_mod, "gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
     manifest = (artifact / MANIFEST_NAME).read_text()
-    _one_error_line(_invoke(app, ["export", artifact]), 1, "fidelity gate")
+    one_error_line(invoke(app, ["export", artifact]), "fidelity gate", code=1)
     assert not (artifact / "model.onnx").exists() and (artifact / MANIFEST_NAME).read_text() == manifest
     out = tmp_path / "new"
-    _one_error_line(_invoke(app, ["export", artifact, "-o", out]), 1, "nothing written")
+    one_error_line(invoke(app, ["export", artifact, "-o", out]), "nothing written", code=1)
     assert not out.exists()
-    forced = _invoke(app, ["export", artifact, "--force", "--json"])
+    forced = invoke(app, ["export", artifact, "--force", "--json"])
     assert forced.exit_code == 0 and json.loads(forced.stdout)["validation"]["forced"] is True
 
 
 @pytest.fixture
 def onnx_file(app, artifact):
-    result = _invoke(app, ["export", artifact, "--batch", "dynamic"])
+    result = invoke(app, ["export", artifact, "--batch", "dynamic"])
     assert result.exit_code == 0, result.output
     return artifact / "model.onnx"
 
 
 def test_profile_json_and_report_file(app, tmp_path, onnx_file):
     report_path = tmp_path / "report.json"
-    result = _invoke(app, ["profile", onnx_file, "--device", "cpu", "--batch", "1,2", "--iters", "5", "--warmup", "1",
+    result = invoke(app, ["profile", onnx_file, "--device", "cpu", "--batch", "1,2", "--iters", "5", "--warmup", "1",
                            "--threads", "1", "--json", "-o", report_path])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["label"] == "measured" and report["threads"] == 1
     assert [r["batch"] for r in report["results"]] == [1, 2]
     assert json.loads(report_path.read_text())["results"][0]["batch"] == 1
-    table = _invoke(app, ["profile", onnx_file, "--iters", "3", "--warmup", "0", "--batch", "1"])
+    table = invoke(app, ["profile", onnx_file, "--iters", "3", "--warmup", "0", "--batch", "1"])
     assert table.exit_code == 0 and "p50 ms" in table.stdout
 
 
 def test_profile_predict(app, onnx_file):
     pytest.importorskip("mimc.latency.roofline")
-    result = _invoke(app, ["profile", onnx_file, "--device", "h100", "--predict", "--batch", "1", "--json"])
+    result = invoke(app, ["profile", onnx_file, "--device", "h100", "--predict", "--batch", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["label"] == "predicted"
 
@@ -152,12 +137,12 @@ def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
     monkeypatch.setattr(run_mod, "cuda_available", lambda: False)
     text = tmp_path / "x.txt"
     text.write_text("x")
-    _one_error_line(_invoke(app, ["profile", text]), 2, "not an ONNX graph")
-    _one_error_line(_invoke(app, ["profile", tmp_path / "nope.onnx"]), 2, "does not exist")
-    _one_error_line(_invoke(app, ["profile", onnx_file, "--device", "abacus"]), 2, "unknown device")
-    _one_error_line(_invoke(app, ["profile", onnx_file, "--batch", "0"]), 2, "positive integer")
-    _one_error_line(_invoke(app, ["profile", onnx_file, "--device", "h100"]), 2, "needs a CUDA GPU")
-    _one_error_line(_invoke(app, ["profile", onnx_file, "-o", tmp_path / "no" / "r.json"]), 2, "does not exist")
+    one_error_line(invoke(app, ["profile", text]), "not an ONNX graph", code=2)
+    one_error_line(invoke(app, ["profile", tmp_path / "nope.onnx"]), "does not exist", code=2)
+    one_error_line(invoke(app, ["profile", onnx_file, "--device", "abacus"]), "unknown device", code=2)
+    one_error_line(invoke(app, ["profile", onnx_file, "--batch", "0"]), "positive integer", code=2)
+    one_error_line(invoke(app, ["profile", onnx_file, "--device", "h100"]), "needs a CUDA GPU", code=2)
+    one_error_line(invoke(app, ["profile", onnx_file, "-o", tmp_path / "no" / "r.json"]), "does not exist", code=2)
     assert not (tmp_path / "no").exists()
 
 

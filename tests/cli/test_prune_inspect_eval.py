@@ -12,13 +12,7 @@ from mimc.artifact import is_artifact, save_artifact
 from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
-
-
-@pytest.fixture
-def app():
-    from mimc.cli.app import app
-
-    return app
+from tests.cli.conftest import invoke, one_error_line, snapshot
 
 
 @pytest.fixture
@@ -34,37 +28,24 @@ def labelled_npz(tmp_path, tiny_images):
     return path
 
 
-def _invoke(app, args):
-    # Rich sizes tables to the terminal; a wide one keeps every criterion's column readable.
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
-
-def _one_error_line(result, match):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
-def _snapshot(path):
-    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 # The main job on ref ------------------------------------------------------------------------------
 def test_main_job_on_ref_prune_export_eval(app, tmp_path):
     half = tmp_path / "out" / "half"
-    result = _invoke(app, ["prune", "ref", "--ratio", "0.5", "-o", half, "--json"])
+    result = invoke(app, ["prune", "ref", "--ratio", "0.5", "-o", half, "--json"])
     assert result.exit_code == 0, result.output
     pruned = json.loads(result.stdout)
     assert len(pruned["metrics"]["removed_blocks"]) == 6 and len(pruned["metrics"]["kept_blocks"]) == 6
     assert pruned["config"]["criterion"] == "entropy" and len(pruned["metrics"]["scores"]["entropy"]) == 12
     assert is_artifact(half) and load_artifact(half).config.depth == 6
 
-    result = _invoke(app, ["export", half, "--json"])
+    result = invoke(app, ["export", half, "--json"])
     assert result.exit_code == 0, result.output
     assert (half / "model.onnx").is_file()
 
-    result = _invoke(app, ["eval", half / "model.onnx", "--ref", "ref", "--data", "builtin", "--n", "60", "--json"])
+    result = invoke(app, ["eval", half / "model.onnx", "--ref", "ref", "--data", "builtin", "--n", "60", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["data"]["n_images"] == 60 and report["data"]["labelled"]
@@ -76,7 +57,7 @@ def test_main_job_on_ref_prune_export_eval(app, tmp_path):
 # prune --------------------------------------------------------------------------------------------
 def test_prune_table_default_output_and_data_fidelity(app, artifact, labelled_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = _invoke(app, ["prune", artifact, "--blocks", "1,4", "--criterion", "l1", "--data", labelled_npz])
+    result = invoke(app, ["prune", artifact, "--blocks", "1,4", "--criterion", "l1", "--data", labelled_npz])
     assert result.exit_code == 0, result.output
     assert "removed" in result.stdout and "l1" in result.stdout
     out = tmp_path / "tiny-pruned"
@@ -87,7 +68,7 @@ def test_prune_table_default_output_and_data_fidelity(app, artifact, labelled_np
 
 
 def test_prune_sensitivity_uses_the_data(app, artifact, labelled_npz, tmp_path):
-    result = _invoke(app, ["prune", artifact, "--keep", "4", "-c", "sensitivity", "--data", labelled_npz, "-o", tmp_path / "s", "--json"])
+    result = invoke(app, ["prune", artifact, "--keep", "4", "-c", "sensitivity", "--data", labelled_npz, "-o", tmp_path / "s", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     s = report["metrics"]["scores"]["sensitivity"]
@@ -129,12 +110,12 @@ def test_prune_bad_inputs_exit_2_and_write_nothing(app, artifact, tmp_path, args
         "MISSING": str(tmp_path / "missing"), "NOTMODEL": str(not_a_model), "ART": str(artifact), "MISSING.npz": str(tmp_path / "x.npz"),
         "CORRUPT": str(not_a_model / "corrupt.safetensors"), "EVIL": str(not_a_model / "evil.pth"),
     }
-    before = {p: _snapshot(p) for p in (artifact, not_a_model)}
+    before = {p: snapshot(p) for p in (artifact, not_a_model)}
     out = tmp_path / "out"
-    result = _invoke(app, [subs.get(a, a) for a in args] + ["-o", out])
-    _one_error_line(result, match)
+    result = invoke(app, [subs.get(a, a) for a in args] + ["-o", out])
+    one_error_line(result, match)
     assert not out.exists()
-    assert {p: _snapshot(p) for p in (artifact, not_a_model)} == before
+    assert {p: snapshot(p) for p in (artifact, not_a_model)} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notmodel", "tiny"]  # no temp dirs left
 
 
@@ -142,15 +123,15 @@ def test_prune_refuses_occupied_output(app, artifact, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = _invoke(app, ["prune", artifact, "--ratio", "0.5", "-o", out])
-    _one_error_line(result, "already exists")
+    result = invoke(app, ["prune", artifact, "--ratio", "0.5", "-o", out])
+    one_error_line(result, "already exists")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 # inspect ------------------------------------------------------------------------------------------
 def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_npz, tmp_path):
     plot = tmp_path / "scores.png"
-    result = _invoke(app, ["inspect", artifact, "--data", labelled_npz, "-o", plot, "--json"])
+    result = invoke(app, ["inspect", artifact, "--data", labelled_npz, "-o", plot, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     expected = {"entropy", "entropy_hist", "l1", "l2", "variance", "kurtosis", "random", "last", "sensitivity"}
@@ -159,7 +140,7 @@ def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_n
     assert set(rho) == expected - {"sensitivity"} and all(r is None or -1.0 <= r <= 1.0 for r in rho.values())
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    result = _invoke(app, ["inspect", artifact, "--no-plot"])
+    result = invoke(app, ["inspect", artifact, "--no-plot"])
     assert result.exit_code == 0, result.output
     assert "entropy_hist" in result.stdout and "kurtosis" in result.stdout
 
@@ -176,20 +157,20 @@ def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_n
 def test_inspect_bad_inputs(app, artifact, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
     subs = {"MISSING": str(tmp_path / "missing"), "ART": str(artifact), "MISSING.npz": str(tmp_path / "x.npz")}
-    result = _invoke(app, [subs.get(a, a) for a in args])
-    _one_error_line(result, match)
+    result = invoke(app, [subs.get(a, a) for a in args])
+    one_error_line(result, match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 
 # eval ---------------------------------------------------------------------------------------------
 def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, labelled_npz, tmp_path, tiny_images):
-    result = _invoke(app, ["eval", artifact, "--ref", artifact, "--data", labelled_npz, "--json"])
+    result = invoke(app, ["eval", artifact, "--ref", artifact, "--data", labelled_npz, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["fidelity"]["pooled_cosine_min"] == pytest.approx(1.0, abs=1e-6)
     assert report["knn_top1"] == report["reference_knn_top1"]
     np.save(tmp_path / "plain.npy", tiny_images[0])
-    result = _invoke(app, ["eval", artifact, "--data", tmp_path / "plain.npy"])
+    result = invoke(app, ["eval", artifact, "--data", tmp_path / "plain.npy"])
     assert result.exit_code == 0, result.output
     assert "k-NN skipped" in result.stdout
 
@@ -208,5 +189,5 @@ def test_eval_bad_inputs(app, artifact, tmp_path, args, match):
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(b"not really onnx")
     subs = {"MISSING": str(tmp_path / "missing"), "ART": str(artifact), "FOREIGN": str(foreign), "MISSING.npz": str(tmp_path / "x.npz")}
-    result = _invoke(app, [subs.get(a, a) for a in args])
-    _one_error_line(result, match)
+    result = invoke(app, [subs.get(a, a) for a in args])
+    one_error_line(result, match)

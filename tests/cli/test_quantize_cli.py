@@ -12,13 +12,7 @@ from typer.testing import CliRunner
 from mimc.artifact import MANIFEST_NAME, save_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
-
-
-@pytest.fixture
-def app():
-    from mimc.cli.app import app
-
-    return app
+from tests.cli.conftest import invoke, one_error_line
 
 
 @pytest.fixture
@@ -34,15 +28,6 @@ def calib(tmp_path, tiny_images):
     return path
 
 
-def _invoke(app, args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result, match):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], result.stderr
-    assert "Traceback" not in result.output
 
 
 def _snapshot(folder):
@@ -50,7 +35,7 @@ def _snapshot(folder):
 
 
 def test_quantize_artifact_exports_then_quantizes_and_records(app, artifact, calib):
-    result = _invoke(app, ["quantize", artifact, "--int8", "--calib", calib, "--n", "16", "--smooth", "0.5", "--json"])
+    result = invoke(app, ["quantize", artifact, "--int8", "--calib", calib, "--n", "16", "--smooth", "0.5", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     out = artifact / "model.int8.onnx"
@@ -67,7 +52,7 @@ def test_quantize_artifact_exports_then_quantizes_and_records(app, artifact, cal
 
 
 def test_no_fuse_attention_keeps_the_float_attention_nodes(app, artifact, calib):
-    result = _invoke(app, ["quantize", artifact, "--calib", calib, "--n", "16", "--no-fuse-attention", "-o", artifact / "plain.onnx"])
+    result = invoke(app, ["quantize", artifact, "--calib", calib, "--n", "16", "--no-fuse-attention", "-o", artifact / "plain.onnx"])
     assert result.exit_code == 0, result.output
     assert "QAttention" not in result.stdout
     ops = {n.op_type for n in onnx.load(str(artifact / "plain.onnx")).graph.node}
@@ -75,7 +60,7 @@ def test_no_fuse_attention_keeps_the_float_attention_nodes(app, artifact, calib)
 
 
 def test_fp8_for_an_h100_says_it_cannot_run_here(app, artifact, calib):
-    result = _invoke(app, ["quantize", artifact, "--fp8", "--calib", calib, "--n", "16", "--device", "h100"])
+    result = invoke(app, ["quantize", artifact, "--fp8", "--calib", calib, "--n", "16", "--device", "h100"])
     assert result.exit_code == 0, result.output
     assert (artifact / "model.fp8.onnx").is_file()
     assert "not runnable here" in result.stderr
@@ -83,45 +68,45 @@ def test_fp8_for_an_h100_says_it_cannot_run_here(app, artifact, calib):
 
 def test_bad_inputs_exit_2_and_write_nothing(app, artifact, calib, tmp_path):
     before = _snapshot(artifact)
-    _one_error_line(_invoke(app, ["quantize", artifact]), "calibration images")
+    one_error_line(invoke(app, ["quantize", artifact]), "calibration images")
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, images=np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
-    _one_error_line(_invoke(app, ["quantize", artifact, "--calib", wrong]), "expects (3, 32, 32)")
+    one_error_line(invoke(app, ["quantize", artifact, "--calib", wrong]), "expects (3, 32, 32)")
     two_channel = tmp_path / "two.npz"
     np.savez(two_channel, images=np.zeros((4, 32, 32, 2), dtype=np.uint8))
-    _one_error_line(_invoke(app, ["quantize", artifact, "--calib", two_channel]), "channels")
-    _one_error_line(_invoke(app, ["quantize", artifact, "--calib", calib, "-o", tmp_path / "nope" / "q.onnx"]), "does not exist")
-    _one_error_line(_invoke(app, ["quantize", artifact, "--fp8", "--calib", calib]), "does not support fp8")
-    _one_error_line(_invoke(app, ["quantize", artifact, "--int8", "--fp8", "--calib", calib]), "exclude each other")
+    one_error_line(invoke(app, ["quantize", artifact, "--calib", two_channel]), "channels")
+    one_error_line(invoke(app, ["quantize", artifact, "--calib", calib, "-o", tmp_path / "nope" / "q.onnx"]), "does not exist")
+    one_error_line(invoke(app, ["quantize", artifact, "--fp8", "--calib", calib]), "does not support fp8")
+    one_error_line(invoke(app, ["quantize", artifact, "--int8", "--fp8", "--calib", calib]), "exclude each other")
     assert _snapshot(artifact) == before
 
 
 def test_foreign_onnx_is_refused(app, artifact, calib, tmp_path):
-    assert _invoke(app, ["export", artifact]).exit_code == 0
+    assert invoke(app, ["export", artifact]).exit_code == 0
     foreign_dir = tmp_path / "foreign"
     foreign_dir.mkdir()
     model = onnx.load(str(artifact / "model.onnx"))
     del model.metadata_props[:]
     onnx.save(model, str(foreign_dir / "model.onnx"))
-    _one_error_line(_invoke(app, ["quantize", foreign_dir / "model.onnx", "--calib", calib]), "not a mimc graph")
+    one_error_line(invoke(app, ["quantize", foreign_dir / "model.onnx", "--calib", calib]), "not a mimc graph")
     assert [p.name for p in foreign_dir.iterdir()] == ["model.onnx"]
     # A mimc graph copied out of its artifact still carries its metadata and quantizes.
     shutil.copy(artifact / "model.onnx", tmp_path / "loose.onnx")
-    result = _invoke(app, ["quantize", tmp_path / "loose.onnx", "--calib", calib, "--n", "8", "--method", "minmax"])
+    result = invoke(app, ["quantize", tmp_path / "loose.onnx", "--calib", calib, "--n", "8", "--method", "minmax"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "loose.int8.onnx").is_file()
 
 
 def test_any_model_becomes_an_artifact_with_both_graphs(app, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = _invoke(app, ["quantize", "ref", "--calib", "builtin", "--n", "16", "--method", "minmax", "--json"])
+    result = invoke(app, ["quantize", "ref", "--calib", "builtin", "--n", "16", "--method", "minmax", "--json"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "ref-mimc"
     assert sorted(p.name for p in out.iterdir()) == ["mimc.json", "model.int8.onnx", "model.onnx", "model.safetensors"]
     files = json.loads((out / MANIFEST_NAME).read_text())["files"]
     assert files["model.int8.onnx"]["held_out_images"] == 32 and files["model.int8.onnx"]["validation"]["passed"]
     assert [p.name for p in tmp_path.iterdir()] == ["ref-mimc"]  # no temp dirs left
-    _one_error_line(_invoke(app, ["quantize", "ref", "--calib", "builtin"]), "already exists")
+    one_error_line(invoke(app, ["quantize", "ref", "--calib", "builtin"]), "already exists")
 
 
 def test_videomae_converted_artifact_quantizes(app, tmp_path):
@@ -137,7 +122,7 @@ def test_videomae_converted_artifact_quantizes(app, tmp_path):
     art = save_artifact(convert_hf_model(hf), tmp_path / "video")
     clips = np.random.default_rng(0).integers(0, 256, (20, 4, 32, 32, 3), dtype=np.uint8)  # raw RGB clips
     np.savez(tmp_path / "clips.npz", images=clips)
-    result = _invoke(app, ["quantize", art, "--calib", tmp_path / "clips.npz", "--n", "12", "--json"])
+    result = invoke(app, ["quantize", art, "--calib", tmp_path / "clips.npz", "--n", "12", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["quantized_linears"] == 8 and report["validation"]["passed"]

@@ -8,13 +8,6 @@ from mimc.models.io import load_artifact
 
 
 @pytest.fixture
-def app():
-    from mimc.cli.app import app
-
-    return app
-
-
-@pytest.fixture
 def model_dir(tmp_path, tiny_encoder):
     return str(save_artifact(tiny_encoder, tmp_path / "tiny"))
 
