@@ -12,7 +12,6 @@ its peak memory. Random-init weights (latency and export behaviour do not depend
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

@@ -12,7 +12,8 @@ from mimc.compression.registry import config_types
 from mimc.compression.tokens import TokenReductionConfig
 from mimc.errors import ConfigError, DataError
 from mimc.options import StageConfig, option
-from mimc.pipeline.recipe import GRAPH_CONFIGS, ProfileConfig, parse_recipe
+from mimc.pipeline.recipe import ProfileConfig, parse_recipe
+from mimc.pipeline.stages import GRAPH_CONFIGS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,5 +18,6 @@ from mimc.pipeline.search import SearchSpace
 VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
          "inspect", "run", "recipe", "search", "profiles")
 
-__all__ = [*VERBS, "StageReport", "GraphReport", "ProfileReport", "BuildReport", "EvalReport", "InspectReport",
-           "RunReport", "SearchReport", "SearchSpace", "MimcError", "ConfigError"]
+__all__ = ["prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
+           "inspect", "run", "recipe", "search", "profiles", "StageReport", "GraphReport", "ProfileReport", "BuildReport",
+           "EvalReport", "InspectReport", "RunReport", "SearchReport", "SearchSpace", "MimcError", "ConfigError", "VERBS"]

@@ -20,11 +20,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
 from mimc.compression.calib_stats import calibration_pixels
-from mimc.compression.nm_learned import NMLearnedConfig, learn_nm_masks
+from mimc.compression.nm_learned import learn_nm_masks
 from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError

@@ -8,7 +8,6 @@ replay them). A handler takes ``(encoder, config, calibration_batches)`` and ret
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import time
 from typing import Any, Callable, Iterable

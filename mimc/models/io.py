@@ -35,7 +35,7 @@ def load_artifact(path: str | os.PathLike) -> Encoder:
     encoder = Encoder(cfg)
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
+    except RuntimeError:
         raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact") from None
     if missing or unexpected:
         raise NotAModelError(

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from mimc.errors import BadInputError, ConfigError, clip, shorten
 from mimc.options import StageConfig
-from mimc.pipeline.stages import GRAPH_CONFIGS, GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
+from mimc.pipeline.stages import GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
@@ -197,8 +197,6 @@ def _check_order(steps: list[Step], where: str) -> None:
 def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
     """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
     ``data`` replaces the recipe's images."""
-    import yaml
-
     path = Path(path)
     if path.is_dir():
         return recipe_from_artifact(path, data)
@@ -271,8 +269,6 @@ def _with_data(parsed: Any, data: str | None) -> Any:
 def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     """The recipe that rebuilds an artifact: its recipe.yaml when ``mimc run`` wrote it, else one
     assembled from mimc.json (the source model, every recorded stage, the exported graphs)."""
-    import yaml
-
     from mimc.artifact import is_artifact, read_manifest
 
     path = Path(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
 from mimc.models.io import load_artifact

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from mimc.artifact import is_artifact, save_artifact
 from mimc.models.io import load_artifact

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from typer.testing import CliRunner
 
 from mimc.artifact import MANIFEST_NAME, save_artifact
 from mimc.models.vit import build_encoder

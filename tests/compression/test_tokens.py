@@ -97,8 +97,6 @@ def _export(encoder, path):
         report = export_onnx(encoder, path, batch=2)
         assert report["validation"]["passed"]
     else:
-        import onnxruntime as ort
-
         class Wrap(torch.nn.Module):
             def __init__(self, enc):
                 super().__init__()

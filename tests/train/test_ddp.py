@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mimc.artifact import save_artifact
