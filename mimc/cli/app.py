@@ -5,7 +5,10 @@ import importlib
 
 import typer
 
+from mimc.cli.entry import OneLineUsageErrors, started  # first: it catches Ctrl-C while the rest imports
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="mimc",
     help="Compress masked-image-modeling encoders into small, fast, validated ONNX models and engines.",
     no_args_is_help=True,
@@ -33,6 +36,8 @@ COMMAND_MODULES = [
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__package__}.{_name}").register(app)
+
+started()
 
 
 def main() -> None:
