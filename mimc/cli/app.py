@@ -1,11 +1,12 @@
 """The ``mimc`` command. Each command lives in its own module with a ``register(app)`` function."""
 from __future__ import annotations
 
-import importlib
+# First, before typer: it catches Ctrl-C while the rest imports.
+from mimc.cli.entry import OneLineUsageErrors, started  # isort: skip
 
-import typer
+import importlib  # noqa: E402
 
-from mimc.cli.entry import OneLineUsageErrors, started  # first: it catches Ctrl-C while the rest imports
+import typer  # noqa: E402
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
