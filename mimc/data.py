@@ -229,8 +229,10 @@ def load_images(spec: str | Path, cfg, n: int | None = None, seed: int = 0) -> I
     count = len(raw)
     if count == 0:
         raise DataError(f"{path} holds no images: pass a non-empty data set")
+    if seed is not None and seed < 0:
+        raise DataError(f"seed must be a non-negative whole number, got {seed}", option="seed")
     if n is not None and n < 1:
-        raise DataError(f"asked for {n} images: pass a positive number of images (or none for all)")
+        raise DataError(f"n must be a positive number of images (or none for all), got {n}", option="n")
     if labels is not None and len(labels) != count:
         raise DataError(f"{path} has {len(labels)} labels for {count} images: save one label per image")
     index = np.arange(count)
@@ -300,9 +302,9 @@ def check_model_inputs_file(spec: str, cfg) -> None:
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else np.load(path, allow_pickle=False)
         arr = loaded if path.suffix == ".npy" else (loaded["images"] if "images" in loaded else None)
-    except (ValueError, OSError):
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
         return  # load_images reports unreadable files with its own message
-    if arr is None or arr.dtype.kind != "f" or arr.size == 0:
+    if arr is None or arr.dtype.kind != "f" or arr.size == 0 or arr.ndim == 0:
         return
     expected = tuple(cfg.input_shape)
     if float(np.min(arr[: min(len(arr), 8)])) < 0 and tuple(arr.shape[1:]) != expected:

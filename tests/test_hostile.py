@@ -313,6 +313,216 @@ CASES = [
 ]
 
 
+
+# The second sweep: every command, every input family ------------------------------------------------
+def enc(**fields):
+    """A manifest whose encoder config says ``fields`` (the weights stay those of a 64-wide encoder)."""
+    return manifest(lambda m: m["encoder"].update(fields))
+
+
+def plain_onnx(name: str):
+    """A valid ONNX graph that mimc did not write: no mimc metadata, an Identity."""
+    def setup(ws):
+        import onnx
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 32, 32])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 32, 32])
+        graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["y"])], "g", [x], [y])
+        onnx.save(helper.make_model(graph), ws / name)
+    return setup
+
+
+def folder(name: str, files: dict[str, bytes] | None = None):
+    def setup(ws):
+        (ws / name).mkdir(parents=True, exist_ok=True)
+        for fname, data in (files or {}).items():
+            (ws / name / fname).write_bytes(data)
+    return setup
+
+
+def profile_yaml(text: str):
+    return write("dev.yaml", text)
+
+
+NOT_ONNX = write("bad.onnx", "this is not a protobuf " * 20)
+TRUNCATED_ONNX = lambda ws: (ws / "bad.onnx").write_bytes((ws / "g.onnx").read_bytes()[:5000])  # noqa: E731
+STRING_NPY = npy("x.npy", np.array("hello"))
+EMPTY_NPY = npy("x.npy", np.zeros((0, 32, 32, 3), np.uint8))
+PRUNE = ["prune", "A", "--ratio", "0.5", "-o", "OUT"]
+LEARNED = ["sparsify", "A", "--method", "learned", "--data", "imgs.npz", "--steps", "2", "--batch-size", "4", "-o", "OUT"]
+DISTILL = ["distill", "A", "--teacher", "B", "--data", "imgs.npz", "--steps", "2", "--batch-size", "4", "-o", "OUT"]
+GOOD_DEVICE = ("name: dev\nbackend: onnxruntime-cpu\nprecisions: [fp32]\npeak_tflops: {fp32: 1.0}\n"
+               "memory_bandwidth_gbs: 10\nmemory_gb: 8\n")
+
+CASES += [
+    # 5. Manifests whose encoder config lies about the weights -----------------------------------------
+    Case("manifest-list-eval", ["eval", "A"], "not a mimc manifest", manifest(lambda m: [m])),
+    Case("manifest-list-tokens", ["tokens", "A", "--r", "2", "-o", "OUT"], "not a mimc manifest", manifest(lambda m: [m])),
+    Case("manifest-depth-text", ["inspect", "A"], "depth", enc(depth="six")),
+    Case("manifest-depth-text-prune", PRUNE, "depth", enc(depth="six")),
+    Case("manifest-dim-text", ["export", "A", "-o", "OUT"], "dim", enc(dim="64")),
+    Case("manifest-dim-wider-than-weights", ["inspect", "A"], "weights", enc(dim=128, num_heads=4)),
+    Case("manifest-dim-wider-prune", PRUNE, "weights", enc(dim=128)),
+    Case("manifest-mlp-wider-than-weights", ["width", "A", "--mlp", "0.5", "-o", "OUT"], "weights", enc(mlp_dim=256)),
+    Case("manifest-patch-zero", ["inspect", "A"], "patch_size", enc(patch_size=0)),
+    Case("manifest-patch-zero-export", ["export", "A", "-o", "OUT"], "patch_size", enc(patch_size=0)),
+    Case("manifest-heads-zero", ["inspect", "A"], "num_heads", enc(num_heads=0)),
+    Case("manifest-heads-zero-sparsify", ["sparsify", "A", "-o", "OUT"], "num_heads", enc(num_heads=0)),
+    Case("manifest-heads-not-dividing", ["tokens", "A", "--r", "2", "-o", "OUT"], "num_heads", enc(num_heads=5)),
+    Case("manifest-image-size-30", ["export", "A", "-o", "OUT"], "image_size", enc(image_size=30)),
+    Case("manifest-image-size-30-eval", ["eval", "A"], "image_size", enc(image_size=30)),
+    Case("manifest-image-size-huge", ["inspect", "A"], "does not match its mimc.json", enc(image_size=10 ** 9)),
+    Case("manifest-depth-negative", ["distill", "A", "--data", "imgs.npz", "--steps", "1", "-o", "OUT"], "depth", enc(depth=-1)),
+    Case("manifest-depth-zero", ["inspect", "A"], "does not match its mimc.json", enc(depth=0)),
+    Case("manifest-depth-more-than-weights", ["inspect", "A"], "does not match its mimc.json", enc(depth=6)),
+    Case("manifest-unknown-pos-embed", ["inspect", "A"], "pos_embed", enc(pos_embed="evil")),
+    Case("manifest-encoder-list", ["inspect", "A"], "encoder", manifest(lambda m: m.update(encoder=[1, 2]))),
+    Case("manifest-mean-wrong-length", ["inspect", "A"], "image_mean", enc(image_mean=[0.5])),
+    Case("manifest-list-search", ["search", "A", "--blocks", "0.5", "--device", "cpu", "-o", "OUT"], "not a mimc manifest", manifest(lambda m: [m])),
+    Case("manifest-heads-zero-run", ["run", "recipe.yaml", "-o", "OUT"], "num_heads", enc(num_heads=0)),
+    # 6. Artifacts with a broken recipe ---------------------------------------------------------------
+    Case("artifact-recipe-not-yaml", ["run", "A", "-o", "OUT"], "recipe", write("A/recipe.yaml", "stages: [\n")),
+    Case("artifact-recipe-list", ["run", "A", "-o", "OUT"], "recipe", write("A/recipe.yaml", "- prune\n- width\n")),
+    Case("artifact-recipe-binary", ["run", "A", "-o", "OUT"], "recipe", write("A/recipe.yaml", bytes(range(256)))),
+    Case("run-folder-without-recipe", ["run", "B", "-o", "OUT"], "recipe"),
+    Case("recipe-top-level-list", ["run", "r.yaml", "-o", "OUT"], "must be a mapping", write("r.yaml", "- model: A\n")),
+    Case("recipe-empty", ["run", "r.yaml", "-o", "OUT"], "r.yaml", write("r.yaml", "")),
+    Case("recipe-unknown-stage", ["run", "r.yaml", "-o", "OUT"], "evil", write("r.yaml", "model: A\nstages:\n  - evil: {}\n")),
+    Case("recipe-stages-mapping", ["run", "r.yaml", "-o", "OUT"], "stages", write("r.yaml", "model: A\nstages: {prune: {}}\n")),
+    Case("recipe-missing", ["run", "nope.yaml", "-o", "OUT"], "nope.yaml"),
+    Case("recipe-bad-ratio", ["run", "r.yaml", "-o", "OUT"], "ratio", write("r.yaml", "model: A\nstages:\n  - prune: {ratio: 1.5}\n")),
+    Case("recipe-data-missing", ["run", "recipe.yaml", "--data", "nope.npy", "-o", "OUT"], "nope.npy"),
+    Case("recipe-model-missing", ["run", "r.yaml", "-o", "OUT"], "nosuch", write("r.yaml", "model: nosuch\nstages:\n  - prune: {ratio: 0.5}\n")),
+    # 7. Batch sizes, counts and sizes that mean nothing ----------------------------------------------
+    Case("prune-sensitivity-batch-0", ["prune", "A", "--ratio", "0.5", "--criterion", "sensitivity", "--data", "imgs.npz", "--batch-size", "0", "-o", "OUT"], "--batch-size"),
+    Case("prune-sensitivity-batch-neg", ["prune", "A", "--ratio", "0.5", "--criterion", "sensitivity", "--data", "imgs.npz", "--batch-size", "-1", "-o", "OUT"], "--batch-size"),
+    Case("prune-builtin-batch-neg", ["prune", "A", "--ratio", "0.5", "--data", "builtin", "--batch-size", "-1", "-o", "OUT"], "--batch-size"),
+    Case("inspect-batch-0", ["inspect", "A", "--data", "imgs.npz", "--batch-size", "0", "--no-plot"], "--batch-size"),
+    Case("inspect-batch-neg", ["inspect", "A", "--batch-size", "-1", "--no-plot"], "--batch-size"),
+    Case("inspect-hist-bins-huge", ["inspect", "A", "--hist-bins", "2000000000", "--no-plot"], "--hist-bins"),
+    Case("inspect-hist-bins-zero", ["inspect", "A", "--hist-bins", "0", "--no-plot"], "--hist-bins"),
+    Case("prune-hist-bins-huge", ["prune", "A", "--ratio", "0.5", "--criterion", "entropy_hist", "--hist-bins", "2000000000", "-o", "OUT"], "--hist-bins"),
+    Case("inspect-n-zero", ["inspect", "A", "--data", "imgs.npz", "--n", "0", "--no-plot"], "--n"),
+    Case("inspect-n-negative", ["inspect", "A", "--data", "imgs.npz", "--n", "-3", "--no-plot"], "--n"),
+    Case("inspect-dtype-unknown", ["inspect", "A", "--dtype", "fp8", "--no-plot"], "--dtype"),
+    Case("prune-n-zero", ["prune", "A", "--ratio", "0.5", "--data", "imgs.npz", "--n", "0", "-o", "OUT"], "--n"),
+    Case("eval-n-zero", ["eval", "A", "--data", "imgs.npz", "--n", "0"], "--n"),
+    Case("eval-batch-0", ["eval", "A", "--data", "imgs.npz", "--batch-size", "0"], "--batch-size"),
+    Case("eval-seed-negative", ["eval", "A", "--data", "imgs.npz", "--n", "4", "--seed", "-1"], "--seed"),
+    Case("quantize-n-zero", ["quantize", "g.onnx", "--calib", "imgs.npz", "--n", "0", "-o", "q.onnx"], "--n"),
+    Case("width-n-zero", ["width", "A", "--mlp", "0.5", "--data", "imgs.npz", "--n", "0", "-o", "OUT"], "--n"),
+    # 8. Options that would do nothing, and option checks before any work -----------------------------
+    Case("width-round-to-removes-nothing", ["width", "A", "--mlp", "0.5", "--round-to", "999", "-o", "OUT"], "--round-to"),
+    Case("width-round-to-zero", ["width", "A", "--mlp", "0.5", "--round-to", "0", "-o", "OUT"], "--round-to"),
+    Case("width-mlp-zero", ["width", "A", "--mlp", "0", "-o", "OUT"], "--mlp"),
+    Case("width-mlp-nan", ["width", "A", "--mlp", "nan", "-o", "OUT"], "--mlp"),
+    Case("width-heads-too-many", ["width", "A", "--heads", "1.5", "-o", "OUT"], "--heads"),
+    Case("width-criterion-unknown", ["width", "A", "--mlp", "0.5", "--criterion", "evil", "-o", "OUT"], "--criterion"),
+    Case("width-nothing-asked", ["width", "A", "-o", "OUT"], "--mlp"),
+    Case("tokens-r-negative", ["tokens", "A", "--r", "-1", "-o", "OUT"], "--r"),
+    Case("tokens-method-unknown", ["tokens", "A", "--r", "2", "--method", "evil", "-o", "OUT"], "--method"),
+    Case("tokens-at-out-of-range", ["tokens", "A", "--r", "2", "--at", "99", "-o", "OUT"], "--at"),
+    Case("prune-ratio-nan", ["prune", "A", "--ratio", "nan", "-o", "OUT"], "--ratio"),
+    Case("prune-keep-zero", ["prune", "A", "--keep", "0", "-o", "OUT"], "--keep"),
+    Case("prune-blocks-out-of-range", ["prune", "A", "--blocks", "7", "-o", "OUT"], "--blocks"),
+    Case("prune-blocks-text", ["prune", "A", "--blocks", "a,b", "-o", "OUT"], "--blocks"),
+    Case("prune-criterion-unknown", ["prune", "A", "--ratio", "0.5", "--criterion", "evil", "-o", "OUT"], "--criterion"),
+    Case("sparsify-lr-negative-before-data", ["sparsify", "A", "--method", "learned", "--lr", "-1", "--data", "nope.npy", "-o", "OUT"], "--lr"),
+    Case("sparsify-steps-zero", LEARNED[:6] + ["--steps", "0", "-o", "OUT"], "--steps"),
+    Case("sparsify-batch-zero", LEARNED[:8] + ["--batch-size", "0", "-o", "OUT"], "--batch-size"),
+    Case("sparsify-mask-ratio-one", LEARNED + ["--mask-ratio", "1"], "--mask-ratio"),
+    Case("sparsify-pattern-5of4", ["sparsify", "A", "--pattern", "5:4", "-o", "OUT"], "--pattern"),
+    Case("sparsify-method-unknown", ["sparsify", "A", "--method", "evil", "-o", "OUT"], "--method"),
+    Case("sparsify-n-calib-zero", ["sparsify", "A", "--method", "wanda", "--calib", "imgs.npz", "--n-calib", "0", "-o", "OUT"], "--n-calib"),
+    Case("sparsify-checkpoint-every-zero", LEARNED + ["--checkpoint-every", "0"], "--checkpoint-every"),
+    Case("sparsify-calib-nan-names-calib", ["sparsify", "A", "--method", "wanda", "--calib", "x.npy", "-o", "OUT"], "--calib",
+         npy("x.npy", np.full((4, 32, 32, 3), np.nan, np.float32))),
+    Case("sparsify-calib-missing", ["sparsify", "A", "--method", "wanda", "--calib", "nope.npy", "-o", "OUT"], "nope.npy"),
+    Case("distill-steps-zero", DISTILL[:6] + ["--steps", "0", "-o", "OUT"], "--steps"),
+    Case("distill-lr-negative-before-data", ["distill", "A", "--data", "nope.npy", "--lr", "-1", "-o", "OUT"], "--lr"),
+    Case("distill-batch-zero", DISTILL[:8] + ["--batch-size", "0", "-o", "OUT"], "--batch-size"),
+    Case("distill-hidden-weight-negative", DISTILL + ["--hidden-weight", "-1"], "--hidden-weight"),
+    Case("distill-teacher-missing", ["distill", "A", "--teacher", "nosuch", "--data", "imgs.npz", "-o", "OUT"], "nosuch"),
+    Case("distill-no-data", ["distill", "A", "--teacher", "B", "--data", "empty", "-o", "OUT"], "empty", folder("empty")),
+    # 9. Data files and folders ---------------------------------------------------------------------
+    Case("data-string-npy", PRUNE + ["--data", "x.npy"], "x.npy", STRING_NPY),
+    Case("data-string-npy-inspect", ["inspect", "A", "--data", "x.npy", "--no-plot"], "x.npy", STRING_NPY),
+    Case("data-zero-size-npy", PRUNE + ["--data", "x.npy"], "x.npy", EMPTY_NPY),
+    Case("data-zero-size-npy-eval", ["eval", "A", "--data", "x.npy"], "x.npy", EMPTY_NPY),
+    Case("data-zero-size-quantize", ["quantize", "g.onnx", "--calib", "x.npy", "-o", "q.onnx"], "x.npy", EMPTY_NPY),
+    Case("data-scalar-npy", PRUNE + ["--data", "x.npy"], "x.npy", npy("x.npy", np.array(3.0))),
+    Case("data-wrong-rank", PRUNE + ["--data", "x.npy"], "not a batch of images", npy("x.npy", np.zeros((2, 5), np.uint8))),
+    Case("data-seven-channels", PRUNE + ["--data", "x.npy"], "7 channels", npy("x.npy", np.zeros((2, 32, 32, 7), np.uint8))),
+    Case("data-npy-truncated", PRUNE + ["--data", "x.npy"], "x.npy",
+         both(npy("x.npy", np.zeros((4, 32, 32, 3), np.uint8)), truncate("x.npy", 500))),
+    Case("data-npy-not-npy", PRUNE + ["--data", "x.npy"], "x.npy", write("x.npy", "hello\n")),
+    Case("data-npz-without-images", PRUNE + ["--data", "x.npz"], "images", lambda ws: np.savez(ws / "x.npz", pixels=np.zeros((2, 32, 32, 3)))),
+    Case("data-npz-without-images-eval", ["eval", "A", "--data", "x.npz"], "images", lambda ws: np.savez(ws / "x.npz", pixels=np.zeros((2, 32, 32, 3)))),
+    Case("data-npz-corrupt", PRUNE + ["--data", "x.npz"], "x.npz", write("x.npz", b"PK\x03\x04garbage")),
+    Case("data-missing", PRUNE + ["--data", "nope.npy"], "nope.npy"),
+    Case("data-missing-inspect", ["inspect", "A", "--data", "nope", "--no-plot"], "nope"),
+    Case("data-missing-width", ["width", "A", "--mlp", "0.5", "--data", "nope", "-o", "OUT"], "nope"),
+    Case("data-missing-quantize", ["quantize", "g.onnx", "--calib", "nope.npz", "-o", "q.onnx"], "nope.npz"),
+    Case("data-missing-search", ["search", "A", "--blocks", "0.5", "--device", "cpu", "--data", "nope.npz", "-o", "OUT"], "nope.npz"),
+    Case("data-empty-folder", PRUNE + ["--data", "empty"], "empty", folder("empty")),
+    Case("data-empty-folder-eval", ["eval", "A", "--data", "empty"], "empty", folder("empty")),
+    Case("data-folder-of-text", PRUNE + ["--data", "txt"], "txt", folder("txt", {"a.txt": b"hi", "b.md": b"# no"})),
+    Case("data-corrupt-png", PRUNE + ["--data", "imgs"], "bad.png", folder("imgs", {"bad.png": b"\x89PNG\r\n\x1a\nnot really"})),
+    Case("data-not-a-data-file", PRUNE + ["--data", "recipe.yaml"], "recipe.yaml"),
+    # 10. Graphs that are not (mimc) ONNX -------------------------------------------------------------
+    Case("quantize-not-onnx", ["quantize", "bad.onnx", "--calib", "imgs.npz", "-o", "q.onnx"], "bad.onnx", NOT_ONNX),
+    Case("quantize-truncated-onnx", ["quantize", "bad.onnx", "--calib", "imgs.npz", "-o", "q.onnx"], "bad.onnx", TRUNCATED_ONNX),
+    Case("quantize-foreign-onnx", ["quantize", "plain.onnx", "--calib", "imgs.npz", "-o", "q.onnx"], "plain.onnx", plain_onnx("plain.onnx")),
+    Case("quantize-missing-graph", ["quantize", "nope.onnx", "--calib", "imgs.npz", "-o", "q.onnx"], "nope.onnx"),
+    Case("quantize-method-unknown", ["quantize", "g.onnx", "--calib", "imgs.npz", "--method", "evil", "-o", "q.onnx"], "--method"),
+    Case("quantize-percentile-200", ["quantize", "g.onnx", "--calib", "imgs.npz", "--method", "percentile", "--percentile", "200", "-o", "q.onnx"], "--percentile"),
+    Case("quantize-device-unknown", ["quantize", "g.onnx", "--calib", "imgs.npz", "--device", "nosuch", "-o", "q.onnx"], "nosuch"),
+    Case("eval-not-onnx", ["eval", "bad.onnx", "--data", "imgs.npz"], "bad.onnx", NOT_ONNX),
+    Case("eval-truncated-onnx", ["eval", "bad.onnx", "--data", "imgs.npz"], "bad.onnx", TRUNCATED_ONNX),
+    Case("eval-foreign-onnx", ["eval", "plain.onnx", "--data", "imgs.npz"], "plain.onnx", plain_onnx("plain.onnx")),
+    Case("eval-ref-missing", ["eval", "A", "--ref", "nosuch", "--data", "imgs.npz"], "nosuch"),
+    Case("profile-not-onnx", ["profile", "bad.onnx", "--iters", "1"], "bad.onnx", NOT_ONNX),
+    Case("profile-truncated-onnx", ["profile", "bad.onnx", "--iters", "1"], "bad.onnx", TRUNCATED_ONNX),
+    Case("profile-missing-graph", ["profile", "nope.onnx"], "nope.onnx"),
+    Case("profile-not-a-graph", ["profile", "recipe.yaml"], "recipe.yaml"),
+    # 11. Device profiles and batch lists ---------------------------------------------------------------
+    Case("profile-device-unknown", ["profile", "g.onnx", "--device", "nosuch"], "nosuch"),
+    Case("profile-device-negative-bandwidth", ["profile", "g.onnx", "--device", "dev.yaml", "--predict"], "bandwidth",
+         profile_yaml(GOOD_DEVICE.replace("10", "-10"))),
+    Case("profile-device-list", ["profile", "g.onnx", "--device", "dev.yaml", "--predict"], "dev.yaml", profile_yaml("- a\n- b\n")),
+    Case("profile-device-not-yaml", ["profile", "g.onnx", "--device", "dev.yaml", "--predict"], "dev.yaml", profile_yaml("a: [\n")),
+    Case("profile-device-alias", ["profile", "g.onnx", "--device", "dev.yaml", "--predict"], "anchors and aliases",
+         profile_yaml(GOOD_DEVICE.replace("name: dev", "name: &n dev\ndescription: *n"))),
+    Case("profile-batch-text", ["profile", "g.onnx", "--batch", "a"], "--batch"),
+    Case("profile-batch-zero", ["profile", "g.onnx", "--batch", "0", "--predict"], "--batch"),
+    Case("profile-batch-negative", ["profile", "g.onnx", "--batch", "1,-4", "--predict"], "--batch"),
+    Case("profile-batch-huge", ["profile", "g.onnx", "--batch", "100000000", "--iters", "1"], "--batch"),
+    Case("profile-iters-zero", ["profile", "g.onnx", "--iters", "0"], "--iters"),
+    Case("profile-warmup-negative", ["profile", "g.onnx", "--warmup", "-1"], "--warmup"),
+    Case("profile-threads-zero", ["profile", "g.onnx", "--threads", "0"], "--threads"),
+    Case("profiles-unknown", ["profiles", "nosuch"], "nosuch"),
+    Case("profiles-negative-bandwidth", ["profiles", "dev.yaml"], "bandwidth", profile_yaml(GOOD_DEVICE.replace("10", "-10"))),
+    Case("profiles-list-yaml", ["profiles", "dev.yaml"], "dev.yaml", profile_yaml("[1, 2]\n")),
+    Case("export-batch-text", ["export", "A", "--batch", "x", "-o", "OUT"], "--batch"),
+    Case("export-batch-zero", ["export", "A", "--batch", "0", "-o", "OUT"], "--batch"),
+    Case("export-opset-ancient", ["export", "A", "--opset", "1", "-o", "OUT"], "--opset"),
+    Case("export-exporter-unknown", ["export", "A", "--exporter", "evil", "-o", "OUT"], "--exporter"),
+    Case("build-batch-text", ["build", "g.onnx", "--device", "h100", "--batch", "x"], "--batch"),
+    Case("build-batch-reversed", ["build", "g.onnx", "--device", "h100", "--batch", "8:4:1"], "--batch"),
+    Case("build-device-unknown", ["build", "g.onnx", "--device", "nosuch"], "nosuch"),
+    Case("build-device-cpu", ["build", "g.onnx", "--device", "cpu"], "cpu"),
+    Case("build-not-onnx", ["build", "bad.onnx", "--device", "h100"], "bad.onnx", NOT_ONNX),
+    Case("build-workspace-negative", ["build", "g.onnx", "--device", "h100", "--workspace-gb", "-1"], "--workspace-gb"),
+    Case("search-device-unknown", ["search", "A", "--blocks", "0.5", "--device", "nosuch", "-o", "OUT"], "nosuch"),
+    Case("search-min-cosine-2", ["search", "A", "--blocks", "0.5", "--device", "cpu", "--min-cosine", "2", "-o", "OUT"], "--min-cosine"),
+    Case("search-budget-negative", ["search", "A", "--blocks", "0.5", "--device", "cpu", "--budget-ms", "-1", "-o", "OUT"], "--budget-ms"),
+    Case("search-precision-unknown", ["search", "A", "--blocks", "0.5", "--device", "cpu", "--precisions", "int3", "-o", "OUT"], "--precisions"),
+    Case("search-blocks-text", ["search", "A", "--blocks", "x", "--device", "cpu", "-o", "OUT"], "--blocks"),
+    Case("search-device-bad-yaml", ["search", "A", "--blocks", "0.5", "--device", "dev.yaml", "-o", "OUT"], "dev.yaml", profile_yaml("- 1\n")),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_refused_in_one_line_and_changes_nothing(ws, template, case):
     if case.setup is not None:
@@ -491,3 +701,45 @@ def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
     mean, std = np.asarray(cfg.image_mean), np.asarray(cfg.image_std)
     raw = pixels[0, :, 0, 0].numpy() * std + mean
     assert np.allclose(raw, 128 / 255, atol=1 / 255), raw
+
+
+def test_usage_errors_are_one_line_and_json_on_stdout(ws):
+    """Typer/click's own errors (an unknown flag, a bad number) keep the same promise."""
+    for argv in (["prune", "A", "--nosuch", "--json"], ["inspect", "A", "--n", "abc", "--json"]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+        body = json.loads(result.stdout)
+        assert body["exit_code"] == 2 and body["error"] in lines[0]
+    assert snapshot(ws) == snapshot(ws)
+
+
+def test_eval_notes_go_to_stderr(ws):
+    result = CliRunner().invoke(app, ["eval", "A", "--data", "imgs.npz"])
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.stdout and "note:" in result.stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.6, 1.5, 3.0])
+def test_ctrl_c_at_any_moment_exits_130_and_writes_nothing(ws, delay):
+    """SIGINT while Python starts, while the command modules import, while torch loads, while it works."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    before = snapshot(ws)
+    proc = subprocess.Popen([sys.executable, "-m", "mimc", "prune", "A", "--ratio", "0.5", "--data", "imgs.npz", "-o", "OUT"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the command finished before the signal on this machine")
+    # -SIGINT: killed before Python installed its handler, which a shell reports as 130 as well
+    assert proc.returncode in (130, -signal.SIGINT), err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) <= 1, err
+    assert out == ""
+    assert snapshot(ws) == before, "an interrupted command wrote something"

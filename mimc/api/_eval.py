@@ -43,8 +43,10 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
 
     if dtype not in ENTROPY_DTYPES:
         raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}", option="dtype")
-    if hist_bins < 2:
-        raise ConfigError(f"hist_bins must be >= 2, got {hist_bins}", option="hist_bins")
+    if not 2 <= hist_bins <= 1 << 24:  # bounded: 2e9 bins once tried to allocate 15 GB
+        raise ConfigError(f"hist_bins must be in [2, {1 << 24}], got {hist_bins}", option="hist_bins")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     if plot is True:
         from mimc.models.resolve import model_slug
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import StageReport
-from mimc.errors import DataError
+from mimc.errors import ConfigError, DataError
 
 
 def _load(model):
@@ -31,6 +31,8 @@ def _default_output(model, suffix: str) -> Path:
 def run_stage(model, config, output, suffix: str, data=None, n: int | None = None, batch_size: int = 64, seed: int = 0,
               overwrite: bool = False, teacher=None, run=None, preflight=None, encoder=None) -> StageReport:
     """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
+    if batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     from mimc.artifact import check_not_input, check_output
     from mimc.data import ImageSource
     from mimc.pipeline.executor import Job, execute
@@ -113,8 +115,13 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
         if calib is None and data is None:
             raise DataError("resuming a learned run needs its images again: give the same data", option="data")
     images = data if (is_learned and data is not None) else (calib or data)
-    return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume, checkpoint_every,
-                  overwrite=overwrite, encoder=encoder)
+    try:
+        return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume, checkpoint_every,
+                      overwrite=overwrite, encoder=encoder)
+    except DataError as exc:  # the images came from calib: name it, not data
+        if images is calib and calib is not None and "data" in exc.options:
+            exc.options = tuple("calib" if o == "data" else o for o in exc.options)
+        raise
 
 
 def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None = None, resume=None,
@@ -149,6 +156,8 @@ def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, 
     from mimc.train import TrainRun
     from mimc.train.dist import is_main_process, shutdown
 
+    if checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}", option="checkpoint_every")
     run = None if run_dir is None else TrainRun(run_dir=Path(run_dir), resume=resume is not None,
                                                 checkpoint_every=checkpoint_every, show_progress=is_main_process())
     report = run_stage(model, config, out, "", data, n, 64, config.seed, run=run, **kwargs)

@@ -1,11 +1,15 @@
 """The ``mimc`` command. Each command lives in its own module with a ``register(app)`` function."""
 from __future__ import annotations
 
-import importlib
+# First, before typer: it catches Ctrl-C while the rest imports.
+from mimc.cli.entry import OneLineUsageErrors, started  # isort: skip
 
-import typer
+import importlib  # noqa: E402
+
+import typer  # noqa: E402
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="mimc",
     help="Compress masked-image-modeling encoders into small, fast, validated ONNX models and engines.",
     no_args_is_help=True,
@@ -33,6 +37,8 @@ COMMAND_MODULES = [
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__package__}.{_name}").register(app)
+
+started()
 
 
 def main() -> None:

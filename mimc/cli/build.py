@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from mimc.cli.common import JsonOption, echo_tensorrt, handle_errors, status
-from mimc.cli.render import key_values, line, show
+from mimc.cli.render import key_values, note, show
 
 
 def register(app: typer.Typer) -> None:
@@ -48,4 +48,4 @@ def _human(r: dict) -> None:
     rows.append(("engine", f"{side['engine_bytes'] / 1e6:.1f} MB, built in {side['build_seconds']:.1f} s"))
     key_values(f"built {r['engine']}", rows)
     for text in side.get("notes", []):
-        line(f"[dim]note: {text}[/]")
+        note(f"[dim]{text}[/]")

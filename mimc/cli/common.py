@@ -67,6 +67,17 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
     return wrapper
 
 
+def usage_error(exc: Any, json_out: bool) -> None:
+    """A click usage error as one line (``error: No such option: --x (see `mimc prune --help`)``)."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see `{ctx.command_path} --help`)"
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if json_out:
+        emit_json({"error": message, "exit_code": exc.exit_code})
+
+
 def command_flags(fn: Callable) -> dict[str, str]:
     """Parameter name -> its long flag, for a typer command's options (``fuse`` -> ``--fuse``)."""
     out = {}

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
-from mimc.cli.render import columns, line, show
+from mimc.cli.render import columns, note, show
 
 
 def register(app: typer.Typer) -> None:
@@ -44,8 +44,8 @@ def _human(r: dict) -> None:
     columns(f"{r['model']} on {d['source']} ({d['n_images']} images)", ["metric", "value"], rows, left=("metric",))
     for text in (r.get("fidelity_note"), fid.get("note") if fid else None):
         if text:
-            line(f"note: {text}")
+            note(text)
     if "knn_top1" not in r:
-        line("note: the data has no labels (no class subfolders / 'labels' array): k-NN skipped")
+        note("the data has no labels (no class subfolders / 'labels' array): k-NN skipped")
     if ref is None:
-        line("note: pass --ref MODEL to measure fidelity to a reference")
+        note("pass --ref MODEL to measure fidelity to a reference")

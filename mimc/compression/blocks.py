@@ -39,7 +39,7 @@ class BlockPruningConfig(StageConfig):
     blocks: tuple[int, ...] | None = option(None, ge=0, min_items=1, doc="0-based positions removed")
     criterion: str = option("entropy", choices=CRITERIA)
     seed: int = 0
-    hist_bins: int = option(65536, ge=2, doc="histogram bins of entropy_hist")
+    hist_bins: int = option(65536, ge=2, le=1 << 24, doc="histogram bins of entropy_hist")
     # value precision the entropy criterion counts in (fp32 is degenerate)
     dtype: str = option("fp16", choices=ENTROPY_DTYPES)
 

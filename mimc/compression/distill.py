@@ -51,9 +51,9 @@ class DistillConfig(TrainConfig, StageConfig):
     mask_ratio: float = option(0.75, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     # Distillation's own options.
     warmup_ratio: float = option(0.05, ge=0, lt=1, doc="fraction of the steps spent warming the learning rate up")
-    token_weight: float = 1.0
-    pooled_weight: float = 1.0
-    hidden_weight: float = 0.0  # > 0: also match every kept block's output to its teacher block
+    token_weight: float = option(1.0, ge=0, doc="weight of the per-token feature loss")
+    pooled_weight: float = option(1.0, ge=0, doc="weight of the pooled feature loss")
+    hidden_weight: float = option(0.0, ge=0, doc="> 0: also match every kept block's output to its teacher block")
 
     @property
     def warmup(self) -> int:

@@ -173,6 +173,10 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
     if config.heads and cfg.rel_pos_bias == "shared":
         raise ConfigError("this model shares one relative position bias table across blocks: per-block head pruning would "
                           "need per-block tables; prune the MLP only (heads=0)", option="heads")
+    widths = cfg.block_mlp_dims or [cfg.mlp_dim] * cfg.depth
+    if config.macs is None and config.mlp and not config.heads and all(config.kept_mlp(w) == w for w in widths):
+        raise ConfigError(f"mlp {config.mlp:g} rounded to multiples of round_to {config.round_to} keeps every neuron of the "
+                          f"MLP widths {sorted(set(widths))[:4]}: lower round_to or raise mlp", option=("mlp", "round_to"))
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores = _scores(encoder, config, batches)
     if config.macs is not None:  # global allocation under the MAC budget

@@ -82,7 +82,11 @@ def load_profile(device: str | Path) -> DeviceProfile:
         if not path.is_file():
             raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        # a profile is a few keys: anchors and aliases (the billion-laughs expansion) are refused
+        if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in yaml.parse(text)):
+            raise ConfigError(f"device profile {path} uses YAML anchors and aliases: write the values out")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"device profile {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
     if not isinstance(data, dict):

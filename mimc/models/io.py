@@ -28,6 +28,7 @@ def load_artifact(path: str | os.PathLike) -> Encoder:
         raise NotAModelError(f"{where}: its encoder config is invalid ({shorten(exc)}): re-create the artifact") from None
     _check_structure(cfg, where)
     weights = verify_weights(path, manifest)
+    _check_shapes(cfg, weights)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -44,6 +45,29 @@ def load_artifact(path: str | os.PathLike) -> Encoder:
     encoder.eval()
     encoder.manifest = manifest
     return encoder
+
+
+def _check_shapes(cfg: EncoderConfig, weights: Path) -> None:
+    """Compare the tensor shapes the config implies with the file's header before allocating: an
+    encoder is built on the meta device (no memory), so a manifest claiming a 10^9-pixel image or
+    a wider model than its weights is refused instead of allocating terabytes or half-loading."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Encoder(cfg).state_dict().items()}
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return  # unreadable weights are reported by load_file with its own message
+    if expected.keys() != found.keys():
+        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        raise NotAModelError(f"{weights} does not match its mimc.json (missing {missing[:3]}, unexpected {unexpected[:3]}): re-create the artifact")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise NotAModelError(f"{weights} does not match its mimc.json ({name} is {list(found[name])} in the weights, "
+                                 f"{list(shape)} by the config): re-create the artifact")
 
 
 def _check_structure(cfg: EncoderConfig, where: Path) -> None:

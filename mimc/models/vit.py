@@ -12,6 +12,7 @@ methods can read the attention they need.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimc.errors import ConfigError
+from mimc.errors import ConfigError, clip
 from mimc.models import token_ops
 from mimc.models.position import RelativePositionBias
 from mimc.models.vit_tokens import BlockTokenReduction, EncoderTokenReduction
@@ -71,6 +72,15 @@ class EncoderConfig:
         self.validate()
 
     def validate(self) -> None:
+        # sizes first: the checks below divide by them, and a manifest may say anything
+        for name in ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "num_heads", "mlp_dim", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "depth" else 1):
+                raise ConfigError(f"invalid encoder config: {name} must be a {'non-negative' if name == 'depth' else 'positive'} whole number, got {clip(value)}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(isinstance(v, numbers.Real) for v in value):
+                raise ConfigError(f"invalid encoder config: {name} must hold one number per input channel ({self.in_chans}), got {clip(value)}")
         checks = [
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),
             (self.rel_pos_bias in REL_POS_BIAS, f"rel_pos_bias must be one of {REL_POS_BIAS}"),

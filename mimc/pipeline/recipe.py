@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mimc.errors import BadInputError, ConfigError, clip, shorten
+from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.options import StageConfig
 from mimc.pipeline.stages import GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
 
@@ -198,6 +198,9 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
     """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
     ``data`` replaces the recipe's images."""
     path = Path(path)
+    if data is not None and data != "builtin" and not Path(data).exists():
+        # refused even when no stage reads images: an option that names nothing must not pass silently
+        raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
     if path.is_dir():
         return recipe_from_artifact(path, data)
     if not path.is_file():

@@ -171,7 +171,7 @@ def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, labelle
     np.save(tmp_path / "plain.npy", tiny_images[0])
     result = invoke(app, ["eval", artifact, "--data", tmp_path / "plain.npy"])
     assert result.exit_code == 0, result.output
-    assert "k-NN skipped" in result.stdout
+    assert "k-NN skipped" in result.stderr  # notes go to stderr
 
 
 @pytest.mark.parametrize(
