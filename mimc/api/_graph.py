@@ -136,9 +136,11 @@ def _check_folder(out: Path, inputs=()) -> None:
 
 
 def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, iters: int = 50, threads=None,
-            predict: bool = False, output=None, on_batch=None, on_message=None) -> ProfileReport:
+            predict: bool = False, output=None, on_batch=None, on_message=None, precision=None) -> ProfileReport:
     """Latency p50/p90/p99, throughput and peak memory per batch size (measured), or a roofline
-    lower bound (predicted) for a device that is not here. ``output``: also write the JSON report."""
+    lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.
+    ``precision``: the float precision an openvino-cpu device runs (fp32/bf16), or with ``predict``
+    the precision the roofline prices."""
     from mimc.artifact import write_json
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
@@ -157,7 +159,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         check_not_input(output, (model,))  # the report must not replace the graph it measures
         check_writable(output)
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
-                         threads=threads, on_batch=on_batch, on_message=on_message)
+                         threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:
         write_json(output, report)
     return ProfileReport(report)
