@@ -21,7 +21,7 @@ class ProfileReport(DictReport):
 
 
 class BuildReport(DictReport):
-    """A TensorRT engine and its sidecar (GPU, TensorRT version, precision, sparsity picked)."""
+    """A TensorRT engine or OpenVINO IR and its sidecar (versions, precision, sparsity picked)."""
 
 
 def _same_dir(a: Path, b: Path) -> bool:
@@ -167,7 +167,8 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
 
 def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
           sparse=None, output=None, on_message=None) -> BuildReport:
-    """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar;
+    """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar, or
+    for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;
     every check that needs no GPU runs first, so bad input is refused here as on the target.
     ``on_message`` gets TensorRT's error lines as they are logged."""
     from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
@@ -180,6 +181,12 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     profile_ = load_profile(device)
     if model.suffix != ".onnx":
         raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
+    if profile_.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
+        from mimc.deploy.openvino import build_ir
+
+        precision = precision or ("int8" if graph_precision(model) == "int8" else "fp32")
+        out = Path(output) if output is not None else model.parent / f"{profile_.name}-{precision}.xml"
+        return BuildReport({"ir": str(out), "sidecar": build_ir(model, profile_, out, precision=precision)})
     graph = load_graph(model)
     settings = builder_settings(profile_, graph_precision(graph), input_dims(graph), precision=precision,
                                 batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,

@@ -136,6 +136,14 @@ def _type_name(text: str) -> str:
     return text
 
 
+def ir_precision(path: str | Path) -> str:
+    """The precision an IR's build recorded (``runtime_options``/``INFERENCE_PRECISION_HINT``), else fp32."""
+    model = read(path)
+    key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+    hint = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else "f32"
+    return "bf16" if hint == "bf16" else "fp32"
+
+
 def model_inputs(path: str | Path) -> list[dict[str, Any]]:
     """The graph's inputs as ``{name, dtype (ORT's type string), shape (None for dynamic axes)}``."""
     out = []
@@ -249,7 +257,7 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["openvino", "core", "cpu_bf16", "check_precision", "read", "compile_model", "runtime_precision",
-           "model_inputs", "OpenVinoSession", "measure", "time_interleaved", "save_ir", "version", "HINTS",
+           "model_inputs", "ir_precision", "OpenVinoSession", "measure", "time_interleaved", "save_ir", "version", "HINTS",
            "IR_SUFFIXES", "INSTALL_HINT"]
 
 
