@@ -23,9 +23,9 @@ Runner = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 # Models -------------------------------------------------------------------------------------------
 def load_for_eval(model: Any):
-    """A MODEL argument, an Encoder, or a ``.onnx`` path -> something :func:`features` can run."""
+    """A MODEL argument, an Encoder, or a ``.onnx`` / OpenVINO ``.xml`` path -> something :func:`features` can run."""
     if isinstance(model, (str, os.PathLike)):
-        if str(model).endswith(".onnx"):
+        if str(model).endswith((".onnx", ".xml")):
             return OnnxModel(model)
         from mimc.models.resolve import load_model
 

@@ -21,7 +21,7 @@ class ProfileReport(DictReport):
 
 
 class BuildReport(DictReport):
-    """A TensorRT engine and its sidecar (GPU, TensorRT version, precision, sparsity picked)."""
+    """A TensorRT engine or OpenVINO IR and its sidecar (versions, precision, sparsity picked)."""
 
 
 def _same_dir(a: Path, b: Path) -> bool:
@@ -136,9 +136,11 @@ def _check_folder(out: Path, inputs=()) -> None:
 
 
 def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, iters: int = 50, threads=None,
-            predict: bool = False, output=None, on_batch=None, on_message=None) -> ProfileReport:
+            predict: bool = False, output=None, on_batch=None, on_message=None, precision=None) -> ProfileReport:
     """Latency p50/p90/p99, throughput and peak memory per batch size (measured), or a roofline
-    lower bound (predicted) for a device that is not here. ``output``: also write the JSON report."""
+    lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.
+    ``precision``: the float precision an openvino-cpu device runs (fp32/bf16), or with ``predict``
+    the precision the roofline prices."""
     from mimc.artifact import write_json
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
@@ -157,7 +159,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         check_not_input(output, (model,))  # the report must not replace the graph it measures
         check_writable(output)
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
-                         threads=threads, on_batch=on_batch, on_message=on_message)
+                         threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:
         write_json(output, report)
     return ProfileReport(report)
@@ -165,7 +167,8 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
 
 def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
           sparse=None, output=None, on_message=None) -> BuildReport:
-    """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar;
+    """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar, or
+    for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;
     every check that needs no GPU runs first, so bad input is refused here as on the target.
     ``on_message`` gets TensorRT's error lines as they are logged."""
     from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
@@ -178,6 +181,12 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     profile_ = load_profile(device)
     if model.suffix != ".onnx":
         raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
+    if profile_.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
+        from mimc.deploy.openvino import build_ir
+
+        precision = precision or ("int8" if graph_precision(model) == "int8" else "fp32")
+        out = Path(output) if output is not None else model.parent / f"{profile_.name}-{precision}.xml"
+        return BuildReport({"ir": str(out), "sidecar": build_ir(model, profile_, out, precision=precision)})
     graph = load_graph(model)
     settings = builder_settings(profile_, graph_precision(graph), input_dims(graph), precision=precision,
                                 batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,

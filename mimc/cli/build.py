@@ -1,4 +1,4 @@
-"""``mimc build MODEL.onnx --device h100``: a TensorRT engine and its JSON sidecar."""
+"""``mimc build MODEL.onnx --device h100``: a TensorRT engine (or, for openvino-cpu, an OpenVINO IR) and its JSON sidecar."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) plus a JSON sidecar."""
         from mimc import api
 
-        with status(f"building a TensorRT engine for {device} (minutes for a ViT-B)"):
+        with status(f"building for {device} (a TensorRT engine takes minutes for a ViT-B)"):
             report = api.build(model, device, precision=precision, batch_range=batch,
                                 workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
                                on_message=echo_tensorrt)
@@ -35,6 +35,12 @@ def register(app: typer.Typer) -> None:
 
 
 def _human(r: dict) -> None:
+    if "ir" in r:  # an OpenVINO IR
+        s = r["sidecar"]
+        key_values(f"built {r['ir']}", [("OpenVINO", s["openvino_version"]), ("precision", s["precision"]),
+                                        ("runtime precision", str(s["runtime_precision"])),
+                                        ("IR", f"{s['ir_bytes'] / 1e6:.1f} MB, built in {s['build_seconds']:.1f} s")])
+        return
     side, sparse = r["sidecar"], r["sidecar"]["sparse"]
     rows = [("GPU / TensorRT", f"{side['gpu_name']} (cc {side['compute_capability']}) / {side['tensorrt_version']}"),
             ("precision (from the graph)", side["precision"]), ("batch min:opt:max", ":".join(map(str, side["batch_range"])))]

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(10, "--warmup", help="Untimed runs before timing."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the profile's, else all cores)."),
         predict: bool = typer.Option(False, "--predict", help="Roofline estimate from the graph instead of a measurement."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="openvino-cpu: fp32 (default) or bf16; with --predict: the precision priced."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the JSON report to this file."),
         json_out: bool = JsonOption,
     ) -> None:
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         with status(f"profiling {model}") as spinner:
             report = api.profile(model, device, batch_sizes=batch, warmup=warmup, iters=iters,
-                                  threads=threads, predict=predict, output=output, on_message=echo_tensorrt,
+                                  threads=threads, predict=predict, output=output, on_message=echo_tensorrt, precision=precision,
                                   on_batch=lambda b: spinner.update(f"{'predicting' if predict else 'profiling'} {model.name} at batch {b}"))
         show(report, json_out, lambda r: _human(r, output))
 
@@ -40,7 +41,9 @@ def _human(r: dict, output: Optional[Path]) -> None:
         columns(title, ["batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "peak RSS MB", "session MB"],
                 [[str(x["batch"]), f"{x['p50_ms']:.3f}", f"{x['p90_ms']:.3f}", f"{x['p99_ms']:.3f}", f"{x['mean_ms']:.3f}",
                   f"{x['throughput_items_s']:.1f}", _mb(x.get("peak_rss_mb")), _mb(x.get("session_mb"))] for x in r["results"]])
-        if "threads" in r:
+        if "openvino_version" in r:
+            line(f"[dim]OpenVINO {r['openvino_version']} CPU, {r['threads']} threads, runtime precision {r['runtime_precision']}[/]")
+        elif "threads" in r:
             line(f"[dim]ONNX Runtime {r['onnxruntime_version']}, {r['provider']}, {r['threads']} threads, {r['warmup']} warm-up + "
                  f"{r['iters']} timed runs; memory: {r['memory_method']}[/]")
         if r.get("note"):

@@ -14,7 +14,7 @@ import yaml
 from mimc.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+BACKENDS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
 
 

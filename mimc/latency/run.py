@@ -1,6 +1,8 @@
 """``profile``: one entry point that picks how to measure (or predict) a graph on a device profile.
 
 - ``.onnx`` on an ``onnxruntime-cpu`` device: measured here by :mod:`mimc.latency.ort_cpu`.
+- ``.onnx`` or an OpenVINO IR ``.xml`` on an ``openvino-cpu`` device: measured here by
+  :mod:`mimc.latency.openvino_cpu` at ``precision`` (fp32 by default; bf16 where the CPU has it).
 - ``predict=True``: a roofline estimate from the graph's FLOPs and bytes (:mod:`mimc.latency.roofline`).
 - ``.plan`` / ``.engine``, or a ``tensorrt`` / ``onnxruntime-cuda`` device: measured on the GPU by
   :mod:`mimc.runtime.trt` / :mod:`mimc.runtime.cuda_ort`; without a CUDA GPU this is refused, never
@@ -18,6 +20,7 @@ from mimc.errors import BadInputError, DeviceUnavailableError
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine")
+IR_SUFFIXES = (".xml",)  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
 
 
 def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
@@ -41,8 +44,8 @@ def check_model_path(model_path: str | os.PathLike) -> Path:
     if path.is_dir():
         hint = f"; did you mean {path / 'model.onnx'}?" if (path / "model.onnx").is_file() else ""
         raise BadInputError(f"{path} is a directory, not an ONNX file or engine: pass the .onnx file inside it{hint}")
-    if path.suffix not in ONNX_SUFFIXES + ENGINE_SUFFIXES:
-        raise BadInputError(f"{path} is not an ONNX graph or TensorRT engine (expected {', '.join(ONNX_SUFFIXES + ENGINE_SUFFIXES)}): export one with `mimc export MODEL`")
+    if path.suffix not in ONNX_SUFFIXES + ENGINE_SUFFIXES + IR_SUFFIXES:
+        raise BadInputError(f"{path} is not an ONNX graph, TensorRT engine or OpenVINO IR (expected {', '.join(ONNX_SUFFIXES + ENGINE_SUFFIXES + IR_SUFFIXES)}): export one with `mimc export MODEL`")
     return path
 
 
@@ -74,6 +77,17 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if threads is not None and threads < 1:
         raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
     is_engine = path.suffix in ENGINE_SUFFIXES
+    is_ir = path.suffix in IR_SUFFIXES
+    if is_ir and (predict or prof.backend != "openvino-cpu"):
+        raise BadInputError(f"{path.name} is an OpenVINO IR: profile it on an openvino-cpu device (--device openvino-cpu), or give the .onnx it came from", option="predict" if predict else None)
+    if prof.backend == "openvino-cpu" and not predict:
+        if is_engine:
+            raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs OpenVINO on the CPU: pass the .onnx graph or an IR")
+        from mimc.latency.openvino_cpu import profile_openvino_cpu
+
+        report = profile_openvino_cpu(path, sizes or _default_sizes(path, prof), warmup=warmup, iters=iters,
+                                      threads=threads or prof.threads, precision=precision or "fp32", on_batch=on_batch)
+        return {**_envelope("measured", path, prof, report.pop("results")), **report}
     if precision is not None and not predict:
         raise BadInputError(f"precision {precision} prices a graph by roofline: turn on predict, or profile a graph/engine built at {precision}", option=("precision", "predict"))
 
@@ -128,7 +142,12 @@ def _default_sizes(path: Path, prof) -> list[int]:
     from mimc.graph import graph_inputs, load_graph
     from mimc.latency.ort_cpu import static_batch
 
-    fixed = static_batch(graph_inputs(load_graph(path, external_data=False), path))
+    if path.suffix in IR_SUFFIXES:
+        from mimc.runtime.openvino import model_inputs
+
+        fixed = static_batch(model_inputs(path))
+    else:
+        fixed = static_batch(graph_inputs(load_graph(path, external_data=False), path))
     return [fixed] if fixed else list(prof.batch_sizes)
 
 

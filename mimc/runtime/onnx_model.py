@@ -1,4 +1,6 @@
-"""An ONNX graph written by mimc, run like an encoder: pixels in, (pooled, tokens) torch tensors out.
+"""An ONNX graph (or an OpenVINO IR ``.xml`` built from one) written by mimc, run like an encoder:
+pixels in, (pooled, tokens) torch tensors out. An IR runs on OpenVINO's CPU plugin at the precision
+its build recorded; an ONNX graph on ONNX Runtime CPU.
 
 Its artifact directory's ``mimc.json`` gives the input spec (so the caller can load matching images);
 a static batch is served by chunking and padding the last chunk.
@@ -24,7 +26,7 @@ class OnnxModel:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise NotAModelError(f"ONNX file {self.path} does not exist: export one with `mimc export MODEL`")
+            raise NotAModelError(f"graph {self.path} does not exist: export one with `mimc export MODEL`")
         if not is_artifact(self.path.parent):
             raise NotAModelError(
                 f"{self.path} was not written by mimc (no mimc.json beside it, so its input spec is unknown): "
@@ -36,8 +38,13 @@ class OnnxModel:
 
     def session(self):
         if self._session is None:
-            # mimc's session options: no spinning threads stealing cores from the torch reference.
-            self._session = make_session(self.path)
+            if self.path.suffix == ".xml":
+                from mimc.runtime.openvino import OpenVinoSession, ir_precision
+
+                self._session = OpenVinoSession(self.path, ir_precision(self.path))
+            else:
+                # mimc's session options: no spinning threads stealing cores from the torch reference.
+                self._session = make_session(self.path)
         return self._session
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -118,13 +118,16 @@ def _worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def run_worker(path: Path, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int) -> dict[str, Any]:
-    payload = json.dumps({"path": str(path), "specs": specs, "warmup": warmup, "iters": iters, "threads": threads})
+def run_worker(path: Path, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int,
+               module: str = "mimc.runtime.ort", **extra: Any) -> dict[str, Any]:
+    """Measure one batch size in a fresh ``python -m <module>`` worker (ORT here, or
+    :mod:`mimc.runtime.openvino`); ``extra`` goes into the worker's JSON arguments."""
+    payload = json.dumps({"path": str(path), "specs": specs, "warmup": warmup, "iters": iters, "threads": threads, **extra})
     env = dict(os.environ)
     # The worker must import this mimc even when it is not installed (a source checkout).
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "mimc.runtime.ort", payload], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, payload], capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

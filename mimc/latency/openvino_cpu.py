@@ -1,0 +1,60 @@
+"""Measured latency, throughput and peak memory of an ONNX graph or OpenVINO IR on OpenVINO's CPU plugin.
+
+Each batch size runs in its own worker process (``python -m mimc.runtime.openvino``, through
+:func:`mimc.runtime.ort.run_worker`), as for ONNX Runtime, so the memory reported is what a minimal
+deployment process needs; the report also says which precision the plugin used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from mimc.artifact import sha256_file
+from mimc.errors import BadInputError
+from mimc.latency.ort_cpu import MEMORY_METHOD, input_specs, static_batch
+from mimc.runtime.ort import host_info, run_worker
+from mimc.runtime.openvino import check_precision, model_inputs, version
+
+
+def profile_openvino_cpu(path: str | Path, batch_sizes: Sequence[int] | None = None, warmup: int = 10, iters: int = 50,
+                         threads: int | None = None, precision: str = "fp32", on_batch=None) -> dict[str, Any]:
+    """Measure ``path`` (.onnx or .xml) on OpenVINO CPU at ``precision`` (fp32/bf16: the float hint;
+    a Q/DQ graph runs its quantized layers in int8 either way)."""
+    path = Path(path)
+    hint = check_precision(precision)  # bf16 refused before anything is measured where the CPU lacks it
+    inputs = model_inputs(path)
+    fixed = static_batch(inputs)
+    batch_sizes = list(batch_sizes) if batch_sizes else [fixed or 1]
+    plans = [input_specs(inputs, b, path) for b in batch_sizes]
+    threads = int(threads) if threads else (os.cpu_count() or 1)
+    if threads < 1:
+        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
+    results = []
+    for b, specs in zip(batch_sizes, plans):
+        if on_batch is not None:
+            on_batch(b)
+        results.append(run_worker(path, specs, warmup, iters, threads, module="mimc.runtime.openvino", precision=precision))
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return {
+        "label": "measured",
+        "model": str(path),
+        "model_sha256": sha256_file(path),
+        "model_bytes": path.stat().st_size + (weights.stat().st_size if weights is not None else 0),
+        "backend": "openvino-cpu",
+        "openvino_version": version(),
+        "precision": precision,
+        "compile_config": {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                           "NUM_STREAMS": 1},
+        "runtime_precision": results[0].get("runtime_precision") if results else None,
+        "threads": threads,
+        "warmup": warmup,
+        "iters": iters,
+        "inputs": {i["name"]: {"dtype": i["dtype"], "shape": i["shape"]} for i in inputs},
+        "memory_method": MEMORY_METHOD.replace("onnxruntime", "openvino"),
+        "host": host_info(),
+        "results": results,
+    }
+
+
+__all__ = ["profile_openvino_cpu"]

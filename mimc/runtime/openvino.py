@@ -1,0 +1,265 @@
+"""OpenVINO as a CPU runtime beside ONNX Runtime: compile an ONNX graph or an IR (.xml + .bin), run, time.
+
+Every compile states its ``INFERENCE_PRECISION_HINT`` (OpenVINO's CPU plugin runs fp32 graphs in
+bf16 by default on CPUs that have AVX-512 BF16 or AMX, so "fp32" must be asked for) and its
+``INFERENCE_NUM_THREADS``; the precision the plugin then used is read back from the compiled
+model and its execution graph, never assumed. bf16 is offered only where the CPU has it.
+
+A Q/DQ (QuantizeLinear/DequantizeLinear) graph written by ``mimc quantize`` is read as FakeQuantize
+ops, which OpenVINO's low-precision transformations turn into int8 kernels where both inputs of a
+MatMul/Convolution are quantized.
+
+Timing: like :mod:`mimc.runtime.ort` - each batch size in a worker process
+(``python -m mimc.runtime.openvino``) that imports only OpenVINO and numpy, warm-up runs then
+``perf_counter`` per run; :func:`time_interleaved` times several compiled models in one process in
+alternating rounds.
+
+References:
+- OpenVINO CPU device, precision hints and bf16: https://docs.openvino.ai/2026/openvino-workflow/running-inference/inference-devices-and-modes/cpu-device.html
+- Low-precision transformations (FakeQuantize on both MatMul inputs):
+  https://docs.openvino.ai/2026/documentation/openvino-extensibility/openvino-plugin-library/advanced-guides/low-precision-transformations.html
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mimc.errors import BadInputError, DeviceUnavailableError, MimcError, MissingExtraError
+
+INSTALL_HINT = "pip install 'mimc[openvino]'"
+# mimc precision -> the float hint OpenVINO compiles with. int8 comes from the graph's Q/DQ ops; the
+# layers left in float run in f32.
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+IR_SUFFIXES = (".xml",)
+_ORT_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "f64": "tensor(double)", "i64": "tensor(int64)",
+              "i32": "tensor(int32)", "u8": "tensor(uint8)", "i8": "tensor(int8)", "boolean": "tensor(bool)"}
+# Execution-graph layer types whose runtime precision says what the heavy math ran in.
+COMPUTE_LAYERS = ("FullyConnected", "MatMul", "Convolution")
+
+
+def openvino():
+    """The installed ``openvino`` module, or a one-line install hint (exit 2)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise MissingExtraError(f"OpenVINO is not installed: {INSTALL_HINT}") from exc
+    return ov
+
+
+_CORE = None
+
+
+def core():
+    global _CORE
+    if _CORE is None:
+        _CORE = openvino().Core()
+    return _CORE
+
+
+def cpu_bf16() -> dict[str, Any]:
+    """Whether this CPU runs bf16 natively: cpuinfo flags and OpenVINO's optimization capabilities."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    caps = [str(c) for c in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return {"supported": "BF16" in caps, "cpu_flags": found, "optimization_capabilities": caps}
+
+
+def check_precision(precision: str) -> str:
+    """The OpenVINO hint for ``precision``; bf16 refused where the CPU lacks it."""
+    if precision not in HINTS:
+        raise BadInputError(f"precision {precision} is not an OpenVINO CPU precision: use one of {', '.join(HINTS)}", option="precision")
+    if precision == "bf16":
+        info = cpu_bf16()
+        if not info["supported"]:
+            raise DeviceUnavailableError(
+                f"precision bf16 needs a CPU with AVX-512 BF16 or AMX; this one has neither (OpenVINO capabilities "
+                f"{info['optimization_capabilities']}): use precision fp32 or int8", option="precision")
+    return HINTS[precision]
+
+
+def read(path: str | Path):
+    """An ``openvino.Model`` from an ONNX graph or an IR .xml (its .bin beside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"graph {path} does not exist: export one with `mimc export MODEL` or build an IR with `mimc build`")
+    if path.suffix in IR_SUFFIXES and not path.with_suffix(".bin").is_file():
+        raise BadInputError(f"IR {path} has no weights file {path.with_suffix('.bin').name} beside it: rebuild it with `mimc build`")
+    try:
+        return core().read_model(str(path))
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line text
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadInputError(f"OpenVINO cannot read {path} ({first[:300]}): re-export it with `mimc export`") from exc
+
+
+def compile_model(path_or_model, precision: str = "fp32", threads: int | None = None, shapes: dict[str, list[int]] | None = None):
+    """A CPU ``CompiledModel`` with an explicit precision hint and thread count; ``shapes`` fixes input shapes."""
+    model = read(path_or_model) if isinstance(path_or_model, (str, Path)) else path_or_model
+    if shapes:
+        model.reshape({name: list(shape) for name, shape in shapes.items()})
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": check_precision(precision), "PERFORMANCE_HINT": "LATENCY",
+                              "NUM_STREAMS": 1}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return core().compile_model(model, "CPU", config)
+
+
+def runtime_precision(compiled) -> dict[str, Any]:
+    """What the plugin says it used: the compiled hint, and the execution graph's compute-layer precisions."""
+    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    layers: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()  # values are OVAny: str() gives the class name, astype(str) the value
+        if "layerType" in info and info["layerType"].astype(str) in COMPUTE_LAYERS and "runtimePrecision" in info:
+            layers[info["runtimePrecision"].astype(str)] += 1
+    return {"inference_precision_hint": _type_name(hint), "compute_layers": dict(sorted(layers.items()))}
+
+
+def _type_name(text: str) -> str:
+    """``<Type: 'float32'>`` / ``f32`` -> ``f32``."""
+    names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+    for long, short in names.items():
+        if long in text:
+            return short
+    return text
+
+
+def ir_precision(path: str | Path) -> str:
+    """The precision an IR's build recorded (``runtime_options``/``INFERENCE_PRECISION_HINT``), else fp32."""
+    model = read(path)
+    key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+    hint = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else "f32"
+    return "bf16" if hint == "bf16" else "fp32"
+
+
+def model_inputs(path: str | Path) -> list[dict[str, Any]]:
+    """The graph's inputs as ``{name, dtype (ORT's type string), shape (None for dynamic axes)}``."""
+    out = []
+    for port in read(path).inputs:
+        shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+        out.append({"name": port.get_any_name(), "dtype": _ORT_TYPES.get(port.get_element_type().get_type_name(), "tensor(float)"),
+                    "shape": shape})
+    return out
+
+
+class _Port:
+    def __init__(self, name: str, type_: str, shape: list):
+        self.name, self.type, self.shape = name, type_, shape
+
+
+class OpenVinoSession:
+    """A compiled model behind ONNX Runtime's session surface (get_inputs/get_outputs/run), so code
+    that runs an ORT session (:func:`mimc.runtime.session.run_onnx`) runs an IR unchanged."""
+
+    def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None):
+        self.compiled = compile_model(path, precision, threads)
+        self.request = self.compiled.create_infer_request()
+
+    def get_inputs(self) -> list[_Port]:
+        return [_Port(p.get_any_name(), _ORT_TYPES.get(p.get_element_type().get_type_name(), "tensor(float)"),
+                      [d.get_length() if d.is_static else None for d in p.get_partial_shape()]) for p in self.compiled.inputs]
+
+    def get_outputs(self) -> list[_Port]:
+        return [_Port(p.get_any_name(), "tensor(float)", []) for p in self.compiled.outputs]
+
+    def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feed)
+        by_name = {p.get_any_name(): np.array(result[p]) for p in self.compiled.outputs}
+        return [by_name[n] for n in (names or list(by_name))]
+
+
+def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int, precision: str = "fp32",
+            seed: int = 0) -> dict[str, Any]:
+    """One batch size, in this process: compile (shapes fixed to ``specs``), warm-up, timed runs, memory."""
+    from mimc.runtime.ort import DTYPES, _peak_rss_mb, _status_mb
+
+    rng = np.random.default_rng(seed)
+    feed = {s["name"]: (rng.standard_normal(s["shape"]).astype(DTYPES[s["dtype"]])
+                        if np.issubdtype(DTYPES[s["dtype"]], np.floating) else np.zeros(s["shape"], DTYPES[s["dtype"]]))
+            for s in specs}
+    rss_before = _status_mb("VmRSS")
+    start = time.perf_counter()
+    compiled = compile_model(path, precision, threads, shapes={s["name"]: s["shape"] for s in specs})
+    load_s = time.perf_counter() - start
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer(feed)
+    times = np.empty(iters)
+    for i in range(iters):
+        t0 = time.perf_counter()
+        request.infer(feed)
+        times[i] = time.perf_counter() - t0
+    peak, ms, batch = _peak_rss_mb(), times * 1e3, specs[0]["shape"][0]
+    return {
+        "batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()),
+        "min_ms": float(ms.min()), "max_ms": float(ms.max()), "throughput_items_s": float(batch / times.mean()),
+        "peak_rss_mb": round(peak, 1), "session_mb": round(peak - rss_before, 1) if rss_before is not None else None,
+        "session_load_s": round(load_s, 3), "runtime_precision": runtime_precision(compiled),
+    }
+
+
+def time_interleaved(models: Sequence[tuple[str | Path, str]], iters: int = 20, threads: int | None = None, rounds: int = 4,
+                     warmup: int = 3) -> list[float]:
+    """Median latency (ms) of several ``(graph, precision)`` pairs compiled in this process, timed in
+    alternating rounds (forward, then reverse order) like :func:`mimc.runtime.ort.time_interleaved`."""
+    runs = []
+    for path, precision in models:
+        compiled = compile_model(path, precision, threads)
+        request = compiled.create_infer_request()
+        feed = {p.get_any_name(): np.random.default_rng(0).standard_normal(
+            [d.get_length() if d.is_static else 1 for d in p.get_partial_shape()]).astype(np.float32) for p in compiled.inputs}
+        for _ in range(warmup):
+            request.infer(feed)
+        runs.append((request, feed, []))
+    per_round = max(1, -(-iters // rounds))
+    for r in range(rounds):
+        for request, feed, times in (runs if r % 2 == 0 else runs[::-1]):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                request.infer(feed)
+                times.append(time.perf_counter() - t0)
+    return [round(float(np.median(times)) * 1e3, 4) for _, _, times in runs]
+
+
+def save_ir(model, out: str | Path) -> None:
+    """Write ``out`` (.xml) and its .bin with the weights as they are (no fp16 compression)."""
+    openvino().save_model(model, str(out), compress_to_fp16=False)
+
+
+def version() -> str:
+    return openvino().__version__
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    """``python -m mimc.runtime.openvino '<json>'``: measure one batch size, print one JSON line."""
+    args = json.loads(argv[0])
+    try:
+        result = measure(args["path"], args["specs"], args["warmup"], args["iters"], args["threads"],
+                         args.get("precision", "fp32"), args.get("seed", 0))
+    except MimcError as exc:
+        print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}))
+        return 0
+    print(json.dumps(result))
+    return 0
+
+
+__all__ = ["openvino", "core", "cpu_bf16", "check_precision", "read", "compile_model", "runtime_precision",
+           "model_inputs", "ir_precision", "OpenVinoSession", "measure", "time_interleaved", "save_ir", "version", "HINTS",
+           "IR_SUFFIXES", "INSTALL_HINT"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,98 @@
+"""OpenVINO as a CPU runtime: sessions match ORT, the f32 hint is honoured and reported, build writes an IR
++ sidecar that eval reads, profile measures on it, and a missing extra exits 2 with one line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from mimc.artifact import save_artifact
+from mimc.models.vit import build_encoder
+from tests.cli.conftest import invoke, one_error_line
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def app():
+    from mimc.cli.app import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    from mimc.api import export
+
+    folder = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path_factory.mktemp("ov") / "art")
+    return export(str(folder), validate=False).path
+
+
+def test_session_matches_onnx_runtime_in_f32_and_reports_the_precision(graph):
+    pytest.importorskip("openvino")
+    from mimc.runtime.openvino import OpenVinoSession, runtime_precision
+    from mimc.runtime.session import run_onnx
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ov_session = OpenVinoSession(graph, "fp32", threads=1)
+    got, want = run_onnx(ov_session, x), run_onnx(graph, x, threads=1)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=0)
+    used = runtime_precision(ov_session.compiled)
+    assert used["inference_precision_hint"] == "f32"  # asked for explicitly: never OpenVINO's bf16 default
+    assert set(used["compute_layers"]) == {"f32"} and sum(used["compute_layers"].values()) > 0
+
+
+def test_bf16_follows_the_cpu(graph):
+    pytest.importorskip("openvino")
+    from mimc.errors import DeviceUnavailableError
+    from mimc.runtime.openvino import check_precision, cpu_bf16
+
+    if cpu_bf16()["supported"]:
+        assert check_precision("bf16") == "bf16"
+    else:
+        with pytest.raises(DeviceUnavailableError, match="AVX-512 BF16 or AMX") as exc:
+            check_precision("bf16")
+        assert exc.value.options == ("precision",)
+
+
+def test_build_writes_an_ir_and_sidecar_that_eval_and_profile_read(app, graph):
+    pytest.importorskip("openvino")
+    result = invoke(app, ["build", graph, "--device", "openvino-cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    ir = graph.parent / "openvino-cpu-fp32.xml"
+    assert report["ir"] == str(ir) and ir.is_file() and ir.with_suffix(".bin").is_file()
+    side = json.loads((graph.parent / "openvino-cpu-fp32.xml.json").read_text())
+    assert side["precision"] == "fp32" and side["runtime_precision"]["inference_precision_hint"] == "f32"
+    assert side["openvino_version"] and side["inputs"]["pixel_values"]["shape"] == [1, 3, 32, 32] and side["build_seconds"] >= 0
+
+    result = invoke(app, ["eval", ir, "--ref", graph, "--n", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["fidelity"]["pooled_cosine_mean"] > 0.99999
+
+    result = invoke(app, ["profile", ir, "--device", "openvino-cpu", "--iters", "2", "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    prof = json.loads(result.stdout)
+    assert prof["label"] == "measured" and prof["backend"] == "openvino-cpu" and prof["results"][0]["p50_ms"] > 0
+    assert prof["runtime_precision"]["inference_precision_hint"] == "f32"
+    one_error_line(invoke(app, ["profile", ir, "--device", "cpu"]), "openvino-cpu")
+
+
+def test_profile_an_onnx_graph_on_openvino(app, graph):
+    pytest.importorskip("openvino")
+    result = invoke(app, ["profile", graph, "--device", "openvino-cpu", "--iters", "2", "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    prof = json.loads(result.stdout)
+    assert prof["label"] == "measured" and prof["compile_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_missing_extra_exits_2_with_one_line(app, graph, monkeypatch):
+    import mimc.runtime.openvino as mov
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    monkeypatch.setattr(mov, "_CORE", None)
+    for args in (["profile", graph, "--device", "openvino-cpu"], ["build", graph, "--device", "openvino-cpu"]):
+        one_error_line(invoke(app, args), "pip install 'mimc[openvino]'")
