@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimc.artifact import MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file, write_json
+from mimc.artifact import sweep_stale_temps, MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file, write_json
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy.validate import gate_failures, gate_for, verdict
 from mimc.metrics import compare_outputs
@@ -220,8 +220,9 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
     inputs = deterministic_inputs(cfg, batch=2 if dynamic else batch, seed=seed)
     was_training = encoder.training
     encoder.eval()  # restored below: the caller's module is not changed
+    sweep_stale_temps(path.parent, path.name)  # a killed export's temp folder (its pid is gone)
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent) as tmp_dir:
             tmp = Path(tmp_dir) / path.name
             start = time.perf_counter()
             _torch_export(_ExportWrapper(encoder), inputs, tmp, dynamic, opset, exporter)
@@ -231,14 +232,17 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
             if validate:
                 validation = _validate(encoder, graph["file"], inputs, precision, force, seed)
             report = _report(encoder, path, graph, batch, opset, exporter, precision, validation, export_seconds)
+            # Record first, then move the graph into place: a process killed in between leaves a
+            # mimc.json naming a graph that is not there yet (the next export writes it), never a
+            # graph that its artifact does not describe.
+            if in_artifact:
+                _record_in_manifest(path, report)
             if graph["external_data"]:
                 os.chmod(graph["file"].parent / graph["external_data"], 0o644)  # readable like the graph
                 os.replace(graph["file"].parent / graph["external_data"], path.parent / graph["external_data"])
             os.replace(graph["file"], path)
     finally:
         encoder.train(was_training)
-    if in_artifact:
-        _record_in_manifest(path, report)
     return report
 
 

@@ -100,14 +100,15 @@ def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: b
     """Quantize on ``calib_set``, gate on ``held_out`` (None: seeded normal inputs)."""
     from mimc.quant.quantize import quantize_onnx
 
+    def annotate(report: dict[str, Any]) -> None:
+        report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
+        report["calibration_source"] = str(data_spec)
+        report["held_out_images"] = len(held_out) if held_out is not None else 0
+        if is_artifact(out.parent):  # recorded before the graph is moved into place (a kill in between: no unrecorded graph)
+            record_graph(out, report)
+
     held = held_out.batches(batch_size) if held_out is not None else None
-    report = quantize_onnx(graph, out, calib_set.batches(batch_size), config, held, force=force)
-    report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
-    report["calibration_source"] = str(data_spec)
-    report["held_out_images"] = len(held_out) if held_out is not None else 0
-    if is_artifact(out.parent):
-        record_graph(out, report)
-    return report
+    return quantize_onnx(graph, out, calib_set.batches(batch_size), config, held, force=force, on_commit=annotate)
 
 
 def record_graph(out: Path, report: dict[str, Any]) -> None:
@@ -144,7 +145,7 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
     graph = graph_path(ctx, config.graph)
     kwargs = dict(device=config.device, predict=config.predict, batch_sizes=list(config.batch_sizes) or None,
                   warmup=config.warmup, iters=config.iters, threads=config.threads, precision=config.precision)
-    entry: dict[str, Any] = {"file": graph.name, "result": profile(graph, **kwargs)}
+    entry: dict[str, Any] = {"file": graph.name, "result": {**profile(graph, **kwargs), "model": graph.name}}
     if config.baseline:
         from mimc.pipeline.stages import ExportConfig
 
@@ -154,7 +155,8 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
             # against a torchscript / opset-17 one (quantize without export exports the defaults)
             same = ctx.export_config if ctx.export_config is not None else ExportConfig()
             export_onnx(ctx.source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
-            entry["baseline"] = profile(base, **kwargs)
+            # named for what it is: the temporary export is gone once the run ends
+            entry["baseline"] = {**profile(base, **kwargs), "model": "the source model, dense fp32 (exported alike)"}
             if entry["result"].get("label") == "measured" and entry["result"].get("backend") == "onnxruntime-cpu":
                 # Two separate worker runs would time the graphs one after the other; the ratio comes
                 # from both graphs timed together in alternating rounds instead.

@@ -55,11 +55,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
-from mimc.artifact import mimc_version, sha256_file
+from mimc.artifact import mimc_version, sha256_file, sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.graph import is_mimc_graph, load_graph, single_input, token_reduced
 from mimc.metrics import Fidelity
@@ -256,7 +256,8 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
 
 
 def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calibration_batches: Iterable,
-                  config: QuantizeConfig, eval_batches: Iterable | None = None, force: bool = False) -> dict[str, Any]:
+                  config: QuantizeConfig, eval_batches: Iterable | None = None, force: bool = False,
+                  on_commit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Quantize an fp32 mimc graph; returns the report (also stamped into the graph's metadata).
 
     ``eval_batches`` are held-out inputs for the fidelity gate (not the calibration images); when
@@ -285,7 +286,8 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     source_sha = sha256_file(onnx_in)
     _stamp(quantized, config, info, calib_sha, source_sha)
     runnable, why = runnable_here(config)
-    with tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.", dir=onnx_out.parent) as tmp_dir:
+    sweep_stale_temps(onnx_out.parent, onnx_out.name)  # a killed run's temp folder (its pid is gone)
+    with tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.{os.getpid()}.", suffix=".tmp", dir=onnx_out.parent) as tmp_dir:
         tmp = Path(tmp_dir) / onnx_out.name
         onnx.save_model(quantized, str(tmp))
         onnx.checker.check_model(str(tmp))
@@ -309,6 +311,8 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "config": config.to_dict(), "config_version": config.version, "mimc_version": mimc_version(),
             "seconds": round(time.perf_counter() - start, 3),
         }
+        if on_commit is not None:  # e.g. the artifact's record, written before the graph appears
+            on_commit(report)
         os.replace(tmp, onnx_out)
     return report
 

@@ -215,3 +215,34 @@ def test_token_reduced_encoders_export(tmp_path, method_options):
     out, ref = run_onnx(tmp_path / "tok.onnx", x), _torch_out(reduced, x)
     assert out["last_hidden_state"].shape == ref["last_hidden_state"].shape == (3, tokens, cfg.dim)
     assert max(np.abs(out[k] - ref[k]).max() for k in ref) <= 1e-4
+
+
+def test_export_records_the_graph_before_it_appears_and_sweeps_a_killed_exports_temps(tmp_path, monkeypatch):
+    import json
+    import os
+
+    import mimc.deploy.onnx as onnx_mod
+    from mimc.artifact import MANIFEST_NAME, save_artifact
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    enc = build_encoder(tiny_config(), seed=0)
+    art = save_artifact(enc, tmp_path / "art")
+    stale = art / ".model.onnx.999999999.deadbeef.tmp"  # a killed export's folder: its pid does not exist
+    stale.mkdir()
+    real_replace = os.replace
+
+    def killed(src, dst):  # the process dies just as the graph would move into place
+        if str(dst).endswith("model.onnx"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(onnx_mod.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_mod.export_onnx(enc, art / "model.onnx")
+    assert not stale.exists()
+    assert "model.onnx" in json.loads((art / MANIFEST_NAME).read_text())["files"]  # recorded first
+    assert not (art / "model.onnx").exists()  # never a graph its artifact does not describe
+    monkeypatch.setattr(onnx_mod.os, "replace", real_replace)
+    onnx_mod.export_onnx(enc, art / "model.onnx")
+    assert (art / "model.onnx").is_file() and not [p for p in art.iterdir() if p.name.startswith(".")]

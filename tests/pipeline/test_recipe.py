@@ -47,6 +47,8 @@ def test_a_recipe_runs_every_stage_into_one_artifact_and_replays_exactly(tmp_pat
     assert {"model.safetensors", MANIFEST_NAME, "model.onnx", "model.int8.onnx", "recipe.yaml", "run.json"} <= files
     assert [s["stage"] for s in report["stages"]] == ["prune", "sparsify", "export", "quantize", "profile", "eval"]
     assert json.loads((out / "run.json").read_text())["stages"][0]["metrics"]["removed_blocks"] == report["stages"][0]["metrics"]["removed_blocks"]
+    run_json = (out / "run.json").read_text()
+    assert ".tmp" not in run_json and "mimc-baseline" not in run_json  # no path that is gone once the run ended
     manifest = read_manifest(out)
     assert [s.name for s in manifest.stages] == ["prune", "sparsify"]
     assert manifest.files["model.int8.onnx"]["validation"]["passed"]
