@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         width_macs: str = typer.Option("", "--width-macs", help="MAC ratios of a global width allocation, e.g. 0.7,0.6 (see --width-criterion)."),
         width_criterion: str = typer.Option("activation", "--width-criterion", help="l2, activation or optin for --width-macs."),
         precisions: Optional[str] = typer.Option(None, "--precisions", help="e.g. fp32,int8 (default: what the device runs)."),
+        runtimes: str = typer.Option("ort", "--runtimes", help="CPU runtimes measured (--device cpu): ort, openvino, e.g. ort,openvino."),
         nm: Optional[bool] = typer.Option(None, "--nm/--no-nm", help="Try 2:4 weights (default: where the device has sparse tensor cores)."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per candidate when measuring."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for search.json and the best candidate's recipe.yaml."),
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
         space = api.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
                                  mlp_ratios=float_list(mlp, "--mlp"), nm=nm, width_macs=float_list(width_macs, "--width-macs"),
-                                 width_criterion=width_criterion,
+                                 width_criterion=width_criterion, runtimes=tuple(x.strip() for x in runtimes.split(",") if x.strip()),
                                  precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None)
         with status("searching") as spinner:
             report = api.search(model, device, min_cosine=min_cosine, budget_ms=budget_ms, data=data, n=n, n_eval=n_eval,
@@ -53,13 +54,15 @@ def _human(r: dict) -> None:
     rows = []
     for c in sorted(r["candidates"], key=lambda c: (c["latency_ms"] is None, c["latency_ms"] or 0)):
         if c["error"]:
-            rows.append([c["label"], "", "", "", f"[red]{c['error']}[/]"])
+            rows.append([c["label"], c["runtime"], "", "", "", f"[red]{c['error']}[/]"])
             continue
         mark = "[green]best[/]" if c["label"] == best else ("pareto" if c["pareto"] else "")
         dim = (lambda t: t) if c["pooled_cosine_mean"] >= r["min_cosine"] else (lambda t: f"[dim]{t}[/]")
-        rows.append([dim(c["label"]), dim(f"{c['gmacs']:.3f}"), dim(f"{c['latency_ms']:.3g}"), dim(f"{c['pooled_cosine_mean']:.4f}"), mark])
+        rows.append([dim(c["label"]), dim(c["runtime"]), dim(f"{c['gmacs']:.3f}"), dim(f"{c['latency_ms']:.3g}"), dim(f"{c['pooled_cosine_mean']:.4f}"), mark])
     columns(f"{r['model']} on {r['device']}: latency {r['latency']}, fidelity on {r['n_eval_images']} held-out images",
-            ["candidate", "GMACs", "ms", "pooled cosine", ""], rows, left=("candidate", ""))
+            ["candidate", "runtime", "GMACs", "ms", "pooled cosine", ""], rows, left=("candidate", "runtime", ""))
+    for s in r.get("skipped") or []:
+        line(f"[yellow]skipped {s['precision']} on {s['runtime']}: {s['reason']}[/]")
     if r["best"] is None:
         line(f"[yellow]{r['note']}[/]")
         return

@@ -159,6 +159,8 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             last = f"model.{step.config.precision}.onnx"
             written += [last] + ([] if "model.onnx" in written else ["model.onnx"])
             target[last] = step.config.resolved_target
+            if target[last] == "cpu" and not step.config.fuse_attention:
+                target[last] = "cpu-unfused"  # plain Q/DQ + MatMulIntegerToFloat: OpenVINO reads it too
         elif step.name in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
             hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
             raise ConfigError(f"{where}: {stage_key(i, step.name)} reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
@@ -170,9 +172,12 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
                                   "quantize with target: cpu, or profile a GPU device with predict: true")
+            if target.get(name) == "cpu-unfused" and backend not in ("onnxruntime-cpu", "openvino-cpu"):
+                raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, a CPU graph, on {step.config.device}: "
+                                  "quantize with target: tensorrt, or profile device: cpu or openvino-cpu")
             if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
-                                  "quantize with target: tensorrt, or profile device: cpu")
+                                  "quantize with target: tensorrt, or profile device: cpu (openvino-cpu reads it with fuse_attention: false)")
         # a static graph runs one batch size only: found here, not after the model stages ran
         if step.name == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
             raise ConfigError(f"{where}: {stage_key(i, 'profile')} times batch sizes {list(step.config.batch_sizes)} of a graph exported with "

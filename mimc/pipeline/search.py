@@ -9,11 +9,17 @@ Every candidate is built for real and measured, never guessed:
   from the calibration images), through the graph that would ship: the fp32 ONNX graph, mimc's CPU
   int8 graph, or the TensorRT Q/DQ graph run as its exact fp32 emulation on ONNX Runtime; fp16 in
   torch half precision;
-- latency is measured with ONNX Runtime on this CPU for ``--device cpu``, else predicted by the
-  roofline of the device profile (labelled "predicted" per candidate, never mixed). Measured
-  candidates are timed together once all are built: one warmed session each, timed in alternating
-  rounds (forward, then reverse order), the median of every timed run — so a load spike on a shared
-  machine lands on all candidates alike instead of on whichever was being timed then.
+- latency is measured on this CPU for ``--device cpu``, else predicted by the roofline of the
+  device profile (labelled "predicted" per candidate, never mixed). Measured candidates are timed
+  together once all are built: one warmed ONNX Runtime session or OpenVINO compiled model each, all
+  in this process, timed in alternating rounds (forward, then reverse order), the median of every
+  timed run — so a load spike on a shared machine lands on all candidates alike instead of on
+  whichever was being timed then;
+- the CPU runtime is a dimension (``runtimes``): ONNX Runtime runs fp32 and mimc's int8 graph;
+  OpenVINO runs the fp32 graph with an explicit f32 hint, bf16 only where the CPU has AVX-512 BF16
+  or AMX (else skipped, and the result says why), and int8 as mimc's calibrated Q/DQ graph read by
+  OpenVINO. An OpenVINO candidate's fidelity is measured through its OpenVINO compiled model, and
+  its recipe profiles on ``openvino-cpu`` at its precision.
 
 The result lists every candidate, marks the Pareto front (no other candidate is both faster and
 more faithful) and picks the fastest one at or above ``min_cosine``, saying whether it meets the
@@ -38,6 +44,8 @@ from mimc.options import Options, option
 from mimc.metrics import FidelityMeter
 
 CPU_PRECISIONS = ("fp32", "int8")
+# what each CPU runtime of a measured search runs (OpenVINO int8: mimc's Q/DQ graph, float layers in f32)
+RUNTIME_PRECISIONS = {"ort": CPU_PRECISIONS, "openvino": ("fp32", "bf16", "int8")}
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
 
 
@@ -46,7 +54,11 @@ class SearchSpace(Options):
     block_ratios: tuple[float, ...] = option((0.0, 0.25, 0.5), ge=0, lt=1, min_items=1, doc="fractions of blocks removed")
     token_keeps: tuple[float, ...] = option((1.0, 0.75, 0.5), gt=0, le=1, min_items=1, doc="fractions of patches kept")
     # None: what the device runs (cpu: fp32, int8)
-    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "fp16", "int8", "fp8"))
+    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "fp8"))
+    # the CPU runtimes of a measured cpu search; ort only unless asked (an installed extra does not
+    # change what a search builds)
+    runtimes: tuple[str, ...] = option(("ort",), choices=tuple(RUNTIME_PRECISIONS), min_items=1,
+                                       doc="CPU runtimes measured (device cpu): ort, openvino")
     nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
     # fractions of MLP neurons removed (width stage, activation criterion)
     mlp_ratios: tuple[float, ...] = option((0.0,), ge=0, lt=1, min_items=1, doc="fractions of MLP neurons removed")
@@ -58,7 +70,7 @@ class SearchSpace(Options):
     def __post_init__(self) -> None:
         # blocks 0,0,0.5 or keep 1,1.0: each distinct value once (duplicates would build and time
         # the same candidate twice and list it twice)
-        for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios", "width_macs"):
+        for name in ("block_ratios", "token_keeps", "precisions", "mlp_ratios", "width_macs", "runtimes"):
             if isinstance(getattr(self, name), (list, tuple)):
                 object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         super().__post_init__()
@@ -70,6 +82,7 @@ class Candidate:
     keep: float
     nm: bool
     precision: str
+    runtime: str = "ort"  # ort | openvino (measured cpu), tensorrt (GPU devices)
     mlp: float = 0.0
     width_macs: float | None = None  # a global width allocation keeping this MAC ratio (instead of mlp)
     width_criterion: str = "activation"
@@ -87,12 +100,12 @@ class Candidate:
         parts = [*([f"MLP -{_pct(self.mlp)}"] if self.mlp else []),
                  *([f"width MACs x{self.width_macs:g} ({self.width_criterion})"] if self.width_macs else []),
                  f"blocks -{_pct(self.blocks)}" if self.blocks else "all blocks", f"tokens {_pct(self.keep)}",
-                 *(["2:4"] if self.nm else []), self.precision]
+                 *(["2:4"] if self.nm else []), self.precision, *(["OpenVINO"] if self.runtime == "openvino" else [])]
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "mlp_removed": self.mlp, "width_macs": self.width_macs, "blocks_removed": self.blocks, "token_keep": self.keep, "nm_2_4": self.nm,
-                "precision": self.precision, "latency_ms": self.latency_ms, "latency": self.latency_label,
+                "precision": self.precision, "runtime": self.runtime, "latency_ms": self.latency_ms, "latency": self.latency_label,
                 "pooled_cosine_mean": self.pooled_cosine_mean, "gmacs": round(self.macs / 1e9, 4), "pareto": self.pareto,
                 "error": self.error}
 
@@ -114,6 +127,36 @@ def _precisions(space: SearchSpace, prof) -> tuple[str, ...]:
     return tuple(wanted)
 
 
+def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(precision, runtime) of every candidate, and the pairs skipped here with the reason."""
+    cpu = prof.backend == "onnxruntime-cpu"
+    if space.runtimes == ("ort",):
+        return [(p, "ort" if cpu else "tensorrt") for p in _precisions(space, prof)], []
+    if not cpu or predict:
+        raise ConfigError(f"runtimes {','.join(space.runtimes)} are measured on this CPU (device cpu, measured latency), "
+                          f"not on {prof.name}{' predicted' if cpu else ''}: give runtimes ort", option="runtimes")
+    from mimc.runtime.openvino import cpu_bf16, openvino
+
+    openvino()  # not installed: the install hint, before anything is built
+    wanted = space.precisions or tuple(dict.fromkeys(p for r in space.runtimes for p in RUNTIME_PRECISIONS[r]))
+    bad = [p for p in wanted if not any(p in RUNTIME_PRECISIONS[r] for r in space.runtimes)]
+    if bad:
+        runs = sorted({p for r in space.runtimes for p in RUNTIME_PRECISIONS[r]})
+        raise ConfigError(f"runtimes {','.join(space.runtimes)} run {runs} on the CPU, not {bad}: drop them from precisions",
+                          option="precisions")
+    pairs, skipped = [], []
+    for p in wanted:
+        for r in space.runtimes:
+            if p not in RUNTIME_PRECISIONS[r]:
+                continue
+            if (r, p) == ("openvino", "bf16") and not (info := cpu_bf16())["supported"]:
+                skipped.append({"runtime": r, "precision": p, "reason": "this CPU has neither AVX-512 BF16 nor AMX (OpenVINO "
+                                f"capabilities {info['optimization_capabilities']}): bf16 would not run natively"})
+                continue
+            pairs.append((p, r))
+    return pairs, skipped
+
+
 def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace(), min_cosine: float = 0.98,
            budget_ms: float | None = None, predict: bool | None = None, iters: int = 20,
            on_candidate: Callable[[int, int, Candidate], None] | None = None) -> dict[str, Any]:
@@ -128,8 +171,8 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
         raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine}: e.g. 0.98", option="min_cosine")
     if budget_ms is not None and not budget_ms > 0:
         raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
-    precisions = _precisions(space, prof)
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
+    pairs, skipped = _pairs(space, prof, predict)
     if not predict and prof.backend != "onnxruntime-cpu":
         from mimc.latency.run import cuda_available
 
@@ -141,34 +184,33 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
         raise ConfigError(f"device {prof.name} has no sparse tensor cores: 2:4 weights would not run faster there; turn nm off", option="nm")
     dense_feats = _torch_features(encoder, images)
     widths = [(r, None) for r in space.mlp_ratios] + [(0.0, m) for m in space.width_macs]
-    grid = list(itertools.product(widths, space.block_ratios, space.token_keeps, nm_options, precisions))
+    grid = list(itertools.product(widths, space.block_ratios, space.token_keeps, nm_options, pairs))
     cache: dict[tuple, Any] = {}
+    graphs: dict[tuple, tuple[Path, bool, list]] = {}  # one export / quantization shared by the runtimes
     candidates = []
     with tempfile.TemporaryDirectory(prefix=".mimc-search.") as tmp_dir:
-        for i, ((mlp, width_macs), blocks, keep, nm, precision) in enumerate(grid, 1):
-            cand = Candidate(blocks, keep, nm, precision, mlp=mlp, width_macs=width_macs, width_criterion=space.width_criterion)
+        for i, ((mlp, width_macs), blocks, keep, nm, (precision, runtime)) in enumerate(grid, 1):
+            cand = Candidate(blocks, keep, nm, precision, runtime=runtime, mlp=mlp, width_macs=width_macs,
+                             width_criterion=space.width_criterion)
             if on_candidate is not None:
                 on_candidate(i, len(grid), cand)
             try:
                 model = _model(encoder, cand, calib, cache)
-                _measure(cand, model, precision, prof, predict, images, calib, dense_feats, Path(tmp_dir) / f"c{i}", iters)
+                _measure(cand, model, prof, predict, images, calib, dense_feats, Path(tmp_dir) / f"c{i}", graphs)
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
             candidates.append(cand)
         if not predict:  # median batch-1 latency of every built graph, timed together in alternating rounds
-            from mimc.runtime.ort import time_interleaved
-
-            built = [c for c in candidates if c.error is None]
-            for c, ms in zip(built, time_interleaved([c.graph for c in built], iters=iters, threads=prof.threads)):
-                c.latency_ms = ms
+            _time_together([c for c in candidates if c.error is None], iters, prof.threads)
     ok = [c for c in candidates if c.error is None]
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
                            and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
     faithful = sorted((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms)
     best = faithful[0] if faithful else None
-    return {"device": prof.name, "latency": "predicted (roofline)" if predict else "measured (ONNX Runtime CPU)",
-            "min_cosine": min_cosine, "budget_ms": budget_ms, "n_eval_images": len(images),
+    runtimes = "ONNX Runtime and OpenVINO CPU, one process" if "openvino" in space.runtimes else "ONNX Runtime CPU"
+    return {"device": prof.name, "latency": "predicted (roofline)" if predict else f"measured ({runtimes})",
+            "runtimes": list(space.runtimes), "skipped": skipped, "min_cosine": min_cosine, "budget_ms": budget_ms, "n_eval_images": len(images),
             "candidates": [c.to_dict() for c in candidates],
             "best": best.to_dict() if best else None, "best_stages": best.stages if best else None,
             "meets_budget": None if best is None or budget_ms is None else bool(best.latency_ms <= budget_ms),
@@ -202,29 +244,25 @@ def _model(encoder, cand: Candidate, calib, cache: dict):
     return model
 
 
-def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images, calib, dense_feats, tmp: Path, iters: int):
+def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_feats, tmp: Path, graphs: dict):
     from mimc.models.vit import flops_per_image
-    from mimc.pipeline.graph_stages import GraphContext, export_stage, quantize_split
-    from mimc.pipeline.stages import ExportConfig
 
-    tmp.mkdir(parents=True)
+    precision = cand.precision
     cand.macs = float(flops_per_image(model.config))
-    # the pipeline's export stage, unvalidated: fidelity is measured below, through the graph that ships
-    ctx = GraphContext(folder=tmp, encoder=model, export_options={"validate": False})
-    fp32 = Path(export_stage(ctx, ExportConfig(batch=1))["report"]["path"])
-    cand.stages.append({"export": {"batch": 1}})
-    graph, emulate = fp32, False
-    if precision in ("int8", "fp8"):
-        from mimc.quant.quantize import QuantizeConfig
-
-        target = "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
-        config = QuantizeConfig(precision=precision, n=len(calib), target=target)
-        graph, emulate = tmp / f"model.{precision}.onnx", target == "tensorrt"
-        quantize_split(fp32, graph, calib, images, config, True, calib.source, batch_size=8)
-        cand.stages.append({"quantize": config.to_dict()})
-    if precision == "fp16":
+    # a model's fp32 graph is exported once, whichever runtime reads it; the int8 graph differs
+    # (ORT: QAttention-fused; OpenVINO: plain Q/DQ, which its frontend reads)
+    quantized = precision in ("int8", "fp8")
+    key = (cand.mlp, cand.width_macs, cand.width_criterion, cand.blocks, cand.keep, cand.nm,
+           (precision, cand.runtime) if quantized else "float")
+    if key not in graphs:
+        graphs[key] = _graph(model, precision, cand.runtime, prof, images, calib, tmp)
+    graph, emulate, stages = graphs[key]
+    cand.stages += stages
+    if cand.runtime == "openvino":  # through the compiled model that ships, at its precision
+        feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads)
+    elif precision == "fp16":
         feats = _torch_features(model, images, half=True)
-    elif graph is fp32:
+    elif precision == "fp32":
         feats = _torch_features(model, images)
     else:
         feats = _graph_features(graph, images, emulate)
@@ -238,6 +276,50 @@ def _measure(cand: Candidate, model, precision: str, prof, predict: bool, images
         cand.latency_ms, cand.latency_label = round(float(rep["latency_ms"]), 4), "predicted"
     else:
         cand.graph, cand.latency_label = graph, "measured"  # timed with the others once all are built
+
+
+def _graph(model, precision: str, runtime: str, prof, images, calib, tmp: Path) -> tuple[Path, bool, list[dict[str, Any]]]:
+    """The batch-1 graph that ships (fp32, or mimc's int8/fp8 Q/DQ graph), whether it runs as its
+    fp32 emulation here (TensorRT Q/DQ), and the recipe stages that build it. OpenVINO's int8 graph
+    is mimc's CPU graph without the QAttention fusion (an ONNX Runtime contrib op OpenVINO cannot read)."""
+    from mimc.pipeline.graph_stages import GraphContext, export_stage, quantize_split
+    from mimc.pipeline.stages import ExportConfig
+
+    tmp.mkdir(parents=True)
+    # the pipeline's export stage, unvalidated: fidelity is measured through the graph that ships
+    ctx = GraphContext(folder=tmp, encoder=model, export_options={"validate": False})
+    fp32 = Path(export_stage(ctx, ExportConfig(batch=1))["report"]["path"])
+    stages: list[dict[str, Any]] = [{"export": {"batch": 1}}]
+    if precision not in ("int8", "fp8"):
+        return fp32, False, stages
+    from mimc.quant.quantize import QuantizeConfig
+
+    target = "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
+    unfused = {"fuse_attention": False} if runtime == "openvino" else {}
+    config = QuantizeConfig(precision=precision, n=len(calib), target=target, **unfused)
+    graph = tmp / f"model.{precision}.onnx"
+    quantize_split(fp32, graph, calib, images, config, True, calib.source, batch_size=8)
+    return graph, target == "tensorrt", stages + [{"quantize": config.to_dict()}]
+
+
+def _time_together(built: list[Candidate], iters: int, threads: int | None) -> None:
+    """Every built candidate's median batch-1 latency: ORT sessions and OpenVINO compiled models
+    warmed side by side in this process, then timed in the same alternating rounds."""
+    import os
+
+    from mimc.runtime import ort
+
+    threads = threads or os.cpu_count() or 1  # one thread count for both runtimes
+    runs = []
+    for c in built:
+        if c.runtime == "openvino":
+            from mimc.runtime.openvino import runner
+
+            runs.append(runner(c.graph, c.precision, threads))
+        else:
+            runs.append(ort.runner(c.graph, threads))
+    for c, ms in zip(built, ort.interleave(runs, iters=iters)):
+        c.latency_ms = ms
 
 
 def _torch_features(model, images, half: bool = False) -> np.ndarray:
@@ -255,11 +337,18 @@ def _torch_features(model, images, half: bool = False) -> np.ndarray:
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def _graph_features(path: Path, images, emulate: bool) -> np.ndarray:
-    """Pooled features from a batch-1 graph; ``emulate`` runs Q/DQ as its exact fp32 math (no fusion)."""
-    from mimc.runtime.session import make_session
+def _graph_features(path: Path, images, emulate: bool, runtime: str = "ort", precision: str = "fp32",
+                    threads: int | None = None) -> np.ndarray:
+    """Pooled features from a batch-1 graph; ``emulate`` runs Q/DQ as its exact fp32 math (no fusion);
+    ``runtime`` openvino: through an OpenVINO compiled model at ``precision``."""
+    if runtime == "openvino":
+        from mimc.runtime.openvino import OpenVinoSession
 
-    sess = make_session(path, emulate_qdq=emulate)
+        sess = OpenVinoSession(path, precision, threads)
+    else:
+        from mimc.runtime.session import make_session
+
+        sess = make_session(path, emulate_qdq=emulate)
     names = [o.name for o in sess.get_outputs()]
     pixels = images.pixels.numpy()
     pooled = [sess.run(None, {sess.get_inputs()[0].name: pixels[i : i + 1]})[names.index("pooled")][0] for i in range(len(pixels))]
@@ -278,10 +367,12 @@ def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int, 
     stages = [dict(s) for s in result["best_stages"]]
     predicted = result["latency"].startswith("predicted")
     profile = {"device": device or result["device"], "predict": predicted}
-    if predicted and result["best"]["precision"] == "fp16":
+    if result["best"].get("runtime") == "openvino":  # measured on OpenVINO: its profile, at its precision
+        profile = {"device": "openvino-cpu", "predict": False, "precision": result["best"]["precision"]}
+    elif predicted and result["best"]["precision"] == "fp16":
         profile["precision"] = "fp16"  # the fp32 graph priced as the fp16 engine TensorRT builds from it
     stages += [{"profile": profile}, {"eval": {}}]
     return {"model": model, "data": data, "n": n, "seed": seed, "stages": stages}
 
 
-__all__ = ["SearchSpace", "Candidate", "search", "recipe_of"]
+__all__ = ["SearchSpace", "Candidate", "search", "recipe_of", "RUNTIME_PRECISIONS"]

@@ -215,23 +215,21 @@ def time_interleaved(models: Sequence[tuple[str | Path, str]], iters: int = 20, 
                      warmup: int = 3) -> list[float]:
     """Median latency (ms) of several ``(graph, precision)`` pairs compiled in this process, timed in
     alternating rounds (forward, then reverse order) like :func:`mimc.runtime.ort.time_interleaved`."""
-    runs = []
-    for path, precision in models:
-        compiled = compile_model(path, precision, threads)
-        request = compiled.create_infer_request()
-        feed = {p.get_any_name(): np.random.default_rng(0).standard_normal(
-            [d.get_length() if d.is_static else 1 for d in p.get_partial_shape()]).astype(np.float32) for p in compiled.inputs}
-        for _ in range(warmup):
-            request.infer(feed)
-        runs.append((request, feed, []))
-    per_round = max(1, -(-iters // rounds))
-    for r in range(rounds):
-        for request, feed, times in (runs if r % 2 == 0 else runs[::-1]):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                request.infer(feed)
-                times.append(time.perf_counter() - t0)
-    return [round(float(np.median(times)) * 1e3, 4) for _, _, times in runs]
+    from mimc.runtime.ort import interleave
+
+    return interleave([runner(path, precision, threads, warmup) for path, precision in models], iters=iters, rounds=rounds)
+
+
+def runner(path: str | Path, precision: str = "fp32", threads: int | None = None, warmup: int = 3):
+    """One inference of ``path`` compiled at ``precision``, warmed, as a call (for
+    :func:`mimc.runtime.ort.interleave`, which times it beside ORT sessions)."""
+    compiled = compile_model(path, precision, threads)
+    request = compiled.create_infer_request()
+    feed = {p.get_any_name(): np.random.default_rng(0).standard_normal(
+        [d.get_length() if d.is_static else 1 for d in p.get_partial_shape()]).astype(np.float32) for p in compiled.inputs}
+    for _ in range(warmup):
+        request.infer(feed)
+    return lambda: request.infer(feed)
 
 
 def save_ir(model, out: str | Path) -> None:
@@ -257,7 +255,7 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["openvino", "core", "cpu_bf16", "check_precision", "read", "compile_model", "runtime_precision",
-           "model_inputs", "ir_precision", "OpenVinoSession", "measure", "time_interleaved", "save_ir", "version", "HINTS",
+           "model_inputs", "ir_precision", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir", "version", "HINTS",
            "IR_SUFFIXES", "INSTALL_HINT"]
 
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -144,24 +144,35 @@ def time_interleaved(paths: Sequence[str | Path], iters: int = 20, threads: int 
     """Median batch latency (ms) of several graphs timed together: one warmed session each, timed in
     alternating rounds (forward, then reverse order), so load on a shared machine hits all alike.
     For comparisons (speed-ups); :func:`profile_onnx_cpu` gives one graph's full report."""
+    return interleave([runner(path, threads, warmup) for path in paths], iters=iters, rounds=rounds)
+
+
+def runner(path: str | Path, threads: int | None = None, warmup: int = 3) -> Callable[[], Any]:
+    """One batch-1 inference of ``path`` on a warmed ORT CPU session, as a call (for :func:`interleave`)."""
     threads = threads or os.cpu_count() or 1
-    runs = []
-    for path in paths:
-        sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
-        feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
-                for i in sess.get_inputs()}
-        names = [o.name for o in sess.get_outputs()]
-        for _ in range(warmup):
-            sess.run(names, feed)
-        runs.append((sess, feed, names, []))
+    sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
+    feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+            for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    for _ in range(warmup):
+        sess.run(names, feed)
+    return lambda: sess.run(names, feed)
+
+
+def interleave(runs: Sequence[Callable[[], Any]], iters: int = 20, rounds: int = 4) -> list[float]:
+    """Median latency (ms) of each warmed call, timed in alternating rounds (forward, then reverse
+    order) of ``ceil(iters / rounds)`` runs each: whatever the runtime behind each call (ORT
+    sessions, OpenVINO compiled models), all of them in this one process, a load spike hits all alike."""
+    times: list[list[float]] = [[] for _ in runs]
     per_round = max(1, -(-iters // rounds))
+    order = list(range(len(runs)))
     for r in range(rounds):
-        for sess, feed, names, times in (runs if r % 2 == 0 else runs[::-1]):
+        for k in (order if r % 2 == 0 else order[::-1]):
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                sess.run(names, feed)
-                times.append(time.perf_counter() - t0)
-    return [round(float(np.median(times)) * 1e3, 4) for _, _, _, times in runs]
+                runs[k]()
+                times[k].append(time.perf_counter() - t0)
+    return [round(float(np.median(t)) * 1e3, 4) for t in times]
 
 
 def host_info() -> dict[str, Any]:
@@ -176,7 +187,7 @@ def host_info() -> dict[str, Any]:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-__all__ = ["measure", "run_worker", "time_interleaved", "host_info", "DTYPES"]
+__all__ = ["measure", "run_worker", "time_interleaved", "runner", "interleave", "host_info", "DTYPES"]
 
 
 if __name__ == "__main__":
