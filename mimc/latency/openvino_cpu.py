@@ -6,14 +6,12 @@ deployment process needs; the report also says which precision the plugin used.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from mimc.artifact import sha256_file
-from mimc.errors import BadInputError
-from mimc.latency.ort_cpu import MEMORY_METHOD, input_specs, static_batch
-from mimc.runtime.ort import host_info, run_worker
+from mimc.latency.ort_cpu import MEMORY_METHOD, measure_batches
+from mimc.runtime.ort import host_info
 from mimc.runtime.openvino import check_precision, model_inputs, version
 
 
@@ -24,17 +22,8 @@ def profile_openvino_cpu(path: str | Path, batch_sizes: Sequence[int] | None = N
     path = Path(path)
     hint = check_precision(precision)  # bf16 refused before anything is measured where the CPU lacks it
     inputs = model_inputs(path)
-    fixed = static_batch(inputs)
-    batch_sizes = list(batch_sizes) if batch_sizes else [fixed or 1]
-    plans = [input_specs(inputs, b, path) for b in batch_sizes]
-    threads = int(threads) if threads else (os.cpu_count() or 1)
-    if threads < 1:
-        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
-    results = []
-    for b, specs in zip(batch_sizes, plans):
-        if on_batch is not None:
-            on_batch(b)
-        results.append(run_worker(path, specs, warmup, iters, threads, module="mimc.runtime.openvino", precision=precision))
+    threads, results = measure_batches(path, inputs, batch_sizes, warmup, iters, threads, on_batch,
+                                       module="mimc.runtime.openvino", precision=precision)
     weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
     return {
         "label": "measured",

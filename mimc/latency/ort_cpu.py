@@ -64,6 +64,25 @@ def static_batch(inputs: list[dict[str, Any]]) -> int | None:
     return first or None
 
 
+def measure_batches(path: Path, inputs: list[dict[str, Any]], batch_sizes, warmup: int, iters: int, threads,
+                    on_batch=None, **worker) -> tuple[int, list[dict[str, Any]]]:
+    """(threads, one result per batch size), every batch size's shapes checked before any is timed;
+    each is timed in its own worker process (``worker``: the runtime module and its options)."""
+    batch_sizes = list(batch_sizes) if batch_sizes else [static_batch(inputs) or 1]
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise BadInputError(f"batch_sizes must be positive integers, got {batch_sizes}: e.g. 1 and 8", option="batch_sizes")
+    plans = [input_specs(inputs, b, path) for b in batch_sizes]  # refuse before measuring anything
+    threads = int(threads) if threads else (os.cpu_count() or 1)
+    if threads < 1:
+        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
+    results = []
+    for b, specs in zip(batch_sizes, plans):
+        if on_batch is not None:
+            on_batch(b)
+        results.append(run_worker(path, specs, warmup, iters, threads, **worker))
+    return threads, results
+
+
 def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = None, warmup: int = 10, iters: int = 50,
                      threads: int | None = None, on_batch=None) -> dict[str, Any]:
     """Measure ``onnx_path`` on ORT CPU for each batch size; returns a report labelled "measured".
@@ -79,19 +98,7 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     inputs = graph_inputs(model, path)
     note = layout_note(model)
     del model  # the workers load the graph themselves
-    fixed = static_batch(inputs)
-    batch_sizes = list(batch_sizes) if batch_sizes else [fixed or 1]
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise BadInputError(f"batch_sizes must be positive integers, got {batch_sizes}: e.g. 1 and 8", option="batch_sizes")
-    plans = [input_specs(inputs, b, path) for b in batch_sizes]  # refuse before measuring anything
-    threads = int(threads) if threads else (os.cpu_count() or 1)
-    if threads < 1:
-        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
-    results = []
-    for b, specs in zip(batch_sizes, plans):
-        if on_batch is not None:
-            on_batch(b)
-        results.append(run_worker(path, specs, warmup, iters, threads))
+    threads, results = measure_batches(path, inputs, batch_sizes, warmup, iters, threads, on_batch)
     return {
         "label": "measured",
         "model": str(path),
