@@ -31,7 +31,8 @@ def main() -> None:
     import onnx
     import torch
 
-    from mimc.artifact import now_iso, write_json
+    from mimc.artifact import now_iso
+    from mimc.atomic import write_json
     from mimc.deploy.onnx import export_onnx
     from mimc.runtime.session import make_session
     from mimc.models.vit import build_encoder, vit_base_config

@@ -1,27 +1,23 @@
 """The artifact directory: ``model.safetensors`` + ``mimc.json`` (config, source, lineage).
 
-Every write is atomic: files go to a temporary sibling and are renamed into place, so a crash
-leaves either the old state or the new one, never half of each. Inputs are never modified.
+Every write is atomic (:mod:`mimc.atomic`): a crash leaves either the old state or the new one,
+never half of each. Inputs are never modified.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from mimc.errors import BadInputError, NotAModelError, clip, shorten
+from mimc.atomic import atomic_dir, default_mode
+from mimc.errors import NotAModelError, shorten
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mimc.json"
@@ -111,254 +107,6 @@ def state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-# Atomic writes ------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _default_mode(path: Path, directory: bool) -> None:
-    """mkstemp/mkdtemp (and safetensors) create 0600/0700 entries; give outputs the permissions a
-    plain write would."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's live process
-    return True
-
-
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|old|lock)$")
-
-
-def sweep_stale_temps(parent: str | os.PathLike, name: str) -> None:
-    """Remove ``.NAME.<pid>.<rand>.tmp`` (and ``.old`` / ``.lock``) left by killed processes.
-
-    Temporaries carry the pid of their writer, so one whose process is gone can be removed safely
-    the next time the same output is written; a live writer's temporaries are left alone.
-    """
-    parent = Path(parent)
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        m = _TEMP.match(entry.name)
-        if not m or m.group("name") != name or _pid_alive(int(m.group("pid"))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}."
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise BadInputError(f"output folder {path.parent} does not exist: create it or choose another output path")
-    sweep_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        _default_mode(tmp_path, directory=False)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def _resolved(path: str | os.PathLike) -> Path | None:
-    try:
-        return Path(os.path.abspath(Path(path).expanduser())).resolve()
-    except (OSError, RuntimeError, ValueError):
-        return None
-
-
-def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | Sequence[str] = "output",
-                    inside: bool = True) -> None:
-    """Refuse an output that is one of the inputs, lies inside one (unless ``inside=False``: a graph
-    file added to an artifact), or contains one: writing it would replace or swallow what is read."""
-    raw = str(output)
-    out = _resolved(output)
-    if raw.strip() == "" or Path(raw).name in ("", ".", "..") or out in (_resolved("."), Path("/")):
-        raise BadInputError(f"output {clip(raw)} is not a new folder or file name: give one like out", option=option)
-    if out is None:
-        return
-    for item in inputs or ():
-        if item is None or not isinstance(item, (str, os.PathLike)) or str(item) in ("", "ref", "builtin"):
-            continue
-        src = _resolved(item)
-        if src is None or not src.exists():
-            continue
-        if out == src:
-            why = "is the input"
-        elif inside and src in out.parents:
-            why = "lies inside the input"
-        elif out in src.parents:
-            why = "contains the input"
-        else:
-            continue
-        raise BadInputError(f"output {shorten(output)} {why} {shorten(item)}: choose an output outside every input", option=option)
-
-
-def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Any = ()) -> None:
-    """Refuse an unusable output before any work: the current folder, an input, an occupied folder
-    (unless ``overwrite``) or a place this user cannot write. ``atomic_dir`` checks again at the end."""
-    path = Path(path)
-    check_not_input(path, inputs)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise BadInputError(f"{path} already exists and is not empty: choose another output or allow overwrite", option=("output", "overwrite"))
-    check_writable(path)
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """The nearest existing folder at or above ``path``'s parent must be writable."""
-    parent = Path(os.path.abspath(Path(path).expanduser())).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BadInputError(f"cannot write {path}: {parent} is not a folder; choose another output", option="output")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"cannot write {path}: {parent} is not writable; choose another output", option="output")
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` only if ``dst`` does not exist (FileExistsError otherwise), in one step
-    where the kernel offers it (Linux renameat2 RENAME_NOREPLACE)."""
-    global _renameat2
-    if _renameat2 is None:
-        _renameat2 = _load_renameat2() or False
-    if _renameat2:
-        if _renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(err, os.strerror(err), str(dst))
-        if err not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err), str(dst))
-    # No renameat2 here: writers of one output are already serialised by _output_lock.
-    if dst.exists() or dst.is_symlink():
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
-
-
-_renameat2: Any = None
-
-
-def _load_renameat2():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-@contextlib.contextmanager
-def _output_lock(path: Path) -> Iterator[None]:
-    """An O_EXCL lock file ``.NAME.lock`` (holding the writer's pid) beside ``path`` while it is
-    written: a second writer of the same output is refused instead of both claiming it. The lock of
-    a writer that died is taken over."""
-    lock = path.parent / f".{path.name}.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid):
-                raise BadInputError(f"another mimc process (pid {pid}) is writing {path}: wait for it or choose another output",
-                                    option="output") from None
-            with contextlib.suppress(OSError):
-                lock.unlink()  # left by a killed writer (or half-written): take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise BadInputError(f"another mimc process is writing {path}: wait for it or choose another output", option="output")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if lock.read_text().strip() == str(os.getpid()):
-                lock.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory that becomes ``path`` on success.
-
-    An existing non-empty ``path`` is refused unless ``overwrite``; then it is swapped out only after
-    the new contents are complete. Without ``overwrite`` the final rename never replaces anything: of
-    two processes writing the same output, exactly one wins and the other is refused.
-    """
-    path = Path(path)
-    check_output(path, overwrite)
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(parent, path.name)
-    with _output_lock(path):
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent))
-        try:
-            yield tmp
-            _default_mode(tmp, directory=True)
-            _place(tmp, path, overwrite)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _place(tmp: Path, path: Path, overwrite: bool) -> None:
-    taken = BadInputError(f"{path} was written by another process meanwhile: choose another output", option="output")
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        with contextlib.suppress(OSError):
-            path.rmdir()  # an empty folder made for the output is replaced (nothing is lost)
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise taken
-        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-        try:
-            _rename_noreplace(tmp, path)
-        except FileExistsError:
-            raise taken from None
-        except OSError:
-            os.replace(old / path.name, path)  # keep the previous contents when the new ones cannot go in
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        _rename_noreplace(tmp, path)
-    except FileExistsError:
-        raise taken from None
-
-
 # Save / load --------------------------------------------------------------------------------------
 def save_artifact(encoder, out_dir: str | os.PathLike, manifest: Manifest | None = None, overwrite: bool = False) -> Path:
     """Write ``encoder`` (and its manifest) as an artifact directory; returns the directory."""
@@ -372,7 +120,7 @@ def save_artifact(encoder, out_dir: str | os.PathLike, manifest: Manifest | None
         # One metadata key only: safetensors writes its metadata map in hash order, which changes from
         # process to process, and the same weights must give the same bytes (weights_sha256, replay).
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        _default_mode(tmp / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
+        default_mode(tmp / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
         manifest.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     encoder.manifest = manifest

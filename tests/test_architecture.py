@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimc.runtime", "mimc.graph", "mimc.metrics", "mimc.data"),
     ("mimc.models",),
     ("mimc.options", "mimc.artifact"),
+    ("mimc.atomic",),
     ("mimc.errors", "mimc._version"),
 ]
 CLI_MAX_LINES = 80

@@ -552,7 +552,7 @@ def _write_out(args):
     folder, out, barrier = args
     import time
 
-    from mimc.artifact import atomic_dir
+    from mimc.atomic import atomic_dir
 
     os.chdir(folder)
     barrier.wait(timeout=60)  # both start writing the same output at once
@@ -579,7 +579,7 @@ def test_two_processes_racing_for_one_output_exactly_one_wins(tmp_path):
 
 def test_the_final_rename_never_replaces(tmp_path):
     """Even past the lock (another host on a shared folder), taking the name is no-replace."""
-    from mimc.artifact import _place
+    from mimc.atomic import _place
     from mimc.errors import BadInputError
 
     (tmp_path / "C").mkdir()
@@ -589,7 +589,7 @@ def test_the_final_rename_never_replaces(tmp_path):
     with pytest.raises(BadInputError, match="written by another process"):
         _place(tmp, tmp_path / "C", overwrite=False)
     assert (tmp_path / "C" / "first").is_file()
-    from mimc.artifact import _rename_noreplace
+    from mimc.atomic import _rename_noreplace
 
     (tmp_path / "f").write_text("x")
     (tmp_path / "g").write_text("y")
@@ -617,7 +617,7 @@ def test_two_cli_runs_racing_for_one_output(ws):
 
 
 def test_killed_writers_temps_are_swept_on_the_next_write(tmp_path):
-    from mimc.artifact import atomic_dir
+    from mimc.atomic import atomic_dir
 
     dead = 2 ** 22 + 12345  # beyond pid_max on common systems: never alive
     stale = tmp_path / f".out.{dead}.abc123.tmp"
@@ -657,7 +657,7 @@ def test_unwritable_output_folder_is_refused_before_any_work(ws):
 
 
 def test_unwritable_output_folder_is_refused_library(tmp_path, monkeypatch):
-    from mimc.artifact import check_output
+    from mimc.atomic import check_output
     from mimc.errors import BadInputError
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)

@@ -84,7 +84,7 @@ def _pyplot():
 
 def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
     """Min-max normalised scores per criterion against the block index (PNG), written atomically."""
-    from mimc.artifact import atomic_file
+    from mimc.atomic import atomic_file
 
     plt = _pyplot()
     ids = result["block_ids"]

@@ -39,7 +39,8 @@ def _new_artifact(folder: Path, overwrite: bool, hint: str) -> None:
 def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
     """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
-    from mimc.artifact import check_not_input, is_artifact
+    from mimc.artifact import is_artifact
+    from mimc.atomic import check_not_input
     from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
@@ -127,7 +128,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
 
 
 def _check_folder(out: Path, inputs=()) -> None:
-    from mimc.artifact import check_not_input, check_writable
+    from mimc.atomic import check_not_input, check_writable
 
     if not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist: create it or choose another output path")
@@ -141,7 +142,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.
     ``precision``: the float precision an openvino-cpu device runs (fp32/bf16), or with ``predict``
     the precision the roofline prices."""
-    from mimc.artifact import write_json
+    from mimc.atomic import write_json
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
@@ -154,7 +155,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     if output is not None and Path(output).is_dir():
         raise BadInputError(f"output {output} is a directory: give a file path like report.json")
     if output is not None:
-        from mimc.artifact import check_not_input, check_writable
+        from mimc.atomic import check_not_input, check_writable
 
         check_not_input(output, (model,))  # the report must not replace the graph it measures
         check_writable(output)

@@ -23,7 +23,7 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
     from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
     from mimc.pipeline.recipe_run import run_recipe
 
-    from mimc.artifact import check_not_input
+    from mimc.atomic import check_not_input
     from mimc.pipeline.recipe_run import default_output
 
     source = recipe if isinstance(recipe, (str, Path)) else None
@@ -50,7 +50,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     import numpy as np
     import yaml
 
-    from mimc.artifact import atomic_dir, check_output
+    from mimc.atomic import atomic_dir, check_output
     from mimc.data import ImageSource
     from mimc.latency.devices import load_profile
     from mimc.models.resolve import load_model, model_slug

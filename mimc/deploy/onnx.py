@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimc.artifact import sweep_stale_temps, MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file, write_json
+from mimc.artifact import MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file
+from mimc.atomic import sweep_stale_temps, write_json
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy.validate import gate_failures, gate_for, verdict
 from mimc.metrics import compare_outputs

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimc.artifact import mimc_version, now_iso, write_json
+from mimc.artifact import mimc_version, now_iso
+from mimc.atomic import write_json
 from mimc.errors import BadInputError
 
 PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mimc.artifact import atomic_file, mimc_version, now_iso, sha256_file, write_json
+from mimc.artifact import mimc_version, now_iso, sha256_file
+from mimc.atomic import atomic_file, write_json
 from mimc.errors import BadInputError, ConfigError, MimcError, require
 from mimc.latency.devices import PRECISIONS, DeviceProfile
 from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern

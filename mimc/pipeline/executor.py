@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mimc.artifact import atomic_dir, check_output, save_artifact
+from mimc.artifact import save_artifact
+from mimc.atomic import atomic_dir, check_output
 
 from mimc.pipeline.stages import GRAPH_STAGES, is_model_stage
 

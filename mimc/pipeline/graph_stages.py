@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, write_json
+from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest
+from mimc.atomic import write_json
 from mimc.errors import BadInputError, ConfigError, DataError
 
 EVAL_IMAGES = 32  # held-out images for the quantization fidelity gate (never used for calibration)

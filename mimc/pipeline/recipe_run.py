@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from mimc.artifact import check_output
+from mimc.atomic import check_output
 from mimc.errors import BadInputError, ConfigError
 
 from mimc.pipeline.recipe import Recipe, Step, stage_key

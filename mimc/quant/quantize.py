@@ -59,7 +59,8 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
-from mimc.artifact import mimc_version, sha256_file, sweep_stale_temps
+from mimc.artifact import mimc_version, sha256_file
+from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.graph import is_mimc_graph, load_graph, single_input, token_reduced
 from mimc.metrics import Fidelity

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mimc.artifact import atomic_dir
+from mimc.atomic import atomic_dir
 from mimc.errors import BadInputError, clip, shorten
 
 CHECKPOINT_DIR = "checkpoint"

@@ -9,7 +9,8 @@ from mimc.errors import BadInputError
 
 def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
     """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
-    from mimc.artifact import check_output, is_artifact
+    from mimc.artifact import is_artifact
+    from mimc.atomic import check_output
     from mimc.train.checkpoint import has_checkpoint
 
     if resume is not None:

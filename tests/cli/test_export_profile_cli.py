@@ -42,7 +42,7 @@ def test_export_any_model_creates_an_artifact_beside_the_graph(app, tmp_path, mo
 
 
 def test_export_to_another_artifact_dir(app, tmp_path, artifact):
-    from mimc.artifact import write_json
+    from mimc.atomic import write_json
 
     manifest = json.loads((artifact / MANIFEST_NAME).read_text())
     manifest["files"]["model.int8.onnx"] = {"kind": "onnx"}  # a file that stays behind in the source
