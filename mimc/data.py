@@ -265,6 +265,7 @@ class ImageSource:
         self.spec = str(spec)
         self.seed = seed
         self._drawn: dict[tuple, ImageSet] = {}
+        self._fixed: ImageSet | None = None  # set by :meth:`of`
 
     def __repr__(self) -> str:
         return f"ImageSource({self.spec!r}, seed={self.seed})"
@@ -278,7 +279,7 @@ class ImageSource:
 
     def draw(self, cfg, n: int | None = None) -> ImageSet:
         """A seeded subset of ``n`` images (all when None) preprocessed for ``cfg``'s input spec."""
-        if getattr(self, "_fixed", None) is not None:
+        if self._fixed is not None:
             return self._fixed
         key = (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std), n)
         if key not in self._drawn:
