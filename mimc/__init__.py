@@ -3,7 +3,9 @@
 The documented Python API is the verbs of :mod:`mimc.api` (``mimc.prune``, ``mimc.width``,
 ``mimc.tokens``, ``mimc.sparsify``, ``mimc.distill``, ``mimc.export``, ``mimc.quantize``,
 ``mimc.build``, ``mimc.profile``, ``mimc.evaluation``, ``mimc.inspect``, ``mimc.run``,
-``mimc.search``), plus ``load``, ``save`` and ``compress`` (one stage config on an Encoder in memory).
+``mimc.search``), plus ``load``, ``save`` and ``compress`` (one stage config on an Encoder in memory), and
+``ImageSource`` (a data spec with its reading options: workers, skip_corrupt, columns), which
+every ``data`` argument also takes.
 They are imported on first use, so ``import mimc`` stays cheap; no subpackage shares a verb's name,
 so a verb is never shadowed by a module import.
 """
@@ -37,7 +39,7 @@ def compress(encoder, config, calibration_batches=None):
 
 
 def __getattr__(name: str):
-    if name in _VERBS or name == "SearchSpace":
+    if name in _VERBS or name in ("SearchSpace", "ImageSource"):
         import mimc.api
 
         return getattr(mimc.api, name)

@@ -12,6 +12,7 @@ from mimc.api._graph import BuildReport, ProfileReport, build, export, profile, 
 from mimc.api._model import distill, prune, sparsify, tokens, width
 from mimc.api._run import RunReport, SearchReport, profiles, recipe, run, search
 from mimc.api.reports import GraphReport, StageReport
+from mimc.data import ImageSource
 from mimc.errors import ConfigError, MimcError
 from mimc.pipeline.search import SearchSpace
 
@@ -20,4 +21,4 @@ VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize"
 
 __all__ = ["prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
            "inspect", "run", "recipe", "search", "profiles", "StageReport", "GraphReport", "ProfileReport", "BuildReport",
-           "EvalReport", "InspectReport", "RunReport", "SearchReport", "SearchSpace", "MimcError", "ConfigError", "VERBS"]
+           "EvalReport", "InspectReport", "RunReport", "SearchReport", "SearchSpace", "ImageSource", "MimcError", "ConfigError", "VERBS"]

@@ -38,7 +38,7 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
     """Scores of every block criterion side by side; with ``data`` the oracle sensitivity and each
     criterion's Spearman correlation with it; ``plot``: also write a PNG (``True``: ``./<model>-blocks.png``)."""
     from mimc.compression.block_scores import ENTROPY_DTYPES, inspect_blocks
-    from mimc.data import ImageSource
+    from mimc.data import as_source, spec_of
     from mimc.models.resolve import load_model
 
     if dtype not in ENTROPY_DTYPES:
@@ -59,10 +59,10 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
             raise BadInputError(f"folder {plot.parent} does not exist: create it or choose another plot path")
         _pyplot()  # a missing matplotlib fails before the work, not after
     encoder = load_model(model) if isinstance(model, (str, Path)) else model
-    batches = ImageSource(data, seed).batches(encoder.config, n, batch_size) if data is not None else None
+    batches = as_source(data, seed).batches(encoder.config, n, batch_size) if data is not None else None
     result = inspect_blocks(encoder, batches, dtype, hist_bins, seed)
     result["model"] = str(model) if isinstance(model, (str, Path)) else None
-    result["data"] = data
+    result["data"] = spec_of(data)
     if plot is not None:
         plot_scores(result, plot, f"block scores: {result['model'] or 'model'}")
         result["plot"] = str(plot)

@@ -72,7 +72,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     MODEL: an fp32 mimc ``.onnx`` (written beside it), an artifact (into it; exported first when it has
     no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
     from mimc.artifact import is_artifact
-    from mimc.data import ImageSource
+    from mimc.data import as_source, spec_of
     from mimc.errors import DataError
     from mimc.graph import encoder_config_of_graph
     from mimc.models.io import load_artifact
@@ -86,7 +86,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
         config = QuantizeConfig(precision=precision, target=target_for_device(device, precision), **options)
     if calib is None:
         raise DataError("quantization needs calibration images: give calib (a folder, .npz/.npy or 'builtin')", option="calib")
-    images = ImageSource(calib, seed)
+    images = as_source(calib, seed)
     suffix = f".{config.precision}.onnx"
     name = f"model{suffix}"
     path = Path(model)
@@ -117,13 +117,13 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             encoder = load_artifact(path) if is_artifact(path) else load_model(model)
             given = path / ONNX_NAME if is_artifact(path) else None
             graph, cfg = given if given is not None and given.is_file() else Path(tmp) / ONNX_NAME, encoder.config
-        _check_folder(out, (path, calib))
+        _check_folder(out, (path, spec_of(calib)))
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():
             from mimc.deploy.onnx import export_onnx
 
             export_onnx(encoder, graph)
-        report = quantize_file(graph, out, drawn, config, seed, force, calib)
+        report = quantize_file(graph, out, drawn, config, seed, force, spec_of(calib))
     return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
 
 

@@ -34,20 +34,20 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     if batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     from mimc.atomic import check_not_input, check_output
-    from mimc.data import ImageSource
+    from mimc.data import as_source, spec_of
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process
 
     if config.needs_data and data is None:
         raise DataError(f"stage '{config.name}' with these options needs images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     out = Path(output) if output is not None else _default_output(model, suffix)
-    check_not_input(out, (model, data))  # never write over, into or around what is read
+    check_not_input(out, (model, spec_of(data)))  # never write over, into or around what is read
     if run is None:
         check_output(out, overwrite)
     encoder = encoder if encoder is not None else _load(model)
     if preflight is not None:
         preflight(encoder)
-    images = ImageSource(data, seed) if data is not None else None
+    images = as_source(data, seed)
     if images is not None:
         images.draw(encoder.config, n)  # unreadable or mis-shaped images: refused before any work
     job = Job(source=encoder, stages=[config], images=images, n=n, batch_size=batch_size, teacher=teacher, run=run,
@@ -55,7 +55,8 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     write = is_main_process()
     result = execute(job, out, overwrite=overwrite or run is not None, write=write)
     stage = result.stages[0]
-    return StageReport(out, stage.stage, stage.options, stage.entry, stage.seconds, _name(model), result.encoder, write)
+    return StageReport(out, stage.stage, stage.options, stage.entry, stage.seconds, _name(model), result.encoder, write,
+                       list(images.skipped) if images is not None else [])
 
 
 def prune(model: Any = "ref", output=None, *, data=None, n: int = 256, batch_size: int = 32, seed: int = 0,

@@ -51,7 +51,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     import yaml
 
     from mimc.atomic import atomic_dir, check_output
-    from mimc.data import ImageSource
+    from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.search import SearchSpace, recipe_of
@@ -63,9 +63,10 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     space = space if space is not None else SearchSpace()
     load_profile(device)
     out = Path(output) if output is not None else Path(f"{model_slug(str(model))}-search")
-    check_output(out, overwrite, inputs=(model, data, device))
+    check_output(out, overwrite, inputs=(model, spec_of(data), device))
     encoder = load_model(model) if isinstance(model, (str, Path)) else model
-    images = ImageSource(data, seed).draw(encoder.config, n + n_eval)
+    images = as_source(data, seed).draw(encoder.config, n + n_eval)
+    data = spec_of(data)
     if len(images) <= n:
         raise ConfigError(f"{data} has {len(images)} images, fewer than n={n} plus held-out ones: lower n", option="n")
     calib, held = images.subset(np.arange(n)), images.subset(np.arange(n, len(images)))

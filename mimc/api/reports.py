@@ -18,10 +18,12 @@ class StageReport:
     model: str = ""
     encoder: Any = field(default=None, repr=False)  # the new encoder, in memory (not in to_dict)
     written: bool = True  # False on torchrun ranks other than 0, which write nothing
+    skipped_images: list[str] = field(default_factory=list)  # unreadable images skipped (skip_corrupt)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "output": str(self.output) if self.output is not None else None, "stage": self.stage,
+        body = {"model": self.model, "output": str(self.output) if self.output is not None else None, "stage": self.stage,
                 "config": self.config, "metrics": self.metrics, "seconds": self.seconds}
+        return {**body, "skipped_images": self.skipped_images} if self.skipped_images else body
 
 
 @dataclass

@@ -5,7 +5,7 @@ import functools
 import inspect
 import json
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import typer
 from typer.models import OptionInfo
@@ -35,6 +35,43 @@ out = _Results()
 MODEL_HELP = "A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, or 'ref'."
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
+
+
+READING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "workers": (Optional[int], typer.Option(None, "--workers", help="Processes that decode images (default: cores - 1, at most 8, none below 256 images; 0: this process).")),
+    "skip_corrupt": (bool, typer.Option(False, "--skip-corrupt", help="Skip unreadable images (and say how many) instead of stopping.")),
+    "image_column": (Optional[str], typer.Option(None, "--image-column", help="Image column of a saved datasets folder (default: its Image column).")),
+    "label_column": (Optional[str], typer.Option(None, "--label-column", help="Label column of a saved datasets folder (default: its ClassLabel column).")),
+}
+
+
+def reads_images(*params: str) -> Callable:
+    """Give a command the image-reading options (``--workers``, ``--skip-corrupt``, ``--image-column``,
+    ``--label-column``) once: each of ``params`` (default ``data``) reaches the verb as an
+    ``ImageSource`` carrying them (a plain spec when every one is left at its default)."""
+    params = params or ("data",)
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+                 for k, (kind, opt) in READING_OPTIONS.items()]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            reading = {k: kwargs.pop(k, None) for k in READING_OPTIONS}
+            if any(v not in (None, False) for v in reading.values()):
+                from mimc import api
+
+                for p in params:
+                    if kwargs.get(p) is not None:
+                        kwargs[p] = api.ImageSource(kwargs[p], kwargs.get("seed", 0), **reading)
+            return fn(*args, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+        command.__annotations__ = {**fn.__annotations__, **{k: kind for k, (kind, _) in READING_OPTIONS.items()}}
+        return command
+
+    return wrap
 
 
 def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None = None) -> Callable:

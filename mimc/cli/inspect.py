@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, score_table, show, warnings
 
 
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     @handle_errors
+    @reads_images()
     def inspect(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         data: Optional[str] = typer.Option(None, "--data", help="Images for the oracle (sensitivity): a folder, .npy/.npz or 'builtin'."),

@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, int_list, status
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, int_list, status
 from mimc.cli.render import fidelity_phrase, line, score_table, show, warnings
 
 
 def register(app: typer.Typer) -> None:
     @app.command("prune")
     @handle_errors
+    @reads_images()
     def prune(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of blocks to remove, strictly between 0 and 1."),

@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, note, show
 
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     @handle_errors(flags={"data": "--calib", "quantize_attention_matmuls": "--attention"})
+    @reads_images("calib")
     def quantize(
         model: str = typer.Argument(..., help=MODEL_HELP + " Or an fp32 model.onnx written by mimc."),
         int8: bool = typer.Option(False, "--int8", help="INT8 W8A8 (the default)."),

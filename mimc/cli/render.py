@@ -13,6 +13,9 @@ from mimc.cli.common import console, emit_json, out
 def show(report: Any, json_out: bool, human) -> None:
     """``--json``: the report's ``to_dict()`` on stdout; else ``human(report_dict)``."""
     body = report.to_dict() if hasattr(report, "to_dict") else report
+    if body.get("skipped_images"):
+        skipped = body["skipped_images"]
+        note(f"skipped {len(skipped)} unreadable image(s) (--skip-corrupt): {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
     if json_out:
         emit_json(body)
     else:

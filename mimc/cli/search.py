@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, float_list, handle_errors, status
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, float_list, handle_errors, reads_images, status
 from mimc.cli.render import columns, line, show
 
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
     @handle_errors(flags={"block_ratios": "--blocks", "token_keeps": "--keep", "mlp_ratios": "--mlp"})
+    @reads_images()
     def search_(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         device: str = typer.Option("cpu", "--device", help="Target profile (cpu measured here; others predicted by roofline) or a .yaml."),

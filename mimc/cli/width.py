@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import fidelity_phrase, line, show
 
 
 def register(app: typer.Typer) -> None:
     @app.command("width")
     @handle_errors
+    @reads_images()
     def width(
         model: str = typer.Argument("ref", help=MODEL_HELP),
         mlp: float = typer.Option(0.0, "--mlp", help="Fraction of each block's MLP hidden neurons to remove, in [0, 1)."),

@@ -14,11 +14,13 @@ from mimc.data.source import (
     ImageSource,
     ImageStream,
     IndexedImages,
+    as_source,
     default_workers,
     deterministic_inputs,
     load_images,
+    spec_of,
 )
 
-__all__ = ["ImageSet", "ImageSource", "ImageStream", "IndexedImages", "Batch", "load_images", "deterministic_inputs",
+__all__ = ["as_source", "spec_of", "ImageSet", "ImageSource", "ImageStream", "IndexedImages", "Batch", "load_images", "deterministic_inputs",
            "preprocess", "prepare_image", "open_reader", "expand_braces", "check_array_values", "default_workers",
            "BUILTIN", "BUILTIN_PATH", "IMAGE_SUFFIXES", "CACHE_BYTES"]

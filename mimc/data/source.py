@@ -134,7 +134,10 @@ class ImageStream:
                 if err is not None:
                     if not self.source.skip_corrupt:
                         raise DataError(err, option="skip_corrupt")
-                    self.stats.skipped.append(reader.name(int(self.positions[k])))
+                    name = reader.name(int(self.positions[k]))
+                    self.stats.skipped.append(name)
+                    if name not in self.source.skipped:
+                        self.source.skipped.append(name)
             if not good:
                 continue
             ks = np.asarray([k for _, k in good])
@@ -215,6 +218,7 @@ class ImageSource:
         self.workers = workers
         self.skip_corrupt = skip_corrupt
         self.image_column, self.label_column = image_column, label_column
+        self.skipped: list[str] = []  # every unreadable image skipped so far (skip_corrupt), by name
         self._reader: Reader | None = None
         self._drawn: dict[tuple, ImageSet] = {}
         self._layouts: dict[tuple, ArrayLayout] = {}
@@ -222,6 +226,9 @@ class ImageSource:
 
     def __repr__(self) -> str:
         return f"ImageSource({self.spec!r}, seed={self.seed})"
+
+    def __str__(self) -> str:
+        return self.spec  # what reports and messages name
 
     @classmethod
     def of(cls, images: ImageSet) -> "ImageSource":
@@ -310,6 +317,19 @@ class ImageSource:
         return IndexedImages(self, cfg, self.positions(n))
 
 
+def as_source(data, seed: int = 0) -> ImageSource | None:
+    """The source a ``data`` argument names: a spec (folder, file, shard pattern, 'builtin') read with
+    default options, or an :class:`ImageSource` (its own seed and reading options), kept as given."""
+    if data is None or isinstance(data, ImageSource):
+        return data
+    return ImageSource(data, seed)
+
+
+def spec_of(data) -> str | None:
+    """The spec string of a ``data`` argument (what reports and output checks name)."""
+    return data.spec if isinstance(data, ImageSource) else (None if data is None else str(data))
+
+
 def check_model_inputs(sample: np.ndarray, spec: str, cfg) -> None:
     """An array of normalised model inputs (negative values) must have the model's exact shape.
 
@@ -335,5 +355,5 @@ def deterministic_inputs(cfg, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, *cfg.input_shape), generator=g)
 
 
-__all__ = ["ImageSet", "ImageSource", "ImageStream", "IndexedImages", "Batch", "load_images", "deterministic_inputs",
+__all__ = ["as_source", "spec_of", "ImageSet", "ImageSource", "ImageStream", "IndexedImages", "Batch", "load_images", "deterministic_inputs",
            "hash_tensor", "default_workers", "CACHE_BYTES"]

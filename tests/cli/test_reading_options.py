@@ -1,0 +1,45 @@
+"""The image-reading options every command that reads images shares (--workers, --skip-corrupt, columns)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from tests.cli.conftest import invoke, one_error_line
+
+
+def _folder(tmp_path, corrupt: bool):
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        path = tmp_path / "imgs" / f"c{i % 2}" / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    if corrupt:
+        (tmp_path / "imgs" / "c1" / "zz-broken.png").write_bytes(b"\x89PNG truncated")
+    return tmp_path / "imgs"
+
+
+def test_a_corrupt_image_stops_the_command_by_name_unless_skipped(app, tmp_path):
+    data = _folder(tmp_path, corrupt=True)
+    out = tmp_path / "out"
+    args = ["prune", "ref", "--ratio", "0.5", "--data", data, "-o", out]
+    result = invoke(app, args)
+    one_error_line(result, "zz-broken.png")
+    assert "--skip-corrupt" in result.stderr and not out.exists()
+    result = invoke(app, [*args, "--skip-corrupt", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["metrics"]["fidelity_data"]["n_images"] == 12 and body["skipped_images"] == ["c1/zz-broken.png"]
+    assert "skipped 1 unreadable image" in result.stderr
+
+
+def test_quantize_takes_them_for_its_calibration_images(app, tmp_path):
+    data = _folder(tmp_path, corrupt=True)
+    result = invoke(app, ["quantize", "ref", "--int8", "--calib", data, "-o", tmp_path / "q.onnx"])
+    one_error_line(result, "zz-broken.png")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_reading_options_are_checked(app):
+    one_error_line(invoke(app, ["inspect", "ref", "--data", "builtin", "--workers", "-2"]), "--workers must be 0")
