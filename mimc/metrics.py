@@ -283,9 +283,12 @@ def knn_predictions(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperatu
     the class that sorts first.
 
     Queries are taken ``knn_block_rows`` at a time, so memory is one (rows, gallery) similarity block
-    of at most ``block_bytes`` (256 MB by default) plus the normalised features; each block row is a
-    whole gallery row, so ``torch.topk`` sees exactly what it sees in the N x N matrix
-    (:func:`knn_predictions_dense`) and breaks ties among equal similarities the same way.
+    of at most ``block_bytes`` (256 MiB by default) plus one float64 copy of the features. Each block
+    row is a whole gallery row, so ``torch.topk`` ranks the same row as in the N x N matrix
+    (:func:`knn_predictions_dense`) and breaks ties among equal similarities the same way. One caveat:
+    the BLAS may round a block's dot products differently in the last bit from the whole product's
+    (MKL: up to ~1e-15), so two neighbours (or two classes' votes) closer than that could swap;
+    exactly tied ones cannot, and the tests and ``benchmarks/bench_knn.py`` find identical predictions.
     """
     import torch
 
