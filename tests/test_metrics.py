@@ -167,8 +167,11 @@ def test_knn_bad_inputs_are_one_line_and_the_input_is_not_changed():
 
     feats = np.random.default_rng(0).normal(size=(6, 3))
     before = feats.copy()
+    tensor = torch.from_numpy(feats.copy())
     knn_predictions(feats, [0, 0, 1, 1, 2, 2])
+    knn_predictions(tensor, [0, 0, 1, 1, 2, 2], queries=tensor)
     np.testing.assert_array_equal(feats, before)  # normalised in place, but in a copy
+    np.testing.assert_array_equal(tensor.numpy(), before)
     with pytest.raises(DataError, match="query_labels"):
         knn_top1(feats, [0] * 6, queries=feats)
     with pytest.raises(DataError, match="one label per query"):
