@@ -110,7 +110,7 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     sources = {"data": _source(data, seed)}
     if val is not None:
         sources["val"] = _source(val, seed)
-    drawn = lambda name, m: read_images(sources[name], m.config, n)  # noqa: E731
+    drawn = lambda name, m: read_images(sources[name], m.config, n, option=name)  # noqa: E731
     train = drawn("data", cand)
     report: dict[str, Any] = {"data": _describe(train)}
     measured = "val" if val is not None else "data"
@@ -147,7 +147,18 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     report["knn_k"] = KNN_K
     report["knn_gallery_size"] = len(train)
     report["knn_query_size"] = len(query)
+    if val is not None:
+        report["knn_val_in_data"] = shared_images(train, query)  # such val images find themselves
     return report
+
+
+def shared_images(gallery: Any, queries: Any) -> int:
+    """How many query images are, after preprocessing, bit for bit an image of the gallery."""
+    import hashlib
+
+    digest = lambda x: hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).digest()  # noqa: E731
+    seen = {digest(x) for x in gallery.pixels}
+    return sum(digest(x) in seen for x in queries.pixels)
 
 
 def _source(spec: Any, seed: int):
@@ -156,10 +167,16 @@ def _source(spec: Any, seed: int):
     return spec if isinstance(spec, ImageSource) else ImageSource(spec, seed)
 
 
-def read_images(source: Any, cfg: Any, n: int | None):
+def read_images(source: Any, cfg: Any, n: int | None, option: str = "data"):
     """The one place evaluation reads images: a seeded subset of ``n`` (all when None) of ``source``,
-    preprocessed for ``cfg``'s input spec."""
-    return source.draw(cfg, n)
+    preprocessed for ``cfg``'s input spec. An error reading the ``val`` set names ``val``, not ``data``."""
+    try:
+        return source.draw(cfg, n)
+    except DataError as exc:
+        if option == "data":
+            raise
+        message = exc.phrased({"data": option}) if "data" in exc.options else f"{option}: {exc}"
+        raise DataError(message, option=option) from exc
 
 
 def _describe(images: Any) -> dict[str, Any]:
@@ -219,4 +236,4 @@ def _input_spec(cfg) -> tuple:
     return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
-__all__ = ["features", "fidelity", "compare_features", "evaluate", "load_for_eval", "knn_labels", "read_images"]
+__all__ = ["features", "fidelity", "compare_features", "evaluate", "load_for_eval", "knn_labels", "read_images", "shared_images"]

@@ -132,15 +132,22 @@ def test_evaluate_with_val_classifies_val_against_data_and_measures_fidelity_on_
         assert report[key] == knn_top1(gallery, labels[:16], queries=queries, query_labels=labels[16:])
     assert report["knn_retained"] == report["knn_top1"] / report["reference_knn_top1"]
     assert report["knn_top1"] != 0.5  # so that the class-name test below can tell a mapping by index from one by name
+    assert report["knn_val_in_data"] == 0
 
     # The same val images with the classes listed the other way round: matched by name, same result.
     np.savez(tmp_path / "val_swapped.npz", images=images[16:], labels=1 - labels[16:], class_names=["b", "a"])
     swapped = evaluate(pruned, tiny_encoder, data=str(tmp_path / "train.npz"), val=str(tmp_path / "val_swapped.npz"))
     assert swapped["knn_top1"] == report["knn_top1"] and swapped["reference_knn_top1"] == report["reference_knn_top1"]
 
+    # Val images that are also data images are counted (they find themselves).
+    np.savez(tmp_path / "val_overlap.npz", images=images[13:], labels=labels[13:], class_names=["a", "b"])
+    overlap = evaluate(pruned, None, data=str(tmp_path / "train.npz"), val=str(tmp_path / "val_overlap.npz"))
+    assert overlap["knn_val_in_data"] == 3 and overlap["knn_query_size"] == 11
+
     # Without val: leave-one-out over data, fidelity on data, as before.
     alone = evaluate(pruned, tiny_encoder, data=str(tmp_path / "train.npz"))
-    assert alone["knn_protocol"] == "leave-one-out" and alone["fidelity_on"] == "data" and "val" not in alone
+    assert alone["knn_protocol"] == "leave-one-out" and alone["fidelity_on"] == "data"
+    assert "val" not in alone and "knn_val_in_data" not in alone
     assert (alone["knn_gallery_size"], alone["knn_query_size"]) == (16, 16)
     assert alone["knn_top1"] == knn_top1(features(pruned, load_images(tmp_path / "train.npz", pruned.config).pixels), labels[:16])
 

@@ -227,7 +227,8 @@ def test_eval_val_classifies_val_folder_against_data_folder(app, artifact, tmp_p
         ("labelled.npz", "labelled.npz", "--val holds the same images as --data"),
         ("named.npz", "owl.npz", "--val has 1 class(es) that --data lacks (owl)"),
         ("named.npz", "labelled.npz", "--data names its classes but --val has only numeric labels"),
-        ("labelled.npz", "missing.npz", "does not exist"),
+        ("labelled.npz", "missing.npz", "--val: data path"),
+        ("labelled.npz", "empty", "point --val at a folder of images"),
     ],
 )
 def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, labelled_npz, data, val, match):
@@ -235,6 +236,7 @@ def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, labelled_npz,
     np.save(tmp_path / "plain.npy", images)
     np.savez(tmp_path / "named.npz", images=images[:12], labels=labels[:12], class_names=["cat", "dog"])
     np.savez(tmp_path / "owl.npz", images=images[12:], labels=labels[12:], class_names=["cat", "owl"])
+    (tmp_path / "empty").mkdir()
     files = {"labelled.npz": labelled_npz, "missing.npz": tmp_path / "missing.npz"}
     result = invoke(app, ["eval", artifact, "--data", files.get(data, tmp_path / data), "--val", files.get(val, tmp_path / val)])
     one_error_line(result, match)
