@@ -253,7 +253,7 @@ def _unit_rows(feats: Any, what: str):
     import torch
 
     x = feats.detach() if isinstance(feats, torch.Tensor) else torch.as_tensor(np.asarray(feats))
-    x = x.to("cpu", torch.float64, copy=True)  # one copy, converted in place of a second: the caller's array is never changed
+    x = x.to("cpu", torch.float64, copy=True)  # always a copy: the caller's array is never changed
     if x.ndim != 2:
         raise DataError(f"k-NN {what} must be a 2-D (images, features) array, got shape {tuple(x.shape)}")
     return x.div_(x.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
