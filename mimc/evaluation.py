@@ -1,8 +1,9 @@
 """Evaluation: fidelity of a compressed model's features to a reference, and k-NN top-1.
 
 The measures themselves (:class:`~mimc.metrics.Fidelity`, k-NN top-1) live in :mod:`mimc.metrics`;
-this module runs models over images and feeds them. k-NN runs leave-one-out over one labelled set,
-so no train/test split is needed for small sets; the reference-model script uses the same function.
+this module runs models over images and feeds them. k-NN runs leave-one-out over one labelled set
+(no train/test split needed for small sets; the reference-model script uses the same protocol) or,
+given a val set, classifies each val image against the labelled data as gallery.
 
 A model here is a torch :class:`~mimc.models.vit.Encoder` or an ONNX file written by mimc (its
 artifact directory's ``mimc.json`` gives the input spec and pooling).
@@ -12,10 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
-from mimc.errors import DataError, NotAModelError
-from mimc.metrics import Fidelity, FidelityMeter, knn_top1
+from mimc.errors import DataError, NotAModelError, shorten
+from mimc.metrics import KNN_K, Fidelity, FidelityMeter, knn_top1
 from mimc.runtime.onnx_model import OnnxModel
 
 Runner = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -94,42 +96,144 @@ def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -
 
 
 # The eval verb ------------------------------------------------------------------------------------
-def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
-    """Fidelity to ``reference`` (when given) and k-NN top-1 of both (when the data is labelled)."""
-    from mimc.data import ImageSource
+def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32,
+             val: Any = None) -> dict[str, Any]:
+    """Fidelity to ``reference`` (when given) and k-NN top-1 of both (when the data is labelled).
 
-    source = data if isinstance(data, ImageSource) else ImageSource(data, seed)
+    Without ``val``: k-NN leave-one-out over ``data``, fidelity measured on ``data``. With ``val``
+    (train / val protocol, as DINO's k-NN evaluation): ``data`` is the labelled gallery, every val
+    image is classified against it, and fidelity is measured on val. ``n`` takes a seeded subset of
+    each set.
+    """
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
-    images = source.draw(cand.config, n)
-    report: dict[str, Any] = {
-        "data": {"source": images.source, "n_images": len(images), "labelled": images.labels is not None, "sha256": images.sha256},
-    }
-    cand_feats = ref_feats = None
+    sources = {"data": _source(data, seed)}
+    if val is not None:
+        sources["val"] = _source(val, seed)
+    drawn = lambda name, m: read_images(sources[name], m.config, n, option=name)  # noqa: E731
+    train = drawn("data", cand)
+    report: dict[str, Any] = {"data": _describe(train)}
+    measured = "val" if val is not None else "data"
+    query = drawn("val", cand) if val is not None else train
+    if val is not None:
+        report["val"] = _describe(query)
+    labels = knn_labels(train, query if val is not None else None)  # bad labels fail before any forward pass
+    cand_q = ref_q = None
     if ref is not None:
         same_spec = _input_spec(ref.config) == _input_spec(cand.config)
         if same_spec and ref.config.dim == cand.config.dim:
-            fid, cand_feats, ref_feats = compare_features(cand, ref, images, batch_size)
+            fid, cand_q, ref_q = compare_features(cand, ref, query, batch_size)
             report["fidelity"] = fid.to_dict()
+            report["fidelity_on"] = measured
         else:
             report["fidelity"] = None
             report["fidelity_note"] = "model and reference differ in input spec or width: fidelity undefined, k-NN only"
-    if images.labels is not None:
-        if cand_feats is None:
-            cand_feats = features(cand, images, batch_size)
-        report["knn_top1"] = knn_top1(cand_feats, images.labels)
-        if ref is not None:
-            if ref_feats is None:
-                ref_images = source.draw(ref.config, n)
-                ref_feats = features(ref, ref_images, batch_size)
-            report["reference_knn_top1"] = knn_top1(ref_feats, images.labels)
-            base = report["reference_knn_top1"]
-            report["knn_retained"] = report["knn_top1"] / base if base > 0 else None
+    if labels is None:
+        return report
+
+    def top1(m: Any, query_feats: torch.Tensor | None) -> float:
+        if query_feats is None:
+            query_feats = features(m, drawn(measured, m), batch_size)
+        if val is None:
+            return knn_top1(query_feats, labels[0])
+        gallery = features(m, drawn("data", m), batch_size)
+        return knn_top1(gallery, labels[0], queries=query_feats, query_labels=labels[1])
+
+    report["knn_top1"] = top1(cand, cand_q)
+    if ref is not None:
+        report["reference_knn_top1"] = base = top1(ref, ref_q)
+        report["knn_retained"] = report["knn_top1"] / base if base > 0 else None
+    report["knn_protocol"] = "gallery-query" if val is not None else "leave-one-out"
+    report["knn_k"] = KNN_K
+    report["knn_gallery_size"] = len(train)
+    report["knn_query_size"] = len(query)
+    if val is not None:
+        report["knn_val_in_data"] = shared_images(train, query)  # such val images find themselves
     return report
+
+
+def shared_images(gallery: Any, queries: Any) -> int:
+    """How many query images are, after preprocessing, bit for bit an image of the gallery."""
+    import hashlib
+
+    digest = lambda x: hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).digest()  # noqa: E731
+    seen = {digest(x) for x in gallery.pixels}
+    return sum(digest(x) in seen for x in queries.pixels)
+
+
+def _source(spec: Any, seed: int):
+    from mimc.data import ImageSource
+
+    return spec if isinstance(spec, ImageSource) else ImageSource(spec, seed)
+
+
+def read_images(source: Any, cfg: Any, n: int | None, option: str = "data"):
+    """The one place evaluation reads images: a seeded subset of ``n`` (all when None) of ``source``,
+    preprocessed for ``cfg``'s input spec. An error reading the ``val`` set names ``val``, not ``data``."""
+    try:
+        return source.draw(cfg, n)
+    except DataError as exc:
+        if option == "data":
+            raise
+        message = exc.phrased({"data": option}) if "data" in exc.options else f"{option}: {exc}"
+        raise DataError(message, option=option) from exc
+
+
+def _describe(images: Any) -> dict[str, Any]:
+    return {"source": images.source, "n_images": len(images), "labelled": images.labels is not None, "sha256": images.sha256}
+
+
+def knn_labels(gallery: Any, queries: Any = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(gallery labels, query labels) for k-NN, or None when there is nothing to classify.
+
+    Without ``queries``: leave-one-out over the gallery (None when it has no labels). With them,
+    both sets must be labelled and are matched by class name where they have names (class
+    subfolders, ``class_names`` in a .npz): class 2 of one folder need not be class 2 of the other.
+    Every query class must be a gallery class; a val set identical to the gallery is refused.
+    """
+    if queries is None:
+        return None if gallery.labels is None else (np.asarray(gallery.labels), np.asarray(gallery.labels))
+    if gallery.labels is None:
+        raise DataError("data has no labels, so val images cannot be classified against it: give data class subfolders "
+                        "(or a 'labels' array in the .npz)", option=("data", "val"))
+    if queries.labels is None:
+        raise DataError("val has no labels: give val class subfolders (or a 'labels' array in the .npz), "
+                        "or drop val for leave-one-out k-NN on data", option=("val", "data"))
+    if queries.sha256 == gallery.sha256:
+        raise DataError("val holds the same images as data, so every val image would find itself: "
+                        "pass a held-out val set, or drop val for leave-one-out k-NN on data", option=("val", "data"))
+    keys = {}
+    for option, images in (("data", gallery), ("val", queries)):
+        keys[option] = _class_keys(images, option)
+    named = {o: s.class_names is not None for o, s in (("data", gallery), ("val", queries))}
+    if named["data"] != named["val"]:
+        bare = "val" if named["data"] else "data"
+        if keys[bare].dtype.kind in "biuf":
+            raise DataError(f"{'data' if bare == 'val' else 'val'} names its classes but {bare} has only numeric labels, so "
+                            f"classes cannot be matched: give {bare} class subfolders (or 'class_names' in its .npz)",
+                            option=("data", "val"))
+        keys = {o: k.astype(str) for o, k in keys.items()}
+    missing = sorted(set(keys["val"].tolist()) - set(keys["data"].tolist()), key=str)
+    if missing:
+        shown = ", ".join(shorten(m, 30) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"val has {len(missing)} class(es) that data lacks ({shown}): k-NN can only predict data's classes; "
+                        "give val only classes present in data", option=("val", "data"))
+    return keys["data"], keys["val"]
+
+
+def _class_keys(images: Any, option: str) -> np.ndarray:
+    labels = np.asarray(images.labels).reshape(-1)
+    names = images.class_names
+    if names is None:
+        return labels
+    if labels.dtype.kind not in "iu" or (labels.size and (labels.min() < 0 or labels.max() >= len(names))):
+        raise DataError(f"{option} labels must be whole numbers indexing its {len(names)} class_names: "
+                        f"save labels in 0..{len(names) - 1}", option=option)
+    return np.asarray([str(c) for c in names])[labels]
 
 
 def _input_spec(cfg) -> tuple:
     return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
-__all__ = ["features", "fidelity", "compare_features", "evaluate", "load_for_eval"]
+__all__ = ["features", "fidelity", "compare_features", "evaluate", "load_for_eval", "knn_labels", "read_images", "shared_images"]

@@ -19,7 +19,9 @@ References:
   Quantization", arXiv 2106.08295 (2021).
 - k-NN protocol: weighted k-NN on L2-normalised features as in InstDisc (Wu et al., CVPR 2018)
   and DINO (Caron et al., ICCV 2021; https://github.com/facebookresearch/dino, ``eval_knn.py``):
-  cosine similarity, k=10 neighbours, votes weighted by exp(sim / 0.07), run leave-one-out.
+  cosine similarity, k=10 neighbours, votes weighted by exp(sim / 0.07), run leave-one-out over one
+  labelled set or, as there, with a train gallery and val queries; queries in blocks, so memory stays
+  bounded at any N (never the N x N matrix).
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mimc.errors import BadInputError, DataError
+from mimc.errors import BadInputError, ConfigError, DataError
 
 # Outputs that agree bit for bit have infinite SQNR; JSON has no infinity, so reports cap it here.
 SQNR_CAP_DB = 200.0
 KNN_K = 10
 KNN_TEMPERATURE = 0.07
+KNN_BLOCK_BYTES = 256 * 2**20  # one block of query x gallery similarities (float64)
 # Fields kept exact in to_dict(): absolute errors of ~1e-6 are what the fp32 gate reads.
 _EXACT = ("max_abs", "ref_max_abs")
 
@@ -240,34 +243,123 @@ def compare_outputs(reference: Any, candidate: Any) -> Fidelity:
 
 
 # k-NN ---------------------------------------------------------------------------------------------
-def knn_predictions(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
-    """Leave-one-out weighted k-NN prediction for every sample (labels in, labels out)."""
+def _label_array(labels: Iterable[Any]) -> np.ndarray:
+    return np.asarray(labels if isinstance(labels, np.ndarray) else list(labels)).reshape(-1)
+
+
+def _unit_rows(feats: Any, what: str):
+    """A float64 copy of (N, D) features with every row L2-normalised, computed as F.normalize does
+    (x / max(|x|, 1e-12), the same bits) but in place: one copy of the features, not two."""
+    import torch
+
+    x = feats.detach() if isinstance(feats, torch.Tensor) else torch.as_tensor(np.asarray(feats))
+    x = x.to("cpu", torch.float64, copy=True)  # always a copy: the caller's array is never changed
+    if x.ndim != 2:
+        raise DataError(f"k-NN {what} must be a 2-D (images, features) array, got shape {tuple(x.shape)}")
+    return x.div_(x.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
+def _check_knn_options(k: int, temperature: float) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a whole number >= 1, got {k!r}", option="k")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature!r}", option="temperature")
+
+
+def knn_block_rows(n_gallery: int, block_bytes: int = KNN_BLOCK_BYTES) -> int:
+    """Queries per block: a block of (rows, n_gallery) float64 similarities stays within ``block_bytes``
+    (at least one row: a gallery of more than ``block_bytes / 8`` images overruns it by that one row)."""
+    return max(1, int(block_bytes) // (8 * max(1, n_gallery)))
+
+
+def knn_predictions(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE, *,
+                    queries: Any = None, block_bytes: int = KNN_BLOCK_BYTES) -> np.ndarray:
+    """Weighted k-NN predictions (labels in, labels out) without ever holding all similarities.
+
+    ``feats`` / ``labels`` are the labelled gallery. Without ``queries``: leave-one-out, one prediction
+    per gallery image, its own similarity set to -inf so it never votes for itself. With ``queries``
+    (M, D): one prediction per query against the whole gallery (the usual train-gallery / val-query
+    protocol). Cosine of L2-normalised float64 features; the ``k`` most similar gallery images vote
+    with weight exp(sim / temperature); the class with the most weight wins, a tie in votes going to
+    the class that sorts first.
+
+    Queries are taken ``knn_block_rows`` at a time, so memory is one (rows, gallery) similarity block
+    of at most ``block_bytes`` (256 MiB by default) plus one float64 copy of the features. Each block
+    row is a whole gallery row, so ``torch.topk`` ranks the same row as in the N x N matrix
+    (:func:`knn_predictions_dense`) and breaks ties among equal similarities the same way. One caveat:
+    the BLAS may round a block's dot products differently in the last bit from the whole product's
+    (MKL: up to ~1e-15), so two neighbours (or two classes' votes) closer than that could swap;
+    exactly tied ones cannot, and the tests and ``benchmarks/bench_knn.py`` find identical predictions.
+    """
+    import torch
+
+    _check_knn_options(k, temperature)
+    labels_np = _label_array(labels)
+    gallery = _unit_rows(feats, "features")
+    n = gallery.shape[0]
+    loo = queries is None
+    if labels_np.shape[0] != n or n < (2 if loo else 1):
+        need = "at least 2 labelled images" if loo else "at least 1 labelled gallery image"
+        raise DataError(f"k-NN needs {need} with one label each (got {n} images, {labels_np.shape[0]} labels)")
+    q = gallery if loo else _unit_rows(queries, "queries")
+    if q.shape[1] != gallery.shape[1]:
+        raise DataError(f"k-NN queries have {q.shape[1]} features but the gallery has {gallery.shape[1]}: "
+                        "compute both with the same model")
+    classes, inverse = np.unique(labels_np, return_inverse=True)  # any label values -> 0..C-1
+    labels_t = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
+    k = min(int(k), n - 1 if loo else n)
+    rows = knn_block_rows(n, block_bytes)
+    predicted = np.empty(q.shape[0], dtype=np.int64)
+    for start in range(0, q.shape[0], rows):
+        sim = q[start : start + rows] @ gallery.T  # (rows, n): the only O(n) per-query memory
+        if loo:
+            here = torch.arange(sim.shape[0])
+            sim[here, here + start] = -float("inf")  # leave one out: an image never votes for itself
+        top_sim, top_idx = sim.topk(k, dim=-1)
+        del sim
+        votes = torch.zeros(top_sim.shape[0], len(classes), dtype=torch.float64)
+        votes.scatter_add_(1, labels_t[top_idx], (top_sim / temperature).exp())
+        predicted[start : start + rows] = votes.argmax(dim=-1).numpy()
+    return classes[predicted]
+
+
+def knn_predictions_dense(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE, *,
+                          queries: Any = None) -> np.ndarray:
+    """The reference :func:`knn_predictions` is checked against: the whole (queries, gallery)
+    similarity matrix at once (N x N leave-one-out), O(N²) memory; for tests and benchmarks only."""
     import torch
     import torch.nn.functional as F
 
-    feats = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
-    labels_np = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
-    n = feats.shape[0]
-    if n < 2 or labels_np.shape[0] != n:
-        raise DataError(f"k-NN needs at least 2 labelled images with one label each (got {n} images, {labels_np.shape[0]} labels)")
-    classes, inverse = np.unique(labels_np, return_inverse=True)  # any label values -> 0..C-1
+    labels_np = _label_array(labels)
+    f = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float64), dim=-1)
+    q = f if queries is None else F.normalize(torch.as_tensor(np.asarray(queries), dtype=torch.float64), dim=-1)
+    classes, inverse = np.unique(labels_np, return_inverse=True)
     labels_t = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
-    f = F.normalize(feats, dim=-1)
-    sim = f @ f.T
-    sim.fill_diagonal_(-float("inf"))  # leave one out: an image never votes for itself
-    k = min(k, n - 1)
-    top_sim, top_idx = sim.topk(k, dim=-1)
-    weights = (top_sim / temperature).exp()
-    votes = torch.zeros(n, len(classes), dtype=torch.float64)
-    votes.scatter_add_(1, labels_t[top_idx], weights)
+    sim = q @ f.T
+    if queries is None:
+        sim.fill_diagonal_(-float("inf"))
+    top_sim, top_idx = sim.topk(min(k, f.shape[0] - (1 if queries is None else 0)), dim=-1)
+    votes = torch.zeros(q.shape[0], len(classes), dtype=torch.float64)
+    votes.scatter_add_(1, labels_t[top_idx], (top_sim / temperature).exp())
     return classes[votes.argmax(dim=-1).numpy()]
 
 
-def knn_top1(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
-    """Leave-one-out weighted k-NN top-1 on L2-normalised features (cosine, k=10, exp(sim/0.07))."""
-    labels_np = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels))
-    return float((knn_predictions(feats, labels_np, k, temperature) == labels_np).mean())
+def knn_top1(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperature: float = KNN_TEMPERATURE, *,
+             queries: Any = None, query_labels: Iterable[Any] | None = None, block_bytes: int = KNN_BLOCK_BYTES) -> float:
+    """Weighted k-NN top-1 on L2-normalised features (cosine, k=10, exp(sim/0.07)): leave-one-out over
+    ``feats`` / ``labels``, or, with ``queries`` and ``query_labels``, of the queries against that gallery."""
+    if queries is None:
+        truth = _label_array(labels)
+    else:
+        if query_labels is None:
+            raise DataError("k-NN queries have no labels: pass query_labels, one per query")
+        truth = _label_array(query_labels)
+        if truth.shape[0] != len(queries) or truth.shape[0] == 0:
+            raise DataError(f"k-NN needs one label per query and at least one query (got {len(queries)} queries, "
+                            f"{truth.shape[0]} labels)")
+    predicted = knn_predictions(feats, labels, k, temperature, queries=queries, block_bytes=block_bytes)
+    return float((predicted == truth).mean())
 
 
 __all__ = ["Fidelity", "FidelityMeter", "compare_outputs", "cosine_rows", "sqnr_db", "knn_predictions", "knn_top1",
-           "SQNR_CAP_DB", "KNN_K", "KNN_TEMPERATURE"]
+           "knn_predictions_dense", "knn_block_rows", "SQNR_CAP_DB", "KNN_K", "KNN_TEMPERATURE", "KNN_BLOCK_BYTES"]

@@ -111,3 +111,85 @@ def test_evaluate_reports_fidelity_and_knn(tiny_encoder, tiny_images, tmp_path):
     np.save(tmp_path / "unlabelled.npy", images)
     unlabelled = evaluate(pruned, None, data=str(tmp_path / "unlabelled.npy"))
     assert "knn_top1" not in unlabelled and "fidelity" not in unlabelled
+
+
+# The verb with a val set (gallery / query k-NN) ---------------------------------------------------
+def test_evaluate_with_val_classifies_val_against_data_and_measures_fidelity_on_val(tiny_encoder, tiny_images, tmp_path):
+    from mimc.data import load_images
+
+    images, labels = tiny_images
+    np.savez(tmp_path / "train.npz", images=images[:16], labels=labels[:16], class_names=["a", "b"])
+    np.savez(tmp_path / "val.npz", images=images[16:], labels=labels[16:], class_names=["a", "b"])
+    pruned = remove_blocks(tiny_encoder, [3])
+    report = evaluate(pruned, tiny_encoder, data=str(tmp_path / "train.npz"), val=str(tmp_path / "val.npz"))
+    assert report["knn_protocol"] == "gallery-query" and report["knn_k"] == 10
+    assert (report["knn_gallery_size"], report["knn_query_size"]) == (16, 8)
+    assert report["data"]["n_images"] == 16 and report["val"]["n_images"] == 8
+    assert report["fidelity_on"] == "val" and report["fidelity"]["n_images"] == 8
+    assert report["fidelity"] == fidelity(pruned, tiny_encoder, load_images(tmp_path / "val.npz", pruned.config).pixels).to_dict()
+    for key, model in (("knn_top1", pruned), ("reference_knn_top1", tiny_encoder)):
+        gallery, queries = (features(model, load_images(tmp_path / f, model.config).pixels) for f in ("train.npz", "val.npz"))
+        assert report[key] == knn_top1(gallery, labels[:16], queries=queries, query_labels=labels[16:])
+    assert report["knn_retained"] == report["knn_top1"] / report["reference_knn_top1"]
+    assert report["knn_top1"] != 0.5  # so that the class-name test below can tell a mapping by index from one by name
+    assert report["knn_val_in_data"] == 0
+
+    # The same val images with the classes listed the other way round: matched by name, same result.
+    np.savez(tmp_path / "val_swapped.npz", images=images[16:], labels=1 - labels[16:], class_names=["b", "a"])
+    swapped = evaluate(pruned, tiny_encoder, data=str(tmp_path / "train.npz"), val=str(tmp_path / "val_swapped.npz"))
+    assert swapped["knn_top1"] == report["knn_top1"] and swapped["reference_knn_top1"] == report["reference_knn_top1"]
+
+    # Val images that are also data images are counted (they find themselves).
+    np.savez(tmp_path / "val_overlap.npz", images=images[13:], labels=labels[13:], class_names=["a", "b"])
+    overlap = evaluate(pruned, None, data=str(tmp_path / "train.npz"), val=str(tmp_path / "val_overlap.npz"))
+    assert overlap["knn_val_in_data"] == 3 and overlap["knn_query_size"] == 11
+
+    # Without val: leave-one-out over data, fidelity on data, as before.
+    alone = evaluate(pruned, tiny_encoder, data=str(tmp_path / "train.npz"))
+    assert alone["knn_protocol"] == "leave-one-out" and alone["fidelity_on"] == "data"
+    assert "val" not in alone and "knn_val_in_data" not in alone
+    assert (alone["knn_gallery_size"], alone["knn_query_size"]) == (16, 16)
+    assert alone["knn_top1"] == knn_top1(features(pruned, load_images(tmp_path / "train.npz", pruned.config).pixels), labels[:16])
+
+
+def _set(labels, names=None, sha="x"):
+    from mimc.data import ImageSet
+
+    labels = None if labels is None else np.asarray(labels)
+    return ImageSet(torch.zeros(0), labels, names, "test", sha)
+
+
+def test_knn_labels_match_classes_by_name():
+    from mimc.evaluation import knn_labels
+
+    train = _set([0, 1, 2, 2], ["cat", "dog", "fox"], "t")
+    gallery, queries = knn_labels(train, _set([0, 1, 1], ["cat", "fox"], "v"))  # val lacks dog: fine
+    assert gallery.tolist() == ["cat", "dog", "fox", "fox"] and queries.tolist() == ["cat", "fox", "fox"]
+    gallery, queries = knn_labels(train, _set(["fox", "cat"], None, "v"))  # bare string labels: names too
+    assert queries.tolist() == ["fox", "cat"]
+    gallery, queries = knn_labels(_set([3, 5]), _set([5, 5], None, "v"))  # neither named: values as they are
+    assert gallery.tolist() == [3, 5] and queries.tolist() == [5, 5]
+    assert knn_labels(train)[0].tolist() == knn_labels(train)[1].tolist() == [0, 1, 2, 2]  # leave-one-out: as given
+    assert knn_labels(_set(None)) is None  # leave-one-out on unlabelled data: k-NN skipped, no error
+
+
+@pytest.mark.parametrize(
+    "train, val, match",
+    [
+        (_set([0, 1], ["cat", "dog"], "t"), _set([0, 1], ["cat", "owl"], "v"), "val has 1 class(es) that data lacks (owl)"),
+        (_set([0, 1], ["cat", "dog"], "t"), _set([0, 1], None, "v"), "data names its classes but val has only numeric labels"),
+        (_set([0, 1], None, "t"), _set([0, 1], ["cat", "dog"], "v"), "val names its classes but data has only numeric labels"),
+        (_set([0, 1], ["cat", "dog"], "t"), _set(None, None, "v"), "val has no labels"),
+        (_set(None, None, "t"), _set([0], ["cat"], "v"), "data has no labels"),
+        (_set([0, 1], ["cat", "dog"], "same"), _set([0, 1], ["cat", "dog"], "same"), "val holds the same images as data"),
+        (_set([0, 1], ["cat", "dog"], "t"), _set([0, 2], ["cat", "dog"], "v"), "val labels must be whole numbers indexing its 2 class_names"),
+        (_set(list(range(5)), list("abcde"), "t"), _set([0, 1, 2, 3, 4], list("vwxyz"), "v"), "(v, w, x and 2 more)"),
+    ],
+)
+def test_knn_labels_refuse_what_cannot_be_classified(train, val, match):
+    from mimc.errors import DataError
+    from mimc.evaluation import knn_labels
+
+    with pytest.raises(DataError) as err:
+        knn_labels(train, val)
+    assert match in str(err.value) and "\n" not in str(err.value) and set(err.value.options) <= {"data", "val"}

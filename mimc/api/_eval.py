@@ -16,9 +16,15 @@ class InspectReport(DictReport):
     """Per-block scores of every criterion (low = removed first); with images the oracle and Spearman vs it."""
 
 
-def evaluate(model, reference=None, data: Any = "builtin", *, n: int | None = None, seed: int = 0,
+def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n: int | None = None, seed: int = 0,
              batch_size: int = 32) -> EvalReport:
-    """Feature fidelity of MODEL (an Encoder, a MODEL argument or a mimc ``.onnx``) to ``reference``, and k-NN."""
+    """Feature fidelity of MODEL (an Encoder, a MODEL argument or a mimc ``.onnx``) to ``reference``, and k-NN.
+
+    Without ``val``: k-NN leave-one-out over ``data``, fidelity on ``data``. With ``val`` (an image
+    folder, .npy/.npz or 'builtin', labelled like ``data``): every val image is classified against
+    ``data`` as the k-NN gallery (classes matched by name), and fidelity is measured on val
+    (``fidelity_on``). ``n``: a seeded subset of this many images of each set.
+    """
     from mimc.evaluation import evaluate as _evaluate
     from mimc.evaluation import load_for_eval
 
@@ -28,7 +34,7 @@ def evaluate(model, reference=None, data: Any = "builtin", *, n: int | None = No
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
-    body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size)
+    body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val)
     name = lambda m: m if isinstance(m, (str, Path)) else None  # noqa: E731
     return EvalReport({"model": name(model), "reference": name(reference), **body})
 

@@ -1,4 +1,4 @@
-"""``mimc eval MODEL --ref REF --data DIR``: feature fidelity to a reference and k-NN top-1."""
+"""``mimc eval MODEL --ref REF --data DIR [--val DIR]``: feature fidelity to a reference and k-NN top-1."""
 from __future__ import annotations
 
 from typing import Optional
@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help=MODEL_HELP + " Also a .onnx file written by `mimc export`."),
         ref: Optional[str] = typer.Option(None, "--ref", help="Reference MODEL to compare features with (e.g. the dense source, 'ref')."),
         data: str = typer.Option("builtin", "--data", help="An image folder (class subfolders give k-NN), a .npy/.npz file, or 'builtin'."),
-        n: Optional[int] = typer.Option(None, "--n", help="Evaluate on a seeded subset of this many images."),
+        val: Optional[str] = typer.Option(None, "--val", help="Labelled val images: k-NN of each against --data as gallery, fidelity on them."),
+        n: Optional[int] = typer.Option(None, "--n", help="Evaluate on a seeded subset of this many images (of each set)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
@@ -24,27 +25,31 @@ def register(app: typer.Typer) -> None:
         """Cosine of pooled and per-token features to --ref, SQNR, and k-NN top-1 on labelled data."""
         from mimc import api
 
-        with status(f"evaluating {model} on {data}"):
-            report = api.evaluate(model, ref, data, n=n, seed=seed, batch_size=batch_size)
+        with status(f"evaluating {model} on {data}" + (f" and {val}" if val else "")):
+            report = api.evaluate(model, ref, data, val=val, n=n, seed=seed, batch_size=batch_size)
         show(report, json_out, _human)
 
 
 def _human(r: dict) -> None:
-    d, fid, ref = r["data"], r.get("fidelity"), r.get("reference")
+    d, fid, ref, v = r["data"], r.get("fidelity"), r.get("reference"), r.get("val")
     rows = []
     if fid:
-        rows.append([f"pooled cosine to {ref} (mean / min)", f"{fid['pooled_cosine_mean']:.4f} / {fid['pooled_cosine_min']:.4f}"])
+        rows.append([f"pooled cosine to {ref} on {r['fidelity_on']} (mean / min)", f"{fid['pooled_cosine_mean']:.4f} / {fid['pooled_cosine_min']:.4f}"])
         if fid["token_cosine_mean"] is not None:
             rows.append(["per-token cosine (mean / min)", f"{fid['token_cosine_mean']:.4f} / {fid['token_cosine_min']:.4f}"])
         rows.append(["SQNR of pooled features", f"{fid['sqnr_db']:.1f} dB"])
     if "knn_top1" in r:
-        rows.append(["k-NN top-1 (k=10, leave-one-out)", f"{r['knn_top1']:.4f}"])
+        how = "leave-one-out" if r["knn_protocol"] == "leave-one-out" else f"{r['knn_query_size']} val vs {r['knn_gallery_size']} gallery"
+        rows.append([f"k-NN top-1 (k={r['knn_k']}, {how})", f"{r['knn_top1']:.4f}"])
         if "reference_knn_top1" in r:
             rows.append([f"k-NN top-1 of {ref}", f"{r['reference_knn_top1']:.4f}"])
-    columns(f"{r['model']} on {d['source']} ({d['n_images']} images)", ["metric", "value"], rows, left=("metric",))
+    where = f"{d['source']} ({d['n_images']} images)" + (f", val {v['source']} ({v['n_images']} images)" if v else "")
+    columns(f"{r['model']} on {where}", ["metric", "value"], rows, left=("metric",))
     for text in (r.get("fidelity_note"), fid.get("note") if fid else None):
         if text:
             note(text)
+    if r.get("knn_val_in_data"):
+        note(f"{r['knn_val_in_data']} of {v['n_images']} val images are also in the data: they find themselves, so k-NN top-1 is inflated")
     if "knn_top1" not in r:
         note("the data has no labels (no class subfolders / 'labels' array): k-NN skipped")
     if ref is None:

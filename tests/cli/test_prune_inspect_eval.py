@@ -190,3 +190,53 @@ def test_eval_bad_inputs(app, artifact, tmp_path, args, match):
     subs = {"MISSING": str(tmp_path / "missing"), "ART": str(artifact), "FOREIGN": str(foreign), "MISSING.npz": str(tmp_path / "x.npz")}
     result = invoke(app, [subs.get(a, a) for a in args])
     one_error_line(result, match)
+
+
+# eval --val ---------------------------------------------------------------------------------------
+def _image_folder(root, images, labels, names):
+    """``root/<class name>/<i>.png``: the class subfolders give the labels."""
+    from PIL import Image
+
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        (root / names[lab]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / names[lab] / f"{i:03d}.png")
+    return root
+
+
+def test_eval_val_classifies_val_folder_against_data_folder(app, artifact, tmp_path, tiny_images):
+    images, labels = tiny_images
+    three = np.arange(len(images)) % 3
+    train = _image_folder(tmp_path / "train", images[:18], three[:18], ["cat", "dog", "fox"])
+    val = _image_folder(tmp_path / "val", images[18:][three[18:] != 1], [0, 1, 0, 1], ["cat", "fox"])  # no dog
+    result = invoke(app, ["eval", artifact, "--ref", artifact, "--data", train, "--val", val, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["knn_protocol"] == "gallery-query" and (report["knn_gallery_size"], report["knn_query_size"]) == (18, 4)
+    assert report["fidelity_on"] == "val" and report["fidelity"]["n_images"] == 4 and report["val"]["labelled"]
+    assert 0.0 <= report["knn_top1"] == report["reference_knn_top1"] <= 1.0
+    result = invoke(app, ["eval", artifact, "--ref", artifact, "--data", train, "--val", val])
+    assert result.exit_code == 0, result.output
+    assert "4 val vs 18 gallery" in result.stdout and "on val" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "data, val, match",
+    [
+        ("labelled.npz", "plain.npy", "--val has no labels"),
+        ("plain.npy", "labelled.npz", "--data has no labels"),
+        ("labelled.npz", "labelled.npz", "--val holds the same images as --data"),
+        ("named.npz", "owl.npz", "--val has 1 class(es) that --data lacks (owl)"),
+        ("named.npz", "labelled.npz", "--data names its classes but --val has only numeric labels"),
+        ("labelled.npz", "missing.npz", "--val: data path"),
+        ("labelled.npz", "empty", "point --val at a folder of images"),
+    ],
+)
+def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, labelled_npz, data, val, match):
+    images, labels = tiny_images
+    np.save(tmp_path / "plain.npy", images)
+    np.savez(tmp_path / "named.npz", images=images[:12], labels=labels[:12], class_names=["cat", "dog"])
+    np.savez(tmp_path / "owl.npz", images=images[12:], labels=labels[12:], class_names=["cat", "owl"])
+    (tmp_path / "empty").mkdir()
+    files = {"labelled.npz": labelled_npz, "missing.npz": tmp_path / "missing.npz"}
+    result = invoke(app, ["eval", artifact, "--data", files.get(data, tmp_path / data), "--val", files.get(val, tmp_path / val)])
+    one_error_line(result, match)
