@@ -96,6 +96,55 @@ def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -
 
 
 # The eval verb ------------------------------------------------------------------------------------
+class Pass:
+    """What one streamed pass over a set leaves: each model's pooled features, the labels of the
+    images read, their hash — never the images. ``meter`` measures fidelity on the way."""
+
+    def __init__(self, stream: Any, source: str):
+        self.source = source
+        self.class_names = stream.class_names
+        self.labels = stream.labels  # before the pass: every image's label (refined to those read)
+        self.sha256: str | None = None
+        self.n_images = 0
+        self.feats: list[torch.Tensor] = []
+        self.digests: set[bytes] | list[bytes] = []
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return self.n_images
+
+
+def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMeter | None = None,
+                digests: bool = False) -> list[Pass]:
+    """Run ``models`` over every batch of ``stream`` once; with ``meter``, the first two are
+    candidate and reference and their features are compared batch by batch."""
+    import hashlib
+
+    runs = [_runner(m) for m in models]
+    passes = [Pass(stream, source) for _ in models]
+    sha, labels = hashlib.sha256(), []
+    for batch in stream:
+        x = batch.pixels
+        sha.update(x.contiguous().numpy().tobytes())
+        if batch.labels is not None:
+            labels.append(batch.labels)
+        if digests:
+            passes[0].digests += [hashlib.blake2b(xi.contiguous().numpy().tobytes(), digest_size=16).digest() for xi in x]
+        outs = [run(x) for run in runs]
+        if meter is not None:
+            meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
+        for p, (pooled, _) in zip(passes, outs):
+            p.feats.append(pooled)
+    for p in passes:
+        if not p.feats:
+            raise DataError(f"{source}: no images to compute features on: pass a non-empty data set", option="data")
+        p.feats = torch.cat(p.feats)
+        p.n_images, p.sha256 = len(p.feats), sha.hexdigest()
+        p.labels = np.concatenate(labels) if labels else None
+        p.skipped = list(stream.stats.skipped)
+    return passes
+
+
 def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32,
              val: Any = None) -> dict[str, Any]:
     """Fidelity to ``reference`` (when given) and k-NN top-1 of both (when the data is labelled).
@@ -103,45 +152,56 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     Without ``val``: k-NN leave-one-out over ``data``, fidelity measured on ``data``. With ``val``
     (train / val protocol, as DINO's k-NN evaluation): ``data`` is the labelled gallery, every val
     image is classified against it, and fidelity is measured on val. ``n`` takes a seeded subset of
-    each set.
+    each set. Images stream through in batches (decoded in worker processes); what stays in memory
+    is one pooled feature vector per image and model.
     """
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
     sources = {"data": _source(data, seed)}
     if val is not None:
         sources["val"] = _source(val, seed)
-    drawn = lambda name, m: read_images(sources[name], m.config, n, option=name)  # noqa: E731
-    train = drawn("data", cand)
-    report: dict[str, Any] = {"data": _describe(train)}
+    streams = lambda name, m: read_images(sources[name], m.config, n, batch_size, option=name)  # noqa: E731
     measured = "val" if val is not None else "data"
-    query = drawn("val", cand) if val is not None else train
+    knn_labels(streams("data", cand), streams("val", cand) if val is not None else None)  # bad labels fail before any forward pass
+    comparable = ref is not None and _input_spec(ref.config) == _input_spec(cand.config) and ref.config.dim == cand.config.dim
+    shared = comparable or (ref is not None and _input_spec(ref.config) == _input_spec(cand.config))
+    meter = FidelityMeter() if comparable else None
+
+    def run_set(name: str, with_meter: bool) -> tuple[Pass, Pass | None]:
+        """The set's pass of the candidate (and of the reference: in the same pass when they share an input spec)."""
+        both = [cand, ref] if shared else [cand]
+        out = stream_pass(streams(name, cand), sources[name].spec, both, meter if with_meter else None,
+                          digests=val is not None)
+        ref_pass = out[1] if shared else (stream_pass(streams(name, ref), sources[name].spec, [ref])[0] if ref is not None else None)
+        return out[0], ref_pass
+
+    train, ref_train = run_set("data", with_meter=val is None)
+    report: dict[str, Any] = {"data": _describe(train)}
+    query, ref_query = (train, ref_train) if val is None else run_set("val", with_meter=True)
     if val is not None:
         report["val"] = _describe(query)
-    labels = knn_labels(train, query if val is not None else None)  # bad labels fail before any forward pass
-    cand_q = ref_q = None
     if ref is not None:
-        same_spec = _input_spec(ref.config) == _input_spec(cand.config)
-        if same_spec and ref.config.dim == cand.config.dim:
-            fid, cand_q, ref_q = compare_features(cand, ref, query, batch_size)
-            report["fidelity"] = fid.to_dict()
+        if comparable:
+            report["fidelity"] = meter.result().to_dict()
             report["fidelity_on"] = measured
         else:
             report["fidelity"] = None
             report["fidelity_note"] = "model and reference differ in input spec or width: fidelity undefined, k-NN only"
+    skipped = sorted({name for p in (train, query) for name in p.skipped})
+    if skipped:
+        report["skipped_images"] = skipped
+    labels = knn_labels(train, query if val is not None else None)
     if labels is None:
         return report
 
-    def top1(m: Any, query_feats: torch.Tensor | None) -> float:
-        if query_feats is None:
-            query_feats = features(m, drawn(measured, m), batch_size)
+    def top1(gallery: Pass, queries: Pass) -> float:
         if val is None:
-            return knn_top1(query_feats, labels[0])
-        gallery = features(m, drawn("data", m), batch_size)
-        return knn_top1(gallery, labels[0], queries=query_feats, query_labels=labels[1])
+            return knn_top1(gallery.feats, labels[0])
+        return knn_top1(gallery.feats, labels[0], queries=queries.feats, query_labels=labels[1])
 
-    report["knn_top1"] = top1(cand, cand_q)
+    report["knn_top1"] = top1(train, query)
     if ref is not None:
-        report["reference_knn_top1"] = base = top1(ref, ref_q)
+        report["reference_knn_top1"] = base = top1(ref_train, ref_query)
         report["knn_retained"] = report["knn_top1"] / base if base > 0 else None
     report["knn_protocol"] = "gallery-query" if val is not None else "leave-one-out"
     report["knn_k"] = KNN_K
@@ -152,13 +212,10 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     return report
 
 
-def shared_images(gallery: Any, queries: Any) -> int:
+def shared_images(gallery: Pass, queries: Pass) -> int:
     """How many query images are, after preprocessing, bit for bit an image of the gallery."""
-    import hashlib
-
-    digest = lambda x: hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).digest()  # noqa: E731
-    seen = {digest(x) for x in gallery.pixels}
-    return sum(digest(x) in seen for x in queries.pixels)
+    seen = set(gallery.digests)
+    return sum(d in seen for d in queries.digests)
 
 
 def _source(spec: Any, seed: int):
@@ -167,19 +224,43 @@ def _source(spec: Any, seed: int):
     return spec if isinstance(spec, ImageSource) else ImageSource(spec, seed)
 
 
-def read_images(source: Any, cfg: Any, n: int | None, option: str = "data"):
-    """The one place evaluation reads images: a seeded subset of ``n`` (all when None) of ``source``,
-    preprocessed for ``cfg``'s input spec. An error reading the ``val`` set names ``val``, not ``data``."""
+def read_images(source: Any, cfg: Any, n: int | None, batch_size: int = 32, option: str = "data"):
+    """The one place evaluation reads images: a stream of the seeded subset of ``n`` (all when None)
+    of ``source``, preprocessed for ``cfg``'s input spec. An error reading the ``val`` set names
+    ``val``, not ``data`` (also when it surfaces mid-stream)."""
     try:
-        return source.draw(cfg, n)
+        return _Named(source.stream(cfg, n, batch_size), option)
     except DataError as exc:
-        if option == "data":
-            raise
-        message = exc.phrased({"data": option}) if "data" in exc.options else f"{option}: {exc}"
-        raise DataError(message, option=option) from exc
+        raise _renamed(exc, option) from exc
 
 
-def _describe(images: Any) -> dict[str, Any]:
+def _renamed(exc: DataError, option: str) -> DataError:
+    if option == "data":
+        return exc
+    message = exc.phrased({"data": option}) if "data" in exc.options else f"{option}: {exc}"
+    return DataError(message, option=option)
+
+
+class _Named:
+    """A stream whose read errors name the option it came from."""
+
+    def __init__(self, stream: Any, option: str):
+        self.stream, self.option = stream, option
+        self.labels, self.class_names = stream.labels, stream.class_names
+        self.sha256 = None  # known after a pass
+
+    @property
+    def stats(self):
+        return self.stream.stats
+
+    def __iter__(self):
+        try:
+            yield from self.stream
+        except DataError as exc:
+            raise _renamed(exc, self.option) from exc
+
+
+def _describe(images: Pass) -> dict[str, Any]:
     return {"source": images.source, "n_images": len(images), "labelled": images.labels is not None, "sha256": images.sha256}
 
 
@@ -199,7 +280,7 @@ def knn_labels(gallery: Any, queries: Any = None) -> tuple[np.ndarray, np.ndarra
     if queries.labels is None:
         raise DataError("val has no labels: give val class subfolders (or a 'labels' array in the .npz), "
                         "or drop val for leave-one-out k-NN on data", option=("val", "data"))
-    if queries.sha256 == gallery.sha256:
+    if queries.sha256 is not None and queries.sha256 == gallery.sha256:
         raise DataError("val holds the same images as data, so every val image would find itself: "
                         "pass a held-out val set, or drop val for leave-one-out k-NN on data", option=("val", "data"))
     keys = {}

@@ -5,13 +5,14 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, status
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import columns, note, show
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     @handle_errors
+    @reads_images("data", "val")
     def eval_(
         model: str = typer.Argument(..., help=MODEL_HELP + " Also a .onnx file written by `mimc export`."),
         ref: Optional[str] = typer.Option(None, "--ref", help="Reference MODEL to compare features with (e.g. the dense source, 'ref')."),

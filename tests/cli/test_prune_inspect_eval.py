@@ -227,7 +227,7 @@ def test_eval_val_classifies_val_folder_against_data_folder(app, artifact, tmp_p
         ("labelled.npz", "labelled.npz", "--val holds the same images as --data"),
         ("named.npz", "owl.npz", "--val has 1 class(es) that --data lacks (owl)"),
         ("named.npz", "labelled.npz", "--data names its classes but --val has only numeric labels"),
-        ("labelled.npz", "missing.npz", "--val: data path"),
+        ("labelled.npz", "missing.npz", "--val path"),
         ("labelled.npz", "empty", "point --val at a folder of images"),
     ],
 )
