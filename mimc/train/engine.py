@@ -297,11 +297,13 @@ def _as_float(output: tuple) -> tuple:
 def _save(run: TrainRun, done: int, params: dict[str, nn.Parameter], optimizer, meta, losses, ctx: DistContext, sharded: bool) -> None:
     """A checkpoint of step ``done``: sharded tensors are gathered by every rank, rank 0 writes."""
     if not (sharded or ctx.is_main):
+        ctx.barrier()
         return
     trainable = full({k: v.detach() for k, v in params.items()}, sharded)
     state = full(optimizer.state_dict(), sharded)
     if ctx.is_main:
         ckpt.save_checkpoint(run.run_dir, done, trainable, state, meta, losses)
+    ctx.barrier()  # no rank runs on (or resumes) before the checkpoint is on disk
 
 
 def _progress():
