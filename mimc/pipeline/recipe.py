@@ -23,10 +23,11 @@ exported graphs), including ones written stage by stage with the single commands
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimc.data.readers import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.options import StageConfig
 from mimc.pipeline.stages import GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
@@ -64,13 +65,14 @@ class Recipe:
     n: int = 256
     seed: int = 0
     output: str | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)  # how to read data (``data: {path: ..., workers: 4}``)
     note: str | None = None  # what a recipe rebuilt from mimc.json cannot promise (not part of the YAML)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe: every option of every stage written out (what ``recipe.yaml`` holds)."""
         out: dict[str, Any] = {"model": self.model}
         if self.data is not None:
-            out["data"] = self.data
+            out["data"] = {"path": self.data, **self.data_options} if self.data_options else self.data
         out.update({"n": self.n, "seed": self.seed})
         if self.output is not None:
             out["output"] = self.output
@@ -102,20 +104,42 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     for key, value in (("n", n), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "n" else 0):
             raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {clip(value)}")
-    for key in ("data", "output"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {clip(data[key])}")
+    spec, data_options = _parse_data(data.get("data"), where)
+    if data.get("output") is not None and not isinstance(data["output"], str):
+        raise ConfigError(f"{where}: 'output' must be a string, got {clip(data['output'])}")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [{{prune: {{ratio: 0.5}}}}, export]")
     steps = [_parse_step(item, i, where) for i, item in enumerate(stages)]
     _check_order(steps, where)
     _check_graph_names(steps, where)
-    recipe = Recipe(model=model, steps=steps, data=data.get("data"), n=n, seed=seed, output=data.get("output"))
+    recipe = Recipe(model=model, steps=steps, data=spec, n=n, seed=seed, output=data.get("output"), data_options=data_options)
     if recipe.needs_data and recipe.data is None:
         needing = [s.name for s in steps if s.name == "quantize" or (s.is_model_stage and s.config.needs_data)]
         raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
     return recipe
+
+
+DATA_OPTIONS = {"workers": int, "skip_corrupt": bool, "image_column": str, "label_column": str}
+
+
+def _parse_data(value: Any, where: str) -> tuple[str | None, dict[str, Any]]:
+    """``data: SPEC`` or ``data: {path: SPEC, workers: 4, skip_corrupt: true, image_column: img, label_column: y}``."""
+    if value is None or isinstance(value, str):
+        return value, {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'data' must be a string or a mapping with 'path', got {clip(value)}")
+    unknown = sorted(set(value) - {"path", *DATA_OPTIONS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data': valid keys are {sorted({'path', *DATA_OPTIONS})}")
+    if not isinstance(value.get("path"), str) or not value["path"]:
+        raise ConfigError(f"{where}: 'data.path' must name the images (a folder, .npy/.npz, shards or builtin), got {clip(value.get('path'))}")
+    options = {k: v for k, v in value.items() if k != "path"}
+    for key, kind in DATA_OPTIONS.items():
+        if key in options and (not isinstance(options[key], kind) or (kind is int and (isinstance(options[key], bool) or options[key] < 0))):
+            raise ConfigError(f"{where}: 'data.{key}' must be {'a non-negative integer' if kind is int else 'a ' + kind.__name__}, "
+                              f"got {clip(options[key])}")
+    return value["path"], options
 
 
 def _parse_step(item: Any, index: int, where: str) -> Step:
@@ -203,7 +227,7 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
     """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
     ``data`` replaces the recipe's images."""
     path = Path(path)
-    if data is not None and data != "builtin" and not Path(data).exists():
+    if data is not None and data != "builtin" and not is_shard_spec(data) and not Path(data).exists():
         # refused even when no stage reads images: an option that names nothing must not pass silently
         raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
     if path.is_dir():
@@ -271,7 +295,11 @@ def _strict_loader():
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:
-    return {**parsed, "data": data} if data is not None and isinstance(parsed, dict) else parsed
+    """The recipe with its images replaced (a ``data:`` mapping keeps its reading options)."""
+    if data is None or not isinstance(parsed, dict):
+        return parsed
+    old = parsed.get("data")
+    return {**parsed, "data": {**old, "path": data} if isinstance(old, dict) else data}
 
 
 def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:

@@ -69,7 +69,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     _check_not_source(recipe, out)
     source = load_model(recipe.model)
     _check_masking(recipe, source)
-    images = ImageSource(recipe.data, recipe.seed) if recipe.data is not None else None
+    images = ImageSource(recipe.data, recipe.seed, **recipe.data_options) if recipe.data is not None else None
     if recipe.needs_data:
         images.draw(source.config, recipe.n)  # unreadable or mis-shaped images: one line, before any work
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,

@@ -258,3 +258,18 @@ def test_the_profile_baseline_is_exported_like_the_graph_it_is_compared_with(tmp
     baseline = dict(calls)["dense.onnx"]
     assert (baseline["batch"], baseline["opset"], baseline["exporter"]) == (2, 18, "torchscript")  # was opset 17
     assert report["stages"][-1]["baseline"]["results"][0]["batch"] == 2
+
+
+def test_data_mapping_carries_reading_options_and_round_trips(tmp_path):
+    from mimc.pipeline.recipe import parse_recipe
+
+    body = {"model": "ref", "data": {"path": "builtin", "workers": 0, "skip_corrupt": True, "label_column": "y"},
+            "stages": [{"prune": {"ratio": 0.5}}]}
+    recipe = parse_recipe(body)
+    assert recipe.data == "builtin" and recipe.data_options == {"workers": 0, "skip_corrupt": True, "label_column": "y"}
+    assert parse_recipe(recipe.to_dict()).to_dict() == recipe.to_dict()
+    assert parse_recipe({**body, "data": "builtin"}).to_dict()["data"] == "builtin"  # plain form stays plain
+    for bad, words in (({"path": "builtin", "workers": -1}, "data.workers"), ({"path": "builtin", "threads": 2}, "unknown key"),
+                       ({"workers": 2}, "data.path"), ({"path": "builtin", "skip_corrupt": "yes"}, "data.skip_corrupt")):
+        with pytest.raises(ConfigError, match=words):
+            parse_recipe({**body, "data": bad})

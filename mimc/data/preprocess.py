@@ -1,0 +1,107 @@
+"""The encoder's preprocessing, one image at a time (what a DataLoader worker runs).
+
+Resize the short side to ``image_size`` (bicubic), centre crop, scale to [0, 1], normalise by the
+config's mean and std (read from the model's ``preprocessor_config.json`` when it came with one). A
+video encoder given still images sees each image repeated over its frames. Each image is prepared on
+its own, so a batch is the same bytes however the set is cut into batches or spread over workers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mimc.errors import DataError
+
+
+def to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
+    """Accept (H, W), (H, W, C) or (C, H, W) in uint8 or float [0, 1]; return uint8 (H, W, 1, 3 or 4)."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise DataError(f"image array has shape {arr.shape}: expected (H, W), (H, W, C) or (C, H, W)")
+    if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)
+    if arr.shape[2] not in (1, 3, 4):
+        raise DataError(f"image has {arr.shape[2]} channels (shape {arr.shape}): expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr.astype(np.float32) * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return arr
+
+
+def resize_crop(img_hwc: np.ndarray, size: int) -> np.ndarray:
+    """Resize the short side to ``size`` (bicubic) and centre crop; returns float32 HWC in [0, 1]."""
+    from PIL import Image
+
+    pil = Image.fromarray(img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc)
+    w, h = pil.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    pil = pil.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    pil = pil.crop((left, top, left + size, top + size))
+    out = np.asarray(pil, dtype=np.float32) / 255.0
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def _channels(x: np.ndarray, in_chans: int) -> np.ndarray:
+    channels = x.shape[2]
+    if channels == in_chans:
+        return x
+    if channels == 1 and in_chans == 3:
+        return np.repeat(x, 3, axis=2)
+    if channels in (3, 4) and in_chans == 1:
+        return x[:, :, :3].mean(axis=2, keepdims=True)
+    if channels == 4 and in_chans == 3:
+        return x[:, :, :3]
+    raise DataError(f"images have {channels} channels but the model expects {in_chans}: convert the images")
+
+
+def prepare_image(img: np.ndarray, cfg) -> torch.Tensor:
+    """One raw image (uint8 / float [0, 1], HWC or CHW) -> the model input (C, H, W) or (T, C, H, W)."""
+    x = _channels(resize_crop(to_uint8_hwc(img), cfg.image_size), cfg.in_chans).transpose(2, 0, 1)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
+    pixels = torch.from_numpy(((x - mean) / std).astype(np.float32))
+    if cfg.is_video:
+        pixels = pixels[None].expand(cfg.num_frames, -1, -1, -1).contiguous()
+    return pixels
+
+
+def preprocess(images: list[np.ndarray], cfg) -> torch.Tensor:
+    """uint8 HWC images -> normalised tensor shaped for ``cfg`` (an EncoderConfig)."""
+    return torch.stack([prepare_image(img, cfg) for img in images])
+
+
+class ArrayLayout:
+    """How rows of one array source become model inputs, decided once per source (not per batch).
+
+    Float rows already shaped like the model's input are taken as model inputs when they look
+    normalised (negative values among the first rows drawn); float images in [0, 1] of the same
+    shape are preprocessed like any image. Video rows (T, H, W, C) are resized frame by frame.
+    """
+
+    def __init__(self, sample: np.ndarray, cfg):
+        expected = tuple(cfg.input_shape)
+        self.cfg = cfg
+        self.model_inputs = (sample.ndim == len(expected) + 1 and tuple(sample.shape[1:]) == expected
+                             and sample.dtype.kind == "f" and sample.size > 0 and float(sample.min()) < 0)
+        self.video_frames = None
+        if not self.model_inputs and cfg.is_video and sample.ndim == 5:
+            if sample.shape[1] != cfg.num_frames:
+                raise DataError(f"video array has {sample.shape[1]} frames but the model expects {cfg.num_frames}: resample the clips")
+            self.video_frames = sample.shape[1]
+        elif not self.model_inputs and sample.ndim not in (3, 4):
+            raise DataError(f"array of shape {sample.shape} is not a batch of images: expected (N, H, W[, C]) or (N, C, H, W)")
+
+    def prepare(self, row: np.ndarray) -> torch.Tensor:
+        if self.model_inputs:
+            return torch.from_numpy(np.array(row, dtype=np.float32))
+        if self.video_frames is not None:
+            still = self.cfg.replace(num_frames=1, tubelet_size=1)
+            return torch.stack([prepare_image(frame, still) for frame in row])
+        return prepare_image(np.asarray(row), self.cfg)
+
+
+__all__ = ["to_uint8_hwc", "resize_crop", "prepare_image", "preprocess", "ArrayLayout"]

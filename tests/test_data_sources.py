@@ -1,0 +1,203 @@
+"""Streamed image sources: WebDataset shards, saved datasets folders, recursive folders, memory-mapped
+arrays; seeded subsets that read only what they use; worker- and rank-independent bytes; bad input."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimc.data import ImageSource, expand_braces, open_reader
+from mimc.data.readers import ArrayReader, FolderReader
+from mimc.errors import DataError, MissingExtraError
+from tests.conftest import tiny_config
+
+CFG = tiny_config()
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path, tiny_images):
+    """ImageNet layout with nested folders inside the classes."""
+    images, labels = tiny_images
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        path = tmp_path / "data" / f"class{lab}" / ("deep" if i % 3 == 0 else "") / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+    return tmp_path / "data"
+
+
+def _write_shards(tmp_path, images, labels, per_shard=10, corrupt: int | None = None):
+    import webdataset as wds
+
+    paths = []
+    for s in range(0, len(images), per_shard):
+        path = tmp_path / f"train-{s // per_shard:03d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(s, min(s + per_shard, len(images))):
+                data = b"not an image at all" if i == corrupt else _png(images[i])
+                sink.write({"__key__": f"sample{i:05d}", "png": data, "cls": int(labels[i])})
+        paths.append(path)
+    return paths
+
+
+def test_recursive_class_folder(folder, tiny_images):
+    reader = open_reader(folder)
+    assert isinstance(reader, FolderReader) and len(reader) == 24
+    assert reader.class_names == ["class0", "class1"]
+    assert sorted(np.bincount(reader.labels)) == [12, 12]
+    assert any(name.startswith("class0/deep/") for name in map(reader.name, range(24)))
+
+
+def test_webdataset_shards_match_the_same_images_in_a_folder(tmp_path, folder, tiny_images):
+    pytest.importorskip("webdataset")
+    images, labels = tiny_images
+    _write_shards(tmp_path, images, labels)
+    shards = ImageSource(str(tmp_path / "train-{000..002}.tar")).draw(CFG)
+    assert len(shards) == 24 and shards.labels.tolist() == labels.tolist()
+    assert shards.names[0] == "train-000.tar:sample00000.png"
+    direct = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(_png(im))))).float() for im in images[:1]])
+    assert direct.shape[0] == 1
+    reference = ImageSource(str(tmp_path / "ref.npz"))
+    np.savez(tmp_path / "ref.npz", images=images, labels=labels)
+    assert torch.equal(shards.pixels, reference.draw(CFG).pixels)
+
+
+def test_brace_patterns():
+    assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
+    assert expand_braces("{x,y}/s-{1..2}.tar") == ["x/s-1.tar", "x/s-2.tar", "y/s-1.tar", "y/s-2.tar"]
+    with pytest.raises(DataError, match="low..high"):
+        expand_braces("a-{5..1}.tar")
+
+
+def test_shard_pattern_matching_nothing_or_partly(tmp_path, tiny_images):
+    pytest.importorskip("webdataset")
+    with pytest.raises(DataError, match="matches no file"):
+        open_reader(str(tmp_path / "none-{000..004}.tar"))
+    images, labels = tiny_images
+    _write_shards(tmp_path, images, labels)
+    with pytest.raises(DataError, match="2 of 5 shards are missing"):
+        open_reader(str(tmp_path / "train-{000..004}.tar"))
+
+
+def test_corrupt_tar_member_is_named_or_skipped_on_request(tmp_path, tiny_images):
+    pytest.importorskip("webdataset")
+    images, labels = tiny_images
+    _write_shards(tmp_path, images, labels, corrupt=13)
+    spec = str(tmp_path / "train-{000..002}.tar")
+    with pytest.raises(DataError, match=r"train-001.tar:sample00013.png .*skip_corrupt"):
+        ImageSource(spec).draw(CFG)
+    source = ImageSource(spec, skip_corrupt=True)
+    stream = source.stream(CFG, batch_size=5)
+    got = [name for batch in stream for name in batch.names]
+    assert len(got) == 23 and stream.stats.skipped == ["train-001.tar:sample00013.png"]
+
+
+def test_truncated_and_compressed_shards_are_refused(tmp_path, tiny_images):
+    pytest.importorskip("webdataset")
+    images, labels = tiny_images
+    (path,) = _write_shards(tmp_path, images[:4], labels[:4])
+    data = path.read_bytes()
+    bad = tmp_path / "cut.tar"
+    bad.write_bytes(data[:700])
+    with pytest.raises(DataError):
+        ImageSource(str(bad)).draw(CFG)
+    gz = tmp_path / "packed.tar"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.add(path, arcname="inner.tar")
+    with pytest.raises(DataError, match="compressed tar"):
+        open_reader(str(gz))
+
+
+def test_saved_datasets_folder(tmp_path, tiny_images):
+    datasets = pytest.importorskip("datasets")
+    images, labels = tiny_images
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=["wide", "narrow"])})
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(im) for im in images], "y": labels.tolist()}, features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    got = ImageSource(tmp_path / "ds").draw(CFG)  # columns found by their features
+    np.savez(tmp_path / "ref.npz", images=images)
+    assert torch.equal(got.pixels, ImageSource(tmp_path / "ref.npz").draw(CFG).pixels)
+    assert got.labels.tolist() == labels.tolist() and got.class_names == ["wide", "narrow"]
+    with pytest.raises(DataError, match="no column 'picture'.*img, y"):
+        ImageSource(tmp_path / "ds", image_column="picture").draw(CFG)
+    with pytest.raises(DataError, match="no column 'target'"):
+        ImageSource(tmp_path / "ds", label_column="target").draw(CFG)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match="splits train, validation"):
+        ImageSource(tmp_path / "dd").draw(CFG)
+
+
+def test_saved_datasets_folder_without_the_package(tmp_path, monkeypatch):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_info.json").write_text("{}")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    with pytest.raises(MissingExtraError, match=r"mimc\[datasets\]"):
+        open_reader(tmp_path / "ds")
+
+
+def test_npy_is_memory_mapped_and_a_subset_reads_only_its_images(tmp_path, tiny_images, monkeypatch):
+    images, _ = tiny_images
+    np.save(tmp_path / "x.npy", images)
+    reader = open_reader(tmp_path / "x.npy")
+    assert isinstance(reader, ArrayReader) and isinstance(reader.array, np.memmap)
+    source = ImageSource(tmp_path / "x.npy", seed=3, workers=0)
+    read = []
+    original = ArrayReader.read
+    monkeypatch.setattr(ArrayReader, "read", lambda self, i: read.append(i) or original(self, i))
+    subset = source.draw(CFG, n=5)
+    assert sorted(read) == source.positions(5).tolist() and len(subset) == 5
+
+
+def test_bytes_do_not_depend_on_batches_workers_or_ranks(folder):
+    whole = ImageSource(folder, workers=0).draw(CFG)
+    streamed = ImageSource(folder, workers=2).stream(CFG, batch_size=5)
+    assert len(streamed) == 5
+    assert torch.equal(torch.cat([b.pixels for b in streamed]), whole.pixels)
+    shards = [ImageSource(folder, workers=1).stream(CFG, batch_size=4, rank=r, world=3) for r in range(3)]
+    parts = [b for s in shards for b in s]
+    assert torch.equal(torch.cat([b.pixels for b in parts]), whole.pixels)
+    assert [n for b in parts for n in b.names] == whole.names
+    assert np.concatenate([b.labels for b in parts]).tolist() == whole.labels.tolist()
+
+
+def test_indexed_loads_positions_of_the_subset(folder):
+    source = ImageSource(folder, seed=1, workers=0)
+    drawn = source.draw(CFG, n=10)
+    indexed = source.indexed(CFG, n=10)
+    assert len(indexed) == 10
+    assert torch.equal(indexed.load([7, 2, 2]), drawn.pixels[[7, 2, 2]])
+
+
+def test_one_corrupt_image_in_a_folder(folder, tiny_images):
+    (folder / "class1" / "broken.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match=r"broken.png.*skip_corrupt"):
+        ImageSource(folder, workers=2).draw(CFG)
+    stream = ImageSource(folder, skip_corrupt=True, workers=2).stream(CFG, batch_size=8)
+    assert sum(len(b.pixels) for b in stream) == 24 and stream.stats.skipped == ["class1/broken.png"]
+
+
+def test_rgba_palette_and_16_bit_images(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "b.png")
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "c.png")
+    got = ImageSource(tmp_path).draw(CFG).pixels
+    red = (1.0 * 200 / 255 - CFG.image_mean[0]) / CFG.image_std[0]
+    assert got[0, 0].sub(red).abs().max() < 1e-4 and abs(float(got[1, 0].mean()) - red) < 0.1
+    white = [(1.0 - m) / s for m, s in zip(CFG.image_mean, CFG.image_std)]
+    assert all(got[2, c].sub(white[c]).abs().max() < 1e-4 for c in range(3))
+
+
+def test_workers_option_is_checked():
+    with pytest.raises(DataError, match="workers must be 0"):
+        ImageSource("builtin", workers=-1)
