@@ -48,8 +48,11 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     if preflight is not None:
         preflight(encoder)
     images = ImageSource(data, seed) if data is not None else None
-    if images is not None:
-        images.draw(encoder.config, n)  # unreadable or mis-shaped images: refused before any work
+    if images is not None:  # unreadable or mis-shaped images: refused before any work
+        if config.learns:
+            images.indexed(encoder.config, n).load([0])  # a learning run reads its images a step at a time: never all at once
+        else:
+            images.draw(encoder.config, n)
     job = Job(source=encoder, stages=[config], images=images, n=n, batch_size=batch_size, teacher=teacher, run=run,
               seed=seed, feed_images=True)
     write = is_main_process()

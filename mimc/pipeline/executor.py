@@ -102,9 +102,11 @@ def stage_images(job: Job, encoder, config):
     """What a model stage reads its images from: a learning stage indexed images (it loads one step's
     batch at a time: :class:`mimc.train.images.IndexedImages`), any other a list of batches."""
     if config.learns:
-        from mimc.train.images import TensorImages
+        if job.images.fixed is not None:  # images already in memory (a search's split): indexed as they are
+            from mimc.train.images import TensorImages
 
-        return TensorImages(job.images.draw(encoder.config, job.n).pixels)  # streamed: job.images.indexed(encoder.config, job.n)
+            return TensorImages(job.images.fixed.pixels)
+        return job.images.indexed(encoder.config, job.n)
     return job.images.batches(encoder.config, job.n, job.batch_size)
 
 

@@ -65,12 +65,24 @@ def first_batches(images: IndexedImages, limit: int, batch_size: int) -> list[to
     return [images.load(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
 
 
-def fingerprint(images: IndexedImages, sample: int = 16) -> str:
-    """The set's ``sha256`` when it has one; else a hash of its length and of ``sample`` evenly spread images."""
+FULL_HASH_BYTES = 256 << 20  # sets up to this size are hashed whole (a few hundred 224-px images)
+
+
+def fingerprint(images: IndexedImages, sample: int = 16, full_bytes: int = FULL_HASH_BYTES) -> str:
+    """What a resumed run checks it reads the same images: the set's ``sha256`` when it has one; the hash
+    of every pixel when they total at most ``full_bytes`` (read in batches; the same hash as the
+    tensor's, so runs recorded when every set was a tensor stay resumable); else a hash of the count
+    and of ``sample`` evenly spread images."""
     known = getattr(images, "sha256", None)
     if isinstance(known, str):
         return known
     count = len(images)
+    first = images.load([0])
+    if count * first.numel() * first.element_size() <= full_bytes:
+        digest = hashlib.sha256()
+        for batch in first_batches(images, count, 64):
+            digest.update(batch.contiguous().numpy().tobytes())
+        return digest.hexdigest()
     picks = sorted({round(i * (count - 1) / max(1, sample - 1)) for i in range(min(sample, count))})
     digest = hashlib.sha256(f"{count}:{picks}".encode())
     digest.update(images.load(picks).contiguous().numpy().tobytes())
