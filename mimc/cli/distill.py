@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch, split over torchrun ranks (default 32)."),
         hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help="Also match each kept block's output to its teacher block (default 0: final features only)."),
-        n: Optional[int] = typer.Option(None, "--n", help="Use at most this many images from --data."),
+        n: Optional[int] = typer.Option(None, "--n", "--n-images", help="Use at most this many images from --data (--n-images under torchrun, which takes --n as its own)."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between checkpoints."),
         precision: Optional[str] = PrecisionOption,

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="learned: global batch (split over torchrun ranks)."),
         mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="learned: fraction of patches hidden from teacher and student."),
         prior: Optional[str] = typer.Option(None, "--prior", help="learned: one-shot prior (sparsegpt, wanda, magnitude, none)."),
-        n: Optional[int] = typer.Option(None, "--n", help="learned: use at most this many training images."),
+        n: Optional[int] = typer.Option(None, "--n", "--n-images", help="learned: use at most this many training images (--n-images under torchrun)."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted learned run in this folder."),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="learned: steps between checkpoints."),
         precision: Optional[str] = PrecisionOption,
