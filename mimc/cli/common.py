@@ -38,7 +38,7 @@ SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
 # A learning run's length in passes over the images, and how it computes (the same result).
 EpochsOption = typer.Option(None, "--epochs", help="Passes over the images instead of --steps (steps = ceil(epochs x images / batch)).")
 PrecisionOption = typer.Option(None, "--precision", help="fp32 (default) or bf16 (CUDA autocast; refused on CPU).")
-WorkersOption = typer.Option(None, "--workers", help="Processes loading the next batches (0: in this process; default 0 for images in memory, else 2).")
+WorkersOption = typer.Option(None, "--workers", help="Processes loading the next batches (0: in this process; default: the cores, shared by this node's ranks).")
 FsdpOption = typer.Option(False, "--fsdp", help="Under torchrun: shard weights and optimizer state over the ranks (FSDP2) instead of replicating them.")
 CheckpointActivationsOption = typer.Option(False, "--checkpoint-activations", help="Recompute each block's activations in the backward pass (less memory).")
 

@@ -97,7 +97,7 @@ class TrainRun:
     show_progress: bool = False
     on_step: Callable[[int, float], None] | None = None  # called after each step (and its checkpoint)
     teacher: Any = None  # an explicit teacher encoder (distill); None: the stage's default
-    workers: int | None = None  # data-loading processes prefetching the next steps; 0: in the main process; None: 0 for images in memory, else 2
+    workers: int | None = None  # processes prefetching the next steps' images; 0: in the main process; None: images.default_workers
     fsdp: bool = False  # shard the student, the teacher and the optimizer state over the torchrun ranks (FSDP2) instead of replicating them (DDP)
     checkpoint_activations: bool = False  # recompute each block's activations in the backward pass instead of keeping them
 

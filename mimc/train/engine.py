@@ -42,7 +42,7 @@ from mimc.errors import ConfigError
 from mimc.train import checkpoint as ckpt
 from mimc.train.config import TrainConfig, TrainRun
 from mimc.train.dist import DistContext, check_divisible, context
-from mimc.train.images import IndexedImages, Sampler, StepBatches, TensorImages, as_indexed, step_loader
+from mimc.train.images import IndexedImages, StepBatches, as_indexed, default_workers, step_loader
 from mimc.train.parallel import autocast, check_run, checkpointed_blocks, full, shard, shard_like, shard_optimizer_state, sharded_copy
 from mimc.train.schedule import warmup_cosine
 
@@ -226,7 +226,7 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
     num_patches = teacher.config.num_patches
     visible = max(1, round(num_patches * (1.0 - config.mask_ratio)))
     shard_of = ctx.shard(config.batch_size)
-    workers = run.workers if run.workers is not None else (0 if isinstance(images, TensorImages) else 2)
+    workers = run.workers if run.workers is not None else default_workers(images)
     loader = step_loader(StepBatches(images, config.seed, config.batch_size, shard_of, start, config.steps), workers,
                          pin_memory=device.type == "cuda")
     bar = _progress() if run.show_progress and ctx.is_main else None

@@ -10,6 +10,7 @@ starting at the resumed step so nothing before it is read.
 from __future__ import annotations
 
 import hashlib
+import os
 from fractions import Fraction
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -127,6 +128,19 @@ class StepBatches(Dataset):
         return self.images.load(idx.tolist())
 
 
+def default_workers(images: IndexedImages) -> int:
+    """Loading processes when a run names none: none for images in memory (nothing to overlap); a data
+    source's own ``workers`` when it has them; else :func:`mimc.data.default_workers` shared among this
+    node's torchrun ranks (at least one each)."""
+    from mimc.data import IndexedImages as SourceImages, default_workers as per_node
+
+    if isinstance(images, TensorImages):
+        return 0
+    if isinstance(images, SourceImages) and images.source.workers is not None:
+        return images.source.workers
+    return max(1, per_node() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def step_loader(batches: StepBatches, workers: int, pin_memory: bool = False) -> Iterable[torch.Tensor]:
     """The batches of every step in order; ``workers`` > 0 loads the next steps in background processes
     (two steps ahead per worker) while this one computes, 0 loads each in the main process."""
@@ -136,5 +150,5 @@ def step_loader(batches: StepBatches, workers: int, pin_memory: bool = False) ->
                       prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
 
 
-__all__ = ["IndexedImages", "TensorImages", "Sampler", "StepBatches", "as_indexed", "first_batches", "fingerprint",
-           "step_loader", "steps_for_epochs"]
+__all__ = ["IndexedImages", "TensorImages", "Sampler", "StepBatches", "as_indexed", "default_workers", "first_batches",
+           "fingerprint", "step_loader", "steps_for_epochs"]

@@ -188,3 +188,26 @@ def test_bf16_trains_close_to_fp32_on_cuda(pixels):
     b = train(bf16, _teacher(), pixels, TrainConfig(**{**SETTINGS.to_dict(), "precision": "bf16"}))
     assert b.final_loss == pytest.approx(a.final_loss, rel=0.1)
     assert state_hash(bf16) != state_hash(fp32)
+
+
+def test_default_loading_workers(pixels, tmp_path, monkeypatch):
+    import numpy as np
+
+    from mimc.data import ImageSource, default_workers as per_node
+    from mimc.train.images import default_workers
+
+    assert default_workers(TensorImages(pixels)) == 0  # in memory: nothing to overlap
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert default_workers(Recorded(pixels)) == 1  # at least one per rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers(Recorded(pixels)) == per_node()
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8))
+    cfg = tiny_config()
+    assert default_workers(ImageSource(tmp_path / "x.npy", workers=3).indexed(cfg)) == 3  # the source's own setting
+    indexed = ImageSource(tmp_path / "x.npy").indexed(cfg, 4)
+    assert default_workers(indexed) == per_node() and len(indexed) == 4
+    student, reference = _student(), _student()
+    settings = TrainConfig(steps=3, lr=1e-3, batch_size=2)
+    train(student, _teacher(), indexed, settings)  # a streamed source trains exactly as its pixels in memory
+    train(reference, _teacher(), ImageSource(tmp_path / "x.npy").draw(cfg, 4).pixels, settings)
+    assert state_hash(student) == state_hash(reference)
