@@ -234,5 +234,10 @@ class StageConfig(Options):
         """Whether this configuration needs calibration or training images."""
         return False
 
+    @property
+    def learns(self) -> bool:
+        """Whether this configuration trains (its images are then handed over indexed, read a batch at a time)."""
+        return False
+
 
 __all__ = ["Options", "StageConfig", "Spec", "option"]

@@ -48,8 +48,11 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     if preflight is not None:
         preflight(encoder)
     images = as_source(data, seed)
-    if images is not None:
-        images.draw(encoder.config, n)  # unreadable or mis-shaped images: refused before any work
+    if images is not None:  # unreadable or mis-shaped images: refused before any work
+        if config.learns:
+            images.indexed(encoder.config, n).load([0])  # a learning run reads its images a step at a time: never all at once
+        else:
+            images.draw(encoder.config, n)
     job = Job(source=encoder, stages=[config], images=images, n=n, batch_size=batch_size, teacher=teacher, run=run,
               seed=seed, feed_images=True)
     write = is_main_process()
@@ -89,9 +92,10 @@ def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageRe
 
 def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int | None = None, resume=None,
              checkpoint_every: int = 100, overwrite: bool = False, seed: int | None = None, learned: dict | None = None,
-             **options) -> StageReport:
+             workers: int | None = None, fsdp: bool = False, checkpoint_activations: bool = False, **options) -> StageReport:
     """N:M sparsity, one-shot or learned (:class:`~mimc.compression.nm.NMSparsityConfig`); a learned run
-    checkpoints into ``output`` and ``resume=OUTPUT`` continues it exactly."""
+    checkpoints into ``output`` and ``resume=OUTPUT`` continues it exactly. ``workers``, ``fsdp`` and
+    ``checkpoint_activations``: how a learned run computes (:class:`~mimc.train.TrainRun`)."""
     from mimc.compression.nm import NMSparsityConfig, parse_pattern
     from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
 
@@ -104,6 +108,9 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     nn_, mm = parse_pattern(options.get("pattern") or "2:4")
     default_out = _default_output(model, f"{nn_}of{mm}")
     is_learned = (config.method if config else "learned") == "learned"
+    runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
+    if not is_learned:
+        _refuse_runtime(runtime, f"method {config.method} does not train")
     run_dir = resolve_run_dir(output, resume, default_out, overwrite) if is_learned or resume else None
     out = run_dir if run_dir is not None else (Path(output) if output is not None else default_out)
     if run_dir is None:
@@ -118,7 +125,7 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     images = data if (is_learned and data is not None) else (calib or data)
     try:
         return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume, checkpoint_every,
-                      overwrite=overwrite, encoder=encoder)
+                      runtime, overwrite=overwrite, encoder=encoder)
     except DataError as exc:  # the images came from calib: name it, not data
         if images is calib and calib is not None and "data" in exc.options:
             exc.options = tuple("calib" if o == "data" else o for o in exc.options)
@@ -126,9 +133,11 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
 
 
 def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None = None, resume=None,
-            checkpoint_every: int = 100, overwrite: bool = False, on_note=None, **options) -> StageReport:
+            checkpoint_every: int = 100, overwrite: bool = False, on_note=None, workers: int | None = None,
+            fsdp: bool = False, checkpoint_activations: bool = False, **options) -> StageReport:
     """Recover a pruned model from the dense teacher's features (:class:`~mimc.compression.distill.DistillConfig`);
-    the teacher defaults to the source named in the model's manifest."""
+    the teacher defaults to the source named in the model's manifest. ``workers``, ``fsdp`` and
+    ``checkpoint_activations``: how the run computes (:class:`~mimc.train.TrainRun`)."""
     from mimc.compression.distill import DistillConfig, default_teacher
     from mimc.train.engine import supports_masking
     from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
@@ -146,21 +155,34 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
         if on_note is not None:
             on_note("this model needs every token (relative position bias or a token schedule): training without input masking")
         config = DistillConfig.from_dict({**config.to_dict(), "mask_ratio": 0.0})
-    report = _train(model, config, out, data, n, out, resume, checkpoint_every, overwrite=True, teacher=teacher_model,
+    runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
+    report = _train(model, config, out, data, n, out, resume, checkpoint_every, runtime, overwrite=True, teacher=teacher_model,
                     encoder=encoder)
     report.metrics.setdefault("teacher", _name(teacher) if teacher is not None else (getattr(encoder, "manifest", None).source or {}).get("id"))
     return report
 
 
-def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, **kwargs) -> StageReport:
+def _refuse_runtime(runtime: dict[str, Any], why: str) -> None:
+    given = [name for name, value in runtime.items() if value not in (None, False)]
+    if given:
+        names = " and ".join(given)
+        raise ConfigError(f"{names} {'apply' if len(given) > 1 else 'applies'} only to a learning run and {why}: drop {names}",
+                          option=tuple(given))
+
+
+def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, runtime: dict[str, Any], **kwargs) -> StageReport:
     """:func:`run_stage` of sparsify / distill: a learned run checkpoints into ``run_dir``."""
-    from mimc.train import TrainRun
+    from mimc.train import TrainConfig, TrainRun
     from mimc.train.dist import is_main_process, shutdown
+    from mimc.train.parallel import check_run
 
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}", option="checkpoint_every")
     run = None if run_dir is None else TrainRun(run_dir=Path(run_dir), resume=resume is not None,
-                                                checkpoint_every=checkpoint_every, show_progress=is_main_process())
+                                                checkpoint_every=checkpoint_every, show_progress=is_main_process(), **runtime)
+    if run is not None:
+        # bf16 without a GPU, fsdp in one process: refused before any work
+        check_run(config if isinstance(config, TrainConfig) else config.learned, run)
     report = run_stage(model, config, out, "", data, n, 64, config.seed, run=run, **kwargs)
     shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
     return report

@@ -35,6 +35,12 @@ out = _Results()
 MODEL_HELP = "A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, or 'ref'."
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
+# A learning run's length in passes over the images, and how it computes (the same result).
+EpochsOption = typer.Option(None, "--epochs", help="Passes over the images instead of --steps (steps = ceil(epochs x images / batch)).")
+PrecisionOption = typer.Option(None, "--precision", help="fp32 (default) or bf16 (CUDA autocast; refused on CPU).")
+WorkersOption = typer.Option(None, "--workers", help="Processes loading the next batches (0: in this process; default: the cores, shared by this node's ranks).")
+FsdpOption = typer.Option(False, "--fsdp", help="Under torchrun: shard weights and optimizer state over the ranks (FSDP2) instead of replicating them.")
+CheckpointActivationsOption = typer.Option(False, "--checkpoint-activations", help="Recompute each block's activations in the backward pass (less memory).")
 
 
 READING_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -53,12 +59,13 @@ def reads_images(*params: str) -> Callable:
 
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
+        own = set(sig.parameters)  # a command that declares one itself (the learning commands' --workers) keeps it
         extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-                 for k, (kind, opt) in READING_OPTIONS.items()]
+                 for k, (kind, opt) in READING_OPTIONS.items() if k not in own]
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
-            reading = {k: kwargs.pop(k, None) for k in READING_OPTIONS}
+            reading = {k: kwargs.get(k) if k in own else kwargs.pop(k, None) for k in READING_OPTIONS}
             if any(v not in (None, False) for v in reading.values()):
                 from mimc import api
 
@@ -68,7 +75,7 @@ def reads_images(*params: str) -> Callable:
             return fn(*args, **kwargs)
 
         command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
-        command.__annotations__ = {**fn.__annotations__, **{k: kind for k, (kind, _) in READING_OPTIONS.items()}}
+        command.__annotations__ = {**{k: kind for k, (kind, _) in READING_OPTIONS.items()}, **fn.__annotations__}
         return command
 
     return wrap

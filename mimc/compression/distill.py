@@ -16,19 +16,17 @@ References:
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from mimc.artifact import state_hash
-from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError, DataError
 from mimc.models.nm_pattern import block_linears, check_nm
 from mimc.options import option
-from mimc.train import FeatureLoss, TrainConfig, TrainRun, train
+from mimc.train import FeatureLoss, TrainConfig, TrainRun, as_indexed, fingerprint, first_batches, train
 
 # Structure a student may differ from its teacher in and still be compared feature by feature.
 _MUST_MATCH = ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "cls_token", "pooling")
@@ -63,6 +61,10 @@ class DistillConfig(TrainConfig, StageConfig):
     def needs_data(self) -> bool:
         return True
 
+    @property
+    def learns(self) -> bool:
+        return True
+
 
 def default_teacher(encoder):
     """The dense source named in the student's manifest, loaded afresh."""
@@ -85,18 +87,21 @@ def check_teacher(student, teacher) -> None:
             raise ConfigError(f"teacher and student differ in {key} ({b} vs {a}): distill from the model this one was compressed from")
 
 
-def nm_zeros(student) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
-    """Each block Linear with the mask of its non-zero weights (an N:M student's pattern)."""
-    return [(lin, lin.weight.detach() != 0) for _, lin in block_linears(student)]
+def nm_zeros(student) -> dict[str, torch.Tensor]:
+    """The mask of the non-zero weights of each block Linear, by name (an N:M student's pattern)."""
+    return {name: lin.weight.detach() != 0 for name, lin in block_linears(student)}
 
 
-def reapply_zeros(zeros: list[tuple[torch.nn.Linear, torch.Tensor]]) -> None:
-    """Zero the masked weights again after an optimizer step, so the N:M pattern survives training."""
+def reapply_zeros(model, zeros: dict[str, torch.Tensor]) -> None:
+    """Zero the masked weights of ``model`` (the student being trained) again after an optimizer step,
+    so the N:M pattern survives training."""
+    from mimc.train.parallel import shard_like
+
     with torch.no_grad():
-        for i, (lin, keep) in enumerate(zeros):
-            if keep.device != lin.weight.device:  # the loop moved the student to its device
-                keep = keep.to(lin.weight.device)
-                zeros[i] = (lin, keep)
+        for name, lin in block_linears(model):
+            keep = zeros[name]
+            if keep.device != lin.weight.device or type(keep) is not type(lin.weight.data):
+                keep = zeros[name] = shard_like(keep, lin.weight.data)  # on the student's device, cut as it is (FSDP)
             lin.weight.mul_(keep)
 
 
@@ -104,8 +109,8 @@ def reapply_zeros(zeros: list[tuple[torch.nn.Linear, torch.Tensor]]) -> None:
 def distill(encoder, config: DistillConfig, calibration_batches=None, run: TrainRun | None = None) -> tuple[Any, dict[str, Any]]:
     from mimc.evaluation import fidelity
 
-    batches = list(calibration_batches or [])
-    if not batches:
+    images = as_indexed(calibration_batches)
+    if not len(images):
         raise DataError("distill needs unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     teacher = run.teacher if run is not None else None
     # The label recorded in the manifest: where the teacher came from.
@@ -113,8 +118,7 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
     teacher = clone_encoder(teacher) if teacher is not None else default_teacher(encoder)
     teacher.eval()
     check_teacher(encoder, teacher)
-    pixels = torch.cat(batches)
-    eval_pixels = calibration_pixels([pixels], 256, 32)
+    eval_pixels = first_batches(images, 256, 32)
     before = fidelity(encoder, teacher, eval_pixels).to_dict()
 
     student = clone_encoder(encoder).eval().requires_grad_(True)
@@ -123,11 +127,11 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
         "stage": config.to_dict(),
         "source_sha256": state_hash(encoder),
         "teacher_sha256": state_hash(teacher),
-        "data_sha256": hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest(),
+        "data_sha256": fingerprint(images),
     }
-    result = train(student, teacher, pixels, config, run, meta=meta,
+    result = train(student, teacher, images, config, run, meta=meta,
                    loss_weights=FeatureLoss(config.token_weight, config.pooled_weight, config.hidden_weight),
-                   project=(lambda: reapply_zeros(zeros)) if zeros is not None else None)
+                   project=(lambda model: reapply_zeros(model, zeros)) if zeros is not None else None)
     student.requires_grad_(False).eval()
     if student.config.nm_pattern:
         check_nm(student)
@@ -135,7 +139,7 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
         "teacher": teacher_label,
         "fidelity_data_before": before,
         "fidelity_data": fidelity(student, teacher, eval_pixels).to_dict(),
-        "n_train_images": int(len(pixels)),
+        "n_train_images": len(images),
         "mask_ratio": config.mask_ratio,
         **result.metrics(),
     }

@@ -72,6 +72,10 @@ class NMSparsityConfig(StageConfig):
         return self.method != "magnitude"
 
     @property
+    def learns(self) -> bool:
+        return self.method == "learned"
+
+    @property
     def nm(self) -> tuple[int, int]:
         return parse_pattern(self.pattern)
 

@@ -27,7 +27,6 @@ References:
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,13 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimc.artifact import state_hash
-from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder
 from mimc.errors import ConfigError
 from mimc.models.nm_pattern import block_linears, check_nm
 from mimc.options import option
-from mimc.train import TrainConfig, TrainRun, train
+from mimc.train import TrainConfig, TrainRun, as_indexed, fingerprint, first_batches, train
 from mimc.train.schedule import linear
 
 PRIORS = ("sparsegpt", "wanda", "magnitude", "none")
@@ -127,6 +125,11 @@ def init_logits(keep: torch.Tensor | None, out: int, cols: int, n: int, m: int, 
     return logits
 
 
+def masked_layers(model: nn.Module) -> list[MaskedLinear]:
+    """The learned-mask layers of ``model``, in block order (the order their noise is drawn in)."""
+    return [m for m in model.modules() if isinstance(m, MaskedLinear)]
+
+
 def anneal_and_draw_noise(layers: list[MaskedLinear], cfg: NMLearnedConfig, step: int, generator: torch.Generator) -> None:
     """Set τ and κ of ``step`` and draw every layer's Gumbel noise from the step's generator."""
     tau = linear(step, cfg.steps, cfg.tau_start, cfg.tau_end)
@@ -156,11 +159,11 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
 
     n, m = config.nm
     lc: NMLearnedConfig = config.learned
-    batches = list(calibration_batches or [])
-    if not batches:
+    images = as_indexed(calibration_batches)
+    if not len(images):
         raise ConfigError("learned N:M needs training images: give data (a folder, .npz/.npy or 'builtin')", option="data")
-    pixels = torch.cat(batches)
-    calib = calibration_pixels([pixels], config.n_calib, config.calib_batch_size)
+    lc = lc.for_images(len(images))  # steps from epochs: the temperatures anneal over the steps that run
+    calib = first_batches(images, config.n_calib, config.calib_batch_size)
 
     prior_masks: dict[str, torch.Tensor] = {}
     prior_fidelity = None
@@ -179,11 +182,16 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
         _set_module(student, name, layer)
         layers.append(layer)
 
-    meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder),
-            "data_sha256": hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()}
-    result = train(student, clone_encoder(encoder), pixels, lc, run, meta=meta,
-                   prepare_step=lambda step, generator: anneal_and_draw_noise(layers, lc, step, generator),
-                   penalty=lambda: keep_large_weights_penalty(layers, lc.reg_lambda))
+    meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder), "data_sha256": fingerprint(images)}
+    # The hooks act on the student being trained: ``student`` itself, or its sharded copy under FSDP.
+    live: dict[int, list[MaskedLinear]] = {}
+
+    def of(model: nn.Module) -> list[MaskedLinear]:
+        return live.setdefault(id(model), masked_layers(model))
+
+    result = train(student, clone_encoder(encoder), images, lc, run, meta=meta,
+                   prepare_step=lambda model, step, generator: anneal_and_draw_noise(of(model), lc, step, generator),
+                   penalty=lambda model: keep_large_weights_penalty(of(model), lc.reg_lambda))
 
     out = clone_encoder(encoder).eval()
     linears = dict(block_linears(out))
@@ -201,14 +209,14 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
             groups += g_new.shape[0] * g_new.shape[1]
     out.config = out.config.replace(nm_pattern=config.pattern)
     check_nm(out)
-    eval_pixels = calibration_pixels([pixels], 256, 32)
+    eval_pixels = first_batches(images, 256, 32)
     metrics: dict[str, Any] = {
         "pattern": config.pattern,
         "method": "learned",
         "prior": lc.prior,
         "density": round(sum(density) / len(density), 6),
         "fidelity_data": fidelity(out, encoder, eval_pixels).to_dict(),
-        "n_train_images": int(len(pixels)),
+        "n_train_images": len(images),
         **result.metrics(),
     }
     if prior_masks:
@@ -217,5 +225,5 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
     return out, metrics
 
 
-__all__ = ["NMLearnedConfig", "MaskedLinear", "candidate_masks", "init_logits", "anneal_and_draw_noise",
+__all__ = ["NMLearnedConfig", "MaskedLinear", "candidate_masks", "init_logits", "anneal_and_draw_noise", "masked_layers",
            "keep_large_weights_penalty", "learn_nm_masks"]

@@ -88,7 +88,7 @@ def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Calla
             encoder, record = cache[key]
         else:
             wants = config.needs_data or (job.feed_images and job.images is not None)
-            batches = job.images.batches(encoder.config, job.n, job.batch_size) if wants else None
+            batches = stage_images(job, encoder, config) if wants else None
             # the teacher of a learning stage: the job's, else the dense source the run started from
             run = dataclasses.replace(job.run or TrainRun(), teacher=job.teacher if job.teacher is not None else job.source)
             encoder, record = compress(encoder, config, batches, run=run)
@@ -96,6 +96,18 @@ def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Calla
                 cache[key] = (encoder, record)
         results.append(StageResult(config.name, config.to_dict(), record.seconds, record.metrics, record))
     return encoder, results
+
+
+def stage_images(job: Job, encoder, config):
+    """What a model stage reads its images from: a learning stage indexed images (it loads one step's
+    batch at a time: :class:`mimc.train.images.IndexedImages`), any other a list of batches."""
+    if config.learns:
+        if job.images.fixed is not None:  # images already in memory (a search's split): indexed as they are
+            from mimc.train.images import TensorImages
+
+            return TensorImages(job.images.fixed.pixels)
+        return job.images.indexed(encoder.config, job.n)
+    return job.images.batches(encoder.config, job.n, job.batch_size)
 
 
 def run_graph_stages(ctx, stages: Sequence[Any], on_stage: Callable[[int, Any], None] | None = None,
@@ -169,5 +181,5 @@ def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, result
     return report
 
 
-__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "run_graph_stages",
+__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images", "run_graph_stages",
            "is_model_stage", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

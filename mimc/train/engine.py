@@ -5,7 +5,12 @@
   of per-sample terms, so sharding the batch over processes changes nothing but float rounding.
   Optionally (``hidden_weight``) the output of every kept block is matched to the teacher's block
   it descends from (``EncoderConfig.block_ids``).
-- Unlabeled images, reshuffled every epoch, with random horizontal flips.
+- Unlabeled images, reshuffled every epoch, with random horizontal flips; read through an
+  :class:`~mimc.train.images.IndexedImages`, each rank loading only its shard of each step's batch,
+  the next steps prefetched by ``DataLoader`` workers (:mod:`mimc.train.images`). ``epochs`` gives
+  the length in passes over the images instead of steps.
+- DDP or FSDP2 over torchrun ranks, activation checkpointing, bf16 autocast on CUDA
+  (:mod:`mimc.train.parallel`).
 - Optional MAE-style input masking (DMAE): teacher and student see the same random visible patches
   only. The patches are gathered after the encoder's own ``embed`` (position embeddings included)
   and run through its ``blocks`` and ``norm``; at 75 % masking a step costs about a quarter.
@@ -37,6 +42,8 @@ from mimc.errors import ConfigError
 from mimc.train import checkpoint as ckpt
 from mimc.train.config import TrainConfig, TrainRun
 from mimc.train.dist import DistContext, check_divisible, context
+from mimc.train.images import IndexedImages, StepBatches, as_indexed, default_workers, step_loader
+from mimc.train.parallel import autocast, check_run, checkpointed_blocks, full, shard, shard_like, shard_optimizer_state, sharded_copy
 from mimc.train.schedule import warmup_cosine
 
 
@@ -58,6 +65,8 @@ class TrainResult:
     steps_per_second: float
     final_loss: float
     world_size: int
+    epochs: float  # passes over the images the whole run makes (steps × batch / images)
+    parallel: str  # none (one process), ddp or fsdp
     losses: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
@@ -66,6 +75,7 @@ class TrainResult:
         d["seconds"] = round(d["seconds"], 3)
         d["steps_per_second"] = round(d["steps_per_second"], 4)
         d["final_loss"] = round(d["final_loss"], 6)
+        d["epochs"] = round(d["epochs"], 6)
         return d
 
 
@@ -130,22 +140,6 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-class _Sampler:
-    """The global batch of each step: a fresh seeded permutation of the images every epoch."""
-
-    def __init__(self, count: int, seed: int):
-        self.count, self.seed, self._perms = count, seed, {}
-
-    def indices(self, step: int, batch: int) -> torch.Tensor:
-        out = []
-        for k in range(step * batch, (step + 1) * batch):
-            epoch, pos = divmod(k, self.count)
-            if epoch not in self._perms:
-                self._perms = {epoch: torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch + 1))}
-            out.append(self._perms[epoch][pos])
-        return torch.stack(out)
-
-
 def _param_groups(params: dict[str, nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     # Decay matrices only: decaying norms and biases pulls them toward 0, which no one wants.
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -156,45 +150,63 @@ def _param_groups(params: dict[str, nn.Parameter], weight_decay: float) -> list[
     return groups
 
 
-def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, config: TrainConfig,
-          run: TrainRun | None = None, *, meta: dict[str, Any] | None = None, loss_weights: FeatureLoss = FeatureLoss(),
-          prepare_step: Callable[[int, torch.Generator], None] | None = None,
-          penalty: Callable[[], torch.Tensor | None] | None = None,
-          project: Callable[[], None] | None = None) -> TrainResult:
-    """Distill ``teacher`` into the trainable parameters of ``student`` (in place) on ``pixels``.
+def _recorded(config: TrainConfig) -> dict[str, Any]:
+    """The shared options a checkpoint's meta holds (the later ones only when set: older checkpoints still match)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in values.items() if k not in TrainConfig.recorded_when_set or v != TrainConfig.recorded_when_set[k]}
 
-    A stage adds what only it does as plain functions: ``prepare_step(step, generator)`` runs after
-    the step's batch is drawn (it may draw more from the same generator), ``penalty()`` is added to
-    the loss after the forward, ``project()`` runs after every optimizer step.
+
+def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.Tensor, config: TrainConfig,
+          run: TrainRun | None = None, *, meta: dict[str, Any] | None = None, loss_weights: FeatureLoss = FeatureLoss(),
+          prepare_step: Callable[[nn.Module, int, torch.Generator], None] | None = None,
+          penalty: Callable[[nn.Module], torch.Tensor | None] | None = None,
+          project: Callable[[nn.Module], None] | None = None) -> TrainResult:
+    """Distill ``teacher`` into the trainable parameters of ``student`` (in place) on ``images``.
+
+    ``images``: an :class:`~mimc.train.images.IndexedImages` (each step loads only this rank's shard
+    of its batch) or a tensor. A stage adds what only it does as plain functions, each given the
+    student being trained (under FSDP a sharded copy of ``student``): ``prepare_step(model, step,
+    generator)`` runs after the step's batch is drawn (it may draw more from the same generator),
+    ``penalty(model)`` is added to the loss after the forward, ``project(model)`` runs after every
+    optimizer step.
     """
     run = run if run is not None else TrainRun()
+    images = as_indexed(images)
+    count = len(images)
+    if count == 0:
+        raise ConfigError("no training images: pass --data with at least one image")
+    config = config.for_images(count)
+    check_run(config, run)
     ctx: DistContext = context()
     check_divisible(config.batch_size, ctx.world_size)
     if config.mask_ratio > 0 and not supports_masking(student):
         raise ConfigError("input masking needs absolute position embeddings and all tokens (no relative position bias, no token schedule): pass --mask-ratio 0")
-    if len(pixels) == 0:
-        raise ConfigError("no training images: pass --data with at least one image")
-    params = {name: p for name, p in student.named_parameters() if p.requires_grad}
-    if not params:
+    if not any(p.requires_grad for p in student.parameters()):
         raise ConfigError("the student has nothing trainable")
-    recorded = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
-    meta = {**(meta or {}), "settings": {**recorded, "warmup": config.warmup, **dataclasses.asdict(loss_weights)},
-            "n_images": int(len(pixels))}
+    meta = {**(meta or {}), "settings": {**_recorded(config), "warmup": config.warmup, **dataclasses.asdict(loss_weights)},
+            "n_images": int(count)}
 
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout in the canonical encoder; eval keeps it deterministic
     device = torch.device(ctx.device)
-    student.to(device)
-    teacher.to(device)
     hidden = loss_weights.hidden_weight > 0
     pairs = block_pairs(student, teacher) if hidden else None
-    model = FeatureModel(student, hidden)
-    teacher_model = FeatureModel(teacher, hidden)
+    sharded = run.fsdp
+    live, live_teacher = (sharded_copy(student), sharded_copy(teacher)) if sharded else (student, teacher)
+    model = FeatureModel(live, hidden)
+    teacher_model = FeatureModel(live_teacher, hidden)
     runner: nn.Module = model
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
+    if sharded:
+        shard(model, live, ctx.world_size, device)
+        shard(teacher_model, live_teacher, ctx.world_size, device)
+    else:
+        student.to(device)
+        teacher.to(device)
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+            runner = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+    params = {name: p for name, p in live.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(_param_groups(params, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
 
     start, losses = 0, []
@@ -206,41 +218,46 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, config: 
             raise ConfigError(f"checkpoint in {run.run_dir} lacks {missing[:3]}: start a fresh run with another -o")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(saved.trainable[name].to(device))
-        optimizer.load_state_dict(saved.optimizer)
+                p.copy_(shard_like(saved.trainable[name], p) if sharded else saved.trainable[name].to(device))
+        optimizer.load_state_dict(shard_optimizer_state(saved.optimizer, optimizer) if sharded else saved.optimizer)
         torch.set_rng_state(saved.rng_state)
         start, losses = saved.step, saved.losses
 
     num_patches = teacher.config.num_patches
     visible = max(1, round(num_patches * (1.0 - config.mask_ratio)))
-    sampler = _Sampler(len(pixels), config.seed)
-    shard = ctx.shard(config.batch_size)
+    shard_of = ctx.shard(config.batch_size)
+    workers = run.workers if run.workers is not None else default_workers(images)
+    loader = step_loader(StepBatches(images, config.seed, config.batch_size, shard_of, start, config.steps), workers,
+                         pin_memory=device.type == "cuda")
     bar = _progress() if run.show_progress and ctx.is_main else None
     t0 = time.perf_counter()
-    with bar or contextlib.nullcontext():
+    with bar or contextlib.nullcontext(), checkpointed_blocks(live) if run.checkpoint_activations else contextlib.nullcontext():
         task = bar.add_task("training", total=config.steps, completed=start) if bar is not None else None
-        for step in range(start, config.steps):
+        for step, local in zip(range(start, config.steps), loader):
+            # Every random draw is of the whole global batch, then cut to this rank's shard: the
+            # same numbers whatever the number of ranks.
             gen = _step_generator(config.seed, step)
-            idx = sampler.indices(step, config.batch_size)
-            batch = pixels[idx]
             if config.flip:
-                flips = torch.rand(config.batch_size, generator=gen) < 0.5
-                batch = torch.where(flips.view(-1, *([1] * (batch.ndim - 1))), batch.flip(-1), batch)
-            keep = None
+                flips = (torch.rand(config.batch_size, generator=gen) < 0.5)[shard_of]
+                local = torch.where(flips.view(-1, *([1] * (local.ndim - 1))), local.flip(-1), local)
+            local_keep = None
             if config.mask_ratio > 0:
                 noise = torch.rand(config.batch_size, num_patches, generator=gen)
-                keep = noise.argsort(dim=1)[:, :visible].sort(dim=1).values
+                local_keep = noise.argsort(dim=1)[:, :visible].sort(dim=1).values[shard_of].to(device)
             if prepare_step is not None:
-                prepare_step(step, gen)
+                prepare_step(live, step, gen)
             lr = warmup_cosine(step, config.steps, config.lr, config.warmup, config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            local = batch[shard].to(device)
-            local_keep = keep[shard].to(device) if keep is not None else None
-            with torch.no_grad():
-                target = teacher_model(local, local_keep)
-            loss = distill_loss(runner(local, local_keep), target, loss_weights, pairs)
-            extra = penalty() if penalty is not None else None
+            local = local.to(device, non_blocking=True)
+            with autocast(config.precision, device):
+                with torch.no_grad():
+                    target = teacher_model(local, local_keep)
+                output = runner(local, local_keep)
+            if config.precision != "fp32":
+                output, target = _as_float(output), _as_float(target)
+            loss = distill_loss(output, target, loss_weights, pairs)
+            extra = penalty(live) if penalty is not None else None
             total = loss + extra if extra is not None else loss
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -248,23 +265,45 @@ def train(student: nn.Module, teacher: nn.Module, pixels: torch.Tensor, config: 
                 torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_grad)
             optimizer.step()
             if project is not None:
-                project()
+                project(live)
             losses.append(ctx.all_reduce_mean(float(loss.detach())))
             done = step + 1
-            if run.run_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0 and done < config.steps and ctx.is_main:
-                ckpt.save_checkpoint(run.run_dir, done, {k: v.detach() for k, v in params.items()}, optimizer.state_dict(), meta, losses)
+            if run.run_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0 and done < config.steps:
+                _save(run, done, params, optimizer, meta, losses, ctx, sharded)
             if task is not None:
                 bar.update(task, completed=done, description=f"training  loss {losses[-1]:.4f}")
             if run.on_step is not None:
                 run.on_step(done, losses[-1])
     seconds = time.perf_counter() - t0
+    if sharded:  # the learned values back into the caller's plain student (every rank gathers)
+        own = dict(student.named_parameters())
+        with torch.no_grad():
+            for name, p in params.items():
+                own[name].copy_(full(p.detach(), True))
     ctx.barrier()
     student.to("cpu")
     teacher.to("cpu")
     ran = config.steps - start
     tail = losses[-10:] if losses else [float("nan")]
     return TrainResult(config.steps, ran, start, seconds, ran / seconds if seconds > 0 else 0.0,
-                       sum(tail) / len(tail), ctx.world_size, losses)
+                       sum(tail) / len(tail), ctx.world_size, config.steps * config.batch_size / count,
+                       "fsdp" if sharded else "ddp" if ctx.distributed else "none", losses)
+
+
+def _as_float(output: tuple) -> tuple:
+    return tuple(_as_float(o) if isinstance(o, tuple) else o.float() for o in output)
+
+
+def _save(run: TrainRun, done: int, params: dict[str, nn.Parameter], optimizer, meta, losses, ctx: DistContext, sharded: bool) -> None:
+    """A checkpoint of step ``done``: sharded tensors are gathered by every rank, rank 0 writes."""
+    if not (sharded or ctx.is_main):
+        ctx.barrier()
+        return
+    trainable = full({k: v.detach() for k, v in params.items()}, sharded)
+    state = full(optimizer.state_dict(), sharded)
+    if ctx.is_main:
+        ckpt.save_checkpoint(run.run_dir, done, trainable, state, meta, losses)
+    ctx.barrier()  # no rank runs on (or resumes) before the checkpoint is on disk
 
 
 def _progress():

@@ -134,3 +134,31 @@ def test_distill_heals_and_refuses_bad_input(work):
         res = invoke("distill", *args)
         assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
     assert not (work / "half-distilled").exists()
+
+
+def test_epochs_are_recorded_and_learning_options_refused_where_they_cannot_apply(work):
+    res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--epochs", "1.5", "--batch-size", "4",
+                 "--workers", "0", "--checkpoint-activations", "-o", "ep", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["metrics"]["steps"] == 5 and out["metrics"]["epochs"] == pytest.approx(5 * 4 / 12)  # ceil(1.5 x 12 / 4)
+    stage = read_manifest(work / "ep").stages[-1]
+    assert stage.config["epochs"] == 1.5 and "steps" not in stage.config
+    cases = [
+        (["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--epochs", "1"],
+         "--steps and --epochs are mutually exclusive"),
+        (["sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--epochs", "1"],
+         "--steps and --epochs are mutually exclusive"),
+        (["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--fsdp"], "--fsdp shards over torchrun processes"),
+        (["sparsify", "dense", "--method", "wanda", "--calib", "imgs.npz", "--workers", "2"],
+         "--workers applies only to a learning run and method wanda does not train: drop --workers"),
+        (["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--epochs", "0"], "--epochs must be > 0"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--precision", "bf16"],
+                      "--precision bf16 autocasts on CUDA"))
+    for args, message in cases:
+        res = invoke(*args, "-o", "bad")
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+        assert len(res.output.strip().splitlines()) <= 3
+        assert not (work / "bad").exists()

@@ -12,7 +12,7 @@ from mimc.errors import BadInputError, ConfigError
 from mimc.models.vit import build_encoder
 from mimc.train import FeatureLoss, FeatureModel, TrainConfig, TrainRun, train
 from mimc.train.checkpoint import has_checkpoint, load_checkpoint, meta_differences
-from mimc.train.engine import _Sampler
+from mimc.train.images import Sampler
 from mimc.train.schedule import linear, warmup_cosine
 from tests.conftest import tiny_config
 
@@ -40,12 +40,12 @@ def test_warmup_cosine_and_linear():
 
 
 def test_sampler_visits_every_image_once_per_epoch():
-    sampler = _Sampler(10, seed=3)
+    sampler = Sampler(10, seed=3)
     first = torch.cat([sampler.indices(s, 5) for s in range(2)])
     second = torch.cat([sampler.indices(s, 5) for s in range(2, 4)])
     assert sorted(first.tolist()) == list(range(10)) == sorted(second.tolist())
     assert first.tolist() != second.tolist()  # reshuffled each epoch
-    assert torch.equal(_Sampler(10, seed=3).indices(3, 5), sampler.indices(3, 5))
+    assert torch.equal(Sampler(10, seed=3).indices(3, 5), sampler.indices(3, 5))
 
 
 def test_masked_forward_with_every_patch_equals_the_encoder(pair, pixels):
