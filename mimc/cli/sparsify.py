@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP, PrecisionOption,
-                             WorkersOption, handle_errors)
+                             WorkersOption, handle_errors, reads_images)
 from mimc.cli.render import show, stage_line
 
 
