@@ -385,7 +385,7 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
             writer.close({"images": rows, "skipped": len(skipped), "skipped_names": skipped, "shape": [rows, *row_shape]})
             stack.close()  # the files are placed here (or the output is refused as taken meanwhile)
         except MimcError as exc:
-            if group is not None:
+            if group is not None and not getattr(exc, "agreed", False):
                 group.outcome(None, exc)
             raise
     seconds = time.perf_counter() - start
@@ -471,15 +471,16 @@ class _Group:
 
     def agree(self, error: MimcError | None, payload: Any = None) -> list[Any]:
         """Every rank's payload; when any rank failed, every rank raises the first failure."""
-        mine = {"error": str(error) if error else None, "exit_code": error.exit_code if error else 0, "payload": payload}
+        mine = {"error": str(error) if error else None, "exit_code": error.exit_code if error else 0,
+                "options": list(error.options) if error else [], "payload": payload}
         gathered: list[Any] = [None] * self.world
         self.tdist.all_gather_object(gathered, mine)
         if error is not None:
+            error.agreed = True
             raise error
         for r, status in enumerate(gathered):
             if status["error"] is not None:
-                kind = BadInputError if status["exit_code"] == 2 else MimcError
-                raise kind(f"rank {r}: {status['error']}")
+                raise _remote_error(r, status)
         return [status["payload"] for status in gathered]
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -504,15 +505,22 @@ class _Group:
 
     def outcome(self, body: dict[str, Any] | None, error: MimcError | None) -> dict[str, Any]:
         """Rank 0's report (or its failure) on every rank."""
-        box = [body if error is None else {"error": str(error), "exit_code": error.exit_code}]
+        box = [body if error is None else {"error": str(error), "exit_code": error.exit_code, "options": list(error.options)}]
         self.tdist.broadcast_object_list(box, src=0)
         got = box[0]
         if error is not None:
             raise error
         if "error" in got:
-            kind = BadInputError if got["exit_code"] == 2 else MimcError
-            raise kind(f"rank 0: {got['error']}")
+            raise _remote_error(0, got)
         return got
+
+
+def _remote_error(rank: int, status: dict[str, Any]) -> MimcError:
+    """Another rank's failure, raised here with its exit code and options (so the CLI names its flags)."""
+    kind = BadInputError if status["exit_code"] == 2 else MimcError
+    error = kind(f"rank {rank}: {status['error']}", option=status["options"])
+    error.agreed = True  # every rank knows already: nothing more to tell the others
+    return error
 
 
 def _status(shard: ShardResult) -> dict[str, Any]:
