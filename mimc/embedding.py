@@ -228,7 +228,7 @@ def check_device(model: Any, device: str | None, threads: int | None) -> str:
     """The device a model runs on (``device`` None: its runtime's own), refusing what cannot be."""
     kind = _graph_kind(model)
     if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"threads must be a positive number of CPU inference threads, got {threads}", option="threads")
+        raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
     if device is not None and device not in ("cpu", "cuda"):
         raise ConfigError(f"device {device} is not cpu or cuda: choose one of them", option="device")
     if kind == "tensorrt":

@@ -131,12 +131,16 @@ def rate_progress(description: str, unit: str = "images"):
     task: list[Any] = []
 
     def tick(done: int, total: int) -> None:
-        if not task:
+        if not task:  # started by the first batch: a refusal before any work prints no empty bar
+            bar.start()
             task.append(bar.add_task(description, total=total))
         bar.update(task[0], completed=done)
 
-    with bar:
+    try:
         yield tick
+    finally:
+        if task:
+            bar.stop()
 
 
 def status(text: str):
