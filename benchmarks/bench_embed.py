@@ -74,17 +74,25 @@ def build_graph(out: Path, batch: int) -> Path:
     return graph
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the decoding workers, once joined)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_embed(graph: Path, data: Path, n: int, batch: int, threads: int, workers: int | None, tmp: Path) -> dict:
     import mimc
 
     out = tmp / f"feats-{time.perf_counter_ns()}.npy"
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     report = mimc.embed(str(graph), str(data), out, n=n, batch_size=batch, threads=threads, workers=workers)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     out.unlink()
     out.with_suffix(".json").unlink()
     return {"loop_images_per_second": report.images_per_second, "call_images_per_second": report.images / wall,
-            "images": report.images, "workers": report.workers}
+            "cpu_ms_per_image": 1e3 * cpu / report.images, "images": report.images, "workers": report.workers}
 
 
 def preload(data: Path, n: int, batch: int):
@@ -110,10 +118,10 @@ def run_bare(graph: Path, batches, n: int, threads: int) -> dict:
     sess = make_session(graph, threads=threads)
     name = sess.get_inputs()[0].name
     sess.run(["pooled"], {name: batches[0]})  # warm-up (embed's loop is timed after its session exists too)
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     for b in batches:
         sess.run(["pooled"], {name: b})
-    return {"images_per_second": n / (time.perf_counter() - start)}
+    return {"images_per_second": n / (time.perf_counter() - start), "cpu_ms_per_image": 1e3 * (cpu_seconds() - cpu) / n}
 
 
 def peak_rss_mb(graph: Path, data: Path, n: int, batch: int, threads: int, workers: int | None, tmp: Path) -> dict:
@@ -181,14 +189,18 @@ def main() -> None:
                     embeds.append(run_embed(graph, data, args.n, args.batch, args.threads, workers, tmp))
                 else:
                     bares.append(run_bare(graph, batches, n, args.threads))
-            print(f"round {r + 1}: embed {embeds[-1]['loop_images_per_second']:.1f} img/s, bare {bares[-1]['images_per_second']:.1f} img/s",
-                  file=sys.stderr, flush=True)
+            print(f"round {r + 1}: embed {embeds[-1]['loop_images_per_second']:.1f} img/s, bare {bares[-1]['images_per_second']:.1f} img/s"
+                  f" (load {load_average()})", file=sys.stderr, flush=True)
         del batches
         emb = statistics.median(e["loop_images_per_second"] for e in embeds)
         call = statistics.median(e["call_images_per_second"] for e in embeds)
         bare = statistics.median(b["images_per_second"] for b in bares)
+        cpu_emb = statistics.median(e["cpu_ms_per_image"] for e in embeds)
+        cpu_bare = statistics.median(b["cpu_ms_per_image"] for b in bares)
         result["throughput"] = {"embed_loop_images_per_second": round(emb, 2), "embed_call_images_per_second": round(call, 2),
                                 "bare_ort_images_per_second": round(bare, 2), "ratio": round(emb / bare, 3),
+                                "embed_cpu_ms_per_image": round(cpu_emb, 2), "bare_cpu_ms_per_image": round(cpu_bare, 2),
+                                "cpu_ratio": round(cpu_bare / cpu_emb, 3),
                                 "ratio_whole_call": round(call / bare, 3), "workers": embeds[0]["workers"],
                                 "rounds": {"embed": embeds, "bare": bares}}
         if args.sweep:
@@ -214,6 +226,7 @@ def main() -> None:
     print(f"| (a) `mimc.embed`, whole call (session load, worker start) | {call:.1f} images/s | |")
     print(f"| (b) bare ONNX Runtime loop, preloaded arrays | {bare:.1f} images/s | |")
     print(f"| (a) / (b) | **{t['ratio']:.3f}** (whole call {t['ratio_whole_call']:.3f}) | >= 0.85 |")
+    print(f"| CPU time per image, (a) incl. decoding workers / (b) | {cpu_emb:.1f} / {cpu_bare:.1f} ms -> (b)/(a) {t['cpu_ratio']:.3f} | |")
     for row in result["rss"]:
         print(f"| peak RSS, `mimc embed` on {row['images']} images | {row['peak_rss_mb']:.0f} MB ({row['wall_s']:.0f} s) | < 2048 MB |")
     if "rss_ratio" in result:

@@ -16,14 +16,15 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 VITB = ["bench_block_prune_vitb.py", "bench_export_vitb.py", "bench_tokens_vitb.py", "bench_quantize_vitb.py", "bench_stack_vitb.py", "roofline_cpu.py"]
+DATA = ["bench_embed.py"]
 REF = ["ref_block_criteria.py", "ref_width_table.py", "ref_tokens_table.py", "ref_quantize_table.py", "ref_nm.py", "ref_distill.py", "ddp_check.py"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["vitb", "ref"], default=None)
+    ap.add_argument("--only", choices=["vitb", "data", "ref"], default=None)
     args = ap.parse_args()
-    scripts = {"vitb": VITB, "ref": REF, None: VITB + REF}[args.only]
+    scripts = {"vitb": VITB, "data": DATA, "ref": REF, None: VITB + DATA + REF}[args.only]
     failed = []
     for name in scripts:
         start = time.perf_counter()

@@ -76,6 +76,16 @@ def _npy_header(shape: tuple[int, ...], size: int | None = None) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
 
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A failed write (disk full, quota, a vanished folder) as one line naming the output."""
+    try:
+        yield
+    except OSError as exc:
+        raise MimcError(f"cannot write {path.name} ({exc.strerror or exc}): free space or choose another output",
+                        option="output") from None
+
+
 class _IndexWriter:
     """The JSON index, written as it grows: the head, one line per row, the counts at the end."""
 
@@ -368,8 +378,12 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
         if not writes:
             return _send_shard(group, job, tokens)
         loop_start = time.perf_counter()
+        def write(*rows):
+            with _writing(job.files[0]):
+                writer.write(*rows)
+
         try:
-            shard = embed_rows(job.embedder, job.stream, writer.write, tokens, len(job.stream.positions), on_progress)
+            shard = embed_rows(job.embedder, job.stream, write, tokens, len(job.stream.positions), on_progress)
         except MimcError as exc:
             if group is not None:
                 group.agree(exc)
@@ -382,7 +396,8 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
             row_shape = shard.row_shape or next((tuple(o["row_shape"]) for o in others if o["row_shape"]), None)
             if rows == 0:
                 raise DataError(f"{job.source.spec}: every image was unreadable and skipped: pass readable images", option="data")
-            writer.close({"images": rows, "skipped": len(skipped), "skipped_names": skipped, "shape": [rows, *row_shape]})
+            with _writing(job.files[0]):
+                writer.close({"images": rows, "skipped": len(skipped), "skipped_names": skipped, "shape": [rows, *row_shape]})
             stack.close()  # the files are placed here (or the output is refused as taken meanwhile)
         except MimcError as exc:
             if group is not None and not getattr(exc, "agreed", False):

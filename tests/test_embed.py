@@ -264,3 +264,13 @@ def test_output_paths():
     assert output_paths("feats") == (output_paths("feats.npy")[0], output_paths("feats.npy")[1], "npy")
     assert output_paths("a/feats.npy")[1].name == "feats.json"
     assert output_paths("f.parquet")[1:] == (None, "parquet")
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, folder, graph, monkeypatch):
+    def full(self, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(NpyWriter, "write", full)
+    with pytest.raises(mimc.api.MimcError, match=r"cannot write f.npy \(No space left on device\)") as exc:
+        embed(str(graph), str(folder), tmp_path / "f.npy", workers=0)
+    assert exc.value.options == ("output",) and list(tmp_path.iterdir()) == []
