@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -171,8 +170,9 @@ def main() -> None:
     make_jpegs(args.cache / "images", max([args.n, *rss_counts]))
     data = args.cache / "images"
     graph = build_graph(args.cache, args.batch)
-    result: dict = {"host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                             "python": platform.python_version()},
+    from mimc.runtime.ort import host_info
+
+    result: dict = {"host": host_info(),
                     "settings": {"n": args.n, "batch": args.batch, "threads": args.threads,
                                  "workers": workers if workers is not None else f"auto ({default_workers()})",
                                  "rounds": args.rounds, "model": "ViT-Ti/16 shape (dim 192, 12 blocks, 3 heads), random weights",
@@ -191,7 +191,6 @@ def main() -> None:
                     bares.append(run_bare(graph, batches, n, args.threads))
             print(f"round {r + 1}: embed {embeds[-1]['loop_images_per_second']:.1f} img/s, bare {bares[-1]['images_per_second']:.1f} img/s"
                   f" (load {load_average()})", file=sys.stderr, flush=True)
-        del batches
         emb = statistics.median(e["loop_images_per_second"] for e in embeds)
         call = statistics.median(e["call_images_per_second"] for e in embeds)
         bare = statistics.median(b["images_per_second"] for b in bares)
@@ -203,18 +202,27 @@ def main() -> None:
                                 "cpu_ratio": round(cpu_bare / cpu_emb, 3),
                                 "ratio_whole_call": round(call / bare, 3), "workers": embeds[0]["workers"],
                                 "rounds": {"embed": embeds, "bare": bares}}
-        if args.sweep:
+        if args.sweep:  # each setting right after its own bare run at the same threads: paired under the same load
             result["sweep"] = []
-            for threads, w, batch in [(1, 1, args.batch), (2, 1, args.batch), (2, 2, args.batch), (1, 2, args.batch),
-                                      (2, 0, args.batch)]:
-                row = run_embed(graph, data, args.n, batch, threads, w, tmp)
-                result["sweep"].append({"threads": threads, "workers": w, "batch": batch, **row})
-                print(f"sweep threads={threads} workers={w}: {row['loop_images_per_second']:.1f} img/s", file=sys.stderr, flush=True)
+            for threads, w in [(2, 0), (2, 1), (2, 2), (1, 1), (1, 2)]:
+                row = run_embed(graph, data, args.n, args.batch, threads, w, tmp)
+                ref = run_bare(graph, batches, n, threads)
+                result["sweep"].append({"threads": threads, "workers": w, "batch": args.batch, **row,
+                                        "bare_images_per_second": ref["images_per_second"],
+                                        "ratio": row["loop_images_per_second"] / ref["images_per_second"]})
+                print(f"sweep threads={threads} workers={w}: {row['loop_images_per_second']:.1f} img/s, bare "
+                      f"{ref['images_per_second']:.1f} (load {load_average()})", file=sys.stderr, flush=True)
+        del batches
         result["rss"] = [peak_rss_mb(graph, data, k, args.batch, args.threads, workers, tmp) for k in rss_counts]
+        if not rss_counts and args.out.is_file():  # throughput only: keep the memory runs of the last full run
+            earlier = json.loads(args.out.read_text())
+            if earlier.get("rss"):
+                result["rss"] = [{**row, "from_run": earlier.get("finished")} for row in earlier["rss"]]
     if len(result["rss"]) == 2:
         small, large = result["rss"]
         result["rss_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
     result["load_average_end"] = load_average()
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -232,8 +240,8 @@ def main() -> None:
     if "rss_ratio" in result:
         print(f"| peak RSS {result['rss'][1]['images']} / {result['rss'][0]['images']} | **{result['rss_ratio']:.3f}** | <= 1.2 |")
     for row in result.get("sweep", []):
-        print(f"| sweep: threads {row['threads']}, workers {row['workers']}, batch {row['batch']} | "
-              f"{row['loop_images_per_second']:.1f} images/s ({row['loop_images_per_second'] / bare:.3f} of (b)) | |")
+        print(f"| sweep: {row['threads']} threads, {row['workers']} workers, batch {row['batch']} | "
+              f"{row['loop_images_per_second']:.1f} images/s vs bare {row['bare_images_per_second']:.1f} -> {row['ratio']:.3f} | |")
 
 
 if __name__ == "__main__":
