@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 VITB = ["bench_block_prune_vitb.py", "bench_export_vitb.py", "bench_tokens_vitb.py", "bench_quantize_vitb.py", "bench_stack_vitb.py", "roofline_cpu.py"]
-SCALE = ["bench_knn.py"]
+SCALE = ["bench_knn.py", "bench_embed.py", "bench_eval_rss.py"]
 REF = ["ref_block_criteria.py", "ref_width_table.py", "ref_tokens_table.py", "ref_quantize_table.py", "ref_nm.py", "ref_distill.py", "ddp_check.py"]
 
 

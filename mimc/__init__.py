@@ -2,7 +2,7 @@
 
 The documented Python API is the verbs of :mod:`mimc.api` (``mimc.prune``, ``mimc.width``,
 ``mimc.tokens``, ``mimc.sparsify``, ``mimc.distill``, ``mimc.export``, ``mimc.quantize``,
-``mimc.build``, ``mimc.profile``, ``mimc.evaluation``, ``mimc.inspect``, ``mimc.run``,
+``mimc.build``, ``mimc.profile``, ``mimc.evaluate``, ``mimc.embed``, ``mimc.inspect``, ``mimc.run``,
 ``mimc.search``), plus ``load``, ``save`` and ``compress`` (one stage config on an Encoder in memory), and
 ``ImageSource`` (a data spec with its reading options: workers, skip_corrupt, columns), which
 every ``data`` argument also takes.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from mimc._version import __version__
 
 _VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
-          "inspect", "run", "recipe", "search", "profiles")
+          "embed", "inspect", "run", "recipe", "search", "profiles")
 
 
 def load(model):

@@ -266,3 +266,60 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
         _rename_noreplace(tmp, path)
     except FileExistsError:
         raise taken from None
+
+
+def check_new_files(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> None:
+    """Refuse before any work: a missing output folder, or a file output that exists (unless ``overwrite``)."""
+    for path in map(Path, paths):
+        if not path.parent.is_dir():
+            raise BadInputError(f"output folder {path.parent} does not exist: create it or choose another output", option="output")
+        if path.is_dir():
+            raise BadInputError(f"{path} is a folder: name a file as the output", option="output")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise BadInputError(f"{path} already exists: choose another output or allow overwrite", option=("output", "overwrite"))
+        check_writable(path)
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Temporary paths beside each of ``paths`` that become them together on success.
+
+    For an output made of several files (features and their index): the first path is claimed with
+    a lock file (of two mimc processes writing it, one is refused), an existing file is refused unless
+    ``overwrite``, and on any error or interrupt every temporary is removed and nothing is placed (a
+    file placed before a later one failed to go in is taken back).
+    """
+    paths = [Path(p) for p in paths]
+    check_new_files(paths, overwrite)
+    for path in paths:
+        sweep_stale_temps(path.parent, path.name)
+    with _output_lock(paths[0]):
+        tmps: list[Path] = []
+        placed: list[Path] = []
+        try:
+            for path in paths:
+                fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+                os.close(fd)
+                tmps.append(Path(tmp))
+            yield tmps
+            for tmp, path in zip(tmps, paths):
+                default_mode(tmp, directory=False)
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    try:
+                        _rename_noreplace(tmp, path)
+                    except FileExistsError:
+                        raise BadInputError(f"{path} was written by another process meanwhile: choose another output",
+                                            option="output") from None
+                placed.append(path)
+        except BaseException:
+            if not overwrite:
+                for path in placed:  # new files only: an overwritten one cannot be given back
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            raise
+        finally:
+            for tmp in tmps:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimc.pipeline",),
     ("mimc.quant",),
     ("mimc.compression", "mimc.deploy"),
-    ("mimc.train", "mimc.latency", "mimc.evaluation"),
+    ("mimc.train", "mimc.latency", "mimc.evaluation", "mimc.embedding"),
     ("mimc.runtime", "mimc.graph", "mimc.metrics", "mimc.data"),
     ("mimc.models",),
     ("mimc.options", "mimc.artifact"),

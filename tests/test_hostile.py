@@ -523,6 +523,39 @@ CASES += [
 ]
 
 
+EMBED = ["embed", "A", "--data", "imgs.npz"]
+CASES += [
+    # 9. embed: outputs onto inputs or taken, graphs it cannot run, data it cannot read ------------------
+    Case("embed-output-is-the-data", ["embed", "A", "--data", "x.npy", "-o", "x.npy"], "is the input",
+         npy("x.npy", np.zeros((2, 32, 32, 3), np.uint8))),
+    Case("embed-index-is-the-data", ["embed", "A", "--data", "x.json", "-o", "x.npy"], "x.json is the input", write("x.json", "{}")),
+    Case("embed-output-inside-the-data", ["embed", "A", "--data", "imgs", "-o", "imgs/f.npy"], "lies inside the input",
+         folder("imgs", {"a.png": b"x"})),
+    Case("embed-output-taken", [*EMBED, "-o", "f.npy"], "already exists", write("f.npy", "mine")),
+    Case("embed-index-taken", [*EMBED, "-o", "f.npy"], "f.json already exists", write("f.json", "mine")),
+    Case("embed-output-suffix", [*EMBED, "-o", "f.csv"], "must end in .npy"),
+    Case("embed-output-folder-missing", [*EMBED, "-o", "nowhere/f.npy"], "does not exist"),
+    Case("embed-output-is-a-folder", [*EMBED, "-o", "B.npy"], "is a folder", folder("B.npy")),
+    Case("embed-not-onnx", ["embed", "bad.onnx", "--data", "imgs.npz", "-o", "f.npy"], "bad.onnx", NOT_ONNX),
+    Case("embed-truncated-onnx", ["embed", "A/bad.onnx", "--data", "imgs.npz", "-o", "f.npy"], "bad.onnx",
+         lambda ws: (ws / "A" / "bad.onnx").write_bytes((ws / "g.onnx").read_bytes()[:5000])),
+    Case("embed-onnx-not-from-mimc", ["embed", "g.onnx", "--data", "imgs.npz", "-o", "f.npy"], "not written by mimc"),
+    Case("embed-engine-without-sidecar", ["embed", "A/e.plan", "--data", "imgs.npz", "-o", "f.npy"], "no sidecar", write("A/e.plan", "x")),
+    Case("embed-engine-on-cpu", ["embed", "A/e.plan", "--data", "imgs.npz", "--device", "cpu", "-o", "f.npy"], "--device cpu cannot run"),
+    Case("embed-ir-on-cuda", ["embed", "A/m.xml", "--data", "imgs.npz", "--device", "cuda", "-o", "f.npy"], "--device cuda"),
+    Case("embed-device-unknown", [*EMBED, "--device", "tpu", "-o", "f.npy"], "--device"),
+    Case("embed-threads-zero", [*EMBED, "--threads", "0", "-o", "f.npy"], "--threads"),
+    Case("embed-workers-negative", [*EMBED, "--workers", "-2", "-o", "f.npy"], "--workers"),
+    Case("embed-batch-zero", [*EMBED, "--batch-size", "0", "-o", "f.npy"], "--batch-size"),
+    Case("embed-n-zero", [*EMBED, "--n", "0", "-o", "f.npy"], "--n"),
+    Case("embed-data-missing", ["embed", "A", "--data", "nope", "-o", "f.npy"], "nope"),
+    Case("embed-data-nan", ["embed", "A", "--data", "x.npy", "-o", "f.npy"], "NaN", npy("x.npy", np.full((2, 32, 32, 3), np.nan, np.float32))),
+    Case("embed-corrupt-image", ["embed", "A", "--data", "imgs", "-o", "f.npy"], "b.png", folder("imgs", {"b.png": b"\x89PNG no"})),
+    Case("embed-shards-missing", ["embed", "A", "--data", "train-{000..002}.tar", "-o", "f.npy"], "train-"),
+    Case("embed-manifest-lies", [*EMBED, "-o", "f.npy"], "weights", enc(dim=128, num_heads=4)),
+    Case("embed-hf-remote-code", ["embed", "hf", "--data", "imgs.npz", "-o", "f.npy"], "auto_map", input="y\n"),
+]
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_refused_in_one_line_and_changes_nothing(ws, template, case):
     if case.setup is not None:

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "profiles",
     "build",
     "eval",
+    "embed",
     "sparsify",
     "distill",
     "run",

@@ -1,6 +1,7 @@
 """What every command shares: error handling, JSON output, progress, common options."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -156,6 +157,34 @@ def progress(description: str, total: int | None = None):
         console=console,
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def rate_progress(description: str, unit: str = "images"):
+    """A rich progress bar on stderr with a rate (``unit``/s); yields ``tick(done, total)`` for a verb's
+    ``on_progress`` callback. Transient: gone once the verb returns."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s", style="progress.data.speed")
+
+    bar = Progress(TextColumn(f"{description} {unit}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=console, transient=True)
+    task: list[Any] = []
+
+    def tick(done: int, total: int) -> None:
+        if not task:  # started by the first batch: a refusal before any work prints no empty bar
+            bar.start()
+            task.append(bar.add_task(description, total=total))
+        bar.update(task[0], completed=done)
+
+    try:
+        yield tick
+    finally:
+        if task:
+            bar.stop()
 
 
 def status(text: str):

@@ -100,7 +100,11 @@ class _Items(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    return items
+    """A batch stacked where it was decoded (in the worker: one shared-memory tensor crosses to the
+    caller instead of one per image, and the copy runs beside the computation) plus the errors."""
+    good = [(x, k) for x, k, err in items if err is None]
+    pixels = torch.stack([x for x, _ in good]) if good else None
+    return pixels, [k for _, k in good], [(k, err) for _, k, err in items if err is not None]
 
 
 class ImageStream:
@@ -128,23 +132,19 @@ class ImageStream:
         loader = torch.utils.data.DataLoader(items, batch_sampler=chunks, num_workers=self.workers, collate_fn=_collate,
                                              prefetch_factor=2 if self.workers else None, persistent_workers=False)
         self.stats = StreamStats()
-        for group in loader:
-            good = [(x, k) for x, k, err in group if err is None]
-            for x, k, err in group:
-                if err is not None:
-                    if not self.source.skip_corrupt:
-                        raise DataError(err, option="skip_corrupt")
-                    name = reader.name(int(self.positions[k]))
-                    self.stats.skipped.append(name)
-                    if name not in self.source.skipped:
-                        self.source.skipped.append(name)
+        for pixels, good, errors in loader:
+            for k, err in errors:
+                if not self.source.skip_corrupt:
+                    raise DataError(err, option="skip_corrupt")
+                name = reader.name(int(self.positions[k]))
+                self.stats.skipped.append(name)
+                if name not in self.source.skipped:
+                    self.source.skipped.append(name)
             if not good:
                 continue
-            ks = np.asarray([k for _, k in good])
-            pos = self.positions[ks]
+            pos = self.positions[np.asarray(good)]
             self.stats.images += len(good)
-            yield Batch(torch.stack([x for x, _ in good]), pos,
-                        reader.labels[pos] if reader.labels is not None else None, [reader.name(int(p)) for p in pos])
+            yield Batch(pixels, pos, reader.labels[pos] if reader.labels is not None else None, [reader.name(int(p)) for p in pos])
 
     def pixels(self) -> Iterator[torch.Tensor]:
         """The model inputs alone, batch by batch."""

@@ -51,7 +51,9 @@ def _load_cuda_libraries(ort) -> None:
             pass
 
 
-def cuda_session(onnx_path: str | Path, device_id: int = 0):
+def cuda_session(onnx_path: str | Path, device_id: int = 0, threads: int | None = None):
+    """An ORT session on the CUDA provider (CPU provider behind it for unsupported nodes, with
+    ``threads`` intra-op threads), or a one-line DeviceUnavailableError saying why not."""
     ort = require("onnxruntime", "gpu", "profiling on ONNX Runtime's CUDA provider")
     if PROVIDER not in ort.get_available_providers():
         raise DeviceUnavailableError(
@@ -61,7 +63,12 @@ def cuda_session(onnx_path: str | Path, device_id: int = 0):
     if not Path(onnx_path).is_file():
         raise BadInputError(f"ONNX file {onnx_path} does not exist: export one with `mimc export`")
     _load_cuda_libraries(ort)
-    sess = ort.InferenceSession(str(onnx_path), providers=[(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"])
+    options = {}
+    if threads:
+        from mimc.runtime.session import session_options
+
+        options["sess_options"] = session_options(threads)
+    sess = ort.InferenceSession(str(onnx_path), providers=[(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"], **options)
     if sess.get_providers()[0] != PROVIDER:  # ORT falls back silently when CUDA cannot initialise
         raise DeviceUnavailableError(
             f"ONNX Runtime could not start the CUDA provider (got {sess.get_providers()}): install CUDA and cuDNN "

@@ -1,68 +1,123 @@
-"""An ONNX graph (or an OpenVINO IR ``.xml`` built from one) written by mimc, run like an encoder:
-pixels in, (pooled, tokens) torch tensors out. An IR runs on OpenVINO's CPU plugin at the precision
-its build recorded; an ONNX graph on ONNX Runtime CPU.
+"""A graph written by mimc, run like an encoder: pixels in, (pooled, tokens) torch tensors out.
+
+An ONNX graph runs on ONNX Runtime (CPU, or its CUDA provider with ``device="cuda"``), an OpenVINO
+IR (``.xml``) on OpenVINO's CPU plugin at the precision its build recorded, a TensorRT engine
+(``.engine`` / ``.plan``) on the GPU through :class:`~mimc.runtime.trt.EngineSession`. ``threads``
+sets the CPU inference threads of ONNX Runtime and OpenVINO.
 
 Its artifact directory's ``mimc.json`` gives the input spec (so the caller can load matching images);
-a static batch is served by chunking and padding the last chunk.
+for an engine written outside its artifact, the sidecar's graph path leads there. A static batch is
+served by chunking and padding the last chunk (an engine's batch range likewise).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mimc.errors import NotAModelError
+from mimc.errors import BadInputError, NotAModelError
 from mimc.runtime.session import make_session, run_onnx
+
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+def runtime_name(path: str | os.PathLike, device: str = "cpu") -> str:
+    """What runs ``path``: ``onnxruntime-cpu`` / ``onnxruntime-cuda`` / ``openvino-cpu`` / ``tensorrt``."""
+    suffix = Path(path).suffix
+    if suffix == ".xml":
+        return "openvino-cpu"
+    if suffix in ENGINE_SUFFIXES:
+        return "tensorrt"
+    return f"onnxruntime-{device}"
 
 
 class OnnxModel:
-    """An ONNX graph written by mimc, run on ONNX Runtime CPU; ``config`` comes from its artifact."""
+    """A graph written by mimc on its runtime; ``config`` comes from its artifact."""
 
-    def __init__(self, path: str | os.PathLike):
-        from mimc.artifact import is_artifact, read_manifest
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
+        from mimc.artifact import read_manifest
         from mimc.models.vit import EncoderConfig
 
         self.path = Path(path)
+        if device not in ("cpu", "cuda"):
+            raise BadInputError(f"device {device} is not cpu or cuda: choose one of them", option="device")
+        self.threads, self.device = threads, device
         if not self.path.is_file():
             raise NotAModelError(f"graph {self.path} does not exist: export one with `mimc export MODEL`")
-        if not is_artifact(self.path.parent):
+        self.manifest = read_manifest(self._artifact())
+        self.config = EncoderConfig.from_dict(self.manifest.encoder)
+        self.runtime = runtime_name(self.path, device)
+        self._session = None
+
+    def _artifact(self) -> Path:
+        from mimc.artifact import is_artifact
+
+        folder = self.path.parent
+        if not is_artifact(folder) and self.path.suffix in ENGINE_SUFFIXES:
+            try:  # an engine built with -o elsewhere: its sidecar names the graph it was built from
+                graph = json.loads(Path(f"{self.path}.json").read_text()).get("onnx")
+                folder = Path(graph).parent if graph else folder
+            except (OSError, ValueError, AttributeError):
+                pass
+        if not is_artifact(folder):
             raise NotAModelError(
                 f"{self.path} was not written by mimc (no mimc.json beside it, so its input spec is unknown): "
-                "export it with `mimc export MODEL` or evaluate the source model"
+                "export it with `mimc export MODEL` or use the source model"
             )
-        self.manifest = read_manifest(self.path.parent)
-        self.config = EncoderConfig.from_dict(self.manifest.encoder)
-        self._session = None
+        return folder
 
     def session(self):
         if self._session is None:
             if self.path.suffix == ".xml":
                 from mimc.runtime.openvino import OpenVinoSession, ir_precision
 
-                self._session = OpenVinoSession(self.path, ir_precision(self.path))
+                self._session = OpenVinoSession(self.path, ir_precision(self.path), self.threads)
+            elif self.path.suffix in ENGINE_SUFFIXES:
+                from mimc.runtime.trt import EngineSession
+
+                self._session = EngineSession(self.path)
+            elif self.device == "cuda":
+                from mimc.runtime.cuda_ort import cuda_session
+
+                self._session = cuda_session(self.path, torch.cuda.current_device() if torch.cuda.is_available() else 0,
+                                             threads=self.threads)
             else:
                 # mimc's session options: no spinning threads stealing cores from the torch reference.
-                self._session = make_session(self.path)
+                self._session = make_session(self.path, threads=self.threads)
         return self._session
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, x: torch.Tensor, tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled features and (unless ``tokens`` is False) every output token, as float32 tensors."""
         sess = self.session()
         inp = sess.get_inputs()[0]
         np_dtype = np.float16 if "float16" in inp.type else np.float32
+        lo, hi = getattr(sess, "batch_range", (None, None))  # a TensorRT engine's profile
         static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-        chunks = [x] if static_batch is None else list(x.split(static_batch))
-        pooled, tokens = [], []
+        step = static_batch or hi
+        chunks = [x] if step is None else list(x.split(step))
+        pad_to = static_batch or lo or 0
+        names = self._wanted(sess, tokens)
+        pooled, token_out = [], []
         for chunk in chunks:
             n = chunk.shape[0]
-            if static_batch is not None and n < static_batch:  # pad a short last batch, trim after
-                chunk = torch.cat([chunk, chunk[-1:].expand(static_batch - n, *chunk.shape[1:])])
-            p, t = self._split_outputs(run_onnx(sess, chunk.numpy().astype(np_dtype)))
+            if n < pad_to:  # pad a short last batch, trim after
+                chunk = torch.cat([chunk, chunk[-1:].expand(pad_to - n, *chunk.shape[1:])])
+            feed = chunk.numpy().astype(np_dtype, copy=False)
+            outs = dict(zip(names, sess.run(names, {inp.name: feed}))) if names else run_onnx(sess, feed)
+            p, t = self._split_outputs(outs)
             pooled.append(p[:n])
-            if t is not None:
-                tokens.append(t[:n])
-        return torch.cat(pooled), (torch.cat(tokens) if tokens else None)
+            if t is not None and tokens:
+                token_out.append(t[:n])
+        return torch.cat(pooled), (torch.cat(token_out) if token_out else None)
+
+    @staticmethod
+    def _wanted(sess, tokens: bool) -> list[str] | None:
+        """Only ``pooled`` when tokens are not wanted and mimc's output names are there (else every output)."""
+        names = [o.name for o in sess.get_outputs()]
+        return ["pooled"] if not tokens and "pooled" in names else None
 
     def _split_outputs(self, outs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``pooled`` and ``last_hidden_state`` by name (mimc's export), else by rank."""
@@ -78,4 +133,4 @@ class OnnxModel:
         return pooled, tokens
 
 
-__all__ = ["OnnxModel"]
+__all__ = ["OnnxModel", "runtime_name", "ENGINE_SUFFIXES"]

@@ -349,6 +349,88 @@ def _enqueue(context, device, logger) -> None:
         raise MimcError(f"TensorRT execution failed: {one_line('; '.join(logger.errors()[-2:])) or 'no reason given'}")
 
 
+class _Port:
+    def __init__(self, name: str, type_: str, shape: list):
+        self.name, self.type, self.shape = name, type_, shape
+
+
+class EngineSession:
+    """A TensorRT engine behind ONNX Runtime's session surface (get_inputs / get_outputs / run), so
+    :class:`~mimc.runtime.onnx_model.OnnxModel` runs it like a graph: numpy in, numpy out.
+
+    Inputs are copied to the GPU with torch and the engine runs on torch's current stream, so the
+    copy is ordered before the engine reads it; outputs are read back after the stream finishes.
+    ``batch_range`` is the engine's optimization profile (min, max batch): callers split and pad to it.
+    """
+
+    def __init__(self, engine_path: str | Path, device_index: int | None = None, on_message: Callable[[str], None] | None = None):
+        import torch
+
+        sidecar = load_sidecar(engine_path)
+        if not torch.cuda.is_available():  # before importing TensorRT: the GPU is what is missing here
+            raise DeviceUnavailableError(
+                f"engine {Path(engine_path).name} runs only on an NVIDIA GPU and none is visible here (torch.cuda.is_available() "
+                "is False): run on the GPU that built it, or use its .onnx graph on the CPU")
+        trt = import_tensorrt()
+        self._torch, self._trt = torch, trt
+        # None: torch's current device (under torchrun, the rank's own GPU)
+        self.device = CudaDevice(torch.cuda.current_device() if device_index is None else device_index)
+        check_engine_compat(sidecar, runtime_info(trt, self.device), engine_path)
+        self.logger = make_logger(trt, on_message)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {one_line('; '.join(self.logger.errors()[-2:])) or 'no reason given'}")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise MimcError(f"TensorRT could not create an execution context for {Path(engine_path).name}: out of device memory?")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if n not in self._inputs]
+        self.batch_range = _engine_batch_range(sidecar)
+
+    def _np_dtype(self, name: str):
+        import numpy as np
+
+        try:
+            return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+        except Exception:  # bf16 / fp8 I/O has no numpy type
+            raise MimcError(f"engine tensor '{name}' has type {self.engine.get_tensor_dtype(name)}, which mimc cannot read back: "
+                            "build the engine from an fp32 or fp16 graph") from None
+
+    def get_inputs(self) -> list[_Port]:
+        types = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+        return [_Port(n, types.get(self._np_dtype(n).name, "tensor(float)"),
+                      [d if d >= 0 else None for d in self.engine.get_tensor_shape(n)]) for n in self._inputs]
+
+    def get_outputs(self) -> list[_Port]:
+        return [_Port(n, "tensor(float)", []) for n in self._outputs]
+
+    def run(self, names, feed: dict):
+        import numpy as np
+
+        torch = self._torch
+        stream = torch.cuda.current_stream(self.device.index)
+        keep = []
+        for name in self._inputs:
+            x = torch.from_numpy(np.ascontiguousarray(feed[name])).to(f"cuda:{self.device.index}", non_blocking=False)
+            keep.append(x)
+            if not self.context.set_input_shape(name, list(x.shape)):
+                raise MimcError(f"TensorRT refused input shape {list(x.shape)} for '{name}': "
+                                f"{one_line('; '.join(self.logger.errors()[-1:])) or 'outside the engine profile'}")
+            self.context.set_tensor_address(name, x.data_ptr())
+        outs = {}
+        for name in self._outputs:
+            shape = [int(d) for d in self.context.get_tensor_shape(name)]
+            dtype = torch.from_numpy(np.empty(0, self._np_dtype(name))).dtype
+            outs[name] = torch.empty(shape, dtype=dtype, device=f"cuda:{self.device.index}")
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise MimcError(f"TensorRT execution failed: {one_line('; '.join(self.logger.errors()[-2:])) or 'no reason given'}")
+        stream.synchronize()
+        del keep
+        return [outs[n].cpu().numpy() for n in (names or self._outputs)]
+
+
 def _layer_times(trt, engine, context, device, n: int, logger) -> list[dict[str, Any]]:
     """Mean time per layer over ``n`` profiled runs, slowest first.
 

@@ -1,0 +1,574 @@
+"""Embedding: run a (compressed) encoder over a data source in batches and stream its features to disk.
+
+The model is a torch :class:`~mimc.models.vit.Encoder` (any MODEL argument), a mimc ``.onnx`` graph
+(ONNX Runtime, CPU or CUDA), an OpenVINO IR ``.xml`` or a TensorRT ``.engine`` / ``.plan`` - each run
+through the runtime layer's own session (:class:`~mimc.runtime.onnx_model.OnnxModel`). Images come
+from :meth:`mimc.data.ImageSource.stream`: decoded in DataLoader worker processes that prefetch the
+next batches while the runtime computes this one.
+
+Output (the suffix decides):
+
+- ``feats.npy`` (no suffix: ``.npy`` is added): float32 rows ``(N, D)`` pooled, or ``(N, T, D)``
+  with ``tokens``, written sequentially behind a header reserved for every requested image and
+  rewritten to the rows written at the end (fewer when unreadable images were skipped). Beside it
+  ``feats.json``, the index: model, runtime, source, class names, counts, and one row per feature
+  row (``name``, ``position`` in the source, ``label``), itself written row by row;
+- ``feats.parquet`` (pyarrow): columns ``name``, ``position``, ``label``, ``feature`` (a fixed-size
+  list; with tokens a fixed-size list of them), one row group per few MB; the index's metadata in
+  the schema metadata (``mimc``) and the counts in the footer (``mimc_counts``).
+
+Memory holds a few batches, never the set. Files are written under temporary names beside the
+output and renamed only when complete (:func:`mimc.atomic.atomic_files`): an error or Ctrl-C leaves
+nothing behind, an existing output is refused unless ``overwrite``, and an input is never written.
+
+Under torchrun (``gather=True`` with a process group of ``world`` > 1) every rank embeds its own
+contiguous shard of the (seeded) request; ranks other than 0 spool their rows to an unlinked
+temporary file, then send them to rank 0 in batches over ``torch.distributed``, and rank 0 writes
+ONE output in source order - the same file a single process writes. Without a process group,
+``rank`` / ``world`` embed just that shard into ``output`` (the rows of the shards, concatenated in
+rank order, are the whole request's).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mimc.errors import BadInputError, ConfigError, DataError, DeviceUnavailableError, MimcError, MissingExtraError
+
+FORMATS = {".npy": "npy", ".parquet": "parquet"}
+ROW_GROUP_BYTES = 16 << 20  # Parquet: rows buffered up to this size per row group
+PARQUET_HINT = "pip install 'mimc[datasets]'"
+Progress = Callable[[int, int], None]  # (images done, images requested)
+
+
+# Outputs ------------------------------------------------------------------------------------------
+def output_paths(output: str | os.PathLike) -> tuple[Path, Path | None, str]:
+    """``(features file, index file or None, format)`` for an ``-o`` value."""
+    path = Path(output)
+    if path.suffix == "":
+        path = path.with_name(path.name + ".npy")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise BadInputError(f"output {path.name} must end in .npy (with a .json index beside it) or .parquet", option="output")
+    return path, (path.with_suffix(".json") if fmt == "npy" else None), fmt
+
+
+def _npy_header(shape: tuple[int, ...], size: int | None = None) -> bytes:
+    """A version 1.0 .npy header for float32 C-order ``shape``, padded to ``size`` bytes (default:
+    64-byte aligned with room to spare, so a header with fewer rows fits the same bytes)."""
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': %r, }" % (tuple(int(d) for d in shape),)
+    if size is None:
+        size = -(-(10 + len(text) + 1 + 16) // 64) * 64
+    pad = size - 10 - len(text) - 1
+    if pad < 0:
+        raise MimcError(f"internal: .npy header for shape {shape} does not fit {size} bytes")
+    body = text + " " * pad + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A failed write (disk full, quota, a vanished folder) as one line naming the output."""
+    try:
+        yield
+    except OSError as exc:
+        raise MimcError(f"cannot write {path.name} ({exc.strerror or exc}): free space or choose another output",
+                        option="output") from None
+
+
+class _IndexWriter:
+    """The JSON index, written as it grows: the head, one line per row, the counts at the end."""
+
+    def __init__(self, path: Path, head: dict[str, Any]):
+        self.file = open(path, "w", encoding="utf-8")
+        self.file.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items()) + '  "rows": [')
+        self.first = True
+
+    def rows(self, names: list[str], positions: np.ndarray, labels: np.ndarray | None) -> None:
+        lines = []
+        for i, (name, pos) in enumerate(zip(names, positions)):
+            label = int(labels[i]) if labels is not None else None
+            lines.append(json.dumps({"name": name, "position": int(pos), "label": label}))
+        if lines:
+            self.file.write(("\n    " if self.first else ",\n    ") + ",\n    ".join(lines))
+            self.first = False
+
+    def close(self, tail: dict[str, Any]) -> None:
+        self.file.write("\n  ],\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in tail.items()) + "\n}\n")
+        self.file.close()
+
+
+class NpyWriter:
+    """Float32 rows appended to an .npy (header reserved for ``capacity`` rows) plus the JSON index."""
+
+    def __init__(self, features: Path, index: Path, capacity: int, head: dict[str, Any]):
+        self.file = open(features, "r+b")
+        self.index = _IndexWriter(index, head)
+        self.capacity, self.rows, self.row_shape, self.header_size = capacity, 0, None, 0
+
+    def write(self, feats: np.ndarray, positions: np.ndarray, names: list[str], labels: np.ndarray | None) -> None:
+        if self.row_shape is None:
+            self.row_shape = tuple(feats.shape[1:])
+            header = _npy_header((self.capacity, *self.row_shape))
+            self.header_size = len(header)
+            self.file.write(header)
+        if self.rows + len(feats) > self.capacity:
+            raise MimcError(f"internal: more rows ({self.rows + len(feats)}) than requested ({self.capacity})")
+        np.ascontiguousarray(feats, dtype=np.float32).tofile(self.file)
+        self.rows += len(feats)
+        self.index.rows(names, positions, labels)
+
+    def close(self, tail: dict[str, Any]) -> None:
+        self.file.seek(0)
+        self.file.write(_npy_header((self.rows, *self.row_shape), self.header_size))
+        self.file.truncate(self.header_size + self.rows * 4 * int(np.prod(self.row_shape)))
+        self.file.close()
+        self.index.close(tail)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.index.file.close()
+
+
+def pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(f"writing Parquet needs pyarrow, which is not installed: {PARQUET_HINT}, or write .npy") from None
+    return pa
+
+
+class ParquetWriter:
+    """Rows as Parquet (name, position, label, feature), one row group per :data:`ROW_GROUP_BYTES`."""
+
+    def __init__(self, path: Path, head: dict[str, Any]):
+        self.pa = pyarrow()
+        self.path, self.head, self.writer, self.rows, self.row_shape = path, head, None, 0, None
+        self.buffer: list[Any] = []
+        self.buffered = 0
+
+    def _schema(self):
+        pa = self.pa
+        feature = pa.list_(pa.float32(), self.row_shape[-1])
+        for size in reversed(self.row_shape[:-1]):  # tokens: a fixed-size list of per-token lists
+            feature = pa.list_(feature, size)
+        return pa.schema([("name", pa.string()), ("position", pa.int64()), ("label", pa.int64()), ("feature", feature)],
+                         metadata={"mimc": json.dumps(self.head)})
+
+    def write(self, feats: np.ndarray, positions: np.ndarray, names: list[str], labels: np.ndarray | None) -> None:
+        pa = self.pa
+        if self.writer is None:
+            import pyarrow.parquet as pq
+
+            self.row_shape = tuple(feats.shape[1:])
+            self.schema = self._schema()
+            self.writer = pq.ParquetWriter(str(self.path), self.schema)
+        values = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
+        for size in reversed(self.row_shape):
+            values = pa.FixedSizeListArray.from_arrays(values, size)
+        label = pa.array(labels.astype(np.int64) if labels is not None else [None] * len(names), pa.int64())
+        self.buffer.append(pa.Table.from_arrays([pa.array(names, pa.string()), pa.array(positions.astype(np.int64)), label, values],
+                                                schema=self.schema))
+        self.buffered += feats.nbytes
+        self.rows += len(feats)
+        if self.buffered >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(self.pa.concat_tables(self.buffer), row_group_size=1 << 30)
+        self.buffer, self.buffered = [], 0
+
+    def close(self, tail: dict[str, Any]) -> None:
+        self._flush()
+        self.writer.add_key_value_metadata({"mimc_counts": json.dumps(tail)})
+        self.writer.close()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+
+# Models -------------------------------------------------------------------------------------------
+@dataclass
+class Embedder:
+    """A model on its runtime: ``run(pixels, tokens)`` -> (pooled (B, D), tokens (B, T, D) or None) as numpy."""
+
+    run: Callable[[torch.Tensor, bool], tuple[np.ndarray, np.ndarray | None]]
+    config: Any
+    runtime: str
+    device: str
+    threads: int | None = None
+    static_batch: int | None = None
+
+    @contextlib.contextmanager
+    def threads_set(self):
+        """torch's intra-op threads for the run (restored after); the graph runtimes set theirs per session."""
+        if self.runtime != "torch" or not self.threads:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _graph_kind(model: Any) -> str | None:
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    suffix = Path(model).suffix.lower()
+    return {".onnx": "onnx", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}.get(suffix)
+
+
+def check_device(model: Any, device: str | None, threads: int | None) -> str:
+    """The device a model runs on (``device`` None: its runtime's own), refusing what cannot be."""
+    kind = _graph_kind(model)
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device} is not cpu or cuda: choose one of them", option="device")
+    if kind == "tensorrt":
+        if device == "cpu":
+            raise ConfigError("device cpu cannot run a TensorRT engine (it runs on the GPU that built it): "
+                              "drop device, or embed the engine's .onnx graph on the CPU", option="device")
+        if threads is not None:
+            raise ConfigError("threads sets CPU inference threads; a TensorRT engine runs on the GPU: drop threads", option="threads")
+        return "cuda"
+    if kind == "openvino" and device == "cuda":
+        raise ConfigError("device cuda: an OpenVINO IR runs on mimc's OpenVINO CPU runtime: drop device, "
+                          "or embed the .onnx graph with device cuda (ONNX Runtime's CUDA provider)", option="device")
+    return device or "cpu"
+
+
+def open_embedder(model: Any, device: str | None = None, threads: int | None = None) -> Embedder:
+    """A MODEL argument, an Encoder, or a graph file (``.onnx``, ``.xml``, ``.engine`` / ``.plan``) on its runtime.
+
+    The session is created here, so a graph its runtime cannot load, or a missing GPU, is refused
+    before any image is read."""
+    from mimc.runtime.onnx_model import OnnxModel
+
+    device = check_device(model, device, threads)
+    if _graph_kind(model) is not None:
+        graph = OnnxModel(model, threads=threads, device=device)
+        try:
+            sess = graph.session()
+        except DeviceUnavailableError as exc:
+            raise DeviceUnavailableError(str(exc), option="device") from None
+        shape = sess.get_inputs()[0].shape
+        static = shape[0] if shape and isinstance(shape[0], int) else None
+
+        def run_graph(x: torch.Tensor, tokens: bool):
+            pooled, toks = graph(x, tokens=tokens)
+            if tokens and toks is None:
+                raise BadInputError(f"{model} has no token output: export it with `mimc export` or embed pooled features", option="tokens")
+            return pooled.numpy(), (toks.numpy() if tokens else None)
+
+        return Embedder(run_graph, graph.config, graph.runtime, device, threads, static)
+
+    if isinstance(model, (str, os.PathLike)):
+        from mimc.models.resolve import load_model
+
+        encoder = load_model(str(model))
+    elif isinstance(model, torch.nn.Module):
+        encoder = model
+    else:
+        raise BadInputError(f"cannot embed with a {type(model).__name__}: pass an Encoder, a MODEL argument or a graph file",
+                            option="model")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("device cuda: no CUDA GPU is visible to torch here (torch.cuda.is_available() is False): "
+                                     "use device cpu", option="device")
+    # The canonical encoder has no dropout or batch norm: train and eval mode compute the same, and
+    # the caller's module is not changed (moved to the GPU only when asked for, and back after).
+    target = torch.device(device)
+
+    @torch.no_grad()
+    def run_torch(x: torch.Tensor, tokens: bool):
+        out = encoder(x.to(target))
+        pooled = out.pooled.float().cpu().numpy()
+        return pooled, (out.last_hidden_state.float().cpu().numpy() if tokens else None)
+
+    if device == "cuda":
+        encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else _copy_to(encoder, target)
+    return Embedder(run_torch, encoder.config, "torch", device, threads)
+
+
+def _copy_to(encoder, target):
+    import copy
+
+    return copy.deepcopy(encoder).to(target)
+
+
+# The loop -----------------------------------------------------------------------------------------
+@dataclass
+class ShardResult:
+    rows: int = 0
+    skipped: list[str] = field(default_factory=list)
+    row_shape: tuple[int, ...] | None = None
+    seconds: float = 0.0
+
+
+def embed_rows(embedder: Embedder, stream, write: Callable[..., None], tokens: bool, total: int,
+               on_progress: Progress | None = None) -> ShardResult:
+    """Run ``embedder`` over every batch of ``stream`` and hand each one's rows to ``write``
+    (features, positions, names, labels). The stream's workers decode the next batches meanwhile."""
+    result = ShardResult()
+    start = time.perf_counter()
+    with embedder.threads_set():
+        for batch in stream:
+            pooled, toks = embedder.run(batch.pixels, tokens)
+            feats = toks if tokens else pooled
+            write(feats, batch.positions, batch.names, batch.labels)
+            result.rows += len(feats)
+            result.row_shape = tuple(feats.shape[1:])
+            if on_progress is not None:
+                on_progress(result.rows + len(stream.stats.skipped), total)
+    result.seconds = time.perf_counter() - start
+    result.skipped = list(stream.stats.skipped)
+    return result
+
+
+# The verb ------------------------------------------------------------------------------------------
+def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = False, n: int | None = None, seed: int = 0,
+          batch_size: int | None = None, workers: int | None = None, skip_corrupt: bool = False,
+          image_column: str | None = None, label_column: str | None = None, device: str | None = None,
+          threads: int | None = None, overwrite: bool = False, on_progress: Progress | None = None,
+          rank: int = 0, world: int = 1, gather: bool = False) -> dict[str, Any]:
+    """Features of ``model`` on ``data`` written to ``output`` (``.npy`` + ``.json`` index, or ``.parquet``).
+
+    ``batch_size`` None: a static-batch graph's batch, else 32. ``rank`` / ``world``: embed only that
+    contiguous shard of the request; with ``gather`` (torchrun: a process group of ``world`` ranks)
+    every rank embeds its shard and rank 0 writes one output. Returns the report's body."""
+    from mimc.atomic import atomic_files
+
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is not one of the {world} ranks 0..{world - 1}", option="rank")
+    group = _Group(rank, world) if gather and world > 1 else None
+    writes = rank == 0 or group is None
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        try:
+            job = _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_corrupt, image_column,
+                           label_column, device, threads, overwrite, rank, world, writes, group is not None)
+            writer = None
+            if writes:
+                tmps = stack.enter_context(atomic_files(job.files, overwrite))
+                writer = (NpyWriter(tmps[0], tmps[1], job.capacity, job.head) if job.fmt == "npy"
+                          else ParquetWriter(tmps[0], job.head))
+                stack.callback(writer.abort)  # closes the temporaries' handles; a no-op once written
+        except MimcError as exc:
+            if group is not None:
+                group.agree(exc)  # the other ranks raise too instead of waiting for this one
+            raise
+        if group is not None:
+            group.agree(None)
+        if not writes:
+            return _send_shard(group, job, tokens)
+        loop_start = time.perf_counter()
+        def write(*rows):
+            with _writing(job.files[0]):
+                writer.write(*rows)
+
+        try:
+            shard = embed_rows(job.embedder, job.stream, write, tokens, len(job.stream.positions), on_progress)
+        except MimcError as exc:
+            if group is not None:
+                group.agree(exc)
+            raise
+        try:
+            others = group.receive(job, writer, shard) if group is not None else []
+            loop_seconds = time.perf_counter() - loop_start
+            rows = shard.rows + sum(o["rows"] for o in others)
+            skipped = shard.skipped + [name for o in others for name in o["skipped"]]
+            row_shape = shard.row_shape or next((tuple(o["row_shape"]) for o in others if o["row_shape"]), None)
+            if rows == 0:
+                raise DataError(f"{job.source.spec}: every image was unreadable and skipped: pass readable images", option="data")
+            with _writing(job.files[0]):
+                writer.close({"images": rows, "skipped": len(skipped), "skipped_names": skipped, "shape": [rows, *row_shape]})
+            stack.close()  # the files are placed here (or the output is refused as taken meanwhile)
+        except MimcError as exc:
+            if group is not None and not getattr(exc, "agreed", False):
+                group.outcome(None, exc)
+            raise
+    seconds = time.perf_counter() - start
+    body = {"model": job.model_name, "runtime": job.embedder.runtime, "device": job.embedder.device,
+            "output": str(job.files[0]), "index": str(job.files[1]) if len(job.files) > 1 else None, "format": job.fmt,
+            "source": job.source.spec, "tokens": tokens, "images": rows, "skipped": len(skipped),
+            "skipped_names": skipped[:20], "seconds": round(seconds, 3),
+            "images_per_second": round(rows / loop_seconds, 2) if loop_seconds > 0 else None, "feature_shape": list(row_shape),
+            "shape": [rows, *row_shape], "batch_size": job.batch_size, "threads": job.embedder.threads,
+            "workers": job.stream.workers, "rank": rank, "world": world, "written": True}
+    if group is not None:
+        group.outcome(body, None)
+    return body
+
+
+@dataclass
+class _Job:
+    embedder: Embedder
+    source: Any
+    stream: Any
+    files: list[Path]
+    fmt: str
+    head: dict[str, Any]
+    capacity: int
+    batch_size: int
+    model_name: str
+
+
+def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_corrupt, image_column, label_column,
+             device, threads, overwrite, rank, world, writes, gathered) -> _Job:
+    """Every check before any image is read: options, outputs (where this rank writes), the model's
+    session, the source."""
+    from mimc.atomic import check_new_files, check_not_input
+    from mimc.data import ImageSource
+
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
+    if n is not None and (isinstance(n, bool) or n < 1):
+        raise ConfigError(f"n must be a positive number of images (or none for all), got {n}", option="n")
+    features_path, index_path, fmt = output_paths(output)
+    if fmt == "parquet" and writes:
+        pyarrow()
+    files = [features_path] + ([index_path] if index_path is not None else [])
+    if writes:
+        spec = data.spec if isinstance(data, ImageSource) else data
+        for path in files:
+            check_not_input(path, [spec], option="output")
+            if isinstance(model, (str, os.PathLike)):  # beside the model in its artifact folder is fine
+                check_not_input(path, [model], option="output", inside=False)
+        check_new_files(files, overwrite)
+    embedder = open_embedder(model, device, threads)
+    source = data if isinstance(data, ImageSource) else ImageSource(
+        data, seed, workers=workers, skip_corrupt=skip_corrupt, image_column=image_column, label_column=label_column)
+    batch_size = batch_size or embedder.static_batch or 32
+    requested = source.positions(n)  # opens the source: a bad spec is refused here
+    stream = source.stream(embedder.config, n, batch_size, rank=rank, world=world)
+    model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    head = {"format": "mimc-embeddings", "version": 1, "model": model_name, "runtime": embedder.runtime,
+            "source": source.spec, "seed": source.seed, "n": n, "tokens": tokens,
+            "shard": {"rank": rank, "world": world} if world > 1 and not gathered else None,
+            "features": features_path.name, "dtype": "float32", "class_names": stream.class_names}
+    capacity = len(requested) if gathered else len(stream.positions)
+    return _Job(embedder, source, stream, files, fmt, head, capacity, batch_size, model_name)
+
+
+# torchrun: every rank embeds its shard, rank 0 writes them all -----------------------------------------
+class _Group:
+    """The ranks of a torchrun job (an initialised torch.distributed group). Every rank makes the same
+    calls in the same order: :meth:`agree` after preparing and after embedding, the rows sent to rank 0
+    in chunks of ``batch_size`` rows (sizes known to both sides from the agreed counts), and rank 0's
+    :meth:`outcome` at the end."""
+
+    def __init__(self, rank: int, world: int):
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()):
+            raise MimcError("gather needs an initialised torch.distributed process group: run under torchrun")
+        if tdist.get_world_size() != world or tdist.get_rank() != rank:
+            raise MimcError(f"rank {rank} of {world} does not match the process group "
+                            f"(rank {tdist.get_rank()} of {tdist.get_world_size()})")
+        self.tdist, self.rank, self.world = tdist, rank, world
+        self.nccl = tdist.get_backend() == "nccl"
+
+    def agree(self, error: MimcError | None, payload: Any = None) -> list[Any]:
+        """Every rank's payload; when any rank failed, every rank raises the first failure."""
+        mine = {"error": str(error) if error else None, "exit_code": error.exit_code if error else 0,
+                "options": list(error.options) if error else [], "payload": payload}
+        gathered: list[Any] = [None] * self.world
+        self.tdist.all_gather_object(gathered, mine)
+        if error is not None:
+            error.agreed = True
+            raise error
+        for r, status in enumerate(gathered):
+            if status["error"] is not None:
+                raise _remote_error(r, status)
+        return [status["payload"] for status in gathered]
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        return t.cuda() if self.nccl else t
+
+    def receive(self, job: _Job, writer, shard: ShardResult) -> list[dict[str, Any]]:
+        """Rank 0: the other ranks' counts, then their rows in rank order, written behind its own."""
+        others = self.agree(None, _status(shard))[1:]
+        reader = job.source.reader
+        for r, other in enumerate(others, start=1):
+            row_shape = tuple(other["row_shape"] or ())
+            for k in range(0, other["rows"], job.batch_size):
+                count = min(job.batch_size, other["rows"] - k)
+                pos = self._wire(torch.empty(count, dtype=torch.int64))
+                feats = self._wire(torch.empty((count, *row_shape), dtype=torch.float32))
+                self.tdist.recv(pos, src=r)
+                self.tdist.recv(feats, src=r)
+                pos_np = pos.cpu().numpy()
+                labels = reader.labels[pos_np] if reader.labels is not None else None
+                writer.write(feats.cpu().numpy(), pos_np, [reader.name(int(p)) for p in pos_np], labels)
+        return others
+
+    def outcome(self, body: dict[str, Any] | None, error: MimcError | None) -> dict[str, Any]:
+        """Rank 0's report (or its failure) on every rank."""
+        box = [body if error is None else {"error": str(error), "exit_code": error.exit_code, "options": list(error.options)}]
+        self.tdist.broadcast_object_list(box, src=0)
+        got = box[0]
+        if error is not None:
+            raise error
+        if "error" in got:
+            raise _remote_error(0, got)
+        return got
+
+
+def _remote_error(rank: int, status: dict[str, Any]) -> MimcError:
+    """Another rank's failure, raised here with its exit code and options (so the CLI names its flags)."""
+    kind = BadInputError if status["exit_code"] == 2 else MimcError
+    error = kind(f"rank {rank}: {status['error']}", option=status["options"])
+    error.agreed = True  # every rank knows already: nothing more to tell the others
+    return error
+
+
+def _status(shard: ShardResult) -> dict[str, Any]:
+    return {"rows": shard.rows, "skipped": shard.skipped, "row_shape": list(shard.row_shape) if shard.row_shape else None}
+
+
+def _send_shard(group: _Group, job: _Job, tokens: bool) -> dict[str, Any]:
+    """A rank other than 0: embed the shard into an unlinked temporary file (nothing is left behind,
+    however the process ends), agree on the counts, send the rows to rank 0, return its report."""
+    spool_dir = job.files[0].parent
+    positions: list[np.ndarray] = []
+    with tempfile.TemporaryFile(dir=spool_dir if spool_dir.is_dir() else None) as spool:
+        def write(feats, pos, names, labels):
+            np.ascontiguousarray(feats, dtype=np.float32).tofile(spool)
+            positions.append(np.asarray(pos, dtype=np.int64))
+
+        try:
+            shard = embed_rows(job.embedder, job.stream, write, tokens, len(job.stream.positions))
+        except MimcError as exc:
+            group.agree(exc)
+            raise
+        group.agree(None, _status(shard))
+        spool.seek(0)
+        pos_all = np.concatenate(positions) if positions else np.empty(0, np.int64)
+        width = int(np.prod(shard.row_shape)) if shard.row_shape else 0
+        for k in range(0, shard.rows, job.batch_size):
+            pos = pos_all[k:k + job.batch_size]
+            feats = np.fromfile(spool, dtype=np.float32, count=len(pos) * width).reshape(len(pos), *shard.row_shape)
+            group.tdist.send(group._wire(torch.from_numpy(pos)), dst=0)
+            group.tdist.send(group._wire(torch.from_numpy(feats)), dst=0)
+    body = group.outcome(None, None)
+    return {**body, "written": False, "rank": group.rank}
+
+
+__all__ = ["embed", "embed_rows", "open_embedder", "output_paths", "check_device", "Embedder", "NpyWriter",
+           "ParquetWriter", "FORMATS"]
