@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py            # everything (~1 h on 2 idle cores)
     python benchmarks/run_all.py --only vitb # the ViT-B latency benchmarks only
-    python benchmarks/run_all.py --only scale # k-NN on 50 000 features (~4 min)
+    python benchmarks/run_all.py --only scale # k-NN on 50 000 features, embed and eval over 20 000 JPEGs
 
 Each script writes its own table to benchmarks/results/. GPU numbers come from
 benchmarks/gpu_table.py on a machine with a GPU.
