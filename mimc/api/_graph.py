@@ -182,6 +182,10 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     profile_ = load_profile(device)
     if model.suffix != ".onnx":
         raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
+    if model.is_file():
+        from mimc.artifact import verify_graph
+
+        verify_graph(model)  # a graph its artifact lists (and its external data) must be the one recorded
     if profile_.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
         from mimc.deploy.openvino import build_ir
 

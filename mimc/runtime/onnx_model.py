@@ -2,8 +2,10 @@
 pixels in, (pooled, tokens) torch tensors out. An IR runs on OpenVINO's CPU plugin at the precision
 its build recorded; an ONNX graph on ONNX Runtime CPU.
 
-Its artifact directory's ``mimc.json`` gives the input spec (so the caller can load matching images);
-a static batch is served by chunking and padding the last chunk.
+Its artifact directory's ``mimc.json`` gives the input spec (so the caller can load matching images)
+and the sha256 of the graph and of its external data, checked before it runs; a static batch is
+served by chunking and padding the last chunk. ONNX Runtime loads the graph from its path, so
+weights kept beside it in external data (graphs past 2 GiB) are read from there.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class OnnxModel:
     """An ONNX graph written by mimc, run on ONNX Runtime CPU; ``config`` comes from its artifact."""
 
     def __init__(self, path: str | os.PathLike):
-        from mimc.artifact import is_artifact, read_manifest
+        from mimc.artifact import is_artifact, read_manifest, verify_graph
         from mimc.models.vit import EncoderConfig
 
         self.path = Path(path)
@@ -33,6 +35,7 @@ class OnnxModel:
                 "export it with `mimc export MODEL` or evaluate the source model"
             )
         self.manifest = read_manifest(self.path.parent)
+        verify_graph(self.path)  # as its mimc.json recorded it (graph and external data): else refused
         self.config = EncoderConfig.from_dict(self.manifest.encoder)
         self._session = None
 
