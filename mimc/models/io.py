@@ -13,35 +13,53 @@ from mimc.errors import MimcError, NotAModelError, clip, shorten
 from mimc.models.vit import Encoder, EncoderConfig
 
 
+class ArtifactShape:
+    """An artifact's validated config and manifest without its weights: what a step needs that works on
+    a graph already in the artifact (quantizing its model.onnx reads the graph, never the weights)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path
+        self.manifest = read_manifest(path)
+        where = path / MANIFEST_NAME
+        try:
+            self.config = EncoderConfig.from_dict(self.manifest.encoder)
+        except (MimcError, TypeError, ValueError, KeyError) as exc:
+            raise NotAModelError(f"{where}: its encoder config is invalid ({shorten(exc)}): re-create the artifact") from None
+        _check_structure(self.config, where)
+
+
 def load_artifact(path: str | os.PathLike) -> Encoder:
     """Rebuild the encoder from ``mimc.json`` and load ``model.safetensors`` into it, after checking
     the weights are the ones the manifest names and the manifest's structure is consistent."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import torch
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    manifest = read_manifest(path)
-    where = path / MANIFEST_NAME
-    try:
-        cfg = EncoderConfig.from_dict(manifest.encoder)
-    except (MimcError, TypeError, ValueError, KeyError) as exc:
-        raise NotAModelError(f"{where}: its encoder config is invalid ({shorten(exc)}): re-create the artifact") from None
-    _check_structure(cfg, where)
+    shape = ArtifactShape(path)
+    manifest, cfg = shape.manifest, shape.config
     weights = verify_weights(path, manifest)
     _check_shapes(cfg, weights)
+    encoder = Encoder(cfg)
+    own = encoder.state_dict()  # the module's own tensors: every value is copied into them in place
     try:
-        state = load_file(str(weights))
+        # One tensor at a time: a ViT-H/14's 2.5 GB are never held twice (the file's tensors, then the module's).
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(own):
+                missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
+                raise NotAModelError(
+                    f"{weights} does not match its mimc.json (missing {missing[:3]}, unexpected {unexpected[:3]}): re-create the artifact")
+            with torch.no_grad():
+                for name in sorted(keys):
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(own[name].shape):
+                        raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact")
+                    own[name].copy_(tensor)
+                    del tensor
     except (SafetensorError, OSError, ValueError) as exc:
         raise NotAModelError(f"{weights} is not a valid safetensors file ({shorten(exc)}): re-create the artifact") from exc
-    encoder = Encoder(cfg)
-    try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError:
-        raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact") from None
-    if missing or unexpected:
-        raise NotAModelError(
-            f"{weights} does not match its mimc.json (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}): re-create the artifact"
-        )
+    del own
     encoder.eval()
     encoder.manifest = manifest
     return encoder
@@ -90,4 +108,4 @@ def _check_structure(cfg: EncoderConfig, where: Path) -> None:
         raise NotAModelError(f"{where}: {bad}: re-create the artifact")
 
 
-__all__ = ["load_artifact"]
+__all__ = ["load_artifact", "ArtifactShape"]
