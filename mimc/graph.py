@@ -43,7 +43,10 @@ _CHUNK = 1 << 24
 def load_graph(model: str | Path | onnx.ModelProto, external_data: bool = True) -> onnx.ModelProto:
     """A ModelProto from a path (a loaded one passes through); a one-line BadInputError otherwise.
 
-    ``external_data=False`` reads only the graph, not a >2 GiB weights file beside it (metadata, inputs).
+    ``external_data=False`` reads the graph without any weights: those kept beside it stay there,
+    and those inside the graph file become external references to that file (read them with
+    :func:`read_tensor` and the graph's folder), so a 1.3 GB single-file graph costs a few MB to
+    read for its metadata, inputs or structure.
     """
     if isinstance(model, onnx.ModelProto):
         return model
@@ -51,9 +54,103 @@ def load_graph(model: str | Path | onnx.ModelProto, external_data: bool = True) 
     if not path.is_file():
         raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
     try:
-        return onnx.load(str(path), load_external_data=external_data)
+        return onnx.load(str(path)) if external_data else _load_without_weights(path)
     except Exception as exc:  # onnx raises DecodeError/ValueError/OSError for a non-ONNX file; all mean the same
         raise BadInputError(f"{path} is not a readable ONNX model ({type(exc).__name__}): export it again with `mimc export MODEL`") from exc
+
+
+# Protobuf wire format, just enough to step over the weights: ModelProto.graph is field 7,
+# GraphProto.initializer field 5, TensorProto.raw_data field 9 (onnx/onnx.proto).
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, field start, payload start, field end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+            payload = first
+        elif wire == 1:
+            payload, pos = pos, pos + 8
+        elif wire == 2:
+            length, payload = _varint(buf, pos)
+            pos = payload + length
+        elif wire == 5:
+            payload, pos = pos, pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("field runs past its message")
+        yield number, wire, first, payload, pos
+
+
+def _load_without_weights(path: Path) -> onnx.ModelProto:
+    """The graph at ``path`` with every initializer's bytes left in a file: external ones where they
+    are, in-file ones (``raw_data`` of EXTERNAL_MIN_TENSOR bytes or more) pointed at by offset into
+    the graph file itself. Only the small fields are read (a memory map, touched around them)."""
+    import mmap
+
+    model_rest, graph_rest, tensors = bytearray(), bytearray(), []
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                for number, wire, first, payload, end in _fields(buf, 0, len(buf)):
+                    if number != _MODEL_GRAPH or wire != 2:
+                        model_rest += buf[first:end]
+                        continue
+                    for g_number, g_wire, g_first, g_payload, g_end in _fields(buf, payload, end):
+                        if g_number != _GRAPH_INITIALIZER or g_wire != 2:
+                            graph_rest += buf[g_first:g_end]
+                            continue
+                        tensors.append(_tensor_without_raw(buf, g_payload, g_end, path.name))
+            finally:
+                buf.release()
+    model = onnx.ModelProto.FromString(bytes(model_rest))
+    graph = onnx.GraphProto.FromString(bytes(graph_rest))
+    graph.initializer.extend(tensors)
+    model.graph.MergeFrom(graph)
+    return model
+
+
+def _tensor_without_raw(buf, start: int, end: int, file_name: str):
+    rest, raw = bytearray(), None
+    for number, wire, first, payload, stop in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA and wire == 2:
+            raw = (payload, stop - payload)
+        else:
+            rest += buf[first:stop]
+    tensor = TensorProto.FromString(bytes(rest))
+    if raw is None:
+        return tensor
+    if raw[1] < EXTERNAL_MIN_TENSOR or uses_external(tensor):
+        tensor.raw_data = bytes(buf[raw[0] : raw[0] + raw[1]])
+        return tensor
+    del tensor.external_data[:]
+    for key, value in (("location", file_name), ("offset", raw[0]), ("length", raw[1])):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.data_location = TensorProto.EXTERNAL
+    return tensor
 
 
 # External data ----------------------------------------------------------------------------------

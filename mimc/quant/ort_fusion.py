@@ -134,7 +134,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     return _Core(qkv, nodes, out.output[0], heads, float(np.asarray(scale).reshape(())))
 
 
-def fuse_attention_cpu(model) -> dict:
+def fuse_attention_cpu(model, base_dir=None) -> dict:
     """Replace each recognised block's qkv MatMulIntegerToFloat + float attention core by QAttention.
 
     Returns ``{"fused_attention_blocks": n, "unfused_attention": {reason: count}}``. The graph's
@@ -142,7 +142,7 @@ def fuse_attention_cpu(model) -> dict:
     """
     from onnx import helper, numpy_helper
 
-    idx = GraphIndex.build(model)
+    idx = GraphIndex.build(model, base_dir)  # base_dir: where tensors kept in external data are read from
     outputs = {o.name for o in model.graph.output}
     cores, reasons = [], {}
     for node in model.graph.node:

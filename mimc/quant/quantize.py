@@ -230,7 +230,7 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     if config.resolved_target == "cpu":
         rewrite_cpu(model, sites, attn, ranges)
         if config.fuse_attention and not attn:
-            info.update(fuse_attention_cpu(model))
+            info.update(fuse_attention_cpu(model, base_dir))
     else:
         rewrite_qdq(model, sites, attn, ranges, config.precision)
     info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
