@@ -81,6 +81,8 @@ def test_export_quantize_profile_eval_with_external_data(app, art, calib, extern
     for g in (graph, int8):
         prof = _json(invoke(app, ["profile", g, "--device", "cpu", "--iters", "2", "--warmup", "0", "--json"]))
         assert prof["label"] == "measured" and prof["results"][0]["p50_ms"] > 0
+    predicted = _json(invoke(app, ["profile", graph, "--device", "h100", "--predict", "--json"]))  # a roofline from the dims alone
+    assert predicted["label"] == "predicted" and predicted["results"][0]["latency_ms"] > 0
     ev = _json(invoke(app, ["eval", int8, "--ref", art, "--data", calib, "--json"]))
     assert ev["fidelity"]["pooled_cosine_mean"] >= 0.99
     assert sorted(p.name for p in art.iterdir()) == sorted(
