@@ -106,7 +106,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     nm_manifest = read_nm_pattern(onnx_path if not isinstance(onnx_path, onnx.ModelProto) else "", model)
     sparse: set[str] = set()
     if profile.sparse_tensor_cores:
-        sparse = sparse_weights(cost, model, None if isinstance(onnx_path, onnx.ModelProto) else Path(onnx_path).parent)
+        sparse = sparse_weights(cost, model, None if isinstance(onnx_path, onnx.ModelProto) else Path(onnx_path).resolve().parent)
         if nm_manifest and nm_manifest != "2:4":
             notes.append(f"mimc.json says {nm_manifest}; sparse tensor cores accelerate only 2:4")
     elif nm_manifest:

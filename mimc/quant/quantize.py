@@ -71,7 +71,7 @@ import numpy as np
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.graph import (external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
+from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
                         uses_external)
 from mimc.metrics import Fidelity
 from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
@@ -324,15 +324,14 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     ``eval_batches`` are held-out inputs for the fidelity gate (not the calibration images); when
     None, seeded normal inputs stand in (labelled so in the report).
     """
-    import onnx
-
     from mimc.deploy.validate import gate_failures, verdict
 
     start = time.perf_counter()
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     _check_paths(onnx_in, onnx_out)
     source_sha = verify_graph(onnx_in) or sha256_file(onnx_in)  # a listed graph (and its .data) as recorded
-    model = load_float_graph(onnx_in, external_data=False)  # weights kept beside it stay on disk
+    source = onnx_in.resolve()  # a symlinked graph: its weights are read where the file really is
+    model = load_float_graph(source, external_data=False)  # weights (in the file or beside it) stay on disk
     calibration = _as_arrays(calibration_batches)
     if calibration and sum(a.shape[0] for a in calibration) > config.n:
         calibration = [np.concatenate(calibration)[: config.n]]  # at most n images, the first ones given
@@ -349,7 +348,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     with tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.{os.getpid()}.", suffix=".tmp", dir=onnx_out.parent) as tmp_dir:
         work = Path(tmp_dir) / "work"
         work.mkdir()
-        _workspace(model, onnx_in.parent, work)
+        _workspace(model, source.parent, work)
         quantized, info = quantize_graph(model, calibration, config, base_dir=work, scratch=True)
         del model
         calib_sha = calibration_hash(calibration)
@@ -359,7 +358,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         data = save_graph(quantized, tmp, base_dir=work)  # external data when the initializers sum past the limit
         del quantized
         shutil.rmtree(work)
-        onnx.checker.check_model(str(tmp))
+        check_graph(tmp)  # the structure, without reading the weights
         fidelity, gated_outputs = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=pooled_only)
         failures = gate_failures(fidelity, config.precision)
         if failures and not force:

@@ -132,3 +132,15 @@ def test_re_export_without_external_data_removes_the_old_data_file(app, art, mon
     report = _json(invoke(app, ["export", art, "--json"]))
     assert report["external_data"] is None and not (art / "model.onnx.data").exists()
     assert invoke(app, ["profile", art / "model.onnx", "--iters", "1", "--warmup", "0"]).exit_code == 0
+
+
+def test_a_symlinked_graph_quantizes(app, tmp_path, calib):
+    """Weights inside a graph file are read from where that file really is."""
+    from mimc.deploy.onnx import export_onnx
+
+    real = tmp_path / "real"
+    real.mkdir()
+    export_onnx(build_encoder(tiny_config(), seed=0), real / "g.onnx")
+    (tmp_path / "link.onnx").symlink_to(real / "g.onnx")
+    q = _json(invoke(app, ["quantize", tmp_path / "link.onnx", "--calib", calib, "--n", "12", "--json"]))
+    assert q["validation"]["passed"] and (tmp_path / "link.int8.onnx").is_file()
