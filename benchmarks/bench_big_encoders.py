@@ -119,9 +119,10 @@ def summary(rec: dict) -> str:
     fid = (rep.get("validation") or {}).get("fidelity") if isinstance(rep.get("validation"), dict) else None
     if fid:
         ext = f"; weights in {rep['external_data']} ({rep['external_data_bytes'] / 1e9:.2f} GB)" if rep.get("external_data") else ""
+        size = f"{rep['bytes'] / 1e9:.2f} GB" if rep["bytes"] >= 1e8 else f"{rep['bytes'] / 1e6:.1f} MB"
         if "target" in rep:  # quantize: against the fp32 graph on held-out images
-            return f"int8 {rep['bytes'] / 1e9:.2f} GB, pooled cosine to fp32 {fid['pooled_cosine_mean']:.4f}{ext}"
-        return f"graph {rep['bytes'] / 1e9:.2f} GB, max abs error to torch {fid['max_abs']:.1e}{ext}"
+            return f"int8 graph {size}, pooled cosine to fp32 {fid['pooled_cosine_mean']:.4f}{ext}"
+        return f"graph {size}, max abs error to torch {fid['max_abs']:.1e}{ext}"
     if rep.get("label") == "measured":
         r = rep["results"][0]
         return f"batch {r.get('batch')}: p50 {r['p50_ms']:.0f} ms, worker peak RSS {r['peak_rss_mb'] / 1e3:.2f} GB"
@@ -144,7 +145,11 @@ def main() -> None:
     ap.add_argument("--no-dynamo", dest="dynamo", action="store_false", help="skip the dynamo export of the pruned model")
     ap.add_argument("--workdir", type=Path, default=None, help="where the artifacts go (default: a temporary folder, removed)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_big_encoders.json")
+    ap.add_argument("--render", type=Path, default=None, help="only print the table of an earlier results JSON")
     args = ap.parse_args()
+    if args.render is not None:
+        print(render(json.loads(args.render.read_text())))
+        return
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     tmp = None
@@ -173,15 +178,29 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for res in results:
-        w = (res["weights_bytes"] or 0) / 1e9
-        print(f"\n{res['model']} ({w:.2f} GB of fp32 weights)\n")
-        print("| step | wall s | peak RSS GB | peak / weights | result |")
-        print("| --- | ---: | ---: | ---: | --- |")
-        for rec in res["steps"]:
-            ratio = f"{rec['peak_rss_gb'] / w:.2f}" if w else "-"
-            print(f"| {rec['step']} | {rec['wall_s']:.0f} | {rec['peak_rss_gb']:.2f} | {ratio} | {summary(rec)} |")
+    print(render(result))
     print(f"\nwrote {args.out}")
+
+
+def _weights_gb(res: dict, step: str) -> float | None:
+    """fp32 weights of the model a step works on: the pruned artifact's for the pruned steps."""
+    slug = res["model"].removeprefix("random:").replace("/", "-")
+    name = f"{slug}-half/model.safetensors" if "pruned" in step else f"{slug}/model.safetensors"
+    size = res["files"].get(name)
+    return size / 1e9 if size else None
+
+
+def render(result: dict) -> str:
+    lines = []
+    for res in result["models"]:
+        lines += [f"\n{res['model']} ({(res['weights_bytes'] or 0) / 1e9:.2f} GB of fp32 weights)\n",
+                  "| step | wall s | peak RSS GB | fp32 weights of its model GB | peak / weights | result |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for rec in res["steps"]:
+            w = _weights_gb(res, rec["step"])
+            size, ratio = (f"{w:.2f}", f"{rec['peak_rss_gb'] / w:.2f}") if w else ("-", "-")
+            lines.append(f"| {rec['step']} | {rec['wall_s']:.0f} | {rec['peak_rss_gb']:.2f} | {size} | {ratio} | {summary(rec)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ weight beside the graph, dynamo is asked for external data outright; the graph i
 initializer bytes whether the weights go to one ``<name>.data`` file beside it, streaming them
 there tensor by tensor. Validation loads the graph from its path (ONNX Runtime reads the external
 data itself), after every proto is freed. Measured on ViT-H/14 (``benchmarks/bench_big_encoders.py``):
-see README "Big encoders".
+README "Big encoders on one machine".
 
 References:
 - ONNX operator set 17 (LayerNormalization as one node): https://onnx.ai/onnx/operators/
