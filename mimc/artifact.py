@@ -171,3 +171,33 @@ def verify_weights(path: str | os.PathLike, manifest: Manifest) -> Path:
             f"{weights} does not match the weights_sha256 in {Path(path) / MANIFEST_NAME} (altered or swapped): re-create the artifact"
         )
     return weights
+
+
+def verify_graph(path: str | os.PathLike) -> str | None:
+    """Check a graph file (and the external data file beside it) against what its artifact's
+    ``mimc.json`` recorded when it was written; returns the graph's sha256 when it was computed.
+
+    A graph outside an artifact, or one its manifest does not list, has nothing to be checked
+    against (None). A listed graph whose bytes, or whose ``.data`` file's bytes, differ from the
+    recorded sha256 was altered or swapped after mimc wrote it and is refused, like swapped weights.
+    """
+    path = Path(path)
+    if not is_artifact(path.parent):
+        return None
+    entry = read_manifest(path.parent).files.get(path.name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return None
+    where = path.parent / MANIFEST_NAME
+    fix = f"re-export it (mimc export {path.parent}) or restore the file mimc wrote"
+    sha = sha256_file(path)
+    if sha != entry["sha256"]:
+        raise NotAModelError(f"{path} does not match the sha256 recorded in {where} (altered or swapped): {fix}")
+    data = entry.get("external_data")
+    if data:
+        data_path = path.parent / str(data)
+        if Path(str(data)).name != str(data) or not data_path.is_file():
+            raise NotAModelError(f"{path} keeps its weights in {data_path}, which is missing: {fix}")
+        recorded = entry.get("external_data_sha256")
+        if isinstance(recorded, str) and sha256_file(data_path) != recorded:
+            raise NotAModelError(f"{data_path} does not match the external_data_sha256 recorded in {where} (altered or swapped): {fix}")
+    return sha

@@ -33,7 +33,8 @@ class _Results:
 
 out = _Results()
 
-MODEL_HELP = "A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, or 'ref'."
+MODEL_HELP = ("A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, 'ref', "
+              "or random:vit-b/16 (also vit-ti/16, vit-s/16, vit-l/16, vit-h/14: random weights, seed 0).")
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
 # A learning run's length in passes over the images, and how it computes (the same result).

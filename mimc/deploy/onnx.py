@@ -20,6 +20,15 @@ prints nothing on stdout (dynamo logs its progress there, which would corrupt ``
 cost is a few Shape/Expand nodes for the cls-token broadcast that ORT and TensorRT fold at load.
 TorchScript export is deprecated in torch 2.13, so ``exporter="dynamo"`` is kept working and tested.
 
+Graphs past 2 GiB (ViT-H/14 fp32 is 2.5 GB): protobuf cannot serialise them, so nothing here ever
+serialises or sizes a whole graph. The TorchScript exporter writes such a model with one file per
+weight beside the graph, dynamo is asked for external data outright; the graph is then re-read
+*without* its weights, stamped, and :func:`mimc.graph.save_graph` decides from the summed
+initializer bytes whether the weights go to one ``<name>.data`` file beside it, streaming them
+there tensor by tensor. Validation loads the graph from its path (ONNX Runtime reads the external
+data itself), after every proto is freed. Measured on ViT-H/14 (``benchmarks/bench_big_encoders.py``):
+README "Big encoders on one machine".
+
 References:
 - ONNX operator set 17 (LayerNormalization as one node): https://onnx.ai/onnx/operators/
 - torch.onnx exporters: https://pytorch.org/docs/stable/onnx.html (pytorch/pytorch, torch/onnx)
@@ -27,8 +36,10 @@ References:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +54,7 @@ from mimc.artifact import MANIFEST_NAME, is_artifact, mimc_version, now_iso, rea
 from mimc.atomic import sweep_stale_temps, write_json
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy.validate import gate_failures, gate_for, verdict
+from mimc.graph import check_graph, load_graph, save_graph
 from mimc.metrics import compare_outputs
 from mimc.runtime.session import onnxruntime, run_onnx
 
@@ -52,8 +64,6 @@ EXPORTERS = ("torchscript", "dynamo")
 MIN_OPSET = 17
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
 DYNAMO_MIN_OPSET = 18
-# Protobuf refuses messages over 2 GiB; above this the weights go to "<name>.data" beside the graph.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 # Ops that only make sense while training (or make inference random); none may reach a deployable.
 TRAINING_ONLY_OPS = frozenset(
     {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial",
@@ -155,7 +165,10 @@ def _torch_export(wrapper: nn.Module, example: torch.Tensor, out: Path, dynamic:
                                             optimize=True, **common)
             finally:
                 logger.setLevel(level)
-            program.save(str(out), external_data=False)
+            # Weights beside the graph always: a graph past 2 GiB cannot be one file, and
+            # _finish_graph re-decides for the final graph from the summed initializer bytes.
+            program.save(str(out), external_data=True)
+            del program
 
 
 def check_deployable(model) -> None:
@@ -170,10 +183,13 @@ def check_deployable(model) -> None:
 
 
 def _finish_graph(tmp: Path, final_name: str, encoder, batch: int | str, precision: str, exporter: str) -> dict[str, Any]:
-    """Stamp mimc metadata, enforce the deployable-graph rules, save (external data when huge)."""
-    import onnx
+    """Stamp mimc metadata, enforce the deployable-graph rules, save (external data when huge).
 
-    model = onnx.load(str(tmp))
+    The exporter's graph is read without the weights it may have put beside it (TorchScript writes
+    a model past 2 GiB as one file per tensor, dynamo as one .data file); ``save_graph`` streams
+    them into the final graph's own ``.data`` file, or inlines them when the graph is small.
+    """
+    model = load_graph(tmp, external_data=False)  # weights stay in the exporter's files, read when written out
     check_deployable(model)
     manifest = getattr(encoder, "manifest", None)
     meta = {
@@ -191,14 +207,13 @@ def _finish_graph(tmp: Path, final_name: str, encoder, batch: int | str, precisi
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]
               for v in [*model.graph.input, *model.graph.output]}
-    external = model.ByteSize() > EXTERNAL_DATA_BYTES
-    final = tmp.parent / "final" / final_name
+    final = tmp.parent.parent / "final" / final_name
     final.parent.mkdir()
-    onnx.save_model(model, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{final_name}.data" if external else None)
+    data = save_graph(model, final, base_dir=tmp.parent)  # external data from the summed initializer bytes
     del model
-    onnx.checker.check_model(str(final), full_check=False)  # path form: works past 2 GiB too
-    return {"opset": opset, "external_data": f"{final_name}.data" if external else None, "file": final, "shapes": shapes}
+    shutil.rmtree(tmp.parent)  # the exporter's own files: not kept on disk next to their copy
+    check_graph(final)  # the structure, without reading the weights (works past 2 GiB too)
+    return {"opset": opset, "external_data": data, "file": final, "shapes": shapes}
 
 
 def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: int = 17, exporter: str = "torchscript",
@@ -224,7 +239,8 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
     sweep_stale_temps(path.parent, path.name)  # a killed export's temp folder (its pid is gone)
     try:
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent) as tmp_dir:
-            tmp = Path(tmp_dir) / path.name
+            tmp = Path(tmp_dir) / "raw" / path.name
+            tmp.parent.mkdir()
             start = time.perf_counter()
             _torch_export(_ExportWrapper(encoder), inputs, tmp, dynamic, opset, exporter)
             graph = _finish_graph(tmp, path.name, encoder, batch, precision, exporter)
@@ -236,15 +252,26 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
             # Record first, then move the graph into place: a process killed in between leaves a
             # mimc.json naming a graph that is not there yet (the next export writes it), never a
             # graph that its artifact does not describe.
+            previous = _recorded_data(path) if in_artifact else None
             if in_artifact:
                 _record_in_manifest(path, report)
             if graph["external_data"]:
                 os.chmod(graph["file"].parent / graph["external_data"], 0o644)  # readable like the graph
                 os.replace(graph["file"].parent / graph["external_data"], path.parent / graph["external_data"])
             os.replace(graph["file"], path)
+            if previous and previous != graph["external_data"]:
+                # the artifact's earlier graph kept its weights beside it; the new one does not read them
+                (path.parent / previous).unlink(missing_ok=True)
     finally:
         encoder.train(was_training)
     return report
+
+
+def _recorded_data(path: Path) -> str | None:
+    """The external data file the artifact's mimc.json records for the graph at ``path`` (if any)."""
+    entry = read_manifest(path.parent).files.get(path.name) or {}
+    name = entry.get("external_data")
+    return name if isinstance(name, str) and name == f"{path.name}.data" else None
 
 
 def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, force: bool, seed: int) -> dict[str, Any]:
@@ -252,7 +279,9 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
     with torch.no_grad():
         out = encoder(inputs)
     reference = {"last_hidden_state": out.last_hidden_state, "pooled": out.pooled}
-    candidate = run_onnx(graph_file, inputs)
+    del out
+    gc.collect()  # the exporter's and the proto's memory is gone before ONNX Runtime loads the weights
+    candidate = run_onnx(graph_file, inputs)  # from the path: ONNX Runtime reads external data beside it
     fidelity = compare_outputs(reference, candidate)
     failures = gate_failures(fidelity, precision)
     if failures and not force:
@@ -288,6 +317,8 @@ def _report(encoder, path: Path, graph: dict, batch, opset: int, exporter: str, 
         "bytes": graph["file"].stat().st_size,
         "external_data": graph["external_data"],  # weights file beside the graph when over 2 GiB
         "external_data_bytes": (graph["file"].parent / graph["external_data"]).stat().st_size if graph["external_data"] else 0,
+        # verified like the graph: a swapped or altered .data file is refused (mimc.artifact.verify_graph)
+        "external_data_sha256": sha256_file(graph["file"].parent / graph["external_data"]) if graph["external_data"] else None,
         "opset": graph["opset"],  # what the graph declares (dynamo writes >= 18 even when 17 was asked)
         "opset_requested": opset,
         "exporter": exporter,

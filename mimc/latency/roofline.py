@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from mimc.errors import ConfigError
 from mimc.latency.devices import PRECISIONS, DeviceProfile
-from mimc.graph import load_graph, read_nm_pattern
+from mimc.graph import load_graph, read_nm_pattern, read_tensor
 from mimc.latency.flops import count_graph
 from mimc.latency.flops_costs import GraphCost, NodeCost
 
@@ -49,14 +48,15 @@ def _reduction_axis(node: NodeCost, model_nodes: dict[str, onnx.NodeProto]) -> i
     return 0  # MatMul x @ W with W (K, N): torch exports Linear weights transposed
 
 
-def sparse_weights(cost: GraphCost, model: onnx.ModelProto) -> set[str]:
-    """Names of matmul/conv weights that really are 2:4 along their reduction axis."""
+def sparse_weights(cost: GraphCost, model: onnx.ModelProto, base_dir=None) -> set[str]:
+    """Names of matmul/conv weights that really are 2:4 along their reduction axis (``base_dir``: where
+    weights kept outside the proto are read from, one at a time)."""
     by_name = {(n.name or f"{n.op_type}_{i}"): n for i, n in enumerate(model.graph.node)}
     found: set[str] = set()
     for node in cost.nodes:
         if node.kind not in ("matmul", "conv") or node.weight is None or node.weight not in cost.initializers:
             continue
-        array = numpy_helper.to_array(cost.initializers[node.weight])
+        array = read_tensor(cost.initializers[node.weight], base_dir)
         if is_nm_sparse(array, _reduction_axis(node, by_name)):
             found.add(node.weight)
     return found
@@ -86,7 +86,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     graph_precision_only = precision is None
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}': choose one of {PRECISIONS}")
-    model = load_graph(onnx_path)
+    model = load_graph(onnx_path, external_data=False)  # dims only; weights are read when a 2:4 check needs them
     cost = count_graph(model, batch)
     used = precision or cost.precision
     if not profile.supports(used):
@@ -106,7 +106,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     nm_manifest = read_nm_pattern(onnx_path if not isinstance(onnx_path, onnx.ModelProto) else "", model)
     sparse: set[str] = set()
     if profile.sparse_tensor_cores:
-        sparse = sparse_weights(cost, model)
+        sparse = sparse_weights(cost, model, None if isinstance(onnx_path, onnx.ModelProto) else Path(onnx_path).resolve().parent)
         if nm_manifest and nm_manifest != "2:4":
             notes.append(f"mimc.json says {nm_manifest}; sparse tensor cores accelerate only 2:4")
     elif nm_manifest:

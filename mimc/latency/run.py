@@ -67,10 +67,13 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     ``predict`` only) prices the graph at that precision, e.g. an fp32 graph as the fp16 engine
     TensorRT would build from it. ``on_message`` gets TensorRT's error lines as they are logged.
     """
+    from mimc.artifact import verify_graph
     from mimc.latency.devices import load_profile
 
     path = check_model_path(model_path)
     prof = load_profile(device)
+    if path.suffix in ONNX_SUFFIXES:
+        verify_graph(path)  # a graph its artifact lists (and its external data) must be the one recorded
     sizes = parse_batch_sizes(batch_sizes)
     if warmup < 0 or iters < 1:
         raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))

@@ -13,38 +13,88 @@ from mimc.errors import MimcError, NotAModelError, clip, shorten
 from mimc.models.vit import Encoder, EncoderConfig
 
 
+class ArtifactShape:
+    """An artifact's validated config and manifest without its weights: what a step needs that works on
+    a graph already in the artifact (quantizing its model.onnx reads the graph, never the weights)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path
+        self.manifest = read_manifest(path)
+        where = path / MANIFEST_NAME
+        try:
+            self.config = EncoderConfig.from_dict(self.manifest.encoder)
+        except (MimcError, TypeError, ValueError, KeyError) as exc:
+            raise NotAModelError(f"{where}: its encoder config is invalid ({shorten(exc)}): re-create the artifact") from None
+        _check_structure(self.config, where)
+
+
 def load_artifact(path: str | os.PathLike) -> Encoder:
     """Rebuild the encoder from ``mimc.json`` and load ``model.safetensors`` into it, after checking
     the weights are the ones the manifest names and the manifest's structure is consistent."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import torch
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    manifest = read_manifest(path)
-    where = path / MANIFEST_NAME
-    try:
-        cfg = EncoderConfig.from_dict(manifest.encoder)
-    except (MimcError, TypeError, ValueError, KeyError) as exc:
-        raise NotAModelError(f"{where}: its encoder config is invalid ({shorten(exc)}): re-create the artifact") from None
-    _check_structure(cfg, where)
+    shape = ArtifactShape(path)
+    manifest, cfg = shape.manifest, shape.config
     weights = verify_weights(path, manifest)
     _check_shapes(cfg, weights)
+    encoder = Encoder(cfg)
+    own = encoder.state_dict()  # the module's own tensors: every value is read into them in place
     try:
-        state = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(own):
+                missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
+                raise NotAModelError(
+                    f"{weights} does not match its mimc.json (missing {missing[:3]}, unexpected {unexpected[:3]}): re-create the artifact")
+            with torch.no_grad():
+                for name, tensor in _read_into(weights, own):  # those it could not read in place
+                    value = f.get_tensor(name)
+                    if tuple(value.shape) != tuple(tensor.shape):
+                        raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact")
+                    tensor.copy_(value)
     except (SafetensorError, OSError, ValueError) as exc:
         raise NotAModelError(f"{weights} is not a valid safetensors file ({shorten(exc)}): re-create the artifact") from exc
-    encoder = Encoder(cfg)
-    try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-    except RuntimeError:
-        raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact") from None
-    if missing or unexpected:
-        raise NotAModelError(
-            f"{weights} does not match its mimc.json (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}): re-create the artifact"
-        )
+    del own
     encoder.eval()
     encoder.manifest = manifest
     return encoder
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read_into(weights: Path, own: dict) -> list:
+    """Read each tensor of a safetensors file straight into the module's tensor of that name, with
+    plain reads one tensor at a time: the weights are never held twice, and no memory map of the
+    file adds its pages to the process's resident set (a ViT-H/14 would count 2.5 GB twice).
+    Returns the (name, tensor) pairs whose stored dtype or shape differs (copied by the caller)."""
+    import json
+    import struct
+
+    import torch
+
+    left = []
+    with open(weights, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        for name, tensor in own.items():
+            info = header.get(name) or {}
+            begin, end = (info.get("data_offsets") or [0, -1])[:2]
+            same = (_SAFETENSORS_DTYPES.get(info.get("dtype")) == str(tensor.dtype).removeprefix("torch.")
+                    and list(info.get("shape", [])) == list(tensor.shape) and tensor.is_contiguous()
+                    and end - begin == tensor.numel() * tensor.element_size())
+            if not same:
+                left.append((name, tensor))
+                continue
+            f.seek(8 + size + begin)
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if f.readinto(view) != end - begin:
+                raise ValueError(f"tensor {name} is cut short")
+    return left
 
 
 def _check_shapes(cfg: EncoderConfig, weights: Path) -> None:
@@ -90,4 +140,4 @@ def _check_structure(cfg: EncoderConfig, where: Path) -> None:
         raise NotAModelError(f"{where}: {bad}: re-create the artifact")
 
 
-__all__ = ["load_artifact"]
+__all__ = ["load_artifact", "ArtifactShape"]

@@ -3,7 +3,9 @@
 Accepted: ``ref`` (the built-in reference MAE), a mimc artifact directory, a transformers model
 directory (``config.json`` with a ``model_type``), a timm checkpoint file (``.safetensors`` / ``.pth``
 / ``.pt`` / ``.bin``) or a timm hub download (``config.json`` naming an ``architecture`` beside
-``model.safetensors``), or a hub id (``org/name``; loaded by transformers, needs internet or a cached copy).
+``model.safetensors``), a hub id (``org/name``; loaded by transformers, needs internet or a cached copy),
+or ``random:NAME``: a randomly initialised ViT of a named size (``random:vit-h/14``; seed 0,
+:data:`mimc.models.vit.VIT_SIZES`), for measuring what a big encoder costs without downloading one.
 """
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ from pathlib import Path
 from mimc.errors import ModelNotFoundError, NotAModelError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def model_slug(model: str) -> str:
     """A short name for default output paths: ``ref``, a directory's or file's stem, a hub id's name."""
+    if model.startswith(RANDOM_PREFIX):
+        return re.sub(r"[^\w.\-]", "-", model[len(RANDOM_PREFIX):]) or "random"
     name = Path(model.rstrip("/\\")).name or "model"
     for suffix in (".safetensors", ".pth", ".pt", ".bin", ".onnx"):
         if name.endswith(suffix):
@@ -27,11 +33,18 @@ def model_slug(model: str) -> str:
 
 
 def describe_source(model: str) -> str:
-    """What kind of MODEL argument this is: ref, artifact, hf-dir, timm-dir, checkpoint or hub."""
+    """What kind of MODEL argument this is: ref, random, artifact, hf-dir, timm-dir, checkpoint or hub."""
     from mimc.artifact import is_artifact
 
     if model == "ref":
         return "ref"
+    if model.startswith(RANDOM_PREFIX):
+        from mimc.models.vit import VIT_SIZES
+
+        if model[len(RANDOM_PREFIX):] not in VIT_SIZES:
+            raise ModelNotFoundError(f"model '{model[:60]}' names no random ViT size: give one of "
+                                     f"{', '.join(RANDOM_PREFIX + n for n in VIT_SIZES)}")
+        return "random"
     path = Path(model).expanduser()  # quoted paths and recipe files keep a literal '~'
     if path.exists():
         if is_artifact(path):
@@ -69,6 +82,11 @@ def load_model(model: str | os.PathLike):
 
         encoder = load_reference()
         source = {"id": "ref", "family": "ref", "sha256": _ref_sha()}
+    elif kind == "random":
+        from mimc.models.vit import build_encoder, vit_config
+
+        encoder = build_encoder(vit_config(model[len(RANDOM_PREFIX):]), seed=RANDOM_SEED)
+        source = {"id": model, "family": encoder.config.family, "sha256": None, "kind": kind, "seed": RANDOM_SEED}
     elif kind in ("hf-dir", "hub"):
         from mimc.models.convert.hf_load import load_hf
 

@@ -334,6 +334,24 @@ def vit_base_config(**overrides: Any) -> EncoderConfig:
     return EncoderConfig(**base)
 
 
+# Named ViT sizes (Dosovitskiy et al., ICLR 2021, table 1; ViT-Ti/S from DeiT, Touvron et al. 2021)
+# at 224 px, MAE-shaped (mean pooling): the shapes of `random:NAME` models.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "vit-ti/16": dict(patch_size=16, dim=192, depth=12, num_heads=3, mlp_dim=768),
+    "vit-s/16": dict(patch_size=16, dim=384, depth=12, num_heads=6, mlp_dim=1536),
+    "vit-b/16": dict(patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    "vit-l/16": dict(patch_size=16, dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "vit-h/14": dict(patch_size=14, dim=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+
+def vit_config(name: str, **overrides: Any) -> EncoderConfig:
+    """A named ViT size (``vit-b/16``, ``vit-h/14``, ... see :data:`VIT_SIZES`) at 224 px, MAE-shaped."""
+    if name not in VIT_SIZES:
+        raise ConfigError(f"unknown ViT size '{clip(name, 40)}': choose one of {', '.join(VIT_SIZES)}")
+    return vit_base_config(**{**VIT_SIZES[name], **overrides})
+
+
 def flops_per_image(cfg: EncoderConfig) -> float:
     """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding), every
     block counted at its own token counts (without a token schedule: all tokens everywhere)."""
@@ -351,5 +369,7 @@ __all__ = [
     "RelativePositionBias",
     "build_encoder",
     "vit_base_config",
+    "vit_config",
+    "VIT_SIZES",
     "flops_per_image",
 ]

@@ -8,7 +8,9 @@ keep every intermediate output of every calibration batch in memory before build
 (ViT-B, 256 images: ~1.5 GB per MLP input, ~20 GB in all) and calibrate every float tensor of the
 graph. Here only the tensors that get quantized are read, batch by batch, into fixed-range
 histograms (two passes: range, then histogram), so memory is flat in the number of images and the
-result is deterministic for the same inputs.
+result is deterministic for the same inputs. A graph whose weights live in external data (past
+2 GiB) is handed to ONNX Runtime as its small proto plus the folder of its weights (``base_dir``):
+the weights are read once, by ONNX Runtime, and never serialised again.
 
 References:
 - Migacz, "8-bit Inference with TensorRT", GTC 2017 (entropy calibration: the KL search below).
@@ -30,21 +32,22 @@ HIST_BINS = 2048
 KL_LEVELS = 128  # int8: 127 magnitudes + zero, as TensorRT's calibrator uses
 
 
-def _session_with_outputs(model, tensors: Sequence[str]):
-    """An ORT session over ``model`` that also returns the named intermediate tensors."""
+def _session_with_outputs(model, tensors: Sequence[str], base_dir=None):
+    """An ORT session over ``model`` that also returns the named intermediate tensors; ``base_dir``:
+    the folder its external-data tensors are read from."""
     import onnx
 
-    from mimc.runtime.session import onnxruntime, session_options
+    from mimc.runtime.session import session_from_bytes
 
-    ort = onnxruntime()
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
     for name in tensors:
         if name not in present:
             m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = session_options()
-    return ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    data = m.SerializeToString()
+    del m
+    return session_from_bytes(data, external_dir=base_dir, providers=["CPUExecutionProvider"])
 
 
 def _graph_batches(batches: Iterable, graph_batch: int | None, input_shape: Sequence[int]) -> list[np.ndarray]:
@@ -129,21 +132,22 @@ def _entropy_range(h: _Histogram, levels: int = KL_LEVELS) -> tuple[float, float
 
 
 def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable, method: str = "minmax",
-                   percentile: float = 99.99, kl_levels: int = KL_LEVELS, observed: Sequence[str] = ()
-                   ) -> tuple[dict[str, tuple[float, float]], int]:
+                   percentile: float = 99.99, kl_levels: int = KL_LEVELS, observed: Sequence[str] = (),
+                   base_dir=None) -> tuple[dict[str, tuple[float, float]], int]:
     """Per-tensor (min, max) to quantize with, and the number of images seen.
 
     ``model`` is an fp32 ``onnx.ModelProto``; every range includes 0 (zero must be exact).
     ``kl_levels``: quantization levels the entropy search assumes on |x| (128 for symmetric int8;
     asymmetric u8 spends its 256 levels on the occupied range, so 256 there). Tensors named in
-    ``observed`` keep their observed (min, max) whatever the method.
+    ``observed`` keep their observed (min, max) whatever the method. ``base_dir``: where the graph's
+    external-data tensors are read from. One session serves both passes.
     """
     if method not in METHODS:
         raise DataError(f"unknown calibration method '{method}': choose one of {', '.join(METHODS)}")
     name, batch, shape = single_input(model)
     chunks = _graph_batches(calibration_batches, batch, shape)
     tensors = list(dict.fromkeys(tensors))
-    sess = _session_with_outputs(model, tensors)
+    sess = _session_with_outputs(model, tensors, base_dir)
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
     for x in chunks:
@@ -161,13 +165,13 @@ def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable,
     return {t: (float(np.float32(a)), float(np.float32(b))) for t, (a, b) in ranges.items()}, images
 
 
-def collect_channel_ranges(model, tensors: Sequence[str], calibration_batches: Iterable
+def collect_channel_ranges(model, tensors: Sequence[str], calibration_batches: Iterable, base_dir=None
                            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (last axis) min and max of the named tensors: what outlier folding needs."""
     name, batch, shape = single_input(model)
     chunks = _graph_batches(calibration_batches, batch, shape)
     tensors = list(dict.fromkeys(tensors))
-    sess = _session_with_outputs(model, tensors)
+    sess = _session_with_outputs(model, tensors, base_dir)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     for x in chunks:

@@ -93,8 +93,8 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     if shape is None or len(shape) != 5 or shape[2] != 3 or shape[3] is None or shape[4] is None:
         return "qkv Reshape is not (batch, tokens, 3, heads, head_dim) with constant heads and head_dim"
     heads, head_dim = shape[3], shape[4]
-    weight = idx.constant(qkv.input[1])
-    if weight is None or weight.ndim != 2 or heads <= 0 or head_dim <= 0 or weight.shape[1] != 3 * heads * head_dim:
+    weight = idx.constant_shape(qkv.input[1])
+    if weight is None or len(weight) != 2 or heads <= 0 or head_dim <= 0 or weight[1] != 3 * heads * head_dim:
         return "qkv weight does not match the heads x head_dim split"
     split = _only_user(idx, reshape.output[0], "Transpose", outputs)
     if split is None or _perm(split) != [2, 0, 3, 1, 4]:
@@ -134,7 +134,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     return _Core(qkv, nodes, out.output[0], heads, float(np.asarray(scale).reshape(())))
 
 
-def fuse_attention_cpu(model) -> dict:
+def fuse_attention_cpu(model, base_dir=None) -> dict:
     """Replace each recognised block's qkv MatMulIntegerToFloat + float attention core by QAttention.
 
     Returns ``{"fused_attention_blocks": n, "unfused_attention": {reason: count}}``. The graph's
@@ -142,15 +142,14 @@ def fuse_attention_cpu(model) -> dict:
     """
     from onnx import helper, numpy_helper
 
-    idx = GraphIndex.build(model)
+    idx = GraphIndex.build(model, base_dir)  # base_dir: where tensors kept in external data are read from
     outputs = {o.name for o in model.graph.output}
     cores, reasons = [], {}
     for node in model.graph.node:
         if node.op_type != "MatMulIntegerToFloat" or node.domain != "com.microsoft":
             continue
-        weight = idx.constant(node.input[1])
         users = idx.consumers.get(node.output[0], [])
-        if weight is None or not users or users[0].op_type != "Reshape":
+        if not idx.is_constant(node.input[1]) or not users or users[0].op_type != "Reshape":
             continue  # proj / fc1 / fc2, or an attention matmul quantized with --attention
         core = _match(idx, node, outputs)
         if isinstance(core, str):
@@ -163,9 +162,9 @@ def fuse_attention_cpu(model) -> dict:
         bias = core.qkv.input[6] if len(core.qkv.input) > 6 and core.qkv.input[6] else ""
         if not bias:  # QAttention needs a bias input: a Linear without one gets zeros
             bias = f"{core.qkv.name}_zero_bias"
-            inits.append(numpy_helper.from_array(np.zeros(idx.constant(w).shape[1], np.float32), bias))
+            inits.append(numpy_helper.from_array(np.zeros(idx.constant_shape(w)[1], np.float32), bias))
         attrs = {"num_heads": core.num_heads}
-        head_dim = idx.constant(w).shape[1] // (3 * core.num_heads)
+        head_dim = idx.constant_shape(w)[1] // (3 * core.num_heads)
         if abs(core.scale - head_dim**-0.5) > 1e-7 * head_dim**-0.5:
             attrs["scale"] = core.scale
         replace[id(core.qkv)] = helper.make_node(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mimc.errors import BadInputError
+from mimc.graph import read_tensor
 
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
 
@@ -32,24 +33,36 @@ FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
 class LinearSite:
     matmul: object  # onnx.NodeProto
     act: str  # the activation input
-    weight: np.ndarray  # (in, out) float32
+    index: "GraphIndex" = field(repr=False)
+    shape: tuple[int, int]  # of the weight (in, out)
     bias: np.ndarray | None  # (out,), from a following Add with a constant
     bias_add: object | None
     output: str  # output of the Add when there is one, else of the MatMul
 
+    @property
+    def weight(self) -> np.ndarray:
+        """(in, out) float32, read from the graph (or the external data beside it) on each access, so
+        the weights of a big encoder are never all in memory at once."""
+        return self.index.constant(self.matmul.input[1]).astype(np.float32, copy=False)
+
 
 @dataclass
 class GraphIndex:
-    """Initializers, producers and consumers of a graph; constants resolved through Identity/Transpose."""
+    """Initializers, producers and consumers of a graph; constants resolved through Identity/Transpose.
+
+    ``base_dir``: the folder external-data tensors are read from (a graph past 2 GiB keeps its
+    weights there); they are read only when a value is asked for, never to answer "is it constant".
+    """
 
     model: object
     inits: dict = field(default_factory=dict)
     producer: dict = field(default_factory=dict)
     consumers: dict = field(default_factory=dict)
+    base_dir: str = ""
 
     @classmethod
-    def build(cls, model) -> "GraphIndex":
-        idx = cls(model)
+    def build(cls, model, base_dir=None) -> "GraphIndex":
+        idx = cls(model, base_dir=str(base_dir or ""))
         idx.inits = {i.name: i for i in model.graph.initializer}
         for n in model.graph.node:
             for o in n.output:
@@ -62,7 +75,7 @@ class GraphIndex:
         from onnx import numpy_helper
 
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return read_tensor(self.inits[name], self.base_dir or None)
         node = self.producer.get(name)
         if node is None:
             return None
@@ -76,23 +89,48 @@ class GraphIndex:
             return None if inner is None else np.transpose(inner, perm)
         return None
 
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape :meth:`constant` would return (None where it returns None), without reading data."""
+        if name in self.inits:
+            return tuple(self.inits[name].dims)
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            ok = node.attribute and node.attribute[0].name == "value"
+            return tuple(node.attribute[0].t.dims) if ok else None
+        if node.op_type == "Identity":
+            return self.constant_shape(node.input[0])
+        if node.op_type == "Transpose":
+            inner = self.constant_shape(node.input[0])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if inner is None:
+                return None
+            return tuple(inner[p] for p in perm) if perm else tuple(reversed(inner))
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        return self.constant_shape(name) is not None
+
 
 def linear_sites(idx: GraphIndex) -> list[LinearSite]:
+    """Every MatMul of an activation by a constant 2-D weight (with the bias Add after it, if any).
+    Weights are read when a site's ``weight`` is asked for, not here."""
     sites = []
     for n in idx.model.graph.node:
         if n.op_type != "MatMul":
             continue
-        w = idx.constant(n.input[1])
-        if w is None or w.ndim != 2 or idx.constant(n.input[0]) is not None:
+        w = idx.constant_shape(n.input[1])
+        if w is None or len(w) != 2 or idx.is_constant(n.input[0]):
             continue
         bias = add = None
         users = idx.consumers.get(n.output[0], [])
         if len(users) == 1 and users[0].op_type == "Add":
             other = [i for i in users[0].input if i != n.output[0]]
             b = idx.constant(other[0]) if len(other) == 1 else None
-            if b is not None and b.shape == (w.shape[1],):
+            if b is not None and b.shape == (w[1],):
                 bias, add = b.astype(np.float32), users[0]
-        sites.append(LinearSite(n, n.input[0], w.astype(np.float32), bias, add, add.output[0] if add is not None else n.output[0]))
+        sites.append(LinearSite(n, n.input[0], idx, (int(w[0]), int(w[1])), bias, add, add.output[0] if add is not None else n.output[0]))
     return sites
 
 
@@ -111,7 +149,7 @@ def attention_sites(idx: GraphIndex) -> list:
 
     sites = []
     for n in idx.model.graph.node:
-        if n.op_type != "MatMul" or idx.constant(n.input[0]) is not None or idx.constant(n.input[1]) is not None:
+        if n.op_type != "MatMul" or idx.is_constant(n.input[0]) or idx.is_constant(n.input[1]):
             continue
         src = idx.producer.get(n.input[0])
         if reaches_softmax(n.output[0]) or (src is not None and src.op_type == "Softmax"):
@@ -133,18 +171,20 @@ def norm_linear_pairs(idx: GraphIndex, sites: list[LinearSite]) -> list[tuple[ob
 
 
 # Outlier folding on the graph ---------------------------------------------------------------------
-def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, repq: bool, symmetric: bool) -> dict:
+def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, repq: bool, symmetric: bool,
+               base_dir=None) -> dict:
     """Rewrite LayerNorm gamma/beta and the next MatMul's weight/bias in place (exact in float).
 
     ``channel_ranges[ln_output] = (min_c, max_c)``. Each touched tensor gets a private initializer
     (the exporter shares identical LayerNorm parameters between blocks through Identity nodes).
+    ``base_dir``: where the graph's external-data tensors are read from.
     """
     import torch
     from onnx import numpy_helper
 
     from mimc.compression.smooth import fold_repq, fold_smoothquant
 
-    idx = GraphIndex.build(model)
+    idx = GraphIndex.build(model, base_dir)
     summary = {"pairs": len(pairs), "smooth_alpha": smooth_alpha, "repq": repq}
     new_bias_adds = []
     for k, (ln, site) in enumerate(pairs):
@@ -152,12 +192,12 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
         if gamma is None or beta is None:
             raise BadInputError(f"LayerNormalization {ln.name} has non-constant scale/bias: cannot fold outliers into it")
         norm = torch.nn.LayerNorm(gamma.shape[0])
-        lin = torch.nn.Linear(site.weight.shape[0], site.weight.shape[1], bias=True)
+        lin = torch.nn.Linear(site.shape[0], site.shape[1], bias=True)
         with torch.no_grad():
             norm.weight.copy_(torch.from_numpy(gamma.astype(np.float32)))
             norm.bias.copy_(torch.from_numpy(beta.astype(np.float32)))
             lin.weight.copy_(torch.from_numpy(site.weight.T.copy()))
-            lin.bias.copy_(torch.from_numpy(site.bias if site.bias is not None else np.zeros(site.weight.shape[1], np.float32)))
+            lin.bias.copy_(torch.from_numpy(site.bias if site.bias is not None else np.zeros(site.shape[1], np.float32)))
         lo, hi = (torch.from_numpy(np.asarray(a, np.float64)) for a in channel_ranges[ln.output[0]])
         if smooth_alpha is not None:
             s = fold_smoothquant(norm, lin, torch.maximum(lo.abs(), hi.abs()), smooth_alpha)

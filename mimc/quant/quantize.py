@@ -40,6 +40,14 @@ Targets (the graph is chosen for where it runs):
   calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
   stays the baseline the benchmark compares against.
 
+Graphs past 2 GiB (ViT-H/14 fp32): the source graph is read without its weights; they stay in
+external data, hard-linked (or copied) into the run's scratch folder beside the output, where the
+weights of a graph kept in one file are moved too, so every proto in memory is small and every ONNX
+Runtime session reads the weights from disk itself. Linear weights are read one at a time when they
+are quantized. The calibration session (one for both passes), the fp32 graph's and the quantized
+graph's sessions for the fidelity gate hold the weights in turn, never two at once; the output
+goes to external data itself when its initializers sum past :data:`mimc.graph.EXTERNAL_DATA_BYTES`.
+
 References:
 - Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
   Inference", CVPR 2018 (affine u8 quantization); NVIDIA TensorRT "Working with Quantized Types"
@@ -52,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -59,10 +68,11 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
-from mimc.artifact import mimc_version, sha256_file
+from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.graph import is_mimc_graph, load_graph, single_input, token_reduced
+from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
+                        uses_external)
 from mimc.metrics import Fidelity
 from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
 from mimc.quant.ort_fusion import fuse_attention_cpu
@@ -121,8 +131,9 @@ def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
         raise BadInputError(f"output {onnx_out} is the input graph: choose another output path (inputs are never modified)")
 
 
-def load_float_graph(onnx_in: Path):
-    model = load_graph(onnx_in)
+def load_float_graph(onnx_in: Path, external_data: bool = True):
+    """The fp32 mimc graph at ``onnx_in``; ``external_data=False`` leaves weights kept beside it on disk."""
+    model = load_graph(onnx_in, external_data=external_data)
     if not is_mimc_graph(onnx_in, model):
         raise BadInputError(f"{onnx_in} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
@@ -147,25 +158,65 @@ def calibration_hash(arrays: list[np.ndarray]) -> str | None:
     return hashlib.sha256(np.ascontiguousarray(np.concatenate(arrays)).tobytes()).hexdigest()
 
 
+# Weights on disk -------------------------------------------------------------------------------------
+def _workspace(model, src_dir: Path, work: Path) -> None:
+    """Make every weight of ``model`` readable from the scratch folder ``work``: the external data
+    files beside the source graph hard-linked there (copied across file systems), weights held in
+    the proto moved to a file there. Afterwards the proto is small and ``work`` is its base_dir."""
+    for t in model.graph.initializer:
+        if not uses_external(t):
+            continue
+        src = external_file(t, src_dir)  # refuses a location outside the source graph's folder
+        dst = work / src.relative_to(src_dir)
+        if dst.exists():
+            continue
+        if not src.is_file():
+            raise BadInputError(f"{src}, the external data of the graph, is missing: keep the .data file beside its graph "
+                                "or export the graph again")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or links not allowed: a streamed copy
+            shutil.copyfile(src, dst)
+    offload_tensors(model, work, _fresh_name(work, "mimc-inline"))
+
+
+def _fresh_name(folder: Path, stem: str) -> str:
+    k = 0
+    while (folder / f"{stem}-{k}.data").exists():
+        k += 1
+    return f"{stem}-{k}.data"
+
+
 # The stage ----------------------------------------------------------------------------------------
-def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
-    """fp32 ModelProto -> quantized ModelProto (a new message) and what was done."""
+def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig, base_dir: str | os.PathLike | None = None,
+                   scratch: bool = False) -> tuple[Any, dict[str, Any]]:
+    """fp32 ModelProto -> quantized ModelProto (a new message) and what was done.
+
+    ``base_dir``: the folder the graph's external-data tensors live in (a graph past 2 GiB);
+    ``scratch``: that folder is mimc's own scratch space, where outlier folding may put the weights
+    it rewrites (otherwise they stay in the returned proto).
+    """
     import onnx
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's graph
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # never touch the caller's graph (no serialisation: a proto past 2 GiB copies too)
+    model = work
     info: dict[str, Any] = {}
-    idx = GraphIndex.build(model)
+    idx = GraphIndex.build(model, base_dir)
     sites = linear_sites(idx)
     if not sites:
         raise BadInputError("the graph has no MatMul with constant weights to quantize: is this an exported mimc encoder?")
     if config.smooth is not None or config.repq:
         pairs = norm_linear_pairs(idx, sites)
-        channel = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration)
+        channel = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration, base_dir)
         info["folding"] = fold_pairs(model, pairs, channel, config.smooth, config.repq,
-                                     symmetric=config.resolved_target == "tensorrt")
+                                     symmetric=config.resolved_target == "tensorrt", base_dir=base_dir)
+        if scratch and base_dir is not None:
+            offload_tensors(model, base_dir, _fresh_name(Path(base_dir), "mimc-folded"))  # the proto stays small
     if config.precision == "fp8":
         model = _to_opset(model, FP8_OPSET)
-    idx = GraphIndex.build(model)  # folding and the opset conversion rewrote the graph
+    idx = GraphIndex.build(model, base_dir)  # folding and the opset conversion rewrote the graph
     sites = linear_sites(idx)
     attn = attention_sites(idx) if config.quantize_attention_matmuls else []
     acts = [s.act for s in sites] + [i for n in attn for i in n.input]
@@ -175,11 +226,11 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig)
     # SQNR). Keep their observed range; it is at most [0, 1] and finer than a fixed [0, 1]
     # (fixed [0, 1] as ModelOpt uses cost ~6 dB on `ref`).
     ranges, images = collect_ranges(model, acts, calibration, config.method, config.percentile, kl_levels,
-                                    observed=_softmax_outputs(idx, attn))
+                                    observed=_softmax_outputs(idx, attn), base_dir=base_dir)
     if config.resolved_target == "cpu":
         rewrite_cpu(model, sites, attn, ranges)
         if config.fuse_attention and not attn:
-            info.update(fuse_attention_cpu(model))
+            info.update(fuse_attention_cpu(model, base_dir))
     else:
         rewrite_qdq(model, sites, attn, ranges, config.precision)
     info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
@@ -227,27 +278,36 @@ def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
     return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
 
 
-def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
-                     pooled_only: bool = False) -> tuple[Fidelity, list[str]]:
-    """The quantized graph against the fp32 graph on held-out inputs; also the outputs compared."""
-    from mimc.metrics import compare_outputs
+def graph_outputs(path: Path, inputs: list[np.ndarray], emulate_qdq: bool = False) -> dict[str, np.ndarray]:
+    """Every output of the graph at ``path`` on ``inputs`` (chunked to its static batch; a remainder
+    that does not fill a batch is left out). The session, and the weights it read, are freed on return."""
     from mimc.runtime.session import make_session
 
-    # A graph quantized for TensorRT is judged as its exact Q/DQ math: ORT's own int8 fusions are not TensorRT's.
-    sessions = [make_session(fp32_path), make_session(quant_path, emulate_qdq=config.resolved_target == "tensorrt")]
-    name = sessions[0].get_inputs()[0].name
-    dims = sessions[0].get_inputs()[0].shape
+    sess = make_session(path, emulate_qdq=emulate_qdq)
+    name = sess.get_inputs()[0].name
+    dims = sess.get_inputs()[0].shape
     batch = dims[0] if isinstance(dims[0], int) else None
-    full = np.concatenate(eval_inputs)
+    full = np.concatenate(inputs)
     step = batch or full.shape[0]
-    chunks = [full[i : i + step] for i in range(0, (full.shape[0] // step) * step, step)]
-    outs = [{}, {}]
-    for x in chunks:
-        for k, sess in enumerate(sessions):
-            for o, v in zip([o.name for o in sess.get_outputs()], sess.run(None, {name: x})):
-                outs[k].setdefault(o, []).append(v)
-    ref = {k: np.concatenate(v) for k, v in outs[0].items()}
-    cand = {k: np.concatenate(v) for k, v in outs[1].items()}
+    outs: dict[str, list[np.ndarray]] = {}
+    for i in range(0, (full.shape[0] // step) * step, step):
+        for o, v in zip([o.name for o in sess.get_outputs()], sess.run(None, {name: full[i : i + step]})):
+            outs.setdefault(o, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
+                     pooled_only: bool = False, reference: dict[str, np.ndarray] | None = None) -> tuple[Fidelity, list[str]]:
+    """The quantized graph against the fp32 graph on held-out inputs; also the outputs compared.
+
+    ``reference``: the fp32 graph's outputs on ``eval_inputs`` when already computed (then only the
+    quantized graph is loaded). The two graphs are run one after the other, never held together.
+    """
+    from mimc.metrics import compare_outputs
+
+    ref = reference if reference is not None else graph_outputs(fp32_path, eval_inputs)
+    # A graph quantized for TensorRT is judged as its exact Q/DQ math: ORT's own int8 fusions are not TensorRT's.
+    cand = graph_outputs(quant_path, eval_inputs, emulate_qdq=config.resolved_target == "tensorrt")
     if pooled_only and "pooled" in ref:
         # Token merging picks its merges from token similarities: a perturbation as small as int8
         # noise can swap which tokens merge, reordering last_hidden_state while the pooled feature
@@ -264,14 +324,14 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     ``eval_batches`` are held-out inputs for the fidelity gate (not the calibration images); when
     None, seeded normal inputs stand in (labelled so in the report).
     """
-    import onnx
-
     from mimc.deploy.validate import gate_failures, verdict
 
     start = time.perf_counter()
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     _check_paths(onnx_in, onnx_out)
-    model = load_float_graph(onnx_in)
+    source_sha = verify_graph(onnx_in) or sha256_file(onnx_in)  # a listed graph (and its .data) as recorded
+    source = onnx_in.resolve()  # a symlinked graph: its weights are read where the file really is
+    model = load_float_graph(source, external_data=False)  # weights (in the file or beside it) stay on disk
     calibration = _as_arrays(calibration_batches)
     if calibration and sum(a.shape[0] for a in calibration) > config.n:
         calibration = [np.concatenate(calibration)[: config.n]]  # at most n images, the first ones given
@@ -282,17 +342,24 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         rng = np.random.default_rng(0)
         held_out = [rng.standard_normal((max(graph_batch or 1, 4), *shape)).astype(np.float32)]
         eval_source = "seeded normal inputs (no held-out images given)"
-    quantized, info = quantize_graph(model, calibration, config)
-    calib_sha = calibration_hash(calibration)
-    source_sha = sha256_file(onnx_in)
-    _stamp(quantized, config, info, calib_sha, source_sha)
+    pooled_only = token_reduced(model)
     runnable, why = runnable_here(config)
     sweep_stale_temps(onnx_out.parent, onnx_out.name)  # a killed run's temp folder (its pid is gone)
     with tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.{os.getpid()}.", suffix=".tmp", dir=onnx_out.parent) as tmp_dir:
+        work = Path(tmp_dir) / "work"
+        work.mkdir()
+        _workspace(model, source.parent, work)
+        quantized, info = quantize_graph(model, calibration, config, base_dir=work, scratch=True)
+        del model
+        calib_sha = calibration_hash(calibration)
+        _stamp(quantized, config, info, calib_sha, source_sha)
+        opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
         tmp = Path(tmp_dir) / onnx_out.name
-        onnx.save_model(quantized, str(tmp))
-        onnx.checker.check_model(str(tmp))
-        fidelity, gated_outputs = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=token_reduced(model))
+        data = save_graph(quantized, tmp, base_dir=work)  # external data when the initializers sum past the limit
+        del quantized
+        shutil.rmtree(work)
+        check_graph(tmp)  # the structure, without reading the weights
+        fidelity, gated_outputs = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=pooled_only)
         failures = gate_failures(fidelity, config.precision)
         if failures and not force:
             raise ValidationError(f"quantized graph fails the {config.precision} fidelity gate ({'; '.join(failures)}): "
@@ -300,7 +367,10 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
                                   option=("smooth", "method", "n", "force"))
         report = {
             "kind": "onnx", "file": onnx_out.name, "path": str(onnx_out), "sha256": sha256_file(tmp),
-            "bytes": tmp.stat().st_size, "precision": config.precision, "target": config.resolved_target,
+            "bytes": tmp.stat().st_size, "external_data": data,
+            "external_data_bytes": (tmp.parent / data).stat().st_size if data else 0,
+            "external_data_sha256": sha256_file(tmp.parent / data) if data else None,
+            "precision": config.precision, "target": config.resolved_target,
             "method": config.method, "n": config.n, "calibration_images": info["calibration_images"],
             "calibration_sha256": calib_sha, "smoothing": {"smooth_alpha": config.smooth, "repq": config.repq},
             "quantized_linears": info["quantized_linears"], "quantized_attention_matmuls": info["quantized_attention_matmuls"],
@@ -308,14 +378,18 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "source": {"file": onnx_in.name, "sha256": source_sha},
             "validation": {**verdict(fidelity, config.precision, failures), "reference": "fp32 graph", "inputs": eval_source,
                            "gated_outputs": gated_outputs},
-            "runnable_here": runnable, "runnable_note": why, "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")),
+            "runnable_here": runnable, "runnable_note": why, "opset": opset,
             "config": config.to_dict(), "config_version": config.version, "mimc_version": mimc_version(),
             "seconds": round(time.perf_counter() - start, 3),
         }
         if on_commit is not None:  # e.g. the artifact's record, written before the graph appears
             on_commit(report)
+        if data:
+            os.chmod(tmp.parent / data, 0o644)  # readable like the graph
+            os.replace(tmp.parent / data, onnx_out.parent / data)
         os.replace(tmp, onnx_out)
     return report
 
 
-__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "load_float_graph", "PRECISIONS", "TARGETS"]
+__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "graph_outputs", "load_float_graph", "PRECISIONS",
+           "TARGETS"]

@@ -5,9 +5,11 @@ IR (``.xml``) on OpenVINO's CPU plugin at the precision its build recorded, a Te
 (``.engine`` / ``.plan``) on the GPU through :class:`~mimc.runtime.trt.EngineSession`. ``threads``
 sets the CPU inference threads of ONNX Runtime and OpenVINO.
 
-Its artifact directory's ``mimc.json`` gives the input spec (so the caller can load matching images);
-for an engine written outside its artifact, the sidecar's graph path leads there. A static batch is
-served by chunking and padding the last chunk (an engine's batch range likewise).
+Its artifact directory's ``mimc.json`` gives the input spec (so the caller can load matching images)
+and the sha256 of the graph and of its external data, checked before it runs; for an engine written
+outside its artifact, the sidecar's graph path leads there. A static batch is served by chunking and
+padding the last chunk (an engine's batch range likewise). ONNX Runtime loads the graph from its
+path, so weights kept beside it in external data (graphs past 2 GiB) are read from there.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class OnnxModel:
     """A graph written by mimc on its runtime; ``config`` comes from its artifact."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
-        from mimc.artifact import read_manifest
+        from mimc.artifact import read_manifest, verify_graph
         from mimc.models.vit import EncoderConfig
 
         self.path = Path(path)
@@ -48,6 +50,7 @@ class OnnxModel:
         if not self.path.is_file():
             raise NotAModelError(f"graph {self.path} does not exist: export one with `mimc export MODEL`")
         self.manifest = read_manifest(self._artifact())
+        verify_graph(self.path)  # as its mimc.json recorded it (graph and external data): else refused
         self.config = EncoderConfig.from_dict(self.manifest.encoder)
         self.runtime = runtime_name(self.path, device)
         self._session = None

@@ -110,6 +110,22 @@ def make_session(path: str | Path, providers: Sequence[str] | str | None = None,
         raise BadInputError(f"ONNX Runtime cannot load {path} ({first[:300]}): re-export it with `mimc export`") from exc
 
 
+def session_from_bytes(data: bytes, external_dir: str | Path | None = None, providers: Sequence[str] | str | None = None,
+                       threads: int | None = None):
+    """An InferenceSession over a serialised graph held in memory (e.g. one with extra outputs for
+    calibration); ``external_dir`` is the folder its external-data tensors are read from, so a graph
+    whose weights live beside it on disk is never serialised with them."""
+    ort = onnxruntime()
+    so = session_options(threads)
+    if external_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(external_dir).resolve()))
+    try:
+        return ort.InferenceSession(data, sess_options=so, providers=resolve_providers(providers))
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the same here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"ONNX Runtime cannot load the graph ({first[:300]}): re-export it with `mimc export`") from exc
+
+
 def run_onnx(path: str | Path | Any, inputs: Any, providers: Sequence[str] | str | None = None,
              threads: int | None = None) -> dict[str, np.ndarray]:
     """Run a graph once; returns ``{output_name: array}``.
@@ -141,4 +157,4 @@ def _feed_array(x: Any) -> np.ndarray:
 
 
 __all__ = ["onnxruntime", "onnxruntime_distribution", "resolve_providers", "session_options",
-           "make_session", "run_onnx"]
+           "make_session", "session_from_bytes", "run_onnx"]

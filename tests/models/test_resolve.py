@@ -311,3 +311,27 @@ def test_hub_failures_while_online_are_told_apart(monkeypatch, hub_error, expect
     with pytest.raises(ModelNotFoundError) as err:
         load_model("x/y")
     assert_one_line(err, "'x/y'", expected)
+
+
+def test_random_named_sizes_build_the_benchmark_shapes():
+    from mimc.artifact import state_hash
+    from mimc.models.resolve import model_slug
+    from mimc.models.vit import VIT_SIZES, Encoder, vit_base_config, vit_config
+
+    assert describe_source("random:vit-ti/16") == "random" and model_slug("random:vit-h/14") == "vit-h-14"
+    enc = load_model("random:vit-ti/16")
+    assert enc.config == vit_config("vit-ti/16") and round(enc.num_params / 1e6, 1) == 5.5
+    assert enc.manifest.source == {"id": "random:vit-ti/16", "family": "mae", "sha256": None, "kind": "random", "seed": 0}
+    assert state_hash(enc) == state_hash(load_model("random:vit-ti/16"))  # seeded: the same weights every time
+    # the published parameter counts (patch embedding + blocks + norms; no classifier head)
+    with torch.device("meta"):
+        counts = {name: Encoder(vit_config(name)).num_params for name in VIT_SIZES}
+    assert round(counts["vit-b/16"] / 1e6) == 86 and round(counts["vit-l/16"] / 1e6) == 303
+    assert round(counts["vit-h/14"] / 1e6) == 631 and vit_config("vit-b/16") == vit_base_config()
+
+
+@pytest.mark.parametrize("model", ["random:vit-x/16", "random:", "random:VIT-B/16"])
+def test_unknown_random_sizes_are_refused(model):
+    with pytest.raises(ModelNotFoundError) as err:
+        describe_source(model)
+    assert_one_line(err, "random:vit-h/14", "names no random ViT size")

@@ -77,3 +77,29 @@ def test_compress_verb_survives_submodule_imports(tiny_encoder):
     new, record = mimc.compress(tiny_encoder, BlockPruningConfig(keep=2, criterion="last"))
     assert new.config.depth == 2 and tiny_encoder.config.depth == 4
     assert record.name == "prune"
+
+
+def test_load_reads_every_tensor_in_place_and_converts_a_stored_dtype(tmp_path):
+    """The loader reads each tensor straight into the module (no second copy of the weights); a
+    tensor stored at another dtype takes the converting path and arrives with the same values."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mimc.artifact import MANIFEST_NAME, sha256_file, state_hash
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    enc = build_encoder(tiny_config(rel_pos_bias="per_block", layer_scale=True), seed=3)
+    art = save_artifact(enc, tmp_path / "a")
+    assert state_hash(load_artifact(art)) == state_hash(enc)
+    state = {k: v.contiguous() for k, v in enc.state_dict().items()}
+    name = "blocks.0.mlp.fc1.weight"
+    state[name] = state[name].half()  # stored in fp16, the module holds fp32
+    save_file(state, str(art / "model.safetensors"), metadata={"format": "pt"})
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    manifest["weights_sha256"] = sha256_file(art / "model.safetensors")
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    loaded = load_artifact(art)
+    assert torch.equal(loaded.state_dict()[name], state[name].float())
+    assert torch.equal(loaded.state_dict()["blocks.1.mlp.fc1.weight"], enc.state_dict()["blocks.1.mlp.fc1.weight"])
