@@ -222,7 +222,7 @@ def main() -> None:
         if not rss_counts and args.out.is_file():  # throughput only: keep the memory runs of the last full run
             earlier = json.loads(args.out.read_text())
             if earlier.get("rss"):
-                result["rss"] = [{**row, "from_run": earlier.get("finished")} for row in earlier["rss"]]
+                result["rss"] = [{"from_run": earlier.get("finished"), **row} for row in earlier["rss"]]
     if len(result["rss"]) == 2:
         small, large = result["rss"]
         result["rss_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
