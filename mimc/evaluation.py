@@ -120,7 +120,9 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
     candidate and reference and their features are compared batch by batch."""
     import hashlib
 
-    runs = [_runner(m) for m in models]
+    # without a fidelity meter only pooled features are kept: a graph need not return its tokens
+    runs = [_runner(m) if meter is not None or not isinstance(m, OnnxModel) else (lambda x, m=m: m(x, tokens=False))
+            for m in models]
     passes = [Pass(stream, source) for _ in models]
     sha, labels = hashlib.sha256(), []
     for batch in stream:

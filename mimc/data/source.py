@@ -126,6 +126,7 @@ class ImageStream:
         return [self.source.reader.name(int(p)) for p in self.positions]
 
     def __iter__(self) -> Iterator[Batch]:
+        limit_heap_growth()
         reader = self.source.reader
         items = _Items(reader, self.source.layout(self.cfg, self.positions), self.cfg, self.positions)
         chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
@@ -189,6 +190,28 @@ class IndexedImages:
                 raise DataError(err.replace(", or skip unreadable images with skip_corrupt", ""), option="data")
             out.append(x)
         return torch.stack(out)
+
+
+_HEAP_LIMITED = False
+
+
+def limit_heap_growth() -> None:
+    """Keep a long stream's memory flat: glibc raises its mmap threshold each time a large block is
+    freed, after which every batch-sized buffer (decoded pixels, a runtime's token outputs) comes from
+    the heap, which fragments and grows with the number of batches — measured +230 KB per image over
+    1 200 images of a ViT-Ti eval, flat with the threshold pinned. Pinning it (128 KiB, glibc's
+    default) keeps such buffers in their own mappings, returned on free. Once per process; a no-op
+    where the C library is not glibc."""
+    global _HEAP_LIMITED
+    if _HEAP_LIMITED:
+        return
+    _HEAP_LIMITED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def default_workers() -> int:
