@@ -111,6 +111,10 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     if not is_learned:
         _refuse_runtime(runtime, f"method {config.method} does not train")
+        given_only_learned = sorted(k for k, v in (learned or {}).items() if v is not None)
+        if given_only_learned:
+            raise ConfigError(f"{', '.join(given_only_learned)} only apply to method learned, which trains; method {config.method} is "
+                              "one-shot: drop them or choose method learned", option=tuple(given_only_learned))
     run_dir = resolve_run_dir(output, resume, default_out, overwrite) if is_learned or resume else None
     out = run_dir if run_dir is not None else (Path(output) if output is not None else default_out)
     if run_dir is None:

@@ -43,3 +43,10 @@ def test_quantize_takes_them_for_its_calibration_images(app, tmp_path):
 
 def test_reading_options_are_checked(app):
     one_error_line(invoke(app, ["inspect", "ref", "--data", "builtin", "--workers", "-2"]), "--workers must be 0")
+
+
+def test_training_options_on_a_one_shot_method_are_refused(app, tmp_path):
+    result = invoke(app, ["sparsify", "ref", "--pattern", "2:4", "--method", "wanda", "--calib", "builtin", "--steps", "10",
+                          "-o", tmp_path / "o"])
+    one_error_line(result, "--steps only apply to method learned")
+    assert not (tmp_path / "o").exists()
