@@ -201,3 +201,22 @@ def test_rgba_palette_and_16_bit_images(tmp_path):
 def test_workers_option_is_checked():
     with pytest.raises(DataError, match="workers must be 0"):
         ImageSource("builtin", workers=-1)
+
+
+def test_preprocessor_geometry_is_read_and_applied(tmp_path):
+    from mimc.data.preprocess import resize_crop
+    from mimc.models.convert.hf_load import preprocess_geometry, read_preprocessor_config
+
+    vit = {"do_resize": True, "size": {"height": 224, "width": 224}, "do_center_crop": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    beit = {"do_resize": True, "size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}
+    assert preprocess_geometry(vit) == {"resize": "squash"} and preprocess_geometry(beit) == {"crop_pct": 224 / 256}
+    (tmp_path / "preprocessor_config.json").write_text(__import__("json").dumps(vit))
+    assert read_preprocessor_config(tmp_path) == {"resize": "squash", "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :10] = 255  # a white band on the left: centre crop cuts it off, squash keeps it
+    assert resize_crop(wide, 16).max() < 0.1 and resize_crop(wide, 16, "squash")[:, 0].min() > 0.9
+    cropped = resize_crop(np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))[:, :, None].repeat(3, 2), 16, crop_pct=0.5)
+    assert 0.2 < cropped.min() and cropped.max() < 0.8  # only the middle half of the ramp survives
+    cfg = tiny_config(resize="squash", crop_pct=0.875)
+    assert cfg.to_dict()["resize"] == "squash" and "resize" not in tiny_config().to_dict()
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg

@@ -1,7 +1,8 @@
 """The encoder's preprocessing, one image at a time (what a DataLoader worker runs).
 
-Resize the short side to ``image_size`` (bicubic), centre crop, scale to [0, 1], normalise by the
-config's mean and std (read from the model's ``preprocessor_config.json`` when it came with one). A
+Resize the short side to ``image_size / crop_pct`` (bicubic) and centre crop (or resize straight to
+``image_size`` square: ``resize="squash"``), scale to [0, 1], normalise by the config's mean and std
+— geometry, mean and std read from the model's ``preprocessor_config.json`` when it came with one. A
 video encoder given still images sees each image repeated over its frames. Each image is prepared on
 its own, so a batch is the same bytes however the set is cut into batches or spread over workers.
 """
@@ -30,14 +31,20 @@ def to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def resize_crop(img_hwc: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to ``size`` (bicubic) and centre crop; returns float32 HWC in [0, 1]."""
+def resize_crop(img_hwc: np.ndarray, size: int, resize: str = "shortest", crop_pct: float = 1.0) -> np.ndarray:
+    """Resize the short side to ``size / crop_pct`` (bicubic) and centre crop ``size`` — or, with
+    ``resize="squash"``, resize to ``size`` x ``size``; returns float32 HWC in [0, 1]."""
     from PIL import Image
 
     pil = Image.fromarray(img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc)
+    if resize == "squash":
+        pil = pil.resize((size, size), Image.BICUBIC)
+        out = np.asarray(pil, dtype=np.float32) / 255.0
+        return out[:, :, None] if out.ndim == 2 else out
     w, h = pil.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    short = size if crop_pct == 1.0 else int(np.floor(size / crop_pct))
+    scale = short / min(w, h)
+    nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
     pil = pil.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     pil = pil.crop((left, top, left + size, top + size))
@@ -60,7 +67,7 @@ def _channels(x: np.ndarray, in_chans: int) -> np.ndarray:
 
 def prepare_image(img: np.ndarray, cfg) -> torch.Tensor:
     """One raw image (uint8 / float [0, 1], HWC or CHW) -> the model input (C, H, W) or (T, C, H, W)."""
-    x = _channels(resize_crop(to_uint8_hwc(img), cfg.image_size), cfg.in_chans).transpose(2, 0, 1)
+    x = _channels(resize_crop(to_uint8_hwc(img), cfg.image_size, cfg.resize, cfg.crop_pct), cfg.in_chans).transpose(2, 0, 1)
     mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
     pixels = torch.from_numpy(((x - mean) / std).astype(np.float32))

@@ -67,6 +67,11 @@ class EncoderConfig:
     family: str = "vit"
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Preprocessing geometry (from the model's preprocessor_config.json): "shortest" resizes the short
+    # side to image_size / crop_pct and centre-crops image_size; "squash" resizes to image_size x
+    # image_size (HF ViTImageProcessor without crop). Left out of to_dict() at their defaults.
+    resize: str = "shortest"
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +87,8 @@ class EncoderConfig:
             if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(isinstance(v, numbers.Real) for v in value):
                 raise ConfigError(f"invalid encoder config: {name} must hold one number per input channel ({self.in_chans}), got {clip(value)}")
         checks = [
+            (self.resize in ("shortest", "squash"), "resize must be 'shortest' or 'squash'"),
+            (isinstance(self.crop_pct, numbers.Real) and 0 < self.crop_pct <= 1, "crop_pct must be in (0, 1]"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),
             (self.rel_pos_bias in REL_POS_BIAS, f"rel_pos_bias must be one of {REL_POS_BIAS}"),
             (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
@@ -147,7 +154,11 @@ class EncoderConfig:
 
     # Serialization ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name, default in (("resize", "shortest"), ("crop_pct", 1.0)):  # manifests of the default stay as they were
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":

@@ -33,8 +33,28 @@ KNOWN_CLASSES = {
 PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 
 
-def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False) -> tuple[list[float] | None, list[float] | None]:
-    """image_mean / image_std from a model's preprocessor config (local dir or hub), if it has one."""
+def preprocess_geometry(data: dict) -> dict:
+    """``resize`` / ``crop_pct`` of an EncoderConfig from a transformers preprocessor config.
+
+    ``size: {shortest_edge: S}`` with ``crop_size: C`` (ConvNeXt/BEiT style): short side to S, centre
+    crop C (crop_pct C / S); ``size: {height, width}`` without a centre crop (ViTImageProcessor,
+    VideoMAE): resized straight to the square ("squash"); with a crop, as the shortest-edge case.
+    """
+    size, crop = data.get("size"), data.get("crop_size")
+    if data.get("do_resize") is False or not isinstance(size, dict):
+        return {}
+    edge = size.get("shortest_edge") or size.get("height")
+    crop_edge = crop.get("height") if isinstance(crop, dict) else crop if isinstance(crop, int) else None
+    if data.get("do_center_crop") and isinstance(edge, int) and isinstance(crop_edge, int) and 0 < crop_edge <= edge:
+        return {"crop_pct": crop_edge / edge} if crop_edge != edge else {}
+    if "height" in size and "width" in size and not data.get("do_center_crop"):
+        return {"resize": "squash"}
+    return {}
+
+
+def read_preprocessor_config(source: str | os.PathLike, local_files_only: bool = False) -> dict:
+    """``image_mean``, ``image_std``, ``resize``, ``crop_pct`` from a model's preprocessor config
+    (local dir or hub) — what it has of them."""
     for name in PREPROCESSOR_FILES:
         path: Path | None = Path(source) / name
         if not Path(source).is_dir():
@@ -44,9 +64,19 @@ def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False)
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            if not isinstance(data, dict):
+                continue
+            out = preprocess_geometry(data)
             if "image_mean" in data and "image_std" in data:
-                return [float(x) for x in data["image_mean"]], [float(x) for x in data["image_std"]]
-    return None, None
+                out.update(image_mean=[float(x) for x in data["image_mean"]], image_std=[float(x) for x in data["image_std"]])
+            return out
+    return {}
+
+
+def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False) -> tuple[list[float] | None, list[float] | None]:
+    """image_mean / image_std from a model's preprocessor config (local dir or hub), if it has one."""
+    found = read_preprocessor_config(source, local_files_only)
+    return found.get("image_mean"), found.get("image_std")
 
 
 def _hub_file(repo_id: str, filename: str, local_files_only: bool) -> Path | None:
@@ -206,10 +236,14 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     missing = sorted(k for k in info.get("missing_keys", ()) if "pooler.dense" not in k)
     if missing:
         raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
-    mean, std = read_preprocessor(source, local_files_only=offline)
-    return convert_hf_model(model.eval(), image_mean=mean, image_std=std, copy=False)
+    found = read_preprocessor_config(source, local_files_only=offline)
+    encoder = convert_hf_model(model.eval(), image_mean=found.get("image_mean"), image_std=found.get("image_std"), copy=False)
+    geometry = {k: found[k] for k in ("resize", "crop_pct") if k in found}
+    if geometry:
+        encoder.config = encoder.config.replace(**geometry)
+    return encoder
 
 
 
 
-__all__ = ["load_hf", "read_preprocessor", "hub_reachable"]
+__all__ = ["load_hf", "read_preprocessor", "read_preprocessor_config", "preprocess_geometry", "hub_reachable"]
