@@ -20,6 +20,10 @@ from mimc.errors import DataError, NotAModelError, shorten
 from mimc.metrics import KNN_K, Fidelity, FidelityMeter, knn_top1
 from mimc.runtime.onnx_model import OnnxModel
 
+# k-NN blocks of eval: small enough that the similarity block is no larger at 20 000 images than the
+# whole matrix at 2 000 (32 MiB), so eval's peak memory does not grow with the set (bench_eval_rss.py).
+EVAL_KNN_BLOCK_BYTES = 32 * 2**20
+
 Runner = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
@@ -198,8 +202,8 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
 
     def top1(gallery: Pass, queries: Pass) -> float:
         if val is None:
-            return knn_top1(gallery.feats, labels[0])
-        return knn_top1(gallery.feats, labels[0], queries=queries.feats, query_labels=labels[1])
+            return knn_top1(gallery.feats, labels[0], block_bytes=EVAL_KNN_BLOCK_BYTES)
+        return knn_top1(gallery.feats, labels[0], queries=queries.feats, query_labels=labels[1], block_bytes=EVAL_KNN_BLOCK_BYTES)
 
     report["knn_top1"] = top1(train, query)
     if ref is not None:
