@@ -60,6 +60,20 @@ def tiny_images():
     return np.stack(images), labels
 
 
+class Interrupt(Exception):
+    """Raised by :func:`stop_at` to kill a learning run mid-way (then resumed by the test)."""
+
+
+def stop_at(k: int):
+    """An ``on_step`` callback that interrupts a run after step ``k``."""
+
+    def on_step(step, loss):
+        if step == k:
+            raise Interrupt
+
+    return on_step
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

@@ -28,6 +28,17 @@ def one_error_line(result, match: str, code: int = 2) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.fixture
+def calib(tmp_path, tiny_images):
+    """The tiny labelled images as a calibration .npz."""
+    import numpy as np
+
+    images, labels = tiny_images
+    path = tmp_path / "calib.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
 def snapshot(path: Path) -> dict:
     """Every file below ``path`` with its bytes."""
     return {p.relative_to(path): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}

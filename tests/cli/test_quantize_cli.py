@@ -19,14 +19,6 @@ def artifact(tmp_path):
     return save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")
 
 
-@pytest.fixture
-def calib(tmp_path, tiny_images):
-    images, labels = tiny_images
-    path = tmp_path / "calib.npz"
-    np.savez(path, images=images, labels=labels)
-    return path
-
-
 
 
 def _snapshot(folder):

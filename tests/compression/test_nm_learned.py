@@ -13,7 +13,7 @@ from mimc.errors import BadInputError, ConfigError
 from mimc.models.nm_pattern import block_linears, check_nm
 from mimc.models.vit import build_encoder
 from mimc.train import TrainRun
-from tests.conftest import tiny_config
+from tests.conftest import Interrupt, stop_at, tiny_config
 
 
 
@@ -91,24 +91,12 @@ def test_learning_moves_off_a_bad_prior(encoder, images):
     assert rec.metrics["groups_changed_vs_prior"] > rec0.metrics["groups_changed_vs_prior"] + 0.02
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at(k):
-    def on_step(step, loss):
-        if step == k:
-            raise _Interrupt
-
-    return on_step
-
-
 def test_resume_gives_the_same_mask_as_an_uninterrupted_run(encoder, images, tmp_path):
     cfg = learned(steps=6, flip=True)
     full, _ = compress(encoder, cfg, images, run=TrainRun(run_dir=tmp_path / "a", checkpoint_every=100))
     run = tmp_path / "b"
-    with pytest.raises(_Interrupt):
-        compress(encoder, cfg, images, run=TrainRun(run_dir=run, checkpoint_every=2, on_step=_stop_at(3)))
+    with pytest.raises(Interrupt):
+        compress(encoder, cfg, images, run=TrainRun(run_dir=run, checkpoint_every=2, on_step=stop_at(3)))
     assert (run / "checkpoint" / "state.json").is_file()
     resumed, rec = compress(encoder, cfg, images, run=TrainRun(run_dir=run, checkpoint_every=2, resume=True))
     assert rec.metrics["resumed_from"] == 2
@@ -117,8 +105,8 @@ def test_resume_gives_the_same_mask_as_an_uninterrupted_run(encoder, images, tmp
 
 def test_resume_refuses_other_options_or_data(encoder, images, tmp_path):
     run = tmp_path / "r"
-    with pytest.raises(_Interrupt):
-        compress(encoder, learned(), images, run=TrainRun(run_dir=run, checkpoint_every=1, on_step=_stop_at(1)))
+    with pytest.raises(Interrupt):
+        compress(encoder, learned(), images, run=TrainRun(run_dir=run, checkpoint_every=1, on_step=stop_at(1)))
     with pytest.raises(BadInputError, match="different options"):
         compress(encoder, learned(steps=7), images, run=TrainRun(run_dir=run, resume=True))
     with pytest.raises(BadInputError, match="different data"):

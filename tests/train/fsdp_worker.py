@@ -18,19 +18,7 @@ from mimc.compression.registry import compress
 from mimc.models.vit import build_encoder
 from mimc.train import TrainRun
 from mimc.train.dist import context, shutdown
-from tests.conftest import tiny_config
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(k):
-    def on_step(step, loss):
-        if step == k:
-            raise Interrupt
-
-    return on_step
+from tests.conftest import Interrupt, stop_at, tiny_config
 
 
 def runs():

@@ -16,7 +16,7 @@ from mimc.train import FeatureModel, TensorImages, TrainConfig, TrainRun, as_ind
 from mimc.train.engine import distill_loss, FeatureLoss
 from mimc.train.images import Sampler, StepBatches, steps_for_epochs
 from mimc.train.parallel import checkpointed_blocks
-from tests.conftest import tiny_config
+from tests.conftest import Interrupt, stop_at, tiny_config
 
 
 class Recorded:
@@ -31,18 +31,6 @@ class Recorded:
     def load(self, indices) -> torch.Tensor:
         self.loads.append(list(indices))
         return self.pixels[list(indices)].clone()
-
-
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at(k):
-    def on_step(step, loss):
-        if step == k:
-            raise _Interrupt
-
-    return on_step
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +111,8 @@ def test_killed_mid_epoch_resumes_bit_for_bit(pixels, tmp_path):
     full = _student()
     train(full, _teacher(), Recorded(pixels), settings, meta={"source_sha256": "x"})
     part = _student()
-    with pytest.raises(_Interrupt):  # killed after step 2: 16 of 24 images, mid second epoch
-        train(part, _teacher(), Recorded(pixels), settings, TrainRun(run_dir=tmp_path, checkpoint_every=1, on_step=_stop_at(2)),
+    with pytest.raises(Interrupt):  # killed after step 2: 16 of 24 images, mid second epoch
+        train(part, _teacher(), Recorded(pixels), settings, TrainRun(run_dir=tmp_path, checkpoint_every=1, on_step=stop_at(2)),
               meta={"source_sha256": "x"})
     source = Recorded(pixels)
     resumed = _student()
