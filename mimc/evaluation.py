@@ -131,11 +131,11 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
     sha, labels = hashlib.sha256(), []
     for batch in stream:
         x = batch.pixels
-        sha.update(x.contiguous().numpy().tobytes())
+        sha.update(x.contiguous().numpy())
         if batch.labels is not None:
             labels.append(batch.labels)
         if digests:
-            passes[0].digests += [hashlib.blake2b(xi.contiguous().numpy().tobytes(), digest_size=16).digest() for xi in x]
+            passes[0].digests += [hashlib.blake2b(xi.contiguous().numpy(), digest_size=16).digest() for xi in x]
         outs = [run(x) for run in runs]
         if meter is not None:
             meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])

@@ -62,7 +62,7 @@ class ImageSet:
 
 
 def hash_tensor(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.contiguous().numpy()).hexdigest()
 
 
 @dataclass

@@ -45,7 +45,7 @@ class TensorImages:
     def sha256(self) -> str:
         """The hash of every pixel (what runs recorded before images were indexed: checkpoints stay resumable)."""
         if self._sha256 is None:
-            self._sha256 = hashlib.sha256(self.pixels.contiguous().numpy().tobytes()).hexdigest()
+            self._sha256 = hashlib.sha256(self.pixels.contiguous().numpy()).hexdigest()
         return self._sha256
 
 
@@ -82,11 +82,11 @@ def fingerprint(images: IndexedImages, sample: int = 16, full_bytes: int = FULL_
     if count * first.numel() * first.element_size() <= full_bytes:
         digest = hashlib.sha256()
         for batch in first_batches(images, count, 64):
-            digest.update(batch.contiguous().numpy().tobytes())
+            digest.update(batch.contiguous().numpy())
         return digest.hexdigest()
     picks = sorted({round(i * (count - 1) / max(1, sample - 1)) for i in range(min(sample, count))})
     digest = hashlib.sha256(f"{count}:{picks}".encode())
-    digest.update(images.load(picks).contiguous().numpy().tobytes())
+    digest.update(images.load(picks).contiguous().numpy())
     return "sample:" + digest.hexdigest()
 
 
