@@ -6,7 +6,9 @@ them), a ``.npy`` array (memory-mapped) or ``.npz`` with ``images`` (and optiona
 folder, or ``builtin`` (the labelled images shipped with mimc, ``mimc/models/ref/``).
 """
 from mimc.data.preprocess import preprocess, prepare_image
-from mimc.data.readers import BUILTIN, BUILTIN_PATH, IMAGE_SUFFIXES, check_array_values, expand_braces, open_reader
+from mimc.data.readers import BUILTIN, BUILTIN_PATH, IMAGE_SUFFIXES, check_array_values
+from mimc.data.shards import expand_braces
+from mimc.data.spec import open_reader
 from mimc.data.source import (
     CACHE_BYTES,
     Batch,

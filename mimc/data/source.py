@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from mimc.data.preprocess import ArrayLayout, prepare_image
-from mimc.data.readers import Reader, open_reader
+from mimc.data.readers import Reader
+from mimc.data.spec import open_reader
 from mimc.errors import DataError
 
 CACHE_BYTES = 1 << 30  # ImageSource.batches keeps a request in memory up to this size

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mimc.data.readers import is_shard_spec
+from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.options import StageConfig
 from mimc.pipeline.stages import GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types

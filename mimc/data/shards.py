@@ -1,0 +1,164 @@
+"""WebDataset tar shards (``train-{000..099}.tar``) read through an index of member offsets.
+
+Samples are grouped by key (the member path up to the first dot of its base name); the image is the
+first image member (``jpg``, ``png``, ``webp``, ...), the label the ``cls`` / ``label`` text. Read with
+the standard library's ``tarfile``: the ``webdataset`` package only iterates shards in order, which
+cannot give a seeded subset, a per-rank split of a global batch or an exact resume.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from mimc.data.readers import Reader, decode
+from mimc.errors import DataError
+
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+TAR_LABEL_EXTS = ("cls", "cls.txt", "cls2", "label", "label.txt", "class", "target", "target.txt")
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar; ``{x,y}`` lists; nested left to right.
+
+    The brace forms WebDataset documents (zero padding kept from the first bound); written here
+    because the ``braceexpand`` package would be a core dependency for these twenty lines.
+    """
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        if int(hi) < int(lo):
+            raise DataError(f"shard pattern {pattern} counts down ({lo}..{hi}): write the range low..high", option="data")
+        if int(hi) - int(lo) > 1_000_000:
+            raise DataError(f"shard pattern {pattern} names over a million shards: check the range", option="data")
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise DataError(f"shard pattern {pattern} has a brace group {{{body}}} that is neither a..b nor a,b: fix the pattern", option="data")
+    return [out for c in choices for out in expand_braces(head + c + tail)]
+
+
+def is_shard_spec(spec: str) -> bool:
+    return "{" in spec or spec.lower().endswith(".tar")
+
+
+class TarReader(Reader):
+    """WebDataset shards read through an index of (shard, offset, size) per sample."""
+
+    def __init__(self, pattern: str):
+        super().__init__(pattern)
+        paths = [Path(p) for p in expand_braces(pattern)]
+        missing = [p for p in paths if not p.is_file()]
+        if len(missing) == len(paths):
+            raise DataError(f"shard pattern {pattern} matches no file (first: {paths[0]}): check the path and the brace range", option="data")
+        if missing:
+            raise DataError(f"shard pattern {pattern}: {len(missing)} of {len(paths)} shards are missing (first: {missing[0]}): "
+                            "fix the range or restore the shards", option="data")
+        self.shards = paths
+        self.items: list[tuple[int, int, int, str]] = []  # shard, data offset, size, member name
+        labels: list[str | None] = []
+        for s, path in enumerate(paths):
+            for item, label in _index_shard(path, s):
+                self.items.append(item)
+                labels.append(label)
+        if not self.items:
+            raise DataError(f"shards {pattern} hold no images ({', '.join(TAR_IMAGE_EXTS)} members): point data at image shards", option="data")
+        self.labels, self.class_names = _label_array(labels, pattern)
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _file(self, shard: int):
+        if self._pid != os.getpid():  # a forked DataLoader worker opens its own handles
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open for the reader's life
+        return self._files[shard]
+
+    def read(self, i: int) -> np.ndarray:
+        shard, offset, size, member = self.items[i]
+        f = self._file(shard)
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise DataError(f"shard {self.shards[shard]} is truncated at member {member}: re-create or re-download the shard", option="data")
+        return decode(data, f"{self.shards[shard]}:{member}")
+
+    def name(self, i: int) -> str:
+        shard, _, _, member = self.items[i]
+        return f"{self.shards[shard].name}:{member}"
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}}
+
+
+def _index_shard(path: Path, s: int):
+    """(item, label text) per sample of one shard, in member order; one line when the tar is bad."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    order: list[str] = []
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    packed = next((name for sig, name in COMPRESSED_MAGIC.items() if magic.startswith(sig)), None)
+    if packed:
+        raise DataError(f"{path} is a {packed}-compressed tar: WebDataset shards are read uncompressed (random access), "
+                        "decompress it first", option="data")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dirname, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                key = f"{dirname}/{stem}" if dirname else stem
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                samples[key][ext.lower()] = member
+            out = []
+            for key in order:
+                parts = samples[key]
+                image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
+                if image_ext is None:
+                    continue
+                member = parts[image_ext]
+                label_ext = next((e for e in TAR_LABEL_EXTS if e in parts), None)
+                label = None
+                if label_ext is not None:
+                    raw = tar.extractfile(parts[label_ext]).read(64)
+                    label = raw.decode("utf-8", "replace").strip()
+                out.append(((s, member.offset_data, member.size, member.name), label))
+            return out
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a readable tar shard ({reason}): re-create or re-download it", option="data") from None
+
+
+def _label_array(labels: list[str | None], spec: str) -> tuple[np.ndarray | None, list[str] | None]:
+    """Integer labels as given; text labels become indices of their sorted names. All or none."""
+    if all(lab is None for lab in labels):
+        return None, None
+    if any(lab is None for lab in labels):
+        raise DataError(f"{spec}: {sum(lab is None for lab in labels)} of {len(labels)} samples have no label (cls): "
+                        "label every sample or none", option="data")
+    if all(re.fullmatch(r"-?\d+", lab) for lab in labels):
+        return np.asarray([int(lab) for lab in labels]), None
+    names = sorted(set(labels))
+    lookup = {n: k for k, n in enumerate(names)}
+    return np.asarray([lookup[lab] for lab in labels]), names
+
+
+__all__ = ["TarReader", "expand_braces", "is_shard_spec"]
