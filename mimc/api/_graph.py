@@ -179,35 +179,12 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;
     every check that needs no GPU runs first, so bad input is refused here as on the target.
     ``on_message`` gets TensorRT's error lines as they are logged."""
-    from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
-    from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
+    from mimc.deploy.build import build as build_deployable
     from mimc.latency.devices import load_profile
 
-    if batch_range is None or isinstance(batch_range, str):
-        batch_range = parse_batch_range(batch_range)  # "1:4:8"
-    model = Path(model)
-    profile_ = load_profile(device)
-    if model.suffix != ".onnx":
-        raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
-    if model.is_file():
-        from mimc.artifact import verify_graph
-
-        verify_graph(model)  # a graph its artifact lists (and its external data) must be the one recorded
-    if profile_.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
-        from mimc.deploy.openvino import build_ir
-
-        precision = precision or ("int8" if graph_precision(model) == "int8" else "fp32")
-        out = Path(output) if output is not None else model.parent / f"{profile_.name}-{precision}.xml"
-        return BuildReport({"ir": str(out), "sidecar": build_ir(model, profile_, out, precision=precision)})
-    graph = load_graph(model)
-    settings = builder_settings(profile_, graph_precision(graph), input_dims(graph), precision=precision,
-                                batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
-                                nm_pattern=read_nm_pattern(model, graph))
-    del graph
-    out = Path(output) if output is not None else model.parent / f"{profile_.name}-{settings['precision']}.plan"
-    side = build_engine(model, profile_, out, batch_range=batch_range, workspace_gb=workspace_gb,
-                        timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
-    return BuildReport({"engine": str(out), "sidecar": side})
+    return BuildReport(build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
+                                        workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
+                                        on_message=on_message))
 
 
 __all__ = ["export", "quantize", "profile", "build", "ProfileReport", "BuildReport"]

@@ -1,0 +1,63 @@
+"""One build for every deployable: an ONNX graph -> a TensorRT engine or, for an openvino-cpu
+device, an OpenVINO IR; each with its JSON sidecar.
+
+``mimc build`` and a recipe's ``build`` stage both come here, so the checks, the default precision
+(the graph's own) and the output names are the same wherever a deployable is built.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from mimc.errors import BadInputError
+
+
+def default_precision(graph: str | Path, backend: str) -> str | None:
+    """What a build without ``precision`` gives: OpenVINO ``int8`` for a quantized graph, else ``fp32``;
+    TensorRT: None (the builder takes the graph's precision)."""
+    from mimc.graph import graph_precision
+
+    if backend != "openvino-cpu":
+        return None
+    return "int8" if graph_precision(graph) == "int8" else "fp32"
+
+
+def build(model: str | Path, profile, *, precision: str | None = None, batch_range=None, workspace_gb: float = 4.0,
+          timing_cache=None, sparse: bool | None = None, output: str | Path | None = None,
+          on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build ``model`` (an ``.onnx`` graph) for ``profile`` (a :class:`~mimc.latency.devices.DeviceProfile`).
+
+    Returns ``{"ir": path, "sidecar": {...}}`` (openvino-cpu) or ``{"engine": path, "sidecar": {...}}``
+    (TensorRT). ``output`` None: ``<profile>-<precision>.xml`` / ``.plan`` beside the graph. Every check
+    that needs no GPU runs before TensorRT is imported, so bad input is refused here as on the target.
+    """
+    from mimc.artifact import verify_graph
+    from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
+
+    if batch_range is None or isinstance(batch_range, str):
+        batch_range = parse_batch_range(batch_range)  # "1:4:8"
+    model = Path(model)
+    if model.suffix != ".onnx":
+        raise BadInputError(f"{model} is not an .onnx graph: pass the graph `mimc export` wrote (model.onnx)")
+    if model.is_file():
+        verify_graph(model)  # a graph its artifact lists (and its external data) must be the one recorded
+    if profile.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
+        from mimc.deploy.openvino import build_ir
+
+        precision = precision or default_precision(model, profile.backend)
+        out = Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml"
+        return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
+    from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
+
+    graph = load_graph(model)
+    settings = builder_settings(profile, graph_precision(graph), input_dims(graph), precision=precision,
+                                batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
+                                nm_pattern=read_nm_pattern(model, graph))
+    del graph
+    out = Path(output) if output is not None else model.parent / f"{profile.name}-{settings['precision']}.plan"
+    side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
+                        timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
+    return {"engine": str(out), "sidecar": side}
+
+
+__all__ = ["build", "default_precision"]
