@@ -25,7 +25,7 @@ def sidecar_path(ir_path: str | Path) -> Path:
 
 def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: str = "fp32") -> dict[str, Any]:
     """Write ``out_path`` (.xml, its .bin beside it) and ``out_path.json``; returns the sidecar."""
-    from mimc.runtime.openvino import HINTS, check_precision, compile_model, model_inputs, read, runtime_precision, save_ir, version
+    from mimc.runtime.openvino import HINTS, MIMC_PRECISION_KEY, check_precision, compile_model, model_inputs, read, runtime_precision, save_ir, version
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if out_path.suffix != ".xml":
@@ -36,6 +36,7 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
     start = time.perf_counter()
     model = read(onnx_path)
     model.set_rt_info(hint, PRECISION_KEY)
+    model.set_rt_info(precision, MIMC_PRECISION_KEY)  # int8 and fp32 share the f32 hint: the name says which
     compiled = compile_model(model, precision, profile.threads)  # refuse before writing anything
     used = runtime_precision(compiled)
     save_ir(model, out_path)

@@ -2,7 +2,8 @@
 
 - ``.onnx`` on an ``onnxruntime-cpu`` device: measured here by :mod:`mimc.latency.ort_cpu`.
 - ``.onnx`` or an OpenVINO IR ``.xml`` on an ``openvino-cpu`` device: measured here by
-  :mod:`mimc.latency.openvino_cpu` at ``precision`` (fp32 by default; bf16 where the CPU has it).
+  :mod:`mimc.latency.openvino_cpu` at ``precision`` (default: an IR's recorded precision, an ONNX
+  graph's fp32; bf16 where the CPU has it).
 - ``predict=True``: a roofline estimate from the graph's FLOPs and bytes (:mod:`mimc.latency.roofline`).
 - ``.plan`` / ``.engine``, or a ``tensorrt`` / ``onnxruntime-cuda`` device: measured on the GPU by
   :mod:`mimc.runtime.trt` / :mod:`mimc.runtime.cuda_ort`; without a CUDA GPU this is refused, never
@@ -72,8 +73,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
 
     path = check_model_path(model_path)
     prof = load_profile(device)
-    if path.suffix in ONNX_SUFFIXES:
-        verify_graph(path)  # a graph its artifact lists (and its external data) must be the one recorded
+    if path.suffix in ONNX_SUFFIXES + IR_SUFFIXES:
+        verify_graph(path)  # a graph or IR its artifact lists (and its .data / .bin) must be the one recorded
     sizes = parse_batch_sizes(batch_sizes)
     if warmup < 0 or iters < 1:
         raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
@@ -88,6 +89,10 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
             raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs OpenVINO on the CPU: pass the .onnx graph or an IR")
         from mimc.latency.openvino_cpu import profile_openvino_cpu
 
+        if precision is None and is_ir:  # an IR runs at the precision its build recorded
+            from mimc.runtime.openvino import ir_precision
+
+            precision = ir_precision(path)
         report = profile_openvino_cpu(path, sizes or _default_sizes(path, prof), warmup=warmup, iters=iters,
                                       threads=threads or prof.threads, precision=precision or "fp32", on_batch=on_batch)
         return {**_envelope("measured", path, prof, report.pop("results")), **report}

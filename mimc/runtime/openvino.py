@@ -136,9 +136,16 @@ def _type_name(text: str) -> str:
     return text
 
 
+# where an IR keeps the precision it was built at (fp32, bf16, int8): int8 and fp32 share the f32 hint
+MIMC_PRECISION_KEY = ["mimc", "precision"]
+
+
 def ir_precision(path: str | Path) -> str:
-    """The precision an IR's build recorded (``runtime_options``/``INFERENCE_PRECISION_HINT``), else fp32."""
+    """The precision an IR's build recorded (``mimc``/``precision``, else read from its
+    ``runtime_options``/``INFERENCE_PRECISION_HINT``), else fp32."""
     model = read(path)
+    if model.has_rt_info(MIMC_PRECISION_KEY) and (named := model.get_rt_info(MIMC_PRECISION_KEY).astype(str)) in HINTS:
+        return named
     key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
     hint = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else "f32"
     return "bf16" if hint == "bf16" else "fp32"
@@ -255,7 +262,7 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["openvino", "core", "cpu_bf16", "check_precision", "read", "compile_model", "runtime_precision",
-           "model_inputs", "ir_precision", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir", "version", "HINTS",
+           "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir", "version", "HINTS",
            "IR_SUFFIXES", "INSTALL_HINT"]
 
 
