@@ -182,7 +182,8 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
         return out[0], ref_pass
 
     train, ref_train = run_set("data", with_meter=val is None)
-    report: dict[str, Any] = {"data": _describe(train)}
+    # what ran the candidate: torch, or a graph's runtime (onnxruntime-cpu, openvino-cpu for an IR, tensorrt)
+    report: dict[str, Any] = {"runtime": getattr(cand, "runtime", "torch"), "data": _describe(train)}
     query, ref_query = (train, ref_train) if val is None else run_set("val", with_meter=True)
     if val is not None:
         report["val"] = _describe(query)

@@ -45,7 +45,8 @@ def _human(r: dict) -> None:
         if "reference_knn_top1" in r:
             rows.append([f"k-NN top-1 of {ref}", f"{r['reference_knn_top1']:.4f}"])
     where = f"{d['source']} ({d['n_images']} images)" + (f", val {v['source']} ({v['n_images']} images)" if v else "")
-    columns(f"{r['model']} on {where}", ["metric", "value"], rows, left=("metric",))
+    runtime = f" ({r['runtime']})" if r.get("runtime") not in (None, "torch") else ""
+    columns(f"{r['model']}{runtime} on {where}", ["metric", "value"], rows, left=("metric",))
     for text in (r.get("fidelity_note"), fid.get("note") if fid else None):
         if text:
             note(text)

@@ -120,8 +120,10 @@ def run_summary(entry: dict) -> str:
         if entry.get("speedup_vs_dense") is not None:
             text += f": {entry['speedup_vs_dense']:.2f}x the dense source"
         return text
+    if kind == "build":
+        return f"{entry['file']} from {entry['source']} for {entry['device']} at {entry['precision']}"
     if kind == "eval":
-        parts = [entry["file"]]
+        parts = [entry["file"] + (f" on {entry['runtime']}" if entry.get("runtime") not in (None, "torch") else "")]
         if isinstance(entry.get("fidelity"), dict):
             parts.append(f"pooled cosine to the source {entry['fidelity']['pooled_cosine_mean']:.4f}")
         if "knn_top1" in entry:

@@ -1,13 +1,15 @@
-"""The graph stages: export, quantize, profile, eval — each a handler over one :class:`GraphContext`.
+"""The graph stages: export, quantize, build, profile, eval — each a handler over one :class:`GraphContext`.
 
 A graph stage reads the in-memory state the executor hands it (the current encoder, the dense
 source, the image source, the artifact folder being written and the last graph in it) and writes
-its graph into that folder, recording it in the folder's ``mimc.json``. The same handlers serve
+its graph (build: its OpenVINO IR or TensorRT engine) into that folder, recording it in the folder's
+``mimc.json``. The same handlers serve
 ``mimc run``, the single commands (``mimc export``, ``mimc quantize``) and ``mimc search``.
 """
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,7 @@ from mimc.errors import BadInputError, ConfigError, DataError
 
 EVAL_IMAGES = 32  # held-out images for the quantization fidelity gate (never used for calibration)
 QUANTIZE_BATCH = 16
+GRAPH_SUFFIXES = (".onnx", ".xml", ".plan")  # what graph stages write: ONNX graphs, an OpenVINO IR, a TensorRT engine
 
 
 @dataclass
@@ -43,8 +46,8 @@ def graph_path(ctx: GraphContext, name: str | None) -> Path | None:
         return ctx.last_graph
     path = ctx.folder / name
     if not path.is_file():
-        raise BadInputError(f"graph '{name}' was not written by an earlier stage of this run: "
-                            f"choose one of {sorted(p.name for p in ctx.folder.glob('*.onnx'))}")
+        written = sorted(p.name for suffix in GRAPH_SUFFIXES for p in ctx.folder.glob(f"*{suffix}"))
+        raise BadInputError(f"graph '{name}' was not written by an earlier stage of this run: choose one of {written}")
     return path
 
 
@@ -137,6 +140,75 @@ def target_for_device(device: str, precision: str) -> str:
     return "cpu" if profile.backend == "onnxruntime-cpu" else "tensorrt"
 
 
+# build --------------------------------------------------------------------------------------------
+def build_stage(ctx: GraphContext, config) -> dict[str, Any]:
+    """The last ONNX graph (or ``graph``) -> ``model.xml`` + ``model.bin`` (openvino-cpu) or ``model.plan``
+    (TensorRT), built as ``mimc build`` builds, with its sidecar ``<file>.json``; recorded under
+    ``files[<file>]`` of the folder's mimc.json. Later profile / eval stages read it."""
+    from mimc.deploy.build import build
+    from mimc.latency.devices import load_profile
+
+    graph = graph_path(ctx, config.graph)
+    if graph is None or graph.suffix != ".onnx":
+        raise BadInputError("build reads an ONNX graph: add an export (or quantize) stage before it", option="graph")
+    profile = load_profile(config.device)
+    out = ctx.folder / config.output_name
+    start = time.perf_counter()
+    built = build(graph, profile, precision=config.precision, output=out)
+    seconds = round(time.perf_counter() - start, 3)
+    _relative_sources(out, built["sidecar"])
+    entry = record_build(out, graph, config, built["sidecar"], seconds)
+    ctx.last_graph = out
+    return {"file": out.name, "device": profile.name, "precision": entry["precision"], "source": graph.name,
+            "sidecar": f"{out.name}.json", "report": built["sidecar"]}
+
+
+def _relative_sources(out: Path, sidecar: dict[str, Any]) -> None:
+    """The sidecar names the graph it was built from by its name in the artifact, not by the path of
+    the run's temporary folder (gone once the run ends; the artifact may move)."""
+    changed = False
+    for key in ("source", "onnx"):  # OpenVINO's, TensorRT's
+        value = sidecar.get(key)
+        if isinstance(value, str) and Path(value).parent == out.parent:
+            sidecar[key], changed = Path(value).name, True
+    if changed:
+        write_json(Path(f"{out}.json"), sidecar)
+
+
+def record_build(out: Path, graph: Path, config, sidecar: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A built deployable under ``files[<file>]`` of its artifact's mimc.json: its sha256 (and its .bin's,
+    checked like a graph's external data), what it was built from, the precision it runs at."""
+    from mimc.artifact import sha256_file
+
+    manifest = read_manifest(out.parent)
+    weights = out.with_suffix(".bin") if out.suffix == ".xml" else None
+    source_sha = manifest.files.get(graph.name, {}).get("sha256") or sha256_file(graph)
+    precision = sidecar.get("precision")
+    entry: dict[str, Any] = {
+        "kind": "openvino-ir" if weights is not None else "tensorrt-engine",
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "bytes": out.stat().st_size,
+        # the IR's weights, verified like a graph's external data (mimc.artifact.verify_graph)
+        "external_data": weights.name if weights is not None else None,
+        "external_data_bytes": weights.stat().st_size if weights is not None else 0,
+        "external_data_sha256": sha256_file(weights) if weights is not None else None,
+        "sidecar": f"{out.name}.json",
+        "source": graph.name,
+        "source_sha256": source_sha,
+        "device": config.device,
+        "precision": precision,
+        "runtime_precision": sidecar.get("runtime_precision"),
+    }
+    stage = StageRecord(name="build", config=config.to_dict(), config_version=config.version,
+                        metrics={"precision": precision, "runtime_precision": sidecar.get("runtime_precision")},
+                        seconds=seconds, parent_hash=source_sha)
+    entry["stage"] = asdict(stage)
+    manifest.files[out.name] = entry
+    write_json(out.parent / MANIFEST_NAME, manifest.to_dict())
+    return entry
+
+
 # profile ------------------------------------------------------------------------------------------
 def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
     """The graph and, with ``baseline``, the dense source exported the same way, profiled alike."""
@@ -191,6 +263,7 @@ def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
     from mimc.evaluation import evaluate, load_for_eval
 
     graph = graph_path(ctx, config.graph)
+    # an IR runs on OpenVINO (at its recorded precision), an engine on TensorRT, an .onnx on ONNX Runtime
     model = load_for_eval(str(graph)) if graph is not None else ctx.encoder
     images = ctx.images if ctx.images is not None else ImageSource("builtin", ctx.seed)
     rep = evaluate(model, ctx.source, data=images, n=config.n, seed=ctx.seed, batch_size=config.batch_size)
@@ -200,9 +273,10 @@ def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
 GRAPH_HANDLERS: dict[str, Callable[[GraphContext, Any], dict[str, Any]]] = {
     "export": export_stage,
     "quantize": quantize_stage,
+    "build": build_stage,
     "profile": profile_stage,
     "eval": eval_stage,
 }
 
 __all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "quantize_split", "record_graph",
-           "target_for_device"]
+           "record_build", "target_for_device", "GRAPH_SUFFIXES"]

@@ -15,6 +15,10 @@ stages:
   - eval: {}
 ```
 
+A ``build`` stage (after export / quantize) turns the last graph into what a runtime loads, as
+``mimc build`` does: an OpenVINO IR (``build: {device: openvino-cpu}``: ``model.xml`` + ``model.bin``)
+or a TensorRT engine (``model.plan``); profile and eval after it then measure that deployable.
+
 Every stage's options are a frozen dataclass: the model stages' are the registry's
 (mimc.compression.registry), the graph stages' are defined here. ``mimc run`` writes the resolved
 recipe (every option spelled out) into the artifact as ``recipe.yaml``, so the run can be replayed
@@ -30,7 +34,7 @@ from typing import Any
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.options import StageConfig
-from mimc.pipeline.stages import GRAPH_STAGES, ExportConfig, EvalConfig, ProfileConfig, config_types
+from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_types
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
@@ -168,13 +172,18 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
 
 
 def _check_graph_names(steps: list[Step], where: str) -> None:
-    """``graph:`` of profile / eval must name a graph an earlier stage of the recipe writes."""
+    """``graph:`` of build / profile / eval must name a graph an earlier stage of the recipe writes, and
+    each graph must suit the runtime that reads it (a quantized graph's target, a built deployable's device)."""
     from mimc.latency.devices import load_profile
 
     written: list[str] = []
     batch: int | str = 1  # quantize without export exports a batch-1 graph itself
     last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
+    precision = {"model.onnx": "fp32"}  # graph -> its precision
     for i, step in enumerate(steps):
+        if step.name in ("build", "profile", "eval") and step.config.graph is not None and step.config.graph not in written:
+            hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
+            raise ConfigError(f"{where}: {stage_key(i, step.name)} reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
         if step.name == "export":
             written.append("model.onnx")
             batch = step.config.batch
@@ -183,16 +192,23 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             last = f"model.{step.config.precision}.onnx"
             written += [last] + ([] if "model.onnx" in written else ["model.onnx"])
             target[last] = step.config.resolved_target
+            precision[last] = step.config.precision
             if target[last] == "cpu" and not step.config.fuse_attention:
                 target[last] = "cpu-unfused"  # plain Q/DQ + MatMulIntegerToFloat: OpenVINO reads it too
-        elif step.name in ("profile", "eval") and step.config.graph is not None and step.config.graph not in written:
-            hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
-            raise ConfigError(f"{where}: {stage_key(i, step.name)} reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
+        elif step.name == "build":
+            last = _check_build(step, i, step.config.graph or last, target, precision, where)
+            written.append(last)
         if step.name == "profile" and not step.config.predict:
             # a TensorRT Q/DQ graph on ONNX Runtime CPU times fp32 emulation of the int8 math (slower
             # than fp32), and TensorRT cannot parse the CPU graph's com.microsoft kernels
             name = step.config.graph or last
             backend = load_profile(step.config.device).backend
+            if target.get(name) == "openvino-ir" and backend != "openvino-cpu":
+                raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, an OpenVINO IR, on {step.config.device}: "
+                                  "profile device: openvino-cpu (or give graph: the .onnx it was built from)")
+            if target.get(name) == "tensorrt-engine" and backend in ("onnxruntime-cpu", "openvino-cpu"):
+                raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, a TensorRT engine, on {step.config.device}: "
+                                  "profile the TensorRT device it was built for (or give graph: the .onnx it was built from)")
             if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
                                   "quantize with target: cpu, or profile a GPU device with predict: true")
@@ -202,10 +218,46 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
                                   "quantize with target: tensorrt, or profile device: cpu (openvino-cpu reads it with fuse_attention: false)")
+        if step.name == "profile" and step.config.predict and target.get(step.config.graph or last) in ("openvino-ir", "tensorrt-engine"):
+            raise ConfigError(f"{where}: {stage_key(i, 'profile', 'predict')} prices an ONNX graph by roofline, not the built "
+                              f"{step.config.graph or last}: give graph: the .onnx it was built from, or predict: false")
         # a static graph runs one batch size only: found here, not after the model stages ran
         if step.name == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
             raise ConfigError(f"{where}: {stage_key(i, 'profile')} times batch sizes {list(step.config.batch_sizes)} of a graph exported with "
                               f"batch {batch}: give the export stage batch: dynamic, or profile batch_sizes: [{batch}]")
+
+
+def _check_build(step: Step, i: int, graph: str | None, target: dict[str, str], precision: dict[str, str], where: str) -> str:
+    """A build reads an ONNX graph its device's runtime can read, at a precision that graph has; returns
+    the file it writes (and records its kind and precision in ``target`` / ``precision``)."""
+    from mimc.latency.devices import load_profile
+
+    key = stage_key(i, "build")
+    if graph is None:
+        raise ConfigError(f"{where}: {key} builds the last graph, and no earlier stage writes one: add an export (or quantize) stage before it")
+    if not graph.endswith(".onnx"):
+        raise ConfigError(f"{where}: {key} would build {graph}, which is built already: a run builds one deployable")
+    config, prof = step.config, load_profile(step.config.device)
+    kind, source = target.get(graph), precision.get(graph, "fp32")
+    if prof.backend == "openvino-cpu":
+        if kind == "cpu":
+            raise ConfigError(f"{where}: {key} would build {graph}, an ONNX Runtime CPU graph (QAttention kernels), for OpenVINO: "
+                              "give the quantize stage fuse_attention: false (plain Q/DQ, which OpenVINO reads)")
+        if source not in ("fp32", "int8"):
+            raise ConfigError(f"{where}: {key} would build {graph}, a {source} graph, for OpenVINO CPU, which runs fp32, bf16 and "
+                              "int8: quantize with precision int8")
+        built = config.precision or ("int8" if source == "int8" else "fp32")
+        if built == "int8" and source != "int8":
+            raise ConfigError(f"{where}: {stage_key(i, 'build', 'precision')} int8 needs a quantized graph (OpenVINO runs int8 from "
+                              f"Q/DQ nodes) but {graph} is fp32: add a quantize stage before the build, or build fp32")
+    else:
+        if kind in ("cpu", "cpu-unfused"):
+            raise ConfigError(f"{where}: {key} would build {graph}, a CPU graph, for {step.config.device}: "
+                              "quantize with target: tensorrt, or build for openvino-cpu")
+        built = config.precision or source
+    out = config.output_name
+    target[out], precision[out] = ("openvino-ir" if prof.backend == "openvino-cpu" else "tensorrt-engine"), built
+    return out
 
 
 def _check_order(steps: list[Step], where: str) -> None:
@@ -214,13 +266,18 @@ def _check_order(steps: list[Step], where: str) -> None:
         late = [s.name for s in steps[first_graph:] if s.is_model_stage]
         if late:
             raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].name}': "
-                              "put prune/width/tokens/sparsify/distill before export/quantize/profile/eval")
+                              "put prune/width/tokens/sparsify/distill before export/quantize/build/profile/eval")
     names = [s.name for s in steps]
     for name in ("export", "quantize"):
         if names.count(name) > 1:
             raise ConfigError(f"{where}: stage '{name}' appears {names.count(name)} times: a run writes one {name}ed graph")
     if "export" in names and "quantize" in names and names.index("quantize") < names.index("export"):
         raise ConfigError(f"{where}: quantize comes before export: export first (quantize reads model.onnx)")
+    if names.count("build") > 1:
+        raise ConfigError(f"{where}: stage 'build' appears {names.count('build')} times: a run builds one deployable")
+    late = [n for n in names[names.index("build") + 1:] if n in ("export", "quantize")] if "build" in names else []
+    if late:
+        raise ConfigError(f"{where}: {late[0]} comes after build: put build after export and quantize (it builds the graph they write)")
 
 
 def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
@@ -343,5 +400,5 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     return recipe
 
 
-__all__ = ["Recipe", "Step", "ExportConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
+__all__ = ["Recipe", "Step", "ExportConfig", "BuildConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
            "recipe_from_artifact", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

@@ -24,9 +24,37 @@ def default_output(recipe: Recipe) -> Path:
 
 def _check_graph_needs(recipe: Recipe) -> None:
     names = [s.name for s in recipe.steps]
-    for step in recipe.steps:
+    for step in recipe.steps:  # (a build without a graph before it is refused when the recipe is parsed)
         if step.name == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(names)):
             raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
+
+
+def _check_runtimes(recipe: Recipe) -> None:
+    """What a build (and a measured OpenVINO profile) needs on this machine, found before any stage runs:
+    OpenVINO installed and, for bf16, a CPU that runs it; TensorRT installed for an engine. The errors
+    are the runtimes' own, naming the recipe key."""
+    from mimc.errors import MimcError
+    from mimc.latency.devices import load_profile
+
+    for i, step in enumerate(recipe.steps):
+        if step.name not in ("build", "profile") or getattr(step.config, "predict", False):
+            continue
+        backend = load_profile(step.config.device).backend
+        try:
+            if backend == "openvino-cpu":
+                from mimc.runtime.openvino import check_precision, openvino
+
+                openvino()
+                if step.config.precision is not None:
+                    check_precision(step.config.precision)
+            elif step.name == "build" and backend == "tensorrt":
+                from mimc.runtime.trt import import_tensorrt
+
+                import_tensorrt()
+        except MimcError as exc:
+            names = {o: stage_key(i, step.name, o) for o in exc.options}
+            # the recipe key says where; no option name is left for the CLI to rephrase as a flag
+            raise type(exc)(f"recipe: {exc.phrased(names)}" if names else f"recipe: {stage_key(i, step.name)}: {exc}") from None
 
 
 def _check_not_source(recipe: Recipe, out: Path) -> None:
@@ -66,6 +94,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     out = Path(output) if output is not None else default_output(recipe)
     check_output(out, overwrite)
     _check_graph_needs(recipe)
+    _check_runtimes(recipe)
     _check_not_source(recipe, out)
     source = load_model(recipe.model)
     _check_masking(recipe, source)

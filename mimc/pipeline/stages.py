@@ -2,8 +2,8 @@
 
 Model stages (prune, width, tokens, sparsify, distill, smooth, repq) take an Encoder and return a new
 one; their options and handlers live in :mod:`mimc.compression` and run through
-:func:`mimc.compression.registry.compress`. Graph stages (export, quantize, profile, eval) read and
-write ONNX graphs in the artifact folder; their options are defined here (quantize's in
+:func:`mimc.compression.registry.compress`. Graph stages (export, quantize, build, profile, eval) read
+and write graphs in the artifact folder (ONNX; build: an OpenVINO IR or a TensorRT engine); their options are defined here (quantize's in
 :mod:`mimc.quant.quantize`) and their handlers in :mod:`mimc.pipeline.graph_stages`. A recipe, the
 single commands and the search all build their stage lists from these types.
 """
@@ -16,7 +16,8 @@ from mimc.errors import ConfigError
 from mimc.options import StageConfig, option
 from mimc.quant.quantize import QuantizeConfig
 
-GRAPH_STAGES = ("export", "quantize", "profile", "eval")
+GRAPH_STAGES = ("export", "quantize", "build", "profile", "eval")
+BUILD_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,43 @@ class ExportConfig(StageConfig):
 
         # "2" (a quoted YAML number) becomes 2, so recipe.yaml and the graph agree on the batch
         object.__setattr__(self, "batch", check_export_options(self.batch, self.opset, self.exporter, "fp32"))
+
+
+@dataclass(frozen=True)
+class BuildConfig(StageConfig):
+    """``build``: the deployable of the run's last graph (or ``graph``) for ``device``, as ``mimc build``
+    makes it: an OpenVINO IR ``model.xml`` + ``model.bin`` (openvino-cpu) or a TensorRT engine
+    ``model.plan``, each with its JSON sidecar; later profile / eval stages read it."""
+
+    name: ClassVar[str] = "build"
+    device: str = option("openvino-cpu", doc="an openvino-cpu or TensorRT device profile name (h100, ...) or a profile .yaml")
+    precision: str | None = option(None, choices=BUILD_PRECISIONS,
+                                   doc="null: the graph's own (fp32 for the fp32 graph, int8 for a quantized one)")
+    graph: str | None = option(None, doc="an ONNX graph of the artifact, e.g. model.int8.onnx; null: the last one written")
+
+    def check(self) -> None:
+        from mimc.latency.devices import load_profile
+
+        try:
+            prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
+        except ConfigError as exc:
+            raise ConfigError(str(exc), option="device") from None
+        if prof.backend not in ("openvino-cpu", "tensorrt"):
+            raise ConfigError(f"device '{prof.name}' runs the .onnx graph itself on {prof.backend}, there is nothing to build: "
+                              "build for openvino-cpu or a TensorRT profile (see `mimc profiles`), or drop the build stage", option="device")
+        if self.precision is not None and not prof.supports(self.precision):
+            raise ConfigError(f"device '{prof.name}' has no {self.precision} (it has {', '.join(prof.precisions)}): choose one of those",
+                              option="precision")
+        if self.graph is not None and not self.graph.endswith(".onnx"):
+            raise ConfigError(f"graph {self.graph!r} is not an .onnx graph: a build reads model.onnx or a quantized model.<precision>.onnx",
+                              option="graph")
+
+    @property
+    def output_name(self) -> str:
+        """The file it writes into the artifact (its sidecar is ``<name>.json``)."""
+        from mimc.latency.devices import load_profile
+
+        return "model.xml" if load_profile(self.device).backend == "openvino-cpu" else "model.plan"
 
 
 @dataclass(frozen=True)
@@ -65,15 +103,17 @@ class ProfileConfig(StageConfig):
 
 @dataclass(frozen=True)
 class EvalConfig(StageConfig):
-    """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN."""
+    """``eval``: fidelity of the run's last graph (or ``graph``) to the source model, and k-NN, through the
+    runtime that runs it (an IR on OpenVINO, an engine on TensorRT, an .onnx on ONNX Runtime)."""
 
     name: ClassVar[str] = "eval"
-    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
+    graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx or model.xml; null: the last one written")
     n: int | None = option(None, ge=1, doc="images evaluated; null: the recipe's n")
     batch_size: int = option(32, ge=1)
 
 
-GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "quantize": QuantizeConfig, "profile": ProfileConfig, "eval": EvalConfig}
+GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "quantize": QuantizeConfig, "build": BuildConfig, "profile": ProfileConfig,
+                                  "eval": EvalConfig}
 
 
 def config_types() -> dict[str, type]:
@@ -94,5 +134,5 @@ def is_model_stage(config: StageConfig) -> bool:
     return config.name not in GRAPH_STAGES
 
 
-__all__ = ["ExportConfig", "ProfileConfig", "EvalConfig", "GRAPH_CONFIGS", "GRAPH_STAGES", "config_types",
+__all__ = ["ExportConfig", "BuildConfig", "ProfileConfig", "EvalConfig", "GRAPH_CONFIGS", "GRAPH_STAGES", "config_types",
            "config_from_dict", "is_model_stage"]
