@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, float_list, handle_errors, reads_images, status
 from mimc.cli.render import columns, line, show
@@ -28,7 +29,7 @@ def register(app: typer.Typer) -> None:
         width_macs: str = typer.Option("", "--width-macs", help="MAC ratios of a global width allocation, e.g. 0.7,0.6 (see --width-criterion)."),
         width_criterion: str = typer.Option("activation", "--width-criterion", help="l2, activation or optin for --width-macs."),
         precisions: Optional[str] = typer.Option(None, "--precisions", help="e.g. fp32,int8 (default: what the device runs)."),
-        runtimes: str = typer.Option("ort", "--runtimes", help="CPU runtimes measured (--device cpu): ort, openvino, e.g. ort,openvino."),
+        runtimes: Optional[str] = typer.Option(None, "--runtimes", help="CPU runtimes measured (--device cpu): ort, openvino, e.g. ort (default: every one installed here: ort, plus openvino when it is installed)."),
         nm: Optional[bool] = typer.Option(None, "--nm/--no-nm", help="Try 2:4 weights (default: where the device has sparse tensor cores)."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per candidate when measuring."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for search.json and the best candidate's recipe.yaml."),
@@ -41,7 +42,7 @@ def register(app: typer.Typer) -> None:
 
         space = api.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
                                  mlp_ratios=float_list(mlp, "--mlp"), nm=nm, width_macs=float_list(width_macs, "--width-macs"),
-                                 width_criterion=width_criterion, runtimes=tuple(x.strip() for x in runtimes.split(",") if x.strip()),
+                                 width_criterion=width_criterion, runtimes=tuple(x.strip() for x in runtimes.split(",") if x.strip()) if runtimes is not None else None,
                                  precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None)
         with status("searching") as spinner:
             report = api.search(model, device, min_cosine=min_cosine, budget_ms=budget_ms, data=data, n=n, n_eval=n_eval,
@@ -63,7 +64,7 @@ def _human(r: dict) -> None:
     columns(f"{r['model']} on {r['device']}: latency {r['latency']}, fidelity on {r['n_eval_images']} held-out images",
             ["candidate", "runtime", "GMACs", "ms", "pooled cosine", ""], rows, left=("candidate", "runtime", ""))
     for s in r.get("skipped") or []:
-        line(f"[yellow]skipped {s['precision']} on {s['runtime']}: {s['reason']}[/]")
+        line(f"[yellow]skipped {s['precision'] + ' on ' if s.get('precision') else ''}{s['runtime']}: {escape(s['reason'])}[/]")
     if r["best"] is None:
         line(f"[yellow]{r['note']}[/]")
         return

@@ -15,11 +15,12 @@ Every candidate is built for real and measured, never guessed:
   in this process, timed in alternating rounds (forward, then reverse order), the median of every
   timed run — so a load spike on a shared machine lands on all candidates alike instead of on
   whichever was being timed then;
-- the CPU runtime is a dimension (``runtimes``): ONNX Runtime runs fp32 and mimc's int8 graph;
+- the CPU runtime is a dimension (``runtimes``; by default every one installed here: ONNX Runtime,
+  and OpenVINO when it imports, else the result's ``skipped`` says how to install it): ONNX Runtime runs fp32 and mimc's int8 graph;
   OpenVINO runs the fp32 graph with an explicit f32 hint, bf16 only where the CPU has AVX-512 BF16
   or AMX (else skipped, and the result says why), and int8 as mimc's calibrated Q/DQ graph read by
   OpenVINO. An OpenVINO candidate's fidelity is measured through its OpenVINO compiled model, and
-  its recipe profiles on ``openvino-cpu`` at its precision.
+  its recipe builds the OpenVINO IR at its precision (``build``) and profiles and evaluates that IR.
 
 The result lists every candidate, marks the Pareto front (no other candidate is both faster and
 more faithful) and picks the fastest one at or above ``min_cosine``, saying whether it meets the
@@ -55,10 +56,10 @@ class SearchSpace(Options):
     token_keeps: tuple[float, ...] = option((1.0, 0.75, 0.5), gt=0, le=1, min_items=1, doc="fractions of patches kept")
     # None: what the device runs (cpu: fp32, int8)
     precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "fp8"))
-    # the CPU runtimes of a measured cpu search; ort only unless asked (an installed extra does not
-    # change what a search builds)
-    runtimes: tuple[str, ...] = option(("ort",), choices=tuple(RUNTIME_PRECISIONS), min_items=1,
-                                       doc="CPU runtimes measured (device cpu): ort, openvino")
+    # the CPU runtimes of a measured cpu search; None: every one installed here (ort, and openvino
+    # when `import openvino` works; when it does not, the result says so in `skipped`)
+    runtimes: tuple[str, ...] | None = option(None, choices=tuple(RUNTIME_PRECISIONS), min_items=1,
+                                              doc="CPU runtimes measured (device cpu): ort, openvino; null: every one installed here")
     nm: bool | None = None  # None: 2:4 candidates where the device has sparse tensor cores
     # fractions of MLP neurons removed (width stage, activation criterion)
     mlp_ratios: tuple[float, ...] = option((0.0,), ge=0, lt=1, min_items=1, doc="fractions of MLP neurons removed")
@@ -127,26 +128,46 @@ def _precisions(space: SearchSpace, prof) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
-    """(precision, runtime) of every candidate, and the pairs skipped here with the reason."""
+def installed_runtimes() -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+    """The CPU runtimes a measured search runs by default: ort, and openvino when it imports here;
+    a runtime left out is listed with the reason and the install hint."""
+    import importlib
+
+    try:
+        importlib.import_module("openvino")
+    except ImportError:
+        from mimc.runtime.openvino import INSTALL_HINT
+
+        return ("ort",), [{"runtime": "openvino", "precision": None,
+                           "reason": f"OpenVINO is not installed, so only ONNX Runtime was measured: {INSTALL_HINT}"}]
+    return ("ort", "openvino"), []
+
+
+def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """(precision, runtime) of every candidate, and what was skipped here with the reason."""
     cpu = prof.backend == "onnxruntime-cpu"
-    if space.runtimes == ("ort",):
-        return [(p, "ort" if cpu else "tensorrt") for p in _precisions(space, prof)], []
+    runtimes, skipped = space.runtimes, []
+    if runtimes is None:  # every CPU runtime installed here, for a measured cpu search; else what the device runs
+        runtimes, skipped = installed_runtimes() if cpu and not predict else (("ort",), [])
+        if space.precisions is not None and runtimes != ("ort",):  # asked precisions: the runtimes that run them
+            runtimes = tuple(r for r in runtimes if set(space.precisions) & set(RUNTIME_PRECISIONS[r])) or runtimes
+    if runtimes == ("ort",):
+        return [(p, "ort" if cpu else "tensorrt") for p in _precisions(space, prof)], skipped
     if not cpu or predict:
-        raise ConfigError(f"runtimes {','.join(space.runtimes)} are measured on this CPU (device cpu, measured latency), "
+        raise ConfigError(f"runtimes {','.join(runtimes)} are measured on this CPU (device cpu, measured latency), "
                           f"not on {prof.name}{' predicted' if cpu else ''}: give runtimes ort", option="runtimes")
     from mimc.runtime.openvino import cpu_bf16, openvino
 
     openvino()  # not installed: the install hint, before anything is built
-    wanted = space.precisions or tuple(dict.fromkeys(p for r in space.runtimes for p in RUNTIME_PRECISIONS[r]))
-    bad = [p for p in wanted if not any(p in RUNTIME_PRECISIONS[r] for r in space.runtimes)]
+    wanted = space.precisions or tuple(dict.fromkeys(p for r in runtimes for p in RUNTIME_PRECISIONS[r]))
+    bad = [p for p in wanted if not any(p in RUNTIME_PRECISIONS[r] for r in runtimes)]
     if bad:
-        runs = sorted({p for r in space.runtimes for p in RUNTIME_PRECISIONS[r]})
-        raise ConfigError(f"runtimes {','.join(space.runtimes)} run {runs} on the CPU, not {bad}: drop them from precisions",
+        runs = sorted({p for r in runtimes for p in RUNTIME_PRECISIONS[r]})
+        raise ConfigError(f"runtimes {','.join(runtimes)} run {runs} on the CPU, not {bad}: drop them from precisions",
                           option="precisions")
-    pairs, skipped = [], []
+    pairs = []
     for p in wanted:
-        for r in space.runtimes:
+        for r in runtimes:
             if p not in RUNTIME_PRECISIONS[r]:
                 continue
             if (r, p) == ("openvino", "bf16") and not (info := cpu_bf16())["supported"]:
@@ -154,6 +175,9 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
                                 f"capabilities {info['optimization_capabilities']}): bf16 would not run natively"})
                 continue
             pairs.append((p, r))
+    if not pairs:
+        raise ConfigError(f"no candidate of precisions {','.join(wanted)} runs here ({'; '.join(x['reason'] for x in skipped)}): "
+                          "give other precisions", option="precisions")
     return pairs, skipped
 
 
@@ -208,9 +232,10 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
                            and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
     faithful = sorted((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms)
     best = faithful[0] if faithful else None
-    runtimes = "ONNX Runtime and OpenVINO CPU, one process" if "openvino" in space.runtimes else "ONNX Runtime CPU"
+    measured = list(dict.fromkeys(r for _, r in pairs))  # the runtimes the candidates ran on
+    runtimes = "ONNX Runtime and OpenVINO CPU, one process" if "openvino" in measured else "ONNX Runtime CPU"
     return {"device": prof.name, "latency": "predicted (roofline)" if predict else f"measured ({runtimes})",
-            "runtimes": list(space.runtimes), "skipped": skipped, "min_cosine": min_cosine, "budget_ms": budget_ms, "n_eval_images": len(images),
+            "runtimes": measured, "skipped": skipped, "min_cosine": min_cosine, "budget_ms": budget_ms, "n_eval_images": len(images),
             "candidates": [c.to_dict() for c in candidates],
             "best": best.to_dict() if best else None, "best_stages": best.stages if best else None,
             "meets_budget": None if best is None or budget_ms is None else bool(best.latency_ms <= budget_ms),
@@ -356,7 +381,8 @@ def _graph_features(path: Path, images, emulate: bool, runtime: str = "ort", pre
 
 
 def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int, device: str | None = None) -> dict[str, Any] | None:
-    """The recipe (mimc.pipeline.recipe format) that rebuilds the best candidate, profiled and evaluated.
+    """The recipe (mimc.pipeline.recipe format) that rebuilds the best candidate, profiled and evaluated
+    (an OpenVINO candidate: its IR, built by a ``build`` stage, is what is profiled and evaluated).
 
     ``device``: the profile as the user named it (a name or a .yaml path; default the profile's
     name, which only finds built-in profiles). The quantize stage keeps the search's calibration
@@ -367,12 +393,14 @@ def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int, 
     stages = [dict(s) for s in result["best_stages"]]
     predicted = result["latency"].startswith("predicted")
     profile = {"device": device or result["device"], "predict": predicted}
-    if result["best"].get("runtime") == "openvino":  # measured on OpenVINO: its profile, at its precision
-        profile = {"device": "openvino-cpu", "predict": False, "precision": result["best"]["precision"]}
+    if result["best"].get("runtime") == "openvino":
+        # measured on OpenVINO: the IR is the deployable, built at its precision; profile and eval run it
+        stages.append({"build": {"device": "openvino-cpu", "precision": result["best"]["precision"]}})
+        profile = {"device": "openvino-cpu", "predict": False}
     elif predicted and result["best"]["precision"] == "fp16":
         profile["precision"] = "fp16"  # the fp32 graph priced as the fp16 engine TensorRT builds from it
     stages += [{"profile": profile}, {"eval": {}}]
     return {"model": model, "data": data, "n": n, "seed": seed, "stages": stages}
 
 
-__all__ = ["SearchSpace", "Candidate", "search", "recipe_of", "RUNTIME_PRECISIONS"]
+__all__ = ["SearchSpace", "Candidate", "search", "recipe_of", "installed_runtimes", "RUNTIME_PRECISIONS"]

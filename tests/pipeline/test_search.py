@@ -40,7 +40,7 @@ def check_front(result):
 
 def test_measured_cpu_search_builds_every_candidate_and_picks_the_fastest_faithful(setup):
     enc, calib, held, _ = setup
-    space = SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0, 0.5))
+    space = SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0, 0.5), runtimes=("ort",))  # the runtimes: test_search_openvino
     result = search(enc, "cpu", held, calib, space, min_cosine=0.9, budget_ms=1e6, iters=3)
     cands = {c["label"]: c for c in result["candidates"]}
     assert len(cands) == 8 and all(c["error"] is None and c["latency"] == "measured" for c in cands.values())
@@ -72,7 +72,7 @@ def test_predicted_gpu_search_adds_2_4_and_gpu_precisions(setup):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"device": "cpu", "space": SearchSpace(precisions=("fp16",))}, "ONNX Runtime CPU runs fp32 and int8"),
+    ({"device": "cpu", "space": SearchSpace(precisions=("fp16",), runtimes=("ort",))}, "ONNX Runtime CPU runs fp32 and int8"),
     ({"device": "cpu", "space": SearchSpace(nm=True)}, "no sparse tensor cores"),
     ({"device": "t4", "space": SearchSpace(precisions=("fp8",))}, "cannot run ['fp8']"),
     ({"device": "cpu", "min_cosine": 0.0}, "min_cosine must be in"),
@@ -158,7 +158,8 @@ def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_anoth
             return self.sess.run(*args)
 
     monkeypatch.setattr(ort, "make_session", lambda path, **kwargs: Recorded(path, **kwargs))
-    result = search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0,), precisions=("fp32",)), iters=4)
+    space = SearchSpace(block_ratios=(0.0, 0.5), token_keeps=(1.0,), precisions=("fp32",), runtimes=("ort",))
+    result = search(enc, "cpu", held, calib, space, iters=4)
     graphs = list(dict.fromkeys(order))
     assert len(graphs) == 2 and all(order.count(g) >= 4 for g in graphs)
     # each candidate's timed runs are split into several blocks with the other's in between
@@ -194,3 +195,37 @@ def test_a_global_width_allocation_is_a_search_dimension(setup, criterion):
     if result["best"]["width_macs"] == 0.7:
         width = next(s["width"] for s in result["best_stages"] if "width" in s)
         assert width["macs"] == 0.7 and width["criterion"] == criterion
+
+
+def test_without_openvino_the_default_measures_ort_and_says_what_was_skipped(setup, tmp_path, monkeypatch):
+    import sys
+
+    from mimc.errors import MissingExtraError
+    from tests.cli.conftest import invoke
+
+    enc, calib, held, data = setup
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails, as where the extra is not installed
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp32",))  # runtimes: the default
+    result = search(enc, "cpu", held, calib, space, min_cosine=0.9, iters=2)
+    assert result["runtimes"] == ["ort"] and [c["runtime"] for c in result["candidates"]] == ["ort"]
+    assert [(s["runtime"], s["precision"]) for s in result["skipped"]] == [("openvino", None)]
+    assert "pip install 'mimc[openvino]'" in result["skipped"][0]["reason"]
+    with pytest.raises(MissingExtraError, match=r"pip install 'mimc\[openvino\]'"):  # asked for by name: refused
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), runtimes=("ort", "openvino")))
+    from mimc.cli.app import app
+
+    model = save_artifact(enc, tmp_path / "m")
+    cli = invoke(app, ["search", model, "--device", "cpu", "--data", data, "--n", "8", "--n-eval", "8", "--blocks", "0", "--keep", "1",
+                       "--precisions", "fp32", "--iters", "2", "--min-cosine", "0.9", "-o", tmp_path / "s"])
+    assert cli.exit_code == 0, cli.output
+    assert "skipped openvino: OpenVINO is not installed" in cli.stdout and "pip install 'mimc[openvino]'" in cli.stdout, cli.stdout
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["runtimes"] == ["ort"]
+
+
+def test_a_predicted_or_gpu_search_keeps_its_runtime_by_default(setup):
+    enc, calib, held, _ = setup
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp32",))
+    predicted = search(enc, "cpu", held, calib, space, min_cosine=0.5, predict=True)
+    assert predicted["runtimes"] == ["ort"] and predicted["skipped"] == [] and predicted["latency"].startswith("predicted")
+    gpu = search(enc, "h100", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp16",), nm=False), min_cosine=0.5)
+    assert gpu["runtimes"] == ["tensorrt"] and {c["runtime"] for c in gpu["candidates"]} == {"tensorrt"}

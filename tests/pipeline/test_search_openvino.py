@@ -65,14 +65,19 @@ def test_an_openvino_best_writes_a_recipe_that_profiles_on_openvino_and_runs(set
     result = search(enc, "cpu", held, calib, space, min_cosine=0.9, iters=2)
     assert result["best"]["runtime"] == "openvino"  # the only runtime: the best is an OpenVINO candidate
     recipe = recipe_of(result, str(model), str(data), 16, 0)
-    profile = next(s["profile"] for s in recipe["stages"] if "profile" in s)
-    assert profile == {"device": "openvino-cpu", "predict": False, "precision": result["best"]["precision"]}
+    # the IR is the deployable: built at the winner's precision, then profiled and evaluated
+    assert [next(iter(s)) for s in recipe["stages"]][-3:] == ["build", "profile", "eval"]
+    assert recipe["stages"][-3]["build"] == {"device": "openvino-cpu", "precision": result["best"]["precision"]}
+    assert recipe["stages"][-2]["profile"] == {"device": "openvino-cpu", "predict": False}  # at the IR's recorded precision
     quantize = [s["quantize"] for s in recipe["stages"] if "quantize" in s]
     assert all(q["fuse_attention"] is False for q in quantize)  # the plain Q/DQ graph OpenVINO reads
     recipe["stages"] = [{**s, "profile": {**s["profile"], "iters": 2, "warmup": 1}} if "profile" in s else s for s in recipe["stages"]]
     report = mimc.run(recipe, tmp_path / "run").to_dict()
-    text = json.dumps(report)
-    assert "openvino-cpu" in text and '"label": "measured"' in text
+    by = {s["stage"]: s for s in report["stages"]}
+    assert by["build"]["file"] == "model.xml" and by["build"]["precision"] == "int8"
+    assert by["profile"]["file"] == "model.xml" and by["profile"]["result"]["label"] == "measured"
+    assert by["profile"]["result"]["backend"] == "openvino-cpu" and by["profile"]["result"]["precision"] == "int8"
+    assert by["eval"]["file"] == "model.xml" and by["eval"]["runtime"] == "openvino-cpu"  # fidelity through OpenVINO
 
 
 def test_recipes_of_ort_candidates_are_unchanged_and_bad_runtimes_are_refused(setup):
@@ -80,7 +85,9 @@ def test_recipes_of_ort_candidates_are_unchanged_and_bad_runtimes_are_refused(se
     result = {"device": "cpu", "latency": "measured (ONNX Runtime CPU)", "best": {"precision": "int8", "runtime": "ort"},
               "best_stages": [{"export": {"batch": 1}}]}
     assert recipe_of(result, "ref", "builtin", 16, 0)["stages"][-2:] == [{"profile": {"device": "cpu", "predict": False}}, {"eval": {}}]
-    parse_recipe(recipe_of({**result, "best": {"precision": "bf16", "runtime": "openvino"}}, "ref", "builtin", 16, 0))
+    # a bf16 winner's recipe parses anywhere (whether this CPU runs bf16 is checked when it runs)
+    bf16 = parse_recipe(recipe_of({**result, "best": {"precision": "bf16", "runtime": "openvino"}}, "ref", "builtin", 16, 0))
+    assert [(s.name, getattr(s.config, "precision", None)) for s in bf16.steps][-3:] == [("build", "bf16"), ("profile", None), ("eval", None)]
     for kwargs, option in (({"device": "h100"}, "runtimes"), ({"device": "cpu", "predict": True}, "runtimes")):
         with pytest.raises(ConfigError) as err:
             search(enc, kwargs.pop("device"), held, calib, SearchSpace(runtimes=("ort", "openvino")), **kwargs)
@@ -108,3 +115,20 @@ def test_cli_shows_a_runtime_column_and_takes_runtimes(setup, tmp_path):
     bad = CliRunner().invoke(app, args[:-2] + ["--runtimes", "ort,tvm", "-o", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--runtimes" in bad.stderr, bad.stderr
     assert yaml.safe_load((tmp_path / "s" / "recipe.yaml").read_text())["stages"][-1] == {"eval": {}}
+
+
+def test_by_default_a_cpu_search_measures_every_installed_runtime(setup, tmp_path):
+    from mimc.cli.app import app
+    from tests.cli.conftest import invoke
+
+    enc, _, _, data = setup
+    model = save_artifact(enc, tmp_path / "m")
+    result = invoke(app, ["search", model, "--device", "cpu", "--data", data, "--n", "8", "--n-eval", "8", "--blocks", "0",
+                          "--keep", "1", "--precisions", "fp32", "--iters", "2", "--min-cosine", "0.9", "-o", tmp_path / "s"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert report["runtimes"] == ["ort", "openvino"] and report["skipped"] == []  # no --runtimes: both, openvino being installed
+    assert sorted(c["runtime"] for c in report["candidates"]) == ["openvino", "ort"]
+    assert report["latency"] == "measured (ONNX Runtime and OpenVINO CPU, one process)"
+    header = next(ln for ln in result.stdout.splitlines() if "candidate" in ln and "pooled cosine" in ln)
+    assert "runtime" in header and "openvino" in result.stdout, result.stdout
