@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe (YAML); run nothing."),
         json_out: bool = JsonOption,
     ) -> None:
-        """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, profile, eval)."""
+        """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, build, profile, eval)."""
         from mimc import api
 
         parsed = api.recipe(recipe, data=data)
