@@ -196,7 +196,7 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
                                   "quantize with target: cpu, or profile a GPU device with predict: true")
-            if target.get(name) == "cpu-unfused" and backend not in ("onnxruntime-cpu", "openvino-cpu"):
+            if target.get(name) in ("cpu-unfused", "openvino") and backend not in ("onnxruntime-cpu", "openvino-cpu"):
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, a CPU graph, on {step.config.device}: "
                                   "quantize with target: tensorrt, or profile device: cpu or openvino-cpu")
             if target.get(name) == "cpu" and backend != "onnxruntime-cpu":

@@ -39,6 +39,16 @@ Targets (the graph is chosen for where it runs):
   scales on the attention matmuls' two activations, it does not fuse attention, and its histogram
   calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
   stays the baseline the benchmark compares against.
+- ``openvino`` (OpenVINO CPU plugin): plain Q/DQ as for tensorrt, which OpenVINO's ONNX frontend
+  reads as FakeQuantize and its low-precision transformations run as int8 kernels where every
+  input of a MatMul/Convolution is quantized. Two differences, both measured through OpenVINO's
+  execution graph: the patch-embedding Conv is quantized too (OpenVINO's int8 convolution is its
+  own, unlike ORT's slow ConvInteger), and an activation whose calibrated range is non-negative
+  (softmax probabilities, with ``quantize_attention_matmuls``) is u8 with zero point 0, not
+  symmetric s8: s8 wastes half its levels there (pooled cosine on `ref` 0.986 -> 0.996). With
+  attention matmuls this covers exactly the layers NNCF's default preset runs in int8 (execution
+  graph: the same i8/u8 layer counts); NNCF also quantizes residual Adds and LayerNorm inputs,
+  which mimc keeps float for fidelity. Fidelity is judged through OpenVINO itself.
 
 Graphs past 2 GiB (ViT-H/14 fp32): the source graph is read without its weights; they stay in
 external data, hard-linked (or copied) into the run's scratch folder beside the output, where the
@@ -76,12 +86,12 @@ from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, o
 from mimc.metrics import Fidelity
 from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
 from mimc.quant.ort_fusion import fuse_attention_cpu
-from mimc.quant.qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
+from mimc.quant.qdq_graph import attention_sites, conv_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
 from mimc.options import StageConfig
 from mimc.options import option
 
 PRECISIONS = ("int8", "fp8")
-TARGETS = ("cpu", "tensorrt")
+TARGETS = ("cpu", "tensorrt", "openvino")
 FP8_OPSET = 19
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
                        "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
@@ -101,7 +111,13 @@ class QuantizeConfig(StageConfig):
     repq: bool = False
     # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
     quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
-    target: str | None = option(None, choices=TARGETS, doc="graph layout; null: cpu for int8, tensorrt for fp8")
+    # openvino: plain Q/DQ like tensorrt, plus the patch-embedding Conv, u8 for non-negative activations
+    target: str | None = option(None, choices=TARGETS, doc="graph layout (cpu: ONNX Runtime, tensorrt, openvino); null: cpu for int8, "
+                                                        "tensorrt for fp8")
+    # openvino target: 7-bit weights against int16 saturation on CPUs without VNNI (qdq_graph.rewrite_qdq);
+    # null: every layer where this CPU lacks VNNI, the first layer (patch Conv) where it has it
+    overflow_fix: str | None = option(None, choices=("none", "first_layer", "all"),
+                                      doc="openvino target: layers with 7-bit weights; null: all without VNNI, first_layer with it")
     # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
     fuse_attention: bool = option(True, doc="cpu target: run qkv + attention as one QAttention kernel")
 
@@ -109,10 +125,26 @@ class QuantizeConfig(StageConfig):
         if self.precision == "fp8" and self.target == "cpu":
             raise ConfigError("fp8 Q/DQ graphs run on TensorRT (Hopper/Ada), not on ONNX Runtime CPU: give target tensorrt "
                               "or precision int8", option=("target", "precision"))
+        if self.overflow_fix is not None and self.resolved_target != "openvino":
+            raise ConfigError(f"overflow_fix applies to the openvino target's int8 weights, not {self.resolved_target}: "
+                              "drop it or give target openvino", option=("overflow_fix", "target"))
+        if self.precision == "fp8" and self.target == "openvino":
+            raise ConfigError("OpenVINO's CPU plugin has no FP8 kernels: give precision int8, or target tensorrt for FP8",
+                              option=("target", "precision"))
 
     @property
     def needs_data(self) -> bool:
         return True
+
+    @property
+    def resolved_overflow_fix(self) -> str:
+        if self.resolved_target != "openvino":
+            return "none"
+        if self.overflow_fix is None:
+            from mimc.runtime.openvino import cpu_vnni
+
+            return "first_layer" if cpu_vnni()["supported"] else "all"
+        return self.overflow_fix
 
     @property
     def resolved_target(self) -> str:
@@ -211,7 +243,7 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
         pairs = norm_linear_pairs(idx, sites)
         channel = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration, base_dir)
         info["folding"] = fold_pairs(model, pairs, channel, config.smooth, config.repq,
-                                     symmetric=config.resolved_target == "tensorrt", base_dir=base_dir)
+                                     symmetric=config.resolved_target != "cpu", base_dir=base_dir)
         if scratch and base_dir is not None:
             offload_tensors(model, base_dir, _fresh_name(Path(base_dir), "mimc-folded"))  # the proto stays small
     if config.precision == "fp8":
@@ -219,7 +251,8 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     idx = GraphIndex.build(model, base_dir)  # folding and the opset conversion rewrote the graph
     sites = linear_sites(idx)
     attn = attention_sites(idx) if config.quantize_attention_matmuls else []
-    acts = [s.act for s in sites] + [i for n in attn for i in n.input]
+    convs = conv_sites(idx) if config.resolved_target == "openvino" else []
+    acts = [s.act for s in sites] + [i for n in attn for i in n.input] + [n.input[0] for n in convs]
     kl_levels = 256 if config.resolved_target == "cpu" else 128  # u8 asymmetric vs symmetric int8 / fp8
     # Attention probabilities are power-law distributed: percentile or entropy calibration clips
     # exactly the few large weights that matter (measured on `ref`: entropy fell from 46 to 29 dB
@@ -232,8 +265,13 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
         if config.fuse_attention and not attn:
             info.update(fuse_attention_cpu(model, base_dir))
     else:
-        rewrite_qdq(model, sites, attn, ranges, config.precision)
+        fix = config.resolved_overflow_fix
+        rewrite_qdq(model, sites, attn, ranges, config.precision, convs, unsigned=config.resolved_target == "openvino", index=idx,
+                    overflow_fix=fix)
+        if config.resolved_target == "openvino":
+            info["overflow_fix"] = fix
     info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
+                 **({"quantized_convs": len(convs)} if convs else {}),
                  "activation_tensors": len(set(acts)), "calibration_images": images})
     return model, info
 
@@ -275,15 +313,23 @@ def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
                        "Fidelity here is an fp32 emulation of the same Q/DQ graph (E4M3 rounding, float math).")
     if config.resolved_target == "tensorrt":
         return True, "runs on ONNX Runtime CPU as plain Q/DQ (emulated, slow); built for TensorRT"
+    if config.resolved_target == "openvino":
+        return True, "OpenVINO CPU (Q/DQ read as FakeQuantize, int8 kernels); judged through OpenVINO"
     return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
 
 
-def graph_outputs(path: Path, inputs: list[np.ndarray], emulate_qdq: bool = False) -> dict[str, np.ndarray]:
+def graph_outputs(path: Path, inputs: list[np.ndarray], emulate_qdq: bool = False, runtime: str = "ort") -> dict[str, np.ndarray]:
     """Every output of the graph at ``path`` on ``inputs`` (chunked to its static batch; a remainder
-    that does not fill a batch is left out). The session, and the weights it read, are freed on return."""
-    from mimc.runtime.session import make_session
+    that does not fill a batch is left out), on ONNX Runtime or (``runtime`` openvino) an OpenVINO
+    fp32-hint compiled model. The session, and the weights it read, are freed on return."""
+    if runtime == "openvino":
+        from mimc.runtime.openvino import OpenVinoSession
 
-    sess = make_session(path, emulate_qdq=emulate_qdq)
+        sess = OpenVinoSession(path, "fp32")
+    else:
+        from mimc.runtime.session import make_session
+
+        sess = make_session(path, emulate_qdq=emulate_qdq)
     name = sess.get_inputs()[0].name
     dims = sess.get_inputs()[0].shape
     batch = dims[0] if isinstance(dims[0], int) else None
@@ -307,7 +353,10 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
 
     ref = reference if reference is not None else graph_outputs(fp32_path, eval_inputs)
     # A graph quantized for TensorRT is judged as its exact Q/DQ math: ORT's own int8 fusions are not TensorRT's.
-    cand = graph_outputs(quant_path, eval_inputs, emulate_qdq=config.resolved_target == "tensorrt")
+    # An OpenVINO graph is judged as OpenVINO runs it (its int8 kernels round like ORT's, but the
+    # float layers between them are its own).
+    cand = graph_outputs(quant_path, eval_inputs, emulate_qdq=config.resolved_target == "tensorrt",
+                         runtime="openvino" if config.resolved_target == "openvino" else "ort")
     if pooled_only and "pooled" in ref:
         # Token merging picks its merges from token similarities: a perturbation as small as int8
         # noise can swap which tokens merge, reordering last_hidden_state while the pooled feature
@@ -329,6 +378,10 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     start = time.perf_counter()
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     _check_paths(onnx_in, onnx_out)
+    if config.resolved_target == "openvino":
+        from mimc.runtime.openvino import openvino
+
+        openvino()  # not installed: the install hint, before any work
     source_sha = verify_graph(onnx_in) or sha256_file(onnx_in)  # a listed graph (and its .data) as recorded
     source = onnx_in.resolve()  # a symlinked graph: its weights are read where the file really is
     model = load_float_graph(source, external_data=False)  # weights (in the file or beside it) stay on disk
@@ -374,6 +427,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "method": config.method, "n": config.n, "calibration_images": info["calibration_images"],
             "calibration_sha256": calib_sha, "smoothing": {"smooth_alpha": config.smooth, "repq": config.repq},
             "quantized_linears": info["quantized_linears"], "quantized_attention_matmuls": info["quantized_attention_matmuls"],
+            **({"quantized_convs": info["quantized_convs"], "overflow_fix": info["overflow_fix"]} if "overflow_fix" in info else {}),
             "fused_attention_blocks": info.get("fused_attention_blocks", 0), "unfused_attention": info.get("unfused_attention", {}),
             "source": {"file": onnx_in.name, "sha256": source_sha},
             "validation": {**verdict(fidelity, config.precision, failures), "reference": "fp32 graph", "inputs": eval_source,
