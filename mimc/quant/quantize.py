@@ -132,6 +132,12 @@ class QuantizeConfig(StageConfig):
             raise ConfigError("OpenVINO's CPU plugin has no FP8 kernels: give precision int8, or target tensorrt for FP8",
                               option=("target", "precision"))
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["overflow_fix"] is None:  # an openvino-only option: other targets' records stay as they were
+            del data["overflow_fix"]
+        return data
+
     @property
     def needs_data(self) -> bool:
         return True
