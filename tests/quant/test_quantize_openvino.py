@@ -121,22 +121,29 @@ def test_device_openvino_cpu_picks_the_openvino_layout():
     assert target_for_device("h100", "int8") == "tensorrt"
 
 
-@pytest.mark.parametrize("vnni, expected", [(True, "first_layer"), (False, "all")])
-def test_overflow_fix_follows_the_cpu(graph, tmp_path, monkeypatch, vnni, expected):
-    """7-bit weights where int16 pair sums would saturate: the conv always, every layer without VNNI."""
+@pytest.mark.parametrize("vnni", [True, False])
+def test_overflow_fix_follows_the_cpu_and_the_measurement(graph, tmp_path, monkeypatch, vnni):
+    """7-bit weights where int16 pair sums would saturate: the conv always; without VNNI, every layer
+    too when OpenVINO runs that layout more faithfully here (it does on this outlier encoder where
+    the CPU lacks VNNI; on a VNNI CPU the all-layer SQNR is no better, so the mock cannot lie)."""
     pytest.importorskip("openvino")
     import mimc.runtime.openvino as mov
 
     monkeypatch.setattr(mov, "cpu_vnni", lambda: {"supported": vnni, "cpu_flags": []})
     out, report, enc = _quantize(graph, tmp_path)
-    assert report["overflow_fix"] == expected
+    measured = report["overflow_fix_sqnr_db"]
+    if vnni:
+        assert report["overflow_fix"] == "first_layer" and measured is None
+    else:
+        assert set(measured) == {"first_layer", "all"}
+        assert report["overflow_fix"] == max(measured, key=measured.get)
     model = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     conv = [w for w in weights if w.ndim == 4]
     linear = [w for w in weights if w.ndim == 2]
     assert len(conv) == 1 and np.abs(conv[0]).max() == 63
-    assert max(int(np.abs(w).max()) for w in linear) == (127 if vnni else 63)
+    assert max(int(np.abs(w).max()) for w in linear) == (63 if report["overflow_fix"] == "all" else 127)
 
 
 def test_overflow_fix_is_an_openvino_option():
