@@ -2,19 +2,22 @@
 
 Graphs, each for the dense encoder and for 50 % blocks + 50 % patches (random init, seed 0; latency
 does not depend on the values, cosine is to the same encoder's fp32 graph):
-  ORT fp32                  mimc export (TorchScript, opset 17, batch 1) on ONNX Runtime CPU
-  ORT dynamic int8          onnxruntime.quantization.quantize_dynamic (QInt8 weights)
-  mimc int8 on ORT          mimc quantize, target cpu (QAttention fusion), calibrated on --calib builtin images
-  OV fp32                   the fp32 graph on OpenVINO CPU, INFERENCE_PRECISION_HINT f32
-  OV bf16                   the same with the bf16 hint (only where the CPU has AVX-512 BF16 / AMX)
-  OV + NNCF int8            nncf.quantize, default preset, on the same calibration images
-  mimc Q/DQ on OV (trt)     mimc quantize, target tensorrt layout (plain Q/DQ ops), read by OpenVINO
-  mimc Q/DQ on OV (cpu)     mimc quantize, target cpu without attention fusion (plain Q/DQ), read by OpenVINO
-Timing: batch 1, --threads intra-op threads, every session/compiled model warmed up, then --rounds
-rounds of --iters runs each, alternating forward and reverse order; medians. Pooled cosine: mean over
---held held-out builtin images. Needs `pip install 'mimc[openvino]' nncf onnxruntime`.
+  ORT fp32                      mimc export (TorchScript, opset 17, batch 1) on ONNX Runtime CPU
+  ORT dynamic int8              onnxruntime.quantization.quantize_dynamic (QInt8 weights)
+  mimc int8 on ORT              mimc quantize, target cpu (QAttention fusion)
+  OV fp32                       the fp32 graph on OpenVINO CPU, INFERENCE_PRECISION_HINT f32
+  OV bf16                       the same with the bf16 hint (only where the CPU has AVX-512 BF16 / AMX)
+  mimc int8 on OV               mimc quantize, target openvino (linears + patch Conv, u8 probabilities)
+  mimc int8 on OV + attention   the same with the two attention matmuls quantized (NNCF's int8 layer set)
+  OV + NNCF int8                nncf.quantize, default preset, on the same calibration images
+Every mimc int8 graph and NNCF are calibrated on the same --calib builtin images; cosine is the mean
+pooled cosine to the fp32 graph over --held other builtin images, through the runtime that runs it.
 
-    python benchmarks/bench_openvino_vitb.py [--model vitb|ref] [--rounds 8] [--iters 2] [--threads 2]
+The graphs are built once; then --runs separate processes each load them all, warm them up and time
+them in --rounds alternating rounds (forward, then reverse order) of --iters runs, batch 1,
+--threads threads; each run's medians are one column. Needs `pip install 'mimc[openvino]' nncf`.
+
+    python benchmarks/bench_openvino_vitb.py [--model vitb|ref] [--runs 3] [--rounds 30] [--iters 2] [--threads 2]
 
 Writes benchmarks/results/bench_openvino_vitb.json and prints a markdown table.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "bench_openvino_vitb.json"
+MODELS = ("dense", "50% blocks + 50% patches")
+NNCF = "OV + NNCF int8 (default preset)"
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,18 +43,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vitb", choices=("vitb", "ref"))
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calib", type=int, default=128)
-    parser.add_argument("--held", type=int, default=16)
-    args = parser.parse_args()
+def runner(runtime: str, path: str, threads: int):
+    """A call running one batch-1 input through ``path`` on its runtime, returning the pooled output."""
+    if runtime == "ort":
+        from mimc.runtime.session import make_session
 
+        s = make_session(path, threads=threads)
+        return lambda x: s.run(["pooled"], {"pixel_values": x})[0]
+    from mimc.runtime import openvino as mov
+
+    compiled = mov.compile_model(path, "bf16" if runtime == "ov-bf16" else "fp32", threads)
+    req = compiled.create_infer_request()
+    return lambda x: np.array(req.infer({compiled.inputs[0]: x})[compiled.output("pooled")])
+
+
+def build(args, work: Path) -> dict:
+    """Every graph of both models in ``work``, with its cosine and build time; returns the plan."""
     import nncf
-    import onnxruntime as ort
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -61,7 +72,6 @@ def main() -> None:
     from mimc.models.vit import build_encoder, vit_base_config
     from mimc.quant.quantize import QuantizeConfig, quantize_onnx
     from mimc.runtime import openvino as mov
-    from mimc.runtime.session import make_session
 
     torch.set_num_threads(args.threads)
     dense = build_encoder(vit_base_config() if args.model == "vitb" else reference_config(), seed=0)
@@ -70,98 +80,160 @@ def main() -> None:
     images = load_images("builtin", dense.config, n=args.calib + args.held, seed=0)
     calib = images.subset(np.arange(args.calib))
     held = images.subset(np.arange(args.calib, args.calib + args.held)).pixels.numpy()
+    np.save(work / "held.npy", held)
     bf16 = mov.cpu_bf16()
-    runners, cos, notes, build_s = {}, {}, {}, {}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ov-"))
-    for m, (model_label, enc) in enumerate({"dense": dense, "50% blocks + 50% patches": half_drop}.items()):
-        fp32 = tmp / f"m{m}.onnx"
+    plan: dict = {"graphs": {}, "notes": {}, "cpu_bf16": bf16, "cpu_vnni": mov.cpu_vnni()}
+    for m, (model_label, enc) in enumerate(zip(MODELS, (dense, half_drop))):
+        fp32 = work / f"m{m}.onnx"
         export_onnx(enc, fp32, batch=1)
-        graphs = {"ORT fp32": ("ort", fp32)}
+        graphs = {"ORT fp32": ("ort", fp32, 0.0)}
         t = time.perf_counter()
-        quantize_dynamic(str(fp32), str(tmp / f"m{m}.dyn.onnx"), weight_type=QuantType.QInt8)
-        graphs["ORT dynamic int8"] = ("ort", tmp / f"m{m}.dyn.onnx")
-        build_s[f"{model_label}, ORT dynamic int8"] = time.perf_counter() - t
-        for name, cfg, runtime in (("mimc int8 on ORT", QuantizeConfig(target="cpu", n=args.calib), "ort"),
-                                   ("mimc Q/DQ on OV (trt layout)", QuantizeConfig(target="tensorrt", n=args.calib), "ov"),
-                                   ("mimc Q/DQ on OV (cpu layout)", QuantizeConfig(target="cpu", fuse_attention=False, n=args.calib), "ov")):
-            out = tmp / f"m{m}.{len(graphs)}.onnx"
+        quantize_dynamic(str(fp32), str(work / f"m{m}.dyn.onnx"), weight_type=QuantType.QInt8)
+        graphs["ORT dynamic int8"] = ("ort", work / f"m{m}.dyn.onnx", time.perf_counter() - t)
+        for i, (name, cfg, runtime) in enumerate((
+                ("mimc int8 on ORT", QuantizeConfig(target="cpu", n=args.calib), "ort"),
+                ("mimc int8 on OV", QuantizeConfig(target="openvino", n=args.calib), "ov"),
+                ("mimc int8 on OV + attention", QuantizeConfig(target="openvino", quantize_attention_matmuls=True, n=args.calib), "ov"))):
+            out = work / f"m{m}.q{i}.onnx"
             t = time.perf_counter()
             try:
-                quantize_onnx(fp32, out, calib.batches(8), cfg, [held], force=True)
-                graphs[name] = (runtime, out)
+                report = quantize_onnx(fp32, out, calib.batches(8), cfg, [held], force=True)
+                graphs[name] = (runtime, out, time.perf_counter() - t)
+                if "overflow_fix" in report:
+                    plan["notes"][f"{model_label}, {name}"] = f"overflow_fix {report['overflow_fix']}"
             except Exception as exc:  # report, keep measuring the rest
-                notes[f"{model_label}, {name}"] = f"failed: {str(exc).splitlines()[0][:200]}"
-            build_s[f"{model_label}, {name}"] = time.perf_counter() - t
-        graphs["OV fp32 (f32 hint)"] = ("ov", fp32)
+                plan["notes"][f"{model_label}, {name}"] = f"failed: {str(exc).splitlines()[0][:200]}"
+        graphs["OV fp32 (f32 hint)"] = ("ov", fp32, 0.0)
         if bf16["supported"]:
-            graphs["OV bf16"] = ("ov-bf16", fp32)
+            graphs["OV bf16"] = ("ov-bf16", fp32, 0.0)
         else:
-            notes[f"{model_label}, OV bf16"] = f"not run: CPU lacks AVX-512 BF16 / AMX ({bf16['optimization_capabilities']})"
+            plan["notes"][f"{model_label}, OV bf16"] = f"not run: CPU lacks AVX-512 BF16 / AMX ({bf16['optimization_capabilities']})"
         t = time.perf_counter()
-        ov_model = mov.read(fp32)
         dataset = nncf.Dataset([calib.pixels[i:i + 1].numpy() for i in range(args.calib)])
-        qmodel = nncf.quantize(ov_model, dataset, subset_size=args.calib)
-        mov.save_ir(qmodel, tmp / f"m{m}.nncf.xml")
-        graphs["OV + NNCF int8 (default preset)"] = ("ov", tmp / f"m{m}.nncf.xml")
-        build_s[f"{model_label}, OV + NNCF int8 (default preset)"] = time.perf_counter() - t
+        mov.save_ir(nncf.quantize(mov.read(fp32), dataset, subset_size=args.calib), work / f"m{m}.nncf.xml")
+        graphs[NNCF] = ("ov", work / f"m{m}.nncf.xml", time.perf_counter() - t)
 
-        for name, (runtime, path) in graphs.items():
+        reference = None
+        for name, (runtime, path, seconds) in graphs.items():
+            run = runner(runtime, str(path), args.threads)
+            pooled = np.concatenate([run(held[i:i + 1]) for i in range(len(held))])
+            reference = pooled if reference is None else reference
             label = f"{model_label}, {name}"
-            if runtime == "ort":
-                s = make_session(path, threads=args.threads)
-                run = (lambda s: lambda x: s.run(["pooled"], {"pixel_values": x})[0])(s)
-            else:
-                compiled = mov.compile_model(path, "bf16" if runtime == "ov-bf16" else "fp32", args.threads)
-                req = compiled.create_infer_request()
-                run = (lambda c, r: lambda x: np.array(r.infer({c.inputs[0]: x})[c.output("pooled")]))(compiled, req)
-                notes.setdefault(label, str(mov.runtime_precision(compiled)))
-            runners[label] = run
-            cos[label] = cosine(np.concatenate([run(held[i:i + 1]) for i in range(len(held))]),
-                                np.concatenate([runners[f"{model_label}, ORT fp32"](held[i:i + 1]) for i in range(len(held))]))
+            plan["graphs"][label] = {"runtime": runtime, "path": str(path), "build_s": round(seconds, 1),
+                                     "pooled_cosine_vs_fp32": round(cosine(pooled, reference), 5)}
+            if runtime.startswith("ov"):
+                from mimc.runtime.openvino import compile_model, runtime_precision
 
-    x = held[:1]
+                plan["graphs"][label]["runtime_precision"] = runtime_precision(
+                    compile_model(path, "bf16" if runtime == "ov-bf16" else "fp32", args.threads))
+            del run
+    (work / "plan.json").write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def time_all(work: Path, rounds: int, iters: int, threads: int) -> dict[str, float]:
+    """One run: every graph loaded in this process, warmed, timed in alternating rounds; medians (ms)."""
+    plan = json.loads((work / "plan.json").read_text())
+    x = np.load(work / "held.npy")[:1]
+    runners = {label: runner(g["runtime"], g["path"], threads) for label, g in plan["graphs"].items()}
     for run in runners.values():
         for _ in range(3):
             run(x)
     wall: dict[str, list[float]] = {label: [] for label in runners}
     labels = list(runners)
-    for r in range(args.rounds):
+    for r in range(rounds):
         for label in labels if r % 2 == 0 else labels[::-1]:
-            for _ in range(args.iters):
+            for _ in range(iters):
                 t = time.perf_counter()
                 runners[label](x)
                 wall[label].append(time.perf_counter() - t)
+    return {label: round(float(np.median(v)) * 1e3, 2) for label, v in wall.items()}
+
+
+def verdicts(graphs: dict, ms: dict[str, float]) -> dict:
+    """The issue's two comparisons for one run's medians."""
+    out = {}
+    for model_label in MODELS:
+        rows = {k.split(", ", 1)[1]: {**g, "ms": ms[k]} for k, g in graphs.items() if k.startswith(model_label + ",")}
+        peer = rows.get(NNCF)
+        if peer is None:
+            continue
+        mine = {k: r for k, r in rows.items() if k != NNCF and "dynamic" not in k and "fp32" not in k}
+        if model_label == "dense":  # fastest mimc graph at cosine >= 0.999 (any runtime, fp32 included)
+            mine = {k: r for k, r in rows.items() if k != NNCF and "dynamic" not in k and r["pooled_cosine_vs_fp32"] >= 0.999}
+        else:  # fastest mimc int8 graph at equal or better cosine than the peer
+            mine = {k: r for k, r in mine.items() if r["pooled_cosine_vs_fp32"] >= peer["pooled_cosine_vs_fp32"]}
+        if not mine:
+            out[model_label] = {"fastest_mimc": None, "goal_1.05x_met": False}
+            continue
+        best = min(mine, key=lambda k: mine[k]["ms"])
+        ort_rows = [r["ms"] for k, r in rows.items() if k.startswith("ORT")]
+        out[model_label] = {"fastest_mimc": best, "ms": mine[best]["ms"], "cosine": mine[best]["pooled_cosine_vs_fp32"],
+                            "nncf_ms": peer["ms"], "nncf_cosine": peer["pooled_cosine_vs_fp32"],
+                            "speedup_vs_nncf": round(peer["ms"] / mine[best]["ms"], 3),
+                            "goal_1.05x_met": peer["ms"] / mine[best]["ms"] >= 1.05,
+                            "faster_than_every_ort_row": all(mine[best]["ms"] <= v for v in ort_rows)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vitb", choices=("vitb", "ref"))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib", type=int, default=128)
+    parser.add_argument("--held", type=int, default=16)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the graphs (default: a temporary one)")
+    parser.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)  # one run, in a child process
+    args = parser.parse_args()
+    if args.time_only:
+        print(json.dumps(time_all(args.work, args.rounds, args.iters, args.threads)))
+        return
+
+    import nncf
+    import onnxruntime as ort
+
+    from mimc.runtime import openvino as mov
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-ov-"))
+    work.mkdir(parents=True, exist_ok=True)
+    plan = build(args, work)
+    runs = []
+    for r in range(args.runs):
+        done = subprocess.run([sys.executable, __file__, "--time-only", "--work", str(work), "--rounds", str(args.rounds),
+                               "--iters", str(args.iters), "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"run {r + 1}/{args.runs} done", file=sys.stderr)
 
     rows = []
-    for label in labels:
-        rows.append({"graph": label, "median_ms": round(float(np.median(wall[label])) * 1e3, 2),
-                     "pooled_cosine_vs_fp32": round(cos[label], 5), "build_s": round(build_s.get(label, 0.0), 1),
-                     "note": notes.get(label, "")})
-    rows += [{"graph": k, "note": v} for k, v in notes.items() if k not in runners]
-    print("| graph | median ms | pooled cosine vs its fp32 | runtime precision / note |")
-    print("| --- | ---: | ---: | --- |")
+    for label, g in plan["graphs"].items():
+        ms = [run[label] for run in runs]
+        fp32 = [run[f"{label.split(', ')[0]}, ORT fp32"] for run in runs]
+        rows.append({"graph": label, "ms_per_run": ms, "x_ort_fp32_per_run": [round(f / m, 2) for f, m in zip(fp32, ms)],
+                     "pooled_cosine_vs_fp32": g["pooled_cosine_vs_fp32"], "build_s": g["build_s"],
+                     "runtime_precision": g.get("runtime_precision"), "note": plan["notes"].get(label, "")})
+    rows += [{"graph": k, "note": v} for k, v in plan["notes"].items() if k not in plan["graphs"]]
+    print("| graph | ms (runs) | x ORT fp32 | pooled cosine vs its fp32 | OpenVINO compute layers / note |")
+    print("| --- | ---: | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['graph']} | {r.get('median_ms', '-')} | {r.get('pooled_cosine_vs_fp32', '-')} | {r['note']} |")
-    verdict = {}
-    for model_label in ("dense", "50% blocks + 50% patches"):
-        mine = [r for r in rows if r["graph"].startswith(model_label + ",") and "median_ms" in r and "NNCF" not in r["graph"]
-                and ("OV" in r["graph"] or "ORT" in r["graph"]) and r["pooled_cosine_vs_fp32"] >= 0.999
-                and "dynamic" not in r["graph"]]
-        nncf_row = next((r for r in rows if r["graph"] == f"{model_label}, OV + NNCF int8 (default preset)"), None)
-        if mine and nncf_row:
-            best = min(mine, key=lambda r: r["median_ms"])
-            verdict[model_label] = {"fastest_mimc_at_0.999": best["graph"], "ms": best["median_ms"], "nncf_ms": nncf_row["median_ms"],
-                                    "nncf_cosine": nncf_row["pooled_cosine_vs_fp32"],
-                                    "speedup_vs_nncf": round(nncf_row["median_ms"] / best["median_ms"], 3),
-                                    "goal_1.05x_met": nncf_row["median_ms"] / best["median_ms"] >= 1.05}
-    print(json.dumps(verdict, indent=2))
+        if "ms_per_run" not in r:
+            print(f"| {r['graph']} | - | - | - | {r['note']} |")
+            continue
+        layers = (r["runtime_precision"] or {}).get("compute_layers", "")
+        print(f"| {r['graph']} | {min(r['ms_per_run'])}-{max(r['ms_per_run'])} | {min(r['x_ort_fp32_per_run'])}-"
+              f"{max(r['x_ort_fp32_per_run'])} | {r['pooled_cosine_vs_fp32']} | {layers} {r['note']} |")
+    per_run = [verdicts(plan["graphs"], run) for run in runs]
+    print(json.dumps(per_run, indent=2))
     load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else None
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
-        "benchmark": "bench_openvino_vitb", "model": args.model, "batch": 1, "threads": args.threads, "rounds": args.rounds,
-        "iters_per_block": args.iters, "calib_images": args.calib, "held_images": args.held, "onnxruntime": ort.__version__,
-        "openvino": mov.version(), "nncf": nncf.__version__, "cpu_bf16": bf16, "python": sys.version.split()[0],
-        "load_average_at_end": load, "rows": rows, "verdict": verdict,
+        "benchmark": "bench_openvino_vitb", "model": args.model, "batch": 1, "threads": args.threads, "runs": args.runs,
+        "rounds": args.rounds, "iters_per_block": args.iters, "calib_images": args.calib, "held_images": args.held,
+        "onnxruntime": ort.__version__, "openvino": mov.version(), "nncf": nncf.__version__, "cpu_bf16": plan["cpu_bf16"],
+        "cpu_vnni": plan["cpu_vnni"], "python": sys.version.split()[0], "load_average_at_end": load, "rows": rows,
+        "verdict_per_run": per_run,
     }, indent=2) + "\n")
     print(f"\nload average {load}; wrote {RESULTS}")
 

@@ -12,7 +12,7 @@ from mimc.cli.render import line, note, show
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
-    @handle_errors(flags={"data": "--calib", "quantize_attention_matmuls": "--attention"})
+    @handle_errors(flags={"data": "--calib", "quantize_attention_matmuls": "--attention", "overflow_fix": "--overflow-fix"})
     @reads_images("calib")
     def quantize(
         model: str = typer.Argument(..., help=MODEL_HELP + " Or an fp32 model.onnx written by mimc."),
@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         attention: bool = typer.Option(False, "--attention", help="Also quantize the two attention matmuls (default: float; see `mimc.quant.quantize`)."),
         fuse_attention: bool = typer.Option(True, "--fuse-attention/--no-fuse-attention",
                                             help="cpu target: run each block's qkv + float attention as one ORT QAttention kernel."),
+        overflow_fix: Optional[str] = typer.Option(None, "--overflow-fix", help="--device openvino-cpu: 7-bit weights on none, "
+                                                   "first_layer or all layers (default: first_layer with VNNI, measured without)."),
         device: str = typer.Option("cpu", "--device", help="Target device profile (cpu, h100, ...) or a profile .yaml: picks the graph layout."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (default: model.int8.onnx beside the input)."),
         force: bool = typer.Option(False, "--force", help="Write the graph even when it fails the fidelity gate."),
@@ -42,7 +44,8 @@ def register(app: typer.Typer) -> None:
         with status(f"quantizing {model} to {precision} ({method})"):
             report = api.quantize(model, calib, output, precision=precision, device=device, seed=seed, force=force,
                                    method=method, n=n, percentile=percentile, smooth=smooth, repq=repq,
-                                   quantize_attention_matmuls=attention, fuse_attention=fuse_attention)
+                                   quantize_attention_matmuls=attention, fuse_attention=fuse_attention,
+                                   **({"overflow_fix": overflow_fix} if overflow_fix else {}))
         show(report, json_out, _human)
 
 
@@ -54,6 +57,9 @@ def _human(r: dict) -> None:
          f"matmuls quantized{fused}, calibrated on {r['calibration_images']} images ({r['config']['method']}); pooled cosine "
          f"to fp32 {fid['pooled_cosine_mean']:.4f} (worst {fid['image_cosine_min']:.4f}), SQNR {fid['sqnr_db']:.1f} dB on {fid['n_images']} "
          f"{val['inputs']}: gate {'[green]passed[/]' if val['passed'] else '[red]FAILED (forced)[/]'}")
+    if r.get("overflow_fix"):
+        note(f"{r['quantized_convs']} conv quantized; 7-bit weights: {r['overflow_fix']}"
+             + (f" (SQNR dB by layout through OpenVINO: {r['overflow_fix_sqnr_db']})" if r.get("overflow_fix_sqnr_db") else ""))
     if not r["runnable_here"]:
         note(f"not runnable here: {r['runnable_note']}")
     line(f"wrote {r['path']}")

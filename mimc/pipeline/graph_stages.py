@@ -137,7 +137,7 @@ def target_for_device(device: str, precision: str) -> str:
     if precision not in profile.precisions:
         raise ConfigError(f"device '{profile.name}' does not support {precision} (it has {', '.join(profile.precisions)}): "
                           f"pick another device or precision")
-    return "cpu" if profile.backend == "onnxruntime-cpu" else "tensorrt"
+    return {"onnxruntime-cpu": "cpu", "openvino-cpu": "openvino"}.get(profile.backend, "tensorrt")
 
 
 # build --------------------------------------------------------------------------------------------

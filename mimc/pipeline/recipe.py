@@ -212,7 +212,7 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             if target.get(name) == "tensorrt" and backend == "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, a TensorRT Q/DQ graph, on ONNX Runtime CPU: "
                                   "quantize with target: cpu, or profile a GPU device with predict: true")
-            if target.get(name) == "cpu-unfused" and backend not in ("onnxruntime-cpu", "openvino-cpu"):
+            if target.get(name) in ("cpu-unfused", "openvino") and backend not in ("onnxruntime-cpu", "openvino-cpu"):
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, a CPU graph, on {step.config.device}: "
                                   "quantize with target: tensorrt, or profile device: cpu or openvino-cpu")
             if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
@@ -242,7 +242,7 @@ def _check_build(step: Step, i: int, graph: str | None, target: dict[str, str], 
     if prof.backend == "openvino-cpu":
         if kind == "cpu":
             raise ConfigError(f"{where}: {key} would build {graph}, an ONNX Runtime CPU graph (QAttention kernels), for OpenVINO: "
-                              "give the quantize stage fuse_attention: false (plain Q/DQ, which OpenVINO reads)")
+                              "give the quantize stage target: openvino (or fuse_attention: false: plain Q/DQ, which OpenVINO reads)")
         if source not in ("fp32", "int8"):
             raise ConfigError(f"{where}: {key} would build {graph}, a {source} graph, for OpenVINO CPU, which runs fp32, bf16 and "
                               "int8: quantize with precision int8")
@@ -251,7 +251,7 @@ def _check_build(step: Step, i: int, graph: str | None, target: dict[str, str], 
             raise ConfigError(f"{where}: {stage_key(i, 'build', 'precision')} int8 needs a quantized graph (OpenVINO runs int8 from "
                               f"Q/DQ nodes) but {graph} is fp32: add a quantize stage before the build, or build fp32")
     else:
-        if kind in ("cpu", "cpu-unfused"):
+        if kind in ("cpu", "cpu-unfused", "openvino"):
             raise ConfigError(f"{where}: {key} would build {graph}, a CPU graph, for {step.config.device}: "
                               "quantize with target: tensorrt, or build for openvino-cpu")
         built = config.precision or source

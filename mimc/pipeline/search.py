@@ -18,8 +18,8 @@ Every candidate is built for real and measured, never guessed:
 - the CPU runtime is a dimension (``runtimes``; by default every one installed here: ONNX Runtime,
   and OpenVINO when it imports, else the result's ``skipped`` says how to install it): ONNX Runtime runs fp32 and mimc's int8 graph;
   OpenVINO runs the fp32 graph with an explicit f32 hint, bf16 only where the CPU has AVX-512 BF16
-  or AMX (else skipped, and the result says why), and int8 as mimc's calibrated Q/DQ graph read by
-  OpenVINO. An OpenVINO candidate's fidelity is measured through its OpenVINO compiled model, and
+  or AMX (else skipped, and the result says why), and int8 as mimc's calibrated Q/DQ graph for the
+  openvino target. An OpenVINO candidate's fidelity is measured through its OpenVINO compiled model, and
   its recipe builds the OpenVINO IR at its precision (``build``) and profiles and evaluates that IR.
 
 The result lists every candidate, marks the Pareto front (no other candidate is both faster and
@@ -45,7 +45,7 @@ from mimc.options import Options, option
 from mimc.metrics import FidelityMeter
 
 CPU_PRECISIONS = ("fp32", "int8")
-# what each CPU runtime of a measured search runs (OpenVINO int8: mimc's Q/DQ graph, float layers in f32)
+# what each CPU runtime of a measured search runs (OpenVINO int8: the openvino target's Q/DQ graph, float layers in f32)
 RUNTIME_PRECISIONS = {"ort": CPU_PRECISIONS, "openvino": ("fp32", "bf16", "int8")}
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
 
@@ -275,7 +275,7 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     precision = cand.precision
     cand.macs = float(flops_per_image(model.config))
     # a model's fp32 graph is exported once, whichever runtime reads it; the int8 graph differs
-    # (ORT: QAttention-fused; OpenVINO: plain Q/DQ, which its frontend reads)
+    # (ORT: QAttention-fused; OpenVINO: the openvino target's plain Q/DQ, which its frontend reads)
     quantized = precision in ("int8", "fp8")
     key = (cand.mlp, cand.width_macs, cand.width_criterion, cand.blocks, cand.keep, cand.nm,
            (precision, cand.runtime) if quantized else "float")
@@ -306,7 +306,7 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
 def _graph(model, precision: str, runtime: str, prof, images, calib, tmp: Path) -> tuple[Path, bool, list[dict[str, Any]]]:
     """The batch-1 graph that ships (fp32, or mimc's int8/fp8 Q/DQ graph), whether it runs as its
     fp32 emulation here (TensorRT Q/DQ), and the recipe stages that build it. OpenVINO's int8 graph
-    is mimc's CPU graph without the QAttention fusion (an ONNX Runtime contrib op OpenVINO cannot read)."""
+    is the openvino target's Q/DQ layout (mimc.quant.quantize), judged through OpenVINO."""
     from mimc.pipeline.graph_stages import GraphContext, export_stage, quantize_split
     from mimc.pipeline.stages import ExportConfig
 
@@ -319,9 +319,8 @@ def _graph(model, precision: str, runtime: str, prof, images, calib, tmp: Path) 
         return fp32, False, stages
     from mimc.quant.quantize import QuantizeConfig
 
-    target = "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
-    unfused = {"fuse_attention": False} if runtime == "openvino" else {}
-    config = QuantizeConfig(precision=precision, n=len(calib), target=target, **unfused)
+    target = "openvino" if runtime == "openvino" else "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
+    config = QuantizeConfig(precision=precision, n=len(calib), target=target)
     graph = tmp / f"model.{precision}.onnx"
     quantize_split(fp32, graph, calib, images, config, True, calib.source, batch_size=8)
     return graph, target == "tensorrt", stages + [{"quantize": config.to_dict()}]

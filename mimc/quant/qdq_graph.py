@@ -157,6 +157,12 @@ def attention_sites(idx: GraphIndex) -> list:
     return sites
 
 
+def conv_sites(idx: GraphIndex) -> list:
+    """Convolutions of an activation by a constant weight (the patch embedding)."""
+    return [n for n in idx.model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and not idx.is_constant(n.input[0])
+            and idx.is_constant(n.input[1])]
+
+
 def norm_linear_pairs(idx: GraphIndex, sites: list[LinearSite]) -> list[tuple[object, LinearSite]]:
     """LayerNormalization nodes whose output feeds exactly one block linear (norm1 -> qkv, norm2 -> fc1)."""
     by_act = {s.act: s for s in sites}
@@ -242,10 +248,12 @@ def _scalar(name: str, value, dtype) -> object:
     return numpy_helper.from_array(np.array(value, dtype=dtype), name)
 
 
-def per_channel_weight(w: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel quantization of W (in, out): (quantized values, scales (out,))."""
+def per_channel_weight(w: np.ndarray, precision: str, seven_bit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel quantization of W (in, out): (quantized values, scales (out,)).
+
+    ``seven_bit``: int8 values in [-63, 63] (the overflow fix: see :func:`rewrite_qdq`)."""
     amax = np.abs(w).max(axis=0).astype(np.float64)
-    qmax = FP8_MAX if precision == "fp8" else 127.0
+    qmax = FP8_MAX if precision == "fp8" else (63.0 if seven_bit else 127.0)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     ratio = w / scale[None, :]
     if precision == "fp8":
@@ -281,18 +289,34 @@ def rebuild_nodes(model, replace, inits: list) -> None:
     prune_unused(model)
 
 
-def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, precision: str) -> None:
-    """Insert shared Q/DQ on activations and DQ on per-channel weights (TensorRT / FP8 layout)."""
+def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, precision: str, convs: list = (),
+                unsigned: bool = False, index: GraphIndex | None = None, overflow_fix: str = "none") -> None:
+    """Insert shared Q/DQ on activations and DQ on per-channel weights (TensorRT / FP8 / OpenVINO layout).
+
+    ``unsigned``: an activation whose calibrated range is non-negative (softmax probabilities) is
+    quantized as u8 with zero point 0 instead of symmetric s8, which would spend half its levels on
+    values that never occur (OpenVINO's low-precision transformations take u8 or s8 activations;
+    TensorRT has no u8). ``convs``: Conv nodes (``index`` reads their weights) quantized alike,
+    weights per output channel.
+
+    ``overflow_fix`` (first_layer: the convs; all: every weight; none): weights in 7 bits. A CPU
+    without VNNI multiplies u8 x s8 with ``vpmaddubsw``, which sums each pair of products into a
+    saturating int16: 2 x 255 x 127 overflows it, 2 x 255 x 63 does not. OpenVINO runs s8
+    activations shifted to u8 there, so a full-range activation saturates (measured on the tiny
+    outlier encoder through OpenVINO on an AVX2 CPU: pooled cosine 0.9932 with 8-bit weights,
+    0.99994 with 7-bit ones; ONNX Runtime's kernels do not saturate). NNCF's ``OverflowFix`` is
+    the same remedy.
+    """
     from onnx import helper, numpy_helper
 
     kind = "fp8" if precision == "fp8" else "int8"
-    plan, attn = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}
+    plan, attn, conv = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}, {id(n) for n in convs}
     dq_of: dict[str, str] = {}
     inits: list = []
 
     def activation(t: str, emit) -> str:
         if t not in dq_of:
-            scale, zp = activation_qparams(*ranges[t], kind)
+            scale, zp = activation_qparams(*ranges[t], "u8" if unsigned and kind == "int8" and ranges[t][0] >= 0 else kind)
             s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
             inits.extend([_scalar(s, scale, np.float32), numpy_helper.from_array(np.asarray(zp), z)])
             emit(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
@@ -303,7 +327,7 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
     def replace(n, emit) -> list:
         if id(n) in plan:
             site = plan[id(n)]
-            q, scale = per_channel_weight(site.weight, precision)
+            q, scale = per_channel_weight(site.weight, precision, seven_bit=overflow_fix == "all")
             base = f"{n.name or n.output[0]}_mimc_w"
             zp = np.zeros(scale.shape, dtype=q.dtype)
             inits.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
@@ -313,6 +337,15 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
             n.input[0], n.input[1] = activation(site.act, emit), base + "_dq"
         elif id(n) in attn:
             n.input[0], n.input[1] = activation(n.input[0], emit), activation(n.input[1], emit)
+        elif id(n) in conv:
+            w = index.constant(n.input[1]).astype(np.float32)
+            q, scale = per_channel_weight(w.reshape(w.shape[0], -1).T, precision,  # (in*kh*kw, out): per out channel
+                                          seven_bit=overflow_fix in ("first_layer", "all"))
+            base = f"{n.name or n.output[0]}_mimc_w"
+            inits.extend([numpy_helper.from_array(q.T.reshape(w.shape), base), numpy_helper.from_array(scale, base + "_scale"),
+                          numpy_helper.from_array(np.zeros(scale.shape, dtype=q.dtype), base + "_zp")])
+            emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"], name=base + "_DQ", axis=0))
+            n.input[0], n.input[1] = activation(n.input[0], emit), base + "_dq"
         return [n]
 
     rebuild_nodes(model, replace, inits)

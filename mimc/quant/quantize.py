@@ -39,6 +39,21 @@ Targets (the graph is chosen for where it runs):
   scales on the attention matmuls' two activations, it does not fuse attention, and its histogram
   calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
   stays the baseline the benchmark compares against.
+- ``openvino`` (OpenVINO CPU plugin): plain Q/DQ as for tensorrt, which OpenVINO's ONNX frontend
+  reads as FakeQuantize and its low-precision transformations run as int8 kernels where every
+  input of a MatMul/Convolution is quantized. Two differences, both measured through OpenVINO's
+  execution graph: the patch-embedding Conv is quantized too (OpenVINO's int8 convolution is its
+  own, unlike ORT's slow ConvInteger), and an activation whose calibrated range is non-negative
+  (softmax probabilities, with ``quantize_attention_matmuls``) is u8 with zero point 0, not
+  symmetric s8: s8 wastes half its levels there (pooled cosine on `ref` 0.986 -> 0.996). With
+  attention matmuls this covers exactly the layers NNCF's default preset runs in int8 (execution
+  graph: the same i8/u8 layer counts); NNCF also quantizes residual Adds and LayerNorm inputs,
+  which mimc keeps float for fidelity. Fidelity is judged through OpenVINO itself.
+  On a CPU without VNNI, int8 kernels sum pairs of u8 x s8 products in a saturating int16
+  (``overflow_fix``, see qdq_graph.rewrite_qdq): whether that hurts depends on the model's
+  activations (the tiny outlier encoder: pooled cosine 0.9932; random ViT-B: no loss), so there mimc
+  builds both the first-layer and the all-layer 7-bit-weight layouts from one calibration and keeps
+  the one OpenVINO runs with the higher SQNR; with VNNI the first layer alone, as NNCF does.
 
 Graphs past 2 GiB (ViT-H/14 fp32): the source graph is read without its weights; they stay in
 external data, hard-linked (or copied) into the run's scratch folder beside the output, where the
@@ -73,15 +88,15 @@ from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
                         uses_external)
-from mimc.metrics import Fidelity
 from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
+from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
-from mimc.quant.qdq_graph import attention_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
+from mimc.quant.qdq_graph import attention_sites, conv_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
 from mimc.options import StageConfig
 from mimc.options import option
 
 PRECISIONS = ("int8", "fp8")
-TARGETS = ("cpu", "tensorrt")
+TARGETS = ("cpu", "tensorrt", "openvino")
 FP8_OPSET = 19
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
                        "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
@@ -101,7 +116,13 @@ class QuantizeConfig(StageConfig):
     repq: bool = False
     # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
     quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
-    target: str | None = option(None, choices=TARGETS, doc="graph layout; null: cpu for int8, tensorrt for fp8")
+    # openvino: plain Q/DQ like tensorrt, plus the patch-embedding Conv, u8 for non-negative activations
+    target: str | None = option(None, choices=TARGETS, doc="graph layout (cpu: ONNX Runtime, tensorrt, openvino); null: cpu for int8, "
+                                                        "tensorrt for fp8")
+    # openvino target: 7-bit weights against int16 saturation on CPUs without VNNI (qdq_graph.rewrite_qdq);
+    # null: first_layer where this CPU has VNNI; without it, first_layer or all, whichever OpenVINO runs more faithfully
+    overflow_fix: str | None = option(None, choices=("none", "first_layer", "all"),
+                                      doc="openvino target: layers with 7-bit weights; null: first_layer with VNNI, measured without")
     # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
     fuse_attention: bool = option(True, doc="cpu target: run qkv + attention as one QAttention kernel")
 
@@ -109,10 +130,32 @@ class QuantizeConfig(StageConfig):
         if self.precision == "fp8" and self.target == "cpu":
             raise ConfigError("fp8 Q/DQ graphs run on TensorRT (Hopper/Ada), not on ONNX Runtime CPU: give target tensorrt "
                               "or precision int8", option=("target", "precision"))
+        if self.overflow_fix is not None and self.resolved_target != "openvino":
+            raise ConfigError(f"overflow_fix applies to the openvino target's int8 weights, not {self.resolved_target}: "
+                              "drop it or give target openvino", option=("overflow_fix", "target"))
+        if self.precision == "fp8" and self.target == "openvino":
+            raise ConfigError("OpenVINO's CPU plugin has no FP8 kernels: give precision int8, or target tensorrt for FP8",
+                              option=("target", "precision"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["overflow_fix"] is None:  # an openvino-only option: other targets' records stay as they were
+            del data["overflow_fix"]
+        return data
 
     @property
     def needs_data(self) -> bool:
         return True
+
+    @property
+    def resolved_overflow_fix(self) -> str:
+        if self.resolved_target != "openvino":
+            return "none"
+        if self.overflow_fix is None:
+            from mimc.runtime.openvino import cpu_vnni
+
+            return "first_layer" if cpu_vnni()["supported"] else "all"
+        return self.overflow_fix
 
     @property
     def resolved_target(self) -> str:
@@ -190,12 +233,14 @@ def _fresh_name(folder: Path, stem: str) -> str:
 
 # The stage ----------------------------------------------------------------------------------------
 def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig, base_dir: str | os.PathLike | None = None,
-                   scratch: bool = False) -> tuple[Any, dict[str, Any]]:
+                   scratch: bool = False, overflow_fix: str | None = None, cache: dict | None = None) -> tuple[Any, dict[str, Any]]:
     """fp32 ModelProto -> quantized ModelProto (a new message) and what was done.
 
     ``base_dir``: the folder the graph's external-data tensors live in (a graph past 2 GiB);
     ``scratch``: that folder is mimc's own scratch space, where outlier folding may put the weights
-    it rewrites (otherwise they stay in the returned proto).
+    it rewrites (otherwise they stay in the returned proto). ``overflow_fix``: overrides the
+    config's (openvino target); ``cache``: a dict kept between calls on the same graph and
+    calibration, so a second layout reuses the first one's calibration passes.
     """
     import onnx
 
@@ -209,9 +254,12 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
         raise BadInputError("the graph has no MatMul with constant weights to quantize: is this an exported mimc encoder?")
     if config.smooth is not None or config.repq:
         pairs = norm_linear_pairs(idx, sites)
-        channel = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration, base_dir)
+        cache = {} if cache is None else cache
+        if "channel" not in cache:
+            cache["channel"] = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration, base_dir)
+        channel = cache["channel"]
         info["folding"] = fold_pairs(model, pairs, channel, config.smooth, config.repq,
-                                     symmetric=config.resolved_target == "tensorrt", base_dir=base_dir)
+                                     symmetric=config.resolved_target != "cpu", base_dir=base_dir)
         if scratch and base_dir is not None:
             offload_tensors(model, base_dir, _fresh_name(Path(base_dir), "mimc-folded"))  # the proto stays small
     if config.precision == "fp8":
@@ -219,23 +267,41 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     idx = GraphIndex.build(model, base_dir)  # folding and the opset conversion rewrote the graph
     sites = linear_sites(idx)
     attn = attention_sites(idx) if config.quantize_attention_matmuls else []
-    acts = [s.act for s in sites] + [i for n in attn for i in n.input]
+    convs = conv_sites(idx) if config.resolved_target == "openvino" else []
+    acts = [s.act for s in sites] + [i for n in attn for i in n.input] + [n.input[0] for n in convs]
     kl_levels = 256 if config.resolved_target == "cpu" else 128  # u8 asymmetric vs symmetric int8 / fp8
     # Attention probabilities are power-law distributed: percentile or entropy calibration clips
     # exactly the few large weights that matter (measured on `ref`: entropy fell from 46 to 29 dB
     # SQNR). Keep their observed range; it is at most [0, 1] and finer than a fixed [0, 1]
     # (fixed [0, 1] as ModelOpt uses cost ~6 dB on `ref`).
-    ranges, images = collect_ranges(model, acts, calibration, config.method, config.percentile, kl_levels,
-                                    observed=_softmax_outputs(idx, attn), base_dir=base_dir)
+    cache = {} if cache is None else cache
+    if "ranges" not in cache:
+        cache["ranges"] = collect_ranges(model, acts, calibration, config.method, config.percentile, kl_levels,
+                                         observed=_softmax_outputs(idx, attn), base_dir=base_dir)
+    ranges, images = cache["ranges"]
     if config.resolved_target == "cpu":
         rewrite_cpu(model, sites, attn, ranges)
         if config.fuse_attention and not attn:
             info.update(fuse_attention_cpu(model, base_dir))
     else:
-        rewrite_qdq(model, sites, attn, ranges, config.precision)
+        fix = overflow_fix or config.resolved_overflow_fix
+        rewrite_qdq(model, sites, attn, ranges, config.precision, convs, unsigned=config.resolved_target == "openvino", index=idx,
+                    overflow_fix=fix)
+        if config.resolved_target == "openvino":
+            info["overflow_fix"] = fix
     info.update({"quantized_linears": len(sites), "quantized_attention_matmuls": len(attn),
+                 **({"quantized_convs": len(convs)} if convs else {}),
                  "activation_tensors": len(set(acts)), "calibration_images": images})
     return model, info
+
+
+def overflow_fixes(config: QuantizeConfig) -> list[str | None]:
+    """The layouts quantize_onnx builds and judges: one, except for the openvino target with
+    overflow_fix left to mimc on a CPU without VNNI, where int16 saturation may or may not hurt a
+    given model: both first_layer (NNCF's default; 8-bit weights keep more precision) and all."""
+    if config.resolved_target == "openvino" and config.overflow_fix is None and config.resolved_overflow_fix == "all":
+        return ["first_layer", "all"]
+    return [None]
 
 
 def _softmax_outputs(idx: GraphIndex, attn_nodes: list) -> list[str]:
@@ -269,53 +335,6 @@ def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str |
     model.producer_name, model.producer_version = "mimc", mimc_version()
 
 
-def runnable_here(config: QuantizeConfig) -> tuple[bool, str]:
-    if config.precision == "fp8":
-        return False, ("ONNX Runtime CPU has no FP8 matmul kernels; run it with TensorRT on Hopper/Ada. "
-                       "Fidelity here is an fp32 emulation of the same Q/DQ graph (E4M3 rounding, float math).")
-    if config.resolved_target == "tensorrt":
-        return True, "runs on ONNX Runtime CPU as plain Q/DQ (emulated, slow); built for TensorRT"
-    return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
-
-
-def graph_outputs(path: Path, inputs: list[np.ndarray], emulate_qdq: bool = False) -> dict[str, np.ndarray]:
-    """Every output of the graph at ``path`` on ``inputs`` (chunked to its static batch; a remainder
-    that does not fill a batch is left out). The session, and the weights it read, are freed on return."""
-    from mimc.runtime.session import make_session
-
-    sess = make_session(path, emulate_qdq=emulate_qdq)
-    name = sess.get_inputs()[0].name
-    dims = sess.get_inputs()[0].shape
-    batch = dims[0] if isinstance(dims[0], int) else None
-    full = np.concatenate(inputs)
-    step = batch or full.shape[0]
-    outs: dict[str, list[np.ndarray]] = {}
-    for i in range(0, (full.shape[0] // step) * step, step):
-        for o, v in zip([o.name for o in sess.get_outputs()], sess.run(None, {name: full[i : i + step]})):
-            outs.setdefault(o, []).append(v)
-    return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.ndarray], config: QuantizeConfig,
-                     pooled_only: bool = False, reference: dict[str, np.ndarray] | None = None) -> tuple[Fidelity, list[str]]:
-    """The quantized graph against the fp32 graph on held-out inputs; also the outputs compared.
-
-    ``reference``: the fp32 graph's outputs on ``eval_inputs`` when already computed (then only the
-    quantized graph is loaded). The two graphs are run one after the other, never held together.
-    """
-    from mimc.metrics import compare_outputs
-
-    ref = reference if reference is not None else graph_outputs(fp32_path, eval_inputs)
-    # A graph quantized for TensorRT is judged as its exact Q/DQ math: ORT's own int8 fusions are not TensorRT's.
-    cand = graph_outputs(quant_path, eval_inputs, emulate_qdq=config.resolved_target == "tensorrt")
-    if pooled_only and "pooled" in ref:
-        # Token merging picks its merges from token similarities: a perturbation as small as int8
-        # noise can swap which tokens merge, reordering last_hidden_state while the pooled feature
-        # (what downstream heads and k-NN use) barely moves. Judge the pooled output there.
-        ref, cand = {"pooled": ref["pooled"]}, {"pooled": cand["pooled"]}
-    return compare_outputs(ref, cand), sorted(ref)
-
-
 def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calibration_batches: Iterable,
                   config: QuantizeConfig, eval_batches: Iterable | None = None, force: bool = False,
                   on_commit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -329,6 +348,10 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     start = time.perf_counter()
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     _check_paths(onnx_in, onnx_out)
+    if config.resolved_target == "openvino":
+        from mimc.runtime.openvino import openvino
+
+        openvino()  # not installed: the install hint, before any work
     source_sha = verify_graph(onnx_in) or sha256_file(onnx_in)  # a listed graph (and its .data) as recorded
     source = onnx_in.resolve()  # a symlinked graph: its weights are read where the file really is
     model = load_float_graph(source, external_data=False)  # weights (in the file or beside it) stay on disk
@@ -349,17 +372,27 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         work = Path(tmp_dir) / "work"
         work.mkdir()
         _workspace(model, source.parent, work)
-        quantized, info = quantize_graph(model, calibration, config, base_dir=work, scratch=True)
-        del model
         calib_sha = calibration_hash(calibration)
-        _stamp(quantized, config, info, calib_sha, source_sha)
-        opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
-        tmp = Path(tmp_dir) / onnx_out.name
-        data = save_graph(quantized, tmp, base_dir=work)  # external data when the initializers sum past the limit
-        del quantized
+        reference = graph_outputs(onnx_in, held_out)
+        cache: dict = {}
+        built = []  # (fidelity, gated outputs, graph, its external data, info), one per overflow-fix layout
+        for k, fix in enumerate(overflow_fixes(config)):
+            quantized, info = quantize_graph(model, calibration, config, base_dir=work, scratch=True, overflow_fix=fix, cache=cache)
+            _stamp(quantized, config, info, calib_sha, source_sha)
+            opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
+            (Path(tmp_dir) / f"c{k}").mkdir()
+            tmp = Path(tmp_dir) / f"c{k}" / onnx_out.name
+            data = save_graph(quantized, tmp, base_dir=work)  # external data when the initializers sum past the limit
+            del quantized
+            check_graph(tmp)  # the structure, without reading the weights
+            built.append((*measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=pooled_only, reference=reference),
+                          tmp, data, info))
+        del model
         shutil.rmtree(work)
-        check_graph(tmp)  # the structure, without reading the weights
-        fidelity, gated_outputs = measure_fidelity(onnx_in, tmp, held_out, config, pooled_only=pooled_only)
+        # more than one layout (openvino, overflow fix left to mimc on a CPU without VNNI): the one
+        # OpenVINO runs most faithfully here, by the SQNR the gate judges
+        fidelity, gated_outputs, tmp, data, info = max(built, key=lambda b: b[0].worst_sqnr_db or -np.inf)
+        measured_fixes = {b[4]["overflow_fix"]: round(b[0].worst_sqnr_db or 0.0, 2) for b in built} if len(built) > 1 else None
         failures = gate_failures(fidelity, config.precision)
         if failures and not force:
             raise ValidationError(f"quantized graph fails the {config.precision} fidelity gate ({'; '.join(failures)}): "
@@ -374,6 +407,8 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "method": config.method, "n": config.n, "calibration_images": info["calibration_images"],
             "calibration_sha256": calib_sha, "smoothing": {"smooth_alpha": config.smooth, "repq": config.repq},
             "quantized_linears": info["quantized_linears"], "quantized_attention_matmuls": info["quantized_attention_matmuls"],
+            **({"quantized_convs": info["quantized_convs"], "overflow_fix": info["overflow_fix"],
+                "overflow_fix_sqnr_db": measured_fixes} if "overflow_fix" in info else {}),
             "fused_attention_blocks": info.get("fused_attention_blocks", 0), "unfused_attention": info.get("unfused_attention", {}),
             "source": {"file": onnx_in.name, "sha256": source_sha},
             "validation": {**verdict(fidelity, config.precision, failures), "reference": "fp32 graph", "inputs": eval_source,

@@ -62,16 +62,27 @@ def core():
     return _CORE
 
 
-def cpu_bf16() -> dict[str, Any]:
-    """Whether this CPU runs bf16 natively: cpuinfo flags and OpenVINO's optimization capabilities."""
-    flags: set[str] = set()
+def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def cpu_vnni() -> dict[str, Any]:
+    """Whether this CPU multiplies u8 x s8 into int32 directly (AVX-512 VNNI, AVX-VNNI or AMX int8):
+    without it, int8 kernels sum pairs of products in a saturating int16 (see the openvino target's
+    overflow fix in :mod:`mimc.quant.qdq_graph`). From /proc/cpuinfo; no flags readable: assumed absent."""
+    found = sorted(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return {"supported": bool(found), "cpu_flags": found}
+
+
+def cpu_bf16() -> dict[str, Any]:
+    """Whether this CPU runs bf16 natively: cpuinfo flags and OpenVINO's optimization capabilities."""
+    flags = _cpu_flags()
     caps = [str(c) for c in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
     found = sorted(flags & {"avx512_bf16", "amx_bf16"})
     return {"supported": "BF16" in caps, "cpu_flags": found, "optimization_capabilities": caps}
@@ -261,8 +272,9 @@ def _worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["openvino", "core", "cpu_bf16", "check_precision", "read", "compile_model", "runtime_precision",
-           "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir", "version", "HINTS",
+__all__ = ["openvino", "core", "cpu_bf16", "cpu_vnni", "check_precision", "read", "compile_model", "runtime_precision",
+           "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir",
+           "version", "HINTS",
            "IR_SUFFIXES", "INSTALL_HINT"]
 
 

@@ -118,3 +118,24 @@ def test_videomae_converted_artifact_quantizes(app, tmp_path):
     report = json.loads(result.stdout)
     assert report["quantized_linears"] == 8 and report["validation"]["passed"]
     assert json.loads((art / MANIFEST_NAME).read_text())["files"]["model.int8.onnx"]["precision"] == "int8"
+
+
+def test_device_openvino_cpu_writes_the_openvino_layout_and_builds_an_int8_ir(app, artifact, calib):
+    pytest.importorskip("openvino")
+    result = invoke(app, ["quantize", artifact, "--calib", calib, "--n", "16", "--device", "openvino-cpu", "--overflow-fix", "all",
+                          "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["target"] == "openvino" and report["overflow_fix"] == "all" and report["quantized_convs"] == 1
+    assert report["overflow_fix_sqnr_db"] is None  # asked for: one layout built, nothing chosen
+    ir = artifact / "model.int8.xml"
+    built = invoke(app, ["build", artifact / "model.int8.onnx", "--device", "openvino-cpu", "-o", ir, "--json"])
+    assert built.exit_code == 0, built.output
+    layers = json.loads((artifact / "model.int8.xml.json").read_text())["runtime_precision"]["compute_layers"]
+    assert "f32" not in layers and sum(layers.values()) == 4 * 4 + 1  # every linear and the patch conv in int8
+
+
+def test_overflow_fix_outside_openvino_names_the_flag(app, artifact, calib):
+    result = invoke(app, ["quantize", artifact, "--calib", calib, "--n", "16", "--overflow-fix", "all"])
+    one_error_line(result, "--overflow-fix")
+    assert not (artifact / "model.int8.onnx").exists()

@@ -68,7 +68,7 @@ def test_a_plain_qdq_graph_builds_an_int8_ir_that_profile_and_eval_run(tmp_path)
 
     out = tmp_path / "q"
     report = run_recipe(parse_recipe(recipe(
-        {"quantize": {"n": 16, "target": "cpu", "fuse_attention": False}}, {"build": {"device": "openvino-cpu", "precision": "int8"}},
+        {"quantize": {"n": 16, "target": "openvino"}}, {"build": {"device": "openvino-cpu", "precision": "int8"}},
         {"profile": {"device": "openvino-cpu", "baseline": False, **FAST}}, {"eval": {"n": 32}})), out)
     build, profile, eval_ = report["stages"][1:]
     assert build["file"] == "model.xml" and build["source"] == "model.int8.onnx" and build["precision"] == "int8"
@@ -89,6 +89,7 @@ def test_a_plain_qdq_graph_builds_an_int8_ir_that_profile_and_eval_run(tmp_path)
     (["export", {"build": {"precision": "int8"}}], "stages[1].build.precision int8 needs a quantized graph"),
     (["export", {"quantize": {}}, "build"], "fuse_attention: false"),  # QAttention: an ONNX Runtime kernel
     (["export", {"quantize": {"fuse_attention": False}}, {"build": {"device": "h100"}}], "a CPU graph, for h100"),
+    (["export", {"quantize": {"target": "openvino"}}, {"build": {"device": "h100"}}], "a CPU graph, for h100"),
     (["export", "build", {"profile": {"device": "cpu"}}], "stages[2].profile would time model.xml, an OpenVINO IR, on cpu"),
     (["export", "build", {"profile": {"device": "openvino-cpu", "predict": True}}], "stages[2].profile.predict"),
     (["export", "build", "build"], "stage 'build' appears 2 times"),
