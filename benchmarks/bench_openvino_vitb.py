@@ -18,6 +18,7 @@ them in --rounds alternating rounds (forward, then reverse order) of --iters run
 --threads threads; each run's medians are one column. Needs `pip install 'mimc[openvino]' nncf`.
 
     python benchmarks/bench_openvino_vitb.py [--model vitb|ref] [--runs 3] [--rounds 30] [--iters 2] [--threads 2]
+        [--work DIR [--reuse]]   # --reuse: time the graphs a previous run left in DIR, without rebuilding
 
 Writes benchmarks/results/bench_openvino_vitb.json and prints a markdown table.
 """
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=128)
     parser.add_argument("--held", type=int, default=16)
     parser.add_argument("--work", type=Path, default=None, help="folder for the graphs (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="time the graphs an earlier run built in --work (its plan.json)")
     parser.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     if args.time_only:
@@ -199,7 +201,9 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ov-"))
     work.mkdir(parents=True, exist_ok=True)
-    plan = build(args, work)
+    if args.reuse and not (work / "plan.json").is_file():
+        parser.error(f"--reuse: {work}/plan.json does not exist; run once without --reuse to build the graphs")
+    plan = json.loads((work / "plan.json").read_text()) if args.reuse else build(args, work)
     runs = []
     for r in range(args.runs):
         done = subprocess.run([sys.executable, __file__, "--time-only", "--work", str(work), "--rounds", str(args.rounds),
