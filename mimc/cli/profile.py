@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(10, "--warmup", help="Untimed runs before timing."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the profile's, else all cores)."),
         predict: bool = typer.Option(False, "--predict", help="Roofline estimate from the graph instead of a measurement."),
-        precision: Optional[str] = typer.Option(None, "--precision", help="openvino-cpu: fp32 (default) or bf16; with --predict: the precision priced."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="openvino-cpu: fp32 (default), bf16, int8 or int8-bf16 (int8 graph, bf16 float layers); with --predict: the precision priced."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the JSON report to this file."),
         json_out: bool = JsonOption,
     ) -> None:

@@ -52,6 +52,7 @@ GATES: dict[str, Gate] = {
     "fp16": Gate(min_cosine=0.999),
     "bf16": Gate(min_cosine=0.995),
     "int8": Gate(min_sqnr_db=20.0, min_cosine=0.99),
+    "int8-bf16": Gate(min_sqnr_db=20.0, min_cosine=0.99),  # int8 noise dominates bf16's 8-bit mantissa rounding
     "fp8": Gate(min_sqnr_db=20.0, min_cosine=0.99),
 }
 

@@ -15,7 +15,8 @@ from mimc.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 BACKENDS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+# int8-bf16: an int8 graph whose float layers run in bf16 (OpenVINO CPU)
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int8-bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ _PEAK_FALLBACK = {
     "tf32": ("tf32", "fp32"),
     "fp16": ("fp16", "fp32"),
     "bf16": ("bf16", "fp16", "fp32"),
+    "int8-bf16": ("int8-bf16", "int8"),  # its matmuls are the int8 ones
 }
 
 REQUIRED = ("name", "backend", "precisions", "peak_tflops", "memory_bandwidth_gbs", "memory_gb")

@@ -247,9 +247,12 @@ def _check_build(step: Step, i: int, graph: str | None, target: dict[str, str], 
             raise ConfigError(f"{where}: {key} would build {graph}, a {source} graph, for OpenVINO CPU, which runs fp32, bf16 and "
                               "int8: quantize with precision int8")
         built = config.precision or ("int8" if source == "int8" else "fp32")
-        if built == "int8" and source != "int8":
-            raise ConfigError(f"{where}: {stage_key(i, 'build', 'precision')} int8 needs a quantized graph (OpenVINO runs int8 from "
+        if built.startswith("int8") and source != "int8":
+            raise ConfigError(f"{where}: {stage_key(i, 'build', 'precision')} {built} needs a quantized graph (OpenVINO runs int8 from "
                               f"Q/DQ nodes) but {graph} is fp32: add a quantize stage before the build, or build fp32")
+        if source == "int8" and not built.startswith("int8"):
+            raise ConfigError(f"{where}: {stage_key(i, 'build', 'precision')} {built} of {graph}, an int8 graph, would still run its "
+                              "Q/DQ layers in int8: build int8 (or int8-bf16 for bf16 float layers), or build model.onnx")
     else:
         if kind in ("cpu", "cpu-unfused", "openvino"):
             raise ConfigError(f"{where}: {key} would build {graph}, a CPU graph, for {step.config.device}: "

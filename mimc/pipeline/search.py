@@ -46,7 +46,9 @@ from mimc.metrics import FidelityMeter
 
 CPU_PRECISIONS = ("fp32", "int8")
 # what each CPU runtime of a measured search runs (OpenVINO int8: the openvino target's Q/DQ graph, float layers in f32)
-RUNTIME_PRECISIONS = {"ort": CPU_PRECISIONS, "openvino": ("fp32", "bf16", "int8")}
+# (int8-bf16: the int8 graph with its float layers in bf16, where the CPU has bf16)
+RUNTIME_PRECISIONS = {"ort": CPU_PRECISIONS, "openvino": ("fp32", "bf16", "int8", "int8-bf16")}
+QUANTIZED = ("int8", "int8-bf16", "fp8")  # precisions built from a quantized graph
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
 
 
@@ -55,7 +57,7 @@ class SearchSpace(Options):
     block_ratios: tuple[float, ...] = option((0.0, 0.25, 0.5), ge=0, lt=1, min_items=1, doc="fractions of blocks removed")
     token_keeps: tuple[float, ...] = option((1.0, 0.75, 0.5), gt=0, le=1, min_items=1, doc="fractions of patches kept")
     # None: what the device runs (cpu: fp32, int8)
-    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "fp8"))
+    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8"))
     # the CPU runtimes of a measured cpu search; None: every one installed here (ort, and openvino
     # when `import openvino` works; when it does not, the result says so in `skipped`)
     runtimes: tuple[str, ...] | None = option(None, choices=tuple(RUNTIME_PRECISIONS), min_items=1,
@@ -170,9 +172,9 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
         for r in runtimes:
             if p not in RUNTIME_PRECISIONS[r]:
                 continue
-            if (r, p) == ("openvino", "bf16") and not (info := cpu_bf16())["supported"]:
+            if r == "openvino" and p in ("bf16", "int8-bf16") and not (info := cpu_bf16())["supported"]:
                 skipped.append({"runtime": r, "precision": p, "reason": "this CPU has neither AVX-512 BF16 nor AMX (OpenVINO "
-                                f"capabilities {info['optimization_capabilities']}): bf16 would not run natively"})
+                                f"capabilities {info['optimization_capabilities']}): {p} would not run natively"})
                 continue
             pairs.append((p, r))
     if not pairs:
@@ -276,9 +278,10 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     cand.macs = float(flops_per_image(model.config))
     # a model's fp32 graph is exported once, whichever runtime reads it; the int8 graph differs
     # (ORT: QAttention-fused; OpenVINO: the openvino target's plain Q/DQ, which its frontend reads)
-    quantized = precision in ("int8", "fp8")
+    quantized = precision in QUANTIZED
+    # int8 and int8-bf16 on OpenVINO compile the same graph
     key = (cand.mlp, cand.width_macs, cand.width_criterion, cand.blocks, cand.keep, cand.nm,
-           (precision, cand.runtime) if quantized else "float")
+           (precision.split("-")[0], cand.runtime) if quantized else "float")
     if key not in graphs:
         graphs[key] = _graph(model, precision, cand.runtime, prof, images, calib, tmp)
     graph, emulate, stages = graphs[key]
@@ -315,13 +318,13 @@ def _graph(model, precision: str, runtime: str, prof, images, calib, tmp: Path) 
     ctx = GraphContext(folder=tmp, encoder=model, export_options={"validate": False})
     fp32 = Path(export_stage(ctx, ExportConfig(batch=1))["report"]["path"])
     stages: list[dict[str, Any]] = [{"export": {"batch": 1}}]
-    if precision not in ("int8", "fp8"):
+    if precision not in QUANTIZED:
         return fp32, False, stages
     from mimc.quant.quantize import QuantizeConfig
 
     target = "openvino" if runtime == "openvino" else "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
-    config = QuantizeConfig(precision=precision, n=len(calib), target=target)
-    graph = tmp / f"model.{precision}.onnx"
+    config = QuantizeConfig(precision=precision.split("-")[0], n=len(calib), target=target)
+    graph = tmp / f"model.{config.precision}.onnx"
     quantize_split(fp32, graph, calib, images, config, True, calib.source, batch_size=8)
     return graph, target == "tensorrt", stages + [{"quantize": config.to_dict()}]
 

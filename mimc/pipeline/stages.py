@@ -17,7 +17,7 @@ from mimc.options import StageConfig, option
 from mimc.quant.quantize import QuantizeConfig
 
 GRAPH_STAGES = ("export", "quantize", "build", "profile", "eval")
-BUILD_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
+BUILD_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ from mimc.errors import BadInputError, DeviceUnavailableError, MimcError, Missin
 INSTALL_HINT = "pip install 'mimc[openvino]'"
 # mimc precision -> the float hint OpenVINO compiles with. int8 comes from the graph's Q/DQ ops; the
 # layers left in float run in f32.
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
+# the graph each precision compiles: int8-bf16 is the Q/DQ graph with its float layers (LayerNorm,
+# softmax, GELU, the layers left unquantized) in bf16, where the CPU has it, as OpenVINO's default does
+GRAPH_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8", "int8-bf16": "int8"}
 IR_SUFFIXES = (".xml",)
 _ORT_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "f64": "tensor(double)", "i64": "tensor(int64)",
               "i32": "tensor(int32)", "u8": "tensor(uint8)", "i8": "tensor(int8)", "boolean": "tensor(bool)"}
@@ -89,15 +92,16 @@ def cpu_bf16() -> dict[str, Any]:
 
 
 def check_precision(precision: str) -> str:
-    """The OpenVINO hint for ``precision``; bf16 refused where the CPU lacks it."""
+    """The OpenVINO hint for ``precision``; bf16 and int8-bf16 refused where the CPU lacks bf16."""
     if precision not in HINTS:
         raise BadInputError(f"precision {precision} is not an OpenVINO CPU precision: use one of {', '.join(HINTS)}", option="precision")
-    if precision == "bf16":
+    if HINTS[precision] == "bf16":
         info = cpu_bf16()
         if not info["supported"]:
             raise DeviceUnavailableError(
-                f"precision bf16 needs a CPU with AVX-512 BF16 or AMX; this one has neither (OpenVINO capabilities "
-                f"{info['optimization_capabilities']}): use precision fp32 or int8", option="precision")
+                f"precision {precision} needs a CPU with AVX-512 BF16 or AMX; this one has neither (OpenVINO capabilities "
+                f"{info['optimization_capabilities']}): use precision {'int8' if precision.startswith('int8') else 'fp32'}",
+                option="precision")
     return HINTS[precision]
 
 
@@ -147,7 +151,7 @@ def _type_name(text: str) -> str:
     return text
 
 
-# where an IR keeps the precision it was built at (fp32, bf16, int8): int8 and fp32 share the f32 hint
+# where an IR keeps the precision it was built at (fp32, bf16, int8, int8-bf16): int8 and fp32 share the f32 hint
 MIMC_PRECISION_KEY = ["mimc", "precision"]
 
 
@@ -274,7 +278,7 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 __all__ = ["openvino", "core", "cpu_bf16", "cpu_vnni", "check_precision", "read", "compile_model", "runtime_precision",
            "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir",
-           "version", "HINTS",
+           "version", "HINTS", "GRAPH_PRECISION",
            "IR_SUFFIXES", "INSTALL_HINT"]
 
 

@@ -87,6 +87,8 @@ def test_a_plain_qdq_graph_builds_an_int8_ir_that_profile_and_eval_run(tmp_path)
     ([{"build": {}}], "stages[0].build builds the last graph, and no earlier stage writes one"),
     (["export", {"build": {"graph": "model.int8.onnx"}}], "stages[1].build reads graph 'model.int8.onnx'"),
     (["export", {"build": {"precision": "int8"}}], "stages[1].build.precision int8 needs a quantized graph"),
+    (["export", {"build": {"precision": "int8-bf16"}}], "stages[1].build.precision int8-bf16 needs a quantized graph"),
+    (["export", {"quantize": {"target": "openvino"}}, {"build": {"precision": "fp32"}}], "would still run its Q/DQ layers in int8"),
     (["export", {"quantize": {}}, "build"], "fuse_attention: false"),  # QAttention: an ONNX Runtime kernel
     (["export", {"quantize": {"fuse_attention": False}}, {"build": {"device": "h100"}}], "a CPU graph, for h100"),
     (["export", {"quantize": {"target": "openvino"}}, {"build": {"device": "h100"}}], "a CPU graph, for h100"),

@@ -42,9 +42,10 @@ def test_ort_and_openvino_candidates_are_measured_together_on_one_front(setup, m
     result = search(enc, "cpu", held, calib, space, min_cosine=0.9, iters=4)
     by = {(c["label"].removesuffix(", OpenVINO"), c["runtime"]): c for c in result["candidates"]}
     bf16 = ov.cpu_bf16()["supported"]
-    assert {r for _, r in by} == {"ort", "openvino"} and len(by) == 2 * (2 + 3 if bf16 else 2 + 2)
+    # ORT fp32/int8; OpenVINO fp32/int8, and bf16/int8-bf16 where the CPU has bf16; two patch keeps each
+    assert {r for _, r in by} == {"ort", "openvino"} and len(by) == 2 * (2 + 4 if bf16 else 2 + 2)
     assert all(c["error"] is None and c["latency"] == "measured" and c["latency_ms"] > 0 for c in by.values())
-    assert result["skipped"] == [] if bf16 else [s["precision"] for s in result["skipped"]] == ["bf16"]
+    assert result["skipped"] == [] if bf16 else [s["precision"] for s in result["skipped"]] == ["bf16", "int8-bf16"]
     for keep in ("100%", "50%"):  # fp32 on OpenVINO (f32 hint) is the fp32 graph; its int8 is mimc's calibration
         ov_fp32, ort_fp32 = by[(f"all blocks, tokens {keep}, fp32", "openvino")], by[(f"all blocks, tokens {keep}, fp32", "ort")]
         assert abs(ov_fp32["pooled_cosine_mean"] - ort_fp32["pooled_cosine_mean"]) < 1e-3
@@ -132,3 +133,25 @@ def test_by_default_a_cpu_search_measures_every_installed_runtime(setup, tmp_pat
     assert report["latency"] == "measured (ONNX Runtime and OpenVINO CPU, one process)"
     header = next(ln for ln in result.stdout.splitlines() if "candidate" in ln and "pooled cosine" in ln)
     assert "runtime" in header and "openvino" in result.stdout, result.stdout
+
+
+def test_int8_bf16_shares_the_int8_graph_and_its_recipe_builds_at_int8_bf16(setup, monkeypatch):
+    """Where the CPU has bf16 (mocked here: OpenVINO then compiles the bf16 hint as f32 on this CPU,
+    which the plumbing does not depend on), int8-bf16 candidates compile the int8 graph built once."""
+    import mimc.pipeline.graph_stages as gs
+    import mimc.runtime.openvino as ov
+
+    monkeypatch.setattr(ov, "cpu_bf16", lambda: {"supported": True, "cpu_flags": ["avx512_bf16"], "optimization_capabilities": ["BF16"]})
+    quantized = []
+    real = gs.quantize_split
+    monkeypatch.setattr(gs, "quantize_split", lambda *a, **k: (quantized.append(a[4].precision), real(*a, **k))[1])
+    enc, calib, held, path = setup
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), runtimes=("openvino",), precisions=("int8", "int8-bf16"))
+    result = search(enc, "cpu", held, calib, space, min_cosine=0.5, iters=2)
+    assert sorted(c["precision"] for c in result["candidates"]) == ["int8", "int8-bf16"] and result["skipped"] == []
+    assert quantized == ["int8"]  # one graph for both
+    result["best"] = next(c for c in result["candidates"] if c["precision"] == "int8-bf16")
+    result["best_stages"] = result["best_stages"] or []
+    stages = recipe_of(result, "ref", str(path), 16, 0)["stages"]
+    assert {"build": {"device": "openvino-cpu", "precision": "int8-bf16"}} in stages
+    assert next(s["quantize"] for s in stages if "quantize" in s)["precision"] == "int8"

@@ -96,3 +96,25 @@ def test_missing_extra_exits_2_with_one_line(app, graph, monkeypatch):
     monkeypatch.setattr(mov, "_CORE", None)
     for args in (["profile", graph, "--device", "openvino-cpu"], ["build", graph, "--device", "openvino-cpu"]):
         one_error_line(invoke(app, args), "pip install 'mimc[openvino]'")
+
+
+def test_int8_bf16_needs_bf16_and_an_int8_graph(graph, tmp_path):
+    """int8-bf16: the Q/DQ graph with its float layers in bf16 - refused without bf16, and an IR's
+    precision must be what its graph runs (no int8 IR of an fp32 graph, no fp32 IR of an int8 one)."""
+    pytest.importorskip("openvino")
+    from mimc.deploy.openvino import build_ir
+    from mimc.errors import BadInputError, DeviceUnavailableError
+    from mimc.latency.devices import load_profile
+    from mimc.runtime.openvino import GRAPH_PRECISION, check_precision, cpu_bf16
+
+    assert GRAPH_PRECISION["int8-bf16"] == "int8" and GRAPH_PRECISION["bf16"] == "fp32"
+    if cpu_bf16()["supported"]:
+        assert check_precision("int8-bf16") == "bf16"
+    else:
+        with pytest.raises(DeviceUnavailableError, match="precision int8-bf16 needs a CPU with AVX-512 BF16 or AMX.*use precision int8"):
+            check_precision("int8-bf16")
+    prof = load_profile("openvino-cpu")
+    for precision in ("int8", "int8-bf16"):
+        with pytest.raises(BadInputError, match=f"precision {precision} does not fit model.onnx, a fp32 graph: use fp32 or bf16"):
+            build_ir(graph, prof, tmp_path / "m.xml", precision=precision)
+    assert list(tmp_path.iterdir()) == []
