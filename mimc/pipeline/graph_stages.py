@@ -230,12 +230,20 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
             export_onnx(ctx.source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
             # named for what it is: the temporary export is gone once the run ends
             entry["baseline"] = {**profile(base, **kwargs), "model": "the source model, dense fp32 (exported alike)"}
-            if entry["result"].get("label") == "measured" and entry["result"].get("backend") == "onnxruntime-cpu":
+            measured, backend = entry["result"].get("label") == "measured", entry["result"].get("backend")
+            if measured and backend in ("onnxruntime-cpu", "openvino-cpu"):
                 # Two separate worker runs would time the graphs one after the other; the ratio comes
-                # from both graphs timed together in alternating rounds instead.
-                from mimc.runtime.ort import time_interleaved
+                # from both graphs timed together in alternating rounds instead (on OpenVINO: the
+                # dense graph at fp32, the result at the precision it was profiled at).
+                if backend == "onnxruntime-cpu":
+                    from mimc.runtime.ort import time_interleaved
 
-                dense_ms, graph_ms = time_interleaved([base, graph], iters=config.iters, threads=config.threads)
+                    dense_ms, graph_ms = time_interleaved([base, graph], iters=config.iters, threads=config.threads)
+                else:
+                    from mimc.runtime.openvino import time_interleaved as ov_interleaved
+
+                    dense_ms, graph_ms = ov_interleaved([(base, "fp32"), (graph, entry["result"]["precision"])],
+                                                        iters=config.iters, threads=config.threads)
                 entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
                 entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3)
             else:  # predicted, or measured on a GPU: the two reports' own latencies
