@@ -32,14 +32,9 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
         raise BadInputError(f"output {out_path} must end in .xml (an OpenVINO IR; its .bin is written beside it)", option="output")
     if precision not in HINTS:
         raise BadInputError(f"precision {precision} is not an OpenVINO CPU precision: use one of {', '.join(HINTS)}", option="precision")
-    from mimc.graph import graph_precision
-    from mimc.runtime.openvino import GRAPH_PRECISION
+    from mimc.latency.openvino_cpu import precision_for
 
-    source = "int8" if graph_precision(onnx_path) == "int8" else "fp32"
-    if GRAPH_PRECISION[precision] != source:  # an IR's recorded precision must be what it runs
-        fits = [p for p, g in GRAPH_PRECISION.items() if g == source]
-        raise BadInputError(f"precision {precision} does not fit {onnx_path.name}, a{'n' if source == 'int8' else ''} {source} graph: "
-                            f"use {' or '.join(fits)}" + (" (or quantize it first)" if source == "fp32" else ""), option="precision")
+    precision_for(onnx_path, precision)  # an IR's recorded precision must be what it runs
     hint = check_precision(precision)
     start = time.perf_counter()
     model = read(onnx_path)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from mimc.errors import BadInputError
 from mimc.artifact import sha256_file
 from mimc.latency.ort_cpu import MEMORY_METHOD, measure_batches
 from mimc.runtime.ort import host_info
-from mimc.runtime.openvino import check_precision, model_inputs, version
+from mimc.graph import graph_precision
+from mimc.runtime.openvino import GRAPH_PRECISION, IR_SUFFIXES, check_precision, ir_precision, model_inputs, read, version
 
 
 def profile_openvino_cpu(path: str | Path, batch_sizes: Sequence[int] | None = None, warmup: int = 10, iters: int = 50,
@@ -46,4 +48,27 @@ def profile_openvino_cpu(path: str | Path, batch_sizes: Sequence[int] | None = N
     }
 
 
-__all__ = ["profile_openvino_cpu"]
+def precision_for(path: str | Path, precision: str | None = None) -> str:
+    """The precision ``path`` (an .onnx graph or an IR) runs at: ``precision`` checked against what
+    the graph is (int8 / int8-bf16 for a Q/DQ graph, fp32 / bf16 otherwise), or, when None, its own
+    (an IR's recorded precision; int8 for a quantized .onnx, else fp32). A report never names a
+    precision its graph does not run."""
+    path = Path(path)
+    if path.suffix in IR_SUFFIXES:  # quantized: it has FakeQuantize ops (an IR built before mimc recorded its precision too)
+        source = "int8" if any(op.get_type_name() == "FakeQuantize" for op in read(path).get_ops()) else "fp32"
+        own = ir_precision(path)
+        if GRAPH_PRECISION.get(own) != source:  # no record: the float hint it was built with, on this graph
+            own = {"fp32": "int8", "bf16": "int8-bf16"}[own] if source == "int8" else own
+    else:
+        source = "int8" if graph_precision(path) == "int8" else "fp32"
+        own = source
+    if precision is None:
+        return own
+    if precision in GRAPH_PRECISION and GRAPH_PRECISION[precision] != source:
+        fits = [p for p, g in GRAPH_PRECISION.items() if g == source]
+        raise BadInputError(f"precision {precision} does not fit {path.name}, a{'n' if source == 'int8' else ''} {source} graph: "
+                            f"use {' or '.join(fits)}" + (" (or quantize it first)" if source == "fp32" else ""), option="precision")
+    return precision
+
+
+__all__ = ["profile_openvino_cpu", "precision_for"]

@@ -89,12 +89,13 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
             raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs OpenVINO on the CPU: pass the .onnx graph or an IR")
         from mimc.latency.openvino_cpu import profile_openvino_cpu
 
-        if precision is None and is_ir:  # an IR runs at the precision its build recorded
-            from mimc.runtime.openvino import ir_precision
+        from mimc.latency.openvino_cpu import precision_for
 
-            precision = ir_precision(path)
+        # an IR runs at the precision its build recorded, a quantized .onnx at int8; a precision its
+        # graph does not run is refused
+        precision = precision_for(path, precision)
         report = profile_openvino_cpu(path, sizes or _default_sizes(path, prof), warmup=warmup, iters=iters,
-                                      threads=threads or prof.threads, precision=precision or "fp32", on_batch=on_batch)
+                                      threads=threads or prof.threads, precision=precision, on_batch=on_batch)
         return {**_envelope("measured", path, prof, report.pop("results")), **report}
     if precision is not None and not predict:
         raise BadInputError(f"precision {precision} prices a graph by roofline: turn on predict, or profile a graph/engine built at {precision}", option=("precision", "predict"))

@@ -118,3 +118,26 @@ def test_int8_bf16_needs_bf16_and_an_int8_graph(graph, tmp_path):
         with pytest.raises(BadInputError, match=f"precision {precision} does not fit model.onnx, a fp32 graph: use fp32 or bf16"):
             build_ir(graph, prof, tmp_path / "m.xml", precision=precision)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_profile_names_the_precision_its_graph_runs(graph, tmp_path):
+    """A quantized .onnx profiles as int8 unless told int8-bf16; fp32 for it is refused; an IR without
+    mimc's record (built elsewhere) is read as quantized from its FakeQuantize ops."""
+    pytest.importorskip("openvino")
+    from mimc.errors import BadInputError
+    from mimc.latency.openvino_cpu import precision_for
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+    from mimc.runtime.openvino import read, save_ir
+
+    x = np.random.default_rng(0).standard_normal((24, 3, 32, 32)).astype(np.float32)
+    q = tmp_path / "model.int8.onnx"
+    quantize_onnx(graph, q, [x[:16]], QuantizeConfig(target="openvino", overflow_fix="all"), [x[16:]], force=True)
+    assert precision_for(graph) == "fp32" and precision_for(q) == "int8" and precision_for(q, "int8-bf16") == "int8-bf16"
+    with pytest.raises(BadInputError, match="precision fp32 does not fit model.int8.onnx, an int8 graph: use int8 or int8-bf16"):
+        precision_for(q, "fp32")
+    save_ir(read(q), tmp_path / "plain.xml")  # no mimc precision record
+    assert precision_for(tmp_path / "plain.xml") == "int8"
+    from mimc.latency.run import profile
+
+    report = profile(q, device="openvino-cpu", batch_sizes=[1], warmup=1, iters=2, threads=1)
+    assert report["precision"] == "int8" and "f32" not in report["runtime_precision"]["compute_layers"]
