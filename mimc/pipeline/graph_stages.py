@@ -274,7 +274,7 @@ def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
     # an IR runs on OpenVINO (at its recorded precision), an engine on TensorRT, an .onnx on ONNX Runtime
     model = load_for_eval(str(graph)) if graph is not None else ctx.encoder
     images = ctx.images if ctx.images is not None else ImageSource("builtin", ctx.seed)
-    rep = evaluate(model, ctx.source, data=images, n=config.n, seed=ctx.seed, batch_size=config.batch_size)
+    rep = evaluate(model, ctx.source, data=images, n=config.n, seed=ctx.seed, batch_size=config.batch_size, val=config.val)
     return {"file": graph.name if graph is not None else "model.safetensors", **rep}
 
 

@@ -84,6 +84,19 @@ def _check_masking(recipe: Recipe, source) -> None:
                               f"and absolute positions, but {why}: set {option} in its options")
 
 
+def _check_val(recipe: Recipe, source) -> None:
+    """An eval stage's ``val`` images are opened (one decoded) before any stage runs."""
+    from mimc.data import ImageSource
+    from mimc.errors import MimcError
+
+    for i, step in enumerate(recipe.steps):
+        if step.name == "eval" and step.config.val is not None:
+            try:
+                ImageSource(step.config.val, recipe.seed).draw(source.config, 1)
+            except MimcError as exc:
+                raise ConfigError(f"recipe: {stage_key(i, 'eval', 'val')}: {exc}") from None
+
+
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
@@ -101,6 +114,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     images = ImageSource(recipe.data, recipe.seed, **recipe.data_options) if recipe.data is not None else None
     if recipe.needs_data:
         images.draw(source.config, recipe.n)  # unreadable or mis-shaped images: one line, before any work
+    _check_val(recipe, source)
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,
               force=force)
     result = execute(job, out, overwrite=overwrite, recipe=recipe.to_dict(), note=recipe.note,

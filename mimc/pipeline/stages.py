@@ -110,6 +110,15 @@ class EvalConfig(StageConfig):
     graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx or model.xml; null: the last one written")
     n: int | None = option(None, ge=1, doc="images evaluated; null: the recipe's n")
     batch_size: int = option(32, ge=1)
+    # the train / val protocol of `mimc eval --val`: the recipe's data is the labelled gallery
+    val: str | None = option(None, doc="labelled val images (a folder, .npz, shards, ...): each classified by k-NN against the "
+                                       "recipe's data as gallery, fidelity measured on them; null: leave-one-out over data")
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if data["val"] is None:  # recipes written before val keep their resolved form
+            del data["val"]
+        return data
 
 
 GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "quantize": QuantizeConfig, "build": BuildConfig, "profile": ProfileConfig,

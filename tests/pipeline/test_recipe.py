@@ -273,3 +273,23 @@ def test_data_mapping_carries_reading_options_and_round_trips(tmp_path):
                        ({"workers": 2}, "data.path"), ({"path": "builtin", "skip_corrupt": "yes"}, "data.skip_corrupt")):
         with pytest.raises(ConfigError, match=words):
             parse_recipe({**body, "data": bad})
+
+
+def test_an_eval_stage_with_val_classifies_val_against_the_data_gallery(tmp_path):
+    """`eval: {val: ...}` is `mimc eval --val` inside a recipe: data is the labelled gallery, val the
+    queries (fidelity on val); a val that cannot be read is refused before any stage runs."""
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 40), ("val", 20)):
+        np.savez(tmp_path / f"{name}.npz", images=(rng.random((count, 32, 32, 3)) * 255).astype(np.uint8), labels=np.arange(count) % 2)
+    stages = [{"prune": {"ratio": 0.5}}, "export", {"eval": {"val": str(tmp_path / "val.npz")}}]
+    report = run_recipe(parse_recipe({"model": "ref", "data": str(tmp_path / "train.npz"), "stages": stages}), tmp_path / "out")
+    ev = report["stages"][-1]
+    assert ev["knn_protocol"] == "gallery-query" and (ev["knn_gallery_size"], ev["knn_query_size"]) == (40, 20)
+    assert ev["fidelity"]["n_images"] == 20  # measured on val
+    assert load_recipe(tmp_path / "out" / "recipe.yaml").steps[-1].config.val == str(tmp_path / "val.npz")
+    # recipes without val keep their resolved form
+    assert "val" not in parse_recipe({"model": "ref", "stages": ["export", "eval"]}).to_dict()["stages"][-1]["eval"]
+    stages[-1] = {"eval": {"val": str(tmp_path / "missing.npz")}}
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.eval\.val: .*missing\.npz"):
+        run_recipe(parse_recipe({"model": "ref", "data": str(tmp_path / "train.npz"), "stages": stages}), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
