@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, rate_progress
+from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, rate_progress, reads_images
 from mimc.cli.render import key_values, note, show
 
 DATA_HELP = ("An image folder (class subfolders give labels), a .npy/.npz, WebDataset shards ('train-{000..009}.tar'), "
@@ -22,6 +22,7 @@ DATA_HELP = ("An image folder (class subfolders give labels), a .npy/.npz, WebDa
 def register(app: typer.Typer) -> None:
     @app.command("embed")
     @handle_errors
+    @reads_images("data")
     def embed(
         model: str = typer.Argument(..., help=MODEL_HELP + " Or a mimc .onnx graph, an OpenVINO .xml IR or a TensorRT .engine/.plan."),
         data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -29,10 +30,6 @@ def register(app: typer.Typer) -> None:
         tokens: bool = typer.Option(False, "--tokens", help="Every output token per image (N, T, D) instead of the pooled feature (N, D)."),
         n: Optional[int] = typer.Option(None, "--n", help="Embed a seeded subset of this many images (default: all)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: a static graph's batch, else 32)."),
-        workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (0: decode in this process; default: cores - 1, up to 8)."),
-        skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable images (counted and named in the index) instead of stopping."),
-        image_column: Optional[str] = typer.Option(None, "--image-column", help="A saved datasets folder's image column."),
-        label_column: Optional[str] = typer.Option(None, "--label-column", help="A saved datasets folder's label column."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cpu; a TensorRT engine: its GPU)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="CPU inference threads (default: the runtime's own)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -43,8 +40,7 @@ def register(app: typer.Typer) -> None:
         from mimc import api
 
         with rate_progress("embedding") as tick:
-            report = api.embed(model, data, output, tokens=tokens, n=n, seed=seed, batch_size=batch_size, workers=workers,
-                               skip_corrupt=skip_corrupt, image_column=image_column, label_column=label_column,
+            report = api.embed(model, data, output, tokens=tokens, n=n, seed=seed, batch_size=batch_size,
                                device=device, threads=threads, overwrite=overwrite, on_progress=tick)
         if report.written:  # under torchrun, rank 0 writes and reports
             show(report, json_out, _human)
