@@ -19,14 +19,6 @@ def artifact(tmp_path):
     return save_artifact(build_encoder(tiny_config(depth=6), seed=0), tmp_path / "tiny")
 
 
-@pytest.fixture
-def labelled_npz(tmp_path, tiny_images):
-    images, labels = tiny_images
-    path = tmp_path / "set.npz"
-    np.savez(path, images=images, labels=labels)
-    return path
-
-
 
 
 
@@ -54,9 +46,9 @@ def test_main_job_on_ref_prune_export_eval(app, tmp_path):
 
 
 # prune --------------------------------------------------------------------------------------------
-def test_prune_table_default_output_and_data_fidelity(app, artifact, labelled_npz, tmp_path, monkeypatch):
+def test_prune_table_default_output_and_data_fidelity(app, artifact, calib, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke(app, ["prune", artifact, "--blocks", "1,4", "--criterion", "l1", "--data", labelled_npz])
+    result = invoke(app, ["prune", artifact, "--blocks", "1,4", "--criterion", "l1", "--data", calib])
     assert result.exit_code == 0, result.output
     assert "removed" in result.stdout and "l1" in result.stdout
     out = tmp_path / "tiny-pruned"
@@ -66,8 +58,8 @@ def test_prune_table_default_output_and_data_fidelity(app, artifact, labelled_np
     assert metrics["removed_blocks"] == [1, 4] and metrics["fidelity_data"]["n_images"] == 24
 
 
-def test_prune_sensitivity_uses_the_data(app, artifact, labelled_npz, tmp_path):
-    result = invoke(app, ["prune", artifact, "--keep", "4", "-c", "sensitivity", "--data", labelled_npz, "-o", tmp_path / "s", "--json"])
+def test_prune_sensitivity_uses_the_data(app, artifact, calib, tmp_path):
+    result = invoke(app, ["prune", artifact, "--keep", "4", "-c", "sensitivity", "--data", calib, "-o", tmp_path / "s", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     s = report["metrics"]["scores"]["sensitivity"]
@@ -128,9 +120,9 @@ def test_prune_refuses_occupied_output(app, artifact, tmp_path):
 
 
 # inspect ------------------------------------------------------------------------------------------
-def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, labelled_npz, tmp_path):
+def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, calib, tmp_path):
     plot = tmp_path / "scores.png"
-    result = invoke(app, ["inspect", artifact, "--data", labelled_npz, "-o", plot, "--json"])
+    result = invoke(app, ["inspect", artifact, "--data", calib, "-o", plot, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     expected = {"entropy", "entropy_hist", "l1", "l2", "variance", "kurtosis", "random", "last", "sensitivity"}
@@ -162,8 +154,8 @@ def test_inspect_bad_inputs(app, artifact, tmp_path, monkeypatch, args, match):
 
 
 # eval ---------------------------------------------------------------------------------------------
-def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, labelled_npz, tmp_path, tiny_images):
-    result = invoke(app, ["eval", artifact, "--ref", artifact, "--data", labelled_npz, "--json"])
+def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, calib, tmp_path, tiny_images):
+    result = invoke(app, ["eval", artifact, "--ref", artifact, "--data", calib, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["fidelity"]["pooled_cosine_min"] == pytest.approx(1.0, abs=1e-6)
@@ -231,12 +223,12 @@ def test_eval_val_classifies_val_folder_against_data_folder(app, artifact, tmp_p
         ("labelled.npz", "empty", "point --val at a folder of images"),
     ],
 )
-def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, labelled_npz, data, val, match):
+def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, calib, data, val, match):
     images, labels = tiny_images
     np.save(tmp_path / "plain.npy", images)
     np.savez(tmp_path / "named.npz", images=images[:12], labels=labels[:12], class_names=["cat", "dog"])
     np.savez(tmp_path / "owl.npz", images=images[12:], labels=labels[12:], class_names=["cat", "owl"])
     (tmp_path / "empty").mkdir()
-    files = {"labelled.npz": labelled_npz, "missing.npz": tmp_path / "missing.npz"}
+    files = {"labelled.npz": calib, "missing.npz": tmp_path / "missing.npz"}
     result = invoke(app, ["eval", artifact, "--data", files.get(data, tmp_path / data), "--val", files.get(val, tmp_path / val)])
     one_error_line(result, match)
