@@ -2,7 +2,8 @@
 device, an OpenVINO IR; each with its JSON sidecar.
 
 ``mimc build`` and a recipe's ``build`` stage both come here, so the checks, the default precision
-(the graph's own) and the output names are the same wherever a deployable is built.
+(the graph's own: :func:`mimc.latency.openvino_cpu.precision_for`) and the output names are the
+same wherever a deployable is built.
 """
 from __future__ import annotations
 
@@ -10,16 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimc.errors import BadInputError
-
-
-def default_precision(graph: str | Path, backend: str) -> str | None:
-    """What a build without ``precision`` gives: OpenVINO ``int8`` for a quantized graph, else ``fp32``;
-    TensorRT: None (the builder takes the graph's precision)."""
-    from mimc.graph import graph_precision
-
-    if backend != "openvino-cpu":
-        return None
-    return "int8" if graph_precision(graph) == "int8" else "fp32"
 
 
 def build(model: str | Path, profile, *, precision: str | None = None, batch_range=None, workspace_gb: float = 4.0,
@@ -43,8 +34,9 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
         verify_graph(model)  # a graph its artifact lists (and its external data) must be the one recorded
     if profile.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
         from mimc.deploy.openvino import build_ir
+        from mimc.latency.openvino_cpu import precision_for
 
-        precision = precision or default_precision(model, profile.backend)
+        precision = precision_for(model, precision)  # the graph's own by default; one it does not run is refused
         out = Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml"
         return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
     from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
@@ -60,4 +52,4 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
     return {"engine": str(out), "sidecar": side}
 
 
-__all__ = ["build", "default_precision"]
+__all__ = ["build"]
