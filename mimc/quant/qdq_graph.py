@@ -1,21 +1,22 @@
 """Where quantization goes in an exported mimc encoder graph, and the rewrites that put it there.
 
 A mimc encoder exports every Linear as ``MatMul(x, W[in, out]) -> Add(bias)``; the two attention
-products are MatMuls of two activations. Everything else (patch-embedding Conv, LayerNorm,
-Softmax, GELU, residual Adds, pooling) stays float: quantizing LayerNorm/Softmax/residual Adds is
+products are MatMuls of two activations. Everything else (LayerNorm, Softmax, GELU, residual
+Adds, pooling; the patch-embedding Conv except for the openvino target) stays float: quantizing LayerNorm/Softmax/residual Adds is
 what dropped ViT-B's feature cosine to 0.947 (DESIGN.md), while W8A8 on the four block linears
 keeps it at 0.999.
 
-Two rewrites, one per target:
+Two rewrites:
 - ``qdq``: standard ONNX QuantizeLinear/DequantizeLinear pairs (TensorRT's explicit-precision
   graph; also FP8 E4M3). Activations per tensor and symmetric (TensorRT int8 has no zero point),
-  weights per output channel and symmetric, one shared Q/DQ per activation tensor.
+  weights per output channel and symmetric, one shared Q/DQ per activation tensor. The openvino
+  target uses it too, with the patch-embedding Conv quantized, u8 for non-negative activations and
+  optionally 7-bit weights (see :func:`rewrite_qdq`).
 - ``cpu``: ``com.microsoft.MatMulIntegerToFloat`` fed by one static ``QuantizeLinear`` (u8,
   asymmetric) per activation tensor, s8 per-channel weights and the bias folded into the kernel.
   See mimc/quant/quantize.py for why and what it was measured against.
 
-The graph-level outlier folding (SmoothQuant / RepQ on LayerNormalization -> MatMul pairs) lives
-here too, so an ONNX file alone can be folded; the math is mimc.compression.smooth's.
+The graph-level outlier folding (SmoothQuant / RepQ) is mimc/quant/fold_graph.py, on the sites found here.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mimc.errors import BadInputError
 from mimc.graph import read_tensor
 
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
@@ -161,84 +161,6 @@ def conv_sites(idx: GraphIndex) -> list:
     """Convolutions of an activation by a constant weight (the patch embedding)."""
     return [n for n in idx.model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and not idx.is_constant(n.input[0])
             and idx.is_constant(n.input[1])]
-
-
-def norm_linear_pairs(idx: GraphIndex, sites: list[LinearSite]) -> list[tuple[object, LinearSite]]:
-    """LayerNormalization nodes whose output feeds exactly one block linear (norm1 -> qkv, norm2 -> fc1)."""
-    by_act = {s.act: s for s in sites}
-    pairs = []
-    for n in idx.model.graph.node:
-        if n.op_type != "LayerNormalization" or len(n.input) < 3:
-            continue
-        users = idx.consumers.get(n.output[0], [])
-        if len(users) == 1 and n.output[0] in by_act and users[0] is by_act[n.output[0]].matmul:
-            pairs.append((n, by_act[n.output[0]]))
-    return pairs
-
-
-# Outlier folding on the graph ---------------------------------------------------------------------
-def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, repq: bool, symmetric: bool,
-               base_dir=None) -> dict:
-    """Rewrite LayerNorm gamma/beta and the next MatMul's weight/bias in place (exact in float).
-
-    ``channel_ranges[ln_output] = (min_c, max_c)``. Each touched tensor gets a private initializer
-    (the exporter shares identical LayerNorm parameters between blocks through Identity nodes).
-    ``base_dir``: where the graph's external-data tensors are read from.
-    """
-    import torch
-    from onnx import numpy_helper
-
-    from mimc.compression.smooth import fold_repq, fold_smoothquant
-
-    idx = GraphIndex.build(model, base_dir)
-    summary = {"pairs": len(pairs), "smooth_alpha": smooth_alpha, "repq": repq}
-    new_bias_adds = []
-    for k, (ln, site) in enumerate(pairs):
-        gamma, beta = idx.constant(ln.input[1]), idx.constant(ln.input[2])
-        if gamma is None or beta is None:
-            raise BadInputError(f"LayerNormalization {ln.name} has non-constant scale/bias: cannot fold outliers into it")
-        norm = torch.nn.LayerNorm(gamma.shape[0])
-        lin = torch.nn.Linear(site.shape[0], site.shape[1], bias=True)
-        with torch.no_grad():
-            norm.weight.copy_(torch.from_numpy(gamma.astype(np.float32)))
-            norm.bias.copy_(torch.from_numpy(beta.astype(np.float32)))
-            lin.weight.copy_(torch.from_numpy(site.weight.T.copy()))
-            lin.bias.copy_(torch.from_numpy(site.bias if site.bias is not None else np.zeros(site.shape[1], np.float32)))
-        lo, hi = (torch.from_numpy(np.asarray(a, np.float64)) for a in channel_ranges[ln.output[0]])
-        if smooth_alpha is not None:
-            s = fold_smoothquant(norm, lin, torch.maximum(lo.abs(), hi.abs()), smooth_alpha)
-            lo, hi = lo / s, hi / s  # the ranges the RepQ step below sees, after smoothing (s > 0)
-        if repq:
-            fold_repq(norm, lin, lo, hi, symmetric)
-        names = [f"mimc_fold_{k}_gamma", f"mimc_fold_{k}_beta", f"mimc_fold_{k}_weight", f"mimc_fold_{k}_bias"]
-        arrays = [norm.weight, norm.bias, lin.weight.T, lin.bias]
-        for name, arr in zip(names, arrays):
-            model.graph.initializer.append(numpy_helper.from_array(arr.detach().contiguous().numpy().astype(np.float32), name))
-        ln.input[1], ln.input[2] = names[0], names[1]
-        site.matmul.input[1] = names[2]
-        if site.bias_add is not None:
-            pos = [j for j, i in enumerate(site.bias_add.input) if i != site.matmul.output[0]][0]
-            site.bias_add.input[pos] = names[3]
-        elif repq:
-            new_bias_adds.append((site.matmul, names[3]))  # a Linear without bias (qkv_bias=False) gets one
-    _insert_bias_adds(model, new_bias_adds)  # also drops what folding left unused
-    return summary
-
-
-def _insert_bias_adds(model, adds) -> None:
-    """MatMul -> Add(bias) for MatMuls that had no bias: the RepQ shift needs somewhere to go."""
-    from onnx import helper
-
-    after = {id(m): bias for m, bias in adds}
-
-    def replace(n, emit) -> list:
-        if id(n) not in after:
-            return [n]
-        out = n.output[0]
-        n.output[0] = f"{out}_mimc_nobias"
-        return [n, helper.make_node("Add", [n.output[0], after[id(n)]], [out], name=f"{n.name}_mimc_bias")]
-
-    rebuild_nodes(model, replace, [])
 
 
 # Rewrites -----------------------------------------------------------------------------------------
@@ -419,5 +341,5 @@ def prune_unused(model) -> None:
     g.input.extend(keep_inputs)
 
 
-__all__ = ["LinearSite", "GraphIndex", "linear_sites", "attention_sites", "norm_linear_pairs", "fold_pairs",
+__all__ = ["LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
            "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused", "rebuild_nodes"]

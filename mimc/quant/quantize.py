@@ -91,7 +91,8 @@ from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, o
 from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
 from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
-from mimc.quant.qdq_graph import attention_sites, conv_sites, fold_pairs, linear_sites, norm_linear_pairs, rewrite_cpu, rewrite_qdq, GraphIndex
+from mimc.quant.fold_graph import fold_pairs, norm_linear_pairs
+from mimc.quant.qdq_graph import attention_sites, conv_sites, linear_sites, rewrite_cpu, rewrite_qdq, GraphIndex
 from mimc.options import StageConfig
 from mimc.options import option
 

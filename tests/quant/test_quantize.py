@@ -10,7 +10,8 @@ import torch
 from onnx import numpy_helper
 
 from mimc.quant.calibrate import collect_channel_ranges, kl_threshold
-from mimc.quant.qdq_graph import GraphIndex, fold_pairs, linear_sites, norm_linear_pairs
+from mimc.quant.fold_graph import fold_pairs, norm_linear_pairs
+from mimc.quant.qdq_graph import GraphIndex, linear_sites
 from mimc.quant.quantize import QuantizeConfig, quantize_onnx
 from mimc.pipeline.stages import config_from_dict
 from mimc.data import preprocess
