@@ -31,6 +31,7 @@ rank order, are the whole request's).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import struct
@@ -47,7 +48,6 @@ from mimc.errors import BadInputError, ConfigError, DataError, DeviceUnavailable
 
 FORMATS = {".npy": "npy", ".parquet": "parquet"}
 ROW_GROUP_BYTES = 16 << 20  # Parquet: rows buffered up to this size per row group
-PARQUET_HINT = "pip install 'mimc[datasets]'"
 Progress = Callable[[int, int], None]  # (images done, images requested)
 
 
@@ -145,7 +145,8 @@ def pyarrow():
         import pyarrow as pa
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise MissingExtraError(f"writing Parquet needs pyarrow, which is not installed: {PARQUET_HINT}, or write .npy") from None
+        raise MissingExtraError("writing Parquet needs pyarrow, which is not installed: pip install 'mimc[datasets]', "
+                                "or write .npy") from None
     return pa
 
 
@@ -302,14 +303,8 @@ def open_embedder(model: Any, device: str | None = None, threads: int | None = N
         return pooled, (out.last_hidden_state.float().cpu().numpy() if tokens else None)
 
     if device == "cuda":
-        encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else _copy_to(encoder, target)
+        encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else copy.deepcopy(encoder).to(target)
     return Embedder(run_torch, encoder.config, "torch", device, threads)
-
-
-def _copy_to(encoder, target):
-    import copy
-
-    return copy.deepcopy(encoder).to(target)
 
 
 # The loop -----------------------------------------------------------------------------------------

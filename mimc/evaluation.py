@@ -290,9 +290,7 @@ def knn_labels(gallery: Any, queries: Any = None) -> tuple[np.ndarray, np.ndarra
     if queries.sha256 is not None and queries.sha256 == gallery.sha256:
         raise DataError("val holds the same images as data, so every val image would find itself: "
                         "pass a held-out val set, or drop val for leave-one-out k-NN on data", option=("val", "data"))
-    keys = {}
-    for option, images in (("data", gallery), ("val", queries)):
-        keys[option] = _class_keys(images, option)
+    keys = {option: _class_keys(images, option) for option, images in (("data", gallery), ("val", queries))}
     named = {o: s.class_names is not None for o, s in (("data", gallery), ("val", queries))}
     if named["data"] != named["val"]:
         bare = "val" if named["data"] else "data"

@@ -8,7 +8,6 @@ folder, or ``builtin`` (the labelled images shipped with mimc, ``mimc/models/ref
 from mimc.data.preprocess import preprocess, prepare_image
 from mimc.data.readers import BUILTIN, BUILTIN_PATH, IMAGE_SUFFIXES, check_array_values
 from mimc.data.shards import expand_braces
-from mimc.data.spec import open_reader
 from mimc.data.source import (
     CACHE_BYTES,
     Batch,
@@ -20,6 +19,7 @@ from mimc.data.source import (
     default_workers,
     deterministic_inputs,
     load_images,
+    open_reader,
     spec_of,
 )
 

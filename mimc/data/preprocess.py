@@ -39,15 +39,14 @@ def resize_crop(img_hwc: np.ndarray, size: int, resize: str = "shortest", crop_p
     pil = Image.fromarray(img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc)
     if resize == "squash":
         pil = pil.resize((size, size), Image.BICUBIC)
-        out = np.asarray(pil, dtype=np.float32) / 255.0
-        return out[:, :, None] if out.ndim == 2 else out
-    w, h = pil.size
-    short = size if crop_pct == 1.0 else int(np.floor(size / crop_pct))
-    scale = short / min(w, h)
-    nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-    pil = pil.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    pil = pil.crop((left, top, left + size, top + size))
+    else:
+        w, h = pil.size
+        short = size if crop_pct == 1.0 else int(np.floor(size / crop_pct))
+        scale = short / min(w, h)
+        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+        pil = pil.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        pil = pil.crop((left, top, left + size, top + size))
     out = np.asarray(pil, dtype=np.float32) / 255.0
     return out[:, :, None] if out.ndim == 2 else out
 

@@ -9,7 +9,7 @@ Here: the base :class:`Reader`, picture decoding, folders (images at the top, un
 subfolder per class searched recursively: ImageNet layout) and arrays (``.npy`` memory-mapped,
 ``.npz`` with ``images`` / ``labels`` / ``class_names``, never unpickled; ``builtin``). WebDataset
 shards are :mod:`mimc.data.shards`, saved ``datasets`` folders :mod:`mimc.data.datasets_dir`, and
-:mod:`mimc.data.spec` picks the reader for a spec.
+:func:`mimc.data.source.open_reader` picks the reader for a spec.
 """
 from __future__ import annotations
 
@@ -150,12 +150,11 @@ class ArrayReader(Reader):
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"cannot read {path} as numpy arrays without pickle ({reason}): save plain arrays with np.savez") from exc
-        if raw.nbytes <= self.WHOLE_CHECK_BYTES:
+        self.checked = raw.nbytes <= self.WHOLE_CHECK_BYTES
+        if self.checked:
             check_array_values(raw, path)
-            self.checked = True
         else:
             check_array_dtype(raw, path)
-            self.checked = False
         if raw.ndim == 0:
             raise DataError(f"{path} holds a scalar, not images: save an array shaped (N, H, W[, C])")
         if len(raw) == 0:

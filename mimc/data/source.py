@@ -18,6 +18,7 @@ do not depend on the batch size, the number of workers or the number of ranks.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -27,13 +28,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from mimc.data.datasets_dir import HFDatasetReader, is_saved_dataset
 from mimc.data.preprocess import ArrayLayout, prepare_image
-from mimc.data.readers import Reader
-from mimc.data.spec import open_reader
+from mimc.data.readers import BUILTIN, BUILTIN_PATH, ArrayReader, FolderReader, Reader
+from mimc.data.shards import TarReader, is_shard_spec
 from mimc.errors import DataError
 
 CACHE_BYTES = 1 << 30  # ImageSource.batches keeps a request in memory up to this size
 AUTO_WORKER_MIN_IMAGES = 256  # fewer images than this decode in the calling process (workers cost a fork each)
+SPEC_HELP = "pass an image folder, .npy/.npz, WebDataset shards (a .tar or a {000..009} pattern), a saved datasets folder or 'builtin'"
 
 
 @dataclass
@@ -78,7 +81,6 @@ class Batch:
 
 @dataclass
 class StreamStats:
-    images: int = 0
     skipped: list[str] = field(default_factory=list)  # names of unreadable images skipped (skip_corrupt)
 
 
@@ -123,9 +125,6 @@ class ImageStream:
         """Batches per pass."""
         return -(-len(self.positions) // self.batch_size)
 
-    def names(self) -> list[str]:
-        return [self.source.reader.name(int(p)) for p in self.positions]
-
     def __iter__(self) -> Iterator[Batch]:
         limit_heap_growth()
         reader = self.source.reader
@@ -145,13 +144,7 @@ class ImageStream:
             if not good:
                 continue
             pos = self.positions[np.asarray(good)]
-            self.stats.images += len(good)
             yield Batch(pixels, pos, reader.labels[pos] if reader.labels is not None else None, [reader.name(int(p)) for p in pos])
-
-    def pixels(self) -> Iterator[torch.Tensor]:
-        """The model inputs alone, batch by batch."""
-        for batch in self:
-            yield batch.pixels
 
 
 class _PixelBatches:
@@ -161,7 +154,7 @@ class _PixelBatches:
         self.stream = stream
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return self.stream.pixels()
+        return (batch.pixels for batch in self.stream)
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -193,9 +186,7 @@ class IndexedImages:
         return torch.stack(out)
 
 
-_HEAP_LIMITED = False
-
-
+@functools.cache
 def limit_heap_growth() -> None:
     """Keep a long stream's memory flat: glibc raises its mmap threshold each time a large block is
     freed, after which every batch-sized buffer (decoded pixels, a runtime's token outputs) comes from
@@ -203,10 +194,6 @@ def limit_heap_growth() -> None:
     1 200 images of a ViT-Ti eval, flat with the threshold pinned. Pinning it (128 KiB, glibc's
     default) keeps such buffers in their own mappings, returned on free. Once per process; a no-op
     where the C library is not glibc."""
-    global _HEAP_LIMITED
-    if _HEAP_LIMITED:
-        return
-    _HEAP_LIMITED = True
     try:
         import ctypes
 
@@ -219,6 +206,27 @@ def default_workers() -> int:
     """Decoding processes beside the one that computes: most cores, at least one, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores - 1))
+
+
+def open_reader(spec: str | Path, image_column: str | None = None, label_column: str | None = None) -> Reader:
+    """The reader for a data spec; a one-line DataError when it names nothing readable."""
+    spec = str(spec)
+    if spec == BUILTIN:
+        if not BUILTIN_PATH.is_file():
+            raise DataError(f"built-in images missing at {BUILTIN_PATH}: reinstall mimc")
+        return ArrayReader(BUILTIN_PATH, BUILTIN)
+    if is_shard_spec(spec):
+        return TarReader(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist: {SPEC_HELP}", option="data")
+    if is_saved_dataset(path):
+        return HFDatasetReader(path, image_column, label_column)
+    if path.is_dir():
+        return FolderReader(path)
+    if path.suffix.lower() in (".npz", ".npy"):
+        return ArrayReader(path)
+    raise DataError(f"{path} is neither a folder nor a .npy/.npz file: {SPEC_HELP}", option="data")
 
 
 class ImageSource:
@@ -380,4 +388,4 @@ def deterministic_inputs(cfg, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 __all__ = ["as_source", "spec_of", "ImageSet", "ImageSource", "ImageStream", "IndexedImages", "Batch", "load_images", "deterministic_inputs",
-           "hash_tensor", "default_workers", "CACHE_BYTES"]
+           "hash_tensor", "default_workers", "open_reader", "CACHE_BYTES"]

@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from mimc.train import checkpoint as ckpt
 from mimc.train.config import TrainConfig, TrainRun
 from mimc.train.dist import DistContext, check_divisible, context
 from mimc.train.images import IndexedImages, StepBatches, as_indexed, default_workers, step_loader
-from mimc.train.parallel import autocast, check_run, checkpointed_blocks, full, shard, shard_like, shard_optimizer_state, sharded_copy
+from mimc.train.parallel import autocast, check_run, checkpointed_blocks, full, shard, shard_like, shard_optimizer_state
 from mimc.train.schedule import warmup_cosine
 
 
@@ -72,11 +73,8 @@ class TrainResult:
     def metrics(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("losses")
-        d["seconds"] = round(d["seconds"], 3)
-        d["steps_per_second"] = round(d["steps_per_second"], 4)
-        d["final_loss"] = round(d["final_loss"], 6)
-        d["epochs"] = round(d["epochs"], 6)
-        return d
+        return {**d, "seconds": round(self.seconds, 3), "steps_per_second": round(self.steps_per_second, 4),
+                "final_loss": round(self.final_loss, 6), "epochs": round(self.epochs, 6)}
 
 
 def supports_masking(encoder: nn.Module) -> bool:
@@ -192,7 +190,8 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
     hidden = loss_weights.hidden_weight > 0
     pairs = block_pairs(student, teacher) if hidden else None
     sharded = run.fsdp
-    live, live_teacher = (sharded_copy(student), sharded_copy(teacher)) if sharded else (student, teacher)
+    # FSDP changes a module's class and parameters in place: it shards copies
+    live, live_teacher = (copy.deepcopy(student), copy.deepcopy(teacher)) if sharded else (student, teacher)
     model = FeatureModel(live, hidden)
     teacher_model = FeatureModel(live_teacher, hidden)
     runner: nn.Module = model

@@ -9,6 +9,7 @@ starting at the resumed step so nothing before it is read.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from fractions import Fraction
@@ -33,7 +34,6 @@ class TensorImages:
 
     def __init__(self, pixels: torch.Tensor):
         self.pixels = pixels
-        self._sha256: str | None = None
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -41,12 +41,10 @@ class TensorImages:
     def load(self, indices: Sequence[int]) -> torch.Tensor:
         return self.pixels[torch.as_tensor(indices, dtype=torch.long)]
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         """The hash of every pixel (what runs recorded before images were indexed: checkpoints stay resumable)."""
-        if self._sha256 is None:
-            self._sha256 = hashlib.sha256(self.pixels.contiguous().numpy()).hexdigest()
-        return self._sha256
+        return hashlib.sha256(self.pixels.contiguous().numpy()).hexdigest()
 
 
 def as_indexed(images) -> IndexedImages:

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import os
 from typing import Any, Iterator
@@ -84,11 +83,6 @@ def shard(model: nn.Module, encoder: nn.Module, world_size: int, device: torch.d
     fully_shard(model, mesh=mesh)
 
 
-def sharded_copy(module: nn.Module) -> nn.Module:
-    """A copy to shard (FSDP changes a module's class and parameters in place)."""
-    return copy.deepcopy(module)
-
-
 def full(obj: Any, sharded: bool) -> Any:
     """``obj`` (a tensor, or a state dict of them) with every sharded tensor gathered whole, on the CPU.
 
@@ -128,5 +122,5 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
     return {**state, "state": out}
 
 
-__all__ = ["check_run", "autocast", "checkpointed_blocks", "shard", "sharded_copy", "full", "shard_like",
+__all__ = ["check_run", "autocast", "checkpointed_blocks", "shard", "full", "shard_like",
            "shard_optimizer_state"]
