@@ -313,7 +313,6 @@ class ShardResult:
     rows: int = 0
     skipped: list[str] = field(default_factory=list)
     row_shape: tuple[int, ...] | None = None
-    seconds: float = 0.0
 
 
 def embed_rows(embedder: Embedder, stream, write: Callable[..., None], tokens: bool, total: int,
@@ -321,7 +320,6 @@ def embed_rows(embedder: Embedder, stream, write: Callable[..., None], tokens: b
     """Run ``embedder`` over every batch of ``stream`` and hand each one's rows to ``write``
     (features, positions, names, labels). The stream's workers decode the next batches meanwhile."""
     result = ShardResult()
-    start = time.perf_counter()
     with embedder.threads_set():
         for batch in stream:
             pooled, toks = embedder.run(batch.pixels, tokens)
@@ -331,7 +329,6 @@ def embed_rows(embedder: Embedder, stream, write: Callable[..., None], tokens: b
             result.row_shape = tuple(feats.shape[1:])
             if on_progress is not None:
                 on_progress(result.rows + len(stream.stats.skipped), total)
-    result.seconds = time.perf_counter() - start
     result.skipped = list(stream.stats.skipped)
     return result
 
@@ -370,25 +367,33 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
             raise
         if group is not None:
             group.agree(None)
-        if not writes:
-            return _send_shard(group, job, tokens)
-        loop_start = time.perf_counter()
-        def write(*rows):
-            with _writing(job.files[0]):
-                writer.write(*rows)
+        if writes:
+            def write(*rows):
+                with _writing(job.files[0]):
+                    writer.write(*rows)
+        else:  # an unlinked temporary file (nothing is left behind, however the process ends), sent to rank 0 after
+            spool_dir, positions = job.files[0].parent, []
+            spool = stack.enter_context(tempfile.TemporaryFile(dir=spool_dir if spool_dir.is_dir() else None))
 
+            def write(feats, pos, names, labels):
+                np.ascontiguousarray(feats, dtype=np.float32).tofile(spool)
+                positions.append(np.asarray(pos, dtype=np.int64))
+        loop_start = time.perf_counter()
         try:
-            shard = embed_rows(job.embedder, job.stream, write, tokens, len(job.stream.positions), on_progress)
+            shard = embed_rows(job.embedder, job.stream, write, tokens, len(job.stream.positions),
+                               on_progress if writes else None)
         except MimcError as exc:
             if group is not None:
                 group.agree(exc)
             raise
+        if not writes:
+            return _send_shard(group, job, shard, spool, positions)
         try:
             others = group.receive(job, writer, shard) if group is not None else []
             loop_seconds = time.perf_counter() - loop_start
-            rows = shard.rows + sum(o["rows"] for o in others)
-            skipped = shard.skipped + [name for o in others for name in o["skipped"]]
-            row_shape = shard.row_shape or next((tuple(o["row_shape"]) for o in others if o["row_shape"]), None)
+            rows = shard.rows + sum(o.rows for o in others)
+            skipped = shard.skipped + [name for o in others for name in o.skipped]
+            row_shape = shard.row_shape or next((o.row_shape for o in others if o.row_shape), None)
             if rows == 0:
                 raise DataError(f"{job.source.spec}: every image was unreadable and skipped: pass readable images", option="data")
             with _writing(job.files[0]):
@@ -496,16 +501,15 @@ class _Group:
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         return t.cuda() if self.nccl else t
 
-    def receive(self, job: _Job, writer, shard: ShardResult) -> list[dict[str, Any]]:
+    def receive(self, job: _Job, writer, shard: ShardResult) -> list[ShardResult]:
         """Rank 0: the other ranks' counts, then their rows in rank order, written behind its own."""
-        others = self.agree(None, _status(shard))[1:]
+        others = self.agree(None, shard)[1:]
         reader = job.source.reader
         for r, other in enumerate(others, start=1):
-            row_shape = tuple(other["row_shape"] or ())
-            for k in range(0, other["rows"], job.batch_size):
-                count = min(job.batch_size, other["rows"] - k)
+            for k in range(0, other.rows, job.batch_size):
+                count = min(job.batch_size, other.rows - k)
                 pos = self._wire(torch.empty(count, dtype=torch.int64))
-                feats = self._wire(torch.empty((count, *row_shape), dtype=torch.float32))
+                feats = self._wire(torch.empty((count, *other.row_shape), dtype=torch.float32))
                 self.tdist.recv(pos, src=r)
                 self.tdist.recv(feats, src=r)
                 pos_np = pos.cpu().numpy()
@@ -533,34 +537,17 @@ def _remote_error(rank: int, status: dict[str, Any]) -> MimcError:
     return error
 
 
-def _status(shard: ShardResult) -> dict[str, Any]:
-    return {"rows": shard.rows, "skipped": shard.skipped, "row_shape": list(shard.row_shape) if shard.row_shape else None}
-
-
-def _send_shard(group: _Group, job: _Job, tokens: bool) -> dict[str, Any]:
-    """A rank other than 0: embed the shard into an unlinked temporary file (nothing is left behind,
-    however the process ends), agree on the counts, send the rows to rank 0, return its report."""
-    spool_dir = job.files[0].parent
-    positions: list[np.ndarray] = []
-    with tempfile.TemporaryFile(dir=spool_dir if spool_dir.is_dir() else None) as spool:
-        def write(feats, pos, names, labels):
-            np.ascontiguousarray(feats, dtype=np.float32).tofile(spool)
-            positions.append(np.asarray(pos, dtype=np.int64))
-
-        try:
-            shard = embed_rows(job.embedder, job.stream, write, tokens, len(job.stream.positions))
-        except MimcError as exc:
-            group.agree(exc)
-            raise
-        group.agree(None, _status(shard))
-        spool.seek(0)
-        pos_all = np.concatenate(positions) if positions else np.empty(0, np.int64)
-        width = int(np.prod(shard.row_shape)) if shard.row_shape else 0
-        for k in range(0, shard.rows, job.batch_size):
-            pos = pos_all[k:k + job.batch_size]
-            feats = np.fromfile(spool, dtype=np.float32, count=len(pos) * width).reshape(len(pos), *shard.row_shape)
-            group.tdist.send(group._wire(torch.from_numpy(pos)), dst=0)
-            group.tdist.send(group._wire(torch.from_numpy(feats)), dst=0)
+def _send_shard(group: _Group, job: _Job, shard: ShardResult, spool, positions: list[np.ndarray]) -> dict[str, Any]:
+    """A rank other than 0: agree on the counts, send the spooled rows to rank 0, return its report."""
+    group.agree(None, shard)
+    spool.seek(0)
+    pos_all = np.concatenate(positions) if positions else np.empty(0, np.int64)
+    width = int(np.prod(shard.row_shape)) if shard.row_shape else 0
+    for k in range(0, shard.rows, job.batch_size):
+        pos = pos_all[k:k + job.batch_size]
+        feats = np.fromfile(spool, dtype=np.float32, count=len(pos) * width).reshape(len(pos), *shard.row_shape)
+        group.tdist.send(group._wire(torch.from_numpy(pos)), dst=0)
+        group.tdist.send(group._wire(torch.from_numpy(feats)), dst=0)
     body = group.outcome(None, None)
     return {**body, "written": False, "rank": group.rank}
 
