@@ -86,9 +86,11 @@ class ArrayLayout:
     Float rows already shaped like the model's input are taken as model inputs when they look
     normalised (negative values among the first rows drawn); float images in [0, 1] of the same
     shape are preprocessed like any image. Video rows (T, H, W, C) are resized frame by frame.
+    Normalised model inputs (negative values) of another shape are refused: resized as images, model
+    inputs of the wrong size or channel count would be silently resampled.
     """
 
-    def __init__(self, sample: np.ndarray, cfg):
+    def __init__(self, sample: np.ndarray, cfg, spec: str):
         expected = tuple(cfg.input_shape)
         self.cfg = cfg
         self.model_inputs = (sample.ndim == len(expected) + 1 and tuple(sample.shape[1:]) == expected
@@ -100,6 +102,10 @@ class ArrayLayout:
             self.video_frames = sample.shape[1]
         elif not self.model_inputs and sample.ndim not in (3, 4):
             raise DataError(f"array of shape {sample.shape} is not a batch of images: expected (N, H, W[, C]) or (N, C, H, W)")
+        if (sample.dtype.kind == "f" and sample.size and sample.ndim >= 2 and float(np.min(sample[:8])) < 0
+                and tuple(sample.shape[1:]) != expected):
+            raise DataError(f"{spec} holds model inputs of shape {tuple(sample.shape[1:])} but the model expects {expected}: "
+                            "save inputs for this model or raw images (uint8) to be resized")
 
     def prepare(self, row: np.ndarray) -> torch.Tensor:
         if self.model_inputs:

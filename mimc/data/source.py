@@ -168,13 +168,11 @@ class IndexedImages:
     """
 
     def __init__(self, source: "ImageSource", cfg, positions: np.ndarray):
-        self.source, self.cfg, self.positions = source, cfg, positions
+        self.source = source
         self.items = _Items(source.reader, source.layout(cfg, positions), cfg, positions)
-        reader = source.reader
-        self.labels = reader.labels[positions] if reader.labels is not None else None
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.items)
 
     def load(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         out = []
@@ -295,9 +293,7 @@ class ImageSource:
             return None
         key = (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std), cfg.num_frames)
         if key not in self._layouts:
-            sample = reader.rows(np.sort(positions[:64]))
-            self._layouts[key] = ArrayLayout(sample, cfg)
-            check_model_inputs(sample, reader.spec, cfg)
+            self._layouts[key] = ArrayLayout(reader.rows(np.sort(positions[:64])), cfg, reader.spec)
         return self._layouts[key]
 
     # Reading -------------------------------------------------------------------------------------
@@ -360,20 +356,6 @@ def as_source(data, seed: int = 0) -> ImageSource | None:
 def spec_of(data) -> str | None:
     """The spec string of a ``data`` argument (what reports and output checks name)."""
     return data.spec if isinstance(data, ImageSource) else (None if data is None else str(data))
-
-
-def check_model_inputs(sample: np.ndarray, spec: str, cfg) -> None:
-    """An array of normalised model inputs (negative values) must have the model's exact shape.
-
-    Float arrays are otherwise treated as images and resized; model inputs of the wrong size or
-    channel count would then be silently resampled instead of refused.
-    """
-    if sample.dtype.kind != "f" or sample.size == 0 or sample.ndim < 2:
-        return
-    expected = tuple(cfg.input_shape)
-    if float(np.min(sample[:8])) < 0 and tuple(sample.shape[1:]) != expected:
-        raise DataError(f"{spec} holds model inputs of shape {tuple(sample.shape[1:])} but the model expects {expected}: "
-                        "save inputs for this model or raw images (uint8) to be resized")
 
 
 def load_images(spec: str | Path, cfg, n: int | None = None, seed: int = 0, **options) -> ImageSet:
