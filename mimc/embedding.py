@@ -155,34 +155,25 @@ class ParquetWriter:
 
     def __init__(self, path: Path, head: dict[str, Any]):
         self.pa = pyarrow()
-        self.path, self.head, self.writer, self.rows, self.row_shape = path, head, None, 0, None
+        self.path, self.head, self.writer = path, head, None
         self.buffer: list[Any] = []
         self.buffered = 0
 
-    def _schema(self):
-        pa = self.pa
-        feature = pa.list_(pa.float32(), self.row_shape[-1])
-        for size in reversed(self.row_shape[:-1]):  # tokens: a fixed-size list of per-token lists
-            feature = pa.list_(feature, size)
-        return pa.schema([("name", pa.string()), ("position", pa.int64()), ("label", pa.int64()), ("feature", feature)],
-                         metadata={"mimc": json.dumps(self.head)})
-
     def write(self, feats: np.ndarray, positions: np.ndarray, names: list[str], labels: np.ndarray | None) -> None:
         pa = self.pa
+        values = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
+        for size in reversed(feats.shape[1:]):  # tokens: a fixed-size list of per-token lists
+            values = pa.FixedSizeListArray.from_arrays(values, size)
         if self.writer is None:
             import pyarrow.parquet as pq
 
-            self.row_shape = tuple(feats.shape[1:])
-            self.schema = self._schema()
+            self.schema = pa.schema([("name", pa.string()), ("position", pa.int64()), ("label", pa.int64()),
+                                     ("feature", values.type)], metadata={"mimc": json.dumps(self.head)})
             self.writer = pq.ParquetWriter(str(self.path), self.schema)
-        values = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
-        for size in reversed(self.row_shape):
-            values = pa.FixedSizeListArray.from_arrays(values, size)
         label = pa.array(labels.astype(np.int64) if labels is not None else [None] * len(names), pa.int64())
         self.buffer.append(pa.Table.from_arrays([pa.array(names, pa.string()), pa.array(positions.astype(np.int64)), label, values],
                                                 schema=self.schema))
         self.buffered += feats.nbytes
-        self.rows += len(feats)
         if self.buffered >= ROW_GROUP_BYTES:
             self._flush()
 
