@@ -196,9 +196,9 @@ class ParquetWriter:
 # Models -------------------------------------------------------------------------------------------
 @dataclass
 class Embedder:
-    """A model on its runtime: ``run(pixels, tokens)`` -> (pooled (B, D), tokens (B, T, D) or None) as numpy."""
+    """A model on its runtime: ``run(pixels, tokens)`` -> pooled (B, D), or with ``tokens`` (B, T, D), as numpy."""
 
-    run: Callable[[torch.Tensor, bool], tuple[np.ndarray, np.ndarray | None]]
+    run: Callable[[torch.Tensor, bool], np.ndarray]
     config: Any
     runtime: str
     device: str
@@ -267,7 +267,7 @@ def open_embedder(model: Any, device: str | None = None, threads: int | None = N
             pooled, toks = graph(x, tokens=tokens)
             if tokens and toks is None:
                 raise BadInputError(f"{model} has no token output: export it with `mimc export` or embed pooled features", option="tokens")
-            return pooled.numpy(), (toks.numpy() if tokens else None)
+            return (toks if tokens else pooled).numpy()
 
         return Embedder(run_graph, graph.config, graph.runtime, device, threads, static)
 
@@ -290,8 +290,7 @@ def open_embedder(model: Any, device: str | None = None, threads: int | None = N
     @torch.no_grad()
     def run_torch(x: torch.Tensor, tokens: bool):
         out = encoder(x.to(target))
-        pooled = out.pooled.float().cpu().numpy()
-        return pooled, (out.last_hidden_state.float().cpu().numpy() if tokens else None)
+        return (out.last_hidden_state if tokens else out.pooled).float().cpu().numpy()
 
     if device == "cuda":
         encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else copy.deepcopy(encoder).to(target)
@@ -313,8 +312,7 @@ def embed_rows(embedder: Embedder, stream, write: Callable[..., None], tokens: b
     result = ShardResult()
     with embedder.threads_set():
         for batch in stream:
-            pooled, toks = embedder.run(batch.pixels, tokens)
-            feats = toks if tokens else pooled
+            feats = embedder.run(batch.pixels, tokens)
             write(feats, batch.positions, batch.names, batch.labels)
             result.rows += len(feats)
             result.row_shape = tuple(feats.shape[1:])

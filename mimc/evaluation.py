@@ -11,7 +11,7 @@ artifact directory's ``mimc.json`` gives the input spec and pooling).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -55,15 +55,12 @@ def _runner(model: Any) -> Runner:
     raise NotAModelError(f"cannot evaluate a {type(model).__name__}: pass an Encoder, a MODEL argument or a .onnx file")
 
 
-def _batches(images: Any, batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
     from mimc.data import ImageSet
 
     if isinstance(images, ImageSet):
-        yield from images.batches(batch_size)
-    elif isinstance(images, torch.Tensor):
-        yield from images.split(batch_size)
-    else:
-        yield from images
+        images = images.pixels
+    return images.split(batch_size) if isinstance(images, torch.Tensor) else images
 
 
 # Features and fidelity ----------------------------------------------------------------------------

@@ -51,13 +51,11 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict[str, Any],
-                    meta: dict[str, Any], losses: list[float]) -> Path:
+                    meta: dict[str, Any], losses: list[float]) -> None:
     from safetensors.torch import save_file
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = checkpoint_path(run_dir)
-    with atomic_dir(target, overwrite=True) as tmp:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_dir(checkpoint_path(run_dir), overwrite=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TENSORS_NAME))
         tensors: dict[str, torch.Tensor] = {}
         layout = _split(optimizer, tensors)
@@ -70,7 +68,6 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable: dict[str, torch.T
             "losses": losses,
         }
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
-    return target
 
 
 def read_meta(run_dir: str | Path) -> dict[str, Any]:
