@@ -98,25 +98,24 @@ def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -
 
 # The eval verb ------------------------------------------------------------------------------------
 class Pass:
-    """What one streamed pass over a set leaves: each model's pooled features, the labels of the
-    images read, their hash — never the images. ``meter`` measures fidelity on the way."""
+    """What one streamed pass over a set leaves: each model's pooled features (``feats``, in the
+    order of the models), the labels of the images read, their hash — never the images."""
 
     def __init__(self, stream: Any, source: str):
         self.source = source
         self.class_names = stream.class_names
         self.labels = stream.labels  # before the pass: every image's label (refined to those read)
         self.sha256: str | None = None
-        self.n_images = 0
         self.feats: list[torch.Tensor] = []
-        self.digests: set[bytes] | list[bytes] = []
+        self.digests: list[bytes] = []
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
-        return self.n_images
+        return len(self.feats[0])
 
 
 def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMeter | None = None,
-                digests: bool = False) -> list[Pass]:
+                digests: bool = False) -> Pass:
     """Run ``models`` over every batch of ``stream`` once; with ``meter``, the first two are
     candidate and reference and their features are compared batch by batch."""
     import hashlib
@@ -124,28 +123,26 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
     # without a fidelity meter only pooled features are kept: a graph need not return its tokens
     runs = [_runner(m) if meter is not None or not isinstance(m, OnnxModel) else (lambda x, m=m: m(x, tokens=False))
             for m in models]
-    passes = [Pass(stream, source) for _ in models]
-    sha, labels = hashlib.sha256(), []
+    out = Pass(stream, source)
+    sha, labels, feats = hashlib.sha256(), [], [[] for _ in models]
     for batch in stream:
         x = batch.pixels
         sha.update(x.contiguous().numpy())
         if batch.labels is not None:
             labels.append(batch.labels)
         if digests:
-            passes[0].digests += [hashlib.blake2b(xi.contiguous().numpy(), digest_size=16).digest() for xi in x]
+            out.digests += [hashlib.blake2b(xi.contiguous().numpy(), digest_size=16).digest() for xi in x]
         outs = [run(x) for run in runs]
         if meter is not None:
             meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
-        for p, (pooled, _) in zip(passes, outs):
-            p.feats.append(pooled)
-    for p in passes:
-        if not p.feats:
-            raise DataError(f"{source}: no images to compute features on: pass a non-empty data set", option="data")
-        p.feats = torch.cat(p.feats)
-        p.n_images, p.sha256 = len(p.feats), sha.hexdigest()
-        p.labels = np.concatenate(labels) if labels else None
-        p.skipped = list(stream.stats.skipped)
-    return passes
+        for model_feats, (pooled, _) in zip(feats, outs):
+            model_feats.append(pooled)
+    if not feats[0]:
+        raise DataError(f"{source}: no images to compute features on: pass a non-empty data set", option="data")
+    out.feats, out.sha256 = [torch.cat(f) for f in feats], sha.hexdigest()
+    out.labels = np.concatenate(labels) if labels else None
+    out.skipped = list(stream.stats.skipped)
+    return out
 
 
 def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32,
@@ -170,18 +167,18 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     shared = comparable or (ref is not None and _input_spec(ref.config) == _input_spec(cand.config))
     meter = FidelityMeter() if comparable else None
 
-    def run_set(name: str, with_meter: bool) -> tuple[Pass, Pass | None]:
-        """The set's pass of the candidate (and of the reference: in the same pass when they share an input spec)."""
-        both = [cand, ref] if shared else [cand]
-        out = stream_pass(streams(name, cand), sources[name].spec, both, meter if with_meter else None,
-                          digests=val is not None)
-        ref_pass = out[1] if shared else (stream_pass(streams(name, ref), sources[name].spec, [ref])[0] if ref is not None else None)
-        return out[0], ref_pass
+    def run_set(name: str, with_meter: bool) -> Pass:
+        """The set's pass of the candidate and the reference (one pass when they share an input spec)."""
+        out = stream_pass(streams(name, cand), sources[name].spec, [cand, ref] if shared else [cand],
+                          meter if with_meter else None, digests=val is not None)
+        if ref is not None and not shared:
+            out.feats += stream_pass(streams(name, ref), sources[name].spec, [ref]).feats
+        return out
 
-    train, ref_train = run_set("data", with_meter=val is None)
+    train = run_set("data", with_meter=val is None)
     # what ran the candidate: torch, or a graph's runtime (onnxruntime-cpu, openvino-cpu for an IR, tensorrt)
     report: dict[str, Any] = {"runtime": getattr(cand, "runtime", "torch"), "data": _describe(train)}
-    query, ref_query = (train, ref_train) if val is None else run_set("val", with_meter=True)
+    query = train if val is None else run_set("val", with_meter=True)
     if val is not None:
         report["val"] = _describe(query)
     if ref is not None:
@@ -198,14 +195,16 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     if labels is None:
         return report
 
-    def top1(gallery: Pass, queries: Pass) -> float:
+    def top1(model: int) -> float:
+        """k-NN top-1 of the candidate's (0) or the reference's (1) features."""
         if val is None:
-            return knn_top1(gallery.feats, labels[0], block_bytes=EVAL_KNN_BLOCK_BYTES)
-        return knn_top1(gallery.feats, labels[0], queries=queries.feats, query_labels=labels[1], block_bytes=EVAL_KNN_BLOCK_BYTES)
+            return knn_top1(train.feats[model], labels[0], block_bytes=EVAL_KNN_BLOCK_BYTES)
+        return knn_top1(train.feats[model], labels[0], queries=query.feats[model], query_labels=labels[1],
+                        block_bytes=EVAL_KNN_BLOCK_BYTES)
 
-    report["knn_top1"] = top1(train, query)
+    report["knn_top1"] = top1(0)
     if ref is not None:
-        report["reference_knn_top1"] = base = top1(ref_train, ref_query)
+        report["reference_knn_top1"] = base = top1(1)
         report["knn_retained"] = report["knn_top1"] / base if base > 0 else None
     report["knn_protocol"] = "gallery-query" if val is not None else "leave-one-out"
     report["knn_k"] = KNN_K
