@@ -65,12 +65,9 @@ class TarReader(Reader):
             raise DataError(f"shard pattern {pattern}: {len(missing)} of {len(paths)} shards are missing (first: {missing[0]}): "
                             "fix the range or restore the shards", option="data")
         self.shards = paths
-        self.items: list[tuple[int, int, int, str]] = []  # shard, data offset, size, member name
-        labels: list[str | None] = []
-        for s, path in enumerate(paths):
-            for item, label in _index_shard(path, s):
-                self.items.append(item)
-                labels.append(label)
+        indexed = [entry for s, path in enumerate(paths) for entry in _index_shard(path, s)]
+        self.items = [item for item, _ in indexed]  # shard, data offset, size, member name
+        labels = [label for _, label in indexed]
         if not self.items:
             raise DataError(f"shards {pattern} hold no images ({', '.join(TAR_IMAGE_EXTS)} members): point data at image shards", option="data")
         self.labels, self.class_names = _label_array(labels, pattern)
@@ -106,8 +103,7 @@ class TarReader(Reader):
 
 def _index_shard(path: Path, s: int):
     """(item, label text) per sample of one shard, in member order; one line when the tar is bad."""
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order: list[str] = []
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}  # in the order of their first member
     with open(path, "rb") as f:
         magic = f.read(6)
     packed = next((name for sig, name in COMPRESSED_MAGIC.items() if magic.startswith(sig)), None)
@@ -124,13 +120,9 @@ def _index_shard(path: Path, s: int):
                 if not dot:
                     continue
                 key = f"{dirname}/{stem}" if dirname else stem
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext.lower()] = member
+                samples.setdefault(key, {})[ext.lower()] = member
             out = []
-            for key in order:
-                parts = samples[key]
+            for parts in samples.values():
                 image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
                 if image_ext is None:
                     continue

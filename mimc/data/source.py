@@ -249,7 +249,6 @@ class ImageSource:
         self.skip_corrupt = skip_corrupt
         self.image_column, self.label_column = image_column, label_column
         self.skipped: list[str] = []  # every unreadable image skipped so far (skip_corrupt), by name
-        self._reader: Reader | None = None
         self._drawn: dict[tuple, ImageSet] = {}
         self._layouts: dict[tuple, ArrayLayout] = {}
         self.fixed: ImageSet | None = None  # set by :meth:`of`
@@ -268,11 +267,9 @@ class ImageSource:
         return source
 
     # What the source holds ----------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def reader(self) -> Reader:
-        if self._reader is None:
-            self._reader = open_reader(self.spec, self.image_column, self.label_column)
-        return self._reader
+        return open_reader(self.spec, self.image_column, self.label_column)
 
     def __len__(self) -> int:
         return len(self.fixed) if self.fixed is not None else len(self.reader)
