@@ -287,9 +287,8 @@ def knn_labels(gallery: Any, queries: Any = None) -> tuple[np.ndarray, np.ndarra
         raise DataError("val holds the same images as data, so every val image would find itself: "
                         "pass a held-out val set, or drop val for leave-one-out k-NN on data", option=("val", "data"))
     keys = {option: _class_keys(images, option) for option, images in (("data", gallery), ("val", queries))}
-    named = {o: s.class_names is not None for o, s in (("data", gallery), ("val", queries))}
-    if named["data"] != named["val"]:
-        bare = "val" if named["data"] else "data"
+    if (gallery.class_names is None) != (queries.class_names is None):
+        bare = "data" if gallery.class_names is None else "val"
         if keys[bare].dtype.kind in "biuf":
             raise DataError(f"{'data' if bare == 'val' else 'val'} names its classes but {bare} has only numeric labels, so "
                             f"classes cannot be matched: give {bare} class subfolders (or 'class_names' in its .npz)",
