@@ -104,8 +104,8 @@ class ArrayLayout:
             raise DataError(f"array of shape {sample.shape} is not a batch of images: expected (N, H, W[, C]) or (N, C, H, W)")
         if (sample.dtype.kind == "f" and sample.size and sample.ndim >= 2 and float(np.min(sample[:8])) < 0
                 and tuple(sample.shape[1:]) != expected):
-            raise DataError(f"{spec} holds model inputs of shape {tuple(sample.shape[1:])} but the model expects {expected}: "
-                            "save inputs for this model or raw images (uint8) to be resized")
+            raise DataError(f"{spec} holds model inputs of shape {tuple(sample.shape[1:])} but the model expects "
+                            f"{expected}: save inputs for this model or raw images (uint8) to be resized")
 
     def prepare(self, row: np.ndarray) -> torch.Tensor:
         if self.model_inputs:
