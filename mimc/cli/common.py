@@ -145,21 +145,6 @@ def emit_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def progress(description: str, total: int | None = None):
-    """A rich progress bar on stderr (transient); use as a context manager."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 @contextlib.contextmanager
 def rate_progress(description: str, unit: str = "images"):
     """A rich progress bar on stderr with a rate (``unit``/s); yields ``tick(done, total)`` for a verb's
