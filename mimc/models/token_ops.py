@@ -236,7 +236,6 @@ def build_plan(cfg: Any) -> TokenPlan:
             option=("method", "pattern"),
         )
     plan = TokenPlan(method=method, merge_r=[0] * cfg.depth, keep_k=[0] * cfg.depth)
-    counts = [n]
     if method == "drop":
         keep = float(sched.get("keep", 1.0))
         _check_keep(keep)
@@ -252,8 +251,8 @@ def build_plan(cfg: Any) -> TokenPlan:
             n_kept = plan.drop_keep = max(1, round(keep * cfg.num_patches))
         if n_kept == cfg.num_patches:
             plan.drop_index, plan.drop_keep = None, 0  # keep = 1: exactly the dense model
-        counts = [prefix + n_kept]
-    n = counts[0]
+        n = prefix + n_kept
+    counts = [n]
     if method == "tome":
         r_list = [int(v) for v in sched.get("r", [])]
         if len(r_list) != cfg.depth:

@@ -93,7 +93,6 @@ class EncoderConfig:
             (self.rel_pos_bias in REL_POS_BIAS, f"rel_pos_bias must be one of {REL_POS_BIAS}"),
             (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
             (self.act in ACTIVATIONS, f"act must be one of {ACTIVATIONS}"),
-            (self.depth >= 0, "depth must be >= 0"),
             (self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"),
             (self.num_frames % self.tubelet_size == 0, "num_frames must be a multiple of tubelet_size"),
             (self.pooling != "cls" or self.cls_token, "cls pooling needs a cls token"),
@@ -258,7 +257,6 @@ class Block(BlockTokenReduction, nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.dim, cfg.mlp_dim_of(index), cfg.act)
         self.ls2 = LayerScale(cfg.dim) if cfg.layer_scale else nn.Identity()
-        self._init_token_reduction(cfg.num_prefix_tokens)  # set by Encoder from the token plan
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), bias))
@@ -369,18 +367,5 @@ def flops_per_image(cfg: EncoderConfig) -> float:
     return token_ops.reduced_macs(cfg)
 
 
-__all__ = [
-    "EncoderConfig",
-    "EncoderOutput",
-    "Encoder",
-    "Block",
-    "Attention",
-    "Mlp",
-    "PatchEmbed",
-    "RelativePositionBias",
-    "build_encoder",
-    "vit_base_config",
-    "vit_config",
-    "VIT_SIZES",
-    "flops_per_image",
-]
+__all__ = ["EncoderConfig", "EncoderOutput", "Encoder", "Block", "Attention", "Mlp", "PatchEmbed",
+           "RelativePositionBias", "build_encoder", "vit_base_config", "vit_config", "VIT_SIZES", "flops_per_image"]

@@ -23,16 +23,15 @@ from mimc.models.position import RelativePositionBias
 
 
 class BlockTokenReduction:
-    """Mixin of ``Block``: its static token reduction between attention and MLP."""
+    """Mixin of ``Block``: its static token reduction between attention and MLP, set by the encoder
+    from the token plan (these defaults reduce nothing)."""
 
-    def _init_token_reduction(self, num_prefix_tokens: int) -> None:
-        """Set by the encoder from the token plan; the defaults reduce nothing."""
-        self.merge_r = 0  # ToMe: tokens merged here
-        self.keep_k = 0  # top-k: patch tokens kept here
-        self.fuse = False
-        self.score = "mean"
-        self.prop_attn = False
-        self.prefix = num_prefix_tokens
+    merge_r = 0  # ToMe: tokens merged here
+    keep_k = 0  # top-k: patch tokens kept here
+    fuse = False
+    score = "mean"
+    prop_attn = False
+    prefix = 0  # cls tokens, never reduced
 
     def forward_tokens(self, x: torch.Tensor, bias: torch.Tensor | None, sizes: torch.Tensor | None):
         """Forward with this block's token reduction; ``sizes`` (B, N, 1) counts the patches each token
@@ -60,8 +59,8 @@ class EncoderTokenReduction:
     def _apply_token_plan(self, plan: token_ops.TokenPlan) -> None:
         """Turn the token schedule into static per-block attributes and constant index buffers."""
         self.token_plan = plan
-        for block, r, k in zip(self.blocks, plan.merge_r or [0] * len(self.blocks), plan.keep_k or [0] * len(self.blocks)):
-            block.merge_r, block.keep_k = r, k
+        for block, r, k in zip(self.blocks, plan.merge_r, plan.keep_k):  # both empty without a schedule
+            block.merge_r, block.keep_k, block.prefix = r, k, self.config.num_prefix_tokens
             block.fuse, block.score, block.prop_attn = plan.fuse, plan.score, plan.prop_attn
         # Non-persistent: the state_dict keys stay those of the dense encoder.
         index = torch.tensor(plan.drop_index, dtype=torch.long) if plan.drop_index is not None else None
