@@ -236,9 +236,10 @@ def build_plan(cfg: Any) -> TokenPlan:
             option=("method", "pattern"),
         )
     plan = TokenPlan(method=method, merge_r=[0] * cfg.depth, keep_k=[0] * cfg.depth)
+    keep = float(sched.get("keep", 1.0)) if method != "tome" else 1.0  # drop and topk: the fraction kept
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"keep={keep} is out of range: give a fraction of tokens in (0, 1]")
     if method == "drop":
-        keep = float(sched.get("keep", 1.0))
-        _check_keep(keep)
         pattern = sched.get("pattern", "grid")
         if pattern not in PATTERNS:
             raise ConfigError(f"unknown drop pattern {pattern!r}: use one of {', '.join(PATTERNS)}")
@@ -267,8 +268,6 @@ def build_plan(cfg: Any) -> TokenPlan:
             n -= r
             counts.append(n)
     elif method == "topk":
-        keep = float(sched.get("keep", 1.0))
-        _check_keep(keep)
         blocks = [int(b) for b in sched.get("blocks", [])]
         bad = [b + 1 for b in blocks if not 0 <= b < cfg.depth]
         if bad:
@@ -291,11 +290,6 @@ def build_plan(cfg: Any) -> TokenPlan:
         counts.extend([n] * cfg.depth)
     plan.counts = counts
     return plan
-
-
-def _check_keep(keep: float) -> None:
-    if not 0.0 < keep <= 1.0:
-        raise ConfigError(f"keep={keep} is out of range: give a fraction of tokens in (0, 1]")
 
 
 def reduced_macs(cfg: Any, plan: TokenPlan | None = None) -> float:

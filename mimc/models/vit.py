@@ -338,9 +338,7 @@ def build_encoder(cfg: EncoderConfig, seed: int | None = None) -> Encoder:
 
 def vit_base_config(**overrides: Any) -> EncoderConfig:
     """ViT-B/16 at 224 px, shaped like an MAE encoder (mean pooling)."""
-    base = dict(image_size=224, patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072, family="mae")
-    base.update(overrides)
-    return EncoderConfig(**base)
+    return vit_config("vit-b/16", **overrides)
 
 
 # Named ViT sizes (Dosovitskiy et al., ICLR 2021, table 1; ViT-Ti/S from DeiT, Touvron et al. 2021)
@@ -358,7 +356,7 @@ def vit_config(name: str, **overrides: Any) -> EncoderConfig:
     """A named ViT size (``vit-b/16``, ``vit-h/14``, ... see :data:`VIT_SIZES`) at 224 px, MAE-shaped."""
     if name not in VIT_SIZES:
         raise ConfigError(f"unknown ViT size '{clip(name, 40)}': choose one of {', '.join(VIT_SIZES)}")
-    return vit_base_config(**{**VIT_SIZES[name], **overrides})
+    return EncoderConfig(**{"image_size": 224, **VIT_SIZES[name], "family": "mae", **overrides})
 
 
 def flops_per_image(cfg: EncoderConfig) -> float:

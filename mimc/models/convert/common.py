@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mimc.errors import UnsafeCheckpointError
 from mimc.models.vit import Encoder, EncoderConfig
 
 # Globals a plain tensor checkpoint legitimately references (used only to word the error message).
@@ -92,3 +93,12 @@ def pickle_code_global(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - a malformed stream simply has no nameable global
         return None
     return None
+
+
+def refuse_code_pickle(path: Path) -> None:
+    """After a weights-only load failed: raise if the pickle would have run code, naming what."""
+    culprit = pickle_code_global(path)
+    if culprit is not None:
+        raise UnsafeCheckpointError(
+            f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
+        ) from None

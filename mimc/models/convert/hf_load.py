@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mimc.errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError
 from mimc.models.vit import Encoder
-from mimc.models.convert.common import one_line, pickle_code_global
+from mimc.models.convert.common import one_line, refuse_code_pickle
 from mimc.models.convert.hf import FAMILIES, convert_hf_model
 
 # Classes loaded as themselves when a checkpoint names them, so that pieces outside the base model
@@ -101,16 +101,6 @@ def _model_class(hf_config):
         if name in KNOWN_CLASSES and hasattr(transformers, name):
             return getattr(transformers, name)
     return transformers.AutoModel
-
-
-def _raise_if_unsafe(source: str, local: bool) -> None:
-    """Name the culprit when a local ``pytorch_model.bin`` was refused for running code on load."""
-    for weights in sorted(Path(source).glob("*.bin")) if local else []:
-        culprit = pickle_code_global(weights)
-        if culprit is not None:
-            raise UnsafeCheckpointError(
-                f"{weights} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
-            )
 
 
 def _not_found(source: str, offline: bool, exc: BaseException | None = None) -> ModelNotFoundError:
@@ -203,7 +193,8 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
             # the mean-pooled feature; build it with one when the checkpoint has its weights.
             model, info = cls.from_pretrained(source, add_pooling_layer=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
-        _raise_if_unsafe(source, local)
+        for weights in sorted(Path(source).glob("*.bin")) if local else []:
+            refuse_code_pickle(weights)  # names the culprit of a local pickle refused for running code
         if local:
             raise NotAModelError(f"{source}: its weights cannot be loaded ({one_line(exc)}): re-save or re-download the model") from None
         raise ModelNotFoundError(f"model '{source}' weights could not be loaded from the hub ({one_line(exc)}): check internet access or use a local directory") from None
