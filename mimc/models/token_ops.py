@@ -5,8 +5,9 @@ References:
   github.com/facebookresearch/ToMe (tome/merge.py: bipartite soft matching, size-weighted merge).
 - EViT: Liang et al., "Not All Patches are What You Need", ICLR 2022 (arXiv 2202.07800),
   github.com/youweiliang/evit (top-k tokens by cls attention, inattentive tokens fused).
-- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv 2111.06377):
-  the encoder was pretrained on 25 % visible patches, which is why dropping patches works untrained.
+- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv 2111.06377),
+  github.com/facebookresearch/mae: the encoder was pretrained on 25 % visible patches, which is why
+  dropping patches works untrained.
 
 Everything here keeps shapes static: every count (r, k, kept patches) is a Python int fixed by the
 schedule, so the exported graph has fixed token dimensions. The ToMe merge is a product with a

@@ -1,12 +1,9 @@
 """Token reduction inside the canonical encoder's forward pass (mixins of ``Block`` and ``Encoder``).
 
-References:
-- ToMe: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (arXiv 2210.09461),
-  github.com/facebookresearch/ToMe (merge between attention and MLP, proportional attention).
-- EViT: Liang et al., "Not All Patches are What You Need", ICLR 2022 (arXiv 2202.07800),
-  github.com/youweiliang/evit (top-k patch tokens by the attention they receive, the rest fused).
-- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv 2111.06377),
-  github.com/facebookresearch/mae (the encoder sees only the kept patches, after the position embedding).
+Where each method acts, as in its paper (references in :mod:`mimc.models.token_ops`): ToMe merges
+between attention and MLP, with proportional attention; EViT keeps the top-k patch tokens by the
+attention they receive and fuses the rest; MAE's encoder sees only the kept patches, dropped after
+the position embedding.
 
 The config's ``token_schedule`` is resolved once into a :class:`~mimc.models.token_ops.TokenPlan`
 and set as static per-block attributes and constant index buffers, never popped from a list inside

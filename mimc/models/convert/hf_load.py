@@ -117,11 +117,7 @@ def _not_found(source: str, offline: bool, exc: BaseException | None = None) -> 
 
 
 def load_hf(source: str | os.PathLike) -> Encoder:
-    """A local transformers model directory or a hub id -> canonical :class:`Encoder`.
-
-    Uses transformers' own ``from_pretrained``. Hub ids need internet, or a copy in the local cache
-    (used automatically when the hub cannot be reached or ``HF_HUB_OFFLINE=1``).
-    """
+    """A local transformers model directory or a hub id -> canonical :class:`Encoder` (rules: module docstring)."""
     from huggingface_hub import constants as hub_constants
 
     source = str(source)

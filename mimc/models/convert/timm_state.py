@@ -207,11 +207,10 @@ def canonical_state(state: dict[str, torch.Tensor], cfg: EncoderConfig, pad_cls_
     return out
 
 
-def encoder_from_state(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = None, copy: bool = True) -> Encoder:
+def encoder_from_state(state: dict[str, torch.Tensor], hints: dict[str, Any], copy: bool = True) -> Encoder:
     """A timm-layout state dict (prefix already stripped) -> canonical :class:`Encoder`.
 
     ``copy=False`` adopts the tensors as parameters (for a state dict just read from a file)."""
-    hints = hints or {}
     cfg, pad_cls_pos = infer_config(state, hints)
     weights = canonical_state(state, cfg, pad_cls_pos)
     try:
