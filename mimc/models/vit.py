@@ -96,9 +96,8 @@ class EncoderConfig:
             (self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"),
             (self.num_frames % self.tubelet_size == 0, "num_frames must be a multiple of tubelet_size"),
             (self.pooling != "cls" or self.cls_token, "cls pooling needs a cls token"),
+            (self.head_dim is not None or self.dim % self.num_heads == 0, "dim must be divisible by num_heads"),
         ]
-        if self.head_dim is None:
-            checks.append((self.dim % self.num_heads == 0, "dim must be divisible by num_heads"))
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"invalid encoder config: {msg}")

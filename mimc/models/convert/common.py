@@ -2,13 +2,12 @@
 what a refused pickle would have run, one-line error details."""
 from __future__ import annotations
 
-import contextlib
 import io
 import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
 import torch
 from torch import nn
@@ -27,21 +26,13 @@ _INIT_FUNCTIONS = (
 )  # fmt: skip
 
 
-@contextlib.contextmanager
-def skip_weight_init() -> Iterator[None]:
+def skip_weight_init():
     """Make ``torch.nn.init`` a no-op while modules are built whose every weight is loaded next.
 
     Random init of a ViT-B costs over a second of CPU for numbers that are overwritten at once
     (transformers' ``no_init_weights`` does the same). Only safe with a strict load that follows.
     """
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
+    return mock.patch.multiple(nn.init, **{name: lambda tensor, *args, **kwargs: tensor for name in _INIT_FUNCTIONS})
 
 
 def encoder_with_weights(cfg: EncoderConfig, state: dict[str, torch.Tensor], copy: bool = True, strict: bool = True):
