@@ -92,7 +92,8 @@ def load_model(model: str | os.PathLike):
 
         encoder = load_hf(model)
         weights = _first_file(Path(model), ("model.safetensors", "pytorch_model.bin")) if kind == "hf-dir" else None
-        source = {"id": model, "family": encoder.config.family, "sha256": weights and sha256_file(weights), "kind": kind}
+        sha = sha256_file(weights) if weights else None
+        source = {"id": model, "family": encoder.config.family, "sha256": sha, "kind": kind}
     else:
         from mimc.models.convert.timm import load_timm_checkpoint
 

@@ -91,5 +91,6 @@ def refuse_code_pickle(path: Path) -> None:
     culprit = pickle_code_global(path)
     if culprit is not None:
         raise UnsafeCheckpointError(
-            f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
+            f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; "
+            "re-save it as .safetensors where you trust it"
         ) from None
