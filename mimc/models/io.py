@@ -5,8 +5,13 @@ without knowing what an Encoder is.
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 from mimc.artifact import MANIFEST_NAME, read_manifest, verify_weights
 from mimc.errors import MimcError, NotAModelError, clip, shorten
@@ -32,29 +37,17 @@ class ArtifactShape:
 def load_artifact(path: str | os.PathLike) -> Encoder:
     """Rebuild the encoder from ``mimc.json`` and load ``model.safetensors`` into it, after checking
     the weights are the ones the manifest names and the manifest's structure is consistent."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     shape = ArtifactShape(path)
     manifest, cfg = shape.manifest, shape.config
     weights = verify_weights(path, manifest)
-    _check_shapes(cfg, weights)
+    _check_shapes(cfg, weights)  # the same names and shapes as the module's, or refused here
     encoder = Encoder(cfg)
     own = encoder.state_dict()  # the module's own tensors: every value is read into them in place
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            keys = set(f.keys())
-            if keys != set(own):
-                missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
-                raise NotAModelError(
-                    f"{weights} does not match its mimc.json (missing {missing[:3]}, unexpected {unexpected[:3]}): re-create the artifact")
-            with torch.no_grad():
-                for name, tensor in _read_into(weights, own):  # those it could not read in place
-                    value = f.get_tensor(name)
-                    if tuple(value.shape) != tuple(tensor.shape):
-                        raise NotAModelError(f"{weights} does not match its mimc.json (tensor shapes differ): re-create the artifact")
-                    tensor.copy_(value)
+        with safe_open(str(weights), framework="pt") as f, torch.no_grad():
+            for name, tensor in _read_into(weights, own):  # stored in another dtype: converted by copy_
+                tensor.copy_(f.get_tensor(name))
     except (SafetensorError, OSError, ValueError) as exc:
         raise NotAModelError(f"{weights} is not a valid safetensors file ({shorten(exc)}): re-create the artifact") from exc
     del own
@@ -72,11 +65,6 @@ def _read_into(weights: Path, own: dict) -> list:
     plain reads one tensor at a time: the weights are never held twice, and no memory map of the
     file adds its pages to the process's resident set (a ViT-H/14 would count 2.5 GB twice).
     Returns the (name, tensor) pairs whose stored dtype or shape differs (copied by the caller)."""
-    import json
-    import struct
-
-    import torch
-
     left = []
     with open(weights, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
@@ -101,9 +89,6 @@ def _check_shapes(cfg: EncoderConfig, weights: Path) -> None:
     """Compare the tensor shapes the config implies with the file's header before allocating: an
     encoder is built on the meta device (no memory), so a manifest claiming a 10^9-pixel image or
     a wider model than its weights is refused instead of allocating terabytes or half-loading."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in Encoder(cfg).state_dict().items()}

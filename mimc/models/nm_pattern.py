@@ -51,7 +51,7 @@ def check_nm(encoder: nn.Module, pattern: str | None = None) -> None:
     """
     pattern = pattern if pattern is not None else getattr(getattr(encoder, "config", None), "nm_pattern", None)
     if pattern is None:
-        return None
+        return
     n, m = parse_pattern(pattern)
     validate_pattern(encoder, n, m)
     for name, lin in block_linears(encoder):
@@ -62,7 +62,6 @@ def check_nm(encoder: nn.Module, pattern: str | None = None) -> None:
             raise ValidationError(
                 f"{name} breaks the {pattern} pattern in {bad} of {counts.numel()} groups: re-run `mimc sparsify` on the dense model"
             )
-    return None
 
 
 __all__ = ["parse_pattern", "block_linears", "validate_pattern", "check_nm"]

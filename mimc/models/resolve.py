@@ -91,7 +91,8 @@ def load_model(model: str | os.PathLike):
         from mimc.models.convert.hf_load import load_hf
 
         encoder = load_hf(model)
-        sha = sha256_file(_hf_weights(Path(model))) if kind == "hf-dir" and _hf_weights(Path(model)) else None
+        weights = _first_file(Path(model), ("model.safetensors", "pytorch_model.bin")) if kind == "hf-dir" else None
+        sha = sha256_file(weights) if weights else None
         source = {"id": model, "family": encoder.config.family, "sha256": sha, "kind": kind}
     else:
         from mimc.models.convert.timm import load_timm_checkpoint
@@ -115,17 +116,11 @@ def _timm_weights(path: Path) -> Path | None:
         return None  # left to the transformers loader, which reports a broken config.json
     if not isinstance(config, dict) or "model_type" in config or "architecture" not in config:
         return None
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if (path / name).is_file():
-            return path / name
-    return None
+    return _first_file(path, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
 
 
-def _hf_weights(path: Path) -> Path | None:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return path / name
-    return None
+def _first_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / name for name in names if (folder / name).is_file()), None)
 
 
 def _ref_sha() -> str | None:

@@ -5,8 +5,9 @@ References:
   github.com/facebookresearch/ToMe (tome/merge.py: bipartite soft matching, size-weighted merge).
 - EViT: Liang et al., "Not All Patches are What You Need", ICLR 2022 (arXiv 2202.07800),
   github.com/youweiliang/evit (top-k tokens by cls attention, inattentive tokens fused).
-- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv 2111.06377):
-  the encoder was pretrained on 25 % visible patches, which is why dropping patches works untrained.
+- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv 2111.06377),
+  github.com/facebookresearch/mae: the encoder was pretrained on 25 % visible patches, which is why
+  dropping patches works untrained.
 
 Everything here keeps shapes static: every count (r, k, kept patches) is a Python int fixed by the
 schedule, so the exported graph has fixed token dimensions. The ToMe merge is a product with a
@@ -236,10 +237,10 @@ def build_plan(cfg: Any) -> TokenPlan:
             option=("method", "pattern"),
         )
     plan = TokenPlan(method=method, merge_r=[0] * cfg.depth, keep_k=[0] * cfg.depth)
-    counts = [n]
+    keep = float(sched.get("keep", 1.0)) if method != "tome" else 1.0  # drop and topk: the fraction kept
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"keep={keep} is out of range: give a fraction of tokens in (0, 1]")
     if method == "drop":
-        keep = float(sched.get("keep", 1.0))
-        _check_keep(keep)
         pattern = sched.get("pattern", "grid")
         if pattern not in PATTERNS:
             raise ConfigError(f"unknown drop pattern {pattern!r}: use one of {', '.join(PATTERNS)}")
@@ -252,8 +253,8 @@ def build_plan(cfg: Any) -> TokenPlan:
             n_kept = plan.drop_keep = max(1, round(keep * cfg.num_patches))
         if n_kept == cfg.num_patches:
             plan.drop_index, plan.drop_keep = None, 0  # keep = 1: exactly the dense model
-        counts = [prefix + n_kept]
-    n = counts[0]
+        n = prefix + n_kept
+    counts = [n]
     if method == "tome":
         r_list = [int(v) for v in sched.get("r", [])]
         if len(r_list) != cfg.depth:
@@ -268,8 +269,6 @@ def build_plan(cfg: Any) -> TokenPlan:
             n -= r
             counts.append(n)
     elif method == "topk":
-        keep = float(sched.get("keep", 1.0))
-        _check_keep(keep)
         blocks = [int(b) for b in sched.get("blocks", [])]
         bad = [b + 1 for b in blocks if not 0 <= b < cfg.depth]
         if bad:
@@ -292,11 +291,6 @@ def build_plan(cfg: Any) -> TokenPlan:
         counts.extend([n] * cfg.depth)
     plan.counts = counts
     return plan
-
-
-def _check_keep(keep: float) -> None:
-    if not 0.0 < keep <= 1.0:
-        raise ConfigError(f"keep={keep} is out of range: give a fraction of tokens in (0, 1]")
 
 
 def reduced_macs(cfg: Any, plan: TokenPlan | None = None) -> float:

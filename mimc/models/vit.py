@@ -93,13 +93,11 @@ class EncoderConfig:
             (self.rel_pos_bias in REL_POS_BIAS, f"rel_pos_bias must be one of {REL_POS_BIAS}"),
             (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
             (self.act in ACTIVATIONS, f"act must be one of {ACTIVATIONS}"),
-            (self.depth >= 0, "depth must be >= 0"),
             (self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"),
             (self.num_frames % self.tubelet_size == 0, "num_frames must be a multiple of tubelet_size"),
             (self.pooling != "cls" or self.cls_token, "cls pooling needs a cls token"),
+            (self.head_dim is not None or self.dim % self.num_heads == 0, "dim must be divisible by num_heads"),
         ]
-        if self.head_dim is None:
-            checks.append((self.dim % self.num_heads == 0, "dim must be divisible by num_heads"))
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"invalid encoder config: {msg}")
@@ -258,7 +256,6 @@ class Block(BlockTokenReduction, nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.dim, cfg.mlp_dim_of(index), cfg.act)
         self.ls2 = LayerScale(cfg.dim) if cfg.layer_scale else nn.Identity()
-        self._init_token_reduction(cfg.num_prefix_tokens)  # set by Encoder from the token plan
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), bias))
@@ -340,9 +337,7 @@ def build_encoder(cfg: EncoderConfig, seed: int | None = None) -> Encoder:
 
 def vit_base_config(**overrides: Any) -> EncoderConfig:
     """ViT-B/16 at 224 px, shaped like an MAE encoder (mean pooling)."""
-    base = dict(image_size=224, patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072, family="mae")
-    base.update(overrides)
-    return EncoderConfig(**base)
+    return vit_config("vit-b/16", **overrides)
 
 
 # Named ViT sizes (Dosovitskiy et al., ICLR 2021, table 1; ViT-Ti/S from DeiT, Touvron et al. 2021)
@@ -360,7 +355,7 @@ def vit_config(name: str, **overrides: Any) -> EncoderConfig:
     """A named ViT size (``vit-b/16``, ``vit-h/14``, ... see :data:`VIT_SIZES`) at 224 px, MAE-shaped."""
     if name not in VIT_SIZES:
         raise ConfigError(f"unknown ViT size '{clip(name, 40)}': choose one of {', '.join(VIT_SIZES)}")
-    return vit_base_config(**{**VIT_SIZES[name], **overrides})
+    return EncoderConfig(**{"image_size": 224, **VIT_SIZES[name], "family": "mae", **overrides})
 
 
 def flops_per_image(cfg: EncoderConfig) -> float:
@@ -369,18 +364,5 @@ def flops_per_image(cfg: EncoderConfig) -> float:
     return token_ops.reduced_macs(cfg)
 
 
-__all__ = [
-    "EncoderConfig",
-    "EncoderOutput",
-    "Encoder",
-    "Block",
-    "Attention",
-    "Mlp",
-    "PatchEmbed",
-    "RelativePositionBias",
-    "build_encoder",
-    "vit_base_config",
-    "vit_config",
-    "VIT_SIZES",
-    "flops_per_image",
-]
+__all__ = ["EncoderConfig", "EncoderOutput", "Encoder", "Block", "Attention", "Mlp", "PatchEmbed",
+           "RelativePositionBias", "build_encoder", "vit_base_config", "vit_config", "VIT_SIZES", "flops_per_image"]

@@ -1,12 +1,9 @@
 """Token reduction inside the canonical encoder's forward pass (mixins of ``Block`` and ``Encoder``).
 
-References:
-- ToMe: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (arXiv 2210.09461),
-  github.com/facebookresearch/ToMe (merge between attention and MLP, proportional attention).
-- EViT: Liang et al., "Not All Patches are What You Need", ICLR 2022 (arXiv 2202.07800),
-  github.com/youweiliang/evit (top-k patch tokens by the attention they receive, the rest fused).
-- MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (arXiv 2111.06377),
-  github.com/facebookresearch/mae (the encoder sees only the kept patches, after the position embedding).
+Where each method acts, as in its paper (references in :mod:`mimc.models.token_ops`): ToMe merges
+between attention and MLP, with proportional attention; EViT keeps the top-k patch tokens by the
+attention they receive and fuses the rest; MAE's encoder sees only the kept patches, dropped after
+the position embedding.
 
 The config's ``token_schedule`` is resolved once into a :class:`~mimc.models.token_ops.TokenPlan`
 and set as static per-block attributes and constant index buffers, never popped from a list inside
@@ -23,16 +20,15 @@ from mimc.models.position import RelativePositionBias
 
 
 class BlockTokenReduction:
-    """Mixin of ``Block``: its static token reduction between attention and MLP."""
+    """Mixin of ``Block``: its static token reduction between attention and MLP, set by the encoder
+    from the token plan (these defaults reduce nothing)."""
 
-    def _init_token_reduction(self, num_prefix_tokens: int) -> None:
-        """Set by the encoder from the token plan; the defaults reduce nothing."""
-        self.merge_r = 0  # ToMe: tokens merged here
-        self.keep_k = 0  # top-k: patch tokens kept here
-        self.fuse = False
-        self.score = "mean"
-        self.prop_attn = False
-        self.prefix = num_prefix_tokens
+    merge_r = 0  # ToMe: tokens merged here
+    keep_k = 0  # top-k: patch tokens kept here
+    fuse = False
+    score = "mean"
+    prop_attn = False
+    prefix = 0  # cls tokens, never reduced
 
     def forward_tokens(self, x: torch.Tensor, bias: torch.Tensor | None, sizes: torch.Tensor | None):
         """Forward with this block's token reduction; ``sizes`` (B, N, 1) counts the patches each token
@@ -60,8 +56,8 @@ class EncoderTokenReduction:
     def _apply_token_plan(self, plan: token_ops.TokenPlan) -> None:
         """Turn the token schedule into static per-block attributes and constant index buffers."""
         self.token_plan = plan
-        for block, r, k in zip(self.blocks, plan.merge_r or [0] * len(self.blocks), plan.keep_k or [0] * len(self.blocks)):
-            block.merge_r, block.keep_k = r, k
+        for block, r, k in zip(self.blocks, plan.merge_r, plan.keep_k):  # both empty without a schedule
+            block.merge_r, block.keep_k, block.prefix = r, k, self.config.num_prefix_tokens
             block.fuse, block.score, block.prop_attn = plan.fuse, plan.score, plan.prop_attn
         # Non-persistent: the state_dict keys stay those of the dense encoder.
         index = torch.tensor(plan.drop_index, dtype=torch.long) if plan.drop_index is not None else None

@@ -2,17 +2,17 @@
 what a refused pickle would have run, one-line error details."""
 from __future__ import annotations
 
-import contextlib
 import io
 import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
 import torch
 from torch import nn
 
+from mimc.errors import UnsafeCheckpointError
 from mimc.models.vit import Encoder, EncoderConfig
 
 # Globals a plain tensor checkpoint legitimately references (used only to word the error message).
@@ -26,21 +26,13 @@ _INIT_FUNCTIONS = (
 )  # fmt: skip
 
 
-@contextlib.contextmanager
-def skip_weight_init() -> Iterator[None]:
+def skip_weight_init():
     """Make ``torch.nn.init`` a no-op while modules are built whose every weight is loaded next.
 
     Random init of a ViT-B costs over a second of CPU for numbers that are overwritten at once
     (transformers' ``no_init_weights`` does the same). Only safe with a strict load that follows.
     """
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
+    return mock.patch.multiple(nn.init, **{name: lambda tensor, *args, **kwargs: tensor for name in _INIT_FUNCTIONS})
 
 
 def encoder_with_weights(cfg: EncoderConfig, state: dict[str, torch.Tensor], copy: bool = True, strict: bool = True):
@@ -92,3 +84,13 @@ def pickle_code_global(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - a malformed stream simply has no nameable global
         return None
     return None
+
+
+def refuse_code_pickle(path: Path) -> None:
+    """After a weights-only load failed: raise if the pickle would have run code, naming what."""
+    culprit = pickle_code_global(path)
+    if culprit is not None:
+        raise UnsafeCheckpointError(
+            f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; "
+            "re-save it as .safetensors where you trust it"
+        ) from None

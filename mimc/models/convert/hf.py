@@ -186,9 +186,8 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
         raise NotAModelError(f"{type(model).__name__} has no encoder layers mimc recognises: pass a {family} encoder model")
     cfg = _encoder_config(model, base, family, image_mean, image_std)
     emb = base.embeddings
-    patch = _find(base, BASE_PATHS["patch"])
     state: dict[str, torch.Tensor] = {}
-    _copy(state, "patch_embed.proj", patch)
+    _copy(state, "patch_embed.proj", _find(base, BASE_PATHS["patch"]))
     if cfg.cls_token:
         state["cls_token"] = emb.cls_token.detach()
     if cfg.pos_embed == "learned":

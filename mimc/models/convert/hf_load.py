@@ -10,14 +10,13 @@ unreadable weights, or a ``pytorch_model.bin`` whose pickle would run code.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 
 from mimc.errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError
 from mimc.models.vit import Encoder
-from mimc.models.convert.common import one_line, pickle_code_global
+from mimc.models.convert.common import one_line, refuse_code_pickle
 from mimc.models.convert.hf import FAMILIES, convert_hf_model
 
 # Classes loaded as themselves when a checkpoint names them, so that pieces outside the base model
@@ -56,27 +55,18 @@ def read_preprocessor_config(source: str | os.PathLike, local_files_only: bool =
     """``image_mean``, ``image_std``, ``resize``, ``crop_pct`` from a model's preprocessor config
     (local dir or hub) — what it has of them."""
     for name in PREPROCESSOR_FILES:
-        path: Path | None = Path(source) / name
-        if not Path(source).is_dir():
-            path = _hub_file(str(source), name, local_files_only)
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(data, dict):
-                continue
-            out = preprocess_geometry(data)
-            if "image_mean" in data and "image_std" in data:
-                out.update(image_mean=[float(x) for x in data["image_mean"]], image_std=[float(x) for x in data["image_std"]])
-            return out
+        path = Path(source) / name if Path(source).is_dir() else _hub_file(str(source), name, local_files_only)
+        try:
+            data = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        out = preprocess_geometry(data)
+        if "image_mean" in data and "image_std" in data:
+            out.update({key: [float(x) for x in data[key]] for key in ("image_mean", "image_std")})
+        return out
     return {}
-
-
-def read_preprocessor(source: str | os.PathLike, local_files_only: bool = False) -> tuple[list[float] | None, list[float] | None]:
-    """image_mean / image_std from a model's preprocessor config (local dir or hub), if it has one."""
-    found = read_preprocessor_config(source, local_files_only)
-    return found.get("image_mean"), found.get("image_std")
 
 
 def _hub_file(repo_id: str, filename: str, local_files_only: bool) -> Path | None:
@@ -113,16 +103,6 @@ def _model_class(hf_config):
     return transformers.AutoModel
 
 
-def _raise_if_unsafe(source: str, local: bool) -> None:
-    """Name the culprit when a local ``pytorch_model.bin`` was refused for running code on load."""
-    for weights in sorted(Path(source).glob("*.bin")) if local else []:
-        culprit = pickle_code_global(weights)
-        if culprit is not None:
-            raise UnsafeCheckpointError(
-                f"{weights} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
-            )
-
-
 def _not_found(source: str, offline: bool, exc: BaseException | None = None) -> ModelNotFoundError:
     text = str(exc or "").lower()
     if offline or "couldn't connect" in text or "connection error" in text:
@@ -137,30 +117,18 @@ def _not_found(source: str, offline: bool, exc: BaseException | None = None) -> 
 
 
 def load_hf(source: str | os.PathLike) -> Encoder:
-    """A local transformers model directory or a hub id -> canonical :class:`Encoder`.
-
-    Uses transformers' own ``from_pretrained``. Hub ids need internet, or a copy in the local cache
-    (used automatically when the hub cannot be reached or ``HF_HUB_OFFLINE=1``).
-    """
+    """A local transformers model directory or a hub id -> canonical :class:`Encoder` (rules: module docstring)."""
     from huggingface_hub import constants as hub_constants
 
     source = str(source)
     local = Path(source).is_dir()
-    offline = not local and (bool(hub_constants.HF_HUB_OFFLINE) or not hub_reachable())
-    with _hub_offline(offline):
-        return _load_hf(source, local, offline)
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool):
-    """huggingface_hub honours ``local_files_only`` for files but still makes side requests (its
-    user-agent registry) unless its offline flag is set, so set it for the duration of the load."""
-    from huggingface_hub import constants as hub_constants
-
     saved = hub_constants.HF_HUB_OFFLINE
+    offline = not local and (bool(saved) or not hub_reachable())
+    # huggingface_hub honours ``local_files_only`` for files but still makes side requests (its
+    # user-agent registry) unless its offline flag is set, so set it for the duration of the load.
     hub_constants.HF_HUB_OFFLINE = saved or offline
     try:
-        yield
+        return _load_hf(source, local, offline)
     finally:
         hub_constants.HF_HUB_OFFLINE = saved
 
@@ -212,19 +180,17 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # missing keys are checked below, in one clear line
     hf_logging.disable_progress_bar()  # mimc's CLI draws its own progress on stderr
+    # transformers itself loads .bin weights with torch.load(weights_only=True).
+    kwargs = dict(output_loading_info=True, local_files_only=offline, weights_only=True, trust_remote_code=False)
     try:
-        # transformers itself loads .bin weights with torch.load(weights_only=True).
-        model, info = cls.from_pretrained(source, output_loading_info=True, local_files_only=offline, weights_only=True,
-                                         trust_remote_code=False)
+        model, info = cls.from_pretrained(source, **kwargs)
         if any("pooler.layernorm" in k for k in info.get("unexpected_keys", ())):
             # Data2VecVisionModel defaults to no pooler, which would drop the trained LayerNorm of
             # the mean-pooled feature; build it with one when the checkpoint has its weights.
-            model, info = cls.from_pretrained(
-                source, output_loading_info=True, local_files_only=offline, weights_only=True, add_pooling_layer=True,
-                trust_remote_code=False,
-            )
+            model, info = cls.from_pretrained(source, add_pooling_layer=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
-        _raise_if_unsafe(source, local)
+        for weights in sorted(Path(source).glob("*.bin")) if local else []:
+            refuse_code_pickle(weights)  # names the culprit of a local pickle refused for running code
         if local:
             raise NotAModelError(f"{source}: its weights cannot be loaded ({one_line(exc)}): re-save or re-download the model") from None
         raise ModelNotFoundError(f"model '{source}' weights could not be loaded from the hub ({one_line(exc)}): check internet access or use a local directory") from None
@@ -238,12 +204,8 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
         raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
     found = read_preprocessor_config(source, local_files_only=offline)
     encoder = convert_hf_model(model.eval(), image_mean=found.get("image_mean"), image_std=found.get("image_std"), copy=False)
-    geometry = {k: found[k] for k in ("resize", "crop_pct") if k in found}
-    if geometry:
-        encoder.config = encoder.config.replace(**geometry)
+    encoder.config = encoder.config.replace(**{k: found[k] for k in ("resize", "crop_pct") if k in found})
     return encoder
 
 
-
-
-__all__ = ["load_hf", "read_preprocessor", "read_preprocessor_config", "preprocess_geometry", "hub_reachable"]
+__all__ = ["load_hf", "read_preprocessor_config", "preprocess_geometry", "hub_reachable"]

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimc.errors import NotAModelError, UnsafeCheckpointError
+from mimc.errors import NotAModelError
 from mimc.models.vit import Encoder
-from mimc.models.convert.common import one_line, pickle_code_global
+from mimc.models.convert.common import one_line, refuse_code_pickle
 from mimc.models.convert.timm_state import encoder_from_state
 
 ANCHOR = "patch_embed.proj.weight"
@@ -60,11 +60,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             warnings.simplefilter("ignore")  # torch's pickle-protocol notice; failures are reported below
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for unreadable files
-        culprit = pickle_code_global(path)
-        if culprit is not None:
-            raise UnsafeCheckpointError(
-                f"{path} is a pickle that would run code on load ({culprit}): mimc loads weights only; re-save it as .safetensors where you trust it"
-            ) from None
+        refuse_code_pickle(path)
         raise NotAModelError(f"{path} is not a readable PyTorch checkpoint ({one_line(exc)}): re-download it or export .safetensors") from None
     if not isinstance(obj, dict):
         raise NotAModelError(f"{path} holds a {type(obj).__name__}, not a state dict: save model.state_dict() instead")

@@ -66,10 +66,6 @@ def _canonical_name(key: str) -> str | None:
     return None
 
 
-def default_heads(dim: int) -> int:
-    return HEADS_BY_DIM.get(dim, max(1, dim // 64))
-
-
 def _perfect_square(n: int) -> int | None:
     r = math.isqrt(n)
     return r if r > 0 and r * r == n else None
@@ -135,7 +131,7 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple
         key = "blocks.0.attn.relative_position_bias_table" if per_block_table else "rel_pos_bias.relative_position_bias_table"
         heads = state[key].shape[1]
     else:
-        heads = default_heads(dim)
+        heads = HEADS_BY_DIM.get(dim, max(1, dim // 64))
     inner = state["blocks.0.attn.qkv.weight"].shape[0] // 3 if depth else dim
     if inner % heads:
         raise NotAModelError(f"attention width {inner} is not divisible by {heads} heads: give num_heads in a sidecar JSON next to the checkpoint")
@@ -211,11 +207,10 @@ def canonical_state(state: dict[str, torch.Tensor], cfg: EncoderConfig, pad_cls_
     return out
 
 
-def encoder_from_state(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = None, copy: bool = True) -> Encoder:
+def encoder_from_state(state: dict[str, torch.Tensor], hints: dict[str, Any], copy: bool = True) -> Encoder:
     """A timm-layout state dict (prefix already stripped) -> canonical :class:`Encoder`.
 
     ``copy=False`` adopts the tensors as parameters (for a state dict just read from a file)."""
-    hints = hints or {}
     cfg, pad_cls_pos = infer_config(state, hints)
     weights = canonical_state(state, cfg, pad_cls_pos)
     try:
