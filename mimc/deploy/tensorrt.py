@@ -223,11 +223,13 @@ def _build(trt, logger, graph_file: Path, settings: dict[str, Any], timing_cache
     for name, s in settings["shapes"].items():
         opt.set_shape(name, s["min"], s["opt"], s["max"])
     if config.add_optimization_profile(opt) < 0:  # returns the profile's index, -1 when TensorRT rejects it
-        raise MimcError(f"TensorRT rejected the optimization profile {settings['shapes']}: {one_line('; '.join(logger.errors()[-1:])) or 'no reason given'}")
+        raise MimcError(f"TensorRT rejected the optimization profile {settings['shapes']}: "
+                        f"{logger.reason(1, 'no reason given')}")
     cache, note = _attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise MimcError(f"TensorRT failed to build an engine from {graph_file.name}: {one_line('; '.join(logger.errors()[-2:])) or 'see the log above'}")
+        raise MimcError(f"TensorRT failed to build an engine from {graph_file.name}: "
+                        f"{logger.reason(2, 'see the log above')}")
     cache_bytes = None
     if cache is not None:
         updated = config.get_timing_cache()

@@ -19,15 +19,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.trt import latency_row
-
-# A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
-# compute_capability - and never imported: runtime sits below mimc.latency.
-DeviceProfile = Any
+from mimc.runtime.ort import DTYPES
+from mimc.runtime.trt import DeviceProfile, latency_row
 
 PROVIDER = "CUDAExecutionProvider"
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-       "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
 def _load_cuda_libraries(ort) -> None:
@@ -90,7 +85,7 @@ def measure_session(sess, batch: int, warmup: int, iters: int, device: str = "cu
             raise ConfigError(f"input '{inp.name}' has symbolic dims {inp.shape}: export with a static image size")
         if shape and shape[0] != batch:
             raise ConfigError(f"input '{inp.name}' has a static batch of {shape[0]}, not {batch}: export with a dynamic batch")
-        data = rng.standard_normal(shape).astype(_NP.get(inp.type, np.float32))
+        data = rng.standard_normal(shape).astype(DTYPES.get(inp.type, np.float32))
         binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(data, device, device_id))
     for out in sess.get_outputs():
         binding.bind_output(out.name, device, device_id)
