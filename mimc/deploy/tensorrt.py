@@ -36,7 +36,7 @@ def parse_batch_range(text: str | None) -> tuple[int, int, int] | None:
     try:
         parts = [int(p) for p in str(text).split(":")]
     except ValueError:
-        raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch") from None
+        parts = []
     if not 1 <= len(parts) <= 3:
         raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch")
     lo, opt, hi = parts[0], parts[min(1, len(parts) - 1)], parts[-1]
@@ -173,11 +173,9 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
     notes = list(settings["notes"]) + ([cache_note] if cache_note else [])
     sparsity = parse_sparsity_log([m for _, m in logger.messages])
     inspector_sparse = _inspect_sparse_tactics(trt, logger, serialized) if settings["sparse"] else None
-    picked = None
-    if settings["sparse"]:
-        picked = bool(sparsity["picked"]) or bool(inspector_sparse)
-        if not sparsity["picked"] and inspector_sparse is None and not any("(Sparsity)" in m for _, m in logger.messages):
-            picked = None  # TensorRT said nothing either way: do not claim
+    said = sparsity["picked"] or inspector_sparse is not None or any("(Sparsity)" in m for _, m in logger.messages)
+    # None: not asked, or TensorRT said nothing either way (do not claim)
+    picked = (bool(sparsity["picked"]) or bool(inspector_sparse)) if settings["sparse"] and said else None
     with atomic_file(out_path) as tmp:
         tmp.write_bytes(bytes(serialized))
     if timing_cache is not None and cache_bytes:

@@ -102,7 +102,8 @@ class OnnxModel:
         step = static_batch or hi
         chunks = [x] if step is None else list(x.split(step))
         pad_to = static_batch or lo or 0
-        names = self._wanted(sess, tokens)
+        # only ``pooled`` when tokens are not wanted and mimc's output names are there (else every output)
+        names = ["pooled"] if not tokens and "pooled" in [o.name for o in sess.get_outputs()] else None
         pooled, token_out = [], []
         for chunk in chunks:
             n = chunk.shape[0]
@@ -116,21 +117,11 @@ class OnnxModel:
                 token_out.append(t[:n])
         return torch.cat(pooled), (torch.cat(token_out) if token_out else None)
 
-    @staticmethod
-    def _wanted(sess, tokens: bool) -> list[str] | None:
-        """Only ``pooled`` when tokens are not wanted and mimc's output names are there (else every output)."""
-        names = [o.name for o in sess.get_outputs()]
-        return ["pooled"] if not tokens and "pooled" in names else None
-
     def _split_outputs(self, outs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``pooled`` and ``last_hidden_state`` by name (mimc's export), else by rank."""
         values = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in outs.items()}
-        pooled = values.get("pooled")
-        tokens = values.get("last_hidden_state")
-        if pooled is None:
-            pooled = next((v for v in values.values() if v.dim() == 2), None)
-        if tokens is None:
-            tokens = next((v for v in values.values() if v.dim() == 3), None)
+        pooled = values.get("pooled", next((v for v in values.values() if v.dim() == 2), None))
+        tokens = values.get("last_hidden_state", next((v for v in values.values() if v.dim() == 3), None))
         if pooled is None:
             raise NotAModelError(f"{self.path} has no pooled (batch, dim) output: re-export it with `mimc export`")
         return pooled, tokens
