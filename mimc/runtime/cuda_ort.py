@@ -12,6 +12,7 @@ time per call is the latency.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
 from mimc.runtime.ort import DTYPES
+from mimc.runtime.session import session_options
 from mimc.runtime.trt import DeviceProfile, latency_row
 
 PROVIDER = "CUDAExecutionProvider"
@@ -36,14 +38,10 @@ def _load_cuda_libraries(ort) -> None:
     """
     import torch
 
-    if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
-        return
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload()
-        except Exception:  # best effort: the provider check below gives the actionable message
-            pass
+    if torch.version.cuda is None:  # a CUDA torch loaded libcudart / libcudnn at import
+        # best effort (no preload_dlls before 1.21): the provider check below gives the actionable message
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
 
 
 def cuda_session(onnx_path: str | Path, device_id: int = 0, threads: int | None = None):
@@ -58,11 +56,7 @@ def cuda_session(onnx_path: str | Path, device_id: int = 0, threads: int | None 
     if not Path(onnx_path).is_file():
         raise BadInputError(f"ONNX file {onnx_path} does not exist: export one with `mimc export`")
     _load_cuda_libraries(ort)
-    options = {}
-    if threads:
-        from mimc.runtime.session import session_options
-
-        options["sess_options"] = session_options(threads)
+    options = {"sess_options": session_options(threads)} if threads else {}
     sess = ort.InferenceSession(str(onnx_path), providers=[(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"], **options)
     if sess.get_providers()[0] != PROVIDER:  # ORT falls back silently when CUDA cannot initialise
         raise DeviceUnavailableError(
