@@ -359,7 +359,7 @@ class EngineSession:
     ``batch_range`` is the engine's optimization profile (min, max batch): callers split and pad to it.
     """
 
-    def __init__(self, engine_path: str | Path, device_index: int | None = None, on_message: Callable[[str], None] | None = None):
+    def __init__(self, engine_path: str | Path):
         import torch
 
         sidecar = load_sidecar(engine_path)
@@ -369,10 +369,9 @@ class EngineSession:
                 "is False): run on the GPU that built it, or use its .onnx graph on the CPU")
         trt = import_tensorrt()
         self._torch, self._trt = torch, trt
-        # None: torch's current device (under torchrun, the rank's own GPU)
-        self.device = CudaDevice(torch.cuda.current_device() if device_index is None else device_index)
+        self.device = CudaDevice(torch.cuda.current_device())  # under torchrun, the rank's own GPU
         check_engine_compat(sidecar, runtime_info(trt, self.device), engine_path)
-        self.logger = make_logger(trt, on_message)
+        self.logger = make_logger(trt)
         self.engine, names, self._inputs = _load_engine(trt, self.logger, engine_path)
         self.context = self.engine.create_execution_context()
         if self.context is None:
