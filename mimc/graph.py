@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,6 @@ def _load_without_weights(path: Path) -> onnx.ModelProto:
     """The graph at ``path`` with every initializer's bytes left in a file: external ones where they
     are, in-file ones (``raw_data`` of EXTERNAL_MIN_TENSOR bytes or more) pointed at by offset into
     the graph file itself. Only the small fields are read (a memory map, touched around them)."""
-    import mmap
-
     model_rest, graph_rest, tensors = bytearray(), bytearray(), []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
@@ -202,10 +201,8 @@ def _external_span(tensor, base_dir: str | Path) -> tuple[Path, int, int]:
 
 def read_tensor(tensor, base_dir: str | Path | None = None) -> np.ndarray:
     """A tensor's value as numpy; external data is read from ``base_dir`` (the tensor is not changed)."""
-    from onnx import numpy_helper
-
     if not uses_external(tensor):
-        return numpy_helper.to_array(tensor)
+        return onnx.numpy_helper.to_array(tensor)
     if base_dir is None:
         raise BadInputError(f"tensor {tensor.name!r} lives in external data but no folder to read it from was given")
     data = io.BytesIO()
@@ -213,7 +210,7 @@ def read_tensor(tensor, base_dir: str | Path | None = None) -> np.ndarray:
     copy = _without(tensor, "external_data")
     copy.ClearField("data_location")
     copy.raw_data = data.getvalue()
-    return numpy_helper.to_array(copy)
+    return onnx.numpy_helper.to_array(copy)
 
 
 def tensor_bytes(tensor, base_dir: str | Path | None = None) -> int:

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimc.artifact import is_artifact, read_manifest, verify_graph
 from mimc.errors import BadInputError, NotAModelError
+from mimc.models.vit import EncoderConfig
 from mimc.runtime.session import make_session, run_onnx
 
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -40,9 +42,6 @@ class OnnxModel:
     """A graph written by mimc on its runtime; ``config`` comes from its artifact."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
-        from mimc.artifact import read_manifest, verify_graph
-        from mimc.models.vit import EncoderConfig
-
         self.path = Path(path)
         if device not in ("cpu", "cuda"):
             raise BadInputError(f"device {device} is not cpu or cuda: choose one of them", option="device")
@@ -56,8 +55,6 @@ class OnnxModel:
         self._session = None
 
     def _artifact(self) -> Path:
-        from mimc.artifact import is_artifact
-
         folder = self.path.parent
         if not is_artifact(folder) and self.path.suffix in ENGINE_SUFFIXES:
             try:  # an engine built with -o elsewhere: its sidecar names the graph it was built from
