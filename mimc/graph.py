@@ -419,11 +419,10 @@ def encoder_config_of_graph(path: str | Path):
     path = Path(path)
     if is_artifact(path.parent):
         return EncoderConfig.from_dict(read_manifest(path.parent).encoder)
-    model = load_graph(path, external_data=False)
-    meta = metadata(model)
-    if ENCODER_CONFIG_KEY not in meta:
+    config = encoder_config_dict(load_graph(path, external_data=False))
+    if config is None:
         raise BadInputError(f"{path} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
-    return EncoderConfig.from_dict(json.loads(meta[ENCODER_CONFIG_KEY]))
+    return EncoderConfig.from_dict(config)
 
 
 def token_reduced(model: onnx.ModelProto) -> bool:
