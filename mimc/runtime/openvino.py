@@ -80,9 +80,8 @@ def cpu_vnni() -> dict[str, Any]:
 
 def cpu_bf16() -> dict[str, Any]:
     """Whether this CPU runs bf16 natively: cpuinfo flags and OpenVINO's optimization capabilities."""
-    flags = _cpu_flags()
     caps = [str(c) for c in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    found = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return {"supported": "BF16" in caps, "cpu_flags": found, "optimization_capabilities": caps}
 
 
@@ -140,10 +139,7 @@ def runtime_precision(compiled) -> dict[str, Any]:
 def _type_name(text: str) -> str:
     """``<Type: 'float32'>`` / ``f32`` -> ``f32``."""
     names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-    for long, short in names.items():
-        if long in text:
-            return short
-    return text
+    return next((short for long, short in names.items() if long in text), text)
 
 
 # where an IR keeps the precision it was built at (fp32, bf16, int8, int8-bf16): int8 and fp32 share the f32 hint
