@@ -14,7 +14,9 @@ time, so writing never holds a second copy of the weights; tensors another file 
 """
 from __future__ import annotations
 
+import io
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -105,8 +107,6 @@ def _load_without_weights(path: Path) -> onnx.ModelProto:
     """The graph at ``path`` with every initializer's bytes left in a file: external ones where they
     are, in-file ones (``raw_data`` of EXTERNAL_MIN_TENSOR bytes or more) pointed at by offset into
     the graph file itself. Only the small fields are read (a memory map, touched around them)."""
-    import mmap
-
     model_rest, graph_rest, tensors = bytearray(), bytearray(), []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
@@ -144,12 +144,8 @@ def _tensor_without_raw(buf, start: int, end: int, file_name: str):
         return tensor
     if raw[1] < EXTERNAL_MIN_TENSOR or uses_external(tensor):
         tensor.raw_data = bytes(buf[raw[0] : raw[0] + raw[1]])
-        return tensor
-    del tensor.external_data[:]
-    for key, value in (("location", file_name), ("offset", raw[0]), ("length", raw[1])):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, str(value)
-    tensor.data_location = TensorProto.EXTERNAL
+    else:
+        _point_at(tensor, file_name, *raw)
     return tensor
 
 
@@ -160,6 +156,15 @@ def uses_external(tensor) -> bool:
 
 def _external_info(tensor) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
+
+
+def _point_at(tensor, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` an external reference to ``length`` bytes at ``offset`` of ``location``."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.data_location = TensorProto.EXTERNAL
 
 
 def external_file(tensor, base_dir: str | Path) -> Path:
@@ -194,35 +199,18 @@ def _external_span(tensor, base_dir: str | Path) -> tuple[Path, int, int]:
     return src, offset, length
 
 
-def _read_external(tensor, base_dir: str | Path) -> bytes:
-    src, offset, length = _external_span(tensor, base_dir)
-    with open(src, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise BadInputError(f"{src} ended early while reading tensor {tensor.name!r}: re-export the graph")
-    return data
-
-
-def _inline(tensor, base_dir: str | Path) -> None:
-    """Load an external tensor's bytes into the tensor itself."""
-    tensor.raw_data = _read_external(tensor, base_dir)
-    tensor.data_location = TensorProto.DEFAULT
-    del tensor.external_data[:]
-
-
 def read_tensor(tensor, base_dir: str | Path | None = None) -> np.ndarray:
     """A tensor's value as numpy; external data is read from ``base_dir`` (the tensor is not changed)."""
-    from onnx import numpy_helper
-
     if not uses_external(tensor):
-        return numpy_helper.to_array(tensor)
+        return onnx.numpy_helper.to_array(tensor)
     if base_dir is None:
         raise BadInputError(f"tensor {tensor.name!r} lives in external data but no folder to read it from was given")
-    copy = TensorProto()
-    copy.CopyFrom(tensor)
-    _inline(copy, base_dir)
-    return numpy_helper.to_array(copy)
+    data = io.BytesIO()
+    _copy_external(tensor, base_dir, data)
+    copy = _without(tensor, "external_data")
+    copy.ClearField("data_location")
+    copy.raw_data = data.getvalue()
+    return onnx.numpy_helper.to_array(copy)
 
 
 def tensor_bytes(tensor, base_dir: str | Path | None = None) -> int:
@@ -247,15 +235,6 @@ def tensor_bytes(tensor, base_dir: str | Path | None = None) -> int:
 def initializer_bytes(model: onnx.ModelProto, base_dir: str | Path | None = None) -> int:
     """Summed data bytes of the graph's initializers, wherever they live (in the proto or beside it)."""
     return sum(tensor_bytes(t, base_dir) for t in model.graph.initializer)
-
-
-def external_data_files(model: onnx.ModelProto) -> list[str]:
-    """Names of the files beside the graph that hold its external tensors (in first-use order)."""
-    return list(dict.fromkeys(_external_info(t).get("location", "") for t in model.graph.initializer if uses_external(t)))
-
-
-def needs_external_data(model: onnx.ModelProto, base_dir: str | Path | None = None) -> bool:
-    return initializer_bytes(model, base_dir) > EXTERNAL_DATA_BYTES
 
 
 def _copy_external(tensor, base_dir: str | Path, out) -> None:
@@ -293,11 +272,7 @@ def _write_tensors(model: onnx.ModelProto, out, name: str, base_dir: str | Path 
             out.write(t.raw_data)
         for field in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data", "raw_data"):
             t.ClearField(field)
-        del t.external_data[:]
-        for key, value in (("location", name), ("offset", offset), ("length", out.tell() - offset)):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, str(value)
-        t.data_location = TensorProto.EXTERNAL
+        _point_at(t, name, offset, out.tell() - offset)
         moved += 1
     return moved
 
@@ -315,7 +290,7 @@ def save_graph(model: onnx.ModelProto, path: str | Path, base_dir: str | Path | 
     if base_dir is None and any(uses_external(t) for t in model.graph.initializer):
         raise BadInputError("the graph keeps tensors in external data but no folder to read them from was given")
     if external is None:
-        external = needs_external_data(model, base_dir)
+        external = initializer_bytes(model, base_dir) > EXTERNAL_DATA_BYTES
     if not external:
         _write_inline(model, path, base_dir)
         return None
@@ -363,33 +338,32 @@ def _write_inline(model: onnx.ModelProto, path: Path, base_dir: str | Path | Non
     written graph last, initializers last in the graph: any protobuf reader accepts that order."""
     entries = []
     for t in model.graph.initializer:
-        meta, source = _without(t, "raw_data"), None
+        meta, length = _without(t, "raw_data"), None  # length: of the raw bytes; None when it has none
         if uses_external(t):
-            source = _external_span(t, base_dir)
+            length = _external_span(t, base_dir)[2]
             del meta.external_data[:]
             meta.ClearField("data_location")
         elif t.HasField("raw_data"):
-            source = len(t.raw_data)
+            length = len(t.raw_data)
         header = meta.SerializeToString()
-        length = source if isinstance(source, int) else source[2] if source else 0
-        raw_part = len(_len_field(_TENSOR_RAW_DATA, length)) + length if source is not None else 0
-        entries.append((t, header, source, length, len(header) + raw_part))
+        raw_part = 0 if length is None else len(_len_field(_TENSOR_RAW_DATA, length)) + length
+        entries.append((t, header, length, len(header) + raw_part))
     graph_rest = _without(model.graph, "initializer").SerializeToString()
     graph_len = len(graph_rest) + sum(len(_len_field(_GRAPH_INITIALIZER, size)) + size for *_, size in entries)
     with open(path, "wb") as out:
         out.write(_without(model, "graph").SerializeToString())
         out.write(_len_field(_MODEL_GRAPH, graph_len))
         out.write(graph_rest)
-        for t, header, source, length, size in entries:
+        for t, header, length, size in entries:
             out.write(_len_field(_GRAPH_INITIALIZER, size))
             out.write(header)
-            if source is None:
+            if length is None:
                 continue
             out.write(_len_field(_TENSOR_RAW_DATA, length))
-            if isinstance(source, int):
-                out.write(t.raw_data)
-            else:
+            if uses_external(t):
                 _copy_external(t, base_dir, out)
+            else:
+                out.write(t.raw_data)
 
 
 def offload_tensors(model: onnx.ModelProto, folder: str | Path, name: str) -> int:
@@ -445,11 +419,10 @@ def encoder_config_of_graph(path: str | Path):
     path = Path(path)
     if is_artifact(path.parent):
         return EncoderConfig.from_dict(read_manifest(path.parent).encoder)
-    model = load_graph(path, external_data=False)
-    meta = metadata(model)
-    if ENCODER_CONFIG_KEY not in meta:
+    config = encoder_config_dict(load_graph(path, external_data=False))
+    if config is None:
         raise BadInputError(f"{path} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
-    return EncoderConfig.from_dict(json.loads(meta[ENCODER_CONFIG_KEY]))
+    return EncoderConfig.from_dict(config)
 
 
 def token_reduced(model: onnx.ModelProto) -> bool:
@@ -509,30 +482,19 @@ def graph_precision(model: str | Path | onnx.ModelProto) -> str:
     quant: set[str] = set()
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
             out_type = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
-            zp_type = dtypes.get(zp) if zp else None
-            if zp_type in FLOAT8_TYPES or out_type in FLOAT8_TYPES or dtypes.get(node.input[0]) in FLOAT8_TYPES:
-                quant.add("fp8")
-            else:
-                quant.add("int8")
+            types = {out_type, *(dtypes.get(name) for name in (node.input[0], *node.input[2:3]))}  # x, zero point
+            quant.add("fp8" if types & FLOAT8_TYPES else "int8")
         elif node.op_type in ("MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "DynamicQuantizeLinear"):
             quant.add("int8")
-    if "fp8" in quant:
-        return "fp8"
-    if "int8" in quant:
-        return "int8"
-    floats = {i.data_type for i in graph.initializer if i.data_type in FLOAT_TYPES}
-    floats |= {vi.type.tensor_type.elem_type for vi in graph.input}
-    if TensorProto.FLOAT16 in floats:
-        return "fp16"
-    if TensorProto.BFLOAT16 in floats:
-        return "bf16"
-    return "fp32"
+    if quant:
+        return "fp8" if "fp8" in quant else "int8"
+    floats = {i.data_type for i in graph.initializer} | {vi.type.tensor_type.elem_type for vi in graph.input}
+    return "fp16" if TensorProto.FLOAT16 in floats else "bf16" if TensorProto.BFLOAT16 in floats else "fp32"
 
 
 __all__ = [
-    "load_graph", "save_graph", "offload_tensors", "read_tensor", "check_graph", "initializer_bytes", "tensor_bytes", "external_data_files", "needs_external_data",
+    "load_graph", "save_graph", "offload_tensors", "read_tensor", "check_graph", "initializer_bytes", "tensor_bytes",
     "external_file", "uses_external", "EXTERNAL_DATA_BYTES", "metadata", "is_mimc_graph", "encoder_config_dict", "encoder_config_of_graph", "token_reduced",
     "read_nm_pattern", "graph_inputs", "input_dims", "single_input", "graph_precision",
     "ENCODER_CONFIG_KEY", "VERSION_KEY", "FLOAT8_TYPES", "FLOAT_TYPES",

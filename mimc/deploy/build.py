@@ -23,9 +23,9 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
     that needs no GPU runs before TensorRT is imported, so bad input is refused here as on the target.
     """
     from mimc.artifact import verify_graph
-    from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_range
+    from mimc.deploy.tensorrt import build_engine, parse_batch_range
 
-    if batch_range is None or isinstance(batch_range, str):
+    if isinstance(batch_range, str):
         batch_range = parse_batch_range(batch_range)  # "1:4:8"
     model = Path(model)
     if model.suffix != ".onnx":
@@ -39,14 +39,11 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
         precision = precision_for(model, precision)  # the graph's own by default; one it does not run is refused
         out = Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml"
         return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
-    from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
+    from mimc.graph import graph_precision
 
-    graph = load_graph(model)
-    settings = builder_settings(profile, graph_precision(graph), input_dims(graph), precision=precision,
-                                batch_range=batch_range, workspace_gb=workspace_gb, sparse=sparse,
-                                nm_pattern=read_nm_pattern(model, graph))
-    del graph
-    out = Path(output) if output is not None else model.parent / f"{profile.name}-{settings['precision']}.plan"
+    # named for the engine's precision: the one asked, else the graph's own (build_engine refuses what it cannot build)
+    name = f"{profile.name}-{precision or graph_precision(model)}.plan"
+    out = Path(output) if output is not None else model.parent / name
     side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
                         timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return {"engine": str(out), "sidecar": side}

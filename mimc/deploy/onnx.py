@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import shutil
 import sys
@@ -47,6 +48,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 
@@ -95,7 +97,6 @@ def _pre_export_checks(encoder) -> None:
     for name, p in encoder.named_parameters():
         if not torch.isfinite(p).all():
             raise BadInputError(f"parameter {name} holds NaN or Inf: the model is broken; re-create it from its source")
-    # N:M sparsity: the pattern's one checker (beside the encoder config) runs when nm_pattern is set.
     from mimc.models.nm_pattern import check_nm
 
     check_nm(encoder)
@@ -151,8 +152,6 @@ def _torch_export(wrapper: nn.Module, example: torch.Tensor, out: Path, dynamic:
             torch.onnx.export(wrapper, (example,), str(out), dynamo=False, dynamic_axes=axes,
                               do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL, **common)
         else:
-            import logging
-
             # dynamo implements opset >= 18 only; asking for 17 makes it attempt a down-conversion
             # that fails for Reduce ops and logs a traceback. Export at 18; the report says so.
             common["opset_version"] = max(opset, DYNAMO_MIN_OPSET)
@@ -192,17 +191,14 @@ def _finish_graph(tmp: Path, final_name: str, encoder, batch: int | str, precisi
     model = load_graph(tmp, external_data=False)  # weights stay in the exporter's files, read when written out
     check_deployable(model)
     manifest = getattr(encoder, "manifest", None)
-    meta = {
+    onnx.helper.set_model_props(model, {
         "mimc_version": mimc_version(),
         "mimc_encoder_config": json.dumps(encoder.config.to_dict(), sort_keys=True),
         "mimc_source": json.dumps(getattr(manifest, "source", {}) or {}, sort_keys=True),
         "mimc_precision": precision,
         "mimc_batch": str(batch),
         "mimc_exporter": f"torch {torch.__version__} {exporter}",
-    }
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
+    })
     model.producer_name, model.producer_version = "mimc", mimc_version()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]

@@ -16,16 +16,14 @@ from mimc.artifact import mimc_version, now_iso
 from mimc.atomic import write_json
 from mimc.errors import BadInputError
 
-PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
-
-
 def sidecar_path(ir_path: str | Path) -> Path:
     return Path(f"{ir_path}.json")
 
 
 def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: str = "fp32") -> dict[str, Any]:
     """Write ``out_path`` (.xml, its .bin beside it) and ``out_path.json``; returns the sidecar."""
-    from mimc.runtime.openvino import MIMC_PRECISION_KEY, check_precision, compile_model, model_inputs, read, runtime_precision, save_ir, version
+    from mimc.runtime.openvino import (HINT_KEY, MIMC_PRECISION_KEY, check_precision, compile_model, model_inputs, read,
+                                       runtime_precision, save_ir, version)
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if out_path.suffix != ".xml":
@@ -36,7 +34,7 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
     hint = check_precision(precision)  # an unknown precision, or bf16 on a CPU without it: one line
     start = time.perf_counter()
     model = read(onnx_path)
-    model.set_rt_info(hint, PRECISION_KEY)
+    model.set_rt_info(hint, HINT_KEY)
     model.set_rt_info(precision, MIMC_PRECISION_KEY)  # int8 and fp32 share the f32 hint: the name says which
     compiled = compile_model(model, precision, profile.threads)  # refuse before writing anything
     used = runtime_precision(compiled)
@@ -59,4 +57,4 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
     return sidecar
 
 
-__all__ = ["build_ir", "sidecar_path", "PRECISION_KEY"]
+__all__ = ["build_ir", "sidecar_path"]

@@ -13,15 +13,22 @@ cache; :func:`builder_settings` decides all of that as a plain dict, without Ten
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import onnx
+
 from mimc.artifact import mimc_version, now_iso, sha256_file
 from mimc.atomic import atomic_file, write_json
+from mimc.deploy.validate import check_gate, verdict
 from mimc.errors import BadInputError, ConfigError, MimcError, require
 from mimc.latency.devices import PRECISIONS, DeviceProfile
 from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
+from mimc.metrics import compare_outputs
+from mimc.runtime.session import run_onnx
 from mimc.runtime.trt import (SIDECAR_FORMAT, SIDECAR_VERSION, CudaDevice, check_profile_matches_gpu, import_tensorrt,
                            make_logger, one_line, parse_sparsity_log, runtime_info, sidecar_path, tensorrt_major)
 
@@ -36,7 +43,7 @@ def parse_batch_range(text: str | None) -> tuple[int, int, int] | None:
     try:
         parts = [int(p) for p in str(text).split(":")]
     except ValueError:
-        raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch") from None
+        parts = []
     if not 1 <= len(parts) <= 3:
         raise ConfigError(f"batch '{text}' is not MIN:OPT:MAX integers (e.g. 1:8:32)", option="batch")
     lo, opt, hi = parts[0], parts[min(1, len(parts) - 1)], parts[-1]
@@ -108,25 +115,16 @@ def write_fp16_graph(src: str | Path, dst: str | Path) -> dict[str, Any]:
     cosine gate it raises ValidationError and nothing is written. Returns the validation report
     (``fidelity``: :meth:`mimc.metrics.Fidelity.to_dict`, and the gate's verdict).
     """
-    import onnx
-
     float16 = require("onnxruntime.transformers.float16", "cpu", "writing an fp16 graph")
     model = load_graph(src)
     half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
     with atomic_file(dst) as tmp:
         onnx.save(half, str(tmp))
-        validation = fp16_fidelity(src, tmp, input_dims(model))
-    return validation
+        return fp16_fidelity(src, tmp, input_dims(model))
 
 
 def fp16_fidelity(fp32_path: str | Path, fp16_path: str | Path, inputs: dict[str, list[int | None]]) -> dict[str, Any]:
     """Cosine / SQNR of the fp16 graph to the fp32 one on seeded inputs (ORT CPU); gate at fp16's."""
-    import numpy as np
-
-    from mimc.deploy.validate import check_gate, verdict
-    from mimc.metrics import compare_outputs
-    from mimc.runtime.session import run_onnx
-
     rng = np.random.default_rng(0)
     # Batch 2 where the batch is dynamic, so one sample's error cannot hide in a batch mean.
     feed = {name: rng.standard_normal([d if d is not None else 2 for d in dims]).astype(np.float32) for name, dims in inputs.items()}
@@ -173,11 +171,9 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
     notes = list(settings["notes"]) + ([cache_note] if cache_note else [])
     sparsity = parse_sparsity_log([m for _, m in logger.messages])
     inspector_sparse = _inspect_sparse_tactics(trt, logger, serialized) if settings["sparse"] else None
-    picked = None
-    if settings["sparse"]:
-        picked = bool(sparsity["picked"]) or bool(inspector_sparse)
-        if not sparsity["picked"] and inspector_sparse is None and not any("(Sparsity)" in m for _, m in logger.messages):
-            picked = None  # TensorRT said nothing either way: do not claim
+    said = sparsity["picked"] or inspector_sparse is not None or any("(Sparsity)" in m for _, m in logger.messages)
+    # None: not asked, or TensorRT said nothing either way (do not claim)
+    picked = (bool(sparsity["picked"]) or bool(inspector_sparse)) if settings["sparse"] and said else None
     with atomic_file(out_path) as tmp:
         tmp.write_bytes(bytes(serialized))
     if timing_cache is not None and cache_bytes:
@@ -223,11 +219,13 @@ def _build(trt, logger, graph_file: Path, settings: dict[str, Any], timing_cache
     for name, s in settings["shapes"].items():
         opt.set_shape(name, s["min"], s["opt"], s["max"])
     if config.add_optimization_profile(opt) < 0:  # returns the profile's index, -1 when TensorRT rejects it
-        raise MimcError(f"TensorRT rejected the optimization profile {settings['shapes']}: {one_line('; '.join(logger.errors()[-1:])) or 'no reason given'}")
+        raise MimcError(f"TensorRT rejected the optimization profile {settings['shapes']}: "
+                        f"{logger.reason(1, 'no reason given')}")
     cache, note = _attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise MimcError(f"TensorRT failed to build an engine from {graph_file.name}: {one_line('; '.join(logger.errors()[-2:])) or 'see the log above'}")
+        raise MimcError(f"TensorRT failed to build an engine from {graph_file.name}: "
+                        f"{logger.reason(2, 'see the log above')}")
     cache_bytes = None
     if cache is not None:
         updated = config.get_timing_cache()
@@ -261,8 +259,6 @@ def _attach_timing_cache(config, timing_cache) -> tuple[Any, str | None]:
 
 def _inspect_sparse_tactics(trt, logger, serialized) -> list[str] | None:
     """Layers whose chosen tactic is a sparse kernel, per the engine inspector (None if it cannot say)."""
-    import json
-
     try:
         engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
         info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))

@@ -12,6 +12,7 @@ time per call is the latency.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +20,11 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.trt import latency_row
-
-# A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
-# compute_capability - and never imported: runtime sits below mimc.latency.
-DeviceProfile = Any
+from mimc.runtime.ort import DTYPES
+from mimc.runtime.session import session_options
+from mimc.runtime.trt import DeviceProfile, latency_row
 
 PROVIDER = "CUDAExecutionProvider"
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-       "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
 def _load_cuda_libraries(ort) -> None:
@@ -41,14 +38,10 @@ def _load_cuda_libraries(ort) -> None:
     """
     import torch
 
-    if torch.version.cuda is not None:  # a CUDA torch loaded libcudart / libcudnn at import
-        return
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload()
-        except Exception:  # best effort: the provider check below gives the actionable message
-            pass
+    if torch.version.cuda is None:  # a CUDA torch loaded libcudart / libcudnn at import
+        # best effort (no preload_dlls before 1.21): the provider check below gives the actionable message
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
 
 
 def cuda_session(onnx_path: str | Path, device_id: int = 0, threads: int | None = None):
@@ -63,11 +56,7 @@ def cuda_session(onnx_path: str | Path, device_id: int = 0, threads: int | None 
     if not Path(onnx_path).is_file():
         raise BadInputError(f"ONNX file {onnx_path} does not exist: export one with `mimc export`")
     _load_cuda_libraries(ort)
-    options = {}
-    if threads:
-        from mimc.runtime.session import session_options
-
-        options["sess_options"] = session_options(threads)
+    options = {"sess_options": session_options(threads)} if threads else {}
     sess = ort.InferenceSession(str(onnx_path), providers=[(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"], **options)
     if sess.get_providers()[0] != PROVIDER:  # ORT falls back silently when CUDA cannot initialise
         raise DeviceUnavailableError(
@@ -90,7 +79,7 @@ def measure_session(sess, batch: int, warmup: int, iters: int, device: str = "cu
             raise ConfigError(f"input '{inp.name}' has symbolic dims {inp.shape}: export with a static image size")
         if shape and shape[0] != batch:
             raise ConfigError(f"input '{inp.name}' has a static batch of {shape[0]}, not {batch}: export with a dynamic batch")
-        data = rng.standard_normal(shape).astype(_NP.get(inp.type, np.float32))
+        data = rng.standard_normal(shape).astype(DTYPES.get(inp.type, np.float32))
         binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(data, device, device_id))
     for out in sess.get_outputs():
         binding.bind_output(out.name, device, device_id)

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimc.artifact import is_artifact, read_manifest, verify_graph
 from mimc.errors import BadInputError, NotAModelError
+from mimc.models.vit import EncoderConfig
 from mimc.runtime.session import make_session, run_onnx
 
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -40,9 +42,6 @@ class OnnxModel:
     """A graph written by mimc on its runtime; ``config`` comes from its artifact."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
-        from mimc.artifact import read_manifest, verify_graph
-        from mimc.models.vit import EncoderConfig
-
         self.path = Path(path)
         if device not in ("cpu", "cuda"):
             raise BadInputError(f"device {device} is not cpu or cuda: choose one of them", option="device")
@@ -56,8 +55,6 @@ class OnnxModel:
         self._session = None
 
     def _artifact(self) -> Path:
-        from mimc.artifact import is_artifact
-
         folder = self.path.parent
         if not is_artifact(folder) and self.path.suffix in ENGINE_SUFFIXES:
             try:  # an engine built with -o elsewhere: its sidecar names the graph it was built from
@@ -102,7 +99,8 @@ class OnnxModel:
         step = static_batch or hi
         chunks = [x] if step is None else list(x.split(step))
         pad_to = static_batch or lo or 0
-        names = self._wanted(sess, tokens)
+        # only ``pooled`` when tokens are not wanted and mimc's output names are there (else every output)
+        names = ["pooled"] if not tokens and "pooled" in [o.name for o in sess.get_outputs()] else None
         pooled, token_out = [], []
         for chunk in chunks:
             n = chunk.shape[0]
@@ -116,21 +114,11 @@ class OnnxModel:
                 token_out.append(t[:n])
         return torch.cat(pooled), (torch.cat(token_out) if token_out else None)
 
-    @staticmethod
-    def _wanted(sess, tokens: bool) -> list[str] | None:
-        """Only ``pooled`` when tokens are not wanted and mimc's output names are there (else every output)."""
-        names = [o.name for o in sess.get_outputs()]
-        return ["pooled"] if not tokens and "pooled" in names else None
-
     def _split_outputs(self, outs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``pooled`` and ``last_hidden_state`` by name (mimc's export), else by rank."""
         values = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in outs.items()}
-        pooled = values.get("pooled")
-        tokens = values.get("last_hidden_state")
-        if pooled is None:
-            pooled = next((v for v in values.values() if v.dim() == 2), None)
-        if tokens is None:
-            tokens = next((v for v in values.values() if v.dim() == 3), None)
+        pooled = values.get("pooled", next((v for v in values.values() if v.dim() == 2), None))
+        tokens = values.get("last_hidden_state", next((v for v in values.values() if v.dim() == 3), None))
         if pooled is None:
             raise NotAModelError(f"{self.path} has no pooled (batch, dim) output: re-export it with `mimc export`")
         return pooled, tokens

@@ -21,7 +21,6 @@ References:
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -30,7 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mimc.errors import BadInputError, DeviceUnavailableError, MimcError, MissingExtraError
+from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
+from mimc.runtime.ort import _status_mb, interleave, proc_field, synthetic_feed, time_runs, worker_main
+from mimc.runtime.session import Port
 
 INSTALL_HINT = "pip install 'mimc[openvino]'"
 # mimc precision -> the float hint OpenVINO compiles with. int8 comes from the graph's Q/DQ ops; the
@@ -66,13 +67,7 @@ def core():
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((proc_field("/proc/cpuinfo", "flags") or "").split())
 
 
 def cpu_vnni() -> dict[str, Any]:
@@ -85,9 +80,8 @@ def cpu_vnni() -> dict[str, Any]:
 
 def cpu_bf16() -> dict[str, Any]:
     """Whether this CPU runs bf16 natively: cpuinfo flags and OpenVINO's optimization capabilities."""
-    flags = _cpu_flags()
     caps = [str(c) for c in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    found = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return {"supported": "BF16" in caps, "cpu_flags": found, "optimization_capabilities": caps}
 
 
@@ -145,14 +139,12 @@ def runtime_precision(compiled) -> dict[str, Any]:
 def _type_name(text: str) -> str:
     """``<Type: 'float32'>`` / ``f32`` -> ``f32``."""
     names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-    for long, short in names.items():
-        if long in text:
-            return short
-    return text
+    return next((short for long, short in names.items() if long in text), text)
 
 
 # where an IR keeps the precision it was built at (fp32, bf16, int8, int8-bf16): int8 and fp32 share the f32 hint
 MIMC_PRECISION_KEY = ["mimc", "precision"]
+HINT_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]  # the float hint an IR is compiled with
 
 
 def ir_precision(path: str | Path) -> str:
@@ -161,24 +153,19 @@ def ir_precision(path: str | Path) -> str:
     model = read(path)
     if model.has_rt_info(MIMC_PRECISION_KEY) and (named := model.get_rt_info(MIMC_PRECISION_KEY).astype(str)) in HINTS:
         return named
-    key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
-    hint = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else "f32"
+    hint = model.get_rt_info(HINT_KEY).astype(str) if model.has_rt_info(HINT_KEY) else "f32"
     return "bf16" if hint == "bf16" else "fp32"
+
+
+def _port(p) -> Port:
+    """An OpenVINO input as ORT reports one: name, ORT's type string, dims (None for dynamic axes)."""
+    return Port(p.get_any_name(), _ORT_TYPES.get(p.get_element_type().get_type_name(), "tensor(float)"),
+                [d.get_length() if d.is_static else None for d in p.get_partial_shape()])
 
 
 def model_inputs(path: str | Path) -> list[dict[str, Any]]:
     """The graph's inputs as ``{name, dtype (ORT's type string), shape (None for dynamic axes)}``."""
-    out = []
-    for port in read(path).inputs:
-        shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
-        out.append({"name": port.get_any_name(), "dtype": _ORT_TYPES.get(port.get_element_type().get_type_name(), "tensor(float)"),
-                    "shape": shape})
-    return out
-
-
-class _Port:
-    def __init__(self, name: str, type_: str, shape: list):
-        self.name, self.type, self.shape = name, type_, shape
+    return [{"name": p.name, "dtype": p.type, "shape": p.shape} for p in map(_port, read(path).inputs)]
 
 
 class OpenVinoSession:
@@ -189,12 +176,11 @@ class OpenVinoSession:
         self.compiled = compile_model(path, precision, threads)
         self.request = self.compiled.create_infer_request()
 
-    def get_inputs(self) -> list[_Port]:
-        return [_Port(p.get_any_name(), _ORT_TYPES.get(p.get_element_type().get_type_name(), "tensor(float)"),
-                      [d.get_length() if d.is_static else None for d in p.get_partial_shape()]) for p in self.compiled.inputs]
+    def get_inputs(self) -> list[Port]:
+        return [_port(p) for p in self.compiled.inputs]
 
-    def get_outputs(self) -> list[_Port]:
-        return [_Port(p.get_any_name(), "tensor(float)", []) for p in self.compiled.outputs]
+    def get_outputs(self) -> list[Port]:
+        return [Port(p.get_any_name(), "tensor(float)", []) for p in self.compiled.outputs]
 
     def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feed)
@@ -205,40 +191,20 @@ class OpenVinoSession:
 def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int, precision: str = "fp32",
             seed: int = 0) -> dict[str, Any]:
     """One batch size, in this process: compile (shapes fixed to ``specs``), warm-up, timed runs, memory."""
-    from mimc.runtime.ort import DTYPES, _peak_rss_mb, _status_mb
-
-    rng = np.random.default_rng(seed)
-    feed = {s["name"]: (rng.standard_normal(s["shape"]).astype(DTYPES[s["dtype"]])
-                        if np.issubdtype(DTYPES[s["dtype"]], np.floating) else np.zeros(s["shape"], DTYPES[s["dtype"]]))
-            for s in specs}
+    feed = synthetic_feed(specs, seed)
     rss_before = _status_mb("VmRSS")
     start = time.perf_counter()
     compiled = compile_model(path, precision, threads, shapes={s["name"]: s["shape"] for s in specs})
     load_s = time.perf_counter() - start
     request = compiled.create_infer_request()
-    for _ in range(warmup):
-        request.infer(feed)
-    times = np.empty(iters)
-    for i in range(iters):
-        t0 = time.perf_counter()
-        request.infer(feed)
-        times[i] = time.perf_counter() - t0
-    peak, ms, batch = _peak_rss_mb(), times * 1e3, specs[0]["shape"][0]
-    return {
-        "batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()),
-        "min_ms": float(ms.min()), "max_ms": float(ms.max()), "throughput_items_s": float(batch / times.mean()),
-        "peak_rss_mb": round(peak, 1), "session_mb": round(peak - rss_before, 1) if rss_before is not None else None,
-        "session_load_s": round(load_s, 3), "runtime_precision": runtime_precision(compiled),
-    }
+    result = time_runs(lambda: request.infer(feed), warmup, iters, specs[0]["shape"][0], rss_before, load_s)
+    return {**result, "runtime_precision": runtime_precision(compiled)}
 
 
 def time_interleaved(models: Sequence[tuple[str | Path, str]], iters: int = 20, threads: int | None = None, rounds: int = 4,
                      warmup: int = 3) -> list[float]:
     """Median latency (ms) of several ``(graph, precision)`` pairs compiled in this process, timed in
     alternating rounds (forward, then reverse order) like :func:`mimc.runtime.ort.time_interleaved`."""
-    from mimc.runtime.ort import interleave
-
     return interleave([runner(path, precision, threads, warmup) for path, precision in models], iters=iters, rounds=rounds)
 
 
@@ -263,24 +229,11 @@ def version() -> str:
     return openvino().__version__
 
 
-def _worker_main(argv: Sequence[str]) -> int:
-    """``python -m mimc.runtime.openvino '<json>'``: measure one batch size, print one JSON line."""
-    args = json.loads(argv[0])
-    try:
-        result = measure(args["path"], args["specs"], args["warmup"], args["iters"], args["threads"],
-                         args.get("precision", "fp32"), args.get("seed", 0))
-    except MimcError as exc:
-        print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}))
-        return 0
-    print(json.dumps(result))
-    return 0
-
-
 __all__ = ["openvino", "core", "cpu_bf16", "cpu_vnni", "check_precision", "read", "compile_model", "runtime_precision",
-           "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "OpenVinoSession", "measure", "time_interleaved", "runner", "save_ir",
-           "version", "HINTS", "GRAPH_PRECISION",
-           "IR_SUFFIXES", "INSTALL_HINT"]
+           "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "HINT_KEY", "OpenVinoSession", "measure",
+           "time_interleaved", "runner", "save_ir", "version", "HINTS", "GRAPH_PRECISION", "IR_SUFFIXES",
+           "INSTALL_HINT"]
 
 
 if __name__ == "__main__":
-    raise SystemExit(_worker_main(sys.argv[1:]))
+    raise SystemExit(worker_main(measure, sys.argv[1:]))

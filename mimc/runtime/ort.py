@@ -43,15 +43,21 @@ DTYPES = {
 
 
 # Measurement (worker process) --------------------------------------------------------------------
-def _status_mb(field: str) -> float | None:
-    """A kB field of /proc/self/status in MB; None without /proc."""
+def proc_field(file: str, field: str) -> str | None:
+    """The value of the first line of a /proc file that starts with ``field``; None without /proc."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def _status_mb(field: str) -> float | None:
+    """A kB field of /proc/self/status in MB; None without /proc."""
+    value = proc_field("/proc/self/status", field + ":")
+    return None if value is None else int(value.split()[0]) / 1024
 
 
 def _peak_rss_mb() -> float:
@@ -64,8 +70,8 @@ def _peak_rss_mb() -> float:
     return peak
 
 
-def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int, seed: int = 0) -> dict[str, Any]:
-    """One batch size, in this process: session, warm-up, timed runs, memory."""
+def synthetic_feed(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded normal values for float inputs, zeros for the others, at each spec's shape."""
     rng = np.random.default_rng(seed)
     feed = {}
     for s in specs:
@@ -74,20 +80,21 @@ def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, thr
             feed[s["name"]] = rng.standard_normal(s["shape"]).astype(dtype)
         else:
             feed[s["name"]] = np.zeros(s["shape"], dtype=dtype)
-    rss_before = _status_mb("VmRSS")
-    start = time.perf_counter()
-    sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
-    load_s = time.perf_counter() - start
-    names = [o.name for o in sess.get_outputs()]
+    return feed
+
+
+def time_runs(run: Callable[[], Any], warmup: int, iters: int, batch: int, rss_before: float | None,
+              load_s: float) -> dict[str, Any]:
+    """Warm-up, then ``iters`` calls of ``run`` each timed with perf_counter; the latency statistics
+    and this process's memory (``rss_before``: its RSS before the session was created)."""
     for _ in range(warmup):
-        sess.run(names, feed)
+        run()
     times = np.empty(iters)
     for i in range(iters):
         t0 = time.perf_counter()
-        sess.run(names, feed)
+        run()
         times[i] = time.perf_counter() - t0
     peak = _peak_rss_mb()
-    batch = specs[0]["shape"][0]
     ms = times * 1e3
     return {
         "batch": batch,
@@ -106,14 +113,25 @@ def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, thr
     }
 
 
-def _worker_main(argv: Sequence[str]) -> int:
-    """``python -m mimc.runtime.ort '<json>'``: measure one batch size, print one JSON line."""
-    args = json.loads(argv[0])
+def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int,
+            seed: int = 0) -> dict[str, Any]:
+    """One batch size, in this process: session, warm-up, timed runs, memory."""
+    feed = synthetic_feed(specs, seed)
+    rss_before = _status_mb("VmRSS")
+    start = time.perf_counter()
+    sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
+    load_s = time.perf_counter() - start
+    names = [o.name for o in sess.get_outputs()]
+    return time_runs(lambda: sess.run(names, feed), warmup, iters, specs[0]["shape"][0], rss_before, load_s)
+
+
+def worker_main(measure: Callable[..., dict[str, Any]], argv: Sequence[str]) -> int:
+    """``python -m <runtime module> '<json>'``: ``measure`` one batch size (the JSON holds its
+    arguments), print one JSON line: the result, or the error a MimcError gave."""
     try:
-        result = measure(args["path"], args["specs"], args["warmup"], args["iters"], args["threads"], args.get("seed", 0))
+        result = measure(**json.loads(argv[0]))
     except MimcError as exc:
-        print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}))
-        return 0
+        result = {"error": str(exc), "exit_code": exc.exit_code}
     print(json.dumps(result))
     return 0
 
@@ -176,19 +194,14 @@ def interleave(runs: Sequence[Callable[[], Any]], iters: int = 20, rounds: int =
 
 
 def host_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model_name = proc_field("/proc/cpuinfo", "model name")
+    cpu = model_name if model_name is not None else platform.processor() or platform.machine()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-__all__ = ["measure", "run_worker", "time_interleaved", "runner", "interleave", "host_info", "DTYPES"]
+__all__ = ["measure", "run_worker", "time_interleaved", "runner", "interleave", "host_info", "DTYPES", "synthetic_feed",
+           "time_runs", "worker_main", "proc_field"]
 
 
 if __name__ == "__main__":
-    raise SystemExit(_worker_main(sys.argv[1:]))
+    raise SystemExit(worker_main(measure, sys.argv[1:]))

@@ -11,7 +11,7 @@ References:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -87,6 +87,24 @@ def session_options(threads: int | None = None):
     return so
 
 
+class Port(NamedTuple):
+    """An input or output as an ORT session reports it, for the other runtimes behind the same surface."""
+
+    name: str
+    type: str
+    shape: list
+
+
+def _inference_session(source: str | bytes, so, providers, what: str):
+    ort, chosen = onnxruntime(), resolve_providers(providers)
+    try:
+        return ort.InferenceSession(source, sess_options=so, providers=chosen)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the same here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"ONNX Runtime cannot load {what} ({first[:300]}): "
+                            "re-export it with `mimc export`") from exc
+
+
 def make_session(path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
                  emulate_qdq: bool = False):
     """An InferenceSession with mimc's options; BadInputError when the file is missing or unloadable.
@@ -99,15 +117,10 @@ def make_session(path: str | Path, providers: Sequence[str] | str | None = None,
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
-    chosen = resolve_providers(providers)
     so = session_options(threads)
     if emulate_qdq:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=chosen)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the same here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"ONNX Runtime cannot load {path} ({first[:300]}): re-export it with `mimc export`") from exc
+    return _inference_session(str(path), so, providers, str(path))
 
 
 def session_from_bytes(data: bytes, external_dir: str | Path | None = None, providers: Sequence[str] | str | None = None,
@@ -115,15 +128,10 @@ def session_from_bytes(data: bytes, external_dir: str | Path | None = None, prov
     """An InferenceSession over a serialised graph held in memory (e.g. one with extra outputs for
     calibration); ``external_dir`` is the folder its external-data tensors are read from, so a graph
     whose weights live beside it on disk is never serialised with them."""
-    ort = onnxruntime()
     so = session_options(threads)
     if external_dir is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(external_dir).resolve()))
-    try:
-        return ort.InferenceSession(data, sess_options=so, providers=resolve_providers(providers))
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the same here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"ONNX Runtime cannot load the graph ({first[:300]}): re-export it with `mimc export`") from exc
+    return _inference_session(data, so, providers, "the graph")
 
 
 def run_onnx(path: str | Path | Any, inputs: Any, providers: Sequence[str] | str | None = None,
@@ -156,5 +164,5 @@ def _feed_array(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-__all__ = ["onnxruntime", "onnxruntime_distribution", "resolve_providers", "session_options",
+__all__ = ["Port", "onnxruntime", "onnxruntime_distribution", "resolve_providers", "session_options",
            "make_session", "session_from_bytes", "run_onnx"]

@@ -22,7 +22,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, MimcError, MissingExtraError, require
+from mimc.runtime.session import Port
 
 # A device profile (mimc.latency.devices.DeviceProfile) is only read here - name, backend, batch_sizes,
 # compute_capability - and never imported: runtime sits below mimc.latency.
@@ -190,9 +193,10 @@ def make_logger(trt, on_message: Callable[[str], None] | None = None):
             if self.on_message is not None and sev in (severity.ERROR, severity.INTERNAL_ERROR):
                 self.on_message(str(msg))
 
-        def errors(self) -> list[str]:
-            bad = (severity.ERROR, severity.INTERNAL_ERROR)
-            return [m for s, m in self.messages if s in bad]
+        def reason(self, last: int, default: str) -> str:
+            """The last ``last`` error lines as one line, for a failure TensorRT reported by return value."""
+            errors = [m for s, m in self.messages if s in (severity.ERROR, severity.INTERNAL_ERROR)]
+            return one_line("; ".join(errors[-last:])) or default
 
     logger = CapturingLogger()
     trt._mimc_logger = logger  # lives as long as the module: TensorRT may call it until exit
@@ -220,23 +224,14 @@ def parse_sparsity_log(messages: list[str]) -> dict[str, list[str]]:
 
 
 # Measurement ----------------------------------------------------------------------------------------
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    if not samples_ms:
-        raise MimcError("no timing samples were taken: pass iters >= 1")
-    s = sorted(samples_ms)
-
-    def q(p: float) -> float:  # linear interpolation, as numpy.percentile's default
-        pos = (len(s) - 1) * p
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
-
-
 def latency_row(samples_ms: list[float], batch: int) -> dict[str, Any]:
     """One batch size's GPU timings: percentiles under ``latency_ms``, and the same numbers under the
     flat keys `mimc profile`'s CPU reports use, so one table prints both."""
-    stats = percentiles(samples_ms)
+    if not samples_ms:
+        raise MimcError("no timing samples were taken: pass iters >= 1")
+    s = sorted(samples_ms)
+    p50, p90, p99 = (float(v) for v in np.percentile(s, [50, 90, 99]))
+    stats = {"p50": p50, "p90": p90, "p99": p99, "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
     return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"],
             "p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
             "throughput_items_s": batch * 1e3 / stats["p50"]}
@@ -244,8 +239,6 @@ def latency_row(samples_ms: list[float], batch: int) -> dict[str, Any]:
 
 def _itemsize(trt, dtype) -> float:
     try:
-        import numpy as np
-
         return np.dtype(trt.nptype(dtype)).itemsize
     except Exception:  # bf16 / fp8 / int4 have no numpy type: err on the large side, a short buffer would crash
         name = str(dtype).upper()
@@ -255,6 +248,15 @@ def _itemsize(trt, dtype) -> float:
 def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
     first = next(iter((sidecar.get("shapes") or {}).values()), None)
     return (int(first["min"][0]), int(first["max"][0])) if first else (1, 1)
+
+
+def _load_engine(trt, logger, engine_path: str | Path):
+    """(engine, its I/O tensor names, its input names) from an engine file."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {logger.reason(2, 'no reason given')}")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    return engine, names, [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
 
 
 def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20, iters: int = 200,
@@ -280,26 +282,22 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
     batches = [b for b in wanted if lo <= b <= hi] or [lo]
 
     logger = make_logger(trt, on_message)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {one_line('; '.join(logger.errors()[-2:])) or 'no reason given'}")
+    engine, names, inputs = _load_engine(trt, logger, engine_path)
     free_before, total = device.mem_info()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     results = []
     for b in batches:
         context = engine.create_execution_context()
         if context is None:  # TensorRT returns None when it cannot allocate the context's activations
             raise MimcError(f"TensorRT could not create an execution context for {Path(engine_path).name}: "
-                            f"{one_line('; '.join(logger.errors()[-2:])) or 'out of device memory?'}")
+                            f"{logger.reason(2, 'out of device memory?')}")
         _bind(trt, engine, context, device, names, inputs, b, logger)
         for _ in range(warmup):
-            _enqueue(context, device, logger)
+            _enqueue(context, device.stream_handle, logger)
         device.synchronize()
         events = [(device.event(), device.event()) for _ in range(iters)]
         for start, end in events:
             device.record(start)
-            _enqueue(context, device, logger)
+            _enqueue(context, device.stream_handle, logger)
             device.record(end)
         device.synchronize()
         row = latency_row([device.elapsed_ms(s, e) for s, e in events], b)
@@ -330,28 +328,26 @@ def _bind(trt, engine, context, device, names: list[str], inputs: list[str], bat
     optimization profile, or an address TensorRT refuses, must stop here, not as garbage timings.
     """
     for name in inputs:
-        shape = list(engine.get_tensor_shape(name))
-        shape[0] = batch
-        if not context.set_input_shape(name, shape):
-            raise MimcError(f"TensorRT refused input shape {shape} for '{name}': {one_line('; '.join(logger.errors()[-1:])) or 'outside the engine profile'}")
+        _set_input_shape(context, name, [batch, *list(engine.get_tensor_shape(name))[1:]], logger)
     for name in names:
         shape = list(context.get_tensor_shape(name))
         if any(int(d) < 0 for d in shape):  # -1 left after the inputs are set: a data-dependent output
             raise MimcError(f"tensor '{name}' has unresolved shape {shape} at batch {batch}: mimc profiles only static-shaped outputs")
         nbytes = math.prod(int(d) for d in shape) * _itemsize(trt, engine.get_tensor_dtype(name))
         if not context.set_tensor_address(name, device.alloc(nbytes)):
-            raise MimcError(f"TensorRT refused the buffer for '{name}': {one_line('; '.join(logger.errors()[-1:])) or 'no reason given'}")
+            raise MimcError(f"TensorRT refused the buffer for '{name}': {logger.reason(1, 'no reason given')}")
 
 
-def _enqueue(context, device, logger) -> None:
+def _set_input_shape(context, name: str, shape: list, logger) -> None:
+    if not context.set_input_shape(name, shape):
+        raise MimcError(f"TensorRT refused input shape {shape} for '{name}': "
+                        f"{logger.reason(1, 'outside the engine profile')}")
+
+
+def _enqueue(context, stream_handle: int, logger) -> None:
     # execute_async_v3 reports failure by returning False (TensorRT 10 Python API), not by raising.
-    if not context.execute_async_v3(device.stream_handle):
-        raise MimcError(f"TensorRT execution failed: {one_line('; '.join(logger.errors()[-2:])) or 'no reason given'}")
-
-
-class _Port:
-    def __init__(self, name: str, type_: str, shape: list):
-        self.name, self.type, self.shape = name, type_, shape
+    if not context.execute_async_v3(stream_handle):
+        raise MimcError(f"TensorRT execution failed: {logger.reason(2, 'no reason given')}")
 
 
 class EngineSession:
@@ -363,7 +359,7 @@ class EngineSession:
     ``batch_range`` is the engine's optimization profile (min, max batch): callers split and pad to it.
     """
 
-    def __init__(self, engine_path: str | Path, device_index: int | None = None, on_message: Callable[[str], None] | None = None):
+    def __init__(self, engine_path: str | Path):
         import torch
 
         sidecar = load_sidecar(engine_path)
@@ -373,50 +369,39 @@ class EngineSession:
                 "is False): run on the GPU that built it, or use its .onnx graph on the CPU")
         trt = import_tensorrt()
         self._torch, self._trt = torch, trt
-        # None: torch's current device (under torchrun, the rank's own GPU)
-        self.device = CudaDevice(torch.cuda.current_device() if device_index is None else device_index)
+        self.device = CudaDevice(torch.cuda.current_device())  # under torchrun, the rank's own GPU
         check_engine_compat(sidecar, runtime_info(trt, self.device), engine_path)
-        self.logger = make_logger(trt, on_message)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise MimcError(f"TensorRT could not load {Path(engine_path).name}: {one_line('; '.join(self.logger.errors()[-2:])) or 'no reason given'}")
+        self.logger = make_logger(trt)
+        self.engine, names, self._inputs = _load_engine(trt, self.logger, engine_path)
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise MimcError(f"TensorRT could not create an execution context for {Path(engine_path).name}: out of device memory?")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
         self.batch_range = _engine_batch_range(sidecar)
 
     def _np_dtype(self, name: str):
-        import numpy as np
-
         try:
             return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
         except Exception:  # bf16 / fp8 I/O has no numpy type
             raise MimcError(f"engine tensor '{name}' has type {self.engine.get_tensor_dtype(name)}, which mimc cannot read back: "
                             "build the engine from an fp32 or fp16 graph") from None
 
-    def get_inputs(self) -> list[_Port]:
+    def get_inputs(self) -> list[Port]:
         types = {"float32": "tensor(float)", "float16": "tensor(float16)"}
-        return [_Port(n, types.get(self._np_dtype(n).name, "tensor(float)"),
-                      [d if d >= 0 else None for d in self.engine.get_tensor_shape(n)]) for n in self._inputs]
+        return [Port(n, types.get(self._np_dtype(n).name, "tensor(float)"),
+                     [d if d >= 0 else None for d in self.engine.get_tensor_shape(n)]) for n in self._inputs]
 
-    def get_outputs(self) -> list[_Port]:
-        return [_Port(n, "tensor(float)", []) for n in self._outputs]
+    def get_outputs(self) -> list[Port]:
+        return [Port(n, "tensor(float)", []) for n in self._outputs]
 
     def run(self, names, feed: dict):
-        import numpy as np
-
         torch = self._torch
         stream = torch.cuda.current_stream(self.device.index)
         keep = []
         for name in self._inputs:
             x = torch.from_numpy(np.ascontiguousarray(feed[name])).to(f"cuda:{self.device.index}", non_blocking=False)
             keep.append(x)
-            if not self.context.set_input_shape(name, list(x.shape)):
-                raise MimcError(f"TensorRT refused input shape {list(x.shape)} for '{name}': "
-                                f"{one_line('; '.join(self.logger.errors()[-1:])) or 'outside the engine profile'}")
+            _set_input_shape(self.context, name, list(x.shape), self.logger)
             self.context.set_tensor_address(name, x.data_ptr())
         outs = {}
         for name in self._outputs:
@@ -424,8 +409,7 @@ class EngineSession:
             dtype = torch.from_numpy(np.empty(0, self._np_dtype(name))).dtype
             outs[name] = torch.empty(shape, dtype=dtype, device=f"cuda:{self.device.index}")
             self.context.set_tensor_address(name, outs[name].data_ptr())
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise MimcError(f"TensorRT execution failed: {one_line('; '.join(self.logger.errors()[-2:])) or 'no reason given'}")
+        _enqueue(self.context, stream.cuda_stream, self.logger)
         stream.synchronize()
         del keep
         return [outs[n].cpu().numpy() for n in (names or self._outputs)]
@@ -447,7 +431,7 @@ def _layer_times(trt, engine, context, device, n: int, logger) -> list[dict[str,
 
     profiler = context.profiler = LayerTimes()
     for _ in range(n):
-        _enqueue(context, device, logger)
+        _enqueue(context, device.stream_handle, logger)
         device.synchronize()
     rows = [{"layer": k, "ms": sum(v) / len(v)} for k, v in profiler.ms.items()]
     total = sum(r["ms"] for r in rows) or 1.0
