@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimc.quant.qdq_graph import GraphIndex, rebuild_nodes
+from mimc.quant.qdq_graph import GraphIndex, opset, rebuild_nodes
 
 
 @dataclass
@@ -41,10 +41,6 @@ class _Core:
 
 def _perm(node) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-
-
-def _opset(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _only_user(idx: GraphIndex, name: str, op_type: str, outputs: set):
@@ -117,7 +113,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     softmax = _only_user(idx, logits.output[0], "Softmax", outputs)
     if softmax is None:
         return "the attention logits get a bias or mask before the softmax (relative position bias)"
-    default_axis = -1 if _opset(idx.model) >= 13 else 1
+    default_axis = -1 if opset(idx.model) >= 13 else 1
     if next((a.i for a in softmax.attribute if a.name == "axis"), default_axis) not in (-1, 3):
         return "softmax is not over the keys"
     context = _only_user(idx, softmax.output[0], "MatMul", outputs)

@@ -29,6 +29,11 @@ from mimc.graph import read_tensor
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
 
 
+def opset(model) -> int:
+    """The graph's default-domain (ai.onnx) opset."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 @dataclass
 class LinearSite:
     matmul: object  # onnx.NodeProto
@@ -333,5 +338,5 @@ def prune_unused(model) -> None:
     g.input.extend(keep_inputs)
 
 
-__all__ = ["LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
+__all__ = ["opset", "LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
            "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused", "rebuild_nodes"]
