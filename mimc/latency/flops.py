@@ -18,9 +18,8 @@ What is counted:
       Q/DQ pairs are treated as fused into the op they feed, as TensorRT and ORT's QDQ fusion do: the
       consumer reads the quantized width and the Q/DQ nodes cost nothing.
 
-Layout: the op tables and cost records are in :mod:`~mimc.latency.flops_costs`, loading and shape
-inference in :mod:`~mimc.latency.flops_shapes`, ORT's fused QAttention in
-:mod:`~mimc.latency.flops_fused`; this module counts.
+Layout: the op tables, cost records and ORT's contrib ops (fused QAttention) are in
+:mod:`~mimc.latency.flops_costs`, shape inference in :mod:`~mimc.latency.flops_shapes`; this module counts.
 """
 from __future__ import annotations
 
@@ -30,9 +29,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from mimc.latency.flops_costs import (CONV_OPS, ELEMENTWISE_FLOPS, MATMUL_OPS, QDQ_OPS, REDUCE_OPS, VIEW_OPS, GraphCost,
-                                      NodeCost, TensorUse, precision_of_dtype)
-from mimc.latency.flops_fused import FUSED_ATTENTION, qattention_costs
+from mimc.latency.flops_costs import (CONV_OPS, ELEMENTWISE_FLOPS, FUSED_ATTENTION, MATMUL_OPS, QDQ_OPS, REDUCE_OPS, VIEW_OPS,
+                                      GraphCost, NodeCost, TensorUse, precision_of_dtype, qattention_costs)
 from mimc.graph import graph_precision, load_graph
 from mimc.latency.flops_shapes import tensor_info
 
@@ -63,7 +61,7 @@ def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCos
             return None
         src = dq_source(name) if role != "output" else None
         # A DQ output is read at the quantized width (the DQ is fused into its consumer).
-        dtype, shape = info.get(src if src else name, (TensorProto.FLOAT, None))
+        dtype, shape = info.get(src or name, (TensorProto.FLOAT, None))
         if role != "output" and ((src or name) in weights or (src and _is_weight_chain(src, producer, weights))):
             role = "weight"
         return TensorUse(_numel(shape), dtype, role)
@@ -127,20 +125,16 @@ def _count_dense(cost: NodeCost, node: onnx.NodeProto, info: dict, out_shape: li
         cost.shapes_known = False
         return
     out_elems = _numel(out_shape)
+    k, bias = a_shape[-1], False
     if op in CONV_OPS:
         k = _numel(b_shape[1:])  # (C_in / groups) x kernel volume per output element
-        cost.macs = float(out_elems * k)
         bias_index = {"Conv": 2, "QLinearConv": 8}.get(op)  # ConvInteger has no bias input
         bias = bias_index is not None and len(node.input) > bias_index and bool(node.input[bias_index])
     elif op == "Gemm":
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        k = a_shape[0] if trans_a else a_shape[-1]
-        cost.macs = float(out_elems * k)
+        if next((a.i for a in node.attribute if a.name == "transA"), 0):
+            k = a_shape[0]
         bias = len(node.input) > 2 and node.input[2]
-    else:
-        k = a_shape[-1]
-        cost.macs = float(out_elems * k)
-        bias = False
+    cost.macs = float(out_elems * k)
     cost.flops = 2.0 * cost.macs + (out_elems if bias else 0)
 
 

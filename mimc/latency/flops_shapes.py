@@ -16,8 +16,7 @@ import math
 import onnx
 
 from mimc.errors import ConfigError
-from mimc.latency.flops_costs import CONTRIB_MATMULS, VIEW_OPS
-from mimc.latency.flops_fused import FUSED_ATTENTION, skeleton_nodes
+from mimc.latency.flops_costs import CONTRIB_MATMULS, FUSED_ATTENTION, VIEW_OPS, skeleton_nodes
 
 
 def tensor_info(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int, list[int] | None]]:
