@@ -154,8 +154,7 @@ def fuse_attention_cpu(model, base_dir=None) -> dict:
             cores.append(core)
     replace, drop, inits = {}, set(), []
     for core in cores:
-        a, w, a_scale, w_scale, a_zp = (list(core.qkv.input) + [""] * 7)[:5]
-        bias = core.qkv.input[6] if len(core.qkv.input) > 6 and core.qkv.input[6] else ""
+        a, w, a_scale, w_scale, a_zp, _, bias = (list(core.qkv.input) + [""] * 7)[:7]
         if not bias:  # QAttention needs a bias input: a Linear without one gets zeros
             bias = f"{core.qkv.name}_zero_bias"
             inits.append(numpy_helper.from_array(np.zeros(idx.constant_shape(w)[1], np.float32), bias))

@@ -6,15 +6,10 @@ Adds, pooling; the patch-embedding Conv except for the openvino target) stays fl
 what dropped ViT-B's feature cosine to 0.947 (DESIGN.md), while W8A8 on the four block linears
 keeps it at 0.999.
 
-Two rewrites:
-- ``qdq``: standard ONNX QuantizeLinear/DequantizeLinear pairs (TensorRT's explicit-precision
-  graph; also FP8 E4M3). Activations per tensor and symmetric (TensorRT int8 has no zero point),
-  weights per output channel and symmetric, one shared Q/DQ per activation tensor. The openvino
-  target uses it too, with the patch-embedding Conv quantized, u8 for non-negative activations and
-  optionally 7-bit weights (see :func:`rewrite_qdq`).
-- ``cpu``: ``com.microsoft.MatMulIntegerToFloat`` fed by one static ``QuantizeLinear`` (u8,
-  asymmetric) per activation tensor, s8 per-channel weights and the bias folded into the kernel.
-  See mimc/quant/quantize.py for why and what it was measured against.
+Two rewrites, laid out per target in mimc/quant/quantize.py (with why and what they were measured
+against): :func:`rewrite_qdq`, standard ONNX QuantizeLinear/DequantizeLinear pairs (tensorrt, fp8,
+openvino; activations symmetric, as TensorRT int8 has no zero point), and :func:`rewrite_cpu`,
+``com.microsoft.MatMulIntegerToFloat`` fed by static u8 QuantizeLinear (cpu).
 
 The graph-level outlier folding (SmoothQuant / RepQ) is mimc/quant/fold_graph.py, on the sites found here.
 """
