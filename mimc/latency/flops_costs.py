@@ -28,7 +28,7 @@ for _name in ("INT4", "UINT4"):
         DTYPE_BYTES[getattr(TensorProto, _name)] = 0.5
 INT8_TYPES = {TensorProto.INT8, TensorProto.UINT8}
 
-# com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see flops_shapes._skeleton.
+# com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see flops._skeleton.
 CONTRIB_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "FusedMatMul", *CONTRIB_MATMULS}
 CONV_OPS = {"Conv", "ConvInteger", "QLinearConv"}
