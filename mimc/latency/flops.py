@@ -37,8 +37,9 @@ import onnx
 from onnx import TensorProto
 
 from mimc.errors import ConfigError
-from mimc.latency.flops_costs import (CONTRIB_MATMULS, CONV_OPS, ELEMENTWISE_FLOPS, FUSED_ATTENTION, MATMUL_OPS, QDQ_OPS, REDUCE_OPS,
-                                      VIEW_OPS, GraphCost, NodeCost, TensorUse, precision_of_dtype, qattention_costs, skeleton_nodes)
+from mimc.latency.flops_costs import (CONTRIB_MATMULS, CONV_OPS, ELEMENTWISE_FLOPS, FUSED_ATTENTION, MATMUL_OPS,
+                                      QDQ_OPS, REDUCE_OPS, VIEW_OPS, GraphCost, NodeCost, TensorUse, precision_of_dtype,
+                                      qattention_costs, skeleton_nodes)
 from mimc.graph import graph_precision, load_graph
 
 
@@ -75,9 +76,8 @@ def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         for axis, d in enumerate(dims):
             if d.HasField("dim_value") and d.dim_value > 0:
                 if axis == 0 and d.dim_value != batch:
-                    raise ConfigError(
-                        f"input '{inp.name}' has a static batch of {d.dim_value}, not {batch}: export with a dynamic batch axis or use batch {d.dim_value}"
-                    )
+                    raise ConfigError(f"input '{inp.name}' has a static batch of {d.dim_value}, not {batch}: "
+                                      f"export with a dynamic batch axis or use batch {d.dim_value}")
                 continue
             d.Clear()
             d.dim_value = batch if axis == 0 else 1
@@ -143,9 +143,8 @@ def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
 
 
 def _missing(model: onnx.ModelProto, info: dict) -> int:
-    return sum(
-        1 for n in model.graph.node if n.op_type not in VIEW_OPS and n.output and info.get(n.output[0], (0, None))[1] is None
-    )
+    return sum(1 for n in model.graph.node
+               if n.op_type not in VIEW_OPS and n.output and info.get(n.output[0], (0, None))[1] is None)
 
 
 

@@ -246,7 +246,8 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
         base = f"{n.name or n.output[0]}_mimc_w"
         inits.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
                       numpy_helper.from_array(np.zeros(scale.shape, dtype=q.dtype), base + "_zp")])
-        emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"], name=base + "_DQ", axis=axis))
+        emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"],
+                              name=base + "_DQ", axis=axis))
         return base + "_dq"
 
     def replace(n, emit) -> list:

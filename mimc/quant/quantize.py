@@ -245,8 +245,8 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
         pairs = norm_linear_pairs(idx, sites)
         if "channel" not in cache:
             cache["channel"] = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration, base_dir)
-        fold_pairs(model, pairs, cache["channel"], config.smooth, config.repq, symmetric=config.resolved_target != "cpu",
-                   base_dir=base_dir)
+        fold_pairs(model, pairs, cache["channel"], config.smooth, config.repq,
+                   symmetric=config.resolved_target != "cpu", base_dir=base_dir)
         if scratch and base_dir is not None:
             offload_tensors(model, base_dir, _fresh_name(Path(base_dir), "mimc-folded"))  # the proto stays small
     if config.precision == "fp8":
@@ -302,7 +302,9 @@ def _to_opset(model, target: int):
     try:
         return version_converter.convert_version(model, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors
-        raise BadInputError(f"cannot raise the graph from opset {current} to {target} for FP8 ({str(exc).splitlines()[0][:200]}): re-export with opset {target}", option="opset") from exc
+        raise BadInputError(f"cannot raise the graph from opset {current} to {target} for FP8 "
+                            f"({str(exc).splitlines()[0][:200]}): re-export with opset {target}",
+                            option="opset") from exc
 
 
 def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
@@ -311,7 +313,8 @@ def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str |
         "mimc_version": mimc_version(),
         "mimc_precision": config.precision,
         "mimc_quantization": json.dumps({"config": config.to_dict(), "target": config.resolved_target,
-                                         "calibration_sha256": calib_sha, "source_onnx_sha256": source_sha, **info}, sort_keys=True),
+                                         "calibration_sha256": calib_sha, "source_onnx_sha256": source_sha,
+                                         **info}, sort_keys=True),
     })
     del model.metadata_props[:]
     for key in sorted(meta):
