@@ -18,23 +18,134 @@ What is counted:
       Q/DQ pairs are treated as fused into the op they feed, as TensorRT and ORT's QDQ fusion do: the
       consumer reads the quantized width and the Q/DQ nodes cost nothing.
 
-Layout: the op tables and cost records are in :mod:`~mimc.latency.flops_costs`, loading and shape
-inference in :mod:`~mimc.latency.flops_shapes`, ORT's fused QAttention in
-:mod:`~mimc.latency.flops_fused`; this module counts.
+Shapes: ONNX shape inference with data propagation (github.com/onnx/onnx, docs/ShapeInference.md) and,
+where it leaves shapes open, ONNX Runtime's symbolic shape inference (github.com/microsoft/onnxruntime,
+onnxruntime/python/tools/symbolic_shape_infer.py), run on a light skeleton of the graph (weights as
+typed inputs, contrib ops replaced by stand-ins onnx understands), so counting a ViT-B graph does not
+copy its weights.
+
+Layout: the op tables, cost records and ORT's contrib ops (fused QAttention) are in
+:mod:`~mimc.latency.flops_costs`; this module infers shapes and counts.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from mimc.latency.flops_costs import (CONV_OPS, ELEMENTWISE_FLOPS, MATMUL_OPS, QDQ_OPS, REDUCE_OPS, VIEW_OPS, GraphCost,
-                                      NodeCost, TensorUse, precision_of_dtype)
-from mimc.latency.flops_fused import FUSED_ATTENTION, qattention_costs
+from mimc.errors import ConfigError
+from mimc.latency.flops_costs import (CONTRIB_MATMULS, CONV_OPS, ELEMENTWISE_FLOPS, FUSED_ATTENTION, MATMUL_OPS,
+                                      QDQ_OPS, REDUCE_OPS, VIEW_OPS, GraphCost, NodeCost, TensorUse, precision_of_dtype,
+                                      qattention_costs, skeleton_nodes)
 from mimc.graph import graph_precision, load_graph
-from mimc.latency.flops_shapes import tensor_info
+
+
+# Shapes --------------------------------------------------------------------------------------------
+def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A light copy for shape inference: big initializers become typed graph inputs (copying hundreds of
+    MB of weights only to read their dims is slow), and the first symbolic input dim becomes ``batch``."""
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
+    graph = onnx.GraphProto()
+    graph.name = model.graph.name
+    init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in FUSED_ATTENTION or node.op_type in CONTRIB_MATMULS:
+            stand_in, stand_in_inits = skeleton_nodes(node, init_dims.get(node.input[1]))
+            graph.node.extend(stand_in)
+            graph.initializer.extend(stand_in_inits)
+        else:
+            graph.node.append(node)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    init_names = set()
+    for init in model.graph.initializer:
+        init_names.add(init.name)
+        if math.prod(init.dims) <= 64:  # small ones may be shapes that shape inference folds
+            graph.initializer.append(init)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        inp = copy.deepcopy(inp)
+        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
+        for axis, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                if axis == 0 and d.dim_value != batch:
+                    raise ConfigError(f"input '{inp.name}' has a static batch of {d.dim_value}, not {batch}: "
+                                      f"export with a dynamic batch axis or use batch {d.dim_value}")
+                continue
+            d.Clear()
+            d.dim_value = batch if axis == 0 else 1
+        graph.input.append(inp)
+    out = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
+
+
+def _infer(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
+    """Tensor name -> (dtype, concrete shape or None) after ONNX shape inference with data propagation."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # a custom op can stop onnx's inference; ORT's symbolic inference may still work
+        inferred = model
+    info = _collect(inferred)
+    missing = _missing(inferred, info)
+    if missing:
+        try:  # ORT's symbolic inference folds Shape->Gather->Concat->Expand chains onnx leaves open
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            symbolic = _in_temp_dir(lambda: SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+            sym_info = _collect(symbolic)
+            if _missing(symbolic, sym_info) < missing:
+                info = {**info, **{k: v for k, v in sym_info.items() if v[1] is not None}}
+        except Exception:  # not installed, or it gave up: keep onnx's answer
+            pass
+    return info
+
+
+def _in_temp_dir(fn):
+    """Run ``fn`` from a scratch directory: ORT's symbolic inference drops sym_shape_infer_temp.onnx
+    into the working directory when it gives up, and mimc must not litter the user's folder."""
+    import os
+    import tempfile
+
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="mimc-shapes-") as tmp:
+        os.chdir(tmp)
+        try:
+            return fn()
+        finally:
+            os.chdir(cwd)
+
+
+def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
+    info: dict[str, tuple[int, list[int] | None]] = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim if tt.HasField("shape") else None
+        known = dims is not None and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims)
+        info[vi.name] = (tt.elem_type, [int(d.dim_value) for d in dims] if known else None)
+    for init in model.graph.initializer:
+        info[init.name] = (init.data_type, list(init.dims))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    info[node.output[0]] = (a.t.data_type, list(a.t.dims))
+    return info
+
+
+def _missing(model: onnx.ModelProto, info: dict) -> int:
+    return sum(1 for n in model.graph.node
+               if n.op_type not in VIEW_OPS and n.output and info.get(n.output[0], (0, None))[1] is None)
+
 
 
 # Counting ------------------------------------------------------------------------------------------
@@ -45,7 +156,7 @@ def _numel(shape: list[int] | None) -> int:
 def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCost:
     """Per-node MACs, FLOPs and bytes of ``model`` run at ``batch`` (see the module docstring)."""
     model = load_graph(model)
-    info = tensor_info(model, batch)
+    info = _infer(_skeleton(model, batch))  # tensor name -> (dtype, concrete shape or None) at ``batch``
     graph = model.graph
     for init in graph.initializer:  # dtypes and dims straight from the weights
         info[init.name] = (init.data_type, list(init.dims))
@@ -63,7 +174,7 @@ def count_graph(model: str | Path | onnx.ModelProto, batch: int = 1) -> GraphCos
             return None
         src = dq_source(name) if role != "output" else None
         # A DQ output is read at the quantized width (the DQ is fused into its consumer).
-        dtype, shape = info.get(src if src else name, (TensorProto.FLOAT, None))
+        dtype, shape = info.get(src or name, (TensorProto.FLOAT, None))
         if role != "output" and ((src or name) in weights or (src and _is_weight_chain(src, producer, weights))):
             role = "weight"
         return TensorUse(_numel(shape), dtype, role)
@@ -127,20 +238,16 @@ def _count_dense(cost: NodeCost, node: onnx.NodeProto, info: dict, out_shape: li
         cost.shapes_known = False
         return
     out_elems = _numel(out_shape)
+    k, bias = a_shape[-1], False
     if op in CONV_OPS:
         k = _numel(b_shape[1:])  # (C_in / groups) x kernel volume per output element
-        cost.macs = float(out_elems * k)
         bias_index = {"Conv": 2, "QLinearConv": 8}.get(op)  # ConvInteger has no bias input
         bias = bias_index is not None and len(node.input) > bias_index and bool(node.input[bias_index])
     elif op == "Gemm":
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        k = a_shape[0] if trans_a else a_shape[-1]
-        cost.macs = float(out_elems * k)
+        if next((a.i for a in node.attribute if a.name == "transA"), 0):
+            k = a_shape[0]
         bias = len(node.input) > 2 and node.input[2]
-    else:
-        k = a_shape[-1]
-        cost.macs = float(out_elems * k)
-        bias = False
+    cost.macs = float(out_elems * k)
     cost.flops = 2.0 * cost.macs + (out_elems if bias else 0)
 
 

@@ -1,17 +1,15 @@
-"""What the FLOP counter knows about ONNX: dtype widths, op classes, per-element costs, and the
-cost records it returns (:class:`TensorUse`, :class:`NodeCost`, :class:`GraphCost`).
-
-References:
-    The per-op classes and costs follow the conventions of fvcore and ptflops
-    (github.com/facebookresearch/fvcore, github.com/sovrasov/flops-counter.pytorch); the bytes per
-    node feed a roofline (Williams, Waterman, Patterson, CACM 2009). See :mod:`mimc.latency.flops`
-    for the counting rules these tables encode.
+"""What the FLOP counter knows about ONNX: dtype widths, op classes, per-element costs, the cost
+records it returns (:class:`TensorUse`, :class:`NodeCost`, :class:`GraphCost`), and ORT's contrib ops:
+shape stand-ins for them and the costs of the fused ``QAttention``. The counting rules these tables
+encode, and their references, are :mod:`mimc.latency.flops`'s.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from mimc.graph import FLOAT8_TYPES, FLOAT_TYPES  # noqa: F401  (re-exported with the other dtype tables)
 
@@ -30,7 +28,7 @@ for _name in ("INT4", "UINT4"):
         DTYPE_BYTES[getattr(TensorProto, _name)] = 0.5
 INT8_TYPES = {TensorProto.INT8, TensorProto.UINT8}
 
-# com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see flops_shapes._skeleton.
+# com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see flops._skeleton.
 CONTRIB_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "FusedMatMul", *CONTRIB_MATMULS}
 CONV_OPS = {"Conv", "ConvInteger", "QLinearConv"}
@@ -119,8 +117,64 @@ class GraphCost:
         return [n.name for n in self.nodes if not n.shapes_known]
 
 
+
+# ORT's contrib ops -------------------------------------------------------------------------------
+# mimc's CPU int8 graph runs each block's qkv projection and attention as one com.microsoft.QAttention
+# node (mimc/quant/ort_fusion.py). One node, two kinds of arithmetic: the qkv GEMM is u8 x s8, the
+# attention (q k^T, softmax, @ v) is fp32. It is counted as two entries, ``<name>/qkv`` (int8, with its
+# weight) and ``<name>/attention`` (fp32), so a roofline applies each its own peak.
+FUSED_ATTENTION = {"QAttention"}
+
+
+def skeleton_nodes(node: onnx.NodeProto, weight_dims: list[int] | None) -> tuple[list, list]:
+    """Shape stand-in onnx can infer for an ORT contrib matmul or QAttention: float(input) @ float(weight)
+    (the contrib matmuls' output shape); for QAttention the first third of its last axis (the output is
+    (batch, tokens, hidden) for a (in, 3 * hidden) weight)."""
+    attention = node.op_type in FUSED_ATTENTION
+    if attention and (weight_dims is None or len(weight_dims) != 2):
+        return [], []  # unknown weight: the output shape stays unknown and is reported as such
+    a, b, full, starts, ends, axes = (f"{node.output[0]}__mimc_shape_{k}" for k in ("a", "b", "full", "s", "e", "x"))
+    nodes = [
+        onnx.helper.make_node("Cast", [node.input[0]], [a], to=TensorProto.FLOAT),
+        onnx.helper.make_node("Cast", [node.input[1]], [b], to=TensorProto.FLOAT),
+        onnx.helper.make_node("MatMul", [a, b], [full if attention else node.output[0]]),
+    ]
+    if not attention:
+        return nodes, []
+    hidden = int(weight_dims[1]) // 3
+    inits = [numpy_helper.from_array(np.array([v], dtype=np.int64), name)
+             for v, name in ((0, starts), (hidden, ends), (-1, axes))]
+    return [*nodes, onnx.helper.make_node("Slice", [full, starts, ends, axes], [node.output[0]])], inits
+
+
+def qattention_costs(node: onnx.NodeProto, name: str, info: dict, use) -> list[NodeCost]:
+    """Two NodeCost entries for one QAttention node (see above)."""
+    in_shape = info.get(node.input[0], (TensorProto.UINT8, None))[1]
+    w_shape = info.get(node.input[1], (TensorProto.INT8, None))[1]
+    heads = next((a.i for a in node.attribute if a.name == "num_heads"), 0)
+    qkv = NodeCost(f"{name}/qkv", node.op_type, "matmul", precision="int8")
+    attention = NodeCost(f"{name}/attention", node.op_type, "matmul", precision="fp32")
+    qkv.tensors = [t for t in (use(x, "input") for x in node.input[:3]) if t is not None]
+    qkv.weight = node.input[1] if qkv.tensors[1].role == "weight" else None
+    if in_shape is None or w_shape is None or len(in_shape) != 3 or len(w_shape) != 2 or heads <= 0:
+        qkv.shapes_known = attention.shapes_known = False
+        return [qkv, attention]
+    batch, tokens, width = in_shape
+    hidden = w_shape[1] // 3
+    rows = batch * tokens
+    qkv.macs = float(rows * width * 3 * hidden)
+    qkv.flops = 2.0 * qkv.macs + rows * 3 * hidden  # + bias
+    qkv.tensors.append(TensorUse(rows * 3 * hidden, TensorProto.FLOAT, "output"))
+    scores = batch * heads * tokens * tokens
+    attention.macs = float(2 * scores * (hidden // heads))  # q k^T and probabilities @ v
+    attention.flops = 2.0 * attention.macs + 5.0 * scores  # + scale-and-softmax
+    attention.tensors = [TensorUse(rows * 3 * hidden, TensorProto.FLOAT, "input"),
+                         TensorUse(rows * hidden, TensorProto.FLOAT, "output")]
+    return [qkv, attention]
+
+
 __all__ = [
     "DTYPE_BYTES", "FLOAT8_TYPES", "INT8_TYPES", "FLOAT_TYPES", "CONTRIB_MATMULS", "MATMUL_OPS", "CONV_OPS",
     "QDQ_OPS", "VIEW_OPS", "ELEMENTWISE_FLOPS", "REDUCE_OPS", "TensorUse", "NodeCost", "GraphCost",
-    "precision_of_dtype",
+    "precision_of_dtype", "FUSED_ATTENTION", "skeleton_nodes", "qattention_costs",
 ]

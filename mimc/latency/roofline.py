@@ -83,14 +83,13 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     ``precision`` None reads it from the graph (Q/DQ int8 / fp8, fp16 tensors, else fp32); a value asks
     what the graph would take at that precision and must be one the device has.
     """
-    graph_precision_only = precision is None
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}': choose one of {PRECISIONS}")
     model = load_graph(onnx_path, external_data=False)  # dims only; weights are read when a 2:4 check needs them
     cost = count_graph(model, batch)
     used = precision or cost.precision
     if not profile.supports(used):
-        origin = "the graph carries" if graph_precision_only else "you asked for"
+        origin = "the graph carries" if precision is None else "you asked for"
         raise ConfigError(
             f"{origin} {used} but device '{profile.name}' has only {', '.join(profile.precisions)}: pick a device with {used} or another precision"
         )

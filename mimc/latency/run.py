@@ -35,7 +35,7 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
         if not s.lstrip("-").isdigit() or int(s) < 1:
             raise BadInputError(f"batch_sizes: '{s}' is not a positive integer: give e.g. 1,8", option="batch_sizes")
         sizes.append(int(s))
-    return sorted(set(sizes), key=sizes.index)
+    return list(dict.fromkeys(sizes))
 
 
 def check_model_path(model_path: str | os.PathLike) -> Path:
@@ -87,9 +87,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if prof.backend == "openvino-cpu" and not predict:
         if is_engine:
             raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs OpenVINO on the CPU: pass the .onnx graph or an IR")
-        from mimc.latency.openvino_cpu import profile_openvino_cpu
-
-        from mimc.latency.openvino_cpu import precision_for
+        from mimc.latency.openvino_cpu import precision_for, profile_openvino_cpu
 
         # an IR runs at the precision its build recorded, a quantized .onnx at int8; a precision its
         # graph does not run is refused

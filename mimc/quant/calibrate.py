@@ -32,35 +32,46 @@ HIST_BINS = 2048
 KL_LEVELS = 128  # int8: 127 magnitudes + zero, as TensorRT's calibrator uses
 
 
-def _session_with_outputs(model, tensors: Sequence[str], base_dir=None):
-    """An ORT session over ``model`` that also returns the named intermediate tensors; ``base_dir``:
-    the folder its external-data tensors are read from."""
+def _tensor_reader(model, tensors: Sequence[str], calibration_batches: Iterable, base_dir=None):
+    """(the distinct tensors, the calibration batches as the graph takes them, ``read(batch)`` -> (tensor,
+    value) pairs): one ORT session over ``model`` that also returns the named intermediate tensors,
+    for every pass. ``base_dir``: the folder its external-data tensors are read from."""
     import onnx
 
     from mimc.runtime.session import session_from_bytes
 
+    name, batch, shape = single_input(model)
+    chunks = _graph_batches(calibration_batches, batch, shape)
+    tensors = list(dict.fromkeys(tensors))
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
-    for name in tensors:
-        if name not in present:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    for t in tensors:
+        if t not in present:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     data = m.SerializeToString()
     del m
-    return session_from_bytes(data, external_dir=base_dir, providers=["CPUExecutionProvider"])
+    sess = session_from_bytes(data, external_dir=base_dir, providers=["CPUExecutionProvider"])
+    return tensors, chunks, lambda x: zip(tensors, sess.run(tensors, {name: x}))
+
+
+def as_arrays(batches: Iterable | None) -> list[np.ndarray]:
+    """Torch or numpy batches as contiguous float32 arrays (None: none)."""
+    if batches is None:
+        return []
+    return [np.ascontiguousarray(b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b), dtype=np.float32)
+            for b in batches]
 
 
 def _graph_batches(batches: Iterable, graph_batch: int | None, input_shape: Sequence[int]) -> list[np.ndarray]:
     """Re-chunk the caller's batches to what the graph accepts (a static batch of 1, usually)."""
-    arrays = []
-    for b in batches:
-        a = b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b)
+    arrays = as_arrays(batches)
+    for a in arrays:
         if tuple(a.shape[1:]) != tuple(input_shape):
             raise DataError(
                 f"calibration images have shape {tuple(a.shape[1:])} but the graph expects {tuple(input_shape)}: "
                 "use images for this model (mimc.data.load_images resizes folders; an .npz of model inputs must match)"
             )
-        arrays.append(np.ascontiguousarray(a, dtype=np.float32))
     if not arrays:
         raise DataError("no calibration images: give data (a folder, .npz/.npy or 'builtin') with at least one image", option="data")
     full = np.concatenate(arrays)
@@ -144,20 +155,17 @@ def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable,
     """
     if method not in METHODS:
         raise DataError(f"unknown calibration method '{method}': choose one of {', '.join(METHODS)}")
-    name, batch, shape = single_input(model)
-    chunks = _graph_batches(calibration_batches, batch, shape)
-    tensors = list(dict.fromkeys(tensors))
-    sess = _session_with_outputs(model, tensors, base_dir)
+    tensors, chunks, read = _tensor_reader(model, tensors, calibration_batches, base_dir)
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
     for x in chunks:
-        for t, out in zip(tensors, sess.run(tensors, {name: x})):
+        for t, out in read(x):
             lo[t], hi[t] = min(lo[t], float(out.min())), max(hi[t], float(out.max()))
     ranges = {t: (min(lo[t], 0.0), max(hi[t], 0.0)) for t in tensors}
     if method != "minmax":
         hists = {t: _Histogram(*ranges[t]) for t in tensors}
         for x in chunks:
-            for t, out in zip(tensors, sess.run(tensors, {name: x})):
+            for t, out in read(x):
                 hists[t].add(out)
         pick = (lambda h: _percentile_range(h, percentile)) if method == "percentile" else (lambda h: _entropy_range(h, kl_levels))
         ranges = {t: (ranges[t] if t in observed else pick(hists[t])) for t in tensors}
@@ -168,14 +176,11 @@ def collect_ranges(model, tensors: Sequence[str], calibration_batches: Iterable,
 def collect_channel_ranges(model, tensors: Sequence[str], calibration_batches: Iterable, base_dir=None
                            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (last axis) min and max of the named tensors: what outlier folding needs."""
-    name, batch, shape = single_input(model)
-    chunks = _graph_batches(calibration_batches, batch, shape)
-    tensors = list(dict.fromkeys(tensors))
-    sess = _session_with_outputs(model, tensors, base_dir)
+    tensors, chunks, read = _tensor_reader(model, tensors, calibration_batches, base_dir)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     for x in chunks:
-        for t, out in zip(tensors, sess.run(tensors, {name: x})):
+        for t, out in read(x):
             flat = out.reshape(-1, out.shape[-1]).astype(np.float64)
             a, b = flat.min(axis=0), flat.max(axis=0)
             lo[t] = np.minimum(lo[t], a) if t in lo else a

@@ -25,7 +25,7 @@ def norm_linear_pairs(idx: GraphIndex, sites: list[LinearSite]) -> list[tuple[ob
 
 
 def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, repq: bool, symmetric: bool,
-               base_dir=None) -> dict:
+               base_dir=None) -> None:
     """Rewrite LayerNorm gamma/beta and the next MatMul's weight/bias in place (exact in float).
 
     ``channel_ranges[ln_output] = (min_c, max_c)``. Each touched tensor gets a private initializer
@@ -38,7 +38,6 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
     from mimc.compression.smooth import fold_repq, fold_smoothquant
 
     idx = GraphIndex.build(model, base_dir)
-    summary = {"pairs": len(pairs), "smooth_alpha": smooth_alpha, "repq": repq}
     new_bias_adds = []
     for k, (ln, site) in enumerate(pairs):
         gamma, beta = idx.constant(ln.input[1]), idx.constant(ln.input[2])
@@ -69,7 +68,6 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
         elif repq:
             new_bias_adds.append((site.matmul, names[3]))  # a Linear without bias (qkv_bias=False) gets one
     _insert_bias_adds(model, new_bias_adds)  # also drops what folding left unused
-    return summary
 
 
 def _insert_bias_adds(model, adds) -> None:

@@ -1,8 +1,9 @@
 """Judging a quantized graph: where it runs, its outputs on held-out inputs, and its fidelity to the fp32 graph.
 
 A graph is judged as it will run: a TensorRT Q/DQ graph as its exact fp32 emulation on ONNX Runtime
-(ORT's own int8 fusions are not TensorRT's), an OpenVINO graph through OpenVINO, a CPU graph on
-ONNX Runtime's int8 kernels.
+(ORT's own int8 fusions are not TensorRT's), an OpenVINO graph through OpenVINO (its int8 kernels
+round like ORT's, but the float layers between them are its own), a CPU graph on ONNX Runtime's
+int8 kernels.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ def runnable_here(config) -> tuple[bool, str]:
     if config.precision == "fp8":
         return False, ("ONNX Runtime CPU has no FP8 matmul kernels; run it with TensorRT on Hopper/Ada. "
                        "Fidelity here is an fp32 emulation of the same Q/DQ graph (E4M3 rounding, float math).")
-    if config.resolved_target == "tensorrt":
-        return True, "runs on ONNX Runtime CPU as plain Q/DQ (emulated, slow); built for TensorRT"
-    if config.resolved_target == "openvino":
-        return True, "OpenVINO CPU (Q/DQ read as FakeQuantize, int8 kernels); judged through OpenVINO"
-    return True, "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"
+    return True, {"tensorrt": "runs on ONNX Runtime CPU as plain Q/DQ (emulated, slow); built for TensorRT",
+                  "openvino": "OpenVINO CPU (Q/DQ read as FakeQuantize, int8 kernels); judged through OpenVINO",
+                  "cpu": "ONNX Runtime CPU (MatMulIntegerToFloat / QAttention, VNNI)"}[config.resolved_target]
 
 
 def graph_outputs(path: Path, inputs: list[np.ndarray], emulate_qdq: bool = False, runtime: str = "ort") -> dict[str, np.ndarray]:
@@ -58,9 +57,6 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
     from mimc.metrics import compare_outputs
 
     ref = reference if reference is not None else graph_outputs(fp32_path, eval_inputs)
-    # A graph quantized for TensorRT is judged as its exact Q/DQ math: ORT's own int8 fusions are not TensorRT's.
-    # An OpenVINO graph is judged as OpenVINO runs it (its int8 kernels round like ORT's, but the
-    # float layers between them are its own).
     cand = graph_outputs(quant_path, eval_inputs, emulate_qdq=config.resolved_target == "tensorrt",
                          runtime="openvino" if config.resolved_target == "openvino" else "ort")
     if pooled_only and "pooled" in ref:

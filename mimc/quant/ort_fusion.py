@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimc.quant.qdq_graph import GraphIndex, rebuild_nodes
+from mimc.quant.qdq_graph import GraphIndex, opset, rebuild_nodes
 
 
 @dataclass
@@ -41,10 +41,6 @@ class _Core:
 
 def _perm(node) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-
-
-def _opset(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _only_user(idx: GraphIndex, name: str, op_type: str, outputs: set):
@@ -117,7 +113,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     softmax = _only_user(idx, logits.output[0], "Softmax", outputs)
     if softmax is None:
         return "the attention logits get a bias or mask before the softmax (relative position bias)"
-    default_axis = -1 if _opset(idx.model) >= 13 else 1
+    default_axis = -1 if opset(idx.model) >= 13 else 1
     if next((a.i for a in softmax.attribute if a.name == "axis"), default_axis) not in (-1, 3):
         return "softmax is not over the keys"
     context = _only_user(idx, softmax.output[0], "MatMul", outputs)
@@ -158,8 +154,7 @@ def fuse_attention_cpu(model, base_dir=None) -> dict:
             cores.append(core)
     replace, drop, inits = {}, set(), []
     for core in cores:
-        a, w, a_scale, w_scale, a_zp = (list(core.qkv.input) + [""] * 7)[:5]
-        bias = core.qkv.input[6] if len(core.qkv.input) > 6 and core.qkv.input[6] else ""
+        a, w, a_scale, w_scale, a_zp, _, bias = (list(core.qkv.input) + [""] * 7)[:7]
         if not bias:  # QAttention needs a bias input: a Linear without one gets zeros
             bias = f"{core.qkv.name}_zero_bias"
             inits.append(numpy_helper.from_array(np.zeros(idx.constant_shape(w)[1], np.float32), bias))

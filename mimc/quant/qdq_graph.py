@@ -6,15 +6,10 @@ Adds, pooling; the patch-embedding Conv except for the openvino target) stays fl
 what dropped ViT-B's feature cosine to 0.947 (DESIGN.md), while W8A8 on the four block linears
 keeps it at 0.999.
 
-Two rewrites:
-- ``qdq``: standard ONNX QuantizeLinear/DequantizeLinear pairs (TensorRT's explicit-precision
-  graph; also FP8 E4M3). Activations per tensor and symmetric (TensorRT int8 has no zero point),
-  weights per output channel and symmetric, one shared Q/DQ per activation tensor. The openvino
-  target uses it too, with the patch-embedding Conv quantized, u8 for non-negative activations and
-  optionally 7-bit weights (see :func:`rewrite_qdq`).
-- ``cpu``: ``com.microsoft.MatMulIntegerToFloat`` fed by one static ``QuantizeLinear`` (u8,
-  asymmetric) per activation tensor, s8 per-channel weights and the bias folded into the kernel.
-  See mimc/quant/quantize.py for why and what it was measured against.
+Two rewrites, laid out per target in mimc/quant/quantize.py (with why and what they were measured
+against): :func:`rewrite_qdq`, standard ONNX QuantizeLinear/DequantizeLinear pairs (tensorrt, fp8,
+openvino; activations symmetric, as TensorRT int8 has no zero point), and :func:`rewrite_cpu`,
+``com.microsoft.MatMulIntegerToFloat`` fed by static u8 QuantizeLinear (cpu).
 
 The graph-level outlier folding (SmoothQuant / RepQ) is mimc/quant/fold_graph.py, on the sites found here.
 """
@@ -27,6 +22,11 @@ import numpy as np
 from mimc.graph import read_tensor
 
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
+
+
+def opset(model) -> int:
+    """The graph's default-domain (ai.onnx) opset."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 @dataclass
@@ -71,43 +71,39 @@ class GraphIndex:
                 idx.consumers.setdefault(i, []).append(n)
         return idx
 
-    def constant(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
+    def _source(self, name: str):
+        """(the TensorProto behind ``name``, the Transpose perms met on the way, outermost first), or None."""
+        perms = []
+        while name not in self.inits:
+            node = self.producer.get(name)
+            if node is None or node.op_type not in ("Constant", "Identity", "Transpose"):
+                return None
+            if node.op_type == "Constant":
+                ok = node.attribute and node.attribute[0].name == "value"
+                return (node.attribute[0].t, perms) if ok else None
+            if node.op_type == "Transpose":
+                perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
+            name = node.input[0]
+        return self.inits[name], perms
 
-        if name in self.inits:
-            return read_tensor(self.inits[name], self.base_dir or None)
-        node = self.producer.get(name)
-        if node is None:
+    def constant(self, name: str) -> np.ndarray | None:
+        found = self._source(name)
+        if found is None:
             return None
-        if node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t) if node.attribute and node.attribute[0].name == "value" else None
-        if node.op_type == "Identity":
-            return self.constant(node.input[0])
-        if node.op_type == "Transpose":
-            inner = self.constant(node.input[0])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            return None if inner is None else np.transpose(inner, perm)
-        return None
+        value = read_tensor(found[0], self.base_dir or None)
+        for perm in reversed(found[1]):
+            value = np.transpose(value, perm)
+        return value
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape :meth:`constant` would return (None where it returns None), without reading data."""
-        if name in self.inits:
-            return tuple(self.inits[name].dims)
-        node = self.producer.get(name)
-        if node is None:
+        found = self._source(name)
+        if found is None:
             return None
-        if node.op_type == "Constant":
-            ok = node.attribute and node.attribute[0].name == "value"
-            return tuple(node.attribute[0].t.dims) if ok else None
-        if node.op_type == "Identity":
-            return self.constant_shape(node.input[0])
-        if node.op_type == "Transpose":
-            inner = self.constant_shape(node.input[0])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            if inner is None:
-                return None
-            return tuple(inner[p] for p in perm) if perm else tuple(reversed(inner))
-        return None
+        shape = tuple(found[0].dims)
+        for perm in reversed(found[1]):
+            shape = tuple(shape[p] for p in perm) if perm else shape[::-1]
+        return shape
 
     def is_constant(self, name: str) -> bool:
         return self.constant_shape(name) is not None
@@ -246,28 +242,28 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
             dq_of[t] = f"{t}_mimc_dq"
         return dq_of[t]
 
+    def weight(n, q, scale, axis: int, emit) -> str:
+        base = f"{n.name or n.output[0]}_mimc_w"
+        inits.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                      numpy_helper.from_array(np.zeros(scale.shape, dtype=q.dtype), base + "_zp")])
+        emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"],
+                              name=base + "_DQ", axis=axis))
+        return base + "_dq"
+
     def replace(n, emit) -> list:
         if id(n) in plan:
             site = plan[id(n)]
             q, scale = per_channel_weight(site.weight, precision, seven_bit=overflow_fix == "all")
-            base = f"{n.name or n.output[0]}_mimc_w"
-            zp = np.zeros(scale.shape, dtype=q.dtype)
-            inits.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
-                          numpy_helper.from_array(zp, base + "_zp")])
-            emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"],
-                                  name=base + "_DQ", axis=1))
-            n.input[0], n.input[1] = activation(site.act, emit), base + "_dq"
+            n.input[1] = weight(n, q, scale, 1, emit)  # the weight's DQ before the activation's Q/DQ
+            n.input[0] = activation(site.act, emit)
         elif id(n) in attn:
             n.input[0], n.input[1] = activation(n.input[0], emit), activation(n.input[1], emit)
         elif id(n) in conv:
             w = index.constant(n.input[1]).astype(np.float32)
             q, scale = per_channel_weight(w.reshape(w.shape[0], -1).T, precision,  # (in*kh*kw, out): per out channel
                                           seven_bit=overflow_fix in ("first_layer", "all"))
-            base = f"{n.name or n.output[0]}_mimc_w"
-            inits.extend([numpy_helper.from_array(q.T.reshape(w.shape), base), numpy_helper.from_array(scale, base + "_scale"),
-                          numpy_helper.from_array(np.zeros(scale.shape, dtype=q.dtype), base + "_zp")])
-            emit(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"], [base + "_dq"], name=base + "_DQ", axis=0))
-            n.input[0], n.input[1] = activation(n.input[0], emit), base + "_dq"
+            n.input[1] = weight(n, q.T.reshape(w.shape), scale, 0, emit)
+            n.input[0] = activation(n.input[0], emit)
         return [n]
 
     rebuild_nodes(model, replace, inits)
@@ -325,14 +321,11 @@ def prune_unused(model) -> None:
     g = model.graph
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.op_type in PURE_OPS and not any(o in used for o in n.output)]
-        if not dead:
+        keep = [n for n in g.node if n.op_type not in PURE_OPS or any(o in used for o in n.output)]
+        if len(keep) == len(g.node):
             break
-        dead_ids = {id(n) for n in dead}
-        keep = [n for n in g.node if id(n) not in dead_ids]
         del g.node[:]
         g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     keep_inits = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep_inits)
@@ -341,5 +334,5 @@ def prune_unused(model) -> None:
     g.input.extend(keep_inputs)
 
 
-__all__ = ["LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
+__all__ = ["opset", "LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
            "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused", "rebuild_nodes"]

@@ -88,13 +88,12 @@ from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
                         uses_external)
-from mimc.quant.calibrate import METHODS, collect_channel_ranges, collect_ranges
+from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
 from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
 from mimc.quant.fold_graph import fold_pairs, norm_linear_pairs
-from mimc.quant.qdq_graph import attention_sites, conv_sites, linear_sites, rewrite_cpu, rewrite_qdq, GraphIndex
-from mimc.options import StageConfig
-from mimc.options import option
+from mimc.quant.qdq_graph import attention_sites, conv_sites, linear_sites, opset, rewrite_cpu, rewrite_qdq, GraphIndex
+from mimc.options import StageConfig, option
 
 PRECISIONS = ("int8", "fp8")
 TARGETS = ("cpu", "tensorrt", "openvino")
@@ -115,16 +114,11 @@ class QuantizeConfig(StageConfig):
     percentile: float = option(99.99, ge=90, le=100, doc="percentile kept by method percentile")
     smooth: float | None = option(None, ge=0, le=1, doc="SmoothQuant alpha, folded into the graph before calibration")
     repq: bool = False
-    # measured: no faster than fused float attention, 2-5 dB less SQNR on `ref`
     quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
-    # openvino: plain Q/DQ like tensorrt, plus the patch-embedding Conv, u8 for non-negative activations
     target: str | None = option(None, choices=TARGETS, doc="graph layout (cpu: ONNX Runtime, tensorrt, openvino); null: cpu for int8, "
                                                         "tensorrt for fp8")
-    # openvino target: 7-bit weights against int16 saturation on CPUs without VNNI (qdq_graph.rewrite_qdq);
-    # null: first_layer where this CPU has VNNI; without it, first_layer or all, whichever OpenVINO runs more faithfully
     overflow_fix: str | None = option(None, choices=("none", "first_layer", "all"),
                                       doc="openvino target: layers with 7-bit weights; null: first_layer with VNNI, measured without")
-    # cpu target: qkv + float attention core -> one QAttention (see ort_fusion.py)
     fuse_attention: bool = option(True, doc="cpu target: run qkv + attention as one QAttention kernel")
 
     def check(self) -> None:
@@ -175,22 +169,15 @@ def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
         raise BadInputError(f"output {onnx_out} is the input graph: choose another output path (inputs are never modified)")
 
 
-def load_float_graph(onnx_in: Path, external_data: bool = True):
-    """The fp32 mimc graph at ``onnx_in``; ``external_data=False`` leaves weights kept beside it on disk."""
-    model = load_graph(onnx_in, external_data=external_data)
+def load_float_graph(onnx_in: Path):
+    """The fp32 mimc graph at ``onnx_in``, its weights kept beside it left on disk."""
+    model = load_graph(onnx_in, external_data=False)
     if not is_mimc_graph(onnx_in, model):
         raise BadInputError(f"{onnx_in} is not a mimc graph (no mimc metadata, no mimc.json beside it): export it with `mimc export MODEL`")
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
     if quantized:
         raise BadInputError(f"{onnx_in} is already quantized ({', '.join(quantized)}): quantize the fp32 model.onnx instead")
     return model
-
-
-def _as_arrays(batches: Iterable | None) -> list[np.ndarray]:
-    if batches is None:
-        return []
-    return [np.ascontiguousarray(b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b), dtype=np.float32)
-            for b in batches]
 
 
 def calibration_hash(arrays: list[np.ndarray]) -> str | None:
@@ -249,18 +236,17 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     work.CopyFrom(model)  # never touch the caller's graph (no serialisation: a proto past 2 GiB copies too)
     model = work
     info: dict[str, Any] = {}
+    cache = {} if cache is None else cache
     idx = GraphIndex.build(model, base_dir)
     sites = linear_sites(idx)
     if not sites:
         raise BadInputError("the graph has no MatMul with constant weights to quantize: is this an exported mimc encoder?")
     if config.smooth is not None or config.repq:
         pairs = norm_linear_pairs(idx, sites)
-        cache = {} if cache is None else cache
         if "channel" not in cache:
             cache["channel"] = collect_channel_ranges(model, [ln.output[0] for ln, _ in pairs], calibration, base_dir)
-        channel = cache["channel"]
-        info["folding"] = fold_pairs(model, pairs, channel, config.smooth, config.repq,
-                                     symmetric=config.resolved_target != "cpu", base_dir=base_dir)
+        fold_pairs(model, pairs, cache["channel"], config.smooth, config.repq,
+                   symmetric=config.resolved_target != "cpu", base_dir=base_dir)
         if scratch and base_dir is not None:
             offload_tensors(model, base_dir, _fresh_name(Path(base_dir), "mimc-folded"))  # the proto stays small
     if config.precision == "fp8":
@@ -275,7 +261,6 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     # exactly the few large weights that matter (measured on `ref`: entropy fell from 46 to 29 dB
     # SQNR). Keep their observed range; it is at most [0, 1] and finer than a fixed [0, 1]
     # (fixed [0, 1] as ModelOpt uses cost ~6 dB on `ref`).
-    cache = {} if cache is None else cache
     if "ranges" not in cache:
         cache["ranges"] = collect_ranges(model, acts, calibration, config.method, config.percentile, kl_levels,
                                          observed=_softmax_outputs(idx, attn), base_dir=base_dir)
@@ -297,10 +282,9 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
 
 
 def overflow_fixes(config: QuantizeConfig) -> list[str | None]:
-    """The layouts quantize_onnx builds and judges: one, except for the openvino target with
-    overflow_fix left to mimc on a CPU without VNNI, where int16 saturation may or may not hurt a
-    given model: both first_layer (NNCF's default; 8-bit weights keep more precision) and all."""
-    if config.resolved_target == "openvino" and config.overflow_fix is None and config.resolved_overflow_fix == "all":
+    """The layouts quantize_onnx builds and judges: one, or both first_layer (NNCF's default; 8-bit
+    weights keep more precision) and all where overflow_fix is left to mimc on a CPU without VNNI."""
+    if config.overflow_fix is None and config.resolved_overflow_fix == "all":
         return ["first_layer", "all"]
     return [None]
 
@@ -309,16 +293,18 @@ def _softmax_outputs(idx: GraphIndex, attn_nodes: list) -> list[str]:
     return [n.input[0] for n in attn_nodes if (p := idx.producer.get(n.input[0])) is not None and p.op_type == "Softmax"]
 
 
-def _to_opset(model, opset: int):
+def _to_opset(model, target: int):
     from onnx import version_converter
 
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if current >= opset:
+    current = opset(model)
+    if current >= target:
         return model
     try:
-        return version_converter.convert_version(model, opset)
+        return version_converter.convert_version(model, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors
-        raise BadInputError(f"cannot raise the graph from opset {current} to {opset} for FP8 ({str(exc).splitlines()[0][:200]}): re-export with opset {opset}", option="opset") from exc
+        raise BadInputError(f"cannot raise the graph from opset {current} to {target} for FP8 "
+                            f"({str(exc).splitlines()[0][:200]}): re-export with opset {target}",
+                            option="opset") from exc
 
 
 def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
@@ -328,7 +314,7 @@ def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str |
         "mimc_precision": config.precision,
         "mimc_quantization": json.dumps({"config": config.to_dict(), "target": config.resolved_target,
                                          "calibration_sha256": calib_sha, "source_onnx_sha256": source_sha,
-                                         **{k: v for k, v in info.items() if k != "folding"}}, sort_keys=True),
+                                         **info}, sort_keys=True),
     })
     del model.metadata_props[:]
     for key in sorted(meta):
@@ -355,12 +341,12 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         openvino()  # not installed: the install hint, before any work
     source_sha = verify_graph(onnx_in) or sha256_file(onnx_in)  # a listed graph (and its .data) as recorded
     source = onnx_in.resolve()  # a symlinked graph: its weights are read where the file really is
-    model = load_float_graph(source, external_data=False)  # weights (in the file or beside it) stay on disk
-    calibration = _as_arrays(calibration_batches)
+    model = load_float_graph(source)
+    calibration = as_arrays(calibration_batches)
     if calibration and sum(a.shape[0] for a in calibration) > config.n:
         calibration = [np.concatenate(calibration)[: config.n]]  # at most n images, the first ones given
     _, graph_batch, shape = single_input(model)
-    held_out = _as_arrays(eval_batches)
+    held_out = as_arrays(eval_batches)
     eval_source = "held-out images"
     if not held_out:
         rng = np.random.default_rng(0)
@@ -380,7 +366,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         for k, fix in enumerate(overflow_fixes(config)):
             quantized, info = quantize_graph(model, calibration, config, base_dir=work, scratch=True, overflow_fix=fix, cache=cache)
             _stamp(quantized, config, info, calib_sha, source_sha)
-            opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
+            graph_opset = opset(quantized)
             (Path(tmp_dir) / f"c{k}").mkdir()
             tmp = Path(tmp_dir) / f"c{k}" / onnx_out.name
             data = save_graph(quantized, tmp, base_dir=work)  # external data when the initializers sum past the limit
@@ -414,7 +400,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
             "source": {"file": onnx_in.name, "sha256": source_sha},
             "validation": {**verdict(fidelity, config.precision, failures), "reference": "fp32 graph", "inputs": eval_source,
                            "gated_outputs": gated_outputs},
-            "runnable_here": runnable, "runnable_note": why, "opset": opset,
+            "runnable_here": runnable, "runnable_note": why, "opset": graph_opset,
             "config": config.to_dict(), "config_version": config.version, "mimc_version": mimc_version(),
             "seconds": round(time.perf_counter() - start, 3),
         }
