@@ -75,7 +75,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.data import as_source, spec_of
     from mimc.errors import DataError
     from mimc.graph import encoder_config_of_graph
-    from mimc.models.io import ArtifactShape, load_artifact
+    from mimc.models.io import ArtifactShape
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file, target_for_device
@@ -93,14 +93,14 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     out = Path(output) if output is not None else None
     if out is not None and out.suffix != ".onnx":
         raise BadInputError(f"output {out} must end in .onnx: choose a path like model.int8.onnx")
+    encoder = None
+    if path.suffix != ".onnx":
+        # An artifact that has its fp32 graph is quantized from that graph alone: its weights (2.5 GB
+        # for a ViT-H/14) are not loaded.
+        encoder = ArtifactShape(path) if is_artifact(path) and (path / ONNX_NAME).is_file() else load_model(model)
     if path.suffix != ".onnx" and (out is None or is_artifact(path) and _same_dir(out, path / name)):
         # Into the MODEL's artifact, else (like `mimc export`) a new one holding the weights,
-        # model.onnx and the quantized graph. An artifact that has its fp32 graph is quantized from
-        # that graph alone: its weights (2.5 GB for a ViT-H/14) are not loaded.
-        if is_artifact(path):
-            encoder = ArtifactShape(path) if (path / ONNX_NAME).is_file() else load_artifact(path)
-        else:
-            encoder = load_model(model)
+        # model.onnx and the quantized graph.
         folder = path if is_artifact(path) else Path(f"{model_slug(model)}-mimc")
         if folder is not path:
             _new_artifact(folder, False, f", or run `mimc quantize {folder}`")
@@ -115,15 +115,10 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
         if path.suffix == ".onnx":
             if not path.is_file():
                 raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
-            encoder, graph, cfg = None, path, encoder_config_of_graph(path)
+            graph, cfg = path, encoder_config_of_graph(path)
             out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
         else:
-            given = path / ONNX_NAME if is_artifact(path) else None
-            if given is not None:
-                encoder = ArtifactShape(path) if given.is_file() else load_artifact(path)  # a graph: no weights needed
-            else:
-                encoder = load_model(model)
-            graph, cfg = given if given is not None and given.is_file() else Path(tmp) / ONNX_NAME, encoder.config
+            graph, cfg = path / ONNX_NAME if isinstance(encoder, ArtifactShape) else Path(tmp) / ONNX_NAME, encoder.config
         _check_folder(out, (path, spec_of(calib)))
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():

@@ -83,7 +83,6 @@ def width(model: Any = "ref", output=None, *, data=None, n: int = 64, seed: int 
 def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageReport:
     """Static token reduction (:class:`~mimc.compression.tokens.TokenReductionConfig`)."""
     from mimc.compression.tokens import TokenReductionConfig
-    from mimc.errors import ConfigError
 
     if options.get("method", "tome") == "tome" and options.get("r") is None and not options.get("r_list"):
         raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)", option="r")

@@ -20,11 +20,9 @@ class SearchReport(DictReport):
 def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False, force: bool = False,
         on_stage: Callable | None = None) -> RunReport:
     """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact."""
-    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
-    from mimc.pipeline.recipe_run import run_recipe
-
     from mimc.atomic import check_not_input
-    from mimc.pipeline.recipe_run import default_output
+    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
+    from mimc.pipeline.recipe_run import default_output, run_recipe
 
     source = recipe if isinstance(recipe, (str, Path)) else None
     if not isinstance(recipe, Recipe):

@@ -23,11 +23,8 @@ from typing import Any, Callable, Sequence
 
 from mimc.artifact import save_artifact
 from mimc.atomic import atomic_dir, check_output
-
-from mimc.pipeline.stages import GRAPH_STAGES, is_model_stage
-
-RECIPE_NAME = "recipe.yaml"
-RUN_REPORT_NAME = "run.json"
+from mimc.pipeline.recipe import RECIPE_NAME, RUN_REPORT_NAME
+from mimc.pipeline.stages import is_model_stage
 
 
 @dataclass
@@ -64,7 +61,7 @@ class StageResult:
 
 @dataclass
 class RunResult:
-    output: Path | None
+    output: Path
     encoder: Any
     stages: list[StageResult]
     seconds: float
@@ -124,7 +121,7 @@ def run_graph_stages(ctx, stages: Sequence[Any], on_stage: Callable[[int, Any], 
     return results
 
 
-def execute(job: Job, output: str | Path | None, overwrite: bool = False, recipe: dict[str, Any] | None = None,
+def execute(job: Job, output: str | Path, overwrite: bool = False, recipe: dict[str, Any] | None = None,
             note: str | None = None, on_stage: Callable[[int, Any], None] | None = None, write: bool = True) -> RunResult:
     """Run every stage of ``job`` and write one artifact at ``output``.
 
@@ -134,14 +131,14 @@ def execute(job: Job, output: str | Path | None, overwrite: bool = False, recipe
     """
     from mimc.pipeline.graph_stages import GraphContext
 
-    out = Path(output) if output is not None else None
-    if out is not None and write:
+    out = Path(output)
+    if write:
         check_output(out, overwrite)
     start = time.perf_counter()
     model_stages = [c for c in job.stages if is_model_stage(c)]
     graph_stages = [c for c in job.stages if not is_model_stage(c)]
     encoder, results = apply_model_stages(job.source, model_stages, job, on_stage)
-    if out is None or not write:
+    if not write:
         return RunResult(out, encoder, results, round(time.perf_counter() - start, 3))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_artifact(encoder, tmp, overwrite=True)
@@ -181,5 +178,4 @@ def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, result
     return report
 
 
-__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images", "run_graph_stages",
-           "is_model_stage", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]
+__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images", "run_graph_stages"]

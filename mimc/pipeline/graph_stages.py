@@ -55,9 +55,7 @@ def graph_path(ctx: GraphContext, name: str | None) -> Path | None:
 def export_stage(ctx: GraphContext, config) -> dict[str, Any]:
     from mimc.deploy.onnx import export_onnx
 
-    options = dict(batch=config.batch, opset=config.opset, exporter=config.exporter)
-    options.update(ctx.export_options)
-    report = export_onnx(ctx.encoder, ctx.folder / "model.onnx", **options)
+    report = export_onnx(ctx.encoder, ctx.folder / "model.onnx", **{**config.to_dict(), **ctx.export_options})
     ctx.last_graph, ctx.export_config = ctx.folder / "model.onnx", config
     return {"file": "model.onnx", "validation": report.get("validation"), "report": report}
 
@@ -227,7 +225,7 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
             # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
             # against a torchscript / opset-17 one (quantize without export exports the defaults)
             same = ctx.export_config if ctx.export_config is not None else ExportConfig()
-            export_onnx(ctx.source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
+            export_onnx(ctx.source, base, **same.to_dict(), validate=False)
             # named for what it is: the temporary export is gone once the run ends
             entry["baseline"] = {**profile(base, **kwargs), "model": "the source model, dense fp32 (exported alike)"}
             measured, backend = entry["result"].get("label") == "measured", entry["result"].get("backend")
@@ -235,15 +233,13 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                 # Two separate worker runs would time the graphs one after the other; the ratio comes
                 # from both graphs timed together in alternating rounds instead (on OpenVINO: the
                 # dense graph at fp32, the result at the precision it was profiled at).
+                from mimc.runtime import openvino, ort
+
                 if backend == "onnxruntime-cpu":
-                    from mimc.runtime.ort import time_interleaved
-
-                    dense_ms, graph_ms = time_interleaved([base, graph], iters=config.iters, threads=config.threads)
+                    timer, models = ort.time_interleaved, [base, graph]
                 else:
-                    from mimc.runtime.openvino import time_interleaved as ov_interleaved
-
-                    dense_ms, graph_ms = ov_interleaved([(base, "fp32"), (graph, entry["result"]["precision"])],
-                                                        iters=config.iters, threads=config.threads)
+                    timer, models = openvino.time_interleaved, [(base, "fp32"), (graph, entry["result"]["precision"])]
+                dense_ms, graph_ms = timer(models, iters=config.iters, threads=config.threads)
                 entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
                 entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3)
             else:  # predicted, or measured on a GPU: the two reports' own latencies
@@ -252,12 +248,8 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 def _latency(report: dict[str, Any]) -> float | None:
-    results = report.get("results") or []
-    first = results[0] if results else {}
-    for key in ("p50_ms", "latency_ms"):  # measured, predicted
-        if isinstance(first.get(key), (int, float)):
-            return float(first[key])
-    return None
+    first = (report.get("results") or [{}])[0]
+    return next((float(first[key]) for key in ("p50_ms", "latency_ms") if isinstance(first.get(key), (int, float))), None)
 
 
 def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
@@ -279,12 +271,7 @@ def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 GRAPH_HANDLERS: dict[str, Callable[[GraphContext, Any], dict[str, Any]]] = {
-    "export": export_stage,
-    "quantize": quantize_stage,
-    "build": build_stage,
-    "profile": profile_stage,
-    "eval": eval_stage,
-}
+    "export": export_stage, "quantize": quantize_stage, "build": build_stage, "profile": profile_stage, "eval": eval_stage}
 
 __all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "quantize_split", "record_graph",
            "record_build", "target_for_device", "GRAPH_SUFFIXES"]

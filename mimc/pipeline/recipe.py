@@ -27,6 +27,7 @@ exported graphs), including ones written stage by stage with the single commands
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,6 @@ from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalCo
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
-
-
 
 
 def stage_key(index: int, name: str, option: str | None = None) -> str:
@@ -90,7 +89,7 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        return any(s.name in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)
+        return any(s.config.needs_data for s in self.steps)  # a data-driven model stage, or quantize
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
@@ -119,7 +118,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     _check_graph_names(steps, where)
     recipe = Recipe(model=model, steps=steps, data=spec, n=n, seed=seed, output=data.get("output"), data_options=data_options)
     if recipe.needs_data and recipe.data is None:
-        needing = [s.name for s in steps if s.name == "quantize" or (s.is_model_stage and s.config.needs_data)]
+        needing = [s.name for s in steps if s.config.needs_data]
         raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
     return recipe
 
@@ -156,11 +155,11 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {clip(item)}")
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {clip(options)}")
-    valid = sorted(config_types())
-    if name not in valid:
-        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {valid}")
+    types = config_types()
+    if name not in types:
+        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {sorted(types)}")
     try:
-        config = config_types()[name].from_dict(options)
+        config = types[name].from_dict(options)
     except TypeError as exc:  # a wrong type the dataclass could not even take
         raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
     except ConfigError as exc:
@@ -319,13 +318,8 @@ def read_yaml(path: Path) -> Any:
         raise BadInputError(f"recipe {path} is not readable YAML ({shorten(exc)}): fix the file") from None
 
 
-_LOADER = None
-
-
+@functools.cache
 def _strict_loader():
-    global _LOADER
-    if _LOADER is not None:
-        return _LOADER
     import yaml
     from yaml.constructor import ConstructorError
 
@@ -350,8 +344,7 @@ def _strict_loader():
                     raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once", key_node.start_mark)
             return super().construct_mapping(node, deep)
 
-    _LOADER = StrictLoader
-    return _LOADER
+    return StrictLoader
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimc.atomic import check_output
-from mimc.errors import BadInputError, ConfigError
+from mimc.errors import BadInputError, ConfigError, MimcError
 
 from mimc.pipeline.recipe import Recipe, Step, stage_key
 
@@ -22,18 +22,10 @@ def default_output(recipe: Recipe) -> Path:
     return Path(recipe.output) if recipe.output else Path(f"{model_slug(recipe.model)}-recipe")
 
 
-def _check_graph_needs(recipe: Recipe) -> None:
-    names = [s.name for s in recipe.steps]
-    for step in recipe.steps:  # (a build without a graph before it is refused when the recipe is parsed)
-        if step.name == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(names)):
-            raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
-
-
 def _check_runtimes(recipe: Recipe) -> None:
     """What a build (and a measured OpenVINO profile) needs on this machine, found before any stage runs:
     OpenVINO installed and, for bf16, a CPU that runs it; TensorRT installed for an engine. The errors
     are the runtimes' own, naming the recipe key."""
-    from mimc.errors import MimcError
     from mimc.latency.devices import load_profile
 
     for i, step in enumerate(recipe.steps):
@@ -72,7 +64,7 @@ def _check_masking(recipe: Recipe, source) -> None:
     from mimc.train.engine import supports_masking
 
     can_mask = supports_masking(source)
-    for i, step in enumerate(recipe.steps, 1):
+    for i, step in enumerate(recipe.steps):
         if step.name == "tokens":
             can_mask = False
         ratio = getattr(step.config, "mask_ratio", 0.0) if step.name == "distill" else \
@@ -80,14 +72,13 @@ def _check_masking(recipe: Recipe, source) -> None:
         if ratio and not can_mask:
             why = "a tokens stage comes before it" if supports_masking(source) else "the model has a relative position bias or a token schedule"
             option = "mask_ratio: 0" if step.name == "distill" else "learned: {mask_ratio: 0}"
-            raise ConfigError(f"recipe: {stage_key(i - 1, step.name)} masks {ratio:.0%} of the patches, which needs every token "
+            raise ConfigError(f"recipe: {stage_key(i, step.name)} masks {ratio:.0%} of the patches, which needs every token "
                               f"and absolute positions, but {why}: set {option} in its options")
 
 
 def _check_val(recipe: Recipe, source) -> None:
     """An eval stage's ``val`` images are opened (one decoded) before any stage runs."""
     from mimc.data import ImageSource
-    from mimc.errors import MimcError
 
     for i, step in enumerate(recipe.steps):
         if step.name == "eval" and step.config.val is not None:
@@ -106,7 +97,10 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
 
     out = Path(output) if output is not None else default_output(recipe)
     check_output(out, overwrite)
-    _check_graph_needs(recipe)
+    # (a build without a graph before it is refused when the recipe is parsed)
+    graphless = any(s.name == "profile" and s.config.graph is None for s in recipe.steps)
+    if graphless and not {"export", "quantize"} & {s.name for s in recipe.steps}:
+        raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
     _check_runtimes(recipe)
     _check_not_source(recipe, out)
     source = load_model(recipe.model)

@@ -334,17 +334,11 @@ def _time_together(built: list[Candidate], iters: int, threads: int | None) -> N
     warmed side by side in this process, then timed in the same alternating rounds."""
     import os
 
-    from mimc.runtime import ort
+    from mimc.runtime import openvino, ort
 
     threads = threads or os.cpu_count() or 1  # one thread count for both runtimes
-    runs = []
-    for c in built:
-        if c.runtime == "openvino":
-            from mimc.runtime.openvino import runner
-
-            runs.append(runner(c.graph, c.precision, threads))
-        else:
-            runs.append(ort.runner(c.graph, threads))
+    runs = [openvino.runner(c.graph, c.precision, threads) if c.runtime == "openvino" else ort.runner(c.graph, threads)
+            for c in built]
     for c, ms in zip(built, ort.interleave(runs, iters=iters)):
         c.latency_ms = ms
 

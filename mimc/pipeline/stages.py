@@ -87,8 +87,6 @@ class ProfileConfig(StageConfig):
     warmup: int = option(10, ge=0)
     iters: int = option(50, ge=1)
     threads: int | None = option(None, ge=1)
-    # predict: price the graph at this precision (an fp16 engine from fp32); measured on an
-    # openvino-cpu device: compile it at this precision (fp32, bf16, int8)
     precision: str | None = option(None, doc="predict: price the graph at this precision; openvino-cpu: compile it at this precision")
 
     def check(self) -> None:
