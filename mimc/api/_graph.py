@@ -78,7 +78,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.models.io import ArtifactShape
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
-    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file, target_for_device
+    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_split, split_images, target_for_device
     from mimc.pipeline.stages import ExportConfig
     from mimc.quant.quantize import QuantizeConfig
 
@@ -118,14 +118,15 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             graph, cfg = path, encoder_config_of_graph(path)
             out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
         else:
-            graph, cfg = path / ONNX_NAME if isinstance(encoder, ArtifactShape) else Path(tmp) / ONNX_NAME, encoder.config
+            graph = path / ONNX_NAME if isinstance(encoder, ArtifactShape) else Path(tmp) / ONNX_NAME
+            cfg = encoder.config
         _check_folder(out, (path, spec_of(calib)))
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():
             from mimc.deploy.onnx import export_onnx
 
             export_onnx(encoder, graph)
-        report = quantize_file(graph, out, drawn, config, seed, force, spec_of(calib))
+        report = quantize_split(graph, out, *split_images(drawn, config.n, seed), config, force, spec_of(calib))
     return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
 
 
@@ -152,13 +153,14 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         batch_sizes = parse_batch_sizes(batch_sizes)  # "1,8"
     model = Path(model)
     check_model_path(model)
-    if output is not None and not Path(output).parent.is_dir():
-        raise BadInputError(f"output folder {Path(output).parent} does not exist: create it or choose another output")
-    if output is not None and Path(output).is_dir():
-        raise BadInputError(f"output {output} is a directory: give a file path like report.json")
     if output is not None:
         from mimc.atomic import check_not_input, check_writable
 
+        output = Path(output)
+        if not output.parent.is_dir():
+            raise BadInputError(f"output folder {output.parent} does not exist: create it or choose another output")
+        if output.is_dir():
+            raise BadInputError(f"output {output} is a directory: give a file path like report.json")
         check_not_input(output, (model,))  # the report must not replace the graph it measures
         check_writable(output)
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,

@@ -178,4 +178,5 @@ def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, result
     return report
 
 
-__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images", "run_graph_stages"]
+__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images",
+           "run_graph_stages"]

@@ -83,23 +83,17 @@ def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
         export_onnx(ctx.encoder, graph)
     out = ctx.folder / f"model.{config.precision}.onnx"
-    report = quantize_file(graph, out, ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config,
-                           ctx.seed, ctx.force, ctx.images.spec)
+    calib_set, held_out = split_images(ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config.n, ctx.seed)
+    report = quantize_split(graph, out, calib_set, held_out, config, ctx.force, ctx.images.spec)
     ctx.last_graph = out
     return {"file": out.name, "validation": report["validation"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
             "calibration_sha256": report["calibration_sha256"], "report": report}
 
 
-def quantize_file(graph: Path, out: Path, images, config, seed: int, force: bool, data_spec: str) -> dict[str, Any]:
-    """Quantize one fp32 mimc graph file on a seeded calibration / held-out split of ``images``;
-    recorded in the artifact's mimc.json when ``out`` sits in one."""
-    calib_set, held_out = split_images(images, config.n, seed)
-    return quantize_split(graph, out, calib_set, held_out, config, force, data_spec)
-
-
 def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: bool, data_spec: str,
                    batch_size: int = QUANTIZE_BATCH) -> dict[str, Any]:
-    """Quantize on ``calib_set``, gate on ``held_out`` (None: seeded normal inputs)."""
+    """Quantize one fp32 mimc graph file on ``calib_set``, gate on ``held_out`` (None: seeded normal
+    inputs); recorded in the artifact's mimc.json when ``out`` sits in one."""
     from mimc.quant.quantize import quantize_onnx
 
     def annotate(report: dict[str, Any]) -> None:
@@ -248,8 +242,9 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 def _latency(report: dict[str, Any]) -> float | None:
-    first = (report.get("results") or [{}])[0]
-    return next((float(first[key]) for key in ("p50_ms", "latency_ms") if isinstance(first.get(key), (int, float))), None)
+    first = (report.get("results") or [{}])[0]  # measured: p50_ms, predicted: latency_ms
+    found = [first[key] for key in ("p50_ms", "latency_ms") if isinstance(first.get(key), (int, float))]
+    return float(found[0]) if found else None
 
 
 def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
@@ -271,7 +266,8 @@ def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 GRAPH_HANDLERS: dict[str, Callable[[GraphContext, Any], dict[str, Any]]] = {
-    "export": export_stage, "quantize": quantize_stage, "build": build_stage, "profile": profile_stage, "eval": eval_stage}
+    "export": export_stage, "quantize": quantize_stage, "build": build_stage, "profile": profile_stage,
+    "eval": eval_stage}
 
-__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "quantize_split", "record_graph",
+__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_split", "record_graph",
            "record_build", "target_for_device", "GRAPH_SUFFIXES"]

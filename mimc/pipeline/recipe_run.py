@@ -64,7 +64,7 @@ def _check_masking(recipe: Recipe, source) -> None:
     from mimc.train.engine import supports_masking
 
     can_mask = supports_masking(source)
-    for i, step in enumerate(recipe.steps):
+    for i, step in enumerate(recipe.steps, 1):
         if step.name == "tokens":
             can_mask = False
         ratio = getattr(step.config, "mask_ratio", 0.0) if step.name == "distill" else \
@@ -72,7 +72,7 @@ def _check_masking(recipe: Recipe, source) -> None:
         if ratio and not can_mask:
             why = "a tokens stage comes before it" if supports_masking(source) else "the model has a relative position bias or a token schedule"
             option = "mask_ratio: 0" if step.name == "distill" else "learned: {mask_ratio: 0}"
-            raise ConfigError(f"recipe: {stage_key(i, step.name)} masks {ratio:.0%} of the patches, which needs every token "
+            raise ConfigError(f"recipe: {stage_key(i - 1, step.name)} masks {ratio:.0%} of the patches, which needs every token "
                               f"and absolute positions, but {why}: set {option} in its options")
 
 
