@@ -111,7 +111,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     _check_val(recipe, source)
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,
               force=force)
-    result = execute(job, out, overwrite=overwrite, recipe=recipe.to_dict(), note=recipe.note,
+    result = execute(job, out, overwrite=overwrite, recipe=recipe,
                      on_stage=None if on_stage is None else (lambda i, config: on_stage(i, recipe.steps[i - 1])))
     return result.report
 

@@ -226,14 +226,13 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
             candidates.append(cand)
+        ok = [c for c in candidates if c.error is None]
         if not predict:  # median batch-1 latency of every built graph, timed together in alternating rounds
-            _time_together([c for c in candidates if c.error is None], iters, prof.threads)
-    ok = [c for c in candidates if c.error is None]
+            _time_together(ok, iters, prof.threads)
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
                            and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
-    faithful = sorted((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms)
-    best = faithful[0] if faithful else None
+    best = min((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms, default=None)
     measured = list(dict.fromkeys(r for _, r in pairs))  # the runtimes the candidates ran on
     runtimes = "ONNX Runtime and OpenVINO CPU, one process" if "openvino" in measured else "ONNX Runtime CPU"
     return {"device": prof.name, "latency": "predicted (roofline)" if predict else f"measured ({runtimes})",
