@@ -1,10 +1,9 @@
 """The one executor: an ordered list of stages over in-memory objects, into one artifact.
 
-Model stages (prune, width, tokens, sparsify, distill, smooth, repq: an encoder in, a new encoder
-out) run first, in memory, through :func:`mimc.compression.registry.compress`; graph stages
-(export, quantize, profile, eval: :mod:`mimc.pipeline.graph_stages`) then write into a temporary
-folder that becomes the output only when every stage succeeded. The single commands, ``mimc run``
-and ``mimc search`` all run stages through here:
+Model stages (an encoder in, a new encoder out) run first, in memory, through
+:func:`mimc.compression.registry.compress`; graph stages (:mod:`mimc.pipeline.graph_stages`) then
+write into a temporary folder that becomes the output only when every stage succeeded. The single
+commands, ``mimc run`` and ``mimc search`` all run stages through here:
 
 - :func:`execute` — a :class:`Job` into a new artifact folder (``mimc prune``, ``mimc run``, ...);
 - :func:`extend` — graph stages added to an existing artifact (``mimc export DIR``, ``mimc quantize DIR``);

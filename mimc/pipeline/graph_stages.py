@@ -3,8 +3,7 @@
 A graph stage reads the in-memory state the executor hands it (the current encoder, the dense
 source, the image source, the artifact folder being written and the last graph in it) and writes
 its graph (build: its OpenVINO IR or TensorRT engine) into that folder, recording it in the folder's
-``mimc.json``. The same handlers serve
-``mimc run``, the single commands (``mimc export``, ``mimc quantize``) and ``mimc search``.
+``mimc.json``. The same handlers serve ``mimc run``, ``mimc export``, ``mimc quantize`` and ``mimc search``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ A ``build`` stage (after export / quantize) turns the last graph into what a run
 or a TensorRT engine (``model.plan``); profile and eval after it then measure that deployable.
 
 Every stage's options are a frozen dataclass: the model stages' are the registry's
-(mimc.compression.registry), the graph stages' are defined here. ``mimc run`` writes the resolved
+(mimc.compression.registry), the graph stages' are in mimc.pipeline.stages. ``mimc run`` writes the resolved
 recipe (every option spelled out) into the artifact as ``recipe.yaml``, so the run can be replayed
 exactly; :func:`recipe_from_artifact` rebuilds a recipe from any artifact's ``mimc.json`` (stages and
 exported graphs), including ones written stage by stage with the single commands.
@@ -160,11 +160,9 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {sorted(types)}")
     try:
         config = types[name].from_dict(options)
-    except TypeError as exc:  # a wrong type the dataclass could not even take
-        raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
-    except ConfigError as exc:
+    except (TypeError, ConfigError) as exc:  # TypeError: a wrong type the dataclass could not even take
         # the library names options (`ratio`); a recipe names their keys (`stages[0].prune.ratio`)
-        if exc.options:
+        if getattr(exc, "options", None):
             raise ConfigError(f"{where}: {exc.phrased({o: stage_key(index, name, o) for o in exc.options})}") from None
         raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
     return Step(config)

@@ -287,10 +287,8 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     cand.stages += stages
     if cand.runtime == "openvino":  # through the compiled model that ships, at its precision
         feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads)
-    elif precision == "fp16":
-        feats = _torch_features(model, images, half=True)
-    elif precision == "fp32":
-        feats = _torch_features(model, images)
+    elif precision in ("fp16", "fp32"):
+        feats = _torch_features(model, images, half=precision == "fp16")
     else:
         feats = _graph_features(graph, images, emulate)
     meter = FidelityMeter()
