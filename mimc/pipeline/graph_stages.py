@@ -18,6 +18,7 @@ import numpy as np
 from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest
 from mimc.atomic import write_json
 from mimc.errors import BadInputError, ConfigError, DataError
+from mimc.latency.devices import load_profile
 
 EVAL_IMAGES = 32  # held-out images for the quantization fidelity gate (never used for calibration)
 QUANTIZE_BATCH = 16
@@ -122,8 +123,6 @@ def record_graph(out: Path, report: dict[str, Any]) -> None:
 
 def target_for_device(device: str, precision: str) -> str:
     """A device profile name or YAML path -> the graph target; refuses precisions it lacks."""
-    from mimc.latency.devices import load_profile
-
     profile = load_profile(device)
     if precision not in profile.precisions:
         raise ConfigError(f"device '{profile.name}' does not support {precision} (it has {', '.join(profile.precisions)}): "
@@ -137,7 +136,6 @@ def build_stage(ctx: GraphContext, config) -> dict[str, Any]:
     (TensorRT), built as ``mimc build`` builds, with its sidecar ``<file>.json``; recorded under
     ``files[<file>]`` of the folder's mimc.json. Later profile / eval stages read it."""
     from mimc.deploy.build import build
-    from mimc.latency.devices import load_profile
 
     graph = graph_path(ctx, config.graph)
     if graph is None or graph.suffix != ".onnx":

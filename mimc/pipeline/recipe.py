@@ -34,6 +34,7 @@ from typing import Any
 
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
+from mimc.latency.devices import load_profile
 from mimc.options import StageConfig
 from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_types
 
@@ -171,8 +172,6 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
 def _check_graph_names(steps: list[Step], where: str) -> None:
     """``graph:`` of build / profile / eval must name a graph an earlier stage of the recipe writes, and
     each graph must suit the runtime that reads it (a quantized graph's target, a built deployable's device)."""
-    from mimc.latency.devices import load_profile
-
     written: list[str] = []
     batch: int | str = 1  # quantize without export exports a batch-1 graph itself
     last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
@@ -227,8 +226,6 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
 def _check_build(step: Step, i: int, graph: str | None, target: dict[str, str], precision: dict[str, str], where: str) -> str:
     """A build reads an ONNX graph its device's runtime can read, at a precision that graph has; returns
     the file it writes (and records its kind and precision in ``target`` / ``precision``)."""
-    from mimc.latency.devices import load_profile
-
     key = stage_key(i, "build")
     if graph is None:
         raise ConfigError(f"{where}: {key} builds the last graph, and no earlier stage writes one: add an export (or quantize) stage before it")

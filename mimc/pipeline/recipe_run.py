@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from mimc.atomic import check_output
 from mimc.errors import BadInputError, ConfigError, MimcError
+from mimc.latency.devices import load_profile
 
 from mimc.pipeline.recipe import Recipe, Step, stage_key
 
@@ -26,8 +27,6 @@ def _check_runtimes(recipe: Recipe) -> None:
     """What a build (and a measured OpenVINO profile) needs on this machine, found before any stage runs:
     OpenVINO installed and, for bf16, a CPU that runs it; TensorRT installed for an engine. The errors
     are the runtimes' own, naming the recipe key."""
-    from mimc.latency.devices import load_profile
-
     for i, step in enumerate(recipe.steps):
         if step.name not in ("build", "profile") or getattr(step.config, "predict", False):
             continue
