@@ -27,11 +27,14 @@ exported graphs), including ones written stage by stage with the single commands
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from yaml.constructor import ConstructorError
+
+from mimc.artifact import is_artifact, read_manifest
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.latency.devices import load_profile
@@ -84,8 +87,6 @@ class Recipe:
         return out
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @property
@@ -300,12 +301,10 @@ def read_yaml(path: Path) -> Any:
     """A recipe file parsed strictly: plain YAML only — anchors and aliases (``&a`` / ``*a``, which
     let a few hundred bytes expand to gigabytes) and duplicate keys (YAML would keep the last one
     silently) are refused, as is a file over 1 MiB."""
-    import yaml
-
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise BadInputError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB: a recipe is a short YAML file")
-        return yaml.load(path.read_text(), Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
         raise BadInputError(f"recipe {path} is not valid YAML{where} ({shorten(exc.problem or exc.context)}): fix the file") from None
@@ -313,33 +312,29 @@ def read_yaml(path: Path) -> Any:
         raise BadInputError(f"recipe {path} is not readable YAML ({shorten(exc)}): fix the file") from None
 
 
-@functools.cache
-def _strict_loader():
-    import yaml
-    from yaml.constructor import ConstructorError
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors, aliases and duplicate keys (see :func:`read_yaml`)."""
 
-    class StrictLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: write values out",
-                                       event.start_mark)
-            return super().compose_node(parent, index)
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: "
+                                   "write values out", event.start_mark)
+        return super().compose_node(parent, index)
 
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:
-                    continue  # an unhashable key; the base class refuses it
-                if duplicate:
-                    raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once", key_node.start_mark)
-            return super().construct_mapping(node, deep)
-
-    return StrictLoader
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key; the base class refuses it
+            if duplicate:
+                raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once",
+                                       key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:
@@ -353,8 +348,6 @@ def _with_data(parsed: Any, data: str | None) -> Any:
 def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     """The recipe that rebuilds an artifact: its recipe.yaml when ``mimc run`` wrote it, else one
     assembled from mimc.json (the source model, every recorded stage, the exported graphs)."""
-    from mimc.artifact import is_artifact, read_manifest
-
     path = Path(path)
     if (path / RECIPE_NAME).is_file():
         return parse_recipe(_with_data(read_yaml(path / RECIPE_NAME), data), where=str(path / RECIPE_NAME))

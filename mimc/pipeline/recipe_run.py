@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimc.atomic import check_output
+from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, MimcError
 from mimc.latency.devices import load_profile
 
@@ -77,8 +78,6 @@ def _check_masking(recipe: Recipe, source) -> None:
 
 def _check_val(recipe: Recipe, source) -> None:
     """An eval stage's ``val`` images are opened (one decoded) before any stage runs."""
-    from mimc.data import ImageSource
-
     for i, step in enumerate(recipe.steps):
         if step.name == "eval" and step.config.val is not None:
             try:
@@ -90,7 +89,6 @@ def _check_val(recipe: Recipe, source) -> None:
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
-    from mimc.data import ImageSource
     from mimc.models.resolve import load_model
     from mimc.pipeline.executor import Job, execute
 
