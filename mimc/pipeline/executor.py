@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from mimc.artifact import save_artifact
 from mimc.atomic import atomic_dir, check_output
+from mimc.pipeline.graph_stages import GRAPH_HANDLERS, GraphContext
 from mimc.pipeline.recipe import RECIPE_NAME, RUN_REPORT_NAME, Recipe
 from mimc.pipeline.stages import is_model_stage
 
@@ -135,8 +136,6 @@ def extend(folder: str | Path, encoder, stages: Sequence[Any], images=None, forc
            source=None, first_index: int = 1) -> RunResult:
     """Add graph stages to an artifact folder (each file written atomically, recorded in its mimc.json);
     ``source``: the dense model profile and eval compare with (default ``encoder``)."""
-    from mimc.pipeline.graph_stages import GRAPH_HANDLERS, GraphContext
-
     folder = Path(folder)
     start = time.perf_counter()
     last = folder / "model.onnx"

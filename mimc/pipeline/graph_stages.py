@@ -15,10 +15,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest
+from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, sha256_file
 from mimc.atomic import write_json
+from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, DataError
 from mimc.latency.devices import load_profile
+from mimc.pipeline.stages import ExportConfig
+from mimc.quant.quantize import quantize_onnx
 
 EVAL_IMAGES = 32  # held-out images for the quantization fidelity gate (never used for calibration)
 QUANTIZE_BATCH = 16
@@ -94,8 +97,6 @@ def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: b
                    batch_size: int = QUANTIZE_BATCH) -> dict[str, Any]:
     """Quantize one fp32 mimc graph file on ``calib_set``, gate on ``held_out`` (None: seeded normal
     inputs); recorded in the artifact's mimc.json when ``out`` sits in one."""
-    from mimc.quant.quantize import quantize_onnx
-
     def annotate(report: dict[str, Any]) -> None:
         report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
         report["calibration_source"] = str(data_spec)
@@ -167,8 +168,6 @@ def _relative_sources(out: Path, sidecar: dict[str, Any]) -> None:
 def record_build(out: Path, graph: Path, config, sidecar: dict[str, Any], seconds: float) -> dict[str, Any]:
     """A built deployable under ``files[<file>]`` of its artifact's mimc.json: its sha256 (and its .bin's,
     checked like a graph's external data), what it was built from, the precision it runs at."""
-    from mimc.artifact import sha256_file
-
     manifest = read_manifest(out.parent)
     weights = out.with_suffix(".bin") if out.suffix == ".xml" else None
     source_sha = manifest.files.get(graph.name, {}).get("sha256") or sha256_file(graph)
@@ -209,8 +208,6 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                   warmup=config.warmup, iters=config.iters, threads=config.threads, precision=config.precision)
     entry: dict[str, Any] = {"file": graph.name, "result": {**profile(graph, **kwargs), "model": graph.name}}
     if config.baseline:
-        from mimc.pipeline.stages import ExportConfig
-
         with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
             base = Path(base_dir) / "dense.onnx"
             # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
@@ -251,7 +248,6 @@ def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
 
 # eval ---------------------------------------------------------------------------------------------
 def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
-    from mimc.data import ImageSource
     from mimc.evaluation import evaluate, load_for_eval
 
     graph = graph_path(ctx, config.graph)
