@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import DictReport, GraphReport
-from mimc.errors import BadInputError
+from mimc.atomic import check_not_input, check_writable, write_json
+from mimc.errors import BadInputError, DataError
 
 ONNX_NAME = "model.onnx"
 
@@ -40,7 +41,6 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
     """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
     from mimc.artifact import is_artifact
-    from mimc.atomic import check_not_input
     from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
@@ -73,7 +73,6 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
     from mimc.artifact import is_artifact
     from mimc.data import as_source, spec_of
-    from mimc.errors import DataError
     from mimc.graph import encoder_config_of_graph
     from mimc.models.io import ArtifactShape
     from mimc.models.resolve import load_model, model_slug
@@ -131,8 +130,6 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
 
 
 def _check_folder(out: Path, inputs=()) -> None:
-    from mimc.atomic import check_not_input, check_writable
-
     if not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist: create it or choose another output path")
     check_not_input(out, inputs, inside=False)  # a graph file may be added to an artifact, never replace an input
@@ -145,7 +142,6 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.
     ``precision``: the float precision an openvino-cpu device runs (fp32/bf16), or with ``predict``
     the precision the roofline prices."""
-    from mimc.atomic import write_json
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
@@ -154,8 +150,6 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     model = Path(model)
     check_model_path(model)
     if output is not None:
-        from mimc.atomic import check_not_input, check_writable
-
         output = Path(output)
         if not output.parent.is_dir():
             raise BadInputError(f"output folder {output.parent} does not exist: create it or choose another output")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import StageReport
+from mimc.atomic import check_not_input, check_output
 from mimc.errors import ConfigError, DataError
 
 
@@ -33,7 +34,6 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
     if batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
-    from mimc.atomic import check_not_input, check_output
     from mimc.data import as_source, spec_of
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process

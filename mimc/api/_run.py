@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimc.api.reports import DictReport
+from mimc.atomic import atomic_dir, check_not_input, check_output
 from mimc.errors import ConfigError
 
 
@@ -20,7 +21,6 @@ class SearchReport(DictReport):
 def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False, force: bool = False,
         on_stage: Callable | None = None) -> RunReport:
     """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact."""
-    from mimc.atomic import check_not_input
     from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
     from mimc.pipeline.recipe_run import default_output, run_recipe
 
@@ -48,7 +48,6 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     import numpy as np
     import yaml
 
-    from mimc.atomic import atomic_dir, check_output
     from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
     from mimc.models.resolve import load_model, model_slug
