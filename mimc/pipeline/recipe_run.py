@@ -14,13 +14,13 @@ from mimc.atomic import check_output
 from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, MimcError
 from mimc.latency.devices import load_profile
+from mimc.models.resolve import load_model, model_slug
 
 from mimc.pipeline.recipe import Recipe, Step, stage_key
 
 
 def default_output(recipe: Recipe) -> Path:
-    from mimc.models.resolve import model_slug  # the shared default-name rule
-
+    """The recipe's ``output``, else ``./<model>-recipe`` (model_slug: the default-name rule every command shares)."""
     return Path(recipe.output) if recipe.output else Path(f"{model_slug(recipe.model)}-recipe")
 
 
@@ -89,7 +89,6 @@ def _check_val(recipe: Recipe, source) -> None:
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
-    from mimc.models.resolve import load_model
     from mimc.pipeline.executor import Job, execute
 
     out = Path(output) if output is not None else default_output(recipe)
