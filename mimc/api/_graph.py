@@ -58,8 +58,7 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
     else:
-        if getattr(encoder, "manifest", None) is not None:
-            encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
+        encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
     return GraphReport(out_dir / ONNX_NAME, out_dir, result.stages[-1].entry["report"])
 
