@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import DictReport
+from mimc.atomic import atomic_file
 from mimc.errors import BadInputError, ConfigError
 
 
@@ -90,8 +91,6 @@ def _pyplot():
 
 def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
     """Min-max normalised scores per criterion against the block index (PNG), written atomically."""
-    from mimc.atomic import atomic_file
-
     plt = _pyplot()
     ids = result["block_ids"]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)

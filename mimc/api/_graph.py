@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import DictReport, GraphReport
-from mimc.errors import BadInputError
+from mimc.atomic import check_not_input, check_writable, write_json
+from mimc.errors import BadInputError, DataError
 
 ONNX_NAME = "model.onnx"
 
@@ -40,7 +41,6 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
     """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
     from mimc.artifact import is_artifact
-    from mimc.atomic import check_not_input
     from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
@@ -58,8 +58,7 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
     else:
-        if getattr(encoder, "manifest", None) is not None:
-            encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
+        encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
     return GraphReport(out_dir / ONNX_NAME, out_dir, result.stages[-1].entry["report"])
 
@@ -73,12 +72,11 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
     from mimc.artifact import is_artifact
     from mimc.data import as_source, spec_of
-    from mimc.errors import DataError
     from mimc.graph import encoder_config_of_graph
-    from mimc.models.io import ArtifactShape, load_artifact
+    from mimc.models.io import ArtifactShape
     from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
-    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_file, target_for_device
+    from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_split, split_images, target_for_device
     from mimc.pipeline.stages import ExportConfig
     from mimc.quant.quantize import QuantizeConfig
 
@@ -93,14 +91,14 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     out = Path(output) if output is not None else None
     if out is not None and out.suffix != ".onnx":
         raise BadInputError(f"output {out} must end in .onnx: choose a path like model.int8.onnx")
+    encoder = None
+    if path.suffix != ".onnx":
+        # An artifact that has its fp32 graph is quantized from that graph alone: its weights (2.5 GB
+        # for a ViT-H/14) are not loaded.
+        encoder = ArtifactShape(path) if is_artifact(path) and (path / ONNX_NAME).is_file() else load_model(model)
     if path.suffix != ".onnx" and (out is None or is_artifact(path) and _same_dir(out, path / name)):
         # Into the MODEL's artifact, else (like `mimc export`) a new one holding the weights,
-        # model.onnx and the quantized graph. An artifact that has its fp32 graph is quantized from
-        # that graph alone: its weights (2.5 GB for a ViT-H/14) are not loaded.
-        if is_artifact(path):
-            encoder = ArtifactShape(path) if (path / ONNX_NAME).is_file() else load_artifact(path)
-        else:
-            encoder = load_model(model)
+        # model.onnx and the quantized graph.
         folder = path if is_artifact(path) else Path(f"{model_slug(model)}-mimc")
         if folder is not path:
             _new_artifact(folder, False, f", or run `mimc quantize {folder}`")
@@ -115,28 +113,22 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
         if path.suffix == ".onnx":
             if not path.is_file():
                 raise BadInputError(f"ONNX file {path} does not exist: export one with `mimc export MODEL`")
-            encoder, graph, cfg = None, path, encoder_config_of_graph(path)
+            graph, cfg = path, encoder_config_of_graph(path)
             out = out or path.with_name(f"{path.name[: -len('.onnx')]}{suffix}")
         else:
-            given = path / ONNX_NAME if is_artifact(path) else None
-            if given is not None:
-                encoder = ArtifactShape(path) if given.is_file() else load_artifact(path)  # a graph: no weights needed
-            else:
-                encoder = load_model(model)
-            graph, cfg = given if given is not None and given.is_file() else Path(tmp) / ONNX_NAME, encoder.config
+            graph = path / ONNX_NAME if isinstance(encoder, ArtifactShape) else Path(tmp) / ONNX_NAME
+            cfg = encoder.config
         _check_folder(out, (path, spec_of(calib)))
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():
             from mimc.deploy.onnx import export_onnx
 
             export_onnx(encoder, graph)
-        report = quantize_file(graph, out, drawn, config, seed, force, spec_of(calib))
+        report = quantize_split(graph, out, *split_images(drawn, config.n, seed), config, force, spec_of(calib))
     return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
 
 
 def _check_folder(out: Path, inputs=()) -> None:
-    from mimc.atomic import check_not_input, check_writable
-
     if not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist: create it or choose another output path")
     check_not_input(out, inputs, inside=False)  # a graph file may be added to an artifact, never replace an input
@@ -149,7 +141,6 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.
     ``precision``: the float precision an openvino-cpu device runs (fp32/bf16), or with ``predict``
     the precision the roofline prices."""
-    from mimc.atomic import write_json
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
@@ -157,13 +148,12 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         batch_sizes = parse_batch_sizes(batch_sizes)  # "1,8"
     model = Path(model)
     check_model_path(model)
-    if output is not None and not Path(output).parent.is_dir():
-        raise BadInputError(f"output folder {Path(output).parent} does not exist: create it or choose another output")
-    if output is not None and Path(output).is_dir():
-        raise BadInputError(f"output {output} is a directory: give a file path like report.json")
     if output is not None:
-        from mimc.atomic import check_not_input, check_writable
-
+        output = Path(output)
+        if not output.parent.is_dir():
+            raise BadInputError(f"output folder {output.parent} does not exist: create it or choose another output")
+        if output.is_dir():
+            raise BadInputError(f"output {output} is a directory: give a file path like report.json")
         check_not_input(output, (model,))  # the report must not replace the graph it measures
         check_writable(output)
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import StageReport
+from mimc.atomic import check_not_input, check_output
 from mimc.errors import ConfigError, DataError
 
 
@@ -33,7 +34,6 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
     if batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
-    from mimc.atomic import check_not_input, check_output
     from mimc.data import as_source, spec_of
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process
@@ -83,7 +83,6 @@ def width(model: Any = "ref", output=None, *, data=None, n: int = 64, seed: int 
 def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageReport:
     """Static token reduction (:class:`~mimc.compression.tokens.TokenReductionConfig`)."""
     from mimc.compression.tokens import TokenReductionConfig
-    from mimc.errors import ConfigError
 
     if options.get("method", "tome") == "tome" and options.get("r") is None and not options.get("r_list"):
         raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)", option="r")

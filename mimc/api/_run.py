@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimc.api.reports import DictReport
+from mimc.atomic import atomic_dir, check_not_input, check_output
 from mimc.errors import ConfigError
 
 
@@ -21,10 +22,7 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
         on_stage: Callable | None = None) -> RunReport:
     """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact."""
     from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
-    from mimc.pipeline.recipe_run import run_recipe
-
-    from mimc.atomic import check_not_input
-    from mimc.pipeline.recipe_run import default_output
+    from mimc.pipeline.recipe_run import default_output, run_recipe
 
     source = recipe if isinstance(recipe, (str, Path)) else None
     if not isinstance(recipe, Recipe):
@@ -50,7 +48,6 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     import numpy as np
     import yaml
 
-    from mimc.atomic import atomic_dir, check_output
     from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
     from mimc.models.resolve import load_model, model_slug

@@ -1,10 +1,9 @@
 """The one executor: an ordered list of stages over in-memory objects, into one artifact.
 
-Model stages (prune, width, tokens, sparsify, distill, smooth, repq: an encoder in, a new encoder
-out) run first, in memory, through :func:`mimc.compression.registry.compress`; graph stages
-(export, quantize, profile, eval: :mod:`mimc.pipeline.graph_stages`) then write into a temporary
-folder that becomes the output only when every stage succeeded. The single commands, ``mimc run``
-and ``mimc search`` all run stages through here:
+Model stages (an encoder in, a new encoder out) run first, in memory, through
+:func:`mimc.compression.registry.compress`; graph stages (:mod:`mimc.pipeline.graph_stages`) then
+write into a temporary folder that becomes the output only when every stage succeeded. The single
+commands, ``mimc run`` and ``mimc search`` all run stages through here:
 
 - :func:`execute` — a :class:`Job` into a new artifact folder (``mimc prune``, ``mimc run``, ...);
 - :func:`extend` — graph stages added to an existing artifact (``mimc export DIR``, ``mimc quantize DIR``);
@@ -17,17 +16,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mimc.artifact import save_artifact
 from mimc.atomic import atomic_dir, check_output
-
-from mimc.pipeline.stages import GRAPH_STAGES, is_model_stage
-
-RECIPE_NAME = "recipe.yaml"
-RUN_REPORT_NAME = "run.json"
+from mimc.pipeline.graph_stages import GRAPH_HANDLERS, GraphContext
+from mimc.pipeline.recipe import RECIPE_NAME, RUN_REPORT_NAME, Recipe
+from mimc.pipeline.stages import is_model_stage
 
 
 @dataclass
@@ -64,7 +61,7 @@ class StageResult:
 
 @dataclass
 class RunResult:
-    output: Path | None
+    output: Path
     encoder: Any
     stages: list[StageResult]
     seconds: float
@@ -74,8 +71,6 @@ class RunResult:
 def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Callable[[int, Any], None] | None = None,
                        cache: dict | None = None) -> tuple[Any, list[StageResult]]:
     """Run the model stages in order; ``cache`` (keyed by the stage prefix) shares work between calls."""
-    import dataclasses
-
     from mimc.compression.registry import compress
     from mimc.train.config import TrainRun
 
@@ -90,7 +85,7 @@ def apply_model_stages(encoder, stages: Sequence[Any], job: Job, on_stage: Calla
             wants = config.needs_data or (job.feed_images and job.images is not None)
             batches = stage_images(job, encoder, config) if wants else None
             # the teacher of a learning stage: the job's, else the dense source the run started from
-            run = dataclasses.replace(job.run or TrainRun(), teacher=job.teacher if job.teacher is not None else job.source)
+            run = replace(job.run or TrainRun(), teacher=job.teacher if job.teacher is not None else job.source)
             encoder, record = compress(encoder, config, batches, run=run)
             if cache is not None:
                 cache[key] = (encoder, record)
@@ -110,76 +105,61 @@ def stage_images(job: Job, encoder, config):
     return job.images.batches(encoder.config, job.n, job.batch_size)
 
 
-def run_graph_stages(ctx, stages: Sequence[Any], on_stage: Callable[[int, Any], None] | None = None,
-                     first_index: int = 1) -> list[StageResult]:
-    from mimc.pipeline.graph_stages import GRAPH_HANDLERS
-
-    results = []
-    for i, config in enumerate(stages, first_index):
-        if on_stage is not None:
-            on_stage(i, config)
-        start = time.perf_counter()
-        entry = GRAPH_HANDLERS[config.name](ctx, config)
-        results.append(StageResult(config.name, config.to_dict(), round(time.perf_counter() - start, 3), entry))
-    return results
-
-
-def execute(job: Job, output: str | Path | None, overwrite: bool = False, recipe: dict[str, Any] | None = None,
-            note: str | None = None, on_stage: Callable[[int, Any], None] | None = None, write: bool = True) -> RunResult:
+def execute(job: Job, output: str | Path, overwrite: bool = False, recipe: Recipe | None = None,
+            on_stage: Callable[[int, Any], None] | None = None, write: bool = True) -> RunResult:
     """Run every stage of ``job`` and write one artifact at ``output``.
 
     ``recipe``: also write the resolved recipe (``recipe.yaml``) and the run report (``run.json``)
     beside the weights, as ``mimc run`` does. ``write=False`` (a non-zero torchrun rank) runs the
     stages and writes nothing.
     """
-    from mimc.pipeline.graph_stages import GraphContext
-
-    out = Path(output) if output is not None else None
-    if out is not None and write:
+    out = Path(output)
+    if write:
         check_output(out, overwrite)
     start = time.perf_counter()
     model_stages = [c for c in job.stages if is_model_stage(c)]
-    graph_stages = [c for c in job.stages if not is_model_stage(c)]
     encoder, results = apply_model_stages(job.source, model_stages, job, on_stage)
-    if out is None or not write:
+    if not write:
         return RunResult(out, encoder, results, round(time.perf_counter() - start, 3))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_artifact(encoder, tmp, overwrite=True)
-        ctx = GraphContext(folder=tmp, encoder=encoder, source=job.source, images=job.images, force=job.force,
-                           seed=job.seed, export_options=dict(job.export_options))
-        results += run_graph_stages(ctx, graph_stages, on_stage, first_index=len(model_stages) + 1)
+        graph_stages = [c for c in job.stages if not is_model_stage(c)]
+        results += extend(tmp, encoder, graph_stages, job.images, job.force, job.seed, job.export_options, on_stage,
+                          source=job.source, first_index=len(model_stages) + 1).stages
         seconds = round(time.perf_counter() - start, 3)
-        report = _write_run_files(tmp, recipe, note, results, out, seconds) if recipe is not None else None
+        report = _write_run_files(tmp, recipe, results, out, seconds) if recipe is not None else None
     return RunResult(out, encoder, results, seconds, report)
 
 
 def extend(folder: str | Path, encoder, stages: Sequence[Any], images=None, force: bool = False, seed: int = 0,
-           export_options: dict[str, Any] | None = None, on_stage: Callable[[int, Any], None] | None = None) -> RunResult:
-    """Add graph stages to an existing artifact folder (each file written atomically, recorded in its mimc.json)."""
-    from mimc.pipeline.graph_stages import GraphContext
-
+           export_options: dict[str, Any] | None = None, on_stage: Callable[[int, Any], None] | None = None,
+           source=None, first_index: int = 1) -> RunResult:
+    """Add graph stages to an artifact folder (each file written atomically, recorded in its mimc.json);
+    ``source``: the dense model profile and eval compare with (default ``encoder``)."""
     folder = Path(folder)
     start = time.perf_counter()
     last = folder / "model.onnx"
-    ctx = GraphContext(folder=folder, encoder=encoder, source=encoder, images=images, force=force, seed=seed,
-                       export_options=dict(export_options or {}), last_graph=last if last.is_file() else None)
-    results = run_graph_stages(ctx, stages, on_stage)
+    ctx = GraphContext(folder=folder, encoder=encoder, source=encoder if source is None else source, images=images,
+                       force=force, seed=seed, export_options=dict(export_options or {}),
+                       last_graph=last if last.is_file() else None)
+    results = []
+    for i, config in enumerate(stages, first_index):
+        if on_stage is not None:
+            on_stage(i, config)
+        stage_start = time.perf_counter()
+        entry = GRAPH_HANDLERS[config.name](ctx, config)
+        results.append(StageResult(config.name, config.to_dict(), round(time.perf_counter() - stage_start, 3), entry))
     return RunResult(folder, encoder, results, round(time.perf_counter() - start, 3))
 
 
-def _write_run_files(tmp: Path, recipe: dict[str, Any], note: str | None, results: list[StageResult], out: Path,
-                     seconds: float) -> dict[str, Any]:
-    import yaml
-
-    report: dict[str, Any] = {"recipe": recipe, "output": str(out), "stages": [r.to_dict() for r in results]}
-    if note:
-        report["note"] = note
+def _write_run_files(tmp: Path, recipe: Recipe, results: list[StageResult], out: Path, seconds: float) -> dict:
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "output": str(out), "stages": [r.to_dict() for r in results]}
+    if recipe.note:
+        report["note"] = recipe.note
     report["seconds"] = seconds
-    resolved = {k: v for k, v in recipe.items() if k != "output"}
-    (tmp / RECIPE_NAME).write_text(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
+    (tmp / RECIPE_NAME).write_text(replace(recipe, output=None).to_yaml())  # resolved, without the output folder
     (tmp / RUN_REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
-__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images", "run_graph_stages",
-           "is_model_stage", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]
+__all__ = ["Job", "StageResult", "RunResult", "execute", "extend", "apply_model_stages", "stage_images"]

@@ -3,8 +3,7 @@
 A graph stage reads the in-memory state the executor hands it (the current encoder, the dense
 source, the image source, the artifact folder being written and the last graph in it) and writes
 its graph (build: its OpenVINO IR or TensorRT engine) into that folder, recording it in the folder's
-``mimc.json``. The same handlers serve
-``mimc run``, the single commands (``mimc export``, ``mimc quantize``) and ``mimc search``.
+``mimc.json``. The same handlers serve ``mimc run``, ``mimc export``, ``mimc quantize`` and ``mimc search``.
 """
 from __future__ import annotations
 
@@ -16,9 +15,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest
+from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, sha256_file
 from mimc.atomic import write_json
+from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, DataError
+from mimc.latency.devices import load_profile
+from mimc.pipeline.stages import ExportConfig
+from mimc.quant.quantize import quantize_onnx
 
 EVAL_IMAGES = 32  # held-out images for the quantization fidelity gate (never used for calibration)
 QUANTIZE_BATCH = 16
@@ -55,9 +58,7 @@ def graph_path(ctx: GraphContext, name: str | None) -> Path | None:
 def export_stage(ctx: GraphContext, config) -> dict[str, Any]:
     from mimc.deploy.onnx import export_onnx
 
-    options = dict(batch=config.batch, opset=config.opset, exporter=config.exporter)
-    options.update(ctx.export_options)
-    report = export_onnx(ctx.encoder, ctx.folder / "model.onnx", **options)
+    report = export_onnx(ctx.encoder, ctx.folder / "model.onnx", **{**config.to_dict(), **ctx.export_options})
     ctx.last_graph, ctx.export_config = ctx.folder / "model.onnx", config
     return {"file": "model.onnx", "validation": report.get("validation"), "report": report}
 
@@ -85,25 +86,17 @@ def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
         export_onnx(ctx.encoder, graph)
     out = ctx.folder / f"model.{config.precision}.onnx"
-    report = quantize_file(graph, out, ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config,
-                           ctx.seed, ctx.force, ctx.images.spec)
+    calib_set, held_out = split_images(ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config.n, ctx.seed)
+    report = quantize_split(graph, out, calib_set, held_out, config, ctx.force, ctx.images.spec)
     ctx.last_graph = out
     return {"file": out.name, "validation": report["validation"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
             "calibration_sha256": report["calibration_sha256"], "report": report}
 
 
-def quantize_file(graph: Path, out: Path, images, config, seed: int, force: bool, data_spec: str) -> dict[str, Any]:
-    """Quantize one fp32 mimc graph file on a seeded calibration / held-out split of ``images``;
-    recorded in the artifact's mimc.json when ``out`` sits in one."""
-    calib_set, held_out = split_images(images, config.n, seed)
-    return quantize_split(graph, out, calib_set, held_out, config, force, data_spec)
-
-
 def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: bool, data_spec: str,
                    batch_size: int = QUANTIZE_BATCH) -> dict[str, Any]:
-    """Quantize on ``calib_set``, gate on ``held_out`` (None: seeded normal inputs)."""
-    from mimc.quant.quantize import quantize_onnx
-
+    """Quantize one fp32 mimc graph file on ``calib_set``, gate on ``held_out`` (None: seeded normal
+    inputs); recorded in the artifact's mimc.json when ``out`` sits in one."""
     def annotate(report: dict[str, Any]) -> None:
         report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
         report["calibration_source"] = str(data_spec)
@@ -131,8 +124,6 @@ def record_graph(out: Path, report: dict[str, Any]) -> None:
 
 def target_for_device(device: str, precision: str) -> str:
     """A device profile name or YAML path -> the graph target; refuses precisions it lacks."""
-    from mimc.latency.devices import load_profile
-
     profile = load_profile(device)
     if precision not in profile.precisions:
         raise ConfigError(f"device '{profile.name}' does not support {precision} (it has {', '.join(profile.precisions)}): "
@@ -146,7 +137,6 @@ def build_stage(ctx: GraphContext, config) -> dict[str, Any]:
     (TensorRT), built as ``mimc build`` builds, with its sidecar ``<file>.json``; recorded under
     ``files[<file>]`` of the folder's mimc.json. Later profile / eval stages read it."""
     from mimc.deploy.build import build
-    from mimc.latency.devices import load_profile
 
     graph = graph_path(ctx, config.graph)
     if graph is None or graph.suffix != ".onnx":
@@ -178,8 +168,6 @@ def _relative_sources(out: Path, sidecar: dict[str, Any]) -> None:
 def record_build(out: Path, graph: Path, config, sidecar: dict[str, Any], seconds: float) -> dict[str, Any]:
     """A built deployable under ``files[<file>]`` of its artifact's mimc.json: its sha256 (and its .bin's,
     checked like a graph's external data), what it was built from, the precision it runs at."""
-    from mimc.artifact import sha256_file
-
     manifest = read_manifest(out.parent)
     weights = out.with_suffix(".bin") if out.suffix == ".xml" else None
     source_sha = manifest.files.get(graph.name, {}).get("sha256") or sha256_file(graph)
@@ -220,14 +208,12 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                   warmup=config.warmup, iters=config.iters, threads=config.threads, precision=config.precision)
     entry: dict[str, Any] = {"file": graph.name, "result": {**profile(graph, **kwargs), "model": graph.name}}
     if config.baseline:
-        from mimc.pipeline.stages import ExportConfig
-
         with tempfile.TemporaryDirectory(prefix=".mimc-baseline.") as base_dir:
             base = Path(base_dir) / "dense.onnx"
             # the export stage's batch, opset and exporter: a dynamo / opset-18 graph is not timed
             # against a torchscript / opset-17 one (quantize without export exports the defaults)
             same = ctx.export_config if ctx.export_config is not None else ExportConfig()
-            export_onnx(ctx.source, base, batch=same.batch, opset=same.opset, exporter=same.exporter, validate=False)
+            export_onnx(ctx.source, base, **same.to_dict(), validate=False)
             # named for what it is: the temporary export is gone once the run ends
             entry["baseline"] = {**profile(base, **kwargs), "model": "the source model, dense fp32 (exported alike)"}
             measured, backend = entry["result"].get("label") == "measured", entry["result"].get("backend")
@@ -235,15 +221,13 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                 # Two separate worker runs would time the graphs one after the other; the ratio comes
                 # from both graphs timed together in alternating rounds instead (on OpenVINO: the
                 # dense graph at fp32, the result at the precision it was profiled at).
+                from mimc.runtime import openvino, ort
+
                 if backend == "onnxruntime-cpu":
-                    from mimc.runtime.ort import time_interleaved
-
-                    dense_ms, graph_ms = time_interleaved([base, graph], iters=config.iters, threads=config.threads)
+                    timer, models = ort.time_interleaved, [base, graph]
                 else:
-                    from mimc.runtime.openvino import time_interleaved as ov_interleaved
-
-                    dense_ms, graph_ms = ov_interleaved([(base, "fp32"), (graph, entry["result"]["precision"])],
-                                                        iters=config.iters, threads=config.threads)
+                    timer, models = openvino.time_interleaved, [(base, "fp32"), (graph, entry["result"]["precision"])]
+                dense_ms, graph_ms = timer(models, iters=config.iters, threads=config.threads)
                 entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
                 entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3)
             else:  # predicted, or measured on a GPU: the two reports' own latencies
@@ -252,12 +236,9 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 def _latency(report: dict[str, Any]) -> float | None:
-    results = report.get("results") or []
-    first = results[0] if results else {}
-    for key in ("p50_ms", "latency_ms"):  # measured, predicted
-        if isinstance(first.get(key), (int, float)):
-            return float(first[key])
-    return None
+    first = (report.get("results") or [{}])[0]  # measured: p50_ms, predicted: latency_ms
+    found = [first[key] for key in ("p50_ms", "latency_ms") if isinstance(first.get(key), (int, float))]
+    return float(found[0]) if found else None
 
 
 def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
@@ -267,7 +248,6 @@ def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
 
 # eval ---------------------------------------------------------------------------------------------
 def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
-    from mimc.data import ImageSource
     from mimc.evaluation import evaluate, load_for_eval
 
     graph = graph_path(ctx, config.graph)
@@ -279,12 +259,8 @@ def eval_stage(ctx: GraphContext, config) -> dict[str, Any]:
 
 
 GRAPH_HANDLERS: dict[str, Callable[[GraphContext, Any], dict[str, Any]]] = {
-    "export": export_stage,
-    "quantize": quantize_stage,
-    "build": build_stage,
-    "profile": profile_stage,
-    "eval": eval_stage,
-}
+    "export": export_stage, "quantize": quantize_stage, "build": build_stage, "profile": profile_stage,
+    "eval": eval_stage}
 
-__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_file", "quantize_split", "record_graph",
+__all__ = ["GraphContext", "GRAPH_HANDLERS", "EVAL_IMAGES", "split_images", "quantize_split", "record_graph",
            "record_build", "target_for_device", "GRAPH_SUFFIXES"]

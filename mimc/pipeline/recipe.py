@@ -20,7 +20,7 @@ A ``build`` stage (after export / quantize) turns the last graph into what a run
 or a TensorRT engine (``model.plan``); profile and eval after it then measure that deployable.
 
 Every stage's options are a frozen dataclass: the model stages' are the registry's
-(mimc.compression.registry), the graph stages' are defined here. ``mimc run`` writes the resolved
+(mimc.compression.registry), the graph stages' are in mimc.pipeline.stages. ``mimc run`` writes the resolved
 recipe (every option spelled out) into the artifact as ``recipe.yaml``, so the run can be replayed
 exactly; :func:`recipe_from_artifact` rebuilds a recipe from any artifact's ``mimc.json`` (stages and
 exported graphs), including ones written stage by stage with the single commands.
@@ -31,15 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from yaml.constructor import ConstructorError
+
+from mimc.artifact import is_artifact, read_manifest
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
+from mimc.latency.devices import load_profile
 from mimc.options import StageConfig
 from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_types
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
-
-
 
 
 def stage_key(index: int, name: str, option: str | None = None) -> str:
@@ -84,13 +87,11 @@ class Recipe:
         return out
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @property
     def needs_data(self) -> bool:
-        return any(s.name in ("quantize",) or (s.is_model_stage and s.config.needs_data) for s in self.steps)
+        return any(s.config.needs_data for s in self.steps)  # a data-driven model stage, or quantize
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
@@ -119,7 +120,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     _check_graph_names(steps, where)
     recipe = Recipe(model=model, steps=steps, data=spec, n=n, seed=seed, output=data.get("output"), data_options=data_options)
     if recipe.needs_data and recipe.data is None:
-        needing = [s.name for s in steps if s.name == "quantize" or (s.is_model_stage and s.config.needs_data)]
+        needing = [s.name for s in steps if s.config.needs_data]
         raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
     return recipe
 
@@ -156,16 +157,14 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {clip(item)}")
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {clip(options)}")
-    valid = sorted(config_types())
-    if name not in valid:
-        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {valid}")
+    types = config_types()
+    if name not in types:
+        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {sorted(types)}")
     try:
-        config = config_types()[name].from_dict(options)
-    except TypeError as exc:  # a wrong type the dataclass could not even take
-        raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
-    except ConfigError as exc:
+        config = types[name].from_dict(options)
+    except (TypeError, ConfigError) as exc:  # TypeError: a wrong type the dataclass could not even take
         # the library names options (`ratio`); a recipe names their keys (`stages[0].prune.ratio`)
-        if exc.options:
+        if getattr(exc, "options", None):
             raise ConfigError(f"{where}: {exc.phrased({o: stage_key(index, name, o) for o in exc.options})}") from None
         raise ConfigError(f"{where}: {stage_key(index, name)}: {exc}") from None
     return Step(config)
@@ -174,8 +173,6 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
 def _check_graph_names(steps: list[Step], where: str) -> None:
     """``graph:`` of build / profile / eval must name a graph an earlier stage of the recipe writes, and
     each graph must suit the runtime that reads it (a quantized graph's target, a built deployable's device)."""
-    from mimc.latency.devices import load_profile
-
     written: list[str] = []
     batch: int | str = 1  # quantize without export exports a batch-1 graph itself
     last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
@@ -230,8 +227,6 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
 def _check_build(step: Step, i: int, graph: str | None, target: dict[str, str], precision: dict[str, str], where: str) -> str:
     """A build reads an ONNX graph its device's runtime can read, at a precision that graph has; returns
     the file it writes (and records its kind and precision in ``target`` / ``precision``)."""
-    from mimc.latency.devices import load_profile
-
     key = stage_key(i, "build")
     if graph is None:
         raise ConfigError(f"{where}: {key} builds the last graph, and no earlier stage writes one: add an export (or quantize) stage before it")
@@ -306,12 +301,10 @@ def read_yaml(path: Path) -> Any:
     """A recipe file parsed strictly: plain YAML only — anchors and aliases (``&a`` / ``*a``, which
     let a few hundred bytes expand to gigabytes) and duplicate keys (YAML would keep the last one
     silently) are refused, as is a file over 1 MiB."""
-    import yaml
-
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise BadInputError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB: a recipe is a short YAML file")
-        return yaml.load(path.read_text(), Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
         raise BadInputError(f"recipe {path} is not valid YAML{where} ({shorten(exc.problem or exc.context)}): fix the file") from None
@@ -319,39 +312,29 @@ def read_yaml(path: Path) -> Any:
         raise BadInputError(f"recipe {path} is not readable YAML ({shorten(exc)}): fix the file") from None
 
 
-_LOADER = None
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors, aliases and duplicate keys (see :func:`read_yaml`)."""
 
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: "
+                                   "write values out", event.start_mark)
+        return super().compose_node(parent, index)
 
-def _strict_loader():
-    global _LOADER
-    if _LOADER is not None:
-        return _LOADER
-    import yaml
-    from yaml.constructor import ConstructorError
-
-    class StrictLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: write values out",
-                                       event.start_mark)
-            return super().compose_node(parent, index)
-
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:
-                    continue  # an unhashable key; the base class refuses it
-                if duplicate:
-                    raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once", key_node.start_mark)
-            return super().construct_mapping(node, deep)
-
-    _LOADER = StrictLoader
-    return _LOADER
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key; the base class refuses it
+            if duplicate:
+                raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once",
+                                       key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:
@@ -365,8 +348,6 @@ def _with_data(parsed: Any, data: str | None) -> Any:
 def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     """The recipe that rebuilds an artifact: its recipe.yaml when ``mimc run`` wrote it, else one
     assembled from mimc.json (the source model, every recorded stage, the exported graphs)."""
-    from mimc.artifact import is_artifact, read_manifest
-
     path = Path(path)
     if (path / RECIPE_NAME).is_file():
         return parse_recipe(_with_data(read_yaml(path / RECIPE_NAME), data), where=str(path / RECIPE_NAME))

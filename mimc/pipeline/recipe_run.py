@@ -11,31 +11,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimc.atomic import check_output
-from mimc.errors import BadInputError, ConfigError
+from mimc.data import ImageSource
+from mimc.errors import BadInputError, ConfigError, MimcError
+from mimc.latency.devices import load_profile
+from mimc.models.resolve import load_model, model_slug
 
 from mimc.pipeline.recipe import Recipe, Step, stage_key
 
 
 def default_output(recipe: Recipe) -> Path:
-    from mimc.models.resolve import model_slug  # the shared default-name rule
-
+    """The recipe's ``output``, else ``./<model>-recipe`` (model_slug: the default-name rule every command shares)."""
     return Path(recipe.output) if recipe.output else Path(f"{model_slug(recipe.model)}-recipe")
-
-
-def _check_graph_needs(recipe: Recipe) -> None:
-    names = [s.name for s in recipe.steps]
-    for step in recipe.steps:  # (a build without a graph before it is refused when the recipe is parsed)
-        if step.name == "profile" and step.config.graph is None and not ({"export", "quantize"} & set(names)):
-            raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
 
 
 def _check_runtimes(recipe: Recipe) -> None:
     """What a build (and a measured OpenVINO profile) needs on this machine, found before any stage runs:
     OpenVINO installed and, for bf16, a CPU that runs it; TensorRT installed for an engine. The errors
     are the runtimes' own, naming the recipe key."""
-    from mimc.errors import MimcError
-    from mimc.latency.devices import load_profile
-
     for i, step in enumerate(recipe.steps):
         if step.name not in ("build", "profile") or getattr(step.config, "predict", False):
             continue
@@ -86,9 +78,6 @@ def _check_masking(recipe: Recipe, source) -> None:
 
 def _check_val(recipe: Recipe, source) -> None:
     """An eval stage's ``val`` images are opened (one decoded) before any stage runs."""
-    from mimc.data import ImageSource
-    from mimc.errors import MimcError
-
     for i, step in enumerate(recipe.steps):
         if step.name == "eval" and step.config.val is not None:
             try:
@@ -100,13 +89,14 @@ def _check_val(recipe: Recipe, source) -> None:
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
-    from mimc.data import ImageSource
-    from mimc.models.resolve import load_model
     from mimc.pipeline.executor import Job, execute
 
     out = Path(output) if output is not None else default_output(recipe)
     check_output(out, overwrite)
-    _check_graph_needs(recipe)
+    # (a build without a graph before it is refused when the recipe is parsed)
+    graphless = any(s.name == "profile" and s.config.graph is None for s in recipe.steps)
+    if graphless and not {"export", "quantize"} & {s.name for s in recipe.steps}:
+        raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
     _check_runtimes(recipe)
     _check_not_source(recipe, out)
     source = load_model(recipe.model)
@@ -117,7 +107,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     _check_val(recipe, source)
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,
               force=force)
-    result = execute(job, out, overwrite=overwrite, recipe=recipe.to_dict(), note=recipe.note,
+    result = execute(job, out, overwrite=overwrite, recipe=recipe,
                      on_stage=None if on_stage is None else (lambda i, config: on_stage(i, recipe.steps[i - 1])))
     return result.report
 

@@ -226,14 +226,13 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             except ConfigError as exc:  # e.g. more tokens dropped than the model has: recorded, search goes on
                 cand.error = str(exc)
             candidates.append(cand)
+        ok = [c for c in candidates if c.error is None]
         if not predict:  # median batch-1 latency of every built graph, timed together in alternating rounds
-            _time_together([c for c in candidates if c.error is None], iters, prof.threads)
-    ok = [c for c in candidates if c.error is None]
+            _time_together(ok, iters, prof.threads)
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
                            and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
-    faithful = sorted((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms)
-    best = faithful[0] if faithful else None
+    best = min((c for c in ok if c.pooled_cosine_mean >= min_cosine), key=lambda c: c.latency_ms, default=None)
     measured = list(dict.fromkeys(r for _, r in pairs))  # the runtimes the candidates ran on
     runtimes = "ONNX Runtime and OpenVINO CPU, one process" if "openvino" in measured else "ONNX Runtime CPU"
     return {"device": prof.name, "latency": "predicted (roofline)" if predict else f"measured ({runtimes})",
@@ -288,10 +287,8 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     cand.stages += stages
     if cand.runtime == "openvino":  # through the compiled model that ships, at its precision
         feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads)
-    elif precision == "fp16":
-        feats = _torch_features(model, images, half=True)
-    elif precision == "fp32":
-        feats = _torch_features(model, images)
+    elif precision in ("fp16", "fp32"):
+        feats = _torch_features(model, images, half=precision == "fp16")
     else:
         feats = _graph_features(graph, images, emulate)
     meter = FidelityMeter()
@@ -334,17 +331,11 @@ def _time_together(built: list[Candidate], iters: int, threads: int | None) -> N
     warmed side by side in this process, then timed in the same alternating rounds."""
     import os
 
-    from mimc.runtime import ort
+    from mimc.runtime import openvino, ort
 
     threads = threads or os.cpu_count() or 1  # one thread count for both runtimes
-    runs = []
-    for c in built:
-        if c.runtime == "openvino":
-            from mimc.runtime.openvino import runner
-
-            runs.append(runner(c.graph, c.precision, threads))
-        else:
-            runs.append(ort.runner(c.graph, threads))
+    runs = [openvino.runner(c.graph, c.precision, threads) if c.runtime == "openvino" else ort.runner(c.graph, threads)
+            for c in built]
     for c, ms in zip(built, ort.interleave(runs, iters=iters)):
         c.latency_ms = ms
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mimc.errors import ConfigError
+from mimc.latency.devices import load_profile
 from mimc.options import StageConfig, option
 from mimc.quant.quantize import QuantizeConfig
 
@@ -49,8 +50,6 @@ class BuildConfig(StageConfig):
     graph: str | None = option(None, doc="an ONNX graph of the artifact, e.g. model.int8.onnx; null: the last one written")
 
     def check(self) -> None:
-        from mimc.latency.devices import load_profile
-
         try:
             prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
         except ConfigError as exc:
@@ -68,8 +67,6 @@ class BuildConfig(StageConfig):
     @property
     def output_name(self) -> str:
         """The file it writes into the artifact (its sidecar is ``<name>.json``)."""
-        from mimc.latency.devices import load_profile
-
         return "model.xml" if load_profile(self.device).backend == "openvino-cpu" else "model.plan"
 
 
@@ -87,13 +84,9 @@ class ProfileConfig(StageConfig):
     warmup: int = option(10, ge=0)
     iters: int = option(50, ge=1)
     threads: int | None = option(None, ge=1)
-    # predict: price the graph at this precision (an fp16 engine from fp32); measured on an
-    # openvino-cpu device: compile it at this precision (fp32, bf16, int8)
     precision: str | None = option(None, doc="predict: price the graph at this precision; openvino-cpu: compile it at this precision")
 
     def check(self) -> None:
-        from mimc.latency.devices import load_profile
-
         prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
         measured_here = not self.predict and prof.backend == "openvino-cpu"
         if self.precision is not None and (not (self.predict or measured_here) or not prof.supports(self.precision)):
