@@ -194,11 +194,9 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
         return report
 
     def top1(model: int) -> float:
-        """k-NN top-1 of the candidate's (0) or the reference's (1) features."""
-        if val is None:
-            return knn_top1(train.feats[model], labels[0], block_bytes=EVAL_KNN_BLOCK_BYTES)
-        return knn_top1(train.feats[model], labels[0], queries=query.feats[model], query_labels=labels[1],
-                        block_bytes=EVAL_KNN_BLOCK_BYTES)
+        """k-NN top-1 of the candidate's (0) or the reference's (1) features (leave-one-out without val)."""
+        return knn_top1(train.feats[model], labels[0], queries=query.feats[model] if val is not None else None,
+                        query_labels=labels[1], block_bytes=EVAL_KNN_BLOCK_BYTES)
 
     report["knn_top1"] = top1(0)
     if ref is not None:
