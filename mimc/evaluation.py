@@ -10,12 +10,15 @@ artifact directory's ``mimc.json`` gives the input spec and pooling).
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
+from mimc.data.source import ImageSet, ImageSource, input_spec
 from mimc.errors import DataError, NotAModelError, shorten
 from mimc.metrics import KNN_K, Fidelity, FidelityMeter, knn_top1
 from mimc.runtime.onnx_model import OnnxModel
@@ -39,9 +42,10 @@ def load_for_eval(model: Any):
     return model
 
 
-def _runner(model: Any) -> Runner:
+def _runner(model: Any, tokens: bool = True) -> Runner:
+    """``run(pixels)`` -> (pooled, tokens); without ``tokens`` a graph need not have a token output."""
     if isinstance(model, OnnxModel):
-        return model
+        return functools.partial(model, tokens=tokens)
     if isinstance(model, torch.nn.Module):
         # No model.eval() here: evaluation must not change its input's state, and the canonical
         # encoder has no dropout or batch norm, so train and eval mode compute the same thing.
@@ -56,59 +60,60 @@ def _runner(model: Any) -> Runner:
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
-    from mimc.data import ImageSet
-
     if isinstance(images, ImageSet):
         images = images.pixels
     return images.split(batch_size) if isinstance(images, torch.Tensor) else images
 
 
+def _forward(batches: Iterable[torch.Tensor], models: list[Any], meter: FidelityMeter | None = None) -> list[list]:
+    """Every model's pooled features, batch by batch; with ``meter``, the first two are candidate and
+    reference and their features (tokens too) are compared as they go, so token features of large
+    sets never sit in memory at once. Without it only pooled features are asked for."""
+    runs = [_runner(m, tokens=meter is not None) for m in models]
+    feats: list[list[torch.Tensor]] = [[] for _ in models]
+    for x in batches:
+        outs = [run(x) for run in runs]
+        if meter is not None:
+            meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
+        for model_feats, (pooled, _) in zip(feats, outs):
+            model_feats.append(pooled)
+    return feats
+
+
 # Features and fidelity ----------------------------------------------------------------------------
 def features(model: Any, images: Any, batch_size: int = 32) -> torch.Tensor:
     """Pooled features (N, D) of an Encoder or mimc ONNX file on an ImageSet / tensor / batches."""
-    run = _runner(load_for_eval(model))
-    pooled = [run(x)[0] for x in _batches(images, batch_size)]
+    pooled = _forward(_batches(images, batch_size), [load_for_eval(model)])[0]
     if not pooled:
         raise DataError("no images to compute features on: pass a non-empty data set")
     return torch.cat(pooled)
 
 
 def fidelity(model: Any, reference: Any, images: Any, batch_size: int = 32) -> Fidelity:
-    """Cosine of pooled features (mean, min), per-token cosine when token counts match, and SQNR.
-
-    Streams batch by batch so token features of large sets never sit in memory at once.
-    """
+    """Cosine of pooled features (mean, min), per-token cosine when token counts match, and SQNR."""
     return compare_features(model, reference, images, batch_size)[0]
 
 
 def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -> tuple[Fidelity, torch.Tensor, torch.Tensor]:
     """Fidelity plus both models' pooled features (so k-NN needs no second forward pass)."""
-    run, run_ref = _runner(load_for_eval(model)), _runner(load_for_eval(reference))
-    feats: list[torch.Tensor] = []
-    ref_feats: list[torch.Tensor] = []
     meter = FidelityMeter()
-    for x in _batches(images, batch_size):
-        p, t = run(x)
-        rp, rt = run_ref(x)
-        meter.update(p, rp, t, rt)
-        feats.append(p)
-        ref_feats.append(rp)
+    feats, ref_feats = _forward(_batches(images, batch_size), [load_for_eval(model), load_for_eval(reference)], meter)
     return meter.result(), torch.cat(feats), torch.cat(ref_feats)
 
 
 # The eval verb ------------------------------------------------------------------------------------
+@dataclass
 class Pass:
     """What one streamed pass over a set leaves: each model's pooled features (``feats``, in the
     order of the models), the labels of the images read, their hash — never the images."""
 
-    def __init__(self, stream: Any, source: str):
-        self.source = source
-        self.class_names = stream.class_names
-        self.labels = stream.labels  # before the pass: every image's label (refined to those read)
-        self.sha256: str | None = None
-        self.feats: list[torch.Tensor] = []
-        self.digests: list[bytes] = []
-        self.skipped: list[str] = []
+    source: str
+    class_names: list[str] | None
+    labels: np.ndarray | None
+    sha256: str
+    feats: list[torch.Tensor]
+    digests: list[bytes]
+    skipped: list[str]
 
     def __len__(self) -> int:
         return len(self.feats[0])
@@ -116,33 +121,26 @@ class Pass:
 
 def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMeter | None = None,
                 digests: bool = False) -> Pass:
-    """Run ``models`` over every batch of ``stream`` once; with ``meter``, the first two are
-    candidate and reference and their features are compared batch by batch."""
+    """Run ``models`` over every batch of ``stream`` once (with ``meter``, see :func:`_forward`)."""
     import hashlib
 
-    # without a fidelity meter only pooled features are kept: a graph need not return its tokens
-    runs = [_runner(m) if meter is not None or not isinstance(m, OnnxModel) else (lambda x, m=m: m(x, tokens=False))
-            for m in models]
-    out = Pass(stream, source)
-    sha, labels, feats = hashlib.sha256(), [], [[] for _ in models]
-    for batch in stream:
-        x = batch.pixels
-        sha.update(x.contiguous().numpy())
-        if batch.labels is not None:
-            labels.append(batch.labels)
-        if digests:
-            out.digests += [hashlib.blake2b(xi.contiguous().numpy(), digest_size=16).digest() for xi in x]
-        outs = [run(x) for run in runs]
-        if meter is not None:
-            meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
-        for model_feats, (pooled, _) in zip(feats, outs):
-            model_feats.append(pooled)
+    sha, labels, seen = hashlib.sha256(), [], []
+
+    def pixels() -> Iterator[torch.Tensor]:
+        for batch in stream:
+            x = batch.pixels
+            sha.update(x.contiguous().numpy())
+            if batch.labels is not None:
+                labels.append(batch.labels)
+            if digests:
+                seen.extend(hashlib.blake2b(xi.contiguous().numpy(), digest_size=16).digest() for xi in x)
+            yield x
+
+    feats = _forward(pixels(), models, meter)
     if not feats[0]:
         raise DataError(f"{source}: no images to compute features on: pass a non-empty data set", option="data")
-    out.feats, out.sha256 = [torch.cat(f) for f in feats], sha.hexdigest()
-    out.labels = np.concatenate(labels) if labels else None
-    out.skipped = list(stream.stats.skipped)
-    return out
+    return Pass(source, stream.class_names, np.concatenate(labels) if labels else None, sha.hexdigest(),
+                [torch.cat(f) for f in feats], seen, list(stream.stats.skipped))
 
 
 def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32,
@@ -163,8 +161,8 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     streams = lambda name, m: read_images(sources[name], m.config, n, batch_size, option=name)  # noqa: E731
     measured = "val" if val is not None else "data"
     knn_labels(streams("data", cand), streams("val", cand) if val is not None else None)  # bad labels fail before any forward pass
-    comparable = ref is not None and _input_spec(ref.config) == _input_spec(cand.config) and ref.config.dim == cand.config.dim
-    shared = comparable or (ref is not None and _input_spec(ref.config) == _input_spec(cand.config))
+    shared = ref is not None and input_spec(ref.config) == input_spec(cand.config)
+    comparable = shared and ref.config.dim == cand.config.dim
     meter = FidelityMeter() if comparable else None
 
     def run_set(name: str, with_meter: bool) -> Pass:
@@ -196,11 +194,9 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
         return report
 
     def top1(model: int) -> float:
-        """k-NN top-1 of the candidate's (0) or the reference's (1) features."""
-        if val is None:
-            return knn_top1(train.feats[model], labels[0], block_bytes=EVAL_KNN_BLOCK_BYTES)
-        return knn_top1(train.feats[model], labels[0], queries=query.feats[model], query_labels=labels[1],
-                        block_bytes=EVAL_KNN_BLOCK_BYTES)
+        """k-NN top-1 of the candidate's (0) or the reference's (1) features (leave-one-out without val)."""
+        return knn_top1(train.feats[model], labels[0], queries=query.feats[model] if val is not None else None,
+                        query_labels=labels[1], block_bytes=EVAL_KNN_BLOCK_BYTES)
 
     report["knn_top1"] = top1(0)
     if ref is not None:
@@ -222,8 +218,6 @@ def shared_images(gallery: Pass, queries: Pass) -> int:
 
 
 def _source(spec: Any, seed: int):
-    from mimc.data import ImageSource
-
     return spec if isinstance(spec, ImageSource) else ImageSource(spec, seed)
 
 
@@ -311,10 +305,6 @@ def _class_keys(images: Any, option: str) -> np.ndarray:
         raise DataError(f"{option} labels must be whole numbers indexing its {len(names)} class_names: "
                         f"save labels in 0..{len(names) - 1}", option=option)
     return np.asarray([str(c) for c in names])[labels]
-
-
-def _input_spec(cfg) -> tuple:
-    return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
 __all__ = ["features", "fidelity", "compare_features", "evaluate", "load_for_eval", "knn_labels", "read_images", "shared_images"]

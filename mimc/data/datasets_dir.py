@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimc.data.readers import Reader, decode, pil_rgb
+from mimc.data.readers import Reader, decode, first_line, pil_rgb, unreadable
 from mimc.errors import DataError, MissingExtraError
 
 
@@ -31,8 +31,8 @@ class HFDatasetReader(Reader):
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ArrowInvalid... on a bad folder
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"cannot read {path} as a saved datasets folder ({reason}): write it with Dataset.save_to_disk", option="data") from None
+            raise DataError(f"cannot read {path} as a saved datasets folder ({first_line(exc)}): "
+                            "write it with Dataset.save_to_disk", option="data") from None
         features = ds.features
         columns = list(ds.column_names)
         if image_column is None:
@@ -70,9 +70,7 @@ class HFDatasetReader(Reader):
         try:
             value = self.dataset[int(i)][self.image_column]
         except Exception as exc:  # PIL errors raised while datasets decodes the cell
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"cannot read image {what} ({reason}): remove or replace it, or skip unreadable images with skip_corrupt",
-                            option="skip_corrupt") from None
+            raise unreadable(what, exc) from None
         if hasattr(value, "convert"):  # a decoded PIL image
             return pil_rgb(value)
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):

@@ -68,9 +68,17 @@ def decode(data: bytes | str | Path, what: str) -> np.ndarray:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             return pil_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read image {what} ({reason}): remove or replace it, or skip unreadable images with skip_corrupt",
-                        option="skip_corrupt") from None
+        raise unreadable(what, exc) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type's name when it has no text), for a one-line message."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def unreadable(what: str, exc: BaseException) -> DataError:
+    return DataError(f"cannot read image {what} ({first_line(exc)}): remove or replace it, "
+                     "or skip unreadable images with skip_corrupt", option="skip_corrupt")
 
 
 class FolderReader(Reader):
@@ -148,8 +156,8 @@ class ArrayReader(Reader):
                     if "class_names" in loaded:
                         self.class_names = [str(c) for c in loaded["class_names"]]
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"cannot read {path} as numpy arrays without pickle ({reason}): save plain arrays with np.savez") from exc
+            raise DataError(f"cannot read {path} as numpy arrays without pickle ({first_line(exc)}): "
+                            "save plain arrays with np.savez") from exc
         self.checked = raw.nbytes <= self.WHOLE_CHECK_BYTES
         if self.checked:
             check_array_values(raw, path)
@@ -178,4 +186,4 @@ class ArrayReader(Reader):
 
 
 __all__ = ["Reader", "FolderReader", "ArrayReader", "check_array_values", "check_array_dtype", "pil_rgb", "decode",
-           "IMAGE_SUFFIXES", "BUILTIN", "BUILTIN_PATH"]
+           "first_line", "unreadable", "IMAGE_SUFFIXES", "BUILTIN", "BUILTIN_PATH"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimc.data.readers import Reader, decode
+from mimc.data.readers import Reader, decode, first_line
 from mimc.errors import DataError
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
@@ -135,8 +135,8 @@ def _index_shard(path: Path, s: int):
                 out.append(((s, member.offset_data, member.size, member.name), label))
             return out
     except (tarfile.TarError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path} is not a readable tar shard ({reason}): re-create or re-download it", option="data") from None
+        raise DataError(f"{path} is not a readable tar shard ({first_line(exc)}): re-create or re-download it",
+                        option="data") from None
 
 
 def _label_array(labels: list[str | None], spec: str) -> tuple[np.ndarray | None, list[str] | None]:

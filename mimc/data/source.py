@@ -54,8 +54,7 @@ class ImageSet:
         return self.pixels.shape[0]
 
     def batches(self, batch_size: int = 16) -> Iterator[torch.Tensor]:
-        for i in range(0, len(self), batch_size):
-            yield self.pixels[i : i + batch_size]
+        yield from self.pixels.split(batch_size)
 
     def subset(self, index: np.ndarray | list[int]) -> "ImageSet":
         index = np.asarray(index)
@@ -67,6 +66,11 @@ class ImageSet:
 
 def hash_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy()).hexdigest()
+
+
+def input_spec(cfg) -> tuple:
+    """What an encoder's inputs are prepared for: images prepared for one config serve any config with the same spec."""
+    return (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
 @dataclass
@@ -288,7 +292,7 @@ class ImageSource:
         reader = self.reader
         if reader.kind != "array":
             return None
-        key = (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std), cfg.num_frames)
+        key = (*input_spec(cfg), cfg.num_frames)
         if key not in self._layouts:
             self._layouts[key] = ArrayLayout(reader.rows(np.sort(positions[:64])), cfg, reader.spec)
         return self._layouts[key]
@@ -313,7 +317,7 @@ class ImageSource:
         """A seeded subset of ``n`` images (all when None) preprocessed for ``cfg``, in memory."""
         if self.fixed is not None:
             return self.fixed
-        key = (tuple(cfg.input_shape), tuple(cfg.image_mean), tuple(cfg.image_std), cfg.num_frames, n)
+        key = (*input_spec(cfg), cfg.num_frames, n)
         if key not in self._drawn:
             stream = self.stream(cfg, n, batch_size=64)
             batches = list(stream)

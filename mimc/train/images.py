@@ -18,6 +18,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mimc.data.source import IndexedImages as SourceImages, default_workers as per_node, hash_tensor
+
 
 @runtime_checkable
 class IndexedImages(Protocol):
@@ -44,7 +46,7 @@ class TensorImages:
     @functools.cached_property
     def sha256(self) -> str:
         """The hash of every pixel (what runs recorded before images were indexed: checkpoints stay resumable)."""
-        return hashlib.sha256(self.pixels.contiguous().numpy()).hexdigest()
+        return hash_tensor(self.pixels)
 
 
 def as_indexed(images) -> IndexedImages:
@@ -130,8 +132,6 @@ def default_workers(images: IndexedImages) -> int:
     """Loading processes when a run names none: none for images in memory (nothing to overlap); a data
     source's own ``workers`` when it has them; else :func:`mimc.data.default_workers` shared among this
     node's torchrun ranks (at least one each)."""
-    from mimc.data import IndexedImages as SourceImages, default_workers as per_node
-
     if isinstance(images, TensorImages):
         return 0
     if isinstance(images, SourceImages) and images.source.workers is not None:
