@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from mimc.artifact import sha256_file
 from mimc.errors import BadInputError
-from mimc.graph import graph_inputs, load_graph
+from mimc.graph import graph_inputs, load_graph, metadata
 from mimc.runtime.ort import DTYPES, host_info, run_worker
 from mimc.runtime.session import onnxruntime, onnxruntime_distribution
 
@@ -47,9 +47,8 @@ def input_specs(inputs: list[dict[str, Any]], batch: int, path: str | Path) -> l
 
 def layout_note(model) -> str | None:
     """A Q/DQ graph quantized for TensorRT runs on ONNX Runtime CPU only as an emulation: say so."""
-    meta = {p.key: p.value for p in model.metadata_props}
     try:
-        target = json.loads(meta.get("mimc_quantization", "{}")).get("target")
+        target = json.loads(metadata(model).get("mimc_quantization", "{}")).get("target")
     except json.JSONDecodeError:
         return None
     if target == "tensorrt":

@@ -24,8 +24,7 @@ from mimc.artifact import is_artifact, read_manifest, verify_graph
 from mimc.errors import BadInputError, NotAModelError
 from mimc.models.vit import EncoderConfig
 from mimc.runtime.session import make_session, run_onnx
-
-ENGINE_SUFFIXES = (".engine", ".plan")
+from mimc.runtime.trt import ENGINE_SUFFIXES, sidecar_path
 
 
 def runtime_name(path: str | os.PathLike, device: str = "cpu") -> str:
@@ -58,7 +57,7 @@ class OnnxModel:
         folder = self.path.parent
         if not is_artifact(folder) and self.path.suffix in ENGINE_SUFFIXES:
             try:  # an engine built with -o elsewhere: its sidecar names the graph it was built from
-                graph = json.loads(Path(f"{self.path}.json").read_text()).get("onnx")
+                graph = json.loads(sidecar_path(self.path).read_text()).get("onnx")
                 folder = Path(graph).parent if graph else folder
             except (OSError, ValueError, AttributeError):
                 pass

@@ -86,10 +86,8 @@ def synthetic_feed(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.n
 
 def time_runs(load: Callable[[], Any], run: Callable[[Any], Callable[[dict], Any]], specs: list[dict[str, Any]],
               warmup: int, iters: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """One batch size, in this process: ``load()`` (timed: the session or compiled model), then
-    ``run(loaded)(feed)`` on :func:`synthetic_feed` inputs, warm-up, then ``iters`` calls each timed
-    with perf_counter. Returns what ``load`` gave and the latency statistics and this process's
-    memory (``session_mb``: peak minus the RSS just before loading)."""
+    """(what ``load()`` gave, its timed runs): ``load`` is timed, then ``run(loaded)(feed)`` on
+    :func:`synthetic_feed` inputs is warmed up and timed ``iters`` times; also this process's memory."""
     feed = synthetic_feed(specs, seed)
     rss_before = _status_mb("VmRSS")
     start = time.perf_counter()

@@ -35,6 +35,7 @@ SIDECAR_FORMAT = "mimc-tensorrt-engine"
 SIDECAR_VERSION = 1
 INSTALL_HINT = "pip install 'mimc[gpu]'"
 MIN_TENSORRT = 10
+ENGINE_SUFFIXES = (".plan", ".engine")
 
 
 def tensorrt_major(trt) -> int | None:
