@@ -27,16 +27,6 @@ from mimc.runtime.session import make_session, run_onnx
 from mimc.runtime.trt import ENGINE_SUFFIXES, sidecar_path
 
 
-def runtime_name(path: str | os.PathLike, device: str = "cpu") -> str:
-    """What runs ``path``: ``onnxruntime-cpu`` / ``onnxruntime-cuda`` / ``openvino-cpu`` / ``tensorrt``."""
-    suffix = Path(path).suffix
-    if suffix == ".xml":
-        return "openvino-cpu"
-    if suffix in ENGINE_SUFFIXES:
-        return "tensorrt"
-    return f"onnxruntime-{device}"
-
-
 class OnnxModel:
     """A graph written by mimc on its runtime; ``config`` comes from its artifact."""
 
@@ -50,7 +40,9 @@ class OnnxModel:
         self.manifest = read_manifest(self._artifact())
         verify_graph(self.path)  # as its mimc.json recorded it (graph and external data): else refused
         self.config = EncoderConfig.from_dict(self.manifest.encoder)
-        self.runtime = runtime_name(self.path, device)
+        suffix = self.path.suffix  # what runs it
+        self.runtime = ("openvino-cpu" if suffix == ".xml" else "tensorrt" if suffix in ENGINE_SUFFIXES
+                        else f"onnxruntime-{device}")
         self._session = None
 
     def _artifact(self) -> Path:
@@ -70,15 +62,15 @@ class OnnxModel:
 
     def session(self):
         if self._session is None:
-            if self.path.suffix == ".xml":
+            if self.runtime == "openvino-cpu":
                 from mimc.runtime.openvino import OpenVinoSession, ir_precision
 
                 self._session = OpenVinoSession(self.path, ir_precision(self.path), self.threads)
-            elif self.path.suffix in ENGINE_SUFFIXES:
+            elif self.runtime == "tensorrt":
                 from mimc.runtime.trt import EngineSession
 
                 self._session = EngineSession(self.path)
-            elif self.device == "cuda":
+            elif self.runtime == "onnxruntime-cuda":
                 from mimc.runtime.cuda_ort import cuda_session
 
                 self._session = cuda_session(self.path, torch.cuda.current_device() if torch.cuda.is_available() else 0,
@@ -123,4 +115,4 @@ class OnnxModel:
         return pooled, tokens
 
 
-__all__ = ["OnnxModel", "runtime_name", "ENGINE_SUFFIXES"]
+__all__ = ["OnnxModel", "ENGINE_SUFFIXES"]
