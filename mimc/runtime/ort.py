@@ -124,8 +124,7 @@ def time_runs(load: Callable[[], Any], run: Callable[[Any], Callable[[dict], Any
 def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int,
             seed: int = 0) -> dict[str, Any]:
     """One batch size, in this process: session, warm-up, timed runs, memory."""
-    return time_runs(lambda: make_session(path, providers=["CPUExecutionProvider"], threads=threads), run_outputs,
-                     specs, warmup, iters, seed)[1]
+    return time_runs(lambda: make_session(path, threads=threads), run_outputs, specs, warmup, iters, seed)[1]
 
 
 def run_outputs(sess) -> Callable[[dict], Any]:
@@ -176,7 +175,7 @@ def time_interleaved(paths: Sequence[str | Path], iters: int = 20, threads: int 
 def runner(path: str | Path, threads: int | None = None, warmup: int = 3) -> Callable[[], Any]:
     """One batch-1 inference of ``path`` on a warmed ORT CPU session, as a call (for :func:`interleave`)."""
     threads = threads or os.cpu_count() or 1
-    sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
+    sess = make_session(path, threads=threads)  # the CPU provider
     return warmed(run_outputs(sess), sess.get_inputs(), warmup)
 
 
