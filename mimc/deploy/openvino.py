@@ -16,9 +16,6 @@ from mimc.artifact import mimc_version, now_iso
 from mimc.atomic import write_json
 from mimc.errors import BadInputError
 
-def sidecar_path(ir_path: str | Path) -> Path:
-    return Path(f"{ir_path}.json")
-
 
 def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: str = "fp32") -> dict[str, Any]:
     """Write ``out_path`` (.xml, its .bin beside it) and ``out_path.json``; returns the sidecar."""
@@ -53,8 +50,8 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
         "build_seconds": round(time.perf_counter() - start, 3),
         "created": now_iso(),
     }
-    write_json(sidecar_path(out_path), sidecar)
+    write_json(Path(f"{out_path}.json"), sidecar)
     return sidecar
 
 
-__all__ = ["build_ir", "sidecar_path"]
+__all__ = ["build_ir"]

@@ -29,8 +29,8 @@ from mimc.latency.devices import PRECISIONS, DeviceProfile
 from mimc.graph import graph_precision, input_dims, load_graph, read_nm_pattern
 from mimc.metrics import compare_outputs
 from mimc.runtime.session import run_onnx
-from mimc.runtime.trt import (SIDECAR_FORMAT, SIDECAR_VERSION, CudaDevice, check_profile_matches_gpu, import_tensorrt,
-                           make_logger, one_line, parse_sparsity_log, runtime_info, sidecar_path, tensorrt_major)
+from mimc.runtime.trt import (SIDECAR_FORMAT, SIDECAR_VERSION, check_profile_matches_gpu, make_logger, one_line,
+                              open_gpu, parse_sparsity_log, sidecar_path, tensorrt_major)
 
 # Kept in fp32 by the fp16 writer: LayerNorm statistics and softmax overflow or lose too much in fp16.
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]
@@ -155,9 +155,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
         raise BadInputError(f"output folder {out_path.parent} does not exist: create it or choose another -o")
     if timing_cache is not None and not Path(timing_cache).parent.is_dir():
         raise BadInputError(f"timing cache folder {Path(timing_cache).parent} does not exist: create it or choose another timing_cache", option="timing_cache")
-    trt = import_tensorrt()
-    device = device or CudaDevice()
-    runtime = runtime_info(trt, device)
+    trt, device, runtime = open_gpu(device)
     check_profile_matches_gpu(profile, runtime)
     graph_file, fp16 = onnx_path, None
     if settings["write_fp16_graph"]:

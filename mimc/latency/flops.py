@@ -147,7 +147,6 @@ def _missing(model: onnx.ModelProto, info: dict) -> int:
                if n.op_type not in VIEW_OPS and n.output and info.get(n.output[0], (0, None))[1] is None)
 
 
-
 # Counting ------------------------------------------------------------------------------------------
 def _numel(shape: list[int] | None) -> int:
     return int(math.prod(shape)) if shape is not None else 0

@@ -12,7 +12,6 @@ from typing import Any, Sequence
 from mimc.errors import BadInputError
 from mimc.artifact import sha256_file
 from mimc.latency.ort_cpu import MEMORY_METHOD, measure_batches
-from mimc.runtime.ort import host_info
 from mimc.graph import graph_precision
 from mimc.runtime.openvino import GRAPH_PRECISION, IR_SUFFIXES, check_precision, ir_precision, model_inputs, read, version
 
@@ -24,8 +23,9 @@ def profile_openvino_cpu(path: str | Path, batch_sizes: Sequence[int] | None = N
     path = Path(path)
     hint = check_precision(precision)  # bf16 refused before anything is measured where the CPU lacks it
     inputs = model_inputs(path)
-    threads, results = measure_batches(path, inputs, batch_sizes, warmup, iters, threads, on_batch,
-                                       module="mimc.runtime.openvino", precision=precision)
+    memory_method = MEMORY_METHOD.replace("onnxruntime", "openvino")
+    run = measure_batches(path, inputs, batch_sizes, warmup, iters, threads, on_batch, memory_method,
+                          module="mimc.runtime.openvino", precision=precision)
     weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
     return {
         "label": "measured",
@@ -35,16 +35,10 @@ def profile_openvino_cpu(path: str | Path, batch_sizes: Sequence[int] | None = N
         "backend": "openvino-cpu",
         "openvino_version": version(),
         "precision": precision,
-        "compile_config": {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                           "NUM_STREAMS": 1},
-        "runtime_precision": results[0].get("runtime_precision") if results else None,
-        "threads": threads,
-        "warmup": warmup,
-        "iters": iters,
-        "inputs": {i["name"]: {"dtype": i["dtype"], "shape": i["shape"]} for i in inputs},
-        "memory_method": MEMORY_METHOD.replace("onnxruntime", "openvino"),
-        "host": host_info(),
-        "results": results,
+        "compile_config": {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": run["threads"],
+                           "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1},
+        "runtime_precision": run["results"][0].get("runtime_precision") if run["results"] else None,
+        **run,
     }
 
 

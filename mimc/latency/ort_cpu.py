@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from mimc.artifact import sha256_file
 from mimc.errors import BadInputError
-from mimc.graph import graph_inputs, load_graph
+from mimc.graph import graph_inputs, load_graph, metadata
 from mimc.runtime.ort import DTYPES, host_info, run_worker
 from mimc.runtime.session import onnxruntime, onnxruntime_distribution
 
@@ -47,9 +47,8 @@ def input_specs(inputs: list[dict[str, Any]], batch: int, path: str | Path) -> l
 
 def layout_note(model) -> str | None:
     """A Q/DQ graph quantized for TensorRT runs on ONNX Runtime CPU only as an emulation: say so."""
-    meta = {p.key: p.value for p in model.metadata_props}
     try:
-        target = json.loads(meta.get("mimc_quantization", "{}")).get("target")
+        target = json.loads(metadata(model).get("mimc_quantization", "{}")).get("target")
     except json.JSONDecodeError:
         return None
     if target == "tensorrt":
@@ -65,9 +64,10 @@ def static_batch(inputs: list[dict[str, Any]]) -> int | None:
 
 
 def measure_batches(path: Path, inputs: list[dict[str, Any]], batch_sizes, warmup: int, iters: int, threads,
-                    on_batch=None, **worker) -> tuple[int, list[dict[str, Any]]]:
-    """(threads, one result per batch size), every batch size's shapes checked before any is timed;
-    each is timed in its own worker process (``worker``: the runtime module and its options)."""
+                    on_batch=None, memory_method: str = MEMORY_METHOD, **worker) -> dict[str, Any]:
+    """A CPU report's measurement: its settings, the host and one result per batch size, every batch
+    size's shapes checked before any is timed; each is timed in its own worker process (``worker``:
+    the runtime module and its options)."""
     batch_sizes = list(batch_sizes) if batch_sizes else [static_batch(inputs) or 1]
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise BadInputError(f"batch_sizes must be positive integers, got {batch_sizes}: e.g. 1 and 8", option="batch_sizes")
@@ -80,7 +80,9 @@ def measure_batches(path: Path, inputs: list[dict[str, Any]], batch_sizes, warmu
         if on_batch is not None:
             on_batch(b)
         results.append(run_worker(path, specs, warmup, iters, threads, **worker))
-    return threads, results
+    return {"threads": threads, "warmup": warmup, "iters": iters,
+            "inputs": {i["name"]: {"dtype": i["dtype"], "shape": i["shape"]} for i in inputs},
+            "memory_method": memory_method, "host": host_info(), "results": results}
 
 
 def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = None, warmup: int = 10, iters: int = 50,
@@ -98,7 +100,7 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     inputs = graph_inputs(model, path)
     note = layout_note(model)
     del model  # the workers load the graph themselves
-    threads, results = measure_batches(path, inputs, batch_sizes, warmup, iters, threads, on_batch)
+    run = measure_batches(path, inputs, batch_sizes, warmup, iters, threads, on_batch)
     return {
         "label": "measured",
         "model": str(path),
@@ -108,14 +110,9 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
         "provider": "CPUExecutionProvider",
         "onnxruntime_version": ort.__version__,
         "onnxruntime_distribution": onnxruntime_distribution(),
-        "threads": threads,
+        "threads": run["threads"],
         "session_options": {"session.intra_op.allow_spinning": "0", "inter_op_num_threads": 1, "execution_mode": "sequential"},
-        "warmup": warmup,
-        "iters": iters,
-        "inputs": {i["name"]: {"dtype": i["dtype"], "shape": i["shape"]} for i in inputs},
-        "memory_method": MEMORY_METHOD,
-        "host": host_info(),
-        "results": results,
+        **run,
         **({"note": note} if note else {}),
     }
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mimc.errors import BadInputError, DeviceUnavailableError
+from mimc.runtime.openvino import IR_SUFFIXES  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
+from mimc.runtime.trt import ENGINE_SUFFIXES
 
 ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".plan", ".engine")
-IR_SUFFIXES = (".xml",)  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
 
 
 def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:

@@ -24,18 +24,7 @@ from mimc.artifact import is_artifact, read_manifest, verify_graph
 from mimc.errors import BadInputError, NotAModelError
 from mimc.models.vit import EncoderConfig
 from mimc.runtime.session import make_session, run_onnx
-
-ENGINE_SUFFIXES = (".engine", ".plan")
-
-
-def runtime_name(path: str | os.PathLike, device: str = "cpu") -> str:
-    """What runs ``path``: ``onnxruntime-cpu`` / ``onnxruntime-cuda`` / ``openvino-cpu`` / ``tensorrt``."""
-    suffix = Path(path).suffix
-    if suffix == ".xml":
-        return "openvino-cpu"
-    if suffix in ENGINE_SUFFIXES:
-        return "tensorrt"
-    return f"onnxruntime-{device}"
+from mimc.runtime.trt import ENGINE_SUFFIXES, sidecar_path
 
 
 class OnnxModel:
@@ -51,14 +40,16 @@ class OnnxModel:
         self.manifest = read_manifest(self._artifact())
         verify_graph(self.path)  # as its mimc.json recorded it (graph and external data): else refused
         self.config = EncoderConfig.from_dict(self.manifest.encoder)
-        self.runtime = runtime_name(self.path, device)
+        suffix = self.path.suffix  # what runs it
+        self.runtime = ("openvino-cpu" if suffix == ".xml" else "tensorrt" if suffix in ENGINE_SUFFIXES
+                        else f"onnxruntime-{device}")
         self._session = None
 
     def _artifact(self) -> Path:
         folder = self.path.parent
         if not is_artifact(folder) and self.path.suffix in ENGINE_SUFFIXES:
             try:  # an engine built with -o elsewhere: its sidecar names the graph it was built from
-                graph = json.loads(Path(f"{self.path}.json").read_text()).get("onnx")
+                graph = json.loads(sidecar_path(self.path).read_text()).get("onnx")
                 folder = Path(graph).parent if graph else folder
             except (OSError, ValueError, AttributeError):
                 pass
@@ -71,15 +62,15 @@ class OnnxModel:
 
     def session(self):
         if self._session is None:
-            if self.path.suffix == ".xml":
+            if self.runtime == "openvino-cpu":
                 from mimc.runtime.openvino import OpenVinoSession, ir_precision
 
                 self._session = OpenVinoSession(self.path, ir_precision(self.path), self.threads)
-            elif self.path.suffix in ENGINE_SUFFIXES:
+            elif self.runtime == "tensorrt":
                 from mimc.runtime.trt import EngineSession
 
                 self._session = EngineSession(self.path)
-            elif self.device == "cuda":
+            elif self.runtime == "onnxruntime-cuda":
                 from mimc.runtime.cuda_ort import cuda_session
 
                 self._session = cuda_session(self.path, torch.cuda.current_device() if torch.cuda.is_available() else 0,
@@ -124,4 +115,4 @@ class OnnxModel:
         return pooled, tokens
 
 
-__all__ = ["OnnxModel", "runtime_name", "ENGINE_SUFFIXES"]
+__all__ = ["OnnxModel", "ENGINE_SUFFIXES"]

@@ -22,7 +22,6 @@ References:
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
-from mimc.runtime.ort import _status_mb, interleave, proc_field, synthetic_feed, time_runs, worker_main
+from mimc.runtime.ort import interleave, proc_field, time_runs, warmed, worker_main
 from mimc.runtime.session import Port
 
 INSTALL_HINT = "pip install 'mimc[openvino]'"
@@ -191,13 +190,9 @@ class OpenVinoSession:
 def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int, precision: str = "fp32",
             seed: int = 0) -> dict[str, Any]:
     """One batch size, in this process: compile (shapes fixed to ``specs``), warm-up, timed runs, memory."""
-    feed = synthetic_feed(specs, seed)
-    rss_before = _status_mb("VmRSS")
-    start = time.perf_counter()
-    compiled = compile_model(path, precision, threads, shapes={s["name"]: s["shape"] for s in specs})
-    load_s = time.perf_counter() - start
-    request = compiled.create_infer_request()
-    result = time_runs(lambda: request.infer(feed), warmup, iters, specs[0]["shape"][0], rss_before, load_s)
+    shapes = {s["name"]: s["shape"] for s in specs}
+    compiled, result = time_runs(lambda: compile_model(path, precision, threads, shapes=shapes),
+                                 lambda compiled: compiled.create_infer_request().infer, specs, warmup, iters, seed)
     return {**result, "runtime_precision": runtime_precision(compiled)}
 
 
@@ -212,12 +207,7 @@ def runner(path: str | Path, precision: str = "fp32", threads: int | None = None
     """One inference of ``path`` compiled at ``precision``, warmed, as a call (for
     :func:`mimc.runtime.ort.interleave`, which times it beside ORT sessions)."""
     compiled = compile_model(path, precision, threads)
-    request = compiled.create_infer_request()
-    feed = {p.get_any_name(): np.random.default_rng(0).standard_normal(
-        [d.get_length() if d.is_static else 1 for d in p.get_partial_shape()]).astype(np.float32) for p in compiled.inputs}
-    for _ in range(warmup):
-        request.infer(feed)
-    return lambda: request.infer(feed)
+    return warmed(compiled.create_infer_request().infer, map(_port, compiled.inputs), warmup)
 
 
 def save_ir(model, out: str | Path) -> None:

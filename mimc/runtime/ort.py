@@ -21,8 +21,9 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -83,20 +84,27 @@ def synthetic_feed(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.n
     return feed
 
 
-def time_runs(run: Callable[[], Any], warmup: int, iters: int, batch: int, rss_before: float | None,
-              load_s: float) -> dict[str, Any]:
-    """Warm-up, then ``iters`` calls of ``run`` each timed with perf_counter; the latency statistics
-    and this process's memory (``rss_before``: its RSS before the session was created)."""
+def time_runs(load: Callable[[], Any], run: Callable[[Any], Callable[[dict], Any]], specs: list[dict[str, Any]],
+              warmup: int, iters: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """(what ``load()`` gave, its timed runs): ``load`` is timed, then ``run(loaded)(feed)`` on
+    :func:`synthetic_feed` inputs is warmed up and timed ``iters`` times; also this process's memory."""
+    feed = synthetic_feed(specs, seed)
+    rss_before = _status_mb("VmRSS")
+    start = time.perf_counter()
+    loaded = load()
+    load_s = time.perf_counter() - start
+    call = run(loaded)
     for _ in range(warmup):
-        run()
+        call(feed)
     times = np.empty(iters)
     for i in range(iters):
         t0 = time.perf_counter()
-        run()
+        call(feed)
         times[i] = time.perf_counter() - t0
     peak = _peak_rss_mb()
     ms = times * 1e3
-    return {
+    batch = specs[0]["shape"][0]
+    return loaded, {
         "batch": batch,
         "p50_ms": float(np.percentile(ms, 50)),
         "p90_ms": float(np.percentile(ms, 90)),
@@ -116,13 +124,12 @@ def time_runs(run: Callable[[], Any], warmup: int, iters: int, batch: int, rss_b
 def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int,
             seed: int = 0) -> dict[str, Any]:
     """One batch size, in this process: session, warm-up, timed runs, memory."""
-    feed = synthetic_feed(specs, seed)
-    rss_before = _status_mb("VmRSS")
-    start = time.perf_counter()
-    sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
-    load_s = time.perf_counter() - start
-    names = [o.name for o in sess.get_outputs()]
-    return time_runs(lambda: sess.run(names, feed), warmup, iters, specs[0]["shape"][0], rss_before, load_s)
+    return time_runs(lambda: make_session(path, threads=threads), run_outputs, specs, warmup, iters, seed)[1]
+
+
+def run_outputs(sess) -> Callable[[dict], Any]:
+    """``sess.run`` of every output, as a call on a feed."""
+    return partial(sess.run, [o.name for o in sess.get_outputs()])
 
 
 def worker_main(measure: Callable[..., dict[str, Any]], argv: Sequence[str]) -> int:
@@ -168,13 +175,17 @@ def time_interleaved(paths: Sequence[str | Path], iters: int = 20, threads: int 
 def runner(path: str | Path, threads: int | None = None, warmup: int = 3) -> Callable[[], Any]:
     """One batch-1 inference of ``path`` on a warmed ORT CPU session, as a call (for :func:`interleave`)."""
     threads = threads or os.cpu_count() or 1
-    sess = make_session(path, providers=["CPUExecutionProvider"], threads=threads)
-    feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
-            for i in sess.get_inputs()}
-    names = [o.name for o in sess.get_outputs()]
+    sess = make_session(path, threads=threads)  # the CPU provider
+    return warmed(run_outputs(sess), sess.get_inputs(), warmup)
+
+
+def warmed(run: Callable[[dict], Any], ports: Iterable[Any], warmup: int) -> Callable[[], Any]:
+    """``run(feed)`` on seeded normal float32 inputs for ``ports`` (symbolic axes as 1), warmed up, as a call."""
+    feed = {p.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in p.shape])
+            .astype(np.float32) for p in ports}
     for _ in range(warmup):
-        sess.run(names, feed)
-    return lambda: sess.run(names, feed)
+        run(feed)
+    return lambda: run(feed)
 
 
 def interleave(runs: Sequence[Callable[[], Any]], iters: int = 20, rounds: int = 4) -> list[float]:
@@ -199,8 +210,8 @@ def host_info() -> dict[str, Any]:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-__all__ = ["measure", "run_worker", "time_interleaved", "runner", "interleave", "host_info", "DTYPES", "synthetic_feed",
-           "time_runs", "worker_main", "proc_field"]
+__all__ = ["measure", "run_worker", "time_interleaved", "runner", "warmed", "interleave", "host_info", "DTYPES",
+           "synthetic_feed", "time_runs", "run_outputs", "worker_main", "proc_field"]
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ SIDECAR_FORMAT = "mimc-tensorrt-engine"
 SIDECAR_VERSION = 1
 INSTALL_HINT = "pip install 'mimc[gpu]'"
 MIN_TENSORRT = 10
+ENGINE_SUFFIXES = (".plan", ".engine")
 
 
 def tensorrt_major(trt) -> int | None:
@@ -115,8 +116,12 @@ class CudaDevice:
         return self._torch.cuda.mem_get_info(self.index)
 
 
-def runtime_info(trt, device) -> dict[str, str]:
-    return {"tensorrt_version": trt.__version__, "gpu_name": device.name, "compute_capability": device.compute_capability}
+def open_gpu(device=None) -> tuple[Any, Any, dict[str, str]]:
+    """(tensorrt, ``device`` or GPU 0, what they are: TensorRT version, GPU name, compute capability)."""
+    trt = import_tensorrt()
+    device = device or CudaDevice()
+    return trt, device, {"tensorrt_version": trt.__version__, "gpu_name": device.name,
+                         "compute_capability": device.compute_capability}
 
 
 def check_profile_matches_gpu(profile: DeviceProfile, runtime: dict[str, str]) -> None:
@@ -267,9 +272,7 @@ def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=
     if warmup < 0 or iters < 1 or layer_iters < 0:
         raise ConfigError(f"warmup >= 0, iters >= 1 and layer_iters >= 0 are needed (got {warmup}, {iters}, {layer_iters})")
     sidecar = load_sidecar(engine_path)
-    trt = import_tensorrt()
-    device = device or CudaDevice()
-    runtime = runtime_info(trt, device)
+    trt, device, runtime = open_gpu(device)
     check_engine_compat(sidecar, runtime, engine_path)
     check_profile_matches_gpu(profile, runtime)
     lo, hi = _engine_batch_range(sidecar)
@@ -367,10 +370,10 @@ class EngineSession:
             raise DeviceUnavailableError(
                 f"engine {Path(engine_path).name} runs only on an NVIDIA GPU and none is visible here (torch.cuda.is_available() "
                 "is False): run on the GPU that built it, or use its .onnx graph on the CPU")
-        trt = import_tensorrt()
+        # under torchrun, the rank's own GPU
+        trt, self.device, runtime = open_gpu(CudaDevice(torch.cuda.current_device()))
         self._torch, self._trt = torch, trt
-        self.device = CudaDevice(torch.cuda.current_device())  # under torchrun, the rank's own GPU
-        check_engine_compat(sidecar, runtime_info(trt, self.device), engine_path)
+        check_engine_compat(sidecar, runtime, engine_path)
         self.logger = make_logger(trt)
         self.engine, names, self._inputs = _load_engine(trt, self.logger, engine_path)
         self.context = self.engine.create_execution_context()

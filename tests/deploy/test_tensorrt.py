@@ -307,7 +307,7 @@ def test_cli_build_missing_graph_and_missing_tensorrt(tmp_path, tiny_graph, monk
 def test_cli_build_with_fake_tensorrt(tmp_path, tiny_graph, monkeypatch):
     device, calls = FakeDevice(), {}
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(device, calls))
-    monkeypatch.setattr("mimc.deploy.tensorrt.CudaDevice", lambda: device)
+    monkeypatch.setattr("mimc.runtime.trt.CudaDevice", lambda: device)
     out = tmp_path / "h100-fp16.plan"
     result = _cli(["build", tiny_graph, "--device", "h100", "--precision", "fp16", "--batch", "1:2:4", "-o", out, "--json"])
     assert result.exit_code == 0, result.output

@@ -190,7 +190,7 @@ def test_cli_counts_sparse_layers_the_inspector_saw(tmp_path, graphs, monkeypatc
     from mimc.cli.app import app
 
     device, _, _ = _fake(monkeypatch, picked=())  # the log names no layer; the engine inspector sees fc2
-    monkeypatch.setattr("mimc.deploy.tensorrt.CudaDevice", lambda: device)
+    monkeypatch.setattr("mimc.runtime.trt.CudaDevice", lambda: device)
     out = tmp_path / "nm.plan"
     result = CliRunner().invoke(app, ["build", str(graphs[1]), "--device", "h100", "-o", str(out)])
     assert result.exit_code == 0, result.output
