@@ -100,11 +100,7 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
         try:
             return fn(*args, **kwargs)
         except MimcError as exc:
-            message = exc.phrased(names)
-            # escape: messages name extras like `pip install 'mimc[gpu]'`, which rich would eat as markup
-            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-            if kwargs.get("json_out"):
-                emit_json({"error": message, "exit_code": exc.exit_code})
+            print_error(exc.phrased(names), exc.exit_code, kwargs.get("json_out", False))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
@@ -113,15 +109,12 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
     return wrapper
 
 
-def usage_error(exc: Any, json_out: bool) -> None:
-    """A click usage error as one line (``error: No such option: --x (see `mimc prune --help`)``)."""
-    message = " ".join(exc.format_message().split())
-    ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        message += f" (see `{ctx.command_path} --help`)"
+def print_error(message: str, exit_code: int, json_out: bool) -> None:
+    """One ``error:`` line on stderr; with ``--json`` also ``{"error", "exit_code"}`` on stdout."""
+    # escape: messages name extras like `pip install 'mimc[gpu]'`, which rich would eat as markup
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if json_out:
-        emit_json({"error": message, "exit_code": exc.exit_code})
+        emit_json({"error": message, "exit_code": exit_code})
 
 
 def command_flags(fn: Callable) -> dict[str, str]:
