@@ -18,6 +18,7 @@ recipe as its key path (``stages[0].prune.ratio``). This module imports only :mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import types
 import typing
@@ -134,12 +135,9 @@ def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"{name} must hold values {spec.describe_range()}, got {clip(shown)}", option=name)
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    cached = cls.__dict__.get("_option_hints")
-    if cached is None:
-        cached = typing.get_type_hints(cls)  # resolves `from __future__` string annotations once per class
-        setattr(cls, "_option_hints", cached)
-    return cached
+    return typing.get_type_hints(cls)  # resolves `from __future__` string annotations once per class
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,10 +72,12 @@ def warnings(items: list[str]) -> None:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
-def fidelity_phrase(metrics: dict[str, Any], data: str | None = None) -> str:
-    """``pooled cosine to input 0.9874 (deterministic inputs)[, 0.9861 on DATA]``."""
+def shrink_phrase(metrics: dict[str, Any], data: str | None = None) -> str:
+    """``params 5.2M -> 3.5M, MACs x0.667, pooled cosine to input 0.9874 (deterministic inputs)[, 0.9861 on DATA]``."""
     fid = metrics.get("fidelity_deterministic") or {}
-    text = f"pooled cosine to input {fid.get('pooled_cosine_mean', float('nan')):.4f} (deterministic inputs)"
+    text = (f"params {metrics['params_before'] / 1e6:.2f}M -> {metrics['params_after'] / 1e6:.2f}M, "
+            f"MACs x{metrics['macs_ratio']:.3f}, "
+            f"pooled cosine to input {fid.get('pooled_cosine_mean', float('nan')):.4f} (deterministic inputs)")
     if metrics.get("fidelity_data"):
         text += f", {metrics['fidelity_data']['pooled_cosine_mean']:.4f} on {data}"
     return text
