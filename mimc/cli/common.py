@@ -20,19 +20,6 @@ from mimc.api import MimcError
 # rich would print `:M:` as an emoji.
 console = Console(stderr=True, emoji=False)
 
-
-class _Results:
-    """Prints results on stdout. A console is made per call (stdout may be swapped, as by test
-    runners) and, when stdout is not a terminal (a pipe, a file), is wide enough that no table or
-    line is cut to 80 columns: columns take the width their content needs."""
-
-    def print(self, *objects: Any, **kwargs: Any) -> None:
-        wide = {} if sys.stdout.isatty() else {"width": 100_000}
-        Console(emoji=False, **wide).print(*objects, **kwargs)
-
-
-out = _Results()
-
 MODEL_HELP = ("A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, 'ref', "
               "or random:vit-b/16 (also vit-ti/16, vit-s/16, vit-l/16, vit-h/14: random weights, seed 0).")
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
