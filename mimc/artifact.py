@@ -51,10 +51,6 @@ class StageRecord:
         self.mimc_version = self.mimc_version or mimc_version()
         self.created = self.created or now_iso()
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageRecord":
-        return cls(**data)
-
 
 @dataclass
 class Manifest:
@@ -68,9 +64,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["stages"] = [asdict(s) for s in self.stages]
-        return data
+        return asdict(self)  # the stages too: asdict recurses into lists of dataclasses
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
@@ -80,7 +74,7 @@ class Manifest:
                 f"mimc.json has format_version {version!r}, this mimc reads {FORMAT_VERSION}: re-create the artifact with this mimc"
             )
         data = dict(data)
-        data["stages"] = [StageRecord.from_dict(s) for s in data.get("stages", [])]
+        data["stages"] = [StageRecord(**s) for s in data.get("stages", [])]
         return cls(**data)
 
     def with_stage(self, record: StageRecord, encoder: dict[str, Any]) -> "Manifest":

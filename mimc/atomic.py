@@ -93,7 +93,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _resolved(path: str | os.PathLike) -> Path | None:
@@ -243,29 +243,30 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
 
 def _place(tmp: Path, path: Path, overwrite: bool) -> None:
-    taken = BadInputError(f"{path} was written by another process meanwhile: choose another output", option="output")
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         with contextlib.suppress(OSError):
             path.rmdir()  # an empty folder made for the output is replaced (nothing is lost)
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise taken
-        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-        try:
-            _rename_noreplace(tmp, path)
-        except FileExistsError:
-            raise taken from None
-        except OSError:
-            os.replace(old / path.name, path)  # keep the previous contents when the new ones cannot go in
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
+    if not overwrite or not (path.exists() or path.is_symlink()):
+        _place_new(tmp, path)
         return
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
+    os.replace(path, old / path.name)
+    try:
+        _place_new(tmp, path)
+    except OSError:
+        os.replace(old / path.name, path)  # keep the previous contents when the new ones cannot go in
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``, refused (never replacing it) when another process placed ``path`` meanwhile."""
     try:
         _rename_noreplace(tmp, path)
     except FileExistsError:
-        raise taken from None
+        raise BadInputError(f"{path} was written by another process meanwhile: choose another output",
+                            option="output") from None
 
 
 def check_new_files(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> None:
@@ -307,11 +308,7 @@ def atomic_files(paths: Sequence[str | os.PathLike], overwrite: bool = False) ->
                 if overwrite:
                     os.replace(tmp, path)
                 else:
-                    try:
-                        _rename_noreplace(tmp, path)
-                    except FileExistsError:
-                        raise BadInputError(f"{path} was written by another process meanwhile: choose another output",
-                                            option="output") from None
+                    _place_new(tmp, path)
                 placed.append(path)
         except BaseException:
             if not overwrite:

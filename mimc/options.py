@@ -18,6 +18,7 @@ recipe as its key path (``stages[0].prune.ratio``). This module imports only :mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import types
 import typing
@@ -53,10 +54,6 @@ class Spec:
     def in_range(self, value: Any) -> bool:
         return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
                 and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
-
-    @property
-    def bounded(self) -> bool:
-        return (self.gt, self.ge, self.lt, self.le) != (None, None, None, None)
 
 
 def option(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
@@ -118,7 +115,7 @@ def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"{name} must be {' or '.join(_WORDS[b] for b in kind.bases)}, got {clip(value)}", option=name)
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"unknown {name} {clip(value)}: choose one of {', '.join(map(str, spec.choices))}", option=name)
-    if spec.bounded and isinstance(value, numbers.Real) and not spec.in_range(value):
+    if isinstance(value, numbers.Real) and not spec.in_range(value):  # always in range without bounds
         raise ConfigError(f"{name} must be {spec.describe_range()}, got {clip(value)}", option=name)
 
 
@@ -130,16 +127,13 @@ def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"{name} must be a list of {' or '.join(_PLURAL[b] for b in kind.bases)}, got {clip(shown)}", option=name)
     if spec.choices is not None and any(v not in spec.choices for v in values):
         raise ConfigError(f"{name} must hold values from {', '.join(map(str, spec.choices))}, got {clip(shown)}", option=name)
-    if spec.bounded and not all(spec.in_range(v) for v in values):
+    if not all(spec.in_range(v) for v in values):
         raise ConfigError(f"{name} must hold values {spec.describe_range()}, got {clip(shown)}", option=name)
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    cached = cls.__dict__.get("_option_hints")
-    if cached is None:
-        cached = typing.get_type_hints(cls)  # resolves `from __future__` string annotations once per class
-        setattr(cls, "_option_hints", cached)
-    return cached
+    return typing.get_type_hints(cls)  # resolves `from __future__` string annotations once per class
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,19 +20,6 @@ from mimc.api import MimcError
 # rich would print `:M:` as an emoji.
 console = Console(stderr=True, emoji=False)
 
-
-class _Results:
-    """Prints results on stdout. A console is made per call (stdout may be swapped, as by test
-    runners) and, when stdout is not a terminal (a pipe, a file), is wide enough that no table or
-    line is cut to 80 columns: columns take the width their content needs."""
-
-    def print(self, *objects: Any, **kwargs: Any) -> None:
-        wide = {} if sys.stdout.isatty() else {"width": 100_000}
-        Console(emoji=False, **wide).print(*objects, **kwargs)
-
-
-out = _Results()
-
 MODEL_HELP = ("A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, 'ref', "
               "or random:vit-b/16 (also vit-ti/16, vit-s/16, vit-l/16, vit-h/14: random weights, seed 0).")
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
@@ -100,11 +87,7 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
         try:
             return fn(*args, **kwargs)
         except MimcError as exc:
-            message = exc.phrased(names)
-            # escape: messages name extras like `pip install 'mimc[gpu]'`, which rich would eat as markup
-            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-            if kwargs.get("json_out"):
-                emit_json({"error": message, "exit_code": exc.exit_code})
+            print_error(exc.phrased(names), exc.exit_code, kwargs.get("json_out", False))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
@@ -113,15 +96,12 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
     return wrapper
 
 
-def usage_error(exc: Any, json_out: bool) -> None:
-    """A click usage error as one line (``error: No such option: --x (see `mimc prune --help`)``)."""
-    message = " ".join(exc.format_message().split())
-    ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        message += f" (see `{ctx.command_path} --help`)"
+def print_error(message: str, exit_code: int, json_out: bool) -> None:
+    """One ``error:`` line on stderr; with ``--json`` also ``{"error", "exit_code"}`` on stdout."""
+    # escape: messages name extras like `pip install 'mimc[gpu]'`, which rich would eat as markup
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if json_out:
-        emit_json({"error": message, "exit_code": exc.exit_code})
+        emit_json({"error": message, "exit_code": exit_code})
 
 
 def command_flags(fn: Callable) -> dict[str, str]:

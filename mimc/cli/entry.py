@@ -42,10 +42,12 @@ class OneLineUsageErrors(TyperGroup):
 
             rich_utils.rich_format_error(exc)
             sys.exit(exc.exit_code)
-        except _click.ClickException as exc:
-            from mimc.cli.common import usage_error
+        except _click.ClickException as exc:  # one line: ``error: No such option: --x (see `mimc prune --help`)``
+            from mimc.cli.common import print_error
 
-            usage_error(exc, json_out="--json" in argv)
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print_error(" ".join(exc.format_message().split()) + where, exc.exit_code, json_out="--json" in argv)
             sys.exit(exc.exit_code)
         except typer.Abort:  # EOF at a prompt
             sys.exit(1)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, int_list, status
-from mimc.cli.render import fidelity_phrase, line, score_table, show, warnings
+from mimc.cli.render import line, score_table, show, shrink_phrase, warnings
 
 
 def register(app: typer.Typer) -> None:
@@ -41,10 +41,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _human(r: dict, data: str | None) -> None:
-    m = r["metrics"]
-    score_table(m["scores"], m["block_ids"], f"block scores (low = removed first): {r['model']}", removed=set(m["removed_blocks"]))
+    m, removed = r["metrics"], r["metrics"]["removed_blocks"]
+    score_table(m["scores"], m["block_ids"], f"block scores (low = removed first): {r['model']}", removed=set(removed))
     warnings(m.get("warnings", []))
-    line(f"removed {len(m['removed_blocks'])} of {len(m['block_ids'])} blocks {m['removed_blocks']}: "
-         f"params {m['params_before'] / 1e6:.2f}M -> {m['params_after'] / 1e6:.2f}M, MACs x{m['macs_ratio']:.3f}, "
-         + fidelity_phrase(m, data))
+    line(f"removed {len(removed)} of {len(m['block_ids'])} blocks {removed}: " + shrink_phrase(m, data))
     line(f"wrote {r['output']}")

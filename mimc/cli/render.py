@@ -3,11 +3,21 @@ stderr), and ``--json`` (stdout)."""
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
-from mimc.cli.common import console, emit_json, out
+from mimc.cli.common import console, emit_json
+
+
+def out(*objects: Any, **kwargs: Any) -> None:
+    """Print results on stdout. A console is made per call (stdout may be swapped, as by test
+    runners) and, when stdout is not a terminal (a pipe, a file), is wide enough that no table or
+    line is cut to 80 columns: columns take the width their content needs."""
+    wide = {} if sys.stdout.isatty() else {"width": 100_000}
+    Console(emoji=False, **wide).print(*objects, **kwargs)
 
 
 def show(report: Any, json_out: bool, human) -> None:
@@ -23,7 +33,7 @@ def show(report: Any, json_out: bool, human) -> None:
 
 
 def line(text: str) -> None:
-    out.print(text, highlight=False, soft_wrap=True)
+    out(text, highlight=False, soft_wrap=True)
 
 
 def note(text: str) -> None:
@@ -50,7 +60,7 @@ def score_formatter(values: list[float]):
 def score_table(scores: dict[str, list[float]], block_ids: list[int], title: str, removed: set[int] = frozenset(),
                 rho: dict[str, float | None] | None = None) -> None:
     """Per-block scores, one column per criterion (low = removed first)."""
-    out.print(title, highlight=False)  # above, not as a table title: narrow tables would wrap it
+    out(title, highlight=False)  # above, not as a table title: narrow tables would wrap it
     table = Table()
     table.add_column("block", justify="right")
     for name in scores:
@@ -64,7 +74,7 @@ def score_table(scores: dict[str, list[float]], block_ids: list[int], title: str
     if rho:
         table.add_section()
         table.add_row("ρ vs oracle", *("—" if c == "sensitivity" or rho.get(c) is None else f"{rho[c]:+.2f}" for c in scores))
-    out.print(table)
+    out(table)
 
 
 def warnings(items: list[str]) -> None:
@@ -72,10 +82,12 @@ def warnings(items: list[str]) -> None:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
-def fidelity_phrase(metrics: dict[str, Any], data: str | None = None) -> str:
-    """``pooled cosine to input 0.9874 (deterministic inputs)[, 0.9861 on DATA]``."""
+def shrink_phrase(metrics: dict[str, Any], data: str | None = None) -> str:
+    """``params 5.2M -> 3.5M, MACs x0.667, pooled cosine to input 0.9874 (deterministic inputs)[, 0.9861 on DATA]``."""
     fid = metrics.get("fidelity_deterministic") or {}
-    text = f"pooled cosine to input {fid.get('pooled_cosine_mean', float('nan')):.4f} (deterministic inputs)"
+    text = (f"params {metrics['params_before'] / 1e6:.2f}M -> {metrics['params_after'] / 1e6:.2f}M, "
+            f"MACs x{metrics['macs_ratio']:.3f}, "
+            f"pooled cosine to input {fid.get('pooled_cosine_mean', float('nan')):.4f} (deterministic inputs)")
     if metrics.get("fidelity_data"):
         text += f", {metrics['fidelity_data']['pooled_cosine_mean']:.4f} on {data}"
     return text
@@ -87,7 +99,7 @@ def key_values(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column()
     for k, v in rows:
         table.add_row(k, v)
-    out.print(table)
+    out(table)
 
 
 def columns(title: str | None, headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> None:
@@ -96,7 +108,7 @@ def columns(title: str | None, headers: list[str], rows: list[list[str]], left: 
         table.add_column(h, justify="left" if h in left else "right")
     for r in rows:
         table.add_row(*r)
-    out.print(table)
+    out(table)
 
 
 def stage_line(r: dict) -> None:

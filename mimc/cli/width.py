@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
-from mimc.cli.render import fidelity_phrase, line, show
+from mimc.cli.render import line, show, shrink_phrase
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +39,6 @@ def register(app: typer.Typer) -> None:
 
 def _human(r: dict, data: str | None) -> None:
     m = r["metrics"]
-    line(f"MLP widths {sorted(set(m['mlp_dims']))}, heads {sorted(set(m['heads']))} per block: params "
-         f"{m['params_before'] / 1e6:.2f}M -> {m['params_after'] / 1e6:.2f}M, MACs x{m['macs_ratio']:.3f}, " + fidelity_phrase(m, data))
+    line(f"MLP widths {sorted(set(m['mlp_dims']))}, heads {sorted(set(m['heads']))} per block: "
+         + shrink_phrase(m, data))
     line(f"wrote {r['output']}")

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mimc.errors import MimcError
+from mimc.models.convert.common import encoder_with_weights
 from mimc.models.vit import Encoder, EncoderConfig
 
 REF_DIR = Path(__file__).parent / "ref"
@@ -48,10 +47,8 @@ def load_reference() -> Encoder:
 
     if not REF_WEIGHTS.is_file():
         raise MimcError(f"reference weights missing at {REF_WEIGHTS}: reinstall mimc or run scripts/train_ref.py --out {REF_DIR}")
-    state = {k: v.to(torch.float32) for k, v in load_file(str(REF_WEIGHTS)).items()}
-    encoder = Encoder(reference_config())
     try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        encoder, (missing, unexpected) = encoder_with_weights(reference_config(), load_file(str(REF_WEIGHTS)), copy=False, strict=False)
     except RuntimeError as exc:  # shape mismatch: weights from another REF_CONFIG
         raise MimcError(f"reference weights at {REF_WEIGHTS} do not fit REF_CONFIG: retrain with scripts/train_ref.py") from exc
     if missing or unexpected:
@@ -59,7 +56,7 @@ def load_reference() -> Encoder:
             f"reference weights at {REF_WEIGHTS} do not match REF_CONFIG (missing {missing[:3]}, unexpected {unexpected[:3]}): "
             "retrain with scripts/train_ref.py"
         )
-    return encoder.eval()
+    return encoder
 
 
 __all__ = ["REF_DIR", "REF_WEIGHTS", "REF_LOG", "REF_CONFIG", "reference_config", "load_reference"]

@@ -26,7 +26,7 @@ def model_slug(model: str) -> str:
     if model.startswith(RANDOM_PREFIX):
         return re.sub(r"[^\w.\-]", "-", model[len(RANDOM_PREFIX):]) or "random"
     name = Path(model.rstrip("/\\")).name or "model"
-    for suffix in (".safetensors", ".pth", ".pt", ".bin", ".onnx"):
+    for suffix in (*CHECKPOINT_SUFFIXES, ".onnx"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name or "model"
@@ -77,29 +77,28 @@ def load_model(model: str | os.PathLike):
         model = os.path.expanduser(model)
     if kind == "artifact":
         return load_artifact(model)
+    extra = {} if kind == "ref" else {"kind": kind}  # the built-in ref records no kind, as it always has
     if kind == "ref":
         from mimc.models.reference import load_reference
 
-        encoder = load_reference()
-        source = {"id": "ref", "family": "ref", "sha256": _ref_sha()}
+        encoder, sha = load_reference(), _ref_sha()
     elif kind == "random":
         from mimc.models.vit import build_encoder, vit_config
 
-        encoder = build_encoder(vit_config(model[len(RANDOM_PREFIX):]), seed=RANDOM_SEED)
-        source = {"id": model, "family": encoder.config.family, "sha256": None, "kind": kind, "seed": RANDOM_SEED}
+        encoder, sha = build_encoder(vit_config(model[len(RANDOM_PREFIX):]), seed=RANDOM_SEED), None
+        extra["seed"] = RANDOM_SEED
     elif kind in ("hf-dir", "hub"):
         from mimc.models.convert.hf_load import load_hf
 
         encoder = load_hf(model)
         weights = _first_file(Path(model), ("model.safetensors", "pytorch_model.bin")) if kind == "hf-dir" else None
         sha = sha256_file(weights) if weights else None
-        source = {"id": model, "family": encoder.config.family, "sha256": sha, "kind": kind}
     else:
         from mimc.models.convert.timm import load_timm_checkpoint
 
         weights = _timm_weights(Path(model)) if kind == "timm-dir" else Path(model)
-        encoder = load_timm_checkpoint(weights)
-        source = {"id": model, "family": encoder.config.family, "sha256": sha256_file(weights), "kind": kind}
+        encoder, sha = load_timm_checkpoint(weights), sha256_file(weights)
+    source = {"id": model, "family": encoder.config.family, "sha256": sha, **extra}
     encoder.eval()
     encoder.manifest = Manifest(encoder=encoder.config.to_dict(), source=source)
     return encoder

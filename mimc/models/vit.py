@@ -358,10 +358,9 @@ def vit_config(name: str, **overrides: Any) -> EncoderConfig:
     return EncoderConfig(**{"image_size": 224, **VIT_SIZES[name], "family": "mae", **overrides})
 
 
-def flops_per_image(cfg: EncoderConfig) -> float:
-    """Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding), every
-    block counted at its own token counts (without a token schedule: all tokens everywhere)."""
-    return token_ops.reduced_macs(cfg)
+# Multiply-accumulates of one forward pass (linears, attention matmuls, patch embedding), every block
+# counted at its own token counts (without a token schedule: all tokens everywhere).
+flops_per_image = token_ops.reduced_macs
 
 
 __all__ = ["EncoderConfig", "EncoderOutput", "Encoder", "Block", "Attention", "Mlp", "PatchEmbed",

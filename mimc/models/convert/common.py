@@ -20,6 +20,9 @@ _TENSOR_GLOBALS = re.compile(
     r"^(torch\..+|numpy\..+|collections\.OrderedDict|_codecs\.encode|argparse\.Namespace"
     r"|builtins\.(set|frozenset|bytearray|slice|complex|dict|list|tuple|int|float|str|bytes|bool))$"
 )
+# (mean, std): timm's IMAGENET_DEFAULT, and transformers' IMAGENET_STANDARD (BEiT's normalisation).
+IMAGENET_DEFAULT = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+IMAGENET_STANDARD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 _INIT_FUNCTIONS = (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
     "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",

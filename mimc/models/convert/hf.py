@@ -29,7 +29,7 @@ from torch import nn
 
 from mimc.errors import NotAModelError
 from mimc.models.vit import Encoder, EncoderConfig
-from mimc.models.convert.common import encoder_with_weights
+from mimc.models.convert.common import IMAGENET_STANDARD, encoder_with_weights
 
 # transformers model_type -> mimc family
 FAMILIES = {"vit_mae": "mae", "vit": "vit", "videomae": "videomae", "beit": "beit", "data2vec-vision": "data2vec"}
@@ -55,9 +55,6 @@ BASE_PATHS = {
     "pooler_norm": ("pooler.layernorm",),
 }
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-# transformers' image processors for these families default to IMAGENET_STANDARD_MEAN/STD.
-PROCESSOR_DEFAULT_MEAN = [0.5, 0.5, 0.5]
-PROCESSOR_DEFAULT_STD = [0.5, 0.5, 0.5]
 
 
 def _find(root: nn.Module, candidates: tuple[str, ...]) -> Any:
@@ -144,8 +141,9 @@ def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -
         act=act,
         head_dim=head_dim if head_dim * heads != hf.hidden_size else None,
         family=family,
-        image_mean=list(mean) if mean is not None else list(PROCESSOR_DEFAULT_MEAN),
-        image_std=list(std) if std is not None else list(PROCESSOR_DEFAULT_STD),
+        # transformers' image processors for these families default to IMAGENET_STANDARD_MEAN/STD.
+        image_mean=list(mean if mean is not None else IMAGENET_STANDARD[0]),
+        image_std=list(std if std is not None else IMAGENET_STANDARD[1]),
     )
 
 

@@ -30,12 +30,10 @@ import torch
 
 from mimc.errors import NotAModelError
 from mimc.models.vit import Encoder, EncoderConfig
-from mimc.models.convert.common import encoder_with_weights
+from mimc.models.convert.common import IMAGENET_DEFAULT, IMAGENET_STANDARD, encoder_with_weights
 
 # Widths whose heads are not 64-dim: ViT-H/14 (1280), ViT-g/14 (1408), ViT-G/14 (1664) all use 16 heads.
 HEADS_BY_DIM = {1280: 16, 1408: 16, 1664: 16}
-IMAGENET_DEFAULT = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-IMAGENET_STANDARD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # BEiT's normalisation
 
 # timm name (regex over the key without the block prefix) -> canonical name. Block keys first.
 BLOCK_KEYS = {
