@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mimc.compression.calib_stats import calibration_pixels
-from mimc.compression.nm_learned import learn_nm_masks
+from mimc.compression.nm_learned import NMLearnedConfig, learn_nm_masks
 from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError
@@ -58,8 +58,6 @@ class NMSparsityConfig(StageConfig):
         if self.weighting == "rsq" and self.method == "magnitude":
             raise ConfigError("weighting rsq weights calibration tokens: use it with method wanda, sparsegpt or learned",
                               option=("weighting", "method"))
-        from mimc.compression.nm_learned import NMLearnedConfig
-
         if self.learned is None:
             object.__setattr__(self, "learned", NMLearnedConfig())
         elif isinstance(self.learned, dict):

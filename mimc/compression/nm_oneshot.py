@@ -40,7 +40,6 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out, cols)
 
 
-
 # SparseGPT ------------------------------------------------------------------------------------------
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, damp: float = 0.01,
                     blocksize: int = 128, update_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +61,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         raise ConfigError(f"SparseGPT's Hessian is not positive definite ({exc}): raise the damping or use more calibration images") from None
     blocksize = max(m, (blocksize // m) * m)  # a group of M columns never straddles two blocks
     pruned = torch.zeros_like(w, dtype=torch.bool)
-    original = w.clone()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()
@@ -86,8 +84,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
             w[:, i1:i2] = q1
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     keep = ~pruned
-    new = w if update_weights else original
-    return (new * keep).to(weight.dtype), keep
+    return (w * keep).to(weight.dtype), keep  # without update_weights, w is never written after the dead columns
 
 
 # One-shot masks -------------------------------------------------------------------------------------
