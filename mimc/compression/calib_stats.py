@@ -19,7 +19,8 @@ from mimc.compression.rsq import token_weights, weighted_moments
 from mimc.models.nm_pattern import block_linears
 
 
-def calibration_pixels(batches: Iterable[torch.Tensor] | None, limit: int, batch_size: int | None = None) -> list[torch.Tensor]:
+def calibration_pixels(batches: Iterable[torch.Tensor] | None, limit: int,
+                       batch_size: int | None = None) -> list[torch.Tensor]:
     """At most ``limit`` images from the batches, re-cut into batches of ``batch_size`` (None: as given)."""
     taken, count = [], 0
     for batch in batches or ():
@@ -98,7 +99,8 @@ def carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor
     with contextlib.ExitStack() as hooks, torch.no_grad():
         for name, mod in block.named_modules():
             if isinstance(mod, nn.Linear):
-                hooks.enter_context(mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian, weights=holder)))
+                hook = _stats_hook(stats, prefix + name, hessian, weights=holder)
+                hooks.enter_context(mod.register_forward_hook(hook))
         for k, x in enumerate(inputs):
             if holder is not None:
                 holder["r"] = weights[k]

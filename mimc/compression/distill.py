@@ -117,8 +117,9 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
     before = fidelity(encoder, teacher, eval_pixels).to_dict()
 
     student = clone_encoder(encoder).eval().requires_grad_(True)
-    # An N:M student's pattern: the mask of the non-zero weights of each block Linear, by name.
-    zeros = {name: lin.weight.detach() != 0 for name, lin in block_linears(student)} if student.config.nm_pattern else None
+    zeros = None  # an N:M student's pattern: the mask of the non-zero weights of each block Linear, by name
+    if student.config.nm_pattern:
+        zeros = {name: lin.weight.detach() != 0 for name, lin in block_linears(student)}
     meta = {
         "stage": config.to_dict(),
         "source_sha256": state_hash(encoder),

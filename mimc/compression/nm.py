@@ -85,6 +85,9 @@ class NMSparsityConfig(StageConfig):
 
 @register(NMSparsityConfig)
 def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: TrainRun | None = None):
+    from mimc.data import deterministic_inputs
+    from mimc.evaluation import fidelity
+
     n, m = config.nm
     validate_pattern(encoder, n, m)
     if config.method == "learned":
@@ -102,13 +105,9 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: T
         "n_calib": sum(p.shape[0] for p in pixels),
         "weighting": config.weighting,
     }
-    from mimc.evaluation import fidelity
-
     if pixels:
         metrics["fidelity_data"] = fidelity(student, encoder, pixels).to_dict()
     else:
-        from mimc.data import deterministic_inputs
-
         metrics["fidelity_deterministic"] = fidelity(student, encoder, [deterministic_inputs(encoder.config, 8)]).to_dict()
     return student, metrics
 

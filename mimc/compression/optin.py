@@ -149,7 +149,6 @@ def _score_block(encoder: Encoder, ref: _BatchReference, l: int, terms: dict) ->
             terms[key][1][l][idx] += value
 
 
-
 def optin_scores(encoder: Encoder, batches: list[torch.Tensor], lam: float = 10.0, seed: int = 0, trajectory: str = "sum"):
     """Per block: (neuron scores (mlp_dim,), head scores (heads,)); larger = more important.
     ``trajectory``: ``sum`` (the paper) or ``final`` (the ablation; see the module doc)."""

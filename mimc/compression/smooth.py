@@ -72,7 +72,8 @@ class RepQConfig(StageConfig):
 def _pairs(encoder) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
     """(name, LayerNorm, the Linear it feeds) for norm1 -> qkv and norm2 -> fc1 of every block."""
     return [pair for i, block in enumerate(encoder.blocks)
-            for pair in ((f"blocks.{i}.norm1", block.norm1, block.attn.qkv), (f"blocks.{i}.norm2", block.norm2, block.mlp.fc1))]
+            for pair in ((f"blocks.{i}.norm1", block.norm1, block.attn.qkv),
+                         (f"blocks.{i}.norm2", block.norm2, block.mlp.fc1))]
 
 
 @torch.no_grad()

@@ -118,19 +118,16 @@ def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
     """Mean |GELU output| per neuron and mean L2 norm of each head's attention output, per block."""
     if not batches:
         raise ConfigError("criterion 'activation' needs calibration images: give data, or use criterion l2", option=("criterion", "data"))
-    sums = [[None, None, 0] for _ in encoder.blocks]
+    sums = [[0, 0, 0] for _ in encoder.blocks]  # |GELU output| per neuron, head output norm per head, tokens
     with contextlib.ExitStack() as hooks:
         for i, block in enumerate(encoder.blocks):
             def on_fc2(mod, inp, out, i=i):
                 a = inp[0].detach().float().abs().reshape(-1, inp[0].shape[-1])
-                s = sums[i]
-                s[0] = a.sum(0) if s[0] is None else s[0] + a.sum(0)
-                s[2] += a.shape[0]
+                sums[i][0] += a.sum(0)
+                sums[i][2] += a.shape[0]
 
             def on_proj(mod, inp, out, i=i, attn=block.attn):
-                x = inp[0].detach().float().reshape(-1, attn.num_heads, attn.head_dim)
-                n = x.norm(dim=-1).sum(0)
-                sums[i][1] = n if sums[i][1] is None else sums[i][1] + n
+                sums[i][1] += inp[0].detach().float().reshape(-1, attn.num_heads, attn.head_dim).norm(dim=-1).sum(0)
 
             hooks.enter_context(block.mlp.fc2.register_forward_hook(on_fc2))
             hooks.enter_context(block.attn.proj.register_forward_hook(on_proj))
