@@ -58,10 +58,8 @@ class NMSparsityConfig(StageConfig):
         if self.weighting == "rsq" and self.method == "magnitude":
             raise ConfigError("weighting rsq weights calibration tokens: use it with method wanda, sparsegpt or learned",
                               option=("weighting", "method"))
-        if self.learned is None:
-            object.__setattr__(self, "learned", NMLearnedConfig())
-        elif isinstance(self.learned, dict):
-            object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned))
+        if self.learned is None or isinstance(self.learned, dict):
+            object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned or {}))
         elif not isinstance(self.learned, NMLearnedConfig):
             raise ConfigError("learned must be a mapping of MaskLLM options", option="learned")
 

@@ -88,6 +88,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
 
 
 # One-shot masks -------------------------------------------------------------------------------------
+@torch.no_grad()
 def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: list[torch.Tensor] | None,
                       update_weights: bool = False, damp: float = 0.01, blocksize: int = 128,
                       weighting: str = "uniform", r_min: float = DEFAULT_R_MIN) -> dict[str, torch.Tensor]:
@@ -100,8 +101,7 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
     if method == "magnitude":
         for name, lin in linears.items():
             masks[name] = nm_keep_mask(lin.weight.detach().abs(), n, m)
-            with torch.no_grad():
-                lin.weight.mul_(masks[name])
+            lin.weight.mul_(masks[name])
         return masks
     if not pixels:
         raise DataError(f"N:M method '{method}' needs calibration images: give data (a folder, .npz/.npy or 'builtin')", option="data")
@@ -112,9 +112,8 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
     # otherwise the encoder's own forward is re-run up to each block.
     carried = shared_bias = None
     if encoder.config.token_schedule is None:
-        with torch.no_grad():
-            carried = [encoder.embed(batch) for batch in pixels]
-            shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
+        carried = [encoder.embed(batch) for batch in pixels]
+        shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
     for b in range(len(encoder.blocks)):
         if carried is not None:
             stats = carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt",
@@ -123,16 +122,15 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
             stats = collect_block_stats(encoder, b, pixels, hessian=method == "sparsegpt")
         for name, s in stats.items():
             lin = linears[name]
-            with torch.no_grad():
-                if method == "wanda":
-                    masks[name] = nm_keep_mask(lin.weight.abs() * s.sq_norm.sqrt()[None, :], n, m)
-                    lin.weight.mul_(masks[name])
-                else:
-                    new, masks[name] = sparsegpt_prune(lin.weight, s.hessian / max(s.tokens, 1), n, m, damp, blocksize, update_weights)
-                    lin.weight.copy_(new)
-        if carried is not None:
-            with torch.no_grad():  # the sparsified block's output is the next block's calibration input
-                carried = [encoder.blocks[b](x, shared_bias) for x in carried]
+            if method == "wanda":
+                masks[name] = nm_keep_mask(lin.weight.abs() * s.sq_norm.sqrt()[None, :], n, m)
+                lin.weight.mul_(masks[name])
+            else:
+                new, masks[name] = sparsegpt_prune(lin.weight, s.hessian / max(s.tokens, 1), n, m, damp, blocksize,
+                                                   update_weights)
+                lin.weight.copy_(new)
+        if carried is not None:  # the sparsified block's output is the next block's calibration input
+            carried = [encoder.blocks[b](x, shared_bias) for x in carried]
     return masks
 
 

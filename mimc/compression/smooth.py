@@ -186,13 +186,10 @@ def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, Any]:
     was_training = original.training
     original.eval()
     folded.eval()
-    try:
-        a, b = original(batch), folded(batch)
+    try:  # compared by name: last_hidden_state and pooled (EncoderOutput's hidden_states is None here)
+        return compare_outputs(original(batch), folded(batch)).to_dict()
     finally:
         original.train(was_training)
-    fidelity = compare_outputs({"last_hidden_state": a.last_hidden_state, "pooled": a.pooled},
-                               {"last_hidden_state": b.last_hidden_state, "pooled": b.pooled})
-    return fidelity.to_dict()
 
 
 def _fold(encoder, calibration_batches, max_batches, fold_pair):

@@ -163,19 +163,16 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
     state = dict(encoder.state_dict())  # sliced entries are new tensors; load_state_dict copies the rest
     for i, block in enumerate(encoder.blocks):
         p = f"blocks.{i}."
-        n_idx = torch.tensor(keep_neurons[i])
-        state[p + "mlp.fc1.weight"] = state[p + "mlp.fc1.weight"][n_idx]
-        state[p + "mlp.fc1.bias"] = state[p + "mlp.fc1.bias"][n_idx]
-        state[p + "mlp.fc2.weight"] = state[p + "mlp.fc2.weight"][:, n_idx]
+        neurons, heads = torch.tensor(keep_neurons[i]), torch.tensor(keep_heads[i])
         hd, inner = block.attn.head_dim, block.attn.num_heads * block.attn.head_dim
         cols = torch.tensor([h * hd + j for h in keep_heads[i] for j in range(hd)])
         rows = torch.cat([part * inner + cols for part in range(3)])  # the fused qkv: (q heads, k heads, v heads)
-        state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][rows]
-        if p + "attn.qkv.bias" in state:
-            state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][rows]
-        state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, cols]
-        if p + "attn.rel_pos_bias.table" in state:
-            state[p + "attn.rel_pos_bias.table"] = state[p + "attn.rel_pos_bias.table"][:, torch.tensor(keep_heads[i])]
+        # (entry, dimension sliced, kept indices); the qkv bias and a per-block position bias table are optional
+        for key, dim, kept in (("mlp.fc1.weight", 0, neurons), ("mlp.fc1.bias", 0, neurons),
+                               ("mlp.fc2.weight", 1, neurons), ("attn.qkv.weight", 0, rows), ("attn.qkv.bias", 0, rows),
+                               ("attn.proj.weight", 1, cols), ("attn.rel_pos_bias.table", 1, heads)):
+            if p + key in state:
+                state[p + key] = state[p + key].index_select(dim, kept)
     new.load_state_dict(state)
     new = new.to(next(encoder.parameters()).dtype).eval()
     macs_before, macs_after = flops_per_image(cfg), flops_per_image(new_cfg)
