@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DATA_FREE_CRITERIA = ("entropy", "entropy_hist", "l1", "l2", "variance", "kurtosis", "random", "last")
@@ -55,12 +56,9 @@ def entropy_from_counts(counts: np.ndarray) -> float:
 def exact_value_counts(weights: Sequence[np.ndarray], dtype: str = "fp16") -> np.ndarray:
     """Counts of each distinct value after casting to ``dtype`` (zero counts included for 16-bit)."""
     if dtype == "fp16":
-        counts = sum(np.bincount(w.astype(np.float16).view(np.uint16), minlength=1 << 16) for w in weights)
+        bits = (w.astype(np.float16).view(np.uint16) for w in weights)
     elif dtype == "bf16":
-        counts = sum(
-            np.bincount(torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), minlength=1 << 16)
-            for w in weights
-        )
+        bits = (torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) for w in weights)
     elif dtype == "fp32":
         # value_counts semantics: -0.0 == 0.0; fp32 has no bincount shortcut, so sort.
         values = np.concatenate(weights) + np.float32(0.0)
@@ -68,7 +66,7 @@ def exact_value_counts(weights: Sequence[np.ndarray], dtype: str = "fp16") -> np
         return counts
     else:  # validated by the config; kept for direct callers
         raise ValueError(f"unknown entropy dtype {dtype!r}")
-    counts = np.asarray(counts)
+    counts = sum(np.bincount(b, minlength=1 << 16) for b in bits)
     counts[0] += counts[0x8000]  # -0.0 and +0.0 are one value (pandas value_counts, as in Gardener)
     counts[0x8000] = 0
     return counts
@@ -159,8 +157,6 @@ def sensitivity_scores(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> l
 def _sensitivity_by_swapping(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
     """Runs the encoder's own forward with its block list swapped, so anything the forward does
     (token reduction, relative position bias, layer scale) behaves exactly as in the pruned model."""
-    import torch.nn.functional as F
-
     was_training = encoder.training
     encoder.eval()
     full_blocks = encoder.blocks
@@ -181,8 +177,6 @@ def _sensitivity_by_swapping(encoder: nn.Module, batches: Sequence[torch.Tensor]
 def _sensitivity_from_prefix(encoder: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
     """Same scores without re-running the unchanged prefix: skipping block i starts from the
     full model's input to block i, halving the work (no token reduction, so the forward is plain)."""
-    import torch.nn.functional as F
-
     was_training = encoder.training
     encoder.eval()
     depth = len(encoder.blocks)

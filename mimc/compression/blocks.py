@@ -126,10 +126,7 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
     k = config.num_removed(cfg.depth)
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores, warnings = score_blocks(encoder, config, batches)
-    if config.blocks is not None:
-        removed = list(config.blocks)
-    else:
-        removed = sorted(removal_order(scores)[:k])
+    removed = list(config.blocks) if config.blocks is not None else sorted(removal_order(scores)[:k])
     new = remove_blocks(encoder, removed)
 
     ids = cfg.kept_block_ids()

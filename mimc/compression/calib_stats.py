@@ -1,6 +1,6 @@
 """Statistics over calibration batches: the images a stage calibrates on, and the inputs of a block's Linears.
 
-:func:`calibration_pixels` re-cuts the batches a stage is given into a fixed number of images.
+:func:`calibration_pixels` cuts the batches a stage is given down to a fixed number of images.
 :func:`collect_block_stats` runs the encoder's own forward (so any token schedule is respected)
 and stops right after one block; :func:`carried_block_stats` runs only that block on inputs
 carried forward from the previous one. Both return, per Linear, the sum of squares of every input
@@ -8,6 +8,7 @@ feature (Wanda's norm) and optionally the input Gram matrix XᵀX (SparseGPT's H
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -18,21 +19,18 @@ from mimc.compression.rsq import token_weights, weighted_moments
 from mimc.models.nm_pattern import block_linears
 
 
-def calibration_pixels(batches: Iterable[torch.Tensor] | None, limit: int, batch_size: int) -> list[torch.Tensor]:
-    """At most ``limit`` images from the batches, re-cut into batches of ``batch_size``."""
-    if batches is None:
-        return []
+def calibration_pixels(batches: Iterable[torch.Tensor] | None, limit: int,
+                       batch_size: int | None = None) -> list[torch.Tensor]:
+    """At most ``limit`` images from the batches, re-cut into batches of ``batch_size`` (None: as given)."""
     taken, count = [], 0
-    for batch in batches:
+    for batch in batches or ():
         if count >= limit:
             break
-        batch = batch[: limit - count]
-        taken.append(batch)
-        count += batch.shape[0]
-    if not taken:
-        return []
-    pixels = torch.cat(taken)
-    return list(pixels.split(batch_size))
+        taken.append(batch[: limit - count])
+        count += taken[-1].shape[0]
+    if batch_size is None or not taken:
+        return taken
+    return list(torch.cat(taken).split(batch_size))
 
 
 class _StopForward(Exception):
@@ -60,13 +58,11 @@ def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bo
             s = stats[name] = LayerStats(torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]) if hessian else None)
         if weights is not None:
             sq, hess = weighted_moments(x, weights["r"].reshape(-1), s.hessian is not None)
-            s.sq_norm += sq
-            if hess is not None:
-                s.hessian += hess
         else:
-            s.sq_norm += (x * x).sum(dim=0)
-            if s.hessian is not None:
-                s.hessian += x.T @ x
+            sq, hess = (x * x).sum(dim=0), (x.T @ x if s.hessian is not None else None)
+        s.sq_norm += sq
+        if hess is not None:
+            s.hessian += hess
         s.tokens += x.shape[0]
         if stop:
             raise _StopForward
@@ -75,26 +71,18 @@ def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bo
 
 
 def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch.Tensor], hessian: bool) -> dict[str, LayerStats]:
-    """Input statistics of block ``block_index``'s Linears over the calibration batches.
-
-    Runs the encoder's own forward (so any structure it has is respected) and stops it right after
-    the block; every hook is removed even when the forward raises.
-    """
+    """Input statistics of block ``block_index``'s Linears over the calibration batches (the encoder's
+    own forward, stopped right after the block)."""
     prefix = f"blocks.{block_index}."
     linears = [(name, lin) for name, lin in block_linears(encoder) if name.startswith(prefix)]
     stats: dict[str, LayerStats] = {}
     last_name = linears[-1][0]
-    handles = [lin.register_forward_hook(_stats_hook(stats, name, hessian, stop=name == last_name)) for name, lin in linears]
-    try:
-        with torch.no_grad():
-            for batch in pixels:
-                try:
-                    encoder(batch)
-                except _StopForward:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    with contextlib.ExitStack() as hooks, torch.no_grad():
+        for name, lin in linears:
+            hooks.enter_context(lin.register_forward_hook(_stats_hook(stats, name, hessian, stop=name == last_name)))
+        for batch in pixels:
+            with contextlib.suppress(_StopForward):
+                encoder(batch)
     return stats
 
 
@@ -108,17 +96,15 @@ def carried_block_stats(block: nn.Module, prefix: str, inputs: list[torch.Tensor
     holder = {} if r_min is not None else None
     # The weights read this block's attention, so they are computed before the hooks go on.
     weights = [token_weights(block, x, shared_bias, r_min) for x in inputs] if r_min is not None else None
-    handles = [mod.register_forward_hook(_stats_hook(stats, prefix + name, hessian, weights=holder)) for name, mod in block.named_modules()
-               if isinstance(mod, nn.Linear)]
-    try:
-        with torch.no_grad():
-            for k, x in enumerate(inputs):
-                if holder is not None:
-                    holder["r"] = weights[k]
-                block(x, shared_bias)
-    finally:
-        for h in handles:
-            h.remove()
+    with contextlib.ExitStack() as hooks, torch.no_grad():
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear):
+                hook = _stats_hook(stats, prefix + name, hessian, weights=holder)
+                hooks.enter_context(mod.register_forward_hook(hook))
+        for k, x in enumerate(inputs):
+            if holder is not None:
+                holder["r"] = weights[k]
+            block(x, shared_bias)
     return stats
 
 

@@ -87,11 +87,6 @@ def check_teacher(student, teacher) -> None:
             raise ConfigError(f"teacher and student differ in {key} ({b} vs {a}): distill from the model this one was compressed from")
 
 
-def nm_zeros(student) -> dict[str, torch.Tensor]:
-    """The mask of the non-zero weights of each block Linear, by name (an N:M student's pattern)."""
-    return {name: lin.weight.detach() != 0 for name, lin in block_linears(student)}
-
-
 def reapply_zeros(model, zeros: dict[str, torch.Tensor]) -> None:
     """Zero the masked weights of ``model`` (the student being trained) again after an optimizer step,
     so the N:M pattern survives training."""
@@ -122,7 +117,9 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
     before = fidelity(encoder, teacher, eval_pixels).to_dict()
 
     student = clone_encoder(encoder).eval().requires_grad_(True)
-    zeros = nm_zeros(student) if student.config.nm_pattern else None
+    zeros = None  # an N:M student's pattern: the mask of the non-zero weights of each block Linear, by name
+    if student.config.nm_pattern:
+        zeros = {name: lin.weight.detach() != 0 for name, lin in block_linears(student)}
     meta = {
         "stage": config.to_dict(),
         "source_sha256": state_hash(encoder),

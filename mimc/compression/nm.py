@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mimc.compression.calib_stats import calibration_pixels
-from mimc.compression.nm_learned import learn_nm_masks
+from mimc.compression.nm_learned import NMLearnedConfig, learn_nm_masks
 from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder, register
 from mimc.errors import ConfigError
@@ -58,12 +58,8 @@ class NMSparsityConfig(StageConfig):
         if self.weighting == "rsq" and self.method == "magnitude":
             raise ConfigError("weighting rsq weights calibration tokens: use it with method wanda, sparsegpt or learned",
                               option=("weighting", "method"))
-        from mimc.compression.nm_learned import NMLearnedConfig
-
-        if self.learned is None:
-            object.__setattr__(self, "learned", NMLearnedConfig())
-        elif isinstance(self.learned, dict):
-            object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned))
+        if self.learned is None or isinstance(self.learned, dict):
+            object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned or {}))
         elif not isinstance(self.learned, NMLearnedConfig):
             raise ConfigError("learned must be a mapping of MaskLLM options", option="learned")
 
@@ -87,6 +83,9 @@ class NMSparsityConfig(StageConfig):
 
 @register(NMSparsityConfig)
 def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: TrainRun | None = None):
+    from mimc.data import deterministic_inputs
+    from mimc.evaluation import fidelity
+
     n, m = config.nm
     validate_pattern(encoder, n, m)
     if config.method == "learned":
@@ -104,13 +103,9 @@ def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: T
         "n_calib": sum(p.shape[0] for p in pixels),
         "weighting": config.weighting,
     }
-    from mimc.evaluation import fidelity
-
     if pixels:
         metrics["fidelity_data"] = fidelity(student, encoder, pixels).to_dict()
     else:
-        from mimc.data import deterministic_inputs
-
         metrics["fidelity_deterministic"] = fidelity(student, encoder, [deterministic_inputs(encoder.config, 8)]).to_dict()
     return student, metrics
 

@@ -184,14 +184,9 @@ def learn_nm_masks(encoder, config, calibration_batches, run: TrainRun | None = 
 
     meta = {"stage": config.to_dict(), "source_sha256": state_hash(encoder), "data_sha256": fingerprint(images)}
     # The hooks act on the student being trained: ``student`` itself, or its sharded copy under FSDP.
-    live: dict[int, list[MaskedLinear]] = {}
-
-    def of(model: nn.Module) -> list[MaskedLinear]:
-        return live.setdefault(id(model), masked_layers(model))
-
     result = train(student, clone_encoder(encoder), images, lc, run, meta=meta,
-                   prepare_step=lambda model, step, generator: anneal_and_draw_noise(of(model), lc, step, generator),
-                   penalty=lambda model: keep_large_weights_penalty(of(model), lc.reg_lambda))
+                   prepare_step=lambda model, step, gen: anneal_and_draw_noise(masked_layers(model), lc, step, gen),
+                   penalty=lambda model: keep_large_weights_penalty(masked_layers(model), lc.reg_lambda))
 
     out = clone_encoder(encoder).eval()
     linears = dict(block_linears(out))

@@ -40,7 +40,6 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out, cols)
 
 
-
 # SparseGPT ------------------------------------------------------------------------------------------
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, damp: float = 0.01,
                     blocksize: int = 128, update_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +61,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         raise ConfigError(f"SparseGPT's Hessian is not positive definite ({exc}): raise the damping or use more calibration images") from None
     blocksize = max(m, (blocksize // m) * m)  # a group of M columns never straddles two blocks
     pruned = torch.zeros_like(w, dtype=torch.bool)
-    original = w.clone()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()
@@ -86,11 +84,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
             w[:, i1:i2] = q1
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     keep = ~pruned
-    new = w if update_weights else original
-    return (new * keep).to(weight.dtype), keep
+    return (w * keep).to(weight.dtype), keep  # without update_weights, w is never written after the dead columns
 
 
 # One-shot masks -------------------------------------------------------------------------------------
+@torch.no_grad()
 def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: list[torch.Tensor] | None,
                       update_weights: bool = False, damp: float = 0.01, blocksize: int = 128,
                       weighting: str = "uniform", r_min: float = DEFAULT_R_MIN) -> dict[str, torch.Tensor]:
@@ -103,8 +101,7 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
     if method == "magnitude":
         for name, lin in linears.items():
             masks[name] = nm_keep_mask(lin.weight.detach().abs(), n, m)
-            with torch.no_grad():
-                lin.weight.mul_(masks[name])
+            lin.weight.mul_(masks[name])
         return masks
     if not pixels:
         raise DataError(f"N:M method '{method}' needs calibration images: give data (a folder, .npz/.npy or 'builtin')", option="data")
@@ -115,9 +112,8 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
     # otherwise the encoder's own forward is re-run up to each block.
     carried = shared_bias = None
     if encoder.config.token_schedule is None:
-        with torch.no_grad():
-            carried = [encoder.embed(batch) for batch in pixels]
-            shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
+        carried = [encoder.embed(batch) for batch in pixels]
+        shared_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
     for b in range(len(encoder.blocks)):
         if carried is not None:
             stats = carried_block_stats(encoder.blocks[b], f"blocks.{b}.", carried, shared_bias, hessian=method == "sparsegpt",
@@ -126,16 +122,15 @@ def one_shot_sparsify(encoder: nn.Module, n: int, m: int, method: str, pixels: l
             stats = collect_block_stats(encoder, b, pixels, hessian=method == "sparsegpt")
         for name, s in stats.items():
             lin = linears[name]
-            with torch.no_grad():
-                if method == "wanda":
-                    masks[name] = nm_keep_mask(lin.weight.abs() * s.sq_norm.sqrt()[None, :], n, m)
-                    lin.weight.mul_(masks[name])
-                else:
-                    new, masks[name] = sparsegpt_prune(lin.weight, s.hessian / max(s.tokens, 1), n, m, damp, blocksize, update_weights)
-                    lin.weight.copy_(new)
-        if carried is not None:
-            with torch.no_grad():  # the sparsified block's output is the next block's calibration input
-                carried = [encoder.blocks[b](x, shared_bias) for x in carried]
+            if method == "wanda":
+                masks[name] = nm_keep_mask(lin.weight.abs() * s.sq_norm.sqrt()[None, :], n, m)
+                lin.weight.mul_(masks[name])
+            else:
+                new, masks[name] = sparsegpt_prune(lin.weight, s.hessian / max(s.tokens, 1), n, m, damp, blocksize,
+                                                   update_weights)
+                lin.weight.copy_(new)
+        if carried is not None:  # the sparsified block's output is the next block's calibration input
+            carried = [encoder.blocks[b](x, shared_bias) for x in carried]
     return masks
 
 

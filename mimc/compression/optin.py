@@ -59,6 +59,7 @@ from mimc.models.vit import Encoder, flops_per_image
 
 MD_TOKENS = 768  # K, the upstream token sample of the manifold-distillation term
 VARIANT_ROWS = 256  # images (units × batch) run through the later blocks at once
+TRAJECTORIES = ("sum", "final")
 
 
 def unit_macs(cfg) -> tuple[float, float]:
@@ -90,14 +91,10 @@ class _BatchReference:
         self.mid, self.out, self.heads_out, self.hidden, self.feats = [], [], [], [], []
         for j, block in enumerate(encoder.blocks):
             captured = {}
-            hp = block.attn.proj.register_forward_hook(lambda m, i, o: captured.__setitem__("o", i[0]))
-            hf = block.mlp.fc2.register_forward_hook(lambda m, i, o: captured.__setitem__("h", i[0]))
-            try:
+            with (block.attn.proj.register_forward_hook(lambda m, i, o: captured.__setitem__("o", i[0])),
+                  block.mlp.fc2.register_forward_hook(lambda m, i, o: captured.__setitem__("h", i[0]))):
                 mid = x + block.ls1(block.attn(block.norm1(x), self.bias))
                 x = mid + block.ls2(block.mlp(block.norm2(mid)))
-            finally:
-                hp.remove()
-                hf.remove()
             self.mid.append(mid)
             self.out.append(x)
             self.heads_out.append(captured["o"])
@@ -152,16 +149,9 @@ def _score_block(encoder: Encoder, ref: _BatchReference, l: int, terms: dict) ->
             terms[key][1][l][idx] += value
 
 
-TRAJECTORIES = ("sum", "final")
-
-
 def optin_scores(encoder: Encoder, batches: list[torch.Tensor], lam: float = 10.0, seed: int = 0, trajectory: str = "sum"):
     """Per block: (neuron scores (mlp_dim,), head scores (heads,)); larger = more important.
-
-    ``trajectory``: ``sum`` (the paper) sums the MD term over the unit's block and every later one;
-    ``final`` keeps the last block's term only (an ablation: the sum counts an early unit's effect
-    once per later block, which favours early blocks).
-    """
+    ``trajectory``: ``sum`` (the paper) or ``final`` (the ablation; see the module doc)."""
     if trajectory not in TRAJECTORIES:
         raise ConfigError(f"unknown OPTIN trajectory '{trajectory}': choose one of {', '.join(TRAJECTORIES)}")
     terms = optin_terms(encoder, batches, seed)
@@ -200,8 +190,9 @@ def _combine(md: list[torch.Tensor], pool: list[torch.Tensor], lam: float) -> li
 
 
 # Global allocation under a MAC budget ------------------------------------------------------------------
-def _ranked(scores: torch.Tensor) -> list[int]:
-    # Ties broken by index: the same scores always give the same structure.
+def ranked(scores: torch.Tensor) -> list[int]:
+    """Unit indices from the highest score down; ties broken by index, so the same scores always give
+    the same structure."""
     return sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
 
 
@@ -227,9 +218,9 @@ def allocate(cfg, scores, macs_ratio: float, round_to: int, prune_heads: bool = 
     # Tiles: each block's neurons in score order, round_to at a time (tile scores fall within a block).
     tiles, keep_heads, opt_heads = [], [], []
     for i, (ns, hs) in enumerate(zip(neurons, heads)):
-        order = _ranked(ns)
+        order = ranked(ns)
         tiles.append([(order[k : k + round_to], float(ns[order[k : k + round_to]].sum())) for k in range(0, len(order), round_to)])
-        h_order = _ranked(hs)
+        h_order = ranked(hs)
         if not prune_heads:
             keep_heads.append(list(h_order))
             continue
@@ -264,4 +255,4 @@ def allocate(cfg, scores, macs_ratio: float, round_to: int, prune_heads: bool = 
     return keep_neurons, [sorted(k) for k in keep_heads]
 
 
-__all__ = ["optin_scores", "optin_terms", "allocate", "unit_macs", "MD_TOKENS", "TRAJECTORIES"]
+__all__ = ["optin_scores", "optin_terms", "allocate", "ranked", "unit_macs", "MD_TOKENS", "TRAJECTORIES"]

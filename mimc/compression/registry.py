@@ -19,7 +19,7 @@ from mimc.errors import ConfigError, DataError
 from mimc.train.config import TrainRun
 from mimc.options import StageConfig  # re-exported: stage modules import it from here
 
-__all__ = ["StageConfig", "register", "config_types", "config_from_dict", "compress", "clone_encoder"]
+__all__ = ["StageConfig", "register", "config_types", "compress", "clone_encoder"]
 
 Handler = Callable[[Any, "StageConfig", "Iterable[torch.Tensor] | None"], "tuple[Any, dict[str, Any]]"]
 
@@ -44,13 +44,6 @@ def register(config_type: type) -> Callable[[Handler], Handler]:
 def config_types() -> dict[str, type]:
     _import_stages()
     return dict(_CONFIGS)
-
-
-def config_from_dict(name: str, options: dict[str, Any]) -> StageConfig:
-    types = config_types()
-    if name not in types:
-        raise ConfigError(f"unknown stage '{name}': known stages are {sorted(types)}")
-    return types[name].from_dict(options)
 
 
 def _import_stages() -> None:
@@ -94,13 +87,6 @@ def compress(encoder, config: StageConfig, calibration_batches: Iterable[torch.T
 
 
 def clone_encoder(encoder):
-    """A deep copy that shares nothing with the input (handlers start from this)."""
-    manifest = getattr(encoder, "manifest", None)
-    if manifest is not None:
-        encoder.manifest = None
-    try:
-        new = copy.deepcopy(encoder)
-    finally:
-        if manifest is not None:
-            encoder.manifest = manifest
-    return new
+    """A deep copy that shares nothing with the input and carries no manifest (handlers start from this)."""
+    # The memo maps the manifest to None: deepcopy then neither copies it nor touches the input.
+    return copy.deepcopy(encoder, {id(getattr(encoder, "manifest", None)): None})

@@ -23,6 +23,7 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from typing import Any, ClassVar, Iterable
@@ -70,35 +71,31 @@ class RepQConfig(StageConfig):
 # Calibration statistics ---------------------------------------------------------------------------
 def _pairs(encoder) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
     """(name, LayerNorm, the Linear it feeds) for norm1 -> qkv and norm2 -> fc1 of every block."""
-    pairs = []
-    for i, block in enumerate(encoder.blocks):
-        pairs.append((f"blocks.{i}.norm1", block.norm1, block.attn.qkv))
-        pairs.append((f"blocks.{i}.norm2", block.norm2, block.mlp.fc1))
-    return pairs
+    return [pair for i, block in enumerate(encoder.blocks)
+            for pair in ((f"blocks.{i}.norm1", block.norm1, block.attn.qkv),
+                         (f"blocks.{i}.norm2", block.norm2, block.mlp.fc1))]
 
 
 @torch.no_grad()
 def channel_ranges(encoder, calibration_batches: Iterable[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (min, max) of every smoothed LayerNorm's output over the calibration batches."""
-    stats: dict[str, list[torch.Tensor]] = {}
-    hooks = []
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(name):
         def fn(_module, _inputs, output):
             flat = output.detach().reshape(-1, output.shape[-1]).to(torch.float64)
             lo, hi = flat.amin(0), flat.amax(0)
             if name in stats:
-                stats[name] = [torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)]
-            else:
-                stats[name] = [lo, hi]
+                lo, hi = torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)
+            stats[name] = (lo, hi)
         return fn
 
-    for name, norm, _ in _pairs(encoder):
-        hooks.append(norm.register_forward_hook(hook(name)))
-    was_training = encoder.training
-    encoder.eval()
     seen = 0
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(encoder.train, encoder.training)
+        encoder.eval()
+        for name, norm, _ in _pairs(encoder):
+            cleanup.enter_context(norm.register_forward_hook(hook(name)))
         for batch in calibration_batches:
             if not isinstance(batch, torch.Tensor) or tuple(batch.shape[1:]) != tuple(encoder.config.input_shape):
                 shape = tuple(batch.shape) if hasattr(batch, "shape") else type(batch).__name__
@@ -108,13 +105,9 @@ def channel_ranges(encoder, calibration_batches: Iterable[torch.Tensor]) -> dict
                 )
             encoder(batch.to(torch.float32))
             seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        encoder.train(was_training)
     if seen == 0:
         raise DataError("no calibration batches: give data (a folder, .npz/.npy or 'builtin') with at least one image", option="data")
-    return {k: (v[0], v[1]) for k, v in stats.items()}
+    return stats
 
 
 # Folding (pure weight rewrites) -------------------------------------------------------------------
@@ -193,13 +186,10 @@ def _fidelity(original, folded, batch: torch.Tensor) -> dict[str, Any]:
     was_training = original.training
     original.eval()
     folded.eval()
-    try:
-        a, b = original(batch), folded(batch)
+    try:  # compared by name: last_hidden_state and pooled (EncoderOutput's hidden_states is None here)
+        return compare_outputs(original(batch), folded(batch)).to_dict()
     finally:
         original.train(was_training)
-    fidelity = compare_outputs({"last_hidden_state": a.last_hidden_state, "pooled": a.pooled},
-                               {"last_hidden_state": b.last_hidden_state, "pooled": b.pooled})
-    return fidelity.to_dict()
 
 
 def _fold(encoder, calibration_batches, max_batches, fold_pair):

@@ -96,13 +96,6 @@ class TokenReductionConfig(StageConfig):
         return sched
 
 
-def with_schedule(encoder: Encoder, schedule: dict[str, Any] | None) -> Encoder:
-    """A new encoder with the same weights and the given token schedule; ``encoder`` is untouched."""
-    new = Encoder(encoder.config.replace(token_schedule=schedule))
-    new.load_state_dict(encoder.state_dict())
-    return new.eval()
-
-
 @register(TokenReductionConfig)
 def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
     from mimc.data import deterministic_inputs
@@ -112,7 +105,9 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
     if cfg.token_schedule:
         raise ConfigError(f"this model already reduces tokens ({cfg.token_schedule.get('method')}): apply mimc tokens to the model before its first token stage")
     schedule = config.schedule(cfg)
-    new = with_schedule(encoder, schedule)
+    new = Encoder(cfg.replace(token_schedule=schedule))  # the same weights; ``encoder`` is untouched
+    new.load_state_dict(encoder.state_dict())
+    new.eval()
     plan = new.token_plan
     macs_dense, macs_reduced = flops_per_image(cfg), token_ops.reduced_macs(new.config, plan)
     # Mean tokens per block, weighted like the work: what "x % of the tokens" means in the benchmark.
@@ -135,4 +130,4 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
     return new, metrics
 
 
-__all__ = ["TokenReductionConfig", "reduce_tokens", "with_schedule"]
+__all__ = ["TokenReductionConfig", "reduce_tokens"]

@@ -33,6 +33,7 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -41,6 +42,8 @@ import torch
 
 from mimc.errors import ConfigError
 from mimc.models.vit import Encoder, build_encoder, flops_per_image
+from mimc.compression.calib_stats import calibration_pixels
+from mimc.compression.optin import TRAJECTORIES, allocate, optin_scores, ranked
 from mimc.compression.registry import StageConfig, register
 from mimc.options import option
 
@@ -64,7 +67,7 @@ class WidthPruningConfig(StageConfig):
     macs: float | None = option(None, gt=0, le=1, doc="ratio of MACs kept, allocated per block (global); replaces mlp/heads")
     optin_images: int = option(32, ge=2, doc="optin: images the trajectory scores are computed on")
     optin_lambda: float = option(10.0, ge=0, doc="optin: how far the pooled-feature term sits below the token term (lambda)")
-    optin_trajectory: str = option("sum", choices=("sum", "final"),
+    optin_trajectory: str = option("sum", choices=TRAJECTORIES,
                                    doc="optin: sum the loss over every later block (the paper) or the last block's only")
 
     def check(self) -> None:
@@ -86,18 +89,10 @@ class WidthPruningConfig(StageConfig):
         return heads if self.heads == 0 else max(1, int(round(heads * (1.0 - self.heads))))
 
 
-def _head_rows(h: int, head_dim: int, inner: int) -> list[int]:
-    """Rows of the fused qkv weight that belong to head ``h`` (q, k and v parts)."""
-    base = h * head_dim
-    return [part * inner + base + i for part in range(3) for i in range(head_dim)]
-
-
 def _scores(encoder: Encoder, config: WidthPruningConfig, batches: list[torch.Tensor] | None):
     """Per block: (neuron importance (mlp_dim,), head importance (heads,))."""
-    if config.criterion == "optin":
-        from mimc.compression.optin import optin_scores
-
-        return optin_scores(encoder, _first_images(batches, config.optin_images), config.optin_lambda,
+    if config.criterion == "optin":  # OPTIN's one calibration batch, streamed as given
+        return optin_scores(encoder, calibration_pixels(batches, config.optin_images), config.optin_lambda,
                             trajectory=config.optin_trajectory)
     acts = _activation_stats(encoder, batches[: config.max_batches]) if config.criterion == "activation" else None
     out = []
@@ -123,45 +118,22 @@ def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
     """Mean |GELU output| per neuron and mean L2 norm of each head's attention output, per block."""
     if not batches:
         raise ConfigError("criterion 'activation' needs calibration images: give data, or use criterion l2", option=("criterion", "data"))
-    sums = [[None, None, 0] for _ in encoder.blocks]
-    hooks = []
-    for i, block in enumerate(encoder.blocks):
-        def on_fc2(mod, inp, out, i=i):
-            a = inp[0].detach().float().abs().reshape(-1, inp[0].shape[-1])
-            s = sums[i]
-            s[0] = a.sum(0) if s[0] is None else s[0] + a.sum(0)
-            s[2] += a.shape[0]
+    sums = [[0, 0, 0] for _ in encoder.blocks]  # |GELU output| per neuron, head output norm per head, tokens
+    with contextlib.ExitStack() as hooks:
+        for i, block in enumerate(encoder.blocks):
+            def on_fc2(mod, inp, out, i=i):
+                a = inp[0].detach().float().abs().reshape(-1, inp[0].shape[-1])
+                sums[i][0] += a.sum(0)
+                sums[i][2] += a.shape[0]
 
-        def on_proj(mod, inp, out, i=i, attn=block.attn):
-            x = inp[0].detach().float().reshape(-1, attn.num_heads, attn.head_dim)
-            n = x.norm(dim=-1).sum(0)
-            sums[i][1] = n if sums[i][1] is None else sums[i][1] + n
+            def on_proj(mod, inp, out, i=i, attn=block.attn):
+                sums[i][1] += inp[0].detach().float().reshape(-1, attn.num_heads, attn.head_dim).norm(dim=-1).sum(0)
 
-        hooks += [block.mlp.fc2.register_forward_hook(on_fc2), block.attn.proj.register_forward_hook(on_proj)]
-    try:
+            hooks.enter_context(block.mlp.fc2.register_forward_hook(on_fc2))
+            hooks.enter_context(block.attn.proj.register_forward_hook(on_proj))
         for x in batches:
             encoder(x)
-    finally:
-        for h in hooks:
-            h.remove()
     return [(s[0] / s[2], s[1] / s[2]) for s in sums]
-
-
-def _first_images(batches: list[torch.Tensor] | None, limit: int) -> list[torch.Tensor]:
-    """At most ``limit`` images of the batches (OPTIN's one calibration batch, streamed as given)."""
-    out, count = [], 0
-    for x in batches or []:
-        if count >= limit:
-            break
-        out.append(x[: limit - count])
-        count += out[-1].shape[0]
-    return out
-
-
-def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
-    # Ties broken by index (stable): the same weights always give the same structure.
-    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
-    return sorted(order[:k])
 
 
 @register(WidthPruningConfig)
@@ -180,33 +152,27 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores = _scores(encoder, config, batches)
     if config.macs is not None:  # global allocation under the MAC budget
-        from mimc.compression.optin import allocate
-
         keep_neurons, keep_heads = allocate(cfg, scores, config.macs, config.round_to, prune_heads=cfg.rel_pos_bias != "shared",
                                             normalise=config.criterion != "optin")
     else:
-        keep_neurons = [_topk_sorted(neuron, config.kept_mlp(neuron.numel())) for neuron, _ in scores]
-        keep_heads = [_topk_sorted(head, config.kept_heads(head.numel())) for _, head in scores]
+        keep_neurons = [sorted(ranked(neuron)[: config.kept_mlp(neuron.numel())]) for neuron, _ in scores]
+        keep_heads = [sorted(ranked(head)[: config.kept_heads(head.numel())]) for _, head in scores]
     new_cfg = cfg.replace(block_mlp_dims=[len(k) for k in keep_neurons], block_heads=[len(k) for k in keep_heads],
                           head_dim=cfg.attn_head_dim)
     new = build_encoder(new_cfg)
     state = dict(encoder.state_dict())  # sliced entries are new tensors; load_state_dict copies the rest
     for i, block in enumerate(encoder.blocks):
         p = f"blocks.{i}."
-        n_idx = torch.tensor(keep_neurons[i])
-        state[p + "mlp.fc1.weight"] = state[p + "mlp.fc1.weight"][n_idx]
-        state[p + "mlp.fc1.bias"] = state[p + "mlp.fc1.bias"][n_idx]
-        state[p + "mlp.fc2.weight"] = state[p + "mlp.fc2.weight"][:, n_idx]
+        neurons, heads = torch.tensor(keep_neurons[i]), torch.tensor(keep_heads[i])
         hd, inner = block.attn.head_dim, block.attn.num_heads * block.attn.head_dim
-        rows = torch.tensor([r for h in keep_heads[i] for r in _head_rows(h, hd, inner)])
-        rows = rows.reshape(len(keep_heads[i]), 3, hd).permute(1, 0, 2).reshape(-1)  # (q heads, k heads, v heads)
         cols = torch.tensor([h * hd + j for h in keep_heads[i] for j in range(hd)])
-        state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][rows]
-        if p + "attn.qkv.bias" in state:
-            state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][rows]
-        state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, cols]
-        if p + "attn.rel_pos_bias.table" in state:
-            state[p + "attn.rel_pos_bias.table"] = state[p + "attn.rel_pos_bias.table"][:, torch.tensor(keep_heads[i])]
+        rows = torch.cat([part * inner + cols for part in range(3)])  # the fused qkv: (q heads, k heads, v heads)
+        # (entry, dimension sliced, kept indices); the qkv bias and a per-block position bias table are optional
+        for key, dim, kept in (("mlp.fc1.weight", 0, neurons), ("mlp.fc1.bias", 0, neurons),
+                               ("mlp.fc2.weight", 1, neurons), ("attn.qkv.weight", 0, rows), ("attn.qkv.bias", 0, rows),
+                               ("attn.proj.weight", 1, cols), ("attn.rel_pos_bias.table", 1, heads)):
+            if p + key in state:
+                state[p + key] = state[p + key].index_select(dim, kept)
     new.load_state_dict(state)
     new = new.to(next(encoder.parameters()).dtype).eval()
     macs_before, macs_after = flops_per_image(cfg), flops_per_image(new_cfg)
