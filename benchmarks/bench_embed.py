@@ -170,7 +170,7 @@ def main() -> None:
     make_jpegs(args.cache / "images", max([args.n, *rss_counts]))
     data = args.cache / "images"
     graph = build_graph(args.cache, args.batch)
-    from mimc.runtime.ort import host_info
+    from mimc.runtime.timing import host_info
 
     result: dict = {"host": host_info(),
                     "settings": {"n": args.n, "batch": args.batch, "threads": args.threads,

@@ -37,7 +37,7 @@ def main() -> None:
     from mimc.runtime.session import make_session
     from mimc.models.vit import build_encoder, vit_base_config
     from mimc.latency.ort_cpu import profile_onnx_cpu
-    from mimc.runtime.ort import host_info
+    from mimc.runtime.timing import host_info
 
     torch.set_num_threads(args.threads)
     encoder = build_encoder(vit_base_config(), seed=0)

@@ -1,7 +1,7 @@
 """Measured latency, throughput and peak memory of an ONNX graph or OpenVINO IR on OpenVINO's CPU plugin.
 
 Each batch size runs in its own worker process (``python -m mimc.runtime.openvino``, through
-:func:`mimc.runtime.ort.run_worker`), as for ONNX Runtime, so the memory reported is what a minimal
+:func:`mimc.runtime.timing.run_worker`), as for ONNX Runtime, so the memory reported is what a minimal
 deployment process needs; the report also says which precision the plugin used.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Measured latency, throughput and peak memory of an ONNX graph on ONNX Runtime's CPU provider.
 
 Reads the graph's inputs here, then measures each batch size in its own worker process
-(:func:`mimc.runtime.ort.run_worker`), so the memory reported is what a minimal deployment process
-needs for that graph and batch. See :mod:`mimc.runtime.ort` for the timing method.
+(:func:`mimc.runtime.timing.run_worker`), so the memory reported is what a minimal deployment process
+needs for that graph and batch. See :mod:`mimc.runtime.timing` for the timing method.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from mimc.artifact import sha256_file
 from mimc.errors import BadInputError
 from mimc.graph import graph_inputs, load_graph, metadata
-from mimc.runtime.ort import DTYPES, host_info, run_worker
+from mimc.runtime.timing import DTYPES, host_info, run_worker
 from mimc.runtime.session import onnxruntime, onnxruntime_distribution
 
 MEMORY_METHOD = (

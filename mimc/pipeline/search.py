@@ -331,12 +331,12 @@ def _time_together(built: list[Candidate], iters: int, threads: int | None) -> N
     warmed side by side in this process, then timed in the same alternating rounds."""
     import os
 
-    from mimc.runtime import openvino, ort
+    from mimc.runtime import openvino, ort, timing
 
     threads = threads or os.cpu_count() or 1  # one thread count for both runtimes
     runs = [openvino.runner(c.graph, c.precision, threads) if c.runtime == "openvino" else ort.runner(c.graph, threads)
             for c in built]
-    for c, ms in zip(built, ort.interleave(runs, iters=iters)):
+    for c, ms in zip(built, timing.interleave(runs, iters=iters)):
         c.latency_ms = ms
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.ort import DTYPES
+from mimc.runtime.timing import DTYPES
 from mimc.runtime.session import session_options
 from mimc.runtime.trt import DeviceProfile, latency_row
 

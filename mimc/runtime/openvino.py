@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
-from mimc.runtime.ort import interleave, proc_field, time_runs, warmed, worker_main
+from mimc.runtime.timing import interleave, proc_field, time_runs, warmed, worker_main
 from mimc.runtime.session import Port
 
 INSTALL_HINT = "pip install 'mimc[openvino]'"
@@ -205,7 +205,7 @@ def time_interleaved(models: Sequence[tuple[str | Path, str]], iters: int = 20, 
 
 def runner(path: str | Path, precision: str = "fp32", threads: int | None = None, warmup: int = 3):
     """One inference of ``path`` compiled at ``precision``, warmed, as a call (for
-    :func:`mimc.runtime.ort.interleave`, which times it beside ORT sessions)."""
+    :func:`mimc.runtime.timing.interleave`, which times it beside ORT sessions)."""
     compiled = compile_model(path, precision, threads)
     return warmed(compiled.create_infer_request().infer, map(_port, compiled.inputs), warmup)
 
