@@ -17,7 +17,8 @@ from PIL import Image
 import mimc
 from mimc.artifact import save_artifact
 from mimc.data import ImageSource
-from mimc.embedding import NpyWriter, embed, output_paths
+from mimc.data.feature_files import NpyWriter, output_paths
+from mimc.embedding import embed
 from mimc.errors import BadInputError, ConfigError, DataError, DeviceUnavailableError, MissingExtraError
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
