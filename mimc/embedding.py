@@ -36,6 +36,7 @@ import torch
 
 from mimc.data.feature_files import NpyWriter, ParquetWriter, output_paths, pyarrow, writing
 from mimc.errors import BadInputError, ConfigError, DataError, DeviceUnavailableError, MimcError
+from mimc.runtime.ranks import Ranks
 
 Progress = Callable[[int, int], None]  # (images done, images requested)
 
@@ -184,7 +185,7 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
 
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"rank {rank} is not one of the {world} ranks 0..{world - 1}", option="rank")
-    group = _Group(rank, world) if gather and world > 1 else None
+    group = Ranks(rank, world) if gather and world > 1 else None
     writes = rank == 0 or group is None
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -225,7 +226,7 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
         if not writes:
             return _send_shard(group, job, shard, spool, positions)
         try:
-            others = group.receive(job, writer, shard) if group is not None else []
+            others = _receive(group, job, writer, shard) if group is not None else []
             loop_seconds = time.perf_counter() - loop_start
             rows = shard.rows + sum(o.rows for o in others)
             skipped = shard.skipped + [name for o in others for name in o.skipped]
@@ -303,77 +304,25 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
 
 
 # torchrun: every rank embeds its shard, rank 0 writes them all -----------------------------------------
-class _Group:
-    """The ranks of a torchrun job (an initialised torch.distributed group). Every rank makes the same
-    calls in the same order: :meth:`agree` after preparing and after embedding, the rows sent to rank 0
-    in chunks of ``batch_size`` rows (sizes known to both sides from the agreed counts), and rank 0's
-    :meth:`outcome` at the end."""
-
-    def __init__(self, rank: int, world: int):
-        import torch.distributed as tdist
-
-        if not (tdist.is_available() and tdist.is_initialized()):
-            raise MimcError("gather needs an initialised torch.distributed process group: run under torchrun")
-        if tdist.get_world_size() != world or tdist.get_rank() != rank:
-            raise MimcError(f"rank {rank} of {world} does not match the process group "
-                            f"(rank {tdist.get_rank()} of {tdist.get_world_size()})")
-        self.tdist, self.rank, self.world = tdist, rank, world
-        self.nccl = tdist.get_backend() == "nccl"
-
-    def agree(self, error: MimcError | None, payload: Any = None) -> list[Any]:
-        """Every rank's payload; when any rank failed, every rank raises the first failure."""
-        mine = {"error": str(error) if error else None, "exit_code": error.exit_code if error else 0,
-                "options": list(error.options) if error else [], "payload": payload}
-        gathered: list[Any] = [None] * self.world
-        self.tdist.all_gather_object(gathered, mine)
-        if error is not None:
-            error.agreed = True
-            raise error
-        for r, status in enumerate(gathered):
-            if status["error"] is not None:
-                raise _remote_error(r, status)
-        return [status["payload"] for status in gathered]
-
-    def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.cuda() if self.nccl else t
-
-    def receive(self, job: _Job, writer, shard: ShardResult) -> list[ShardResult]:
-        """Rank 0: the other ranks' counts, then their rows in rank order, written behind its own."""
-        others = self.agree(None, shard)[1:]
-        reader = job.source.reader
-        for r, other in enumerate(others, start=1):
-            for k in range(0, other.rows, job.batch_size):
-                count = min(job.batch_size, other.rows - k)
-                pos = self._wire(torch.empty(count, dtype=torch.int64))
-                feats = self._wire(torch.empty((count, *other.row_shape), dtype=torch.float32))
-                self.tdist.recv(pos, src=r)
-                self.tdist.recv(feats, src=r)
-                pos_np = pos.cpu().numpy()
-                labels = reader.labels[pos_np] if reader.labels is not None else None
-                writer.write(feats.cpu().numpy(), pos_np, [reader.name(int(p)) for p in pos_np], labels)
-        return others
-
-    def outcome(self, body: dict[str, Any] | None, error: MimcError | None) -> dict[str, Any]:
-        """Rank 0's report (or its failure) on every rank."""
-        box = [body if error is None else {"error": str(error), "exit_code": error.exit_code, "options": list(error.options)}]
-        self.tdist.broadcast_object_list(box, src=0)
-        got = box[0]
-        if error is not None:
-            raise error
-        if "error" in got:
-            raise _remote_error(0, got)
-        return got
+def _receive(group: Ranks, job: _Job, writer, shard: ShardResult) -> list[ShardResult]:
+    """Rank 0: the other ranks' counts, then their rows in rank order (sent in chunks of ``batch_size``
+    rows, sizes known to both sides from the agreed counts), written behind its own."""
+    others = group.agree(None, shard)[1:]
+    reader = job.source.reader
+    for r, other in enumerate(others, start=1):
+        for k in range(0, other.rows, job.batch_size):
+            count = min(job.batch_size, other.rows - k)
+            pos = group.wire(torch.empty(count, dtype=torch.int64))
+            feats = group.wire(torch.empty((count, *other.row_shape), dtype=torch.float32))
+            group.tdist.recv(pos, src=r)
+            group.tdist.recv(feats, src=r)
+            pos_np = pos.cpu().numpy()
+            labels = reader.labels[pos_np] if reader.labels is not None else None
+            writer.write(feats.cpu().numpy(), pos_np, [reader.name(int(p)) for p in pos_np], labels)
+    return others
 
 
-def _remote_error(rank: int, status: dict[str, Any]) -> MimcError:
-    """Another rank's failure, raised here with its exit code and options (so the CLI names its flags)."""
-    kind = BadInputError if status["exit_code"] == 2 else MimcError
-    error = kind(f"rank {rank}: {status['error']}", option=status["options"])
-    error.agreed = True  # every rank knows already: nothing more to tell the others
-    return error
-
-
-def _send_shard(group: _Group, job: _Job, shard: ShardResult, spool, positions: list[np.ndarray]) -> dict[str, Any]:
+def _send_shard(group: Ranks, job: _Job, shard: ShardResult, spool, positions: list[np.ndarray]) -> dict[str, Any]:
     """A rank other than 0: agree on the counts, send the spooled rows to rank 0, return its report."""
     group.agree(None, shard)
     spool.seek(0)
@@ -382,8 +331,8 @@ def _send_shard(group: _Group, job: _Job, shard: ShardResult, spool, positions: 
     for k in range(0, shard.rows, job.batch_size):
         pos = pos_all[k:k + job.batch_size]
         feats = np.fromfile(spool, dtype=np.float32, count=len(pos) * width).reshape(len(pos), *shard.row_shape)
-        group.tdist.send(group._wire(torch.from_numpy(pos)), dst=0)
-        group.tdist.send(group._wire(torch.from_numpy(feats)), dst=0)
+        group.tdist.send(group.wire(torch.from_numpy(pos)), dst=0)
+        group.tdist.send(group.wire(torch.from_numpy(feats)), dst=0)
     body = group.outcome(None, None)
     return {**body, "written": False, "rank": group.rank}
 

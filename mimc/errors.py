@@ -28,8 +28,8 @@ class MimcError(Exception):
         for option in self.options:
             if option not in names:
                 continue
-            # a whole word only: not part of another name, a flag, a dotted key or a file name
-            pattern = re.compile(rf"(?<![\w.\-]){re.escape(option)}(?![\w\-]|\.\w)")
+            # a whole word only: not part of another name, a flag, a dotted key or a file name or path
+            pattern = re.compile(rf"(?<![\w.\-/\\]){re.escape(option)}(?![\w\-/\\]|\.\w)")
             message, count = pattern.subn(lambda _: names[option], message)
             if not count:
                 message = f"{names[option]}: {message}"

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from mimc.data.source import ImageSet, ImageSource, input_spec
-from mimc.errors import DataError, NotAModelError, shorten
+from mimc.errors import DataError, MimcError, NotAModelError, shorten
 from mimc.metrics import KNN_K, Fidelity, FidelityMeter, knn_top1
 from mimc.runtime.onnx_model import OnnxModel
+from mimc.runtime.ranks import Ranks
 
 # k-NN blocks of eval: small enough that the similarity block is no larger at 20 000 images than the
 # whole matrix at 2 000 (32 MiB), so eval's peak memory does not grow with the set (bench_eval_rss.py).
@@ -120,8 +121,9 @@ class Pass:
 
 
 def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMeter | None = None,
-                digests: bool = False) -> Pass:
-    """Run ``models`` over every batch of ``stream`` once (with ``meter``, see :func:`_forward`)."""
+                digests: bool = False, shard: bool = False) -> Pass:
+    """Run ``models`` over every batch of ``stream`` once (with ``meter``, see :func:`_forward`); a
+    ``shard`` (a torchrun rank's share of the set) may be empty."""
     import hashlib
 
     sha, labels, seen = hashlib.sha256(), [], []
@@ -137,14 +139,29 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
             yield x
 
     feats = _forward(pixels(), models, meter)
-    if not feats[0]:
+    if not feats[0] and not shard:
         raise DataError(f"{source}: no images to compute features on: pass a non-empty data set", option="data")
     return Pass(source, stream.class_names, np.concatenate(labels) if labels else None, sha.hexdigest(),
-                [torch.cat(f) for f in feats], seen, list(stream.stats.skipped))
+                [torch.cat(f) if f else torch.empty(0) for f in feats], seen, list(stream.stats.skipped))
+
+
+def joined(shards: list[Pass]) -> Pass:
+    """One pass from the torchrun ranks' passes over their contiguous shards, in rank order (the order
+    one process reads the set in). ``sha256`` is that of the shards' hashes, in rank order."""
+    import hashlib
+
+    full = [p for p in shards if len(p)]
+    if not full:
+        raise DataError(f"{shards[0].source}: no images to compute features on: pass a non-empty data set", option="data")
+    return Pass(full[0].source, full[0].class_names,
+                np.concatenate([p.labels for p in full]) if full[0].labels is not None else None,
+                hashlib.sha256("".join(p.sha256 for p in shards).encode()).hexdigest(),
+                [torch.cat(f) for f in zip(*(p.feats for p in full))],
+                [d for p in shards for d in p.digests], [name for p in shards for name in p.skipped])
 
 
 def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | None = None, seed: int = 0, batch_size: int = 32,
-             val: Any = None) -> dict[str, Any]:
+             val: Any = None, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Fidelity to ``reference`` (when given) and k-NN top-1 of both (when the data is labelled).
 
     Without ``val``: k-NN leave-one-out over ``data``, fidelity measured on ``data``. With ``val``
@@ -152,15 +169,22 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     image is classified against it, and fidelity is measured on val. ``n`` takes a seeded subset of
     each set. Images stream through in batches (decoded in worker processes); what stays in memory
     is one pooled feature vector per image and model.
+
+    ``world`` > 1 (torchrun: an initialised process group): every rank runs its contiguous shard of
+    each set, rank 0 gathers the pooled features and the fidelity sums, computes the report and
+    hands it to every rank (``rank`` and ``ranks`` added). The measures are one process's (to float
+    rounding); ``sha256`` of a set is then that of its shards' hashes.
     """
+    group = Ranks(rank, world) if world > 1 else None
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
     sources = {"data": _source(data, seed)}
     if val is not None:
         sources["val"] = _source(val, seed)
-    streams = lambda name, m: read_images(sources[name], m.config, n, batch_size, option=name)  # noqa: E731
-    measured = "val" if val is not None else "data"
-    knn_labels(streams("data", cand), streams("val", cand) if val is not None else None)  # bad labels fail before any forward pass
+    streams = lambda name, m, whole=False: read_images(  # noqa: E731
+        sources[name], m.config, n, batch_size, option=name, rank=0 if whole else rank, world=1 if whole else world)
+    # bad labels (of the whole sets, whatever the ranks) fail before any forward pass
+    knn_labels(streams("data", cand, True), streams("val", cand, True) if val is not None else None)
     shared = ref is not None and input_spec(ref.config) == input_spec(cand.config)
     comparable = shared and ref.config.dim == cand.config.dim
     meter = FidelityMeter() if comparable else None
@@ -168,16 +192,43 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     def run_set(name: str, with_meter: bool) -> Pass:
         """The set's pass of the candidate and the reference (one pass when they share an input spec)."""
         out = stream_pass(streams(name, cand), sources[name].spec, [cand, ref] if shared else [cand],
-                          meter if with_meter else None, digests=val is not None)
+                          meter if with_meter else None, digests=val is not None, shard=group is not None)
         if ref is not None and not shared:
-            out.feats += stream_pass(streams(name, ref), sources[name].spec, [ref]).feats
+            out.feats += stream_pass(streams(name, ref), sources[name].spec, [ref], shard=group is not None).feats
         return out
 
-    train = run_set("data", with_meter=val is None)
+    try:
+        train = run_set("data", with_meter=val is None)
+        query = train if val is None else run_set("val", with_meter=True)
+    except MimcError as exc:
+        if group is not None:
+            group.agree(exc)  # the other ranks raise it too instead of waiting for this one
+        raise
+    if group is None:
+        return _report(cand, ref, meter, train, query, val is not None, comparable)
+    group.agree(None)
+    shards = group.collect((train, query if val is not None else None, meter))
+    if rank == 0:
+        try:
+            train = joined([s[0] for s in shards])
+            query = joined([s[1] for s in shards]) if val is not None else train
+            if meter is not None:
+                for other in shards[1:]:
+                    meter.merge(other[2])
+            report = _report(cand, ref, meter, train, query, val is not None, comparable)
+        except MimcError as exc:
+            group.outcome(None, exc)
+    report = group.outcome(report if rank == 0 else None, None)
+    return {**report, "rank": rank, "ranks": world}
+
+
+def _report(cand: Any, ref: Any, meter: FidelityMeter | None, train: Pass, query: Pass, has_val: bool,
+            comparable: bool) -> dict[str, Any]:
+    """The eval report from the passes over the data (and val) set."""
+    measured = "val" if has_val else "data"
     # what ran the candidate: torch, or a graph's runtime (onnxruntime-cpu, openvino-cpu for an IR, tensorrt)
     report: dict[str, Any] = {"runtime": getattr(cand, "runtime", "torch"), "data": _describe(train)}
-    query = train if val is None else run_set("val", with_meter=True)
-    if val is not None:
+    if has_val:
         report["val"] = _describe(query)
     if ref is not None:
         if comparable:
@@ -189,24 +240,24 @@ def evaluate(model: Any, reference: Any = None, data: Any = "builtin", n: int | 
     skipped = sorted({name for p in (train, query) for name in p.skipped})
     if skipped:
         report["skipped_images"] = skipped
-    labels = knn_labels(train, query if val is not None else None)
+    labels = knn_labels(train, query if has_val else None)
     if labels is None:
         return report
 
     def top1(model: int) -> float:
         """k-NN top-1 of the candidate's (0) or the reference's (1) features (leave-one-out without val)."""
-        return knn_top1(train.feats[model], labels[0], queries=query.feats[model] if val is not None else None,
+        return knn_top1(train.feats[model], labels[0], queries=query.feats[model] if has_val else None,
                         query_labels=labels[1], block_bytes=EVAL_KNN_BLOCK_BYTES)
 
     report["knn_top1"] = top1(0)
     if ref is not None:
         report["reference_knn_top1"] = base = top1(1)
         report["knn_retained"] = report["knn_top1"] / base if base > 0 else None
-    report["knn_protocol"] = "gallery-query" if val is not None else "leave-one-out"
+    report["knn_protocol"] = "gallery-query" if has_val else "leave-one-out"
     report["knn_k"] = KNN_K
     report["knn_gallery_size"] = len(train)
     report["knn_query_size"] = len(query)
-    if val is not None:
+    if has_val:
         report["knn_val_in_data"] = shared_images(train, query)  # such val images find themselves
     return report
 
@@ -221,12 +272,13 @@ def _source(spec: Any, seed: int):
     return spec if isinstance(spec, ImageSource) else ImageSource(spec, seed)
 
 
-def read_images(source: Any, cfg: Any, n: int | None, batch_size: int = 32, option: str = "data"):
+def read_images(source: Any, cfg: Any, n: int | None, batch_size: int = 32, option: str = "data", *,
+                rank: int = 0, world: int = 1):
     """The one place evaluation reads images: a stream of the seeded subset of ``n`` (all when None)
-    of ``source``, preprocessed for ``cfg``'s input spec. An error reading the ``val`` set names
-    ``val``, not ``data`` (also when it surfaces mid-stream)."""
+    of ``source`` (with ``world`` > 1, this rank's contiguous share), preprocessed for ``cfg``'s input
+    spec. An error reading the ``val`` set names ``val``, not ``data`` (also when it surfaces mid-stream)."""
     try:
-        return _Named(source.stream(cfg, n, batch_size), option)
+        return _Named(source.stream(cfg, n, batch_size, rank=rank, world=world), option)
     except DataError as exc:
         raise _renamed(exc, option) from exc
 
@@ -235,7 +287,7 @@ def _renamed(exc: DataError, option: str) -> DataError:
     if option == "data":
         return exc
     message = exc.phrased({"data": option}) if "data" in exc.options else f"{option}: {exc}"
-    return DataError(message, option=option)
+    return DataError(message, option=(option, *(o for o in exc.options if o != "data")))  # e.g. skip_corrupt
 
 
 class _Named:

@@ -131,6 +131,12 @@ class _Sums:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
             self.ref_max_abs = max(self.ref_max_abs, float(np.max(np.abs(ref))))
 
+    def merge(self, other: "_Sums") -> None:
+        for key in ("cos_sum", "cos_count", "signal", "noise"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        for key, pick in (("cos_min", min), ("image_min", min), ("max_abs", max), ("ref_max_abs", max)):
+            setattr(self, key, pick(getattr(self, key), getattr(other, key)))
+
 
 class FidelityMeter:
     """Streams batches into a :class:`Fidelity`; memory stays constant in the number of images.
@@ -173,6 +179,16 @@ class FidelityMeter:
         else:
             self.note = (f"candidate has {tokens.shape[1]} tokens vs the reference's {ref_tokens.shape[1]}: "
                          "per-token cosine undefined, pooled features compared only")
+
+    def merge(self, other: "FidelityMeter") -> None:
+        """Take in the images ``other`` saw (another torchrun rank's share of the set)."""
+        self._pooled.merge(other._pooled)
+        self._pooled_seen |= other._pooled_seen
+        self._images += other._images
+        if self._tokens is not None and other._tokens is not None:
+            self._tokens.merge(other._tokens)
+        elif self._tokens is not None:
+            self._tokens, self.note = None, other.note
 
     def result(self) -> Fidelity:
         if self._images == 0:

@@ -27,6 +27,32 @@ def test_streaming_equals_one_shot():
     assert streamed.n_images == whole.n_images == 10
 
 
+def test_merged_meters_equal_one_meter_over_all_batches():
+    """torchrun eval: each rank's meter over its shard, merged on rank 0, is one meter over the set."""
+    rng = np.random.default_rng(1)
+    ref_p, ref_t = rng.standard_normal((9, 8)), rng.standard_normal((9, 5, 8))
+    cand_p, cand_t = ref_p + 0.2 * rng.standard_normal((9, 8)), ref_t + 0.2 * rng.standard_normal((9, 5, 8))
+    one, shards = FidelityMeter(), [FidelityMeter() for _ in range(3)]
+    for i, (lo, hi) in enumerate([(0, 4), (4, 9), (9, 9)]):  # the last rank's shard is empty
+        if hi > lo:
+            one.update(cand_p[lo:hi], ref_p[lo:hi], cand_t[lo:hi], ref_t[lo:hi])
+            shards[i].update(cand_p[lo:hi], ref_p[lo:hi], cand_t[lo:hi], ref_t[lo:hi])
+    for other in shards[1:]:
+        shards[0].merge(other)
+    merged, whole = shards[0].result(), one.result()
+    for name in ("pooled_cosine_mean", "pooled_cosine_min", "token_cosine_mean", "token_cosine_min", "image_cosine_min",
+                 "sqnr_db", "token_sqnr_db", "max_abs", "ref_max_abs"):
+        assert getattr(merged, name) == pytest.approx(getattr(whole, name), rel=1e-12), name
+    assert merged.n_images == 9 and merged.note is None
+    dropped = FidelityMeter()  # a rank whose tokens did not compare drops them for the whole set
+    dropped.update(cand_p[:2], ref_p[:2], cand_t[:2, :3], ref_t[:2])
+    shards = [FidelityMeter(), dropped]
+    shards[0].update(cand_p[2:], ref_p[2:], cand_t[2:], ref_t[2:])
+    shards[0].merge(dropped)
+    fid = shards[0].result()
+    assert fid.token_cosine_mean is None and "tokens" in fid.note and fid.n_images == 9
+
+
 def test_token_mismatch_drops_tokens_with_a_note_and_empty_input_is_refused():
     meter = FidelityMeter()
     meter.update(np.ones((2, 4)), np.ones((2, 4)), np.ones((2, 3, 4)), np.ones((2, 5, 4)))

@@ -64,6 +64,8 @@ def test_phrased_replaces_whole_words_only():
     assert exc.phrased({"ratio": "--ratio"}) == "--ratio 0.1 of 4 blocks rounds to 0 removed: give --ratio >= 0.125 (see ratio_table, x.ratio)"
     assert exc.phrased({}) == str(exc)  # an option the caller has no word for stays as it is
     assert DataError("no images", option="data").phrased({"data": "--calib"}) == "--calib: no images"
+    exc = DataError("cannot read image val/c0/x.png ('./val'): pass val again", option="val")
+    assert exc.phrased({"val": "--val"}) == "cannot read image val/c0/x.png ('./val'): pass --val again"  # paths stay
 
 
 def test_recorded_dicts_are_unchanged():

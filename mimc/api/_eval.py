@@ -24,10 +24,12 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
     Without ``val``: k-NN leave-one-out over ``data``, fidelity on ``data``. With ``val`` (an image
     folder, .npy/.npz or 'builtin', labelled like ``data``): every val image is classified against
     ``data`` as the k-NN gallery (classes matched by name), and fidelity is measured on val
-    (``fidelity_on``). ``n``: a seeded subset of this many images of each set.
+    (``fidelity_on``). ``n``: a seeded subset of this many images of each set. Under torchrun every
+    rank runs its shard of each set and every rank returns rank 0's report (see :mod:`mimc.evaluation`).
     """
     from mimc.evaluation import evaluate as _evaluate
     from mimc.evaluation import load_for_eval
+    from mimc.train.dist import context, shutdown
 
     if n is not None and (isinstance(n, bool) or n < 1):
         raise ConfigError(f"n must be >= 1, got {n}", option="n")
@@ -35,7 +37,10 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     cand = load_for_eval(model)
     ref = load_for_eval(reference) if reference is not None else None
-    body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val)
+    ctx = context()  # WORLD_SIZE > 1 (torchrun): joins the process group
+    body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val,
+                     rank=ctx.rank, world=ctx.world_size)
+    shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
     name = lambda m: m if isinstance(m, (str, Path)) else None  # noqa: E731
     return EvalReport({"model": name(model), "reference": name(reference), **body})
 

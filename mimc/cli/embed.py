@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help=DATA_HELP),
         output: Path = typer.Option(..., "-o", "--output", help="feats.npy (+ feats.json index; no suffix: .npy) or feats.parquet."),
         tokens: bool = typer.Option(False, "--tokens", help="Every output token per image (N, T, D) instead of the pooled feature (N, D)."),
-        n: Optional[int] = typer.Option(None, "--n", help="Embed a seeded subset of this many images (default: all)."),
+        n: Optional[int] = typer.Option(None, "--n", "--n-images", help="Embed a seeded subset of this many images (default: all; --n-images under torchrun, which takes --n as its own)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: a static graph's batch, else 32)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cpu; a TensorRT engine: its GPU)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="CPU inference threads (default: the runtime's own)."),

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         ref: Optional[str] = typer.Option(None, "--ref", help="Reference MODEL to compare features with (e.g. the dense source, 'ref')."),
         data: str = typer.Option("builtin", "--data", help="An image folder (class subfolders give k-NN), a .npy/.npz file, or 'builtin'."),
         val: Optional[str] = typer.Option(None, "--val", help="Labelled val images: k-NN of each against --data as gallery, fidelity on them."),
-        n: Optional[int] = typer.Option(None, "--n", help="Evaluate on a seeded subset of this many images (of each set)."),
+        n: Optional[int] = typer.Option(None, "--n", "--n-images", help="Evaluate on a seeded subset of this many images of each set (--n-images under torchrun, which takes --n as its own)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
 
         with status(f"evaluating {model} on {data}" + (f" and {val}" if val else "")):
             report = api.evaluate(model, ref, data, val=val, n=n, seed=seed, batch_size=batch_size)
-        show(report, json_out, _human)
+        if report.get("rank", 0) == 0:  # under torchrun, rank 0 reports
+            show(report, json_out, _human)
 
 
 def _human(r: dict) -> None:

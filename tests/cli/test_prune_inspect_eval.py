@@ -221,6 +221,7 @@ def test_eval_val_classifies_val_folder_against_data_folder(app, artifact, tmp_p
         ("named.npz", "labelled.npz", "--data names its classes but --val has only numeric labels"),
         ("labelled.npz", "missing.npz", "--val path"),
         ("labelled.npz", "empty", "point --val at a folder of images"),
+        ("named.npz", "val", "--val: cannot read image"),  # an unreadable val image
     ],
 )
 def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, calib, data, val, match):
@@ -229,6 +230,54 @@ def test_eval_val_bad_inputs(app, artifact, tmp_path, tiny_images, calib, data, 
     np.savez(tmp_path / "named.npz", images=images[:12], labels=labels[:12], class_names=["cat", "dog"])
     np.savez(tmp_path / "owl.npz", images=images[12:], labels=labels[12:], class_names=["cat", "owl"])
     (tmp_path / "empty").mkdir()
+    _image_folder(tmp_path / "val", images[:3], [0, 1, 0], ["cat", "dog"])
+    (tmp_path / "val" / "cat" / "zz.png").write_bytes(b"not a png")
     files = {"labelled.npz": calib, "missing.npz": tmp_path / "missing.npz"}
     result = invoke(app, ["eval", artifact, "--data", files.get(data, tmp_path / data), "--val", files.get(val, tmp_path / val)])
     one_error_line(result, match)
+    if val == "val":  # its path as it is ('val' not turned into the flag), the flag to skip it named
+        assert "/val/cat/zz.png" in result.stderr and "--val/" not in result.stderr
+        assert result.stderr.strip().endswith("skip unreadable images with --skip-corrupt")
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_gives_one_process_report(artifact, tmp_path, tiny_images):
+    """2 CPU ranks each run their shard of data and val; rank 0 alone reports what one process reports."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images, _ = tiny_images
+    three = np.arange(len(images)) % 3
+    _image_folder(tmp_path / "train", images[:17], three[:17], ["cat", "dog", "fox"])
+    _image_folder(tmp_path / "val", images[17:], three[17:], ["cat", "dog", "fox"])
+    save_artifact(build_encoder(tiny_config(depth=6), seed=1), tmp_path / "other")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mimc"]
+    common = ["eval", "tiny", "--ref", "other", "--data", "train", "--val", "val", "--batch-size", "4", "--json"]
+
+    def run(launcher, *extra):
+        return subprocess.run([*launcher, *common, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    one, two = run([sys.executable, "-m", "mimc"]), run(torchrun, "--n-images", "12")
+    assert one.returncode == 0 and two.returncode == 0, [ln for ln in (one.stderr + two.stderr).splitlines() if "error" in ln]
+    assert two.stdout.count('"fidelity"') == 1  # rank 0 alone reports
+    a, b = json.loads(one.stdout), json.loads(two.stdout[two.stdout.index("{"):])
+    assert (b["rank"], b["ranks"]) == (0, 2) and "rank" not in a
+    assert b["knn_gallery_size"] == b["data"]["n_images"] == 12 and b["knn_query_size"] == 7  # --n-images: of each set
+    assert (a["knn_gallery_size"], a["knn_query_size"]) == (17, 7)
+    full = run(torchrun)
+    b = json.loads(full.stdout[full.stdout.index("{"):])
+    for key in ("knn_top1", "reference_knn_top1", "knn_protocol", "knn_val_in_data", "fidelity_on"):
+        assert a[key] == b[key], key
+    for key, value in a["fidelity"].items():
+        assert b["fidelity"][key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value), key
+    assert b["data"]["n_images"] == 17 and b["val"]["n_images"] == 7
+
+    # an unreadable image in rank 1's shard of val stops both ranks, each naming it and the flag
+    (tmp_path / "val" / "fox" / "zz.png").write_bytes(b"not a png")
+    bad = run(torchrun)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode != 0 and len(errors) == 2 and all("zz.png" in ln and "--skip-corrupt" in ln for ln in errors)
+    assert any(ln.startswith("error: rank 1: ") for ln in errors)
