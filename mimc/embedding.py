@@ -2,7 +2,7 @@
 
 The model is a torch :class:`~mimc.models.vit.Encoder` (any MODEL argument), a mimc ``.onnx`` graph
 (ONNX Runtime, CPU or CUDA), an OpenVINO IR ``.xml`` or a TensorRT ``.engine`` / ``.plan`` - each run
-through the runtime layer's own session (:class:`~mimc.runtime.onnx_model.OnnxModel`). Images come
+through the runtime layer's own session (:func:`mimc.runtime.runner.open_runner`). Images come
 from :meth:`mimc.data.ImageSource.stream`: decoded in DataLoader worker processes that prefetch the
 next batches while the runtime computes this one.
 
@@ -23,7 +23,6 @@ rank order, are the whole request's).
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import tempfile
 import time
@@ -35,114 +34,11 @@ import numpy as np
 import torch
 
 from mimc.data.feature_files import NpyWriter, ParquetWriter, output_paths, pyarrow, writing
-from mimc.errors import BadInputError, ConfigError, DataError, DeviceUnavailableError, MimcError
+from mimc.errors import ConfigError, DataError, MimcError
 from mimc.runtime.ranks import Ranks
+from mimc.runtime.runner import Runner, open_runner
 
 Progress = Callable[[int, int], None]  # (images done, images requested)
-
-
-# Models -------------------------------------------------------------------------------------------
-@dataclass
-class Embedder:
-    """A model on its runtime: ``run(pixels, tokens)`` -> pooled (B, D), or with ``tokens`` (B, T, D), as numpy."""
-
-    run: Callable[[torch.Tensor, bool], np.ndarray]
-    config: Any
-    runtime: str
-    device: str
-    threads: int | None = None
-    static_batch: int | None = None
-
-    @contextlib.contextmanager
-    def threads_set(self):
-        """torch's intra-op threads for the run (restored after); the graph runtimes set theirs per session."""
-        if self.runtime != "torch" or not self.threads:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-
-def _graph_kind(model: Any) -> str | None:
-    if not isinstance(model, (str, os.PathLike)):
-        return None
-    suffix = Path(model).suffix.lower()
-    return {".onnx": "onnx", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}.get(suffix)
-
-
-def check_device(model: Any, device: str | None, threads: int | None) -> str:
-    """The device a model runs on (``device`` None: its runtime's own), refusing what cannot be."""
-    kind = _graph_kind(model)
-    if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
-    if device is not None and device not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device} is not cpu or cuda: choose one of them", option="device")
-    if kind == "tensorrt":
-        if device == "cpu":
-            raise ConfigError("device cpu cannot run a TensorRT engine (it runs on the GPU that built it): "
-                              "drop device, or embed the engine's .onnx graph on the CPU", option="device")
-        if threads is not None:
-            raise ConfigError("threads sets CPU inference threads; a TensorRT engine runs on the GPU: drop threads", option="threads")
-        return "cuda"
-    if kind == "openvino" and device == "cuda":
-        raise ConfigError("device cuda: an OpenVINO IR runs on mimc's OpenVINO CPU runtime: drop device, "
-                          "or embed the .onnx graph with device cuda (ONNX Runtime's CUDA provider)", option="device")
-    return device or "cpu"
-
-
-def open_embedder(model: Any, device: str | None = None, threads: int | None = None) -> Embedder:
-    """A MODEL argument, an Encoder, or a graph file (``.onnx``, ``.xml``, ``.engine`` / ``.plan``) on its runtime.
-
-    The session is created here, so a graph its runtime cannot load, or a missing GPU, is refused
-    before any image is read."""
-    from mimc.runtime.onnx_model import OnnxModel
-
-    device = check_device(model, device, threads)
-    if _graph_kind(model) is not None:
-        graph = OnnxModel(model, threads=threads, device=device)
-        try:
-            sess = graph.session()
-        except DeviceUnavailableError as exc:
-            raise DeviceUnavailableError(str(exc), option="device") from None
-        shape = sess.get_inputs()[0].shape
-        static = shape[0] if shape and isinstance(shape[0], int) else None
-
-        def run_graph(x: torch.Tensor, tokens: bool):
-            pooled, toks = graph(x, tokens=tokens)
-            if tokens and toks is None:
-                raise BadInputError(f"{model} has no token output: export it with `mimc export` or embed pooled features", option="tokens")
-            return (toks if tokens else pooled).numpy()
-
-        return Embedder(run_graph, graph.config, graph.runtime, device, threads, static)
-
-    if isinstance(model, (str, os.PathLike)):
-        from mimc.models.resolve import load_model
-
-        encoder = load_model(str(model))
-    elif isinstance(model, torch.nn.Module):
-        encoder = model
-    else:
-        raise BadInputError(f"cannot embed with a {type(model).__name__}: pass an Encoder, a MODEL argument or a graph file",
-                            option="model")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError("device cuda: no CUDA GPU is visible to torch here (torch.cuda.is_available() is False): "
-                                     "use device cpu", option="device")
-    # The canonical encoder has no dropout or batch norm: train and eval mode compute the same, and
-    # the caller's module is not changed (moved to the GPU only when asked for, and back after).
-    target = torch.device(device)
-
-    @torch.no_grad()
-    def run_torch(x: torch.Tensor, tokens: bool):
-        out = encoder(x.to(target))
-        return (out.last_hidden_state if tokens else out.pooled).float().cpu().numpy()
-
-    if device == "cuda":
-        encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else copy.deepcopy(encoder).to(target)
-    return Embedder(run_torch, encoder.config, "torch", device, threads)
 
 
 # The loop -----------------------------------------------------------------------------------------
@@ -153,7 +49,7 @@ class ShardResult:
     row_shape: tuple[int, ...] | None = None
 
 
-def embed_rows(embedder: Embedder, stream, write: Callable[..., None], tokens: bool, total: int,
+def embed_rows(embedder: Runner, stream, write: Callable[..., None], tokens: bool, total: int,
                on_progress: Progress | None = None) -> ShardResult:
     """Run ``embedder`` over every batch of ``stream`` and hand each one's rows to ``write``
     (features, positions, names, labels). The stream's workers decode the next batches meanwhile."""
@@ -255,7 +151,7 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
 
 @dataclass
 class _Job:
-    embedder: Embedder
+    embedder: Runner
     source: Any
     stream: Any
     files: list[Path]
@@ -288,7 +184,7 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
             if isinstance(model, (str, os.PathLike)):  # beside the model in its artifact folder is fine
                 check_not_input(path, [model], option="output", inside=False)
         check_new_files(files, overwrite)
-    embedder = open_embedder(model, device, threads)
+    embedder = open_runner(model, device, threads)
     source = data if isinstance(data, ImageSource) else ImageSource(
         data, seed, workers=workers, skip_corrupt=skip_corrupt, image_column=image_column, label_column=label_column)
     batch_size = batch_size or embedder.static_batch or 32
@@ -337,4 +233,4 @@ def _send_shard(group: Ranks, job: _Job, shard: ShardResult, spool, positions: l
     return {**body, "written": False, "rank": group.rank}
 
 
-__all__ = ["embed", "embed_rows", "open_embedder", "check_device", "Embedder"]
+__all__ = ["embed", "embed_rows"]

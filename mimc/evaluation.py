@@ -10,6 +10,7 @@ artifact directory's ``mimc.json`` gives the input spec and pooling).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -23,28 +24,31 @@ from mimc.errors import DataError, MimcError, NotAModelError, shorten
 from mimc.metrics import KNN_K, Fidelity, FidelityMeter, knn_top1
 from mimc.runtime.onnx_model import OnnxModel
 from mimc.runtime.ranks import Ranks
+from mimc.runtime.runner import Runner, open_runner
 
 # k-NN blocks of eval: small enough that the similarity block is no larger at 20 000 images than the
 # whole matrix at 2 000 (32 MiB), so eval's peak memory does not grow with the set (bench_eval_rss.py).
 EVAL_KNN_BLOCK_BYTES = 32 * 2**20
 
-Runner = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+Run = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 # Models -------------------------------------------------------------------------------------------
-def load_for_eval(model: Any):
-    """A MODEL argument, an Encoder, or a ``.onnx`` / OpenVINO ``.xml`` path -> something :func:`features` can run."""
-    if isinstance(model, (str, os.PathLike)):
-        if str(model).endswith((".onnx", ".xml")):
-            return OnnxModel(model)
-        from mimc.models.resolve import load_model
-
-        return load_model(str(model))
+def load_for_eval(model: Any, device: str | None = None, threads: int | None = None):
+    """A MODEL argument or a graph path (mimc ``.onnx``, OpenVINO ``.xml``, TensorRT ``.engine`` / ``.plan``)
+    -> its :class:`~mimc.runtime.runner.Runner` on ``device`` with ``threads``; an Encoder or graph
+    object is run as it is unless ``device`` / ``threads`` ask for a runner."""
+    if isinstance(model, Runner):
+        return model
+    if isinstance(model, (str, os.PathLike)) or device is not None or threads is not None:
+        return open_runner(model, device, threads)
     return model
 
 
-def _runner(model: Any, tokens: bool = True) -> Runner:
+def _runner(model: Any, tokens: bool = True) -> Run:
     """``run(pixels)`` -> (pooled, tokens); without ``tokens`` a graph need not have a token output."""
+    if isinstance(model, Runner):
+        return functools.partial(model.forward, tokens=tokens)
     if isinstance(model, OnnxModel):
         return functools.partial(model, tokens=tokens)
     if isinstance(model, torch.nn.Module):
@@ -57,7 +61,7 @@ def _runner(model: Any, tokens: bool = True) -> Runner:
             return out.pooled.float(), out.last_hidden_state.float()
 
         return run
-    raise NotAModelError(f"cannot evaluate a {type(model).__name__}: pass an Encoder, a MODEL argument or a .onnx file")
+    raise NotAModelError(f"cannot evaluate a {type(model).__name__}: pass an Encoder, a MODEL argument or a graph file")
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
@@ -72,12 +76,16 @@ def _forward(batches: Iterable[torch.Tensor], models: list[Any], meter: Fidelity
     sets never sit in memory at once. Without it only pooled features are asked for."""
     runs = [_runner(m, tokens=meter is not None) for m in models]
     feats: list[list[torch.Tensor]] = [[] for _ in models]
-    for x in batches:
-        outs = [run(x) for run in runs]
-        if meter is not None:
-            meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
-        for model_feats, (pooled, _) in zip(feats, outs):
-            model_feats.append(pooled)
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            if isinstance(m, Runner):
+                stack.enter_context(m.threads_set())
+        for x in batches:
+            outs = [run(x) for run in runs]
+            if meter is not None:
+                meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
+            for model_feats, (pooled, _) in zip(feats, outs):
+                model_feats.append(pooled)
     return feats
 
 

@@ -18,8 +18,10 @@ class InspectReport(DictReport):
 
 
 def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n: int | None = None, seed: int = 0,
-             batch_size: int = 32) -> EvalReport:
-    """Feature fidelity of MODEL (an Encoder, a MODEL argument or a mimc ``.onnx``) to ``reference``, and k-NN.
+             batch_size: int = 32, device: str | None = None, threads: int | None = None) -> EvalReport:
+    """Feature fidelity of MODEL (an Encoder, a MODEL argument, a mimc ``.onnx``, an OpenVINO ``.xml``, a
+    TensorRT ``.engine`` / ``.plan``) to ``reference``, and k-NN; both run on ``device`` (cpu or cuda;
+    default: the runtime's own) with ``threads`` CPU inference threads.
 
     Without ``val``: k-NN leave-one-out over ``data``, fidelity on ``data``. With ``val`` (an image
     folder, .npy/.npz or 'builtin', labelled like ``data``): every val image is classified against
@@ -35,9 +37,9 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
         raise ConfigError(f"n must be >= 1, got {n}", option="n")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
-    cand = load_for_eval(model)
-    ref = load_for_eval(reference) if reference is not None else None
-    ctx = context()  # WORLD_SIZE > 1 (torchrun): joins the process group
+    ctx = context()  # WORLD_SIZE > 1 (torchrun): joins the process group (and picks this rank's GPU)
+    cand = load_for_eval(model, device, threads)
+    ref = load_for_eval(reference, device, threads) if reference is not None else None
     body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val,
                      rank=ctx.rank, world=ctx.world_size)
     shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)

@@ -14,12 +14,14 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     @reads_images("data", "val")
     def eval_(
-        model: str = typer.Argument(..., help=MODEL_HELP + " Also a .onnx file written by `mimc export`."),
+        model: str = typer.Argument(..., help=MODEL_HELP + " Or a mimc .onnx graph, an OpenVINO .xml IR or a TensorRT .engine/.plan."),
         ref: Optional[str] = typer.Option(None, "--ref", help="Reference MODEL to compare features with (e.g. the dense source, 'ref')."),
         data: str = typer.Option("builtin", "--data", help="An image folder (class subfolders give k-NN), a .npy/.npz file, or 'builtin'."),
         val: Optional[str] = typer.Option(None, "--val", help="Labelled val images: k-NN of each against --data as gallery, fidelity on them."),
         n: Optional[int] = typer.Option(None, "--n", "--n-images", help="Evaluate on a seeded subset of this many images of each set (--n-images under torchrun, which takes --n as its own)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda for both models (default: cpu; a TensorRT engine: its GPU)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="CPU inference threads (default: the runtime's own)."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
     ) -> None:
@@ -27,7 +29,7 @@ def register(app: typer.Typer) -> None:
         from mimc import api
 
         with status(f"evaluating {model} on {data}" + (f" and {val}" if val else "")):
-            report = api.evaluate(model, ref, data, val=val, n=n, seed=seed, batch_size=batch_size)
+            report = api.evaluate(model, ref, data, val=val, n=n, seed=seed, batch_size=batch_size, device=device, threads=threads)
         if report.get("rank", 0) == 0:  # under torchrun, rank 0 reports
             show(report, json_out, _human)
 

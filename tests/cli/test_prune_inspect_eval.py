@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mimc.artifact import is_artifact, save_artifact
 from mimc.models.io import load_artifact
@@ -160,6 +161,9 @@ def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, calib, 
     report = json.loads(result.stdout)
     assert report["fidelity"]["pooled_cosine_min"] == pytest.approx(1.0, abs=1e-6)
     assert report["knn_top1"] == report["reference_knn_top1"]
+    result = invoke(app, ["eval", artifact, "--ref", artifact, "--data", calib, "--device", "cpu", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == report  # the torch runner on 1 thread: the same numbers
     np.save(tmp_path / "plain.npy", tiny_images[0])
     result = invoke(app, ["eval", artifact, "--data", tmp_path / "plain.npy"])
     assert result.exit_code == 0, result.output
@@ -174,6 +178,10 @@ def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, calib, 
         (["eval", "ART", "--data", "MISSING.npz"], "does not exist"),
         (["eval", "ART", "--ref", "MISSING"], "not found"),
         (["eval", "ART", "--n", "0"], "--n"),
+        (["eval", "ART", "--device", "tpu"], "--device tpu is not cpu or cuda"),
+        (["eval", "ART", "--threads", "0"], "--threads must be 1 or more"),
+        pytest.param(["eval", "ART", "--ref", "ART", "--device", "cuda"], "--device cuda: no CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")),
     ],
 )
 def test_eval_bad_inputs(app, artifact, tmp_path, args, match):
