@@ -72,7 +72,7 @@ def _weights_graph(*arrays):
 def test_save_graph_decides_from_initializer_bytes_and_streams_them_beside_the_graph(tmp_path, monkeypatch):
     import numpy as np
 
-    import mimc.graph as graph_mod
+    import mimc.graph.files as graph_mod
     from mimc.graph import initializer_bytes, read_tensor, save_graph
     from mimc.runtime.session import run_onnx
 
@@ -106,7 +106,7 @@ def test_tensors_in_one_file_each_are_merged_into_one_data_file(tmp_path, monkey
     import numpy as np
     import onnx
 
-    import mimc.graph as graph_mod
+    import mimc.graph.files as graph_mod
     from mimc.graph import save_graph
     from mimc.runtime.session import run_onnx
 

@@ -23,7 +23,7 @@ TorchScript export is deprecated in torch 2.13, so ``exporter="dynamo"`` is kept
 Graphs past 2 GiB (ViT-H/14 fp32 is 2.5 GB): protobuf cannot serialise them, so nothing here ever
 serialises or sizes a whole graph. The TorchScript exporter writes such a model with one file per
 weight beside the graph, dynamo is asked for external data outright; the graph is then re-read
-*without* its weights, stamped, and :func:`mimc.graph.save_graph` decides from the summed
+*without* its weights, stamped, and :func:`mimc.graph.files.save_graph` decides from the summed
 initializer bytes whether the weights go to one ``<name>.data`` file beside it, streaming them
 there tensor by tensor. Validation loads the graph from its path (ONNX Runtime reads the external
 data itself), after every proto is freed. Measured on ViT-H/14 (``benchmarks/bench_big_encoders.py``):

@@ -61,7 +61,7 @@ weights of a graph kept in one file are moved too, so every proto in memory is s
 Runtime session reads the weights from disk itself. Linear weights are read one at a time when they
 are quantized. The calibration session (one for both passes), the fp32 graph's and the quantized
 graph's sessions for the fidelity gate hold the weights in turn, never two at once; the output
-goes to external data itself when its initializers sum past :data:`mimc.graph.EXTERNAL_DATA_BYTES`.
+goes to external data itself when its initializers sum past :data:`mimc.graph.files.EXTERNAL_DATA_BYTES`.
 
 References:
 - Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only

@@ -2,7 +2,7 @@
 quantize -> profile -> eval on such graphs, and a tampered ``.data`` refused like a tampered graph.
 
 A real one is a ViT-H/14 (2.5 GB, benchmarks/bench_big_encoders.py); here the threshold
-``mimc.graph.EXTERNAL_DATA_BYTES`` is lowered so a tiny encoder takes exactly the same path.
+``mimc.graph.files.EXTERNAL_DATA_BYTES`` is lowered so a tiny encoder takes exactly the same path.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.conftest import tiny_config
 @pytest.fixture
 def external(monkeypatch):
     """Every graph mimc writes keeps its weights in external data (as a ViT-H's must)."""
-    monkeypatch.setattr("mimc.graph.EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", 0)
 
 
 @pytest.fixture
@@ -106,9 +106,9 @@ def test_quantized_graph_is_the_same_whether_weights_were_inline_or_external(app
     outs = []
     for name, threshold in (("inline", 1 << 40), ("external", 0)):
         art = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / name)
-        monkeypatch.setattr("mimc.graph.EXTERNAL_DATA_BYTES", threshold)
+        monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", threshold)
         assert invoke(app, ["export", art]).exit_code == 0
-        monkeypatch.setattr("mimc.graph.EXTERNAL_DATA_BYTES", 1 << 40)  # both int8 graphs inline, comparable
+        monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", 1 << 40)  # both int8 graphs inline, comparable
         assert invoke(app, ["quantize", art, "--calib", calib, "--n", "12", "--smooth", "0.5"]).exit_code == 0
         model = onnx.load(str(art / "model.int8.onnx"))
         del model.metadata_props[:]  # names the source graph's sha256, which differs
@@ -118,9 +118,9 @@ def test_quantized_graph_is_the_same_whether_weights_were_inline_or_external(app
 
 
 def test_re_export_without_external_data_removes_the_old_data_file(app, art, monkeypatch):
-    monkeypatch.setattr("mimc.graph.EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", 0)
     assert invoke(app, ["export", art]).exit_code == 0 and (art / "model.onnx.data").is_file()
-    monkeypatch.setattr("mimc.graph.EXTERNAL_DATA_BYTES", 1 << 40)
+    monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", 1 << 40)
     report = _json(invoke(app, ["export", art, "--json"]))
     assert report["external_data"] is None and not (art / "model.onnx.data").exists()
     assert invoke(app, ["profile", art / "model.onnx", "--iters", "1", "--warmup", "0"]).exit_code == 0

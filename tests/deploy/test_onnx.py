@@ -189,7 +189,7 @@ def test_training_only_ops_are_rejected():
 
 def test_huge_graphs_keep_weights_beside_them(tmp_path, monkeypatch):
     # Protobuf caps a file at 2 GiB; pretend this tiny model is past the threshold.
-    monkeypatch.setattr("mimc.graph.EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", 0)
     cfg = tiny_config()
     encoder = build_encoder(cfg, seed=0)
     report = export_onnx(encoder, tmp_path / "model.onnx")
