@@ -5,24 +5,22 @@ this module runs models over images and feeds them. k-NN runs leave-one-out over
 (no train/test split needed for small sets; the reference-model script uses the same protocol) or,
 given a val set, classifies each val image against the labelled data as gallery.
 
-A model here is a torch :class:`~mimc.models.vit.Encoder` or an ONNX file written by mimc (its
-artifact directory's ``mimc.json`` gives the input spec and pooling).
+A model here is what :func:`mimc.runtime.runner.open_runner` runs: a torch
+:class:`~mimc.models.vit.Encoder`, a MODEL argument, or a graph written by mimc (its artifact
+directory's ``mimc.json`` gives the input spec and pooling) on ONNX Runtime, OpenVINO or TensorRT.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from mimc.data.source import ImageSet, ImageSource, input_spec
-from mimc.errors import DataError, MimcError, NotAModelError, shorten
+from mimc.errors import DataError, MimcError, shorten
 from mimc.metrics import KNN_K, Fidelity, FidelityMeter, knn_top1
-from mimc.runtime.onnx_model import OnnxModel
 from mimc.runtime.ranks import Ranks
 from mimc.runtime.runner import Runner, open_runner
 
@@ -30,38 +28,14 @@ from mimc.runtime.runner import Runner, open_runner
 # whole matrix at 2 000 (32 MiB), so eval's peak memory does not grow with the set (bench_eval_rss.py).
 EVAL_KNN_BLOCK_BYTES = 32 * 2**20
 
-Run = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
-
 
 # Models -------------------------------------------------------------------------------------------
-def load_for_eval(model: Any, device: str | None = None, threads: int | None = None):
-    """A MODEL argument or a graph path (mimc ``.onnx``, OpenVINO ``.xml``, TensorRT ``.engine`` / ``.plan``)
-    -> its :class:`~mimc.runtime.runner.Runner` on ``device`` with ``threads``; an Encoder or graph
-    object is run as it is unless ``device`` / ``threads`` ask for a runner."""
-    if isinstance(model, Runner):
-        return model
-    if isinstance(model, (str, os.PathLike)) or device is not None or threads is not None:
-        return open_runner(model, device, threads)
-    return model
-
-
-def _runner(model: Any, tokens: bool = True) -> Run:
-    """``run(pixels)`` -> (pooled, tokens); without ``tokens`` a graph need not have a token output."""
-    if isinstance(model, Runner):
-        return functools.partial(model.forward, tokens=tokens)
-    if isinstance(model, OnnxModel):
-        return functools.partial(model, tokens=tokens)
-    if isinstance(model, torch.nn.Module):
-        # No model.eval() here: evaluation must not change its input's state, and the canonical
-        # encoder has no dropout or batch norm, so train and eval mode compute the same thing.
-
-        @torch.no_grad()
-        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            out = model(x)
-            return out.pooled.float(), out.last_hidden_state.float()
-
-        return run
-    raise NotAModelError(f"cannot evaluate a {type(model).__name__}: pass an Encoder, a MODEL argument or a graph file")
+def load_for_eval(model: Any, device: str | None = None, threads: int | None = None) -> Runner:
+    """An Encoder, a MODEL argument or a graph path (mimc ``.onnx``, OpenVINO ``.xml``, TensorRT
+    ``.engine`` / ``.plan``) -> its :class:`~mimc.runtime.runner.Runner` on ``device`` with ``threads``.
+    The runner never changes an Encoder's state (no ``eval()``: the canonical encoder has no dropout
+    or batch norm, so train and eval mode compute the same thing)."""
+    return model if isinstance(model, Runner) else open_runner(model, device, threads)
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
@@ -74,14 +48,13 @@ def _forward(batches: Iterable[torch.Tensor], models: list[Any], meter: Fidelity
     """Every model's pooled features, batch by batch; with ``meter``, the first two are candidate and
     reference and their features (tokens too) are compared as they go, so token features of large
     sets never sit in memory at once. Without it only pooled features are asked for."""
-    runs = [_runner(m, tokens=meter is not None) for m in models]
+    runners = [load_for_eval(m) for m in models]
     feats: list[list[torch.Tensor]] = [[] for _ in models]
     with contextlib.ExitStack() as stack:
-        for m in models:
-            if isinstance(m, Runner):
-                stack.enter_context(m.threads_set())
+        for runner in runners:
+            stack.enter_context(runner.threads_set())
         for x in batches:
-            outs = [run(x) for run in runs]
+            outs = [runner.forward(x, meter is not None) for runner in runners]
             if meter is not None:
                 meter.update(outs[0][0], outs[1][0], outs[0][1], outs[1][1])
             for model_feats, (pooled, _) in zip(feats, outs):

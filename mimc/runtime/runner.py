@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
+from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, NotAModelError
 
 Forward = Callable[[torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -89,7 +89,9 @@ def open_runner(model: Any, device: str | None = None, threads: int | None = Non
     """A MODEL argument, an Encoder, or a graph file (``.onnx``, ``.xml``, ``.engine`` / ``.plan``) on its runtime."""
     from mimc.runtime.onnx_model import OnnxModel
 
-    device = check_device(model, device, threads)
+    # an Encoder given without a device runs where the caller keeps it
+    own = next(model.parameters()).device if device is None and isinstance(model, torch.nn.Module) else None
+    device = check_device(model, device if own is None else own.type, threads)
     if graph_kind(model) is not None:
         graph = OnnxModel(model, threads=threads, device=device)
         try:
@@ -108,21 +110,20 @@ def open_runner(model: Any, device: str | None = None, threads: int | None = Non
     elif isinstance(model, torch.nn.Module):
         encoder = model
     else:
-        raise BadInputError(f"cannot run a {type(model).__name__}: pass an Encoder, a MODEL argument or a graph file",
-                            option="model")
+        raise NotAModelError(f"cannot run a {type(model).__name__}: pass an Encoder, a MODEL argument or a graph file")
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError("device cuda: no CUDA GPU is visible to torch here (torch.cuda.is_available() is False): "
                                      "use device cpu", option="device")
     # The canonical encoder has no dropout or batch norm: train and eval mode compute the same, and
-    # the caller's module is not changed (moved to the GPU only when asked for, and back after).
-    target = torch.device(device)
+    # the caller's module is not changed (a copy goes to the GPU when asked for).
+    target = own or torch.device(device)
 
     @torch.no_grad()
     def forward(x: torch.Tensor, tokens: bool):
         out = encoder(x.to(target))
         return out.pooled.float().cpu(), out.last_hidden_state.float().cpu() if tokens else None
 
-    if device == "cuda":
+    if device == "cuda" and own is None:
         encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else copy.deepcopy(encoder).to(target)
     return Runner(forward, encoder.config, "torch", device, threads, None,
                   str(model) if isinstance(model, (str, os.PathLike)) else "the model")
