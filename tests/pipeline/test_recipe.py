@@ -125,6 +125,8 @@ def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source)
     dry = runner.invoke(app, ["run", str(path), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert parse_recipe(yaml.safe_load(dry.stdout)).to_dict() == load_recipe(path).to_dict()
+    dry_json = runner.invoke(app, ["run", str(path), "--dry-run", "--json"])  # --json: the same recipe as JSON
+    assert dry_json.exit_code == 0 and json.loads(dry_json.stdout) == json.loads(json.dumps(load_recipe(path).to_dict()))
     out = tmp_path / "cli-out"
     ok = runner.invoke(app, ["run", str(path), "-o", str(out), "--json"])
     assert ok.exit_code == 0, ok.output
