@@ -70,6 +70,14 @@ class TokenReductionConfig(StageConfig):
             raise ConfigError(f"method '{self.method}' takes keep, not r: give keep", option=("method", "keep", "r"))
         if self.method != "topk" and self.at:
             raise ConfigError("at only applies to method topk", option=("at", "method"))
+        # an option another method's schedule would silently ignore (name, its method, set away from its default)
+        for name, owner, given in (("fuse", "topk", not self.fuse), ("pattern", "drop", self.pattern != "grid"),
+                                   ("prop_attn", "tome", self.prop_attn), ("inflection", "tome", bool(self.inflection))):
+            if given and self.method != owner:
+                raise ConfigError(f"{name} only applies to method {owner}: drop it", option=(name, "method"))
+        if self.inflection and self.r_list:
+            raise ConfigError("inflection shapes a single r over depth; a per-block r list ignores it: drop inflection",
+                              option=("inflection", "r"))
 
     @property
     def keep_rate(self) -> float:

@@ -35,6 +35,11 @@ def test_config_round_trips_and_rejects_unknown_keys():
         {"method": "drop", "at": (1,)},
         {"method": "topk", "at": (0,)},
         {"method": "drop", "pattern": "random"},
+        {"method": "drop", "fuse": False},  # options of another method would be ignored
+        {"method": "topk", "pattern": "variance"},
+        {"method": "topk", "prop_attn": True},
+        {"method": "drop", "inflection": -0.5},
+        {"method": "tome", "r_list": (2, 1), "inflection": -0.5},
     ],
 )
 def test_bad_options_raise_config_error(options):
