@@ -117,6 +117,9 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
     new.load_state_dict(encoder.state_dict())
     new.eval()
     plan = new.token_plan
+    if min(plan.counts) == cfg.num_tokens:  # keep 1, r 0, or a keep that rounds to every patch: the dense model
+        raise ConfigError(f"this {config.method} schedule removes no token ({cfg.num_tokens} in every block): "
+                          + ("raise r" if config.method == "tome" else "give keep below 1"), option="r" if config.method == "tome" else "keep")
     macs_dense, macs_reduced = flops_per_image(cfg), token_ops.reduced_macs(new.config, plan)
     # Mean tokens per block, weighted like the work: what "x % of the tokens" means in the benchmark.
     mean_tokens = sum(plan.counts[:-1]) / max(1, cfg.depth)

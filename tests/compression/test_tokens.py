@@ -63,6 +63,13 @@ def test_stage_records_metrics_and_leaves_input_untouched(tiny_encoder):
         compress(new, TokenReductionConfig(method="drop"))
 
 
+@pytest.mark.parametrize("options", [{"method": "tome", "r": 0}, {"method": "topk", "keep": 1.0}, {"method": "drop", "keep": 1.0},
+                                     {"method": "drop", "keep": 0.99, "pattern": "variance"}])
+def test_a_schedule_that_removes_no_token_is_refused(tiny_encoder, options):
+    with pytest.raises(ConfigError, match="removes no token"):
+        compress(tiny_encoder, TokenReductionConfig(**options))
+
+
 def test_r_too_large_for_the_token_count_is_clipped_as_upstream(tiny_encoder):
     # ToMe merges at most half the unprotected tokens of a block: 16 -> 11 -> 6 patches, then 3 and 1.
     _, record = compress(tiny_encoder, TokenReductionConfig(method="tome", r=5))
