@@ -149,8 +149,8 @@ def test_data_given_at_replay_fills_what_the_manifest_did_not_record(tmp_path):
 
     sparse, _ = compress(load_model("ref"), NMSparsityConfig(method="wanda", n_calib=8), [torch.rand(8, 3, 32, 32)])
     art = save_artifact(sparse, tmp_path / "art")
-    with pytest.raises(ConfigError, match="need images"):
-        load_recipe(art)
+    with pytest.raises(ConfigError, match=r"need images: mimc.json does not record them, give them to the replay: mimc run --data DIR"):
+        load_recipe(art)  # not "add 'data: DIR'": nobody edits a mimc.json
     recipe = load_recipe(art, data="builtin")
     assert recipe.data == "builtin" and recipe.steps[0].config == NMSparsityConfig(method="wanda", n_calib=8)
     # mimc.json has no record of the images wanda drew: the replay says so instead of implying exactness
