@@ -120,6 +120,9 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
     teacher = clone_encoder(teacher) if teacher is not None else default_teacher(encoder)
     teacher.eval()
     check_teacher(encoder, teacher)
+    if encoder.config.to_dict() == teacher.config.to_dict() and state_hash(encoder) == state_hash(teacher):
+        raise ConfigError("the model is its own teacher (same structure and weights): there is nothing to recover; distill a "
+                          "compressed model, or give another teacher", option="teacher")
     eval_pixels = first_batches(images, 256, 32)
     before = fidelity(encoder, teacher, eval_pixels).to_dict()
 
