@@ -156,3 +156,9 @@ def test_an_onnx_runtime_qattention_graph_is_refused_with_the_fix(app, graph, tm
     for args in (["build", str(q), "--device", "openvino-cpu"], ["profile", str(q), "--device", "openvino-cpu"]):
         one_error_line(invoke(app, args), "QAttention), which OpenVINO cannot read: quantize it with --device openvino-cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
+
+
+def test_build_help_names_the_openvino_ir(app):
+    """`mimc build --help` said "Build a TensorRT engine" and "A TensorRT device profile" only."""
+    text = " ".join(invoke(app, ["build", "--help"]).stdout.split())
+    assert "or an OpenVINO IR" in text and "or openvino-cpu" in text
