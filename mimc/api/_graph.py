@@ -118,6 +118,10 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
         else:
             graph = path / ONNX_NAME if isinstance(encoder, ArtifactShape) else Path(tmp) / ONNX_NAME
             cfg = encoder.config
+        if is_artifact(out.parent) and not _same_dir(out.parent, path.parent if path.suffix == ".onnx" else path):
+            # its mimc.json would list this graph of another model as its own
+            raise BadInputError(f"output {out} is inside the artifact {out.parent}, which {model} does not come from: write the graph "
+                                f"outside it, or quantize {out.parent} itself", option="output")
         _check_folder(out, (path, spec_of(calib)))
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():

@@ -69,7 +69,7 @@ def prune(model: Any = "ref", output=None, *, data=None, n: int = 256, batch_siz
 
     config = BlockPruningConfig(**{"seed": seed, **options})
     return run_stage(model, config, output, "pruned", data, n, batch_size, seed, overwrite,
-                     preflight=lambda enc: config.num_removed(enc.config.depth))
+                     preflight=lambda enc: config.num_removed(enc.config.depth, enc.config.kept_block_ids()))
 
 
 def width(model: Any = "ref", output=None, *, data=None, n: int = 64, seed: int = 0, overwrite: bool = False,

@@ -15,16 +15,16 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def build(
         model: Path = typer.Argument(..., help="An ONNX graph (model.onnx, model.int8.onnx, ...): its precision is what the engine runs."),
-        device: str = typer.Option(..., "--device", "-d", help="A TensorRT device profile (see `mimc profiles`) or a profile .yaml."),
+        device: str = typer.Option(..., "--device", "-d", help="A TensorRT device profile or openvino-cpu (see `mimc profiles`), or a profile .yaml."),
         precision: Optional[str] = typer.Option(None, "--precision", help="fp16 casts an fp32 graph first; int8/fp8 need a quantized graph (openvino-cpu: fp32/bf16 for fp32 graphs, int8/int8-bf16 for quantized ones; default: the graph's)."),
         batch: Optional[str] = typer.Option(None, "--batch", "-b", help="MIN:OPT:MAX batch range of the optimization profile (default 1:1:<largest profile batch>)."),
         workspace_gb: float = typer.Option(4.0, "--workspace-gb", help="Builder workspace limit in GB."),
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, read if present and updated after the build."),
         sparse: Optional[bool] = typer.Option(None, "--sparse/--no-sparse", help="Sparse weights (default: on when the model is 2:4 and the device has sparse tensor cores)."),
-        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine path (default: <device>-<precision>.plan beside the graph)."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine or IR path (default: <device>-<precision>.plan, or .xml for openvino-cpu, beside the graph)."),
         json_out: bool = JsonOption,
     ) -> None:
-        """Build a TensorRT engine (strongly typed: precision comes from the graph) plus a JSON sidecar."""
+        """Build a TensorRT engine (strongly typed: precision comes from the graph) or an OpenVINO IR, plus a JSON sidecar."""
         from mimc import api
 
         with status(f"building for {device} (a TensorRT engine takes minutes for a ViT-B)"):

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument("ref", help=MODEL_HELP),
         ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of blocks to remove, strictly between 0 and 1."),
         keep: Optional[int] = typer.Option(None, "--keep", help="Number of blocks to keep."),
-        blocks: Optional[str] = typer.Option(None, "--blocks", help="0-based blocks to remove, e.g. 3,5 (overrides the criterion)."),
+        blocks: Optional[str] = typer.Option(None, "--blocks", help="0-based positions of the blocks to remove, e.g. 3,5 (overrides the criterion; on a pruned model, not the source ids its table shows)."),
         criterion: str = typer.Option("entropy", "--criterion", "-c", help="entropy, entropy_hist, l1, l2, variance, kurtosis, random, last, sensitivity (needs --data)."),
         data: Optional[str] = typer.Option(None, "--data", help="Images for sensitivity and data fidelity: a folder, .npy/.npz or 'builtin'."),
         n: int = typer.Option(256, "--n", help="Use at most this many images from --data."),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, handle_errors, status
+from mimc.cli.common import JsonOption, emit_json, handle_errors, status
 from mimc.cli.render import line, note, run_summary, show
 
 
@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Override the recipe's images (a folder, .npz/.npy or 'builtin')."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
         force: bool = typer.Option(False, "--force", help="Write a quantized graph even when it fails its fidelity gate."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe (YAML); run nothing."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe (YAML; JSON with --json); run nothing."),
         json_out: bool = JsonOption,
     ) -> None:
         """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, build, profile, eval)."""
@@ -28,8 +28,8 @@ def register(app: typer.Typer) -> None:
         parsed = api.recipe(recipe, data=data)
         if parsed.note:
             note(parsed.note)
-        if dry_run:
-            typer.echo(parsed.to_yaml(), nl=False)
+        if dry_run:  # the resolved recipe: YAML, or with --json the same mapping as JSON
+            emit_json(parsed.to_dict()) if json_out else typer.echo(parsed.to_yaml(), nl=False)
             return
         with status("starting") as spinner:
             report = api.run(parsed, output, overwrite=overwrite, force=force,

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("tome", "--method", help="tome (merge r per block), topk (EViT-style) or drop (patches before block 1)."),
         r: Optional[str] = typer.Option(None, "--r", help="ToMe: tokens merged per block, or a comma list, one value per block."),
         inflection: float = typer.Option(0.0, "--inflection", help="ToMe: < 0 makes the schedule decrease over depth (ToMe's (r, inflection))."),
-        keep: Optional[float] = typer.Option(None, "--keep", help="topk / drop: fraction of patch tokens kept, in (0, 1] (default 0.7 / 0.5)."),
+        keep: Optional[float] = typer.Option(None, "--keep", help="topk / drop: fraction of patch tokens kept, in (0, 1) (default 0.7 / 0.5)."),
         at: Optional[str] = typer.Option(None, "--at", help="topk: 1-based blocks that select tokens, e.g. 4,7,10 (default: EViT's, scaled to the depth)."),
         fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="topk: fuse the dropped tokens into one, attention-weighted."),
         pattern: str = typer.Option("grid", "--pattern", help="drop: grid (fixed even pattern; tubes for video) or variance (per image, by patch pixel variance)."),

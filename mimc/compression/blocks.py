@@ -57,12 +57,14 @@ class BlockPruningConfig(StageConfig):
     def needs_data(self) -> bool:
         return self.criterion == "sensitivity"
 
-    def num_removed(self, depth: int) -> int:
-        """How many blocks this config removes from an encoder of ``depth`` blocks (validated)."""
+    def num_removed(self, depth: int, ids: list[int] | None = None) -> int:
+        """How many blocks this config removes from an encoder of ``depth`` blocks (validated); ``ids``:
+        the source's block ids of a pruned encoder, which its tables show and ``blocks`` does not use."""
         if self.blocks is not None:
             bad = [b for b in self.blocks if b >= depth]
             if bad:
-                raise ConfigError(f"blocks {bad} do not exist in a model of depth {depth}: give indices 0..{depth - 1}", option="blocks")
+                pruned = f" (its tables show the source's ids {ids})" if ids is not None and ids != list(range(depth)) else ""
+                raise ConfigError(f"blocks {bad} do not exist in a model of depth {depth}: give positions 0..{depth - 1}{pruned}", option="blocks")
             k = len(self.blocks)
         elif self.keep is not None:
             if self.keep > depth:
@@ -123,7 +125,7 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
     from mimc.evaluation import fidelity
 
     cfg = encoder.config
-    k = config.num_removed(cfg.depth)
+    k = config.num_removed(cfg.depth, cfg.kept_block_ids())
     batches = list(calibration_batches) if calibration_batches is not None else None
     scores, warnings = score_blocks(encoder, config, batches)
     removed = list(config.blocks) if config.blocks is not None else sorted(removal_order(scores)[:k])

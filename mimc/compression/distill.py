@@ -80,6 +80,13 @@ def _source_id(encoder) -> str | None:
     return (getattr(getattr(encoder, "manifest", None), "source", None) or {}).get("id")
 
 
+def _teacher_label(teacher) -> str:
+    """An explicit teacher's source, and the stages that made it when it is not that source itself."""
+    stages = [s.name for s in getattr(getattr(teacher, "manifest", None), "stages", None) or []]
+    source = _source_id(teacher) or "explicit"
+    return f"{source} after {'+'.join(stages)}" if stages else source
+
+
 def check_teacher(student, teacher) -> None:
     for key in _MUST_MATCH:
         a, b = getattr(student.config, key), getattr(teacher.config, key)
@@ -109,10 +116,13 @@ def distill(encoder, config: DistillConfig, calibration_batches=None, run: Train
         raise DataError("distill needs unlabeled images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     teacher = run.teacher if run is not None else None
     # The label recorded in the manifest: where the teacher came from.
-    teacher_label = (_source_id(teacher) or "explicit") if teacher is not None else _source_id(encoder)
+    teacher_label = _teacher_label(teacher) if teacher is not None else _source_id(encoder)
     teacher = clone_encoder(teacher) if teacher is not None else default_teacher(encoder)
     teacher.eval()
     check_teacher(encoder, teacher)
+    if encoder.config.to_dict() == teacher.config.to_dict() and state_hash(encoder) == state_hash(teacher):
+        raise ConfigError("the model is its own teacher (same structure and weights): there is nothing to recover; distill a "
+                          "compressed model, or give another teacher", option="teacher")
     eval_pixels = first_batches(images, 256, 32)
     before = fidelity(encoder, teacher, eval_pixels).to_dict()
 

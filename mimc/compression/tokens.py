@@ -70,6 +70,14 @@ class TokenReductionConfig(StageConfig):
             raise ConfigError(f"method '{self.method}' takes keep, not r: give keep", option=("method", "keep", "r"))
         if self.method != "topk" and self.at:
             raise ConfigError("at only applies to method topk", option=("at", "method"))
+        # an option another method's schedule would silently ignore (name, its method, set away from its default)
+        for name, owner, given in (("fuse", "topk", not self.fuse), ("pattern", "drop", self.pattern != "grid"),
+                                   ("prop_attn", "tome", self.prop_attn), ("inflection", "tome", bool(self.inflection))):
+            if given and self.method != owner:
+                raise ConfigError(f"{name} only applies to method {owner}: drop it", option=(name, "method"))
+        if self.inflection and self.r_list:
+            raise ConfigError("inflection shapes a single r over depth; a per-block r list ignores it: drop inflection",
+                              option=("inflection", "r"))
 
     @property
     def keep_rate(self) -> float:
@@ -109,6 +117,9 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
     new.load_state_dict(encoder.state_dict())
     new.eval()
     plan = new.token_plan
+    if min(plan.counts) == cfg.num_tokens:  # keep 1, r 0, or a keep that rounds to every patch: the dense model
+        raise ConfigError(f"this {config.method} schedule removes no token ({cfg.num_tokens} in every block): "
+                          + ("raise r" if config.method == "tome" else "give keep below 1"), option="r" if config.method == "tome" else "keep")
     macs_dense, macs_reduced = flops_per_image(cfg), token_ops.reduced_macs(new.config, plan)
     # Mean tokens per block, weighted like the work: what "x % of the tokens" means in the benchmark.
     mean_tokens = sum(plan.counts[:-1]) / max(1, cfg.depth)

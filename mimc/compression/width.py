@@ -64,7 +64,7 @@ class WidthPruningConfig(StageConfig):
     criterion: str = option("l2", choices=CRITERIA)
     round_to: int = option(16, ge=1, doc="MLP widths are kept a multiple of this")
     max_batches: int = option(8, ge=1)
-    macs: float | None = option(None, gt=0, le=1, doc="ratio of MACs kept, allocated per block (global); replaces mlp/heads")
+    macs: float | None = option(None, gt=0, lt=1, doc="ratio of MACs kept, allocated per block (global); replaces mlp/heads")
     optin_images: int = option(32, ge=2, doc="optin: images the trajectory scores are computed on")
     optin_lambda: float = option(10.0, ge=0, doc="optin: how far the pooled-feature term sits below the token term (lambda)")
     optin_trajectory: str = option("sum", choices=TRAJECTORIES,

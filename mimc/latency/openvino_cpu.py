@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from mimc.errors import BadInputError
 from mimc.artifact import sha256_file
 from mimc.latency.ort_cpu import MEMORY_METHOD, measure_batches
-from mimc.graph import graph_precision
+from mimc.graph import graph_precision, load_graph
 from mimc.runtime.openvino import GRAPH_PRECISION, IR_SUFFIXES, check_precision, ir_precision, model_inputs, read, version
 
 
@@ -54,6 +54,9 @@ def precision_for(path: str | Path, precision: str | None = None) -> str:
         if GRAPH_PRECISION.get(own) != source:  # no record: the float hint it was built with, on this graph
             own = {"fp32": "int8", "bf16": "int8-bf16"}[own] if source == "int8" else own
     else:
+        if any(node.op_type == "QAttention" for node in load_graph(path, external_data=False).graph.node):
+            raise BadInputError(f"{path} is an ONNX Runtime CPU graph (QAttention), which OpenVINO cannot read: quantize it with "
+                                "--device openvino-cpu (or --no-fuse-attention: plain Q/DQ)")
         source = "int8" if graph_precision(path) == "int8" else "fp32"
         own = source
     if precision is None:

@@ -150,7 +150,7 @@ def ordered_dither(h: int, w: int) -> torch.Tensor:
     Half gives a checkerboard, a quarter every other row and column, any other count something
     in between, so a fixed keep rate always samples the whole image.
     """
-    m = torch.zeros(1, 1, dtype=torch.long)
+    m = torch.zeros(1, 1, dtype=torch.long, device="cpu")  # indices, not weights: never on the meta device
     while m.shape[0] < max(h, w):
         m = torch.cat([torch.cat([4 * m, 4 * m + 2], 1), torch.cat([4 * m + 3, 4 * m + 1], 1)], 0)
     return m[:h, :w]
@@ -161,7 +161,7 @@ def grid_keep_index(grid: tuple[int, int, int], keep: float) -> list[int]:
     t, h, w = grid
     n_spatial = max(1, round(keep * h * w))
     ranks = ordered_dither(h, w).flatten()
-    spatial = sorted(torch.argsort(ranks * (h * w) + torch.arange(h * w))[:n_spatial].tolist())
+    spatial = sorted(torch.argsort(ranks * (h * w) + torch.arange(h * w, device="cpu"))[:n_spatial].tolist())
     return [ti * h * w + s for ti in range(t) for s in spatial]
 
 

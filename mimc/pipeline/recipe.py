@@ -94,8 +94,9 @@ class Recipe:
         return any(s.config.needs_data for s in self.steps)  # a data-driven model stage, or quantize
 
 
-def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
-    """A mapping (parsed YAML) -> :class:`Recipe`; every stage's options are validated here."""
+def parse_recipe(data: Any, where: str = "recipe", data_fix: str = "add 'data: DIR'") -> Recipe:
+    """A mapping (parsed YAML) -> :class:`Recipe`; every stage's options are validated here.
+    ``data_fix``: how the refusal of stages that need images without ``data`` says to give them."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping with 'model' and 'stages', got {type(data).__name__}")
     known = {"model", "data", "n", "seed", "output", "stages"}
@@ -121,7 +122,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     recipe = Recipe(model=model, steps=steps, data=spec, n=n, seed=seed, output=data.get("output"), data_options=data_options)
     if recipe.needs_data and recipe.data is None:
         needing = [s.name for s in steps if s.config.needs_data]
-        raise ConfigError(f"{where}: stage(s) {needing} need images: add 'data: DIR' (a folder, .npz/.npy or builtin)")
+        raise ConfigError(f"{where}: stage(s) {needing} need images: {data_fix} (a folder, .npz/.npy or builtin)")
     return recipe
 
 
@@ -369,7 +370,8 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
             recorded = entry.get("calibration_source")
             break
     data = data if data is not None else recorded  # model stages do not record their images: mimc run --data
-    recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json")
+    recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json",
+                          data_fix="mimc.json does not record them, give them to the replay: mimc run --data DIR")
     notes = []
     learned = [s.name for s in recipe.steps if s.is_model_stage and s.config.needs_data]
     if learned:

@@ -69,6 +69,10 @@ def test_bad_inputs_exit_2_and_write_nothing(app, artifact, calib, tmp_path):
     one_error_line(invoke(app, ["quantize", artifact, "--calib", calib, "-o", tmp_path / "nope" / "q.onnx"]), "does not exist")
     one_error_line(invoke(app, ["quantize", artifact, "--fp8", "--calib", calib]), "does not support fp8")
     one_error_line(invoke(app, ["quantize", artifact, "--int8", "--fp8", "--calib", calib]), "exclude each other")
+    # a graph of another model into this artifact would be listed in its mimc.json as its own
+    other = save_artifact(build_encoder(tiny_config(), seed=1), tmp_path / "other")
+    for model in ("ref", other):
+        one_error_line(invoke(app, ["quantize", model, "--calib", calib, "-o", artifact / "q.onnx"]), "inside the artifact")
     assert _snapshot(artifact) == before
 
 

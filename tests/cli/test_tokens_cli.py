@@ -33,6 +33,7 @@ def test_tokens_writes_an_artifact_with_the_schedule(app, tmp_path, model_dir):
         (["--method", "blur"], "unknown --method 'blur'"),
         (["--method", "tome"], "--r"),
         (["--method", "tome", "--r", "2,x"], "--r"),
+        (["--method", "drop", "--no-fuse"], "--fuse only applies to --method topk"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(app, tmp_path, model_dir, args, message):

@@ -204,6 +204,9 @@ def test_pruning_twice_keeps_original_block_ids(tiny_encoder):
     twice, record = compress(once, BlockPruningConfig(blocks=(1,)))  # position 1 of [1, 2, 3] is block 2
     assert record.metrics["removed_blocks"] == [2] and twice.config.block_ids == [1, 3]
     assert [s.name for s in twice.manifest.stages] == ["prune", "prune"]
+    # blocks are positions; a pruned model's tables show source ids, so an id past the depth is refused naming them
+    with pytest.raises(ConfigError, match=r"give positions 0..2 \(its tables show the source's ids \[1, 2, 3\]\)"):
+        compress(once, BlockPruningConfig(blocks=(3,)))
 
 
 # Config and lineage -------------------------------------------------------------------------------

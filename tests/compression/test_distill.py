@@ -52,6 +52,23 @@ def test_teacher_defaults_to_the_manifest_source(teacher, images, monkeypatch):
     assert loaded == ["tiny-source"] and record.metrics["teacher"] == "tiny-source"
 
 
+def test_a_compressed_teacher_is_recorded_as_such_not_as_its_source(teacher, images):
+    from mimc.compression.width import WidthPruningConfig
+
+    named = build_encoder(tiny_config(), seed=0)
+    named.manifest = Manifest(encoder=named.config.to_dict(), source={"id": "tiny-source"})
+    narrow, _ = compress(named, WidthPruningConfig(mlp=0.5))  # `mimc distill X --teacher out/narrow`
+    _, record = compress(remove_blocks(teacher, [3]), DistillConfig(steps=1, batch_size=4), images, run=TrainRun(teacher=narrow))
+    assert record.metrics["teacher"] == "tiny-source after width"  # it said "tiny-source": a replay would not note it
+    _, record = compress(remove_blocks(teacher, [3]), DistillConfig(steps=1, batch_size=4), images, run=TrainRun(teacher=named))
+    assert record.metrics["teacher"] == "tiny-source"
+
+
+def test_a_model_that_is_its_own_teacher_is_refused(teacher, images):  # `mimc distill ref`: loss 0, a copy written
+    with pytest.raises(ConfigError, match="its own teacher"):
+        compress(build_encoder(tiny_config(), seed=0), DistillConfig(steps=1, batch_size=4), images, run=TrainRun(teacher=teacher))
+
+
 def test_no_source_and_no_teacher_is_refused(teacher, images):
     with pytest.raises(ConfigError, match="give teacher") as info:
         compress(build_encoder(tiny_config(depth=2), seed=1), DistillConfig(steps=1), images)
@@ -71,8 +88,9 @@ def test_incompatible_teacher_and_masking(teacher, images):
     with pytest.raises(ConfigError, match="differ in dim"):
         compress(wide, DistillConfig(steps=1), images, run=TrainRun(teacher=teacher))
     beit = build_encoder(tiny_config(rel_pos_bias="per_block", pos_embed="none"), seed=0)
+    beit_teacher = build_encoder(beit.config, seed=1)  # not beit itself: a model is never its own teacher
     with pytest.raises(ConfigError, match="--mask-ratio 0"):
-        compress(beit, DistillConfig(steps=1, mask_ratio=0.5), images, run=TrainRun(teacher=beit))
+        compress(beit, DistillConfig(steps=1, mask_ratio=0.5), images, run=TrainRun(teacher=beit_teacher))
 
 
 def test_needs_data_and_valid_options(teacher):

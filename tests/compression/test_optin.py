@@ -58,7 +58,7 @@ def test_global_allocation_slices_exactly_and_widths_survive_save_and_load(tmp_p
 def test_config_round_trip_and_refusals():
     cfg = WidthPruningConfig(macs=0.6, criterion="optin", optin_images=16, optin_lambda=5.0, optin_trajectory="final")
     assert config_from_dict("width", cfg.to_dict()) == cfg and cfg.needs_data
-    for bad in (dict(macs=0.0), dict(macs=1.5), dict(macs=0.6, mlp=0.5), dict(macs=0.6, optin_images=1),
+    for bad in (dict(macs=0.0), dict(macs=1.0), dict(macs=1.5), dict(macs=0.6, mlp=0.5), dict(macs=0.6, optin_images=1),
                 dict(macs=0.6, optin_trajectory="mean")):
         with pytest.raises(ConfigError):
             WidthPruningConfig(**bad)

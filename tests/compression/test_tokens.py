@@ -35,6 +35,11 @@ def test_config_round_trips_and_rejects_unknown_keys():
         {"method": "drop", "at": (1,)},
         {"method": "topk", "at": (0,)},
         {"method": "drop", "pattern": "random"},
+        {"method": "drop", "fuse": False},  # options of another method would be ignored
+        {"method": "topk", "pattern": "variance"},
+        {"method": "topk", "prop_attn": True},
+        {"method": "drop", "inflection": -0.5},
+        {"method": "tome", "r_list": (2, 1), "inflection": -0.5},
     ],
 )
 def test_bad_options_raise_config_error(options):
@@ -58,6 +63,13 @@ def test_stage_records_metrics_and_leaves_input_untouched(tiny_encoder):
         compress(new, TokenReductionConfig(method="drop"))
 
 
+@pytest.mark.parametrize("options", [{"method": "tome", "r": 0}, {"method": "topk", "keep": 1.0}, {"method": "drop", "keep": 1.0},
+                                     {"method": "drop", "keep": 0.99, "pattern": "variance"}])
+def test_a_schedule_that_removes_no_token_is_refused(tiny_encoder, options):
+    with pytest.raises(ConfigError, match="removes no token"):
+        compress(tiny_encoder, TokenReductionConfig(**options))
+
+
 def test_r_too_large_for_the_token_count_is_clipped_as_upstream(tiny_encoder):
     # ToMe merges at most half the unprotected tokens of a block: 16 -> 11 -> 6 patches, then 3 and 1.
     _, record = compress(tiny_encoder, TokenReductionConfig(method="tome", r=5))
@@ -76,8 +88,11 @@ def test_topk_default_blocks_and_score_follow_the_model(tiny_encoder):
     assert compress(cls_model, TokenReductionConfig(method="topk"))[0].config.token_schedule["score"] == "cls"
 
 
-def test_save_load_keeps_schedule_and_outputs(tmp_path, tiny_video_encoder):
-    new, _ = compress(tiny_video_encoder, TokenReductionConfig(method="drop", keep=0.5, pattern="variance"))
+@pytest.mark.parametrize("pattern", ["variance", "grid"])
+def test_save_load_keeps_schedule_and_outputs(tmp_path, tiny_video_encoder, pattern):
+    # grid: the manifest's shape check builds the encoder on the meta device, where the fixed drop
+    # pattern must still be computed (it crashed there: "Cannot copy out of meta tensor")
+    new, _ = compress(tiny_video_encoder, TokenReductionConfig(method="drop", keep=0.5, pattern=pattern))
     save_artifact(new, tmp_path / "a")
     loaded = load_artifact(tmp_path / "a")
     assert loaded.config.token_schedule == new.config.token_schedule

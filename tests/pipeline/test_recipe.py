@@ -125,6 +125,8 @@ def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source)
     dry = runner.invoke(app, ["run", str(path), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert parse_recipe(yaml.safe_load(dry.stdout)).to_dict() == load_recipe(path).to_dict()
+    dry_json = runner.invoke(app, ["run", str(path), "--dry-run", "--json"])  # --json: the same recipe as JSON
+    assert dry_json.exit_code == 0 and json.loads(dry_json.stdout) == json.loads(json.dumps(load_recipe(path).to_dict()))
     out = tmp_path / "cli-out"
     ok = runner.invoke(app, ["run", str(path), "-o", str(out), "--json"])
     assert ok.exit_code == 0, ok.output
@@ -147,8 +149,8 @@ def test_data_given_at_replay_fills_what_the_manifest_did_not_record(tmp_path):
 
     sparse, _ = compress(load_model("ref"), NMSparsityConfig(method="wanda", n_calib=8), [torch.rand(8, 3, 32, 32)])
     art = save_artifact(sparse, tmp_path / "art")
-    with pytest.raises(ConfigError, match="need images"):
-        load_recipe(art)
+    with pytest.raises(ConfigError, match=r"need images: mimc.json does not record them, give them to the replay: mimc run --data DIR"):
+        load_recipe(art)  # not "add 'data: DIR'": nobody edits a mimc.json
     recipe = load_recipe(art, data="builtin")
     assert recipe.data == "builtin" and recipe.steps[0].config == NMSparsityConfig(method="wanda", n_calib=8)
     # mimc.json has no record of the images wanda drew: the replay says so instead of implying exactness

@@ -141,3 +141,24 @@ def test_a_profile_names_the_precision_its_graph_runs(graph, tmp_path):
 
     report = profile(q, device="openvino-cpu", batch_sizes=[1], warmup=1, iters=2, threads=1)
     assert report["precision"] == "int8" and "f32" not in report["runtime_precision"]["compute_layers"]
+
+
+def test_an_onnx_runtime_qattention_graph_is_refused_with_the_fix(app, graph, tmp_path):
+    """mimc quantize's default cpu graph fuses attention into ONNX Runtime's QAttention, which OpenVINO
+    cannot read: build / profile for openvino-cpu say so and name the quantization that fits, rather
+    than OpenVINO's bare read error and a `mimc export` hint that does not help."""
+    pytest.importorskip("openvino")
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+
+    x = np.random.default_rng(0).standard_normal((24, 3, 32, 32)).astype(np.float32)
+    q = tmp_path / "model.int8.onnx"
+    quantize_onnx(graph, q, [x[:16]], QuantizeConfig(), [x[16:]], force=True)
+    for args in (["build", str(q), "--device", "openvino-cpu"], ["profile", str(q), "--device", "openvino-cpu"]):
+        one_error_line(invoke(app, args), "QAttention), which OpenVINO cannot read: quantize it with --device openvino-cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
+
+
+def test_build_help_names_the_openvino_ir(app):
+    """`mimc build --help` said "Build a TensorRT engine" and "A TensorRT device profile" only."""
+    text = " ".join(invoke(app, ["build", "--help"]).stdout.split())
+    assert "or an OpenVINO IR" in text and "or openvino-cpu" in text
