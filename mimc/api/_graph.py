@@ -37,9 +37,40 @@ def _new_artifact(folder: Path, overwrite: bool, hint: str) -> None:
         raise BadInputError(f"output {folder} already exists and is not empty: choose another output{hint}")
 
 
+def _made_from(folder: Path, graph: str) -> list[str]:
+    """The files of an artifact made from ``graph``, directly or through another (quantized graphs,
+    engines, IRs), by the ``source`` its mimc.json records for each."""
+    from mimc.artifact import read_manifest
+
+    files, found = read_manifest(folder).files, [graph]
+    for name in found:
+        for other, entry in files.items():
+            source = entry.get("source")
+            if (source.get("file") if isinstance(source, dict) else source) == name and other not in found:
+                found.append(other)
+    return found[1:]
+
+
+def _drop_files(folder: Path, names: list[str]) -> None:
+    """Remove ``names`` from the artifact's mimc.json (first: a kill in between leaves files it no
+    longer lists, never entries without files), then the files with their weights and sidecars."""
+    from mimc.artifact import MANIFEST_NAME, read_manifest
+
+    manifest = read_manifest(folder)
+    entries = [manifest.files.pop(name) for name in names]
+    write_json(folder / MANIFEST_NAME, manifest.to_dict())
+    for entry in entries:
+        for key in ("file", "external_data", "sidecar"):
+            if entry.get(key):
+                (folder / entry[key]).unlink(missing_ok=True)
+
+
 def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
-    """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
+    """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime.
+
+    Into an artifact that already has a ``model.onnx`` with graphs made from it (``model.int8.onnx``,
+    engines, IRs), the export is refused unless ``overwrite``, which replaces it and removes those."""
     from mimc.artifact import is_artifact
     from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
@@ -53,10 +84,17 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         check_not_input(out_dir, (model,))
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
         _new_artifact(out_dir, overwrite, f" or overwrite it{into}")
+    stale = _made_from(out_dir, ONNX_NAME) if in_place and (out_dir / ONNX_NAME).is_file() else []
+    if stale and not overwrite:
+        raise BadInputError(f"{out_dir / ONNX_NAME} has graphs made from it ({', '.join(stale)}), which a new export would leave "
+                            "out of date: export into a new folder (output), or pass overwrite to replace it and remove them",
+                            option=("output", "overwrite"))
     encoder = load_model(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
+        if stale:
+            _drop_files(out_dir, stale)
     else:
         encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default) or dynamo."),
         force: bool = typer.Option(False, "--force", help="Keep a graph that fails the fidelity gate (recorded as failed)."),
         validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare the graph with torch on ONNX Runtime."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory (non-artifact MODEL)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory; in an artifact, a model.onnx other graphs were made from (removing them)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the deterministic validation inputs."),
         json_out: bool = JsonOption,
     ) -> None:

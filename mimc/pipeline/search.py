@@ -240,7 +240,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             "candidates": [c.to_dict() for c in candidates],
             "best": best.to_dict() if best else None, "best_stages": best.stages if best else None,
             "meets_budget": None if best is None or budget_ms is None else bool(best.latency_ms <= budget_ms),
-            "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower min_cosine or widen the grid"}
+            "note": None if best else f"no candidate reaches pooled cosine {min_cosine}: lower the minimum cosine or widen the grid"}
 
 
 def _model(encoder, cand: Candidate, calib, cache: dict):

@@ -9,7 +9,7 @@ from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
 from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
-from tests.cli.conftest import invoke, one_error_line
+from tests.cli.conftest import invoke, one_error_line, snapshot
 
 
 @pytest.fixture
@@ -27,6 +27,21 @@ def test_export_artifact_in_place(app, artifact):
     assert report["validation"]["passed"] and report["validation"]["fidelity"]["max_abs"] <= 1e-4
     files = json.loads((artifact / MANIFEST_NAME).read_text())["files"]
     assert files["model.onnx"]["sha256"] == report["sha256"]
+
+
+def test_re_export_over_graphs_made_from_model_onnx_needs_overwrite_and_removes_them(app, artifact, calib):
+    assert invoke(app, ["export", artifact]).exit_code == 0
+    assert invoke(app, ["quantize", artifact, "--calib", calib]).exit_code == 0
+    before = snapshot(artifact)
+    result = invoke(app, ["export", artifact, "--batch", "dynamic"])
+    one_error_line(result, "has graphs made from it (model.int8.onnx)")
+    assert "--overwrite" in result.stderr and snapshot(artifact) == before  # nothing changed
+    result = invoke(app, ["export", artifact, "--batch", "dynamic", "--overwrite", "--json"])
+    assert result.exit_code == 0, result.output
+    files = json.loads((artifact / MANIFEST_NAME).read_text())["files"]
+    assert list(files) == ["model.onnx"] and files["model.onnx"]["batch"] == "dynamic"
+    assert not (artifact / "model.int8.onnx").exists()
+    assert invoke(app, ["export", artifact, "--batch", "1"]).exit_code == 0  # nothing made from it: replaced as before
 
 
 def test_export_any_model_creates_an_artifact_beside_the_graph(app, tmp_path, monkeypatch):
