@@ -32,3 +32,20 @@ def json_load(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_export_takes_a_path_and_an_encoder_and_leaves_the_encoder_alone(tmp_path):
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    mimc.prune("ref", tmp_path / "a", ratio=0.5)
+    report = mimc.export(tmp_path / "a")  # a pathlib.Path: into that artifact, as a str does
+    assert report.path == tmp_path / "a" / "model.onnx" and report.path.is_file()
+    enc = mimc.load("ref")
+    before = (enc.training, enc.manifest.to_dict())
+    mimc.export(enc, tmp_path / "e")
+    mimc.export("ref", tmp_path / "r")
+    assert (tmp_path / "e" / "model.onnx").read_bytes() == (tmp_path / "r" / "model.onnx").read_bytes()
+    assert (enc.training, enc.manifest.to_dict()) == before  # no weights hash or files recorded on the caller's object
+    bare = build_encoder(tiny_config(), seed=0)  # no manifest at all
+    assert mimc.export(bare, tmp_path / "t").path.is_file() and getattr(bare, "manifest", None) is None

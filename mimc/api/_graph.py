@@ -6,6 +6,7 @@ holds the weights and the graphs together.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,23 +38,30 @@ def _new_artifact(folder: Path, overwrite: bool, hint: str) -> None:
         raise BadInputError(f"output {folder} already exists and is not empty: choose another output{hint}")
 
 
-def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
+def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
-    """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime."""
+    """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime.
+
+    MODEL: any MODEL argument (into its own artifact when it is one) or an Encoder in memory (a new
+    artifact, default ``./model-mimc``; the Encoder itself is left as it was)."""
     from mimc.artifact import is_artifact
     from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
 
     config = ExportConfig(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
-    kind = describe_source(model)  # nonexistent path / not a model -> exit 2
+    in_memory = not isinstance(model, (str, os.PathLike))  # an Encoder
+    if not in_memory:
+        model = str(model)
+    kind = "encoder" if in_memory else describe_source(model)  # nonexistent path / not a model -> exit 2
     in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
-    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{model_slug(model)}-mimc"))
+    slug = "model" if in_memory else model_slug(model)
+    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{slug}-mimc"))
     if not in_place:
         check_not_input(out_dir, (model,))
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
         _new_artifact(out_dir, overwrite, f" or overwrite it{into}")
-    encoder = load_model(model)
+    encoder = _unshared(model) if in_memory else load_model(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
@@ -61,6 +69,20 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
     return GraphReport(out_dir / ONNX_NAME, out_dir, result.stages[-1].entry["report"])
+
+
+def _unshared(encoder):
+    """The caller's Encoder with a manifest of its own (same weights): writing an artifact records
+    its hash and files in the manifest, which must not reach the caller's object."""
+    import copy
+    from dataclasses import replace
+
+    from mimc.artifact import Manifest
+
+    own = copy.copy(encoder)
+    manifest = getattr(encoder, "manifest", None)
+    own.manifest = replace(manifest) if manifest is not None else Manifest(encoder=encoder.config.to_dict())
+    return own
 
 
 def quantize(model: str, calib=None, output=None, *, precision: str = "int8", device: str = "cpu", config=None,
