@@ -49,3 +49,16 @@ def test_export_takes_a_path_and_an_encoder_and_leaves_the_encoder_alone(tmp_pat
     assert (enc.training, enc.manifest.to_dict()) == before  # no weights hash or files recorded on the caller's object
     bare = build_encoder(tiny_config(), seed=0)  # no manifest at all
     assert mimc.export(bare, tmp_path / "t").path.is_file() and getattr(bare, "manifest", None) is None
+
+
+def test_graph_verbs_refuse_an_encoder_in_memory_with_a_mimc_error(tmp_path):
+    import pytest
+
+    from mimc.errors import BadInputError
+
+    enc = mimc.load("ref")
+    with pytest.raises(BadInputError, match=r"mimc.export\(encoder, DIR\)"):
+        mimc.quantize(enc, "builtin", tmp_path / "q.int8.onnx")
+    with pytest.raises(BadInputError, match=r"mimc.export\(encoder, DIR\)"):
+        mimc.profile(enc, "cpu")
+    assert not any(tmp_path.iterdir())

@@ -85,6 +85,12 @@ def _unshared(encoder):
     return own
 
 
+def _refuse_in_memory(model, verb: str, then: str) -> None:
+    if not isinstance(model, (str, os.PathLike)):
+        raise BadInputError(f"{verb} reads its model from a path, not a {type(model).__name__} in memory: "
+                            f"write it first with mimc.export(encoder, DIR), {then}")
+
+
 def quantize(model: str, calib=None, output=None, *, precision: str = "int8", device: str = "cpu", config=None,
              seed: int = 0, force: bool = False, **options) -> GraphReport:
     """A calibrated int8/fp8 Q/DQ graph gated on held-out images: ``config`` (a
@@ -102,6 +108,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.pipeline.stages import ExportConfig
     from mimc.quant.quantize import QuantizeConfig
 
+    _refuse_in_memory(model, "quantize", "then quantize DIR")
     if config is None:
         config = QuantizeConfig(precision=precision, target=target_for_device(device, precision), **options)
     if calib is None:
@@ -166,6 +173,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
+    _refuse_in_memory(model, "profile", "then profile DIR/model.onnx")
     if isinstance(batch_sizes, str):
         batch_sizes = parse_batch_sizes(batch_sizes)  # "1,8"
     model = Path(model)
