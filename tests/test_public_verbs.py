@@ -62,3 +62,18 @@ def test_graph_verbs_refuse_an_encoder_in_memory_with_a_mimc_error(tmp_path):
     with pytest.raises(BadInputError, match=r"mimc.export\(encoder, DIR\)"):
         mimc.profile(enc, "cpu")
     assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_option_of_a_verb_is_a_config_error_naming_the_valid_ones(tmp_path):
+    import pytest
+
+    from mimc.errors import ConfigError
+
+    calls = [lambda: mimc.prune("ref", tmp_path / "p", ratoi=0.5), lambda: mimc.width("ref", tmp_path / "w", ratio=0.5),
+             lambda: mimc.tokens("ref", tmp_path / "t", r=4, rr=2),
+             lambda: mimc.quantize("ref", "builtin", tmp_path / "q.int8.onnx", methd="percentile")]
+    for call in calls:  # as sparsify and distill already did, not a TypeError from the config class
+        with pytest.raises(ConfigError, match=r"unknown option\(s\) .* valid options are"):
+            call()
+    assert not any(tmp_path.iterdir())
+    assert mimc.prune("ref", tmp_path / "b", blocks=[0, 1]).encoder.config.depth == 10  # lists still taken

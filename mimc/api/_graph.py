@@ -110,7 +110,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
 
     _refuse_in_memory(model, "quantize", "then quantize DIR")
     if config is None:
-        config = QuantizeConfig(precision=precision, target=target_for_device(device, precision), **options)
+        config = QuantizeConfig.from_dict({"precision": precision, "target": target_for_device(device, precision), **options})
     if calib is None:
         raise DataError("quantization needs calibration images: give calib (a folder, .npz/.npy or 'builtin')", option="calib")
     images = as_source(calib, seed)
