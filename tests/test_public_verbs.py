@@ -77,3 +77,12 @@ def test_an_unknown_option_of_a_verb_is_a_config_error_naming_the_valid_ones(tmp
             call()
     assert not any(tmp_path.iterdir())
     assert mimc.prune("ref", tmp_path / "b", blocks=[0, 1]).encoder.config.depth == 10  # lists still taken
+
+
+def test_evaluate_of_a_path_reports_json_serialisable_names(tmp_path):
+    import json
+    from pathlib import Path
+
+    mimc.prune("ref", tmp_path / "a", ratio=0.5)
+    body = mimc.evaluate(tmp_path / "a", Path("ref"), "builtin", n=16).to_dict()
+    assert json.loads(json.dumps(body))["model"] == str(tmp_path / "a") and body["reference"] == "ref"

@@ -43,7 +43,7 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
     body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val,
                      rank=ctx.rank, world=ctx.world_size)
     shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
-    name = lambda m: m if isinstance(m, (str, Path)) else None  # noqa: E731
+    name = lambda m: str(m) if isinstance(m, (str, Path)) else None  # noqa: E731
     return EvalReport({"model": name(model), "reference": name(reference), **body})
 
 
