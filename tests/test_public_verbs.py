@@ -86,3 +86,12 @@ def test_evaluate_of_a_path_reports_json_serialisable_names(tmp_path):
     mimc.prune("ref", tmp_path / "a", ratio=0.5)
     body = mimc.evaluate(tmp_path / "a", Path("ref"), "builtin", n=16).to_dict()
     assert json.loads(json.dumps(body))["model"] == str(tmp_path / "a") and body["reference"] == "ref"
+
+
+def test_search_of_an_encoder_names_it_model_not_its_repr(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = mimc.SearchSpace(block_ratios=[0.0, 0.5], token_keeps=[1.0], precisions=["fp32"], runtimes=["ort"])
+    report = mimc.search(mimc.load("ref"), "cpu", n=8, n_eval=8, iters=2, space=space)
+    assert report["model"] == "model" and report["output"] == "model-search"
+    assert [p.name for p in tmp_path.iterdir()] == ["model-search"]  # not a folder named after the module's repr
+    assert yaml.safe_load((tmp_path / "model-search" / "recipe.yaml").read_text())["model"] == "model"
