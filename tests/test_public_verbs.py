@@ -95,3 +95,17 @@ def test_search_of_an_encoder_names_it_model_not_its_repr(tmp_path, monkeypatch)
     assert report["model"] == "model" and report["output"] == "model-search"
     assert [p.name for p in tmp_path.iterdir()] == ["model-search"]  # not a folder named after the module's repr
     assert yaml.safe_load((tmp_path / "model-search" / "recipe.yaml").read_text())["model"] == "model"
+
+
+def test_search_space_may_be_a_mapping_and_anything_else_is_a_config_error(tmp_path):
+    import pytest
+
+    from mimc.errors import ConfigError
+
+    space = {"block_ratios": [0.0, 0.5], "token_keeps": [1.0], "precisions": ["fp32"], "runtimes": ["ort"]}
+    report = mimc.search("ref", "cpu", n=8, n_eval=8, iters=2, space=space, output=tmp_path / "s")
+    assert sorted(c["blocks_removed"] for c in report["candidates"]) == [0.0, 0.5]
+    with pytest.raises(ConfigError, match="unknown option"):
+        mimc.search("ref", "cpu", n=8, n_eval=8, space={"blocks": [0.5]}, output=tmp_path / "t")
+    with pytest.raises(ConfigError, match="space must be a SearchSpace"):
+        mimc.search("ref", "cpu", n=8, n_eval=8, space=[0.5], output=tmp_path / "t")

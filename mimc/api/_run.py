@@ -43,7 +43,7 @@ def recipe(source, data: str | None = None):
 def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget_ms: float | None = None,
            data: str = "builtin", n: int = 64, n_eval: int = 64, space=None, iters: int = 20, seed: int = 0,
            output=None, overwrite: bool = False, on_candidate: Callable | None = None) -> SearchReport:
-    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search.SearchSpace`);
+    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search.SearchSpace` or a mapping of its options);
     write ``search.json`` and the best candidate's ``recipe.yaml`` into ``output``. An Encoder in
     memory is named ``model`` (default output ``./model-search``; its recipe's model is to be filled in)."""
     import numpy as np
@@ -58,7 +58,9 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     for name, value in (("n", n), ("n_eval", n_eval), ("iters", iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", option=name)
-    space = space if space is not None else SearchSpace()
+    space = SearchSpace.from_dict(space) if isinstance(space, dict) else space if space is not None else SearchSpace()
+    if not isinstance(space, SearchSpace):
+        raise ConfigError(f"space must be a SearchSpace or a mapping of its options, got {type(space).__name__}", option="space")
     load_profile(device)
     name = str(model) if isinstance(model, (str, Path)) else "model"  # never an Encoder's repr
     out = Path(output) if output is not None else Path(f"{model_slug(name)}-search")
