@@ -109,3 +109,23 @@ def test_search_space_may_be_a_mapping_and_anything_else_is_a_config_error(tmp_p
         mimc.search("ref", "cpu", n=8, n_eval=8, space={"blocks": [0.5]}, output=tmp_path / "t")
     with pytest.raises(ConfigError, match="space must be a SearchSpace"):
         mimc.search("ref", "cpu", n=8, n_eval=8, space=[0.5], output=tmp_path / "t")
+
+
+def test_library_errors_name_options_not_cli_flags(tmp_path):
+    import pytest
+
+    from mimc.errors import BadInputError
+
+    mimc.tokens("ref", tmp_path / "t", r=4)
+    ov = mimc.build(mimc.export("ref", tmp_path / "e").path, "openvino-cpu", output=tmp_path / "ov.xml")["ir"]
+    calls = {("macs", "round_to"): lambda: mimc.width("ref", tmp_path / "w", macs=0.01),
+             ("macs",): lambda: mimc.width(tmp_path / "t", tmp_path / "w", macs=0.5),
+             ("mask_ratio",): lambda: mimc.distill(tmp_path / "t", tmp_path / "d", data="builtin", n=8, steps=1, batch_size=4,
+                                                   mask_ratio=0.5),
+             ("device",): lambda: mimc.profile(ov, "cpu"),
+             ("device", "predict"): lambda: mimc.profile(ov, "h100", predict=True)}
+    for options, call in calls.items():
+        with pytest.raises(BadInputError) as info:
+            call()
+        assert "--" not in str(info.value) and info.value.options == options, str(info.value)
+        assert all(o in str(info.value) for o in options)  # so the CLI words each as its flag, a recipe as its key
