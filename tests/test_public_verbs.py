@@ -129,3 +129,18 @@ def test_library_errors_name_options_not_cli_flags(tmp_path):
             call()
         assert "--" not in str(info.value) and info.value.options == options, str(info.value)
         assert all(o in str(info.value) for o in options)  # so the CLI words each as its flag, a recipe as its key
+
+
+def test_a_fractional_or_text_n_is_a_mimc_error_naming_n(tmp_path):
+    import pytest
+
+    from mimc.errors import BadInputError
+
+    calls = [lambda: mimc.prune("ref", tmp_path / "p", ratio=0.5, criterion="sensitivity", data="builtin", n=3.5),
+             lambda: mimc.embed("ref", "builtin", tmp_path / "f", n=3.5), lambda: mimc.inspect("ref", data="builtin", n=3.5),
+             lambda: mimc.evaluate("ref", "ref", "builtin", n=3.5), lambda: mimc.evaluate("ref", "ref", "builtin", n="8")]
+    for call in calls:  # not numpy's TypeError from deep inside the sampling
+        with pytest.raises(BadInputError) as info:
+            call()
+        assert info.value.options == ("n",)
+    assert not any(tmp_path.iterdir())
