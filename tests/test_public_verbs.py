@@ -32,3 +32,115 @@ def json_load(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_export_takes_a_path_and_an_encoder_and_leaves_the_encoder_alone(tmp_path):
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    mimc.prune("ref", tmp_path / "a", ratio=0.5)
+    report = mimc.export(tmp_path / "a")  # a pathlib.Path: into that artifact, as a str does
+    assert report.path == tmp_path / "a" / "model.onnx" and report.path.is_file()
+    enc = mimc.load("ref")
+    before = (enc.training, enc.manifest.to_dict())
+    mimc.export(enc, tmp_path / "e")
+    mimc.export("ref", tmp_path / "r")
+    assert (tmp_path / "e" / "model.onnx").read_bytes() == (tmp_path / "r" / "model.onnx").read_bytes()
+    assert (enc.training, enc.manifest.to_dict()) == before  # no weights hash or files recorded on the caller's object
+    bare = build_encoder(tiny_config(), seed=0)  # no manifest at all
+    assert mimc.export(bare, tmp_path / "t").path.is_file() and getattr(bare, "manifest", None) is None
+
+
+def test_graph_verbs_refuse_an_encoder_in_memory_with_a_mimc_error(tmp_path):
+    import pytest
+
+    from mimc.errors import BadInputError
+
+    enc = mimc.load("ref")
+    with pytest.raises(BadInputError, match=r"mimc.export\(encoder, DIR\)"):
+        mimc.quantize(enc, "builtin", tmp_path / "q.int8.onnx")
+    with pytest.raises(BadInputError, match=r"mimc.export\(encoder, DIR\)"):
+        mimc.profile(enc, "cpu")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_option_of_a_verb_is_a_config_error_naming_the_valid_ones(tmp_path):
+    import pytest
+
+    from mimc.errors import ConfigError
+
+    calls = [lambda: mimc.prune("ref", tmp_path / "p", ratoi=0.5), lambda: mimc.width("ref", tmp_path / "w", ratio=0.5),
+             lambda: mimc.tokens("ref", tmp_path / "t", r=4, rr=2),
+             lambda: mimc.quantize("ref", "builtin", tmp_path / "q.int8.onnx", methd="percentile")]
+    for call in calls:  # as sparsify and distill already did, not a TypeError from the config class
+        with pytest.raises(ConfigError, match=r"unknown option\(s\) .* valid options are"):
+            call()
+    assert not any(tmp_path.iterdir())
+    assert mimc.prune("ref", tmp_path / "b", blocks=[0, 1]).encoder.config.depth == 10  # lists still taken
+
+
+def test_evaluate_of_a_path_reports_json_serialisable_names(tmp_path):
+    import json
+    from pathlib import Path
+
+    mimc.prune("ref", tmp_path / "a", ratio=0.5)
+    body = mimc.evaluate(tmp_path / "a", Path("ref"), "builtin", n=16).to_dict()
+    assert json.loads(json.dumps(body))["model"] == str(tmp_path / "a") and body["reference"] == "ref"
+
+
+def test_search_of_an_encoder_names_it_model_not_its_repr(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = mimc.SearchSpace(block_ratios=[0.0, 0.5], token_keeps=[1.0], precisions=["fp32"], runtimes=["ort"])
+    report = mimc.search(mimc.load("ref"), "cpu", n=8, n_eval=8, iters=2, space=space)
+    assert report["model"] == "model" and report["output"] == "model-search"
+    assert [p.name for p in tmp_path.iterdir()] == ["model-search"]  # not a folder named after the module's repr
+    assert yaml.safe_load((tmp_path / "model-search" / "recipe.yaml").read_text())["model"] == "model"
+
+
+def test_search_space_may_be_a_mapping_and_anything_else_is_a_config_error(tmp_path):
+    import pytest
+
+    from mimc.errors import ConfigError
+
+    space = {"block_ratios": [0.0, 0.5], "token_keeps": [1.0], "precisions": ["fp32"], "runtimes": ["ort"]}
+    report = mimc.search("ref", "cpu", n=8, n_eval=8, iters=2, space=space, output=tmp_path / "s")
+    assert sorted(c["blocks_removed"] for c in report["candidates"]) == [0.0, 0.5]
+    with pytest.raises(ConfigError, match="unknown option"):
+        mimc.search("ref", "cpu", n=8, n_eval=8, space={"blocks": [0.5]}, output=tmp_path / "t")
+    with pytest.raises(ConfigError, match="space must be a SearchSpace"):
+        mimc.search("ref", "cpu", n=8, n_eval=8, space=[0.5], output=tmp_path / "t")
+
+
+def test_library_errors_name_options_not_cli_flags(tmp_path):
+    import pytest
+
+    from mimc.errors import BadInputError
+
+    mimc.tokens("ref", tmp_path / "t", r=4)
+    ov = mimc.build(mimc.export("ref", tmp_path / "e").path, "openvino-cpu", output=tmp_path / "ov.xml")["ir"]
+    calls = {("macs", "round_to"): lambda: mimc.width("ref", tmp_path / "w", macs=0.01),
+             ("macs",): lambda: mimc.width(tmp_path / "t", tmp_path / "w", macs=0.5),
+             ("mask_ratio",): lambda: mimc.distill(tmp_path / "t", tmp_path / "d", data="builtin", n=8, steps=1, batch_size=4,
+                                                   mask_ratio=0.5),
+             ("device",): lambda: mimc.profile(ov, "cpu"),
+             ("device", "predict"): lambda: mimc.profile(ov, "h100", predict=True)}
+    for options, call in calls.items():
+        with pytest.raises(BadInputError) as info:
+            call()
+        assert "--" not in str(info.value) and info.value.options == options, str(info.value)
+        assert all(o in str(info.value) for o in options)  # so the CLI words each as its flag, a recipe as its key
+
+
+def test_a_fractional_or_text_n_is_a_mimc_error_naming_n(tmp_path):
+    import pytest
+
+    from mimc.errors import BadInputError
+
+    calls = [lambda: mimc.prune("ref", tmp_path / "p", ratio=0.5, criterion="sensitivity", data="builtin", n=3.5),
+             lambda: mimc.embed("ref", "builtin", tmp_path / "f", n=3.5), lambda: mimc.inspect("ref", data="builtin", n=3.5),
+             lambda: mimc.evaluate("ref", "ref", "builtin", n=3.5), lambda: mimc.evaluate("ref", "ref", "builtin", n="8")]
+    for call in calls:  # not numpy's TypeError from deep inside the sampling
+        with pytest.raises(BadInputError) as info:
+            call()
+        assert info.value.options == ("n",)
+    assert not any(tmp_path.iterdir())

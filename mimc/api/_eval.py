@@ -33,8 +33,8 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
     from mimc.evaluation import load_for_eval
     from mimc.train.dist import context, shutdown
 
-    if n is not None and (isinstance(n, bool) or n < 1):
-        raise ConfigError(f"n must be >= 1, got {n}", option="n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"n must be an integer >= 1, got {n!r}", option="n")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     ctx = context()  # WORLD_SIZE > 1 (torchrun): joins the process group (and picks this rank's GPU)
@@ -43,7 +43,7 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
     body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val,
                      rank=ctx.rank, world=ctx.world_size)
     shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
-    name = lambda m: m if isinstance(m, (str, Path)) else None  # noqa: E731
+    name = lambda m: str(m) if isinstance(m, (str, Path)) else None  # noqa: E731
     return EvalReport({"model": name(model), "reference": name(reference), **body})
 
 

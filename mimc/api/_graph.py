@@ -6,6 +6,7 @@ holds the weights and the graphs together.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,21 +66,27 @@ def _drop_files(folder: Path, names: list[str]) -> None:
                 (folder / entry[key]).unlink(missing_ok=True)
 
 
-def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
+def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, exporter: str = "torchscript",
            validate: bool = True, force: bool = False, seed: int = 0, overwrite: bool = False) -> GraphReport:
     """``model.onnx`` (inputs pixel_values; outputs last_hidden_state, pooled), validated on ONNX Runtime.
 
-    Into an artifact that already has a ``model.onnx`` with graphs made from it (``model.int8.onnx``,
-    engines, IRs), the export is refused unless ``overwrite``, which replaces it and removes those."""
+    MODEL: any MODEL argument (into its own artifact when it is one) or an Encoder in memory (a new
+    artifact, default ``./model-mimc``; the Encoder itself is left as it was). Into an artifact that
+    already has a ``model.onnx`` with graphs made from it (``model.int8.onnx``, engines, IRs), the
+    export is refused unless ``overwrite``, which replaces it and removes those."""
     from mimc.artifact import is_artifact
     from mimc.models.resolve import describe_source, load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
 
     config = ExportConfig(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
-    kind = describe_source(model)  # nonexistent path / not a model -> exit 2
+    in_memory = not isinstance(model, (str, os.PathLike))  # an Encoder
+    if not in_memory:
+        model = str(model)
+    kind = "encoder" if in_memory else describe_source(model)  # nonexistent path / not a model -> exit 2
     in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
-    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{model_slug(model)}-mimc"))
+    slug = "model" if in_memory else model_slug(model)
+    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{slug}-mimc"))
     if not in_place:
         check_not_input(out_dir, (model,))
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
@@ -89,7 +96,7 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         raise BadInputError(f"{out_dir / ONNX_NAME} has graphs made from it ({', '.join(stale)}), which a new export would leave "
                             "out of date: export into a new folder (output), or pass overwrite to replace it and remove them",
                             option=("output", "overwrite"))
-    encoder = load_model(model)
+    encoder = _unshared(model) if in_memory else load_model(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
@@ -99,6 +106,26 @@ def export(model: str = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
     return GraphReport(out_dir / ONNX_NAME, out_dir, result.stages[-1].entry["report"])
+
+
+def _unshared(encoder):
+    """The caller's Encoder with a manifest of its own (same weights): writing an artifact records
+    its hash and files in the manifest, which must not reach the caller's object."""
+    import copy
+    from dataclasses import replace
+
+    from mimc.artifact import Manifest
+
+    own = copy.copy(encoder)
+    manifest = getattr(encoder, "manifest", None)
+    own.manifest = replace(manifest) if manifest is not None else Manifest(encoder=encoder.config.to_dict())
+    return own
+
+
+def _refuse_in_memory(model, verb: str, then: str) -> None:
+    if not isinstance(model, (str, os.PathLike)):
+        raise BadInputError(f"{verb} reads its model from a path, not a {type(model).__name__} in memory: "
+                            f"write it first with mimc.export(encoder, DIR), {then}")
 
 
 def quantize(model: str, calib=None, output=None, *, precision: str = "int8", device: str = "cpu", config=None,
@@ -118,8 +145,9 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.pipeline.stages import ExportConfig
     from mimc.quant.quantize import QuantizeConfig
 
+    _refuse_in_memory(model, "quantize", "then quantize DIR")
     if config is None:
-        config = QuantizeConfig(precision=precision, target=target_for_device(device, precision), **options)
+        config = QuantizeConfig.from_dict({"precision": precision, "target": target_for_device(device, precision), **options})
     if calib is None:
         raise DataError("quantization needs calibration images: give calib (a folder, .npz/.npy or 'builtin')", option="calib")
     images = as_source(calib, seed)
@@ -186,6 +214,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
+    _refuse_in_memory(model, "profile", "then profile DIR/model.onnx")
     if isinstance(batch_sizes, str):
         batch_sizes = parse_batch_sizes(batch_sizes)  # "1,8"
     model = Path(model)

@@ -67,7 +67,7 @@ def prune(model: Any = "ref", output=None, *, data=None, n: int = 256, batch_siz
     """Remove transformer blocks (options of :class:`~mimc.compression.blocks.BlockPruningConfig`)."""
     from mimc.compression.blocks import BlockPruningConfig
 
-    config = BlockPruningConfig(**{"seed": seed, **options})
+    config = BlockPruningConfig.from_dict({"seed": seed, **options})  # an unknown option: ConfigError
     return run_stage(model, config, output, "pruned", data, n, batch_size, seed, overwrite,
                      preflight=lambda enc: config.num_removed(enc.config.depth, enc.config.kept_block_ids()))
 
@@ -77,7 +77,7 @@ def width(model: Any = "ref", output=None, *, data=None, n: int = 64, seed: int 
     """Remove MLP neurons and attention heads (:class:`~mimc.compression.width.WidthPruningConfig`)."""
     from mimc.compression.width import WidthPruningConfig
 
-    return run_stage(model, WidthPruningConfig(**options), output, "narrow", data, n, 32, seed, overwrite)
+    return run_stage(model, WidthPruningConfig.from_dict(options), output, "narrow", data, n, 32, seed, overwrite)
 
 
 def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageReport:
@@ -86,7 +86,7 @@ def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageRe
 
     if options.get("method", "tome") == "tome" and options.get("r") is None and not options.get("r_list"):
         raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)", option="r")
-    return run_stage(model, TokenReductionConfig(**options), output, "tokens", overwrite=overwrite)
+    return run_stage(model, TokenReductionConfig.from_dict(options), output, "tokens", overwrite=overwrite)
 
 
 def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int | None = None, resume=None,

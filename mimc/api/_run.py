@@ -43,8 +43,9 @@ def recipe(source, data: str | None = None):
 def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget_ms: float | None = None,
            data: str = "builtin", n: int = 64, n_eval: int = 64, space=None, iters: int = 20, seed: int = 0,
            output=None, overwrite: bool = False, on_candidate: Callable | None = None) -> SearchReport:
-    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search.SearchSpace`);
-    write ``search.json`` and the best candidate's ``recipe.yaml`` into ``output``."""
+    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search.SearchSpace` or a mapping of its options);
+    write ``search.json`` and the best candidate's ``recipe.yaml`` into ``output``. An Encoder in
+    memory is named ``model`` (default output ``./model-search``; its recipe's model is to be filled in)."""
     import numpy as np
     import yaml
 
@@ -57,9 +58,12 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     for name, value in (("n", n), ("n_eval", n_eval), ("iters", iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", option=name)
-    space = space if space is not None else SearchSpace()
+    space = SearchSpace.from_dict(space) if isinstance(space, dict) else space if space is not None else SearchSpace()
+    if not isinstance(space, SearchSpace):
+        raise ConfigError(f"space must be a SearchSpace or a mapping of its options, got {type(space).__name__}", option="space")
     load_profile(device)
-    out = Path(output) if output is not None else Path(f"{model_slug(str(model))}-search")
+    name = str(model) if isinstance(model, (str, Path)) else "model"  # never an Encoder's repr
+    out = Path(output) if output is not None else Path(f"{model_slug(name)}-search")
     check_output(out, overwrite, inputs=(model, spec_of(data), device))
     encoder = load_model(model) if isinstance(model, (str, Path)) else model
     images = as_source(data, seed).draw(encoder.config, n + n_eval)
@@ -71,8 +75,8 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
                      on_candidate=on_candidate)
     # a profile .yaml is named by its absolute path: the recipe may run from another folder
     spec = str(Path(device).resolve()) if Path(device).suffix in (".yaml", ".yml") and Path(device).is_file() else device
-    recipe = recipe_of(result, str(model), data, n, seed, device=spec)
-    result = {"model": str(model), "data": data, **result, "output": str(out)}
+    recipe = recipe_of(result, name, data, n, seed, device=spec)
+    result = {"model": name, "data": data, **result, "output": str(out)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "search.json").write_text(json.dumps({k: v for k, v in result.items() if k != "output"}, indent=2) + "\n")
         if recipe is not None:

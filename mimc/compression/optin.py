@@ -164,7 +164,8 @@ def optin_terms(encoder: Encoder, batches: list[torch.Tensor], seed: int = 0) ->
     """The loss terms (``md``, ``final``, ``pool``), each (per-block neuron terms, per-block head terms),
     summed over the batches."""
     if not batches:
-        raise ConfigError("width criterion 'optin' measures the effect of each unit on images: pass --data DIR")
+        raise ConfigError("width criterion 'optin' measures the effect of each unit on images: give data (a folder, .npz/.npy or 'builtin')",
+                          option="data")
     if encoder.config.token_schedule:
         raise ConfigError("OPTIN scores a model without token reduction: apply width pruning before the tokens stage")
     if any(x.shape[0] < 2 for x in batches):
@@ -204,7 +205,7 @@ def allocate(cfg, scores, macs_ratio: float, round_to: int, prune_heads: bool = 
     scale first (same mean importance per MAC), for scores that are not losses (l2, activation).
     """
     if cfg.token_schedule:
-        raise ConfigError("--macs allocates widths on a model without token reduction: apply width pruning before the tokens stage")
+        raise ConfigError("macs allocates widths on a model without token reduction: apply width pruning before the tokens stage", option="macs")
     head_mac, neuron_mac = unit_macs(cfg)
     base = flops_per_image(cfg)
     budget = macs_ratio * base
@@ -230,8 +231,8 @@ def allocate(cfg, scores, macs_ratio: float, round_to: int, prune_heads: bool = 
     fixed = base - sum(head_mac * s[1].numel() + neuron_mac * s[0].numel() for s in scores)
     floor = fixed + head_mac * sum(len(k) for k in keep_heads) + neuron_mac * sum(len(t[0][0]) for t in tiles)
     if floor > budget + 1e-6 * base:
-        raise ConfigError(f"--macs {macs_ratio} is below the smallest model this allocation keeps (one head and one "
-                          f"{round_to}-neuron tile per block: x{floor / base:.3f}): raise --macs or lower --round-to")
+        raise ConfigError(f"macs {macs_ratio} is below the smallest model this allocation keeps (one head and one "
+                          f"{round_to}-neuron tile per block: x{floor / base:.3f}): raise macs or lower round_to", option=("macs", "round_to"))
     opt_tiles = sorted(((t[1], i, k) for i, ts in enumerate(tiles) for k, t in enumerate(ts) if k > 0), key=lambda t: (-t[0], t[1], t[2]))
     best = None
     for n_heads in range(len(opt_heads) + 1):

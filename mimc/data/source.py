@@ -280,8 +280,8 @@ class ImageSource:
 
     def positions(self, n: int | None = None) -> np.ndarray:
         """The seeded subset of ``n`` positions (all when None or more than the source holds), sorted."""
-        if n is not None and (isinstance(n, bool) or n < 1):
-            raise DataError(f"n must be a positive number of images (or none for all), got {n}", option="n")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise DataError(f"n must be a positive number of images (or none for all), got {n!r}", option="n")
         count = len(self)
         if n is not None and n < count:
             return np.sort(np.random.default_rng(self.seed).choice(count, size=n, replace=False))

@@ -83,7 +83,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     is_engine = path.suffix in ENGINE_SUFFIXES
     is_ir = path.suffix in IR_SUFFIXES
     if is_ir and (predict or prof.backend != "openvino-cpu"):
-        raise BadInputError(f"{path.name} is an OpenVINO IR: profile it on an openvino-cpu device (--device openvino-cpu), or give the .onnx it came from", option="predict" if predict else None)
+        raise BadInputError(f"{path.name} is an OpenVINO IR: profile it with device openvino-cpu{' and without predict' if predict else ''}, "
+                            "or give the .onnx it came from", option=("device", "predict") if predict else "device")
     if prof.backend == "openvino-cpu" and not predict:
         if is_engine:
             raise BadInputError(f"{path.name} is a TensorRT engine but device '{prof.name}' runs OpenVINO on the CPU: pass the .onnx graph or an IR")

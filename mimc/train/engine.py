@@ -172,13 +172,14 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
     images = as_indexed(images)
     count = len(images)
     if count == 0:
-        raise ConfigError("no training images: pass --data with at least one image")
+        raise ConfigError("no training images: give data with at least one image", option="data")
     config = config.for_images(count)
     check_run(config, run)
     ctx: DistContext = context()
     check_divisible(config.batch_size, ctx.world_size)
     if config.mask_ratio > 0 and not supports_masking(student):
-        raise ConfigError("input masking needs absolute position embeddings and all tokens (no relative position bias, no token schedule): pass --mask-ratio 0")
+        raise ConfigError("input masking needs absolute position embeddings and all tokens (no relative position bias, no token schedule): "
+                          "set mask_ratio 0", option="mask_ratio")
     if not any(p.requires_grad for p in student.parameters()):
         raise ConfigError("the student has nothing trainable")
     meta = {**(meta or {}), "settings": {**_recorded(config), "warmup": config.warmup, **dataclasses.asdict(loss_weights)},

@@ -89,7 +89,7 @@ def test_incompatible_teacher_and_masking(teacher, images):
         compress(wide, DistillConfig(steps=1), images, run=TrainRun(teacher=teacher))
     beit = build_encoder(tiny_config(rel_pos_bias="per_block", pos_embed="none"), seed=0)
     beit_teacher = build_encoder(beit.config, seed=1)  # not beit itself: a model is never its own teacher
-    with pytest.raises(ConfigError, match="--mask-ratio 0"):
+    with pytest.raises(ConfigError, match="set mask_ratio 0"):
         compress(beit, DistillConfig(steps=1, mask_ratio=0.5), images, run=TrainRun(teacher=beit_teacher))
 
 

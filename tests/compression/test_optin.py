@@ -65,7 +65,7 @@ def test_config_round_trip_and_refusals():
     enc = build_encoder(tiny_config(), seed=0)
     with pytest.raises(ConfigError, match="below the smallest model"):
         compress(enc, WidthPruningConfig(macs=0.05, round_to=8))
-    with pytest.raises(ConfigError, match="pass --data"):
+    with pytest.raises(ConfigError, match="give data"):
         optin_scores(enc, [])
 
 
