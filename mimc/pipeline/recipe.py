@@ -45,6 +45,9 @@ RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
 
 
+TOP_LEVEL_KEYS = ("model", "data", "n", "seed", "output")  # a recipe's keys beside "stages"
+
+
 def stage_key(index: int, name: str, option: str | None = None) -> str:
     """Where a stage (0-based ``index``) or one of its options sits in a recipe: ``stages[2].prune.ratio``."""
     return f"stages[{index}].{name}" + (f".{option}" if option else "")
@@ -99,7 +102,7 @@ def parse_recipe(data: Any, where: str = "recipe", data_fix: str = "add 'data: D
     ``data_fix``: how the refusal of stages that need images without ``data`` says to give them."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping with 'model' and 'stages', got {type(data).__name__}")
-    known = {"model", "data", "n", "seed", "output", "stages"}
+    known = {*TOP_LEVEL_KEYS, "stages"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}: valid keys are {sorted(known)}")

@@ -16,7 +16,7 @@ from mimc.errors import BadInputError, ConfigError, MimcError
 from mimc.latency.devices import load_profile
 from mimc.models.resolve import load_model, model_slug
 
-from mimc.pipeline.recipe import Recipe, Step, stage_key
+from mimc.pipeline.recipe import TOP_LEVEL_KEYS, Recipe, Step, stage_key
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -107,8 +107,22 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     _check_val(recipe, source)
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,
               force=force)
-    result = execute(job, out, overwrite=overwrite, recipe=recipe,
-                     on_stage=None if on_stage is None else (lambda i, config: on_stage(i, recipe.steps[i - 1])))
+    running = [0]  # the 1-based stage under way
+
+    def started(i: int, config) -> None:
+        running[0] = i
+        if on_stage is not None:
+            on_stage(i, recipe.steps[i - 1])
+
+    try:
+        result = execute(job, out, overwrite=overwrite, recipe=recipe, on_stage=started)
+    except MimcError as exc:
+        if not running[0] or not exc.options:
+            raise
+        i, name = running[0] - 1, recipe.steps[running[0] - 1].name
+        # a stage's option named by its recipe key; the recipe's own keys (data, n, seed) stay as they are
+        names = {o: o if o in TOP_LEVEL_KEYS else stage_key(i, name, o) for o in exc.options}
+        raise type(exc)(f"recipe: {exc.phrased(names)}") from None
     return result.report
 
 

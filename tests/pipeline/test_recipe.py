@@ -142,6 +142,19 @@ def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source)
     assert not (tmp_path / "x").exists()
 
 
+def test_an_option_refused_while_the_stages_run_is_named_by_its_recipe_key(tmp_path):
+    from mimc.cli.app import app
+
+    path = tmp_path / "r.yaml"  # macs 0.01 is known to be too small only once width meets the pruned model
+    path.write_text(yaml.safe_dump({"model": "ref", "stages": [{"prune": {"ratio": 0.25}}, {"width": {"macs": 0.01}}]}))
+    result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: recipe: stages[1].width.macs 0.01 is below"), result.stderr
+    assert "raise stages[1].width.macs or lower stages[1].width.round_to" in lines[0] and "--macs" not in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_given_at_replay_fills_what_the_manifest_did_not_record(tmp_path):
     from mimc.compression.nm import NMSparsityConfig
     from mimc.compression.registry import compress
