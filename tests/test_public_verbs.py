@@ -1,6 +1,7 @@
 """The package-level verbs README shows: ``mimc.run`` (a recipe) takes a mapping, a YAML path or an artifact."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 import mimc
@@ -144,3 +145,17 @@ def test_a_fractional_or_text_n_is_a_mimc_error_naming_n(tmp_path):
             call()
         assert info.value.options == ("n",)
     assert not any(tmp_path.iterdir())
+
+
+def test_run_takes_data_with_a_mapping_a_path_as_model_and_refuses_other_types(tmp_path):
+    from mimc.errors import ConfigError
+
+    art = mimc.prune("ref", tmp_path / "half", ratio=0.5).output
+    recipe = {"model": art, "stages": [{"sparsify": {"pattern": "2:4", "method": "wanda", "n_calib": 8}}]}
+    with pytest.raises(ConfigError, match="need images"):
+        mimc.run(recipe, tmp_path / "a")  # no data in the mapping
+    report = mimc.run(recipe, tmp_path / "b", data="builtin")  # data given to run, as with a YAML path
+    assert report["recipe"]["data"] == "builtin" and report["recipe"]["model"] == str(art)
+    with pytest.raises(ConfigError, match="a recipe is a YAML path, an artifact folder, a mapping or a Recipe, got list"):
+        mimc.run([1, 2], tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

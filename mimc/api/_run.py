@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,13 +21,12 @@ class SearchReport(DictReport):
 
 def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False, force: bool = False,
         on_stage: Callable | None = None) -> RunReport:
-    """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact."""
-    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
+    """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact;
+    ``data`` replaces its images."""
     from mimc.pipeline.recipe_run import default_output, run_recipe
 
-    source = recipe if isinstance(recipe, (str, Path)) else None
-    if not isinstance(recipe, Recipe):
-        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe, data=data)
+    source = recipe if isinstance(recipe, (str, os.PathLike)) else None
+    recipe = _as_recipe(recipe, data)
     check_not_input(output if output is not None else default_output(recipe),
                     (recipe.model, recipe.data, source, getattr(recipe, "source_path", None)))
     return RunReport(run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage))
@@ -35,9 +35,22 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
 def recipe(source, data: str | None = None):
     """A validated :class:`~mimc.pipeline.recipe.Recipe` from a YAML path, an artifact folder (its
     recipe.yaml, else one assembled from mimc.json) or a mapping; ``data`` replaces its images."""
-    from mimc.pipeline.recipe import load_recipe, parse_recipe
+    return _as_recipe(source, data)
 
-    return parse_recipe({**source, **({"data": data} if data else {})}) if isinstance(source, dict) else load_recipe(source, data=data)
+
+def _as_recipe(source, data: str | None):
+    from dataclasses import replace
+
+    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
+
+    if isinstance(source, Recipe):
+        return replace(source, data=data) if data else source
+    if isinstance(source, dict):
+        return parse_recipe({**source, **({"data": data} if data else {})})
+    if isinstance(source, (str, os.PathLike)):
+        return load_recipe(source, data=data)
+    raise ConfigError(f"a recipe is a YAML path, an artifact folder, a mapping or a Recipe, got {type(source).__name__}",
+                      option="recipe")
 
 
 def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget_ms: float | None = None,

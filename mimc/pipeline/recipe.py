@@ -27,6 +27,7 @@ exported graphs), including ones written stage by stage with the single commands
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ def parse_recipe(data: Any, where: str = "recipe", data_fix: str = "add 'data: D
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}: valid keys are {sorted(known)}")
     model = data.get("model")
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model  # a Path from Python
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{where}: 'model' must name a model (e.g. model: ref)")
     n, seed = data.get("n", 256), data.get("seed", 0)
