@@ -204,6 +204,10 @@ def _bad_inputs(tmp_path, tiny_images):
     np.savez(tmp_path / "objects.npz", images=np.array([images[0], "x"], dtype=object))
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated zip")
     np.savez(tmp_path / "labels.npz", images=images, labels=labels[:3])
+    np.savez(tmp_path / "labels2d.npz", images=images, labels=np.stack([labels, labels], axis=1))
+    np.savez(tmp_path / "halflabels.npz", images=images, labels=labels + 0.5)
+    np.savez(tmp_path / "outside.npz", images=images, labels=labels + 1, class_names=["a", "b"])
+    np.savez(tmp_path / "unknown.npz", images=images, labels=np.where(labels == 0, "a", "z"), class_names=["a", "b"])
     np.save(tmp_path / "vector.npy", labels)
     np.save(tmp_path / "zero.npy", images[:0])
     (tmp_path / "photo.txt").write_text("hello")
@@ -219,6 +223,10 @@ def _bad_inputs(tmp_path, tiny_images):
         "pickled npz": (tmp_path / "objects.npz", "without pickle"),
         "corrupt npz": (tmp_path / "corrupt.npz", "cannot read"),
         "label count": (tmp_path / "labels.npz", "3 labels for 24 images"),
+        "labels of two columns": (tmp_path / "labels2d.npz", "labels of shape (24, 2)"),
+        "fractional labels": (tmp_path / "halflabels.npz", "not whole numbers"),
+        "labels past class_names": (tmp_path / "outside.npz", "outside 0..1"),
+        "text labels not in class_names": (tmp_path / "unknown.npz", "not among its class_names (z)"),
         "not images": (tmp_path / "vector.npy", "not a batch of images"),
         "zero images": (tmp_path / "zero.npy", "no images"),
         "other file type": (tmp_path / "photo.txt", "neither a folder"),

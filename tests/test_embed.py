@@ -105,6 +105,22 @@ def test_parquet_round_trip(tmp_path, folder, graph):
     assert np.asarray(tok.to_pylist()).shape == (3, CFG.num_patches + 1, CFG.dim)
 
 
+def test_npz_text_and_column_labels_are_written_as_class_indices(tmp_path, graph):
+    """Labels of a .npz as text (or shaped (N, 1)) reach the index and Parquet as class indices
+    with their class names, as shard labels do (they raised a ValueError / TypeError traceback)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    images = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "text.npz", images=images, labels=np.array(["dog", "cat", "dog", "ant", "cat", "dog"]))
+    np.savez(tmp_path / "column.npz", images=images, labels=np.array([[2], [1], [2], [0], [1], [2]]))
+    embed(str(graph), str(tmp_path / "text.npz"), tmp_path / "t.npy", workers=0)
+    embed(str(graph), str(tmp_path / "text.npz"), tmp_path / "t.parquet", workers=0)
+    embed(str(graph), str(tmp_path / "column.npz"), tmp_path / "c.npy", workers=0)
+    _, index = _load(tmp_path / "t.npy")
+    assert [r["label"] for r in index["rows"]] == [2, 1, 2, 0, 1, 2] and index["class_names"] == ["ant", "cat", "dog"]
+    assert pq.read_table(tmp_path / "t.parquet").column("label").to_pylist() == [2, 1, 2, 0, 1, 2]
+    assert [r["label"] for r in _load(tmp_path / "c.npy")[1]["rows"]] == [2, 1, 2, 0, 1, 2]
+
+
 def test_a_seeded_subset(tmp_path, folder, graph):
     report = embed(str(graph), str(folder), tmp_path / "s", n=7, seed=3, workers=0)
     feats, index = _load(tmp_path / "s.npy")

@@ -134,6 +134,34 @@ def check_array_values(raw: np.ndarray, path: Path | str, where: str = "") -> No
             raise DataError(f"{path} holds {bad} NaN or infinite values{where}: replace them before using it as images", option="data")
 
 
+def npz_labels(labels: np.ndarray, class_names: list[str] | None, path: Path | str) -> tuple[np.ndarray, list[str] | None]:
+    """A .npz's ``labels`` as one whole-number class index per image (what every reader hands on):
+    shape (N,) or (N, 1); text labels become indices of ``class_names`` (or of their sorted names, as
+    shard labels do); whole-number floats are taken as integers; indices must fall in ``class_names``."""
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{path} has labels of shape {labels.shape}: save one class label per image, shaped (N,)", option="data")
+    if labels.dtype.kind in "US":
+        text = [str(lab) for lab in labels.astype(str)]
+        names = class_names if class_names is not None else sorted(set(text))
+        lookup = {name: k for k, name in enumerate(names)}
+        unknown = sorted(set(text) - set(lookup))
+        if unknown:
+            raise DataError(f"{path} has labels that are not among its class_names ({', '.join(unknown[:3])}): "
+                            "save labels that are class names or indices of class_names", option="data")
+        return np.asarray([lookup[lab] for lab in text], dtype=np.int64), list(names)
+    if labels.dtype.kind == "b" or (labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.rint(labels))):
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path} has {labels.dtype} labels that are not whole numbers: save class indices (integers) "
+                        "or class names", option="data")
+    if class_names is not None and labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise DataError(f"{path} has labels outside 0..{len(class_names) - 1}, the indices of its {len(class_names)} class_names: "
+                        "save labels that index class_names", option="data")
+    return labels, class_names
+
+
 class ArrayReader(Reader):
     """A ``.npy`` (memory-mapped) or ``.npz`` file; rows are images, clips or model inputs."""
 
@@ -169,6 +197,8 @@ class ArrayReader(Reader):
             raise DataError(f"{path} holds no images: pass a non-empty data set")
         if self.labels is not None and len(self.labels) != len(raw):
             raise DataError(f"{path} has {len(self.labels)} labels for {len(raw)} images: save one label per image")
+        if self.labels is not None:
+            self.labels, self.class_names = npz_labels(self.labels, self.class_names, path)
         self.array = raw
 
     def __len__(self) -> int:
@@ -185,5 +215,5 @@ class ArrayReader(Reader):
         return np.asarray(self.array[np.asarray(positions)])
 
 
-__all__ = ["Reader", "FolderReader", "ArrayReader", "check_array_values", "check_array_dtype", "pil_rgb", "decode",
+__all__ = ["Reader", "FolderReader", "ArrayReader", "npz_labels", "check_array_values", "check_array_dtype", "pil_rgb", "decode",
            "first_line", "unreadable", "IMAGE_SUFFIXES", "BUILTIN", "BUILTIN_PATH"]
