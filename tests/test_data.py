@@ -89,6 +89,15 @@ def test_float_images_in_unit_range_are_preprocessed(tmp_path, tiny_images):
     torch.testing.assert_close(load_images(tmp_path / "f.npy", cfg).pixels, load_images(tmp_path / "u8.npy", cfg).pixels, atol=1e-5, rtol=0)
 
 
+def test_16_bit_arrays_are_scaled_not_clipped(tmp_path, tiny_images):
+    """A uint16 array (0..65535) is read like a 16-bit PNG: scaled to 0..255 (it was clipped, nearly all white)."""
+    images, _ = tiny_images
+    cfg = tiny_config()
+    np.save(tmp_path / "u8.npy", images)
+    np.save(tmp_path / "u16.npy", images.astype(np.uint16) * 257)
+    torch.testing.assert_close(load_images(tmp_path / "u16.npy", cfg).pixels, load_images(tmp_path / "u8.npy", cfg).pixels, atol=0, rtol=0)
+
+
 def test_normalised_model_inputs_pass_through(tmp_path):
     cfg = tiny_config()
     x = deterministic_inputs(cfg, batch=3, seed=1)

@@ -15,7 +15,7 @@ from mimc.errors import DataError
 
 
 def to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
-    """Accept (H, W), (H, W, C) or (C, H, W) in uint8 or float [0, 1]; return uint8 (H, W, 1, 3 or 4)."""
+    """Accept (H, W), (H, W, C) or (C, H, W) in uint8, float [0, 1] or 16-bit integers; return uint8 (H, W, 1, 3 or 4)."""
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
@@ -26,6 +26,8 @@ def to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
         raise DataError(f"image has {arr.shape[2]} channels (shape {arr.shape}): expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
+    if arr.dtype.kind in "iu" and arr.dtype != np.uint8 and arr.max() > 255:  # 16-bit: 0..65535, as pil_rgb reads 16-bit files
+        arr = np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
     if arr.dtype != np.uint8:
         arr = np.clip(arr.astype(np.float32) * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return arr
