@@ -185,6 +185,25 @@ def test_one_corrupt_image_in_a_folder(folder, tiny_images):
     assert sum(len(b.pixels) for b in stream) == 24 and stream.stats.skipped == ["class1/broken.png"]
 
 
+def test_images_unfit_for_the_model_are_refused_not_skipped(tmp_path, tiny_images):
+    """skip_corrupt skips images that cannot be read, not a source the model cannot take (five
+    channels): that stopped the run as 'every image was unreadable'. Errors met mid-stream keep
+    the option they name (they were all filed under skip_corrupt)."""
+    images, _ = tiny_images
+    np.save(tmp_path / "five.npy", np.concatenate([images, images[..., :2]], axis=-1))
+    for skip in (False, True):
+        with pytest.raises(DataError, match="5 channels") as exc:
+            ImageSource(tmp_path / "five.npy", skip_corrupt=skip, workers=0).draw(CFG)
+        assert exc.value.options == ("data",)
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(im) for im in images[:3]], "note": ["a", "b", "c"]},
+                                    features=datasets.Features({"img": datasets.Image(), "note": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="column 'note' holds str, not images") as exc:
+        ImageSource(tmp_path / "ds", image_column="note").draw(CFG)
+    assert exc.value.options == ("image_column",)
+
+
 def test_rgba_palette_and_16_bit_images(tmp_path):
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 255

@@ -89,7 +89,10 @@ class StreamStats:
 
 
 class _Items(torch.utils.data.Dataset):
-    """Position k of a request -> (model input or None, k, error message or None); runs in workers."""
+    """Position k of a request -> (model input or None, k, error or None); runs in workers. An error
+    is (message, options, unreadable): raised here it would reach the caller wrapped in a worker
+    traceback. Only an image that cannot be read is ``unreadable`` (skipped with skip_corrupt); one
+    read but unfit for the model (its channels, its shape) is the whole source's problem, never skipped."""
 
     def __init__(self, reader: Reader, layout: ArrayLayout | None, cfg, positions: np.ndarray):
         self.reader, self.layout, self.cfg, self.positions = reader, layout, cfg, positions
@@ -100,10 +103,13 @@ class _Items(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         try:
             raw = self.reader.read(int(self.positions[k]))
+        except DataError as exc:
+            return None, k, (str(exc), exc.options, True)
+        try:
             x = self.layout.prepare(raw) if self.layout is not None else prepare_image(raw, self.cfg)
-            return x, k, None
-        except DataError as exc:  # raised here it would reach the caller wrapped in a worker traceback
-            return None, k, str(exc)
+        except DataError as exc:
+            return None, k, (str(exc), exc.options, False)
+        return x, k, None
 
 
 def _collate(items):
@@ -138,9 +144,9 @@ class ImageStream:
                                              prefetch_factor=2 if self.workers else None, persistent_workers=False)
         self.stats = StreamStats()
         for pixels, good, errors in loader:
-            for k, err in errors:
-                if not self.source.skip_corrupt:
-                    raise DataError(err, option="skip_corrupt")
+            for k, (message, options, unreadable) in errors:
+                if not (unreadable and self.source.skip_corrupt):
+                    raise DataError(message, option=options or "data")
                 name = reader.name(int(self.positions[k]))
                 self.stats.skipped.append(name)
                 if name not in self.source.skipped:
@@ -183,7 +189,9 @@ class IndexedImages:
         for k in (indices.tolist() if isinstance(indices, torch.Tensor) else indices):
             x, _, err = self.items[int(k)]
             if err is not None:
-                raise DataError(err.replace(", or skip unreadable images with skip_corrupt", ""), option="data")
+                message, options, _ = err
+                raise DataError(message.replace(", or skip unreadable images with skip_corrupt", ""),
+                                option=tuple(o for o in options if o != "skip_corrupt") or "data")
             out.append(x)
         return torch.stack(out)
 
