@@ -121,9 +121,17 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
 
     feats = _forward(pixels(), models, meter)
     if not feats[0] and not shard:
-        raise DataError(f"{source}: no images to compute features on: pass a non-empty data set", option="data")
+        raise _no_images(source, getattr(stream, "option", "data"), stream.stats.skipped)
     return Pass(source, stream.class_names, np.concatenate(labels) if labels else None, sha.hexdigest(),
                 [torch.cat(f) if f else torch.empty(0) for f in feats], seen, list(stream.stats.skipped))
+
+
+def _no_images(source: str, option: str, skipped: list[str]) -> DataError:
+    """A set with no image to compute features on: every one skipped as unreadable (skip_corrupt), or none there."""
+    if skipped:
+        return DataError(f"{source}: every image was unreadable and skipped ({len(skipped)}, first {skipped[0]}): "
+                         "pass readable images", option=option)
+    return DataError(f"{source}: no images to compute features on: pass a non-empty {option} set", option=option)
 
 
 def joined(shards: list[Pass]) -> Pass:
@@ -133,7 +141,7 @@ def joined(shards: list[Pass]) -> Pass:
 
     full = [p for p in shards if len(p)]
     if not full:
-        raise DataError(f"{shards[0].source}: no images to compute features on: pass a non-empty data set", option="data")
+        raise _no_images(shards[0].source, "data", [name for p in shards for name in p.skipped])
     return Pass(full[0].source, full[0].class_names,
                 np.concatenate([p.labels for p in full]) if full[0].labels is not None else None,
                 hashlib.sha256("".join(p.sha256 for p in shards).encode()).hexdigest(),

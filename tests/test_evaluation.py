@@ -159,6 +159,25 @@ def _set(labels, names=None, sha="x"):
     return ImageSet(torch.zeros(0), labels, names, "test", sha)
 
 
+def test_a_set_whose_every_image_is_skipped_says_so_and_names_its_option(tiny_encoder, tiny_images, tmp_path):
+    """skip_corrupt over a set of only unreadable images: the error says they were skipped and names
+    the set it came from (it said 'no images ... pass a non-empty data set', for val too)."""
+    from mimc.data import ImageSource
+    from mimc.errors import DataError
+
+    images, labels = tiny_images
+    np.savez(tmp_path / "set.npz", images=images, labels=labels, class_names=["a", "b"])
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "x.png").write_bytes(b"not a png")
+    bad = ImageSource(tmp_path / "bad", skip_corrupt=True, workers=0)
+    with pytest.raises(DataError, match="every image was unreadable and skipped") as exc:
+        evaluate(tiny_encoder, None, data=str(tmp_path / "set.npz"), val=bad)
+    assert exc.value.options == ("val",)
+    with pytest.raises(DataError, match="every image was unreadable and skipped") as exc:
+        evaluate(tiny_encoder, None, data=bad)
+    assert exc.value.options == ("data",)
+
+
 def test_knn_labels_match_classes_by_name():
     from mimc.evaluation import knn_labels
 
