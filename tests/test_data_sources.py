@@ -177,6 +177,17 @@ def test_indexed_loads_positions_of_the_subset(folder):
     assert torch.equal(indexed.load([7, 2, 2]), drawn.pixels[[7, 2, 2]])
 
 
+def test_hidden_files_are_not_images(folder, tmp_path):
+    """macOS's ``._name.png`` metadata files (and any hidden file) are skipped as hidden folders are;
+    they were read as images and stopped the run as unreadable."""
+    (folder / "class1" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "a.png")
+    (tmp_path / "flat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert len(FolderReader(folder)) == 24 and len(FolderReader(tmp_path / "flat")) == 1
+    assert len(ImageSource(folder, workers=0).draw(CFG)) == 24
+
+
 def test_one_corrupt_image_in_a_folder(folder, tiny_images):
     (folder / "class1" / "broken.png").write_bytes(b"\x89PNG but not really")
     with pytest.raises(DataError, match=r"broken.png.*skip_corrupt"):

@@ -89,7 +89,7 @@ class FolderReader(Reader):
             files = [(f, i) for i, d in enumerate(subdirs) for f in _images_under(d)]
             self.class_names = [d.name for d in subdirs]
         else:
-            files = [(f, -1) for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            files = [(f, -1) for f in sorted(root.iterdir()) if f.is_file() and _is_image_name(f.name)]
         if not files:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}: point data at a folder of images", option="data")
         self.root = root
@@ -106,12 +106,17 @@ class FolderReader(Reader):
         return self.files[i].relative_to(self.root).as_posix()
 
 
+def _is_image_name(name: str) -> bool:
+    """An image suffix and not hidden: macOS leaves ``._photo.jpg`` metadata beside each copied photo."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
 def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere under ``folder`` (hidden folders skipped), in sorted path order."""
+    """Image files anywhere under ``folder`` (hidden files and folders skipped), in sorted path order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found += [Path(dirpath) / f for f in filenames if _is_image_name(f)]
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
