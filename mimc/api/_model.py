@@ -114,6 +114,9 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
         if given_only_learned:
             raise ConfigError(f"{', '.join(given_only_learned)} only apply to method learned, which trains; method {config.method} is "
                               "one-shot: drop them or choose method learned", option=tuple(given_only_learned))
+        if n is not None:  # else ignored: a one-shot method reads n_calib images
+            raise ConfigError(f"n counts the training images of method learned; method {config.method} calibrates on n_calib "
+                              "images: give n_calib instead", option=("n", "n_calib"))
     run_dir = resolve_run_dir(output, resume, default_out, overwrite) if is_learned or resume else None
     out = run_dir if run_dir is not None else (Path(output) if output is not None else default_out)
     if run_dir is None:

@@ -162,3 +162,12 @@ def test_epochs_are_recorded_and_learning_options_refused_where_they_cannot_appl
         assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
         assert len(res.output.strip().splitlines()) <= 3
         assert not (work / "bad").exists()
+
+
+def test_one_shot_sparsify_refuses_n_it_would_ignore(work):
+    # --n counts a learned run's training images; a one-shot method reads --n-calib images and ignored it
+    res = invoke("sparsify", "dense", "--method", "wanda", "--calib", "imgs.npz", "--n", "5", "-o", "bad")
+    assert res.exit_code == 2 and "give --n-calib instead" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3
+    assert not (work / "bad").exists()
+
