@@ -117,6 +117,9 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
         if n is not None:  # else ignored: a one-shot method reads n_calib images
             raise ConfigError(f"n counts the training images of method learned; method {config.method} calibrates on n_calib "
                               "images: give n_calib instead", option=("n", "n_calib"))
+    elif calib is not None and data is not None:  # else calib is ignored: the prior calibrates on data's first images
+        raise DataError("method learned trains on data and calibrates its prior on data's first n_calib images: give data "
+                        "alone, or calib alone (it then serves as the training images)", option=("calib", "data"))
     run_dir = resolve_run_dir(output, resume, default_out, overwrite) if is_learned or resume else None
     out = run_dir if run_dir is not None else (Path(output) if output is not None else default_out)
     if run_dir is None:

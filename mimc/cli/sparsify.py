@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument("ref", help=MODEL_HELP),
         pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern along each Linear's input (default 2:4)."),
         method: Optional[str] = typer.Option(None, "--method", help="magnitude (no data), wanda, sparsegpt, or learned (MaskLLM; default magnitude)."),
-        calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images for wanda/sparsegpt and the learned prior."),
+        calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images for wanda/sparsegpt (learned: its training images, when --data is not given)."),
         data: Optional[str] = typer.Option(None, "--data", help="Training images for the learned method (also used as --calib)."),
         n_calib: Optional[int] = typer.Option(None, "--n-calib", help="Calibration images used (default 128)."),
         no_update: bool = typer.Option(False, "--no-update", help="sparsegpt: choose the mask only, keep the weights."),

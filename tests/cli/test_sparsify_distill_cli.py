@@ -171,3 +171,11 @@ def test_one_shot_sparsify_refuses_n_it_would_ignore(work):
     assert len(res.output.strip().splitlines()) <= 3
     assert not (work / "bad").exists()
 
+
+def test_learned_sparsify_refuses_calib_it_would_ignore(work):
+    # with --data the prior calibrates on data's first images: --calib was ignored (a missing file not even opened)
+    res = invoke("sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--calib", "missing.npz", "--steps", "2",
+                 "--batch-size", "4", "-o", "bad")
+    assert res.exit_code == 2 and "give --data alone, or --calib alone" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3
+    assert not (work / "bad").exists()
