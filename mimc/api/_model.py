@@ -90,11 +90,12 @@ def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageRe
 
 
 def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int | None = None, resume=None,
-             checkpoint_every: int = 100, overwrite: bool = False, seed: int | None = None, learned: dict | None = None,
+             checkpoint_every: int | None = None, overwrite: bool = False, seed: int | None = None, learned: dict | None = None,
              workers: int | None = None, fsdp: bool = False, checkpoint_activations: bool = False, **options) -> StageReport:
     """N:M sparsity, one-shot or learned (:class:`~mimc.compression.nm.NMSparsityConfig`); a learned run
     checkpoints into ``output`` and ``resume=OUTPUT`` continues it exactly. ``workers``, ``fsdp`` and
-    ``checkpoint_activations``: how a learned run computes (:class:`~mimc.train.TrainRun`)."""
+    ``checkpoint_activations``: how a learned run computes (:class:`~mimc.train.TrainRun`); ``checkpoint_every``: steps
+    between its checkpoints (default 100)."""
     from mimc.compression.nm import NMSparsityConfig, parse_pattern
     from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
 
@@ -109,7 +110,7 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     is_learned = (config.method if config else "learned") == "learned"
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     if not is_learned:
-        _refuse_runtime(runtime, f"method {config.method} does not train")
+        _refuse_runtime({**runtime, "checkpoint_every": checkpoint_every}, f"method {config.method} does not train")
         given_only_learned = sorted(k for k, v in (learned or {}).items() if v is not None)
         if given_only_learned:
             raise ConfigError(f"{', '.join(given_only_learned)} only apply to method learned, which trains; method {config.method} is "
@@ -133,7 +134,8 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
             raise DataError("resuming a learned run needs its images again: give the same data", option="data")
     images = data if (is_learned and data is not None) else (calib or data)
     try:
-        return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume, checkpoint_every,
+        return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume,
+                      100 if checkpoint_every is None else checkpoint_every,
                       runtime, overwrite=overwrite, encoder=encoder)
     except DataError as exc:  # the images came from calib: name it, not data
         if images is calib and calib is not None and "data" in exc.options:

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         prior: Optional[str] = typer.Option(None, "--prior", help="learned: one-shot prior (sparsegpt, wanda, magnitude, none)."),
         n: Optional[int] = typer.Option(None, "--n", "--n-images", help="learned: use at most this many training images (--n-images under torchrun)."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted learned run in this folder."),
-        checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="learned: steps between checkpoints."),
+        checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="learned: steps between checkpoints (default 100)."),
         precision: Optional[str] = PrecisionOption,
         workers: Optional[int] = WorkersOption,
         fsdp: bool = FsdpOption,

@@ -179,3 +179,11 @@ def test_learned_sparsify_refuses_calib_it_would_ignore(work):
     assert res.exit_code == 2 and "give --data alone, or --calib alone" in " ".join(res.output.split()), res.output
     assert len(res.output.strip().splitlines()) <= 3
     assert not (work / "bad").exists()
+
+
+def test_one_shot_sparsify_refuses_checkpoint_every(work):
+    # only a learned run checkpoints; a one-shot method silently ignored --checkpoint-every
+    res = invoke("sparsify", "dense", "--method", "magnitude", "--checkpoint-every", "5", "-o", "bad")
+    assert res.exit_code == 2 and "--checkpoint-every applies only to a learning run and method magnitude does not train" \
+        in " ".join(res.output.split()), res.output
+    assert not (work / "bad").exists()
