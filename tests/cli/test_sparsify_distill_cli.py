@@ -187,3 +187,16 @@ def test_one_shot_sparsify_refuses_checkpoint_every(work):
     assert res.exit_code == 2 and "--checkpoint-every applies only to a learning run and method magnitude does not train" \
         in " ".join(res.output.split()), res.output
     assert not (work / "bad").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work(work, monkeypatch):
+    # it was refused only inside the training loop (after a learned run's one-shot prior), without naming --batch-size
+    import mimc.compression.registry as registry
+
+    monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the batch was refused"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for args in (["sparsify", "dense", "--method", "learned", "--data", "imgs.npz"], ["distill", "half", "--data", "imgs.npz", "--teacher", "dense"]):
+        res = invoke(*args, "--batch-size", "3", "-o", "bad")
+        assert res.exit_code == 2 and "--batch-size 3 does not split evenly over 2 processes: choose a multiple of 2" \
+            in " ".join(res.output.split()), res.output
+        assert not (work / "bad").exists()
