@@ -129,7 +129,7 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
         raise DataError(f"method '{config.method}' learns from images: give calib or data (a folder, .npz/.npy or 'builtin')", option=("calib", "data"))
     encoder = _load(model)
     if resume is not None:
-        config = NMSparsityConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
+        config = NMSparsityConfig.from_dict(merge_resumed(check_resume_source(resume, encoder, NMSparsityConfig, "mimc sparsify")["stage"], given))
         if calib is None and data is None:
             raise DataError("resuming a learned run needs its images again: give the same data", option="data")
     images = data if (is_learned and data is not None) else (calib or data)
@@ -161,7 +161,7 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
     encoder = _load(model)
     teacher_model = _load(teacher) if teacher is not None else default_teacher(encoder)
     if resume is not None:
-        config = DistillConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
+        config = DistillConfig.from_dict(merge_resumed(check_resume_source(resume, encoder, DistillConfig, "mimc distill")["stage"], given))
     elif given.get("mask_ratio") is None and not (supports_masking(encoder) and supports_masking(teacher_model)):
         if on_note is not None:
             on_note("this model needs every token (relative position bias or a token schedule): training without input masking")

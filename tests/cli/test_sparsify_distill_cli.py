@@ -200,3 +200,25 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work(w
         assert res.exit_code == 2 and "--batch-size 3 does not split evenly over 2 processes: choose a multiple of 2" \
             in " ".join(res.output.split()), res.output
         assert not (work / "bad").exists()
+
+
+def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
+    # distill --resume on a learned sparsify run listed every option of the other stage as unknown
+    import mimc.train as train_pkg
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    assert invoke("sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4",
+                  "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run").exit_code == 130
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    state = (work / "run" / "checkpoint" / "state.json").read_text()
+    res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--resume", "run")
+    assert res.exit_code == 2 and "holds an interrupted run of another command, not of mimc distill" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3 and "unknown option" not in res.output
+    assert (work / "run" / "checkpoint" / "state.json").read_text() == state
