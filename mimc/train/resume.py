@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.errors import BadInputError
+from mimc.train.config import TrainConfig
 
 
 def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
@@ -40,6 +41,8 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
         if isinstance(value, dict):
             merged[key] = merge_resumed(stored.get(key, {}), value, f"{path}{key}.")
             continue
+        if key not in stored and TrainConfig.recorded_when_set.get(key, ...) == value:
+            continue  # left unrecorded at its default (precision fp32): given again at that default, it matches
         old = stored.get(key)
         if isinstance(old, list):
             old = tuple(old)

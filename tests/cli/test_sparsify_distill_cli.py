@@ -222,3 +222,27 @@ def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
     assert res.exit_code == 2 and "holds an interrupted run of another command, not of mimc distill" in " ".join(res.output.split()), res.output
     assert len(res.output.strip().splitlines()) <= 3 and "unknown option" not in res.output
     assert (work / "run" / "checkpoint" / "state.json").read_text() == state
+
+
+def test_resume_accepts_the_same_command_with_an_option_given_at_its_unrecorded_default(work, monkeypatch):
+    # --precision fp32 is left out of the recorded options: the same command with --resume was refused as differing
+    import mimc.train as train_pkg
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    args = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--batch-size", "4",
+            "--precision", "fp32", "--checkpoint-every", "1"]
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    assert invoke(*args, "-o", "run").exit_code == 130
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    other = [a if a != "fp32" else "bf16" for a in args]  # another value is still refused
+    res = invoke(*other, "--resume", "run")
+    assert res.exit_code == 2 and "differs from the interrupted run's" in " ".join(res.output.split()), res.output
+    res = invoke(*args, "--resume", "run", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
