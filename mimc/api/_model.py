@@ -48,6 +48,8 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     if preflight is not None:
         preflight(encoder)
     images = as_source(data, seed)
+    if images is not None and images.seed is None:  # the CLI's reading options (--workers) leave the seed to the stage
+        images.seed = seed  # else a subset of n images is drawn unseeded: another one every run, and --resume refused
     if images is not None:  # unreadable or mis-shaped images: refused before any work
         if config.learns:
             images.indexed(encoder.config, n).load([0])  # a learning run reads its images a step at a time: never all at once

@@ -246,3 +246,30 @@ def test_resume_accepts_the_same_command_with_an_option_given_at_its_unrecorded_
     res = invoke(*args, "--resume", "run", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
+
+
+def test_a_subset_read_with_workers_is_seeded_and_resumes(work, monkeypatch):
+    # --workers made the images an ImageSource with the seed --seed left unset (None): --n drew an unseeded
+    # subset, another one each run, so the same command with --resume was refused as reading different data
+    import mimc.train as train_pkg
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    base = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--n", "6", "--steps", "3", "--batch-size", "2",
+            "--checkpoint-every", "1"]
+    args = [*base, "--workers", "1"]
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    assert invoke(*args, "-o", "run").exit_code == 130
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    res = invoke(*args, "--resume", "run", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
+    plain = invoke(*base, "-o", "plain")  # the seeded subset --n draws without --workers
+    assert plain.exit_code == 0, plain.output
+    for (k, a), b in zip(load_artifact(work / "plain").state_dict().items(), load_artifact(work / "run").state_dict().values()):
+        assert torch.equal(a, b), k
