@@ -177,6 +177,19 @@ def legacy_pickled_optimizer(ws):
     torch.save({"state": {}, "param_groups": [], "x": _WritesMarker(str(ws.parent.parent / "MARKER"))}, ck / "optimizer.pt")
 
 
+def checkpoint_tensor_reshaped(file: str):
+    """A valid safetensors file in the checkpoint whose first tensor has another shape (altered by hand)."""
+    def setup(ws):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        path = ws / "run" / "checkpoint" / file
+        tensors = load_file(path)
+        tensors[sorted(tensors)[0]] = torch.zeros(3)
+        save_file(tensors, path)
+    return setup
+
+
 def pickled_images(ws):
     np.save(ws / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
 
@@ -270,6 +283,8 @@ CASES = [
     Case("checkpoint-optimizer-layout", RUN_RESUME, "not a readable mimc checkpoint", write("run/checkpoint/optimizer.json", '{"evil": 1}')),
     Case("checkpoint-state-not-json", RUN_RESUME, "not a readable mimc checkpoint", write("run/checkpoint/state.json", "[")),
     Case("checkpoint-meta-not-mapping", RUN_RESUME, "not a readable mimc checkpoint", state(lambda s: s.update(meta=[1]))),
+    Case("checkpoint-tensor-shape", RUN_RESUME, "does not fit this run", checkpoint_tensor_reshaped("trainable.safetensors")),
+    Case("checkpoint-optimizer-shape", RUN_RESUME, "does not fit this run", checkpoint_tensor_reshaped("optimizer.safetensors")),
     # 2. Outputs ---------------------------------------------------------------------------------------
     Case("profile-onto-its-graph", ["profile", "g.onnx", "-o", "g.onnx", "--iters", "1", "--warmup", "0"], "is the input"),
     Case("quantize-onto-its-graph", ["quantize", "g.onnx", "--calib", "imgs.npz", "-o", "g.onnx"], "is the input"),

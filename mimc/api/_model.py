@@ -48,6 +48,8 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     if preflight is not None:
         preflight(encoder)
     images = as_source(data, seed)
+    if images is not None and images.seed is None:  # the CLI's reading options (--workers) leave the seed to the stage
+        images.seed = seed  # else a subset of n images is drawn unseeded: another one every run, and --resume refused
     if images is not None:  # unreadable or mis-shaped images: refused before any work
         if config.learns:
             images.indexed(encoder.config, n).load([0])  # a learning run reads its images a step at a time: never all at once
@@ -90,11 +92,12 @@ def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageRe
 
 
 def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int | None = None, resume=None,
-             checkpoint_every: int = 100, overwrite: bool = False, seed: int | None = None, learned: dict | None = None,
+             checkpoint_every: int | None = None, overwrite: bool = False, seed: int | None = None, learned: dict | None = None,
              workers: int | None = None, fsdp: bool = False, checkpoint_activations: bool = False, **options) -> StageReport:
     """N:M sparsity, one-shot or learned (:class:`~mimc.compression.nm.NMSparsityConfig`); a learned run
     checkpoints into ``output`` and ``resume=OUTPUT`` continues it exactly. ``workers``, ``fsdp`` and
-    ``checkpoint_activations``: how a learned run computes (:class:`~mimc.train.TrainRun`)."""
+    ``checkpoint_activations``: how a learned run computes (:class:`~mimc.train.TrainRun`); ``checkpoint_every``: steps
+    between its checkpoints (default 100)."""
     from mimc.compression.nm import NMSparsityConfig, parse_pattern
     from mimc.train.resume import check_resume_source, merge_resumed, resolve_run_dir
 
@@ -109,11 +112,17 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     is_learned = (config.method if config else "learned") == "learned"
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     if not is_learned:
-        _refuse_runtime(runtime, f"method {config.method} does not train")
+        _refuse_runtime({**runtime, "checkpoint_every": checkpoint_every}, f"method {config.method} does not train")
         given_only_learned = sorted(k for k, v in (learned or {}).items() if v is not None)
         if given_only_learned:
             raise ConfigError(f"{', '.join(given_only_learned)} only apply to method learned, which trains; method {config.method} is "
                               "one-shot: drop them or choose method learned", option=tuple(given_only_learned))
+        if n is not None:  # else ignored: a one-shot method reads n_calib images
+            raise ConfigError(f"n counts the training images of method learned; method {config.method} calibrates on n_calib "
+                              "images: give n_calib instead", option=("n", "n_calib"))
+    elif calib is not None and data is not None:  # else calib is ignored: the prior calibrates on data's first images
+        raise DataError("method learned trains on data and calibrates its prior on data's first n_calib images: give data "
+                        "alone, or calib alone (it then serves as the training images)", option=("calib", "data"))
     run_dir = resolve_run_dir(output, resume, default_out, overwrite) if is_learned or resume else None
     out = run_dir if run_dir is not None else (Path(output) if output is not None else default_out)
     if run_dir is None:
@@ -122,12 +131,13 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
         raise DataError(f"method '{config.method}' learns from images: give calib or data (a folder, .npz/.npy or 'builtin')", option=("calib", "data"))
     encoder = _load(model)
     if resume is not None:
-        config = NMSparsityConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
+        config = NMSparsityConfig.from_dict(merge_resumed(check_resume_source(resume, encoder, NMSparsityConfig, "mimc sparsify")["stage"], given))
         if calib is None and data is None:
             raise DataError("resuming a learned run needs its images again: give the same data", option="data")
     images = data if (is_learned and data is not None) else (calib or data)
     try:
-        return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume, checkpoint_every,
+        return _train(model, config, out, images, n if is_learned else config.n_calib, run_dir, resume,
+                      100 if checkpoint_every is None else checkpoint_every,
                       runtime, overwrite=overwrite, encoder=encoder)
     except DataError as exc:  # the images came from calib: name it, not data
         if images is calib and calib is not None and "data" in exc.options:
@@ -153,7 +163,7 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
     encoder = _load(model)
     teacher_model = _load(teacher) if teacher is not None else default_teacher(encoder)
     if resume is not None:
-        config = DistillConfig.from_dict(merge_resumed(check_resume_source(resume, encoder)["stage"], given))
+        config = DistillConfig.from_dict(merge_resumed(check_resume_source(resume, encoder, DistillConfig, "mimc distill")["stage"], given))
     elif given.get("mask_ratio") is None and not (supports_masking(encoder) and supports_masking(teacher_model)):
         if on_note is not None:
             on_note("this model needs every token (relative position bias or a token schedule): training without input masking")

@@ -7,6 +7,7 @@ resolved ``recipe.yaml`` (replay it with ``mimc run OUT/recipe.yaml`` or ``mimc 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,11 +87,21 @@ def _check_val(recipe: Recipe, source) -> None:
                 raise ConfigError(f"recipe: {stage_key(i, 'eval', 'val')}: {exc}") from None
 
 
+def _check_one_process() -> None:
+    """A recipe runs in one process: under torchrun every rank would run every stage and write the output
+    (the first to finish wins, the others fail on the occupied folder)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"recipe: a recipe runs in one process and torchrun started {world}: run mimc run without torchrun "
+                          "(torchrun spreads the single commands mimc sparsify --method learned and mimc distill)")
+
+
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
     from mimc.pipeline.executor import Job, execute
 
+    _check_one_process()
     out = Path(output) if output is not None else default_output(recipe)
     check_output(out, overwrite)
     # (a build without a graph before it is refused when the recipe is parsed)

@@ -70,7 +70,8 @@ def is_main_process() -> bool:
 def check_divisible(global_batch_size: int, world_size: int) -> None:
     if global_batch_size % world_size:
         raise ConfigError(
-            f"batch size {global_batch_size} does not split evenly over {world_size} processes: choose a multiple of {world_size}"
+            f"batch_size {global_batch_size} does not split evenly over {world_size} processes: choose a multiple of {world_size}",
+            option="batch_size",
         )
 
 

@@ -216,10 +216,17 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
         missing = sorted(set(params) - set(saved.trainable))
         if missing:
             raise ConfigError(f"checkpoint in {run.run_dir} lacks {missing[:3]}: start a fresh run with another -o")
+        misfit = _misfit(params, optimizer, saved)  # a checkpoint altered by hand: refused here, not as a tensor error mid-copy or mid-step
+        if misfit:
+            raise ConfigError(f"checkpoint in {run.run_dir} does not fit this run ({misfit}): start a fresh run with another -o")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(shard_like(saved.trainable[name], p) if sharded else saved.trainable[name].to(device))
-        optimizer.load_state_dict(shard_optimizer_state(saved.optimizer, optimizer) if sharded else saved.optimizer)
+        try:
+            optimizer.load_state_dict(shard_optimizer_state(saved.optimizer, optimizer) if sharded else saved.optimizer)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ConfigError(f"checkpoint in {run.run_dir} does not fit this run (optimizer state: {exc}): start a fresh run "
+                              "with another -o") from None
         torch.set_rng_state(saved.rng_state)
         start, losses = saved.step, saved.losses
 
@@ -288,6 +295,22 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
     return TrainResult(config.steps, ran, start, seconds, ran / seconds if seconds > 0 else 0.0,
                        sum(tail) / len(tail), ctx.world_size, config.steps * config.batch_size / count,
                        "fsdp" if sharded else "ddp" if ctx.distributed else "none", losses)
+
+
+def _misfit(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, saved: ckpt.Checkpoint) -> str | None:
+    """What of a checkpoint's tensors does not fit the parameters being trained (shapes), or None."""
+    for name, p in params.items():
+        if tuple(saved.trainable[name].shape) != tuple(p.shape):
+            return f"{name} has shape {list(saved.trainable[name].shape)}, not {list(p.shape)}"
+    order = [p for group in optimizer.param_groups for p in group["params"]]  # what the state's indices count
+    for index, entry in saved.optimizer["state"].items():
+        param = order[index] if isinstance(index, int) and 0 <= index < len(order) else None
+        if param is None or not isinstance(entry, dict):
+            return f"optimizer state of parameter {index!r}, of {len(order)}"
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim and tuple(value.shape) != tuple(param.shape):
+                return f"optimizer {key} of parameter {index} has shape {list(value.shape)}, not {list(param.shape)}"
+    return None
 
 
 def _as_float(output: tuple) -> tuple:

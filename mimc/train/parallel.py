@@ -34,7 +34,11 @@ def check_run(config, run) -> None:
     if config.precision == "bf16" and not torch.cuda.is_available():
         raise ConfigError("precision bf16 autocasts on CUDA and this machine has no GPU: drop precision bf16 (CPU runs train in fp32)",
                           option="precision")
-    if run.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    from mimc.train.dist import check_divisible
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_divisible(config.batch_size, world)  # else found only once the stage has begun (after a learned run's prior)
+    if run.fsdp and world < 2:
         raise ConfigError("fsdp shards over torchrun processes and this run is one process: launch with torchrun --nproc-per-node K "
                           "(K >= 2), or drop fsdp", option="fsdp")
 

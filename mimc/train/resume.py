@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.errors import BadInputError
+from mimc.train.config import TrainConfig
 
 
 def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
@@ -40,6 +41,8 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
         if isinstance(value, dict):
             merged[key] = merge_resumed(stored.get(key, {}), value, f"{path}{key}.")
             continue
+        if key not in stored and TrainConfig.recorded_when_set.get(key, ...) == value:
+            continue  # left unrecorded at its default (precision fp32): given again at that default, it matches
         old = stored.get(key)
         if isinstance(old, list):
             old = tuple(old)
@@ -49,12 +52,20 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
     return merged
 
 
-def check_resume_source(run_dir: Path, encoder) -> dict[str, Any]:
-    """The checkpoint's meta, after checking it was made from this very model."""
+def check_resume_source(run_dir: Path, encoder, config_type=None, command: str = "") -> dict[str, Any]:
+    """The checkpoint's meta, after checking it was made from this very model (and, given ``config_type``, by
+    the stage whose options it holds: ``command`` names that stage's command)."""
+    import dataclasses
+
     from mimc.artifact import state_hash
     from mimc.train.checkpoint import read_meta
 
     meta = read_meta(run_dir)
+    if config_type is not None:
+        stored = meta.get("stage")
+        if not isinstance(stored, dict) or not set(stored) <= {f.name for f in dataclasses.fields(config_type)}:
+            raise BadInputError(f"resume folder {run_dir} holds an interrupted run of another command, not of {command}: resume it "
+                                "with the command that started it (mimc distill, or mimc sparsify --method learned)")
     if meta.get("source_sha256") != state_hash(encoder):
         raise BadInputError(f"resume folder {run_dir} was written for a different model: pass the MODEL the run was started from")
     return meta

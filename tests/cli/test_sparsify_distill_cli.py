@@ -162,3 +162,114 @@ def test_epochs_are_recorded_and_learning_options_refused_where_they_cannot_appl
         assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
         assert len(res.output.strip().splitlines()) <= 3
         assert not (work / "bad").exists()
+
+
+def test_one_shot_sparsify_refuses_n_it_would_ignore(work):
+    # --n counts a learned run's training images; a one-shot method reads --n-calib images and ignored it
+    res = invoke("sparsify", "dense", "--method", "wanda", "--calib", "imgs.npz", "--n", "5", "-o", "bad")
+    assert res.exit_code == 2 and "give --n-calib instead" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3
+    assert not (work / "bad").exists()
+
+
+def test_learned_sparsify_refuses_calib_it_would_ignore(work):
+    # with --data the prior calibrates on data's first images: --calib was ignored (a missing file not even opened)
+    res = invoke("sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--calib", "missing.npz", "--steps", "2",
+                 "--batch-size", "4", "-o", "bad")
+    assert res.exit_code == 2 and "give --data alone, or --calib alone" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3
+    assert not (work / "bad").exists()
+
+
+def test_one_shot_sparsify_refuses_checkpoint_every(work):
+    # only a learned run checkpoints; a one-shot method silently ignored --checkpoint-every
+    res = invoke("sparsify", "dense", "--method", "magnitude", "--checkpoint-every", "5", "-o", "bad")
+    assert res.exit_code == 2 and "--checkpoint-every applies only to a learning run and method magnitude does not train" \
+        in " ".join(res.output.split()), res.output
+    assert not (work / "bad").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work(work, monkeypatch):
+    # it was refused only inside the training loop (after a learned run's one-shot prior), without naming --batch-size
+    import mimc.compression.registry as registry
+
+    monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the batch was refused"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for args in (["sparsify", "dense", "--method", "learned", "--data", "imgs.npz"], ["distill", "half", "--data", "imgs.npz", "--teacher", "dense"]):
+        res = invoke(*args, "--batch-size", "3", "-o", "bad")
+        assert res.exit_code == 2 and "--batch-size 3 does not split evenly over 2 processes: choose a multiple of 2" \
+            in " ".join(res.output.split()), res.output
+        assert not (work / "bad").exists()
+
+
+def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
+    # distill --resume on a learned sparsify run listed every option of the other stage as unknown
+    import mimc.train as train_pkg
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    assert invoke("sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4",
+                  "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run").exit_code == 130
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    state = (work / "run" / "checkpoint" / "state.json").read_text()
+    res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--resume", "run")
+    assert res.exit_code == 2 and "holds an interrupted run of another command, not of mimc distill" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3 and "unknown option" not in res.output
+    assert (work / "run" / "checkpoint" / "state.json").read_text() == state
+
+
+def test_resume_accepts_the_same_command_with_an_option_given_at_its_unrecorded_default(work, monkeypatch):
+    # --precision fp32 is left out of the recorded options: the same command with --resume was refused as differing
+    import mimc.train as train_pkg
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    args = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--batch-size", "4",
+            "--precision", "fp32", "--checkpoint-every", "1"]
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    assert invoke(*args, "-o", "run").exit_code == 130
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    other = [a if a != "fp32" else "bf16" for a in args]  # another value is still refused
+    res = invoke(*other, "--resume", "run")
+    assert res.exit_code == 2 and "differs from the interrupted run's" in " ".join(res.output.split()), res.output
+    res = invoke(*args, "--resume", "run", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
+
+
+def test_a_subset_read_with_workers_is_seeded_and_resumes(work, monkeypatch):
+    # --workers made the images an ImageSource with the seed --seed left unset (None): --n drew an unseeded
+    # subset, another one each run, so the same command with --resume was refused as reading different data
+    import mimc.train as train_pkg
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
+        return run
+
+    base = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--n", "6", "--steps", "3", "--batch-size", "2",
+            "--checkpoint-every", "1"]
+    args = [*base, "--workers", "1"]
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    assert invoke(*args, "-o", "run").exit_code == 130
+    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    res = invoke(*args, "--resume", "run", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
+    plain = invoke(*base, "-o", "plain")  # the seeded subset --n draws without --workers
+    assert plain.exit_code == 0, plain.output
+    for (k, a), b in zip(load_artifact(work / "plain").state_dict().items(), load_artifact(work / "run").state_dict().values()):
+        assert torch.equal(a, b), k

@@ -308,3 +308,16 @@ def test_an_eval_stage_with_val_classifies_val_against_the_data_gallery(tmp_path
     with pytest.raises(ConfigError, match=r"stages\[2\]\.eval\.val: .*missing\.npz"):
         run_recipe(parse_recipe({"model": "ref", "data": str(tmp_path / "train.npz"), "stages": stages}), tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_recipe_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatch, source):
+    # every rank ran every stage and wrote the output: the first won, the others failed on the occupied folder
+    import mimc.compression.registry as registry
+
+    model, data = source
+    monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the recipe was refused"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"distill": {"steps": 1}}]})
+    with pytest.raises(ConfigError, match="a recipe runs in one process and torchrun started 2: run mimc run without torchrun"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
