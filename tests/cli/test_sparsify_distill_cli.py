@@ -49,25 +49,32 @@ def test_sparsify_one_shot_writes_an_exact_nm_artifact(work):
     assert stage.name == "sparsify" and stage.config["method"] == "sparsegpt"
 
 
+def interrupted(monkeypatch, at_step: int, *args: str):
+    """Run ``mimc *args`` killed (Ctrl-C) at step ``at_step``, as a user would stop it; its result."""
+    import mimc.train as train_pkg  # the CLI builds its TrainRun from here
+
+    real = train_pkg.TrainRun
+
+    def interrupting(**kw):
+        run = real(**kw)
+        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == at_step else None
+        return run
+
+    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
+    try:
+        return invoke(*args)
+    finally:
+        monkeypatch.setattr(train_pkg, "TrainRun", real)
+
+
 def test_sparsify_learned_resume_after_interruption(work, monkeypatch):
     args = ["sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "4", "--batch-size", "4",
             "--prior", "magnitude", "--checkpoint-every", "2"]
     assert invoke(*args, "-o", "full").exit_code == 0
 
-    import mimc.train as train_pkg  # the CLI builds its TrainRun from here
-
-    real = train_pkg.TrainRun
-
-    def interrupting(**kw):  # the run is killed right after its step-3 checkpoint window
-        run = real(**kw)
-        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None
-        return run
-
-    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
-    res = invoke(*args, "-o", "cut")
+    res = interrupted(monkeypatch, 3, *args, "-o", "cut")  # killed right after its step-3 checkpoint window
     assert res.exit_code == 130
     assert (work / "cut" / "checkpoint").is_dir() and not (work / "cut" / "mimc.json").exists()
-    monkeypatch.setattr(train_pkg, "TrainRun", real)
     again = invoke(*args, "-o", "cut")  # without --resume: refused, the checkpoint kept
     assert again.exit_code == 2 and "--resume cut" in again.output
     res = invoke("sparsify", "dense", "--data", "imgs.npz", "--resume", "cut", "--json")
@@ -93,19 +100,8 @@ def test_sparsify_bad_input(work, args, message):
 
 
 def test_resume_from_another_model_is_refused(work, monkeypatch):
-    import mimc.train as train_pkg  # the CLI builds its TrainRun from here
-
-    real = train_pkg.TrainRun
-
-    def interrupting(**kw):
-        run = real(**kw)
-        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
-        return run
-
-    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
-    invoke("sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4",
-           "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run")
-    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    interrupted(monkeypatch, 2, "sparsify", "dense", "--method", "learned", "--data", "imgs.npz", "--steps", "3",
+                "--batch-size", "4", "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run")
     before = sorted(p.name for p in (work / "run" / "checkpoint").iterdir())
     state = (work / "run" / "checkpoint" / "state.json").read_text()
     res = invoke("sparsify", "other", "--data", "imgs.npz", "--resume", "run")
@@ -204,19 +200,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work(w
 
 def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
     # distill --resume on a learned sparsify run listed every option of the other stage as unknown
-    import mimc.train as train_pkg
-
-    real = train_pkg.TrainRun
-
-    def interrupting(**kw):
-        run = real(**kw)
-        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
-        return run
-
-    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
-    assert invoke("sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4",
-                  "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run").exit_code == 130
-    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    assert interrupted(monkeypatch, 2, "sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3",
+                       "--batch-size", "4", "--prior", "magnitude", "--checkpoint-every", "1", "-o", "run").exit_code == 130
     state = (work / "run" / "checkpoint" / "state.json").read_text()
     res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--resume", "run")
     assert res.exit_code == 2 and "holds an interrupted run of another command, not of mimc distill" in " ".join(res.output.split()), res.output
@@ -226,20 +211,9 @@ def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
 
 def test_resume_accepts_the_same_command_with_an_option_given_at_its_unrecorded_default(work, monkeypatch):
     # --precision fp32 is left out of the recorded options: the same command with --resume was refused as differing
-    import mimc.train as train_pkg
-
-    real = train_pkg.TrainRun
-
-    def interrupting(**kw):
-        run = real(**kw)
-        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
-        return run
-
     args = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--batch-size", "4",
             "--precision", "fp32", "--checkpoint-every", "1"]
-    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
-    assert invoke(*args, "-o", "run").exit_code == 130
-    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    assert interrupted(monkeypatch, 2, *args, "-o", "run").exit_code == 130
     other = [a if a != "fp32" else "bf16" for a in args]  # another value is still refused
     res = invoke(*other, "--resume", "run")
     assert res.exit_code == 2 and "differs from the interrupted run's" in " ".join(res.output.split()), res.output
@@ -251,21 +225,10 @@ def test_resume_accepts_the_same_command_with_an_option_given_at_its_unrecorded_
 def test_a_subset_read_with_workers_is_seeded_and_resumes(work, monkeypatch):
     # --workers made the images an ImageSource with the seed --seed left unset (None): --n drew an unseeded
     # subset, another one each run, so the same command with --resume was refused as reading different data
-    import mimc.train as train_pkg
-
-    real = train_pkg.TrainRun
-
-    def interrupting(**kw):
-        run = real(**kw)
-        run.on_step = lambda step, loss: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else None
-        return run
-
     base = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--n", "6", "--steps", "3", "--batch-size", "2",
             "--checkpoint-every", "1"]
     args = [*base, "--workers", "1"]
-    monkeypatch.setattr(train_pkg, "TrainRun", interrupting)
-    assert invoke(*args, "-o", "run").exit_code == 130
-    monkeypatch.setattr(train_pkg, "TrainRun", real)
+    assert interrupted(monkeypatch, 2, *args, "-o", "run").exit_code == 130
     res = invoke(*args, "--resume", "run", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
