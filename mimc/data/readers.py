@@ -139,6 +139,13 @@ def check_array_values(raw: np.ndarray, path: Path | str, where: str = "") -> No
             raise DataError(f"{path} holds {bad} NaN or infinite values{where}: replace them before using it as images", option="data")
 
 
+def class_indices(labels: list[str], names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Text labels as indices of ``names`` (default: their sorted set), with the names."""
+    names = sorted(set(labels)) if names is None else list(names)
+    lookup = {name: k for k, name in enumerate(names)}
+    return np.asarray([lookup[lab] for lab in labels], dtype=np.int64), names
+
+
 def npz_labels(labels: np.ndarray, class_names: list[str] | None, path: Path | str) -> tuple[np.ndarray, list[str] | None]:
     """A .npz's ``labels`` as one whole-number class index per image (what every reader hands on):
     shape (N,) or (N, 1); text labels become indices of ``class_names`` (or of their sorted names, as
@@ -149,13 +156,11 @@ def npz_labels(labels: np.ndarray, class_names: list[str] | None, path: Path | s
         raise DataError(f"{path} has labels of shape {labels.shape}: save one class label per image, shaped (N,)", option="data")
     if labels.dtype.kind in "US":
         text = [str(lab) for lab in labels.astype(str)]
-        names = class_names if class_names is not None else sorted(set(text))
-        lookup = {name: k for k, name in enumerate(names)}
-        unknown = sorted(set(text) - set(lookup))
+        unknown = sorted(set(text) - set(class_names)) if class_names is not None else []
         if unknown:
             raise DataError(f"{path} has labels that are not among its class_names ({', '.join(unknown[:3])}): "
                             "save labels that are class names or indices of class_names", option="data")
-        return np.asarray([lookup[lab] for lab in text], dtype=np.int64), list(names)
+        return class_indices(text, class_names)
     if labels.dtype.kind == "b" or (labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.rint(labels))):
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu":
@@ -220,5 +225,5 @@ class ArrayReader(Reader):
         return np.asarray(self.array[np.asarray(positions)])
 
 
-__all__ = ["Reader", "FolderReader", "ArrayReader", "npz_labels", "check_array_values", "check_array_dtype", "pil_rgb", "decode",
+__all__ = ["Reader", "FolderReader", "ArrayReader", "class_indices", "npz_labels", "check_array_values", "check_array_dtype", "pil_rgb", "decode",
            "first_line", "unreadable", "IMAGE_SUFFIXES", "BUILTIN", "BUILTIN_PATH"]

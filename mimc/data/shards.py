@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimc.data.readers import Reader, decode, first_line
+from mimc.data.readers import Reader, class_indices, decode, first_line
 from mimc.errors import DataError
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
@@ -148,9 +148,7 @@ def _label_array(labels: list[str | None], spec: str) -> tuple[np.ndarray | None
                         "label every sample or none", option="data")
     if all(re.fullmatch(r"-?\d+", lab) for lab in labels):
         return np.asarray([int(lab) for lab in labels]), None
-    names = sorted(set(labels))
-    lookup = {n: k for k, n in enumerate(names)}
-    return np.asarray([lookup[lab] for lab in labels]), names
+    return class_indices(labels)
 
 
 __all__ = ["TarReader", "expand_braces", "is_shard_spec"]

@@ -54,10 +54,11 @@ def precision_for(path: str | Path, precision: str | None = None) -> str:
         if GRAPH_PRECISION.get(own) != source:  # no record: the float hint it was built with, on this graph
             own = {"fp32": "int8", "bf16": "int8-bf16"}[own] if source == "int8" else own
     else:
-        if any(node.op_type == "QAttention" for node in load_graph(path, external_data=False).graph.node):
+        graph = load_graph(path, external_data=False)  # structure and dtypes only
+        if any(node.op_type == "QAttention" for node in graph.graph.node):
             raise BadInputError(f"{path} is an ONNX Runtime CPU graph (QAttention), which OpenVINO cannot read: quantize it with "
                                 "--device openvino-cpu (or --no-fuse-attention: plain Q/DQ)")
-        source = "int8" if graph_precision(path) == "int8" else "fp32"
+        source = "int8" if graph_precision(graph) == "int8" else "fp32"
         own = source
     if precision is None:
         return own

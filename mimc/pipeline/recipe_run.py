@@ -45,9 +45,14 @@ def _check_runtimes(recipe: Recipe) -> None:
 
                 import_tensorrt()
         except MimcError as exc:
-            names = {o: stage_key(i, step.name, o) for o in exc.options}
-            # the recipe key says where; no option name is left for the CLI to rephrase as a flag
-            raise type(exc)(f"recipe: {exc.phrased(names)}" if names else f"recipe: {stage_key(i, step.name)}: {exc}") from None
+            raise _in_recipe(exc, i, step.name) from None
+
+
+def _in_recipe(exc: MimcError, i: int, name: str) -> MimcError:
+    """``exc`` of stage ``i`` with the options it names written as their recipe keys (``stages[1].width.macs``;
+    the recipe's own keys, such as data, as they are): no option name is left for the CLI to word as a flag."""
+    names = {o: o if o in TOP_LEVEL_KEYS else stage_key(i, name, o) for o in exc.options}
+    return type(exc)(f"recipe: {exc.phrased(names)}" if names else f"recipe: {stage_key(i, name)}: {exc}")
 
 
 def _check_not_source(recipe: Recipe, out: Path) -> None:
@@ -130,10 +135,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     except MimcError as exc:
         if not running[0] or not exc.options:
             raise
-        i, name = running[0] - 1, recipe.steps[running[0] - 1].name
-        # a stage's option named by its recipe key; the recipe's own keys (data, n, seed) stay as they are
-        names = {o: o if o in TOP_LEVEL_KEYS else stage_key(i, name, o) for o in exc.options}
-        raise type(exc)(f"recipe: {exc.phrased(names)}") from None
+        raise _in_recipe(exc, running[0] - 1, recipe.steps[running[0] - 1].name) from None
     return result.report
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from mimc.errors import ConfigError
 from mimc.train import checkpoint as ckpt
 from mimc.train.config import TrainConfig, TrainRun
-from mimc.train.dist import DistContext, check_divisible, context
+from mimc.train.dist import DistContext, context
 from mimc.train.images import IndexedImages, StepBatches, as_indexed, default_workers, step_loader
 from mimc.train.parallel import autocast, check_run, checkpointed_blocks, full, shard, shard_like, shard_optimizer_state
 from mimc.train.schedule import warmup_cosine
@@ -174,9 +174,8 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
     if count == 0:
         raise ConfigError("no training images: give data with at least one image", option="data")
     config = config.for_images(count)
-    check_run(config, run)
+    check_run(config, run)  # the batch splits over the ranks, among others
     ctx: DistContext = context()
-    check_divisible(config.batch_size, ctx.world_size)
     if config.mask_ratio > 0 and not supports_masking(student):
         raise ConfigError("input masking needs absolute position embeddings and all tokens (no relative position bias, no token schedule): "
                           "set mask_ratio 0", option="mask_ratio")

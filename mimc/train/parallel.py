@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mimc.errors import ConfigError
+from mimc.train.dist import check_divisible
 
 
 def check_run(config, run) -> None:
@@ -34,8 +35,6 @@ def check_run(config, run) -> None:
     if config.precision == "bf16" and not torch.cuda.is_available():
         raise ConfigError("precision bf16 autocasts on CUDA and this machine has no GPU: drop precision bf16 (CPU runs train in fp32)",
                           option="precision")
-    from mimc.train.dist import check_divisible
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_divisible(config.batch_size, world)  # else found only once the stage has begun (after a learned run's prior)
     if run.fsdp and world < 2:
