@@ -8,7 +8,7 @@ On a machine with an NVIDIA GPU and ``pip install 'mimc[gpu]'`` (tensorrt, onnxr
 
 For each variant it exports a dynamic-batch graph, builds an engine for ``--device`` (strongly typed:
 the graph carries the precision; one timing cache shared by all builds) and measures it with CUDA
-events (``mimc.runtime.trt.profile_engine``):
+events (``mimc.latency.tensorrt_gpu.profile_engine``):
 
   dense fp16           the model, cast to fp16 (LayerNorm/softmax in fp32)
   50% blocks fp16      half the blocks removed (mimc prune --ratio 0.5, entropy criterion)
@@ -100,7 +100,7 @@ def run(args, profile, batches):
     from mimc.models.resolve import load_model
     from mimc.models.vit import build_encoder, vit_base_config
     from mimc.latency.roofline import predict
-    from mimc.runtime.trt import profile_engine
+    from mimc.latency.tensorrt_gpu import profile_engine
 
     encoder = load_model(args.model) if args.model else build_encoder(vit_base_config(), seed=0)
     images = load_images("builtin", encoder.config, n=args.calib + 8, seed=0)

@@ -128,7 +128,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
             option="predict",
         )
     if is_engine:
-        from mimc.runtime.trt import profile_engine
+        from mimc.latency.tensorrt_gpu import profile_engine
 
         report = profile_engine(path, prof, sizes or list(prof.batch_sizes), warmup, iters, on_message=on_message)
     elif prof.backend == "onnxruntime-cuda":

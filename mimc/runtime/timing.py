@@ -176,5 +176,19 @@ def host_info() -> dict[str, Any]:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-__all__ = ["DTYPES", "proc_field", "synthetic_feed", "time_runs", "worker_main", "run_worker", "warmed", "interleave",
+def latency_row(samples_ms: list[float], batch: int) -> dict[str, Any]:
+    """One batch size's GPU timings: percentiles under ``latency_ms``, and the same numbers under the
+    flat keys `mimc profile`'s CPU reports use, so one table prints both."""
+    if not samples_ms:
+        raise MimcError("no timing samples were taken: pass iters >= 1")
+    s = sorted(samples_ms)
+    p50, p90, p99 = (float(v) for v in np.percentile(s, [50, 90, 99]))
+    stats = {"p50": p50, "p90": p90, "p99": p99, "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
+    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"],
+            "p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
+            "throughput_items_s": batch * 1e3 / stats["p50"]}
+
+
+
+__all__ = ["latency_row", "DTYPES", "proc_field", "synthetic_feed", "time_runs", "worker_main", "run_worker", "warmed", "interleave",
            "host_info"]

@@ -1,18 +1,15 @@
-"""TensorRT on a present GPU: the engine sidecar check and measured profiling (CUDA events, per-layer times).
+"""TensorRT on a present GPU: import and version checks, the CUDA device, the engine sidecar check,
+loading an engine and binding its I/O, and :class:`EngineSession` to run one (measuring it is
+:mod:`mimc.latency.tensorrt_gpu`).
 
 References:
     NVIDIA TensorRT Developer Guide and Python API (docs.nvidia.com/deeplearning/tensorrt): Runtime,
     ICudaEngine (num_io_tensors, get_tensor_name/mode/dtype/shape), IExecutionContext (set_input_shape,
-    set_tensor_address, execute_async_v3), IProfiler, IEngineInspector. github.com/NVIDIA/TensorRT,
-    samples/python/common_runtime.py and trtexec's timing (warm-up, then CUDA-event timed enqueues,
-    percentiles). Engines are tied to the GPU model and TensorRT version that built them, hence the sidecar.
+    set_tensor_address, execute_async_v3). github.com/NVIDIA/TensorRT, samples/python/common_runtime.py.
+    Engines are tied to the GPU model and TensorRT version that built them, hence the sidecar.
     Python binding conventions checked against NVIDIA/TensorRT python/src/infer/pyCore.cpp (10.x): the
     runtime setters and execute_async_v3 return False on failure instead of raising; Runtime keeps its
     logger alive and an engine its runtime (keep_alive), so temporaries are safe.
-
-Timing: every iteration is bracketed by CUDA events recorded on the stream around ``execute_async_v3``,
-so host overhead between launches does not count; per-layer times come from a separate run with an
-IProfiler attached (profiling serialises layers, so those runs are not used for latency).
 """
 from __future__ import annotations
 
@@ -229,19 +226,6 @@ def parse_sparsity_log(messages: list[str]) -> dict[str, list[str]]:
 
 
 # Measurement ----------------------------------------------------------------------------------------
-def latency_row(samples_ms: list[float], batch: int) -> dict[str, Any]:
-    """One batch size's GPU timings: percentiles under ``latency_ms``, and the same numbers under the
-    flat keys `mimc profile`'s CPU reports use, so one table prints both."""
-    if not samples_ms:
-        raise MimcError("no timing samples were taken: pass iters >= 1")
-    s = sorted(samples_ms)
-    p50, p90, p99 = (float(v) for v in np.percentile(s, [50, 90, 99]))
-    stats = {"p50": p50, "p90": p90, "p99": p99, "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
-    return {"batch": batch, "latency_ms": stats, "throughput_per_s": batch * 1e3 / stats["p50"],
-            "p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
-            "throughput_items_s": batch * 1e3 / stats["p50"]}
-
-
 def _itemsize(trt, dtype) -> float:
     try:
         return np.dtype(trt.nptype(dtype)).itemsize
@@ -250,12 +234,12 @@ def _itemsize(trt, dtype) -> float:
         return 1 if ("FP8" in name or "INT4" in name or "FP4" in name) else 4
 
 
-def _engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
+def engine_batch_range(sidecar: dict[str, Any]) -> tuple[int, int]:
     first = next(iter((sidecar.get("shapes") or {}).values()), None)
     return (int(first["min"][0]), int(first["max"][0])) if first else (1, 1)
 
 
-def _load_engine(trt, logger, engine_path: str | Path):
+def load_engine(trt, logger, engine_path: str | Path):
     """(engine, its I/O tensor names, its input names) from an engine file."""
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
@@ -264,67 +248,7 @@ def _load_engine(trt, logger, engine_path: str | Path):
     return engine, names, [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
 
 
-def profile_engine(engine_path: str | Path, profile: DeviceProfile, batch_sizes=None, warmup: int = 20, iters: int = 200,
-                   layer_iters: int = 10, device=None, on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure a TensorRT engine on this GPU: latency percentiles, throughput, memory, per-layer times.
-
-    ``on_message``: called with each TensorRT error line as it is logged (see :func:`make_logger`)."""
-    if warmup < 0 or iters < 1 or layer_iters < 0:
-        raise ConfigError(f"warmup >= 0, iters >= 1 and layer_iters >= 0 are needed (got {warmup}, {iters}, {layer_iters})")
-    sidecar = load_sidecar(engine_path)
-    trt, device, runtime = open_gpu(device)
-    check_engine_compat(sidecar, runtime, engine_path)
-    check_profile_matches_gpu(profile, runtime)
-    lo, hi = _engine_batch_range(sidecar)
-    wanted = list(batch_sizes) if batch_sizes else list(profile.batch_sizes)
-    outside = [b for b in wanted if not lo <= b <= hi]
-    # The profile's own sizes beyond the engine's range are skipped and reported; sizes a user listed are not.
-    explicit = bool(batch_sizes) and list(batch_sizes) != list(profile.batch_sizes)
-    if explicit and outside:
-        raise ConfigError(f"batch size(s) {outside} are outside the engine's range {lo}..{hi}: rebuild with `mimc build --batch {lo}:{hi}:{max(outside)}`")
-    batches = [b for b in wanted if lo <= b <= hi] or [lo]
-
-    logger = make_logger(trt, on_message)
-    engine, names, inputs = _load_engine(trt, logger, engine_path)
-    free_before, total = device.mem_info()
-    results = []
-    for b in batches:
-        context = engine.create_execution_context()
-        if context is None:  # TensorRT returns None when it cannot allocate the context's activations
-            raise MimcError(f"TensorRT could not create an execution context for {Path(engine_path).name}: "
-                            f"{logger.reason(2, 'out of device memory?')}")
-        _bind(trt, engine, context, device, names, inputs, b, logger)
-        for _ in range(warmup):
-            _enqueue(context, device.stream_handle, logger)
-        device.synchronize()
-        events = [(device.event(), device.event()) for _ in range(iters)]
-        for start, end in events:
-            device.record(start)
-            _enqueue(context, device.stream_handle, logger)
-            device.record(end)
-        device.synchronize()
-        row = latency_row([device.elapsed_ms(s, e) for s, e in events], b)
-        free_now, _ = device.mem_info()
-        row["device_memory_used_bytes"] = max(0, free_before - free_now)
-        if layer_iters:
-            row["layers"] = _layer_times(trt, engine, context, device, layer_iters, logger)
-        results.append(row)
-        del context
-        device.free()
-    memory = {"engine_file_bytes": Path(engine_path).stat().st_size, "device_total_bytes": total}
-    for attr in ("device_memory_size_v2", "device_memory_size"):  # TensorRT 10.1+ / older spelling
-        if hasattr(engine, attr):
-            memory["activation_bytes"] = int(getattr(engine, attr))
-            break
-    return {
-        "label": "measured", "backend": "tensorrt", "model": str(engine_path), "engine": str(engine_path), "device": profile.name,
-        "gpu": runtime["gpu_name"], "tensorrt_version": runtime["tensorrt_version"], "precision": sidecar.get("precision"),
-        "sparse": sidecar.get("sparse"), "warmup": warmup, "iters": iters, "timing": "CUDA events around execute_async_v3",
-        "skipped_batch_sizes": outside, "results": results, "memory": memory,
-    }
-
-
-def _bind(trt, engine, context, device, names: list[str], inputs: list[str], batch: int, logger) -> None:
+def bind_io(trt, engine, context, device, names: list[str], inputs: list[str], batch: int, logger) -> None:
     """Set the input shapes for ``batch`` and give every I/O tensor a device buffer.
 
     The setters return False (with a logged error) instead of raising: a shape outside the engine's
@@ -347,7 +271,7 @@ def _set_input_shape(context, name: str, shape: list, logger) -> None:
                         f"{logger.reason(1, 'outside the engine profile')}")
 
 
-def _enqueue(context, stream_handle: int, logger) -> None:
+def enqueue(context, stream_handle: int, logger) -> None:
     # execute_async_v3 reports failure by returning False (TensorRT 10 Python API), not by raising.
     if not context.execute_async_v3(stream_handle):
         raise MimcError(f"TensorRT execution failed: {logger.reason(2, 'no reason given')}")
@@ -375,12 +299,12 @@ class EngineSession:
         self._torch, self._trt = torch, trt
         check_engine_compat(sidecar, runtime, engine_path)
         self.logger = make_logger(trt)
-        self.engine, names, self._inputs = _load_engine(trt, self.logger, engine_path)
+        self.engine, names, self._inputs = load_engine(trt, self.logger, engine_path)
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise MimcError(f"TensorRT could not create an execution context for {Path(engine_path).name}: out of device memory?")
         self._outputs = [n for n in names if n not in self._inputs]
-        self.batch_range = _engine_batch_range(sidecar)
+        self.batch_range = engine_batch_range(sidecar)
 
     def _np_dtype(self, name: str):
         try:
@@ -412,32 +336,7 @@ class EngineSession:
             dtype = torch.from_numpy(np.empty(0, self._np_dtype(name))).dtype
             outs[name] = torch.empty(shape, dtype=dtype, device=f"cuda:{self.device.index}")
             self.context.set_tensor_address(name, outs[name].data_ptr())
-        _enqueue(self.context, stream.cuda_stream, self.logger)
+        enqueue(self.context, stream.cuda_stream, self.logger)
         stream.synchronize()
         del keep
         return [outs[n].cpu().numpy() for n in (names or self._outputs)]
-
-
-def _layer_times(trt, engine, context, device, n: int, logger) -> list[dict[str, Any]]:
-    """Mean time per layer over ``n`` profiled runs, slowest first.
-
-    With a profiler attached and ``enqueue_emits_profile`` at its default (True), TensorRT makes
-    enqueue synchronous and reports every layer to the profiler (IExecutionContext docs).
-    """
-    class LayerTimes(trt.IProfiler):
-        def __init__(self):
-            trt.IProfiler.__init__(self)
-            self.ms: dict[str, list[float]] = {}
-
-        def report_layer_time(self, layer_name, ms):
-            self.ms.setdefault(layer_name, []).append(float(ms))
-
-    profiler = context.profiler = LayerTimes()
-    for _ in range(n):
-        _enqueue(context, device.stream_handle, logger)
-        device.synchronize()
-    rows = [{"layer": k, "ms": sum(v) / len(v)} for k, v in profiler.ms.items()]
-    total = sum(r["ms"] for r in rows) or 1.0
-    for r in rows:
-        r["share"] = r["ms"] / total
-    return sorted(rows, key=lambda r: -r["ms"])

@@ -14,7 +14,8 @@ from mimc.deploy.tensorrt import build_engine, builder_settings, parse_batch_ran
 from mimc.models.vit import build_encoder
 from mimc.latency.devices import load_profile
 from mimc.graph import graph_precision
-from mimc.runtime.trt import check_engine_compat, parse_sparsity_log, profile_engine, sidecar_path
+from mimc.latency.tensorrt_gpu import profile_engine
+from mimc.runtime.trt import check_engine_compat, parse_sparsity_log, sidecar_path
 from tests.conftest import tiny_config
 from tests.deploy.fake_tensorrt import H100, FakeDevice, fake_tensorrt
 

@@ -16,7 +16,8 @@ from mimc.deploy.onnx import export_onnx
 from mimc.deploy.tensorrt import build_engine
 from mimc.models.vit import build_encoder
 from mimc.latency.devices import load_profile
-from mimc.runtime.trt import profile_engine, sidecar_path
+from mimc.latency.tensorrt_gpu import profile_engine
+from mimc.runtime.trt import sidecar_path
 from tests.conftest import tiny_config
 from tests.deploy.fake_tensorrt import FakeDevice, fake_tensorrt
 

@@ -85,9 +85,9 @@ def test_gpu_device_without_cuda_is_refused(graphs, monkeypatch):
 
 def test_gpu_dispatch_reaches_the_engine_profiler(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("mimc.runtime.trt")
+    fake = types.ModuleType("mimc.latency.tensorrt_gpu")
     fake.profile_engine = lambda path, prof, sizes, warmup, iters, on_message=None: calls.append((path.name, prof.name, sizes)) or {"results": []}
-    monkeypatch.setitem(sys.modules, "mimc.runtime.trt", fake)
+    monkeypatch.setitem(sys.modules, "mimc.latency.tensorrt_gpu", fake)
     monkeypatch.setattr(run_mod, "cuda_available", lambda: True)
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"engine")
