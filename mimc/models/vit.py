@@ -268,7 +268,6 @@ class Encoder(EncoderTokenReduction, nn.Module):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        cfg.validate()
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
