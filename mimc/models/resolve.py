@@ -79,9 +79,10 @@ def load_model(model: str | os.PathLike):
         return load_artifact(model)
     extra = {} if kind == "ref" else {"kind": kind}  # the built-in ref records no kind, as it always has
     if kind == "ref":
-        from mimc.models.reference import load_reference
+        from mimc.models.reference import REF_WEIGHTS, load_reference
 
-        encoder, sha = load_reference(), _ref_sha()
+        encoder = load_reference()  # refuses missing weights, so the file is there to hash
+        sha = sha256_file(REF_WEIGHTS)
     elif kind == "random":
         from mimc.models.vit import build_encoder, vit_config
 
@@ -120,10 +121,3 @@ def _timm_weights(path: Path) -> Path | None:
 
 def _first_file(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((folder / name for name in names if (folder / name).is_file()), None)
-
-
-def _ref_sha() -> str | None:
-    from mimc.artifact import sha256_file
-    from mimc.models.reference import REF_WEIGHTS
-
-    return sha256_file(REF_WEIGHTS) if REF_WEIGHTS.is_file() else None
