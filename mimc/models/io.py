@@ -50,7 +50,6 @@ def load_artifact(path: str | os.PathLike) -> Encoder:
                 tensor.copy_(f.get_tensor(name))
     except (SafetensorError, OSError, ValueError) as exc:
         raise NotAModelError(f"{weights} is not a valid safetensors file ({shorten(exc)}): re-create the artifact") from exc
-    del own
     encoder.eval()
     encoder.manifest = manifest
     return encoder
