@@ -29,15 +29,6 @@ _INIT_FUNCTIONS = (
 )  # fmt: skip
 
 
-def skip_weight_init():
-    """Make ``torch.nn.init`` a no-op while modules are built whose every weight is loaded next.
-
-    Random init of a ViT-B costs over a second of CPU for numbers that are overwritten at once
-    (transformers' ``no_init_weights`` does the same). Only safe with a strict load that follows.
-    """
-    return mock.patch.multiple(nn.init, **{name: lambda tensor, *args, **kwargs: tensor for name in _INIT_FUNCTIONS})
-
-
 def encoder_with_weights(cfg: EncoderConfig, state: dict[str, torch.Tensor], copy: bool = True, strict: bool = True):
     """Build an :class:`Encoder` for ``cfg`` and load ``state`` into it.
 
@@ -47,7 +38,9 @@ def encoder_with_weights(cfg: EncoderConfig, state: dict[str, torch.Tensor], cop
     written, and replacing it by rename (as every mimc write does) leaves the loaded weights intact.
     Returns ``(encoder, load_result)``; with ``strict`` a missing or extra key raises.
     """
-    with skip_weight_init():
+    # torch.nn.init is a no-op while the encoder is built: random init of a ViT-B costs over a second of CPU
+    # for numbers the load overwrites at once (transformers' ``no_init_weights`` does the same).
+    with mock.patch.multiple(nn.init, **{name: lambda tensor, *args, **kwargs: tensor for name in _INIT_FUNCTIONS}):
         encoder = Encoder(cfg)
     state = {k: v.float().contiguous() for k, v in state.items()}
     result = encoder.load_state_dict(state, strict=strict, assign=not copy)
