@@ -74,10 +74,10 @@ def _grid_side(state: dict[str, torch.Tensor], has_cls: bool) -> tuple[int | Non
     pos = state.get("pos_embed")
     if pos is not None:
         length = pos.shape[-2]
-        if has_cls and _perfect_square(length - 1):
-            return _perfect_square(length - 1), True
-        if _perfect_square(length):  # timm's no_embed_class: the cls token gets no position
-            return _perfect_square(length), False
+        if has_cls and (side := _perfect_square(length - 1)):
+            return side, True
+        if side := _perfect_square(length):  # timm's no_embed_class: the cls token gets no position
+            return side, False
         raise NotAModelError(f"pos_embed has {length} positions, which is no square patch grid: mimc needs square images")
     tables = [v for k, v in state.items() if k.endswith("relative_position_bias_table")]
     if tables:
