@@ -71,9 +71,9 @@ def _has_anchor(d: dict) -> bool:
     return any(isinstance(k, str) and (k == ANCHOR or k.endswith("." + ANCHOR)) for k in d)
 
 
-def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
     """Find the encoder weights in a checkpoint: unwrap training dicts, strip ``module.``/``backbone.``
-    style prefixes, keep only tensors under the encoder's prefix. Also reports MAE decoder presence."""
+    style prefixes, keep only tensors under the encoder's prefix. Also says whether an MAE decoder is there."""
     candidates = [obj] + [obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)]
     candidates += [v for v in obj.values() if isinstance(v, dict) and all(v is not c for c in candidates)]
     found = next((c for c in candidates if _has_anchor(c)), None)
@@ -84,8 +84,7 @@ def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
         raise NotAModelError(f"no timm ViT weights found (no '{ANCHOR}'){hint}: give a timm/MAE/DINO/BEiT ViT checkpoint")
     prefix = min((k[: -len(ANCHOR)] for k in found if isinstance(k, str) and k.endswith(ANCHOR)), key=len)
     state = {k[len(prefix) :]: v for k, v in found.items() if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
-    info = {"has_decoder": any(k.startswith(("decoder", "mask_token")) for k in state), "prefix": prefix}
-    return state, info
+    return state, any(k.startswith(("decoder", "mask_token")) for k in state)
 
 
 def _parse(value: Any) -> Any:
@@ -144,9 +143,9 @@ def load_timm_checkpoint(path: str | os.PathLike, num_heads: int | None = None, 
     if not path.is_file():
         raise NotAModelError(f"{path} is not a file: give a .safetensors/.pth checkpoint")
     obj, metadata = read_checkpoint(path)
-    state, info = unwrap_state_dict(obj)
+    state, has_decoder = unwrap_state_dict(obj)
     hints = read_hints(path, metadata, num_heads=num_heads, image_size=image_size)
-    hints.setdefault("has_decoder", info["has_decoder"])  # MAE pre-training checkpoints keep the decoder
+    hints.setdefault("has_decoder", has_decoder)  # MAE pre-training checkpoints keep the decoder
     return encoder_from_state(state, hints, copy=False)  # the tensors were just read: adopt them
 
 
