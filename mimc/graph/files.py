@@ -20,7 +20,6 @@ from onnx import TensorProto
 
 from mimc.errors import BadInputError
 
-# Protobuf refuses messages over 2 GiB; past this many initializer bytes the weights go to "<name>.data".
 EXTERNAL_DATA_BYTES = 1_800_000_000
 EXTERNAL_MIN_TENSOR = 1024  # smaller tensors stay in the graph file (onnx's own default)
 ALIGN_OVER, ALIGN = 1 << 20, 1 << 16  # tensors of 1 MiB and more start on 64 KiB: ONNX Runtime can mmap them

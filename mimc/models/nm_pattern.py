@@ -4,7 +4,7 @@ Every Linear inside the blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.
 non-zeros in every group of M consecutive input weights of each output row: the layout sparse
 tensor cores read (2:4 on Ampere and later). It sits beside the encoder it describes so that the
 stage that writes the pattern (:mod:`mimc.compression.nm`) and export, which refuses a model that
-breaks it, both read it from below. :func:`check_nm` is the one checker.
+breaks it, both read it from below.
 
 Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (2:4 sparse tensor cores), 2021.
 """

@@ -1,10 +1,7 @@
 """A timm-layout state dict (VisionTransformer, BEiT) -> EncoderConfig + canonical weights.
 
-References:
-- timm: github.com/huggingface/pytorch-image-models (models/vision_transformer.py, models/beit.py;
-  ``checkpoint_filter_fn`` is the same idea: one table of foreign names into one layout)
-- MAE: github.com/facebookresearch/mae; DINO: github.com/facebookresearch/dino;
-  BEiT: github.com/microsoft/unilm/tree/master/beit — their checkpoints use timm's key names.
+References are in :mod:`.timm`; timm's ``checkpoint_filter_fn`` is the same idea (one table of foreign
+names into one layout), and MAE, DINO and BEiT checkpoints use timm's key names.
 
 The architecture is read off tensor shapes, because a bare checkpoint carries no config:
 dim, in_chans and patch size from ``patch_embed.proj.weight``; depth from the block indices;
