@@ -87,13 +87,12 @@ def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], boo
     return state, any(k.startswith(("decoder", "mask_token")) for k in state)
 
 
-def _parse(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
+def _parse(value: str) -> Any:
+    """A safetensors metadata value (always a string): its JSON value, or the string itself."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _hints_from_timm_config(data: dict[str, Any]) -> dict[str, Any]:
