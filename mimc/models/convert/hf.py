@@ -78,12 +78,11 @@ def _square(value: Any, what: str) -> int:
     return int(value)
 
 
-def _family_of(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def family_of(model_type: Any, what: str) -> str:
+    """The mimc family of a transformers ``model_type``; ``what`` names the model when it has none."""
     if model_type not in FAMILIES:
-        raise NotAModelError(
-            f"transformers model_type '{model_type}' is not supported: mimc converts {', '.join(sorted(FAMILIES))}"
-        )
+        raise NotAModelError(f"{what} has transformers model_type '{model_type}', which is not supported: "
+                             f"mimc converts {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
 
 
@@ -178,7 +177,7 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     ``copy=False`` lets the encoder share the source's weight storage (for a source about to be
     discarded, as in :func:`mimc.models.convert.hf_load.load_hf`); the default keeps the two independent.
     """
-    family = _family_of(model)
+    family = family_of(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)
     base = getattr(model, "base_model", model)
     if _find(base, BASE_PATHS["layers"]) is None or _find(base, BASE_PATHS["patch"]) is None:
         raise NotAModelError(f"{type(model).__name__} has no encoder layers mimc recognises: pass a {family} encoder model")
@@ -206,4 +205,4 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     return encoder
 
 
-__all__ = ["convert_hf_model", "FAMILIES"]
+__all__ = ["convert_hf_model", "family_of", "FAMILIES"]

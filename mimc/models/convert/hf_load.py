@@ -17,7 +17,7 @@ from pathlib import Path
 from mimc.errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError
 from mimc.models.vit import Encoder
 from mimc.models.convert.common import one_line, refuse_code_pickle
-from mimc.models.convert.hf import FAMILIES, convert_hf_model
+from mimc.models.convert.hf import convert_hf_model, family_of
 
 # Classes loaded as themselves when a checkpoint names them, so that pieces outside the base model
 # survive (VideoMAE's ``fc_norm``, BEiT/data2vec poolers); convert_hf_model then takes the encoder
@@ -174,8 +174,7 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     if getattr(hf_config, "auto_map", None):
         raise UnsafeCheckpointError(f"model '{source}' has auto_map: it needs its own code, which mimc never runs: "
                                     "use a model of a built-in transformers class")
-    if hf_config.model_type not in FAMILIES:
-        raise NotAModelError(f"{source} is a '{hf_config.model_type}' model; mimc converts {', '.join(sorted(FAMILIES))}")
+    family_of(hf_config.model_type, source)
     cls = _model_class(hf_config)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # missing keys are checked below, in one clear line
