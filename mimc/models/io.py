@@ -94,7 +94,7 @@ def _check_shapes(cfg: EncoderConfig, weights: Path) -> None:
         with safe_open(str(weights), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError):
-        return  # unreadable weights are reported by load_file with its own message
+        return  # unreadable weights are reported by the load that follows, with its own message
     if expected.keys() != found.keys():
         missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
         raise NotAModelError(f"{weights} does not match its mimc.json (missing {missing[:3]}, unexpected {unexpected[:3]}): re-create the artifact")

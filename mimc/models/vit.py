@@ -335,7 +335,6 @@ def build_encoder(cfg: EncoderConfig, seed: int | None = None) -> Encoder:
 
 
 def vit_base_config(**overrides: Any) -> EncoderConfig:
-    """ViT-B/16 at 224 px, shaped like an MAE encoder (mean pooling)."""
     return vit_config("vit-b/16", **overrides)
 
 
