@@ -1,24 +1,15 @@
-"""Embedding: run a (compressed) encoder over a data source in batches and stream its features to disk.
+"""Embedding: run a (compressed) encoder over a data source in batches and stream its features to disk
+(what ``mimc embed`` does is in README.md, "Embed").
 
-The model is a torch :class:`~mimc.models.vit.Encoder` (any MODEL argument), a mimc ``.onnx`` graph
-(ONNX Runtime, CPU or CUDA), an OpenVINO IR ``.xml`` or a TensorRT ``.engine`` / ``.plan`` - each run
-through the runtime layer's own session (:func:`mimc.runtime.runner.open_runner`). Images come
-from :meth:`mimc.data.ImageSource.stream`: decoded in DataLoader worker processes that prefetch the
-next batches while the runtime computes this one.
+The model runs through the runtime layer's own session (:func:`mimc.runtime.runner.open_runner`), the
+images come from :meth:`mimc.data.ImageSource.stream`, the files are written by
+:mod:`mimc.data.feature_files` under :func:`mimc.atomic.atomic_files`.
 
-Output (the suffix decides): ``feats.npy`` with its ``feats.json`` index, or ``feats.parquet``; the
-formats and their writers are :mod:`mimc.data.feature_files`.
-
-Memory holds a few batches, never the set. Files are written under temporary names beside the
-output and renamed only when complete (:func:`mimc.atomic.atomic_files`): an error or Ctrl-C leaves
-nothing behind, an existing output is refused unless ``overwrite``, and an input is never written.
-
-Under torchrun (``gather=True`` with a process group of ``world`` > 1) every rank embeds its own
-contiguous shard of the (seeded) request; ranks other than 0 spool their rows to an unlinked
-temporary file, then send them to rank 0 in batches over ``torch.distributed``, and rank 0 writes
-ONE output in source order - the same file a single process writes. Without a process group,
-``rank`` / ``world`` embed just that shard into ``output`` (the rows of the shards, concatenated in
-rank order, are the whole request's).
+Under torchrun (``gather=True`` with a process group of ``world`` > 1) ranks other than 0 spool their
+rows to an unlinked temporary file, then send them to rank 0 in batches over ``torch.distributed``,
+and rank 0 writes ONE output in source order. Without a process group, ``rank`` / ``world`` embed
+just that shard into ``output`` (the rows of the shards, concatenated in rank order, are the whole
+request's).
 """
 from __future__ import annotations
 
