@@ -94,8 +94,8 @@ class _Items(torch.utils.data.Dataset):
     traceback. Only an image that cannot be read is ``unreadable`` (skipped with skip_corrupt); one
     read but unfit for the model (its channels, its shape) is the whole source's problem, never skipped."""
 
-    def __init__(self, reader: Reader, layout: ArrayLayout | None, cfg, positions: np.ndarray):
-        self.reader, self.layout, self.cfg, self.positions = reader, layout, cfg, positions
+    def __init__(self, source: "ImageSource", cfg, positions: np.ndarray):
+        self.reader, self.layout, self.cfg, self.positions = source.reader, source.layout(cfg, positions), cfg, positions
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -138,7 +138,7 @@ class ImageStream:
     def __iter__(self) -> Iterator[Batch]:
         limit_heap_growth()
         reader = self.source.reader
-        items = _Items(reader, self.source.layout(self.cfg, self.positions), self.cfg, self.positions)
+        items = _Items(self.source, self.cfg, self.positions)
         chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
         loader = torch.utils.data.DataLoader(items, batch_sampler=chunks, num_workers=self.workers, collate_fn=_collate,
                                              prefetch_factor=2 if self.workers else None, persistent_workers=False)
@@ -179,7 +179,7 @@ class IndexedImages:
 
     def __init__(self, source: "ImageSource", cfg, positions: np.ndarray):
         self.source = source
-        self.items = _Items(source.reader, source.layout(cfg, positions), cfg, positions)
+        self.items = _Items(source, cfg, positions)
 
     def __len__(self) -> int:
         return len(self.items)
