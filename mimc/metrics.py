@@ -64,13 +64,12 @@ class Fidelity:
         values = [v for v in (self.sqnr_db, self.token_sqnr_db) if v is not None]
         return min(values) if values else None
 
-    def to_dict(self, digits: int | None = 6) -> dict[str, Any]:
-        """The report form; cosines and SQNR rounded to ``digits`` decimals, absolute errors exact."""
+    def to_dict(self) -> dict[str, Any]:
+        """The report form; cosines and SQNR rounded to 6 decimals, absolute errors exact."""
         out = asdict(self)
-        if digits is not None:
-            for k, v in out.items():
-                if k not in _EXACT and isinstance(v, float) and math.isfinite(v):
-                    out[k] = round(v, digits)
+        for k, v in out.items():
+            if k not in _EXACT and isinstance(v, float) and math.isfinite(v):
+                out[k] = round(v, 6)
         return out
 
 
