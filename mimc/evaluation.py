@@ -65,7 +65,7 @@ def _forward(batches: Iterable[torch.Tensor], models: list[Any], meter: Fidelity
 # Features and fidelity ----------------------------------------------------------------------------
 def features(model: Any, images: Any, batch_size: int = 32) -> torch.Tensor:
     """Pooled features (N, D) of an Encoder or mimc ONNX file on an ImageSet / tensor / batches."""
-    pooled = _forward(_batches(images, batch_size), [load_for_eval(model)])[0]
+    pooled = _forward(_batches(images, batch_size), [model])[0]
     if not pooled:
         raise DataError("no images to compute features on: pass a non-empty data set")
     return torch.cat(pooled)
@@ -79,7 +79,7 @@ def fidelity(model: Any, reference: Any, images: Any, batch_size: int = 32) -> F
 def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -> tuple[Fidelity, torch.Tensor, torch.Tensor]:
     """Fidelity plus both models' pooled features (so k-NN needs no second forward pass)."""
     meter = FidelityMeter()
-    feats, ref_feats = _forward(_batches(images, batch_size), [load_for_eval(model), load_for_eval(reference)], meter)
+    feats, ref_feats = _forward(_batches(images, batch_size), [model, reference], meter)
     return meter.result(), torch.cat(feats), torch.cat(ref_feats)
 
 
