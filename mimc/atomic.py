@@ -48,11 +48,8 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|old|lock)$")
 
 
 def sweep_stale_temps(parent: str | os.PathLike, name: str) -> None:
-    """Remove ``.NAME.<pid>.<rand>.tmp`` (and ``.old`` / ``.lock``) left by killed processes.
-
-    Temporaries carry the pid of their writer, so one whose process is gone can be removed safely
-    the next time the same output is written; a live writer's temporaries are left alone.
-    """
+    """Remove the ``.NAME.<pid>.<rand>.tmp`` (and ``.old`` / ``.lock``) of writers whose process is gone;
+    a live writer's temporaries are left alone."""
     parent = Path(parent)
     try:
         entries = list(parent.iterdir())

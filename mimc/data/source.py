@@ -200,10 +200,9 @@ class IndexedImages:
 def limit_heap_growth() -> None:
     """Keep a long stream's memory flat: glibc raises its mmap threshold each time a large block is
     freed, after which every batch-sized buffer (decoded pixels, a runtime's token outputs) comes from
-    the heap, which fragments and grows with the number of batches — measured +230 KB per image over
-    1 200 images of a ViT-Ti eval, flat with the threshold pinned. Pinning it (128 KiB, glibc's
-    default) keeps such buffers in their own mappings, returned on free. Once per process; a no-op
-    where the C library is not glibc."""
+    the heap, which fragments and grows with the number of batches (measured: README.md, "Memory does
+    not grow with the data set"). Pinning it (128 KiB, glibc's default) keeps such buffers in their own
+    mappings, returned on free. Once per process; a no-op where the C library is not glibc."""
     try:
         import ctypes
 
