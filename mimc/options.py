@@ -12,8 +12,7 @@ strings are not numbers; lists become tuples for ``tuple[...]`` fields) and its 
 then calls ``check()``, where a config keeps the rules that tie fields together.
 
 Errors are :class:`~mimc.errors.ConfigError` carrying the option's name and wording it as that bare
-name (``ratio must be in (0, 1), got 1.5``); the CLI rewrites the name as its flag (``--ratio``), a
-recipe as its key path (``stages[0].prune.ratio``). This module imports only :mod:`mimc.errors`.
+name, which the CLI and recipes rephrase (:mod:`mimc.errors`). This module imports only :mod:`mimc.errors`.
 """
 from __future__ import annotations
 
