@@ -95,7 +95,8 @@ class _Items(torch.utils.data.Dataset):
     read but unfit for the model (its channels, its shape) is the whole source's problem, never skipped."""
 
     def __init__(self, source: "ImageSource", cfg, positions: np.ndarray):
-        self.reader, self.layout, self.cfg, self.positions = source.reader, source.layout(cfg, positions), cfg, positions
+        self.reader, self.cfg, self.positions = source.reader, cfg, positions
+        self.layout = source.layout(cfg, positions)
 
     def __len__(self) -> int:
         return len(self.positions)
