@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mimc._version import __version__
 from mimc.atomic import atomic_dir, default_mode
 from mimc.errors import NotAModelError, shorten
 
@@ -25,8 +26,6 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def mimc_version() -> str:
-    from mimc._version import __version__
-
     return __version__
 
 

@@ -24,7 +24,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mimc.atomic import atomic_files, check_new_files, check_not_input
 from mimc.data.feature_files import NpyWriter, ParquetWriter, output_paths, pyarrow, writing
+from mimc.data.source import ImageSource
 from mimc.errors import ConfigError, DataError, MimcError
 from mimc.runtime.ranks import Ranks
 from mimc.runtime.runner import Runner, open_runner
@@ -68,8 +70,6 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
     ``batch_size`` None: a static-batch graph's batch, else 32. ``rank`` / ``world``: embed only that
     contiguous shard of the request; with ``gather`` (torchrun: a process group of ``world`` ranks)
     every rank embeds its shard and rank 0 writes one output. Returns the report's body."""
-    from mimc.atomic import atomic_files
-
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"rank {rank} is not one of the {world} ranks 0..{world - 1}", option="rank")
     group = Ranks(rank, world) if gather and world > 1 else None
@@ -157,9 +157,6 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
              device, threads, overwrite, rank, world, writes, gathered) -> _Job:
     """Every check before any image is read: options, outputs (where this rank writes), the model's
     session, the source."""
-    from mimc.atomic import check_new_files, check_not_input
-    from mimc.data import ImageSource
-
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     if n is not None and (isinstance(n, bool) or n < 1):

@@ -12,6 +12,7 @@ directory's ``mimc.json`` gives the input spec and pooling) on ONNX Runtime, Ope
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -105,8 +106,6 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
                 digests: bool = False, shard: bool = False) -> Pass:
     """Run ``models`` over every batch of ``stream`` once (with ``meter``, see :func:`_forward`); a
     ``shard`` (a torchrun rank's share of the set) may be empty."""
-    import hashlib
-
     sha, labels, seen = hashlib.sha256(), [], []
 
     def pixels() -> Iterator[torch.Tensor]:
@@ -137,8 +136,6 @@ def _no_images(source: str, option: str, skipped: list[str]) -> DataError:
 def joined(shards: list[Pass]) -> Pass:
     """One pass from the torchrun ranks' passes over their contiguous shards, in rank order (the order
     one process reads the set in). ``sha256`` is that of the shards' hashes, in rank order."""
-    import hashlib
-
     full = [p for p in shards if len(p)]
     if not full:
         raise _no_images(shards[0].source, "data", [name for p in shards for name in p.skipped])

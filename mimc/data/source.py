@@ -18,6 +18,7 @@ do not depend on the batch size, the number of workers or the number of ranks.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -205,8 +206,6 @@ def limit_heap_growth() -> None:
     not grow with the data set"). Pinning it (128 KiB, glibc's default) keeps such buffers in their own
     mappings, returned on free. Once per process; a no-op where the C library is not glibc."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar
 
 from mimc.errors import ConfigError
 from mimc.options import Options, option
+from mimc.train.images import steps_for_epochs
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -65,8 +66,6 @@ class TrainConfig(Options):
         """These options with ``steps`` resolved from ``epochs`` for ``count`` images (unchanged without epochs)."""
         if self.epochs is None:
             return self
-        from mimc.train.images import steps_for_epochs
-
         return dataclasses.replace(self, epochs=None, steps=steps_for_epochs(self.epochs, count, self.batch_size))
 
     def to_dict(self) -> dict[str, Any]:
