@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mimc._version import __version__
 from mimc.atomic import atomic_dir, default_mode
 from mimc.errors import NotAModelError, shorten
 
@@ -25,8 +26,6 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def mimc_version() -> str:
-    from mimc._version import __version__
-
     return __version__
 
 
@@ -83,10 +82,10 @@ class Manifest:
 
 
 # Hashing ------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
 
@@ -102,11 +101,11 @@ def state_hash(module: torch.nn.Module) -> str:
 
 
 # Save / load --------------------------------------------------------------------------------------
-def save_artifact(encoder, out_dir: str | os.PathLike, manifest: Manifest | None = None, overwrite: bool = False) -> Path:
+def save_artifact(encoder, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``encoder`` (and its manifest) as an artifact directory; returns the directory."""
     from safetensors.torch import save_file
 
-    manifest = manifest or getattr(encoder, "manifest", None) or Manifest(encoder=encoder.config.to_dict())
+    manifest = getattr(encoder, "manifest", None) or Manifest(encoder=encoder.config.to_dict())
     manifest.encoder = encoder.config.to_dict()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -38,8 +39,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # someone else's live process
+    except OSError:
+        pass  # someone else's live process
     return True
 
 
@@ -47,11 +48,8 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|old|lock)$")
 
 
 def sweep_stale_temps(parent: str | os.PathLike, name: str) -> None:
-    """Remove ``.NAME.<pid>.<rand>.tmp`` (and ``.old`` / ``.lock``) left by killed processes.
-
-    Temporaries carry the pid of their writer, so one whose process is gone can be removed safely
-    the next time the same output is written; a live writer's temporaries are left alone.
-    """
+    """Remove the ``.NAME.<pid>.<rand>.tmp`` (and ``.old`` / ``.lock``) of writers whose process is gone;
+    a live writer's temporaries are left alone."""
     parent = Path(parent)
     try:
         entries = list(parent.iterdir())
@@ -68,8 +66,14 @@ def sweep_stale_temps(parent: str | os.PathLike, name: str) -> None:
                 entry.unlink()
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}."
+def _temp(path: Path, suffix: str = ".tmp", directory: bool = False) -> Path:
+    """A new empty file (or folder) ``.NAME.<pid>.<rand><suffix>`` beside ``path``."""
+    names = {"prefix": f".{path.name}.{os.getpid()}.", "suffix": suffix, "dir": path.parent}
+    if directory:
+        return Path(tempfile.mkdtemp(**names))
+    fd, tmp = tempfile.mkstemp(**names)
+    os.close(fd)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -79,9 +83,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     if not path.parent.is_dir():
         raise BadInputError(f"output folder {path.parent} does not exist: create it or choose another output path")
     sweep_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp(path)
     try:
         yield tmp_path
         default_mode(tmp_path, directory=False)
@@ -154,11 +156,9 @@ def check_writable(path: str | os.PathLike) -> None:
 def _rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` only if ``dst`` does not exist (FileExistsError otherwise), in one step
     where the kernel offers it (Linux renameat2 RENAME_NOREPLACE)."""
-    global _renameat2
-    if _renameat2 is None:
-        _renameat2 = _load_renameat2() or False
-    if _renameat2:
-        if _renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+    renameat2 = _renameat2()
+    if renameat2:
+        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
             return
         err = ctypes.get_errno()
         if err == errno.EEXIST:
@@ -171,10 +171,8 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-_renameat2: Any = None
-
-
-def _load_renameat2():
+@functools.cache
+def _renameat2():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
@@ -232,7 +230,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(parent, path.name)
     with _output_lock(path):
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent))
+        tmp = _temp(path, directory=True)
         try:
             yield tmp
             default_mode(tmp, directory=True)
@@ -249,7 +247,7 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
     if not overwrite or not (path.exists() or path.is_symlink()):
         _place_new(tmp, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
+    old = _temp(path, ".old", directory=True)
     os.replace(path, old / path.name)
     try:
         _place_new(tmp, path)
@@ -299,9 +297,7 @@ def atomic_files(paths: Sequence[str | os.PathLike], overwrite: bool = False) ->
         placed: list[Path] = []
         try:
             for path in paths:
-                fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-                os.close(fd)
-                tmps.append(Path(tmp))
+                tmps.append(_temp(path))
             yield tmps
             for tmp, path in zip(tmps, paths):
                 default_mode(tmp, directory=False)

@@ -1,24 +1,15 @@
-"""Embedding: run a (compressed) encoder over a data source in batches and stream its features to disk.
+"""Embedding: run a (compressed) encoder over a data source in batches and stream its features to disk
+(what ``mimc embed`` does is in README.md, "Embed").
 
-The model is a torch :class:`~mimc.models.vit.Encoder` (any MODEL argument), a mimc ``.onnx`` graph
-(ONNX Runtime, CPU or CUDA), an OpenVINO IR ``.xml`` or a TensorRT ``.engine`` / ``.plan`` - each run
-through the runtime layer's own session (:func:`mimc.runtime.runner.open_runner`). Images come
-from :meth:`mimc.data.ImageSource.stream`: decoded in DataLoader worker processes that prefetch the
-next batches while the runtime computes this one.
+The model runs through the runtime layer's own session (:func:`mimc.runtime.runner.open_runner`), the
+images come from :meth:`mimc.data.ImageSource.stream`, the files are written by
+:mod:`mimc.data.feature_files` under :func:`mimc.atomic.atomic_files`.
 
-Output (the suffix decides): ``feats.npy`` with its ``feats.json`` index, or ``feats.parquet``; the
-formats and their writers are :mod:`mimc.data.feature_files`.
-
-Memory holds a few batches, never the set. Files are written under temporary names beside the
-output and renamed only when complete (:func:`mimc.atomic.atomic_files`): an error or Ctrl-C leaves
-nothing behind, an existing output is refused unless ``overwrite``, and an input is never written.
-
-Under torchrun (``gather=True`` with a process group of ``world`` > 1) every rank embeds its own
-contiguous shard of the (seeded) request; ranks other than 0 spool their rows to an unlinked
-temporary file, then send them to rank 0 in batches over ``torch.distributed``, and rank 0 writes
-ONE output in source order - the same file a single process writes. Without a process group,
-``rank`` / ``world`` embed just that shard into ``output`` (the rows of the shards, concatenated in
-rank order, are the whole request's).
+Under torchrun (``gather=True`` with a process group of ``world`` > 1) ranks other than 0 spool their
+rows to an unlinked temporary file, then send them to rank 0 in batches over ``torch.distributed``,
+and rank 0 writes ONE output in source order. Without a process group, ``rank`` / ``world`` embed
+just that shard into ``output`` (the rows of the shards, concatenated in rank order, are the whole
+request's).
 """
 from __future__ import annotations
 
@@ -33,7 +24,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mimc.atomic import atomic_files, check_new_files, check_not_input
 from mimc.data.feature_files import NpyWriter, ParquetWriter, output_paths, pyarrow, writing
+from mimc.data.source import ImageSource
 from mimc.errors import ConfigError, DataError, MimcError
 from mimc.runtime.ranks import Ranks
 from mimc.runtime.runner import Runner, open_runner
@@ -77,8 +70,6 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
     ``batch_size`` None: a static-batch graph's batch, else 32. ``rank`` / ``world``: embed only that
     contiguous shard of the request; with ``gather`` (torchrun: a process group of ``world`` ranks)
     every rank embeds its shard and rank 0 writes one output. Returns the report's body."""
-    from mimc.atomic import atomic_files
-
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"rank {rank} is not one of the {world} ranks 0..{world - 1}", option="rank")
     group = Ranks(rank, world) if gather and world > 1 else None
@@ -166,9 +157,6 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
              device, threads, overwrite, rank, world, writes, gathered) -> _Job:
     """Every check before any image is read: options, outputs (where this rank writes), the model's
     session, the source."""
-    from mimc.atomic import check_new_files, check_not_input
-    from mimc.data import ImageSource
-
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     if n is not None and (isinstance(n, bool) or n < 1):

@@ -8,6 +8,7 @@ the name as its flag (``--ratio``), a recipe as its key (``stages[0].prune.ratio
 """
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -92,8 +93,6 @@ def shorten(text: Any, limit: int = 80) -> str:
 
 def require(module: str, extra: str, purpose: str):
     """Import an optional module or fail with the extra to install."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment

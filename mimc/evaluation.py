@@ -12,6 +12,7 @@ directory's ``mimc.json`` gives the input spec and pooling) on ONNX Runtime, Ope
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -65,7 +66,7 @@ def _forward(batches: Iterable[torch.Tensor], models: list[Any], meter: Fidelity
 # Features and fidelity ----------------------------------------------------------------------------
 def features(model: Any, images: Any, batch_size: int = 32) -> torch.Tensor:
     """Pooled features (N, D) of an Encoder or mimc ONNX file on an ImageSet / tensor / batches."""
-    pooled = _forward(_batches(images, batch_size), [load_for_eval(model)])[0]
+    pooled = _forward(_batches(images, batch_size), [model])[0]
     if not pooled:
         raise DataError("no images to compute features on: pass a non-empty data set")
     return torch.cat(pooled)
@@ -79,7 +80,7 @@ def fidelity(model: Any, reference: Any, images: Any, batch_size: int = 32) -> F
 def compare_features(model: Any, reference: Any, images: Any, batch_size: int) -> tuple[Fidelity, torch.Tensor, torch.Tensor]:
     """Fidelity plus both models' pooled features (so k-NN needs no second forward pass)."""
     meter = FidelityMeter()
-    feats, ref_feats = _forward(_batches(images, batch_size), [load_for_eval(model), load_for_eval(reference)], meter)
+    feats, ref_feats = _forward(_batches(images, batch_size), [model, reference], meter)
     return meter.result(), torch.cat(feats), torch.cat(ref_feats)
 
 
@@ -105,8 +106,6 @@ def stream_pass(stream: Any, source: str, models: list[Any], meter: FidelityMete
                 digests: bool = False, shard: bool = False) -> Pass:
     """Run ``models`` over every batch of ``stream`` once (with ``meter``, see :func:`_forward`); a
     ``shard`` (a torchrun rank's share of the set) may be empty."""
-    import hashlib
-
     sha, labels, seen = hashlib.sha256(), [], []
 
     def pixels() -> Iterator[torch.Tensor]:
@@ -137,8 +136,6 @@ def _no_images(source: str, option: str, skipped: list[str]) -> DataError:
 def joined(shards: list[Pass]) -> Pass:
     """One pass from the torchrun ranks' passes over their contiguous shards, in rank order (the order
     one process reads the set in). ``sha256`` is that of the shards' hashes, in rank order."""
-    import hashlib
-
     full = [p for p in shards if len(p)]
     if not full:
         raise _no_images(shards[0].source, "data", [name for p in shards for name in p.skipped])

@@ -64,13 +64,12 @@ class Fidelity:
         values = [v for v in (self.sqnr_db, self.token_sqnr_db) if v is not None]
         return min(values) if values else None
 
-    def to_dict(self, digits: int | None = 6) -> dict[str, Any]:
-        """The report form; cosines and SQNR rounded to ``digits`` decimals, absolute errors exact."""
+    def to_dict(self) -> dict[str, Any]:
+        """The report form; cosines and SQNR rounded to 6 decimals, absolute errors exact."""
         out = asdict(self)
-        if digits is not None:
-            for k, v in out.items():
-                if k not in _EXACT and isinstance(v, float) and math.isfinite(v):
-                    out[k] = round(v, digits)
+        for k, v in out.items():
+            if k not in _EXACT and isinstance(v, float) and math.isfinite(v):
+                out[k] = round(v, 6)
         return out
 
 
@@ -275,13 +274,6 @@ def _unit_rows(feats: Any, what: str):
     return x.div_(x.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
-def _check_knn_options(k: int, temperature: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k must be a whole number >= 1, got {k!r}", option="k")
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature!r}", option="temperature")
-
-
 def knn_block_rows(n_gallery: int, block_bytes: int = KNN_BLOCK_BYTES) -> int:
     """Queries per block: a block of (rows, n_gallery) float64 similarities stays within ``block_bytes``
     (at least one row: a gallery of more than ``block_bytes / 8`` images overruns it by that one row)."""
@@ -309,7 +301,10 @@ def knn_predictions(feats: Any, labels: Iterable[Any], k: int = KNN_K, temperatu
     """
     import torch
 
-    _check_knn_options(k, temperature)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a whole number >= 1, got {k!r}", option="k")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature!r}", option="temperature")
     labels_np = _label_array(labels)
     gallery = _unit_rows(feats, "features")
     n = gallery.shape[0]

@@ -12,8 +12,7 @@ strings are not numbers; lists become tuples for ``tuple[...]`` fields) and its 
 then calls ``check()``, where a config keeps the rules that tie fields together.
 
 Errors are :class:`~mimc.errors.ConfigError` carrying the option's name and wording it as that bare
-name (``ratio must be in (0, 1), got 1.5``); the CLI rewrites the name as its flag (``--ratio``), a
-recipe as its key path (``stages[0].prune.ratio``). This module imports only :mod:`mimc.errors`.
+name, which the CLI and recipes rephrase (:mod:`mimc.errors`). This module imports only :mod:`mimc.errors`.
 """
 from __future__ import annotations
 
@@ -56,14 +55,11 @@ class Spec:
                 and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
 
 
-def option(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
-           lt: float | None = None, le: float | None = None, choices: Any = None, min_items: int | None = None,
-           doc: str = "") -> Any:
-    """A dataclass field with declared bounds (numbers, and each value of a tuple), allowed ``choices``
-    and a one-line ``doc`` (the JSON Schema's description; messages name the option alone, so the
-    CLI and recipes can rephrase it)."""
-    spec = Spec(gt=gt, ge=ge, lt=lt, le=le, choices=tuple(choices) if choices is not None else None,
-                min_items=min_items, doc=doc)
+def option(default: Any = dataclasses.MISSING, *, choices: Any = None, **spec: Any) -> Any:
+    """A dataclass field with what :class:`Spec` declares: bounds ``gt`` / ``ge`` / ``lt`` / ``le`` (numbers,
+    and each value of a tuple), ``min_items``, allowed ``choices`` and a one-line ``doc`` (the JSON
+    Schema's description; messages name the option alone, so the CLI and recipes can rephrase it)."""
+    spec = Spec(choices=tuple(choices) if choices is not None else None, **spec)
     return dataclasses.field(default=default, metadata={_SPEC: spec})
 
 
@@ -132,8 +128,10 @@ def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # resolves `from __future__` string annotations once per class
+def _declared(cls: type) -> list[tuple[dataclasses.Field, _Kind, Spec]]:
+    """Each field with its checked kind and spec (string annotations of `from __future__` resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return [(f, _kind(hints.get(f.name, Any)), f.metadata.get(_SPEC, Spec())) for f in dataclasses.fields(cls)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,10 +139,8 @@ class Options:
     """Base of a frozen options dataclass: declared checks, ``check()``, dict round-trip, schema."""
 
     def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
+        for f, kind, spec in _declared(type(self)):
             value = getattr(self, f.name)
-            kind, spec = _kind(hints.get(f.name, Any)), f.metadata.get(_SPEC, Spec())
             if value is None and (kind.nullable or not kind.bases):
                 continue
             if kind.items:
@@ -176,10 +172,8 @@ class Options:
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
         """A JSON Schema (draft 2020-12) of the options mapping, from the declarations."""
-        hints = _hints(cls)
         properties = {}
-        for f in dataclasses.fields(cls):
-            kind, spec = _kind(hints.get(f.name, Any)), f.metadata.get(_SPEC, Spec())
+        for f, kind, spec in _declared(cls):
             prop = _scalar_schema(kind.bases, spec)
             if kind.items:
                 prop = {"type": "array", "items": prop, **({"minItems": spec.min_items} if spec.min_items else {})}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mimc.data.readers import Reader, decode, first_line, pil_rgb, unreadable
-from mimc.errors import DataError, MissingExtraError
+from mimc.errors import DataError, require
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -19,11 +19,7 @@ class HFDatasetReader(Reader):
 
     def __init__(self, path: Path, image_column: str | None = None, label_column: str | None = None):
         super().__init__(str(path))
-        try:
-            import datasets
-        except ImportError:
-            raise MissingExtraError("reading a saved datasets folder needs the datasets package, which is not installed: "
-                                    "pip install 'mimc[datasets]'") from None
+        datasets = require("datasets", "datasets", "reading a saved datasets folder")
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
             raise DataError(f"{path} holds the splits {', '.join(splits)}: point data at one of them ({path / (splits[0] if splits else 'train')})",
@@ -66,7 +62,7 @@ class HFDatasetReader(Reader):
         return len(self.dataset)
 
     def read(self, i: int) -> np.ndarray:
-        what = f"{self.spec}[{i}]"
+        what = self.name(i)
         try:
             value = self.dataset[int(i)][self.image_column]
         except Exception as exc:  # PIL errors raised while datasets decodes the cell

@@ -18,6 +18,7 @@ do not depend on the batch size, the number of workers or the number of ranks.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -94,8 +95,9 @@ class _Items(torch.utils.data.Dataset):
     traceback. Only an image that cannot be read is ``unreadable`` (skipped with skip_corrupt); one
     read but unfit for the model (its channels, its shape) is the whole source's problem, never skipped."""
 
-    def __init__(self, reader: Reader, layout: ArrayLayout | None, cfg, positions: np.ndarray):
-        self.reader, self.layout, self.cfg, self.positions = reader, layout, cfg, positions
+    def __init__(self, source: "ImageSource", cfg, positions: np.ndarray):
+        self.reader, self.cfg, self.positions = source.reader, cfg, positions
+        self.layout = source.layout(cfg, positions)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -138,7 +140,7 @@ class ImageStream:
     def __iter__(self) -> Iterator[Batch]:
         limit_heap_growth()
         reader = self.source.reader
-        items = _Items(reader, self.source.layout(self.cfg, self.positions), self.cfg, self.positions)
+        items = _Items(self.source, self.cfg, self.positions)
         chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
         loader = torch.utils.data.DataLoader(items, batch_sampler=chunks, num_workers=self.workers, collate_fn=_collate,
                                              prefetch_factor=2 if self.workers else None, persistent_workers=False)
@@ -179,7 +181,7 @@ class IndexedImages:
 
     def __init__(self, source: "ImageSource", cfg, positions: np.ndarray):
         self.source = source
-        self.items = _Items(source.reader, source.layout(cfg, positions), cfg, positions)
+        self.items = _Items(source, cfg, positions)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -200,13 +202,10 @@ class IndexedImages:
 def limit_heap_growth() -> None:
     """Keep a long stream's memory flat: glibc raises its mmap threshold each time a large block is
     freed, after which every batch-sized buffer (decoded pixels, a runtime's token outputs) comes from
-    the heap, which fragments and grows with the number of batches — measured +230 KB per image over
-    1 200 images of a ViT-Ti eval, flat with the threshold pinned. Pinning it (128 KiB, glibc's
-    default) keeps such buffers in their own mappings, returned on free. Once per process; a no-op
-    where the C library is not glibc."""
+    the heap, which fragments and grows with the number of batches (measured: README.md, "Memory does
+    not grow with the data set"). Pinning it (128 KiB, glibc's default) keeps such buffers in their own
+    mappings, returned on free. Once per process; a no-op where the C library is not glibc."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from mimc.atomic import atomic_dir
 from mimc.errors import BadInputError, clip, shorten
@@ -52,8 +54,6 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 
 def save_checkpoint(run_dir: str | Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict[str, Any],
                     meta: dict[str, Any], losses: list[float]) -> None:
-    from safetensors.torch import save_file
-
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with atomic_dir(checkpoint_path(run_dir), overwrite=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TENSORS_NAME))
@@ -86,9 +86,6 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint:
     """The checkpoint of ``run_dir``, every part checked; nothing in it is unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = checkpoint_path(run_dir)
     if (folder / LEGACY_OPTIMIZER).exists() and not (folder / OPTIMIZER_NAME).exists():
         raise BadInputError(f"{folder / LEGACY_OPTIMIZER} is a pickle (a checkpoint of an older mimc), which mimc never loads: "

@@ -3,14 +3,9 @@
 :class:`TrainConfig` holds the optimiser fields every learning stage shares; a stage's options
 class (``DistillConfig``, ``NMLearnedConfig``) derives from it, sets its own defaults and adds what
 only it learns, so the fields and their checks are written once. :class:`TrainRun` is what a run
-needs beside them and never records: where to checkpoint, whether to resume, progress, an
-explicit teacher, data-loading workers, FSDP sharding and activation checkpointing (options that
-change how a run computes, not what: its result is the same up to float rounding). The caller builds
-it and passes it down (``compress(..., run=TrainRun(...))``).
-
-``epochs`` and ``precision`` are recorded only when set (``to_dict`` leaves them out at their
-defaults), so the options of every run made before they existed keep their exact layout and their
-checkpoints stay resumable.
+needs beside them and never records (options that change how a run computes, not what: its result
+is the same up to float rounding); the caller builds it and passes it down
+(``compress(..., run=TrainRun(...))``).
 """
 from __future__ import annotations
 
@@ -21,6 +16,7 @@ from typing import Any, Callable, ClassVar
 
 from mimc.errors import ConfigError
 from mimc.options import Options, option
+from mimc.train.images import steps_for_epochs
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -44,7 +40,8 @@ class TrainConfig(Options):
     seed: int = 0
     precision: str = option("fp32", choices=PRECISIONS, doc="bf16: forwards under CUDA bf16 autocast (the loss and optimizer stay fp32)")
 
-    # Fields recorded only away from these defaults (added after runs had been recorded without them).
+    # Fields recorded only away from these defaults: added after runs had been recorded without them, whose
+    # options keep their exact layout and whose checkpoints stay resumable.
     recorded_when_set: ClassVar[dict[str, Any]] = {"epochs": None, "precision": "fp32"}
     # The order of ``to_dict()``'s keys (a stage's fields interleave with these): manifests and
     # recipes written before the shared type existed keep their byte layout. Empty: field order.
@@ -69,8 +66,6 @@ class TrainConfig(Options):
         """These options with ``steps`` resolved from ``epochs`` for ``count`` images (unchanged without epochs)."""
         if self.epochs is None:
             return self
-        from mimc.train.images import steps_for_epochs
-
         return dataclasses.replace(self, epochs=None, steps=steps_for_epochs(self.epochs, count, self.batch_size))
 
     def to_dict(self) -> dict[str, Any]:

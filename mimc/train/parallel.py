@@ -1,20 +1,10 @@
-"""How a learning run spreads over ranks and saves memory: DDP or FSDP2, activation checkpointing, bf16.
+"""How a learning run spreads over ranks and saves memory: DDP (the default under torchrun) or FSDP2
+(``TrainRun.fsdp``), activation checkpointing, bf16 — README.md, "Learning across processes and nodes",
+says what each does and why bf16 is refused on CPU.
 
-- DDP (the default under torchrun): every rank holds the whole student, teacher and optimizer state;
-  gradients are averaged.
-- FSDP2 (``TrainRun.fsdp``, ``torch.distributed.fsdp.fully_shard``) for encoders whose weights and
-  optimizer state do not fit one device: every block, then the root, of a copy of the student (and
-  of the teacher) is sharded over the ranks; the optimizer steps on the shards. The copy keeps the
-  caller's student a plain module: the learned values are copied back into it at the end. A
-  checkpoint gathers the full tensors (every rank takes part, rank 0 writes), in the same format as
-  a DDP or single-process run's, so a run may resume under either.
-- Activation checkpointing (``TrainRun.checkpoint_activations``): every block's forward runs under
-  ``torch.utils.checkpoint`` (non-reentrant), so its activations are recomputed in the backward pass
-  instead of kept; the gradients are those of the plain forward.
-- bf16 (``TrainConfig.precision``): the forwards run under CUDA bf16 autocast; the loss, gradients
-  and optimizer stay fp32. It is refused on CPU: CPU bf16 autocast is only fast with AMX / AVX-512
-  BF16 (elsewhere it emulates and runs slower than fp32), and a CPU run's role here is the exact
-  reference a GPU run is compared with.
+FSDP2 shards a copy of the student (and of the teacher): the caller's student stays a plain module,
+and the learned values are copied back into it at the end. A checkpoint gathers the full tensors
+(every rank takes part, rank 0 writes), in a DDP or single-process run's format.
 """
 from __future__ import annotations
 

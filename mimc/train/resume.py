@@ -1,19 +1,19 @@
 """The run folder of a learning stage: refusing occupied or mismatched folders, and resuming exactly."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from mimc.artifact import is_artifact, state_hash
+from mimc.atomic import check_output
 from mimc.errors import BadInputError
+from mimc.train.checkpoint import has_checkpoint, read_meta
 from mimc.train.config import TrainConfig
 
 
 def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
     """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
-    from mimc.artifact import is_artifact
-    from mimc.atomic import check_output
-    from mimc.train.checkpoint import has_checkpoint
-
     if resume is not None:
         if output is not None and Path(output).resolve() != Path(resume).resolve():
             raise BadInputError(f"resume {resume} continues into its own folder: drop output {output} or make it the same folder",
@@ -55,11 +55,6 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
 def check_resume_source(run_dir: Path, encoder, config_type=None, command: str = "") -> dict[str, Any]:
     """The checkpoint's meta, after checking it was made from this very model (and, given ``config_type``, by
     the stage whose options it holds: ``command`` names that stage's command)."""
-    import dataclasses
-
-    from mimc.artifact import state_hash
-    from mimc.train.checkpoint import read_meta
-
     meta = read_meta(run_dir)
     if config_type is not None:
         stored = meta.get("stage")
