@@ -20,9 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.timing import DTYPES
 from mimc.runtime.session import session_options
-from mimc.runtime.timing import latency_row
+from mimc.runtime.timing import DTYPES, latency_row
 from mimc.runtime.trt import DeviceProfile
 
 PROVIDER = "CUDAExecutionProvider"
