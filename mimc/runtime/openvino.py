@@ -9,10 +9,7 @@ A Q/DQ (QuantizeLinear/DequantizeLinear) graph written by ``mimc quantize`` is r
 ops, which OpenVINO's low-precision transformations turn into int8 kernels where both inputs of a
 MatMul/Convolution are quantized.
 
-Timing: like :mod:`mimc.runtime.ort` - each batch size in a worker process
-(``python -m mimc.runtime.openvino``) that imports only OpenVINO and numpy, warm-up runs then
-``perf_counter`` per run; :func:`runner` gives a compiled model to time beside others in one process in
-alternating rounds.
+Timing: like :mod:`mimc.runtime.ort` (worker ``python -m mimc.runtime.openvino``, :func:`runner`).
 
 References:
 - OpenVINO CPU device, precision hints and bf16: https://docs.openvino.ai/2026/openvino-workflow/running-inference/inference-devices-and-modes/cpu-device.html

@@ -1,10 +1,7 @@
 """Timing ONNX graphs on ONNX Runtime's CPU provider: one batch size in a worker process, or several graphs interleaved.
 
-Each batch size is measured in its own short-lived worker process (``python -m mimc.runtime.ort``)
-that imports only ONNX Runtime and numpy - not torch, not the CLI; the measurement itself (timed
-runs, percentiles from numpy, memory) is :mod:`mimc.runtime.timing`'s, shared with OpenVINO. Worker threads do not spin between runs
-(``session.intra_op.allow_spinning`` = 0), so a measurement does not steal cores from its neighbours
-on a shared machine.
+The worker (``python -m mimc.runtime.ort``) and the measurement are :mod:`mimc.runtime.timing`'s, shared
+with OpenVINO; sessions get :func:`mimc.runtime.session.session_options` (no spinning threads).
 
 References:
 - ONNX Runtime performance tuning, thread management and session options:
