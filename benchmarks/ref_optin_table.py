@@ -9,7 +9,7 @@ prunes the dense model once, without retraining:
   (mimc.compression.optin).
 Fidelity on held-out images: pooled cosine and SQNR to the dense model, leave-one-out k-NN top-1.
 Latency: the OPTIN model against the uniform activation one at equal MACs, both exported to ONNX
-and timed interleaved (runtime/ort.py time_interleaved) on this (shared, loaded) CPU.
+and timed interleaved (runtime/timing.py interleave) on this (shared, loaded) CPU.
 
     python benchmarks/ref_optin_table.py [--model ref] [--optin-images 8]
     python benchmarks/ref_optin_table.py --model hf-random   # a random small transformers ViT, save_pretrained
@@ -74,7 +74,8 @@ def main() -> None:
     from mimc.compression.width import WidthPruningConfig
     from mimc.data import load_images
     from mimc.deploy.onnx import export_onnx
-    from mimc.runtime.ort import time_interleaved
+    from mimc.runtime.ort import runner
+    from mimc.runtime.timing import interleave
 
     tmp = Path(tempfile.mkdtemp(prefix="optin-bench-"))
     source = random_hf_vit(tmp / "hf") if args.model == "hf-random" else args.model
@@ -151,7 +152,7 @@ def main() -> None:
             path = tmp / f"{name.split()[0]}-{r}.onnx"
             export_onnx(models[(r, name)], path, batch=1)
             paths.append(path)
-        ms = time_interleaved(paths, iters=args.latency_iters, threads=1)
+        ms = interleave([runner(p, 1) for p in paths], iters=args.latency_iters)
         latency.append({"ratio": r, "uniform_activation_ms": ms[0], "optin_ms": ms[1], "optin_over_uniform": round(ms[1] / ms[0], 3)})
     name = "ref" if args.model == "ref" else ("hf_random" if args.model == "hf-random" else Path(args.model).name)
     print(f"\n{args.model}: width at equal MACs, {len(held)} held-out images; activation calibrated on {args.n_calib} "

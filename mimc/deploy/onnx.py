@@ -15,19 +15,14 @@ shape and match torch within 3.1e-6. TorchScript (``dynamo=False``) is the defau
 on deployment targets may lack; (2) exports tiny models 3-7x faster (0.2-5 s vs 2-35 s on a
 loaded 2-core machine; the test suite and recipes export often) - on ViT-B/16 the two are alike
 (benchmarks/bench_export_vitb.py: 54 vs 59 s export+validation under heavy load, same ORT latency,
-both within 5e-6 of torch); (3)
-prints nothing on stdout (dynamo logs its progress there, which would corrupt ``--json``). Its one
-cost is a few Shape/Expand nodes for the cls-token broadcast that ORT and TensorRT fold at load.
-TorchScript export is deprecated in torch 2.13, so ``exporter="dynamo"`` is kept working and tested.
+both within 5e-6 of torch); (3) prints nothing on stdout (dynamo logs its progress there, which
+would corrupt ``--json``). Its one cost is a few Shape/Expand nodes for the cls-token broadcast that
+ORT and TensorRT fold at load. TorchScript export is deprecated in torch 2.13, so
+``exporter="dynamo"`` is kept working and tested.
 
-Graphs past 2 GiB (ViT-H/14 fp32 is 2.5 GB): protobuf cannot serialise them, so nothing here ever
-serialises or sizes a whole graph. The TorchScript exporter writes such a model with one file per
-weight beside the graph, dynamo is asked for external data outright; the graph is then re-read
-*without* its weights, stamped, and :func:`mimc.graph.files.save_graph` decides from the summed
-initializer bytes whether the weights go to one ``<name>.data`` file beside it, streaming them
-there tensor by tensor. Validation loads the graph from its path (ONNX Runtime reads the external
-data itself), after every proto is freed. Measured on ViT-H/14 (``benchmarks/bench_big_encoders.py``):
-README "Big encoders on one machine".
+Graphs past 2 GiB (ViT-H/14 fp32 is 2.5 GB): nothing here ever serialises or sizes a whole graph;
+how the exporters' weight files become one ``<name>.data`` (:func:`mimc.graph.files.save_graph`)
+and validation reads them is README "Big encoders on one machine" (``benchmarks/bench_big_encoders.py``).
 
 References:
 - ONNX operator set 17 (LayerNormalization as one node): https://onnx.ai/onnx/operators/
@@ -55,7 +50,7 @@ from torch import nn
 from mimc.artifact import MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file
 from mimc.atomic import sweep_stale_temps, write_json
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.deploy.validate import gate_failures, gate_for, verdict
+from mimc.deploy.validate import check_gate, gate_for, verdict
 from mimc.graph import check_graph, load_graph, save_graph
 from mimc.metrics import compare_outputs
 from mimc.runtime.session import onnxruntime, run_onnx
@@ -279,13 +274,7 @@ def _validate(encoder, graph_file: Path, inputs: torch.Tensor, precision: str, f
     gc.collect()  # the exporter's and the proto's memory is gone before ONNX Runtime loads the weights
     candidate = run_onnx(graph_file, inputs)  # from the path: ONNX Runtime reads external data beside it
     fidelity = compare_outputs(reference, candidate)
-    failures = gate_failures(fidelity, precision)
-    if failures and not force:
-        raise ValidationError(
-            f"exported graph fails the {precision} fidelity gate against the torch model ({'; '.join(failures)}): "
-            "nothing written; keep it anyway with force",
-            option="force",
-        )
+    failures = check_gate(fidelity, precision, what="exported graph (against the torch model)", force=force)
     return {
         **verdict(fidelity, precision, failures),
         "output_shapes": {k: list(v.shape) for k, v in candidate.items()},

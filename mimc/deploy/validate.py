@@ -63,13 +63,13 @@ def gate_for(precision: str) -> Gate:
     return GATES[precision]
 
 
-def gate_failures(fidelity: Fidelity, precision: str, gate: Gate | None = None) -> list[str]:
+def gate_failures(fidelity: Fidelity, precision: str) -> list[str]:
     """Human-readable reasons ``fidelity`` misses the gate (empty when it passes).
 
     The cosine judged is the worst image over every compared output (``image_cosine_min``), the SQNR
     the lowest over them; a gated measure that was not taken fails.
     """
-    gate = gate or gate_for(precision)
+    gate = gate_for(precision)
     failures = []
     if gate.max_abs is not None:
         allowed = max(gate.max_abs, gate.rel_abs * float(fidelity.ref_max_abs or 0.0))
@@ -85,15 +85,16 @@ def gate_failures(fidelity: Fidelity, precision: str, gate: Gate | None = None) 
     return failures
 
 
-def check_gate(fidelity: Fidelity, precision: str = "fp32", gate: Gate | None = None, what: str = "graph") -> None:
-    """Raise :class:`ValidationError` when ``fidelity`` misses the gate."""
-    failures = gate_failures(fidelity, precision, gate)
-    if failures:
+def check_gate(fidelity: Fidelity, precision: str = "fp32", what: str = "graph", force: bool = False) -> list[str]:
+    """The reasons ``fidelity`` misses the gate; :class:`ValidationError` when there are any, unless ``force``."""
+    failures = gate_failures(fidelity, precision)
+    if failures and not force:
         raise ValidationError(
             f"{what} fails the {precision} fidelity gate ({'; '.join(failures)}): nothing written; "
             "keep it anyway with force",
             option="force",
         )
+    return failures
 
 
 def verdict(fidelity: Fidelity, precision: str, failures: list[str] | None = None) -> dict[str, Any]:

@@ -102,12 +102,10 @@ def load_profile(device: str | Path) -> DeviceProfile:
         raise ConfigError(f"device profile {path} has unknown field(s) {unknown}: valid fields are {sorted(known)}")
     if data["backend"] not in BACKENDS:
         raise ConfigError(f"device profile {path}: backend '{data['backend']}' is not one of {BACKENDS}")
-    bad = [p for p in data["precisions"] if p not in PRECISIONS]
-    if bad:
-        raise ConfigError(f"device profile {path}: unknown precision(s) {bad}; valid: {PRECISIONS}")
-    bad_peaks = [k for k in data["peak_tflops"] if k not in PRECISIONS]
-    if bad_peaks:
-        raise ConfigError(f"device profile {path}: peak_tflops has unknown precision(s) {bad_peaks}; valid: {PRECISIONS}")
+    for key, where in (("precisions", ""), ("peak_tflops", "peak_tflops has ")):
+        bad = [p for p in data[key] if p not in PRECISIONS]
+        if bad:
+            raise ConfigError(f"device profile {path}: {where}unknown precision(s) {bad}; valid: {PRECISIONS}")
     numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
     numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
     not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]

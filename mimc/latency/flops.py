@@ -222,8 +222,8 @@ def _is_weight_chain(name: str, producer: dict, weights: set[str]) -> bool:
 
 def _count_dense(cost: NodeCost, node: onnx.NodeProto, info: dict, out_shape: list[int] | None, dq_source) -> None:
     op = node.op_type
-    a_idx, b_idx = {"QLinearMatMul": (0, 3), "QLinearConv": (0, 3)}.get(op, (0, 1))
-    a_name, b_name = node.input[a_idx], node.input[b_idx]
+    b_idx = 3 if op in ("QLinearMatMul", "QLinearConv") else 1  # QLinear ops: (a, a_scale, a_zero_point, b, ...)
+    a_name, b_name = node.input[0], node.input[b_idx]
     a_src, b_src = dq_source(a_name), dq_source(b_name)
     a_dtype, a_shape = info.get(a_src or a_name, (TensorProto.FLOAT, None))
     b_dtype, b_shape = info.get(b_src or b_name, (TensorProto.FLOAT, None))

@@ -11,21 +11,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from mimc.graph import FLOAT8_TYPES, FLOAT_TYPES  # noqa: F401  (re-exported with the other dtype tables)
+from mimc.graph import FLOAT8_TYPES, FLOAT_TYPES
 
 # Element byte widths by ONNX dtype; float8 and int4 exist only in Q/DQ graphs.
 DTYPE_BYTES: dict[int, float] = {
     TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
     TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
     TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
-    TensorProto.BOOL: 1,
+    TensorProto.BOOL: 1, **dict.fromkeys(FLOAT8_TYPES, 1),
+    **{getattr(TensorProto, name): 0.5 for name in ("INT4", "UINT4") if hasattr(TensorProto, name)},
 }
-for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ"):
-    if hasattr(TensorProto, _name):
-        DTYPE_BYTES[getattr(TensorProto, _name)] = 1
-for _name in ("INT4", "UINT4"):
-    if hasattr(TensorProto, _name):
-        DTYPE_BYTES[getattr(TensorProto, _name)] = 0.5
 INT8_TYPES = {TensorProto.INT8, TensorProto.UINT8}
 
 # com.microsoft contrib ops (ORT's CPU int8 kernels) included: onnx cannot infer their shapes, see flops._skeleton.
@@ -174,7 +169,7 @@ def qattention_costs(node: onnx.NodeProto, name: str, info: dict, use) -> list[N
 
 
 __all__ = [
-    "DTYPE_BYTES", "FLOAT8_TYPES", "INT8_TYPES", "FLOAT_TYPES", "CONTRIB_MATMULS", "MATMUL_OPS", "CONV_OPS",
+    "DTYPE_BYTES", "INT8_TYPES", "CONTRIB_MATMULS", "MATMUL_OPS", "CONV_OPS",
     "QDQ_OPS", "VIEW_OPS", "ELEMENTWISE_FLOPS", "REDUCE_OPS", "TensorUse", "NodeCost", "GraphCost",
     "precision_of_dtype", "FUSED_ATTENTION", "skeleton_nodes", "qattention_costs",
 ]

@@ -30,14 +30,14 @@ def input_specs(inputs: list[dict[str, Any]], batch: int, path: str | Path) -> l
         shape = list(inp["shape"])
         if not shape:
             raise BadInputError(f"input '{inp['name']}' of {path} is a scalar: profile a graph with batched inputs")
-        if shape[0] is None or shape[0] == 0:
+        if not shape[0]:  # symbolic (None) or 0
             shape[0] = batch
         elif shape[0] != batch:
             raise BadInputError(
                 f"{path} has a static batch of {shape[0]}: profile it with batch_sizes {shape[0]} or re-export with batch dynamic",
                 option="batch_sizes",
             )
-        if any(d is None or d == 0 for d in shape[1:]):
+        if not all(shape[1:]):
             raise BadInputError(f"input '{inp['name']}' of {path} has symbolic axes beyond the batch {inp['shape']}: export with static image size")
         if inp["dtype"] not in DTYPES:
             raise BadInputError(f"input '{inp['name']}' of {path} has unsupported type {inp['dtype']}: profile a float graph")
@@ -94,8 +94,6 @@ def profile_onnx_cpu(onnx_path: str | Path, batch_sizes: Sequence[int] | None = 
     """
     path = Path(onnx_path)
     ort = onnxruntime()
-    if warmup < 0 or iters < 1:
-        raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
     model = load_graph(path, external_data=False)
     inputs = graph_inputs(model, path)
     note = layout_note(model)

@@ -102,10 +102,10 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     if precision is not None:
         other_width = 4 if precision in ("fp32", "tf32") or not profile.supports("fp16") else 2
 
-    nm_manifest = read_nm_pattern(onnx_path if not isinstance(onnx_path, onnx.ModelProto) else "", model)
+    nm_manifest = read_nm_pattern(onnx_path, model)
     sparse: set[str] = set()
     if profile.sparse_tensor_cores:
-        sparse = sparse_weights(cost, model, None if isinstance(onnx_path, onnx.ModelProto) else Path(onnx_path).resolve().parent)
+        sparse = sparse_weights(cost, model, Path(onnx_path).resolve().parent)
         if nm_manifest and nm_manifest != "2:4":
             notes.append(f"mimc.json says {nm_manifest}; sparse tensor cores accelerate only 2:4")
     elif nm_manifest:
@@ -145,7 +145,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
     return {
         "label": "predicted",
         "method": "roofline: sum over nodes of max(FLOPs / peak(precision), bytes / bandwidth)",
-        "onnx": str(onnx_path) if not isinstance(onnx_path, onnx.ModelProto) else None,
+        "onnx": str(onnx_path),
         "device": profile.name,
         "backend": profile.backend,
         "batch": batch,

@@ -73,15 +73,14 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
 
     path = check_model_path(model_path)
     prof = load_profile(device)
-    if path.suffix in ONNX_SUFFIXES + IR_SUFFIXES:
+    is_engine, is_ir = path.suffix in ENGINE_SUFFIXES, path.suffix in IR_SUFFIXES
+    if not is_engine:
         verify_graph(path)  # a graph or IR its artifact lists (and its .data / .bin) must be the one recorded
     sizes = parse_batch_sizes(batch_sizes)
     if warmup < 0 or iters < 1:
         raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
     if threads is not None and threads < 1:
         raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
-    is_engine = path.suffix in ENGINE_SUFFIXES
-    is_ir = path.suffix in IR_SUFFIXES
     if is_ir and (predict or prof.backend != "openvino-cpu"):
         raise BadInputError(f"{path.name} is an OpenVINO IR: profile it with device openvino-cpu{' and without predict' if predict else ''}, "
                             "or give the .onnx it came from", option=("device", "predict") if predict else "device")

@@ -221,13 +221,14 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                 # Two separate worker runs would time the graphs one after the other; the ratio comes
                 # from both graphs timed together in alternating rounds instead (on OpenVINO: the
                 # dense graph at fp32, the result at the precision it was profiled at).
-                from mimc.runtime import openvino, ort
+                from mimc.runtime import openvino, ort, timing
 
                 if backend == "onnxruntime-cpu":
-                    timer, models = ort.time_interleaved, [base, graph]
+                    runs = [ort.runner(base, config.threads), ort.runner(graph, config.threads)]
                 else:
-                    timer, models = openvino.time_interleaved, [(base, "fp32"), (graph, entry["result"]["precision"])]
-                dense_ms, graph_ms = timer(models, iters=config.iters, threads=config.threads)
+                    runs = [openvino.runner(base, "fp32", config.threads),
+                            openvino.runner(graph, entry["result"]["precision"], config.threads)]
+                dense_ms, graph_ms = timing.interleave(runs, iters=config.iters)
                 entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
                 entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3)
             else:  # predicted, or measured on a GPU: the two reports' own latencies

@@ -3,8 +3,7 @@
 References:
     ONNX Runtime CUDA Execution Provider and I/O binding (onnxruntime.ai/docs/execution-providers/
     CUDA-ExecutionProvider.html, onnxruntime.ai/docs/performance/tune-performance/iobinding.html);
-    github.com/microsoft/onnxruntime (onnxruntime/python/tools/transformers/benchmark_helper.py);
-    onnxruntime.preload_dlls (1.21+, "Compatibility with PyTorch"): CUDA/cuDNN come from torch or nvidia-* wheels.
+    github.com/microsoft/onnxruntime (onnxruntime/python/tools/transformers/benchmark_helper.py).
 
 Inputs and outputs are bound to GPU memory once (I/O binding), so the timed loop measures the graph
 and not host-device copies. ``run_with_iobinding`` returns after the GPU work is done, so wall-clock
@@ -20,9 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, require
-from mimc.runtime.timing import DTYPES
 from mimc.runtime.session import session_options
-from mimc.runtime.timing import latency_row
+from mimc.runtime.timing import DTYPES, latency_row
 from mimc.runtime.trt import DeviceProfile
 
 PROVIDER = "CUDAExecutionProvider"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mimc.artifact import is_artifact, read_manifest, verify_graph
-from mimc.errors import BadInputError, NotAModelError
+from mimc.errors import NotAModelError
 from mimc.models.vit import EncoderConfig
 from mimc.runtime.session import make_session, run_onnx
 from mimc.runtime.trt import ENGINE_SUFFIXES, sidecar_path
@@ -32,9 +32,7 @@ class OnnxModel:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
         self.path = Path(path)
-        if device not in ("cpu", "cuda"):
-            raise BadInputError(f"device {device} is not cpu or cuda: choose one of them", option="device")
-        self.threads, self.device = threads, device
+        self.threads, self.device = threads, device  # checked by mimc.runtime.runner.check_device
         if not self.path.is_file():
             raise NotAModelError(f"graph {self.path} does not exist: export one with `mimc export MODEL`")
         self.manifest = read_manifest(self._artifact())

@@ -9,10 +9,7 @@ A Q/DQ (QuantizeLinear/DequantizeLinear) graph written by ``mimc quantize`` is r
 ops, which OpenVINO's low-precision transformations turn into int8 kernels where both inputs of a
 MatMul/Convolution are quantized.
 
-Timing: like :mod:`mimc.runtime.ort` - each batch size in a worker process
-(``python -m mimc.runtime.openvino``) that imports only OpenVINO and numpy, warm-up runs then
-``perf_counter`` per run; :func:`time_interleaved` times several compiled models in one process in
-alternating rounds.
+Timing: like :mod:`mimc.runtime.ort` (worker ``python -m mimc.runtime.openvino``, :func:`runner`).
 
 References:
 - OpenVINO CPU device, precision hints and bf16: https://docs.openvino.ai/2026/openvino-workflow/running-inference/inference-devices-and-modes/cpu-device.html
@@ -29,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
-from mimc.runtime.timing import interleave, proc_field, time_runs, warmed, worker_main
+from mimc.runtime.timing import proc_field, time_runs, warmed, worker_main
 from mimc.runtime.session import Port
 
 INSTALL_HINT = "pip install 'mimc[openvino]'"
@@ -187,20 +184,13 @@ class OpenVinoSession:
         return [by_name[n] for n in (names or list(by_name))]
 
 
-def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int, precision: str = "fp32",
-            seed: int = 0) -> dict[str, Any]:
+def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int,
+            precision: str = "fp32") -> dict[str, Any]:
     """One batch size, in this process: compile (shapes fixed to ``specs``), warm-up, timed runs, memory."""
     shapes = {s["name"]: s["shape"] for s in specs}
     compiled, result = time_runs(lambda: compile_model(path, precision, threads, shapes=shapes),
-                                 lambda compiled: compiled.create_infer_request().infer, specs, warmup, iters, seed)
+                                 lambda compiled: compiled.create_infer_request().infer, specs, warmup, iters)
     return {**result, "runtime_precision": runtime_precision(compiled)}
-
-
-def time_interleaved(models: Sequence[tuple[str | Path, str]], iters: int = 20, threads: int | None = None, rounds: int = 4,
-                     warmup: int = 3) -> list[float]:
-    """Median latency (ms) of several ``(graph, precision)`` pairs compiled in this process, timed in
-    alternating rounds (forward, then reverse order) like :func:`mimc.runtime.ort.time_interleaved`."""
-    return interleave([runner(path, precision, threads, warmup) for path, precision in models], iters=iters, rounds=rounds)
 
 
 def runner(path: str | Path, precision: str = "fp32", threads: int | None = None, warmup: int = 3):
@@ -221,8 +211,7 @@ def version() -> str:
 
 __all__ = ["openvino", "core", "cpu_bf16", "cpu_vnni", "check_precision", "read", "compile_model", "runtime_precision",
            "model_inputs", "ir_precision", "MIMC_PRECISION_KEY", "HINT_KEY", "OpenVinoSession", "measure",
-           "time_interleaved", "runner", "save_ir", "version", "HINTS", "GRAPH_PRECISION", "IR_SUFFIXES",
-           "INSTALL_HINT"]
+           "runner", "save_ir", "version", "HINTS", "GRAPH_PRECISION", "IR_SUFFIXES", "INSTALL_HINT"]
 
 
 if __name__ == "__main__":

@@ -1,10 +1,7 @@
 """Timing ONNX graphs on ONNX Runtime's CPU provider: one batch size in a worker process, or several graphs interleaved.
 
-Each batch size is measured in its own short-lived worker process (``python -m mimc.runtime.ort``)
-that imports only ONNX Runtime and numpy - not torch, not the CLI; the measurement itself (timed
-runs, percentiles from numpy, memory) is :mod:`mimc.runtime.timing`'s, shared with OpenVINO. Worker threads do not spin between runs
-(``session.intra_op.allow_spinning`` = 0), so a measurement does not steal cores from its neighbours
-on a shared machine.
+The worker (``python -m mimc.runtime.ort``) and the measurement are :mod:`mimc.runtime.timing`'s, shared
+with OpenVINO; sessions get :func:`mimc.runtime.session.session_options` (no spinning threads).
 
 References:
 - ONNX Runtime performance tuning, thread management and session options:
@@ -16,17 +13,16 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from mimc.runtime.session import make_session
-from mimc.runtime.timing import interleave, time_runs, warmed, worker_main
+from mimc.runtime.timing import time_runs, warmed, worker_main
 
 
 # Measurement (worker process) --------------------------------------------------------------------
-def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int,
-            seed: int = 0) -> dict[str, Any]:
+def measure(path: str, specs: list[dict[str, Any]], warmup: int, iters: int, threads: int) -> dict[str, Any]:
     """One batch size, in this process: session, warm-up, timed runs, memory."""
-    return time_runs(lambda: make_session(path, threads=threads), run_outputs, specs, warmup, iters, seed)[1]
+    return time_runs(lambda: make_session(path, threads=threads), run_outputs, specs, warmup, iters)[1]
 
 
 def run_outputs(sess) -> Callable[[dict], Any]:
@@ -34,22 +30,15 @@ def run_outputs(sess) -> Callable[[dict], Any]:
     return partial(sess.run, [o.name for o in sess.get_outputs()])
 
 
-def time_interleaved(paths: Sequence[str | Path], iters: int = 20, threads: int | None = None, rounds: int = 4,
-                     warmup: int = 3) -> list[float]:
-    """Median batch latency (ms) of several graphs timed together: one warmed session each, timed in
-    alternating rounds (forward, then reverse order), so load on a shared machine hits all alike.
-    For comparisons (speed-ups); :func:`profile_onnx_cpu` gives one graph's full report."""
-    return interleave([runner(path, threads, warmup) for path in paths], iters=iters, rounds=rounds)
-
-
 def runner(path: str | Path, threads: int | None = None, warmup: int = 3) -> Callable[[], Any]:
-    """One batch-1 inference of ``path`` on a warmed ORT CPU session, as a call (for :func:`interleave`)."""
+    """One batch-1 inference of ``path`` on a warmed ORT CPU session, as a call (for
+    :func:`mimc.runtime.timing.interleave`)."""
     threads = threads or os.cpu_count() or 1
     sess = make_session(path, threads=threads)  # the CPU provider
     return warmed(run_outputs(sess), sess.get_inputs(), warmup)
 
 
-__all__ = ["measure", "run_outputs", "time_interleaved", "runner"]
+__all__ = ["measure", "run_outputs", "runner"]
 
 
 if __name__ == "__main__":

@@ -30,17 +30,15 @@ class Ranks:
 
     def agree(self, error: MimcError | None, payload: Any = None) -> list[Any]:
         """Every rank's payload; when any rank failed, every rank raises the first failure."""
-        mine = {"error": str(error) if error else None, "exit_code": error.exit_code if error else 0,
-                "options": list(error.options) if error else [], "payload": payload}
         gathered: list[Any] = [None] * self.world
-        self.tdist.all_gather_object(gathered, mine)
+        self.tdist.all_gather_object(gathered, (_status(error), payload))
         if error is not None:
             error.agreed = True
             raise error
-        for r, status in enumerate(gathered):
-            if status["error"] is not None:
-                raise _remote_error(r, status)
-        return [status["payload"] for status in gathered]
+        for r, (failed, _) in enumerate(gathered):
+            if failed is not None:
+                raise _remote_error(r, failed)
+        return [payload for _, payload in gathered]
 
     def collect(self, payload: Any) -> list[Any] | None:
         """Rank 0: every rank's payload in rank order; other ranks: None (call after :meth:`agree`)."""
@@ -54,8 +52,7 @@ class Ranks:
 
     def outcome(self, body: Any, error: MimcError | None) -> Any:
         """Rank 0's result (or its failure) on every rank."""
-        failed = {"error": str(error), "exit_code": error.exit_code, "options": list(error.options)} if error else None
-        box = [(body, failed)]
+        box = [(body, _status(error))]
         self.tdist.broadcast_object_list(box, src=0)
         if error is not None:
             raise error
@@ -63,6 +60,11 @@ class Ranks:
         if failed is not None:
             raise _remote_error(0, failed)
         return got
+
+
+def _status(error: MimcError | None) -> dict[str, Any] | None:
+    """What a rank tells the others of its failure (None: it did not fail)."""
+    return {"error": str(error), "exit_code": error.exit_code, "options": list(error.options)} if error else None
 
 
 def _remote_error(rank: int, status: dict[str, Any]) -> MimcError:

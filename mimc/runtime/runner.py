@@ -103,7 +103,8 @@ def open_runner(model: Any, device: str | None = None, threads: int | None = Non
         return Runner(lambda x, tokens: graph(x, tokens=tokens), graph.config, graph.runtime, device, threads, static,
                       str(model))
 
-    if isinstance(model, (str, os.PathLike)):
+    is_path = isinstance(model, (str, os.PathLike))
+    if is_path:
         from mimc.models.resolve import load_model
 
         encoder = load_model(str(model))
@@ -124,9 +125,8 @@ def open_runner(model: Any, device: str | None = None, threads: int | None = Non
         return out.pooled.float().cpu(), out.last_hidden_state.float().cpu() if tokens else None
 
     if device == "cuda" and own is None:
-        encoder = encoder.to(target) if isinstance(model, (str, os.PathLike)) else copy.deepcopy(encoder).to(target)
-    return Runner(forward, encoder.config, "torch", device, threads, None,
-                  str(model) if isinstance(model, (str, os.PathLike)) else "the model")
+        encoder = encoder.to(target) if is_path else copy.deepcopy(encoder).to(target)
+    return Runner(forward, encoder.config, "torch", device, threads, None, str(model) if is_path else "the model")
 
 
 __all__ = ["Runner", "open_runner", "check_device", "graph_kind"]

@@ -74,7 +74,7 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 
 
 def session_options(threads: int | None = None):
-    """Session options mimc uses everywhere: no spinning (see DESIGN.md), sequential execution."""
+    """Session options mimc uses everywhere: no spinning, sequential execution."""
     ort = onnxruntime()
     so = ort.SessionOptions()
     # Idle worker threads spin after each run and steal cores from the next session or process.

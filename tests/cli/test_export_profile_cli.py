@@ -105,9 +105,9 @@ def test_export_bad_models(app, tmp_path, monkeypatch):
 
 
 def test_export_failing_the_gate_exits_1_and_writes_nothing(app, tmp_path, artifact, monkeypatch):
-    from mimc.deploy import onnx as export_mod
+    from mimc.deploy import validate
 
-    monkeypatch.setattr(export_mod, "gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
+    monkeypatch.setattr(validate, "gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
     manifest = (artifact / MANIFEST_NAME).read_text()
     one_error_line(invoke(app, ["export", artifact]), "fidelity gate", code=1)
     assert not (artifact / "model.onnx").exists() and (artifact / MANIFEST_NAME).read_text() == manifest

@@ -96,7 +96,7 @@ def test_dynamo_exporter_also_matches(tmp_path):
 
 
 def test_gate_failure_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
+    monkeypatch.setattr("mimc.deploy.validate.gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
     encoder = build_encoder(tiny_config(), seed=0)
     with pytest.raises(ValidationError, match="nothing written"):
         export_onnx(encoder, tmp_path / "model.onnx")
@@ -104,7 +104,7 @@ def test_gate_failure_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_force_keeps_a_failing_graph_and_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
+    monkeypatch.setattr("mimc.deploy.validate.gate_failures", lambda metrics, precision: ["max abs error 1 > 1e-4"])
     report = export_onnx(build_encoder(tiny_config(), seed=0), tmp_path / "model.onnx", force=True)
     assert (tmp_path / "model.onnx").is_file()
     assert report["validation"]["passed"] is False and report["validation"]["forced"] is True

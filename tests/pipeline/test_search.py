@@ -141,7 +141,7 @@ def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibrati
 
 
 def test_measured_candidates_are_timed_in_alternating_rounds_not_one_after_another(setup, monkeypatch):
-    import mimc.runtime.ort as ort  # time_interleaved makes its sessions there
+    import mimc.runtime.ort as ort  # runner makes its sessions there
 
     enc, calib, held, _ = setup
     order, original = [], ort.make_session
