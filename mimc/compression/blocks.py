@@ -32,7 +32,6 @@ class BlockPruningConfig(StageConfig):
     ``blocks`` (0-based positions to remove; the criterion's scores are still recorded)."""
 
     name: ClassVar[str] = "prune"
-    version: ClassVar[int] = 1
 
     ratio: float | None = option(None, gt=0, lt=1, doc="fraction of the blocks removed")
     keep: int | None = option(None, ge=1, doc="how many blocks remain")

@@ -37,7 +37,8 @@ class DistillConfig(TrainConfig, StageConfig):
     """Recovery by distillation: AdamW with warm-up and cosine decay on every student weight."""
 
     name: ClassVar[str] = "distill"
-    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = True
+    learns: ClassVar[bool] = True
     key_order: ClassVar[tuple[str, ...]] = (
         "steps", "lr", "min_lr", "warmup_ratio", "weight_decay", "batch_size", "clip_grad", "mask_ratio",
         "token_weight", "pooled_weight", "hidden_weight", "flip", "seed",
@@ -56,14 +57,6 @@ class DistillConfig(TrainConfig, StageConfig):
     @property
     def warmup(self) -> int:
         return int(self.warmup_ratio * self.steps)
-
-    @property
-    def needs_data(self) -> bool:
-        return True
-
-    @property
-    def learns(self) -> bool:
-        return True
 
 
 def default_teacher(encoder):

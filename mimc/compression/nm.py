@@ -39,7 +39,6 @@ class NMSparsityConfig(StageConfig):
     """N:M sparsity of every block Linear. ``learned`` holds MaskLLM's options (method 'learned')."""
 
     name: ClassVar[str] = "sparsify"
-    version: ClassVar[int] = 1
 
     pattern: str = option("2:4", doc="N:M: keep N weights of every M consecutive inputs")
     method: str = option("magnitude", choices=METHODS)

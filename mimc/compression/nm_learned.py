@@ -53,7 +53,6 @@ class NMLearnedConfig(TrainConfig, StageConfig):
     with MaskLLM's defaults, plus its temperatures, regulariser and prior."""
 
     name: ClassVar[str] = "sparsify.learned"
-    version: ClassVar[int] = 1
     key_order: ClassVar[tuple[str, ...]] = (
         "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "batch_size", "clip_grad", "tau_start", "tau_end",
         "kappa_start", "kappa_end", "reg_lambda", "prior", "prior_strength", "sigma0", "mask_ratio", "flip", "seed",

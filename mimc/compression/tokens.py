@@ -43,7 +43,6 @@ class TokenReductionConfig(StageConfig):
     """
 
     name: ClassVar[str] = "tokens"
-    version: ClassVar[int] = 1
 
     method: str = option("tome", choices=token_ops.METHODS)
     r: int = option(0, ge=0, doc="tokens merged per block (ToMe)")

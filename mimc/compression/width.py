@@ -57,7 +57,6 @@ class WidthPruningConfig(StageConfig):
     (:mod:`mimc.compression.optin`). ``optin_*``: the OPTIN criterion's images and pooled-term ratio λ."""
 
     name: ClassVar[str] = "width"
-    version: ClassVar[int] = 1
 
     mlp: float = option(0.0, ge=0, lt=1, doc="fraction of each block's MLP neurons removed")
     heads: float = option(0.0, ge=0, lt=1, doc="fraction of each block's attention heads removed")

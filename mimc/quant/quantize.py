@@ -107,7 +107,7 @@ class QuantizeConfig(StageConfig):
     """Options of the graph-level quantize stage; ``target`` None picks cpu for int8, tensorrt for fp8."""
 
     name: ClassVar[str] = "quantize"
-    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = True
     precision: str = option("int8", choices=PRECISIONS)
     method: str = option("percentile", choices=METHODS, doc="calibration range method")
     n: int = option(256, ge=1, doc="calibration images")
@@ -137,10 +137,6 @@ class QuantizeConfig(StageConfig):
         if data["overflow_fix"] is None:  # an openvino-only option: other targets' records stay as they were
             del data["overflow_fix"]
         return data
-
-    @property
-    def needs_data(self) -> bool:
-        return True
 
     @property
     def resolved_overflow_fix(self) -> str:
