@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimc.quant.qdq_graph import GraphIndex, opset, rebuild_nodes
+from mimc.quant.qdq_graph import GraphIndex, opset, rebuild_nodes, transpose_perm
 
 
 @dataclass
@@ -37,10 +37,6 @@ class _Core:
     output: str  # the tensor the proj linear reads
     num_heads: int
     scale: float
-
-
-def _perm(node) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
 def _only_user(idx: GraphIndex, name: str, op_type: str, outputs: set):
@@ -93,7 +89,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     if weight is None or len(weight) != 2 or heads <= 0 or head_dim <= 0 or weight[1] != 3 * heads * head_dim:
         return "qkv weight does not match the heads x head_dim split"
     split = _only_user(idx, reshape.output[0], "Transpose", outputs)
-    if split is None or _perm(split) != [2, 0, 3, 1, 4]:
+    if split is None or transpose_perm(split) != [2, 0, 3, 1, 4]:
         return "qkv is not permuted to (3, batch, heads, tokens, head_dim)"
     gathers = idx.consumers.get(split.output[0], [])
     by_index = {_gather_index(idx, g): g for g in gathers}
@@ -105,7 +101,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     if scale is None or scale.size != 1:
         return "q is not scaled by a constant scalar"
     k_t = _only_user(idx, k.output[0], "Transpose", outputs)
-    if k_t is None or _perm(k_t) != [0, 1, 3, 2]:
+    if k_t is None or transpose_perm(k_t) != [0, 1, 3, 2]:
         return "k is read by something other than its transpose (token pruning or merging reads the keys)"
     logits = _only_user(idx, mul.output[0], "MatMul", outputs)
     if logits is None or list(logits.input) != [mul.output[0], k_t.output[0]] or idx.consumers.get(k_t.output[0]) != [logits]:
@@ -120,7 +116,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     if context is None or list(context.input) != [softmax.output[0], v.output[0]] or idx.consumers.get(v.output[0]) != [context]:
         return "the attention probabilities are read by something besides @ v (token pruning reads them)"
     merge = _only_user(idx, context.output[0], "Transpose", outputs)
-    if merge is None or _perm(merge) != [0, 2, 1, 3]:
+    if merge is None or transpose_perm(merge) != [0, 2, 1, 3]:
         return "the context is not transposed back to (batch, tokens, heads, head_dim)"
     out = _only_user(idx, merge.output[0], "Reshape", outputs)
     out_shape = None if out is None else _shape_dims(idx, out.input[1])
