@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from mimc.errors import ConfigError
-from mimc.models.vit import Encoder, flops_per_image
+from mimc.models.vit import Encoder
 from mimc.compression.block_scores import CRITERIA, ENTROPY_DTYPES, data_free_scores, removal_order, sensitivity_scores
-from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.compression.registry import StageConfig, clone_encoder, register, shrink_metrics
 from mimc.options import option
 
 
@@ -120,9 +120,6 @@ def score_blocks(encoder: Encoder, config: BlockPruningConfig, batches: list[tor
 
 @register(BlockPruningConfig)
 def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
-    from mimc.data import deterministic_inputs
-    from mimc.evaluation import fidelity
-
     cfg = encoder.config
     k = config.num_removed(cfg.depth, cfg.kept_block_ids())
     batches = list(calibration_batches) if calibration_batches is not None else None
@@ -131,7 +128,6 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
     new = remove_blocks(encoder, removed)
 
     ids = cfg.kept_block_ids()
-    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new.config)
     metrics: dict[str, Any] = {
         "criterion": config.criterion,
         "selection": "blocks" if config.blocks is not None else "lowest_scores",
@@ -140,17 +136,8 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
         "removed_blocks": [ids[i] for i in removed],
         "removed_positions": removed,
         "kept_blocks": list(new.config.block_ids),
-        "params_before": encoder.num_params,
-        "params_after": new.num_params,
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
-        # Fidelity to the input encoder (the dense source when this is the first stage) on one seeded
-        # input: one forward of each model, the largest share of a ViT-B prune's few seconds.
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
+        **shrink_metrics(encoder, new, batches),
     }
-    if batches:
-        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
     if warnings:
         metrics["warnings"] = warnings
     return new, metrics

@@ -16,10 +16,11 @@ import torch
 
 from mimc.artifact import Manifest, StageRecord, state_hash
 from mimc.errors import ConfigError, DataError
+from mimc.models.vit import flops_per_image
 from mimc.train.config import TrainRun
 from mimc.options import StageConfig  # re-exported: stage modules import it from here
 
-__all__ = ["StageConfig", "register", "config_types", "compress", "clone_encoder"]
+__all__ = ["StageConfig", "register", "config_types", "compress", "clone_encoder", "shrink_metrics"]
 
 Handler = Callable[[Any, "StageConfig", "Iterable[torch.Tensor] | None"], "tuple[Any, dict[str, Any]]"]
 
@@ -90,3 +91,23 @@ def clone_encoder(encoder):
     """A deep copy that shares nothing with the input and carries no manifest (handlers start from this)."""
     # The memo maps the manifest to None: deepcopy then neither copies it nor touches the input.
     return copy.deepcopy(encoder, {id(getattr(encoder, "manifest", None)): None})
+
+
+def shrink_metrics(encoder, new, batches, **before_fidelity) -> dict[str, Any]:
+    """Parameters and MACs per image of ``new`` against the stage's input ``encoder``, ``before_fidelity``, then the
+    fidelity to ``encoder`` on one seeded input (one forward of each: most of a ViT-B prune's few seconds) and
+    on ``batches`` when there are any."""
+    from mimc.data import deterministic_inputs
+    from mimc.evaluation import fidelity
+
+    macs_before, macs_after = flops_per_image(encoder.config), flops_per_image(new.config)
+    metrics = {
+        "params_before": encoder.num_params, "params_after": new.num_params,
+        "macs_before": macs_before, "macs_after": macs_after,
+        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
+        **before_fidelity,
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(encoder.config, batch=1, seed=0)).to_dict(),
+    }
+    if batches:
+        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
+    return metrics

@@ -41,10 +41,10 @@ from typing import Any, ClassVar
 import torch
 
 from mimc.errors import ConfigError
-from mimc.models.vit import Encoder, build_encoder, flops_per_image
+from mimc.models.vit import Encoder, build_encoder
 from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.optin import TRAJECTORIES, allocate, optin_scores, ranked
-from mimc.compression.registry import StageConfig, register
+from mimc.compression.registry import StageConfig, register, shrink_metrics
 from mimc.options import option
 
 CRITERIA = ("l2", "activation", "optin")
@@ -137,9 +137,6 @@ def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
 
 @register(WidthPruningConfig)
 def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
-    from mimc.data import deterministic_inputs
-    from mimc.evaluation import fidelity
-
     cfg = encoder.config
     if config.heads and cfg.rel_pos_bias == "shared":
         raise ConfigError("this model shares one relative position bias table across blocks: per-block head pruning would "
@@ -174,19 +171,12 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
                 state[p + key] = state[p + key].index_select(dim, kept)
     new.load_state_dict(state)
     new = new.to(next(encoder.parameters()).dtype).eval()
-    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new_cfg)
     metrics: dict[str, Any] = {
         "criterion": config.criterion,
         "mlp_dims": new_cfg.block_mlp_dims, "heads": new_cfg.block_heads,
         "kept_heads": keep_heads, "kept_neurons": keep_neurons,
-        "params_before": encoder.num_params, "params_after": new.num_params,
-        "macs_before": macs_before, "macs_after": macs_after,
-        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
-        "macs_target": config.macs,
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
+        **shrink_metrics(encoder, new, batches, macs_target=config.macs),
     }
-    if batches:
-        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
     if not math.isfinite(metrics["fidelity_deterministic"]["pooled_cosine_mean"]):
         raise ConfigError("width pruning produced non-finite features: the model's weights are not usable")
     return new, metrics

@@ -86,8 +86,8 @@ import numpy as np
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
-                        uses_external)
+from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph, single_input,
+                        token_reduced, uses_external)
 from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
 from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
@@ -304,17 +304,17 @@ def _to_opset(model, target: int):
 
 
 def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
-    meta = {p.key: p.value for p in model.metadata_props}
-    meta.update({
+    from onnx import helper
+
+    meta = {
+        **metadata(model),
         "mimc_version": mimc_version(),
         "mimc_precision": config.precision,
         "mimc_quantization": json.dumps({"config": config.to_dict(), "target": config.resolved_target,
                                          "calibration_sha256": calib_sha, "source_onnx_sha256": source_sha,
                                          **info}, sort_keys=True),
-    })
-    del model.metadata_props[:]
-    for key in sorted(meta):
-        model.metadata_props.add(key=key, value=meta[key])
+    }
+    helper.set_model_props(model, dict(sorted(meta.items())))
     model.producer_name, model.producer_version = "mimc", mimc_version()
 
 
