@@ -89,7 +89,7 @@ class MaskedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, n: int, m: int, logits: torch.Tensor):
         super().__init__()
-        self.in_features, self.out_features, self.n, self.m = linear.in_features, linear.out_features, n, m
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach().clone())
         self.register_buffer("bias", linear.bias.detach().clone() if linear.bias is not None else None)
         self.register_buffer("candidates", candidate_masks(n, m))
