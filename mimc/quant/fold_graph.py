@@ -56,7 +56,7 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
             lo, hi = lo / s, hi / s  # the ranges the RepQ step below sees, after smoothing (s > 0)
         if repq:
             fold_repq(norm, lin, lo, hi, symmetric)
-        names = [f"mimc_fold_{k}_gamma", f"mimc_fold_{k}_beta", f"mimc_fold_{k}_weight", f"mimc_fold_{k}_bias"]
+        names = [f"mimc_fold_{k}_{part}" for part in ("gamma", "beta", "weight", "bias")]
         arrays = [norm.weight, norm.bias, lin.weight.T, lin.bias]
         for name, arr in zip(names, arrays):
             model.graph.initializer.append(numpy_helper.from_array(arr.detach().contiguous().numpy().astype(np.float32), name))

@@ -51,7 +51,7 @@ def _shape_dims(idx: GraphIndex, name: str) -> list[int | None] | None:
     compute batch and tokens with Shape -> Gather -> Unsqueeze); unknown entries are None."""
     value = idx.constant(name)
     if value is not None:
-        return [int(v) for v in np.asarray(value).reshape(-1)] if np.asarray(value).ndim == 1 else None
+        return [int(v) for v in value] if value.ndim == 1 else None
     node = idx.producer.get(name)
     if node is None or node.op_type != "Concat":
         return None
@@ -59,9 +59,9 @@ def _shape_dims(idx: GraphIndex, name: str) -> list[int | None] | None:
     for piece in node.input:
         part = idx.constant(piece)
         if part is not None:
-            if np.asarray(part).size != 1:
+            if part.size != 1:
                 return None
-            dims.append(int(np.asarray(part).reshape(())))
+            dims.append(int(part.reshape(())))
         elif (src := idx.producer.get(piece)) is not None and src.op_type == "Unsqueeze":
             dims.append(None)
         else:
@@ -123,7 +123,7 @@ def _match(idx: GraphIndex, qkv, outputs: set) -> _Core | str:
     if out_shape is None or len(out_shape) != 3 or out_shape[2] not in (heads * head_dim, -1):
         return "the context is not reshaped to (batch, tokens, heads * head_dim)"
     nodes = [reshape, split, q, k, v, mul, k_t, logits, softmax, context, merge, out]
-    return _Core(qkv, nodes, out.output[0], heads, float(np.asarray(scale).reshape(())))
+    return _Core(qkv, nodes, out.output[0], heads, float(scale.reshape(())))
 
 
 def fuse_attention_cpu(model, base_dir=None) -> dict:
