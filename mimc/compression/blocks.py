@@ -1,11 +1,8 @@
 """Block pruning: score every transformer block, delete the k most redundant ones.
 
-References:
-- Gardener: "Data-free block pruning by weight entropy" (arXiv 2602.03918, ICML 2026);
-  code: https://github.com/Peihao-Xiang/Gardener. Blocks are scored once and the k lowest are
-  removed in one shot (no re-scoring); a removed block becomes the identity, i.e. the residual
-  stream passes straight through, which is the same as deleting the block.
-- Scores live in :mod:`mimc.compression.block_scores`.
+As in Gardener (the scores and their references: :mod:`mimc.compression.block_scores`), blocks are
+scored once and the k lowest are removed in one shot (no re-scoring); a removed block becomes the
+identity, i.e. the residual stream passes straight through, which is the same as deleting the block.
 
 The pruned encoder is a plain shallower ViT: ``config.depth`` shrinks, ``block_ids`` keeps the
 original index of every surviving block, per-block lists (MLP widths, head counts) are sliced and

@@ -9,10 +9,6 @@ Methods (``NMSparsityConfig.method``): ``magnitude``, ``wanda`` and ``sparsegpt`
 (:mod:`mimc.compression.nm_oneshot`); ``learned`` is MaskLLM (:mod:`mimc.compression.nm_learned`).
 The stage calls :func:`~mimc.models.nm_pattern.check_nm` after writing masks; export calls it
 before writing a graph.
-
-``weighting='rsq'`` weights every calibration token by the attention it receives when the Wanda and
-SparseGPT statistics are accumulated (RSQ, :mod:`mimc.compression.rsq`); ``uniform`` (the default)
-weights every token equally and runs exactly the unweighted code.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """The registry from stage config type to handler, and the one verb ``compress``.
 
-A stage's options are a :class:`mimc.options.StageConfig` (``name``, ``version``, ``needs_data``,
-declared validation, a dict round-trip that rejects unknown keys, so a manifest or a YAML recipe can
-replay them). A handler takes ``(encoder, config, calibration_batches)`` and returns
-``(new_encoder, metrics)``; it must not modify the encoder it was given.
+A stage's options are a :class:`mimc.options.StageConfig`. A handler takes ``(encoder, config,
+calibration_batches)`` and returns ``(new_encoder, metrics)``; it must not modify the encoder it was given.
 """
 from __future__ import annotations
 

@@ -17,12 +17,12 @@ Importance (per block, per unit):
 MLP widths are rounded to multiples of ``round_to`` (GEMM kernels on CPU and tensor cores run
 whole tiles; 16 suits both), never below one tile.
 
-Why written here rather than with torch-pruning (which DESIGN.md suggested, and which does handle
-ViT heads): the coupled dimensions of this fixed block are known exactly (fc1 rows + bias with fc2
-columns; per head, the q, k and v rows + biases with proj columns and the per-block relative
-position bias table column), so slicing them is a few lines, needs no tracing of the forward (whose
-token-reduction path differs per configuration), keeps the config and the weights consistent by
-construction, and is deterministic. torch-pruning stays the peer a benchmark can compare with.
+Why written here rather than with torch-pruning (which does handle ViT heads): the coupled
+dimensions of this fixed block are known exactly (fc1 rows + bias with fc2 columns; per head, the q,
+k and v rows + biases with proj columns and the per-block relative position bias table column), so
+slicing them is a few lines, needs no tracing of the forward (whose token-reduction path differs per
+configuration), keeps the config and the weights consistent by construction, and is deterministic.
+torch-pruning stays the peer a benchmark can compare with.
 
 References:
 - Michel et al., "Are Sixteen Heads Really Better than One?", NeurIPS 2019 (head importance).

@@ -2,9 +2,9 @@
 
 A mimc encoder exports every Linear as ``MatMul(x, W[in, out]) -> Add(bias)``; the two attention
 products are MatMuls of two activations. Everything else (LayerNorm, Softmax, GELU, residual
-Adds, pooling; the patch-embedding Conv except for the openvino target) stays float: quantizing LayerNorm/Softmax/residual Adds is
-what dropped ViT-B's feature cosine to 0.947 (DESIGN.md), while W8A8 on the four block linears
-keeps it at 0.999.
+Adds, pooling; the patch-embedding Conv except for the openvino target) stays float: quantizing
+LayerNorm/Softmax/residual Adds dropped ViT-B's feature cosine to 0.947, W8A8 on the four block
+linears keeps it at 0.999.
 
 Two rewrites, laid out per target in mimc/quant/quantize.py (with why and what they were measured
 against): :func:`rewrite_qdq`, standard ONNX QuantizeLinear/DequantizeLinear pairs (tensorrt, fp8,

@@ -39,29 +39,14 @@ Targets (the graph is chosen for where it runs):
   scales on the attention matmuls' two activations, it does not fuse attention, and its histogram
   calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
   stays the baseline the benchmark compares against.
-- ``openvino`` (OpenVINO CPU plugin): plain Q/DQ as for tensorrt, which OpenVINO's ONNX frontend
-  reads as FakeQuantize and its low-precision transformations run as int8 kernels where every
-  input of a MatMul/Convolution is quantized. Two differences, both measured through OpenVINO's
-  execution graph: the patch-embedding Conv is quantized too (OpenVINO's int8 convolution is its
-  own, unlike ORT's slow ConvInteger), and an activation whose calibrated range is non-negative
-  (softmax probabilities, with ``quantize_attention_matmuls``) is u8 with zero point 0, not
-  symmetric s8: s8 wastes half its levels there (pooled cosine on `ref` 0.986 -> 0.996). With
-  attention matmuls this covers exactly the layers NNCF's default preset runs in int8 (execution
-  graph: the same i8/u8 layer counts); NNCF also quantizes residual Adds and LayerNorm inputs,
-  which mimc keeps float for fidelity. Fidelity is judged through OpenVINO itself.
-  On a CPU without VNNI, int8 kernels sum pairs of u8 x s8 products in a saturating int16
-  (``overflow_fix``, see qdq_graph.rewrite_qdq): whether that hurts depends on the model's
-  activations (the tiny outlier encoder: pooled cosine 0.9932; random ViT-B: no loss), so there mimc
-  builds both the first-layer and the all-layer 7-bit-weight layouts from one calibration and keeps
-  the one OpenVINO runs with the higher SQNR; with VNNI the first layer alone, as NNCF does.
+- ``openvino`` (OpenVINO CPU plugin): plain Q/DQ as for tensorrt, which OpenVINO reads as FakeQuantize
+  and runs as int8 kernels, plus the patch-embedding Conv; a non-negative activation (softmax
+  probabilities) is u8 with zero point 0, not s8 (pooled cosine on `ref` 0.986 -> 0.996), and
+  ``overflow_fix`` writes 7-bit weights for CPUs without VNNI (qdq_graph.rewrite_qdq). Why, what it
+  covers against NNCF and how the layout is chosen: README, "int8 for OpenVINO".
 
-Graphs past 2 GiB (ViT-H/14 fp32): the source graph is read without its weights; they stay in
-external data, hard-linked (or copied) into the run's scratch folder beside the output, where the
-weights of a graph kept in one file are moved too, so every proto in memory is small and every ONNX
-Runtime session reads the weights from disk itself. Linear weights are read one at a time when they
-are quantized. The calibration session (one for both passes), the fp32 graph's and the quantized
-graph's sessions for the fidelity gate hold the weights in turn, never two at once; the output
-goes to external data itself when its initializers sum past :data:`mimc.graph.files.EXTERNAL_DATA_BYTES`.
+Graphs past 2 GiB (README, "Big encoders"): the weights stay on disk, linked into the run's scratch
+folder (:func:`_workspace`), and ONNX Runtime sessions hold them one at a time.
 
 References:
 - Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
