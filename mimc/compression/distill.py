@@ -27,6 +27,7 @@ from mimc.errors import ConfigError, DataError
 from mimc.models.nm_pattern import block_linears, check_nm
 from mimc.options import option
 from mimc.train import FeatureLoss, TrainConfig, TrainRun, as_indexed, fingerprint, first_batches, train
+from mimc.train.parallel import shard_like
 
 # Structure a student may differ from its teacher in and still be compared feature by feature.
 _MUST_MATCH = ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "cls_token", "pooling")
@@ -90,8 +91,6 @@ def check_teacher(student, teacher) -> None:
 def reapply_zeros(model, zeros: dict[str, torch.Tensor]) -> None:
     """Zero the masked weights of ``model`` (the student being trained) again after an optimizer step,
     so the N:M pattern survives training."""
-    from mimc.train.parallel import shard_like
-
     with torch.no_grad():
         for name, lin in block_linears(model):
             keep = zeros[name]

@@ -20,6 +20,7 @@ from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.nm_learned import NMLearnedConfig, learn_nm_masks
 from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.data import deterministic_inputs
 from mimc.errors import ConfigError
 from mimc.models.nm_pattern import check_nm, parse_pattern, validate_pattern
 from mimc.train.config import TrainRun
@@ -78,7 +79,6 @@ class NMSparsityConfig(StageConfig):
 
 @register(NMSparsityConfig)
 def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: TrainRun | None = None):
-    from mimc.data import deterministic_inputs
     from mimc.evaluation import fidelity
 
     n, m = config.nm

@@ -6,13 +6,16 @@ calibration_batches)`` and returns ``(new_encoder, metrics)``; it must not modif
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
+import pkgutil
 import time
 from typing import Any, Callable, Iterable
 
 import torch
 
 from mimc.artifact import Manifest, StageRecord, state_hash
+from mimc.data import deterministic_inputs
 from mimc.errors import ConfigError, DataError
 from mimc.models.vit import flops_per_image
 from mimc.train.config import TrainRun
@@ -47,9 +50,6 @@ def config_types() -> dict[str, type]:
 
 def _import_stages() -> None:
     """Import every technique module so its ``@register`` runs (they are cheap to import)."""
-    import importlib
-    import pkgutil
-
     package = importlib.import_module(__package__)
     for info in pkgutil.iter_modules(package.__path__):
         if info.name not in ("registry", "__init__"):
@@ -95,7 +95,6 @@ def shrink_metrics(encoder, new, batches, **before_fidelity) -> dict[str, Any]:
     """Parameters and MACs per image of ``new`` against the stage's input ``encoder``, ``before_fidelity``, then the
     fidelity to ``encoder`` on one seeded input (one forward of each: most of a ViT-B prune's few seconds) and
     on ``batches`` when there are any."""
-    from mimc.data import deterministic_inputs
     from mimc.evaluation import fidelity
 
     macs_before, macs_after = flops_per_image(encoder.config), flops_per_image(new.config)

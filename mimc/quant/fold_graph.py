@@ -6,6 +6,8 @@ Exact in float, so an ONNX file alone can be folded before calibration; the math
 from __future__ import annotations
 
 import numpy as np
+import torch
+from onnx import helper, numpy_helper
 
 from mimc.errors import BadInputError
 from mimc.quant.qdq_graph import GraphIndex, LinearSite, rebuild_nodes
@@ -32,9 +34,6 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
     (the exporter shares identical LayerNorm parameters between blocks through Identity nodes).
     ``base_dir``: where the graph's external-data tensors are read from.
     """
-    import torch
-    from onnx import numpy_helper
-
     from mimc.compression.smooth import fold_repq, fold_smoothquant
 
     idx = GraphIndex.build(model, base_dir)
@@ -72,8 +71,6 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
 
 def _insert_bias_adds(model, adds) -> None:
     """MatMul -> Add(bias) for MatMuls that had no bias: the RepQ shift needs somewhere to go."""
-    from onnx import helper
-
     after = {id(m): bias for m, bias in adds}
 
     def replace(n, emit) -> list:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from mimc.quant.qdq_graph import GraphIndex, opset, rebuild_nodes, transpose_perm
 
@@ -130,8 +131,6 @@ def fuse_attention_cpu(model, base_dir=None) -> dict:
     Returns ``{"fused_attention_blocks": n, "unfused_attention": {reason: count}}``. The graph's
     math is unchanged (QAttention runs the same u8 x s8 GEMM and a float softmax attention).
     """
-    from onnx import helper, numpy_helper
-
     idx = GraphIndex.build(model, base_dir)  # base_dir: where tensors kept in external data are read from
     outputs = {o.name for o in model.graph.output}
     cores, reasons = [], {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from mimc.graph import read_tensor
 
@@ -196,8 +197,6 @@ def activation_qparams(lo: float, hi: float, kind: str) -> tuple[np.float32, obj
 
 def _quantize_activation(t: str, lo_hi: tuple[float, float], kind: str, inits: list, emit) -> tuple[str, str, str]:
     """A QuantizeLinear of activation ``t``, its scale and zero point added to ``inits``: (its output, scale, zero point)."""
-    from onnx import helper, numpy_helper
-
     scale, zp = activation_qparams(*lo_hi, kind)
     q, s, z = f"{t}_mimc_q", f"{t}_mimc_scale", f"{t}_mimc_zp"
     inits.extend([numpy_helper.from_array(np.asarray(scale), s), numpy_helper.from_array(np.asarray(zp), z)])
@@ -235,8 +234,6 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
     0.99994 with 7-bit ones; ONNX Runtime's kernels do not saturate). NNCF's ``OverflowFix`` is
     the same remedy.
     """
-    from onnx import helper, numpy_helper
-
     kind = "fp8" if precision == "fp8" else "int8"
     plan, attn, conv = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}, {id(n) for n in convs}
     dq_of: dict[str, str] = {}
@@ -279,8 +276,6 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
 
 def rewrite_cpu(model, sites: list[LinearSite], attn_nodes: list, ranges: dict) -> None:
     """MatMulIntegerToFloat with static u8 activations, s8 per-channel weights and the bias fused."""
-    from onnx import helper, numpy_helper
-
     plan, attn = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}
     fused_adds = {id(s.bias_add) for s in sites if s.bias_add is not None}
     q_of: dict[str, tuple[str, str, str]] = {}

@@ -58,6 +58,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +68,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
+import onnx
+from onnx import helper, version_converter
 
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
@@ -163,8 +166,6 @@ def load_float_graph(onnx_in: Path):
 
 def calibration_hash(arrays: list[np.ndarray]) -> str | None:
     """sha256 of the concatenated pixels: equals mimc.data.ImageSet.sha256 for the same images."""
-    import hashlib
-
     if not arrays:
         return None
     return hashlib.sha256(np.ascontiguousarray(np.concatenate(arrays)).tobytes()).hexdigest()
@@ -211,8 +212,6 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     config's (openvino target); ``cache``: a dict kept between calls on the same graph and
     calibration, so a second layout reuses the first one's calibration passes.
     """
-    import onnx
-
     work = onnx.ModelProto()
     work.CopyFrom(model)  # never touch the caller's graph (no serialisation: a proto past 2 GiB copies too)
     model = work
@@ -275,8 +274,6 @@ def _softmax_outputs(idx: GraphIndex, attn_nodes: list) -> list[str]:
 
 
 def _to_opset(model, target: int):
-    from onnx import version_converter
-
     current = opset(model)
     if current >= target:
         return model
@@ -289,8 +286,6 @@ def _to_opset(model, target: int):
 
 
 def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
-    from onnx import helper
-
     meta = {
         **metadata(model),
         "mimc_version": mimc_version(),
