@@ -97,13 +97,14 @@ def shrink_metrics(encoder, new, batches, **before_fidelity) -> dict[str, Any]:
     on ``batches`` when there are any."""
     from mimc.evaluation import fidelity
 
-    macs_before, macs_after = flops_per_image(encoder.config), flops_per_image(new.config)
+    cfg = encoder.config
+    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new.config)
     metrics = {
         "params_before": encoder.num_params, "params_after": new.num_params,
         "macs_before": macs_before, "macs_after": macs_after,
         "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
         **before_fidelity,
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(encoder.config, batch=1, seed=0)).to_dict(),
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
     }
     if batches:
         metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()

@@ -196,7 +196,7 @@ def activation_qparams(lo: float, hi: float, kind: str) -> tuple[np.float32, obj
 
 
 def _quantize_activation(t: str, lo_hi: tuple[float, float], kind: str, inits: list, emit) -> tuple[str, str, str]:
-    """A QuantizeLinear of activation ``t``, its scale and zero point added to ``inits``: (its output, scale, zero point)."""
+    """A QuantizeLinear of activation ``t`` (scale and zero point added to ``inits``): (output, scale, zero point)."""
     scale, zp = activation_qparams(*lo_hi, kind)
     q, s, z = f"{t}_mimc_q", f"{t}_mimc_scale", f"{t}_mimc_zp"
     inits.extend([numpy_helper.from_array(np.asarray(scale), s), numpy_helper.from_array(np.asarray(zp), z)])

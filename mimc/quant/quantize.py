@@ -74,8 +74,8 @@ from onnx import helper, version_converter
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph, single_input,
-                        token_reduced, uses_external)
+from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph,
+                        single_input, token_reduced, uses_external)
 from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
 from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
