@@ -1,11 +1,8 @@
 """Block pruning: score every transformer block, delete the k most redundant ones.
 
-References:
-- Gardener: "Data-free block pruning by weight entropy" (arXiv 2602.03918, ICML 2026);
-  code: https://github.com/Peihao-Xiang/Gardener. Blocks are scored once and the k lowest are
-  removed in one shot (no re-scoring); a removed block becomes the identity, i.e. the residual
-  stream passes straight through, which is the same as deleting the block.
-- Scores live in :mod:`mimc.compression.block_scores`.
+As in Gardener (the scores and their references: :mod:`mimc.compression.block_scores`), blocks are
+scored once and the k lowest are removed in one shot (no re-scoring); a removed block becomes the
+identity, i.e. the residual stream passes straight through, which is the same as deleting the block.
 
 The pruned encoder is a plain shallower ViT: ``config.depth`` shrinks, ``block_ids`` keeps the
 original index of every surviving block, per-block lists (MLP widths, head counts) are sliced and
@@ -20,9 +17,9 @@ import torch
 from torch import nn
 
 from mimc.errors import ConfigError
-from mimc.models.vit import Encoder, flops_per_image
+from mimc.models.vit import Encoder
 from mimc.compression.block_scores import CRITERIA, ENTROPY_DTYPES, data_free_scores, removal_order, sensitivity_scores
-from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.compression.registry import StageConfig, clone_encoder, register, shrink_metrics
 from mimc.options import option
 
 
@@ -32,7 +29,6 @@ class BlockPruningConfig(StageConfig):
     ``blocks`` (0-based positions to remove; the criterion's scores are still recorded)."""
 
     name: ClassVar[str] = "prune"
-    version: ClassVar[int] = 1
 
     ratio: float | None = option(None, gt=0, lt=1, doc="fraction of the blocks removed")
     keep: int | None = option(None, ge=1, doc="how many blocks remain")
@@ -121,9 +117,6 @@ def score_blocks(encoder: Encoder, config: BlockPruningConfig, batches: list[tor
 
 @register(BlockPruningConfig)
 def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
-    from mimc.data import deterministic_inputs
-    from mimc.evaluation import fidelity
-
     cfg = encoder.config
     k = config.num_removed(cfg.depth, cfg.kept_block_ids())
     batches = list(calibration_batches) if calibration_batches is not None else None
@@ -132,7 +125,6 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
     new = remove_blocks(encoder, removed)
 
     ids = cfg.kept_block_ids()
-    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new.config)
     metrics: dict[str, Any] = {
         "criterion": config.criterion,
         "selection": "blocks" if config.blocks is not None else "lowest_scores",
@@ -141,17 +133,8 @@ def prune_blocks(encoder: Encoder, config: BlockPruningConfig, calibration_batch
         "removed_blocks": [ids[i] for i in removed],
         "removed_positions": removed,
         "kept_blocks": list(new.config.block_ids),
-        "params_before": encoder.num_params,
-        "params_after": new.num_params,
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
-        # Fidelity to the input encoder (the dense source when this is the first stage) on one seeded
-        # input: one forward of each model, the largest share of a ViT-B prune's few seconds.
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
+        **shrink_metrics(encoder, new, batches),
     }
-    if batches:
-        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
     if warnings:
         metrics["warnings"] = warnings
     return new, metrics

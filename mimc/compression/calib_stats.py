@@ -1,11 +1,6 @@
-"""Statistics over calibration batches: the images a stage calibrates on, and the inputs of a block's Linears.
-
-:func:`calibration_pixels` cuts the batches a stage is given down to a fixed number of images.
-:func:`collect_block_stats` runs the encoder's own forward (so any token schedule is respected)
-and stops right after one block; :func:`carried_block_stats` runs only that block on inputs
-carried forward from the previous one. Both return, per Linear, the sum of squares of every input
-feature (Wanda's norm) and optionally the input Gram matrix XᵀX (SparseGPT's Hessian).
-"""
+"""Statistics over calibration batches: the images a stage calibrates on, and the inputs of a block's
+Linears (per Linear, the sum of squares of every input feature, Wanda's norm, and optionally the input
+Gram matrix XᵀX, SparseGPT's Hessian)."""
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +67,7 @@ def _stats_hook(stats: dict[str, LayerStats], name: str, hessian: bool, stop: bo
 
 def collect_block_stats(encoder: nn.Module, block_index: int, pixels: list[torch.Tensor], hessian: bool) -> dict[str, LayerStats]:
     """Input statistics of block ``block_index``'s Linears over the calibration batches (the encoder's
-    own forward, stopped right after the block)."""
+    own forward, so any token schedule is respected, stopped right after the block)."""
     prefix = f"blocks.{block_index}."
     linears = [(name, lin) for name, lin in block_linears(encoder) if name.startswith(prefix)]
     stats: dict[str, LayerStats] = {}

@@ -27,6 +27,7 @@ from mimc.errors import ConfigError, DataError
 from mimc.models.nm_pattern import block_linears, check_nm
 from mimc.options import option
 from mimc.train import FeatureLoss, TrainConfig, TrainRun, as_indexed, fingerprint, first_batches, train
+from mimc.train.parallel import shard_like
 
 # Structure a student may differ from its teacher in and still be compared feature by feature.
 _MUST_MATCH = ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "cls_token", "pooling")
@@ -37,7 +38,8 @@ class DistillConfig(TrainConfig, StageConfig):
     """Recovery by distillation: AdamW with warm-up and cosine decay on every student weight."""
 
     name: ClassVar[str] = "distill"
-    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = True
+    learns: ClassVar[bool] = True
     key_order: ClassVar[tuple[str, ...]] = (
         "steps", "lr", "min_lr", "warmup_ratio", "weight_decay", "batch_size", "clip_grad", "mask_ratio",
         "token_weight", "pooled_weight", "hidden_weight", "flip", "seed",
@@ -56,14 +58,6 @@ class DistillConfig(TrainConfig, StageConfig):
     @property
     def warmup(self) -> int:
         return int(self.warmup_ratio * self.steps)
-
-    @property
-    def needs_data(self) -> bool:
-        return True
-
-    @property
-    def learns(self) -> bool:
-        return True
 
 
 def default_teacher(encoder):
@@ -97,8 +91,6 @@ def check_teacher(student, teacher) -> None:
 def reapply_zeros(model, zeros: dict[str, torch.Tensor]) -> None:
     """Zero the masked weights of ``model`` (the student being trained) again after an optimizer step,
     so the N:M pattern survives training."""
-    from mimc.train.parallel import shard_like
-
     with torch.no_grad():
         for name, lin in block_linears(model):
             keep = zeros[name]

@@ -9,10 +9,6 @@ Methods (``NMSparsityConfig.method``): ``magnitude``, ``wanda`` and ``sparsegpt`
 (:mod:`mimc.compression.nm_oneshot`); ``learned`` is MaskLLM (:mod:`mimc.compression.nm_learned`).
 The stage calls :func:`~mimc.models.nm_pattern.check_nm` after writing masks; export calls it
 before writing a graph.
-
-``weighting='rsq'`` weights every calibration token by the attention it receives when the Wanda and
-SparseGPT statistics are accumulated (RSQ, :mod:`mimc.compression.rsq`); ``uniform`` (the default)
-weights every token equally and runs exactly the unweighted code.
 """
 from __future__ import annotations
 
@@ -24,6 +20,7 @@ from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.nm_learned import NMLearnedConfig, learn_nm_masks
 from mimc.compression.nm_oneshot import one_shot_sparsify
 from mimc.compression.registry import StageConfig, clone_encoder, register
+from mimc.data import deterministic_inputs
 from mimc.errors import ConfigError
 from mimc.models.nm_pattern import check_nm, parse_pattern, validate_pattern
 from mimc.train.config import TrainRun
@@ -39,7 +36,6 @@ class NMSparsityConfig(StageConfig):
     """N:M sparsity of every block Linear. ``learned`` holds MaskLLM's options (method 'learned')."""
 
     name: ClassVar[str] = "sparsify"
-    version: ClassVar[int] = 1
 
     pattern: str = option("2:4", doc="N:M: keep N weights of every M consecutive inputs")
     method: str = option("magnitude", choices=METHODS)
@@ -83,7 +79,6 @@ class NMSparsityConfig(StageConfig):
 
 @register(NMSparsityConfig)
 def sparsify(encoder, config: NMSparsityConfig, calibration_batches=None, run: TrainRun | None = None):
-    from mimc.data import deterministic_inputs
     from mimc.evaluation import fidelity
 
     n, m = config.nm

@@ -53,7 +53,6 @@ class NMLearnedConfig(TrainConfig, StageConfig):
     with MaskLLM's defaults, plus its temperatures, regulariser and prior."""
 
     name: ClassVar[str] = "sparsify.learned"
-    version: ClassVar[int] = 1
     key_order: ClassVar[tuple[str, ...]] = (
         "steps", "lr", "min_lr", "warmup_steps", "weight_decay", "batch_size", "clip_grad", "tau_start", "tau_end",
         "kappa_start", "kappa_end", "reg_lambda", "prior", "prior_strength", "sigma0", "mask_ratio", "flip", "seed",
@@ -90,7 +89,7 @@ class MaskedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, n: int, m: int, logits: torch.Tensor):
         super().__init__()
-        self.in_features, self.out_features, self.n, self.m = linear.in_features, linear.out_features, n, m
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach().clone())
         self.register_buffer("bias", linear.bias.detach().clone() if linear.bias is not None else None)
         self.register_buffer("candidates", candidate_masks(n, m))

@@ -1,25 +1,27 @@
 """The registry from stage config type to handler, and the one verb ``compress``.
 
-A stage's options are a :class:`mimc.options.StageConfig` (``name``, ``version``, ``needs_data``,
-declared validation, a dict round-trip that rejects unknown keys, so a manifest or a YAML recipe can
-replay them). A handler takes ``(encoder, config, calibration_batches)`` and returns
-``(new_encoder, metrics)``; it must not modify the encoder it was given.
+A stage's options are a :class:`mimc.options.StageConfig`. A handler takes ``(encoder, config,
+calibration_batches)`` and returns ``(new_encoder, metrics)``; it must not modify the encoder it was given.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
+import pkgutil
 import time
 from typing import Any, Callable, Iterable
 
 import torch
 
 from mimc.artifact import Manifest, StageRecord, state_hash
+from mimc.data import deterministic_inputs
 from mimc.errors import ConfigError, DataError
+from mimc.models.vit import flops_per_image
 from mimc.train.config import TrainRun
 from mimc.options import StageConfig  # re-exported: stage modules import it from here
 
-__all__ = ["StageConfig", "register", "config_types", "compress", "clone_encoder"]
+__all__ = ["StageConfig", "register", "config_types", "compress", "clone_encoder", "shrink_metrics"]
 
 Handler = Callable[[Any, "StageConfig", "Iterable[torch.Tensor] | None"], "tuple[Any, dict[str, Any]]"]
 
@@ -48,9 +50,6 @@ def config_types() -> dict[str, type]:
 
 def _import_stages() -> None:
     """Import every technique module so its ``@register`` runs (they are cheap to import)."""
-    import importlib
-    import pkgutil
-
     package = importlib.import_module(__package__)
     for info in pkgutil.iter_modules(package.__path__):
         if info.name not in ("registry", "__init__"):
@@ -90,3 +89,23 @@ def clone_encoder(encoder):
     """A deep copy that shares nothing with the input and carries no manifest (handlers start from this)."""
     # The memo maps the manifest to None: deepcopy then neither copies it nor touches the input.
     return copy.deepcopy(encoder, {id(getattr(encoder, "manifest", None)): None})
+
+
+def shrink_metrics(encoder, new, batches, **before_fidelity) -> dict[str, Any]:
+    """Parameters and MACs per image of ``new`` against the stage's input ``encoder``, ``before_fidelity``, then the
+    fidelity to ``encoder`` on one seeded input (one forward of each: most of a ViT-B prune's few seconds) and
+    on ``batches`` when there are any."""
+    from mimc.evaluation import fidelity
+
+    cfg = encoder.config
+    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new.config)
+    metrics = {
+        "params_before": encoder.num_params, "params_after": new.num_params,
+        "macs_before": macs_before, "macs_after": macs_after,
+        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
+        **before_fidelity,
+        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
+    }
+    if batches:
+        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
+    return metrics

@@ -41,13 +41,9 @@ class SmoothQuantConfig(StageConfig):
     """SmoothQuant migration strength ``alpha`` in [0, 1] (0.5: balance activations and weights)."""
 
     name: ClassVar[str] = "smooth"
-    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = True
     alpha: float = option(0.5, ge=0, le=1, doc="migration strength (0.5 balances activations and weights)")
     max_batches: int | None = option(None, ge=1, doc="calibration batches used; null: all")
-
-    @property
-    def needs_data(self) -> bool:
-        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +55,9 @@ class RepQConfig(StageConfig):
     """
 
     name: ClassVar[str] = "repq"
-    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = True
     symmetric: bool = False
     max_batches: int | None = option(None, ge=1, doc="calibration batches used; null: all")
-
-    @property
-    def needs_data(self) -> bool:
-        return True
 
 
 # Calibration statistics ---------------------------------------------------------------------------

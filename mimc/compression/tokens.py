@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from mimc.data import deterministic_inputs
 from mimc.errors import ConfigError
 from mimc.models import token_ops
 from mimc.models.vit import Encoder, flops_per_image
@@ -43,7 +44,6 @@ class TokenReductionConfig(StageConfig):
     """
 
     name: ClassVar[str] = "tokens"
-    version: ClassVar[int] = 1
 
     method: str = option("tome", choices=token_ops.METHODS)
     r: int = option(0, ge=0, doc="tokens merged per block (ToMe)")
@@ -106,7 +106,6 @@ class TokenReductionConfig(StageConfig):
 
 @register(TokenReductionConfig)
 def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
-    from mimc.data import deterministic_inputs
     from mimc.evaluation import fidelity
 
     cfg = encoder.config

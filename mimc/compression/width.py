@@ -17,12 +17,12 @@ Importance (per block, per unit):
 MLP widths are rounded to multiples of ``round_to`` (GEMM kernels on CPU and tensor cores run
 whole tiles; 16 suits both), never below one tile.
 
-Why written here rather than with torch-pruning (which DESIGN.md suggested, and which does handle
-ViT heads): the coupled dimensions of this fixed block are known exactly (fc1 rows + bias with fc2
-columns; per head, the q, k and v rows + biases with proj columns and the per-block relative
-position bias table column), so slicing them is a few lines, needs no tracing of the forward (whose
-token-reduction path differs per configuration), keeps the config and the weights consistent by
-construction, and is deterministic. torch-pruning stays the peer a benchmark can compare with.
+Why written here rather than with torch-pruning (which does handle ViT heads): the coupled
+dimensions of this fixed block are known exactly (fc1 rows + bias with fc2 columns; per head, the q,
+k and v rows + biases with proj columns and the per-block relative position bias table column), so
+slicing them is a few lines, needs no tracing of the forward (whose token-reduction path differs per
+configuration), keeps the config and the weights consistent by construction, and is deterministic.
+torch-pruning stays the peer a benchmark can compare with.
 
 References:
 - Michel et al., "Are Sixteen Heads Really Better than One?", NeurIPS 2019 (head importance).
@@ -41,10 +41,10 @@ from typing import Any, ClassVar
 import torch
 
 from mimc.errors import ConfigError
-from mimc.models.vit import Encoder, build_encoder, flops_per_image
+from mimc.models.vit import Encoder, build_encoder
 from mimc.compression.calib_stats import calibration_pixels
 from mimc.compression.optin import TRAJECTORIES, allocate, optin_scores, ranked
-from mimc.compression.registry import StageConfig, register
+from mimc.compression.registry import StageConfig, register, shrink_metrics
 from mimc.options import option
 
 CRITERIA = ("l2", "activation", "optin")
@@ -57,7 +57,6 @@ class WidthPruningConfig(StageConfig):
     (:mod:`mimc.compression.optin`). ``optin_*``: the OPTIN criterion's images and pooled-term ratio λ."""
 
     name: ClassVar[str] = "width"
-    version: ClassVar[int] = 1
 
     mlp: float = option(0.0, ge=0, lt=1, doc="fraction of each block's MLP neurons removed")
     heads: float = option(0.0, ge=0, lt=1, doc="fraction of each block's attention heads removed")
@@ -138,9 +137,6 @@ def _activation_stats(encoder: Encoder, batches: list[torch.Tensor]):
 
 @register(WidthPruningConfig)
 def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batches=None) -> tuple[Encoder, dict[str, Any]]:
-    from mimc.data import deterministic_inputs
-    from mimc.evaluation import fidelity
-
     cfg = encoder.config
     if config.heads and cfg.rel_pos_bias == "shared":
         raise ConfigError("this model shares one relative position bias table across blocks: per-block head pruning would "
@@ -175,19 +171,12 @@ def prune_width(encoder: Encoder, config: WidthPruningConfig, calibration_batche
                 state[p + key] = state[p + key].index_select(dim, kept)
     new.load_state_dict(state)
     new = new.to(next(encoder.parameters()).dtype).eval()
-    macs_before, macs_after = flops_per_image(cfg), flops_per_image(new_cfg)
     metrics: dict[str, Any] = {
         "criterion": config.criterion,
         "mlp_dims": new_cfg.block_mlp_dims, "heads": new_cfg.block_heads,
         "kept_heads": keep_heads, "kept_neurons": keep_neurons,
-        "params_before": encoder.num_params, "params_after": new.num_params,
-        "macs_before": macs_before, "macs_after": macs_after,
-        "macs_ratio": round(macs_after / macs_before, 6) if macs_before else None,
-        "macs_target": config.macs,
-        "fidelity_deterministic": fidelity(new, encoder, deterministic_inputs(cfg, batch=1, seed=0)).to_dict(),
+        **shrink_metrics(encoder, new, batches, macs_target=config.macs),
     }
-    if batches:
-        metrics["fidelity_data"] = fidelity(new, encoder, batches).to_dict()
     if not math.isfinite(metrics["fidelity_deterministic"]["pooled_cosine_mean"]):
         raise ConfigError("width pruning produced non-finite features: the model's weights are not usable")
     return new, metrics

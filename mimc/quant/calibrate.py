@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+import onnx
 
 from mimc.errors import DataError
 from mimc.graph import single_input
@@ -36,8 +37,6 @@ def _tensor_reader(model, tensors: Sequence[str], calibration_batches: Iterable,
     """(the distinct tensors, the calibration batches as the graph takes them, ``read(batch)`` -> (tensor,
     value) pairs): one ORT session over ``model`` that also returns the named intermediate tensors,
     for every pass. ``base_dir``: the folder its external-data tensors are read from."""
-    import onnx
-
     from mimc.runtime.session import session_from_bytes
 
     name, batch, shape = single_input(model)

@@ -6,6 +6,8 @@ Exact in float, so an ONNX file alone can be folded before calibration; the math
 from __future__ import annotations
 
 import numpy as np
+import torch
+from onnx import helper, numpy_helper
 
 from mimc.errors import BadInputError
 from mimc.quant.qdq_graph import GraphIndex, LinearSite, rebuild_nodes
@@ -32,9 +34,6 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
     (the exporter shares identical LayerNorm parameters between blocks through Identity nodes).
     ``base_dir``: where the graph's external-data tensors are read from.
     """
-    import torch
-    from onnx import numpy_helper
-
     from mimc.compression.smooth import fold_repq, fold_smoothquant
 
     idx = GraphIndex.build(model, base_dir)
@@ -56,7 +55,7 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
             lo, hi = lo / s, hi / s  # the ranges the RepQ step below sees, after smoothing (s > 0)
         if repq:
             fold_repq(norm, lin, lo, hi, symmetric)
-        names = [f"mimc_fold_{k}_gamma", f"mimc_fold_{k}_beta", f"mimc_fold_{k}_weight", f"mimc_fold_{k}_bias"]
+        names = [f"mimc_fold_{k}_{part}" for part in ("gamma", "beta", "weight", "bias")]
         arrays = [norm.weight, norm.bias, lin.weight.T, lin.bias]
         for name, arr in zip(names, arrays):
             model.graph.initializer.append(numpy_helper.from_array(arr.detach().contiguous().numpy().astype(np.float32), name))
@@ -72,8 +71,6 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
 
 def _insert_bias_adds(model, adds) -> None:
     """MatMul -> Add(bias) for MatMuls that had no bias: the RepQ shift needs somewhere to go."""
-    from onnx import helper
-
     after = {id(m): bias for m, bias in adds}
 
     def replace(n, emit) -> list:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimc.metrics import Fidelity
+from mimc.metrics import Fidelity, compare_outputs
 
 
 def runnable_here(config) -> tuple[bool, str]:
@@ -54,8 +54,6 @@ def measure_fidelity(fp32_path: Path, quant_path: Path, eval_inputs: list[np.nda
     ``reference``: the fp32 graph's outputs on ``eval_inputs`` when already computed (then only the
     quantized graph is loaded). The two graphs are run one after the other, never held together.
     """
-    from mimc.metrics import compare_outputs
-
     ref = reference if reference is not None else graph_outputs(fp32_path, eval_inputs)
     cand = graph_outputs(quant_path, eval_inputs, emulate_qdq=config.resolved_target == "tensorrt",
                          runtime="openvino" if config.resolved_target == "openvino" else "ort")

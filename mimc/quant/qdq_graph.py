@@ -2,9 +2,9 @@
 
 A mimc encoder exports every Linear as ``MatMul(x, W[in, out]) -> Add(bias)``; the two attention
 products are MatMuls of two activations. Everything else (LayerNorm, Softmax, GELU, residual
-Adds, pooling; the patch-embedding Conv except for the openvino target) stays float: quantizing LayerNorm/Softmax/residual Adds is
-what dropped ViT-B's feature cosine to 0.947 (DESIGN.md), while W8A8 on the four block linears
-keeps it at 0.999.
+Adds, pooling; the patch-embedding Conv except for the openvino target) stays float: quantizing
+LayerNorm/Softmax/residual Adds dropped ViT-B's feature cosine to 0.947, W8A8 on the four block
+linears keeps it at 0.999.
 
 Two rewrites, laid out per target in mimc/quant/quantize.py (with why and what they were measured
 against): :func:`rewrite_qdq`, standard ONNX QuantizeLinear/DequantizeLinear pairs (tensorrt, fp8,
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from mimc.graph import read_tensor
 
@@ -27,6 +28,11 @@ FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
 def opset(model) -> int:
     """The graph's default-domain (ai.onnx) opset."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def transpose_perm(node) -> list[int] | None:
+    """A Transpose's ``perm`` (None: reverse the axes)."""
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
 @dataclass
@@ -82,7 +88,7 @@ class GraphIndex:
                 ok = node.attribute and node.attribute[0].name == "value"
                 return (node.attribute[0].t, perms) if ok else None
             if node.op_type == "Transpose":
-                perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
+                perms.append(transpose_perm(node))
             name = node.input[0]
         return self.inits[name], perms
 
@@ -160,12 +166,6 @@ def conv_sites(idx: GraphIndex) -> list:
 
 
 # Rewrites -----------------------------------------------------------------------------------------
-def _scalar(name: str, value, dtype) -> object:
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
-
-
 def per_channel_weight(w: np.ndarray, precision: str, seven_bit: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel quantization of W (in, out): (quantized values, scales (out,)).
 
@@ -193,6 +193,15 @@ def activation_qparams(lo: float, hi: float, kind: str) -> tuple[np.float32, obj
 
         return np.float32(amax / FP8_MAX if amax > 0 else 1.0), np.array(0, dtype=ml_dtypes.float8_e4m3fn)
     return np.float32(amax / 127.0 if amax > 0 else 1.0), np.int8(0)
+
+
+def _quantize_activation(t: str, lo_hi: tuple[float, float], kind: str, inits: list, emit) -> tuple[str, str, str]:
+    """A QuantizeLinear of activation ``t`` (scale and zero point added to ``inits``): (output, scale, zero point)."""
+    scale, zp = activation_qparams(*lo_hi, kind)
+    q, s, z = f"{t}_mimc_q", f"{t}_mimc_scale", f"{t}_mimc_zp"
+    inits.extend([numpy_helper.from_array(np.asarray(scale), s), numpy_helper.from_array(np.asarray(zp), z)])
+    emit(helper.make_node("QuantizeLinear", [t, s, z], [q], name=f"{t}_mimc_Q"))
+    return q, s, z
 
 
 def rebuild_nodes(model, replace, inits: list) -> None:
@@ -225,8 +234,6 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
     0.99994 with 7-bit ones; ONNX Runtime's kernels do not saturate). NNCF's ``OverflowFix`` is
     the same remedy.
     """
-    from onnx import helper, numpy_helper
-
     kind = "fp8" if precision == "fp8" else "int8"
     plan, attn, conv = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}, {id(n) for n in convs}
     dq_of: dict[str, str] = {}
@@ -234,11 +241,9 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
 
     def activation(t: str, emit) -> str:
         if t not in dq_of:
-            scale, zp = activation_qparams(*ranges[t], "u8" if unsigned and kind == "int8" and ranges[t][0] >= 0 else kind)
-            s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
-            inits.extend([_scalar(s, scale, np.float32), numpy_helper.from_array(np.asarray(zp), z)])
-            emit(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
-            emit(helper.make_node("DequantizeLinear", [f"{t}_mimc_q", s, z], [f"{t}_mimc_dq"], name=f"{t}_mimc_DQ"))
+            u8 = unsigned and kind == "int8" and ranges[t][0] >= 0
+            q, s, z = _quantize_activation(t, ranges[t], "u8" if u8 else kind, inits, emit)
+            emit(helper.make_node("DequantizeLinear", [q, s, z], [f"{t}_mimc_dq"], name=f"{t}_mimc_DQ"))
             dq_of[t] = f"{t}_mimc_dq"
         return dq_of[t]
 
@@ -271,8 +276,6 @@ def rewrite_qdq(model, sites: list[LinearSite], attn_nodes: list, ranges: dict, 
 
 def rewrite_cpu(model, sites: list[LinearSite], attn_nodes: list, ranges: dict) -> None:
     """MatMulIntegerToFloat with static u8 activations, s8 per-channel weights and the bias fused."""
-    from onnx import helper, numpy_helper
-
     plan, attn = {id(s.matmul): s for s in sites}, {id(n) for n in attn_nodes}
     fused_adds = {id(s.bias_add) for s in sites if s.bias_add is not None}
     q_of: dict[str, tuple[str, str, str]] = {}
@@ -280,11 +283,7 @@ def rewrite_cpu(model, sites: list[LinearSite], attn_nodes: list, ranges: dict) 
 
     def activation(t: str, emit) -> tuple[str, str, str]:
         if t not in q_of:
-            scale, zp = activation_qparams(*ranges[t], "u8")
-            s, z = f"{t}_mimc_scale", f"{t}_mimc_zp"
-            inits.extend([_scalar(s, scale, np.float32), _scalar(z, zp, np.uint8)])
-            emit(helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_mimc_q"], name=f"{t}_mimc_Q"))
-            q_of[t] = (f"{t}_mimc_q", s, z)
+            q_of[t] = _quantize_activation(t, ranges[t], "u8", inits, emit)
         return q_of[t]
 
     def replace(n, emit) -> list:
@@ -334,5 +333,5 @@ def prune_unused(model) -> None:
     g.input.extend(keep_inputs)
 
 
-__all__ = ["opset", "LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
+__all__ = ["opset", "transpose_perm", "LinearSite", "GraphIndex", "linear_sites", "attention_sites", "conv_sites",
            "rewrite_qdq", "rewrite_cpu", "per_channel_weight", "activation_qparams", "prune_unused", "rebuild_nodes"]

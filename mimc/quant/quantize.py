@@ -39,29 +39,14 @@ Targets (the graph is chosen for where it runs):
   scales on the attention matmuls' two activations, it does not fuse attention, and its histogram
   calibrators hold every intermediate output in memory (see calibrate.py). onnxruntime.quantization
   stays the baseline the benchmark compares against.
-- ``openvino`` (OpenVINO CPU plugin): plain Q/DQ as for tensorrt, which OpenVINO's ONNX frontend
-  reads as FakeQuantize and its low-precision transformations run as int8 kernels where every
-  input of a MatMul/Convolution is quantized. Two differences, both measured through OpenVINO's
-  execution graph: the patch-embedding Conv is quantized too (OpenVINO's int8 convolution is its
-  own, unlike ORT's slow ConvInteger), and an activation whose calibrated range is non-negative
-  (softmax probabilities, with ``quantize_attention_matmuls``) is u8 with zero point 0, not
-  symmetric s8: s8 wastes half its levels there (pooled cosine on `ref` 0.986 -> 0.996). With
-  attention matmuls this covers exactly the layers NNCF's default preset runs in int8 (execution
-  graph: the same i8/u8 layer counts); NNCF also quantizes residual Adds and LayerNorm inputs,
-  which mimc keeps float for fidelity. Fidelity is judged through OpenVINO itself.
-  On a CPU without VNNI, int8 kernels sum pairs of u8 x s8 products in a saturating int16
-  (``overflow_fix``, see qdq_graph.rewrite_qdq): whether that hurts depends on the model's
-  activations (the tiny outlier encoder: pooled cosine 0.9932; random ViT-B: no loss), so there mimc
-  builds both the first-layer and the all-layer 7-bit-weight layouts from one calibration and keeps
-  the one OpenVINO runs with the higher SQNR; with VNNI the first layer alone, as NNCF does.
+- ``openvino`` (OpenVINO CPU plugin): plain Q/DQ as for tensorrt, which OpenVINO reads as FakeQuantize
+  and runs as int8 kernels, plus the patch-embedding Conv; a non-negative activation (softmax
+  probabilities) is u8 with zero point 0, not s8 (pooled cosine on `ref` 0.986 -> 0.996), and
+  ``overflow_fix`` writes 7-bit weights for CPUs without VNNI (qdq_graph.rewrite_qdq). Why, what it
+  covers against NNCF and how the layout is chosen: README, "int8 for OpenVINO".
 
-Graphs past 2 GiB (ViT-H/14 fp32): the source graph is read without its weights; they stay in
-external data, hard-linked (or copied) into the run's scratch folder beside the output, where the
-weights of a graph kept in one file are moved too, so every proto in memory is small and every ONNX
-Runtime session reads the weights from disk itself. Linear weights are read one at a time when they
-are quantized. The calibration session (one for both passes), the fp32 graph's and the quantized
-graph's sessions for the fidelity gate hold the weights in turn, never two at once; the output
-goes to external data itself when its initializers sum past :data:`mimc.graph.files.EXTERNAL_DATA_BYTES`.
+Graphs past 2 GiB (README, "Big encoders"): the weights stay on disk, linked into the run's scratch
+folder (:func:`_workspace`), and ONNX Runtime sessions hold them one at a time.
 
 References:
 - Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
@@ -73,6 +58,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -82,12 +68,14 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
+import onnx
+from onnx import helper, version_converter
 
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
-from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, offload_tensors, save_graph, single_input, token_reduced,
-                        uses_external)
+from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph,
+                        single_input, token_reduced, uses_external)
 from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
 from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
@@ -107,7 +95,7 @@ class QuantizeConfig(StageConfig):
     """Options of the graph-level quantize stage; ``target`` None picks cpu for int8, tensorrt for fp8."""
 
     name: ClassVar[str] = "quantize"
-    version: ClassVar[int] = 1
+    needs_data: ClassVar[bool] = True
     precision: str = option("int8", choices=PRECISIONS)
     method: str = option("percentile", choices=METHODS, doc="calibration range method")
     n: int = option(256, ge=1, doc="calibration images")
@@ -137,10 +125,6 @@ class QuantizeConfig(StageConfig):
         if data["overflow_fix"] is None:  # an openvino-only option: other targets' records stay as they were
             del data["overflow_fix"]
         return data
-
-    @property
-    def needs_data(self) -> bool:
-        return True
 
     @property
     def resolved_overflow_fix(self) -> str:
@@ -182,8 +166,6 @@ def load_float_graph(onnx_in: Path):
 
 def calibration_hash(arrays: list[np.ndarray]) -> str | None:
     """sha256 of the concatenated pixels: equals mimc.data.ImageSet.sha256 for the same images."""
-    import hashlib
-
     if not arrays:
         return None
     return hashlib.sha256(np.ascontiguousarray(np.concatenate(arrays)).tobytes()).hexdigest()
@@ -230,8 +212,6 @@ def quantize_graph(model, calibration: list[np.ndarray], config: QuantizeConfig,
     config's (openvino target); ``cache``: a dict kept between calls on the same graph and
     calibration, so a second layout reuses the first one's calibration passes.
     """
-    import onnx
-
     work = onnx.ModelProto()
     work.CopyFrom(model)  # never touch the caller's graph (no serialisation: a proto past 2 GiB copies too)
     model = work
@@ -294,8 +274,6 @@ def _softmax_outputs(idx: GraphIndex, attn_nodes: list) -> list[str]:
 
 
 def _to_opset(model, target: int):
-    from onnx import version_converter
-
     current = opset(model)
     if current >= target:
         return model
@@ -308,17 +286,15 @@ def _to_opset(model, target: int):
 
 
 def _stamp(model, config: QuantizeConfig, info: dict[str, Any], calib_sha: str | None, source_sha: str) -> None:
-    meta = {p.key: p.value for p in model.metadata_props}
-    meta.update({
+    meta = {
+        **metadata(model),
         "mimc_version": mimc_version(),
         "mimc_precision": config.precision,
         "mimc_quantization": json.dumps({"config": config.to_dict(), "target": config.resolved_target,
                                          "calibration_sha256": calib_sha, "source_onnx_sha256": source_sha,
                                          **info}, sort_keys=True),
-    })
-    del model.metadata_props[:]
-    for key in sorted(meta):
-        model.metadata_props.add(key=key, value=meta[key])
+    }
+    helper.set_model_props(model, dict(sorted(meta.items())))
     model.producer_name, model.producer_version = "mimc", mimc_version()
 
 
