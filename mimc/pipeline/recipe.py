@@ -40,7 +40,7 @@ from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.latency.devices import load_profile
 from mimc.options import StageConfig
-from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_types
+from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_from_dict
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
@@ -163,11 +163,8 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {clip(item)}")
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {clip(options)}")
-    types = config_types()
-    if name not in types:
-        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {sorted(types)}")
     try:
-        config = types[name].from_dict(options)
+        config = config_from_dict(name, options)
     except (TypeError, ConfigError) as exc:  # TypeError: a wrong type the dataclass could not even take
         # the library names options (`ratio`); a recipe names their keys (`stages[0].prune.ratio`)
         if getattr(exc, "options", None):
