@@ -220,12 +220,9 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     check_model_path(model)
     if output is not None:
         output = Path(output)
-        if not output.parent.is_dir():
-            raise BadInputError(f"output folder {output.parent} does not exist: create it or choose another output")
         if output.is_dir():
             raise BadInputError(f"output {output} is a directory: give a file path like report.json")
-        check_not_input(output, (model,))  # the report must not replace the graph it measures
-        check_writable(output)
+        _check_folder(output, (model,))  # the report must not replace the graph it measures
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP, PrecisionOption,
                              WorkersOption, handle_errors, reads_images)
 from mimc.cli.render import note, show, stage_line
@@ -44,8 +45,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Recover a pruned model by distilling the dense teacher's features, without labels."""
-        from mimc import api
-
         report = api.distill(model, output, data=data, teacher=teacher, n=n, resume=resume, checkpoint_every=checkpoint_every,
                               overwrite=overwrite, on_note=note, workers=workers, fsdp=fsdp,
                               checkpoint_activations=checkpoint_activations, steps=steps, epochs=epochs, lr=lr,

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, handle_errors, status
 from mimc.cli.render import key_values, show
 
@@ -29,8 +30,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Export to ONNX (input pixel_values; outputs last_hidden_state, pooled) and validate it."""
-        from mimc import api
-
         with status(f"exporting and validating {model}"):
             report = api.export(model, output, batch=batch, opset=opset, exporter=exporter, validate=validate,
                                  force=force, seed=seed, overwrite=overwrite)

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, int_list, status
 from mimc.cli.render import line, score_table, show, shrink_phrase, warnings
 
@@ -31,8 +32,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Remove transformer blocks (a removed block passes the residual stream through)."""
-        from mimc import api
-
         with status(f"pruning {model}"):
             report = api.prune(model, output, data=data, n=n, batch_size=batch_size, seed=seed, overwrite=overwrite,
                                 ratio=ratio, keep=keep, blocks=int_list(blocks, "--blocks"), criterion=criterion,

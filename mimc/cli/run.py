@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, emit_json, handle_errors, status
 from mimc.cli.render import line, note, run_summary, show
 
@@ -23,8 +24,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, build, profile, eval)."""
-        from mimc import api
-
         parsed = api.recipe(recipe, data=data)
         if parsed.note:
             note(parsed.note)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP, PrecisionOption,
                              WorkersOption, handle_errors, reads_images)
 from mimc.cli.render import show, stage_line
@@ -49,8 +50,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Make every block Linear N:M sparse (exact pattern; the manifest records it for TensorRT)."""
-        from mimc import api
-
         learned = {"steps": steps, "epochs": epochs, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior,
                    "precision": precision}
         report = api.sparsify(model, output, calib=calib, data=data, n=n, resume=resume, checkpoint_every=checkpoint_every,

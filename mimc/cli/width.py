@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, show, shrink_phrase
 
@@ -29,8 +30,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Structured width pruning: a narrower ViT (per-block widths in its config) that exports like any other."""
-        from mimc import api
-
         with status("scoring heads and neurons"):
             report = api.width(model, output, data=data, n=n, seed=seed, overwrite=overwrite, mlp=mlp, heads=heads,
                                 criterion=criterion, round_to=round_to, macs=macs)
