@@ -23,6 +23,8 @@ status = console.status  # a transient spinner on stderr while a verb works
 
 MODEL_HELP = ("A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, 'ref', "
               "or random:vit-b/16 (also vit-ti/16, vit-s/16, vit-l/16, vit-h/14: random weights, seed 0).")
+ModelArgument = typer.Argument("ref", help=MODEL_HELP)
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace a non-empty output directory.")
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
 # A learning run's length in passes over the images, and how it computes (the same result).

@@ -13,8 +13,8 @@ from typing import Optional
 import typer
 
 from mimc import api
-from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP, PrecisionOption,
-                             WorkersOption, handle_errors, reads_images)
+from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP,
+                             OverwriteOption, PrecisionOption, WorkersOption, handle_errors, reads_images)
 from mimc.cli.render import note, show, stage_line
 
 
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         fsdp: bool = FsdpOption,
         checkpoint_activations: bool = CheckpointActivationsOption,
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default ./<model>-distilled)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        overwrite: bool = OverwriteOption,
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for everything random (default 0)."),
         json_out: bool = JsonOption,
     ) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from mimc import api
-from mimc.cli.common import JsonOption, MODEL_HELP, handle_errors, status
+from mimc.cli.common import JsonOption, ModelArgument, handle_errors, status
 from mimc.cli.render import key_values, show
 
 
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     @handle_errors
     def export(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         output: Optional[Path] = typer.Option(
             None, "-o", "--output",
             help="Artifact directory to write model.onnx into (default: MODEL itself when it is an artifact, else ./<model>-mimc).",

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from mimc import api
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
+from mimc.cli.common import JsonOption, ModelArgument, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, score_table, show, warnings
 
 
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     @reads_images()
     def inspect(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         data: Optional[str] = typer.Option(None, "--data", help="Images for the oracle (sensitivity): a folder, .npy/.npz or 'builtin'."),
         n: int = typer.Option(256, "--n", help="Use at most this many images from --data."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG plot to write (default ./<model>-blocks.png)."),

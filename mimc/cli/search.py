@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from mimc import api
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, float_list, handle_errors, reads_images, status
+from mimc.cli.common import JsonOption, ModelArgument, SeedOption, float_list, handle_errors, reads_images, status
 from mimc.cli.render import columns, line, show
 
 
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors(flags={"block_ratios": "--blocks", "token_keeps": "--keep", "mlp_ratios": "--mlp"})
     @reads_images()
     def search_(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         device: str = typer.Option("cpu", "--device", help="Target profile (cpu measured here; others predicted by roofline) or a .yaml."),
         min_cosine: float = typer.Option(0.98, "--min-cosine", help="Required mean pooled cosine to the dense model on held-out images."),
         budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="Latency budget (batch 1): reported as met or not."),

@@ -161,11 +161,11 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
     from mimc.runtime.openvino import cpu_bf16, openvino
 
     openvino()  # not installed: the install hint, before anything is built
-    wanted = space.precisions or tuple(dict.fromkeys(p for r in runtimes for p in RUNTIME_PRECISIONS[r]))
-    bad = [p for p in wanted if not any(p in RUNTIME_PRECISIONS[r] for r in runtimes)]
+    runs = tuple(dict.fromkeys(p for r in runtimes for p in RUNTIME_PRECISIONS[r]))
+    wanted = space.precisions or runs
+    bad = [p for p in wanted if p not in runs]
     if bad:
-        runs = sorted({p for r in runtimes for p in RUNTIME_PRECISIONS[r]})
-        raise ConfigError(f"runtimes {','.join(runtimes)} run {runs} on the CPU, not {bad}: drop them from precisions",
+        raise ConfigError(f"runtimes {','.join(runtimes)} run {sorted(runs)} on the CPU, not {bad}: drop them from precisions",
                           option="precisions")
     pairs = []
     for p in wanted:
