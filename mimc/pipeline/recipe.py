@@ -15,9 +15,8 @@ stages:
   - eval: {}
 ```
 
-A ``build`` stage (after export / quantize) turns the last graph into what a runtime loads, as
-``mimc build`` does: an OpenVINO IR (``build: {device: openvino-cpu}``: ``model.xml`` + ``model.bin``)
-or a TensorRT engine (``model.plan``); profile and eval after it then measure that deployable.
+A ``build`` stage (after export / quantize) makes the deployable ``mimc build`` makes (README "Recipes");
+profile and eval after it measure that deployable.
 
 Every stage's options are a frozen dataclass: the model stages' are the registry's
 (mimc.compression.registry), the graph stages' are in mimc.pipeline.stages. ``mimc run`` writes the resolved
