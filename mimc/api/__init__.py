@@ -21,5 +21,7 @@ from mimc.pipeline.search import SearchSpace
 VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
          "embed", "inspect", "run", "recipe", "search", "profiles")
 
-__all__ = [*VERBS, "StageReport", "GraphReport", "ProfileReport", "BuildReport", "EvalReport", "EmbedReport", "InspectReport",
-           "RunReport", "SearchReport", "SearchSpace", "ImageSource", "MimcError", "ConfigError", "VERBS"]
+__all__ = ["prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
+           "embed", "inspect", "run", "recipe", "search", "profiles", "StageReport", "GraphReport", "ProfileReport", "BuildReport",
+           "EvalReport", "EmbedReport", "InspectReport", "RunReport", "SearchReport", "SearchSpace", "ImageSource", "MimcError",
+           "ConfigError", "VERBS"]

@@ -113,11 +113,11 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     is_learned = (config.method if config else "learned") == "learned"
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     if not is_learned:
-        given_runtime = [k for k, v in {**runtime, "checkpoint_every": checkpoint_every}.items() if v not in (None, False)]
-        if given_runtime:
-            names = " and ".join(given_runtime)
-            raise ConfigError(f"{names} {'apply' if len(given_runtime) > 1 else 'applies'} only to a learning run and method "
-                              f"{config.method} does not train: drop {names}", option=tuple(given_runtime))
+        training = [k for k, v in {**runtime, "checkpoint_every": checkpoint_every}.items() if v not in (None, False)]
+        if training:
+            names = " and ".join(training)
+            raise ConfigError(f"{names} {'apply' if len(training) > 1 else 'applies'} only to a learning run and "
+                              f"method {config.method} does not train: drop {names}", option=tuple(training))
         given_only_learned = sorted(k for k, v in (learned or {}).items() if v is not None)
         if given_only_learned:
             raise ConfigError(f"{', '.join(given_only_learned)} only apply to method learned, which trains; method {config.method} is "

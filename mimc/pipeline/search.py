@@ -161,8 +161,8 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
     wanted = space.precisions or runs
     bad = [p for p in wanted if p not in runs]
     if bad:
-        raise ConfigError(f"runtimes {','.join(runtimes)} run {sorted(runs)} on the CPU, not {bad}: drop them from precisions",
-                          option="precisions")
+        raise ConfigError(f"runtimes {','.join(runtimes)} run {sorted(runs)} on the CPU, not {bad}: drop them from "
+                          "precisions", option="precisions")
     pairs = []
     for p in wanted:
         for r in runtimes:

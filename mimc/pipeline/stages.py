@@ -113,7 +113,8 @@ class EvalConfig(StageConfig):
         return data
 
 
-GRAPH_CONFIGS: dict[str, type] = {c.name: c for c in (ExportConfig, QuantizeConfig, BuildConfig, ProfileConfig, EvalConfig)}
+GRAPH_CONFIGS: dict[str, type] = {c.name: c for c in (ExportConfig, QuantizeConfig, BuildConfig, ProfileConfig,
+                                                      EvalConfig)}
 GRAPH_STAGES = tuple(GRAPH_CONFIGS)
 
 
