@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mimc.api._model import _load, _name
 from mimc.api.reports import DictReport
 from mimc.atomic import atomic_file
 from mimc.errors import BadInputError, ConfigError
@@ -43,8 +44,7 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
     body = _evaluate(cand, ref, data=data, n=n, seed=seed, batch_size=batch_size, val=val,
                      rank=ctx.rank, world=ctx.world_size)
     shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
-    name = lambda m: str(m) if isinstance(m, (str, Path)) else None  # noqa: E731
-    return EvalReport({"model": name(model), "reference": name(reference), **body})
+    return EvalReport({"model": _name(model, None), "reference": _name(reference, None), **body})
 
 
 def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp16", hist_bins: int = 65536,
@@ -53,7 +53,6 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
     criterion's Spearman correlation with it; ``plot``: also write a PNG (``True``: ``./<model>-blocks.png``)."""
     from mimc.compression.block_scores import ENTROPY_DTYPES, inspect_blocks
     from mimc.data import as_source, spec_of
-    from mimc.models.resolve import load_model
 
     if dtype not in ENTROPY_DTYPES:
         raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}", option="dtype")
@@ -72,10 +71,10 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
         if not plot.parent.is_dir():
             raise BadInputError(f"folder {plot.parent} does not exist: create it or choose another plot path")
         _pyplot()  # a missing matplotlib fails before the work, not after
-    encoder = load_model(model) if isinstance(model, (str, Path)) else model
+    encoder = _load(model)
     batches = as_source(data, seed).batches(encoder.config, n, batch_size) if data is not None else None
     result = inspect_blocks(encoder, batches, dtype, hist_bins, seed)
-    result["model"] = str(model) if isinstance(model, (str, Path)) else None
+    result["model"] = _name(model, None)
     result["data"] = spec_of(data)
     if plot is not None:
         plot_scores(result, plot, f"block scores: {result['model'] or 'model'}")

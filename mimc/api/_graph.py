@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mimc.api._model import _default_output, _load
 from mimc.api.reports import DictReport, GraphReport
 from mimc.atomic import check_not_input, check_writable, write_json
 from mimc.errors import BadInputError, DataError
@@ -75,7 +76,7 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     already has a ``model.onnx`` with graphs made from it (``model.int8.onnx``, engines, IRs), the
     export is refused unless ``overwrite``, which replaces it and removes those."""
     from mimc.artifact import is_artifact
-    from mimc.models.resolve import describe_source, load_model, model_slug
+    from mimc.models.resolve import describe_source
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
 
@@ -85,8 +86,7 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         model = str(model)
     kind = "encoder" if in_memory else describe_source(model)  # nonexistent path / not a model -> exit 2
     in_place = kind == "artifact" and (output is None or _same_dir(Path(output), Path(model)))
-    slug = "model" if in_memory else model_slug(model)
-    out_dir = Path(model) if in_place else (Path(output) if output is not None else Path(f"{slug}-mimc"))
+    out_dir = Path(model) if in_place else (Path(output) if output is not None else _default_output(model, "mimc"))
     if not in_place:
         check_not_input(out_dir, (model,))
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
@@ -96,7 +96,7 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         raise BadInputError(f"{out_dir / ONNX_NAME} has graphs made from it ({', '.join(stale)}), which a new export would leave "
                             "out of date: export into a new folder (output), or pass overwrite to replace it and remove them",
                             option=("output", "overwrite"))
-    encoder = _unshared(model) if in_memory else load_model(model)
+    encoder = _unshared(model) if in_memory else _load(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
@@ -139,7 +139,6 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.data import as_source, spec_of
     from mimc.graph import encoder_config_of_graph
     from mimc.models.io import ArtifactShape
-    from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_split, split_images, target_for_device
     from mimc.pipeline.stages import ExportConfig
@@ -161,11 +160,11 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     if path.suffix != ".onnx":
         # An artifact that has its fp32 graph is quantized from that graph alone: its weights (2.5 GB
         # for a ViT-H/14) are not loaded.
-        encoder = ArtifactShape(path) if is_artifact(path) and (path / ONNX_NAME).is_file() else load_model(model)
+        encoder = ArtifactShape(path) if is_artifact(path) and (path / ONNX_NAME).is_file() else _load(model)
     if path.suffix != ".onnx" and (out is None or is_artifact(path) and _same_dir(out, path / name)):
         # Into the MODEL's artifact, else (like `mimc export`) a new one holding the weights,
         # model.onnx and the quantized graph.
-        folder = path if is_artifact(path) else Path(f"{model_slug(model)}-mimc")
+        folder = path if is_artifact(path) else _default_output(model, "mimc")
         if folder is not path:
             _new_artifact(folder, False, f", or run `mimc quantize {folder}`")
         images.draw(encoder.config, config.n + EVAL_IMAGES)  # bad images: refused before an export is written
@@ -221,12 +220,9 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
     check_model_path(model)
     if output is not None:
         output = Path(output)
-        if not output.parent.is_dir():
-            raise BadInputError(f"output folder {output.parent} does not exist: create it or choose another output")
         if output.is_dir():
             raise BadInputError(f"output {output} is a directory: give a file path like report.json")
-        check_not_input(output, (model,))  # the report must not replace the graph it measures
-        check_writable(output)
+        _check_folder(output, (model,))  # the report must not replace the graph it measures
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:

@@ -19,8 +19,9 @@ def _load(model):
     return load_model(model) if isinstance(model, (str, Path)) else model
 
 
-def _name(model) -> str:
-    return str(model) if isinstance(model, (str, Path)) else "model"
+def _name(model, default: str | None = "model") -> str | None:
+    """A MODEL argument's name; ``default`` for an Encoder in memory (never its repr)."""
+    return str(model) if isinstance(model, (str, Path)) else default
 
 
 def _default_output(model, suffix: str) -> Path:
@@ -112,7 +113,11 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     is_learned = (config.method if config else "learned") == "learned"
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     if not is_learned:
-        _refuse_runtime({**runtime, "checkpoint_every": checkpoint_every}, f"method {config.method} does not train")
+        training = [k for k, v in {**runtime, "checkpoint_every": checkpoint_every}.items() if v not in (None, False)]
+        if training:
+            names = " and ".join(training)
+            raise ConfigError(f"{names} {'apply' if len(training) > 1 else 'applies'} only to a learning run and "
+                              f"method {config.method} does not train: drop {names}", option=tuple(training))
         given_only_learned = sorted(k for k, v in (learned or {}).items() if v is not None)
         if given_only_learned:
             raise ConfigError(f"{', '.join(given_only_learned)} only apply to method learned, which trains; method {config.method} is "
@@ -173,14 +178,6 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
                     encoder=encoder)
     report.metrics.setdefault("teacher", _name(teacher) if teacher is not None else (getattr(encoder, "manifest", None).source or {}).get("id"))
     return report
-
-
-def _refuse_runtime(runtime: dict[str, Any], why: str) -> None:
-    given = [name for name, value in runtime.items() if value not in (None, False)]
-    if given:
-        names = " and ".join(given)
-        raise ConfigError(f"{names} {'apply' if len(given) > 1 else 'applies'} only to a learning run and {why}: drop {names}",
-                          option=tuple(given))
 
 
 def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, runtime: dict[str, Any], **kwargs) -> StageReport:

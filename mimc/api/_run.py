@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from mimc.api._model import _default_output, _load, _name
 from mimc.api.reports import DictReport
 from mimc.atomic import atomic_dir, check_not_input, check_output
 from mimc.errors import ConfigError
@@ -64,7 +65,6 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
 
     from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
-    from mimc.models.resolve import load_model, model_slug
     from mimc.pipeline.search import SearchSpace, recipe_of
     from mimc.pipeline.search import search as _search
 
@@ -75,10 +75,10 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     if not isinstance(space, SearchSpace):
         raise ConfigError(f"space must be a SearchSpace or a mapping of its options, got {type(space).__name__}", option="space")
     load_profile(device)
-    name = str(model) if isinstance(model, (str, Path)) else "model"  # never an Encoder's repr
-    out = Path(output) if output is not None else Path(f"{model_slug(name)}-search")
+    name = _name(model)
+    out = Path(output) if output is not None else _default_output(model, "search")
     check_output(out, overwrite, inputs=(model, spec_of(data), device))
-    encoder = load_model(model) if isinstance(model, (str, Path)) else model
+    encoder = _load(model)
     images = as_source(data, seed).draw(encoder.config, n + n_eval)
     data = spec_of(data)
     if len(images) <= n:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, echo_tensorrt, handle_errors, status
 from mimc.cli.render import key_values, note, show
 
@@ -25,8 +26,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) or an OpenVINO IR, plus a JSON sidecar."""
-        from mimc import api
-
         with status(f"building for {device} (a TensorRT engine takes minutes for a ViT-B)"):
             report = api.build(model, device, precision=precision, batch_range=batch,
                                 workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,

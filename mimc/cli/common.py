@@ -13,15 +13,18 @@ from typer.models import OptionInfo
 from rich.console import Console
 from rich.markup import escape
 
-from mimc.api import MimcError
+from mimc.api import ConfigError, ImageSource, MimcError
 
 # Results (tables, summaries) go to stdout, so `mimc profiles | grep h100` works; progress, notes and
 # errors to stderr. `--json` prints only JSON on stdout. Emoji codes off: `2:4x` is a pattern, and
 # rich would print `:M:` as an emoji.
 console = Console(stderr=True, emoji=False)
+status = console.status  # a transient spinner on stderr while a verb works
 
 MODEL_HELP = ("A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, 'ref', "
               "or random:vit-b/16 (also vit-ti/16, vit-s/16, vit-l/16, vit-h/14: random weights, seed 0).")
+ModelArgument = typer.Argument("ref", help=MODEL_HELP)
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace a non-empty output directory.")
 JsonOption = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
 SeedOption = typer.Option(0, "--seed", help="Seed for everything random.")
 # A learning run's length in passes over the images, and how it computes (the same result).
@@ -56,11 +59,9 @@ def reads_images(*params: str) -> Callable:
         def command(*args: Any, **kwargs: Any) -> Any:
             reading = {k: kwargs.get(k) if k in own else kwargs.pop(k, None) for k in READING_OPTIONS}
             if any(v not in (None, False) for v in reading.values()):
-                from mimc import api
-
                 for p in params:
                     if kwargs.get(p) is not None:
-                        kwargs[p] = api.ImageSource(kwargs[p], kwargs.get("seed", 0), **reading)
+                        kwargs[p] = ImageSource(kwargs[p], kwargs.get("seed", 0), **reading)
             return fn(*args, **kwargs)
 
         command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
@@ -153,15 +154,8 @@ def rate_progress(description: str, unit: str = "images"):
             bar.stop()
 
 
-def status(text: str):
-    """A transient spinner on stderr while a verb works."""
-    return console.status(text)
-
-
 def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
     """``3,5`` -> (3, 5); None stays None."""
-    from mimc.api import ConfigError
-
     if text is None:
         return None
     try:
@@ -174,8 +168,6 @@ def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def float_list(text: str, flag: str) -> tuple[float, ...]:
-    from mimc.api import ConfigError
-
     try:
         return tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError:

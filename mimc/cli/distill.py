@@ -12,8 +12,9 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP, PrecisionOption,
-                             WorkersOption, handle_errors, reads_images)
+from mimc import api
+from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP,
+                             OverwriteOption, PrecisionOption, WorkersOption, handle_errors, reads_images)
 from mimc.cli.render import note, show, stage_line
 
 
@@ -39,13 +40,11 @@ def register(app: typer.Typer) -> None:
         fsdp: bool = FsdpOption,
         checkpoint_activations: bool = CheckpointActivationsOption,
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default ./<model>-distilled)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        overwrite: bool = OverwriteOption,
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for everything random (default 0)."),
         json_out: bool = JsonOption,
     ) -> None:
         """Recover a pruned model by distilling the dense teacher's features, without labels."""
-        from mimc import api
-
         report = api.distill(model, output, data=data, teacher=teacher, n=n, resume=resume, checkpoint_every=checkpoint_every,
                               overwrite=overwrite, on_note=note, workers=workers, fsdp=fsdp,
                               checkpoint_activations=checkpoint_activations, steps=steps, epochs=epochs, lr=lr,

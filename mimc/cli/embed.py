@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, rate_progress, reads_images
 from mimc.cli.render import key_values, note, show
 
@@ -37,8 +38,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Run the encoder over a data source in batches and write its features (.npy + index, or .parquet)."""
-        from mimc import api
-
         with rate_progress("embedding") as tick:
             report = api.embed(model, data, output, tokens=tokens, n=n, seed=seed, batch_size=batch_size,
                                device=device, threads=threads, overwrite=overwrite, on_progress=tick)

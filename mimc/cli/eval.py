@@ -5,6 +5,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import columns, note, show
 
@@ -26,8 +27,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Cosine of pooled and per-token features to --ref, SQNR, and k-NN top-1 on labelled data."""
-        from mimc import api
-
         with status(f"evaluating {model} on {data}" + (f" and {val}" if val else "")):
             report = api.evaluate(model, ref, data, val=val, n=n, seed=seed, batch_size=batch_size, device=device, threads=threads)
         if report.get("rank", 0) == 0:  # under torchrun, rank 0 reports

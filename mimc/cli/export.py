@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, handle_errors, status
+from mimc import api
+from mimc.cli.common import JsonOption, ModelArgument, handle_errors, status
 from mimc.cli.render import key_values, show
 
 
@@ -14,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     @handle_errors
     def export(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         output: Optional[Path] = typer.Option(
             None, "-o", "--output",
             help="Artifact directory to write model.onnx into (default: MODEL itself when it is an artifact, else ./<model>-mimc).",
@@ -29,8 +30,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Export to ONNX (input pixel_values; outputs last_hidden_state, pooled) and validate it."""
-        from mimc import api
-
         with status(f"exporting and validating {model}"):
             report = api.export(model, output, batch=batch, opset=opset, exporter=exporter, validate=validate,
                                  force=force, seed=seed, overwrite=overwrite)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
+from mimc import api
+from mimc.cli.common import JsonOption, ModelArgument, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, score_table, show, warnings
 
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     @reads_images()
     def inspect(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         data: Optional[str] = typer.Option(None, "--data", help="Images for the oracle (sensitivity): a folder, .npy/.npz or 'builtin'."),
         n: int = typer.Option(256, "--n", help="Use at most this many images from --data."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG plot to write (default ./<model>-blocks.png)."),
@@ -28,8 +29,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Per-block scores of every pruning criterion (low = removed first), a table and a PNG plot."""
-        from mimc import api
-
         plot = None if no_plot else (output if output is not None else True)  # True: ./<model>-blocks.png
         with status(f"scoring the blocks of {model}" + (" (oracle: one forward pass per block)" if data else "")):
             report = api.inspect(model, data=data, n=n, plot=plot, dtype=dtype, hist_bins=hist_bins,

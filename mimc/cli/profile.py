@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, echo_tensorrt, handle_errors, status
 from mimc.cli.render import columns, line, note, show
 
@@ -26,8 +27,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Latency p50/p90/p99, throughput and peak memory per batch size; labelled measured or predicted."""
-        from mimc import api
-
         with status(f"profiling {model}") as spinner:
             report = api.profile(model, device, batch_sizes=batch, warmup=warmup, iters=iters,
                                   threads=threads, predict=predict, output=output, on_message=echo_tensorrt, precision=precision,

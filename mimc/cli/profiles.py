@@ -5,6 +5,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, emit_json, handle_errors
 from mimc.cli.render import columns, line
 
@@ -17,8 +18,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """List device profiles: backend, precisions, dense peak TFLOP/s, memory bandwidth, sparse tensor cores."""
-        from mimc import api
-
         chosen = api.profiles(device)
         if json_out:
             emit_json([p.to_dict() for p in chosen])

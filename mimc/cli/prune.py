@@ -6,7 +6,9 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, int_list, status
+from mimc import api
+from mimc.cli.common import (JsonOption, ModelArgument, OverwriteOption, SeedOption, handle_errors, int_list,
+                             reads_images, status)
 from mimc.cli.render import line, score_table, show, shrink_phrase, warnings
 
 
@@ -15,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     @reads_images()
     def prune(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of blocks to remove, strictly between 0 and 1."),
         keep: Optional[int] = typer.Option(None, "--keep", help="Number of blocks to keep."),
         blocks: Optional[str] = typer.Option(None, "--blocks", help="0-based positions of the blocks to remove, e.g. 3,5 (overrides the criterion; on a pruned model, not the source ids its table shows)."),
@@ -25,14 +27,12 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp16", "--dtype", help="Precision the entropy criterion counts values in (fp16, bf16, fp32)."),
         hist_bins: int = typer.Option(65536, "--hist-bins", help="Bins of the entropy_hist criterion."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default ./<model>-pruned)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        overwrite: bool = OverwriteOption,
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Remove transformer blocks (a removed block passes the residual stream through)."""
-        from mimc import api
-
         with status(f"pruning {model}"):
             report = api.prune(model, output, data=data, n=n, batch_size=batch_size, seed=seed, overwrite=overwrite,
                                 ratio=ratio, keep=keep, blocks=int_list(blocks, "--blocks"), criterion=criterion,

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, note, show
 
@@ -36,8 +37,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Calibrate and quantize (W8A8 or FP8) with optional outlier folding; gate fidelity on held-out images."""
-        from mimc import api
-
         if int8 and fp8:
             raise api.ConfigError("--int8 and --fp8 exclude each other: pass one of them")
         precision = "fp8" if fp8 else "int8"

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, emit_json, handle_errors, status
+from mimc import api
+from mimc.cli.common import JsonOption, OverwriteOption, emit_json, handle_errors, status
 from mimc.cli.render import line, note, run_summary, show
 
 
@@ -17,14 +18,12 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="A recipe .yaml (see mimc/pipeline/recipe.py), or an artifact directory to replay."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default: the recipe's 'output', else ./<model>-recipe)."),
         data: Optional[str] = typer.Option(None, "--data", help="Override the recipe's images (a folder, .npz/.npy or 'builtin')."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        overwrite: bool = OverwriteOption,
         force: bool = typer.Option(False, "--force", help="Write a quantized graph even when it fails its fidelity gate."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe (YAML; JSON with --json); run nothing."),
         json_out: bool = JsonOption,
     ) -> None:
         """Run a recipe: model stages (prune, width, tokens, sparsify, distill) then graph stages (export, quantize, build, profile, eval)."""
-        from mimc import api
-
         parsed = api.recipe(recipe, data=data)
         if parsed.note:
             note(parsed.note)

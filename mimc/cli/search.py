@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, float_list, handle_errors, reads_images, status
+from mimc import api
+from mimc.cli.common import JsonOption, ModelArgument, SeedOption, float_list, handle_errors, reads_images, status
 from mimc.cli.render import columns, line, show
 
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors(flags={"block_ratios": "--blocks", "token_keeps": "--keep", "mlp_ratios": "--mlp"})
     @reads_images()
     def search_(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         device: str = typer.Option("cpu", "--device", help="Target profile (cpu measured here; others predicted by roofline) or a .yaml."),
         min_cosine: float = typer.Option(0.98, "--min-cosine", help="Required mean pooled cosine to the dense model on held-out images."),
         budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="Latency budget (batch 1): reported as met or not."),
@@ -38,8 +39,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Build and measure every combination of blocks x tokens (x 2:4) x precision; Pareto front + the fastest faithful one."""
-        from mimc import api
-
         space = api.SearchSpace(block_ratios=float_list(blocks, "--blocks"), token_keeps=float_list(keep, "--keep"),
                                  mlp_ratios=float_list(mlp, "--mlp"), nm=nm, width_macs=float_list(width_macs, "--width-macs"),
                                  width_criterion=width_criterion, runtimes=tuple(x.strip() for x in runtimes.split(",") if x.strip()) if runtimes is not None else None,

@@ -11,8 +11,9 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, MODEL_HELP, PrecisionOption,
-                             WorkersOption, handle_errors, reads_images)
+from mimc import api
+from mimc.cli.common import (CheckpointActivationsOption, EpochsOption, FsdpOption, JsonOption, ModelArgument,
+                             OverwriteOption, PrecisionOption, WorkersOption, handle_errors, reads_images)
 from mimc.cli.render import show, stage_line
 
 
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors(flags={"update_weights": "--no-update"})
     @reads_images("calib", "data")
     def sparsify(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern along each Linear's input (default 2:4)."),
         method: Optional[str] = typer.Option(None, "--method", help="magnitude (no data), wanda, sparsegpt, or learned (MaskLLM; default magnitude)."),
         calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images for wanda/sparsegpt (learned: its training images, when --data is not given)."),
@@ -44,13 +45,11 @@ def register(app: typer.Typer) -> None:
         fsdp: bool = FsdpOption,
         checkpoint_activations: bool = CheckpointActivationsOption,
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default ./<model>-<N>of<M>)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        overwrite: bool = OverwriteOption,
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for everything random (default 0)."),
         json_out: bool = JsonOption,
     ) -> None:
         """Make every block Linear N:M sparse (exact pattern; the manifest records it for TensorRT)."""
-        from mimc import api
-
         learned = {"steps": steps, "epochs": epochs, "lr": lr, "batch_size": batch_size, "mask_ratio": mask_ratio, "prior": prior,
                    "precision": precision}
         report = api.sparsify(model, output, calib=calib, data=data, n=n, resume=resume, checkpoint_every=checkpoint_every,

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from mimc import api
 from mimc.cli.common import MODEL_HELP, JsonOption, handle_errors, int_list, status
 from mimc.cli.render import line, show
 
@@ -34,8 +35,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Reduce the tokens every block sees, with static shapes that export to ONNX."""
-        from mimc import api
-
         rs = int_list(r, "--r")
         options = dict(method=method, inflection=inflection, keep=keep, fuse=fuse, pattern=pattern, prop_attn=prop_attn,
                        at=int_list(at, "--at"), **({"r": rs[0]} if rs and len(rs) == 1 else {"r_list": rs} if rs else {}))

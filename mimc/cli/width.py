@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
+from mimc import api
+from mimc.cli.common import JsonOption, ModelArgument, OverwriteOption, SeedOption, handle_errors, reads_images, status
 from mimc.cli.render import line, show, shrink_phrase
 
 
@@ -15,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     @reads_images()
     def width(
-        model: str = typer.Argument("ref", help=MODEL_HELP),
+        model: str = ModelArgument,
         mlp: float = typer.Option(0.0, "--mlp", help="Fraction of each block's MLP hidden neurons to remove, in [0, 1)."),
         heads: float = typer.Option(0.0, "--heads", help="Fraction of each block's attention heads to remove, in [0, 1)."),
         criterion: str = typer.Option("l2", "--criterion", help="l2 (data-free weight norms), activation or optin (both need --data)."),
@@ -24,13 +25,11 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Images for --criterion activation and data fidelity."),
         n: int = typer.Option(64, "--n", help="Use at most this many images from --data."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Artifact directory to write (default ./<model>-narrow)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        overwrite: bool = OverwriteOption,
         seed: int = SeedOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Structured width pruning: a narrower ViT (per-block widths in its config) that exports like any other."""
-        from mimc import api
-
         with status("scoring heads and neurons"):
             report = api.width(model, output, data=data, n=n, seed=seed, overwrite=overwrite, mlp=mlp, heads=heads,
                                 criterion=criterion, round_to=round_to, macs=macs)

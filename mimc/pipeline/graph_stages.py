@@ -230,9 +230,9 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                             openvino.runner(graph, entry["result"]["precision"], config.threads)]
                 dense_ms, graph_ms = timing.interleave(runs, iters=config.iters)
                 entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
-                entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3)
             else:  # predicted, or measured on a GPU: the two reports' own latencies
-                entry["speedup_vs_dense"] = _speedup(entry["baseline"], entry["result"])
+                dense_ms, graph_ms = _latency(entry["baseline"]), _latency(entry["result"])
+            entry["speedup_vs_dense"] = round(dense_ms / graph_ms, 3) if dense_ms and graph_ms else None
     return entry
 
 
@@ -240,11 +240,6 @@ def _latency(report: dict[str, Any]) -> float | None:
     first = (report.get("results") or [{}])[0]  # measured: p50_ms, predicted: latency_ms
     found = [first[key] for key in ("p50_ms", "latency_ms") if isinstance(first.get(key), (int, float))]
     return float(found[0]) if found else None
-
-
-def _speedup(baseline: dict[str, Any], result: dict[str, Any]) -> float | None:
-    a, b = _latency(baseline), _latency(result)
-    return round(a / b, 3) if a and b else None
 
 
 # eval ---------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ stages:
   - eval: {}
 ```
 
-A ``build`` stage (after export / quantize) turns the last graph into what a runtime loads, as
-``mimc build`` does: an OpenVINO IR (``build: {device: openvino-cpu}``: ``model.xml`` + ``model.bin``)
-or a TensorRT engine (``model.plan``); profile and eval after it then measure that deployable.
+A ``build`` stage (after export / quantize) makes the deployable ``mimc build`` makes (README "Recipes");
+profile and eval after it measure that deployable.
 
 Every stage's options are a frozen dataclass: the model stages' are the registry's
 (mimc.compression.registry), the graph stages' are in mimc.pipeline.stages. ``mimc run`` writes the resolved
@@ -40,7 +39,7 @@ from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.latency.devices import load_profile
 from mimc.options import StageConfig
-from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_types
+from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_from_dict
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
@@ -163,11 +162,8 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
         raise ConfigError(f"{where}: stages[{index}] must be a name or a one-key mapping like {{prune: {{ratio: 0.5}}}}, got {clip(item)}")
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: {stage_key(index, name)} must be a mapping of options, got {clip(options)}")
-    types = config_types()
-    if name not in types:
-        raise ConfigError(f"{where}: unknown stage '{name}' (stages[{index}]): known stages are {sorted(types)}")
     try:
-        config = types[name].from_dict(options)
+        config = config_from_dict(name, options)
     except (TypeError, ConfigError) as exc:  # TypeError: a wrong type the dataclass could not even take
         # the library names options (`ratio`); a recipe names their keys (`stages[0].prune.ratio`)
         if getattr(exc, "options", None):
@@ -184,6 +180,7 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
     last, target = None, {}  # the graph a profile / eval without 'graph' reads; quantized graph -> its target
     precision = {"model.onnx": "fp32"}  # graph -> its precision
     for i, step in enumerate(steps):
+        name = getattr(step.config, "graph", None) or last  # the graph a build / profile / eval reads
         if step.name in ("build", "profile", "eval") and step.config.graph is not None and step.config.graph not in written:
             hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
             raise ConfigError(f"{where}: {stage_key(i, step.name)} reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
@@ -199,12 +196,11 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             if target[last] == "cpu" and not step.config.fuse_attention:
                 target[last] = "cpu-unfused"  # plain Q/DQ + MatMulIntegerToFloat: OpenVINO reads it too
         elif step.name == "build":
-            last = _check_build(step, i, step.config.graph or last, target, precision, where)
+            last = _check_build(step, i, name, target, precision, where)
             written.append(last)
         if step.name == "profile" and not step.config.predict:
             # a TensorRT Q/DQ graph on ONNX Runtime CPU times fp32 emulation of the int8 math (slower
             # than fp32), and TensorRT cannot parse the CPU graph's com.microsoft kernels
-            name = step.config.graph or last
             backend = load_profile(step.config.device).backend
             if target.get(name) == "openvino-ir" and backend != "openvino-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would time {name}, an OpenVINO IR, on {step.config.device}: "
@@ -221,9 +217,9 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
             if target.get(name) == "cpu" and backend != "onnxruntime-cpu":
                 raise ConfigError(f"{where}: {stage_key(i, 'profile')} would run {name}, an ONNX Runtime CPU graph, on {step.config.device}: "
                                   "quantize with target: tensorrt, or profile device: cpu (openvino-cpu reads it with fuse_attention: false)")
-        if step.name == "profile" and step.config.predict and target.get(step.config.graph or last) in ("openvino-ir", "tensorrt-engine"):
+        if step.name == "profile" and step.config.predict and target.get(name) in ("openvino-ir", "tensorrt-engine"):
             raise ConfigError(f"{where}: {stage_key(i, 'profile', 'predict')} prices an ONNX graph by roofline, not the built "
-                              f"{step.config.graph or last}: give graph: the .onnx it was built from, or predict: false")
+                              f"{name}: give graph: the .onnx it was built from, or predict: false")
         # a static graph runs one batch size only: found here, not after the model stages ran
         if step.name == "profile" and batch != "dynamic" and set(step.config.batch_sizes) - {batch}:
             raise ConfigError(f"{where}: {stage_key(i, 'profile')} times batch sizes {list(step.config.batch_sizes)} of a graph exported with "

@@ -15,12 +15,8 @@ Every candidate is built for real and measured, never guessed:
   in this process, timed in alternating rounds (forward, then reverse order), the median of every
   timed run — so a load spike on a shared machine lands on all candidates alike instead of on
   whichever was being timed then;
-- the CPU runtime is a dimension (``runtimes``; by default every one installed here: ONNX Runtime,
-  and OpenVINO when it imports, else the result's ``skipped`` says how to install it): ONNX Runtime runs fp32 and mimc's int8 graph;
-  OpenVINO runs the fp32 graph with an explicit f32 hint, bf16 only where the CPU has AVX-512 BF16
-  or AMX (else skipped, and the result says why), and int8 as mimc's calibrated Q/DQ graph for the
-  openvino target. An OpenVINO candidate's fidelity is measured through its OpenVINO compiled model, and
-  its recipe builds the OpenVINO IR at its precision (``build``) and profiles and evaluates that IR.
+- the CPU runtime is a dimension (``runtimes``: ONNX Runtime, and OpenVINO when it imports; what each
+  runs, and how an OpenVINO candidate is judged and rebuilt: README "Search").
 
 The result lists every candidate, marks the Pareto front (no other candidate is both faster and
 more faithful) and picks the fastest one at or above ``min_cosine``, saying whether it meets the
@@ -161,12 +157,12 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
     from mimc.runtime.openvino import cpu_bf16, openvino
 
     openvino()  # not installed: the install hint, before anything is built
-    wanted = space.precisions or tuple(dict.fromkeys(p for r in runtimes for p in RUNTIME_PRECISIONS[r]))
-    bad = [p for p in wanted if not any(p in RUNTIME_PRECISIONS[r] for r in runtimes)]
+    runs = tuple(dict.fromkeys(p for r in runtimes for p in RUNTIME_PRECISIONS[r]))
+    wanted = space.precisions or runs
+    bad = [p for p in wanted if p not in runs]
     if bad:
-        runs = sorted({p for r in runtimes for p in RUNTIME_PRECISIONS[r]})
-        raise ConfigError(f"runtimes {','.join(runtimes)} run {runs} on the CPU, not {bad}: drop them from precisions",
-                          option="precisions")
+        raise ConfigError(f"runtimes {','.join(runtimes)} run {sorted(runs)} on the CPU, not {bad}: drop them from "
+                          "precisions", option="precisions")
     pairs = []
     for p in wanted:
         for r in runtimes:

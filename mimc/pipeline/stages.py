@@ -17,7 +17,6 @@ from mimc.latency.devices import load_profile
 from mimc.options import StageConfig, option
 from mimc.quant.quantize import QuantizeConfig
 
-GRAPH_STAGES = ("export", "quantize", "build", "profile", "eval")
 BUILD_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8")
 
 
@@ -114,8 +113,9 @@ class EvalConfig(StageConfig):
         return data
 
 
-GRAPH_CONFIGS: dict[str, type] = {"export": ExportConfig, "quantize": QuantizeConfig, "build": BuildConfig, "profile": ProfileConfig,
-                                  "eval": EvalConfig}
+GRAPH_CONFIGS: dict[str, type] = {c.name: c for c in (ExportConfig, QuantizeConfig, BuildConfig, ProfileConfig,
+                                                      EvalConfig)}
+GRAPH_STAGES = tuple(GRAPH_CONFIGS)
 
 
 def config_types() -> dict[str, type]:
