@@ -394,6 +394,9 @@ CASES += [
     Case("manifest-unknown-pos-embed", ["inspect", "A"], "pos_embed", enc(pos_embed="evil")),
     Case("manifest-encoder-list", ["inspect", "A"], "encoder", manifest(lambda m: m.update(encoder=[1, 2]))),
     Case("manifest-mean-wrong-length", ["inspect", "A"], "image_mean", enc(image_mean=[0.5])),
+    Case("manifest-eps-text-export", ["export", "A", "-o", "OUT"], "norm_eps", enc(norm_eps="x")),
+    Case("manifest-std-zero-eval", ["eval", "A", "--data", "imgs.npz"], "image_std", enc(image_std=[0, 0, 0])),
+    Case("manifest-mlp-dims-negative", ["inspect", "A"], "block_mlp_dims", enc(block_mlp_dims=[-1] * 4)),
     Case("manifest-list-search", ["search", "A", "--blocks", "0.5", "--device", "cpu", "-o", "OUT"], "not a mimc manifest", manifest(lambda m: [m])),
     Case("manifest-heads-zero-run", ["run", "recipe.yaml", "-o", "OUT"], "num_heads", enc(num_heads=0)),
     # 6. Artifacts with a broken recipe ---------------------------------------------------------------

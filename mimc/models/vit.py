@@ -31,6 +31,13 @@ POS_EMBEDS = ("learned", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(float(v)) < float("inf")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
 @dataclass
 class EncoderConfig:
     """Everything needed to rebuild an encoder's structure (weights live in safetensors)."""
@@ -84,9 +91,19 @@ class EncoderConfig:
                 raise ConfigError(f"invalid encoder config: {name} must be a {'non-negative' if name == 'depth' else 'positive'} whole number, got {clip(value)}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(isinstance(v, numbers.Real) for v in value):
-                raise ConfigError(f"invalid encoder config: {name} must hold one number per input channel ({self.in_chans}), got {clip(value)}")
+            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(_finite(v) for v in value):
+                raise ConfigError(f"invalid encoder config: {name} must hold one finite number per input channel ({self.in_chans}), got {clip(value)}")
+        for name in ("block_mlp_dims", "block_heads", "head_dim"):  # widths: positive whole numbers (or None)
+            value = getattr(self, name)
+            if value is not None and not all(_positive_int(v) for v in (value if isinstance(value, list) else [value])):
+                raise ConfigError(f"invalid encoder config: {name} must be positive whole numbers, got {clip(value)}")
+        for name in ("qkv_bias", "cls_token", "layer_scale", "final_norm", "pool_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"invalid encoder config: {name} must be true or false, got {clip(getattr(self, name))}")
         checks = [
+            (_finite(self.norm_eps) and self.norm_eps > 0, "norm_eps must be a positive finite number"),
+            (all(v > 0 for v in self.image_std), "image_std must be positive"),
+            (isinstance(self.family, str), "family must be a name"),
             (self.resize in ("shortest", "squash"), "resize must be 'shortest' or 'squash'"),
             (isinstance(self.crop_pct, numbers.Real) and 0 < self.crop_pct <= 1, "crop_pct must be in (0, 1]"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),

@@ -65,6 +65,18 @@ def test_config_rejects_bad_values_and_unknown_keys():
         EncoderConfig.from_dict({**tiny_config().to_dict(), "bogus": 1})
 
 
+@pytest.mark.parametrize("fields", [
+    dict(norm_eps="x"), dict(norm_eps=float("inf")), dict(norm_eps=-1.0), dict(head_dim=0), dict(head_dim="8"),
+    dict(block_mlp_dims=[-1] * 2), dict(block_heads=[0] * 2), dict(block_mlp_dims=["a"] * 2),
+    dict(image_mean=[float("nan")] * 3), dict(image_std=[0, 0, 0]), dict(image_std=[float("inf")] * 3),
+    dict(qkv_bias="no"), dict(final_norm=1), dict(family=["x"]),
+])
+def test_config_refuses_values_a_tampered_manifest_may_hold(fields):
+    # each one used to crash later (a traceback) or to run and give nonsense features silently
+    with pytest.raises(ConfigError):
+        EncoderConfig.from_dict({**tiny_config(depth=2).to_dict(), **fields})
+
+
 def test_vit_b_macs_match_published():
     assert abs(flops_per_image(vit_base_config()) / 17.6e9 - 1) < 0.02
 
@@ -103,3 +115,4 @@ def test_load_reads_every_tensor_in_place_and_converts_a_stored_dtype(tmp_path):
     loaded = load_artifact(art)
     assert torch.equal(loaded.state_dict()[name], state[name].float())
     assert torch.equal(loaded.state_dict()["blocks.1.mlp.fc1.weight"], enc.state_dict()["blocks.1.mlp.fc1.weight"])
+
