@@ -89,12 +89,15 @@ def _check_shapes(cfg: EncoderConfig, weights: Path) -> None:
     encoder is built on the meta device (no memory), so a manifest claiming a 10^9-pixel image or
     a wider model than its weights is refused instead of allocating terabytes or half-loading."""
     try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in Encoder(cfg).state_dict().items()}
         with safe_open(str(weights), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError):
         return  # unreadable weights are reported by the load that follows, with its own message
+    depth = len({k.split(".")[1] for k in found if k.startswith("blocks.")})
+    if cfg.depth != depth:  # before building: even on the meta device, 10^7 blocks would take hours
+        raise NotAModelError(f"{weights} does not match its mimc.json (depth {clip(cfg.depth)} by the config, {depth} blocks in the weights): re-create the artifact")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Encoder(cfg).state_dict().items()}
     if expected.keys() != found.keys():
         missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
         raise NotAModelError(f"{weights} does not match its mimc.json (missing {missing[:3]}, unexpected {unexpected[:3]}): re-create the artifact")

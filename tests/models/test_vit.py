@@ -116,3 +116,16 @@ def test_load_reads_every_tensor_in_place_and_converts_a_stored_dtype(tmp_path):
     assert torch.equal(loaded.state_dict()[name], state[name].float())
     assert torch.equal(loaded.state_dict()["blocks.1.mlp.fc1.weight"], enc.state_dict()["blocks.1.mlp.fc1.weight"])
 
+
+def test_manifest_claiming_a_huge_depth_is_refused_before_building_it(tmp_path, tiny_encoder):
+    import json
+    import time
+
+    save_artifact(tiny_encoder, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "mimc.json").read_text())
+    manifest["encoder"]["depth"] = 10**7  # the encoder used to be built (on meta) first: hours
+    (tmp_path / "a" / "mimc.json").write_text(json.dumps(manifest))
+    start = time.monotonic()
+    with pytest.raises(NotAModelError, match="depth 10000000 by the config, 4 blocks in the weights"):
+        load_artifact(tmp_path / "a")
+    assert time.monotonic() - start < 10
