@@ -273,3 +273,18 @@ def test_per_block_hidden_states_match(case):
     assert len(ours) == len(ref) == base.config.num_hidden_layers + 1
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert (a - b).abs().max().item() <= TOL, f"hidden state {i}"
+
+
+def _edited(tmp_path, **fields):
+    """A saved 3-layer ViT whose config.json says ``fields``."""
+    _vit().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("fields", [dict(dtype="evil", torch_dtype="evil"), dict(layer_norm_eps="tiny"), dict(num_attention_heads="four")])
+def test_config_json_with_values_transformers_refuses_is_one_line(tmp_path, fields):
+    # transformers raises AttributeError / its strict-dataclass error here: they were tracebacks
+    with pytest.raises(NotAModelError, match="config.json is not a usable transformers config"):
+        load_hf(_edited(tmp_path, **fields))

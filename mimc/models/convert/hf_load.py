@@ -167,7 +167,7 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     try:
         # trust_remote_code=False everywhere: transformers must neither run a model's code nor ask.
         hf_config = AutoConfig.from_pretrained(source, local_files_only=offline, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers and huggingface_hub raise their own types for bad values
         if local:
             raise NotAModelError(f"{source}/config.json is not a usable transformers config ({one_line(exc)}): point at a saved model directory") from None
         raise _not_found(source, offline, exc) from None
