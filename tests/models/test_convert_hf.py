@@ -288,3 +288,9 @@ def test_config_json_with_values_transformers_refuses_is_one_line(tmp_path, fiel
     # transformers raises AttributeError / its strict-dataclass error here: they were tracebacks
     with pytest.raises(NotAModelError, match="config.json is not a usable transformers config"):
         load_hf(_edited(tmp_path, **fields))
+
+
+def test_model_without_layers_is_one_line(tmp_path):
+    transformers.ViTModel(transformers.ViTConfig(**{**COMMON, "num_hidden_layers": 0})).save_pretrained(tmp_path)
+    with pytest.raises(NotAModelError, match="no encoder layers"):  # was IndexError in the converter
+        load_hf(tmp_path)

@@ -179,7 +179,7 @@ def convert_hf_model(model: nn.Module, image_mean=None, image_std=None, copy: bo
     """
     family = family_of(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)
     base = getattr(model, "base_model", model)
-    if _find(base, BASE_PATHS["layers"]) is None or _find(base, BASE_PATHS["patch"]) is None:
+    if not _find(base, BASE_PATHS["layers"]) or _find(base, BASE_PATHS["patch"]) is None:  # None, or no layer at all
         raise NotAModelError(f"{type(model).__name__} has no encoder layers mimc recognises: pass a {family} encoder model")
     cfg = _encoder_config(model, base, family, image_mean, image_std)
     emb = base.embeddings
