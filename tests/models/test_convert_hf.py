@@ -294,3 +294,15 @@ def test_model_without_layers_is_one_line(tmp_path):
     transformers.ViTModel(transformers.ViTConfig(**{**COMMON, "num_hidden_layers": 0})).save_pretrained(tmp_path)
     with pytest.raises(NotAModelError, match="no encoder layers"):  # was IndexError in the converter
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("layers", [2, 10**7])
+def test_config_json_whose_layer_count_differs_from_its_weights_is_refused_before_building(tmp_path, layers):
+    # 2: transformers built 2 layers and ignored the third's weights (a different model, exit 0);
+    # 10**7: it built ten million layers (hours) before finding them missing
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(NotAModelError, match=f"num_hidden_layers {layers}, the weights hold 3 layers"):
+        load_hf(_edited(tmp_path, num_hidden_layers=layers))
+    assert time.monotonic() - start < 30

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
-from mimc.errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError
+from mimc.errors import ModelNotFoundError, NotAModelError, UnsafeCheckpointError, clip
 from mimc.models.vit import Encoder
 from mimc.models.convert.common import one_line, refuse_code_pickle
 from mimc.models.convert.hf import convert_hf_model, family_of
@@ -158,6 +159,27 @@ def _flat(value) -> list:
     return [value] if value else []
 
 
+def _check_depth(folder: Path, hf_config) -> None:
+    """Compare config.json's layer count with the layers in the safetensors weights (header or index)
+    before transformers builds the model: a config that lies would otherwise drop trained layers
+    silently, or build millions of layers first. A pickle's names cannot be read without loading it."""
+    from safetensors import safe_open
+
+    try:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            names = list(json.loads(index.read_text())["weight_map"])
+        else:
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                names = list(f.keys())
+    except Exception:  # noqa: BLE001 - no readable safetensors names: the load that follows reports it
+        return
+    found = len({m.group(1) for k in names if (m := re.search(r"(?:^|\.)layers?\.(\d+)\.", k))})
+    if hf_config.num_hidden_layers != found:
+        raise NotAModelError(f"{folder}/config.json does not fit its weights (num_hidden_layers {clip(hf_config.num_hidden_layers)}, the weights "
+                             f"hold {found} layers): the checkpoint lacks layers or config.json was edited; re-save the model")
+
+
 def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -175,6 +197,8 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
         raise UnsafeCheckpointError(f"model '{source}' has auto_map: it needs its own code, which mimc never runs: "
                                     "use a model of a built-in transformers class")
     family_of(hf_config.model_type, source)
+    if local:
+        _check_depth(Path(source), hf_config)
     cls = _model_class(hf_config)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # missing keys are checked below, in one clear line
