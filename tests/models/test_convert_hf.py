@@ -306,3 +306,18 @@ def test_config_json_whose_layer_count_differs_from_its_weights_is_refused_befor
     with pytest.raises(NotAModelError, match=f"num_hidden_layers {layers}, the weights hold 3 layers"):
         load_hf(_edited(tmp_path, num_hidden_layers=layers))
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("fields", [dict(qkv_bias=False), dict(layer_scale_init_value=0.0)])
+def test_config_json_that_leaves_trained_layer_weights_unused_is_refused(tmp_path, fields):
+    # transformers reports the q/k/v biases (or BEiT's layer scales) as unexpected and drops them;
+    # mimc hid that report and converted a different model with exit 0
+    if "layer_scale_init_value" in fields:
+        _beit(True, False).save_pretrained(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
+    else:
+        _edited(tmp_path, **fields)
+    with pytest.raises(NotAModelError, match="has weights its config.json leaves unused"):
+        load_hf(tmp_path)
+

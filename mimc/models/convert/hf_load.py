@@ -31,6 +31,7 @@ KNOWN_CLASSES = {
 }  # fmt: skip
 
 PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # an encoder layer's weight (4.x and 5.x names); not a decoder_layers one
 
 
 def preprocess_geometry(data: dict) -> dict:
@@ -174,7 +175,7 @@ def _check_depth(folder: Path, hf_config) -> None:
                 names = list(f.keys())
     except Exception:  # noqa: BLE001 - no readable safetensors names: the load that follows reports it
         return
-    found = len({m.group(1) for k in names if (m := re.search(r"(?:^|\.)layers?\.(\d+)\.", k))})
+    found = len({m.group(1) for k in names if (m := _LAYER.search(k))})
     if hf_config.num_hidden_layers != found:
         raise NotAModelError(f"{folder}/config.json does not fit its weights (num_hidden_layers {clip(hf_config.num_hidden_layers)}, the weights "
                              f"hold {found} layers): the checkpoint lacks layers or config.json was edited; re-save the model")
@@ -225,6 +226,10 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     missing = sorted(k for k in info.get("missing_keys", ()) if "pooler.dense" not in k)
     if missing:
         raise NotAModelError(f"{source} lacks {len(missing)} encoder weights (e.g. {missing[0]}): the checkpoint is incomplete or of another architecture")
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if _LAYER.search(k))  # e.g. biases under qkv_bias: false
+    if unused:
+        raise NotAModelError(f"{source} has weights its config.json leaves unused ({len(unused)}, e.g. {unused[0]}): "
+                             "config.json does not describe this checkpoint; re-save the model")
     found = read_preprocessor_config(source, local_files_only=offline)
     encoder = convert_hf_model(model.eval(), image_mean=found.get("image_mean"), image_std=found.get("image_std"), copy=False)
     encoder.config = encoder.config.replace(**{k: found[k] for k in ("resize", "crop_pct") if k in found})
