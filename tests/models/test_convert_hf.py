@@ -321,3 +321,8 @@ def test_config_json_that_leaves_trained_layer_weights_unused_is_refused(tmp_pat
     with pytest.raises(NotAModelError, match="has weights its config.json leaves unused"):
         load_hf(tmp_path)
 
+
+def test_weights_whose_shapes_differ_from_config_json_say_so(tmp_path):
+    with pytest.raises(NotAModelError, match="shapes differ from what config.json describes") as err:
+        load_hf(_edited(tmp_path, intermediate_size=256))
+    assert "ignore_mismatched_sizes" not in str(err.value)  # an option of transformers the user never set

@@ -215,8 +215,9 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
         for weights in sorted(Path(source).glob("*.bin")) if local else []:
             refuse_code_pickle(weights)  # names the culprit of a local pickle refused for running code
-        if local:
-            raise NotAModelError(f"{source}: its weights cannot be loaded ({one_line(exc)}): re-save or re-download the model") from None
+        if local:  # transformers' size-mismatch error points at a report its hidden log would have printed
+            detail = "their shapes differ from what config.json describes" if "ignore_mismatched_sizes" in str(exc) else one_line(exc)
+            raise NotAModelError(f"{source}: its weights cannot be loaded ({detail}): re-save or re-download the model") from None
         raise ModelNotFoundError(f"model '{source}' weights could not be loaded from the hub ({one_line(exc)}): check internet access or use a local directory") from None
     finally:
         hf_logging.set_verbosity(verbosity)
