@@ -326,3 +326,15 @@ def test_encoder_only_mae_checkpoint_is_recognised_by_its_sincos_positions(tmp_p
     # A learned table of the same shape (DINO, DeiT) stays a plain ViT with cls pooling.
     save_file(make_state(), str(tmp_path / "learned.safetensors"), metadata={"num_heads": "4"})
     assert load_timm_checkpoint(tmp_path / "learned.safetensors").config.family == "vit"
+
+
+@pytest.mark.parametrize("hint", [{"num_heads": '"four"'}, {"norm_eps": '"x"'}, {"image_size": "[1]"}])
+def test_hints_of_the_wrong_type_are_one_line_errors(tmp_path, hint):
+    # int("four") / float("x") raised ValueError out of infer_config: a traceback on the command line
+    path = tmp_path / "vit.safetensors"
+    sd = make_state()
+    if "image_size" in hint:
+        del sd["pos_embed"]  # the image size is then read from the hint
+    save_file(sd, str(path), metadata=hint)
+    with pytest.raises(NotAModelError, match=next(iter(hint))):
+        load_timm_checkpoint(path)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mimc.errors import NotAModelError
+from mimc.errors import NotAModelError, clip
 from mimc.models.vit import Encoder, EncoderConfig
 from mimc.models.convert.common import IMAGENET_DEFAULT, IMAGENET_STANDARD, encoder_with_weights
 
@@ -106,6 +106,14 @@ def _has_mae_positions(state: dict[str, torch.Tensor], side: int) -> bool:
     return torch.allclose(patches, mae_sincos_table(pos.shape[-1], side), atol=1e-4)
 
 
+def _number(hints: dict[str, Any], key: str, kind: type) -> Any:
+    """A numeric hint as ``kind``; a hint that is no number (``"four"``, a list) is refused by name."""
+    try:
+        return kind(hints[key])
+    except (TypeError, ValueError):
+        raise NotAModelError(f"hint {key} {clip(hints[key])} is not a number: fix it in the sidecar JSON or the safetensors metadata") from None
+
+
 def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple[EncoderConfig, bool]:
     """EncoderConfig from shapes (+ hints), and whether pos_embed needs a zero row for the cls token."""
     patch = state["patch_embed.proj.weight"]
@@ -121,7 +129,7 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple
     shared_table = "rel_pos_bias.relative_position_bias_table" in state
     beit_style = per_block_table or shared_table or "blocks.0.gamma_1" in state or "blocks.0.attn.q_bias" in state
     if hints.get("num_heads"):
-        heads = int(hints["num_heads"])
+        heads = _number(hints, "num_heads", int)
     elif per_block_table or shared_table:
         key = "blocks.0.attn.relative_position_bias_table" if per_block_table else "rel_pos_bias.relative_position_bias_table"
         heads = state[key].shape[1]
@@ -133,7 +141,7 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple
     has_cls = "cls_token" in state
     side, cls_row = _grid_side(state, has_cls)
     if side is None:
-        side = int(hints["image_size"]) // patch_size if hints.get("image_size") else None
+        side = _number(hints, "image_size", int) // patch_size if hints.get("image_size") else None
     if side is None:
         raise NotAModelError("cannot infer the image size (no pos_embed or relative-position table): give image_size in a sidecar JSON next to the checkpoint")
     mae_style = hints.get("has_decoder") or _has_mae_positions(state, side)
@@ -157,7 +165,7 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any]) -> tuple
         mlp_dim=mlp_dims[0] if mlp_dims else 4 * dim,
         block_mlp_dims=mlp_dims if len(set(mlp_dims)) > 1 else None,
         qkv_bias="blocks.0.attn.qkv.bias" in state or "blocks.0.attn.q_bias" in state,
-        norm_eps=float(hints.get("norm_eps", 1e-6)),
+        norm_eps=_number({"norm_eps": 1e-6, **hints}, "norm_eps", float),
         cls_token=has_cls,
         pos_embed="learned" if "pos_embed" in state else "none",
         rel_pos_bias="per_block" if per_block_table else "shared" if shared_table else "none",
