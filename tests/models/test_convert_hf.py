@@ -326,3 +326,15 @@ def test_weights_whose_shapes_differ_from_config_json_say_so(tmp_path):
     with pytest.raises(NotAModelError, match="shapes differ from what config.json describes") as err:
         load_hf(_edited(tmp_path, intermediate_size=256))
     assert "ignore_mismatched_sizes" not in str(err.value)  # an option of transformers the user never set
+
+
+def test_single_channel_model_without_preprocessor_config_converts(tmp_path):
+    # the 3-value RGB default was applied to a 1-channel model: "image_mean must hold one number per
+    # input channel (1), got [0.5, 0.5, 0.5]" for a mean the user never gave
+    model = randomize(transformers.ViTModel(transformers.ViTConfig(**COMMON, num_channels=1)))
+    model.save_pretrained(tmp_path)
+    encoder = load_hf(tmp_path)
+    assert encoder.config.image_mean == [0.5] and encoder.config.image_std == [0.5]
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (encoder(x).last_hidden_state - model(x).last_hidden_state).abs().max().item() <= TOL

@@ -140,9 +140,9 @@ def _encoder_config(model: nn.Module, base: nn.Module, family: str, mean, std) -
         act=act,
         head_dim=head_dim if head_dim * heads != hf.hidden_size else None,
         family=family,
-        # transformers' image processors for these families default to IMAGENET_STANDARD_MEAN/STD.
-        image_mean=list(mean if mean is not None else IMAGENET_STANDARD[0]),
-        image_std=list(std if std is not None else IMAGENET_STANDARD[1]),
+        # transformers' image processors for these families default to IMAGENET_STANDARD_MEAN/STD: 0.5 for every channel.
+        image_mean=list(mean if mean is not None else IMAGENET_STANDARD[0][:1] * hf.num_channels),
+        image_std=list(std if std is not None else IMAGENET_STANDARD[1][:1] * hf.num_channels),
     )
 
 
