@@ -338,3 +338,19 @@ def test_single_channel_model_without_preprocessor_config_converts(tmp_path):
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (encoder(x).last_hidden_state - model(x).last_hidden_state).abs().max().item() <= TOL
+
+
+def test_beit_saved_without_its_pooler_converts_like_data2vec(tmp_path):
+    # BeitModel(add_pooling_layer=False) has every encoder weight; reloading it with BeitModel's default
+    # pooler made its LayerNorm "missing" and the folder was refused as incomplete
+    cfg = transformers.BeitConfig(**COMMON, use_mean_pooling=True, use_relative_position_bias=True, layer_scale_init_value=0.1)
+    model = randomize(transformers.BeitModel(cfg, add_pooling_layer=False))
+    model.save_pretrained(tmp_path)
+    encoder = load_hf(tmp_path)
+    assert encoder.config.pooling == "mean" and not encoder.config.pool_norm
+    x = images()
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        out = encoder(x)
+    assert (out.last_hidden_state - ref).abs().max().item() <= TOL
+    assert (out.pooled - ref[:, 1:].mean(1)).abs().max().item() <= TOL

@@ -208,10 +208,12 @@ def _load_hf(source: str, local: bool, offline: bool) -> Encoder:
     kwargs = dict(output_loading_info=True, local_files_only=offline, weights_only=True, trust_remote_code=False)
     try:
         model, info = cls.from_pretrained(source, **kwargs)
-        if any("pooler.layernorm" in k for k in info.get("unexpected_keys", ())):
-            # Data2VecVisionModel defaults to no pooler, which would drop the trained LayerNorm of
-            # the mean-pooled feature; build it with one when the checkpoint has its weights.
-            model, info = cls.from_pretrained(source, add_pooling_layer=True, **kwargs)
+        for listed, pooler in (("unexpected_keys", True), ("missing_keys", False)):
+            if any("pooler.layernorm" in k for k in info.get(listed, ())) and cls.__name__.endswith("Model"):
+                # Data2VecVisionModel defaults to no pooler, BeitModel to one: build the bare model with
+                # the pooler LayerNorm exactly when the checkpoint has its trained weights.
+                model, info = cls.from_pretrained(source, add_pooling_layer=pooler, **kwargs)
+                break
     except Exception as exc:  # noqa: BLE001 - torch, safetensors and transformers each raise their own types
         for weights in sorted(Path(source).glob("*.bin")) if local else []:
             refuse_code_pickle(weights)  # names the culprit of a local pickle refused for running code
