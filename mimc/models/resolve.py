@@ -99,6 +99,11 @@ def load_model(model: str | os.PathLike):
 
         weights = _timm_weights(Path(model)) if kind == "timm-dir" else Path(model)
         encoder, sha = load_timm_checkpoint(weights), sha256_file(weights)
+    import torch
+
+    bad = next((name for name, t in encoder.state_dict().items() if not torch.isfinite(t).all()), None)
+    if bad is not None:  # a corrupt checkpoint would otherwise prune, export and "validate" NaN against NaN
+        raise NotAModelError(f"{model}: weight {bad} holds NaN or infinite values: the checkpoint is corrupt; re-save or re-download it")
     source = {"id": model, "family": encoder.config.family, "sha256": sha, **extra}
     encoder.eval()
     encoder.manifest = Manifest(encoder=encoder.config.to_dict(), source=source)

@@ -335,3 +335,28 @@ def test_unknown_random_sizes_are_refused(model):
     with pytest.raises(ModelNotFoundError) as err:
         describe_source(model)
     assert_one_line(err, "random:vit-h/14", "names no random ViT size")
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "hf-dir"])
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, kind):
+    # NaN weights used to load, prune, export and "validate" (NaN against NaN) with exit 0; eval then
+    # reported a pooled cosine of 0.0
+    from safetensors.torch import load_file, save_file
+
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    if kind == "hf-dir":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+        transformers.ViTModel(cfg).save_pretrained(tmp_path / "m")
+        path = tmp_path / "m" / "model.safetensors"
+        state = load_file(path)
+    else:
+        path = tmp_path / "vit.safetensors"
+        state = {k: v.contiguous() for k, v in build_encoder(tiny_config(), seed=0).state_dict().items()}
+    name = sorted(k for k in state if k.endswith(("fc1.weight", "intermediate.dense.weight")))[0]
+    state[name][0, 0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt", **({"num_heads": "4"} if kind == "checkpoint" else {})})
+    with pytest.raises(NotAModelError, match="NaN or infinite"):
+        load_model(str(path if kind == "checkpoint" else path.parent))
