@@ -18,7 +18,7 @@ import torch
 
 from mimc._version import __version__
 from mimc.atomic import atomic_dir, default_mode
-from mimc.errors import NotAModelError, shorten
+from mimc.errors import NotAModelError, clip, shorten
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mimc.json"
@@ -145,6 +145,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise NotAModelError(f"{where} has no 'encoder': re-create the artifact")
     if not all(isinstance(s, dict) for s in data.get("stages", [])):
         raise NotAModelError(f"{where}: every entry of 'stages' must be a JSON object: re-create the artifact")
+    for name, entry in data.get("files", {}).items():  # names mimc reads, replaces and removes inside the folder
+        if not isinstance(entry, dict):
+            raise NotAModelError(f"{where}: every entry of 'files' must be a JSON object: re-create the artifact")
+        names = [name, *(entry.get(key) for key in ("file", "external_data", "sidecar") if entry.get(key) is not None)]
+        if not all(isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n for n in names):
+            raise NotAModelError(f"{where}: 'files' names a path outside the artifact ({clip(names)}): re-create the artifact")
     sha = data.get("weights_sha256")
     if not (isinstance(sha, str) and _SHA256.match(sha)):
         raise NotAModelError(f"{where} has no valid weights_sha256 (64 hex digits): re-create the artifact")

@@ -330,6 +330,15 @@ CASES = [
 
 
 # The second sweep: every command, every input family ------------------------------------------------
+def files_entry(entry: dict):
+    """A manifest listing a graph made from model.onnx whose file names ``entry`` (a victim beside A)."""
+    def setup(ws):
+        shutil.copy(ws / "g.onnx", ws / "A" / "model.onnx")
+        (ws / "victim.txt").write_text("precious")
+        _edit_json(ws / "A" / "mimc.json", lambda m: m["files"].update({"evil.onnx": {"source": "model.onnx", **entry}}))
+    return setup
+
+
 def enc(**fields):
     """A manifest whose encoder config says ``fields`` (the weights stay those of a 64-wide encoder)."""
     return manifest(lambda m: m["encoder"].update(fields))
@@ -394,6 +403,10 @@ CASES += [
     Case("manifest-unknown-pos-embed", ["inspect", "A"], "pos_embed", enc(pos_embed="evil")),
     Case("manifest-encoder-list", ["inspect", "A"], "encoder", manifest(lambda m: m.update(encoder=[1, 2]))),
     Case("manifest-mean-wrong-length", ["inspect", "A"], "image_mean", enc(image_mean=[0.5])),
+    # export --overwrite removes the graphs made from model.onnx: it deleted ../victim.txt
+    Case("manifest-files-outside", ["export", "A", "--overwrite"], "outside the artifact", files_entry({"file": "../victim.txt"})),
+    Case("manifest-files-sidecar-absolute", ["export", "A", "--overwrite"], "outside the artifact", files_entry({"sidecar": "/tmp/x"})),
+    Case("manifest-files-entry-list", ["inspect", "A"], "files", manifest(lambda m: m["files"].update({"x.onnx": [1]}))),
     Case("manifest-eps-text-export", ["export", "A", "-o", "OUT"], "norm_eps", enc(norm_eps="x")),
     Case("manifest-std-zero-eval", ["eval", "A", "--data", "imgs.npz"], "image_std", enc(image_std=[0, 0, 0])),
     Case("manifest-mlp-dims-negative", ["inspect", "A"], "block_mlp_dims", enc(block_mlp_dims=[-1] * 4)),
