@@ -354,3 +354,12 @@ def test_beit_saved_without_its_pooler_converts_like_data2vec(tmp_path):
         out = encoder(x)
     assert (out.last_hidden_state - ref).abs().max().item() <= TOL
     assert (out.pooled - ref[:, 1:].mean(1)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("mean", [["a", "b", "c"], 5])
+def test_preprocessor_config_with_a_mean_that_is_no_list_of_numbers_is_one_line(tmp_path, mean):
+    # float("a") / iterating 5 raised ValueError / TypeError: a traceback
+    _vit().save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": [0.5] * 3}))
+    with pytest.raises(NotAModelError, match="preprocessor_config.json"):
+        load_hf(tmp_path)

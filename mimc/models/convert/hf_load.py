@@ -66,7 +66,11 @@ def read_preprocessor_config(source: str | os.PathLike, local_files_only: bool =
             continue
         out = preprocess_geometry(data)
         if "image_mean" in data and "image_std" in data:
-            out.update({key: [float(x) for x in data[key]] for key in ("image_mean", "image_std")})
+            try:
+                out.update({key: [float(x) for x in data[key]] for key in ("image_mean", "image_std")})
+            except (TypeError, ValueError):
+                raise NotAModelError(f"{path}: image_mean and image_std must be lists of numbers, got {clip(data['image_mean'])} and "
+                                     f"{clip(data['image_std'])}: fix the file") from None
         return out
     return {}
 
