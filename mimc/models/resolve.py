@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from mimc.errors import ModelNotFoundError, NotAModelError
+from mimc.errors import ConfigError, ModelNotFoundError, NotAModelError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 RANDOM_PREFIX = "random:"
@@ -88,17 +88,12 @@ def load_model(model: str | os.PathLike):
 
         encoder, sha = build_encoder(vit_config(model[len(RANDOM_PREFIX):]), seed=RANDOM_SEED), None
         extra["seed"] = RANDOM_SEED
-    elif kind in ("hf-dir", "hub"):
-        from mimc.models.convert.hf_load import load_hf
-
-        encoder = load_hf(model)
-        weights = _first_file(Path(model), ("model.safetensors", "pytorch_model.bin")) if kind == "hf-dir" else None
-        sha = sha256_file(weights) if weights else None
     else:
-        from mimc.models.convert.timm import load_timm_checkpoint
-
-        weights = _timm_weights(Path(model)) if kind == "timm-dir" else Path(model)
-        encoder, sha = load_timm_checkpoint(weights), sha256_file(weights)
+        try:
+            encoder, sha = _convert(model, kind)
+        except ConfigError as exc:  # a shape or setting the canonical encoder cannot represent
+            raise NotAModelError(f"{model} cannot be converted ({str(exc).removeprefix('invalid encoder config: ')}): mimc's encoder does "
+                                 "not support this model, or its config / sidecar / preprocessor file says otherwise; fix it") from None
     import torch
 
     bad = next((name for name, t in encoder.state_dict().items() if not torch.isfinite(t).all()), None)
@@ -108,6 +103,22 @@ def load_model(model: str | os.PathLike):
     encoder.eval()
     encoder.manifest = Manifest(encoder=encoder.config.to_dict(), source=source)
     return encoder
+
+
+def _convert(model: str, kind: str):
+    """(encoder, sha256 of the weights) of a transformers model or a timm checkpoint."""
+    from mimc.artifact import sha256_file
+
+    if kind in ("hf-dir", "hub"):
+        from mimc.models.convert.hf_load import load_hf
+
+        encoder = load_hf(model)
+        weights = _first_file(Path(model), ("model.safetensors", "pytorch_model.bin")) if kind == "hf-dir" else None
+        return encoder, sha256_file(weights) if weights else None
+    from mimc.models.convert.timm import load_timm_checkpoint
+
+    weights = _timm_weights(Path(model)) if kind == "timm-dir" else Path(model)
+    return load_timm_checkpoint(weights), sha256_file(weights)
 
 
 def _timm_weights(path: Path) -> Path | None:

@@ -360,3 +360,12 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, kind):
     save_file(state, str(path), metadata={"format": "pt", **({"num_heads": "4"} if kind == "checkpoint" else {})})
     with pytest.raises(NotAModelError, match="NaN or infinite"):
         load_model(str(path if kind == "checkpoint" else path.parent))
+
+
+def test_transformers_model_mimc_cannot_represent_names_the_model(tmp_path):
+    # was "invalid encoder config: image_size must be a multiple of patch_size": no model, no fix
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=36, patch_size=8)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path / "m")
+    with pytest.raises(NotAModelError, match=r"m cannot be converted .*image_size must be a multiple of patch_size.*: mimc's encoder"):
+        load_model(str(tmp_path / "m"))
