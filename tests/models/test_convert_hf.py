@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -363,3 +364,11 @@ def test_preprocessor_config_with_a_mean_that_is_no_list_of_numbers_is_one_line(
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": [0.5] * 3}))
     with pytest.raises(NotAModelError, match="preprocessor_config.json"):
         load_hf(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_preprocessor_config_that_is_a_named_pipe_is_not_read(tmp_path):
+    # reading it waited forever for a writer (inspect hung); only regular files are read, as for config.json
+    _vit().save_pretrained(tmp_path)
+    os.mkfifo(tmp_path / "preprocessor_config.json")
+    assert load_hf(tmp_path).config.image_mean == [0.5, 0.5, 0.5]

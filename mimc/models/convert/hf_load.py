@@ -58,8 +58,8 @@ def read_preprocessor_config(source: str | os.PathLike, local_files_only: bool =
     (local dir or hub) — what it has of them."""
     for name in PREPROCESSOR_FILES:
         path = Path(source) / name if Path(source).is_dir() else _hub_file(str(source), name, local_files_only)
-        try:
-            data = json.loads(path.read_text()) if path is not None else None
+        try:  # regular files only: a named pipe would block the read forever
+            data = json.loads(path.read_text()) if path is not None and path.is_file() else None
         except (OSError, ValueError):
             continue
         if not isinstance(data, dict):
@@ -145,7 +145,7 @@ def refuse_custom_code(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     for name in ("config.json", *PREPROCESSOR_FILES):
         try:
-            data = json.loads((folder / name).read_text())
+            data = json.loads((folder / name).read_text()) if (folder / name).is_file() else None
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and "auto_map" in data:
