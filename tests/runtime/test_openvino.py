@@ -162,3 +162,23 @@ def test_build_help_names_the_openvino_ir(app):
     """`mimc build --help` said "Build a TensorRT engine" and "A TensorRT device profile" only."""
     text = " ".join(invoke(app, ["build", "--help"]).stdout.split())
     assert "or an OpenVINO IR" in text and "or openvino-cpu" in text
+
+
+def test_build_writes_its_ir_atomically_never_through_a_link_onto_the_graph(app, graph, tmp_path):
+    """`mimc build g.onnx -d openvino-cpu -o link.xml` with link.xml (or link.bin) a symlink to the graph
+    wrote the IR through the link over the graph; an output folder that did not exist was created."""
+    pytest.importorskip("openvino")
+    import hashlib
+    import shutil
+
+    g = tmp_path / "g.onnx"
+    shutil.copy(graph, g)
+    digest = hashlib.sha256(g.read_bytes()).hexdigest()
+    for link in ("a.xml", "b.bin"):
+        (tmp_path / link).symlink_to(g.name)
+    for out in ("a.xml", "b.xml"):
+        assert invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / out]).exit_code == 0
+        assert hashlib.sha256(g.read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "a.xml").is_symlink() and not (tmp_path / "b.bin").is_symlink()
+    one_error_line(invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / "no" / "x.xml"]), "does not exist")
+    assert not (tmp_path / "no").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
