@@ -182,3 +182,14 @@ def test_build_writes_its_ir_atomically_never_through_a_link_onto_the_graph(app,
     assert not (tmp_path / "a.xml").is_symlink() and not (tmp_path / "b.bin").is_symlink()
     one_error_line(invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / "no" / "x.xml"]), "does not exist")
     assert not (tmp_path / "no").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_build_for_openvino_refuses_the_tensorrt_only_options(app, graph, tmp_path):
+    """--batch, --workspace-gb, --timing-cache and --sparse set TensorRT's builder: for openvino-cpu they
+    were silently ignored (an IR built, exit 0) instead of refused."""
+    pytest.importorskip("openvino")
+    for extra, flag in ((["--batch", "1:2:4"], "--batch"), (["--workspace-gb", "8"], "--workspace-gb"),
+                        (["--timing-cache", str(tmp_path / "tc")], "--timing-cache"), (["--no-sparse"], "--sparse")):
+        out = tmp_path / "ir.xml"
+        one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", out, *extra]), flag)
+        assert not out.exists() and not (tmp_path / "tc").exists()
