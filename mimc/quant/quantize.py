@@ -86,6 +86,7 @@ from mimc.options import StageConfig, option
 PRECISIONS = ("int8", "fp8")
 TARGETS = ("cpu", "tensorrt", "openvino")
 FP8_OPSET = 19
+PERCENTILE = 99.99
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
                        "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
 
@@ -99,7 +100,7 @@ class QuantizeConfig(StageConfig):
     precision: str = option("int8", choices=PRECISIONS)
     method: str = option("percentile", choices=METHODS, doc="calibration range method")
     n: int = option(256, ge=1, doc="calibration images")
-    percentile: float = option(99.99, ge=90, le=100, doc="percentile kept by method percentile")
+    percentile: float = option(PERCENTILE, ge=90, le=100, doc="percentile kept by method percentile")
     smooth: float | None = option(None, ge=0, le=1, doc="SmoothQuant alpha, folded into the graph before calibration")
     repq: bool = False
     quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
@@ -116,6 +117,12 @@ class QuantizeConfig(StageConfig):
         if self.overflow_fix is not None and self.resolved_target != "openvino":
             raise ConfigError(f"overflow_fix applies to the openvino target's int8 weights, not {self.resolved_target}: "
                               "drop it or give target openvino", option=("overflow_fix", "target"))
+        if self.percentile != PERCENTILE and self.method != "percentile":
+            raise ConfigError(f"percentile clips the default calibration method's range, not {self.method}'s: drop it, or drop method",
+                              option=("percentile", "method"))
+        if not self.fuse_attention and (self.resolved_target != "cpu" or self.quantize_attention_matmuls):
+            raise ConfigError("fuse_attention false changes nothing here: only the cpu target fuses attention, and not with "
+                              "quantize_attention_matmuls; drop it", option=("fuse_attention", "quantize_attention_matmuls"))
         if self.precision == "fp8" and self.target == "openvino":
             raise ConfigError("OpenVINO's CPU plugin has no FP8 kernels: give precision int8, or target tensorrt for FP8",
                               option=("target", "precision"))

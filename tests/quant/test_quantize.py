@@ -223,6 +223,19 @@ def test_config_round_trip_and_validation():
             QuantizeConfig(**bad)
 
 
+
+def test_options_that_would_do_nothing_are_refused():
+    """--percentile with another --method, and --no-fuse-attention where nothing is fused (another target,
+    or --attention), were accepted and silently ignored."""
+    for bad, named in (({"method": "minmax", "percentile": 99.0}, "percentile"), ({"method": "entropy", "percentile": 95.0}, "percentile"),
+                       ({"target": "openvino", "fuse_attention": False}, "fuse_attention"),
+                       ({"precision": "fp8", "fuse_attention": False}, "fuse_attention"),
+                       ({"quantize_attention_matmuls": True, "fuse_attention": False}, "fuse_attention")):
+        with pytest.raises(ConfigError, match=named) as exc:
+            QuantizeConfig(**bad)
+        assert named in exc.value.options
+    assert QuantizeConfig(method="minmax").percentile == 99.99 and not QuantizeConfig(fuse_attention=False).fuse_attention
+
 def test_kl_threshold_clips_long_tails_only():
     rng = np.random.default_rng(0)
     x = np.abs(np.concatenate([rng.normal(0, 1, 200_000), [40.0]]))  # one far outlier
