@@ -219,6 +219,8 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
     from mimc.data import deterministic_inputs
 
     batch = check_export_options(batch, opset, exporter, precision)
+    if force and not validate:
+        raise ConfigError("force keeps a graph that fails the fidelity gate, which only runs with validate: drop force", option=("force", "validate"))
     path = Path(path)
     in_artifact = _check_destination(path, encoder)
     _pre_export_checks(encoder)

@@ -154,6 +154,7 @@ def test_input_encoder_is_untouched(tmp_path):
         ({"opset": 21}, ConfigError, "dynamo"),
         ({"exporter": "tracer"}, ConfigError, "exporter"),
         ({"precision": "int3"}, ConfigError, "precision"),
+        ({"validate": False, "force": True}, ConfigError, "force"),  # no gate to keep a failing graph past: was ignored
     ],
 )
 def test_bad_options_are_refused_before_writing(tmp_path, kwargs, error, match):
