@@ -145,6 +145,17 @@ def test_profile_predict(app, onnx_file):
     assert json.loads(result.stdout)["label"] == "predicted"
 
 
+
+def test_profile_predict_refuses_the_measurement_options(app, onnx_file):
+    """--iters, --warmup and --threads time a measurement: with --predict they were silently ignored."""
+    from mimc.errors import ConfigError
+    from mimc.pipeline.stages import ProfileConfig
+
+    for extra, flag in ((["--iters", "5"], "--iters"), (["--warmup", "0"], "--warmup"), (["--threads", "1"], "--threads")):
+        one_error_line(invoke(app, ["profile", onnx_file, "--device", "h100", "--predict", *extra]), flag)
+    with pytest.raises(ConfigError, match="iters"):  # a recipe's profile stage: refused when it is read
+        ProfileConfig(device="h100", predict=True, iters=5)
+
 def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
     from mimc.latency import run as run_mod
 
