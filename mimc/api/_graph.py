@@ -222,12 +222,24 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         output = Path(output)
         if output.is_dir():
             raise BadInputError(f"output {output} is a directory: give a file path like report.json")
-        _check_folder(output, (model,))  # the report must not replace the graph it measures
+        _check_folder(output, _read_by(model))  # the report must not replace the graph it measures, nor what it reads
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:
         write_json(output, report)
     return ProfileReport(report)
+
+
+def _read_by(model: Path) -> list[Path]:
+    """The files profiling ``model`` reads: itself, its artifact's mimc.json, an IR's .bin, a graph's external data."""
+    from mimc.artifact import MANIFEST_NAME
+    from mimc.graph import load_graph, uses_external
+
+    files = [model, model.parent / MANIFEST_NAME, model.with_suffix(".bin") if model.suffix == ".xml" else None]
+    if model.suffix == ".onnx":
+        files += [model.parent / e.value for t in load_graph(model, external_data=False).graph.initializer if uses_external(t)
+                  for e in t.external_data if e.key == "location"]
+    return files
 
 
 def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,

@@ -156,6 +156,20 @@ def test_profile_predict_refuses_the_measurement_options(app, onnx_file):
     with pytest.raises(ConfigError, match="iters"):  # a recipe's profile stage: refused when it is read
         ProfileConfig(device="h100", predict=True, iters=5)
 
+
+def test_profile_report_never_replaces_a_file_the_graph_reads(app, tmp_path, onnx_file):
+    """`profile g.onnx -o g.onnx.data` replaced the graph's external weights with the report, and
+    `-o ART/mimc.json` the artifact's manifest (both read by the profile): refused like -o g.onnx."""
+    import onnx
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    onnx.save(onnx.load(onnx_file), loose / "g.onnx", save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    for graph, out in ((loose / "g.onnx", loose / "g.onnx.data"), (onnx_file, onnx_file.parent / "mimc.json")):
+        before = out.read_bytes()
+        one_error_line(invoke(app, ["profile", graph, "--predict", "-o", out]), str(out.name))
+        assert out.read_bytes() == before
+
 def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
     from mimc.latency import run as run_mod
 
