@@ -89,8 +89,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     check_predict(predict, warmup, iters, threads)
     if warmup < 0 or iters < 1:
         raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
-    if threads is not None and threads < 1:
-        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
+    if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
+        raise BadInputError(f"threads must be from 1 to the {os.cpu_count() or 1} cores here, got {threads}: e.g. threads 2", option="threads")
     if is_ir and (predict or prof.backend != "openvino-cpu"):
         raise BadInputError(f"{path.name} is an OpenVINO IR: profile it with device openvino-cpu{' and without predict' if predict else ''}, "
                             "or give the .onnx it came from", option=("device", "predict") if predict else "device")

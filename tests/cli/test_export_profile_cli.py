@@ -170,6 +170,13 @@ def test_profile_report_never_replaces_a_file_the_graph_reads(app, tmp_path, onn
         one_error_line(invoke(app, ["profile", graph, "--predict", "-o", out]), str(out.name))
         assert out.read_bytes() == before
 
+
+def test_profile_refuses_more_threads_than_cores(app, onnx_file):
+    """--threads 100000 started ONNX Runtime with that many threads: the process was killed (exit 137)."""
+    import os
+
+    one_error_line(invoke(app, ["profile", onnx_file, "--threads", str(os.cpu_count() + 1), "--iters", "1"]), "--threads")
+
 def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
     from mimc.latency import run as run_mod
 
