@@ -73,7 +73,7 @@ from onnx import helper, version_converter
 
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
-from mimc.errors import BadInputError, ConfigError, ValidationError
+from mimc.errors import BadInputError, ConfigError, DataError, ValidationError
 from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph,
                         single_input, token_reduced, uses_external)
 from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
@@ -335,6 +335,10 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         rng = np.random.default_rng(0)
         held_out = [rng.standard_normal((max(graph_batch or 1, 4), *shape)).astype(np.float32)]
         eval_source = "seeded normal inputs (no held-out images given)"
+    n_held = sum(a.shape[0] for a in held_out)
+    if graph_batch and n_held < graph_batch:  # not one full batch to compare on
+        raise DataError(f"the graph has a static batch of {graph_batch} but only {n_held} held-out images to gate it on: "
+                        f"export it with batch {n_held} or less, or dynamic")
     pooled_only = token_reduced(model)
     runnable, why = runnable_here(config)
     sweep_stale_temps(onnx_out.parent, onnx_out.name)  # a killed run's temp folder (its pid is gone)
