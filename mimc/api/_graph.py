@@ -248,12 +248,21 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;
     every check that needs no GPU runs first, so bad input is refused here as on the target.
     ``on_message`` gets TensorRT's error lines as they are logged."""
+    from mimc.artifact import is_artifact
     from mimc.deploy.build import build as build_deployable
     from mimc.latency.devices import load_profile
+    from mimc.pipeline.graph_stages import record_build
+    from mimc.pipeline.stages import BuildConfig
 
-    return BuildReport(build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
-                                        workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
-                                        on_message=on_message))
+    built = build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
+                             workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
+                             on_message=on_message)
+    out, graph, side = Path(built.get("ir") or built["engine"]), Path(model), built["sidecar"]
+    if is_artifact(graph.parent) and _same_dir(out.parent, graph.parent):
+        # listed like a recipe's build: a new export sees what was made from its graph, an altered IR is refused
+        record_build(out, graph, BuildConfig(device=device, precision=side["precision"], graph=graph.name), side,
+                     side["build_seconds"])
+    return BuildReport(built)
 
 
 __all__ = ["export", "quantize", "profile", "build", "ProfileReport", "BuildReport"]

@@ -193,3 +193,18 @@ def test_build_for_openvino_refuses_the_tensorrt_only_options(app, graph, tmp_pa
         out = tmp_path / "ir.xml"
         one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", out, *extra]), flag)
         assert not out.exists() and not (tmp_path / "tc").exists()
+
+
+def test_build_into_an_artifact_records_the_ir_so_a_new_export_sees_it(app, tmp_path):
+    """`mimc build ART/model.onnx -d openvino-cpu` left its IR out of ART/mimc.json: a later export replaced
+    model.onnx silently (the IR out of date), and an altered IR was not refused, unlike a recipe's build."""
+    pytest.importorskip("openvino")
+    from mimc.api import export
+
+    graph = export(str(save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")), validate=False).path
+    assert invoke(app, ["build", graph, "--device", "openvino-cpu"]).exit_code == 0
+    entry = json.loads((graph.parent / "mimc.json").read_text())["files"]["openvino-cpu-fp32.xml"]
+    assert entry["source"] == "model.onnx" and entry["external_data"] == "openvino-cpu-fp32.bin"
+    one_error_line(invoke(app, ["export", graph.parent]), "openvino-cpu-fp32.xml")
+    assert invoke(app, ["export", graph.parent, "--overwrite"]).exit_code == 0
+    assert not (graph.parent / "openvino-cpu-fp32.xml").exists() and not (graph.parent / "openvino-cpu-fp32.bin").exists()
