@@ -156,6 +156,8 @@ def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
         raise BadInputError(f"output {onnx_out} must end in .onnx: choose a path like model.int8.onnx")
     if not onnx_out.parent.is_dir():
         raise BadInputError(f"output folder {onnx_out.parent} does not exist: create it or choose another output path")
+    if onnx_out.is_dir():
+        raise BadInputError(f"output {onnx_out} is a directory: give a file path like model.int8.onnx", option="output")
     if onnx_out.resolve() == onnx_in.resolve():
         raise BadInputError(f"output {onnx_out} is the input graph: choose another output path (inputs are never modified)")
 

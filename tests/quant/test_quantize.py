@@ -247,6 +247,15 @@ def test_held_out_images_fewer_than_the_static_batch_are_named(tmp_path):
                       image_batches(enc.config, n=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b4.onnx"]
 
+
+def test_output_onto_a_folder_is_refused_before_any_work(graph, tmp_path):
+    """An output .onnx naming an existing folder was an IsADirectoryError traceback once the work was done."""
+    path, enc = graph
+    (tmp_path / "q.onnx").mkdir()
+    with pytest.raises(BadInputError, match="is a directory"):
+        quantize_onnx(path, tmp_path / "q.onnx", image_batches(enc.config), QuantizeConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+
 def test_kl_threshold_clips_long_tails_only():
     rng = np.random.default_rng(0)
     x = np.abs(np.concatenate([rng.normal(0, 1, 200_000), [40.0]]))  # one far outlier

@@ -208,3 +208,11 @@ def test_build_into_an_artifact_records_the_ir_so_a_new_export_sees_it(app, tmp_
     one_error_line(invoke(app, ["export", graph.parent]), "openvino-cpu-fp32.xml")
     assert invoke(app, ["export", graph.parent, "--overwrite"]).exit_code == 0
     assert not (graph.parent / "openvino-cpu-fp32.xml").exists() and not (graph.parent / "openvino-cpu-fp32.bin").exists()
+
+
+def test_build_onto_a_folder_is_refused_and_writes_nothing(app, graph, tmp_path):
+    """-o x.xml naming a folder was an IsADirectoryError traceback, with x.bin already written."""
+    pytest.importorskip("openvino")
+    (tmp_path / "x.xml").mkdir()
+    one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "x.xml"]), "is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.xml"]
