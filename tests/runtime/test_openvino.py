@@ -216,3 +216,17 @@ def test_build_onto_a_folder_is_refused_and_writes_nothing(app, graph, tmp_path)
     (tmp_path / "x.xml").mkdir()
     one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "x.xml"]), "is a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.xml"]
+
+
+def test_an_fp8_graph_is_refused_for_openvino_not_labelled_fp32(app, graph, tmp_path):
+    """build / profile --device openvino-cpu of a model.fp8.onnx went through and reported precision fp32,
+    a precision that graph does not run (quantize refuses fp8 for OpenVINO: it has no FP8 kernels)."""
+    pytest.importorskip("openvino")
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+
+    x = [np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)]
+    q = tmp_path / "model.fp8.onnx"
+    quantize_onnx(graph, q, x, QuantizeConfig(precision="fp8"), x, force=True)
+    for args in (["build", q, "--device", "openvino-cpu"], ["profile", q, "--device", "openvino-cpu"]):
+        one_error_line(invoke(app, args), "fp8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fp8.onnx"]
