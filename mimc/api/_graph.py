@@ -222,7 +222,8 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         output = Path(output)
         if output.is_dir():
             raise BadInputError(f"output {output} is a directory: give a file path like report.json")
-        _check_folder(output, _read_by(model))  # the report must not replace the graph it measures, nor what it reads
+        device_file = Path(device) if Path(device).suffix in (".yaml", ".yml") else None
+        _check_folder(output, [*_read_by(model), device_file])  # the report must not replace the graph it measures, nor what it reads
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+import mimc
 from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
 from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
@@ -169,6 +171,10 @@ def test_profile_report_never_replaces_a_file_the_graph_reads(app, tmp_path, onn
         before = out.read_bytes()
         one_error_line(invoke(app, ["profile", graph, "--predict", "-o", out]), str(out.name))
         assert out.read_bytes() == before
+    device = tmp_path / "mine.yaml"  # the device profile it reads: was replaced by the report too
+    device.write_text((Path(mimc.__file__).parent / "profiles" / "cpu.yaml").read_text())
+    one_error_line(invoke(app, ["profile", onnx_file, "--device", device, "--predict", "-o", device]), "mine.yaml")
+    assert device.read_text().startswith("#")
 
 
 def test_profile_refuses_more_threads_than_cores(app, onnx_file):
