@@ -82,6 +82,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise BadInputError(f"output folder {path.parent} does not exist: create it or choose another output path")
+    if path.is_dir():
+        raise BadInputError(f"output {path} is a directory: give a file path", option="output")
     sweep_stale_temps(path.parent, path.name)
     tmp_path = _temp(path)
     try:

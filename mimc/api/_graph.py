@@ -222,12 +222,25 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
         output = Path(output)
         if output.is_dir():
             raise BadInputError(f"output {output} is a directory: give a file path like report.json")
-        _check_folder(output, (model,))  # the report must not replace the graph it measures
+        device_file = Path(device) if Path(device).suffix in (".yaml", ".yml") else None
+        _check_folder(output, [*_read_by(model), device_file])  # the report must not replace the graph it measures, nor what it reads
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:
         write_json(output, report)
     return ProfileReport(report)
+
+
+def _read_by(model: Path) -> list[Path]:
+    """The files profiling ``model`` reads: itself, its artifact's mimc.json, an IR's .bin, a graph's external data."""
+    from mimc.artifact import MANIFEST_NAME
+    from mimc.graph import load_graph, uses_external
+
+    files = [model, model.parent / MANIFEST_NAME, model.with_suffix(".bin") if model.suffix == ".xml" else None]
+    if model.suffix == ".onnx":
+        files += [model.parent / e.value for t in load_graph(model, external_data=False).graph.initializer if uses_external(t)
+                  for e in t.external_data if e.key == "location"]
+    return files
 
 
 def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
@@ -236,12 +249,21 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;
     every check that needs no GPU runs first, so bad input is refused here as on the target.
     ``on_message`` gets TensorRT's error lines as they are logged."""
+    from mimc.artifact import is_artifact
     from mimc.deploy.build import build as build_deployable
     from mimc.latency.devices import load_profile
+    from mimc.pipeline.graph_stages import record_build
+    from mimc.pipeline.stages import BuildConfig
 
-    return BuildReport(build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
-                                        workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
-                                        on_message=on_message))
+    built = build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
+                             workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
+                             on_message=on_message)
+    out, graph, side = Path(built.get("ir") or built["engine"]), Path(model), built["sidecar"]
+    if is_artifact(graph.parent) and _same_dir(out.parent, graph.parent):
+        # listed like a recipe's build: a new export sees what was made from its graph, an altered IR is refused
+        record_build(out, graph, BuildConfig(device=device, precision=side["precision"], graph=graph.name), side,
+                     side["build_seconds"])
+    return BuildReport(built)
 
 
 __all__ = ["export", "quantize", "profile", "build", "ProfileReport", "BuildReport"]

@@ -33,6 +33,11 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
     if model.is_file():
         verify_graph(model)  # a graph its artifact lists (and its external data) must be the one recorded
     if profile.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
+        given = tuple(name for name, value in (("batch", batch_range), ("workspace_gb", workspace_gb != 4.0 or None),
+                                               ("timing_cache", timing_cache), ("sparse", sparse)) if value is not None)
+        if given:
+            raise BadInputError(f"{', '.join(given)} set TensorRT's builder; an OpenVINO IR has no such setting: drop "
+                                f"{'them' if len(given) > 1 else 'it'}", option=given)
         from mimc.deploy.openvino import build_ir
         from mimc.latency.openvino_cpu import precision_for
 

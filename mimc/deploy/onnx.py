@@ -61,6 +61,7 @@ EXPORTERS = ("torchscript", "dynamo")
 MIN_OPSET = 17
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
 DYNAMO_MIN_OPSET = 18
+MAX_BATCH = 4096  # a static batch, and the top of dynamo's dynamic batch axis: past it a ViT-B's example input alone is GBs
 # Ops that only make sense while training (or make inference random); none may reach a deployable.
 TRAINING_ONLY_OPS = frozenset(
     {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial",
@@ -105,8 +106,8 @@ def check_export_options(batch: Any, opset: int, exporter: str, precision: str) 
         if not batch.isdigit():
             raise ConfigError(f"batch '{batch}' is neither a positive integer nor 'dynamic': give e.g. batch 1 or batch dynamic", option="batch")
         batch = int(batch)
-    if not isinstance(batch, str) and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise ConfigError(f"batch must be a positive integer or 'dynamic', got {batch!r}: give e.g. batch 1", option="batch")
+    if not isinstance(batch, str) and (isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH):
+        raise ConfigError(f"batch must be a positive integer up to {MAX_BATCH} or 'dynamic', got {batch!r}: give e.g. batch 1", option="batch")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is too old: mimc exports opset >= {MIN_OPSET} (LayerNormalization as one node)", option="opset")
     if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET:
@@ -150,7 +151,7 @@ def _torch_export(wrapper: nn.Module, example: torch.Tensor, out: Path, dynamic:
             # dynamo implements opset >= 18 only; asking for 17 makes it attempt a down-conversion
             # that fails for Reduce ops and logs a traceback. Export at 18; the report says so.
             common["opset_version"] = max(opset, DYNAMO_MIN_OPSET)
-            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+            shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},) if dynamic else None
             logger = logging.getLogger("torch.onnx")
             level = logger.level
             logger.setLevel(logging.ERROR)  # "torchvision is not installed" notes on every export
@@ -218,6 +219,8 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
     from mimc.data import deterministic_inputs
 
     batch = check_export_options(batch, opset, exporter, precision)
+    if force and not validate:
+        raise ConfigError("force keeps a graph that fails the fidelity gate, which only runs with validate: drop force", option=("force", "validate"))
     path = Path(path)
     in_artifact = _check_destination(path, encoder)
     _pre_export_checks(encoder)

@@ -111,6 +111,10 @@ def load_profile(device: str | Path) -> DeviceProfile:
     not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
     if not_positive:
         raise ConfigError(f"device profile {path}: {not_positive} must be positive numbers: fix the file")
+    counts = {"threads": [1] if data.get("threads") is None else [data["threads"]], "batch_sizes": data.get("batch_sizes", [1])}
+    not_counts = [k for k, v in counts.items() if not isinstance(v, list) or not v or not all(type(n) is int and n >= 1 for n in v)]
+    if not_counts:
+        raise ConfigError(f"device profile {path}: {not_counts} must be positive integers (batch_sizes a non-empty list of them): fix the file")
     data["precisions"] = tuple(data["precisions"])
     data["batch_sizes"] = tuple(data.get("batch_sizes", (1,)))
     data["peak_tflops"] = {str(k): float(v) for k, v in data["peak_tflops"].items()}

@@ -58,8 +58,10 @@ def precision_for(path: str | Path, precision: str | None = None) -> str:
         if any(node.op_type == "QAttention" for node in graph.graph.node):
             raise BadInputError(f"{path} is an ONNX Runtime CPU graph (QAttention), which OpenVINO cannot read: quantize it with "
                                 "--device openvino-cpu (or --no-fuse-attention: plain Q/DQ)")
-        source = "int8" if graph_precision(graph) == "int8" else "fp32"
-        own = source
+        source = own = graph_precision(graph)
+        if source not in ("fp32", "int8"):
+            raise BadInputError(f"{path} is an {source} graph; OpenVINO's CPU plugin runs fp32 and int8 ones: build or profile "
+                                "model.onnx, or quantize it with --device openvino-cpu (int8)")
     if precision is None:
         return own
     if precision in GRAPH_PRECISION and GRAPH_PRECISION[precision] != source:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mimc.errors import BadInputError, DeviceUnavailableError
+from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
 from mimc.runtime.openvino import IR_SUFFIXES  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
 from mimc.runtime.trt import ENGINE_SUFFIXES
 
@@ -36,6 +36,15 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
             raise BadInputError(f"batch_sizes: '{s}' is not a positive integer: give e.g. 1,8", option="batch_sizes")
         sizes.append(int(s))
     return list(dict.fromkeys(sizes))
+
+
+def check_predict(predict: bool, warmup: int, iters: int, threads: int | None) -> None:
+    """A roofline prediction times nothing: warmup, iters or threads given with it are refused."""
+    given = tuple(name for name, value, default in (("warmup", warmup, 10), ("iters", iters, 50), ("threads", threads, None))
+                  if value != default)
+    if predict and given:
+        raise ConfigError(f"{', '.join(given)} set a measurement, which predict does not make: drop {'them' if len(given) > 1 else 'it'}",
+                          option=(*given, "predict"))
 
 
 def check_model_path(model_path: str | os.PathLike) -> Path:
@@ -77,10 +86,11 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     if not is_engine:
         verify_graph(path)  # a graph or IR its artifact lists (and its .data / .bin) must be the one recorded
     sizes = parse_batch_sizes(batch_sizes)
+    check_predict(predict, warmup, iters, threads)
     if warmup < 0 or iters < 1:
         raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
-    if threads is not None and threads < 1:
-        raise BadInputError(f"threads must be >= 1, got {threads}: e.g. threads 2", option="threads")
+    if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
+        raise BadInputError(f"threads must be from 1 to the {os.cpu_count() or 1} cores here, got {threads}: e.g. threads 2", option="threads")
     if is_ir and (predict or prof.backend != "openvino-cpu"):
         raise BadInputError(f"{path.name} is an OpenVINO IR: profile it with device openvino-cpu{' and without predict' if predict else ''}, "
                             "or give the .onnx it came from", option=("device", "predict") if predict else "device")
@@ -173,4 +183,4 @@ def _envelope(label: str, path: Path, prof, results: list[dict[str, Any]], note:
     }
 
 
-__all__ = ["profile", "parse_batch_sizes", "check_model_path", "cuda_available"]
+__all__ = ["profile", "parse_batch_sizes", "check_model_path", "check_predict", "cuda_available"]

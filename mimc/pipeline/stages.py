@@ -86,7 +86,10 @@ class ProfileConfig(StageConfig):
     precision: str | None = option(None, doc="predict: price the graph at this precision; openvino-cpu: compile it at this precision")
 
     def check(self) -> None:
+        from mimc.latency.run import check_predict
+
         prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
+        check_predict(self.predict, self.warmup, self.iters, self.threads)
         measured_here = not self.predict and prof.backend == "openvino-cpu"
         if self.precision is not None and (not (self.predict or measured_here) or not prof.supports(self.precision)):
             raise ConfigError(f"precision {self.precision!r} needs predict on (or a measured openvino-cpu device) and a device "

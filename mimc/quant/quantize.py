@@ -73,7 +73,7 @@ from onnx import helper, version_converter
 
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
-from mimc.errors import BadInputError, ConfigError, ValidationError
+from mimc.errors import BadInputError, ConfigError, DataError, ValidationError
 from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph,
                         single_input, token_reduced, uses_external)
 from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
@@ -86,6 +86,7 @@ from mimc.options import StageConfig, option
 PRECISIONS = ("int8", "fp8")
 TARGETS = ("cpu", "tensorrt", "openvino")
 FP8_OPSET = 19
+PERCENTILE = 99.99
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
                        "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
 
@@ -99,7 +100,7 @@ class QuantizeConfig(StageConfig):
     precision: str = option("int8", choices=PRECISIONS)
     method: str = option("percentile", choices=METHODS, doc="calibration range method")
     n: int = option(256, ge=1, doc="calibration images")
-    percentile: float = option(99.99, ge=90, le=100, doc="percentile kept by method percentile")
+    percentile: float = option(PERCENTILE, ge=90, le=100, doc="percentile kept by method percentile")
     smooth: float | None = option(None, ge=0, le=1, doc="SmoothQuant alpha, folded into the graph before calibration")
     repq: bool = False
     quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
@@ -116,6 +117,12 @@ class QuantizeConfig(StageConfig):
         if self.overflow_fix is not None and self.resolved_target != "openvino":
             raise ConfigError(f"overflow_fix applies to the openvino target's int8 weights, not {self.resolved_target}: "
                               "drop it or give target openvino", option=("overflow_fix", "target"))
+        if self.percentile != PERCENTILE and self.method != "percentile":
+            raise ConfigError(f"percentile clips the default calibration method's range, not {self.method}'s: drop it, or drop method",
+                              option=("percentile", "method"))
+        if not self.fuse_attention and (self.resolved_target != "cpu" or self.quantize_attention_matmuls):
+            raise ConfigError("fuse_attention false changes nothing here: only the cpu target fuses attention, and not with "
+                              "quantize_attention_matmuls; drop it", option=("fuse_attention", "quantize_attention_matmuls"))
         if self.precision == "fp8" and self.target == "openvino":
             raise ConfigError("OpenVINO's CPU plugin has no FP8 kernels: give precision int8, or target tensorrt for FP8",
                               option=("target", "precision"))
@@ -149,6 +156,8 @@ def _check_paths(onnx_in: Path, onnx_out: Path) -> None:
         raise BadInputError(f"output {onnx_out} must end in .onnx: choose a path like model.int8.onnx")
     if not onnx_out.parent.is_dir():
         raise BadInputError(f"output folder {onnx_out.parent} does not exist: create it or choose another output path")
+    if onnx_out.is_dir():
+        raise BadInputError(f"output {onnx_out} is a directory: give a file path like model.int8.onnx", option="output")
     if onnx_out.resolve() == onnx_in.resolve():
         raise BadInputError(f"output {onnx_out} is the input graph: choose another output path (inputs are never modified)")
 
@@ -328,6 +337,10 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         rng = np.random.default_rng(0)
         held_out = [rng.standard_normal((max(graph_batch or 1, 4), *shape)).astype(np.float32)]
         eval_source = "seeded normal inputs (no held-out images given)"
+    n_held = sum(a.shape[0] for a in held_out)
+    if graph_batch and n_held < graph_batch:  # not one full batch to compare on
+        raise DataError(f"the graph has a static batch of {graph_batch} but only {n_held} held-out images to gate it on: "
+                        f"export it with batch {n_held} or less, or dynamic")
     pooled_only = token_reduced(model)
     runnable, why = runnable_here(config)
     sweep_stale_temps(onnx_out.parent, onnx_out.name)  # a killed run's temp folder (its pid is gone)

@@ -18,13 +18,16 @@ References:
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from mimc.atomic import atomic_file
 from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
 from mimc.runtime.timing import proc_field, time_runs, warmed, worker_main
 from mimc.runtime.session import Port
@@ -201,8 +204,14 @@ def runner(path: str | Path, precision: str = "fp32", threads: int | None = None
 
 
 def save_ir(model, out: str | Path) -> None:
-    """Write ``out`` (.xml) and its .bin with the weights as they are (no fp16 compression)."""
-    openvino().save_model(model, str(out), compress_to_fp16=False)
+    """Write ``out`` (.xml) and its .bin with the weights as they are (no fp16 compression), each
+    renamed into place whole: what was there (a link to the graph, say) is replaced, never written through."""
+    out = Path(out)
+    with atomic_file(out) as xml, atomic_file(out.with_suffix(".bin")) as weights, \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent) as tmp:
+        openvino().save_model(model, f"{tmp}/ir.xml", compress_to_fp16=False)
+        os.replace(f"{tmp}/ir.xml", xml)
+        os.replace(f"{tmp}/ir.bin", weights)
 
 
 def version() -> str:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+import mimc
 from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
 from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
@@ -144,6 +146,42 @@ def test_profile_predict(app, onnx_file):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["label"] == "predicted"
 
+
+
+def test_profile_predict_refuses_the_measurement_options(app, onnx_file):
+    """--iters, --warmup and --threads time a measurement: with --predict they were silently ignored."""
+    from mimc.errors import ConfigError
+    from mimc.pipeline.stages import ProfileConfig
+
+    for extra, flag in ((["--iters", "5"], "--iters"), (["--warmup", "0"], "--warmup"), (["--threads", "1"], "--threads")):
+        one_error_line(invoke(app, ["profile", onnx_file, "--device", "h100", "--predict", *extra]), flag)
+    with pytest.raises(ConfigError, match="iters"):  # a recipe's profile stage: refused when it is read
+        ProfileConfig(device="h100", predict=True, iters=5)
+
+
+def test_profile_report_never_replaces_a_file_the_graph_reads(app, tmp_path, onnx_file):
+    """`profile g.onnx -o g.onnx.data` replaced the graph's external weights with the report, and
+    `-o ART/mimc.json` the artifact's manifest (both read by the profile): refused like -o g.onnx."""
+    import onnx
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    onnx.save(onnx.load(onnx_file), loose / "g.onnx", save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    for graph, out in ((loose / "g.onnx", loose / "g.onnx.data"), (onnx_file, onnx_file.parent / "mimc.json")):
+        before = out.read_bytes()
+        one_error_line(invoke(app, ["profile", graph, "--predict", "-o", out]), str(out.name))
+        assert out.read_bytes() == before
+    device = tmp_path / "mine.yaml"  # the device profile it reads: was replaced by the report too
+    device.write_text((Path(mimc.__file__).parent / "profiles" / "cpu.yaml").read_text())
+    one_error_line(invoke(app, ["profile", onnx_file, "--device", device, "--predict", "-o", device]), "mine.yaml")
+    assert device.read_text().startswith("#")
+
+
+def test_profile_refuses_more_threads_than_cores(app, onnx_file):
+    """--threads 100000 started ONNX Runtime with that many threads: the process was killed (exit 137)."""
+    import os
+
+    one_error_line(invoke(app, ["profile", onnx_file, "--threads", str(os.cpu_count() + 1), "--iters", "1"]), "--threads")
 
 def test_profile_bad_inputs(app, tmp_path, onnx_file, monkeypatch):
     from mimc.latency import run as run_mod

@@ -149,10 +149,12 @@ def test_input_encoder_is_untouched(tmp_path):
     [
         ({"batch": 0}, ConfigError, "positive"),
         ({"batch": "abc"}, ConfigError, "dynamic"),
+        ({"batch": 10 ** 9}, ConfigError, "4096"),  # was a torch allocation traceback (or the OOM killer below it)
         ({"opset": 16}, ConfigError, "opset"),
         ({"opset": 21}, ConfigError, "dynamo"),
         ({"exporter": "tracer"}, ConfigError, "exporter"),
         ({"precision": "int3"}, ConfigError, "precision"),
+        ({"validate": False, "force": True}, ConfigError, "force"),  # no gate to keep a failing graph past: was ignored
     ],
 )
 def test_bad_options_are_refused_before_writing(tmp_path, kwargs, error, match):

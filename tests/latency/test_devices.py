@@ -73,6 +73,12 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d["peak_tflops"].update(fp16=-1), "positive"),
         (lambda d: d["peak_tflops"].update(int3=5), "unknown precision"),
         (lambda d: d.update(colour="green"), "unknown field"),
+        (lambda d: d.update(threads="abc"), "threads"),  # was a ValueError traceback when measured
+        (lambda d: d.update(threads=0.5), "threads"),  # was refused as if --threads had been given
+        (lambda d: d.update(threads=0), "threads"),
+        (lambda d: d.update(batch_sizes="8"), "batch_sizes"),  # was read as ('8',)
+        (lambda d: d.update(batch_sizes=[0]), "batch_sizes"),
+        (lambda d: d.update(batch_sizes=[]), "batch_sizes"),
     ],
 )
 def test_broken_yaml_is_one_clear_line(tmp_path, change, message):

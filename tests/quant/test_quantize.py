@@ -223,6 +223,39 @@ def test_config_round_trip_and_validation():
             QuantizeConfig(**bad)
 
 
+
+def test_options_that_would_do_nothing_are_refused():
+    """--percentile with another --method, and --no-fuse-attention where nothing is fused (another target,
+    or --attention), were accepted and silently ignored."""
+    for bad, named in (({"method": "minmax", "percentile": 99.0}, "percentile"), ({"method": "entropy", "percentile": 95.0}, "percentile"),
+                       ({"target": "openvino", "fuse_attention": False}, "fuse_attention"),
+                       ({"precision": "fp8", "fuse_attention": False}, "fuse_attention"),
+                       ({"quantize_attention_matmuls": True, "fuse_attention": False}, "fuse_attention")):
+        with pytest.raises(ConfigError, match=named) as exc:
+            QuantizeConfig(**bad)
+        assert named in exc.value.options
+    assert QuantizeConfig(method="minmax").percentile == 99.99 and not QuantizeConfig(fuse_attention=False).fuse_attention
+
+
+def test_held_out_images_fewer_than_the_static_batch_are_named(tmp_path):
+    """A batch-4 graph gated on 2 held-out images said "no images to compare on: pass a non-empty data
+    set" after calibrating; it now names the batch and the held-out count before any work."""
+    enc = build_encoder(tiny_config(), seed=0)
+    export_onnx(enc, tmp_path / "b4.onnx", batch=4, validate=False)
+    with pytest.raises(DataError, match="static batch of 4.*2 held-out"):
+        quantize_onnx(tmp_path / "b4.onnx", tmp_path / "q.onnx", image_batches(enc.config, n=8), QuantizeConfig(),
+                      image_batches(enc.config, n=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b4.onnx"]
+
+
+def test_output_onto_a_folder_is_refused_before_any_work(graph, tmp_path):
+    """An output .onnx naming an existing folder was an IsADirectoryError traceback once the work was done."""
+    path, enc = graph
+    (tmp_path / "q.onnx").mkdir()
+    with pytest.raises(BadInputError, match="is a directory"):
+        quantize_onnx(path, tmp_path / "q.onnx", image_batches(enc.config), QuantizeConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+
 def test_kl_threshold_clips_long_tails_only():
     rng = np.random.default_rng(0)
     x = np.abs(np.concatenate([rng.normal(0, 1, 200_000), [40.0]]))  # one far outlier

@@ -162,3 +162,71 @@ def test_build_help_names_the_openvino_ir(app):
     """`mimc build --help` said "Build a TensorRT engine" and "A TensorRT device profile" only."""
     text = " ".join(invoke(app, ["build", "--help"]).stdout.split())
     assert "or an OpenVINO IR" in text and "or openvino-cpu" in text
+
+
+def test_build_writes_its_ir_atomically_never_through_a_link_onto_the_graph(app, graph, tmp_path):
+    """`mimc build g.onnx -d openvino-cpu -o link.xml` with link.xml (or link.bin) a symlink to the graph
+    wrote the IR through the link over the graph; an output folder that did not exist was created."""
+    pytest.importorskip("openvino")
+    import hashlib
+    import shutil
+
+    g = tmp_path / "g.onnx"
+    shutil.copy(graph, g)
+    digest = hashlib.sha256(g.read_bytes()).hexdigest()
+    for link in ("a.xml", "b.bin"):
+        (tmp_path / link).symlink_to(g.name)
+    for out in ("a.xml", "b.xml"):
+        assert invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / out]).exit_code == 0
+        assert hashlib.sha256(g.read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "a.xml").is_symlink() and not (tmp_path / "b.bin").is_symlink()
+    one_error_line(invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / "no" / "x.xml"]), "does not exist")
+    assert not (tmp_path / "no").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_build_for_openvino_refuses_the_tensorrt_only_options(app, graph, tmp_path):
+    """--batch, --workspace-gb, --timing-cache and --sparse set TensorRT's builder: for openvino-cpu they
+    were silently ignored (an IR built, exit 0) instead of refused."""
+    pytest.importorskip("openvino")
+    for extra, flag in ((["--batch", "1:2:4"], "--batch"), (["--workspace-gb", "8"], "--workspace-gb"),
+                        (["--timing-cache", str(tmp_path / "tc")], "--timing-cache"), (["--no-sparse"], "--sparse")):
+        out = tmp_path / "ir.xml"
+        one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", out, *extra]), flag)
+        assert not out.exists() and not (tmp_path / "tc").exists()
+
+
+def test_build_into_an_artifact_records_the_ir_so_a_new_export_sees_it(app, tmp_path):
+    """`mimc build ART/model.onnx -d openvino-cpu` left its IR out of ART/mimc.json: a later export replaced
+    model.onnx silently (the IR out of date), and an altered IR was not refused, unlike a recipe's build."""
+    pytest.importorskip("openvino")
+    from mimc.api import export
+
+    graph = export(str(save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")), validate=False).path
+    assert invoke(app, ["build", graph, "--device", "openvino-cpu"]).exit_code == 0
+    entry = json.loads((graph.parent / "mimc.json").read_text())["files"]["openvino-cpu-fp32.xml"]
+    assert entry["source"] == "model.onnx" and entry["external_data"] == "openvino-cpu-fp32.bin"
+    one_error_line(invoke(app, ["export", graph.parent]), "openvino-cpu-fp32.xml")
+    assert invoke(app, ["export", graph.parent, "--overwrite"]).exit_code == 0
+    assert not (graph.parent / "openvino-cpu-fp32.xml").exists() and not (graph.parent / "openvino-cpu-fp32.bin").exists()
+
+
+def test_build_onto_a_folder_is_refused_and_writes_nothing(app, graph, tmp_path):
+    """-o x.xml naming a folder was an IsADirectoryError traceback, with x.bin already written."""
+    pytest.importorskip("openvino")
+    (tmp_path / "x.xml").mkdir()
+    one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "x.xml"]), "is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.xml"]
+
+
+def test_an_fp8_graph_is_refused_for_openvino_not_labelled_fp32(app, graph, tmp_path):
+    """build / profile --device openvino-cpu of a model.fp8.onnx went through and reported precision fp32,
+    a precision that graph does not run (quantize refuses fp8 for OpenVINO: it has no FP8 kernels)."""
+    pytest.importorskip("openvino")
+    from mimc.quant.quantize import QuantizeConfig, quantize_onnx
+
+    x = [np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)]
+    q = tmp_path / "model.fp8.onnx"
+    quantize_onnx(graph, q, x, QuantizeConfig(precision="fp8"), x, force=True)
+    for args in (["build", q, "--device", "openvino-cpu"], ["profile", q, "--device", "openvino-cpu"]):
+        one_error_line(invoke(app, args), "fp8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fp8.onnx"]
