@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
 from mimc.runtime.openvino import IR_SUFFIXES  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
+from mimc.runtime.timing import check_threads
 from mimc.runtime.trt import ENGINE_SUFFIXES
 
 ONNX_SUFFIXES = (".onnx",)
@@ -89,8 +90,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
     check_predict(predict, warmup, iters, threads)
     if warmup < 0 or iters < 1:
         raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
-    if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
-        raise BadInputError(f"threads must be from 1 to the {os.cpu_count() or 1} cores here, got {threads}: e.g. threads 2", option="threads")
+    check_threads(threads)
     if is_ir and (predict or prof.backend != "openvino-cpu"):
         raise BadInputError(f"{path.name} is an OpenVINO IR: profile it with device openvino-cpu{' and without predict' if predict else ''}, "
                             "or give the .onnx it came from", option=("device", "predict") if predict else "device")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, NotAModelError
+from mimc.runtime.timing import check_threads
 
 Forward = Callable[[torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -68,8 +69,7 @@ def graph_kind(model: Any) -> str | None:
 def check_device(model: Any, device: str | None, threads: int | None) -> str:
     """The device a model runs on (``device`` None: its runtime's own), refusing what cannot be."""
     kind = graph_kind(model)
-    if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
+    check_threads(threads)
     if device is not None and device not in ("cpu", "cuda"):
         raise ConfigError(f"device {device} is not cpu or cuda: choose one of them", option="device")
     if kind == "tensorrt":

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mimc.errors import BadInputError, MimcError
+from mimc.errors import BadInputError, ConfigError, MimcError
 
 # ORT's type strings -> numpy dtypes for the synthetic inputs.
 DTYPES = {
@@ -35,6 +35,17 @@ DTYPES = {
     "tensor(bool)": np.bool_,
 }
 
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count below 1 or above the cores this process may use (100000 ONNX Runtime
+    threads exhausted the machine's processes)."""
+    if threads is None:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
+    if threads > cores:
+        raise ConfigError(f"threads {threads} is more than the {cores} cores here: choose at most {cores}", option="threads")
 
 def proc_field(file: str, field: str) -> str | None:
     """The value of the first line of a /proc file that starts with ``field``; None without /proc."""
