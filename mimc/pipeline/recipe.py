@@ -288,11 +288,12 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
         # refused even when no stage reads images: an option that names nothing must not pass silently
         raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
     if path.is_dir():
-        return recipe_from_artifact(path, data)
-    if not path.is_file():
+        recipe = recipe_from_artifact(path, data)
+    elif not path.is_file():
         raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
-    recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
-    recipe.source_path = path  # the file it came from: an output must never replace it
+    else:
+        recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
+    recipe.source_path = path  # the file or artifact it came from: an output must never replace it
     return recipe
 
 

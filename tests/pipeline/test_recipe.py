@@ -321,3 +321,17 @@ def test_a_recipe_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="a recipe runs in one process and torchrun started 2: run mimc run without torchrun"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_replaying_an_artifact_into_itself_is_refused_and_leaves_it_intact(tmp_path, source):
+    from mimc.cli.app import app
+
+    model, _ = source
+    art = tmp_path / "art"
+    run_recipe(parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]}), art)
+    before = {p.name: p.read_bytes() for p in Path(art).iterdir()}
+    for output in (art, art / "sub"):  # the artifact replayed, or a folder inside it
+        result = CliRunner().invoke(app, ["run", str(art), "-o", str(output), "--overwrite"])
+        assert result.exit_code == 2 and "input" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert {p.name: p.read_bytes() for p in Path(art).iterdir()} == before
+
