@@ -162,7 +162,7 @@ class Options:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)  # a YAML key may be a number
         if unknown:
             label = getattr(cls, "name", cls.__name__)
             raise ConfigError(f"unknown option(s) {unknown} for stage '{label}': valid options are {sorted(known)}")

@@ -103,7 +103,7 @@ def parse_recipe(data: Any, where: str = "recipe", data_fix: str = "add 'data: D
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping with 'model' and 'stages', got {type(data).__name__}")
     known = {*TOP_LEVEL_KEYS, "stages"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # a YAML key may be a number
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}: valid keys are {sorted(known)}")
     model = data.get("model")
@@ -139,7 +139,7 @@ def _parse_data(value: Any, where: str) -> tuple[str | None, dict[str, Any]]:
         return value, {}
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: 'data' must be a string or a mapping with 'path', got {clip(value)}")
-    unknown = sorted(set(value) - {"path", *DATA_OPTIONS})
+    unknown = sorted(set(value) - {"path", *DATA_OPTIONS}, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data': valid keys are {sorted({'path', *DATA_OPTIONS})}")
     if not isinstance(value.get("path"), str) or not value["path"]:

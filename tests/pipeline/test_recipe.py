@@ -335,3 +335,17 @@ def test_replaying_an_artifact_into_itself_is_refused_and_leaves_it_intact(tmp_p
         assert result.exit_code == 2 and "input" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
     assert {p.name: p.read_bytes() for p in Path(art).iterdir()} == before
 
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model: ref\n1: a\nfoo: b\nstages: [export]\n", "unknown key(s) [1, 'foo']"),
+    ("model: ref\ndata: {path: builtin, 1: a, foo: b}\nstages: [export]\n", "unknown key(s) [1, 'foo'] in 'data'"),
+    ("model: ref\nstages: [{prune: {ratio: 0.5, 1: a, foo: b}}]\n", "unknown option(s) [1, 'foo'] for stage 'prune'"),
+])
+def test_unknown_keys_of_mixed_types_are_named(tmp_path, text, match):
+    # before: a TypeError traceback ('<' not supported between 'int' and 'str') from sorting them
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert match in str(info.value)
