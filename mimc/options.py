@@ -106,6 +106,13 @@ def _is(value: Any, base: type) -> bool:
     return isinstance(value, base)
 
 
+def plain(value: Any) -> Any:
+    """A number as Python's own int or float (numpy's, even np.float64, are not written by YAML); else ``value``."""
+    if isinstance(value, (numbers.Integral, numbers.Real)) and not isinstance(value, bool) and type(value) not in (int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
 def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
     if kind.bases and not any(_is(value, b) for b in kind.bases):
         raise ConfigError(f"{name} must be {' or '.join(_WORDS[b] for b in kind.bases)}, got {clip(value)}", option=name)
@@ -147,10 +154,11 @@ class Options:
                 if not isinstance(value, (list, tuple)):
                     raise ConfigError(f"{f.name} must be a list, got {clip(value)}: write [{clip(value)}]", option=f.name)
                 value = tuple(value)
-                object.__setattr__(self, f.name, value)  # frozen and hashable, as from_dict makes it
                 _check_items(f.name, value, kind, spec)
+                object.__setattr__(self, f.name, tuple(map(plain, value)))  # frozen and hashable, as from_dict makes it
             else:
                 _check_value(f.name, value, kind, spec)
+                object.__setattr__(self, f.name, plain(value))
         self.check()
 
     def check(self) -> None:

@@ -59,6 +59,17 @@ def test_lists_become_tuples_and_round_trip_through_dicts():
         _Toy.from_dict({"step": 3})
 
 
+def test_numpy_numbers_are_kept_as_python_numbers():
+    # before: a float32 ratio was accepted, then writing mimc.json / recipe.yaml failed after the work
+    import numpy as np
+
+    toy = _Toy(ratio=np.float32(0.5), steps=np.int64(3), sizes=[np.int32(2)])
+    assert [type(v) for v in (toy.ratio, toy.steps, toy.sizes[0])] == [float, int, int]
+    assert json.loads(json.dumps(toy.to_dict())) == {"ratio": 0.5, "steps": 3, "mode": "a", "flag": False, "sizes": [2]}
+    recipe = parse_recipe({"model": "ref", "n": np.int64(8), "seed": np.uint8(1), "stages": [{"prune": {"ratio": np.float32(0.5)}}]})
+    assert (recipe.n, recipe.seed) == (8, 1) and "0.5" in recipe.to_yaml()
+
+
 def test_phrased_replaces_whole_words_only():
     exc = ConfigError("ratio 0.1 of 4 blocks rounds to 0 removed: give ratio >= 0.125 (see ratio_table, x.ratio)", option="ratio")
     assert exc.phrased({"ratio": "--ratio"}) == "--ratio 0.1 of 4 blocks rounds to 0 removed: give --ratio >= 0.125 (see ratio_table, x.ratio)"

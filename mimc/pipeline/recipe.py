@@ -38,7 +38,7 @@ from mimc.artifact import is_artifact, read_manifest
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.latency.devices import load_profile
-from mimc.options import StageConfig
+from mimc.options import StageConfig, plain
 from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_from_dict
 
 RECIPE_NAME = "recipe.yaml"
@@ -110,7 +110,7 @@ def parse_recipe(data: Any, where: str = "recipe", data_fix: str = "add 'data: D
     model = os.fspath(model) if isinstance(model, os.PathLike) else model  # a Path from Python
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{where}: 'model' must name a model (e.g. model: ref)")
-    n, seed = data.get("n", 256), data.get("seed", 0)
+    n, seed = plain(data.get("n", 256)), plain(data.get("seed", 0))
     for key, value in (("n", n), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "n" else 0):
             raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {clip(value)}")
