@@ -27,6 +27,7 @@ exported graphs), including ones written stage by stage with the single commands
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,11 @@ class _StrictLoader(yaml.SafeLoader):
                 raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once",
                                        key_node.start_mark)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot (lr: 1e-4)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:

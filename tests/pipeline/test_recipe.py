@@ -349,3 +349,12 @@ def test_unknown_keys_of_mixed_types_are_named(tmp_path, text, match):
     with pytest.raises(ConfigError) as info:
         load_recipe(path)
     assert match in str(info.value)
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    # before: PyYAML's YAML 1.1 floats need a dot, so lr: 1e-4 was the string '1e-4' and refused
+    # as "stages[0].distill.lr must be a number, got '1e-4'"
+    path = tmp_path / "r.yaml"
+    path.write_text("model: ref\ndata: builtin\nstages: [{distill: {lr: 1e-4, min_lr: 2E-6, weight_decay: +5e+0}}]\n")
+    config = load_recipe(path).steps[0].config
+    assert (config.lr, config.min_lr, config.weight_decay) == (1e-4, 2e-6, 5.0)
