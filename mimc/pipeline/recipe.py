@@ -269,6 +269,9 @@ def _check_order(steps: list[Step], where: str) -> None:
             raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].name}': "
                               "put prune/width/tokens/sparsify/distill before export/quantize/build/profile/eval")
     names = [s.name for s in steps]
+    if names[0] == "distill":  # a recipe's distill learns from the recipe's model: here that is the student itself
+        raise ConfigError(f"{where}: {stage_key(0, 'distill')} would distill the recipe's model from itself (its teacher), "
+                          "which recovers nothing: put the stages that compress it (prune, width, ...) before distill")
     for name in ("export", "quantize"):
         if names.count(name) > 1:
             raise ConfigError(f"{where}: stage '{name}' appears {names.count(name)} times: a run writes one {name}ed graph")

@@ -100,6 +100,8 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     ({"stages": []}, "non-empty list"),
     ({"modle": "ref"}, "unknown key(s) ['modle']"),
     ({"n": 0}, "'n' must be a positive integer"),
+    # before: refused once the run started as the model being "its own stages[0].distill.teacher", a key no recipe has
+    ({"stages": [{"distill": {"steps": 1}}]}, "stages[0].distill would distill the recipe's model from itself"),
 ])
 def test_bad_recipes_are_refused_before_any_work(change, match):
     data = {"model": "ref", "data": "builtin", "stages": [{"prune": {"ratio": 0.5}}], **change}
@@ -317,7 +319,7 @@ def test_a_recipe_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatc
     model, data = source
     monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the recipe was refused"))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"distill": {"steps": 1}}]})
+    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"prune": {"ratio": 0.5}}, {"distill": {"steps": 1}}]})
     with pytest.raises(ConfigError, match="a recipe runs in one process and torchrun started 2: run mimc run without torchrun"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -355,6 +357,6 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     # before: PyYAML's YAML 1.1 floats need a dot, so lr: 1e-4 was the string '1e-4' and refused
     # as "stages[0].distill.lr must be a number, got '1e-4'"
     path = tmp_path / "r.yaml"
-    path.write_text("model: ref\ndata: builtin\nstages: [{distill: {lr: 1e-4, min_lr: 2E-6, weight_decay: +5e+0}}]\n")
-    config = load_recipe(path).steps[0].config
+    path.write_text("model: ref\ndata: builtin\nstages: [{prune: {ratio: 0.5}}, {distill: {lr: 1e-4, min_lr: 2E-6, weight_decay: +5e+0}}]\n")
+    config = load_recipe(path).steps[1].config
     assert (config.lr, config.min_lr, config.weight_decay) == (1e-4, 2e-6, 5.0)
