@@ -191,7 +191,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     prof = load_profile(device)
     if not 0.0 < min_cosine <= 1.0:
         raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine}: e.g. 0.98", option="min_cosine")
-    if budget_ms is not None and not budget_ms > 0:
+    if budget_ms is not None and not 0 < budget_ms < float("inf"):
         raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
     pairs, skipped = _pairs(space, prof, predict)

@@ -119,10 +119,11 @@ def test_repeated_grid_values_are_searched_once_and_labels_keep_small_fractions(
     assert Candidate(0.001, 0.001, False, "fp32").label == "blocks -0.1%, tokens 0.1%, fp32"  # was "-0%", "0%"
 
 
-def test_non_positive_budget_is_refused(setup):
+@pytest.mark.parametrize("budget", [0, float("inf")])  # inf: met by anything, and written as Infinity, which is not JSON
+def test_non_positive_or_infinite_budget_is_refused(setup, budget):
     enc, calib, held, _ = setup
     with pytest.raises(ConfigError, match="budget_ms must be a positive number"):
-        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=0)
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=budget)
 
 
 def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibration_count(tmp_path):
