@@ -172,3 +172,15 @@ def test_cli_words_an_option_error_as_its_flag(tmp_path):
     assert result.exit_code == 2 and "error: --hist-bins must be in [2, 16777216], got 1" in result.output
     result = CliRunner().invoke(app, ["quantize", "ref", "-o", str(tmp_path / "q.onnx")])  # no images: `data` is --calib here
     assert result.exit_code == 2 and "give --calib (a folder" in result.output, result.output
+
+
+@pytest.mark.parametrize("stage, options", [
+    ("prune", {"ratio": 0.5, "criterion": "random"}), ("sparsify", {}), ("distill", {}),
+])
+@pytest.mark.parametrize("seed", [-1, 1 << 70])
+def test_a_seed_out_of_range_is_refused_naming_it(stage, options, seed):
+    # before: 1 << 70 was a ValueError traceback ('Overflow when unpacking long long') from torch's
+    # generator once the stage ran (prune --criterion random, a learning run's per-step generator)
+    with pytest.raises(ConfigError) as info:
+        config_types()[stage].from_dict({**options, "seed": seed})
+    assert info.value.options == ("seed",) and "seed must be in [0, 4294967295]" in str(info.value)

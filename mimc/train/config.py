@@ -37,7 +37,7 @@ class TrainConfig(Options):
     clip_grad: float = option(1.0, doc="gradient norm clip; 0 disables clipping")
     mask_ratio: float = option(0.0, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     flip: bool = True
-    seed: int = 0
+    seed: int = option(0, ge=0, le=(1 << 32) - 1, doc="seed of everything random in the stage")
     precision: str = option("fp32", choices=PRECISIONS, doc="bf16: forwards under CUDA bf16 autocast (the loss and optimizer stay fp32)")
 
     # Fields recorded only away from these defaults: added after runs had been recorded without them, whose
