@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import types
 import typing
@@ -120,6 +121,8 @@ def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"unknown {name} {clip(value)}: choose one of {', '.join(map(str, spec.choices))}", option=name)
     if isinstance(value, numbers.Real) and not spec.in_range(value):  # always in range without bounds
         raise ConfigError(f"{name} must be {spec.describe_range()}, got {clip(value)}", option=name)
+    if isinstance(value, numbers.Real) and not math.isfinite(value):  # nan / inf, unbounded or within a one-sided bound
+        raise ConfigError(f"{name} must be a finite number, got {clip(value)}", option=name)
 
 
 def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:

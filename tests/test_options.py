@@ -184,3 +184,13 @@ def test_a_seed_out_of_range_is_refused_naming_it(stage, options, seed):
     with pytest.raises(ConfigError) as info:
         config_types()[stage].from_dict({**options, "seed": seed})
     assert info.value.options == ("seed",) and "seed must be in [0, 4294967295]" in str(info.value)
+
+
+@pytest.mark.parametrize("option, value", [("weight_decay", float("nan")), ("clip_grad", float("-inf")), ("lr", float("inf")),
+                                           ("token_weight", float("inf")), ("epochs", float("inf"))])
+def test_a_number_that_is_not_finite_is_refused_naming_it(option, value):
+    # before: accepted (unbounded, or inf within a lower bound), and distill with lr / token_weight inf or
+    # weight_decay nan wrote a model of NaN weights (pooled cosine 0.0000) with exit 0
+    with pytest.raises(ConfigError) as info:
+        config_types()["distill"].from_dict({option: value})
+    assert info.value.options == (option,) and str(info.value) == f"{option} must be a finite number, got {value}"
