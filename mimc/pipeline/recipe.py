@@ -370,7 +370,7 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     if not model:
         raise BadInputError(f"{path}/mimc.json does not name its source model: write a recipe with 'model:' by hand")
     stages: list[Any] = [{s.name: s.config} for s in manifest.stages]
-    recorded = None
+    recorded, seed = None, {}
     export = manifest.files.get("model.onnx")
     if export is not None:
         stages.append({"export": {"batch": export.get("batch", 1), "opset": export.get("opset_requested", export.get("opset", 17)),
@@ -379,9 +379,10 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
         if entry.get("stage", {}).get("name") == "quantize":
             stages.append({"quantize": entry["config"]})
             recorded = entry.get("calibration_source")
+            seed = {"seed": entry["calibration_seed"]} if "calibration_seed" in entry else {}
             break
     data = data if data is not None else recorded  # model stages do not record their images: mimc run --data
-    recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json",
+    recipe = parse_recipe({"model": model, "stages": stages, **seed, **({"data": data} if data else {})}, where=f"{path}/mimc.json",
                           data_fix="mimc.json does not record them, give them to the replay: mimc run --data DIR")
     notes = []
     learned = [s.name for s in recipe.steps if s.is_model_stage and s.config.needs_data]

@@ -360,3 +360,18 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     path.write_text("model: ref\ndata: builtin\nstages: [{prune: {ratio: 0.5}}, {distill: {lr: 1e-4, min_lr: 2E-6, weight_decay: +5e+0}}]\n")
     config = load_recipe(path).steps[1].config
     assert (config.lr, config.min_lr, config.weight_decay) == (1e-4, 2e-6, 5.0)
+
+
+def test_a_graph_quantized_with_a_seed_replays_with_that_seed(tmp_path):
+    # before: mimc.json did not record quantize --seed, so the replay drew other calibration images with
+    # seed 0 and silently wrote a different model.int8.onnx
+    import mimc
+
+    art = tmp_path / "art"
+    run_recipe(parse_recipe({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}, "export"]}), art)
+    (art / "recipe.yaml").unlink()  # as if built command by command: the replay reads mimc.json
+    mimc.quantize(str(art), "builtin", n=16, seed=3)
+    recipe = recipe_from_artifact(art)
+    assert recipe.seed == 3
+    run_recipe(recipe, tmp_path / "again")
+    assert (tmp_path / "again" / "model.int8.onnx").read_bytes() == (art / "model.int8.onnx").read_bytes()
