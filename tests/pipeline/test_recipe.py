@@ -375,3 +375,17 @@ def test_a_graph_quantized_with_a_seed_replays_with_that_seed(tmp_path):
     assert recipe.seed == 3
     run_recipe(recipe, tmp_path / "again")
     assert (tmp_path / "again" / "model.int8.onnx").read_bytes() == (art / "model.int8.onnx").read_bytes()
+
+
+def test_the_written_recipe_names_local_paths_so_it_replays_from_any_folder(tmp_path, monkeypatch, source):
+    # before: recipe.yaml kept 'model: src' as written, relative to the folder the run started in, so a
+    # replay from another folder found no model (or another folder's 'src')
+    model, data = source
+    monkeypatch.chdir(tmp_path)
+    run_recipe(parse_recipe({"model": "src", "data": "data.npz", "n": 8, "stages": [{"prune": {"ratio": 0.5}}]}), "out")
+    written = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert (written["model"], written["data"]) == (model, data)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_recipe(load_recipe(tmp_path / "out"), "again")
+    assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
