@@ -288,9 +288,7 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
     """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
     ``data`` replaces the recipe's images."""
     path = Path(path)
-    if data is not None and data != "builtin" and not is_shard_spec(data) and not Path(data).exists():
-        # refused even when no stage reads images: an option that names nothing must not pass silently
-        raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
+    check_data(data)
     if path.is_dir():
         recipe = recipe_from_artifact(path, data)
     elif not path.is_file():
@@ -299,6 +297,13 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
         recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
     recipe.source_path = path  # the file or artifact it came from: an output must never replace it
     return recipe
+
+
+def check_data(data: str | None) -> None:
+    """Images given to replace a recipe's must exist, even when no stage reads them: an option that
+    names nothing must not pass silently."""
+    if data is not None and data != "builtin" and not is_shard_spec(data) and not Path(data).exists():
+        raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
 
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -398,5 +403,5 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     return recipe
 
 
-__all__ = ["Recipe", "Step", "ExportConfig", "BuildConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
+__all__ = ["Recipe", "Step", "check_data", "ExportConfig", "BuildConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
            "recipe_from_artifact", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]
