@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import ConfigError
-from mimc.options import Options, option
+from mimc.options import Options, option, plain
 from mimc.metrics import FidelityMeter
 
 CPU_PRECISIONS = ("fp32", "int8")
@@ -189,9 +189,11 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     from mimc.latency.devices import load_profile
 
     prof = load_profile(device)
-    if not 0.0 < min_cosine <= 1.0:
-        raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine}: e.g. 0.98", option="min_cosine")
-    if budget_ms is not None and not 0 < budget_ms < float("inf"):
+    number = lambda x: not isinstance(x, bool) and isinstance(x, (int, float))  # (after plain(): numpy numbers are Python ones)
+    min_cosine, budget_ms = plain(min_cosine), plain(budget_ms)
+    if not number(min_cosine) or not 0.0 < min_cosine <= 1.0:
+        raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine!r}: e.g. 0.98", option="min_cosine")
+    if budget_ms is not None and (not number(budget_ms) or not 0 < budget_ms < float("inf")):
         raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
     pairs, skipped = _pairs(space, prof, predict)

@@ -126,6 +126,15 @@ def test_non_positive_or_infinite_budget_is_refused(setup, budget):
         search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=budget)
 
 
+@pytest.mark.parametrize("kwargs", [{"min_cosine": "0.9"}, {"min_cosine": True}, {"budget_ms": "5"}, {"budget_ms": True}])
+def test_a_threshold_that_is_not_a_number_is_refused_naming_it(setup, kwargs):
+    # before: a str was a TypeError traceback ('<' not supported ...), True passed as min_cosine 1 / budget 1 ms
+    enc, calib, held, _ = setup
+    with pytest.raises(ConfigError) as info:
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), **kwargs)
+    assert info.value.options == tuple(kwargs)
+
+
 def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibration_count(tmp_path):
     from mimc.quant.quantize import QuantizeConfig
 
