@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
-from mimc.artifact import is_artifact, read_manifest
+from mimc.artifact import MANIFEST_NAME, is_artifact, read_manifest
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.latency.devices import load_profile
@@ -289,6 +289,8 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
     ``data`` replaces the recipe's images."""
     path = Path(path)
     check_data(data)
+    if path.name == MANIFEST_NAME and is_artifact(path.parent):  # ART/mimc.json: the artifact it describes
+        path = path.parent
     if path.is_dir():
         recipe = recipe_from_artifact(path, data)
     elif not path.is_file():

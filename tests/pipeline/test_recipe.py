@@ -389,3 +389,11 @@ def test_the_written_recipe_names_local_paths_so_it_replays_from_any_folder(tmp_
     monkeypatch.chdir(tmp_path / "elsewhere")
     run_recipe(load_recipe(tmp_path / "out"), "again")
     assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_an_artifacts_mimc_json_given_as_the_recipe_replays_the_artifact(tmp_path, source):
+    # README: `mimc run OUT` replays it "(or any artifact's mimc.json)"; given the file itself it was read
+    # as a recipe: "unknown key(s) ['encoder', 'files', 'format_version', ...]"
+    model, _ = source
+    run_recipe(parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]}), tmp_path / "art")
+    assert load_recipe(tmp_path / "art" / MANIFEST_NAME).to_dict() == load_recipe(tmp_path / "art").to_dict()
