@@ -336,6 +336,11 @@ class _StrictLoader(yaml.SafeLoader):
                                    "write values out", event.start_mark)
         return super().compose_node(parent, index)
 
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode and implicit[0] and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", value):
+            return "tag:yaml.org,2002:str"  # YAML 1.1's base 60 (2:4 = 124): an N:M pattern stays text
+        return super().resolve(kind, value, implicit)
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:

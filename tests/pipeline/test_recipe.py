@@ -397,3 +397,10 @@ def test_an_artifacts_mimc_json_given_as_the_recipe_replays_the_artifact(tmp_pat
     model, _ = source
     run_recipe(parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]}), tmp_path / "art")
     assert load_recipe(tmp_path / "art" / MANIFEST_NAME).to_dict() == load_recipe(tmp_path / "art").to_dict()
+
+
+def test_an_unquoted_n_m_pattern_is_text(tmp_path):
+    # before: YAML 1.1 reads 2:4 as the base-60 integer 124: "stages[0].sparsify.pattern must be a string, got 124"
+    path = tmp_path / "r.yaml"
+    path.write_text("model: ref\ndata: builtin\nstages: [{sparsify: {pattern: 2:4, method: wanda}}]\n")
+    assert load_recipe(path).steps[0].config.pattern == "2:4"
