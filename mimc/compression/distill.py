@@ -59,6 +59,12 @@ class DistillConfig(TrainConfig, StageConfig):
     def warmup(self) -> int:
         return int(self.warmup_ratio * self.steps)
 
+    def check(self) -> None:
+        super().check()
+        if not (self.token_weight or self.pooled_weight or self.hidden_weight):
+            raise ConfigError("token_weight, pooled_weight and hidden_weight are all 0: nothing to learn; give one of them > 0",
+                              option=("token_weight", "pooled_weight", "hidden_weight"))
+
 
 def default_teacher(encoder):
     """The dense source named in the student's manifest, loaded afresh."""
