@@ -186,11 +186,30 @@ def test_a_seed_out_of_range_is_refused_naming_it(stage, options, seed):
     assert info.value.options == ("seed",) and "seed must be in [0, 4294967295]" in str(info.value)
 
 
-@pytest.mark.parametrize("option, value", [("weight_decay", float("nan")), ("clip_grad", float("-inf")), ("lr", float("inf")),
-                                           ("token_weight", float("inf")), ("epochs", float("inf"))])
-def test_a_number_that_is_not_finite_is_refused_naming_it(option, value):
+@pytest.mark.parametrize("stage, option, value", [
+    ("sparsify.learned", "reg_lambda", float("nan")), ("sparsify.learned", "prior_strength", float("-inf")),
+    ("distill", "lr", float("inf")), ("distill", "token_weight", float("inf")), ("distill", "epochs", float("inf")),
+])
+def test_a_number_that_is_not_finite_is_refused_naming_it(stage, option, value):
     # before: accepted (unbounded, or inf within a lower bound), and distill with lr / token_weight inf or
     # weight_decay nan wrote a model of NaN weights (pooled cosine 0.0000) with exit 0
+    from mimc.compression.nm_learned import NMLearnedConfig
+
+    cls = NMLearnedConfig if stage == "sparsify.learned" else config_types()[stage]
     with pytest.raises(ConfigError) as info:
-        config_types()["distill"].from_dict({option: value})
+        cls.from_dict({option: value})
     assert info.value.options == (option,) and str(info.value) == f"{option} must be a finite number, got {value}"
+
+
+@pytest.mark.parametrize("stage, option", [("distill", "min_lr"), ("distill", "weight_decay"), ("distill", "clip_grad"),
+                                           ("sparsify.learned", "min_lr"), ("sparsify.learned", "weight_decay")])
+def test_a_negative_learning_rate_floor_decay_or_clip_is_refused(stage, option):
+    # before: accepted; min_lr < 0 ended the schedule on a negative learning rate (gradient ascent), a negative
+    # weight decay grew the weights (AdamW checks only its default, not a parameter group's) and a negative
+    # clip_grad was silently no clipping
+    from mimc.compression.nm_learned import NMLearnedConfig
+
+    cls = NMLearnedConfig if stage == "sparsify.learned" else config_types()[stage]
+    with pytest.raises(ConfigError) as info:
+        cls.from_dict({option: -0.1})
+    assert info.value.options == (option,) and str(info.value) == f"{option} must be >= 0, got -0.1"
