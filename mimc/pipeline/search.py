@@ -53,7 +53,7 @@ class SearchSpace(Options):
     block_ratios: tuple[float, ...] = option((0.0, 0.25, 0.5), ge=0, lt=1, min_items=1, doc="fractions of blocks removed")
     token_keeps: tuple[float, ...] = option((1.0, 0.75, 0.5), gt=0, le=1, min_items=1, doc="fractions of patches kept")
     # None: what the device runs (cpu: fp32, int8)
-    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8"))
+    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8"), min_items=1)
     # the CPU runtimes of a measured cpu search; None: every one installed here (ort, and openvino
     # when `import openvino` works; when it does not, the result says so in `skipped`)
     runtimes: tuple[str, ...] | None = option(None, choices=tuple(RUNTIME_PRECISIONS), min_items=1,

@@ -84,7 +84,8 @@ def test_impossible_searches_are_refused(setup, kwargs, match):
 
 
 def test_search_space_is_checked():
-    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}):
+    # precisions (): was searched as the default, the empty list silently ignored (--precisions ,)
+    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}, {"precisions": ()}):
         with pytest.raises(ConfigError):
             SearchSpace(**bad)
 
