@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import types
 import typing
@@ -106,6 +107,13 @@ def _is(value: Any, base: type) -> bool:
     return isinstance(value, base)
 
 
+def plain(value: Any) -> Any:
+    """A number as Python's own int or float (numpy's, even np.float64, are not written by YAML); else ``value``."""
+    if isinstance(value, (numbers.Integral, numbers.Real)) and not isinstance(value, bool) and type(value) not in (int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
 def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
     if kind.bases and not any(_is(value, b) for b in kind.bases):
         raise ConfigError(f"{name} must be {' or '.join(_WORDS[b] for b in kind.bases)}, got {clip(value)}", option=name)
@@ -113,6 +121,8 @@ def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"unknown {name} {clip(value)}: choose one of {', '.join(map(str, spec.choices))}", option=name)
     if isinstance(value, numbers.Real) and not spec.in_range(value):  # always in range without bounds
         raise ConfigError(f"{name} must be {spec.describe_range()}, got {clip(value)}", option=name)
+    if isinstance(value, numbers.Real) and not math.isfinite(value):  # nan / inf, unbounded or within a one-sided bound
+        raise ConfigError(f"{name} must be a finite number, got {clip(value)}", option=name)
 
 
 def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:
@@ -147,10 +157,11 @@ class Options:
                 if not isinstance(value, (list, tuple)):
                     raise ConfigError(f"{f.name} must be a list, got {clip(value)}: write [{clip(value)}]", option=f.name)
                 value = tuple(value)
-                object.__setattr__(self, f.name, value)  # frozen and hashable, as from_dict makes it
                 _check_items(f.name, value, kind, spec)
+                object.__setattr__(self, f.name, tuple(map(plain, value)))  # frozen and hashable, as from_dict makes it
             else:
                 _check_value(f.name, value, kind, spec)
+                object.__setattr__(self, f.name, plain(value))
         self.check()
 
     def check(self) -> None:
@@ -162,7 +173,7 @@ class Options:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)  # a YAML key may be a number
         if unknown:
             label = getattr(cls, "name", cls.__name__)
             raise ConfigError(f"unknown option(s) {unknown} for stage '{label}': valid options are {sorted(known)}")

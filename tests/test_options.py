@@ -59,6 +59,17 @@ def test_lists_become_tuples_and_round_trip_through_dicts():
         _Toy.from_dict({"step": 3})
 
 
+def test_numpy_numbers_are_kept_as_python_numbers():
+    # before: a float32 ratio was accepted, then writing mimc.json / recipe.yaml failed after the work
+    import numpy as np
+
+    toy = _Toy(ratio=np.float32(0.5), steps=np.int64(3), sizes=[np.int32(2)])
+    assert [type(v) for v in (toy.ratio, toy.steps, toy.sizes[0])] == [float, int, int]
+    assert json.loads(json.dumps(toy.to_dict())) == {"ratio": 0.5, "steps": 3, "mode": "a", "flag": False, "sizes": [2]}
+    recipe = parse_recipe({"model": "ref", "n": np.int64(8), "seed": np.uint8(1), "stages": [{"prune": {"ratio": np.float32(0.5)}}]})
+    assert (recipe.n, recipe.seed) == (8, 1) and "0.5" in recipe.to_yaml()
+
+
 def test_phrased_replaces_whole_words_only():
     exc = ConfigError("ratio 0.1 of 4 blocks rounds to 0 removed: give ratio >= 0.125 (see ratio_table, x.ratio)", option="ratio")
     assert exc.phrased({"ratio": "--ratio"}) == "--ratio 0.1 of 4 blocks rounds to 0 removed: give --ratio >= 0.125 (see ratio_table, x.ratio)"
@@ -161,3 +172,44 @@ def test_cli_words_an_option_error_as_its_flag(tmp_path):
     assert result.exit_code == 2 and "error: --hist-bins must be in [2, 16777216], got 1" in result.output
     result = CliRunner().invoke(app, ["quantize", "ref", "-o", str(tmp_path / "q.onnx")])  # no images: `data` is --calib here
     assert result.exit_code == 2 and "give --calib (a folder" in result.output, result.output
+
+
+@pytest.mark.parametrize("stage, options", [
+    ("prune", {"ratio": 0.5, "criterion": "random"}), ("sparsify", {}), ("distill", {}),
+])
+@pytest.mark.parametrize("seed", [-1, 1 << 70])
+def test_a_seed_out_of_range_is_refused_naming_it(stage, options, seed):
+    # before: 1 << 70 was a ValueError traceback ('Overflow when unpacking long long') from torch's
+    # generator once the stage ran (prune --criterion random, a learning run's per-step generator)
+    with pytest.raises(ConfigError) as info:
+        config_types()[stage].from_dict({**options, "seed": seed})
+    assert info.value.options == ("seed",) and "seed must be in [0, 4294967295]" in str(info.value)
+
+
+@pytest.mark.parametrize("stage, option, value", [
+    ("sparsify.learned", "reg_lambda", float("nan")), ("sparsify.learned", "prior_strength", float("-inf")),
+    ("distill", "lr", float("inf")), ("distill", "token_weight", float("inf")), ("distill", "epochs", float("inf")),
+])
+def test_a_number_that_is_not_finite_is_refused_naming_it(stage, option, value):
+    # before: accepted (unbounded, or inf within a lower bound), and distill with lr / token_weight inf or
+    # weight_decay nan wrote a model of NaN weights (pooled cosine 0.0000) with exit 0
+    from mimc.compression.nm_learned import NMLearnedConfig
+
+    cls = NMLearnedConfig if stage == "sparsify.learned" else config_types()[stage]
+    with pytest.raises(ConfigError) as info:
+        cls.from_dict({option: value})
+    assert info.value.options == (option,) and str(info.value) == f"{option} must be a finite number, got {value}"
+
+
+@pytest.mark.parametrize("stage, option", [("distill", "min_lr"), ("distill", "weight_decay"), ("distill", "clip_grad"),
+                                           ("sparsify.learned", "min_lr"), ("sparsify.learned", "weight_decay")])
+def test_a_negative_learning_rate_floor_decay_or_clip_is_refused(stage, option):
+    # before: accepted; min_lr < 0 ended the schedule on a negative learning rate (gradient ascent), a negative
+    # weight decay grew the weights (AdamW checks only its default, not a parameter group's) and a negative
+    # clip_grad was silently no clipping
+    from mimc.compression.nm_learned import NMLearnedConfig
+
+    cls = NMLearnedConfig if stage == "sparsify.learned" else config_types()[stage]
+    with pytest.raises(ConfigError) as info:
+        cls.from_dict({option: -0.1})
+    assert info.value.options == (option,) and str(info.value) == f"{option} must be >= 0, got -0.1"

@@ -159,3 +159,16 @@ def test_run_takes_data_with_a_mapping_a_path_as_model_and_refuses_other_types(t
     with pytest.raises(ConfigError, match="a recipe is a YAML path, an artifact folder, a mapping or a Recipe, got list"):
         mimc.run([1, 2], tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_run_refuses_data_that_names_nothing_for_a_mapping_or_a_recipe(tmp_path):
+    # before: only a YAML path's replacement images were checked; with a mapping or a Recipe, data='nope/'
+    # was silently ignored by a data-free run and written into its recipe.yaml
+    from mimc.errors import DataError
+
+    recipe = {"model": "ref", "stages": [{"prune": {"ratio": 0.5}}]}
+    for given in (recipe, mimc.recipe(recipe)):
+        with pytest.raises(DataError, match="data path nope/ does not exist") as info:
+            mimc.run(given, tmp_path / "out", data="nope/")
+        assert info.value.options == ("data",)
+    assert not (tmp_path / "out").exists()

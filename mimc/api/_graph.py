@@ -193,7 +193,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             from mimc.deploy.onnx import export_onnx
 
             export_onnx(encoder, graph)
-        report = quantize_split(graph, out, *split_images(drawn, config.n, seed), config, force, spec_of(calib))
+        report = quantize_split(graph, out, *split_images(drawn, config.n, seed), config, force, spec_of(calib), seed=seed)
     return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
 
 

@@ -42,8 +42,10 @@ def recipe(source, data: str | None = None):
 def _as_recipe(source, data: str | None):
     from dataclasses import replace
 
-    from mimc.pipeline.recipe import Recipe, load_recipe, parse_recipe
+    from mimc.pipeline.recipe import Recipe, check_data, load_recipe, parse_recipe
 
+    if isinstance(source, (Recipe, dict)):
+        check_data(data)  # (load_recipe checks it for a path)
     if isinstance(source, Recipe):
         return replace(source, data=data) if data else source
     if isinstance(source, dict):

@@ -34,7 +34,7 @@ class BlockPruningConfig(StageConfig):
     keep: int | None = option(None, ge=1, doc="how many blocks remain")
     blocks: tuple[int, ...] | None = option(None, ge=0, min_items=1, doc="0-based positions removed")
     criterion: str = option("entropy", choices=CRITERIA)
-    seed: int = 0
+    seed: int = option(0, ge=0, le=(1 << 32) - 1, doc="seed of everything random in the stage")
     hist_bins: int = option(65536, ge=2, le=1 << 24, doc="histogram bins of entropy_hist")
     # value precision the entropy criterion counts in (fp32 is degenerate)
     dtype: str = option("fp16", choices=ENTROPY_DTYPES)

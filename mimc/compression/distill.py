@@ -46,8 +46,8 @@ class DistillConfig(TrainConfig, StageConfig):
     )  # fmt: skip
 
     # The shared options whose defaults differ for distillation (the rest: TrainConfig's defaults).
-    min_lr: float = option(1e-6, doc="learning rate at the end of the cosine decay")
-    weight_decay: float = option(0.05, doc="AdamW weight decay (matrices only)")
+    min_lr: float = option(1e-6, ge=0, doc="learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.05, ge=0, doc="AdamW weight decay (matrices only)")
     mask_ratio: float = option(0.75, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     # Distillation's own options.
     warmup_ratio: float = option(0.05, ge=0, lt=1, doc="fraction of the steps spent warming the learning rate up")
@@ -58,6 +58,12 @@ class DistillConfig(TrainConfig, StageConfig):
     @property
     def warmup(self) -> int:
         return int(self.warmup_ratio * self.steps)
+
+    def check(self) -> None:
+        super().check()
+        if not (self.token_weight or self.pooled_weight or self.hidden_weight):
+            raise ConfigError("token_weight, pooled_weight and hidden_weight are all 0: nothing to learn; give one of them > 0",
+                              option=("token_weight", "pooled_weight", "hidden_weight"))
 
 
 def default_teacher(encoder):

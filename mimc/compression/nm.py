@@ -44,7 +44,7 @@ class NMSparsityConfig(StageConfig):
     damp: float = option(0.01, ge=0, lt=1, doc="sparsegpt: damping, a fraction of the mean Hessian diagonal (usually 0.01)")
     blocksize: int = option(128, ge=1, doc="sparsegpt: columns per lazy-update block")
     calib_batch_size: int = option(16, ge=1)
-    seed: int = 0
+    seed: int = option(0, ge=0, le=(1 << 32) - 1, doc="seed of everything random in the stage")
     learned: Any = option(None, doc="MaskLLM's options (method learned); null: their defaults")
     weighting: str = option("uniform", choices=WEIGHTINGS, doc="token weights of the wanda / sparsegpt statistics: uniform or rsq (RSQ)")
     r_min: float = option(DEFAULT_R_MIN, gt=0, le=1, doc="rsq: the least-attended token's weight before the mean-1 rescale")

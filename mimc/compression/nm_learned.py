@@ -61,7 +61,7 @@ class NMLearnedConfig(TrainConfig, StageConfig):
     # The shared options whose defaults differ for MaskLLM (the rest: TrainConfig's defaults).
     steps: int = option(300, ge=1, doc="optimizer steps")
     lr: float = option(1e-2, gt=0, doc="peak learning rate")
-    min_lr: float = option(1e-3, doc="learning rate at the end of the cosine decay")
+    min_lr: float = option(1e-3, ge=0, doc="learning rate at the end of the cosine decay")
     # MaskLLM's own options.
     warmup_steps: int = 0
     tau_start: float = option(4.0, gt=0, doc="Gumbel-softmax temperature at the first step")

@@ -48,7 +48,7 @@ class TokenReductionConfig(StageConfig):
     method: str = option("tome", choices=token_ops.METHODS)
     r: int = option(0, ge=0, doc="tokens merged per block (ToMe)")
     r_list: tuple[int, ...] = option((), ge=0, doc="tokens merged at each block (ToMe)")
-    inflection: float = 0.0
+    inflection: float = option(0.0, ge=-1, le=1, doc="ToMe: -1 decreasing over depth, 0 constant, 1 increasing")
     keep: float | None = option(None, gt=0, le=1, doc="fraction of patch tokens kept; null: 0.7 for topk, 0.5 for drop")
     at: tuple[int, ...] = option((), ge=1, doc="1-based blocks where topk reduces tokens")
     fuse: bool = True

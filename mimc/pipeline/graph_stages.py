@@ -87,19 +87,21 @@ def quantize_stage(ctx: GraphContext, config) -> dict[str, Any]:
         export_onnx(ctx.encoder, graph)
     out = ctx.folder / f"model.{config.precision}.onnx"
     calib_set, held_out = split_images(ctx.images.draw(ctx.encoder.config, config.n + EVAL_IMAGES), config.n, ctx.seed)
-    report = quantize_split(graph, out, calib_set, held_out, config, ctx.force, ctx.images.spec)
+    report = quantize_split(graph, out, calib_set, held_out, config, ctx.force, ctx.images.spec, seed=ctx.seed)
     ctx.last_graph = out
     return {"file": out.name, "validation": report["validation"], "fused_attention_blocks": report.get("fused_attention_blocks", 0),
             "calibration_sha256": report["calibration_sha256"], "report": report}
 
 
 def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: bool, data_spec: str,
-                   batch_size: int = QUANTIZE_BATCH) -> dict[str, Any]:
+                   batch_size: int = QUANTIZE_BATCH, seed: int | None = None) -> dict[str, Any]:
     """Quantize one fp32 mimc graph file on ``calib_set``, gate on ``held_out`` (None: seeded normal
-    inputs); recorded in the artifact's mimc.json when ``out`` sits in one."""
+    inputs); recorded in the artifact's mimc.json when ``out`` sits in one (``seed``: the one that drew both)."""
     def annotate(report: dict[str, Any]) -> None:
         report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
         report["calibration_source"] = str(data_spec)
+        if seed is not None:  # a replay draws the same images
+            report["calibration_seed"] = seed
         report["held_out_images"] = len(held_out) if held_out is not None else 0
         if is_artifact(out.parent):  # recorded before the graph is moved into place (a kill in between: no unrecorded graph)
             record_graph(out, report)

@@ -27,6 +27,7 @@ exported graphs), including ones written stage by stage with the single commands
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
-from mimc.artifact import is_artifact, read_manifest
+from mimc.artifact import MANIFEST_NAME, is_artifact, read_manifest
 from mimc.data.shards import is_shard_spec
 from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
 from mimc.latency.devices import load_profile
-from mimc.options import StageConfig
+from mimc.options import StageConfig, plain
 from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_from_dict
 
 RECIPE_NAME = "recipe.yaml"
@@ -103,14 +104,14 @@ def parse_recipe(data: Any, where: str = "recipe", data_fix: str = "add 'data: D
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping with 'model' and 'stages', got {type(data).__name__}")
     known = {*TOP_LEVEL_KEYS, "stages"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # a YAML key may be a number
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}: valid keys are {sorted(known)}")
     model = data.get("model")
     model = os.fspath(model) if isinstance(model, os.PathLike) else model  # a Path from Python
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{where}: 'model' must name a model (e.g. model: ref)")
-    n, seed = data.get("n", 256), data.get("seed", 0)
+    n, seed = plain(data.get("n", 256)), plain(data.get("seed", 0))
     for key, value in (("n", n), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "n" else 0):
             raise ConfigError(f"{where}: '{key}' must be a {'positive' if key == 'n' else 'non-negative'} integer, got {clip(value)}")
@@ -139,7 +140,7 @@ def _parse_data(value: Any, where: str) -> tuple[str | None, dict[str, Any]]:
         return value, {}
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: 'data' must be a string or a mapping with 'path', got {clip(value)}")
-    unknown = sorted(set(value) - {"path", *DATA_OPTIONS})
+    unknown = sorted(set(value) - {"path", *DATA_OPTIONS}, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data': valid keys are {sorted({'path', *DATA_OPTIONS})}")
     if not isinstance(value.get("path"), str) or not value["path"]:
@@ -268,6 +269,9 @@ def _check_order(steps: list[Step], where: str) -> None:
             raise ConfigError(f"{where}: model stage(s) {late} come after graph stage '{steps[first_graph].name}': "
                               "put prune/width/tokens/sparsify/distill before export/quantize/build/profile/eval")
     names = [s.name for s in steps]
+    if names[0] == "distill":  # a recipe's distill learns from the recipe's model: here that is the student itself
+        raise ConfigError(f"{where}: {stage_key(0, 'distill')} would distill the recipe's model from itself (its teacher), "
+                          "which recovers nothing: put the stages that compress it (prune, width, ...) before distill")
     for name in ("export", "quantize"):
         if names.count(name) > 1:
             raise ConfigError(f"{where}: stage '{name}' appears {names.count(name)} times: a run writes one {name}ed graph")
@@ -284,16 +288,24 @@ def load_recipe(path: str | Path, data: str | None = None) -> Recipe:
     """A recipe YAML file, or an artifact directory (replayed from its recipe.yaml / mimc.json);
     ``data`` replaces the recipe's images."""
     path = Path(path)
-    if data is not None and data != "builtin" and not is_shard_spec(data) and not Path(data).exists():
-        # refused even when no stage reads images: an option that names nothing must not pass silently
-        raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
+    check_data(data)
+    if path.name == MANIFEST_NAME and is_artifact(path.parent):  # ART/mimc.json: the artifact it describes
+        path = path.parent
     if path.is_dir():
-        return recipe_from_artifact(path, data)
-    if not path.is_file():
+        recipe = recipe_from_artifact(path, data)
+    elif not path.is_file():
         raise BadInputError(f"recipe {path} does not exist: pass a recipe .yaml or an artifact directory to replay")
-    recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
-    recipe.source_path = path  # the file it came from: an output must never replace it
+    else:
+        recipe = parse_recipe(_with_data(read_yaml(path), data), where=str(path))
+    recipe.source_path = path  # the file or artifact it came from: an output must never replace it
     return recipe
+
+
+def check_data(data: str | None) -> None:
+    """Images given to replace a recipe's must exist, even when no stage reads them: an option that
+    names nothing must not pass silently."""
+    if data is not None and data != "builtin" and not is_shard_spec(data) and not Path(data).exists():
+        raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
 
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -324,6 +336,11 @@ class _StrictLoader(yaml.SafeLoader):
                                    "write values out", event.start_mark)
         return super().compose_node(parent, index)
 
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode and implicit[0] and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", value):
+            return "tag:yaml.org,2002:str"  # YAML 1.1's base 60 (2:4 = 124): an N:M pattern stays text
+        return super().resolve(kind, value, implicit)
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
@@ -337,6 +354,11 @@ class _StrictLoader(yaml.SafeLoader):
                 raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once",
                                        key_node.start_mark)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot (lr: 1e-4)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:
@@ -360,7 +382,7 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     if not model:
         raise BadInputError(f"{path}/mimc.json does not name its source model: write a recipe with 'model:' by hand")
     stages: list[Any] = [{s.name: s.config} for s in manifest.stages]
-    recorded = None
+    recorded, seed = None, {}
     export = manifest.files.get("model.onnx")
     if export is not None:
         stages.append({"export": {"batch": export.get("batch", 1), "opset": export.get("opset_requested", export.get("opset", 17)),
@@ -369,9 +391,10 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
         if entry.get("stage", {}).get("name") == "quantize":
             stages.append({"quantize": entry["config"]})
             recorded = entry.get("calibration_source")
+            seed = {"seed": entry["calibration_seed"]} if "calibration_seed" in entry else {}
             break
     data = data if data is not None else recorded  # model stages do not record their images: mimc run --data
-    recipe = parse_recipe({"model": model, "stages": stages, **({"data": data} if data else {})}, where=f"{path}/mimc.json",
+    recipe = parse_recipe({"model": model, "stages": stages, **seed, **({"data": data} if data else {})}, where=f"{path}/mimc.json",
                           data_fix="mimc.json does not record them, give them to the replay: mimc run --data DIR")
     notes = []
     learned = [s.name for s in recipe.steps if s.is_model_stage and s.config.needs_data]
@@ -387,5 +410,5 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     return recipe
 
 
-__all__ = ["Recipe", "Step", "ExportConfig", "BuildConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
+__all__ = ["Recipe", "Step", "check_data", "ExportConfig", "BuildConfig", "ProfileConfig", "EvalConfig", "parse_recipe", "load_recipe", "stage_key",
            "recipe_from_artifact", "RECIPE_NAME", "RUN_REPORT_NAME", "GRAPH_STAGES"]

@@ -8,6 +8,7 @@ resolved ``recipe.yaml`` (replay it with ``mimc run OUT/recipe.yaml`` or ``mimc 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,6 +109,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
 
     _check_one_process()
     out = Path(output) if output is not None else default_output(recipe)
+    # a model / data that names a local path is written absolute into recipe.yaml: the replay may run from another folder
+    local = lambda p: str(Path(p).expanduser().resolve()) if p not in (None, "ref", "builtin") and Path(p).expanduser().exists() else p
+    recipe = replace(recipe, model=local(recipe.model), data=local(recipe.data))
     check_output(out, overwrite)
     # (a build without a graph before it is refused when the recipe is parsed)
     graphless = any(s.name == "profile" and s.config.graph is None for s in recipe.steps)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mimc.errors import ConfigError
-from mimc.options import Options, option
+from mimc.options import Options, option, plain
 from mimc.metrics import FidelityMeter
 
 CPU_PRECISIONS = ("fp32", "int8")
@@ -53,7 +53,7 @@ class SearchSpace(Options):
     block_ratios: tuple[float, ...] = option((0.0, 0.25, 0.5), ge=0, lt=1, min_items=1, doc="fractions of blocks removed")
     token_keeps: tuple[float, ...] = option((1.0, 0.75, 0.5), gt=0, le=1, min_items=1, doc="fractions of patches kept")
     # None: what the device runs (cpu: fp32, int8)
-    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8"))
+    precisions: tuple[str, ...] | None = option(None, choices=("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8"), min_items=1)
     # the CPU runtimes of a measured cpu search; None: every one installed here (ort, and openvino
     # when `import openvino` works; when it does not, the result says so in `skipped`)
     runtimes: tuple[str, ...] | None = option(None, choices=tuple(RUNTIME_PRECISIONS), min_items=1,
@@ -189,9 +189,11 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     from mimc.latency.devices import load_profile
 
     prof = load_profile(device)
-    if not 0.0 < min_cosine <= 1.0:
-        raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine}: e.g. 0.98", option="min_cosine")
-    if budget_ms is not None and not budget_ms > 0:
+    number = lambda x: not isinstance(x, bool) and isinstance(x, (int, float))  # (after plain(): numpy numbers are Python ones)
+    min_cosine, budget_ms = plain(min_cosine), plain(budget_ms)
+    if not number(min_cosine) or not 0.0 < min_cosine <= 1.0:
+        raise ConfigError(f"min_cosine must be in (0, 1], got {min_cosine!r}: e.g. 0.98", option="min_cosine")
+    if budget_ms is not None and (not number(budget_ms) or not 0 < budget_ms < float("inf")):
         raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
     pairs, skipped = _pairs(space, prof, predict)

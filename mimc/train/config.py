@@ -31,13 +31,13 @@ class TrainConfig(Options):
     steps: int = option(1000, ge=1, doc="optimizer steps (or give epochs)")
     epochs: float | None = option(None, gt=0, doc="passes over the images instead of steps: steps = ceil(epochs × images / batch_size)")
     lr: float = option(1e-4, gt=0, doc="peak learning rate")
-    min_lr: float = option(0.0, doc="learning rate at the end of the cosine decay")
-    weight_decay: float = option(0.0, doc="AdamW weight decay (matrices only)")
+    min_lr: float = option(0.0, ge=0, doc="learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.0, ge=0, doc="AdamW weight decay (matrices only)")
     batch_size: int = option(32, ge=1, doc="global batch, split over torchrun ranks")
-    clip_grad: float = option(1.0, doc="gradient norm clip; 0 disables clipping")
+    clip_grad: float = option(1.0, ge=0, doc="gradient norm clip; 0 disables clipping")
     mask_ratio: float = option(0.0, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     flip: bool = True
-    seed: int = 0
+    seed: int = option(0, ge=0, le=(1 << 32) - 1, doc="seed of everything random in the stage")
     precision: str = option("fp32", choices=PRECISIONS, doc="bf16: forwards under CUDA bf16 autocast (the loss and optimizer stay fp32)")
 
     # Fields recorded only away from these defaults: added after runs had been recorded without them, whose

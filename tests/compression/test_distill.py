@@ -98,4 +98,8 @@ def test_needs_data_and_valid_options(teacher):
         compress(teacher, DistillConfig(steps=1))
     with pytest.raises(ConfigError, match="mask_ratio"):
         DistillConfig(mask_ratio=1.0)
+    # before: every loss weight 0 trained on a zero loss (weight decay alone moving the weights) and wrote it
+    with pytest.raises(ConfigError, match="token_weight, pooled_weight and hidden_weight are all 0") as info:
+        DistillConfig(token_weight=0.0, pooled_weight=0.0)
+    assert set(info.value.options) == {"token_weight", "pooled_weight", "hidden_weight"}
     assert DistillConfig.from_dict(DistillConfig(steps=5).to_dict()) == DistillConfig(steps=5)

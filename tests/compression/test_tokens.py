@@ -40,6 +40,11 @@ def test_config_round_trips_and_rejects_unknown_keys():
         {"method": "topk", "prop_attn": True},
         {"method": "drop", "inflection": -0.5},
         {"method": "tome", "r_list": (2, 1), "inflection": -0.5},
+        # ToMe's inflection runs from -1 (decreasing) to 1 (increasing); past it r goes negative, and
+        # nan / inf were a ValueError / OverflowError traceback from int() when the stage ran
+        {"method": "tome", "r": 4, "inflection": 2.0},
+        {"method": "tome", "r": 4, "inflection": float("nan")},
+        {"method": "tome", "r": 4, "inflection": float("-inf")},
     ],
 )
 def test_bad_options_raise_config_error(options):

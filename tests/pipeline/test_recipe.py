@@ -100,6 +100,8 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     ({"stages": []}, "non-empty list"),
     ({"modle": "ref"}, "unknown key(s) ['modle']"),
     ({"n": 0}, "'n' must be a positive integer"),
+    # before: refused once the run started as the model being "its own stages[0].distill.teacher", a key no recipe has
+    ({"stages": [{"distill": {"steps": 1}}]}, "stages[0].distill would distill the recipe's model from itself"),
 ])
 def test_bad_recipes_are_refused_before_any_work(change, match):
     data = {"model": "ref", "data": "builtin", "stages": [{"prune": {"ratio": 0.5}}], **change}
@@ -317,7 +319,88 @@ def test_a_recipe_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatc
     model, data = source
     monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the recipe was refused"))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"distill": {"steps": 1}}]})
+    recipe = parse_recipe({"model": model, "data": data, "n": 8, "stages": [{"prune": {"ratio": 0.5}}, {"distill": {"steps": 1}}]})
     with pytest.raises(ConfigError, match="a recipe runs in one process and torchrun started 2: run mimc run without torchrun"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_replaying_an_artifact_into_itself_is_refused_and_leaves_it_intact(tmp_path, source):
+    from mimc.cli.app import app
+
+    model, _ = source
+    art = tmp_path / "art"
+    run_recipe(parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]}), art)
+    before = {p.name: p.read_bytes() for p in Path(art).iterdir()}
+    for output in (art, art / "sub"):  # the artifact replayed, or a folder inside it
+        result = CliRunner().invoke(app, ["run", str(art), "-o", str(output), "--overwrite"])
+        assert result.exit_code == 2 and "input" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert {p.name: p.read_bytes() for p in Path(art).iterdir()} == before
+
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model: ref\n1: a\nfoo: b\nstages: [export]\n", "unknown key(s) [1, 'foo']"),
+    ("model: ref\ndata: {path: builtin, 1: a, foo: b}\nstages: [export]\n", "unknown key(s) [1, 'foo'] in 'data'"),
+    ("model: ref\nstages: [{prune: {ratio: 0.5, 1: a, foo: b}}]\n", "unknown option(s) [1, 'foo'] for stage 'prune'"),
+])
+def test_unknown_keys_of_mixed_types_are_named(tmp_path, text, match):
+    # before: a TypeError traceback ('<' not supported between 'int' and 'str') from sorting them
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert match in str(info.value)
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    # before: PyYAML's YAML 1.1 floats need a dot, so lr: 1e-4 was the string '1e-4' and refused
+    # as "stages[0].distill.lr must be a number, got '1e-4'"
+    path = tmp_path / "r.yaml"
+    path.write_text("model: ref\ndata: builtin\nstages: [{prune: {ratio: 0.5}}, {distill: {lr: 1e-4, min_lr: 2E-6, weight_decay: +5e+0}}]\n")
+    config = load_recipe(path).steps[1].config
+    assert (config.lr, config.min_lr, config.weight_decay) == (1e-4, 2e-6, 5.0)
+
+
+def test_a_graph_quantized_with_a_seed_replays_with_that_seed(tmp_path):
+    # before: mimc.json did not record quantize --seed, so the replay drew other calibration images with
+    # seed 0 and silently wrote a different model.int8.onnx
+    import mimc
+
+    art = tmp_path / "art"
+    run_recipe(parse_recipe({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}, "export"]}), art)
+    (art / "recipe.yaml").unlink()  # as if built command by command: the replay reads mimc.json
+    mimc.quantize(str(art), "builtin", n=16, seed=3)
+    recipe = recipe_from_artifact(art)
+    assert recipe.seed == 3
+    run_recipe(recipe, tmp_path / "again")
+    assert (tmp_path / "again" / "model.int8.onnx").read_bytes() == (art / "model.int8.onnx").read_bytes()
+
+
+def test_the_written_recipe_names_local_paths_so_it_replays_from_any_folder(tmp_path, monkeypatch, source):
+    # before: recipe.yaml kept 'model: src' as written, relative to the folder the run started in, so a
+    # replay from another folder found no model (or another folder's 'src')
+    model, data = source
+    monkeypatch.chdir(tmp_path)
+    run_recipe(parse_recipe({"model": "src", "data": "data.npz", "n": 8, "stages": [{"prune": {"ratio": 0.5}}]}), "out")
+    written = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert (written["model"], written["data"]) == (model, data)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_recipe(load_recipe(tmp_path / "out"), "again")
+    assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_an_artifacts_mimc_json_given_as_the_recipe_replays_the_artifact(tmp_path, source):
+    # README: `mimc run OUT` replays it "(or any artifact's mimc.json)"; given the file itself it was read
+    # as a recipe: "unknown key(s) ['encoder', 'files', 'format_version', ...]"
+    model, _ = source
+    run_recipe(parse_recipe({"model": model, "stages": [{"prune": {"ratio": 0.5}}]}), tmp_path / "art")
+    assert load_recipe(tmp_path / "art" / MANIFEST_NAME).to_dict() == load_recipe(tmp_path / "art").to_dict()
+
+
+def test_an_unquoted_n_m_pattern_is_text(tmp_path):
+    # before: YAML 1.1 reads 2:4 as the base-60 integer 124: "stages[0].sparsify.pattern must be a string, got 124"
+    path = tmp_path / "r.yaml"
+    path.write_text("model: ref\ndata: builtin\nstages: [{sparsify: {pattern: 2:4, method: wanda}}]\n")
+    assert load_recipe(path).steps[0].config.pattern == "2:4"

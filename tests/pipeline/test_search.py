@@ -84,7 +84,8 @@ def test_impossible_searches_are_refused(setup, kwargs, match):
 
 
 def test_search_space_is_checked():
-    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}):
+    # precisions (): was searched as the default, the empty list silently ignored (--precisions ,)
+    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}, {"precisions": ()}):
         with pytest.raises(ConfigError):
             SearchSpace(**bad)
 
@@ -119,10 +120,20 @@ def test_repeated_grid_values_are_searched_once_and_labels_keep_small_fractions(
     assert Candidate(0.001, 0.001, False, "fp32").label == "blocks -0.1%, tokens 0.1%, fp32"  # was "-0%", "0%"
 
 
-def test_non_positive_budget_is_refused(setup):
+@pytest.mark.parametrize("budget", [0, float("inf")])  # inf: met by anything, and written as Infinity, which is not JSON
+def test_non_positive_or_infinite_budget_is_refused(setup, budget):
     enc, calib, held, _ = setup
     with pytest.raises(ConfigError, match="budget_ms must be a positive number"):
-        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=0)
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), budget_ms=budget)
+
+
+@pytest.mark.parametrize("kwargs", [{"min_cosine": "0.9"}, {"min_cosine": True}, {"budget_ms": "5"}, {"budget_ms": True}])
+def test_a_threshold_that_is_not_a_number_is_refused_naming_it(setup, kwargs):
+    # before: a str was a TypeError traceback ('<' not supported ...), True passed as min_cosine 1 / budget 1 ms
+    enc, calib, held, _ = setup
+    with pytest.raises(ConfigError) as info:
+        search(enc, "cpu", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,)), **kwargs)
+    assert info.value.options == tuple(kwargs)
 
 
 def test_the_written_recipe_names_a_profile_file_by_path_and_keeps_the_calibration_count(tmp_path):
