@@ -211,10 +211,13 @@ def limit_heap_growth() -> None:
         pass
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """Decoding processes beside the one that computes: most cores, at least one, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, _cores() - 1))
 
 
 def open_reader(spec: str | Path, image_column: str | None = None, label_column: str | None = None) -> Reader:
@@ -254,6 +257,8 @@ class ImageSource:
             raise DataError(f"seed must be a non-negative whole number, got {seed}", option="seed")
         if workers is not None and (isinstance(workers, bool) or workers < 0):
             raise DataError(f"workers must be 0 (decode in this process) or more, got {workers}", option="workers")
+        if workers is not None and workers > max(8, 4 * _cores()):  # each is a forked process: 100000 exhaust the machine
+            raise DataError(f"workers {workers} is more than {max(8, 4 * _cores())} (4 per core here): choose fewer", option="workers")
         self.spec = str(spec)
         self.seed = seed
         self.workers = workers

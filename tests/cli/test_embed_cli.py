@@ -68,6 +68,7 @@ def test_a_corrupt_image_is_one_line_and_nothing_is_written(app, work):
     (["-o", "{work}/feats.npy", "--threads", "0"], "--threads must be 1 or more"),
     (["-o", "{work}/feats.npy", "--threads", "100000"], "--threads 100000 is more than the"),  # was 100000 threads started
     (["-o", "{work}/feats.npy", "--workers", "-1"], "--workers must be 0"),
+    (["-o", "{work}/feats.npy", "--workers", "100000"], "--workers 100000 is more than"),  # was 100000 forks
     (["-o", "{work}/feats.npy", "--device", "tpu"], "--device tpu is not cpu or cuda"),
     (["-o", "{work}/feats.txt"], "must end in .npy"),
     (["-o", "{work}/data/feats.npy"], "lies inside the input"),
