@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimc.train", "mimc.latency", "mimc.evaluation", "mimc.embedding"),
     ("mimc.runtime", "mimc.graph", "mimc.metrics", "mimc.data"),
     ("mimc.models",),
-    ("mimc.options", "mimc.artifact"),
+    ("mimc.options", "mimc.artifact", "mimc.yamlfile"),
     ("mimc.atomic",),
     ("mimc.errors", "mimc._version"),
 ]

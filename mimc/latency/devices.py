@@ -9,9 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mimc.errors import ConfigError
+from mimc.yamlfile import read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 BACKENDS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
@@ -83,14 +82,7 @@ def load_profile(device: str | Path) -> DeviceProfile:
         path = PROFILES_DIR / f"{ALIASES.get(str(device).lower(), device)}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")
-    try:
-        text = path.read_text()
-        # a profile is a few keys: anchors and aliases (the billion-laughs expansion) are refused
-        if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in yaml.parse(text)):
-            raise ConfigError(f"device profile {path} uses YAML anchors and aliases: write the values out")
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"device profile {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    data = read_yaml(path, "device profile", ConfigError)  # strict: no anchors/aliases, no duplicate keys
     if not isinstance(data, dict):
         raise ConfigError(f"device profile {path} is not a mapping: see mimc/profiles/cpu.yaml for the format")
     missing = [k for k in REQUIRED if k not in data]

@@ -27,20 +27,19 @@ exported graphs), including ones written stage by stage with the single commands
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.constructor import ConstructorError
 
 from mimc.artifact import MANIFEST_NAME, is_artifact, read_manifest
 from mimc.data.shards import is_shard_spec
-from mimc.errors import BadInputError, ConfigError, DataError, clip, shorten
+from mimc.errors import BadInputError, ConfigError, DataError, clip
 from mimc.latency.devices import load_profile
 from mimc.options import StageConfig, plain
 from mimc.pipeline.stages import GRAPH_STAGES, BuildConfig, ExportConfig, EvalConfig, ProfileConfig, config_from_dict
+from mimc.yamlfile import read_yaml
 
 RECIPE_NAME = "recipe.yaml"
 RUN_REPORT_NAME = "run.json"
@@ -306,59 +305,6 @@ def check_data(data: str | None) -> None:
     names nothing must not pass silently."""
     if data is not None and data != "builtin" and not is_shard_spec(data) and not Path(data).exists():
         raise DataError(f"data path {data} does not exist: pass an image folder, a .npy/.npz file or 'builtin'", option="data")
-
-
-MAX_RECIPE_BYTES = 1 << 20
-
-
-def read_yaml(path: Path) -> Any:
-    """A recipe file parsed strictly: plain YAML only — anchors and aliases (``&a`` / ``*a``, which
-    let a few hundred bytes expand to gigabytes) and duplicate keys (YAML would keep the last one
-    silently) are refused, as is a file over 1 MiB."""
-    try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise BadInputError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB: a recipe is a short YAML file")
-        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
-        raise BadInputError(f"recipe {path} is not valid YAML{where} ({shorten(exc.problem or exc.context)}): fix the file") from None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        raise BadInputError(f"recipe {path} is not readable YAML ({shorten(exc)}): fix the file") from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses anchors, aliases and duplicate keys (see :func:`read_yaml`)."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: "
-                                   "write values out", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def resolve(self, kind, value, implicit):
-        if kind is yaml.ScalarNode and implicit[0] and re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", value):
-            return "tag:yaml.org,2002:str"  # YAML 1.1's base 60 (2:4 = 124): an N:M pattern stays text
-        return super().resolve(kind, value, implicit)
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # an unhashable key; the base class refuses it
-            if duplicate:
-                raise ConstructorError(None, None, f"duplicate key {clip(key)}: give each key once",
-                                       key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-# YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot (lr: 1e-4)
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
 
 
 def _with_data(parsed: Any, data: str | None) -> Any:

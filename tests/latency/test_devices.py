@@ -1,9 +1,13 @@
 """Device profiles: every shipped one loads and names a source for each number; bad YAML exits 2."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
+import mimc
 from mimc.errors import ConfigError
 from mimc.latency.devices import PRECISIONS, available_profiles, load_profile
 
@@ -124,3 +128,16 @@ def test_cli_profiles_lists_every_target_and_reads_a_yaml(tmp_path):
 def test_short_names_resolve_to_shipped_profiles():
     assert load_profile("orin").name == "jetson-orin"
     assert load_profile("4090").name == "rtx-4090"
+
+
+def test_profile_yaml_is_read_as_strictly_as_a_recipe(tmp_path):
+    """Device profiles had their own loader: a duplicate key kept the last value silently and
+    `memory_bandwidth_gbs: 1e3` (YAML 1.1 reads an exponent without a dot as text) was refused."""
+    shipped = (Path(mimc.__file__).parent / "profiles" / "cpu.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(shipped + "\nmemory_gb: 1\n")
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_profile(twice)
+    exponent = tmp_path / "exponent.yaml"
+    exponent.write_text(re.sub(r"(?m)^memory_bandwidth_gbs:.*$", "memory_bandwidth_gbs: 1e3", shipped))
+    assert load_profile(exponent).memory_bandwidth_gbs == 1000.0
