@@ -142,7 +142,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.graph_stages import EVAL_IMAGES, quantize_split, split_images, target_for_device
     from mimc.pipeline.stages import ExportConfig
-    from mimc.quant.quantize import QuantizeConfig
+    from mimc.quant.config import QuantizeConfig
 
     _refuse_in_memory(model, "quantize", "then quantize DIR")
     if config is None:
@@ -234,12 +234,12 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, i
 def _read_by(model: Path) -> list[Path]:
     """The files profiling ``model`` reads: itself, its artifact's mimc.json, an IR's .bin, a graph's external data."""
     from mimc.artifact import MANIFEST_NAME
-    from mimc.graph import load_graph, uses_external
+    from mimc.graph import external_file, load_graph, uses_external
 
     files = [model, model.parent / MANIFEST_NAME, model.with_suffix(".bin") if model.suffix == ".xml" else None]
     if model.suffix == ".onnx":
-        files += [model.parent / e.value for t in load_graph(model, external_data=False).graph.initializer if uses_external(t)
-                  for e in t.external_data if e.key == "location"]
+        files += [external_file(t, model.parent) for t in load_graph(model, external_data=False).graph.initializer
+                  if uses_external(t)]
     return files
 
 

@@ -315,7 +315,7 @@ def _graph(model, precision: str, runtime: str, prof, images, calib, tmp: Path) 
     stages: list[dict[str, Any]] = [{"export": {"batch": 1}}]
     if precision not in QUANTIZED:
         return fp32, False, stages
-    from mimc.quant.quantize import QuantizeConfig
+    from mimc.quant.config import QuantizeConfig
 
     target = "openvino" if runtime == "openvino" else "cpu" if prof.backend == "onnxruntime-cpu" else "tensorrt"
     config = QuantizeConfig(precision=precision.split("-")[0], n=len(calib), target=target)

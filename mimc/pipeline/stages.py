@@ -15,7 +15,7 @@ from typing import ClassVar
 from mimc.errors import ConfigError
 from mimc.latency.devices import load_profile
 from mimc.options import StageConfig, option
-from mimc.quant.quantize import QuantizeConfig
+from mimc.quant.config import QuantizeConfig
 
 BUILD_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-bf16", "fp8")
 

@@ -57,7 +57,6 @@ References:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -65,7 +64,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -73,79 +72,19 @@ from onnx import helper, version_converter
 
 from mimc.artifact import mimc_version, sha256_file, verify_graph
 from mimc.atomic import sweep_stale_temps
-from mimc.errors import BadInputError, ConfigError, DataError, ValidationError
+from mimc.errors import BadInputError, DataError, ValidationError
 from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph,
                         single_input, token_reduced, uses_external)
-from mimc.quant.calibrate import METHODS, as_arrays, collect_channel_ranges, collect_ranges
+from mimc.quant.calibrate import as_arrays, collect_channel_ranges, collect_ranges
 from mimc.quant.gate import graph_outputs, measure_fidelity, runnable_here
 from mimc.quant.ort_fusion import fuse_attention_cpu
 from mimc.quant.fold_graph import fold_pairs, norm_linear_pairs
 from mimc.quant.qdq_graph import attention_sites, conv_sites, linear_sites, opset, rewrite_cpu, rewrite_qdq, GraphIndex
-from mimc.options import StageConfig, option
+from mimc.quant.config import QuantizeConfig
 
-PRECISIONS = ("int8", "fp8")
-TARGETS = ("cpu", "tensorrt", "openvino")
 FP8_OPSET = 19
-PERCENTILE = 99.99
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
                        "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizeConfig(StageConfig):
-    """Options of the graph-level quantize stage; ``target`` None picks cpu for int8, tensorrt for fp8."""
-
-    name: ClassVar[str] = "quantize"
-    needs_data: ClassVar[bool] = True
-    precision: str = option("int8", choices=PRECISIONS)
-    method: str = option("percentile", choices=METHODS, doc="calibration range method")
-    n: int = option(256, ge=1, doc="calibration images")
-    percentile: float = option(PERCENTILE, ge=90, le=100, doc="percentile kept by method percentile")
-    smooth: float | None = option(None, ge=0, le=1, doc="SmoothQuant alpha, folded into the graph before calibration")
-    repq: bool = False
-    quantize_attention_matmuls: bool = option(False, doc="also quantize the two attention matmuls")
-    target: str | None = option(None, choices=TARGETS, doc="graph layout (cpu: ONNX Runtime, tensorrt, openvino); null: cpu for int8, "
-                                                        "tensorrt for fp8")
-    overflow_fix: str | None = option(None, choices=("none", "first_layer", "all"),
-                                      doc="openvino target: layers with 7-bit weights; null: first_layer with VNNI, measured without")
-    fuse_attention: bool = option(True, doc="cpu target: run qkv + attention as one QAttention kernel")
-
-    def check(self) -> None:
-        if self.precision == "fp8" and self.target == "cpu":
-            raise ConfigError("fp8 Q/DQ graphs run on TensorRT (Hopper/Ada), not on ONNX Runtime CPU: give target tensorrt "
-                              "or precision int8", option=("target", "precision"))
-        if self.overflow_fix is not None and self.resolved_target != "openvino":
-            raise ConfigError(f"overflow_fix applies to the openvino target's int8 weights, not {self.resolved_target}: "
-                              "drop it or give target openvino", option=("overflow_fix", "target"))
-        if self.percentile != PERCENTILE and self.method != "percentile":
-            raise ConfigError(f"percentile clips the default calibration method's range, not {self.method}'s: drop it, or drop method",
-                              option=("percentile", "method"))
-        if not self.fuse_attention and (self.resolved_target != "cpu" or self.quantize_attention_matmuls):
-            raise ConfigError("fuse_attention false changes nothing here: only the cpu target fuses attention, and not with "
-                              "quantize_attention_matmuls; drop it", option=("fuse_attention", "quantize_attention_matmuls"))
-        if self.precision == "fp8" and self.target == "openvino":
-            raise ConfigError("OpenVINO's CPU plugin has no FP8 kernels: give precision int8, or target tensorrt for FP8",
-                              option=("target", "precision"))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        if data["overflow_fix"] is None:  # an openvino-only option: other targets' records stay as they were
-            del data["overflow_fix"]
-        return data
-
-    @property
-    def resolved_overflow_fix(self) -> str:
-        if self.resolved_target != "openvino":
-            return "none"
-        if self.overflow_fix is None:
-            from mimc.runtime.openvino import cpu_vnni
-
-            return "first_layer" if cpu_vnni()["supported"] else "all"
-        return self.overflow_fix
-
-    @property
-    def resolved_target(self) -> str:
-        return self.target or ("tensorrt" if self.precision == "fp8" else "cpu")
 
 
 # Input checks -------------------------------------------------------------------------------------
@@ -402,5 +341,4 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     return report
 
 
-__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "graph_outputs", "load_float_graph", "PRECISIONS",
-           "TARGETS"]
+__all__ = ["QuantizeConfig", "quantize_onnx", "quantize_graph", "measure_fidelity", "graph_outputs", "load_float_graph"]
