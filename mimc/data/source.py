@@ -257,8 +257,9 @@ class ImageSource:
             raise DataError(f"seed must be a non-negative whole number, got {seed}", option="seed")
         if workers is not None and (isinstance(workers, bool) or workers < 0):
             raise DataError(f"workers must be 0 (decode in this process) or more, got {workers}", option="workers")
-        if workers is not None and workers > max(8, 4 * _cores()):  # each is a forked process: 100000 exhaust the machine
-            raise DataError(f"workers {workers} is more than {max(8, 4 * _cores())} (4 per core here): choose fewer", option="workers")
+        most = max(8, 4 * _cores())  # each worker is a forked process: 100000 exhaust the machine
+        if workers is not None and workers > most:
+            raise DataError(f"workers {workers} is more than {most} (4 per core here): choose fewer", option="workers")
         self.spec = str(spec)
         self.seed = seed
         self.workers = workers
