@@ -8,8 +8,8 @@ A field states its type (the annotation) and its range once, beside its default:
         criterion: str = option("entropy", choices=CRITERIA)
 
 The base ``__post_init__`` checks every field against its annotation (bools are not integers,
-strings are not numbers; lists become tuples for ``tuple[...]`` fields) and its declared bounds,
-then calls ``check()``, where a config keeps the rules that tie fields together.
+strings are not numbers; a list or tuple becomes the field's ``tuple[...]`` or ``list[...]``) and its
+declared bounds, then calls ``check()``, where a config keeps the rules that tie fields together.
 
 Errors are :class:`~mimc.errors.ConfigError` carrying the option's name and wording it as that bare
 name, which the CLI and recipes rephrase (:mod:`mimc.errors`). This module imports only :mod:`mimc.errors`.
@@ -73,7 +73,7 @@ def _num(x: float) -> str:
 class _Kind:
     bases: tuple[type, ...]  # allowed scalar types (int, float, bool, str); empty: anything
     nullable: bool = False
-    items: bool = False  # a tuple[T, ...] of these scalars
+    items: type | None = None  # tuple or list: a tuple[T, ...] / list[T] of these scalars
 
 
 def _kind(annotation: Any) -> _Kind:
@@ -84,9 +84,9 @@ def _kind(annotation: Any) -> _Kind:
         if any(not k.bases or k.items for k in kinds) and len(kinds) > 1:
             return _Kind((), nullable=True)  # unions of containers: left to check()
         bases = tuple(b for k in kinds for b in k.bases)
-        return _Kind(bases, nullable=len(inner) < len(args), items=bool(kinds and kinds[0].items))
-    if typing.get_origin(annotation) is tuple:
-        return _Kind(_kind(args[0]).bases if args else (), items=True)
+        return _Kind(bases, nullable=len(inner) < len(args), items=kinds[0].items if kinds else None)
+    if typing.get_origin(annotation) in (tuple, list):
+        return _Kind(_kind(args[0]).bases if args else (), items=typing.get_origin(annotation))
     if annotation in (bool, int, float, str):
         return _Kind((annotation,))
     return _Kind(())
@@ -135,6 +135,8 @@ def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"{name} must hold values from {', '.join(map(str, spec.choices))}, got {clip(shown)}", option=name)
     if not all(spec.in_range(v) for v in values):
         raise ConfigError(f"{name} must hold values {spec.describe_range()}, got {clip(shown)}", option=name)
+    if not all(math.isfinite(v) for v in values if isinstance(v, numbers.Real)):  # nan / inf, as for one value
+        raise ConfigError(f"{name} must hold finite numbers, got {clip(shown)}", option=name)
 
 
 @functools.cache
@@ -156,9 +158,8 @@ class Options:
             if kind.items:
                 if not isinstance(value, (list, tuple)):
                     raise ConfigError(f"{f.name} must be a list, got {clip(value)}: write [{clip(value)}]", option=f.name)
-                value = tuple(value)
-                _check_items(f.name, value, kind, spec)
-                object.__setattr__(self, f.name, tuple(map(plain, value)))  # frozen and hashable, as from_dict makes it
+                _check_items(f.name, tuple(value), kind, spec)
+                object.__setattr__(self, f.name, kind.items(map(plain, value)))  # the declared tuple (hashable) or list
             else:
                 _check_value(f.name, value, kind, spec)
                 object.__setattr__(self, f.name, plain(value))

@@ -11,7 +11,7 @@ from mimc.compression.blocks import BlockPruningConfig
 from mimc.compression.registry import config_types
 from mimc.compression.tokens import TokenReductionConfig
 from mimc.errors import ConfigError, DataError
-from mimc.options import StageConfig, option
+from mimc.options import Options, StageConfig, option
 from mimc.pipeline.recipe import ProfileConfig, parse_recipe
 from mimc.pipeline.stages import GRAPH_CONFIGS
 
@@ -57,6 +57,21 @@ def test_lists_become_tuples_and_round_trip_through_dicts():
     assert _Toy.from_dict(toy.to_dict()) == toy
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['step'\] for stage 'toy'"):
         _Toy.from_dict({"step": 3})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record(Options):
+    weights: list[float] = option((1.0,), gt=0)  # a list[...] field (the encoder record's image_std)
+
+
+def test_list_fields_stay_lists_and_refuse_what_a_value_refuses():
+    assert _Record(weights=(2, 3)).weights == [2, 3] and _Record().to_dict() == {"weights": [1.0]}
+    for weights, message in (([1.0, float("inf")], "weights must hold finite numbers, got [1.0, inf]"),  # as one value
+                             ([True], "weights must be a list of numbers, got [True]"),
+                             ([0.5, 0], "weights must hold values > 0, got [0.5, 0]")):
+        with pytest.raises(ConfigError) as info:
+            _Record(weights=weights)
+        assert str(info.value) == message and info.value.options == ("weights",)
 
 
 def test_numpy_numbers_are_kept_as_python_numbers():

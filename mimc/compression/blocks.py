@@ -104,7 +104,6 @@ def remove_blocks(encoder: Encoder, positions: Iterable[int]) -> Encoder:
         block_mlp_dims=[cfg.block_mlp_dims[i] for i in keep] if cfg.block_mlp_dims is not None else None,
         block_heads=[cfg.block_heads[i] for i in keep] if cfg.block_heads is not None else None,
     )
-    new.config.validate()
     return new.eval()
 
 

@@ -115,11 +115,11 @@ def _check_structure(cfg: EncoderConfig, where: Path) -> None:
         return
     source_depth = cfg.source_depth
     bad = None
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    if not all(i >= 0 for i in ids):  # whole numbers, and source_depth one, as EncoderConfig declares them
         bad = "block_ids must be non-negative whole numbers"
     elif any(b <= a for a, b in zip(ids, ids[1:])):
         bad = "block_ids must be increasing without repeats"
-    elif source_depth is not None and (not isinstance(source_depth, int) or source_depth < len(ids)):
+    elif source_depth is not None and source_depth < len(ids):
         bad = f"source_depth {clip(source_depth)} is smaller than the {len(ids)} kept blocks"
     elif source_depth is not None and ids and ids[-1] >= source_depth:
         bad = f"block_ids names block {ids[-1]} of {source_depth}"

@@ -12,8 +12,7 @@ methods can read the attention they need.
 from __future__ import annotations
 
 import dataclasses
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -24,6 +23,7 @@ from mimc.errors import ConfigError, clip
 from mimc.models import token_ops
 from mimc.models.position import RelativePositionBias
 from mimc.models.vit_tokens import BlockTokenReduction, EncoderTokenReduction
+from mimc.options import Options, option
 
 POOLINGS = ("cls", "mean")
 REL_POS_BIAS = ("none", "per_block", "shared")
@@ -31,40 +31,33 @@ POS_EMBEDS = ("learned", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(float(v)) < float("inf")
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-@dataclass
-class EncoderConfig:
+@dataclass(frozen=True)
+class EncoderConfig(Options):
     """Everything needed to rebuild an encoder's structure (weights live in safetensors)."""
 
-    image_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_frames: int = 1  # > 1: video input (B, T, C, H, W) cut into tubelets
-    tubelet_size: int = 1
-    dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
+    image_size: int = option(224, ge=1)
+    patch_size: int = option(16, ge=1)
+    in_chans: int = option(3, ge=1)
+    num_frames: int = option(1, ge=1)  # > 1: video input (B, T, C, H, W) cut into tubelets
+    tubelet_size: int = option(1, ge=1)
+    dim: int = option(768, ge=1)
+    depth: int = option(12, ge=0)
+    num_heads: int = option(12, ge=1)
+    mlp_dim: int = option(3072, ge=1)
     qkv_bias: bool = True
-    norm_eps: float = 1e-6
+    norm_eps: float = option(1e-6, gt=0)
     cls_token: bool = True
-    pos_embed: str = "learned"
-    rel_pos_bias: str = "none"
+    pos_embed: str = option("learned", choices=POS_EMBEDS)
+    rel_pos_bias: str = option("none", choices=REL_POS_BIAS)
     layer_scale: bool = False
     final_norm: bool = True
-    pooling: str = "mean"  # pooled feature: cls token, or mean of patch tokens (MAE, BEiT, VideoMAE)
+    pooling: str = option("mean", choices=POOLINGS)  # cls token, or mean of patch tokens (MAE, BEiT, VideoMAE)
     pool_norm: bool = False  # LayerNorm after mean pooling (BEiT / data2vec / VideoMAE fc_norm)
-    act: str = "gelu"
+    act: str = option("gelu", choices=ACTIVATIONS)
     # Per-block overrides written by width pruning; None means every block uses the global value.
-    block_mlp_dims: list[int] | None = None
-    block_heads: list[int] | None = None
-    head_dim: int | None = None  # None: dim // num_heads
+    block_mlp_dims: list[int] | None = option(None, ge=1)
+    block_heads: list[int] | None = option(None, ge=1)
+    head_dim: int | None = option(None, ge=1)  # None: dim // num_heads
     # Lineage of structure: original index of every kept block (None: all of 0..depth-1).
     block_ids: list[int] | None = None
     source_depth: int | None = None
@@ -72,44 +65,27 @@ class EncoderConfig:
     token_schedule: dict[str, Any] | None = None
     nm_pattern: str | None = None  # "2:4" when every block Linear satisfies the pattern
     family: str = "vit"
-    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    image_mean: list[float] = (0.485, 0.456, 0.406)  # one per input channel (a list once built)
+    image_std: list[float] = option((0.229, 0.224, 0.225), gt=0)
     # Preprocessing geometry (from the model's preprocessor_config.json): "shortest" resizes the short
     # side to image_size / crop_pct and centre-crops image_size; "squash" resizes to image_size x
     # image_size (HF ViTImageProcessor without crop). Left out of to_dict() at their defaults.
-    resize: str = "shortest"
-    crop_pct: float = 1.0
+    resize: str = option("shortest", choices=("shortest", "squash"))
+    crop_pct: float = option(1.0, gt=0, le=1)
 
     def __post_init__(self) -> None:
-        self.validate()
+        try:  # each key's type and range as declared above, then check()
+            super().__post_init__()
+        except ConfigError as exc:  # a key of the artifact's encoder record, never an option of a command
+            raise ConfigError(f"invalid encoder config: {exc}") from None
 
-    def validate(self) -> None:
-        # sizes first: the checks below divide by them, and a manifest may say anything
-        for name in ("image_size", "patch_size", "in_chans", "num_frames", "tubelet_size", "dim", "num_heads", "mlp_dim", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "depth" else 1):
-                raise ConfigError(f"invalid encoder config: {name} must be a {'non-negative' if name == 'depth' else 'positive'} whole number, got {clip(value)}")
+    def check(self) -> None:  # the rules across keys
         for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(_finite(v) for v in value):
-                raise ConfigError(f"invalid encoder config: {name} must hold one finite number per input channel ({self.in_chans}), got {clip(value)}")
-        for name in ("block_mlp_dims", "block_heads", "head_dim"):  # widths: positive whole numbers (or None)
-            value = getattr(self, name)
-            if value is not None and not all(_positive_int(v) for v in (value if isinstance(value, list) else [value])):
-                raise ConfigError(f"invalid encoder config: {name} must be positive whole numbers, got {clip(value)}")
-        for name in ("qkv_bias", "cls_token", "layer_scale", "final_norm", "pool_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"invalid encoder config: {name} must be true or false, got {clip(getattr(self, name))}")
+            values = getattr(self, name)
+            if len(values) != self.in_chans:
+                raise ConfigError(f"{name} must hold one number per input channel ({self.in_chans}), "
+                                  f"got {clip(values)}")
         checks = [
-            (_finite(self.norm_eps) and self.norm_eps > 0, "norm_eps must be a positive finite number"),
-            (all(v > 0 for v in self.image_std), "image_std must be positive"),
-            (isinstance(self.family, str), "family must be a name"),
-            (self.resize in ("shortest", "squash"), "resize must be 'shortest' or 'squash'"),
-            (isinstance(self.crop_pct, numbers.Real) and 0 < self.crop_pct <= 1, "crop_pct must be in (0, 1]"),
-            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),
-            (self.rel_pos_bias in REL_POS_BIAS, f"rel_pos_bias must be one of {REL_POS_BIAS}"),
-            (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
-            (self.act in ACTIVATIONS, f"act must be one of {ACTIVATIONS}"),
             (self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"),
             (self.num_frames % self.tubelet_size == 0, "num_frames must be a multiple of tubelet_size"),
             (self.pooling != "cls" or self.cls_token, "cls pooling needs a cls token"),
@@ -117,11 +93,11 @@ class EncoderConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ConfigError(f"invalid encoder config: {msg}")
+                raise ConfigError(msg)
         for name in ("block_mlp_dims", "block_heads", "block_ids"):
             value = getattr(self, name)
             if value is not None and len(value) != self.depth:
-                raise ConfigError(f"invalid encoder config: {name} has {len(value)} entries for depth {self.depth}")
+                raise ConfigError(f"{name} has {len(value)} entries for depth {self.depth}")
 
     # Derived quantities -------------------------------------------------------------------------
     @property
@@ -169,7 +145,7 @@ class EncoderConfig:
 
     # Serialization ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = super().to_dict()
         for name, default in (("resize", "shortest"), ("crop_pct", 1.0)):  # manifests of the default stay as they were
             if data[name] == default:
                 del data[name]

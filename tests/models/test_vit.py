@@ -70,6 +70,8 @@ def test_config_rejects_bad_values_and_unknown_keys():
     dict(block_mlp_dims=[-1] * 2), dict(block_heads=[0] * 2), dict(block_mlp_dims=["a"] * 2),
     dict(image_mean=[float("nan")] * 3), dict(image_std=[0, 0, 0]), dict(image_std=[float("inf")] * 3),
     dict(qkv_bias="no"), dict(final_norm=1), dict(family=["x"]),
+    # refused since the encoder's keys are declared options (block_mlp_dims=5 was a TypeError; the others were kept)
+    dict(block_mlp_dims=5), dict(crop_pct=True), dict(nm_pattern=5), dict(source_depth="x"), dict(block_ids=["a", "b"]),
 ])
 def test_config_refuses_values_a_tampered_manifest_may_hold(fields):
     # each one used to crash later (a traceback) or to run and give nonsense features silently
