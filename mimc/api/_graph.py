@@ -15,6 +15,7 @@ from mimc.api._model import _default_output, _load
 from mimc.api.reports import DictReport, GraphReport
 from mimc.atomic import check_not_input, check_writable, write_json
 from mimc.errors import BadInputError, DataError
+from mimc.latency.run import ITERS, WARMUP
 
 ONNX_NAME = "model.onnx"
 
@@ -204,7 +205,7 @@ def _check_folder(out: Path, inputs=()) -> None:
     check_writable(out)
 
 
-def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = 10, iters: int = 50, threads=None,
+def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = WARMUP, iters: int = ITERS, threads=None,
             predict: bool = False, output=None, on_batch=None, on_message=None, precision=None) -> ProfileReport:
     """Latency p50/p90/p99, throughput and peak memory per batch size (measured), or a roofline
     lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.

@@ -23,6 +23,7 @@ from mimc.runtime.timing import check_threads
 from mimc.runtime.trt import ENGINE_SUFFIXES
 
 ONNX_SUFFIXES = (".onnx",)
+WARMUP, ITERS = 10, 50  # profile's default runs per batch size, untimed and timed (predict takes no other)
 
 
 def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
@@ -41,8 +42,8 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
 
 def check_predict(predict: bool, warmup: int, iters: int, threads: int | None) -> None:
     """A roofline prediction times nothing: warmup, iters or threads given with it are refused."""
-    given = tuple(name for name, value, default in (("warmup", warmup, 10), ("iters", iters, 50), ("threads", threads, None))
-                  if value != default)
+    defaults = (("warmup", warmup, WARMUP), ("iters", iters, ITERS), ("threads", threads, None))
+    given = tuple(name for name, value, default in defaults if value != default)
     if predict and given:
         raise ConfigError(f"{', '.join(given)} set a measurement, which predict does not make: drop {'them' if len(given) > 1 else 'it'}",
                           option=(*given, "predict"))
@@ -68,7 +69,7 @@ def cuda_available() -> bool:
 
 
 def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = False,
-            batch_sizes: Sequence[int] | str | None = None, warmup: int = 10, iters: int = 50,
+            batch_sizes: Sequence[int] | str | None = None, warmup: int = WARMUP, iters: int = ITERS,
             threads: int | None = None, on_batch: Callable[[int], None] | None = None,
             precision: str | None = None, on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Latency report for ``model_path`` on ``device`` (a profile name or YAML path).

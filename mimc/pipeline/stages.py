@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from mimc.errors import ConfigError
 from mimc.latency.devices import load_profile
+from mimc.latency.run import ITERS, WARMUP, check_predict
 from mimc.options import StageConfig, option
 from mimc.quant.config import QuantizeConfig
 
@@ -80,14 +81,12 @@ class ProfileConfig(StageConfig):
     graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
     baseline: bool = option(True, doc="also time the source model's dense fp32 graph (the speed-up)")
     batch_sizes: tuple[int, ...] = option((), ge=1, doc="empty: the graph's own batch")
-    warmup: int = option(10, ge=0)
-    iters: int = option(50, ge=1)
+    warmup: int = option(WARMUP, ge=0)
+    iters: int = option(ITERS, ge=1)
     threads: int | None = option(None, ge=1)
     precision: str | None = option(None, doc="predict: price the graph at this precision; openvino-cpu: compile it at this precision")
 
     def check(self) -> None:
-        from mimc.latency.run import check_predict
-
         prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
         check_predict(self.predict, self.warmup, self.iters, self.threads)
         measured_here = not self.predict and prof.backend == "openvino-cpu"
