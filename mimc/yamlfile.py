@@ -1,8 +1,8 @@
 """YAML files users give mimc (recipes, device profiles), parsed strictly: plain YAML only.
 
-Anchors and aliases (``&a`` / ``*a``, which let a few hundred bytes expand to gigabytes) and duplicate
-keys (YAML would keep the last one silently) are refused, as is a file over 1 MiB; YAML 1.2's reading
-of ``1e-4`` (a float) and ``2:4`` (text, not YAML 1.1's base 60) is kept.
+Anchors and aliases (``&a`` / ``*a``, which let a few hundred bytes expand to gigabytes), tags
+(``!!int x``: a traceback) and duplicate keys (YAML would keep the last one silently) are refused, as
+is a file over 1 MiB; YAML 1.2's reading of ``1e-4`` (a float) and ``2:4`` (text, not YAML 1.1's base 60) is kept.
 """
 from __future__ import annotations
 
@@ -32,13 +32,16 @@ def read_yaml(path: Path, what: str = "recipe", error: type[MimcError] = BadInpu
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses anchors, aliases and duplicate keys (see :func:`read_yaml`)."""
+    """A SafeLoader that refuses anchors, aliases, tags and duplicate keys (see :func:`read_yaml`)."""
 
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise ConstructorError(None, None, "anchors and aliases (&name, *name) are not allowed: write the values out",
                                    event.start_mark)
+        if getattr(event, "tag", None) is not None:  # !!int abc, !!timestamp x: tracebacks; !!int 1:30: base 60
+            tag = shorten(event.tag.replace("tag:yaml.org,2002:", "!!"), 24)
+            raise ConstructorError(None, None, f"tags ({tag}) are not allowed: write plain values", event.start_mark)
         return super().compose_node(parent, index)
 
     def resolve(self, kind, value, implicit):

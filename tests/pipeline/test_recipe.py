@@ -404,3 +404,13 @@ def test_an_unquoted_n_m_pattern_is_text(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: ref\ndata: builtin\nstages: [{sparsify: {pattern: 2:4, method: wanda}}]\n")
     assert load_recipe(path).steps[0].config.pattern == "2:4"
+
+
+@pytest.mark.parametrize("value", ["!!int abc", "!!float x", "!!timestamp x", "!!int 1:30", "!!set {a}", "!!binary aGk="])
+def test_explicit_tags_are_refused_in_one_line(tmp_path, value):
+    # before: '!!int abc' and '!!float x' were a ValueError traceback, '!!timestamp x' an AttributeError
+    # one, and '!!int 1:30' read YAML 1.1's base 60 (90) that an untagged 1:30 no longer does
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: ref\ndata: builtin\nseed: {value}\nstages: [{{prune: {{ratio: 0.5}}}}]\n")
+    with pytest.raises(BadInputError, match=r"not valid YAML at line 3 \(tags .* are not allowed"):
+        load_recipe(path)
