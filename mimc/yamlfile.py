@@ -2,7 +2,8 @@
 
 Anchors and aliases (``&a`` / ``*a``, which let a few hundred bytes expand to gigabytes), tags
 (``!!int x``: a traceback) and duplicate keys (YAML would keep the last one silently) are refused, as
-is a file over 1 MiB; YAML 1.2's reading of ``1e-4`` (a float) and ``2:4`` (text, not YAML 1.1's base 60) is kept.
+is a file over 1 MiB; YAML 1.2's reading of ``1e-4`` (a float), ``010`` (ten, not YAML 1.1's octal 8)
+and ``2:4`` (text, not YAML 1.1's base 60) is kept.
 """
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ class _StrictLoader(yaml.SafeLoader):
             return "tag:yaml.org,2002:str"  # YAML 1.1's base 60 (2:4 = 124): an N:M pattern stays text
         return super().resolve(kind, value, implicit)
 
+    def construct_yaml_int(self, node):
+        value = self.construct_scalar(node).replace("_", "")
+        if re.fullmatch(r"[-+]?0[0-7]+", value):
+            return int(value)  # YAML 1.1's octal (010 = 8); YAML 1.2 and every user read 010 as ten
+        return super().construct_yaml_int(node)
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
@@ -63,6 +70,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 # YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot (lr: 1e-4)
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
                                     list("-+0123456789"))

@@ -414,3 +414,11 @@ def test_explicit_tags_are_refused_in_one_line(tmp_path, value):
     path.write_text(f"model: ref\ndata: builtin\nseed: {value}\nstages: [{{prune: {{ratio: 0.5}}}}]\n")
     with pytest.raises(BadInputError, match=r"not valid YAML at line 3 \(tags .* are not allowed"):
         load_recipe(path)
+
+
+def test_a_leading_zero_is_decimal(tmp_path):
+    # before: YAML 1.1 reads 010 as octal, so iters: 010 silently ran 8 iterations (and seed: 010 was seed 8)
+    path = tmp_path / "r.yaml"
+    path.write_text("model: ref\ndata: builtin\nseed: 010\nstages: [export, {profile: {iters: 010, warmup: 0x10}}]\n")
+    recipe = load_recipe(path)
+    assert (recipe.seed, recipe.steps[1].config.iters, recipe.steps[1].config.warmup) == (10, 10, 16)
