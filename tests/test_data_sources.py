@@ -250,3 +250,18 @@ def test_preprocessor_geometry_is_read_and_applied(tmp_path):
     cfg = tiny_config(resize="squash", crop_pct=0.875)
     assert cfg.to_dict()["resize"] == "squash" and "resize" not in tiny_config().to_dict()
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+def test_linked_folders_inside_a_class_are_followed_and_loops_refused(folder, tmp_path):
+    # before: os.walk did not follow a linked folder inside a class, so its images were silently left out
+    # (a linked class folder itself was followed)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(extra / "x.png")
+    (folder / "class0" / "more").symlink_to(extra)
+    reader = FolderReader(folder)
+    assert len(reader) == 25 and "class0/more/x.png" in map(reader.name, range(25))
+    (extra / "back").symlink_to(folder / "class0")  # class0/more/back/more/back/... (a loop)
+    with pytest.raises(DataError, match=r"class0/more/back leads to .*class0, a folder already read"):
+        FolderReader(folder)
+

@@ -112,9 +112,14 @@ def _is_image_name(name: str) -> bool:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere under ``folder`` (hidden files and folders skipped), in sorted path order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    """Image files anywhere under ``folder`` (hidden files and folders skipped, linked folders followed), in sorted path order."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # linked folders are read too
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise DataError(f"{dirpath} leads to {real}, a folder already read (a link loop, or two links to one folder): "
+                            "remove the link", option="data")
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames if _is_image_name(f)]
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
