@@ -265,3 +265,10 @@ def test_linked_folders_inside_a_class_are_followed_and_loops_refused(folder, tm
     with pytest.raises(DataError, match=r"class0/more/back leads to .*class0, a folder already read"):
         FolderReader(folder)
 
+
+def test_images_beside_class_folders_are_refused(folder):
+    # before: a folder with class subfolders read only those; images at its top were silently left out
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "stray.png")
+    with pytest.raises(DataError, match=r"2 class folders and 1 image \(stray.png\) at its top"):
+        FolderReader(folder)
+

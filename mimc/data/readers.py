@@ -84,12 +84,17 @@ def unreadable(what: str, exc: BaseException) -> DataError:
 class FolderReader(Reader):
     def __init__(self, root: Path):
         super().__init__(str(root))
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = sorted(root.iterdir())
+        subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+        loose = [p for p in entries if p.is_file() and _is_image_name(p.name)]
+        if subdirs and loose:
+            raise DataError(f"{root} has {len(subdirs)} class folders and {len(loose)} image{'s' * (len(loose) > 1)} ({loose[0].name}"
+                            f"{', ...' * (len(loose) > 1)}) at its top: move the images into class folders", option="data")
         if subdirs:
             files = [(f, i) for i, d in enumerate(subdirs) for f in _images_under(d)]
             self.class_names = [d.name for d in subdirs]
         else:
-            files = [(f, -1) for f in sorted(root.iterdir()) if f.is_file() and _is_image_name(f.name)]
+            files = [(f, -1) for f in loose]
         if not files:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}: point data at a folder of images", option="data")
         self.root = root
