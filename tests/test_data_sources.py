@@ -272,3 +272,19 @@ def test_images_beside_class_folders_are_refused(folder):
     with pytest.raises(DataError, match=r"2 class folders and 1 image \(stray.png\) at its top"):
         FolderReader(folder)
 
+
+def test_a_broken_link_or_a_pipe_named_like_an_image_is_unreadable(tmp_path):
+    # before: a flat folder left a broken link out silently, and a pipe named x.png (in a class folder)
+    # made the run wait forever on opening it
+    import os
+
+    for layout in ("flat", "classes/a"):
+        (tmp_path / layout).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / layout / "a.png")
+    (tmp_path / "flat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(tmp_path / "classes" / "a" / "pipe.png")
+    for root, name in ((tmp_path / "flat", "gone.png"), (tmp_path / "classes", "a/pipe.png")):
+        with pytest.raises(DataError, match=rf"cannot read image .*{name} \(not a file\)"):
+            ImageSource(root, workers=0).draw(CFG)
+        stream = ImageSource(root, skip_corrupt=True, workers=0).stream(CFG)
+        assert sum(len(b.pixels) for b in stream) == 1 and stream.stats.skipped == [name]

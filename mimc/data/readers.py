@@ -86,7 +86,7 @@ class FolderReader(Reader):
         super().__init__(str(root))
         entries = sorted(root.iterdir())
         subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-        loose = [p for p in entries if p.is_file() and _is_image_name(p.name)]
+        loose = [p for p in entries if not p.is_dir() and _is_image_name(p.name)]
         if subdirs and loose:
             raise DataError(f"{root} has {len(subdirs)} class folders and {len(loose)} image{'s' * (len(loose) > 1)} ({loose[0].name}"
                             f"{', ...' * (len(loose) > 1)}) at its top: move the images into class folders", option="data")
@@ -105,6 +105,8 @@ class FolderReader(Reader):
         return len(self.files)
 
     def read(self, i: int) -> np.ndarray:
+        if not self.files[i].is_file():  # a broken link, or a pipe that opening would wait on forever
+            raise unreadable(str(self.files[i]), OSError("not a file"))
         return decode(self.files[i], str(self.files[i]))
 
     def name(self, i: int) -> str:
