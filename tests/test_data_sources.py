@@ -288,3 +288,19 @@ def test_a_broken_link_or_a_pipe_named_like_an_image_is_unreadable(tmp_path):
             ImageSource(root, workers=0).draw(CFG)
         stream = ImageSource(root, skip_corrupt=True, workers=0).stream(CFG)
         assert sum(len(b.pixels) for b in stream) == 1 and stream.stats.skipped == [name]
+
+
+def test_a_huge_image_is_read_quietly_up_to_the_bomb_limit_and_refused_past_it(tmp_path, monkeypatch):
+    # before: past Pillow's warning limit (89 MP) every image printed a two-line DecompressionBombWarning;
+    # past its error limit the line ended "could be decompression bomb DOS attack.)" without the limit or the fix
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # warns above 1000 pixels, refuses above 2000
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(ImageSource(tmp_path, workers=0).draw(CFG)) == 1
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(DataError, match=r"image .*b.png \(over 2,000 pixels, Pillow's limit against decompression bombs: "
+                                        r"downscale it\): remove or replace it"):
+        ImageSource(tmp_path, workers=0).draw(CFG)

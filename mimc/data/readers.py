@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -65,9 +66,14 @@ def decode(data: bytes | str | Path, what: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            return pil_rgb(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        with warnings.catch_warnings():  # an image is read up to the bomb error's limit: the warning at half of it is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+                return pil_rgb(im)
+    except Image.DecompressionBombError:
+        raise unreadable(what, ValueError(f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's limit against "
+                                          "decompression bombs: downscale it")) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
         raise unreadable(what, exc) from None
 
 
