@@ -98,6 +98,31 @@ def test_16_bit_arrays_are_scaled_not_clipped(tmp_path, tiny_images):
     torch.testing.assert_close(load_images(tmp_path / "u16.npy", cfg).pixels, load_images(tmp_path / "u8.npy", cfg).pixels, atol=0, rtol=0)
 
 
+def test_an_array_has_one_value_range_for_all_its_images(tmp_path, tiny_images):
+    """The range was inferred image by image: in a float 0..255 array a near-black image (values 0 and 1)
+    was read as 0..1 and came out bright, a float 0..1 image overshooting 1 by 1 % came out nearly black,
+    and in a uint16 array a dark frame (under 256 of 65535) was read as 8-bit and came out bright."""
+    images, _ = tiny_images
+    images = images.copy()
+    images[1] //= 255  # near black: 0 or 1
+    cfg = tiny_config()
+    np.save(tmp_path / "u8.npy", images)
+    np.save(tmp_path / "f255.npy", images.astype(np.float32))
+    unit = images.astype(np.float32) / 255.0
+    unit[2] *= 1.01  # a resampled 0..1 image overshoots 1 a little
+    np.save(tmp_path / "f1.npy", unit)
+    wide = images.astype(np.uint16) * 257
+    wide[3] = images[3] // 16  # a dark 16-bit frame: every value under 256
+    np.save(tmp_path / "u16.npy", wide)
+    u8 = load_images(tmp_path / "u8.npy", cfg).pixels
+    torch.testing.assert_close(load_images(tmp_path / "f255.npy", cfg).pixels, u8, atol=0, rtol=0)
+    f1 = load_images(tmp_path / "f1.npy", cfg).pixels
+    assert (f1[2] - u8[2]).abs().mean() < 0.05 and torch.equal(f1[:2], u8[:2])
+    u16 = load_images(tmp_path / "u16.npy", cfg).pixels
+    black = load_images(tmp_path / "u8.npy", cfg).pixels[1]  # near black
+    assert (u16[3] - black).abs().max() < 0.1 and torch.equal(u16[:3], u8[:3])
+
+
 def test_normalised_model_inputs_pass_through(tmp_path):
     cfg = tiny_config()
     x = deterministic_inputs(cfg, batch=3, seed=1)

@@ -14,8 +14,19 @@ import torch
 from mimc.errors import DataError
 
 
-def to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
-    """Accept (H, W), (H, W, C) or (C, H, W) in uint8, float [0, 1] or 16-bit integers; return uint8 (H, W, 1, 3 or 4)."""
+def pixel_scale(values: np.ndarray) -> float:
+    """What image values that are not uint8 are multiplied by to reach 0..255: integers past 255 are
+    16-bit (1/257, as pil_rgb reads 16-bit files), other integers 8-bit; floats are 0..1 (255) unless
+    they reach 2, then 0..255 (a 0..1 image resampled a little past 1 stays 0..1)."""
+    top = float(values.max()) if values.size else 0.0
+    if values.dtype.kind in "iu":
+        return 1 / 257 if top > 255 else 1.0
+    return 255.0 if top < 2 else 1.0
+
+
+def to_uint8_hwc(arr: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Accept (H, W), (H, W, C) or (C, H, W) in uint8, float [0, 1] / [0, 255] or 16-bit integers; return
+    uint8 (H, W, 1, 3 or 4). ``scale``: :func:`pixel_scale` of the whole source (default: of this image)."""
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
@@ -26,10 +37,10 @@ def to_uint8_hwc(arr: np.ndarray) -> np.ndarray:
         raise DataError(f"image has {arr.shape[2]} channels (shape {arr.shape}): expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
-    if arr.dtype.kind in "iu" and arr.dtype != np.uint8 and arr.max() > 255:  # 16-bit: 0..65535, as pil_rgb reads 16-bit files
-        arr = np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
     if arr.dtype != np.uint8:
-        arr = np.clip(arr.astype(np.float32) * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        scale = pixel_scale(arr) if scale is None else scale
+        wide = np.rint(arr.astype(np.float64) * scale) if arr.dtype.kind in "iu" else arr.astype(np.float32) * scale
+        arr = np.clip(wide, 0, 255).astype(np.uint8)
     return arr
 
 
@@ -66,9 +77,10 @@ def _channels(x: np.ndarray, in_chans: int) -> np.ndarray:
     raise DataError(f"images have {channels} channels but the model expects {in_chans}: convert the images")
 
 
-def prepare_image(img: np.ndarray, cfg) -> torch.Tensor:
-    """One raw image (uint8 / float [0, 1], HWC or CHW) -> the model input (C, H, W) or (T, C, H, W)."""
-    x = _channels(resize_crop(to_uint8_hwc(img), cfg.image_size, cfg.resize, cfg.crop_pct), cfg.in_chans).transpose(2, 0, 1)
+def prepare_image(img: np.ndarray, cfg, scale: float | None = None) -> torch.Tensor:
+    """One raw image (uint8 / float / 16-bit, HWC or CHW; ``scale``: see :func:`to_uint8_hwc`) -> the model
+    input (C, H, W) or (T, C, H, W)."""
+    x = _channels(resize_crop(to_uint8_hwc(img, scale), cfg.image_size, cfg.resize, cfg.crop_pct), cfg.in_chans).transpose(2, 0, 1)
     mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
     pixels = torch.from_numpy(((x - mean) / std).astype(np.float32))
@@ -87,7 +99,8 @@ class ArrayLayout:
 
     Float rows already shaped like the model's input are taken as model inputs when they look
     normalised (negative values among the first rows drawn); float images in [0, 1] of the same
-    shape are preprocessed like any image. Video rows (T, H, W, C) are resized frame by frame.
+    shape are preprocessed like any image, every row scaled alike (:func:`pixel_scale` of the first
+    rows drawn, not image by image). Video rows (T, H, W, C) are resized frame by frame.
     Normalised model inputs (negative values) of another shape are refused: resized as images, model
     inputs of the wrong size or channel count would be silently resampled.
     """
@@ -98,6 +111,7 @@ class ArrayLayout:
         self.model_inputs = (sample.ndim == len(expected) + 1 and tuple(sample.shape[1:]) == expected
                              and sample.dtype.kind == "f" and sample.size > 0 and float(sample.min()) < 0)
         self.video_frames = None
+        self.scale = pixel_scale(sample)
         if not self.model_inputs and cfg.is_video and sample.ndim == 5:
             if sample.shape[1] != cfg.num_frames:
                 raise DataError(f"video array has {sample.shape[1]} frames but the model expects {cfg.num_frames}: resample the clips")
@@ -114,8 +128,8 @@ class ArrayLayout:
             return torch.from_numpy(np.array(row, dtype=np.float32))
         if self.video_frames is not None:
             still = self.cfg.replace(num_frames=1, tubelet_size=1)
-            return torch.stack([prepare_image(frame, still) for frame in row])
-        return prepare_image(np.asarray(row), self.cfg)
+            return torch.stack([prepare_image(frame, still, self.scale) for frame in row])
+        return prepare_image(np.asarray(row), self.cfg, self.scale)
 
 
-__all__ = ["to_uint8_hwc", "resize_crop", "prepare_image", "preprocess", "ArrayLayout"]
+__all__ = ["pixel_scale", "to_uint8_hwc", "resize_crop", "prepare_image", "preprocess", "ArrayLayout"]
