@@ -304,3 +304,21 @@ def test_a_huge_image_is_read_quietly_up_to_the_bomb_limit_and_refused_past_it(t
     with pytest.raises(DataError, match=r"image .*b.png \(over 2,000 pixels, Pillow's limit against decompression bombs: "
                                         r"downscale it\): remove or replace it"):
         ImageSource(tmp_path, workers=0).draw(CFG)
+
+
+def test_names_that_are_not_utf8_are_written_as_text(tmp_path):
+    # before: a file or class folder named in Latin-1 reached outputs as a lone surrogate ('caf\udce9.png'):
+    # embed -o feats.parquet stopped with a UnicodeEncodeError traceback from pyarrow
+    import os
+
+    folder = tmp_path / os.fsdecode(b"kl\xe4sse")
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / os.fsdecode(b"caf\xe9.png"))
+    reader = FolderReader(tmp_path)
+    assert reader.class_names == ["kl\\xe4sse"] and reader.name(0) == "kl\\xe4sse/caf\\xe9.png"
+    info = tarfile.TarInfo("caf\xe9.png")
+    data = _png(np.zeros((8, 8, 3), np.uint8))
+    info.size = len(data)
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        tar.addfile(info, io.BytesIO(data))
+    assert open_reader(str(tmp_path / "s.tar")).name(0) == "s.tar:caf\\xe9.png"

@@ -77,6 +77,12 @@ def decode(data: bytes | str | Path, what: str) -> np.ndarray:
         raise unreadable(what, exc) from None
 
 
+def text_name(name: str) -> str:
+    """A file or member name as text: bytes that are not UTF-8 as ``\\xNN`` (Python keeps them as lone
+    surrogates, which Parquet, strict JSON readers and terminals refuse)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line (its type's name when it has no text), for a one-line message."""
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -98,7 +104,7 @@ class FolderReader(Reader):
                             f"{', ...' * (len(loose) > 1)}) at its top: move the images into class folders", option="data")
         if subdirs:
             files = [(f, i) for i, d in enumerate(subdirs) for f in _images_under(d)]
-            self.class_names = [d.name for d in subdirs]
+            self.class_names = [text_name(d.name) for d in subdirs]
         else:
             files = [(f, -1) for f in loose]
         if not files:
@@ -116,7 +122,7 @@ class FolderReader(Reader):
         return decode(self.files[i], str(self.files[i]))
 
     def name(self, i: int) -> str:
-        return self.files[i].relative_to(self.root).as_posix()
+        return text_name(self.files[i].relative_to(self.root).as_posix())
 
 
 def _is_image_name(name: str) -> bool:
@@ -244,4 +250,4 @@ class ArrayReader(Reader):
 
 
 __all__ = ["Reader", "FolderReader", "ArrayReader", "class_indices", "npz_labels", "check_array_values", "check_array_dtype", "pil_rgb", "decode",
-           "first_line", "unreadable", "IMAGE_SUFFIXES", "BUILTIN", "BUILTIN_PATH"]
+           "first_line", "text_name", "unreadable", "IMAGE_SUFFIXES", "BUILTIN", "BUILTIN_PATH"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimc.data.readers import Reader, class_indices, decode, first_line
+from mimc.data.readers import Reader, class_indices, decode, first_line, text_name
 from mimc.errors import DataError
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
@@ -95,7 +95,7 @@ class TarReader(Reader):
 
     def name(self, i: int) -> str:
         shard, _, _, member = self.items[i]
-        return f"{self.shards[shard].name}:{member}"
+        return text_name(f"{self.shards[shard].name}:{member}")
 
     def __getstate__(self):
         return {**self.__dict__, "_files": {}}
