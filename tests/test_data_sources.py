@@ -322,3 +322,17 @@ def test_names_that_are_not_utf8_are_written_as_text(tmp_path):
     with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
         tar.addfile(info, io.BytesIO(data))
     assert open_reader(str(tmp_path / "s.tar")).name(0) == "s.tar:caf\\xe9.png"
+
+
+def test_float_and_32_bit_pictures_are_refused_not_blackened(tmp_path):
+    # before: a float TIFF in [0, 1] (mode F) came out all black and a 32-bit one past 65535 all white, silently
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "f.tif")
+    Image.fromarray(np.full((8, 8), 100000, np.int32), "I").save(tmp_path / "i.tif")
+    for name in ("f.tif", "i.tif"):
+        with pytest.raises(DataError, match=rf"image .*{name} \(32-bit pixels .*: save it as 8- or 16-bit\)"):
+            open_reader(tmp_path).read(["f.tif", "i.tif"].index(name))
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [Image.open(tmp_path / "f.tif")]}, features=datasets.Features({"image": datasets.Image()}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"image .*\(32-bit pixels \(mode F"):
+        open_reader(tmp_path / "ds").read(0)

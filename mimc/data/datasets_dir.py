@@ -65,10 +65,10 @@ class HFDatasetReader(Reader):
         what = self.name(i)
         try:
             value = self.dataset[int(i)][self.image_column]
-        except Exception as exc:  # PIL errors raised while datasets decodes the cell
+            if hasattr(value, "convert"):  # a decoded PIL image
+                return pil_rgb(value)
+        except Exception as exc:  # PIL errors raised while datasets decodes the cell; pil_rgb's refusals
             raise unreadable(what, exc) from None
-        if hasattr(value, "convert"):  # a decoded PIL image
-            return pil_rgb(value)
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
             return decode(value.get("bytes") or value["path"], what)
         if isinstance(value, (list, np.ndarray)):

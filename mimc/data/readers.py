@@ -52,10 +52,13 @@ class Reader:
 # Pictures -----------------------------------------------------------------------------------------
 def pil_rgb(im) -> np.ndarray:
     """An opened PIL image as uint8 RGB. 16-bit greys (PNG mode I;16 / I) are scaled from 0..65535
-    (PIL's own convert would clip every value above 255 to white); RGBA and palette images are
-    converted by PIL (alpha dropped), grey stays grey and is repeated to three channels."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    (PIL's own convert would clip every value above 255 to white); 32-bit ones (floats, or past 65535)
+    are refused; RGBA and palette images are converted by PIL (alpha dropped), grey stays grey and is
+    repeated to three channels."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         wide = np.asarray(im).astype(np.float64)
+        if im.mode == "F" or wide.max(initial=0) > 65535:  # PIL's convert would clip them black or white
+            raise ValueError(f"32-bit pixels (mode {im.mode}, up to {wide.max(initial=0):g}) of unknown range: save it as 8- or 16-bit")
         grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.asarray(im.convert("RGB"))
