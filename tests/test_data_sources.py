@@ -336,3 +336,23 @@ def test_float_and_32_bit_pictures_are_refused_not_blackened(tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match=r"image .*\(32-bit pixels \(mode F"):
         open_reader(tmp_path / "ds").read(0)
+
+
+def test_a_shard_sample_with_a_label_but_no_image_is_refused_and_gif_is_an_image(tmp_path):
+    # before: a sample whose image was missing (cls only) or a .gif (read from folders) was left out silently
+    def shard(path, members):
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="GIF")
+    pics = [("a.png", _png(np.zeros((8, 8, 3), np.uint8))), ("a.cls", b"0"), ("b.gif", buf.getvalue()), ("b.cls", b"1")]
+    shard(tmp_path / "ok.tar", pics + [("README.txt", b"not a sample")])
+    reader = open_reader(str(tmp_path / "ok.tar"))
+    assert len(reader) == 2 and reader.labels.tolist() == [0, 1] and reader.read(1).shape == (8, 8, 3)
+    shard(tmp_path / "bad.tar", pics + [("c.cls", b"1")])
+    with pytest.raises(DataError, match=r"bad.tar: sample c has a label but no image \(cls; images are jpg, .*\): "):
+        open_reader(str(tmp_path / "bad.tar"))

@@ -17,7 +17,7 @@ import numpy as np
 from mimc.data.readers import Reader, class_indices, decode, first_line, text_name
 from mimc.errors import DataError
 
-TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 TAR_LABEL_EXTS = ("cls", "cls.txt", "cls2", "label", "label.txt", "class", "target", "target.txt")
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -122,9 +122,12 @@ def _index_shard(path: Path, s: int):
                 key = f"{dirname}/{stem}" if dirname else stem
                 samples.setdefault(key, {})[ext.lower()] = member
             out = []
-            for parts in samples.values():
+            for key, parts in samples.items():
                 image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
-                if image_ext is None:
+                if image_ext is None and any(e in parts for e in TAR_LABEL_EXTS):  # its image is missing
+                    raise DataError(f"{path}: sample {text_name(key)} has a label but no image ({', '.join(sorted(parts))}; images are "
+                                    f"{', '.join(TAR_IMAGE_EXTS)}): add its image or remove the sample", option="data")
+                if image_ext is None:  # not a sample (a README, metadata)
                     continue
                 member = parts[image_ext]
                 label_ext = next((e for e in TAR_LABEL_EXTS if e in parts), None)
