@@ -356,3 +356,16 @@ def test_a_shard_sample_with_a_label_but_no_image_is_refused_and_gif_is_an_image
     shard(tmp_path / "bad.tar", pics + [("c.cls", b"1")])
     with pytest.raises(DataError, match=r"bad.tar: sample c has a label but no image \(cls; images are jpg, .*\): "):
         open_reader(str(tmp_path / "bad.tar"))
+
+
+def test_shard_labels_past_int64_are_class_names(tmp_path):
+    # before: a cls of 10**30 made the labels a numpy object array; mimc eval's k-NN over it scored 0.0 where
+    # the same shard labelled 10**9 instead scored 0.17
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i, label in enumerate([str(10**30), "1", str(10**30), "1"]):
+            for name, data in ((f"s{i}.png", _png(np.full((8, 8, 3), 60 * (i % 2), np.uint8))), (f"s{i}.cls", label.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    reader = open_reader(str(tmp_path / "s.tar"))
+    assert reader.labels.dtype == np.int64 and reader.labels.tolist() == [1, 0, 1, 0] and reader.class_names == ["1", str(10**30)]

@@ -149,7 +149,7 @@ def _label_array(labels: list[str | None], spec: str) -> tuple[np.ndarray | None
     if any(lab is None for lab in labels):
         raise DataError(f"{spec}: {sum(lab is None for lab in labels)} of {len(labels)} samples have no label (cls): "
                         "label every sample or none", option="data")
-    if all(re.fullmatch(r"-?\d+", lab) for lab in labels):
+    if all(re.fullmatch(r"-?\d{1,18}", lab) for lab in labels):  # whole numbers that fit int64; others are names
         return np.asarray([int(lab) for lab in labels]), None
     return class_indices(labels)
 
