@@ -286,3 +286,17 @@ def test_model_expecting_other_channels(tiny_images):
     with pytest.raises(DataError) as exc:
         preprocess([tiny_images[0][0, :, :, :1]], tiny_config(in_chans=2, image_mean=[0.5, 0.5], image_std=[0.5, 0.5]))
     assert "channels" in _one_line(exc)
+
+
+def test_an_npz_too_big_to_load_is_refused_before_loading(tmp_path):
+    # before: an .npz is loaded whole, so one whose images unpack past memory (a 100-byte zip member claiming
+    # 150 TB here; a real zip bomb of zeros would fill the machine) ended in a numpy MemoryError traceback
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 224, 224, 3)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as zf:
+        zf.writestr("images.npy", header.getvalue())
+    with pytest.raises(DataError, match=r"bomb.npz holds 150528.0 GB of images, which an .npz loads whole: .* save them as .npy"):
+        load_images(tmp_path / "bomb.npz", tiny_config())

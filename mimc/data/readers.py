@@ -199,6 +199,14 @@ def npz_labels(labels: np.ndarray, class_names: list[str] | None, path: Path | s
     return labels, class_names
 
 
+def _npz_member_bytes(path: Path, member: str) -> int:
+    """The size an array in an .npz will have once loaded, from its header alone."""
+    with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
 class ArrayReader(Reader):
     """A ``.npy`` (memory-mapped) or ``.npz`` file; rows are images, clips or model inputs."""
 
@@ -215,6 +223,10 @@ class ArrayReader(Reader):
                 with np.load(path, allow_pickle=False) as loaded:
                     if "images" not in loaded:
                         raise DataError(f"{path} has no 'images' array (keys: {list(loaded.keys())}): save it as np.savez(f, images=..., labels=...)")
+                    size, memory = _npz_member_bytes(path, "images.npy"), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                    if size > memory // 2:  # a zip bomb, or just more than fits
+                        raise DataError(f"{path} holds {size / 1e9:.1f} GB of images, which an .npz loads whole: more than half of this "
+                                        f"machine's {memory / 1e9:.0f} GB; save them as .npy (memory-mapped)", option="data")
                     raw = loaded["images"]  # arrays of objects fail here (ValueError) rather than at np.load
                     if "labels" in loaded:
                         self.labels = np.asarray(loaded["labels"])
