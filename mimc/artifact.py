@@ -20,7 +20,7 @@ from mimc._version import __version__
 from mimc.atomic import atomic_dir, default_mode
 from mimc.errors import NotAModelError, clip, shorten
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: encoder_sha256
 MANIFEST_NAME = "mimc.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -60,6 +60,7 @@ class Manifest:
     stages: list[StageRecord] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # exports beside the weights
     weights_sha256: str | None = None
+    encoder_sha256: str | None = None  # of the encoder record: an edited config would load the same weights
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,11 +68,6 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise NotAModelError(
-                f"mimc.json has format_version {version!r}, this mimc reads {FORMAT_VERSION}: re-create the artifact with this mimc"
-            )
         data = dict(data)
         data["stages"] = [StageRecord(**s) for s in data.get("stages", [])]
         return cls(**data)
@@ -88,6 +84,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def encoder_sha256(encoder: dict[str, Any]) -> str:
+    """The sha256 of an encoder record's canonical JSON (sorted keys), as mimc.json records it."""
+    return hashlib.sha256(json.dumps(encoder, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -115,6 +116,7 @@ def save_artifact(encoder, out_dir: str | os.PathLike, overwrite: bool = False) 
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         default_mode(tmp / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
         manifest.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
+        manifest.encoder_sha256 = encoder_sha256(manifest.encoder)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     encoder.manifest = manifest
     return out_dir
@@ -137,6 +139,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise NotAModelError(f"{where} is not readable JSON ({shorten(exc)}): re-create the artifact") from exc
     if not isinstance(data, dict):
         raise NotAModelError(f"{where} is not a mimc manifest (a JSON object): re-create the artifact")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise NotAModelError(f"{where} has format_version {clip(version)}, this mimc reads {FORMAT_VERSION}: re-create the artifact with this mimc")
     shapes = {"encoder": dict, "source": dict, "stages": list, "files": dict}
     for key, kind in shapes.items():
         if key in data and not isinstance(data[key], kind):
@@ -154,6 +159,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     sha = data.get("weights_sha256")
     if not (isinstance(sha, str) and _SHA256.match(sha)):
         raise NotAModelError(f"{where} has no valid weights_sha256 (64 hex digits): re-create the artifact")
+    if data.get("encoder_sha256") != encoder_sha256(data["encoder"]):
+        raise NotAModelError(f"{where}: its 'encoder' does not match its encoder_sha256 (edited, or the hash removed): re-create the artifact")
     try:
         return Manifest.from_dict(data)
     except TypeError as exc:

@@ -124,8 +124,17 @@ def _edit_json(path: Path, fn: Callable[[dict], object]) -> None:
     path.write_text(json.dumps(data if result is None else result))
 
 
-def manifest(fn):
-    return lambda ws: _edit_json(ws / "A" / "mimc.json", fn)
+def manifest(fn, rehash: bool = True):
+    """An edit of A's mimc.json; with ``rehash`` its encoder_sha256 re-computed after it, as a forger
+    would, so that the checks behind that hash are reached."""
+    from mimc.artifact import encoder_sha256
+
+    def edit(m):
+        result = fn(m)
+        if rehash and isinstance(m, dict) and isinstance(m.get("encoder"), dict):
+            m["encoder_sha256"] = encoder_sha256(m["encoder"])
+        return result
+    return lambda ws: _edit_json(ws / "A" / "mimc.json", edit)
 
 
 def state(fn):
@@ -266,6 +275,13 @@ CASES = [
     Case("artifact-manifest-list", ["prune", "A", "--ratio", "0.5", "-o", "OUT"], "not a mimc manifest", manifest(lambda m: [m])),
     Case("artifact-stages-not-list", ["inspect", "A"], "'stages' must be", manifest(lambda m: m.update(stages="x"))),
     Case("artifact-unknown-key", ["inspect", "A"], "not a mimc manifest", manifest(lambda m: m.update(evil=1))),
+    Case("artifact-encoder-edited", ["export", "A", "-o", "OUT"], "does not match its encoder_sha256",
+         manifest(lambda m: m["encoder"].update(num_heads=2), rehash=False)),
+    Case("artifact-encoder-eps-edited", ["embed", "A", "--data", "imgs.npz", "-o", "f.npy"], "does not match its encoder_sha256",
+         manifest(lambda m: m["encoder"].update(norm_eps=1e-5), rehash=False)),
+    Case("artifact-encoder-hash-removed", ["inspect", "A"], "encoder_sha256",
+         manifest(lambda m: m["encoder"].update(num_heads=2) or m.pop("encoder_sha256") and None, rehash=False)),
+    Case("artifact-format-1", ["inspect", "A"], "format_version 1", manifest(lambda m: m.update(format_version=1), rehash=False)),
     Case("artifact-encoder-garbage", ["inspect", "A"], "encoder config is invalid", manifest(lambda m: m["encoder"].update(dim="wide"))),
     Case("artifact-truncated-weights", ["prune", "A", "--ratio", "0.5", "-o", "OUT"], "not a valid safetensors", truncated_weights_rehashed),
     Case("artifact-manifest-not-json", ["inspect", "A"], "not readable JSON", write("A/mimc.json", "{" * 10)),

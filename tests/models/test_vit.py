@@ -123,11 +123,32 @@ def test_manifest_claiming_a_huge_depth_is_refused_before_building_it(tmp_path, 
     import json
     import time
 
+    from mimc.artifact import encoder_sha256
+
     save_artifact(tiny_encoder, tmp_path / "a")
     manifest = json.loads((tmp_path / "a" / "mimc.json").read_text())
     manifest["encoder"]["depth"] = 10**7  # the encoder used to be built (on meta) first: hours
+    manifest["encoder_sha256"] = encoder_sha256(manifest["encoder"])  # re-hashed: the check behind the hash
     (tmp_path / "a" / "mimc.json").write_text(json.dumps(manifest))
     start = time.monotonic()
     with pytest.raises(NotAModelError, match="depth 10000000 by the config, 4 blocks in the weights"):
         load_artifact(tmp_path / "a")
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("edit", [dict(num_heads=1), dict(num_heads=2), dict(norm_eps=1e-5), dict(pooling="cls"), None])
+def test_an_edited_or_unhashed_encoder_config_is_refused(tmp_path, tiny_encoder, edit):
+    # the weights' hash does not cover mimc.json: num_heads 4 -> 1 fits the same weights, and the
+    # artifact loaded and gave other features silently; removing the encoder's hash must not pass either
+    import json
+
+    save_artifact(tiny_encoder, tmp_path / "a")
+    where = tmp_path / "a" / "mimc.json"
+    manifest = json.loads(where.read_text())
+    if edit is None:
+        del manifest["encoder_sha256"]
+    else:
+        manifest["encoder"].update(edit)
+    where.write_text(json.dumps(manifest))
+    with pytest.raises(NotAModelError, match="encoder_sha256"):
+        load_artifact(tmp_path / "a")
