@@ -54,11 +54,26 @@ def _made_from(folder: Path, graph: str) -> list[str]:
     return found[1:]
 
 
+def _stale(graph: Path, overwrite: bool, verb: str, elsewhere: str) -> list[str]:
+    """The files of ``graph``'s artifact made from it, which replacing it would leave out of date:
+    refused unless ``overwrite`` (the caller then removes them)."""
+    from mimc.artifact import is_artifact
+
+    stale = _made_from(graph.parent, graph.name) if is_artifact(graph.parent) and graph.is_file() else []
+    if stale and not overwrite:
+        raise BadInputError(f"{graph} has graphs made from it ({', '.join(stale)}), which a new {verb} would leave "
+                            f"out of date: {elsewhere} (output), or pass overwrite to replace it and remove them",
+                            option=("output", "overwrite"))
+    return stale
+
+
 def _drop_files(folder: Path, names: list[str]) -> None:
     """Remove ``names`` from the artifact's mimc.json (first: a kill in between leaves files it no
     longer lists, never entries without files), then the files with their weights and sidecars."""
     from mimc.artifact import MANIFEST_NAME, read_manifest
 
+    if not names:
+        return
     manifest = read_manifest(folder)
     entries = [manifest.files.pop(name) for name in names]
     write_json(folder / MANIFEST_NAME, manifest.to_dict())
@@ -92,17 +107,12 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         check_not_input(out_dir, (model,))
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
         _new_artifact(out_dir, overwrite, f" or overwrite it{into}")
-    stale = _made_from(out_dir, ONNX_NAME) if in_place and (out_dir / ONNX_NAME).is_file() else []
-    if stale and not overwrite:
-        raise BadInputError(f"{out_dir / ONNX_NAME} has graphs made from it ({', '.join(stale)}), which a new export would leave "
-                            "out of date: export into a new folder (output), or pass overwrite to replace it and remove them",
-                            option=("output", "overwrite"))
+    stale = _stale(out_dir / ONNX_NAME, overwrite, "export", "export into a new folder") if in_place else []
     encoder = _unshared(model) if in_memory else _load(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)
-        if stale:
-            _drop_files(out_dir, stale)
+        _drop_files(out_dir, stale)
     else:
         encoder.manifest.files = {}  # graphs and engines listed by the source artifact do not come along
         result = execute(Job(source=encoder, stages=[config], export_options=runtime), out_dir, overwrite=overwrite)
@@ -130,12 +140,14 @@ def _refuse_in_memory(model, verb: str, then: str) -> None:
 
 
 def quantize(model: str, calib=None, output=None, *, precision: str = "int8", device: str = "cpu", config=None,
-             seed: int = 0, force: bool = False, **options) -> GraphReport:
+             seed: int = 0, force: bool = False, overwrite: bool = False, **options) -> GraphReport:
     """A calibrated int8/fp8 Q/DQ graph gated on held-out images: ``config`` (a
     :class:`~mimc.quant.quantize.QuantizeConfig`) or its options, the graph layout picked by ``device``.
 
     MODEL: an fp32 mimc ``.onnx`` (written beside it), an artifact (into it; exported first when it has
-    no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs)."""
+    no ``model.onnx``), or any other model (a new artifact ``./<model>-mimc`` with both graphs). A graph
+    of an artifact that has graphs made from it (an IR, an engine) is replaced only with ``overwrite``,
+    which removes them."""
     from mimc.artifact import is_artifact
     from mimc.data import as_source, spec_of
     from mimc.graph import encoder_config_of_graph
@@ -170,7 +182,9 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             _new_artifact(folder, False, f", or run `mimc quantize {folder}`")
         images.draw(encoder.config, config.n + EVAL_IMAGES)  # bad images: refused before an export is written
         if folder is path:
+            stale = _stale(path / name, overwrite, "quantize", "write the graph to another file")
             result = extend(path, encoder, [config], images=images, force=force, seed=seed)
+            _drop_files(path, stale)
         else:
             result = execute(Job(source=encoder, stages=[ExportConfig(), config], images=images, seed=seed, force=force), folder)
         return GraphReport(folder / name, folder, result.stages[-1].entry["report"])
@@ -189,12 +203,14 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             raise BadInputError(f"output {out} is inside the artifact {out.parent}, which {model} does not come from: write the graph "
                                 f"outside it, or quantize {out.parent} itself", option="output")
         _check_folder(out, (path, spec_of(calib)))
+        stale = _stale(out, overwrite, "quantize", "write the graph to another file")
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():
             from mimc.deploy.onnx import export_onnx
 
             export_onnx(encoder, graph)
         report = quantize_split(graph, out, *split_images(drawn, config.n, seed), config, force, spec_of(calib), seed=seed)
+        _drop_files(out.parent, stale)
     return GraphReport(out, out.parent if is_artifact(out.parent) else None, report)
 
 

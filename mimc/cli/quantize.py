@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="Target device profile (cpu, h100, ...) or a profile .yaml: picks the graph layout."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (default: model.int8.onnx beside the input)."),
         force: bool = typer.Option(False, "--force", help="Write the graph even when it fails the fidelity gate."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a graph that has graphs made from it (IR, engine), removing them."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
     ) -> None:
@@ -41,7 +42,7 @@ def register(app: typer.Typer) -> None:
             raise api.ConfigError("--int8 and --fp8 exclude each other: pass one of them")
         precision = "fp8" if fp8 else "int8"
         with status(f"quantizing {model} to {precision} ({method})"):
-            report = api.quantize(model, calib, output, precision=precision, device=device, seed=seed, force=force,
+            report = api.quantize(model, calib, output, precision=precision, device=device, seed=seed, force=force, overwrite=overwrite,
                                    method=method, n=n, percentile=percentile, smooth=smooth, repq=repq,
                                    quantize_attention_matmuls=attention, fuse_attention=fuse_attention,
                                    **({"overflow_fix": overflow_fix} if overflow_fix else {}))

@@ -143,3 +143,23 @@ def test_overflow_fix_outside_openvino_names_the_flag(app, artifact, calib):
     result = invoke(app, ["quantize", artifact, "--calib", calib, "--n", "16", "--overflow-fix", "all"])
     one_error_line(result, "--overflow-fix")
     assert not (artifact / "model.int8.onnx").exists()
+
+
+def test_re_quantizing_a_graph_something_was_built_from_needs_overwrite_and_removes_it(app, artifact, calib):
+    # a second quantize replaced model.int8.onnx and left the IR built from the first one listed as current
+    pytest.importorskip("openvino")
+    from tests.cli.conftest import snapshot
+
+    plain = ["quantize", artifact, "--calib", calib, "--n", "16", "--no-fuse-attention"]
+    assert invoke(app, plain).exit_code == 0
+    assert invoke(app, ["build", artifact / "model.int8.onnx", "--device", "openvino-cpu"]).exit_code == 0
+    before = snapshot(artifact)
+    for again in ([*plain, "--method", "minmax"], ["quantize", artifact / "model.onnx", *plain[2:], "--method", "minmax"]):
+        result = invoke(app, again)
+        one_error_line(result, "has graphs made from it (openvino-cpu-int8.xml)")
+        assert "--overwrite" in result.stderr and snapshot(artifact) == before  # nothing changed
+    result = invoke(app, [*plain, "--method", "minmax", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads((artifact / MANIFEST_NAME).read_text())["files"]) == ["model.int8.onnx", "model.onnx"]
+    assert not list(artifact.glob("openvino-cpu-int8.*"))
+    assert invoke(app, [*plain, "--method", "minmax"]).exit_code == 0  # nothing made from it: replaced as before
