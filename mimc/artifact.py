@@ -77,6 +77,14 @@ class Manifest:
         return Manifest(encoder=encoder, source=dict(self.source), stages=[*self.stages, record])
 
 
+def recorded_path(spec: str | None) -> str | None:
+    """A model or data argument as an artifact records it: a local path absolute, so that a replay finds
+    it from any folder; ``ref``, ``builtin``, hub ids and ``random:`` models as given."""
+    if spec in (None, "ref", "builtin") or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
 # Hashing ------------------------------------------------------------------------------------------
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import StageReport
+from mimc.artifact import recorded_path
 from mimc.atomic import check_not_input, check_output
 from mimc.errors import ConfigError, DataError
 
@@ -176,7 +177,7 @@ def distill(model: Any, output=None, *, data=None, teacher=None, n: int | None =
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     report = _train(model, config, out, data, n, out, resume, checkpoint_every, runtime, overwrite=True, teacher=teacher_model,
                     encoder=encoder)
-    report.metrics.setdefault("teacher", _name(teacher) if teacher is not None else (getattr(encoder, "manifest", None).source or {}).get("id"))
+    report.metrics.setdefault("teacher", recorded_path(_name(teacher)) if teacher is not None else (getattr(encoder, "manifest", None).source or {}).get("id"))
     return report
 
 

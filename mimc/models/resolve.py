@@ -68,7 +68,7 @@ def describe_source(model: str) -> str:
 
 def load_model(model: str | os.PathLike):
     """Load any MODEL argument as a canonical :class:`~mimc.models.vit.Encoder` with a manifest."""
-    from mimc.artifact import Manifest, sha256_file
+    from mimc.artifact import Manifest, recorded_path, sha256_file
     from mimc.models.io import load_artifact
 
     model = str(model)
@@ -99,7 +99,7 @@ def load_model(model: str | os.PathLike):
     bad = next((name for name, t in encoder.state_dict().items() if not torch.isfinite(t).all()), None)
     if bad is not None:  # a corrupt checkpoint would otherwise prune, export and "validate" NaN against NaN
         raise NotAModelError(f"{model}: weight {bad} holds NaN or infinite values: the checkpoint is corrupt; re-save or re-download it")
-    source = {"id": model, "family": encoder.config.family, "sha256": sha, **extra}
+    source = {"id": recorded_path(model), "family": encoder.config.family, "sha256": sha, **extra}
     encoder.eval()
     encoder.manifest = Manifest(encoder=encoder.config.to_dict(), source=source)
     return encoder

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, sha256_file
+from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, recorded_path, sha256_file
 from mimc.atomic import write_json
 from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, DataError
@@ -99,7 +99,7 @@ def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: b
     inputs); recorded in the artifact's mimc.json when ``out`` sits in one (``seed``: the one that drew both)."""
     def annotate(report: dict[str, Any]) -> None:
         report["calibration_sha256"] = calib_set.sha256  # ImageSet's hash (the same bytes quantize_onnx hashed)
-        report["calibration_source"] = str(data_spec)
+        report["calibration_source"] = recorded_path(str(data_spec))  # a replay reads them from any folder
         if seed is not None:  # a replay draws the same images
             report["calibration_seed"] = seed
         report["held_out_images"] = len(held_out) if held_out is not None else 0

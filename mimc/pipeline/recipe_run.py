@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from mimc.artifact import recorded_path
 from mimc.atomic import check_output
 from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, MimcError
@@ -102,13 +103,6 @@ def _check_one_process() -> None:
                           "(torchrun spreads the single commands mimc sparsify --method learned and mimc distill)")
 
 
-def _absolute(name: str | None) -> str | None:
-    """A model / data naming a local path, made absolute (recipe.yaml's replay may run elsewhere); else as given."""
-    if name in (None, "ref", "builtin") or not Path(name).expanduser().exists():
-        return name
-    return str(Path(name).expanduser().resolve())
-
-
 def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
                on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
     """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
@@ -116,7 +110,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
 
     _check_one_process()
     out = Path(output) if output is not None else default_output(recipe)
-    recipe = replace(recipe, model=_absolute(recipe.model), data=_absolute(recipe.data))
+    # a model / data that names a local path is written absolute into recipe.yaml: the replay may run from another folder
+    recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data))
     check_output(out, overwrite)
     # (a build without a graph before it is refused when the recipe is parsed)
     graphless = any(s.name == "profile" and s.config.graph is None for s in recipe.steps)

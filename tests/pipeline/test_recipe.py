@@ -422,3 +422,22 @@ def test_a_leading_zero_is_decimal(tmp_path):
     path.write_text("model: ref\ndata: builtin\nseed: 010\nstages: [export, {profile: {iters: 010, warmup: 0x10}}]\n")
     recipe = load_recipe(path)
     assert (recipe.seed, recipe.steps[1].config.iters, recipe.steps[1].config.warmup) == (10, 10, 16)
+
+
+def test_single_commands_record_local_paths_so_their_artifact_replays_from_any_folder(tmp_path, monkeypatch, source):
+    # before: `mimc prune vit.safetensors` recorded source id 'vit.safetensors' and `mimc quantize --calib
+    # data.npz` its calibration_source as typed, so `mimc run OUT` from another folder found no model
+    # (or another folder's file of that name)
+    import mimc
+    from safetensors.torch import save_file
+
+    save_file(dict(build_encoder(tiny_config(), seed=2).state_dict()), str(tmp_path / "vit.safetensors"), metadata={"num_heads": "4"})
+    monkeypatch.chdir(tmp_path)
+    mimc.prune("vit.safetensors", "out", ratio=0.5)
+    mimc.quantize("out", "data.npz", n=8)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    recipe = recipe_from_artifact(tmp_path / "out")
+    assert (recipe.model, recipe.data) == (str(tmp_path / "vit.safetensors"), str(tmp_path / "data.npz"))
+    run_recipe(recipe, "again")
+    assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
