@@ -191,18 +191,19 @@ def verify_graph(path: str | os.PathLike) -> str | None:
     """Check a graph file (and the external data file beside it) against what its artifact's
     ``mimc.json`` recorded when it was written; returns the graph's sha256 when it was computed.
 
-    A graph outside an artifact, or one its manifest does not list, has nothing to be checked
-    against (None). A listed graph whose bytes, or whose ``.data`` file's bytes, differ from the
-    recorded sha256 was altered or swapped after mimc wrote it and is refused, like swapped weights.
+    A graph outside an artifact has nothing to be checked against (None). One inside an artifact
+    that its manifest does not list with a sha256 (put there by hand, or its entry removed), or whose
+    bytes, or whose ``.data`` file's bytes, differ from the recorded sha256, is refused, like swapped weights.
     """
     path = Path(path)
     if not is_artifact(path.parent):
         return None
     entry = read_manifest(path.parent).files.get(path.name)
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        return None
     where = path.parent / MANIFEST_NAME
     fix = f"re-export it (mimc export {path.parent}) or restore the file mimc wrote"
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise NotAModelError(f"{path} lies in an artifact whose {MANIFEST_NAME} does not list it with its sha256: {fix}, "
+                             "or move it out of the artifact")
     sha = sha256_file(path)
     if sha != entry["sha256"]:
         raise NotAModelError(f"{path} does not match the sha256 recorded in {where} (altered or swapped): {fix}")

@@ -232,9 +232,9 @@ def test_devices_that_are_not_here_are_one_line_errors(tmp_path, folder, graph, 
     if not torch.cuda.is_available():
         with pytest.raises(DeviceUnavailableError, match="no CUDA GPU"):
             embed(str(artifact), str(folder), tmp_path / "c.npy", device="cuda")
-        engine = graph.parent / "h100-fp16.plan"
+        engine = graph.parent.parent / "h100-fp16.plan"  # built with -o outside the artifact (inside it: listed and hashed)
         engine.write_bytes(b"engine")
-        (graph.parent / "h100-fp16.plan.json").write_text(json.dumps({"format": "mimc-tensorrt-engine", "onnx": str(graph)}))
+        (graph.parent.parent / "h100-fp16.plan.json").write_text(json.dumps({"format": "mimc-tensorrt-engine", "onnx": str(graph)}))
         with pytest.raises(DeviceUnavailableError, match="runs only on an NVIDIA GPU"):
             embed(str(engine), str(folder), tmp_path / "c.npy")
     with pytest.raises(ConfigError, match="cannot run a TensorRT engine"):

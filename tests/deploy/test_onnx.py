@@ -248,3 +248,25 @@ def test_export_records_the_graph_before_it_appears_and_sweeps_a_killed_exports_
     monkeypatch.setattr(onnx_mod.os, "replace", real_replace)
     onnx_mod.export_onnx(enc, art / "model.onnx")
     assert (art / "model.onnx").is_file() and not [p for p in art.iterdir() if p.name.startswith(".")]
+
+
+def test_a_graph_its_artifact_does_not_list_is_refused(tmp_path):
+    # a swapped model.onnx was refused by its recorded sha256, but deleting its entry from mimc.json
+    # (or dropping another graph into the folder) made it run with the artifact's input spec unchecked
+    from mimc.errors import NotAModelError
+    from mimc.latency.run import profile
+    from mimc.runtime.onnx_model import OnnxModel
+
+    art = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")
+    export_onnx(load_artifact(art), art / "model.onnx")
+    export_onnx(build_encoder(tiny_config(depth=2), seed=1), tmp_path / "other.onnx", validate=False)
+    (art / "model.onnx").write_bytes((tmp_path / "other.onnx").read_bytes())
+    (art / "extra.onnx").write_bytes((tmp_path / "other.onnx").read_bytes())
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    del manifest["files"]["model.onnx"]
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for graph in ("model.onnx", "extra.onnx"):
+        with pytest.raises(NotAModelError, match="does not list it"):
+            OnnxModel(art / graph)
+        with pytest.raises(NotAModelError, match="does not list it"):
+            profile(art / graph, device="cpu", iters=1, warmup=0)
