@@ -207,12 +207,15 @@ def verify_graph(path: str | os.PathLike) -> str | None:
     sha = sha256_file(path)
     if sha != entry["sha256"]:
         raise NotAModelError(f"{path} does not match the sha256 recorded in {where} (altered or swapped): {fix}")
-    data = entry.get("external_data")
+    # the weights file mimc writes beside a graph (an IR's .bin, a big graph's .data) is checked even
+    # when the entry no longer names it: the graph reads it all the same
+    beside = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(f"{path.name}.data")
+    data = entry.get("external_data") or (beside.name if beside.is_file() else None)
     if data:
         data_path = path.parent / str(data)
         if Path(str(data)).name != str(data) or not data_path.is_file():
             raise NotAModelError(f"{path} keeps its weights in {data_path}, which is missing: {fix}")
-        recorded = entry.get("external_data_sha256")
-        if isinstance(recorded, str) and sha256_file(data_path) != recorded:
-            raise NotAModelError(f"{data_path} does not match the external_data_sha256 recorded in {where} (altered or swapped): {fix}")
+        if sha256_file(data_path) != entry.get("external_data_sha256"):
+            raise NotAModelError(f"{data_path} does not match the external_data_sha256 recorded in {where} "
+                                 f"(altered, swapped or its hash removed): {fix}")
     return sha

@@ -270,3 +270,23 @@ def test_a_graph_its_artifact_does_not_list_is_refused(tmp_path):
             OnnxModel(art / graph)
         with pytest.raises(NotAModelError, match="does not list it"):
             profile(art / graph, device="cpu", iters=1, warmup=0)
+
+
+@pytest.mark.parametrize("removed", [("external_data_sha256",), ("external_data", "external_data_sha256")])
+def test_an_altered_data_file_is_refused_with_its_hash_removed_from_the_manifest(tmp_path, monkeypatch, removed):
+    # the .data check ran only when mimc.json still held external_data and its sha256: deleting them
+    # let altered weights run under the graph's recorded (and matching) sha256
+    from mimc.errors import NotAModelError
+    from mimc.runtime.onnx_model import OnnxModel
+
+    monkeypatch.setattr("mimc.graph.files.EXTERNAL_DATA_BYTES", 0)
+    art = save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")
+    export_onnx(load_artifact(art), art / "model.onnx")
+    data = art / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    for key in removed:
+        del manifest["files"]["model.onnx"][key]
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(NotAModelError, match="external_data_sha256"):
+        OnnxModel(art / "model.onnx")
