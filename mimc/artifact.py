@@ -156,8 +156,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             raise NotAModelError(f"{where}: '{key}' must be a JSON {'object' if kind is dict else 'list'}: re-create the artifact")
     if "encoder" not in data:
         raise NotAModelError(f"{where} has no 'encoder': re-create the artifact")
-    if not all(isinstance(s, dict) for s in data.get("stages", [])):
-        raise NotAModelError(f"{where}: every entry of 'stages' must be a JSON object: re-create the artifact")
+    if not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in data.get("stages", [])):
+        raise NotAModelError(f"{where}: every entry of 'stages' must be a JSON object with a text 'name': re-create the artifact")
     for name, entry in data.get("files", {}).items():  # names mimc reads, replaces and removes inside the folder
         if not isinstance(entry, dict):
             raise NotAModelError(f"{where}: every entry of 'files' must be a JSON object: re-create the artifact")

@@ -274,6 +274,8 @@ CASES = [
     Case("artifact-block-ids-length", ["inspect", "A"], "mimc.json", manifest(lambda m: m["encoder"].update(block_ids=[0, 1]))),
     Case("artifact-manifest-list", ["prune", "A", "--ratio", "0.5", "-o", "OUT"], "not a mimc manifest", manifest(lambda m: [m])),
     Case("artifact-stages-not-list", ["inspect", "A"], "'stages' must be", manifest(lambda m: m.update(stages="x"))),
+    Case("artifact-stage-name-not-text", ["run", "A", "-o", "OUT"], "'name'",
+         manifest(lambda m: m.update(source={"id": "ref"}, stages=[{"name": ["prune"], "config": {}, "config_version": 1}]))),
     Case("artifact-unknown-key", ["inspect", "A"], "not a mimc manifest", manifest(lambda m: m.update(evil=1))),
     Case("artifact-encoder-edited", ["export", "A", "-o", "OUT"], "does not match its encoder_sha256",
          manifest(lambda m: m["encoder"].update(num_heads=2), rehash=False)),
