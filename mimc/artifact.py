@@ -164,6 +164,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         names = [name, *(entry.get(key) for key in ("file", "external_data", "sidecar") if entry.get(key) is not None)]
         if not all(isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n for n in names):
             raise NotAModelError(f"{where}: 'files' names a path outside the artifact ({clip(names)}): re-create the artifact")
+        stage = entry.get("stage", {})  # what a replay reads: which stage wrote the file, with which options
+        if not isinstance(stage, dict) or stage.get("name") == "quantize" and not isinstance(entry.get("config"), dict):
+            raise NotAModelError(f"{where}: files[{clip(name)}] needs a 'stage' object (and, quantized, a 'config' object): re-create the artifact")
     sha = data.get("weights_sha256")
     if not (isinstance(sha, str) and _SHA256.match(sha)):
         raise NotAModelError(f"{where} has no valid weights_sha256 (64 hex digits): re-create the artifact")
