@@ -20,7 +20,7 @@ from mimc._version import __version__
 from mimc.atomic import atomic_dir, default_mode
 from mimc.errors import NotAModelError, clip, shorten
 
-FORMAT_VERSION = 2  # 2: encoder_sha256
+FORMAT_VERSION = 2  # 2: manifest_sha256
 MANIFEST_NAME = "mimc.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -60,11 +60,13 @@ class Manifest:
     stages: list[StageRecord] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # exports beside the weights
     weights_sha256: str | None = None
-    encoder_sha256: str | None = None  # of the encoder record: an edited config would load the same weights
     format_version: int = FORMAT_VERSION
+    manifest_sha256: str | None = None  # of all the above: an edited config or stage would load the same weights
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # the stages too: asdict recurses into lists of dataclasses
+        data = asdict(self)  # the stages too: asdict recurses into lists of dataclasses
+        data["manifest_sha256"] = manifest_sha256(data)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
@@ -94,9 +96,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def encoder_sha256(encoder: dict[str, Any]) -> str:
-    """The sha256 of an encoder record's canonical JSON (sorted keys), as mimc.json records it."""
-    return hashlib.sha256(json.dumps(encoder, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def manifest_sha256(data: dict[str, Any]) -> str:
+    """The sha256 of a manifest's canonical JSON (sorted keys), leaving out its own manifest_sha256."""
+    rest = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -124,7 +127,6 @@ def save_artifact(encoder, out_dir: str | os.PathLike, overwrite: bool = False) 
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         default_mode(tmp / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
         manifest.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
-        manifest.encoder_sha256 = encoder_sha256(manifest.encoder)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     encoder.manifest = manifest
     return out_dir
@@ -170,8 +172,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     sha = data.get("weights_sha256")
     if not (isinstance(sha, str) and _SHA256.match(sha)):
         raise NotAModelError(f"{where} has no valid weights_sha256 (64 hex digits): re-create the artifact")
-    if data.get("encoder_sha256") != encoder_sha256(data["encoder"]):
-        raise NotAModelError(f"{where}: its 'encoder' does not match its encoder_sha256 (edited, or the hash removed): re-create the artifact")
+    if data.get("manifest_sha256") != manifest_sha256(data):
+        raise NotAModelError(f"{where} does not match its manifest_sha256 (edited after mimc wrote it, or the hash removed): "
+                             "re-create the artifact")
     try:
         return Manifest.from_dict(data)
     except TypeError as exc:

@@ -125,14 +125,14 @@ def _edit_json(path: Path, fn: Callable[[dict], object]) -> None:
 
 
 def manifest(fn, rehash: bool = True):
-    """An edit of A's mimc.json; with ``rehash`` its encoder_sha256 re-computed after it, as a forger
+    """An edit of A's mimc.json; with ``rehash`` its manifest_sha256 re-computed after it, as a forger
     would, so that the checks behind that hash are reached."""
-    from mimc.artifact import encoder_sha256
+    from mimc.artifact import manifest_sha256
 
     def edit(m):
         result = fn(m)
-        if rehash and isinstance(m, dict) and isinstance(m.get("encoder"), dict):
-            m["encoder_sha256"] = encoder_sha256(m["encoder"])
+        if rehash and isinstance(m, dict):
+            m["manifest_sha256"] = manifest_sha256(m)
         return result
     return lambda ws: _edit_json(ws / "A" / "mimc.json", edit)
 
@@ -174,7 +174,7 @@ def swap_weights(ws):
 def truncated_weights_rehashed(ws):
     weights = ws / "A" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    _edit_json(ws / "A" / "mimc.json", lambda m: m.update(weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest()))
+    manifest(lambda m: m.update(weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest()))(ws)
 
 
 def legacy_pickled_optimizer(ws):
@@ -281,12 +281,12 @@ CASES = [
     Case("artifact-quantize-without-config", ["run", "A", "--dry-run"], "'config'",
          manifest(lambda m: m.update(source={"id": "ref"}, files={"model.int8.onnx": {"file": "model.int8.onnx", "stage": {"name": "quantize"}}}))),
     Case("artifact-unknown-key", ["inspect", "A"], "not a mimc manifest", manifest(lambda m: m.update(evil=1))),
-    Case("artifact-encoder-edited", ["export", "A", "-o", "OUT"], "does not match its encoder_sha256",
+    Case("artifact-encoder-edited", ["export", "A", "-o", "OUT"], "does not match its manifest_sha256",
          manifest(lambda m: m["encoder"].update(num_heads=2), rehash=False)),
-    Case("artifact-encoder-eps-edited", ["embed", "A", "--data", "imgs.npz", "-o", "f.npy"], "does not match its encoder_sha256",
+    Case("artifact-encoder-eps-edited", ["embed", "A", "--data", "imgs.npz", "-o", "f.npy"], "does not match its manifest_sha256",
          manifest(lambda m: m["encoder"].update(norm_eps=1e-5), rehash=False)),
-    Case("artifact-encoder-hash-removed", ["inspect", "A"], "encoder_sha256",
-         manifest(lambda m: m["encoder"].update(num_heads=2) or m.pop("encoder_sha256") and None, rehash=False)),
+    Case("artifact-encoder-hash-removed", ["inspect", "A"], "manifest_sha256",
+         manifest(lambda m: m["encoder"].update(num_heads=2) or m.pop("manifest_sha256") and None, rehash=False)),
     Case("artifact-format-1", ["inspect", "A"], "format_version 1", manifest(lambda m: m.update(format_version=1), rehash=False)),
     Case("artifact-encoder-garbage", ["inspect", "A"], "encoder config is invalid", manifest(lambda m: m["encoder"].update(dim="wide"))),
     Case("artifact-truncated-weights", ["prune", "A", "--ratio", "0.5", "-o", "OUT"], "not a valid safetensors", truncated_weights_rehashed),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import mimc
-from mimc.artifact import MANIFEST_NAME, is_artifact, save_artifact
+from mimc.artifact import MANIFEST_NAME, is_artifact, manifest_sha256, save_artifact
 from mimc.models.io import load_artifact
 from mimc.models.vit import build_encoder
 from tests.conftest import tiny_config
@@ -63,6 +63,7 @@ def test_export_to_another_artifact_dir(app, tmp_path, artifact):
 
     manifest = json.loads((artifact / MANIFEST_NAME).read_text())
     manifest["files"]["model.int8.onnx"] = {"kind": "onnx"}  # a file that stays behind in the source
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     write_json(artifact / MANIFEST_NAME, manifest)
     out = tmp_path / "copy"
     result = invoke(app, ["export", artifact, "-o", out, "--batch", "2"])

@@ -100,7 +100,7 @@ def test_load_reads_every_tensor_in_place_and_converts_a_stored_dtype(tmp_path):
 
     from safetensors.torch import save_file
 
-    from mimc.artifact import MANIFEST_NAME, sha256_file, state_hash
+    from mimc.artifact import MANIFEST_NAME, manifest_sha256, sha256_file, state_hash
     from mimc.models.vit import build_encoder
     from tests.conftest import tiny_config
 
@@ -113,6 +113,7 @@ def test_load_reads_every_tensor_in_place_and_converts_a_stored_dtype(tmp_path):
     save_file(state, str(art / "model.safetensors"), metadata={"format": "pt"})
     manifest = json.loads((art / MANIFEST_NAME).read_text())
     manifest["weights_sha256"] = sha256_file(art / "model.safetensors")
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
     loaded = load_artifact(art)
     assert torch.equal(loaded.state_dict()[name], state[name].float())
@@ -123,12 +124,12 @@ def test_manifest_claiming_a_huge_depth_is_refused_before_building_it(tmp_path, 
     import json
     import time
 
-    from mimc.artifact import encoder_sha256
+    from mimc.artifact import manifest_sha256
 
     save_artifact(tiny_encoder, tmp_path / "a")
     manifest = json.loads((tmp_path / "a" / "mimc.json").read_text())
     manifest["encoder"]["depth"] = 10**7  # the encoder used to be built (on meta) first: hours
-    manifest["encoder_sha256"] = encoder_sha256(manifest["encoder"])  # re-hashed: the check behind the hash
+    manifest["manifest_sha256"] = manifest_sha256(manifest)  # re-hashed: the check behind the hash
     (tmp_path / "a" / "mimc.json").write_text(json.dumps(manifest))
     start = time.monotonic()
     with pytest.raises(NotAModelError, match="depth 10000000 by the config, 4 blocks in the weights"):
@@ -136,19 +137,22 @@ def test_manifest_claiming_a_huge_depth_is_refused_before_building_it(tmp_path, 
     assert time.monotonic() - start < 10
 
 
-@pytest.mark.parametrize("edit", [dict(num_heads=1), dict(num_heads=2), dict(norm_eps=1e-5), dict(pooling="cls"), None])
-def test_an_edited_or_unhashed_encoder_config_is_refused(tmp_path, tiny_encoder, edit):
+@pytest.mark.parametrize("edit", [dict(num_heads=1), dict(num_heads=2), dict(norm_eps=1e-5), dict(pooling="cls"), None, "stage"])
+def test_an_edited_or_unhashed_manifest_is_refused(tmp_path, tiny_encoder, edit):
     # the weights' hash does not cover mimc.json: num_heads 4 -> 1 fits the same weights, and the
-    # artifact loaded and gave other features silently; removing the encoder's hash must not pass either
+    # artifact loaded and gave other features silently (an edited stage replayed another model);
+    # removing the manifest's hash must not pass either
     import json
 
     save_artifact(tiny_encoder, tmp_path / "a")
     where = tmp_path / "a" / "mimc.json"
     manifest = json.loads(where.read_text())
     if edit is None:
-        del manifest["encoder_sha256"]
+        del manifest["manifest_sha256"]
+    elif edit == "stage":
+        manifest["stages"] = [{"name": "prune", "config": {"ratio": 0.9}, "config_version": 1}]
     else:
         manifest["encoder"].update(edit)
     where.write_text(json.dumps(manifest))
-    with pytest.raises(NotAModelError, match="encoder_sha256"):
+    with pytest.raises(NotAModelError, match="manifest_sha256"):
         load_artifact(tmp_path / "a")
