@@ -24,13 +24,29 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
         on_stage: Callable | None = None) -> RunReport:
     """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact;
     ``data`` replaces its images."""
+    from mimc.artifact import is_artifact
     from mimc.pipeline.recipe_run import default_output, run_recipe
 
     source = recipe if isinstance(recipe, (str, os.PathLike)) else None
     recipe = _as_recipe(recipe, data)
     check_not_input(output if output is not None else default_output(recipe),
                     (recipe.model, recipe.data, source, getattr(recipe, "source_path", None)))
-    return RunReport(run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage))
+    report = run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage)
+    replayed = getattr(recipe, "source_path", None)
+    if replayed is not None and is_artifact(replayed):
+        report["replay"] = _compare(Path(replayed), Path(report["output"]))
+    return RunReport(report)
+
+
+def _compare(old: Path, new: Path) -> dict[str, Any]:
+    """Whether a replay reproduced the artifact it replayed: its weights and every graph both list."""
+    from mimc.artifact import read_manifest
+
+    before, after = read_manifest(old), read_manifest(new)
+    hashes = [("model.safetensors", before.weights_sha256, after.weights_sha256)]
+    hashes += [(name, entry.get("sha256"), after.files[name].get("sha256"))
+               for name, entry in before.files.items() if name in after.files]
+    return {"of": str(old), "identical": [n for n, a, b in hashes if a == b], "differ": [n for n, a, b in hashes if a != b]}
 
 
 def recipe(source, data: str | None = None):

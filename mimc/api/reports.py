@@ -47,6 +47,9 @@ class DictReport:
     def __getitem__(self, key: str) -> Any:
         return self.body[key]
 
+    def __contains__(self, key: str) -> bool:  # (without it, `in` iterates __getitem__ from 0: a KeyError)
+        return key in self.body
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.body.get(key, default)
 

@@ -40,3 +40,6 @@ def _human(r: dict) -> None:
     for entry in r["stages"]:
         line(f"  {entry['stage']:<9} {entry['seconds']:>8.2f} s  {run_summary(entry)}")
     line(f"wrote {r['output']} ({r['seconds']:.1f} s); replay with `mimc run {r['output']}`")
+    if "replay" in r:  # a replay of an artifact: did it reproduce it?
+        same, differ = r["replay"]["identical"], r["replay"]["differ"]
+        line(f"replay of {r['replay']['of']}: " + (f"{', '.join(differ)} differ" if differ else f"identical ({', '.join(same)})"))

@@ -133,6 +133,8 @@ def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source)
     ok = runner.invoke(app, ["run", str(path), "-o", str(out), "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["stages"][1]["file"] == "model.onnx" and (out / "model.onnx").is_file()
+    replay = runner.invoke(app, ["run", str(out), "-o", str(tmp_path / "replayed")])
+    assert f"replay of {out}: identical (model.safetensors, model.onnx)" in replay.stdout, replay.output
     again = runner.invoke(app, ["run", str(path), "-o", str(out)])  # occupied output
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: ref\nstages: [{prune: {ratio: 0.5}}\n")  # unclosed bracket
@@ -441,3 +443,20 @@ def test_single_commands_record_local_paths_so_their_artifact_replays_from_any_f
     assert (recipe.model, recipe.data) == (str(tmp_path / "vit.safetensors"), str(tmp_path / "data.npz"))
     run_recipe(recipe, "again")
     assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_a_replay_says_whether_it_reproduced_the_artifact(tmp_path, source, tiny_images):
+    # the replay's promise (byte for byte) was only checked by tests: mimc run ART now reports, per
+    # file both artifacts hold, whether the rebuilt one is identical
+    import mimc
+
+    model, data = source
+    art = tmp_path / "art"
+    run_recipe(parse_recipe({"model": model, "data": data, "n": 16, "stages": [{"prune": {"ratio": 0.5}}, "export", {"quantize": {"n": 16}}]}), art)
+    report = mimc.run(str(art), tmp_path / "again")
+    assert report["replay"] == {"of": str(art), "identical": ["model.safetensors", "model.onnx", "model.int8.onnx"], "differ": []}
+    other = tmp_path / "other.npz"
+    np.savez(other, images=np.ascontiguousarray(tiny_images[0][::-1]) // 2, labels=tiny_images[1])
+    report = mimc.run(str(art), tmp_path / "moved", data=str(other))  # calibrated on other images
+    assert report["replay"]["differ"] == ["model.int8.onnx"] and "model.safetensors" in report["replay"]["identical"]
+    assert "replay" not in mimc.run(str(art / "recipe.yaml"), tmp_path / "fresh")  # a recipe file is not a replay
