@@ -23,6 +23,7 @@ from mimc.errors import NotAModelError, clip, shorten
 FORMAT_VERSION = 2  # 2: manifest_sha256
 MANIFEST_NAME = "mimc.json"
 WEIGHTS_NAME = "model.safetensors"
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 def mimc_version() -> str:
@@ -144,6 +145,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     path = Path(path)
     where = path / MANIFEST_NAME
     try:
+        if where.stat().st_size > MAX_MANIFEST_BYTES:  # a few KiB as mimc writes it: never read a huge one whole
+            raise NotAModelError(f"{where} is over {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest mimc wrote: re-create the artifact")
         data = json.loads(where.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NotAModelError(f"{where} is not readable JSON ({shorten(exc)}): re-create the artifact") from exc

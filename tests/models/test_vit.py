@@ -156,3 +156,12 @@ def test_an_edited_or_unhashed_manifest_is_refused(tmp_path, tiny_encoder, edit)
     where.write_text(json.dumps(manifest))
     with pytest.raises(NotAModelError, match="manifest_sha256"):
         load_artifact(tmp_path / "a")
+
+
+def test_a_huge_manifest_is_refused_without_reading_it(tmp_path, tiny_encoder):
+    # before: a mimc.json of any size was read whole (a 10 GB file filled the memory)
+    save_artifact(tiny_encoder, tmp_path / "a")
+    with open(tmp_path / "a" / "mimc.json", "r+b") as f:
+        f.truncate(40 << 30)  # sparse: 40 GiB claimed, nothing on disk
+    with pytest.raises(NotAModelError, match="mimc.json is over 16 MiB"):
+        load_artifact(tmp_path / "a")
