@@ -204,3 +204,17 @@ def test_reading_a_graph_without_weights_leaves_them_in_the_file(tmp_path):
     truncated.write_bytes((tmp_path / "g.onnx").read_bytes()[:3000])
     with pytest.raises(BadInputError, match="not a readable ONNX model"):
         load_graph(truncated, external_data=False)
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"encoder": {"nm_pattern": "2:4"}}'])
+def test_the_nm_pattern_of_an_unstamped_graph_comes_from_a_checked_manifest(tmp_path, graph, manifest):
+    # before: mimc.json beside a graph without mimc's metadata was read by hand, unchecked: a list there
+    # was an AttributeError traceback, and an edited (unhashed) nm_pattern was believed
+    from mimc.errors import NotAModelError
+
+    path, _ = graph
+    model = load_graph(path, external_data=False)
+    del model.metadata_props[:]  # a graph exported by another tool
+    (tmp_path / "mimc.json").write_text(manifest)
+    with pytest.raises(NotAModelError, match="mimc.json"):
+        read_nm_pattern(tmp_path / "model.onnx", model)

@@ -69,11 +69,9 @@ def read_nm_pattern(onnx_path: str | Path, model: onnx.ModelProto | None = None)
     """The N:M pattern mimc recorded for this graph: the encoder config stamped into the graph's
     metadata by ``mimc export``, else the artifact's mimc.json beside the graph."""
     config = encoder_config_dict(model) if model is not None else None
-    if config is None:
-        try:
-            config = json.loads((Path(onnx_path).parent / MANIFEST_NAME).read_text()).get("encoder") or {}
-        except (OSError, json.JSONDecodeError):
-            return None
+    if config is None:  # (an artifact's manifest read as every reader does: checked, its hash too)
+        folder = Path(onnx_path).parent
+        config = read_manifest(folder).encoder if is_artifact(folder) else {}
     return config.get("nm_pattern")
 
 
