@@ -38,7 +38,7 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
     save_ir(model, out_path)
     sidecar = {
         "format": "openvino-ir",
-        "source": str(onnx_path),
+        "source": str(onnx_path.resolve()),  # absolute: an IR written elsewhere finds its artifact from any folder
         "device": profile.name,
         "backend": profile.backend,
         "precision": precision,

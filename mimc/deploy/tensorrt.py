@@ -180,7 +180,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out_path: str | 
     sidecar = {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **runtime,
         "device_profile": profile.name, "precision": settings["precision"],
-        "onnx": str(graph_file), "onnx_sha256": sha256_file(graph_file),
+        "onnx": str(graph_file.resolve()), "onnx_sha256": sha256_file(graph_file),
         "network_flags": settings["network_flags"], "builder_flags": settings["builder_flags"],
         "workspace_bytes": settings["workspace_bytes"], "shapes": settings["shapes"],
         "batch_range": settings["batch_range"], "timing_cache": str(timing_cache) if timing_cache else None,

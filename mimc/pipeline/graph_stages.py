@@ -161,7 +161,7 @@ def _relative_sources(out: Path, sidecar: dict[str, Any]) -> None:
     changed = False
     for key in ("source", "onnx"):  # OpenVINO's, TensorRT's
         value = sidecar.get(key)
-        if isinstance(value, str) and Path(value).parent == out.parent:
+        if isinstance(value, str) and Path(value).parent == out.parent.resolve():
             sidecar[key], changed = Path(value).name, True
     if changed:
         write_json(Path(f"{out}.json"), sidecar)

@@ -45,9 +45,10 @@ class OnnxModel:
 
     def _artifact(self) -> Path:
         folder = self.path.parent
-        if not is_artifact(folder) and self.path.suffix in ENGINE_SUFFIXES:
-            try:  # an engine built with -o elsewhere: its sidecar names the graph it was built from
-                graph = json.loads(sidecar_path(self.path).read_text()).get("onnx")
+        if not is_artifact(folder) and self.path.suffix in (*ENGINE_SUFFIXES, ".xml"):
+            try:  # an engine or IR built with -o elsewhere: its sidecar names the graph it was built from
+                sidecar = json.loads(sidecar_path(self.path).read_text())
+                graph = sidecar.get("onnx") or sidecar.get("source")  # TensorRT's key, OpenVINO's
                 folder = Path(graph).parent if graph else folder
             except (OSError, ValueError, AttributeError):
                 pass

@@ -230,3 +230,19 @@ def test_an_fp8_graph_is_refused_for_openvino_not_labelled_fp32(app, graph, tmp_
     for args in (["build", q, "--device", "openvino-cpu"], ["profile", q, "--device", "openvino-cpu"]):
         one_error_line(invoke(app, args), "fp8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fp8.onnx"]
+
+
+def test_an_ir_built_outside_its_artifact_finds_it_from_any_folder(app, graph, tmp_path, monkeypatch):
+    # before: the sidecar named the graph as typed (relative) and only engines followed their sidecar,
+    # so eval / embed of `mimc build ART/model.onnx -o elsewhere/m.xml` said it "was not written by mimc"
+    pytest.importorskip("openvino")
+    monkeypatch.chdir(graph.parent.parent)
+    (tmp_path / "deploy").mkdir()
+    built = invoke(app, ["build", f"{graph.parent.name}/{graph.name}", "--device", "openvino-cpu", "-o", tmp_path / "deploy" / "m.xml"])
+    assert built.exit_code == 0, built.output
+    assert json.loads((tmp_path / "deploy" / "m.xml.json").read_text())["source"] == str(graph.resolve())
+    monkeypatch.chdir(tmp_path)
+    result = invoke(app, ["eval", "deploy/m.xml", "--ref", graph.parent, "--data", "builtin", "--n", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["runtime"] == "openvino-cpu" and report["fidelity"]["pooled_cosine_mean"] > 0.99
