@@ -21,16 +21,19 @@ class SearchReport(DictReport):
 
 
 def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False, force: bool = False,
-        on_stage: Callable | None = None) -> RunReport:
+        on_stage: Callable | None = None, dry_run: bool = False) -> RunReport:
     """Run a recipe (a YAML path, an artifact folder to replay, a mapping, or a Recipe) into one artifact;
-    ``data`` replaces its images."""
+    ``data`` replaces its images. ``dry_run``: refuse what the run would refuse (output, model, images),
+    run nothing and return the resolved recipe."""
     from mimc.artifact import is_artifact
-    from mimc.pipeline.recipe_run import default_output, run_recipe
+    from mimc.pipeline.recipe_run import check_recipe_run, default_output, run_recipe
 
     source = recipe if isinstance(recipe, (str, os.PathLike)) else None
     recipe = _as_recipe(recipe, data)
     check_not_input(output if output is not None else default_output(recipe),
                     (recipe.model, recipe.data, source, getattr(recipe, "source_path", None)))
+    if dry_run:
+        return RunReport(check_recipe_run(recipe, output, overwrite)[0].to_dict())
     report = run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage)
     replayed = getattr(recipe, "source_path", None)
     if replayed is not None and is_artifact(replayed):

@@ -103,11 +103,9 @@ def _check_one_process() -> None:
                           "(torchrun spreads the single commands mimc sparsify --method learned and mimc distill)")
 
 
-def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
-               on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
-    """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
-    from mimc.pipeline.executor import Job, execute
-
+def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False):
+    """Everything a run checks before its first stage (a dry run stops here): the recipe with local
+    paths made absolute, the output folder, the source model and the images."""
     _check_one_process()
     out = Path(output) if output is not None else default_output(recipe)
     # a model / data that names a local path is written absolute into recipe.yaml: the replay may run from another folder
@@ -125,6 +123,15 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     if recipe.needs_data:
         images.draw(source.config, recipe.n)  # unreadable or mis-shaped images: one line, before any work
     _check_val(recipe, source)
+    return recipe, out, source, images
+
+
+def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, force: bool = False,
+               on_stage: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
+    """Run every stage; returns the run report (also written to ``OUT/run.json``)."""
+    from mimc.pipeline.executor import Job, execute
+
+    recipe, out, source, images = check_recipe_run(recipe, output, overwrite)
     job = Job(source=source, stages=[s.config for s in recipe.steps], images=images, n=recipe.n, seed=recipe.seed,
               force=force)
     running = [0]  # the 1-based stage under way
@@ -143,4 +150,4 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     return result.report
 
 
-__all__ = ["run_recipe", "default_output"]
+__all__ = ["run_recipe", "check_recipe_run", "default_output"]

@@ -146,6 +146,31 @@ def test_cli_runs_dry_runs_and_refuses_bad_input_with_one_line(tmp_path, source)
     assert not (tmp_path / "x").exists()
 
 
+def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, source):
+    # a dry run said OK (exit 0) to an occupied -o, an -o that is the recipe itself, a missing model or data;
+    # the real run then refused each of them
+    from mimc.cli.app import app
+
+    model, data = source
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "data": data, "stages": [{"prune": {"ratio": 0.5}}]}))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    for name, change in (("missing-model", {"model": str(tmp_path / "nope")}), ("missing-data", {"data": str(tmp_path / "nope.npz")})):
+        stages = [{"sparsify": {"method": "wanda", "n_calib": 8}}]  # a stage that reads the images
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": model, "data": data, "stages": stages, **change}))
+    runner = CliRunner()
+    for args, match in (([str(path), "-o", str(tmp_path / "full")], "already exists"), ([str(path), "-o", str(path)], "is the input"),
+                        ([str(tmp_path / "missing-model.yaml"), "-o", str(tmp_path / "o")], "nope"),
+                        ([str(tmp_path / "missing-data.yaml"), "-o", str(tmp_path / "o")], "nope.npz")):
+        dry, real = (runner.invoke(app, ["run", *args, *extra]) for extra in (["--dry-run"], []))
+        assert dry.exit_code == real.exit_code == 2, (args, dry.output, real.output)
+        lines = [ln for ln in dry.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and match in lines[0] and dry.stdout == "", (args, dry.output)
+    ok = runner.invoke(app, ["run", str(path), "-o", str(tmp_path / "full"), "--overwrite", "--dry-run"])
+    assert ok.exit_code == 0 and (tmp_path / "full" / "f").is_file() and not (tmp_path / "o").exists(), ok.output
+
+
 def test_an_option_refused_while_the_stages_run_is_named_by_its_recipe_key(tmp_path):
     from mimc.cli.app import app
 
