@@ -309,6 +309,29 @@ def test_config_json_whose_layer_count_differs_from_its_weights_is_refused_befor
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_pytorch_model_bin_whose_config_lies_about_its_layers_is_refused_before_building(tmp_path, sharded):
+    # a folder with pytorch_model.bin (no safetensors) skipped the check: transformers built every layer
+    # config.json named (20 000: minutes; 10**7: hours) before finding them missing
+    import time
+
+    vit = _vit()
+    vit.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(vit.state_dict(), tmp_path / "pytorch_model.bin")
+    if sharded:  # the index names the weights; the shard itself is never opened
+        (tmp_path / "pytorch_model.bin").rename(tmp_path / "pytorch_model-00001-of-00001.bin")
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(vit.state_dict(), "pytorch_model-00001-of-00001.bin")}))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
+    start = time.monotonic()
+    with pytest.raises(NotAModelError, match="num_hidden_layers 10000000, the weights hold 3 layers"):
+        load_hf(tmp_path)
+    assert time.monotonic() - start < 30
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_hf(tmp_path).config.depth == 3  # the honest folder still loads
+
+
 @pytest.mark.parametrize("fields", [dict(qkv_bias=False), dict(layer_scale_init_value=0.0)])
 def test_config_json_that_leaves_trained_layer_weights_unused_is_refused(tmp_path, fields):
     # transformers reports the q/k/v biases (or BEiT's layer scales) as unexpected and drops them;

@@ -30,6 +30,8 @@ KNOWN_CLASSES = {
     "Data2VecVisionModel", "Data2VecVisionForImageClassification",
 }  # fmt: skip
 
+# The weights transformers loads from a local folder, in the order it looks for them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # an encoder layer's weight (4.x and 5.x names); not a decoder_layers one
 
@@ -165,19 +167,25 @@ def _flat(value) -> list:
 
 
 def _check_depth(folder: Path, hf_config) -> None:
-    """Compare config.json's layer count with the layers in the safetensors weights (header or index)
-    before transformers builds the model: a config that lies would otherwise drop trained layers
-    silently, or build millions of layers first. A pickle's names cannot be read without loading it."""
+    """Compare config.json's layer count with the layers in the weights (an index, a safetensors header,
+    or a ``pytorch_model.bin`` memory-mapped with ``weights_only=True``: no tensor is read) before
+    transformers builds the model (the file it would load): a config that lies would otherwise drop
+    trained layers silently, or build millions of layers first."""
+    import torch
     from safetensors import safe_open
 
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        return  # no weights: the load that follows reports it
     try:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            names = list(json.loads(index.read_text())["weight_map"])
-        else:
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        if weights.suffix == ".json":
+            names = list(json.loads(weights.read_text())["weight_map"])
+        elif weights.suffix == ".safetensors":
+            with safe_open(str(weights), framework="pt") as f:
                 names = list(f.keys())
-    except Exception:  # noqa: BLE001 - no readable safetensors names: the load that follows reports it
+        else:
+            names = list(torch.load(weights, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - no readable names: the load that follows reports it
         return
     found = len({m.group(1) for k in names if (m := _LAYER.search(k))})
     if hf_config.num_hidden_layers != found:
