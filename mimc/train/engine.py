@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimc.errors import ConfigError
+from mimc.errors import ConfigError, MimcError
 from mimc.train import checkpoint as ckpt
 from mimc.train.config import TrainConfig, TrainRun
 from mimc.train.dist import DistContext, context
@@ -274,6 +275,9 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
                 project(live)
             losses.append(ctx.all_reduce_mean(float(loss.detach())))
             done = step + 1
+            if not math.isfinite(losses[-1]):  # every rank sees the same mean: all stop together
+                raise MimcError(f"training diverged (the loss is {losses[-1]} at step {done}): no artifact written; lower lr "
+                                f"(it was {config.lr:g})", option="lr")
             if run.run_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0 and done < config.steps:
                 _save(run, done, params, optimizer, meta, losses, ctx, sharded)
             if task is not None:

@@ -132,6 +132,14 @@ def test_distill_heals_and_refuses_bad_input(work):
     assert not (work / "half-distilled").exists()
 
 
+def test_a_diverged_learning_run_exits_1_with_one_line_and_no_artifact(work):
+    # the run wrote NaN weights with exit 0 (and NaN into its --json report)
+    res = invoke("distill", "half", "--teacher", "dense", "--data", "imgs.npz", "--steps", "3", "--batch-size", "4", "--lr", "1e30", "-o", "out")
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "training diverged" in lines[0] and "lower --lr" in lines[0], res.output
+    assert not (work / "out" / "mimc.json").exists()
+
+
 def test_epochs_are_recorded_and_learning_options_refused_where_they_cannot_apply(work):
     res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--epochs", "1.5", "--batch-size", "4",
                  "--workers", "0", "--checkpoint-activations", "-o", "ep", "--json")

@@ -131,6 +131,16 @@ def test_bad_settings(pair, pixels):
         train(frozen, teacher, pixels, TrainConfig(steps=1, lr=1e-3, batch_size=2))
 
 
+def test_a_diverged_run_stops_instead_of_returning_nan_weights(pair, pixels):
+    # lr 1e30 made the weights NaN; the run finished (exit 0) and its artifact reported SQNR 200 dB
+    from mimc.errors import MimcError
+
+    teacher, student = pair
+    with pytest.raises(MimcError, match=r"training diverged \(the loss is nan at step 2\): no artifact written; lower lr \(it was 1e\+30\)") as info:
+        train(student, teacher, pixels, TrainConfig(steps=3, lr=1e30, batch_size=4))
+    assert info.value.exit_code == 1 and info.value.options == ("lr",)
+
+
 def test_intermediate_matching_pairs_blocks_by_origin(pixels):
     from mimc.compression.blocks import remove_blocks
     from mimc.train.engine import block_pairs
