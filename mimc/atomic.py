@@ -189,8 +189,15 @@ def _renameat2():
 def _output_lock(path: Path) -> Iterator[None]:
     """An O_EXCL lock file ``.NAME.lock`` (holding the writer's pid) beside ``path`` while it is
     written: a second writer of the same output is refused instead of both claiming it. The lock of
-    a writer that died is taken over."""
+    a writer that died is taken over; one this process holds already (``claim_output``) is kept."""
     lock = path.parent / f".{path.name}.lock"
+    try:
+        mine = lock.read_text().strip() == str(os.getpid())
+    except OSError:
+        mine = False
+    if mine:
+        yield
+        return
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -216,6 +223,16 @@ def _output_lock(path: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             if lock.read_text().strip() == str(os.getpid()):
                 lock.unlink()
+
+
+@contextlib.contextmanager
+def claim_output(path: str | os.PathLike) -> Iterator[None]:
+    """Hold ``path``'s writer lock for a whole run (a learning run writes checkpoints into its output
+    and replaces them at the end): a second process writing it is refused at its start, not overwritten."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _output_lock(path):
+        yield
 
 
 @contextlib.contextmanager

@@ -5,12 +5,13 @@ where its images come from; it writes one artifact and returns a :class:`StageRe
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from mimc.api.reports import StageReport
 from mimc.artifact import recorded_path
-from mimc.atomic import check_not_input, check_output
+from mimc.atomic import check_not_input, check_output, claim_output
 from mimc.errors import ConfigError, DataError
 
 
@@ -194,7 +195,8 @@ def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, 
     if run is not None:
         # bf16 without a GPU, fsdp in one process: refused before any work
         check_run(config if isinstance(config, TrainConfig) else config.learned, run)
-    report = run_stage(model, config, out, "", data, n, 64, config.seed, run=run, **kwargs)
+    with claim_output(out) if run is not None and is_main_process() else contextlib.nullcontext():  # one writer per run folder
+        report = run_stage(model, config, out, "", data, n, 64, config.seed, run=run, **kwargs)
     shutdown()  # under torchrun every rank leaves the process group (a no-op otherwise)
     return report
 

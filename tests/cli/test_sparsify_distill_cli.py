@@ -140,6 +140,32 @@ def test_a_diverged_learning_run_exits_1_with_one_line_and_no_artifact(work):
     assert not (work / "out" / "mimc.json").exists()
 
 
+@pytest.mark.parametrize("command", [["distill", "half", "--teacher", "dense"], ["sparsify", "dense", "--method", "learned", "--prior", "none"]])
+def test_a_learning_run_claims_its_output_for_the_whole_run(work, monkeypatch, command):
+    # two runs into one -o both trained and both exited 0 ("wrote out"): the later silently replaced the
+    # other's artifact (a run replaces its own checkpoint folder, so its final write overwrote anything)
+    import os
+
+    import mimc.compression.distill
+    import mimc.compression.nm_learned
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained while another process was writing the output")
+
+    modules = {m: m.train for m in (mimc.compression.distill, mimc.compression.nm_learned)}
+    for module in modules:
+        monkeypatch.setattr(module, "train", never)
+    (work / ".out.lock").write_text(str(os.getppid()))  # a live writer of out
+    res = invoke(*command, "--data", "imgs.npz", "--steps", "2", "--batch-size", "4", "-o", "out")
+    assert res.exit_code == 2 and f"another mimc process (pid {os.getppid()}) is writing out" in res.stderr, res.output
+    assert not (work / "out").exists()
+    for module, train in modules.items():
+        monkeypatch.setattr(module, "train", train)
+    (work / ".out.lock").unlink()
+    ok = invoke(*command, "--data", "imgs.npz", "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1", "-o", "out")
+    assert ok.exit_code == 0 and (work / "out" / "mimc.json").is_file() and not (work / ".out.lock").exists(), ok.output
+
+
 def test_epochs_are_recorded_and_learning_options_refused_where_they_cannot_apply(work):
     res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--epochs", "1.5", "--batch-size", "4",
                  "--workers", "0", "--checkpoint-activations", "-o", "ep", "--json")
