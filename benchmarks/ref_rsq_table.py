@@ -52,7 +52,8 @@ def main() -> None:
     for label, extra in runs:
         method = "learned" if label.startswith("learned") else label
         for weighting in ("uniform", "rsq"):
-            config = NMSparsityConfig(pattern=args.pattern, method=method, n_calib=128, weighting=weighting, r_min=args.r_min, **extra)
+            rsq = {"weighting": "rsq", "r_min": args.r_min} if weighting == "rsq" else {}  # r_min does nothing with uniform
+            config = NMSparsityConfig(pattern=args.pattern, method=method, n_calib=128, **rsq, **extra)
             start = time.perf_counter()
             sparse, record = compress(dense, config, batches)
             row = {"method": label, "weighting": weighting, **evaluate(sparse, dense, held), "seconds": round(time.perf_counter() - start, 1)}

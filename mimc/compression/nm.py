@@ -54,6 +54,15 @@ class NMSparsityConfig(StageConfig):
         if self.weighting == "rsq" and self.method == "magnitude":
             raise ConfigError("weighting rsq weights calibration tokens: use it with method wanda, sparsegpt or learned",
                               option=("weighting", "method"))
+        # options this method (or uniform weighting) would silently ignore, set away from their defaults
+        unused = {"magnitude": ("n_calib", "calib_batch_size", "update_weights", "damp", "blocksize"),
+                  "wanda": ("update_weights", "damp", "blocksize"), "learned": ("update_weights",)}.get(self.method, ())
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [n for n in (*unused, *(("r_min",) if self.weighting != "rsq" else ())) if getattr(self, n) != defaults[n]]
+        if given:
+            names = " and ".join(given)
+            raise ConfigError(f"{names} {'do' if len(given) > 1 else 'does'} nothing with method {self.method}, weighting "
+                              f"{self.weighting}: drop {names}", option=(*given, "method", "weighting"))
         if self.learned is None or isinstance(self.learned, dict):
             object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned or {}))
         elif not isinstance(self.learned, NMLearnedConfig):

@@ -114,6 +114,20 @@ def test_config_round_trip_and_unknown_keys():
     assert info.value.options == ("method",)
 
 
+@pytest.mark.parametrize("options, named", [
+    (dict(method="magnitude", n_calib=5), "n_calib"), (dict(method="magnitude", damp=0.1), "damp"),
+    (dict(method="wanda", update_weights=False), "update_weights"), (dict(method="wanda", blocksize=8), "blocksize"),
+    (dict(method="learned", update_weights=False), "update_weights"), (dict(method="sparsegpt", r_min=0.5), "r_min"),
+])
+def test_an_option_the_method_would_ignore_is_refused(options, named):
+    # mimc sparsify --method magnitude --n-calib 5 (or wanda --no-update, or --r-min without --weighting rsq)
+    # wrote its artifact with the option silently unused
+    with pytest.raises(ConfigError, match=f"^{named} does nothing with method {options['method']}, weighting uniform: drop {named}$") as info:
+        NMSparsityConfig(**options)
+    assert named in info.value.options
+    NMSparsityConfig(method="sparsegpt", weighting="rsq", r_min=0.5, n_calib=5, update_weights=False, damp=0.1, blocksize=8)
+
+
 def test_zeros_survive_onnx_export(small_encoder, calib, tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
