@@ -44,6 +44,9 @@ class BlockPruningConfig(StageConfig):
         if len(given) != 1:
             raise ConfigError(f"block pruning takes exactly one of ratio, keep or blocks, got {given or 'none'}: give one, "
                               "e.g. ratio 0.5", option=("ratio", "keep", "blocks"))
+        for name, owner in (("hist_bins", "entropy_hist"), ("dtype", "entropy")):  # else silently unused
+            if getattr(self, name) != BlockPruningConfig.__dataclass_fields__[name].default and self.criterion != owner:
+                raise ConfigError(f"{name} only applies to criterion {owner}: drop it", option=(name, "criterion"))
         if self.blocks is not None:
             if len(set(self.blocks)) != len(self.blocks):
                 raise ConfigError(f"blocks lists an index twice ({list(self.blocks)}): give each block once", option="blocks")

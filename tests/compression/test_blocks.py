@@ -279,3 +279,13 @@ def test_video_encoder_prunes_and_records_fidelity(tiny_video_encoder):
     with torch.no_grad():
         assert new(x).pooled.shape == (2, 64)
     assert 0.0 < record.metrics["fidelity_deterministic"]["pooled_cosine_mean"] <= 1.0
+
+
+@pytest.mark.parametrize("options, message", [(dict(hist_bins=5), "hist_bins only applies to criterion entropy_hist"),
+                                              (dict(dtype="bf16", criterion="l1"), "dtype only applies to criterion entropy")])
+def test_an_option_the_criterion_would_ignore_is_refused(options, message):
+    # mimc prune ref --ratio 0.5 --hist-bins 5 (criterion entropy) recorded hist_bins 5 and left it unused, exit 0
+    with pytest.raises(ConfigError, match=f"^{message}: drop it$"):
+        BlockPruningConfig(ratio=0.5, **options)
+    BlockPruningConfig(ratio=0.5, criterion="entropy_hist", hist_bins=5)
+    BlockPruningConfig(ratio=0.5, dtype="bf16")
