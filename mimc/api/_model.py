@@ -73,6 +73,7 @@ def prune(model: Any = "ref", output=None, *, data=None, n: int = 256, batch_siz
     from mimc.compression.blocks import BlockPruningConfig
 
     config = BlockPruningConfig.from_dict({"seed": seed, **options})  # an unknown option: ConfigError
+    _n_needs_data(n, 256, data)
     return run_stage(model, config, output, "pruned", data, n, batch_size, seed, overwrite,
                      preflight=lambda enc: config.num_removed(enc.config.depth, enc.config.kept_block_ids()))
 
@@ -82,7 +83,15 @@ def width(model: Any = "ref", output=None, *, data=None, n: int = 64, seed: int 
     """Remove MLP neurons and attention heads (:class:`~mimc.compression.width.WidthPruningConfig`)."""
     from mimc.compression.width import WidthPruningConfig
 
-    return run_stage(model, WidthPruningConfig.from_dict(options), output, "narrow", data, n, 32, seed, overwrite)
+    config = WidthPruningConfig.from_dict(options)
+    _n_needs_data(n, 64, data)
+    return run_stage(model, config, output, "narrow", data, n, 32, seed, overwrite)
+
+
+def _n_needs_data(n, default: int, data) -> None:
+    """``n`` counts images of ``data``: given without data it would be silently unused."""
+    if data is None and n != default:
+        raise ConfigError("n counts the images read from data and no data is given: drop n or give data", option=("n", "data"))
 
 
 def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageReport:

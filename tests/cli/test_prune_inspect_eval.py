@@ -88,6 +88,9 @@ class _RunsCodeWhenUnpickled:
         (["prune", "ART", "--ratio", "0.5", "--criterion", "magic"], "unknown --criterion 'magic'"),
         (["prune", "ART", "--ratio", "0.5", "--criterion", "sensitivity"], "--data"),
         (["prune", "ART", "--ratio", "0.5", "--data", "MISSING.npz"], "does not exist"),
+        # --n without --data was silently unused (exit 0)
+        (["prune", "ART", "--ratio", "0.5", "--n", "5"], "--n counts the images read from --data and no --data is given"),
+        (["width", "ART", "--mlp", "0.5", "--n", "5"], "--n counts the images read from --data and no --data is given"),
     ],
 )
 def test_prune_bad_inputs_exit_2_and_write_nothing(app, artifact, tmp_path, args, match):
