@@ -47,8 +47,8 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
         if isinstance(old, list):
             old = tuple(old)
         if old != value:
-            raise BadInputError(f"option {path}{key}={value!r} differs from the interrupted run's {old!r}: drop it to resume, "
-                                "or start a fresh run with another output", option="output")
+            raise BadInputError(f"{key} {value!r} differs from the interrupted run's {old!r}: drop {key} to resume, "
+                                "or start a fresh run with another output", option=(key, "output"))
     return merged
 
 

@@ -108,6 +108,8 @@ def test_resume_from_another_model_is_refused(work, monkeypatch):
     assert res.exit_code == 2 and "different model" in res.output
     res = invoke("sparsify", "dense", "--data", "imgs.npz", "--steps", "9", "--resume", "run")
     assert res.exit_code == 2 and "differs from the interrupted run" in " ".join(res.output.split())
+    # the option is named as its flag (it was "option learned.steps=9 ... drop it")
+    assert "error: --steps 9 differs from the interrupted run's 3: drop --steps to resume" in " ".join(res.stderr.split()), res.output
     assert sorted(p.name for p in (work / "run" / "checkpoint").iterdir()) == before
     assert (work / "run" / "checkpoint" / "state.json").read_text() == state  # nothing lost
     assert invoke("sparsify", "dense", "--data", "imgs.npz", "--resume", "nowhere").exit_code == 2
