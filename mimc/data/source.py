@@ -241,6 +241,13 @@ def open_reader(spec: str | Path, image_column: str | None = None, label_column:
     raise DataError(f"{path} is neither a folder nor a .npy/.npz file: {SPEC_HELP}", option="data")
 
 
+def check_workers(workers: int | None) -> None:
+    """At most 4 worker processes per core (at least 8): each is a forked process, and 100000 exhaust the machine."""
+    most = max(8, 4 * _cores())
+    if workers is not None and workers > most:
+        raise DataError(f"workers {workers} is more than {most} (4 per core here): choose fewer", option="workers")
+
+
 class ImageSource:
     """A data spec plus a seed and how to read it: what the pipeline hands every stage instead of a path.
 
@@ -257,9 +264,7 @@ class ImageSource:
             raise DataError(f"seed must be a non-negative whole number, got {seed}", option="seed")
         if workers is not None and (isinstance(workers, bool) or workers < 0):
             raise DataError(f"workers must be 0 (decode in this process) or more, got {workers}", option="workers")
-        most = max(8, 4 * _cores())  # each worker is a forked process: 100000 exhaust the machine
-        if workers is not None and workers > most:
-            raise DataError(f"workers {workers} is more than {most} (4 per core here): choose fewer", option="workers")
+        check_workers(workers)
         self.spec = str(spec)
         self.seed = seed
         self.workers = workers

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from mimc.data.source import check_workers
 from mimc.errors import ConfigError
 from mimc.options import Options, option
 from mimc.train.images import steps_for_epochs
@@ -101,6 +102,7 @@ class TrainRun:
             self.run_dir = Path(self.run_dir)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
             raise ConfigError(f"workers must be a whole number >= 0, got {self.workers!r}", option="workers")
+        check_workers(self.workers)  # the API's workers, as the CLI's (which reach an ImageSource first)
 
 
 __all__ = ["TrainConfig", "TrainRun"]

@@ -199,3 +199,14 @@ def test_default_loading_workers(pixels, tmp_path, monkeypatch):
     train(student, _teacher(), indexed, settings)  # a streamed source trains exactly as its pixels in memory
     train(reference, _teacher(), ImageSource(tmp_path / "x.npy").draw(cfg, 4).pixels, settings)
     assert state_hash(student) == state_hash(reference)
+
+
+def test_the_apis_learning_workers_are_capped_like_the_clis(monkeypatch):
+    # mimc.distill(..., workers=100000) reached DataLoader(num_workers=100000) (the CLI's --workers met
+    # ImageSource's ceiling first): refused when the run's options are made, before any process starts
+    from mimc.errors import DataError
+
+    monkeypatch.setattr("mimc.data.source._cores", lambda: 2)
+    with pytest.raises(DataError, match="workers 100000 is more than 8 \\(4 per core here\\): choose fewer"):
+        TrainRun(workers=100_000)
+    assert TrainRun(workers=8).workers == 8
