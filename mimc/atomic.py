@@ -230,9 +230,15 @@ def claim_output(path: str | os.PathLike) -> Iterator[None]:
     """Hold ``path``'s writer lock for a whole run (a learning run writes checkpoints into its output
     and replaces them at the end): a second process writing it is refused at its start, not overwritten."""
     path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _output_lock(path):
-        yield
+    try:
+        with _output_lock(path):
+            yield
+    finally:
+        for folder in made:  # a refused or failed run leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @contextlib.contextmanager

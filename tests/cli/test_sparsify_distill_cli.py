@@ -166,6 +166,8 @@ def test_a_learning_run_claims_its_output_for_the_whole_run(work, monkeypatch, c
     (work / ".out.lock").unlink()
     ok = invoke(*command, "--data", "imgs.npz", "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1", "-o", "out")
     assert ok.exit_code == 0 and (work / "out" / "mimc.json").is_file() and not (work / ".out.lock").exists(), ok.output
+    (work / "bad.npy").write_bytes(b"not an array")  # refused once the output is claimed: no folder made for it is left
+    assert invoke(*command, "--data", "bad.npy", "--steps", "2", "-o", "new/sub/out").exit_code == 2 and not (work / "new").exists()
 
 
 def test_epochs_are_recorded_and_learning_options_refused_where_they_cannot_apply(work):
