@@ -328,16 +328,18 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
     if not model:
         raise BadInputError(f"{path}/mimc.json does not name its source model: write a recipe with 'model:' by hand")
     stages: list[Any] = [{s.name: s.config} for s in manifest.stages]
-    recorded, seed = None, {}
+    recorded, seed, picked = None, {}, None
     export = manifest.files.get("model.onnx")
     if export is not None:
         stages.append({"export": {"batch": export.get("batch", 1), "opset": export.get("opset_requested", export.get("opset", 17)),
                                   "exporter": export.get("exporter", "torchscript")}})
-    for name, entry in sorted(manifest.files.items()):
+    # a recipe holds one quantize stage: the graph under the name the replay writes, else the first by name
+    for name, entry in sorted(manifest.files.items(), key=lambda f: (f[0] != f"model.{f[1].get('config', {}).get('precision')}.onnx", f[0])):
         if entry.get("stage", {}).get("name") == "quantize":
             stages.append({"quantize": entry["config"]})
             recorded = entry.get("calibration_source")
             seed = {"seed": entry["calibration_seed"]} if "calibration_seed" in entry else {}
+            picked = name
             break
     data = data if data is not None else recorded  # model stages do not record their images: mimc run --data
     recipe = parse_recipe({"model": model, "stages": stages, **seed, **({"data": data} if data else {})}, where=f"{path}/mimc.json",
@@ -352,6 +354,10 @@ def recipe_from_artifact(path: str | Path, data: str | None = None) -> Recipe:
                        if s.name == "distill" and s.metrics.get("teacher") not in (None, model)})
     if teachers:  # `mimc distill --teacher OTHER`; a recipe's distill learns from its own model
         notes.append(f"distill learned from {teachers}, the replay distills from {model}")
+    made = [f"model.{s.config.precision}.onnx" if s.name == "quantize" else "model.onnx" for s in recipe.steps if s.name in ("export", "quantize")]
+    left = sorted(set(manifest.files) - set(made) - {picked})
+    if left or picked not in made + [None]:  # the other quantized graphs, the IRs and engines (no build stage)
+        notes.append(f"the replay makes {made}{f' (the last as {picked} was made)' if picked not in made + [None] else ''}, not {left}")
     recipe.note = "; ".join(notes) or None
     return recipe
 

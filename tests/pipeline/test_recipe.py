@@ -404,6 +404,20 @@ def test_a_graph_quantized_with_a_seed_replays_with_that_seed(tmp_path):
     assert (tmp_path / "again" / "model.int8.onnx").read_bytes() == (art / "model.int8.onnx").read_bytes()
 
 
+def test_graphs_a_recipe_cannot_hold_are_named_in_the_replays_note(tmp_path):
+    # before: an artifact with two quantized graphs replayed as a recipe with the first by name (here the
+    # n=8 options, written as model.int8.onnx), and `mimc run DIR --dry-run` said nothing of the other
+    import mimc
+
+    art = tmp_path / "art"
+    run_recipe(parse_recipe({"model": "ref", "data": "builtin", "stages": [{"prune": {"ratio": 0.5}}, "export", {"quantize": {"n": 16}}]}), art)
+    (art / "recipe.yaml").unlink()  # as if built command by command: the replay reads mimc.json
+    mimc.quantize(str(art), "builtin", str(art / "model.b.int8.onnx"), n=8)  # sorts before model.int8.onnx
+    recipe = recipe_from_artifact(art)
+    assert [s.name for s in recipe.steps] == ["prune", "export", "quantize"]
+    assert recipe.steps[2].config.n == 16 and "the replay makes ['model.onnx', 'model.int8.onnx'], not ['model.b.int8.onnx']" in recipe.note, recipe.note
+
+
 def test_the_written_recipe_names_local_paths_so_it_replays_from_any_folder(tmp_path, monkeypatch, source):
     # before: recipe.yaml kept 'model: src' as written, relative to the folder the run started in, so a
     # replay from another folder found no model (or another folder's 'src')
