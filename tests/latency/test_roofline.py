@@ -95,8 +95,10 @@ def test_two_four_weights_are_credited_only_on_sparse_tensor_cores(tmp_path, toy
 
 
 def test_manifest_nm_pattern_is_reported(tmp_path):
-    (tmp_path / "mimc.json").write_text(json.dumps({"encoder": {"nm_pattern": "2:4"}}))
-    path = matmul_graph(tmp_path / "m.onnx", two_four(np.random.default_rng(1)))
+    from mimc.artifact import save_artifact
+
+    save_artifact(build_encoder(tiny_config(nm_pattern="2:4"), seed=0), tmp_path / "art")  # a checked manifest
+    path = matmul_graph(tmp_path / "art" / "m.onnx", two_four(np.random.default_rng(1)))
     r = predict(path, load_profile("t4"))
     assert r["sparse"]["manifest_nm_pattern"] == "2:4" and r["sparse"]["credited_weights"] == 0
     assert any("no sparse tensor cores" in n for n in r["notes"])
