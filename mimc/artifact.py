@@ -6,18 +6,19 @@ never half of each. Inputs are never modified.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from mimc._version import __version__
-from mimc.atomic import atomic_dir, default_mode
+from mimc.atomic import atomic_dir, default_mode, write_json
 from mimc.errors import NotAModelError, clip, shorten
 
 FORMAT_VERSION = 2  # 2: manifest_sha256
@@ -182,6 +183,25 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(data)
     except TypeError as exc:
         raise NotAModelError(f"{where} is not a mimc manifest ({shorten(exc)}): re-create the artifact") from exc
+
+
+T = TypeVar("T")
+
+
+def update_manifest(path: str | os.PathLike, edit: Callable[[Manifest], T]) -> T:
+    """Read the artifact's mimc.json, ``edit`` it and write it back (atomically), holding a lock on the
+    folder meanwhile: of two processes recording files in one artifact (quantize -o a.onnx and -o
+    b.onnx), neither record is lost. Returns what ``edit`` returns."""
+    folder = Path(path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        manifest = read_manifest(folder)
+        result = edit(manifest)
+        write_json(folder / MANIFEST_NAME, manifest.to_dict())
+        return result
+    finally:
+        os.close(fd)
 
 
 def verify_weights(path: str | os.PathLike, manifest: Manifest) -> Path:

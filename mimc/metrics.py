@@ -68,13 +68,17 @@ class Fidelity:
         """The report form; cosines and SQNR rounded to 6 decimals, absolute errors exact."""
         out = asdict(self)
         for k, v in out.items():
-            if k not in _EXACT and isinstance(v, float) and math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                out[k] = None  # JSON has no infinity: the note says why (non-finite outputs)
+            elif k not in _EXACT and isinstance(v, float):
                 out[k] = round(v, 6)
         return out
 
 
 def sqnr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise) in dB, capped at ±SQNR_CAP_DB."""
+    """10 log10(signal / noise) in dB, capped at ±SQNR_CAP_DB (the floor when either is not finite)."""
+    if not (math.isfinite(signal) and math.isfinite(noise)):
+        return -SQNR_CAP_DB
     if noise == 0.0:
         return SQNR_CAP_DB
     if signal == 0.0:
@@ -96,6 +100,12 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _abs_max(x: np.ndarray) -> float:
+    """The largest |x|, a NaN counting as inf (Python's max keeps its first argument over a NaN)."""
+    top = float(np.max(np.abs(x)))
+    return math.inf if math.isnan(top) else top
+
+
 def _per_image(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
 
@@ -112,6 +122,7 @@ class _Sums:
         self.noise = 0.0
         self.max_abs = 0.0
         self.ref_max_abs = 0.0
+        self.nonfinite = 0  # NaN / inf values in the outputs compared (either side)
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         rows_ref = ref.reshape(-1, ref.shape[-1]) if ref.ndim > 1 else ref.reshape(1, -1)
@@ -126,12 +137,13 @@ class _Sums:
         diff = cand - ref
         self.signal += float(np.sum(ref * ref))
         self.noise += float(np.sum(diff * diff))
+        self.nonfinite += int(diff.size - np.count_nonzero(np.isfinite(diff)))
         if diff.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
-            self.ref_max_abs = max(self.ref_max_abs, float(np.max(np.abs(ref))))
+            self.max_abs = max(self.max_abs, _abs_max(diff))
+            self.ref_max_abs = max(self.ref_max_abs, _abs_max(ref))
 
     def merge(self, other: "_Sums") -> None:
-        for key in ("cos_sum", "cos_count", "signal", "noise"):
+        for key in ("cos_sum", "cos_count", "signal", "noise", "nonfinite"):
             setattr(self, key, getattr(self, key) + getattr(other, key))
         for key, pick in (("cos_min", min), ("image_min", min), ("max_abs", max), ("ref_max_abs", max)):
             setattr(self, key, pick(getattr(self, key), getattr(other, key)))
@@ -194,6 +206,9 @@ class FidelityMeter:
             raise DataError("no images to compare on: pass a non-empty data set")
         p, t = self._pooled, self._tokens if self._tokens is not None and self._tokens.cos_count else None
         parts = [s for s in (p if self._pooled_seen else None, t) if s is not None]
+        nonfinite = sum(s.nonfinite for s in parts)
+        note = "; ".join(filter(None, [self.note, nonfinite and f"{nonfinite} non-finite values (NaN/inf) in the outputs: "
+                                       "the model overflows or is broken; max_abs is infinite, SQNR at its floor"]))
         return Fidelity(
             pooled_cosine_mean=p.cos_sum / p.cos_count if self._pooled_seen else None,
             pooled_cosine_min=p.cos_min if self._pooled_seen else None,
@@ -205,7 +220,7 @@ class FidelityMeter:
             max_abs=max(s.max_abs for s in parts),
             ref_max_abs=max(s.ref_max_abs for s in parts),
             n_images=self._images,
-            note=self.note,
+            note=note or None,
         )
 
 

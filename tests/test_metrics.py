@@ -1,6 +1,7 @@
 """mimc.metrics: the streaming meter agrees with a one-shot comparison, and its edge cases."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -212,3 +213,23 @@ def test_knn_bad_inputs_are_one_line_and_the_input_is_not_changed():
         knn_predictions(feats, [0] * 6, k=0)
     with pytest.raises(ConfigError, match="temperature must be"):
         knn_predictions(feats, [0] * 6, temperature=0.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_outputs_are_the_worst_fidelity_not_a_perfect_one(bad):
+    # before: NaN outputs gave max_abs 0.0 and SQNR 200 dB (Python's max kept 0.0 over a NaN, and
+    # log10 of NaN was capped), so the fp32 export gate, which reads max_abs, passed a NaN graph
+    from mimc.deploy.validate import gate_failures
+
+    ref = np.random.default_rng(0).standard_normal((4, 8))
+    cand = ref.copy()
+    cand[1, 3] = bad
+    meter = FidelityMeter()
+    meter.update(cand[:2], ref[:2])
+    other = FidelityMeter()
+    other.update(cand[2:], ref[2:])
+    other.merge(meter)  # a torchrun rank's share carries its NaN over
+    for fid in (compare_outputs({"pooled": ref}, {"pooled": cand}), other.result()):
+        assert fid.max_abs == np.inf and fid.sqnr_db == -SQNR_CAP_DB and "1 non-finite values" in fid.note
+        assert gate_failures(fid, "fp32") == ["outputs hold NaN/inf values"] and gate_failures(fid, "int8")
+        assert fid.to_dict()["max_abs"] is None and json.loads(json.dumps(fid.to_dict(), allow_nan=False))

@@ -70,13 +70,11 @@ def _stale(graph: Path, overwrite: bool, verb: str, elsewhere: str) -> list[str]
 def _drop_files(folder: Path, names: list[str]) -> None:
     """Remove ``names`` from the artifact's mimc.json (first: a kill in between leaves files it no
     longer lists, never entries without files), then the files with their weights and sidecars."""
-    from mimc.artifact import MANIFEST_NAME, read_manifest
+    from mimc.artifact import update_manifest
 
     if not names:
         return
-    manifest = read_manifest(folder)
-    entries = [manifest.files.pop(name) for name in names]
-    write_json(folder / MANIFEST_NAME, manifest.to_dict())
+    entries = update_manifest(folder, lambda manifest: [manifest.files.pop(name) for name in names])
     for entry in entries:
         for key in ("file", "external_data", "sidecar"):
             if entry.get(key):

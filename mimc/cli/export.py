@@ -45,7 +45,8 @@ def _human(r: dict) -> None:
     else:
         f = v["fidelity"]
         sqnr = min(x for x in (f["sqnr_db"], f["token_sqnr_db"]) if x is not None)
-        rows.append(("vs torch (ORT CPU)", f"max abs {f['max_abs']:.2e}, cosine {f['image_cosine_min']:.6f}, SQNR {sqnr:.1f} dB"))
+        top = "inf (non-finite outputs)" if f["max_abs"] is None else f"{f['max_abs']:.2e}"
+        rows.append(("vs torch (ORT CPU)", f"max abs {top}, cosine {f['image_cosine_min']:.6f}, SQNR {sqnr:.1f} dB"))
         rows.append((f"{v['gate']['precision']} gate", "[green]pass[/]" if v["passed"] else "[red]FAILED, kept by --force[/]"))
     rows.append(("seconds", f"export {r['export_seconds']:.1f}" + (f", validate {v['seconds']:.1f}" if v else "")))
     key_values(f"exported {r['path']}", rows)

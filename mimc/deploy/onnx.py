@@ -47,8 +47,8 @@ import onnx
 import torch
 from torch import nn
 
-from mimc.artifact import MANIFEST_NAME, is_artifact, mimc_version, now_iso, read_manifest, sha256_file
-from mimc.atomic import sweep_stale_temps, write_json
+from mimc.artifact import is_artifact, mimc_version, now_iso, read_manifest, sha256_file, update_manifest
+from mimc.atomic import sweep_stale_temps
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy.validate import check_gate, gate_for, verdict
 from mimc.graph import check_graph, load_graph, save_graph
@@ -324,10 +324,8 @@ def _report(encoder, path: Path, graph: dict, batch, opset: int, exporter: str, 
 
 def _record_in_manifest(path: Path, report: dict[str, Any]) -> None:
     """Add the report under ``files[<name>]`` of the artifact's mimc.json (atomic rewrite)."""
-    manifest = read_manifest(path.parent)
     entry = {k: v for k, v in report.items() if k != "path"}  # relative to the artifact: it may move
-    manifest.files[path.name] = entry
-    write_json(path.parent / MANIFEST_NAME, manifest.to_dict())
+    update_manifest(path.parent, lambda manifest: manifest.files.update({path.name: entry}))
 
 
 __all__ = ["export_onnx", "check_deployable", "check_export_options", "INPUT_NAME", "OUTPUT_NAMES", "EXPORTERS", "TRAINING_ONLY_OPS"]

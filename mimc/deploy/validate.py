@@ -11,6 +11,7 @@ References:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,7 +72,9 @@ def gate_failures(fidelity: Fidelity, precision: str) -> list[str]:
     """
     gate = gate_for(precision)
     failures = []
-    if gate.max_abs is not None:
+    if fidelity.max_abs is not None and math.isinf(fidelity.max_abs):  # (the allowed error may be inf too)
+        failures.append("outputs hold NaN/inf values")
+    elif gate.max_abs is not None:
         allowed = max(gate.max_abs, gate.rel_abs * float(fidelity.ref_max_abs or 0.0))
         if fidelity.max_abs is None:
             failures.append("max abs error not measured")

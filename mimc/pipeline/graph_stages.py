@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mimc.artifact import MANIFEST_NAME, StageRecord, is_artifact, read_manifest, recorded_path, sha256_file
+from mimc.artifact import StageRecord, is_artifact, read_manifest, recorded_path, sha256_file, update_manifest
 from mimc.atomic import write_json
 from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, DataError
@@ -112,7 +112,6 @@ def quantize_split(graph: Path, out: Path, calib_set, held_out, config, force: b
 
 def record_graph(out: Path, report: dict[str, Any]) -> None:
     """Quantization changes the graph, not the weights: it is recorded under ``files[<graph>]``."""
-    manifest = read_manifest(out.parent)
     metrics = {"validation": report["validation"], "calibration_sha256": report["calibration_sha256"],
                "calibration_images": report["calibration_images"], "target": report["target"],
                "fused_attention_blocks": report["fused_attention_blocks"]}
@@ -120,8 +119,7 @@ def record_graph(out: Path, report: dict[str, Any]) -> None:
                         metrics=metrics, seconds=report["seconds"], parent_hash=report["source"]["sha256"])
     entry = {k: v for k, v in report.items() if k != "path"}
     entry["stage"] = asdict(stage)
-    manifest.files[out.name] = entry
-    write_json(out.parent / MANIFEST_NAME, manifest.to_dict())
+    update_manifest(out.parent, lambda manifest: manifest.files.update({out.name: entry}))
 
 
 def target_for_device(device: str, precision: str) -> str:
@@ -170,9 +168,8 @@ def _relative_sources(out: Path, sidecar: dict[str, Any]) -> None:
 def record_build(out: Path, graph: Path, config, sidecar: dict[str, Any], seconds: float) -> dict[str, Any]:
     """A built deployable under ``files[<file>]`` of its artifact's mimc.json: its sha256 (and its .bin's,
     checked like a graph's external data), what it was built from, the precision it runs at."""
-    manifest = read_manifest(out.parent)
     weights = out.with_suffix(".bin") if out.suffix == ".xml" else None
-    source_sha = manifest.files.get(graph.name, {}).get("sha256") or sha256_file(graph)
+    source_sha = read_manifest(out.parent).files.get(graph.name, {}).get("sha256") or sha256_file(graph)
     precision = sidecar.get("precision")
     entry: dict[str, Any] = {
         "kind": "openvino-ir" if weights is not None else "tensorrt-engine",
@@ -194,8 +191,7 @@ def record_build(out: Path, graph: Path, config, sidecar: dict[str, Any], second
                         metrics={"precision": precision, "runtime_precision": sidecar.get("runtime_precision")},
                         seconds=seconds, parent_hash=source_sha)
     entry["stage"] = asdict(stage)
-    manifest.files[out.name] = entry
-    write_json(out.parent / MANIFEST_NAME, manifest.to_dict())
+    update_manifest(out.parent, lambda manifest: manifest.files.update({out.name: entry}))
     return entry
 
 

@@ -220,3 +220,20 @@ def test_profiling_a_tensorrt_qdq_graph_on_the_cpu_says_it_is_an_emulation(tmp_p
         assert prof.exit_code == 0, prof.output
         notes[device] = json.loads(prof.stdout).get("note")
     assert "emulation" in notes["h100"] and notes["cpu"] is None
+
+
+def test_a_model_whose_outputs_overflow_fails_the_export_gate(app, tmp_path):
+    # before: NaN outputs (finite weights that overflow) measured max abs 0.0 and SQNR 200 dB, so the
+    # fp32 gate passed and the graph was written as validated
+    import torch
+
+    enc = build_encoder(tiny_config(), seed=0)
+    with torch.no_grad():
+        enc.blocks[0].mlp.fc1.weight.mul_(1e36)  # finite, but the activations overflow to inf, then NaN
+    art = save_artifact(enc, tmp_path / "art")
+    result = invoke(app, ["export", art])
+    one_error_line(result, "outputs hold NaN/inf values", code=1)
+    assert not (art / "model.onnx").exists()
+    kept = invoke(app, ["export", art, "--force"])
+    assert kept.exit_code == 0, kept.output
+    assert "max abs inf (non-finite outputs)" in kept.stdout and "FAILED, kept by --force" in kept.stdout

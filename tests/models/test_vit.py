@@ -165,3 +165,35 @@ def test_a_huge_manifest_is_refused_without_reading_it(tmp_path, tiny_encoder):
         f.truncate(40 << 30)  # sparse: 40 GiB claimed, nothing on disk
     with pytest.raises(NotAModelError, match="mimc.json is over 16 MiB"):
         load_artifact(tmp_path / "a")
+
+
+def _record_files(folder: str, tag: str) -> None:
+    import time
+
+    from mimc.artifact import update_manifest
+
+    def add(name):
+        def edit(manifest):
+            time.sleep(0.01)  # a slow writer: without the lock the other process's record is lost here
+            manifest.files[name] = {"kind": "onnx"}
+        return edit
+    for i in range(15):
+        update_manifest(folder, add(f"{tag}{i}.onnx"))
+
+
+def test_two_processes_recording_files_in_one_artifact_lose_nothing(tmp_path, tiny_encoder):
+    # before: export / quantize / build read mimc.json, added their entry and wrote it back unlocked, so
+    # two runs writing different graphs into one artifact could each drop the other's record
+    import multiprocessing
+
+    from mimc.artifact import read_manifest
+
+    art = save_artifact(tiny_encoder, tmp_path / "a")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_record_files, args=(str(art), tag)) for tag in "xy"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(read_manifest(art).files) == sorted(f"{t}{i}.onnx" for t in "xy" for i in range(15))
