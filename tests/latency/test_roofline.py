@@ -1,7 +1,6 @@
 """Roofline prediction: exact on a one-node graph, precision from the graph, 2:4 credit only where due."""
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
