@@ -172,3 +172,26 @@ def test_run_refuses_data_that_names_nothing_for_a_mapping_or_a_recipe(tmp_path)
             mimc.run(given, tmp_path / "out", data="nope/")
         assert info.value.options == ("data",)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_verb_that_runs_in_one_process_is_refused_under_torchrun_before_any_work(tmp_path, monkeypatch):
+    # prune printed "wrote X" on every rank; export and quantize ran whole on every rank, each writing into the artifact
+    import mimc.models.resolve as resolve
+    from mimc.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resolve, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the refusal"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    calls = {"mimc prune": lambda: mimc.prune("ref", "out", ratio=0.5), "mimc width": lambda: mimc.width("ref", "out", mlp=0.5),
+             "mimc tokens": lambda: mimc.tokens("ref", "out", r=4),
+             "mimc sparsify --method magnitude": lambda: mimc.sparsify("ref", "out", method="magnitude"),
+             "mimc export": lambda: mimc.export("ref", "out"), "mimc quantize": lambda: mimc.quantize("ref", "builtin"),
+             "mimc build": lambda: mimc.build("out/model.onnx", "cpu"), "mimc profile": lambda: mimc.profile("m.onnx", "cpu"),
+             "mimc inspect": lambda: mimc.inspect("ref", plot=True), "mimc search": lambda: mimc.search("ref", output="out"),
+             "mimc profiles": lambda: mimc.profiles()}
+    for command, call in calls.items():
+        with pytest.raises(ConfigError, match=f"^{command} runs in one process and torchrun started 2: run {command} without "
+                                              r"torchrun \(torchrun spreads only mimc sparsify --method learned, distill, embed and eval\)$"):
+            call()
+    assert not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ from mimc.api._model import _load, _name
 from mimc.api.reports import DictReport
 from mimc.atomic import atomic_file
 from mimc.errors import BadInputError, ConfigError
+from mimc.train.dist import check_one_process
 
 
 class EvalReport(DictReport):
@@ -54,6 +55,7 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
     from mimc.compression.block_scores import ENTROPY_DTYPES, inspect_blocks
     from mimc.data import as_source, spec_of
 
+    check_one_process("mimc inspect")
     if dtype not in ENTROPY_DTYPES:
         raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}", option="dtype")
     if not 2 <= hist_bins <= 1 << 24:  # bounded: 2e9 bins once tried to allocate 15 GB

@@ -16,6 +16,7 @@ from mimc.api.reports import DictReport, GraphReport
 from mimc.atomic import check_not_input, check_writable, write_json
 from mimc.errors import BadInputError, DataError
 from mimc.latency.run import ITERS, WARMUP
+from mimc.train.dist import check_one_process
 
 ONNX_NAME = "model.onnx"
 
@@ -94,6 +95,7 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
     from mimc.pipeline.executor import Job, execute, extend
     from mimc.pipeline.stages import ExportConfig
 
+    check_one_process("mimc export")
     config = ExportConfig(batch=batch, opset=opset, exporter=exporter)  # exit 2 before any loading
     in_memory = not isinstance(model, (str, os.PathLike))  # an Encoder
     if not in_memory:
@@ -155,6 +157,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     from mimc.pipeline.stages import ExportConfig
     from mimc.quant.config import QuantizeConfig
 
+    check_one_process("mimc quantize")
     _refuse_in_memory(model, "quantize", "then quantize DIR")
     if config is None:
         config = QuantizeConfig.from_dict({"precision": precision, "target": target_for_device(device, precision), **options})
@@ -228,6 +231,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = WARMU
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
+    check_one_process("mimc profile")
     _refuse_in_memory(model, "profile", "then profile DIR/model.onnx")
     if isinstance(batch_sizes, str):
         batch_sizes = parse_batch_sizes(batch_sizes)  # "1,8"
@@ -270,6 +274,7 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     from mimc.pipeline.graph_stages import record_build
     from mimc.pipeline.stages import BuildConfig
 
+    check_one_process("mimc build")
     built = build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
                              workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
                              on_message=on_message)

@@ -13,6 +13,7 @@ from mimc.api.reports import StageReport
 from mimc.artifact import recorded_path
 from mimc.atomic import check_not_input, check_output, claim_output
 from mimc.errors import ConfigError, DataError
+from mimc.train.dist import check_one_process
 
 
 def _load(model):
@@ -41,6 +42,8 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process
 
+    if run is None:  # a one-shot stage: every torchrun rank would compute all of it
+        check_one_process(f"mimc {config.name}")
     if config.needs_data and data is None:
         raise DataError(f"stage '{config.name}' with these options needs images: give data (a folder, .npz/.npy or 'builtin')", option="data")
     out = Path(output) if output is not None else _default_output(model, suffix)
@@ -124,6 +127,7 @@ def sparsify(model: Any = "ref", output=None, *, calib=None, data=None, n: int |
     is_learned = (config.method if config else "learned") == "learned"
     runtime = {"workers": workers, "fsdp": fsdp, "checkpoint_activations": checkpoint_activations}
     if not is_learned:
+        check_one_process(f"mimc sparsify --method {config.method}")
         training = [k for k, v in {**runtime, "checkpoint_every": checkpoint_every}.items() if v not in (None, False)]
         if training:
             names = " and ".join(training)

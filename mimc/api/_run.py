@@ -10,6 +10,7 @@ from mimc.api._model import _default_output, _load, _name
 from mimc.api.reports import DictReport
 from mimc.atomic import atomic_dir, check_not_input, check_output
 from mimc.errors import ConfigError
+from mimc.train.dist import check_one_process
 
 
 class RunReport(DictReport):
@@ -89,6 +90,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     from mimc.pipeline.search import SearchSpace, recipe_of
     from mimc.pipeline.search import search as _search
 
+    check_one_process("mimc search")
     for name, value in (("n", n), ("n_eval", n_eval), ("iters", iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", option=name)
@@ -122,6 +124,7 @@ def profiles(device: str | None = None) -> list[Any]:
     """The device profiles mimc knows (shipped), or the one named (a name or a .yaml path)."""
     from mimc.latency.devices import available_profiles, load_profile
 
+    check_one_process("mimc profiles")
     return [load_profile(device)] if device else [load_profile(n) for n in available_profiles()]
 
 

@@ -7,7 +7,6 @@ resolved ``recipe.yaml`` (replay it with ``mimc run OUT/recipe.yaml`` or ``mimc 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from mimc.data import ImageSource
 from mimc.errors import BadInputError, ConfigError, MimcError
 from mimc.latency.devices import load_profile
 from mimc.models.resolve import load_model, model_slug
+from mimc.train.dist import check_one_process
 
 from mimc.pipeline.recipe import TOP_LEVEL_KEYS, Recipe, Step, stage_key
 
@@ -94,19 +94,10 @@ def _check_val(recipe: Recipe, source) -> None:
                 raise ConfigError(f"recipe: {stage_key(i, 'eval', 'val')}: {exc}") from None
 
 
-def _check_one_process() -> None:
-    """A recipe runs in one process: under torchrun every rank would run every stage and write the output
-    (the first to finish wins, the others fail on the occupied folder)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"recipe: a recipe runs in one process and torchrun started {world}: run mimc run without torchrun "
-                          "(torchrun spreads the single commands mimc sparsify --method learned and mimc distill)")
-
-
 def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False):
     """Everything a run checks before its first stage (a dry run stops here): the recipe with local
     paths made absolute, the output folder, the source model and the images."""
-    _check_one_process()
+    check_one_process("mimc run", "recipe: a recipe")  # else every rank runs every stage into one folder
     out = Path(output) if output is not None else default_output(recipe)
     # a model / data that names a local path is written absolute into recipe.yaml: the replay may run from another folder
     recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data))

@@ -63,6 +63,15 @@ def context() -> DistContext:
     return DistContext(world, rank, local_rank, device)
 
 
+def check_one_process(command: str, what: str | None = None) -> None:
+    """``command`` runs whole in one process: under torchrun every rank would do all of its work and write its
+    output, so it is refused before any work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"{what or command} runs in one process and torchrun started {world}: run {command} without torchrun "
+                          "(torchrun spreads only mimc sparsify --method learned, distill, embed and eval)")
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -123,6 +123,16 @@ def test_prune_refuses_occupied_output(app, artifact, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_prune_and_export_under_torchrun_are_refused_in_one_line(app, artifact, tmp_path, monkeypatch):
+    # prune ran on every rank, each printing "wrote OUT"; export ran whole on every rank, each writing into the artifact
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = snapshot(artifact)
+    one_error_line(invoke(app, ["prune", artifact, "--ratio", "0.5", "-o", tmp_path / "p"]),
+                   "mimc prune runs in one process and torchrun started 2: run mimc prune without torchrun")
+    one_error_line(invoke(app, ["export", artifact]), "run mimc export without torchrun")
+    assert not (tmp_path / "p").exists() and snapshot(artifact) == before
+
+
 # inspect ------------------------------------------------------------------------------------------
 def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, calib, tmp_path):
     plot = tmp_path / "scores.png"
