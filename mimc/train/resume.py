@@ -15,6 +15,9 @@ from mimc.train.config import TrainConfig
 def resolve_run_dir(output, resume, default: Path, overwrite: bool) -> Path:
     """The folder a training run writes to; refuses occupied or mismatched folders before any work."""
     if resume is not None:
+        if overwrite:  # else silently ignored
+            raise BadInputError("resume continues the interrupted run and overwrite starts afresh over it: drop one of them",
+                                option=("resume", "overwrite"))
         if output is not None and Path(output).resolve() != Path(resume).resolve():
             raise BadInputError(f"resume {resume} continues into its own folder: drop output {output} or make it the same folder",
                                 option=("resume", "output"))

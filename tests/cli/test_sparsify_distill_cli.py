@@ -115,6 +115,18 @@ def test_resume_from_another_model_is_refused(work, monkeypatch):
     assert invoke("sparsify", "dense", "--data", "imgs.npz", "--resume", "nowhere").exit_code == 2
 
 
+def test_resume_with_overwrite_is_refused_and_the_checkpoint_kept(work, monkeypatch):
+    # --overwrite beside --resume was silently ignored: the run resumed, nothing was overwritten
+    interrupted(monkeypatch, 2, "distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3",
+                "--batch-size", "4", "--checkpoint-every", "1", "-o", "run")
+    state = (work / "run" / "checkpoint" / "state.json").read_text()
+    for args in (["distill", "half", "--teacher", "dense"], ["sparsify", "dense", "--method", "learned"]):
+        res = invoke(*args, "--data", "imgs.npz", "--resume", "run", "--overwrite")
+        assert res.exit_code == 2 and "--resume continues the interrupted run and --overwrite starts afresh over it: drop one " \
+            "of them" in " ".join(res.stderr.split()), res.output
+    assert (work / "run" / "checkpoint" / "state.json").read_text() == state
+
+
 def test_distill_heals_and_refuses_bad_input(work):
     res = invoke("distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--batch-size", "4",
                  "--lr", "1e-3", "-o", "healed", "--json")
