@@ -32,12 +32,15 @@ from mimc.models.nm_pattern import block_linears
 
 
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean mask keeping the n highest scores in each group of m consecutive columns."""
+    """Boolean mask keeping the n highest scores in each group of m consecutive columns.
+
+    As Wanda and SparseGPT do, the m - n lowest are chosen for pruning (ties resolve as theirs do).
+    """
     out, cols = scores.shape
     grouped = scores.reshape(out, cols // m, m)
-    keep = torch.zeros_like(grouped, dtype=torch.bool)
-    keep.scatter_(-1, grouped.topk(n, dim=-1).indices, True)
-    return keep.reshape(out, cols)
+    pruned = torch.zeros_like(grouped, dtype=torch.bool)
+    pruned.scatter_(-1, grouped.topk(m - n, dim=-1, largest=False).indices, True)
+    return ~pruned.reshape(out, cols)
 
 
 # SparseGPT ------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ so the deployed graph is unchanged in shape and TensorRT-friendly (no extra ops)
   step_c = (max_c - min_c) / 255, r = step_c / mean(step), b = min_c / r - mean(min);
   gamma /= r, beta = beta / r - b, W[:, c] *= r, bias += W_new @ b. Afterwards every channel spans
   the same range, so one per-tensor scale fits all of them as well as per-channel scales would.
+  Where mimc differs from RepQ-ViT's code (classification/test_quant.py): the ranges are the raw
+  per-channel min / max (upstream: a 0.999-0.99999 percentile search per channel, integer zero
+  points), the common minimum is mean(min) (upstream: -mean(zero point) * mean(step), a shift shared
+  by every channel that the per-tensor recalibration absorbs), and the post-Softmax log2
+  reparameterization is not done.
 
 Both apply to norm1 -> attn.qkv and norm2 -> mlp.fc1 of every block.
 
@@ -130,7 +135,7 @@ def fold_repq(norm: nn.LayerNorm, linear: nn.Linear, lo: torch.Tensor, hi: torch
     if symmetric:
         b = (lo + hi) / (2 * r)  # every channel centred on 0 after the shift
     else:
-        b = lo / r - lo.mean()  # the paper: every channel's minimum moved to mean(min)
+        b = lo / r - lo.mean()  # every channel's minimum moved to mean(min) (upstream: to -mean(zp) * mean(step))
     _rescale(norm, linear, r, shift=b)
     return r, b
 

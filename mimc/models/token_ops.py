@@ -9,6 +9,10 @@ References:
   github.com/facebookresearch/mae: the encoder was pretrained on 25 % visible patches, which is why
   dropping patches works untrained.
 
+Where mimc differs from upstream ToMe: a mean-pooled encoder weights each output token by its size
+(the patches it stands for, :meth:`~mimc.models.vit.Encoder.pool`); upstream's MAE / timm heads
+average the merged tokens unweighted. The same holds for EViT's fused token.
+
 Everything here keeps shapes static: every count (r, k, kept patches) is a Python int fixed by the
 schedule, so the exported graph has fixed token dimensions. The ToMe merge is a product with a
 one-hot assignment matrix instead of ``scatter_reduce``: ONNX ScatterElements with a reduction is

@@ -84,6 +84,16 @@ def test_nm_keep_mask_keeps_largest():
     assert nm_keep_mask(scores, 2, 4).tolist() == [[False, True, True, False, False, False, True, True]]
 
 
+def test_nm_keep_mask_breaks_ties_as_wanda_and_sparsegpt():
+    # Wanda (lib/prune.py, magnitude and wanda) and SparseGPT choose the M-N weights to *prune* in each
+    # group, topk(largest=False); keeping the topk N largest picks other weights on ties (fp16 |W|).
+    scores = torch.randint(0, 3, (16, 32), generator=torch.Generator().manual_seed(0)).float()
+    for n, m in ((2, 4), (1, 4), (3, 8)):
+        groups = scores.reshape(16, -1, m)
+        pruned = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(m - n, dim=-1, largest=False).indices, True)
+        assert torch.equal(nm_keep_mask(scores, n, m), ~pruned.reshape(16, 32))
+
+
 def test_check_nm_rejects_a_dense_model(small_encoder):
     with pytest.raises(ValidationError, match="blocks.0.attn.qkv breaks the 2:4 pattern"):
         check_nm(small_encoder, "2:4")
