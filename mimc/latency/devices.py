@@ -5,6 +5,7 @@ A profile names a backend and the numbers a roofline needs. Shipped profiles liv
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,12 @@ def load_profile(device: str | Path) -> DeviceProfile:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"device profile {path} has unknown field(s) {unknown}: valid fields are {sorted(known)}")
+    kinds = {"name": str, "description": str, "precisions": list, "peak_tflops": dict, "sources": dict,
+             "sparse_tensor_cores": bool, "compute_capability": (str, int, float, type(None))}
+    wrong = [k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind)]
+    if wrong:
+        raise ConfigError(f"device profile {path}: {wrong} of the wrong type (name and description are text, precisions a list, "
+                          "peak_tflops and sources mappings, sparse_tensor_cores true or false): fix the file (see mimc/profiles/h100.yaml)")
     if data["backend"] not in BACKENDS:
         raise ConfigError(f"device profile {path}: backend '{data['backend']}' is not one of {BACKENDS}")
     for key, where in (("precisions", ""), ("peak_tflops", "peak_tflops has ")):
@@ -100,9 +107,9 @@ def load_profile(device: str | Path) -> DeviceProfile:
             raise ConfigError(f"device profile {path}: {where}unknown precision(s) {bad}; valid: {PRECISIONS}")
     numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
     numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
-    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf]
     if not_positive:
-        raise ConfigError(f"device profile {path}: {not_positive} must be positive numbers: fix the file")
+        raise ConfigError(f"device profile {path}: {not_positive} must be positive finite numbers: fix the file")
     counts = {"threads": [1] if data.get("threads") is None else [data["threads"]], "batch_sizes": data.get("batch_sizes", [1])}
     not_counts = [k for k, v in counts.items() if not isinstance(v, list) or not v or not all(type(n) is int and n >= 1 for n in v)]
     if not_counts:

@@ -75,6 +75,12 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d.update(backend="cuda-magic"), "backend"),
         (lambda d: d.update(precisions=["fp4"]), "unknown precision"),
         (lambda d: d["peak_tflops"].update(fp16=-1), "positive"),
+        (lambda d: d["peak_tflops"].update(fp32=float("nan")), "positive finite"),  # was accepted: predicted latency nan
+        (lambda d: d.update(memory_bandwidth_gbs=float("inf")), "positive finite"),
+        (lambda d: d.update(peak_tflops=["fp16"]), "wrong type"),  # was an AttributeError traceback
+        (lambda d: d.update(sources="datasheet"), "wrong type"),  # `mimc profiles FILE` crashed
+        (lambda d: d.update(sparse_tensor_cores="maybe"), "wrong type"),  # was read as true
+        (lambda d: d.update(precisions="fp16"), "wrong type"),  # was refused as precisions 'f', 'p', '1', '6'
         (lambda d: d["peak_tflops"].update(int3=5), "unknown precision"),
         (lambda d: d.update(colour="green"), "unknown field"),
         (lambda d: d.update(threads="abc"), "threads"),  # was a ValueError traceback when measured
