@@ -304,6 +304,21 @@ def test_the_profile_baseline_is_exported_like_the_graph_it_is_compared_with(tmp
     assert report["stages"][-1]["baseline"]["results"][0]["batch"] == 2
 
 
+def test_the_speedup_is_timed_at_the_threads_the_profile_reports(tmp_path, monkeypatch, source):
+    """The interleaved dense/result timing behind speedup_vs_dense ran at every core (threads None)
+    while the reported latencies used the device profile's threads."""
+    import mimc.runtime.ort as ort
+    from mimc.latency.devices import load_profile
+
+    seen, original = [], ort.runner
+    monkeypatch.setattr(ort, "runner", lambda path, threads=None, warmup=3: seen.append(threads) or original(path, threads, warmup))
+    device = tmp_path / "one-thread.yaml"
+    device.write_text(yaml.safe_dump({**load_profile("cpu").to_dict(), "name": "one-thread", "threads": 1}))
+    stages = ["export", {"profile": {"device": str(device), "warmup": 0, "iters": 1}}]
+    profile = run_recipe(parse_recipe({"model": source[0], "stages": stages}), tmp_path / "out")["stages"][-1]
+    assert profile["result"]["threads"] == profile["baseline"]["threads"] == 1 and seen == [1, 1]
+
+
 def test_data_mapping_carries_reading_options_and_round_trips(tmp_path):
     from mimc.pipeline.recipe import parse_recipe
 
