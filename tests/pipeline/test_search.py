@@ -112,6 +112,23 @@ def test_cli_writes_the_table_json_and_a_recipe_and_refuses_bad_input(tmp_path, 
     assert not (tmp_path / "b").exists()
 
 
+def test_without_output_the_default_folder_is_documented_and_named_even_when_nothing_is_faithful(tmp_path, setup, monkeypatch):
+    """search wrote ./<model>-search without -o, which --help did not say, and a search with no faithful
+    candidate did not say where its search.json went (the next run was refused: 'already exists')."""
+    from mimc.cli.app import app
+    from tests.cli.conftest import invoke
+
+    enc, _, _, data = setup
+    model = save_artifact(enc, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert "(default ./<model>-search)" in invoke(app, ["search", "--help"]).output
+    result = invoke(app, ["search", str(model), "--device", "jetson-orin", "--data", str(data), "--n", "8", "--n-eval", "8",
+                                      "--blocks", "0.5", "--keep", "1", "--precisions", "fp16", "--no-nm", "--min-cosine", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m-search" / "search.json").read_text())["best"] is None
+    assert "wrote m-search/search.json" in result.output
+
+
 def test_repeated_grid_values_are_searched_once_and_labels_keep_small_fractions():
     space = SearchSpace(block_ratios=(0.0, 0, 0.5), token_keeps=(1, 1.0, 0.5), precisions=("fp32", "fp32"))
     assert space.block_ratios == (0.0, 0.5) and space.token_keeps == (1, 0.5) and space.precisions == ("fp32",)
