@@ -25,7 +25,7 @@ from mimc.graph import load_graph, read_nm_pattern, read_tensor
 from mimc.latency.flops import count_graph
 from mimc.latency.flops_costs import GraphCost, NodeCost
 
-GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-bf16": 1, "fp8": 1}  # int8-bf16: int8 matmuls
 
 
 def is_nm_sparse(weight: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:

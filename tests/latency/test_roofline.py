@@ -80,6 +80,14 @@ def test_precision_comes_from_the_graph_or_the_caller(tmp_path, toy_profile):
         predict(tmp_path / "a.onnx", toy_profile, precision="fp4")
 
 
+def test_int8_bf16_is_priced_as_its_int8_matmuls(tmp_path):
+    """`mimc profile G --device openvino-cpu --predict --precision int8-bf16` (a precision the profile
+    lists) was a KeyError traceback."""
+    path, prof = matmul_graph(tmp_path / "mm.onnx", np.ones((K, N))), load_profile("openvino-cpu")
+    r = predict(path, prof, batch=64, precision="int8-bf16")
+    assert r["precision"] == "int8-bf16" and r["latency_ms"] == pytest.approx(predict(path, prof, batch=64, precision="int8")["latency_ms"])
+
+
 def test_two_four_weights_are_credited_only_on_sparse_tensor_cores(tmp_path, toy_profile):
     rng = np.random.default_rng(0)
     sparse_w = two_four(rng)
