@@ -46,6 +46,7 @@ CPU_PRECISIONS = ("fp32", "int8")
 RUNTIME_PRECISIONS = {"ort": CPU_PRECISIONS, "openvino": ("fp32", "bf16", "int8", "int8-bf16")}
 QUANTIZED = ("int8", "int8-bf16", "fp8")  # precisions built from a quantized graph
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
+ITERS = 20  # timed runs per measured candidate (a predicted search takes no other)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class SearchSpace(Options):
             if isinstance(getattr(self, name), (list, tuple)):
                 object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         super().__post_init__()
+        if self.width_criterion != "activation" and not self.width_macs:
+            raise ConfigError(f"width_criterion {self.width_criterion} ranks width_macs candidates and there are none: "
+                              "give width_macs or drop width_criterion", option=("width_criterion", "width_macs"))
 
 
 @dataclass
@@ -145,15 +149,15 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
     """(precision, runtime) of every candidate, and what was skipped here with the reason."""
     cpu = prof.backend == "onnxruntime-cpu"
     runtimes, skipped = space.runtimes, []
+    if runtimes is not None and (not cpu or predict):
+        raise ConfigError(f"runtimes {','.join(runtimes)} are measured on this CPU (device cpu, measured latency), "
+                          f"not on {prof.name}{' predicted' if cpu else ''}: drop runtimes", option="runtimes")
     if runtimes is None:  # every CPU runtime installed here, for a measured cpu search; else what the device runs
         runtimes, skipped = installed_runtimes() if cpu and not predict else (("ort",), [])
         if space.precisions is not None and runtimes != ("ort",):  # asked precisions: the runtimes that run them
             runtimes = tuple(r for r in runtimes if set(space.precisions) & set(RUNTIME_PRECISIONS[r])) or runtimes
     if runtimes == ("ort",):
         return [(p, "ort" if cpu else "tensorrt") for p in _precisions(space, prof)], skipped
-    if not cpu or predict:
-        raise ConfigError(f"runtimes {','.join(runtimes)} are measured on this CPU (device cpu, measured latency), "
-                          f"not on {prof.name}{' predicted' if cpu else ''}: give runtimes ort", option="runtimes")
     from mimc.runtime.openvino import cpu_bf16, openvino
 
     openvino()  # not installed: the install hint, before anything is built
@@ -180,7 +184,7 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
 
 
 def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace(), min_cosine: float = 0.98,
-           budget_ms: float | None = None, predict: bool | None = None, iters: int = 20,
+           budget_ms: float | None = None, predict: bool | None = None, iters: int = ITERS,
            on_candidate: Callable[[int, int, Candidate], None] | None = None) -> dict[str, Any]:
     """Build, measure and rank every candidate of ``space`` for ``device`` (see the module docstring).
 
@@ -196,6 +200,8 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     if budget_ms is not None and (not number(budget_ms) or not 0 < budget_ms < float("inf")):
         raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
+    if predict and iters != ITERS:
+        raise ConfigError(f"iters times measured candidates, and this search on {prof.name} predicts their latency: drop iters", option="iters")
     pairs, skipped = _pairs(space, prof, predict)
     if not predict and prof.backend != "onnxruntime-cpu":
         from mimc.latency.run import cuda_available

@@ -76,6 +76,10 @@ def test_predicted_gpu_search_adds_2_4_and_gpu_precisions(setup):
     ({"device": "cpu", "space": SearchSpace(nm=True)}, "no sparse tensor cores"),
     ({"device": "t4", "space": SearchSpace(precisions=("fp8",))}, "cannot run ['fp8']"),
     ({"device": "cpu", "min_cosine": 0.0}, "min_cosine must be in"),
+    # options a predicted search did nothing with were ignored: iters (it times nothing), runtimes ort (TensorRT candidates)
+    ({"device": "h100", "iters": 5}, "drop iters"),
+    ({"device": "h100", "space": SearchSpace(runtimes=("ort",))}, "drop runtimes"),
+    ({"device": "cpu", "predict": True, "space": SearchSpace(runtimes=("ort",))}, "drop runtimes"),
 ])
 def test_impossible_searches_are_refused(setup, kwargs, match):
     enc, calib, held, _ = setup
@@ -85,7 +89,8 @@ def test_impossible_searches_are_refused(setup, kwargs, match):
 
 def test_search_space_is_checked():
     # precisions (): was searched as the default, the empty list silently ignored (--precisions ,)
-    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}, {"precisions": ()}):
+    # width_criterion without width_macs: was ignored (it ranks only the width_macs candidates)
+    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}, {"precisions": ()}, {"width_criterion": "optin"}):
         with pytest.raises(ConfigError):
             SearchSpace(**bad)
 
