@@ -193,6 +193,9 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     from mimc.latency.devices import load_profile
 
     prof = load_profile(device)
+    if prof.backend == "openvino-cpu":  # was searched as a GPU: TensorRT int8 graphs, runtime tensorrt, predicted
+        raise ConfigError(f"device {prof.name} runs OpenVINO on this CPU, which a search measures with device cpu "
+                          "(runtimes openvino for OpenVINO alone): give device cpu", option=("device", "runtimes"))
     number = lambda x: not isinstance(x, bool) and isinstance(x, (int, float))  # (after plain(): numpy numbers are Python ones)
     min_cosine, budget_ms = plain(min_cosine), plain(budget_ms)
     if not number(min_cosine) or not 0.0 < min_cosine <= 1.0:

@@ -80,6 +80,7 @@ def test_predicted_gpu_search_adds_2_4_and_gpu_precisions(setup):
     ({"device": "h100", "iters": 5}, "drop iters"),
     ({"device": "h100", "space": SearchSpace(runtimes=("ort",))}, "drop runtimes"),
     ({"device": "cpu", "predict": True, "space": SearchSpace(runtimes=("ort",))}, "drop runtimes"),
+    ({"device": "openvino-cpu"}, "give device cpu"),  # was predicted as a TensorRT device (int8 for target tensorrt)
 ])
 def test_impossible_searches_are_refused(setup, kwargs, match):
     enc, calib, held, _ = setup
