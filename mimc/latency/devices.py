@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.errors import ConfigError
+from mimc.runtime.timing import cores_here
 from mimc.yamlfile import read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -51,6 +52,11 @@ class DeviceProfile:
                 scale = 2.0 if sparse and self.sparse_tensor_cores else 1.0
                 return self.peak_tflops[p] * 1e12 * scale
         raise ConfigError(f"device profile {self.name} has no peak_tflops for {precision}: add it to the profile YAML")
+
+    def threads_here(self) -> int | None:
+        """``threads`` to measure with, at most the cores here (a YAML's threads: 100000 reached ONNX Runtime
+        and OpenVINO; the reports say the threads used)."""
+        return None if self.threads is None else min(self.threads, cores_here())
 
     @property
     def bandwidth_bytes_per_s(self) -> float:

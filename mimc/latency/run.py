@@ -104,7 +104,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         # graph does not run is refused
         precision = precision_for(path, precision)
         report = profile_openvino_cpu(path, sizes or _default_sizes(path, prof), warmup=warmup, iters=iters,
-                                      threads=threads or prof.threads, precision=precision, on_batch=on_batch)
+                                      threads=threads or prof.threads_here(), precision=precision, on_batch=on_batch)
         return {**_envelope("measured", path, prof, report.pop("results")), **report}
     if precision is not None and not predict:
         raise BadInputError(f"precision {precision} prices a graph by roofline: turn on predict, or profile a graph/engine built at {precision}", option=("precision", "predict"))
@@ -128,7 +128,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         from mimc.latency.ort_cpu import profile_onnx_cpu
 
         sizes = sizes or _default_sizes(path, prof)
-        report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads, on_batch=on_batch)
+        report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads_here(), on_batch=on_batch)
         return {**_envelope("measured", path, prof, report.pop("results"), note=report.pop("note", None)), **report}
 
     # GPU backends: measured on the device or not at all.

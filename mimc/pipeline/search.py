@@ -235,7 +235,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             candidates.append(cand)
         ok = [c for c in candidates if c.error is None]
         if not predict:  # median batch-1 latency of every built graph, timed together in alternating rounds
-            _time_together(ok, iters, prof.threads)
+            _time_together(ok, iters, prof.threads_here())
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
                            and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
@@ -293,7 +293,7 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     graph, emulate, stages = graphs[key]
     cand.stages += stages
     if cand.runtime == "openvino":  # through the compiled model that ships, at its precision
-        feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads)
+        feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads_here())
     elif precision in ("fp16", "fp32"):
         feats = _torch_features(model, images, half=precision == "fp16")
     else:

@@ -147,3 +147,36 @@ def test_profile_yaml_is_read_as_strictly_as_a_recipe(tmp_path):
     exponent = tmp_path / "exponent.yaml"
     exponent.write_text(re.sub(r"(?m)^memory_bandwidth_gbs:.*$", "memory_bandwidth_gbs: 1e3", shipped))
     assert load_profile(exponent).memory_bandwidth_gbs == 1000.0
+
+
+def test_a_profiles_threads_are_at_most_the_cores_here(tmp_path, monkeypatch):
+    """A YAML's `threads: 100000` went unchecked to ONNX Runtime / OpenVINO (only --threads was checked):
+    profile and build now run at most the cores here (the report says the threads used)."""
+    import os
+
+    import mimc.latency.openvino_cpu as openvino_cpu
+    import mimc.latency.ort_cpu as ort_cpu
+    import mimc.runtime.openvino as openvino
+    from mimc.deploy.onnx import export_onnx
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    seen = []
+
+    def ran(*args, **kwargs):  # the runtime is never started: its thread count is recorded instead
+        seen.append(args[5] if len(args) > 5 else args[2])
+        raise ConfigError("recorded")
+
+    for module, name in ((ort_cpu, "measure_batches"), (openvino_cpu, "measure_batches"), (openvino, "compile_model")):
+        monkeypatch.setattr(module, name, ran)
+    graph = tmp_path / "g.onnx"
+    export_onnx(build_encoder(tiny_config(), seed=0), graph, validate=False)
+    many = {base: tmp_path / f"{base}.yaml" for base in ("cpu", "openvino-cpu")}
+    for base, path in many.items():
+        path.write_text(yaml.safe_dump({**load_profile(base).to_dict(), "threads": 100000}))
+    cores = len(os.sched_getaffinity(0))
+    for call in (lambda: mimc.profile(graph, str(many["cpu"])), lambda: mimc.profile(graph, str(many["openvino-cpu"])),
+                 lambda: mimc.build(graph, str(many["openvino-cpu"]), output=tmp_path / "g.xml")):
+        with pytest.raises(ConfigError, match="recorded"):
+            call()
+    assert seen == [cores] * 3 and load_profile(many["cpu"]).threads == 100000
