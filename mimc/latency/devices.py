@@ -18,6 +18,7 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 BACKENDS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 # int8-bf16: an int8 graph whose float layers run in bf16 (OpenVINO CPU)
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int8-bf16", "fp8")
+MAX_BATCH = 4096  # the largest batch profiled (export's too): a ViT-B input alone is 2.5 GB there
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ def load_profile(device: str | Path) -> DeviceProfile:
     not_counts = [k for k, v in counts.items() if not isinstance(v, list) or not v or not all(type(n) is int and n >= 1 for n in v)]
     if not_counts:
         raise ConfigError(f"device profile {path}: {not_counts} must be positive integers (batch_sizes a non-empty list of them): fix the file")
+    if max(counts["batch_sizes"]) > MAX_BATCH:
+        raise ConfigError(f"device profile {path}: batch_sizes go up to {MAX_BATCH}, not {max(counts['batch_sizes'])}: fix the file")
     data["precisions"] = tuple(data["precisions"])
     data["batch_sizes"] = tuple(data.get("batch_sizes", (1,)))
     data["peak_tflops"] = {str(k): float(v) for k, v in data["peak_tflops"].items()}

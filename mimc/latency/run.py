@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
+from mimc.latency.devices import MAX_BATCH
 from mimc.runtime.openvino import IR_SUFFIXES  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
 from mimc.runtime.timing import check_threads
 from mimc.runtime.trt import ENGINE_SUFFIXES
@@ -34,8 +35,8 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
     sizes = []
     for item in items:
         s = str(item).strip()
-        if not s.lstrip("-").isdigit() or int(s) < 1:
-            raise BadInputError(f"batch_sizes: '{s}' is not a positive integer: give e.g. 1,8", option="batch_sizes")
+        if not s.lstrip("-").isdigit() or not 1 <= int(s) <= MAX_BATCH:
+            raise BadInputError(f"batch_sizes: '{s}' is not a positive integer up to {MAX_BATCH}: give e.g. 1,8", option="batch_sizes")
         sizes.append(int(s))
     return list(dict.fromkeys(sizes))
 

@@ -89,6 +89,7 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d.update(batch_sizes="8"), "batch_sizes"),  # was read as ('8',)
         (lambda d: d.update(batch_sizes=[0]), "batch_sizes"),
         (lambda d: d.update(batch_sizes=[]), "batch_sizes"),
+        (lambda d: d.update(batch_sizes=[1, 10**9]), "batch_sizes go up to 4096"),  # was accepted: a 600 TB ViT-B input
     ],
 )
 def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
