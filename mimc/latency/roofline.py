@@ -152,7 +152,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
         "precision": used,
         "graph_precision": cost.precision,
         "latency_ms": total_s * 1e3,
-        "throughput_per_s": batch / total_s if total_s > 0 else float("inf"),
+        "throughput_per_s": batch / total_s if total_s > 0 else None,  # nothing priced: no number (inf is not JSON)
         "gmacs": cost.macs / 1e9,
         "gflops": cost.flops / 1e9,
         "traffic_mb": sum(r["bytes"] for r in rows) / 1e6,
