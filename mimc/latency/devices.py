@@ -86,7 +86,10 @@ def available_profiles() -> list[str]:
 def load_profile(device: str | Path) -> DeviceProfile:
     """A shipped profile by name, or a YAML file by path; one-line errors for anything wrong."""
     path = Path(device)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+    if path.suffix in (".yaml", ".yml") and not path.is_file():  # was "unknown device ...: or pass a profile .yaml path"
+        raise ConfigError(f"device profile {path} {'is a folder' if path.is_dir() else 'does not exist'}: give a profile .yaml file "
+                          f"or a known device ({', '.join(available_profiles())})")
+    if path.suffix not in (".yaml", ".yml"):
         path = PROFILES_DIR / f"{ALIASES.get(str(device).lower(), device)}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")

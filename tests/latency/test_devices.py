@@ -100,10 +100,14 @@ def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
 
 
-def test_unknown_device_names_the_known_ones():
+def test_unknown_device_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown device 'h900'.*h100") as info:
         load_profile("h900")
     assert info.value.exit_code == 2
+    (tmp_path / "dir.yaml").mkdir()  # a .yaml path that is no file was 'unknown device ...: or pass a profile .yaml path'
+    for name, what in (("missing.yaml", "does not exist"), ("dir.yaml", "is a folder")):
+        with pytest.raises(ConfigError, match=f"{name} {what}: give a profile .yaml file or a known device .*h100"):
+            load_profile(tmp_path / name)
 
 
 def test_precisions_are_known():
