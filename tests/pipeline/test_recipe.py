@@ -97,6 +97,9 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     ({"stages": ["export", "export"]}, "appears 2 times"),
     ({"stages": [{"quantize": {}}, "export"]}, "export first"),
     ({"stages": [{"profile": {"device": "tpu-v9"}}]}, "tpu-v9"),
+    # were refused only when the profile stage ran, after every stage before it
+    ({"stages": [{"export": {"batch": "dynamic"}}, {"profile": {"batch_sizes": [100000]}}]}, "batch_sizes must hold values in [1, 4096]"),
+    ({"stages": ["export", {"profile": {"threads": 100000}}]}, "threads 100000 is more than the"),
     ({"stages": []}, "non-empty list"),
     ({"modle": "ref"}, "unknown key(s) ['modle']"),
     ({"n": 0}, "'n' must be a positive integer"),
