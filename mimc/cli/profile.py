@@ -49,7 +49,7 @@ def _human(r: dict, output: Optional[Path]) -> None:
             note(r["note"])
     else:
         columns(title, ["batch", "latency ms", "items/s", "GMACs", "bound by compute / memory ms", "precision"],
-                [[str(x["batch"]), f"{x['latency_ms']:.4f}", f"{x['throughput_per_s']:.1f}", f"{x['gmacs']:.3f}",
+                [[str(x["batch"]), f"{x['latency_ms']:.4f}", _mb(x["throughput_per_s"]), f"{x['gmacs']:.3f}",
                   f"{x['compute_bound_ms']:.4f} / {x['memory_bound_ms']:.4f}", str(x["precision"])] for x in r["results"]])
         line("[dim]predicted: a roofline lower bound from FLOPs and bytes, not a measurement[/]")
     if output is not None:

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         runtimes: Optional[str] = typer.Option(None, "--runtimes", help="CPU runtimes measured (--device cpu): ort, openvino, e.g. ort (default: every one installed here: ort, plus openvino when it is installed)."),
         nm: Optional[bool] = typer.Option(None, "--nm/--no-nm", help="Try 2:4 weights (default: where the device has sparse tensor cores)."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per candidate when measuring."),
-        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for search.json and the best candidate's recipe.yaml."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for search.json and the best candidate's recipe.yaml (default ./<model>-search)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
@@ -66,6 +66,7 @@ def _human(r: dict) -> None:
         line(f"[yellow]skipped {s['precision'] + ' on ' if s.get('precision') else ''}{s['runtime']}: {escape(s['reason'])}[/]")
     if r["best"] is None:
         line(f"[yellow]{r['note']}[/]")
+        line(f"wrote {r['output']}/search.json")
         return
     b = r["best"]
     text = f"best: {b['label']}, {b['latency_ms']:.3g} ms ({b['latency']}), pooled cosine {b['pooled_cosine_mean']:.4f}"

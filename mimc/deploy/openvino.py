@@ -33,7 +33,7 @@ def build_ir(onnx_path: str | Path, profile, out_path: str | Path, precision: st
     model = read(onnx_path)
     model.set_rt_info(hint, HINT_KEY)
     model.set_rt_info(precision, MIMC_PRECISION_KEY)  # int8 and fp32 share the f32 hint: the name says which
-    compiled = compile_model(model, precision, profile.threads)  # refuse before writing anything
+    compiled = compile_model(model, precision, profile.threads_here())  # refuse before writing anything
     used = runtime_precision(compiled)
     save_ir(model, out_path)
     sidecar = {

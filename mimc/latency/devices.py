@@ -5,17 +5,20 @@ A profile names a backend and the numbers a roofline needs. Shipped profiles liv
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mimc.errors import ConfigError
+from mimc.runtime.timing import cores_here
 from mimc.yamlfile import read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 BACKENDS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 # int8-bf16: an int8 graph whose float layers run in bf16 (OpenVINO CPU)
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int8-bf16", "fp8")
+MAX_BATCH = 4096  # the largest batch profiled (export's too): a ViT-B input alone is 2.5 GB there
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class DeviceProfile:
                 return self.peak_tflops[p] * 1e12 * scale
         raise ConfigError(f"device profile {self.name} has no peak_tflops for {precision}: add it to the profile YAML")
 
+    def threads_here(self) -> int | None:
+        """``threads`` to measure with, at most the cores here (a YAML's threads: 100000 reached ONNX Runtime
+        and OpenVINO; the reports say the threads used)."""
+        return None if self.threads is None else min(self.threads, cores_here())
+
     @property
     def bandwidth_bytes_per_s(self) -> float:
         return self.memory_bandwidth_gbs * 1e9
@@ -78,7 +86,10 @@ def available_profiles() -> list[str]:
 def load_profile(device: str | Path) -> DeviceProfile:
     """A shipped profile by name, or a YAML file by path; one-line errors for anything wrong."""
     path = Path(device)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+    if path.suffix in (".yaml", ".yml") and not path.is_file():  # was "unknown device ...: or pass a profile .yaml path"
+        raise ConfigError(f"device profile {path} {'is a folder' if path.is_dir() else 'does not exist'}: give a profile .yaml file "
+                          f"or a known device ({', '.join(available_profiles())})")
+    if path.suffix not in (".yaml", ".yml"):
         path = PROFILES_DIR / f"{ALIASES.get(str(device).lower(), device)}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown device '{device}': known devices are {', '.join(available_profiles())}, or pass a profile .yaml path")
@@ -92,6 +103,12 @@ def load_profile(device: str | Path) -> DeviceProfile:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"device profile {path} has unknown field(s) {unknown}: valid fields are {sorted(known)}")
+    kinds = {"name": str, "description": str, "precisions": list, "peak_tflops": dict, "sources": dict,
+             "sparse_tensor_cores": bool, "compute_capability": (str, int, float, type(None))}
+    wrong = [k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind)]
+    if wrong:
+        raise ConfigError(f"device profile {path}: {wrong} of the wrong type (name and description are text, precisions a list, "
+                          "peak_tflops and sources mappings, sparse_tensor_cores true or false): fix the file (see mimc/profiles/h100.yaml)")
     if data["backend"] not in BACKENDS:
         raise ConfigError(f"device profile {path}: backend '{data['backend']}' is not one of {BACKENDS}")
     for key, where in (("precisions", ""), ("peak_tflops", "peak_tflops has ")):
@@ -100,13 +117,15 @@ def load_profile(device: str | Path) -> DeviceProfile:
             raise ConfigError(f"device profile {path}: {where}unknown precision(s) {bad}; valid: {PRECISIONS}")
     numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
     numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
-    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf]
     if not_positive:
-        raise ConfigError(f"device profile {path}: {not_positive} must be positive numbers: fix the file")
+        raise ConfigError(f"device profile {path}: {not_positive} must be positive finite numbers: fix the file")
     counts = {"threads": [1] if data.get("threads") is None else [data["threads"]], "batch_sizes": data.get("batch_sizes", [1])}
     not_counts = [k for k, v in counts.items() if not isinstance(v, list) or not v or not all(type(n) is int and n >= 1 for n in v)]
     if not_counts:
         raise ConfigError(f"device profile {path}: {not_counts} must be positive integers (batch_sizes a non-empty list of them): fix the file")
+    if max(counts["batch_sizes"]) > MAX_BATCH:
+        raise ConfigError(f"device profile {path}: batch_sizes go up to {MAX_BATCH}, not {max(counts['batch_sizes'])}: fix the file")
     data["precisions"] = tuple(data["precisions"])
     data["batch_sizes"] = tuple(data.get("batch_sizes", (1,)))
     data["peak_tflops"] = {str(k): float(v) for k, v in data["peak_tflops"].items()}

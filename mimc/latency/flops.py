@@ -77,7 +77,7 @@ def _skeleton(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
             if d.HasField("dim_value") and d.dim_value > 0:
                 if axis == 0 and d.dim_value != batch:
                     raise ConfigError(f"input '{inp.name}' has a static batch of {d.dim_value}, not {batch}: "
-                                      f"export with a dynamic batch axis or use batch {d.dim_value}")
+                                      f"export with a dynamic batch axis or use batch_sizes {d.dim_value}", option="batch_sizes")
                 continue
             d.Clear()
             d.dim_value = batch if axis == 0 else 1

@@ -25,7 +25,7 @@ from mimc.graph import load_graph, read_nm_pattern, read_tensor
 from mimc.latency.flops import count_graph
 from mimc.latency.flops_costs import GraphCost, NodeCost
 
-GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+GEMM_WIDTH = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-bf16": 1, "fp8": 1}  # int8-bf16: int8 matmuls
 
 
 def is_nm_sparse(weight: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:
@@ -152,7 +152,7 @@ def predict(onnx_path: str | Path, profile: DeviceProfile, batch: int = 1, preci
         "precision": used,
         "graph_precision": cost.precision,
         "latency_ms": total_s * 1e3,
-        "throughput_per_s": batch / total_s if total_s > 0 else float("inf"),
+        "throughput_per_s": batch / total_s if total_s > 0 else None,  # nothing priced: no number (inf is not JSON)
         "gmacs": cost.macs / 1e9,
         "gflops": cost.flops / 1e9,
         "traffic_mb": sum(r["bytes"] for r in rows) / 1e6,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
+from mimc.latency.devices import MAX_BATCH
 from mimc.runtime.openvino import IR_SUFFIXES  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
 from mimc.runtime.timing import check_threads
 from mimc.runtime.trt import ENGINE_SUFFIXES
@@ -34,8 +35,8 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
     sizes = []
     for item in items:
         s = str(item).strip()
-        if not s.lstrip("-").isdigit() or int(s) < 1:
-            raise BadInputError(f"batch_sizes: '{s}' is not a positive integer: give e.g. 1,8", option="batch_sizes")
+        if not s.lstrip("-").isdigit() or not 1 <= int(s) <= MAX_BATCH:
+            raise BadInputError(f"batch_sizes: '{s}' is not a positive integer up to {MAX_BATCH}: give e.g. 1,8", option="batch_sizes")
         sizes.append(int(s))
     return list(dict.fromkeys(sizes))
 
@@ -104,7 +105,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         # graph does not run is refused
         precision = precision_for(path, precision)
         report = profile_openvino_cpu(path, sizes or _default_sizes(path, prof), warmup=warmup, iters=iters,
-                                      threads=threads or prof.threads, precision=precision, on_batch=on_batch)
+                                      threads=threads or prof.threads_here(), precision=precision, on_batch=on_batch)
         return {**_envelope("measured", path, prof, report.pop("results")), **report}
     if precision is not None and not predict:
         raise BadInputError(f"precision {precision} prices a graph by roofline: turn on predict, or profile a graph/engine built at {precision}", option=("precision", "predict"))
@@ -128,7 +129,7 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         from mimc.latency.ort_cpu import profile_onnx_cpu
 
         sizes = sizes or _default_sizes(path, prof)
-        report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads, on_batch=on_batch)
+        report = profile_onnx_cpu(path, sizes, warmup=warmup, iters=iters, threads=threads or prof.threads_here(), on_batch=on_batch)
         return {**_envelope("measured", path, prof, report.pop("results"), note=report.pop("note", None)), **report}
 
     # GPU backends: measured on the device or not at all.

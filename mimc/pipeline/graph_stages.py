@@ -221,11 +221,12 @@ def profile_stage(ctx: GraphContext, config) -> dict[str, Any]:
                 # dense graph at fp32, the result at the precision it was profiled at).
                 from mimc.runtime import openvino, ort, timing
 
+                threads = entry["result"]["threads"]  # the profile's threads when the stage names none
                 if backend == "onnxruntime-cpu":
-                    runs = [ort.runner(base, config.threads), ort.runner(graph, config.threads)]
+                    runs = [ort.runner(base, threads), ort.runner(graph, threads)]
                 else:
-                    runs = [openvino.runner(base, "fp32", config.threads),
-                            openvino.runner(graph, entry["result"]["precision"], config.threads)]
+                    runs = [openvino.runner(base, "fp32", threads),
+                            openvino.runner(graph, entry["result"]["precision"], threads)]
                 dense_ms, graph_ms = timing.interleave(runs, iters=config.iters)
                 entry["interleaved_ms"] = {"dense": dense_ms, "graph": graph_ms}
             else:  # predicted, or measured on a GPU: the two reports' own latencies

@@ -46,6 +46,7 @@ CPU_PRECISIONS = ("fp32", "int8")
 RUNTIME_PRECISIONS = {"ort": CPU_PRECISIONS, "openvino": ("fp32", "bf16", "int8", "int8-bf16")}
 QUANTIZED = ("int8", "int8-bf16", "fp8")  # precisions built from a quantized graph
 GPU_PRECISIONS = ("fp16", "int8", "fp8")
+ITERS = 20  # timed runs per measured candidate (a predicted search takes no other)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class SearchSpace(Options):
             if isinstance(getattr(self, name), (list, tuple)):
                 object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         super().__post_init__()
+        if self.width_criterion != "activation" and not self.width_macs:
+            raise ConfigError(f"width_criterion {self.width_criterion} ranks width_macs candidates and there are none: "
+                              "give width_macs or drop width_criterion", option=("width_criterion", "width_macs"))
 
 
 @dataclass
@@ -145,15 +149,15 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
     """(precision, runtime) of every candidate, and what was skipped here with the reason."""
     cpu = prof.backend == "onnxruntime-cpu"
     runtimes, skipped = space.runtimes, []
+    if runtimes is not None and (not cpu or predict):
+        raise ConfigError(f"runtimes {','.join(runtimes)} are measured on this CPU (device cpu, measured latency), "
+                          f"not on {prof.name}{' predicted' if cpu else ''}: drop runtimes", option="runtimes")
     if runtimes is None:  # every CPU runtime installed here, for a measured cpu search; else what the device runs
         runtimes, skipped = installed_runtimes() if cpu and not predict else (("ort",), [])
         if space.precisions is not None and runtimes != ("ort",):  # asked precisions: the runtimes that run them
             runtimes = tuple(r for r in runtimes if set(space.precisions) & set(RUNTIME_PRECISIONS[r])) or runtimes
     if runtimes == ("ort",):
         return [(p, "ort" if cpu else "tensorrt") for p in _precisions(space, prof)], skipped
-    if not cpu or predict:
-        raise ConfigError(f"runtimes {','.join(runtimes)} are measured on this CPU (device cpu, measured latency), "
-                          f"not on {prof.name}{' predicted' if cpu else ''}: give runtimes ort", option="runtimes")
     from mimc.runtime.openvino import cpu_bf16, openvino
 
     openvino()  # not installed: the install hint, before anything is built
@@ -180,7 +184,7 @@ def _pairs(space: SearchSpace, prof, predict: bool) -> tuple[list[tuple[str, str
 
 
 def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace(), min_cosine: float = 0.98,
-           budget_ms: float | None = None, predict: bool | None = None, iters: int = 20,
+           budget_ms: float | None = None, predict: bool | None = None, iters: int = ITERS,
            on_candidate: Callable[[int, int, Candidate], None] | None = None) -> dict[str, Any]:
     """Build, measure and rank every candidate of ``space`` for ``device`` (see the module docstring).
 
@@ -189,6 +193,9 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     from mimc.latency.devices import load_profile
 
     prof = load_profile(device)
+    if prof.backend == "openvino-cpu":  # was searched as a GPU: TensorRT int8 graphs, runtime tensorrt, predicted
+        raise ConfigError(f"device {prof.name} runs OpenVINO on this CPU, which a search measures with device cpu "
+                          "(runtimes openvino for OpenVINO alone): give device cpu", option=("device", "runtimes"))
     number = lambda x: not isinstance(x, bool) and isinstance(x, (int, float))  # (after plain(): numpy numbers are Python ones)
     min_cosine, budget_ms = plain(min_cosine), plain(budget_ms)
     if not number(min_cosine) or not 0.0 < min_cosine <= 1.0:
@@ -196,6 +203,8 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
     if budget_ms is not None and (not number(budget_ms) or not 0 < budget_ms < float("inf")):
         raise ConfigError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}: e.g. 5", option="budget_ms")
     predict = prof.backend != "onnxruntime-cpu" if predict is None else predict
+    if predict and iters != ITERS:
+        raise ConfigError(f"iters times measured candidates, and this search on {prof.name} predicts their latency: drop iters", option="iters")
     pairs, skipped = _pairs(space, prof, predict)
     if not predict and prof.backend != "onnxruntime-cpu":
         from mimc.latency.run import cuda_available
@@ -226,7 +235,7 @@ def search(encoder, device: str, images, calib, space: SearchSpace = SearchSpace
             candidates.append(cand)
         ok = [c for c in candidates if c.error is None]
         if not predict:  # median batch-1 latency of every built graph, timed together in alternating rounds
-            _time_together(ok, iters, prof.threads)
+            _time_together(ok, iters, prof.threads_here())
     for c in ok:
         c.pareto = not any(o is not c and o.latency_ms <= c.latency_ms and o.pooled_cosine_mean >= c.pooled_cosine_mean
                            and (o.latency_ms < c.latency_ms or o.pooled_cosine_mean > c.pooled_cosine_mean) for o in ok)
@@ -284,7 +293,7 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     graph, emulate, stages = graphs[key]
     cand.stages += stages
     if cand.runtime == "openvino":  # through the compiled model that ships, at its precision
-        feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads)
+        feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads_here())
     elif precision in ("fp16", "fp32"):
         feats = _torch_features(model, images, half=precision == "fp16")
     else:

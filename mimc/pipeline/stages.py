@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mimc.errors import ConfigError
-from mimc.latency.devices import load_profile
+from mimc.latency.devices import MAX_BATCH, load_profile
 from mimc.latency.run import ITERS, WARMUP, check_predict
+from mimc.runtime.timing import check_threads
 from mimc.options import StageConfig, option
 from mimc.quant.config import QuantizeConfig
 
@@ -80,7 +81,7 @@ class ProfileConfig(StageConfig):
     predict: bool = option(False, doc="roofline prediction instead of a measurement (devices that are absent)")
     graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx; null: the last one written")
     baseline: bool = option(True, doc="also time the source model's dense fp32 graph (the speed-up)")
-    batch_sizes: tuple[int, ...] = option((), ge=1, doc="empty: the graph's own batch")
+    batch_sizes: tuple[int, ...] = option((), ge=1, le=MAX_BATCH, doc="empty: the graph's own batch")
     warmup: int = option(WARMUP, ge=0)
     iters: int = option(ITERS, ge=1)
     threads: int | None = option(None, ge=1)
@@ -89,6 +90,7 @@ class ProfileConfig(StageConfig):
     def check(self) -> None:
         prof = load_profile(self.device)  # unknown device / bad YAML: one line, before any work
         check_predict(self.predict, self.warmup, self.iters, self.threads)
+        check_threads(self.threads)  # more than the cores here: refused before the stages before it run
         measured_here = not self.predict and prof.backend == "openvino-cpu"
         if self.precision is not None and (not (self.predict or measured_here) or not prof.supports(self.precision)):
             raise ConfigError(f"precision {self.precision!r} needs predict on (or a measured openvino-cpu device) and a device "

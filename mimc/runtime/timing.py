@@ -41,11 +41,17 @@ def check_threads(threads: int | None) -> None:
     threads exhausted the machine's processes)."""
     if threads is None:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_here()
     if isinstance(threads, bool) or threads < 1:
         raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
     if threads > cores:
         raise ConfigError(f"threads {threads} is more than the {cores} cores here: choose at most {cores}", option="threads")
+
+
+def cores_here() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 def proc_field(file: str, field: str) -> str | None:
     """The value of the first line of a /proc file that starts with ``field``; None without /proc."""

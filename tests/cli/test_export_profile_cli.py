@@ -149,6 +149,12 @@ def test_profile_predict(app, onnx_file):
 
 
 
+def test_profile_predict_names_the_batch_flag_on_a_static_graph(app, artifact):
+    """--predict --batch 2 on a batch-1 graph said 'use batch 1', not the flag (measured profiles said --batch 1)."""
+    assert invoke(app, ["export", artifact]).exit_code == 0
+    one_error_line(invoke(app, ["profile", artifact / "model.onnx", "--device", "h100", "--predict", "--batch", "2"]), "use --batch 1")
+
+
 def test_profile_predict_refuses_the_measurement_options(app, onnx_file):
     """--iters, --warmup and --threads time a measurement: with --predict they were silently ignored."""
     from mimc.errors import ConfigError

@@ -75,6 +75,12 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d.update(backend="cuda-magic"), "backend"),
         (lambda d: d.update(precisions=["fp4"]), "unknown precision"),
         (lambda d: d["peak_tflops"].update(fp16=-1), "positive"),
+        (lambda d: d["peak_tflops"].update(fp32=float("nan")), "positive finite"),  # was accepted: predicted latency nan
+        (lambda d: d.update(memory_bandwidth_gbs=float("inf")), "positive finite"),
+        (lambda d: d.update(peak_tflops=["fp16"]), "wrong type"),  # was an AttributeError traceback
+        (lambda d: d.update(sources="datasheet"), "wrong type"),  # `mimc profiles FILE` crashed
+        (lambda d: d.update(sparse_tensor_cores="maybe"), "wrong type"),  # was read as true
+        (lambda d: d.update(precisions="fp16"), "wrong type"),  # was refused as precisions 'f', 'p', '1', '6'
         (lambda d: d["peak_tflops"].update(int3=5), "unknown precision"),
         (lambda d: d.update(colour="green"), "unknown field"),
         (lambda d: d.update(threads="abc"), "threads"),  # was a ValueError traceback when measured
@@ -83,6 +89,7 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d.update(batch_sizes="8"), "batch_sizes"),  # was read as ('8',)
         (lambda d: d.update(batch_sizes=[0]), "batch_sizes"),
         (lambda d: d.update(batch_sizes=[]), "batch_sizes"),
+        (lambda d: d.update(batch_sizes=[1, 10**9]), "batch_sizes go up to 4096"),  # was accepted: a 600 TB ViT-B input
     ],
 )
 def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
@@ -93,10 +100,14 @@ def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
 
 
-def test_unknown_device_names_the_known_ones():
+def test_unknown_device_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown device 'h900'.*h100") as info:
         load_profile("h900")
     assert info.value.exit_code == 2
+    (tmp_path / "dir.yaml").mkdir()  # a .yaml path that is no file was 'unknown device ...: or pass a profile .yaml path'
+    for name, what in (("missing.yaml", "does not exist"), ("dir.yaml", "is a folder")):
+        with pytest.raises(ConfigError, match=f"{name} {what}: give a profile .yaml file or a known device .*h100"):
+            load_profile(tmp_path / name)
 
 
 def test_precisions_are_known():
@@ -141,3 +152,36 @@ def test_profile_yaml_is_read_as_strictly_as_a_recipe(tmp_path):
     exponent = tmp_path / "exponent.yaml"
     exponent.write_text(re.sub(r"(?m)^memory_bandwidth_gbs:.*$", "memory_bandwidth_gbs: 1e3", shipped))
     assert load_profile(exponent).memory_bandwidth_gbs == 1000.0
+
+
+def test_a_profiles_threads_are_at_most_the_cores_here(tmp_path, monkeypatch):
+    """A YAML's `threads: 100000` went unchecked to ONNX Runtime / OpenVINO (only --threads was checked):
+    profile and build now run at most the cores here (the report says the threads used)."""
+    import os
+
+    import mimc.latency.openvino_cpu as openvino_cpu
+    import mimc.latency.ort_cpu as ort_cpu
+    import mimc.runtime.openvino as openvino
+    from mimc.deploy.onnx import export_onnx
+    from mimc.models.vit import build_encoder
+    from tests.conftest import tiny_config
+
+    seen = []
+
+    def ran(*args, **kwargs):  # the runtime is never started: its thread count is recorded instead
+        seen.append(args[5] if len(args) > 5 else args[2])
+        raise ConfigError("recorded")
+
+    for module, name in ((ort_cpu, "measure_batches"), (openvino_cpu, "measure_batches"), (openvino, "compile_model")):
+        monkeypatch.setattr(module, name, ran)
+    graph = tmp_path / "g.onnx"
+    export_onnx(build_encoder(tiny_config(), seed=0), graph, validate=False)
+    many = {base: tmp_path / f"{base}.yaml" for base in ("cpu", "openvino-cpu")}
+    for base, path in many.items():
+        path.write_text(yaml.safe_dump({**load_profile(base).to_dict(), "threads": 100000}))
+    cores = len(os.sched_getaffinity(0))
+    for call in (lambda: mimc.profile(graph, str(many["cpu"])), lambda: mimc.profile(graph, str(many["openvino-cpu"])),
+                 lambda: mimc.build(graph, str(many["openvino-cpu"]), output=tmp_path / "g.xml")):
+        with pytest.raises(ConfigError, match="recorded"):
+            call()
+    assert seen == [cores] * 3 and load_profile(many["cpu"]).threads == 100000

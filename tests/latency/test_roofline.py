@@ -80,6 +80,28 @@ def test_precision_comes_from_the_graph_or_the_caller(tmp_path, toy_profile):
         predict(tmp_path / "a.onnx", toy_profile, precision="fp4")
 
 
+def test_int8_bf16_is_priced_as_its_int8_matmuls(tmp_path):
+    """`mimc profile G --device openvino-cpu --predict --precision int8-bf16` (a precision the profile
+    lists) was a KeyError traceback."""
+    path, prof = matmul_graph(tmp_path / "mm.onnx", np.ones((K, N))), load_profile("openvino-cpu")
+    r = predict(path, prof, batch=64, precision="int8-bf16")
+    assert r["precision"] == "int8-bf16" and r["latency_ms"] == pytest.approx(predict(path, prof, batch=64, precision="int8")["latency_ms"])
+
+
+def test_a_graph_with_nothing_to_price_has_no_throughput_and_stays_json(tmp_path, toy_profile):
+    """A graph of views only (Identity) predicted 0 ms and throughput inf, which --json wrote as the
+    non-JSON token Infinity."""
+    import json
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="id")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", K])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "id.onnx"))
+    r = predict(tmp_path / "id.onnx", toy_profile)
+    assert r["latency_ms"] == 0 and r["throughput_per_s"] is None
+    json.dumps(r, allow_nan=False)
+
+
 def test_two_four_weights_are_credited_only_on_sparse_tensor_cores(tmp_path, toy_profile):
     rng = np.random.default_rng(0)
     sparse_w = two_four(rng)

@@ -97,6 +97,9 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     ({"stages": ["export", "export"]}, "appears 2 times"),
     ({"stages": [{"quantize": {}}, "export"]}, "export first"),
     ({"stages": [{"profile": {"device": "tpu-v9"}}]}, "tpu-v9"),
+    # were refused only when the profile stage ran, after every stage before it
+    ({"stages": [{"export": {"batch": "dynamic"}}, {"profile": {"batch_sizes": [100000]}}]}, "batch_sizes must hold values in [1, 4096]"),
+    ({"stages": ["export", {"profile": {"threads": 100000}}]}, "threads 100000 is more than the"),
     ({"stages": []}, "non-empty list"),
     ({"modle": "ref"}, "unknown key(s) ['modle']"),
     ({"n": 0}, "'n' must be a positive integer"),
@@ -302,6 +305,21 @@ def test_the_profile_baseline_is_exported_like_the_graph_it_is_compared_with(tmp
     baseline = dict(calls)["dense.onnx"]
     assert (baseline["batch"], baseline["opset"], baseline["exporter"]) == (2, 18, "torchscript")  # was opset 17
     assert report["stages"][-1]["baseline"]["results"][0]["batch"] == 2
+
+
+def test_the_speedup_is_timed_at_the_threads_the_profile_reports(tmp_path, monkeypatch, source):
+    """The interleaved dense/result timing behind speedup_vs_dense ran at every core (threads None)
+    while the reported latencies used the device profile's threads."""
+    import mimc.runtime.ort as ort
+    from mimc.latency.devices import load_profile
+
+    seen, original = [], ort.runner
+    monkeypatch.setattr(ort, "runner", lambda path, threads=None, warmup=3: seen.append(threads) or original(path, threads, warmup))
+    device = tmp_path / "one-thread.yaml"
+    device.write_text(yaml.safe_dump({**load_profile("cpu").to_dict(), "name": "one-thread", "threads": 1}))
+    stages = ["export", {"profile": {"device": str(device), "warmup": 0, "iters": 1}}]
+    profile = run_recipe(parse_recipe({"model": source[0], "stages": stages}), tmp_path / "out")["stages"][-1]
+    assert profile["result"]["threads"] == profile["baseline"]["threads"] == 1 and seen == [1, 1]
 
 
 def test_data_mapping_carries_reading_options_and_round_trips(tmp_path):

@@ -76,6 +76,11 @@ def test_predicted_gpu_search_adds_2_4_and_gpu_precisions(setup):
     ({"device": "cpu", "space": SearchSpace(nm=True)}, "no sparse tensor cores"),
     ({"device": "t4", "space": SearchSpace(precisions=("fp8",))}, "cannot run ['fp8']"),
     ({"device": "cpu", "min_cosine": 0.0}, "min_cosine must be in"),
+    # options a predicted search did nothing with were ignored: iters (it times nothing), runtimes ort (TensorRT candidates)
+    ({"device": "h100", "iters": 5}, "drop iters"),
+    ({"device": "h100", "space": SearchSpace(runtimes=("ort",))}, "drop runtimes"),
+    ({"device": "cpu", "predict": True, "space": SearchSpace(runtimes=("ort",))}, "drop runtimes"),
+    ({"device": "openvino-cpu"}, "give device cpu"),  # was predicted as a TensorRT device (int8 for target tensorrt)
 ])
 def test_impossible_searches_are_refused(setup, kwargs, match):
     enc, calib, held, _ = setup
@@ -85,7 +90,8 @@ def test_impossible_searches_are_refused(setup, kwargs, match):
 
 def test_search_space_is_checked():
     # precisions (): was searched as the default, the empty list silently ignored (--precisions ,)
-    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}, {"precisions": ()}):
+    # width_criterion without width_macs: was ignored (it ranks only the width_macs candidates)
+    for bad in ({"block_ratios": (1.0,)}, {"token_keeps": (0.0,)}, {"block_ratios": ()}, {"precisions": ()}, {"width_criterion": "optin"}):
         with pytest.raises(ConfigError):
             SearchSpace(**bad)
 
@@ -110,6 +116,23 @@ def test_cli_writes_the_table_json_and_a_recipe_and_refuses_bad_input(tmp_path, 
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0], res.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_without_output_the_default_folder_is_documented_and_named_even_when_nothing_is_faithful(tmp_path, setup, monkeypatch):
+    """search wrote ./<model>-search without -o, which --help did not say, and a search with no faithful
+    candidate did not say where its search.json went (the next run was refused: 'already exists')."""
+    from mimc.cli.app import app
+    from tests.cli.conftest import invoke
+
+    enc, _, _, data = setup
+    model = save_artifact(enc, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert "(default ./<model>-search)" in invoke(app, ["search", "--help"]).output
+    result = invoke(app, ["search", str(model), "--device", "jetson-orin", "--data", str(data), "--n", "8", "--n-eval", "8",
+                                      "--blocks", "0.5", "--keep", "1", "--precisions", "fp16", "--no-nm", "--min-cosine", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m-search" / "search.json").read_text())["best"] is None
+    assert "wrote m-search/search.json" in result.output
 
 
 def test_repeated_grid_values_are_searched_once_and_labels_keep_small_fractions():
