@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mimc.atomic import atomic_files, check_new_files, check_not_input
-from mimc.data.feature_files import NpyWriter, ParquetWriter, output_paths, pyarrow, writing
+from mimc.data.feature_files import NpyWriter, ParquetWriter, check_index_replaceable, output_paths, pyarrow, writing
 from mimc.data.source import ImageSource
 from mimc.errors import ConfigError, DataError, MimcError
 from mimc.runtime.ranks import Ranks
@@ -172,6 +172,7 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
             if isinstance(model, (str, os.PathLike)):  # beside the model in its artifact folder is fine
                 check_not_input(path, [model], option="output", inside=False)
         check_new_files(files, overwrite)
+        check_index_replaceable(index_path)
     embedder = open_runner(model, device, threads)
     source = data if isinstance(data, ImageSource) else ImageSource(
         data, seed, workers=workers, skip_corrupt=skip_corrupt, image_column=image_column, label_column=label_column)

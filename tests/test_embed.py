@@ -211,6 +211,21 @@ def test_outputs_are_refused_before_any_work(tmp_path, folder, graph):
     assert (graph.parent / "feats.json").is_file()
 
 
+def test_overwrite_never_replaces_a_json_that_is_not_an_index(tmp_path, folder, artifact):
+    """-o ART/mimc --overwrite would write the index over the artifact's own manifest (an input)."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    manifest = (art / "mimc.json").read_bytes()
+    with pytest.raises(BadInputError, match="mimc.json is not an embeddings index"):
+        embed(str(art), str(folder), art / "mimc", overwrite=True, n=2, workers=0)
+    assert (art / "mimc.json").read_bytes() == manifest and not (art / "mimc.npy").exists()
+    embed(str(art), str(folder), art / "mine", n=2, workers=0)
+    embed(str(art), str(folder), art / "mine", n=3, workers=0, overwrite=True)  # an index mimc wrote is replaced
+    assert np.load(art / "mine.npy").shape == (3, CFG.dim)
+
+
 def test_an_interrupt_leaves_nothing_behind(tmp_path, folder, graph):
     def interrupt(done, total):
         if done >= 4:

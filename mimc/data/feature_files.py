@@ -22,6 +22,7 @@ from mimc.errors import BadInputError, MimcError, MissingExtraError
 
 FORMATS = {".npy": "npy", ".parquet": "parquet"}
 ROW_GROUP_BYTES = 16 << 20  # Parquet: rows buffered up to this size per row group
+INDEX_START = b'{\n  "format": "mimc-embeddings"'  # how every index _IndexWriter writes begins
 
 
 # Outputs ------------------------------------------------------------------------------------------
@@ -34,6 +35,16 @@ def output_paths(output: str | os.PathLike) -> tuple[Path, Path | None, str]:
     if fmt is None:
         raise BadInputError(f"output {path.name} must end in .npy (with a .json index beside it) or .parquet", option="output")
     return path, (path.with_suffix(".json") if fmt == "npy" else None), fmt
+
+
+def check_index_replaceable(index: Path | None) -> None:
+    """Overwriting replaces an index mimc wrote, never another JSON file beside the features (an
+    artifact's mimc.json, a model's config.json, a graph's sidecar: ``-o ART/mimc``)."""
+    if index is not None and index.is_file():
+        with open(index, "rb") as f:
+            if f.read(len(INDEX_START)) != INDEX_START:
+                raise BadInputError(f"{index} is not an embeddings index (the index of {index.with_suffix('.npy').name} "
+                                    "would replace it): choose another output", option="output")
 
 
 def _npy_header(shape: tuple[int, ...], size: int | None = None) -> bytes:
@@ -166,4 +177,4 @@ class ParquetWriter:
                 self.writer.close()
 
 
-__all__ = ["FORMATS", "ROW_GROUP_BYTES", "output_paths", "writing", "NpyWriter", "ParquetWriter", "pyarrow"]
+__all__ = ["FORMATS", "ROW_GROUP_BYTES", "output_paths", "check_index_replaceable", "writing", "NpyWriter", "ParquetWriter", "pyarrow"]
