@@ -161,6 +161,11 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
     if n is not None and (isinstance(n, bool) or n < 1):
         raise ConfigError(f"n must be a positive number of images (or none for all), got {n}", option="n")
+    given = [k for k, v in (("workers", workers is not None), ("skip_corrupt", skip_corrupt), ("image_column", image_column),
+                            ("label_column", label_column)) if v]
+    if isinstance(data, ImageSource) and given:
+        raise ConfigError(f"data is an ImageSource, which carries its own reading options: give them to the ImageSource "
+                          f"(ImageSource(spec, {given[0]}=...)) or pass its spec", option=given[0])
     features_path, index_path, fmt = output_paths(output)
     if fmt == "parquet" and writes:
         pyarrow()

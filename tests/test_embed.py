@@ -226,6 +226,15 @@ def test_overwrite_never_replaces_a_json_that_is_not_an_index(tmp_path, folder, 
     assert np.load(art / "mine.npy").shape == (3, CFG.dim)
 
 
+def test_reading_options_beside_an_image_source_are_refused(tmp_path, folder, graph):
+    """An ImageSource carries its own reading options: skip_corrupt=True beside one was dropped silently."""
+    for given in (dict(skip_corrupt=True), dict(workers=2), dict(image_column="img"), dict(label_column="y")):
+        with pytest.raises(ConfigError, match="give them to the ImageSource") as exc:
+            embed(str(graph), ImageSource(folder), tmp_path / "x.npy", **given)
+        assert exc.value.options == (next(iter(given)),)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupt_leaves_nothing_behind(tmp_path, folder, graph):
     def interrupt(done, total):
         if done >= 4:
