@@ -22,6 +22,10 @@ from typing import Any, Iterator, Sequence
 
 from mimc.errors import BadInputError, clip, shorten
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+TEMP_ROOM = 32  # what a temporary name adds: .NAME.<pid>.<8 random>.tmp
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -115,6 +119,10 @@ def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | S
     out = _resolved(output)
     if raw.strip() == "" or Path(raw).name in ("", ".", "..") or out in (_resolved("."), Path("/")):
         raise BadInputError(f"output {clip(raw)} is not a new folder or file name: give one like out", option=option)
+    parts = [len(os.fsencode(part)) for part in Path(raw).parts] or [0]
+    if max(parts[:-1] + [parts[-1] + TEMP_ROOM]) > NAME_MAX:  # the output is written as .NAME.<pid>.<rand>.tmp first
+        raise BadInputError(f"output {clip(raw)} has a name longer than file systems allow ({NAME_MAX} bytes, "
+                            f"{TEMP_ROOM} of them kept for its temporary name): choose a shorter one", option=option)
     if out is None:
         return
     for item in inputs or ():

@@ -331,6 +331,10 @@ CASES = [
     Case("output-root", ["prune", "A", "--ratio", "0.5", "-o", "/", "--overwrite"], "not a new folder"),
     Case("run-output-dot", ["run", "recipe.yaml", "-o", "."], "not a new folder"),
     Case("output-under-a-file", ["prune", "A", "--ratio", "0.5", "-o", "note.txt/out"], "not a folder", write("note.txt", "hi")),
+    Case("output-name-too-long", ["prune", "A", "--ratio", "0.5", "-o", "o" * 240], "longer than"),  # its temporary's is over 255
+    Case("output-name-over-255", ["embed", "A", "--data", "imgs.npz", "-o", "o" * 300], "longer than"),
+    Case("embed-output-name-too-long", ["embed", "A", "--data", "imgs.npz", "-o", "o" * 240], "longer than"),
+    Case("output-folder-name-over-255", ["embed", "A", "--data", "imgs.npz", "-o", "d" * 300 + "/f"], "longer than"),
     Case("output-locked-by-live-writer", ["prune", "A", "--ratio", "0.5", "-o", "OUT"], "another mimc process", lock_held_by_live_process),
     # 4. Bad data -----------------------------------------------------------------------------------------
     Case("data-nan", ["prune", "A", "--ratio", "0.5", "--data", "x.npy", "-o", "OUT"], "x.npy holds 6144 NaN",
