@@ -812,6 +812,22 @@ def test_eval_notes_go_to_stderr(ws):
     assert "note:" not in result.stdout and "note:" in result.stderr
 
 
+def test_ctrl_c_while_typer_builds_the_commands_is_one_line(monkeypatch, capsys):
+    """After the modules import, typer builds every command (reading their type hints) before one runs:
+    a SIGINT there (the delay-3.0 case below, on a loaded machine) was a KeyboardInterrupt traceback."""
+    import typer.main
+
+    from mimc.cli.app import main
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.main, "get_command", interrupt)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.15, 0.6, 1.5, 3.0])
 def test_ctrl_c_at_any_moment_exits_130_and_writes_nothing(ws, delay):
     """SIGINT while Python starts, while the command modules import, while torch loads, while it works."""

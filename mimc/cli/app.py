@@ -5,6 +5,7 @@ from __future__ import annotations
 from mimc.cli.entry import OneLineUsageErrors, started  # isort: skip
 
 import importlib  # noqa: E402
+import sys  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -43,7 +44,11 @@ started()
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # while typer builds the commands or parses, before one runs (a command's own: handle_errors)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
