@@ -307,6 +307,15 @@ def test_output_paths():
     assert output_paths("f.parquet")[1:] == (None, "parquet")
 
 
+def test_an_existing_folder_is_not_an_output_stem(tmp_path, folder, graph):
+    """-o out/ (or -o out) naming an existing folder wrote out.npy and out.json beside it, not in it."""
+    (tmp_path / "out").mkdir()
+    for given in (tmp_path / "out", f"{tmp_path / 'out'}/"):
+        with pytest.raises(BadInputError, match="is a folder: name the features file in it, like"):
+            embed(str(graph), str(folder), given, n=2, workers=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, folder, graph, monkeypatch):
     def full(self, *args):
         raise OSError(28, "No space left on device")

@@ -29,6 +29,8 @@ INDEX_START = b'{\n  "format": "mimc-embeddings"'  # how every index _IndexWrite
 def output_paths(output: str | os.PathLike) -> tuple[Path, Path | None, str]:
     """``(features file, index file or None, format)`` for an ``-o`` value."""
     path = Path(output)
+    if path.suffix == "" and os.path.isdir(path):  # os.path: False, not an error, for a name too long
+        raise BadInputError(f"output {path} is a folder: name the features file in it, like {path / 'feats'}", option="output")
     if path.suffix == "":
         path = path.with_name(path.name + ".npy")
     fmt = FORMATS.get(path.suffix.lower())
