@@ -221,8 +221,16 @@ def default_workers() -> int:
 
 
 def open_reader(spec: str | Path, image_column: str | None = None, label_column: str | None = None) -> Reader:
-    """The reader for a data spec; a one-line DataError when it names nothing readable."""
-    spec = str(spec)
+    """The reader for a data spec; a one-line DataError when it names nothing readable, or when a
+    column is named for a source that has none (only a saved datasets folder has columns)."""
+    reader = _reader(str(spec), image_column, label_column)
+    column = "image_column" if image_column is not None else "label_column" if label_column is not None else None
+    if column is not None and not isinstance(reader, HFDatasetReader):
+        raise DataError(f"{column} names a column of a saved datasets folder, which {spec} is not: drop {column}", option=column)
+    return reader
+
+
+def _reader(spec: str, image_column: str | None, label_column: str | None) -> Reader:
     if spec == BUILTIN:
         if not BUILTIN_PATH.is_file():
             raise DataError(f"built-in images missing at {BUILTIN_PATH}: reinstall mimc")

@@ -50,3 +50,14 @@ def test_training_options_on_a_one_shot_method_are_refused(app, tmp_path):
                           "-o", tmp_path / "o"])
     one_error_line(result, "--steps only apply to method learned")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_column_of_a_source_that_has_no_columns_is_refused(app, tmp_path):
+    """--image-column / --label-column name a saved datasets folder's columns: on a folder they were ignored silently."""
+    data = _folder(tmp_path, corrupt=False)
+    for flag in ("--image-column", "--label-column"):
+        result = invoke(app, ["embed", "ref", "--data", data, "-o", tmp_path / "f", flag, "img", "--workers", "0"])
+        one_error_line(result, f"{flag} names a column of a saved datasets folder")
+        assert not (tmp_path / "f.npy").exists()
+    result = invoke(app, ["eval", "ref", "--data", "builtin", "--n", "4", "--label-column", "y"])
+    one_error_line(result, "--label-column names a column")
