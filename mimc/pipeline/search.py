@@ -7,8 +7,8 @@ Every candidate is built for real and measured, never guessed:
   each prefix computed once and shared by the candidates built on it;
 - fidelity is the mean pooled-feature cosine to the dense source on held-out images (disjoint
   from the calibration images), through the graph that would ship: the fp32 ONNX graph, mimc's CPU
-  int8 graph, or the TensorRT Q/DQ graph run as its exact fp32 emulation on ONNX Runtime; fp16 in
-  torch half precision;
+  int8 graph, or the TensorRT Q/DQ graph run as its exact fp32 emulation on ONNX Runtime (each on
+  ONNX Runtime, or OpenVINO for its candidates); fp16 in torch half precision;
 - latency is measured on this CPU for ``--device cpu``, else predicted by the roofline of the
   device profile (labelled "predicted" per candidate, never mixed). Measured candidates are timed
   together once all are built: one warmed ONNX Runtime session or OpenVINO compiled model each, all
@@ -294,8 +294,8 @@ def _measure(cand: Candidate, model, prof, predict: bool, images, calib, dense_f
     cand.stages += stages
     if cand.runtime == "openvino":  # through the compiled model that ships, at its precision
         feats = _graph_features(graph, images, False, runtime="openvino", precision=precision, threads=prof.threads_here())
-    elif precision in ("fp16", "fp32"):
-        feats = _torch_features(model, images, half=precision == "fp16")
+    elif precision == "fp16":  # (a TensorRT fp16 engine is not built here: torch half precision stands in)
+        feats = _torch_features(model, images, half=True)
     else:
         feats = _graph_features(graph, images, emulate)
     meter = FidelityMeter()

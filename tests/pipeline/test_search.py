@@ -263,3 +263,16 @@ def test_a_predicted_or_gpu_search_keeps_its_runtime_by_default(setup):
     assert predicted["runtimes"] == ["ort"] and predicted["skipped"] == [] and predicted["latency"].startswith("predicted")
     gpu = search(enc, "h100", held, calib, SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp16",), nm=False), min_cosine=0.5)
     assert gpu["runtimes"] == ["tensorrt"] and {c["runtime"] for c in gpu["candidates"]} == {"tensorrt"}
+
+
+def test_an_fp32_candidate_is_judged_through_its_onnx_graph(setup, monkeypatch):
+    # README: fidelity "through the graph that would ship"; fp32 candidates were judged in torch
+    import mimc.pipeline.search as search_module
+
+    enc, calib, held, _ = setup
+    through = []
+    real = search_module._graph_features
+    monkeypatch.setattr(search_module, "_graph_features", lambda graph, *a, **k: through.append(graph.name) or real(graph, *a, **k))
+    space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp32",), runtimes=("ort",))
+    result = search(enc, "cpu", held, calib, space, min_cosine=0.9, iters=1)
+    assert through == ["model.onnx"] and result["candidates"][0]["pooled_cosine_mean"] >= 0.9999
