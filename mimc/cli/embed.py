@@ -6,7 +6,6 @@ Parquet file. Under ``torchrun`` every rank embeds its shard and rank 0 writes t
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -27,7 +26,7 @@ def register(app: typer.Typer) -> None:
     def embed(
         model: str = typer.Argument(..., help=MODEL_HELP + " Or a mimc .onnx graph, an OpenVINO .xml IR or a TensorRT .engine/.plan."),
         data: str = typer.Option(..., "--data", help=DATA_HELP),
-        output: Path = typer.Option(..., "-o", "--output", help="feats.npy (+ feats.json index; no suffix: .npy) or feats.parquet."),
+        output: str = typer.Option(..., "-o", "--output", help="feats.npy (+ feats.json index; no suffix: .npy) or feats.parquet."),
         tokens: bool = typer.Option(False, "--tokens", help="Every output token per image (N, T, D) instead of the pooled feature (N, D)."),
         n: Optional[int] = typer.Option(None, "--n", "--n-images", help="Embed a seeded subset of this many images (default: all; --n-images under torchrun, which takes --n as its own)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: a static graph's batch, else 32)."),

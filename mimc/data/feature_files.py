@@ -28,8 +28,8 @@ INDEX_START = b'{\n  "format": "mimc-embeddings"'  # how every index _IndexWrite
 # Outputs ------------------------------------------------------------------------------------------
 def output_paths(output: str | os.PathLike) -> tuple[Path, Path | None, str]:
     """``(features file, index file or None, format)`` for an ``-o`` value."""
-    path = Path(output)
-    if path.suffix == "" and os.path.isdir(path):  # os.path: False, not an error, for a name too long
+    path = Path(output)  # (a trailing / names a folder, made or not: Path drops it)
+    if str(output).endswith(("/", os.sep)) or path.suffix == "" and os.path.isdir(path):  # isdir: False for a name too long
         raise BadInputError(f"output {path} is a folder: name the features file in it, like {path / 'feats'}", option="output")
     if path.suffix == "":
         path = path.with_name(path.name + ".npy")

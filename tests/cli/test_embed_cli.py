@@ -135,3 +135,10 @@ def test_torchrun_ranks_write_one_output_equal_to_one_process(work):
     assert len(errors) == 2 and all("zz.jpg" in ln and "--skip-corrupt" in ln for ln in errors)
     assert any(ln.startswith("error: rank 1: ") for ln in errors)
     assert not (work / "three.npy").exists() and not [p.name for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_an_output_ending_in_a_slash_names_a_folder_and_is_refused(app, work):
+    # before: -o new/ (a folder not made yet) lost its slash on the way in and wrote new.npy + new.json
+    result = invoke(app, ["embed", work / "art", "--data", work / "data", "-o", f"{work / 'new'}/", "--n", "2"])
+    one_error_line(result, "is a folder: name the features file in it, like")
+    assert not (work / "new.npy").exists() and not (work / "new").exists()
