@@ -16,7 +16,7 @@ from mimc.api._run import RunReport, SearchReport, profiles, recipe, run, search
 from mimc.api.reports import GraphReport, StageReport
 from mimc.data import ImageSource
 from mimc.errors import ConfigError, MimcError
-from mimc.pipeline.search import SearchSpace
+from mimc.pipeline.search_space import SearchSpace
 
 VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
          "embed", "inspect", "run", "recipe", "search", "profiles")

@@ -79,7 +79,7 @@ def _as_recipe(source, data: str | None):
 def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget_ms: float | None = None,
            data: str = "builtin", n: int = 64, n_eval: int = 64, space=None, iters: int = 20, seed: int = 0,
            output=None, overwrite: bool = False, on_candidate: Callable | None = None) -> SearchReport:
-    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search.SearchSpace` or a mapping of its options);
+    """Build and measure every candidate of ``space`` (:class:`~mimc.pipeline.search_space.SearchSpace` or a mapping of its options);
     write ``search.json`` and the best candidate's ``recipe.yaml`` into ``output``. An Encoder in
     memory is named ``model`` (default output ``./model-search``; its recipe's model is to be filled in)."""
     import numpy as np
@@ -87,8 +87,9 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
 
     from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
-    from mimc.pipeline.search import SearchSpace, recipe_of
+    from mimc.pipeline.search import recipe_of
     from mimc.pipeline.search import search as _search
+    from mimc.pipeline.search_space import SearchSpace
 
     check_one_process("mimc search")
     for name, value in (("n", n), ("n_eval", n_eval), ("iters", iters)):
