@@ -517,3 +517,31 @@ def test_a_replay_says_whether_it_reproduced_the_artifact(tmp_path, source, tiny
     report = mimc.run(str(art), tmp_path / "moved", data=str(other))  # calibrated on other images
     assert report["replay"]["differ"] == ["model.int8.onnx"] and "model.safetensors" in report["replay"]["identical"]
     assert "replay" not in mimc.run(str(art / "recipe.yaml"), tmp_path / "fresh")  # a recipe file is not a replay
+
+
+def test_a_relative_shard_pattern_is_recorded_absolute_so_it_replays_from_any_folder(tmp_path, monkeypatch, source, tiny_images):
+    # before: 'data: shards/train-{000..001}.tar' was recorded as typed (a pattern names no existing
+    # path, which recorded_path took for a hub id), so `mimc run OUT` from another folder found no shard
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    model, _ = source
+    (tmp_path / "shards").mkdir()
+    for s in range(2):
+        with tarfile.open(tmp_path / "shards" / f"train-{s:03d}.tar", "w") as tar:
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.fromarray(tiny_images[0][4 * s + i]).save(buf, format="PNG")
+                info = tarfile.TarInfo(f"s{s}{i}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    monkeypatch.chdir(tmp_path)
+    run_recipe(parse_recipe({"model": model, "data": "shards/train-{000..001}.tar", "n": 8,
+                             "stages": [{"sparsify": {"pattern": "2:4", "method": "wanda", "n_calib": 8}}]}), "out")
+    assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["data"] == str(tmp_path / "shards" / "train-{000..001}.tar")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_recipe(load_recipe(tmp_path / "out"), "again")
+    assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
