@@ -266,6 +266,27 @@ def test_linked_folders_inside_a_class_are_followed_and_loops_refused(folder, tm
         FolderReader(folder)
 
 
+@pytest.mark.parametrize("locked", ["class0/deep", "class1", "."])
+def test_an_unreadable_folder_is_refused_not_left_out(folder, monkeypatch, locked):
+    # before: os.walk ignored a folder it could not list (chmod 000 for another user), so its images were
+    # silently left out (class1 locked: half the set gone, an empty class); the root itself was a traceback
+    import os
+
+    target, real_scandir, real_listdir = os.path.realpath(folder / locked), os.scandir, os.listdir
+
+    def guard(real):
+        def call(path="."):
+            if os.path.realpath(path) == target:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
+        return call
+
+    monkeypatch.setattr(os, "scandir", guard(real_scandir))
+    monkeypatch.setattr(os, "listdir", guard(real_listdir))
+    with pytest.raises(DataError, match=r"cannot list folder .*\(Permission denied\): make it readable"):
+        FolderReader(folder)
+
+
 def test_images_beside_class_folders_are_refused(folder):
     # before: a folder with class subfolders read only those; images at its top were silently left out
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "stray.png")

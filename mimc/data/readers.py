@@ -96,10 +96,19 @@ def unreadable(what: str, exc: BaseException) -> DataError:
                      "or skip unreadable images with skip_corrupt", option="skip_corrupt")
 
 
+def unlistable(exc: OSError) -> DataError:
+    """A folder of a source that cannot be listed: refused, since leaving its images out would change the set."""
+    return DataError(f"cannot list folder {exc.filename} ({exc.strerror or first_line(exc)}): make it readable "
+                     "(chmod a+rx) or move it out of the data folder", option="data")
+
+
 class FolderReader(Reader):
     def __init__(self, root: Path):
         super().__init__(str(root))
-        entries = sorted(root.iterdir())
+        try:
+            entries = sorted(root.iterdir())
+        except OSError as exc:
+            raise unlistable(exc) from None
         subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
         loose = [p for p in entries if not p.is_dir() and _is_image_name(p.name)]
         if subdirs and loose:
@@ -136,7 +145,10 @@ def _is_image_name(name: str) -> bool:
 def _images_under(folder: Path) -> list[Path]:
     """Image files anywhere under ``folder`` (hidden files and folders skipped, linked folders followed), in sorted path order."""
     found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # linked folders are read too
+    def refuse(exc: OSError):
+        raise unlistable(exc)
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=refuse, followlinks=True):  # linked folders are read too
         real = os.path.realpath(dirpath)
         if real in seen:
             raise DataError(f"{dirpath} leads to {real}, a folder already read (a link loop, or two links to one folder): "
