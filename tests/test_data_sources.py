@@ -390,3 +390,23 @@ def test_shard_labels_past_int64_are_class_names(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     reader = open_reader(str(tmp_path / "s.tar"))
     assert reader.labels.dtype == np.int64 and reader.labels.tolist() == [1, 0, 1, 0] and reader.class_names == ["1", str(10**30)]
+
+
+def test_a_long_shard_label_is_read_whole_and_a_huge_one_refused(tmp_path):
+    # before: only a label's first 64 bytes were read, so two class names that differ past byte 64 became
+    # one class (and a multi-byte character cut at byte 64 became U+FFFD)
+    def shard(path, labels):
+        with tarfile.open(path, "w") as tar:
+            for i, label in enumerate(labels):
+                for name, data in ((f"s{i}.png", _png(np.full((8, 8, 3), 60 * i, np.uint8))), (f"s{i}.cls", label.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    names = ["a photograph of a " + "very " * 10 + "small cat", "a photograph of a " + "very " * 10 + "small dog", "é" * 40]
+    shard(tmp_path / "s.tar", names)
+    reader = open_reader(str(tmp_path / "s.tar"))
+    assert reader.class_names == sorted(names) and reader.labels.tolist() == [0, 1, 2]
+    shard(tmp_path / "huge.tar", ["x" * 5000])
+    with pytest.raises(DataError, match=r"huge.tar: sample s0 has a 5000-byte label \(cls\).*at most 4096"):
+        open_reader(str(tmp_path / "huge.tar"))

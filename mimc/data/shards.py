@@ -19,6 +19,7 @@ from mimc.errors import DataError
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 TAR_LABEL_EXTS = ("cls", "cls.txt", "cls2", "label", "label.txt", "class", "target", "target.txt")
+MAX_LABEL_BYTES = 4096  # a label member past this is not a class name
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
@@ -133,8 +134,10 @@ def _index_shard(path: Path, s: int):
                 label_ext = next((e for e in TAR_LABEL_EXTS if e in parts), None)
                 label = None
                 if label_ext is not None:
-                    raw = tar.extractfile(parts[label_ext]).read(64)
-                    label = raw.decode("utf-8", "replace").strip()
+                    if parts[label_ext].size > MAX_LABEL_BYTES:
+                        raise DataError(f"{path}: sample {text_name(key)} has a {parts[label_ext].size}-byte label ({label_ext}), "
+                                        f"at most {MAX_LABEL_BYTES} are read: a label is a class index or name, shorten it", option="data")
+                    label = tar.extractfile(parts[label_ext]).read().decode("utf-8", "replace").strip()
                 out.append(((s, member.offset_data, member.size, member.name), label))
             return out
     except (tarfile.TarError, OSError, EOFError) as exc:
