@@ -177,7 +177,7 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
             if isinstance(model, (str, os.PathLike)):  # beside the model in its artifact folder is fine
                 check_not_input(path, [model], option="output", inside=False)
         check_new_files(files, overwrite)
-        check_index_replaceable(index_path)
+        check_index_replaceable(index_path, features_path)
     embedder = open_runner(model, device, threads)
     source = data if isinstance(data, ImageSource) else ImageSource(
         data, seed, workers=workers, skip_corrupt=skip_corrupt, image_column=image_column, label_column=label_column)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,6 +306,15 @@ def test_output_paths():
     assert output_paths("feats") == (output_paths("feats.npy")[0], output_paths("feats.npy")[1], "npy")
     assert output_paths("a/feats.npy")[1].name == "feats.json"
     assert output_paths("f.parquet")[1:] == (None, "parquet")
+
+
+def test_the_suffix_is_read_in_any_case_and_the_index_is_always_json(tmp_path, folder, graph):
+    """-o x.NPY writes x.NPY and x.json (the format is read from the suffix in any case); the refusal of a
+    foreign x.json named x.npy, a file that -o x.NPY never writes."""
+    assert output_paths("x.NPY") == (Path("x.NPY"), Path("x.json"), "npy") and output_paths("x.Parquet")[2] == "parquet"
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(BadInputError, match=r"x.json is not an embeddings index \(the index of x.NPY would replace it\)"):
+        embed(str(graph), str(folder), tmp_path / "x.NPY", overwrite=True, n=2, workers=0)
 
 
 def test_an_existing_folder_is_not_an_output_stem(tmp_path, folder, graph):

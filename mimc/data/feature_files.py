@@ -27,7 +27,8 @@ INDEX_START = b'{\n  "format": "mimc-embeddings"'  # how every index _IndexWrite
 
 # Outputs ------------------------------------------------------------------------------------------
 def output_paths(output: str | os.PathLike) -> tuple[Path, Path | None, str]:
-    """``(features file, index file or None, format)`` for an ``-o`` value."""
+    """``(features file, index file or None, format)`` for an ``-o`` value; its suffix in any case (``x.NPY``:
+    x.NPY and the index x.json)."""
     path = Path(output)  # (a trailing / names a folder, made or not: Path drops it)
     if str(output).endswith(("/", os.sep)) or path.suffix == "" and os.path.isdir(path):  # isdir: False for a name too long
         raise BadInputError(f"output {path} is a folder: name the features file in it, like {path / 'feats'}", option="output")
@@ -39,13 +40,13 @@ def output_paths(output: str | os.PathLike) -> tuple[Path, Path | None, str]:
     return path, (path.with_suffix(".json") if fmt == "npy" else None), fmt
 
 
-def check_index_replaceable(index: Path | None) -> None:
+def check_index_replaceable(index: Path | None, features: Path) -> None:
     """Overwriting replaces an index mimc wrote, never another JSON file beside the features (an
     artifact's mimc.json, a model's config.json, a graph's sidecar: ``-o ART/mimc``)."""
     if index is not None and index.is_file():
         with open(index, "rb") as f:
             if f.read(len(INDEX_START)) != INDEX_START:
-                raise BadInputError(f"{index} is not an embeddings index (the index of {index.with_suffix('.npy').name} "
+                raise BadInputError(f"{index} is not an embeddings index (the index of {features.name} "
                                     "would replace it): choose another output", option="output")
 
 
