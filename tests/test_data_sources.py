@@ -410,3 +410,16 @@ def test_a_long_shard_label_is_read_whole_and_a_huge_one_refused(tmp_path):
     shard(tmp_path / "huge.tar", ["x" * 5000])
     with pytest.raises(DataError, match=r"huge.tar: sample s0 has a 5000-byte label \(cls\).*at most 4096"):
         open_reader(str(tmp_path / "huge.tar"))
+
+
+def test_a_shard_sample_with_two_images_of_one_kind_is_refused(tmp_path):
+    # before: a shard holding k.png twice (or k.png and k.PNG) kept only the last one: an image silently
+    # left out, and its label given to the other (WebDataset refuses a duplicate file name in a sample)
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        for name, data in (("k.png", _png(np.zeros((8, 8, 3), np.uint8))), ("k.cls", b"0"),
+                           ("k.PNG", _png(np.ones((8, 8, 3), np.uint8))), ("j.png", _png(np.ones((8, 8, 3), np.uint8))), ("j.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"dup.tar: sample k has two png members \(k.png, k.PNG\): .*unique"):
+        open_reader(str(tmp_path / "dup.tar"))

@@ -121,7 +121,10 @@ def _index_shard(path: Path, s: int):
                 if not dot:
                     continue
                 key = f"{dirname}/{stem}" if dirname else stem
-                samples.setdefault(key, {})[ext.lower()] = member
+                twin = samples.setdefault(key, {}).setdefault(ext.lower(), member)
+                if twin is not member:  # tar keeps both; one would be dropped
+                    raise DataError(f"{path}: sample {text_name(key)} has two {ext.lower()} members ({text_name(twin.name)}, "
+                                    f"{text_name(member.name)}): re-create the shard with unique sample keys", option="data")
             out = []
             for key, parts in samples.items():
                 image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
