@@ -136,6 +136,20 @@ def test_saved_datasets_folder(tmp_path, tiny_images):
         ImageSource(tmp_path / "dd").draw(CFG)
 
 
+def test_a_datasets_class_label_of_minus_one_is_no_label(tmp_path, tiny_images):
+    # before: -1 (datasets' "no label", e.g. every row of a test split) was taken as a class: an unlabelled
+    # split scored k-NN top-1 1.0 (every image "right"), and a partly labelled one mixed -1 in as a class
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(im) for im in tiny_images[0][:4]]
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=["a", "b"])})
+    for name, labels in (("none", [-1] * 4), ("some", [0, 1, -1, 1])):
+        datasets.Dataset.from_dict({"img": images, "y": labels}, features=features).save_to_disk(str(tmp_path / name))
+    reader = open_reader(tmp_path / "none")
+    assert reader.labels is None and reader.class_names is None
+    with pytest.raises(DataError, match=r"some: 1 of 4 rows have no label \(-1 in column 'y'\): label every row or none"):
+        open_reader(tmp_path / "some")
+
+
 def test_saved_datasets_folder_without_the_package(tmp_path, monkeypatch):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset_info.json").write_text("{}")

@@ -56,6 +56,12 @@ class HFDatasetReader(Reader):
                                 "cast it to a ClassLabel or name another label_column", option="label_column")
             names = getattr(features[label_column], "names", None)
             self.class_names = list(names) if names else None
+            missing = int(np.count_nonzero(self.labels == -1)) if names else 0  # a ClassLabel's "no label"
+            if missing == len(self.labels):  # an unlabelled split (a test split)
+                self.labels, self.class_names = None, None
+            elif missing:
+                raise DataError(f"{path}: {missing} of {len(self.labels)} rows have no label (-1 in column '{label_column}'): "
+                                "label every row or none", option="data")
         self.dataset = ds.select_columns([image_column])
 
     def __len__(self) -> int:
