@@ -150,6 +150,18 @@ def test_a_datasets_class_label_of_minus_one_is_no_label(tmp_path, tiny_images):
         open_reader(tmp_path / "some")
 
 
+def test_a_datasets_row_without_its_image_is_an_unreadable_image(tmp_path, tiny_images):
+    # before: one empty cell (None) in the image column was "column 'img' holds NoneType, not images: name the
+    # image column with image_column" (it is the image column), and skip_corrupt could not skip it
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(im) for im in tiny_images[0][:3]] + [None]
+    datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()})).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"cannot read image .*ds\[3\] \(the row has no image\): remove or replace it"):
+        ImageSource(tmp_path / "ds", workers=0).draw(CFG)
+    stream = ImageSource(tmp_path / "ds", workers=0, skip_corrupt=True).stream(CFG)
+    assert sum(len(b.pixels) for b in stream) == 3 and len(stream.stats.skipped) == 1
+
+
 def test_saved_datasets_folder_without_the_package(tmp_path, monkeypatch):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset_info.json").write_text("{}")

@@ -79,6 +79,8 @@ class HFDatasetReader(Reader):
             return decode(value.get("bytes") or value["path"], what)
         if isinstance(value, (list, np.ndarray)):
             return np.asarray(value)
+        if value is None:  # an empty cell of the image column
+            raise unreadable(what, ValueError("the row has no image"))
         raise DataError(f"{self.spec} column '{self.image_column}' holds {type(value).__name__}, not images: name the image column with image_column",
                         option="image_column")
 
