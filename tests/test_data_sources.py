@@ -449,3 +449,11 @@ def test_a_shard_sample_with_two_images_of_one_kind_is_refused(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(DataError, match=r"dup.tar: sample k has two png members \(k.png, k.PNG\): .*unique"):
         open_reader(str(tmp_path / "dup.tar"))
+
+
+def test_a_folder_named_like_a_shard_is_a_folder(folder, tmp_path):
+    # before: a folder whose name ends in .tar (an archive extracted in place) was taken for a shard:
+    # "shard pattern imgs.tar matches no file"
+    folder.rename(tmp_path / "imgs.tar")
+    reader = open_reader(tmp_path / "imgs.tar")
+    assert isinstance(reader, FolderReader) and len(reader) == 24
