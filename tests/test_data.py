@@ -98,6 +98,16 @@ def test_16_bit_arrays_are_scaled_not_clipped(tmp_path, tiny_images):
     torch.testing.assert_close(load_images(tmp_path / "u16.npy", cfg).pixels, load_images(tmp_path / "u8.npy", cfg).pixels, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("values", [np.arange(6 * 4 * 4 * 3, dtype=np.int64).reshape(6, 4, 4, 3) * 2**20,
+                                    np.arange(-36, 36, dtype=np.int32).reshape(6, 2, 2, 3)])
+def test_integer_arrays_past_16_bits_or_negative_are_refused_not_clipped(tmp_path, values):
+    """Integers past 65535 were scaled as 16-bit and clipped to white, negative ones clipped to black, in
+    silence (a 32-bit image file is refused as of unknown range)."""
+    np.save(tmp_path / "x.npy", values)
+    with pytest.raises(DataError, match=r"x.npy holds integer pixel values from -?\d+ to \d+, outside 0..65535: "):
+        load_images(tmp_path / "x.npy", tiny_config())
+
+
 def test_an_array_has_one_value_range_for_all_its_images(tmp_path, tiny_images):
     """The range was inferred image by image: in a float 0..255 array a near-black image (values 0 and 1)
     was read as 0..1 and came out bright, a float 0..1 image overshooting 1 by 1 % came out nearly black,

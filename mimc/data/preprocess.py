@@ -14,12 +14,16 @@ import torch
 from mimc.errors import DataError
 
 
-def pixel_scale(values: np.ndarray) -> float:
+def pixel_scale(values: np.ndarray, what: str = "an image array") -> float:
     """What image values that are not uint8 are multiplied by to reach 0..255: integers past 255 are
-    16-bit (1/257, as pil_rgb reads 16-bit files), other integers 8-bit; floats are 0..1 (255) unless
-    they reach 2, then 0..255 (a 0..1 image resampled a little past 1 stays 0..1)."""
+    16-bit (1/257, as pil_rgb reads 16-bit files), other integers 8-bit, and past 65535 or negative
+    refused (of unknown range, as 32-bit files are); floats are 0..1 (255) unless they reach 2, then
+    0..255 (a 0..1 image resampled a little past 1 stays 0..1)."""
     top = float(values.max()) if values.size else 0.0
     if values.dtype.kind in "iu":
+        if top > 65535 or values.min(initial=0) < 0:
+            raise DataError(f"{what} holds integer pixel values from {values.min()} to {values.max()}, outside 0..65535: "
+                            "save 8- or 16-bit images (uint8, uint16)", option="data")
         return 1 / 257 if top > 255 else 1.0
     return 255.0 if top < 2 else 1.0
 
@@ -111,7 +115,7 @@ class ArrayLayout:
         self.model_inputs = (sample.ndim == len(expected) + 1 and tuple(sample.shape[1:]) == expected
                              and sample.dtype.kind == "f" and sample.size > 0 and float(sample.min()) < 0)
         self.video_frames = None
-        self.scale = pixel_scale(sample)
+        self.scale = pixel_scale(sample, spec)
         if not self.model_inputs and cfg.is_video and sample.ndim == 5:
             if sample.shape[1] != cfg.num_frames:
                 raise DataError(f"video array has {sample.shape[1]} frames but the model expects {cfg.num_frames}: resample the clips")
