@@ -457,3 +457,14 @@ def test_a_folder_named_like_a_shard_is_a_folder(folder, tmp_path):
     folder.rename(tmp_path / "imgs.tar")
     reader = open_reader(tmp_path / "imgs.tar")
     assert isinstance(reader, FolderReader) and len(reader) == 24
+
+
+def test_shards_of_one_name_in_two_folders_name_their_images_apart(tmp_path, tiny_images):
+    # before: an image was named by its shard's file name, so 'a/x.tar' and 'b/x.tar' both gave
+    # x.tar:sample00000.png: embed's index named two rows alike (and skip_corrupt's list was ambiguous)
+    images, labels = tiny_images
+    for folder, start in (("a", 0), ("b", 4)):
+        (tmp_path / folder).mkdir()
+        _write_shards(tmp_path / folder, images[start:start + 4], labels[start:start + 4], per_shard=4)[0].rename(tmp_path / folder / "x.tar")
+    reader = open_reader(str(tmp_path / "{a,b}" / "x.tar"))
+    assert [reader.name(i) for i in (0, 4)] == ["a/x.tar:sample00000.png", "b/x.tar:sample00000.png"]

@@ -66,6 +66,8 @@ class TarReader(Reader):
             raise DataError(f"shard pattern {pattern}: {len(missing)} of {len(paths)} shards are missing (first: {missing[0]}): "
                             "fix the range or restore the shards", option="data")
         self.shards = paths
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        self.shard_names = [Path(os.path.relpath(os.path.abspath(p), base)).as_posix() for p in paths]  # unique, short
         indexed = [entry for s, path in enumerate(paths) for entry in _index_shard(path, s)]
         self.items = [item for item, _ in indexed]  # shard, data offset, size, member name
         labels = [label for _, label in indexed]
@@ -96,7 +98,7 @@ class TarReader(Reader):
 
     def name(self, i: int) -> str:
         shard, _, _, member = self.items[i]
-        return text_name(f"{self.shards[shard].name}:{member}")
+        return text_name(f"{self.shard_names[shard]}:{member}")
 
     def __getstate__(self):
         return {**self.__dict__, "_files": {}}
