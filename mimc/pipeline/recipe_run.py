@@ -99,8 +99,9 @@ def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite
     paths made absolute, the output folder, the source model and the images."""
     check_one_process("mimc run", "recipe: a recipe")  # else every rank runs every stage into one folder
     out = Path(output) if output is not None else default_output(recipe)
-    # a model / data that names a local path is written absolute into recipe.yaml: the replay may run from another folder
-    recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data))
+    # a model / data / eval val that names a local path is written absolute into recipe.yaml: the replay may run from another folder
+    steps = [Step(replace(s.config, val=recorded_path(s.config.val))) if s.name == "eval" else s for s in recipe.steps]
+    recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data), steps=steps)
     check_output(out, overwrite)
     # (a build without a graph before it is refused when the recipe is parsed)
     graphless = any(s.name == "profile" and s.config.graph is None for s in recipe.steps)

@@ -545,3 +545,17 @@ def test_a_relative_shard_pattern_is_recorded_absolute_so_it_replays_from_any_fo
     monkeypatch.chdir(tmp_path / "elsewhere")
     run_recipe(load_recipe(tmp_path / "out"), "again")
     assert (tmp_path / "elsewhere" / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_an_eval_stages_relative_val_is_recorded_absolute_so_it_replays_from_any_folder(tmp_path, monkeypatch, source, tiny_images):
+    # before: 'eval: {val: val.npz}' was written into recipe.yaml as typed, so `mimc run OUT` from another
+    # folder was refused: "stages[1].eval.val: data path val.npz does not exist"
+    model, _ = source
+    images, labels = tiny_images
+    np.savez(tmp_path / "val.npz", images=images[:6], labels=labels[:6])
+    monkeypatch.chdir(tmp_path)
+    run_recipe(parse_recipe({"model": model, "data": "data.npz", "stages": ["export", {"eval": {"val": "val.npz"}}]}), "out")
+    assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["stages"][1]["eval"]["val"] == str(tmp_path / "val.npz")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_recipe(load_recipe(tmp_path / "out"), "again")
