@@ -254,6 +254,7 @@ def _bad_inputs(tmp_path, tiny_images):
     np.savez(tmp_path / "unknown.npz", images=images, labels=np.where(labels == 0, "a", "z"), class_names=["a", "b"])
     np.save(tmp_path / "vector.npy", labels)
     np.save(tmp_path / "zero.npy", images[:0])
+    np.save(tmp_path / "one.npy", images[0])  # one RGB image was read as 32 grey images 3 pixels wide
     (tmp_path / "photo.txt").write_text("hello")
     return {
         "missing": (tmp_path / "nope", "does not exist"),
@@ -273,6 +274,7 @@ def _bad_inputs(tmp_path, tiny_images):
         "text labels not in class_names": (tmp_path / "unknown.npz", "not among its class_names (z)"),
         "not images": (tmp_path / "vector.npy", "not a batch of images"),
         "zero images": (tmp_path / "zero.npy", "no images"),
+        "one image without its batch axis": (tmp_path / "one.npy", "one.npy holds rows of shape (32, 3), grey images 3 pixels wide"),
         "other file type": (tmp_path / "photo.txt", "neither a folder"),
     }
 

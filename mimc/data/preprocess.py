@@ -122,6 +122,9 @@ class ArrayLayout:
             self.video_frames = sample.shape[1]
         elif not self.model_inputs and sample.ndim not in (3, 4):
             raise DataError(f"array of shape {sample.shape} is not a batch of images: expected (N, H, W[, C]) or (N, C, H, W)")
+        elif not self.model_inputs and sample.ndim == 3 and sample.shape[2] in (3, 4):  # no picture is that narrow
+            raise DataError(f"{spec} holds rows of shape {sample.shape[1:]}, grey images {sample.shape[2]} pixels wide: one image "
+                            "saved without its batch axis? save images as (N, H, W, C) (one image: x[None])", option="data")
         if (sample.dtype.kind == "f" and sample.size and sample.ndim >= 2 and float(np.min(sample[:8])) < 0
                 and tuple(sample.shape[1:]) != expected):
             raise DataError(f"{spec} holds model inputs of shape {tuple(sample.shape[1:])} but the model expects "
