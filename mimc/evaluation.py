@@ -229,6 +229,10 @@ def _report(cand: Any, ref: Any, meter: FidelityMeter | None, train: Pass, query
     labels = knn_labels(train, query if has_val else None)
     if labels is None:
         return report
+    if len(np.unique(labels[0])) < 2:  # photos in one folder under the data folder: every image "right"
+        report["knn_note"] = (f"data has one class ({_class_keys(train, 'data')[0]}): k-NN would call every image right, skipped; "
+                              "give data two classes or more")
+        return report
 
     def top1(model: int) -> float:
         """k-NN top-1 of the candidate's (0) or the reference's (1) features (leave-one-out without val)."""

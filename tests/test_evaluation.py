@@ -113,6 +113,18 @@ def test_evaluate_reports_fidelity_and_knn(tiny_encoder, tiny_images, tmp_path):
     assert "knn_top1" not in unlabelled and "fidelity" not in unlabelled
 
 
+def test_knn_over_one_class_is_skipped_with_a_note_not_a_perfect_score(tiny_encoder, tiny_images, tmp_path):
+    # before: photos in one folder under the data folder (data/images/*.jpg: one class, 'images') scored k-NN
+    # top-1 1.0, every image "right", with or without a val set
+    images, _ = tiny_images
+    np.savez(tmp_path / "one.npz", images=images, labels=np.zeros(len(images), np.int64), class_names=["images"])
+    np.savez(tmp_path / "val.npz", images=images[:4] // 2, labels=np.zeros(4, np.int64), class_names=["images"])
+    for val in (None, str(tmp_path / "val.npz")):
+        report = evaluate(tiny_encoder, tiny_encoder, data=str(tmp_path / "one.npz"), val=val)
+        assert "knn_top1" not in report and "reference_knn_top1" not in report
+        assert report["knn_note"] == "data has one class (images): k-NN would call every image right, skipped; give data two classes or more"
+
+
 # The verb with a val set (gallery / query k-NN) ---------------------------------------------------
 def test_evaluate_with_val_classifies_val_against_data_and_measures_fidelity_on_val(tiny_encoder, tiny_images, tmp_path):
     from mimc.data import load_images

@@ -55,6 +55,6 @@ def _human(r: dict) -> None:
     if r.get("knn_val_in_data"):
         note(f"{r['knn_val_in_data']} of {v['n_images']} val images are also in the data: they find themselves, so k-NN top-1 is inflated")
     if "knn_top1" not in r:
-        note("the data has no labels (no class subfolders / 'labels' array): k-NN skipped")
+        note(r.get("knn_note") or "the data has no labels (no class subfolders / 'labels' array): k-NN skipped")
     if ref is None:
         note("pass --ref MODEL to measure fidelity to a reference")
