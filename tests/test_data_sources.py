@@ -320,6 +320,16 @@ def test_images_beside_class_folders_are_refused(folder):
         FolderReader(folder)
 
 
+def test_a_flat_folder_with_a_subfolder_of_no_images_is_flat(tmp_path):
+    # before: unzipped macOS photos (a.png beside __MACOSX/, which holds only ._a.png metadata) were refused
+    # as "1 class folders and 1 image (a.png) at its top: move the images into class folders"
+    (tmp_path / "photos" / "__MACOSX").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photos" / "a.png")
+    (tmp_path / "photos" / "__MACOSX" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    reader = FolderReader(tmp_path / "photos")
+    assert len(reader) == 1 and reader.labels is None and reader.name(0) == "a.png"
+
+
 def test_a_broken_link_or_a_pipe_named_like_an_image_is_unreadable(tmp_path):
     # before: a flat folder left a broken link out silently, and a pipe named x.png (in a class folder)
     # made the run wait forever on opening it

@@ -111,6 +111,8 @@ class FolderReader(Reader):
             raise unlistable(exc) from None
         subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
         loose = [p for p in entries if not p.is_dir() and _is_image_name(p.name)]
+        if subdirs and loose and not any(_images_under(d) for d in subdirs):  # not class folders: __MACOSX, thumbs
+            subdirs = []
         if subdirs and loose:
             raise DataError(f"{root} has {len(subdirs)} class folders and {len(loose)} image{'s' * (len(loose) > 1)} ({loose[0].name}"
                             f"{', ...' * (len(loose) > 1)}) at its top: move the images into class folders", option="data")
