@@ -478,3 +478,17 @@ def test_shards_of_one_name_in_two_folders_name_their_images_apart(tmp_path, tin
         _write_shards(tmp_path / folder, images[start:start + 4], labels[start:start + 4], per_shard=4)[0].rename(tmp_path / folder / "x.tar")
     reader = open_reader(str(tmp_path / "{a,b}" / "x.tar"))
     assert [reader.name(i) for i in (0, 4)] == ["a/x.tar:sample00000.png", "b/x.tar:sample00000.png"]
+
+
+def test_a_reader_over_many_shards_keeps_few_files_open(tmp_path):
+    # before: every shard read stayed open for the reader's life, so a seeded subset of 1024 shards
+    # (or fewer, under a low ulimit -n) died with "OSError: [Errno 24] Too many open files", a traceback
+    for s in range(80):
+        with tarfile.open(tmp_path / f"m-{s:02d}.tar", "w") as tar:
+            data = _png(np.full((8, 8, 3), s, np.uint8))
+            info = tarfile.TarInfo(f"k{s}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    reader = open_reader(str(tmp_path / "m-{00..79}.tar"))
+    assert [int(reader.read(i)[0, 0, 0]) for i in (*range(80), 0, 79)] == [*range(80), 0, 79]
+    assert len(reader._files) <= 64

@@ -19,6 +19,7 @@ from mimc.errors import DataError
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 TAR_LABEL_EXTS = ("cls", "cls.txt", "cls2", "label", "label.txt", "class", "target", "target.txt")
+MAX_OPEN_SHARDS = 64  # file handles a reader keeps open per process (a thousand shards would pass `ulimit -n`)
 MAX_LABEL_BYTES = 4096  # a label member past this is not a class name
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -83,9 +84,13 @@ class TarReader(Reader):
     def _file(self, shard: int):
         if self._pid != os.getpid():  # a forked DataLoader worker opens its own handles
             self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open for the reader's life
-        return self._files[shard]
+        f = self._files.pop(shard, None)
+        if f is None:
+            if len(self._files) >= MAX_OPEN_SHARDS:  # close the least recently read (a subset reads shards in order)
+                self._files.pop(next(iter(self._files))).close()
+            f = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open while it is among the recently read
+        self._files[shard] = f  # most recently read last
+        return f
 
     def read(self, i: int) -> np.ndarray:
         shard, offset, size, member = self.items[i]
