@@ -492,3 +492,14 @@ def test_a_reader_over_many_shards_keeps_few_files_open(tmp_path):
     reader = open_reader(str(tmp_path / "m-{00..79}.tar"))
     assert [int(reader.read(i)[0, 0, 0]) for i in (*range(80), 0, 79)] == [*range(80), 0, 79]
     assert len(reader._files) <= 64
+
+
+def test_a_shard_gone_after_indexing_is_an_unreadable_image(tmp_path, tiny_images):
+    # before: a shard removed (or its disk gone) between indexing and reading was a FileNotFoundError traceback
+    images, labels = tiny_images
+    _write_shards(tmp_path, images, labels, per_shard=12)
+    reader = open_reader(str(tmp_path / "train-{000..001}.tar"))
+    (tmp_path / "train-001.tar").unlink()
+    assert reader.read(0).shape == (32, 32, 3)
+    with pytest.raises(DataError, match=r"cannot read image .*train-001.tar:sample00012.png \(\[Errno 2\] No such file"):
+        reader.read(12)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimc.data.readers import Reader, class_indices, decode, first_line, text_name
+from mimc.data.readers import Reader, class_indices, decode, first_line, text_name, unreadable
 from mimc.errors import DataError
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
@@ -94,9 +94,12 @@ class TarReader(Reader):
 
     def read(self, i: int) -> np.ndarray:
         shard, offset, size, member = self.items[i]
-        f = self._file(shard)
-        f.seek(offset)
-        data = f.read(size)
+        try:
+            f = self._file(shard)
+            f.seek(offset)
+            data = f.read(size)
+        except OSError as exc:  # the shard went away after indexing, a failing disk
+            raise unreadable(f"{self.shards[shard]}:{member}", exc) from None
         if len(data) != size:
             raise DataError(f"shard {self.shards[shard]} is truncated at member {member}: re-create or re-download the shard", option="data")
         return decode(data, f"{self.shards[shard]}:{member}")
