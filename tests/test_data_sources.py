@@ -78,6 +78,15 @@ def test_brace_patterns():
         expand_braces("a-{5..1}.tar")
 
 
+@pytest.mark.parametrize("pattern", ["a-{0..011}.tar", "a-{0..11}.tar", "a-{00..11}.tar", "a-{000..11}.tar", "a-{1..010}.tar"])
+def test_brace_ranges_are_padded_as_webdataset_pads_them(pattern):
+    # before: only the low bound's zeros counted, so 'a-{0..011}.tar' named a-0.tar .. a-11.tar where
+    # WebDataset (braceexpand) reads a-000.tar .. a-011.tar: a leading zero in either bound pads to the longer
+    import braceexpand
+
+    assert expand_braces(pattern) == list(braceexpand.braceexpand(pattern))
+
+
 def test_shard_pattern_matching_nothing_or_partly(tmp_path, tiny_images):
     pytest.importorskip("webdataset")
     with pytest.raises(DataError, match="matches no file"):

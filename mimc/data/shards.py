@@ -27,7 +27,7 @@ COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar; ``{x,y}`` lists; nested left to right.
 
-    The brace forms WebDataset documents (zero padding kept from the first bound); written here
+    The brace forms WebDataset documents (a leading zero in either bound pads to the longer one); written here
     because the ``braceexpand`` package would be a core dependency for these twenty lines.
     """
     m = re.search(r"\{([^{}]*)\}", pattern)
@@ -41,7 +41,7 @@ def expand_braces(pattern: str) -> list[str]:
             raise DataError(f"shard pattern {pattern} counts down ({lo}..{hi}): write the range low..high", option="data")
         if int(hi) - int(lo) > 1_000_000:
             raise DataError(f"shard pattern {pattern} names over a million shards: check the range", option="data")
-        width = len(lo) if lo.startswith("0") else 0
+        width = max(len(lo), len(hi)) if any(b.startswith("0") and b != "0" for b in (lo, hi)) else 0  # as braceexpand pads
         choices = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
     elif "," in body:
         choices = body.split(",")
