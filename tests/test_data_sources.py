@@ -470,11 +470,12 @@ def test_a_shard_sample_with_two_images_of_one_kind_is_refused(tmp_path):
         open_reader(str(tmp_path / "dup.tar"))
 
 
-def test_a_folder_named_like_a_shard_is_a_folder(folder, tmp_path):
+@pytest.mark.parametrize("name", ["imgs.tar", "photos {2024}"])
+def test_a_folder_named_like_a_shard_is_a_folder(folder, tmp_path, name):
     # before: a folder whose name ends in .tar (an archive extracted in place) was taken for a shard:
-    # "shard pattern imgs.tar matches no file"
-    folder.rename(tmp_path / "imgs.tar")
-    reader = open_reader(tmp_path / "imgs.tar")
+    # "shard pattern imgs.tar matches no file"; one with a brace in its name was refused as a bad pattern
+    folder.rename(tmp_path / name)
+    reader = open_reader(tmp_path / name)
     assert isinstance(reader, FolderReader) and len(reader) == 24
 
 

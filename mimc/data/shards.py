@@ -51,7 +51,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def is_shard_spec(spec: str) -> bool:
-    return "{" in spec or spec.lower().endswith(".tar") and not os.path.isdir(spec)  # a folder named x.tar is a folder
+    return ("{" in spec or spec.lower().endswith(".tar")) and not os.path.isdir(spec)  # a folder named x.tar is a folder
 
 
 class TarReader(Reader):
