@@ -299,6 +299,11 @@ def test_linked_folders_inside_a_class_are_followed_and_loops_refused(folder, tm
     (extra / "back").symlink_to(folder / "class0")  # class0/more/back/more/back/... (a loop)
     with pytest.raises(DataError, match=r"class0/more/back leads to .*class0, a folder already read"):
         FolderReader(folder)
+    # and two classes linked to one folder (its images under both labels): was read twice in silence
+    (extra / "back").unlink()
+    (folder / "class2").symlink_to(extra)
+    with pytest.raises(DataError, match=r"class2 leads to .*extra, a folder already read"):
+        FolderReader(folder)
 
 
 @pytest.mark.parametrize("locked", ["class0/deep", "class1", "."])

@@ -117,7 +117,8 @@ class FolderReader(Reader):
             raise DataError(f"{root} has {len(subdirs)} class folders and {len(loose)} image{'s' * (len(loose) > 1)} ({loose[0].name}"
                             f"{', ...' * (len(loose) > 1)}) at its top: move the images into class folders", option="data")
         if subdirs:
-            files = [(f, i) for i, d in enumerate(subdirs) for f in _images_under(d)]
+            seen: set[str] = set()  # one folder linked from two classes would give its images both labels
+            files = [(f, i) for i, d in enumerate(subdirs) for f in _images_under(d, seen)]
             self.class_names = [text_name(d.name) for d in subdirs]
         else:
             files = [(f, -1) for f in loose]
@@ -144,9 +145,10 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere under ``folder`` (hidden files and folders skipped, linked folders followed), in sorted path order."""
-    found, seen = [], set()
+def _images_under(folder: Path, seen: set[str] | None = None) -> list[Path]:
+    """Image files anywhere under ``folder`` (hidden files and folders skipped, linked folders followed), in sorted path
+    order; a folder in ``seen`` (the real paths read so far) refused."""
+    found, seen = [], set() if seen is None else seen
     def refuse(exc: OSError):
         raise unlistable(exc)
 
