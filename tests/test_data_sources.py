@@ -97,6 +97,14 @@ def test_shard_pattern_matching_nothing_or_partly(tmp_path, tiny_images):
         open_reader(str(tmp_path / "train-{000..004}.tar"))
 
 
+@pytest.mark.parametrize("pattern", ["train-{000,001,000}.tar", "train-00{0,{0,1}}.tar"])
+def test_a_pattern_naming_one_shard_twice_is_refused(tmp_path, tiny_images, pattern):
+    # before: the shard was indexed twice, so its images were read (and embedded, and voted in k-NN) twice
+    _write_shards(tmp_path, *tiny_images, per_shard=12)
+    with pytest.raises(DataError, match=r"names train-000.tar twice: name each shard once"):
+        open_reader(str(tmp_path / pattern))
+
+
 def test_corrupt_tar_member_is_named_or_skipped_on_request(tmp_path, tiny_images):
     pytest.importorskip("webdataset")
     images, labels = tiny_images

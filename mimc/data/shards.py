@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ class TarReader(Reader):
     def __init__(self, pattern: str):
         super().__init__(pattern)
         paths = [Path(p) for p in expand_braces(pattern)]
+        twice = [p for p, count in Counter(paths).items() if count > 1]
+        if twice:  # its images would be read twice ({0,0}, or nested braces, read innermost first)
+            raise DataError(f"shard pattern {pattern} names {twice[0].name} twice: name each shard once", option="data")
         missing = [p for p in paths if not p.is_file()]
         if len(missing) == len(paths):
             raise DataError(f"shard pattern {pattern} matches no file (first: {paths[0]}): check the path and the brace range", option="data")
