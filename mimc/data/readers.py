@@ -149,6 +149,7 @@ def _images_under(folder: Path, seen: set[str] | None = None) -> list[Path]:
     """Image files anywhere under ``folder`` (hidden files and folders skipped, linked folders followed), in sorted path
     order; a folder in ``seen`` (the real paths read so far) refused."""
     found, seen = [], set() if seen is None else seen
+
     def refuse(exc: OSError):
         raise unlistable(exc)
 
