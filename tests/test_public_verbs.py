@@ -195,3 +195,15 @@ def test_a_verb_that_runs_in_one_process_is_refused_under_torchrun_before_any_wo
                                               r"torchrun \(torchrun spreads only mimc sparsify --method learned, distill, embed and eval\)$"):
             call()
     assert not list(tmp_path.iterdir())
+
+
+def test_verbs_leave_the_callers_torch_random_state_alone(tmp_path):
+    # a service seeds its own sampling: reading images drew a DataLoader base seed from the global RNG
+    import torch
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    mimc.embed("ref", "builtin", tmp_path / "f", n=8, workers=0)
+    mimc.evaluate("ref", "ref", "builtin", n=8)
+    mimc.prune("ref", tmp_path / "p", ratio=0.5, criterion="sensitivity", data="builtin", n=8)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -143,7 +143,8 @@ class ImageStream:
         items = _Items(self.source, self.cfg, self.positions)
         chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
         loader = torch.utils.data.DataLoader(items, batch_sampler=chunks, num_workers=self.workers, collate_fn=_collate,
-                                             prefetch_factor=2 if self.workers else None, persistent_workers=False)
+                                             prefetch_factor=2 if self.workers else None, persistent_workers=False,
+                                             generator=torch.Generator())  # else its base seed is drawn from the caller's RNG
         self.stats = StreamStats()
         for pixels, good, errors in loader:
             for k, (message, options, unreadable) in errors:
