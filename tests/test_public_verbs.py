@@ -207,3 +207,19 @@ def test_verbs_leave_the_callers_torch_random_state_alone(tmp_path):
     mimc.evaluate("ref", "ref", "builtin", n=8)
     mimc.prune("ref", tmp_path / "p", ratio=0.5, criterion="sensitivity", data="builtin", n=8)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_building_an_encoder_leaves_the_callers_torch_random_state_alone(tmp_path):
+    # random: models reseeded the global RNG to 0; loading an artifact, width and tokens built
+    # modules whose default init drew from it (numbers overwritten at once)
+    import torch
+
+    art = mimc.prune("ref", tmp_path / "p", ratio=0.5).output
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    assert mimc.load("random:vit-ti/16").config.dim == 192
+    mimc.load(art)
+    mimc.width("ref", tmp_path / "w", mlp=0.5)
+    mimc.tokens("ref", tmp_path / "t", r=4)
+    mimc.quantize(art, "builtin", n=16, smooth=0.5)
+    assert torch.equal(torch.get_rng_state(), before)

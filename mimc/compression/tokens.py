@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from mimc.data import deterministic_inputs
 from mimc.errors import ConfigError
 from mimc.models import token_ops
-from mimc.models.vit import Encoder, flops_per_image
+from mimc.models.vit import Encoder, blank_encoder, flops_per_image
 from mimc.compression.registry import StageConfig, register
 from mimc.options import option
 
@@ -112,7 +112,7 @@ def reduce_tokens(encoder: Encoder, config: TokenReductionConfig, calibration_ba
     if cfg.token_schedule:
         raise ConfigError(f"this model already reduces tokens ({cfg.token_schedule.get('method')}): apply mimc tokens to the model before its first token stage")
     schedule = config.schedule(cfg)
-    new = Encoder(cfg.replace(token_schedule=schedule))  # the same weights; ``encoder`` is untouched
+    new = blank_encoder(cfg.replace(token_schedule=schedule))  # the same weights; ``encoder`` is untouched
     new.load_state_dict(encoder.state_dict())
     new.eval()
     plan = new.token_plan

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from mimc.artifact import MANIFEST_NAME, read_manifest, verify_weights
 from mimc.errors import MimcError, NotAModelError, clip, shorten
-from mimc.models.vit import Encoder, EncoderConfig
+from mimc.models.vit import Encoder, EncoderConfig, blank_encoder
 
 
 class ArtifactShape:
@@ -42,7 +42,7 @@ def load_artifact(path: str | os.PathLike) -> Encoder:
     manifest, cfg = shape.manifest, shape.config
     weights = verify_weights(path, manifest)
     _check_shapes(cfg, weights)  # the same names and shapes as the module's, or refused here
-    encoder = Encoder(cfg)
+    encoder = blank_encoder(cfg)
     own = encoder.state_dict()  # the module's own tensors: every value is read into them in place
     try:
         with safe_open(str(weights), framework="pt") as f, torch.no_grad():

@@ -315,16 +315,25 @@ class Encoder(EncoderTokenReduction, nn.Module):
 
 
 def build_encoder(cfg: EncoderConfig, seed: int | None = None) -> Encoder:
-    """A randomly initialised encoder (truncated-normal linears, as timm and MAE do)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    enc = Encoder(cfg)
-    for name, p in enc.named_parameters():
-        if name.endswith("bias") or "norm" in name or name.endswith("gamma"):
-            continue
-        if p.dim() >= 2 or name in ("cls_token", "pos_embed"):
-            nn.init.trunc_normal_(p, std=0.02)
+    """A randomly initialised encoder (truncated-normal linears, as timm and MAE do), drawn from a
+    copy of the torch RNG (seeded with ``seed``): the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        enc = Encoder(cfg)
+        for name, p in enc.named_parameters():
+            if name.endswith("bias") or "norm" in name or name.endswith("gamma"):
+                continue
+            if p.dim() >= 2 or name in ("cls_token", "pos_embed"):
+                nn.init.trunc_normal_(p, std=0.02)
     return enc.eval()
+
+
+def blank_encoder(cfg: EncoderConfig) -> Encoder:
+    """An Encoder whose weights the caller overwrites: its default init draws from a copy of the
+    torch RNG, never from the caller's."""
+    with torch.random.fork_rng(devices=[]):
+        return Encoder(cfg)
 
 
 def vit_base_config(**overrides: Any) -> EncoderConfig:

@@ -43,7 +43,7 @@ def fold_pairs(model, pairs, channel_ranges: dict, smooth_alpha: float | None, r
         if gamma is None or beta is None:
             raise BadInputError(f"LayerNormalization {ln.name} has non-constant scale/bias: cannot fold outliers into it")
         norm = torch.nn.LayerNorm(gamma.shape[0])
-        lin = torch.nn.Linear(site.shape[0], site.shape[1], bias=True)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, site.shape[0], site.shape[1], bias=True)  # no draw from the caller's RNG
         with torch.no_grad():
             norm.weight.copy_(torch.from_numpy(gamma.astype(np.float32)))
             norm.bias.copy_(torch.from_numpy(beta.astype(np.float32)))
