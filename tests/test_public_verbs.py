@@ -223,3 +223,13 @@ def test_building_an_encoder_leaves_the_callers_torch_random_state_alone(tmp_pat
     mimc.tokens("ref", tmp_path / "t", r=4)
     mimc.quantize(art, "builtin", n=16, smooth=0.5)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_inspect_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    # a notebook's inline backend was switched to Agg by matplotlib.use: its later plots showed nothing
+    matplotlib = pytest.importorskip("matplotlib")
+
+    matplotlib.use("svg")
+    report = mimc.inspect("ref", plot=tmp_path / "b.png")
+    assert matplotlib.get_backend() == "svg" and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["plot"] == str(tmp_path / "b.png")

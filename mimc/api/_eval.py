@@ -72,7 +72,7 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
             raise BadInputError(f"plot path {plot} does not end in .png: name a .png file")
         if not plot.parent.is_dir():
             raise BadInputError(f"folder {plot.parent} does not exist: create it or choose another plot path")
-        _pyplot()  # a missing matplotlib fails before the work, not after
+        _figure()  # a missing matplotlib fails before the work, not after
     encoder = _load(model)
     batches = as_source(data, seed).batches(encoder.config, n, batch_size) if data is not None else None
     result = inspect_blocks(encoder, batches, dtype, hist_bins, seed)
@@ -84,24 +84,23 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
     return InspectReport(result)
 
 
-def _pyplot():
+def _figure():
+    """matplotlib's Figure class: drawn without pyplot, so no display is needed and the caller's
+    backend (a notebook's inline one) is left as it was."""
     from mimc.errors import MissingExtraError
 
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise MissingExtraError("the inspect plot needs matplotlib, which is not installed: pip install matplotlib, or skip the plot") from None
-    matplotlib.use("Agg")  # no display needed; also keeps tests headless
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure
 
 
 def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
     """Min-max normalised scores per criterion against the block index (PNG), written atomically."""
-    plt = _pyplot()
     ids = result["block_ids"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig = _figure()(figsize=(8, 4.5), dpi=110)
+    ax = fig.subplots()
     rho = result.get("spearman_vs_sensitivity", {})
     for name, values in result["scores"].items():
         lo, hi = min(values), max(values)
@@ -117,7 +116,6 @@ def plot_scores(result: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 __all__ = ["evaluate", "inspect", "EvalReport", "InspectReport"]
