@@ -7,7 +7,8 @@ previous one) holding:
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's state dict, its tensors and the
   structure around them (numbers, lists, keys) apart, so that reading it back never unpickles
   anything (a checkpoint of an older mimc with a pickled ``optimizer.pt`` is refused),
-- ``state.json``: the step, the RNG state, and ``meta`` — what the run was started from (stage
+- ``state.json``: the step, the global RNG state (recorded; a resume never sets it: every draw of a run
+  comes from its own seeded generators), and ``meta`` — what the run was started from (stage
   options, content hashes of the source model and of the data, world size). Resuming compares
   ``meta`` and refuses a folder written for another model, data or options.
 """

@@ -227,7 +227,6 @@ def train(student: nn.Module, teacher: nn.Module, images: IndexedImages | torch.
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise ConfigError(f"checkpoint in {run.run_dir} does not fit this run (optimizer state: {exc}): start a fresh run "
                               "with another -o") from None
-        torch.set_rng_state(saved.rng_state)
         start, losses = saved.step, saved.losses
 
     num_patches = teacher.config.num_patches

@@ -101,9 +101,12 @@ def test_resume_continues_exactly(pair, pixels, tmp_path):
     saved = load_checkpoint(tmp_path)
     assert saved.step == 3 and len(saved.losses) == 3 and "state" in saved.optimizer
     resumed = build_encoder(tiny_config(depth=2), seed=1)
+    torch.manual_seed(7)
+    callers = torch.get_rng_state()
     result = train(resumed, teacher, pixels, settings, TrainRun(run_dir=tmp_path, resume=True), meta={"source_sha256": "x"})
     assert result.resumed_from == 3 and result.steps_run == 3
     assert state_hash(resumed) == state_hash(full)  # bit for bit
+    assert torch.equal(torch.get_rng_state(), callers)  # the checkpoint's RNG state is not forced on the caller's process
     with pytest.raises(BadInputError, match="different model"):
         train(build_encoder(tiny_config(depth=2), seed=1), teacher, pixels, settings, TrainRun(run_dir=tmp_path, resume=True),
               meta={"source_sha256": "y"})
