@@ -233,3 +233,19 @@ def test_inspect_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     report = mimc.inspect("ref", plot=tmp_path / "b.png")
     assert matplotlib.get_backend() == "svg" and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert report["plot"] == str(tmp_path / "b.png")
+
+
+def test_search_recipe_names_a_local_model_and_data_by_absolute_path(tmp_path, monkeypatch):
+    # recipe.yaml said `model: a` and `data: imgs.npz`: `mimc run` of it from any other folder found neither
+    import shutil
+
+    from mimc.data.readers import BUILTIN_PATH
+
+    monkeypatch.chdir(tmp_path)
+    mimc.prune("ref", "a", ratio=0.5)
+    shutil.copy(BUILTIN_PATH, "imgs.npz")
+    space = {"block_ratios": [0.0], "token_keeps": [1.0], "precisions": ["fp32"], "runtimes": ["ort"]}
+    report = mimc.search("a", "cpu", data="imgs.npz", n=8, n_eval=8, iters=2, space=space, output="s")
+    recipe = yaml.safe_load((tmp_path / "s" / "recipe.yaml").read_text())
+    assert (recipe["model"], recipe["data"]) == (str(tmp_path / "a"), str(tmp_path / "imgs.npz"))
+    assert (report["model"], report["data"]) == ("a", "imgs.npz")  # the report names them as given

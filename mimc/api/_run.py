@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from mimc.api._model import _default_output, _load, _name
 from mimc.api.reports import DictReport
+from mimc.artifact import recorded_path
 from mimc.atomic import atomic_dir, check_not_input, check_output
 from mimc.errors import ConfigError
 from mimc.train.dist import check_one_process
@@ -110,9 +111,9 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     calib, held = images.subset(np.arange(n)), images.subset(np.arange(n, len(images)))
     result = _search(encoder, device, held, calib, space, min_cosine=min_cosine, budget_ms=budget_ms, iters=iters,
                      on_candidate=on_candidate)
-    # a profile .yaml is named by its absolute path: the recipe may run from another folder
+    # a local model, data or profile .yaml is named by its absolute path: the recipe may run from another folder
     spec = str(Path(device).resolve()) if Path(device).suffix in (".yaml", ".yml") and Path(device).is_file() else device
-    recipe = recipe_of(result, name, data, n, seed, device=spec)
+    recipe = recipe_of(result, recorded_path(_name(model, None)) or name, recorded_path(data), n, seed, device=spec)
     result = {"model": name, "data": data, **result, "output": str(out)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "search.json").write_text(json.dumps({k: v for k, v in result.items() if k != "output"}, indent=2) + "\n")
