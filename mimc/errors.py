@@ -9,6 +9,7 @@ the name as its flag (``--ratio``), a recipe as its key (``stages[0].prune.ratio
 from __future__ import annotations
 
 import importlib
+import numbers
 import re
 from typing import Any, Mapping, Sequence
 
@@ -77,6 +78,11 @@ class DeviceUnavailableError(MimcError):
     """The target device (GPU, TensorRT) is not present on this machine (exit 2)."""
 
     exit_code = 2
+
+
+def whole(value: Any) -> bool:
+    """A whole number (a Python or numpy integer), not a bool, a float or text: what a count option takes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def clip(value: Any, limit: int = 80) -> str:

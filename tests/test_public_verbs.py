@@ -249,3 +249,31 @@ def test_search_recipe_names_a_local_model_and_data_by_absolute_path(tmp_path, m
     recipe = yaml.safe_load((tmp_path / "s" / "recipe.yaml").read_text())
     assert (recipe["model"], recipe["data"]) == (str(tmp_path / "a"), str(tmp_path / "imgs.npz"))
     assert (report["model"], report["data"]) == ("a", "imgs.npz")  # the report names them as given
+
+
+def test_a_text_or_fractional_count_is_a_mimc_error_naming_its_option(tmp_path):
+    # a service passing threads=os.environ["THREADS"] got TypeError: '<' not supported between 'str' and 'int'
+    import numpy as np
+
+    from mimc.errors import MimcError
+
+    graph = mimc.export("ref", tmp_path / "e").path
+    f = tmp_path / "f"
+    calls = {"threads": [lambda: mimc.embed("ref", "builtin", f, n=8, threads="2"), lambda: mimc.profile(graph, "cpu", threads=2.0),
+                         lambda: mimc.evaluate("ref", "ref", "builtin", n=8, threads="2")],
+             "batch_size": [lambda: mimc.embed("ref", "builtin", f, n=8, batch_size="4"), lambda: mimc.inspect("ref", batch_size=4.0),
+                            lambda: mimc.evaluate("ref", "ref", "builtin", n=8, batch_size="4"),
+                            lambda: mimc.prune("ref", tmp_path / "p", ratio=0.5, batch_size="4")],
+             "workers": [lambda: mimc.embed("ref", "builtin", f, n=8, workers="1")],
+             "seed": [lambda: mimc.embed("ref", "builtin", f, n=8, seed="1")],
+             "iters": [lambda: mimc.profile(graph, "cpu", iters="3")], "hist_bins": [lambda: mimc.inspect("ref", hist_bins="64")],
+             "checkpoint_every": [lambda: mimc.sparsify("ref", tmp_path / "s", method="learned", data="builtin",
+                                                        checkpoint_every="1")]}
+    for option, refused in calls.items():
+        for call in refused:
+            with pytest.raises(MimcError) as info:
+                call()
+            assert option in info.value.options and "--" not in str(info.value), str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    report = mimc.embed("ref", "builtin", f, n=8, batch_size=np.int64(4), threads=np.int64(1), workers=np.int64(0))
+    assert report.images == 8  # numpy whole numbers are whole numbers

@@ -12,7 +12,7 @@ from typing import Any
 from mimc.api.reports import StageReport
 from mimc.artifact import recorded_path
 from mimc.atomic import check_not_input, check_output, claim_output
-from mimc.errors import ConfigError, DataError
+from mimc.errors import ConfigError, DataError, whole
 from mimc.train.dist import check_one_process
 
 
@@ -36,8 +36,8 @@ def _default_output(model, suffix: str) -> Path:
 def run_stage(model, config, output, suffix: str, data=None, n: int | None = None, batch_size: int = 64, seed: int = 0,
               overwrite: bool = False, teacher=None, run=None, preflight=None, encoder=None) -> StageReport:
     """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
-    if batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", option="batch_size")
+    if not whole(batch_size) or batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
     from mimc.data import as_source, spec_of
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process
@@ -201,8 +201,8 @@ def _train(model, config, out, data, n, run_dir, resume, checkpoint_every: int, 
     from mimc.train.dist import is_main_process, shutdown
     from mimc.train.parallel import check_run
 
-    if checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}", option="checkpoint_every")
+    if not whole(checkpoint_every) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every!r}", option="checkpoint_every")
     run = None if run_dir is None else TrainRun(run_dir=Path(run_dir), resume=resume is not None,
                                                 checkpoint_every=checkpoint_every, show_progress=is_main_process(), **runtime)
     if run is not None:

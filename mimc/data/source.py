@@ -33,7 +33,7 @@ from mimc.data.datasets_dir import HFDatasetReader, is_saved_dataset
 from mimc.data.preprocess import ArrayLayout, prepare_image
 from mimc.data.readers import BUILTIN, BUILTIN_PATH, ArrayReader, FolderReader, Reader
 from mimc.data.shards import TarReader, is_shard_spec
-from mimc.errors import DataError
+from mimc.errors import DataError, whole
 
 CACHE_BYTES = 1 << 30  # ImageSource.batches keeps a request in memory up to this size
 AUTO_WORKER_MIN_IMAGES = 256  # fewer images than this decode in the calling process (workers cost a fork each)
@@ -269,10 +269,10 @@ class ImageSource:
 
     def __init__(self, spec: str | Path, seed: int = 0, *, workers: int | None = None, skip_corrupt: bool = False,
                  image_column: str | None = None, label_column: str | None = None):
-        if seed is not None and seed < 0:
-            raise DataError(f"seed must be a non-negative whole number, got {seed}", option="seed")
-        if workers is not None and (isinstance(workers, bool) or workers < 0):
-            raise DataError(f"workers must be 0 (decode in this process) or more, got {workers}", option="workers")
+        if seed is not None and (not whole(seed) or seed < 0):
+            raise DataError(f"seed must be a non-negative whole number, got {seed!r}", option="seed")
+        if workers is not None and (not whole(workers) or workers < 0):
+            raise DataError(f"workers must be 0 (decode in this process) or more, got {workers!r}", option="workers")
         check_workers(workers)
         self.spec = str(spec)
         self.seed = seed

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError
+from mimc.errors import BadInputError, ConfigError, DeviceUnavailableError, whole
 from mimc.latency.devices import MAX_BATCH
 from mimc.runtime.openvino import IR_SUFFIXES  # an OpenVINO IR (its .bin beside it), measured on an openvino-cpu device
 from mimc.runtime.timing import check_threads
@@ -90,8 +90,8 @@ def profile(model_path: str | os.PathLike, device: str = "cpu", predict: bool = 
         verify_graph(path)  # a graph or IR its artifact lists (and its .data / .bin) must be the one recorded
     sizes = parse_batch_sizes(batch_sizes)
     check_predict(predict, warmup, iters, threads)
-    if warmup < 0 or iters < 1:
-        raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup} and {iters}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
+    if not (whole(warmup) and whole(iters)) or warmup < 0 or iters < 1:
+        raise BadInputError(f"warmup must be >= 0 and iters >= 1, got {warmup!r} and {iters!r}: e.g. warmup 10, iters 50", option=("warmup", "iters"))
     check_threads(threads)
     if is_ir and (predict or prof.backend != "openvino-cpu"):
         raise BadInputError(f"{path.name} is an OpenVINO IR: profile it with device openvino-cpu{' and without predict' if predict else ''}, "

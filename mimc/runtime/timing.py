@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mimc.errors import BadInputError, ConfigError, MimcError
+from mimc.errors import BadInputError, ConfigError, MimcError, whole
 
 # ORT's type strings -> numpy dtypes for the synthetic inputs.
 DTYPES = {
@@ -42,8 +42,8 @@ def check_threads(threads: int | None) -> None:
     if threads is None:
         return
     cores = cores_here()
-    if isinstance(threads, bool) or threads < 1:
-        raise ConfigError(f"threads must be 1 or more, got {threads}", option="threads")
+    if not whole(threads) or threads < 1:
+        raise ConfigError(f"threads must be 1 or more, got {threads!r}", option="threads")
     if threads > cores:
         raise ConfigError(f"threads {threads} is more than the {cores} cores here: choose at most {cores}", option="threads")
 
