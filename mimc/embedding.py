@@ -159,8 +159,8 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
     session, the source."""
     if batch_size is not None and (not whole(batch_size) or batch_size < 1):
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
-    if n is not None and (isinstance(n, bool) or n < 1):
-        raise ConfigError(f"n must be a positive number of images (or none for all), got {n}", option="n")
+    if n is not None and (not whole(n) or n < 1):
+        raise ConfigError(f"n must be a positive number of images (or none for all), got {n!r}", option="n")
     given = [k for k, v in (("workers", workers is not None), ("skip_corrupt", skip_corrupt), ("image_column", image_column),
                             ("label_column", label_column)) if v]
     if isinstance(data, ImageSource) and given:
@@ -186,7 +186,7 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
     stream = source.stream(embedder.config, n, batch_size, rank=rank, world=world)
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     head = {"format": "mimc-embeddings", "version": 1, "model": model_name, "runtime": embedder.runtime,
-            "source": source.spec, "seed": source.seed, "n": n, "tokens": tokens,
+            "source": source.spec, "seed": source.seed, "n": n if n is None else int(n), "tokens": tokens,
             "shard": {"rank": rank, "world": world} if world > 1 and not gathered else None,
             "features": features_path.name, "dtype": "float32", "class_names": stream.class_names}
     capacity = len(requested) if gathered else len(stream.positions)

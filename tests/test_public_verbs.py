@@ -277,3 +277,18 @@ def test_a_text_or_fractional_count_is_a_mimc_error_naming_its_option(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
     report = mimc.embed("ref", "builtin", f, n=8, batch_size=np.int64(4), threads=np.int64(1), workers=np.int64(0))
     assert report.images == 8  # numpy whole numbers are whole numbers
+
+
+def test_embed_and_inspect_take_numpy_whole_numbers_for_n_and_seed(tmp_path):
+    # n=np.int64(8) embedded every image, then failed writing its index: int64 is not JSON serializable
+    import numpy as np
+
+    mimc.embed("ref", "builtin", tmp_path / "f", n=np.int64(8), seed=np.int64(1), workers=0)
+    index = json_load(tmp_path / "f.json")
+    assert (index["n"], index["seed"], len(index["rows"])) == (8, 1, 8)
+    assert mimc.inspect("ref", data="builtin", n=np.int64(8), seed=np.int64(1))["data"] == "builtin"  # seed: torch's TypeError
+    for refused, option in ((lambda: mimc.embed("ref", "builtin", tmp_path / "g", n="8"), "n"),
+                            (lambda: mimc.inspect("ref", seed="1"), "seed")):
+        with pytest.raises(mimc.api.ConfigError) as info:
+            refused()
+        assert info.value.options == (option,)

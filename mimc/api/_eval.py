@@ -62,6 +62,8 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
         raise ConfigError(f"hist_bins must be in [2, {1 << 24}], got {hist_bins!r}", option="hist_bins")
     if not whole(batch_size) or batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
+    if not whole(seed) or seed < 0:  # else a TypeError from torch's generator, after the data-free scores
+        raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}", option="seed")
     if plot is True:
         from mimc.models.resolve import model_slug
 
@@ -75,7 +77,7 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
         _figure()  # a missing matplotlib fails before the work, not after
     encoder = _load(model)
     batches = as_source(data, seed).batches(encoder.config, n, batch_size) if data is not None else None
-    result = inspect_blocks(encoder, batches, dtype, hist_bins, seed)
+    result = inspect_blocks(encoder, batches, dtype, hist_bins, int(seed))
     result["model"] = _name(model, None)
     result["data"] = spec_of(data)
     if plot is not None:

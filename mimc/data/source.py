@@ -275,7 +275,7 @@ class ImageSource:
             raise DataError(f"workers must be 0 (decode in this process) or more, got {workers!r}", option="workers")
         check_workers(workers)
         self.spec = str(spec)
-        self.seed = seed
+        self.seed = seed if seed is None else int(seed)  # a numpy integer is recorded as a number
         self.workers = workers
         self.skip_corrupt = skip_corrupt
         self.image_column, self.label_column = image_column, label_column
