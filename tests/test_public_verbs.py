@@ -292,3 +292,16 @@ def test_embed_and_inspect_take_numpy_whole_numbers_for_n_and_seed(tmp_path):
         with pytest.raises(mimc.api.ConfigError) as info:
             refused()
         assert info.value.options == (option,)
+
+
+def test_a_model_that_is_neither_an_encoder_nor_a_model_argument_is_refused(tmp_path):
+    # mimc.prune(None, ...) raised AttributeError: 'NoneType' object has no attribute 'config'
+    from mimc.errors import NotAModelError
+
+    calls = [lambda: mimc.prune(None, tmp_path / "p", ratio=0.5), lambda: mimc.width(5, tmp_path / "w", mlp=0.5),
+             lambda: mimc.export(5, tmp_path / "e"), lambda: mimc.inspect(object()),
+             lambda: mimc.distill("ref", tmp_path / "d", data="builtin", teacher=5)]
+    for call in calls:
+        with pytest.raises(NotAModelError, match="cannot use a (NoneType|int|object) as a model: pass an Encoder or a MODEL"):
+            call()
+    assert not any(tmp_path.iterdir())

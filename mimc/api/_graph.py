@@ -108,7 +108,7 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
         _new_artifact(out_dir, overwrite, f" or overwrite it{into}")
     stale = _stale(out_dir / ONNX_NAME, overwrite, "export", "export into a new folder") if in_place else []
-    encoder = _unshared(model) if in_memory else _load(model)
+    encoder = _unshared(_load(model)) if in_memory else _load(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
         result = extend(out_dir, encoder, [config], export_options=runtime)

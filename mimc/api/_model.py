@@ -12,14 +12,20 @@ from typing import Any
 from mimc.api.reports import StageReport
 from mimc.artifact import recorded_path
 from mimc.atomic import check_not_input, check_output, claim_output
-from mimc.errors import ConfigError, DataError, whole
+from mimc.errors import ConfigError, DataError, NotAModelError, whole
 from mimc.train.dist import check_one_process
 
 
 def _load(model):
+    """A MODEL argument loaded, an Encoder in memory as it is; anything else refused."""
     from mimc.models.resolve import load_model
+    from mimc.models.vit import Encoder
 
-    return load_model(model) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        return load_model(model)
+    if not isinstance(model, Encoder):
+        raise NotAModelError(f"cannot use a {type(model).__name__} as a model: pass an Encoder or a MODEL argument (ref, a path, a hub id)")
+    return model
 
 
 def _name(model, default: str | None = "model") -> str | None:
