@@ -14,7 +14,7 @@ from __future__ import annotations
 from mimc._version import __version__
 
 _VERBS = ("prune", "width", "tokens", "sparsify", "distill", "export", "quantize", "build", "profile", "evaluate",
-          "embed", "inspect", "run", "recipe", "search", "profiles")
+          "embed", "inspect", "run", "recipe", "search", "profiles", "SearchSpace", "ImageSource")  # (and two types)
 
 
 def load(model):
@@ -39,7 +39,7 @@ def compress(encoder, config, calibration_batches=None):
 
 
 def __getattr__(name: str):
-    if name in _VERBS or name in ("SearchSpace", "ImageSource"):
+    if name in _VERBS:
         import mimc.api
 
         return getattr(mimc.api, name)

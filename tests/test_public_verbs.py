@@ -305,3 +305,9 @@ def test_a_model_that_is_neither_an_encoder_nor_a_model_argument_is_refused(tmp_
         with pytest.raises(NotAModelError, match="cannot use a (NoneType|int|object) as a model: pass an Encoder or a MODEL"):
             call()
     assert not any(tmp_path.iterdir())
+
+
+def test_every_public_name_of_the_package_is_listed_by_dir_and_all():
+    # mimc.SearchSpace and mimc.ImageSource resolved, but dir() (a notebook's completion) and __all__ left them out
+    for name in ("SearchSpace", "ImageSource", "prune", "load"):
+        assert name in dir(mimc) and name in mimc.__all__ and getattr(mimc, name) is not None
