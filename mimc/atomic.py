@@ -27,9 +27,14 @@ TEMP_ROOM = 32  # what a temporary name adds: .NAME.<pid>.<8 random>.tmp
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read without setting it where the OS allows (Linux): setting it, even for an
+    instant, races with any other thread of the process creating a file."""
+    try:
+        return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, IndexError, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def default_mode(path: Path, directory: bool) -> None:

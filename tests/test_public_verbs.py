@@ -311,3 +311,18 @@ def test_every_public_name_of_the_package_is_listed_by_dir_and_all():
     # mimc.SearchSpace and mimc.ImageSource resolved, but dir() (a notebook's completion) and __all__ left them out
     for name in ("SearchSpace", "ImageSource", "prune", "load"):
         assert name in dir(mimc) and name in mimc.__all__ and getattr(mimc, name) is not None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_writing_an_artifact_never_sets_the_process_umask(tmp_path, monkeypatch):
+    # the umask was read by setting it to 0 and back: a service thread creating a file meanwhile made it world-writable
+    import os
+
+    umask, set_to = os.umask(0o027), []
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or pytest.fail("umask set"))
+        out = mimc.prune("ref", tmp_path / "p", ratio=0.5).output
+    finally:
+        monkeypatch.undo()
+        os.umask(umask)
+    assert set_to == [] and (out / "mimc.json").stat().st_mode & 0o777 == 0o640 and out.stat().st_mode & 0o777 == 0o750
