@@ -326,3 +326,14 @@ def test_writing_an_artifact_never_sets_the_process_umask(tmp_path, monkeypatch)
         monkeypatch.undo()
         os.umask(umask)
     assert set_to == [] and (out / "mimc.json").stat().st_mode & 0o777 == 0o640 and out.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_predicted_profile_never_changes_the_working_directory(tmp_path, monkeypatch):
+    # counting FLOPs ran ORT's shape inference after os.chdir into a temp folder: a service thread writing
+    # a relative path meanwhile wrote into that folder, deleted right after
+    import os
+
+    graph = mimc.export("ref", tmp_path / "e").path
+    monkeypatch.setattr(os, "chdir", lambda path: pytest.fail(f"chdir {path}"))
+    report = mimc.profile(graph, "h100", predict=True)
+    assert report["label"] == "predicted" and not (tmp_path / "sym_shape_infer_temp.onnx").exists()

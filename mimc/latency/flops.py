@@ -97,9 +97,7 @@ def _infer(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
     missing = _missing(inferred, info)
     if missing:
         try:  # ORT's symbolic inference folds Shape->Gather->Concat->Expand chains onnx leaves open
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            symbolic = _in_temp_dir(lambda: SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+            symbolic = _symbolic(model)
             sym_info = _collect(symbolic)
             if _missing(symbolic, sym_info) < missing:
                 info = {**info, **{k: v for k, v in sym_info.items() if v[1] is not None}}
@@ -108,19 +106,21 @@ def _infer(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
     return info
 
 
-def _in_temp_dir(fn):
-    """Run ``fn`` from a scratch directory: ORT's symbolic inference drops sym_shape_infer_temp.onnx
-    into the working directory when it gives up, and mimc must not litter the user's folder."""
-    import os
-    import tempfile
+def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's ``SymbolicShapeInference.infer_shapes(model, auto_merge=True)`` less its last step: when it
+    gives up, that saves sym_shape_infer_temp.onnx into the working directory, which mimc neither
+    litters nor changes (a chdir is the whole process's: another thread's relative paths would move)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="mimc-shapes-") as tmp:
-        os.chdir(tmp)
-        try:
-            return fn()
-        finally:
-            os.chdir(cwd)
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    if not complete:
+        raise RuntimeError("incomplete symbolic shape inference")
+    inference._update_output_from_vi()
+    return inference.out_mp_
 
 
 def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, list[int] | None]]:
