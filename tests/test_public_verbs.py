@@ -337,3 +337,20 @@ def test_a_predicted_profile_never_changes_the_working_directory(tmp_path, monke
     monkeypatch.setattr(os, "chdir", lambda path: pytest.fail(f"chdir {path}"))
     report = mimc.profile(graph, "h100", predict=True)
     assert report["label"] == "predicted" and not (tmp_path / "sym_shape_infer_temp.onnx").exists()
+
+
+def test_quantize_refuses_options_beside_a_config_and_a_config_of_another_type(tmp_path):
+    # config=QuantizeConfig(...) with device='openvino-cpu' or method='minmax' beside it ignored them silently;
+    # a mapping as config raised AttributeError: 'dict' object has no attribute 'precision'
+    from mimc.errors import ConfigError
+    from mimc.quant.config import QuantizeConfig
+
+    config = QuantizeConfig(n=16)
+    calls = {("config", "device"): lambda: mimc.quantize("ref", "builtin", tmp_path / "q.int8.onnx", config=config, device="openvino-cpu"),
+             ("config", "method"): lambda: mimc.quantize("ref", "builtin", tmp_path / "q.int8.onnx", config=config, method="minmax"),
+             ("config",): lambda: mimc.quantize("ref", "builtin", tmp_path / "q.int8.onnx", config={"n": 16})}
+    for options, call in calls.items():
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert info.value.options == options and all(o in str(info.value) for o in options), str(info.value)
+    assert not any(tmp_path.iterdir())

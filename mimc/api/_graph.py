@@ -14,7 +14,7 @@ from typing import Any
 from mimc.api._model import _default_output, _load
 from mimc.api.reports import DictReport, GraphReport
 from mimc.atomic import check_not_input, check_writable, write_json
-from mimc.errors import BadInputError, DataError
+from mimc.errors import BadInputError, ConfigError, DataError
 from mimc.latency.run import ITERS, WARMUP
 from mimc.train.dist import check_one_process
 
@@ -161,6 +161,13 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
     _refuse_in_memory(model, "quantize", "then quantize DIR")
     if config is None:
         config = QuantizeConfig.from_dict({"precision": precision, "target": target_for_device(device, precision), **options})
+    elif not isinstance(config, QuantizeConfig):
+        raise ConfigError(f"config must be a QuantizeConfig, got {type(config).__name__}: give one, or its options themselves", option="config")
+    else:  # the config decides every option: one given beside it would be ignored
+        beside = [k for k, v in (("precision", precision != "int8"), ("device", device != "cpu")) if v] + sorted(options)
+        if beside:
+            raise ConfigError(f"config holds every quantize option and {', '.join(beside)} beside it would be ignored: "
+                              "give config or the options", option=("config", *beside))
     if calib is None:
         raise DataError("quantization needs calibration images: give calib (a folder, .npz/.npy or 'builtin')", option="calib")
     images = as_source(calib, seed)
