@@ -246,3 +246,15 @@ def test_an_ir_built_outside_its_artifact_finds_it_from_any_folder(app, graph, t
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["runtime"] == "openvino-cpu" and report["fidelity"]["pooled_cosine_mean"] > 0.99
+
+
+def test_build_into_another_artifact_is_refused_and_writes_nothing(app, graph, tmp_path):
+    """`mimc build A/model.onnx -d openvino-cpu -o B/x.xml` wrote an IR into artifact B, whose mimc.json does not
+    list it: every later command refused it as a file "its mimc.json does not list" (quantize refuses the same)."""
+    pytest.importorskip("openvino")
+    from tests.cli.conftest import snapshot
+
+    other = save_artifact(build_encoder(tiny_config(), seed=1), tmp_path / "other")
+    before = snapshot(other)
+    one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", other / "x.xml"]), "inside the artifact")
+    assert snapshot(other) == before
