@@ -205,6 +205,15 @@ def update_manifest(path: str | os.PathLike, edit: Callable[[Manifest], T]) -> T
         os.close(fd)
 
 
+def recorded_files(path: str | os.PathLike) -> set[str]:
+    """The names of an artifact's own files: mimc.json, its weights, and every graph, IR or engine its
+    mimc.json lists, with their weights and sidecars."""
+    names = {MANIFEST_NAME, WEIGHTS_NAME}
+    for name, entry in read_manifest(path).files.items():
+        names.update(n for n in (name, *(entry.get(key) for key in ("file", "external_data", "sidecar"))) if n)
+    return names
+
+
 def verify_weights(path: str | os.PathLike, manifest: Manifest) -> Path:
     """The artifact's weights file, after checking it is the one its manifest names (sha256, streamed)."""
     weights = Path(path) / WEIGHTS_NAME

@@ -235,6 +235,7 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = WARMU
     lower bound (predicted) for a device that is not here. ``output``: also write the JSON report.
     ``precision``: the float precision an openvino-cpu device runs (fp32/bf16), or with ``predict``
     the precision the roofline prices."""
+    from mimc.artifact import is_artifact, recorded_files
     from mimc.latency.run import check_model_path, parse_batch_sizes
     from mimc.latency.run import profile as run_profile
 
@@ -250,6 +251,9 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = WARMU
             raise BadInputError(f"output {output} is a directory: give a file path like report.json")
         device_file = Path(device) if Path(device).suffix in (".yaml", ".yml") else None
         _check_folder(output, [*_read_by(model), device_file])  # the report must not replace the graph it measures, nor what it reads
+        if is_artifact(output.parent) and output.name in recorded_files(output.parent):  # nor any artifact's own file
+            raise BadInputError(f"output {output} is a file of the artifact {output.parent}: write the report to a new file, "
+                                f"like {output.parent / 'profile.json'}", option="output")
     report = run_profile(model, device=device, predict=predict, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                          threads=threads, on_batch=on_batch, on_message=on_message, precision=precision)
     if output is not None:

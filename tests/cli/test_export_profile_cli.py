@@ -184,6 +184,20 @@ def test_profile_report_never_replaces_a_file_the_graph_reads(app, tmp_path, onn
     assert device.read_text().startswith("#")
 
 
+def test_profile_report_never_replaces_a_file_of_an_artifact(app, tmp_path, onnx_file):
+    """`profile ART/model.onnx -o ART/model.safetensors` (or a graph's or IR's file the artifact lists) replaced it
+    with the report: the artifact's weights were then refused as altered. Files the graph itself reads were guarded."""
+    import shutil
+
+    loose = tmp_path / "g.onnx"
+    shutil.copy(onnx_file, loose)
+    before = snapshot(onnx_file.parent)
+    for graph in (onnx_file, loose):
+        one_error_line(invoke(app, ["profile", graph, "--predict", "-o", onnx_file.parent / "model.safetensors"]), "model.safetensors")
+    assert snapshot(onnx_file.parent) == before
+    assert invoke(app, ["profile", onnx_file, "--predict", "-o", onnx_file.parent / "profile.json"]).exit_code == 0
+
+
 def test_profile_refuses_more_threads_than_cores(app, onnx_file):
     """--threads 100000 started ONNX Runtime with that many threads: the process was killed (exit 137)."""
     import os
