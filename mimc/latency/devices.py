@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mimc.errors import ConfigError
+from mimc.errors import ConfigError, clip
 from mimc.runtime.timing import cores_here
 from mimc.yamlfile import read_yaml
 
@@ -109,6 +109,9 @@ def load_profile(device: str | Path) -> DeviceProfile:
     if wrong:
         raise ConfigError(f"device profile {path}: {wrong} of the wrong type (name and description are text, precisions a list, "
                           "peak_tflops and sources mappings, sparse_tensor_cores true or false): fix the file (see mimc/profiles/h100.yaml)")
+    if data["name"] in ("", ".", "..") or Path(data["name"]).name != data["name"]:  # outputs are named after it
+        raise ConfigError(f"device profile {path}: name {clip(data['name'])} must be a plain name (no '/', not empty), "
+                          "like my-cpu: fix the file")
     if data["backend"] not in BACKENDS:
         raise ConfigError(f"device profile {path}: backend '{data['backend']}' is not one of {BACKENDS}")
     for key, where in (("precisions", ""), ("peak_tflops", "peak_tflops has ")):

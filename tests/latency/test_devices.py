@@ -100,6 +100,18 @@ def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
 
 
+def test_a_profile_name_is_a_plain_name_not_a_path(tmp_path):
+    """`name: ../escaped` in a user's YAML: `mimc build DIR/model.onnx --device mine.yaml` wrote
+    DIR/../escaped-fp32.xml (outputs are named after the profile), outside the graph's folder; an empty
+    name wrote a hidden `-fp32.xml`."""
+    data = load_profile("openvino-cpu").to_dict()
+    for name in ("../escaped", "a/b", "", ".", ".."):
+        data["name"] = name
+        with pytest.raises(ConfigError, match="name") as info:
+            load_profile(_write(tmp_path, data))
+        assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
 def test_unknown_device_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown device 'h900'.*h100") as info:
         load_profile("h900")
