@@ -118,6 +118,8 @@ def load_profile(device: str | Path) -> DeviceProfile:
         bad = [p for p in data[key] if p not in PRECISIONS]
         if bad:
             raise ConfigError(f"device profile {path}: {where}unknown precision(s) {bad}; valid: {PRECISIONS}")
+    if not data["precisions"]:
+        raise ConfigError(f"device profile {path}: precisions is empty: list those the device runs, e.g. [fp32, int8]")
     numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
     numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
     not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf]

@@ -90,6 +90,7 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d.update(batch_sizes=[0]), "batch_sizes"),
         (lambda d: d.update(batch_sizes=[]), "batch_sizes"),
         (lambda d: d.update(batch_sizes=[1, 10**9]), "batch_sizes go up to 4096"),  # was accepted: a 600 TB ViT-B input
+        (lambda d: d.update(precisions=[]), "precisions"),  # was accepted: "device 'h100' has only : pick a device with fp32"
     ],
 )
 def test_broken_yaml_is_one_clear_line(tmp_path, change, message):
