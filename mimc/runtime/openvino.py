@@ -107,9 +107,10 @@ def read(path: str | Path):
         raise BadInputError(f"IR {path} has no weights file {path.with_suffix('.bin').name} beside it: rebuild it with `mimc build`")
     try:
         return core().read_model(str(path))
-    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line text
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadInputError(f"OpenVINO cannot read {path} ({first[:300]}): re-export it with `mimc export`") from exc
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line text, led by lines naming its sources
+        said = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith(("Exception from ", "Check '"))]
+        fix = "rebuild it with `mimc build`" if path.suffix in IR_SUFFIXES else "re-export it with `mimc export`"
+        raise BadInputError(f"OpenVINO cannot read {path} ({(said or [type(exc).__name__])[0][:300]}): {fix}") from exc
 
 
 def compile_model(path_or_model, precision: str = "fp32", threads: int | None = None, shapes: dict[str, list[int]] | None = None):

@@ -258,3 +258,17 @@ def test_build_into_another_artifact_is_refused_and_writes_nothing(app, graph, t
     before = snapshot(other)
     one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", other / "x.xml"]), "inside the artifact")
     assert snapshot(other) == before
+
+
+def test_a_damaged_ir_is_refused_with_what_openvino_found_and_the_rebuild(app, graph, tmp_path):
+    """A truncated (or another model's) .bin said "OpenVINO cannot read m.xml (Exception from
+    src/inference/src/cpp/core.cpp:84:): re-export it with `mimc export`": the line OpenVINO's error starts
+    with names its source file, not the problem, and an IR is rebuilt, not re-exported."""
+    pytest.importorskip("openvino")
+    ir = tmp_path / "m.xml"
+    assert invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", ir]).exit_code == 0
+    ir.with_suffix(".bin").write_bytes(ir.with_suffix(".bin").read_bytes()[:1000])
+    for args in (["profile", ir, "--device", "openvino-cpu"], ["eval", ir, "--ref", graph, "--n", "2"]):
+        result = invoke(app, args)
+        one_error_line(result, "Incorrect weights in bin file")
+        assert "core.cpp" not in result.stderr and "mimc build" in result.stderr
