@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -103,6 +104,14 @@ def read(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"graph {path} does not exist: export one with `mimc export MODEL` or build an IR with `mimc build`")
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise BadInputError(f"{path} cannot be read ({exc.strerror}): check its permissions") from exc
+    if path.suffix in IR_SUFFIXES and not re.search(rb"<net[\s>]", head):
+        # else OpenVINO tries its other readers on it, TensorFlow's writing its own errors to stderr
+        raise BadInputError(f"{path} is not an OpenVINO IR (no <net> element): build one with `mimc build GRAPH --device openvino-cpu`")
     if path.suffix in IR_SUFFIXES and not path.with_suffix(".bin").is_file():
         raise BadInputError(f"IR {path} has no weights file {path.with_suffix('.bin').name} beside it: rebuild it with `mimc build`")
     try:

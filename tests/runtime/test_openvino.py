@@ -272,3 +272,21 @@ def test_a_damaged_ir_is_refused_with_what_openvino_found_and_the_rebuild(app, g
         result = invoke(app, args)
         one_error_line(result, "Incorrect weights in bin file")
         assert "core.cpp" not in result.stderr and "mimc build" in result.stderr
+
+
+def test_an_xml_that_is_not_an_ir_is_refused_in_one_line(tmp_path):
+    """`mimc profile a.xml --device openvino-cpu` on an XML file that is not an IR: OpenVINO tried its other
+    readers, TensorFlow's among them, which wrote "WARNING: All log messages before absl::InitializeLog()..."
+    and two "Error parsing text-format tensorflow.GraphDef" lines to stderr before mimc's error line."""
+    pytest.importorskip("openvino")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    (tmp_path / "a.xml").write_text('<?xml version="1.0"?>\n<config><x>1</x></config>\n')
+    (tmp_path / "a.bin").write_bytes(b"\0" * 16)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-m", "mimc", "profile", "a.xml", "--device", "openvino-cpu"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "not an OpenVINO IR" in lines[0], run.stderr
