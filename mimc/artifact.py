@@ -239,7 +239,10 @@ def verify_graph(path: str | os.PathLike) -> str | None:
         return None
     entry = read_manifest(path.parent).files.get(path.name)
     where = path.parent / MANIFEST_NAME
-    fix = f"re-export it (mimc export {path.parent}) or restore the file mimc wrote"
+    built = isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("source", "device", "precision"))  # an IR, an engine
+    fix = (f"rebuild it (mimc build {path.parent / entry['source']} --device {entry['device']} --precision {entry['precision']} "
+           f"-o {path})" if built
+           else f"re-export it (mimc export {path.parent})") + " or restore the file mimc wrote"
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         raise NotAModelError(f"{path} lies in an artifact whose {MANIFEST_NAME} does not list it with its sha256: {fix}, "
                              "or move it out of the artifact")

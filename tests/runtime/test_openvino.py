@@ -290,3 +290,22 @@ def test_an_xml_that_is_not_an_ir_is_refused_in_one_line(tmp_path):
                          env=env, capture_output=True, text=True)
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert run.returncode == 2 and len(lines) == 1 and "not an OpenVINO IR" in lines[0], run.stderr
+
+
+def test_an_altered_ir_in_an_artifact_names_the_build_that_remakes_it(app, tmp_path):
+    """An artifact's IR whose .bin changed was refused with "re-export it (mimc export ART)": an export does not
+    make the IR again (and, with the IR made from model.onnx, is itself refused without --overwrite)."""
+    pytest.importorskip("openvino")
+    import shlex
+
+    from mimc.api import export
+
+    graph = export(str(save_artifact(build_encoder(tiny_config(), seed=0), tmp_path / "art")), validate=False).path
+    assert invoke(app, ["build", graph, "--device", "openvino-cpu"]).exit_code == 0
+    ir = graph.parent / "openvino-cpu-fp32.xml"
+    ir.with_suffix(".bin").write_bytes(ir.with_suffix(".bin").read_bytes()[:-4] + b"\0\0\0\1")
+    result = invoke(app, ["profile", ir, "--device", "openvino-cpu", "--iters", "1", "--warmup", "0"])
+    one_error_line(result, "rebuild it (mimc build")
+    fix = result.stderr.split("rebuild it (mimc ")[1].split(")")[0]
+    assert invoke(app, shlex.split(fix)).exit_code == 0
+    assert invoke(app, ["profile", ir, "--device", "openvino-cpu", "--iters", "1", "--warmup", "0"]).exit_code == 0
