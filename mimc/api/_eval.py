@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mimc.api._model import _load, _name
+from mimc.api._model import _load, _n_needs_data, _name
 from mimc.api.reports import DictReport
 from mimc.atomic import atomic_file
 from mimc.errors import BadInputError, ConfigError, whole
@@ -64,6 +64,10 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
     if not whole(seed) or seed < 0:  # else a TypeError from torch's generator, after the data-free scores
         raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}", option="seed")
+    _n_needs_data(n, 256, data)
+    if data is None and batch_size != 32:
+        raise ConfigError("batch_size sets the forward passes over data and no data is given: drop batch_size or give data",
+                          option=("batch_size", "data"))
     if plot is True:
         from mimc.models.resolve import model_slug
 

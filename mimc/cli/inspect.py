@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Per-block scores of every pruning criterion (low = removed first), a table and a PNG plot."""
+        if no_plot and output is not None:
+            raise api.ConfigError("--output names the plot and --no-plot writes none: drop one of them")
         plot = None if no_plot else (output if output is not None else True)  # True: ./<model>-blocks.png
         with status(f"scoring the blocks of {model}" + (" (oracle: one forward pass per block)" if data else "")):
             report = api.inspect(model, data=data, n=n, plot=plot, dtype=dtype, hist_bins=hist_bins,

@@ -157,6 +157,11 @@ def test_inspect_all_criteria_oracle_spearman_and_plot(app, artifact, calib, tmp
         (["inspect", "ART", "-o", "plot.txt"], ".png"),
         (["inspect", "ART", "--dtype", "int4"], "unknown entropy --dtype"),
         (["inspect", "ART", "--data", "MISSING.npz"], "does not exist"),
+        # these were silently unused (exit 0): --n and --batch-size count and batch images of --data, and
+        # --no-plot writes no plot for -o to name
+        (["inspect", "ART", "--n", "5"], "--n"),
+        (["inspect", "ART", "--batch-size", "4"], "--batch-size"),
+        (["inspect", "ART", "--no-plot", "-o", "p.png"], "--no-plot"),
     ],
 )
 def test_inspect_bad_inputs(app, artifact, tmp_path, monkeypatch, args, match):
