@@ -61,3 +61,14 @@ def test_a_column_of_a_source_that_has_no_columns_is_refused(app, tmp_path):
         assert not (tmp_path / "f.npy").exists()
     result = invoke(app, ["eval", "ref", "--data", "builtin", "--n", "4", "--label-column", "y"])
     one_error_line(result, "--label-column names a column")
+
+
+def test_reading_options_without_the_images_they_read_are_refused(app, tmp_path, monkeypatch):
+    """`mimc prune ref --ratio 0.5 --skip-corrupt` (no --data: a data-free criterion) and `mimc inspect ref --workers 2`
+    dropped the reading option without a word (exit 0, the artifact or plot written)."""
+    monkeypatch.chdir(tmp_path)
+    for args, flag in ((["prune", "ref", "--ratio", "0.5", "-o", "out", "--skip-corrupt"], "--skip-corrupt"),
+                       (["width", "ref", "--mlp", "0.5", "-o", "out", "--workers", "1"], "--workers"),
+                       (["inspect", "ref", "--image-column", "img"], "--image-column")):
+        one_error_line(invoke(app, args), flag)
+        assert "--data" in invoke(app, args).stderr and list(tmp_path.iterdir()) == []
