@@ -184,6 +184,17 @@ def test_profile_report_never_replaces_a_file_the_graph_reads(app, tmp_path, onn
     assert device.read_text().startswith("#")
 
 
+def test_an_output_refused_as_an_input_is_named_even_on_a_long_path(app, tmp_path, onnx_file):
+    """The refusal cut each path to its first 80 characters: under a deep folder it read "output
+    /.../deep/g.onnx.... is the input /.../deep/g.onnx....", hiding which file was meant."""
+    import shutil
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    shutil.copy(onnx_file, deep / "g.onnx")
+    one_error_line(invoke(app, ["profile", deep / "g.onnx", "--predict", "-o", deep / "g.onnx"]), "e/g.onnx is the input")
+
+
 def test_profile_report_never_replaces_a_file_of_an_artifact(app, tmp_path, onnx_file):
     """`profile ART/model.onnx -o ART/model.safetensors` (or a graph's or IR's file the artifact lists) replaced it
     with the report: the artifact's weights were then refused as altered. Files the graph itself reads were guarded."""
