@@ -57,7 +57,7 @@ def builder_settings(profile: DeviceProfile, graph_prec: str, inputs: dict[str, 
                      workspace_gb: float = 4.0, sparse: bool | None = None, nm_pattern: str | None = None) -> dict[str, Any]:
     """Everything the builder will be told, from the profile and the graph; raises ConfigError on misuse."""
     if profile.backend != "tensorrt":
-        raise ConfigError(f"device '{profile.name}' uses {profile.backend}; `mimc build` makes TensorRT engines: pick a TensorRT device (see `mimc profiles`)")
+        raise ConfigError(f"device '{profile.name}' uses {profile.backend}; `mimc build` makes TensorRT engines and OpenVINO IRs: pick a TensorRT device or openvino-cpu (see `mimc profiles`)")
     precision = precision or graph_prec
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}", option="precision")

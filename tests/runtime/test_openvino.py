@@ -309,3 +309,10 @@ def test_an_altered_ir_in_an_artifact_names_the_build_that_remakes_it(app, tmp_p
     fix = result.stderr.split("rebuild it (mimc ")[1].split(")")[0]
     assert invoke(app, shlex.split(fix)).exit_code == 0
     assert invoke(app, ["profile", ir, "--device", "openvino-cpu", "--iters", "1", "--warmup", "0"]).exit_code == 0
+
+
+def test_build_for_a_device_that_runs_onnx_itself_names_openvino_too(app, graph, tmp_path):
+    """`mimc build g.onnx --device cpu` said "`mimc build` makes TensorRT engines: pick a TensorRT device", though
+    it builds OpenVINO IRs for openvino-cpu as well."""
+    one_error_line(invoke(app, ["build", graph, "--device", "cpu", "-o", tmp_path / "x.xml"]), "openvino-cpu")
+    assert list(tmp_path.iterdir()) == []
