@@ -88,7 +88,7 @@ def cpu_bf16() -> dict[str, Any]:
 def check_precision(precision: str) -> str:
     """The OpenVINO hint for ``precision``; bf16 and int8-bf16 refused where the CPU lacks bf16."""
     if precision not in HINTS:
-        raise BadInputError(f"precision {precision} is not an OpenVINO CPU precision: use one of {', '.join(HINTS)}", option="precision")
+        raise BadInputError(f"precision {precision} is not one that OpenVINO's CPU plugin runs: use one of {', '.join(HINTS)}", option="precision")
     if HINTS[precision] == "bf16":
         info = cpu_bf16()
         if not info["supported"]:

@@ -316,3 +316,12 @@ def test_build_for_a_device_that_runs_onnx_itself_names_openvino_too(app, graph,
     it builds OpenVINO IRs for openvino-cpu as well."""
     one_error_line(invoke(app, ["build", graph, "--device", "cpu", "-o", tmp_path / "x.xml"]), "openvino-cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_openvino_precision_reads_as_one_sentence(app, graph, tmp_path):
+    """The refusal of --precision fp16 read "--precision fp16 is not an OpenVINO CPU --precision: ..." (the CLI
+    words every mention of the option as its flag)."""
+    pytest.importorskip("openvino")
+    result = invoke(app, ["build", graph, "--device", "openvino-cpu", "--precision", "fp16", "-o", tmp_path / "x.xml"])
+    one_error_line(result, "--precision fp16")
+    assert result.stderr.count("--precision") == 1 and list(tmp_path.iterdir()) == []
