@@ -52,6 +52,8 @@ def _human(r: dict, output: Optional[Path]) -> None:
                 [[str(x["batch"]), f"{x['latency_ms']:.4f}", _mb(x["throughput_per_s"]), f"{x['gmacs']:.3f}",
                   f"{x['compute_bound_ms']:.4f} / {x['memory_bound_ms']:.4f}", str(x["precision"])] for x in r["results"]])
         line("[dim]predicted: a roofline lower bound from FLOPs and bytes, not a measurement[/]")
+        for text in dict.fromkeys(t for x in r["results"] for t in x.get("notes", [])):  # each once, in batch order
+            note(text)
     if output is not None:
         line(f"report written to {output}")
 

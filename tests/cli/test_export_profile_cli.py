@@ -149,6 +149,14 @@ def test_profile_predict(app, onnx_file):
 
 
 
+def test_profile_predict_table_shows_the_predictions_notes(app, onnx_file):
+    """The roofline's notes (fp32 priced at the TF32 peak; nodes of unknown shape counted as free, which made a
+    foreign QOperator graph read 0.000 GMACs) were in --json only: the table said nothing of them."""
+    result = invoke(app, ["profile", onnx_file, "--device", "h100", "--predict", "--batch", "1"])
+    assert result.exit_code == 0, result.output
+    assert "TF32 tensor-core peak" in result.output
+
+
 def test_profile_predict_names_the_batch_flag_on_a_static_graph(app, artifact):
     """--predict --batch 2 on a batch-1 graph said 'use batch 1', not the flag (measured profiles said --batch 1)."""
     assert invoke(app, ["export", artifact]).exit_code == 0
