@@ -262,11 +262,13 @@ def profile(model, device: str = "cpu", *, batch_sizes=None, warmup: int = WARMU
 
 
 def _read_by(model: Path) -> list[Path]:
-    """The files profiling ``model`` reads: itself, its artifact's mimc.json, an IR's .bin, a graph's external data."""
+    """The files profiling ``model`` reads: itself, its artifact's mimc.json, an IR's .bin, a graph's external data;
+    and an IR's or engine's sidecar (which names the graph it was built from)."""
     from mimc.artifact import MANIFEST_NAME
     from mimc.graph import external_file, load_graph, uses_external
 
-    files = [model, model.parent / MANIFEST_NAME, model.with_suffix(".bin") if model.suffix == ".xml" else None]
+    files = [model, model.parent / MANIFEST_NAME, model.with_suffix(".bin") if model.suffix == ".xml" else None,
+             Path(f"{model}.json") if model.suffix != ".onnx" else None]
     if model.suffix == ".onnx":
         files += [external_file(t, model.parent) for t in load_graph(model, external_data=False).graph.initializer
                   if uses_external(t)]

@@ -325,3 +325,15 @@ def test_an_unknown_openvino_precision_reads_as_one_sentence(app, graph, tmp_pat
     result = invoke(app, ["build", graph, "--device", "openvino-cpu", "--precision", "fp16", "-o", tmp_path / "x.xml"])
     one_error_line(result, "--precision fp16")
     assert result.stderr.count("--precision") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_profile_report_never_replaces_the_irs_sidecar(app, graph, tmp_path):
+    """`mimc profile m.xml -d openvino-cpu -o m.xml.json` wrote the report over the IR's sidecar, which names the
+    graph it was built from: eval and embed of the IR then said it "was not written by mimc"."""
+    pytest.importorskip("openvino")
+    ir = tmp_path / "m.xml"
+    assert invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", ir]).exit_code == 0
+    before = (tmp_path / "m.xml.json").read_bytes()
+    one_error_line(invoke(app, ["profile", ir, "--device", "openvino-cpu", "--iters", "1", "-o", tmp_path / "m.xml.json"]),
+                   "m.xml.json")
+    assert (tmp_path / "m.xml.json").read_bytes() == before
