@@ -28,6 +28,7 @@ from mimc.atomic import atomic_files, check_new_files, check_not_input
 from mimc.data.feature_files import NpyWriter, ParquetWriter, check_index_replaceable, output_paths, pyarrow, writing
 from mimc.data.source import ImageSource
 from mimc.errors import ConfigError, DataError, MimcError, whole
+from mimc.options import check_batch_size
 from mimc.runtime.ranks import Ranks
 from mimc.runtime.runner import Runner, open_runner
 
@@ -157,8 +158,8 @@ def _prepare(model, data, output, tokens, n, seed, batch_size, workers, skip_cor
              device, threads, overwrite, rank, world, writes, gathered) -> _Job:
     """Every check before any image is read: options, outputs (where this rank writes), the model's
     session, the source."""
-    if batch_size is not None and (not whole(batch_size) or batch_size < 1):
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
+    if batch_size is not None:
+        check_batch_size(batch_size)
     if n is not None and (not whole(n) or n < 1):
         raise ConfigError(f"n must be a positive number of images (or none for all), got {n!r}", option="n")
     given = [k for k, v in (("workers", workers is not None), ("skip_corrupt", skip_corrupt), ("image_column", image_column),

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from mimc.errors import ConfigError, clip
 
 _SPEC = "mimc.option"
+MAX_BATCH = 4096  # the most images one process takes at once (a batch, a learning step, an exported or profiled graph): a ViT-B input alone is 2.5 GB there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,11 @@ def _check_value(name: str, value: Any, kind: _Kind, spec: Spec) -> None:
         raise ConfigError(f"{name} must be {spec.describe_range()}, got {clip(value)}", option=name)
     if isinstance(value, numbers.Real) and not math.isfinite(value):  # nan / inf, unbounded or within a one-sided bound
         raise ConfigError(f"{name} must be a finite number, got {clip(value)}", option=name)
+
+
+def check_batch_size(value: Any, option: str = "batch_size") -> None:
+    """A batch size refused as a declared ``option(ge=1, le=MAX_BATCH)`` would be (past the cap memory fills before any work)."""
+    _check_value(option, value, _Kind((int,)), Spec(ge=1, le=MAX_BATCH))
 
 
 def _check_items(name: str, values: tuple, kind: _Kind, spec: Spec) -> None:

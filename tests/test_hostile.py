@@ -466,6 +466,12 @@ CASES += [
     Case("prune-n-zero", ["prune", "A", "--ratio", "0.5", "--data", "imgs.npz", "--n", "0", "-o", "OUT"], "--n"),
     Case("eval-n-zero", ["eval", "A", "--data", "imgs.npz", "--n", "0"], "--n"),
     Case("eval-batch-0", ["eval", "A", "--data", "imgs.npz", "--batch-size", "0"], "--batch-size"),
+    # a batch past 4096 (latency's and export's cap too): on a large source it filled memory before any work
+    Case("eval-batch-huge", ["eval", "A", "--data", "imgs.npz", "--batch-size", "100000000"], "--batch-size must be in [1, 4096]"),
+    Case("embed-batch-huge", ["embed", "A", "--data", "imgs.npz", "--batch-size", "100000000", "-o", "f.npy"], "--batch-size must be in [1, 4096]"),
+    Case("inspect-batch-huge", ["inspect", "A", "--data", "imgs.npz", "--batch-size", "4097", "--no-plot"], "--batch-size must be in [1, 4096]"),
+    Case("prune-sensitivity-batch-huge", ["prune", "A", "--ratio", "0.5", "--criterion", "sensitivity", "--data", "imgs.npz",
+                                          "--batch-size", "100000000", "-o", "OUT"], "--batch-size must be in [1, 4096]"),
     Case("eval-seed-negative", ["eval", "A", "--data", "imgs.npz", "--n", "4", "--seed", "-1"], "--seed"),
     Case("quantize-n-zero", ["quantize", "g.onnx", "--calib", "imgs.npz", "--n", "0", "-o", "q.onnx"], "--n"),
     Case("width-n-zero", ["width", "A", "--mlp", "0.5", "--data", "imgs.npz", "--n", "0", "-o", "OUT"], "--n"),

@@ -8,6 +8,7 @@ from mimc.api._model import _load, _n_needs_data, _name
 from mimc.api.reports import DictReport
 from mimc.atomic import atomic_file
 from mimc.errors import BadInputError, ConfigError, whole
+from mimc.options import check_batch_size
 from mimc.train.dist import check_one_process
 
 
@@ -37,8 +38,7 @@ def evaluate(model, reference=None, data: Any = "builtin", *, val: Any = None, n
 
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"n must be an integer >= 1, got {n!r}", option="n")
-    if not whole(batch_size) or batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
+    check_batch_size(batch_size)
     ctx = context()  # WORLD_SIZE > 1 (torchrun): joins the process group (and picks this rank's GPU)
     cand = load_for_eval(model, device, threads)
     ref = load_for_eval(reference, device, threads) if reference is not None else None
@@ -60,8 +60,7 @@ def inspect(model="ref", *, data=None, n: int = 256, plot=None, dtype: str = "fp
         raise ConfigError(f"unknown entropy dtype '{dtype}': choose one of {', '.join(ENTROPY_DTYPES)}", option="dtype")
     if not whole(hist_bins) or not 2 <= hist_bins <= 1 << 24:  # bounded: 2e9 bins once tried to allocate 15 GB
         raise ConfigError(f"hist_bins must be in [2, {1 << 24}], got {hist_bins!r}", option="hist_bins")
-    if not whole(batch_size) or batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
+    check_batch_size(batch_size)
     if not whole(seed) or seed < 0:  # else a TypeError from torch's generator, after the data-free scores
         raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}", option="seed")
     _n_needs_data(n, 256, data)

@@ -13,6 +13,7 @@ from mimc.api.reports import StageReport
 from mimc.artifact import recorded_path
 from mimc.atomic import check_not_input, check_output, claim_output
 from mimc.errors import ConfigError, DataError, NotAModelError, whole
+from mimc.options import check_batch_size
 from mimc.train.dist import check_one_process
 
 
@@ -42,8 +43,7 @@ def _default_output(model, suffix: str) -> Path:
 def run_stage(model, config, output, suffix: str, data=None, n: int | None = None, batch_size: int = 64, seed: int = 0,
               overwrite: bool = False, teacher=None, run=None, preflight=None, encoder=None) -> StageReport:
     """One model stage through the executor into ``output`` (default ``./<model>-<suffix>``)."""
-    if not whole(batch_size) or batch_size < 1:  # else data fidelity is skipped (-1) or a loop divides by it (0)
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}", option="batch_size")
+    check_batch_size(batch_size)  # else data fidelity is skipped (-1) or a loop divides by it (0)
     from mimc.data import as_source, spec_of
     from mimc.pipeline.executor import Job, execute
     from mimc.train.dist import is_main_process

@@ -53,6 +53,7 @@ from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy.validate import check_gate, gate_for, verdict
 from mimc.graph import check_graph, load_graph, save_graph
 from mimc.metrics import compare_outputs
+from mimc.options import MAX_BATCH  # a static batch, and the top of dynamo's dynamic batch axis
 from mimc.runtime.session import onnxruntime, run_onnx
 
 INPUT_NAME = "pixel_values"
@@ -61,7 +62,6 @@ EXPORTERS = ("torchscript", "dynamo")
 MIN_OPSET = 17
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.13
 DYNAMO_MIN_OPSET = 18
-MAX_BATCH = 4096  # a static batch, and the top of dynamo's dynamic batch axis: past it a ViT-B's example input alone is GBs
 # Ops that only make sense while training (or make inference random); none may reach a deployable.
 TRAINING_ONLY_OPS = frozenset(
     {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial",

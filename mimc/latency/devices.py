@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mimc.errors import ConfigError, clip
+from mimc.options import MAX_BATCH
 from mimc.runtime.timing import cores_here
 from mimc.yamlfile import read_yaml
 
@@ -18,7 +19,6 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 BACKENDS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 # int8-bf16: an int8 graph whose float layers run in bf16 (OpenVINO CPU)
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int8-bf16", "fp8")
-MAX_BATCH = 4096  # the largest batch profiled (export's too): a ViT-B input alone is 2.5 GB there
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 
 from mimc.data.source import check_workers
 from mimc.errors import ConfigError
-from mimc.options import Options, option
+from mimc.options import MAX_BATCH, Options, option
 from mimc.train.images import steps_for_epochs
 
 PRECISIONS = ("fp32", "bf16")
@@ -34,7 +34,7 @@ class TrainConfig(Options):
     lr: float = option(1e-4, gt=0, doc="peak learning rate")
     min_lr: float = option(0.0, ge=0, doc="learning rate at the end of the cosine decay")
     weight_decay: float = option(0.0, ge=0, doc="AdamW weight decay (matrices only)")
-    batch_size: int = option(32, ge=1, doc="global batch, split over torchrun ranks")
+    batch_size: int = option(32, ge=1, le=MAX_BATCH, doc="global batch, split over torchrun ranks")
     clip_grad: float = option(1.0, ge=0, doc="gradient norm clip; 0 disables clipping")
     mask_ratio: float = option(0.0, ge=0, lt=1, doc="fraction of the patches hidden from teacher and student (0.75: a quarter shown)")
     flip: bool = True

@@ -64,7 +64,7 @@ def test_a_corrupt_image_is_one_line_and_nothing_is_written(app, work):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["-o", "{work}/feats.npy", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["-o", "{work}/feats.npy", "--batch-size", "0"], "--batch-size must be in [1, 4096], got 0"),
     (["-o", "{work}/feats.npy", "--threads", "0"], "--threads must be 1 or more"),
     (["-o", "{work}/feats.npy", "--threads", "100000"], "--threads 100000 is more than the"),  # was 100000 threads started
     (["-o", "{work}/feats.npy", "--workers", "-1"], "--workers must be 0"),

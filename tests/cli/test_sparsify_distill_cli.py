@@ -248,6 +248,17 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work(w
         assert not (work / "bad").exists()
 
 
+def test_a_batch_past_the_cap_is_refused_before_any_work(work, monkeypatch):
+    # --batch-size 100000000 was taken: the first step's sampler and noise alone would fill memory
+    import mimc.compression.registry as registry
+
+    monkeypatch.setattr(registry, "compress", lambda *a, **k: pytest.fail("a stage ran before the batch was refused"))
+    for args in (["sparsify", "dense", "--method", "learned", "--data", "imgs.npz"], ["distill", "half", "--data", "imgs.npz", "--teacher", "dense"]):
+        res = invoke(*args, "--batch-size", "100000000", "-o", "bad")
+        assert res.exit_code == 2 and "--batch-size must be in [1, 4096], got 100000000" in " ".join(res.output.split()), res.output
+        assert not (work / "bad").exists()
+
+
 def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
     # distill --resume on a learned sparsify run listed every option of the other stage as unknown
     assert interrupted(monkeypatch, 2, "sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3",
