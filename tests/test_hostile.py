@@ -310,6 +310,7 @@ CASES = [
     # 2. Outputs ---------------------------------------------------------------------------------------
     Case("profile-onto-its-graph", ["profile", "g.onnx", "-o", "g.onnx", "--iters", "1", "--warmup", "0"], "is the input"),
     Case("quantize-onto-its-graph", ["quantize", "g.onnx", "--calib", "imgs.npz", "-o", "g.onnx"], "is the input"),
+    Case("quantize-output-taken", ["quantize", "g.onnx", "--calib", "imgs.npz", "-o", "q.onnx"], "q.onnx already exists", write("q.onnx", "mine")),
     Case("prune-onto-input", ["prune", "A", "--ratio", "0.5", "-o", "A", "--overwrite"], "is the input"),
     Case("tokens-onto-input", ["tokens", "A", "--r", "2", "-o", "A", "--overwrite"], "is the input"),
     Case("width-onto-input", ["width", "A", "--mlp", "0.5", "-o", "A", "--overwrite"], "is the input"),

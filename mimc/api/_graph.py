@@ -13,7 +13,7 @@ from typing import Any
 
 from mimc.api._model import _default_output, _load
 from mimc.api.reports import DictReport, GraphReport
-from mimc.atomic import check_not_input, check_writable, write_json
+from mimc.atomic import check_new_files, check_not_input, check_writable, write_json
 from mimc.errors import BadInputError, ConfigError, DataError
 from mimc.latency.run import ITERS, WARMUP
 from mimc.train.dist import check_one_process
@@ -211,6 +211,8 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             raise BadInputError(f"output {out} is inside the artifact {out.parent}, which {model} does not come from: write the graph "
                                 f"outside it, or quantize {out.parent} itself", option="output")
         _check_folder(out, (path, spec_of(calib)))
+        if not is_artifact(out.parent):  # an artifact's graph is its own to replace (unless made from: _stale); any other file is the user's
+            check_new_files([out], overwrite)
         stale = _stale(out, overwrite, "quantize", "write the graph to another file")
         drawn = images.draw(cfg, config.n + EVAL_IMAGES)
         if not graph.is_file():

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="Target device profile (cpu, h100, ...) or a profile .yaml: picks the graph layout."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (default: model.int8.onnx beside the input)."),
         force: bool = typer.Option(False, "--force", help="Write the graph even when it fails the fidelity gate."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a graph that has graphs made from it (IR, engine), removing them."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file, or a graph that has graphs made from it (IR, engine), removing them."),
         seed: int = SeedOption,
         json_out: bool = JsonOption,
     ) -> None:

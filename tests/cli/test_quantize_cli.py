@@ -92,6 +92,17 @@ def test_foreign_onnx_is_refused(app, artifact, calib, tmp_path):
     assert (tmp_path / "loose.int8.onnx").is_file()
 
 
+def test_an_existing_file_outside_an_artifact_is_replaced_only_with_overwrite(app, artifact, calib, tmp_path):
+    # -o q.onnx over a file of the user's replaced it silently, where embed, export and prune refuse an existing output
+    taken = tmp_path / "q.onnx"
+    taken.write_text("mine")
+    args = ["quantize", artifact, "--calib", calib, "--n", "8", "-o", taken]
+    result = invoke(app, args)
+    one_error_line(result, "q.onnx already exists")
+    assert "--overwrite" in result.stderr and taken.read_text() == "mine"
+    assert invoke(app, [*args, "--overwrite"]).exit_code == 0 and onnx.load(str(taken)).graph.node
+
+
 def test_any_model_becomes_an_artifact_with_both_graphs(app, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke(app, ["quantize", "ref", "--calib", "builtin", "--n", "16", "--method", "minmax", "--json"])
