@@ -5,6 +5,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
 from typing import Any, Callable, Mapping, Optional
 
@@ -18,8 +19,10 @@ from mimc.api import ConfigError, ImageSource, MimcError
 # Results (tables, summaries) go to stdout, so `mimc profiles | grep h100` works; progress, notes and
 # errors to stderr. `--json` prints only JSON on stdout. Emoji codes off: `2:4x` is a pattern, and
 # rich would print `:M:` as an emoji.
-console = Console(stderr=True, emoji=False)
-status = console.status  # a transient spinner on stderr while a verb works
+console = Console(stderr=True, emoji=False)  # errors: each torchrun rank names its own
+# Notes, warnings, spinners and progress bars: under torchrun rank 0's alone (every rank would repeat them).
+chatter = Console(stderr=True, emoji=False, quiet=os.environ.get("RANK", "0") != "0")
+status = chatter.status  # a transient spinner on stderr while a verb works
 
 MODEL_HELP = ("A mimc artifact directory, a transformers model directory or hub id, a timm checkpoint file, 'ref', "
               "or random:vit-b/16 (also vit-ti/16, vit-s/16, vit-l/16, vit-h/14: random weights, seed 0).")
@@ -142,7 +145,7 @@ def rate_progress(description: str, unit: str = "images"):
             return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s", style="progress.data.speed")
 
     bar = Progress(TextColumn(f"{description} {unit}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=console, transient=True)
+                   TimeRemainingColumn(), console=chatter, transient=True)
     task: list[Any] = []
 
     def tick(done: int, total: int) -> None:

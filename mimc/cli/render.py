@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mimc.cli.common import console, emit_json
+from mimc.cli.common import chatter, emit_json
 
 
 def out(*objects: Any, **kwargs: Any) -> None:
@@ -37,7 +37,7 @@ def line(text: str) -> None:
 
 
 def note(text: str) -> None:
-    console.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)
+    chatter.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)
 
 
 def score_formatter(values: list[float]):
@@ -79,7 +79,7 @@ def score_table(scores: dict[str, list[float]], block_ids: list[int], title: str
 
 def warnings(items: list[str]) -> None:
     for w in items:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        chatter.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
 def shrink_phrase(metrics: dict[str, Any], data: str | None = None) -> str:

@@ -259,6 +259,30 @@ def test_a_batch_past_the_cap_is_refused_before_any_work(work, monkeypatch):
         assert not (work / "bad").exists()
 
 
+@pytest.mark.slow
+def test_under_torchrun_rank_0_alone_prints_notes_and_spinners(work):
+    # every rank printed distill's note and ran eval's spinner on the one terminal
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert invoke("tokens", "half", "--method", "tome", "--r", "1", "-o", "tome").exit_code == 0  # needs every token: a note
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FORCE_COLOR": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def stderr_by_rank(logs, *args):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--log-dir", logs,
+                    "--redirects", "2", "-m", "mimc", *args]
+        assert subprocess.run(torchrun, cwd=work, env=env, capture_output=True, timeout=300).returncode == 0
+        return [next((work / logs).glob(f"*/attempt_0/{rank}/stderr.log")).read_text() for rank in (0, 1)]
+
+    zero, one = stderr_by_rank("d", "distill", "tome", "--teacher", "dense", "--data", "imgs.npz", "--steps", "1", "--batch-size", "2",
+                               "--workers", "0", "-o", "out")
+    assert zero.count("training without input masking") == 1 and "note:" not in one
+    zero, one = stderr_by_rank("e", "eval", "half", "--ref", "dense", "--data", "imgs.npz", "--batch-size", "2")
+    assert "evaluating half" in zero and one == ""
+
+
 def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
     # distill --resume on a learned sparsify run listed every option of the other stage as unknown
     assert interrupted(monkeypatch, 2, "sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3",
