@@ -131,7 +131,7 @@ def embed(model: Any, data: Any, output: str | os.PathLike, *, tokens: bool = Fa
     seconds = time.perf_counter() - start
     body = {"model": job.model_name, "runtime": job.embedder.runtime, "device": job.embedder.device,
             "output": str(job.files[0]), "index": str(job.files[1]) if len(job.files) > 1 else None, "format": job.fmt,
-            "source": job.source.spec, "tokens": tokens, "images": rows, "skipped": len(skipped),
+            "source": job.source.spec, "tokens": tokens, "n": n, "images": rows, "skipped": len(skipped),
             "skipped_names": skipped[:20], "seconds": round(seconds, 3),
             "images_per_second": round(rows / loop_seconds, 2) if loop_seconds > 0 else None, "feature_shape": list(row_shape),
             "shape": [rows, *row_shape], "batch_size": job.batch_size, "threads": job.embedder.threads,

@@ -17,6 +17,7 @@ class EmbedReport:
     format: str  # npy or parquet
     source: str
     tokens: bool
+    n: int | None  # the seeded subset asked for (None: all); images + skipped below it: the source holds fewer
     images: int  # rows written
     skipped: int  # unreadable images skipped (skip_corrupt)
     skipped_names: list[str]  # the first 20 of them (all are in the index)

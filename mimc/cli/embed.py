@@ -42,6 +42,8 @@ def register(app: typer.Typer) -> None:
                                device=device, threads=threads, overwrite=overwrite, on_progress=tick)
         if report.written:  # under torchrun, rank 0 writes and reports
             show(report, json_out, _human)
+            if report.n is not None and report.images + report.skipped < report.n:
+                note(escape(f"{report.source} holds {report.images + report.skipped} images, fewer than --n {report.n}: embedded all of them"))
 
 
 def _human(r: dict) -> None:

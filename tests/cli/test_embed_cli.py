@@ -47,6 +47,17 @@ def test_json_report_and_files(app, work):
     assert "embedded" in result.stdout and "10" in result.stdout
 
 
+def test_n_past_the_images_of_the_source_says_so(app, work):
+    # --n 10000 on a source of 10 images embedded the 10 without a word
+    result = invoke(app, ["embed", work / "art", "--data", work / "data", "-o", work / "feats", "--n", "10000", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n"] == 10000 and report["images"] == 10
+    assert f"note: {work / 'data'} holds 10 images, fewer than --n 10000: embedded all of them" in " ".join(result.stderr.split())
+    quiet = invoke(app, ["embed", work / "art", "--data", work / "data", "-o", work / "some", "--n", "4", "--workers", "0"])
+    assert quiet.exit_code == 0 and "note" not in quiet.stderr
+
+
 def test_a_corrupt_image_is_one_line_and_nothing_is_written(app, work):
     (work / "data" / "c1" / "zz-broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     before = snapshot(work)
