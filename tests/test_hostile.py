@@ -859,3 +859,29 @@ def test_ctrl_c_at_any_moment_exits_130_and_writes_nothing(ws, delay):
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) <= 1, err
     assert out == ""
     assert snapshot(ws) == before, "an interrupted command wrote something"
+
+
+def test_sigterm_mid_write_leaves_the_way_ctrl_c_does(ws):
+    """kill, timeout, a scheduler or torchrun stopping the other ranks send SIGTERM: it ended the process where it stood,
+    its temporaries and output lock left behind (until the next write of that output swept them)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    before = snapshot(ws)
+    proc = subprocess.Popen([sys.executable, "-m", "mimc", "embed", "ref", "--data", "builtin", "-o", "f.npy", "--workers", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+
+    def writing():  # the first batch's rows are in the temporary: mid-write, past the decoding worker's start
+        return any(p.stat().st_size > 4096 for p in ws.glob(".f.npy.*.tmp"))
+
+    while not writing() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writing(), "the features were never being written"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "interrupted" and out == "", (proc.returncode, err)
+    assert snapshot(ws) == before, "a terminated command left something behind"

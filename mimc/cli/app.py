@@ -42,13 +42,16 @@ for _name in COMMAND_MODULES:
 
 started()
 
+from mimc.cli.common import interrupted, terminate_as_interrupt  # noqa: E402
+
 
 def main() -> None:
+    terminate_as_interrupt()
     try:
         app()
-    except KeyboardInterrupt:  # while typer builds the commands or parses, before one runs (a command's own: handle_errors)
+    except KeyboardInterrupt as exc:  # while typer builds the commands or parses, before one runs (a command's own: handle_errors)
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interrupted(exc))
 
 
 if __name__ == "__main__":
