@@ -62,11 +62,11 @@ def reads_images(*params: str) -> Callable:
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
             reading = {k: kwargs.get(k) if k in own else kwargs.pop(k, None) for k in READING_OPTIONS}
-            given = [k for k, v in reading.items() if v not in (None, False) and k not in own]
+            given = [k for k, v in reading.items() if v is not None and v is not False and k not in own]
             if given and all(kwargs.get(p) is None for p in params):  # no images for them to read: they would do nothing
                 raise ConfigError(f"{', '.join(given)} read the images of {params[0]} and no {params[0]} is given: "
                                   f"drop {'them' if len(given) > 1 else 'it'} or give {params[0]}", option=(*given, params[0]))
-            if any(v not in (None, False) for v in reading.values()):
+            if any(v is not None and v is not False for v in reading.values()):  # not `in (None, False)`: --workers 0 == False
                 for p in params:
                     if kwargs.get(p) is not None:
                         kwargs[p] = ImageSource(kwargs[p], kwargs.get("seed", 0), **reading)

@@ -58,6 +58,13 @@ def test_n_past_the_images_of_the_source_says_so(app, work):
     assert quiet.exit_code == 0 and "note" not in quiet.stderr
 
 
+def test_workers_0_is_honoured_where_the_default_would_start_one(app, work):
+    # 0 == False: --workers 0 read as "left at its default", so 256 images and more were decoded by a worker anyway
+    result = invoke(app, ["embed", work / "art", "--data", "builtin", "--n", "256", "-o", work / "f", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["workers"] == 0
+
+
 def test_a_corrupt_image_is_one_line_and_nothing_is_written(app, work):
     (work / "data" / "c1" / "zz-broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     before = snapshot(work)
