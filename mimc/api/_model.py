@@ -52,6 +52,9 @@ def run_stage(model, config, output, suffix: str, data=None, n: int | None = Non
         check_one_process(f"mimc {config.name}")
     if config.needs_data and data is None:
         raise DataError(f"stage '{config.name}' with these options needs images: give data (a folder, .npz/.npy or 'builtin')", option="data")
+    if config.learns and getattr(data, "skip_corrupt", False):
+        raise ConfigError("skip_corrupt does not apply to a learning run (its batches are fixed by its seed): remove the unreadable "
+                          "images from data, or drop skip_corrupt", option="skip_corrupt")
     out = Path(output) if output is not None else _default_output(model, suffix)
     check_not_input(out, (model, spec_of(data)))  # never write over, into or around what is read
     if run is None:

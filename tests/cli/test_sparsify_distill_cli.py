@@ -283,6 +283,14 @@ def test_under_torchrun_rank_0_alone_prints_notes_and_spinners(work):
     assert "evaluating half" in zero and one == ""
 
 
+def test_skip_corrupt_that_a_learning_run_cannot_honour_is_refused(work):
+    # taken and ignored: a learning run's batches are fixed by its seed, so an unreadable image stops it all the same
+    for args in (["sparsify", "dense", "--method", "learned", "--prior", "magnitude"], ["distill", "half", "--teacher", "dense"]):
+        res = invoke(*args, "--data", "imgs.npz", "--skip-corrupt", "--steps", "1", "--batch-size", "4", "-o", "bad")
+        assert res.exit_code == 2 and "--skip-corrupt does not apply to a learning run" in " ".join(res.output.split()), res.output
+        assert not (work / "bad").exists()
+
+
 def test_resuming_another_commands_run_is_refused_naming_it(work, monkeypatch):
     # distill --resume on a learned sparsify run listed every option of the other stage as unknown
     assert interrupted(monkeypatch, 2, "sparsify", "half", "--method", "learned", "--data", "imgs.npz", "--steps", "3",
