@@ -50,7 +50,9 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any], path: str = "")
         if isinstance(old, list):
             old = tuple(old)
         if old != value:
-            raise BadInputError(f"{key} {value!r} differs from the interrupted run's {old!r}: drop {key} to resume, "
+            was = stored.get(key, TrainConfig.recorded_when_set.get(key))  # unrecorded: its default, or not set at all
+            was = f"the interrupted run's {was!r}" if was is not None else "the interrupted run, which did not set it"
+            raise BadInputError(f"{key} {value!r} differs from {was}: drop {key} to resume, "
                                 "or start a fresh run with another output", option=(key, "output"))
     return merged
 

@@ -315,6 +315,16 @@ def test_resume_accepts_the_same_command_with_an_option_given_at_its_unrecorded_
     assert json.loads(res.stdout)["metrics"]["resumed_from"] == 2
 
 
+def test_resume_names_what_the_interrupted_run_had_for_an_option_it_did_not_record(work, monkeypatch):
+    # "--epochs 1.0 differs from the interrupted run's None", "--precision 'bf16' differs from the interrupted run's None"
+    args = ["distill", "half", "--data", "imgs.npz", "--teacher", "dense", "--steps", "3", "--batch-size", "4", "--checkpoint-every", "1"]
+    assert interrupted(monkeypatch, 2, *args, "-o", "run").exit_code == 130
+    for extra, said in ((["--epochs", "1"], "--epochs 1.0 differs from the interrupted run, which did not set it"),
+                        (["--precision", "bf16"], "--precision 'bf16' differs from the interrupted run's 'fp32'")):
+        res = invoke(*[a for a in args if a not in ("--steps", "3")], *extra, "--resume", "run")
+        assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
+
+
 def test_a_subset_read_with_workers_is_seeded_and_resumes(work, monkeypatch):
     # --workers made the images an ImageSource with the seed --seed left unset (None): --n drew an unseeded
     # subset, another one each run, so the same command with --resume was refused as reading different data
