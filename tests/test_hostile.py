@@ -496,6 +496,7 @@ CASES += [
     Case("sparsify-steps-zero", LEARNED[:6] + ["--steps", "0", "-o", "OUT"], "--steps"),
     Case("sparsify-batch-zero", LEARNED[:8] + ["--batch-size", "0", "-o", "OUT"], "--batch-size"),
     Case("sparsify-mask-ratio-one", LEARNED + ["--mask-ratio", "1"], "--mask-ratio"),
+    Case("sparsify-rsq-with-a-magnitude-prior", LEARNED + ["--prior", "magnitude", "--weighting", "rsq"], "--weighting rsq weights"),
     Case("sparsify-pattern-5of4", ["sparsify", "A", "--pattern", "5:4", "-o", "OUT"], "--pattern"),
     Case("sparsify-method-unknown", ["sparsify", "A", "--method", "evil", "-o", "OUT"], "--method"),
     Case("sparsify-n-calib-zero", ["sparsify", "A", "--method", "wanda", "--calib", "imgs.npz", "--n-calib", "0", "-o", "OUT"], "--n-calib"),

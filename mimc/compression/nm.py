@@ -67,6 +67,9 @@ class NMSparsityConfig(StageConfig):
             object.__setattr__(self, "learned", NMLearnedConfig.from_dict(self.learned or {}))
         elif not isinstance(self.learned, NMLearnedConfig):
             raise ConfigError("learned must be a mapping of MaskLLM options", option="learned")
+        if self.method == "learned" and self.weighting == "rsq" and self.learned.prior in ("magnitude", "none"):
+            raise ConfigError(f"weighting rsq weights calibration tokens and prior {self.learned.prior} reads none: use prior "
+                              "sparsegpt or wanda, or drop weighting rsq", option=("weighting", "prior"))
 
     @property
     def needs_data(self) -> bool:

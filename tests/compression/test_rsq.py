@@ -91,3 +91,11 @@ def test_learned_prior_gets_the_weighting():
     _, plain = compress(enc, NMSparsityConfig(**common), pixels)
     _, rsq = compress(enc, NMSparsityConfig(weighting="rsq", r_min=0.1, **common), pixels)
     assert plain.metrics["prior_fidelity_calib"] != rsq.metrics["prior_fidelity_calib"]
+
+
+def test_rsq_with_a_learned_prior_that_reads_no_tokens_is_refused():
+    # the magnitude (or no) prior reads no calibration tokens: weighting rsq was taken and did nothing
+    for prior in ("magnitude", "none"):
+        with pytest.raises(ConfigError, match=f"weighting rsq weights calibration tokens and prior {prior} reads none"):
+            NMSparsityConfig(method="learned", weighting="rsq", learned={"prior": prior})
+    NMSparsityConfig(method="learned", weighting="rsq", learned={"prior": "wanda"})
