@@ -278,7 +278,7 @@ def _read_by(model: Path) -> list[Path]:
 
 
 def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
-          sparse=None, output=None, on_message=None) -> BuildReport:
+          sparse=None, output=None, on_message=None, overwrite: bool = False) -> BuildReport:
     """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar, or
     for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;
     every check that needs no GPU runs first, so bad input is refused here as on the target.
@@ -296,7 +296,7 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
                             f"write it outside that artifact, or build the artifact's own graph", option="output")
     built = build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
                              workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
-                             on_message=on_message)
+                             on_message=on_message, overwrite=overwrite)
     out, graph, side = Path(built.get("ir") or built["engine"]), Path(model), built["sidecar"]
     if is_artifact(graph.parent) and _same_dir(out.parent, graph.parent):
         # listed like a recipe's build: a new export sees what was made from its graph, an altered IR is refused

@@ -23,13 +23,14 @@ def register(app: typer.Typer) -> None:
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, read if present and updated after the build."),
         sparse: Optional[bool] = typer.Option(None, "--sparse/--no-sparse", help="Sparse weights (default: on when the model is 2:4 and the device has sparse tensor cores)."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine or IR path (default: <device>-<precision>.plan, or .xml for openvino-cpu, beside the graph)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file outside an artifact."),
         json_out: bool = JsonOption,
     ) -> None:
         """Build a TensorRT engine (strongly typed: precision comes from the graph) or an OpenVINO IR, plus a JSON sidecar."""
         with status(f"building for {device} (a TensorRT engine takes minutes for a ViT-B)"):
             report = api.build(model, device, precision=precision, batch_range=batch,
                                 workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
-                               on_message=echo_tensorrt)
+                               on_message=echo_tensorrt, overwrite=overwrite)
         show(report, json_out, _human)
 
 

@@ -15,11 +15,12 @@ from mimc.errors import BadInputError
 
 def build(model: str | Path, profile, *, precision: str | None = None, batch_range=None, workspace_gb: float = 4.0,
           timing_cache=None, sparse: bool | None = None, output: str | Path | None = None,
-          on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
+          on_message: Callable[[str], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Build ``model`` (an ``.onnx`` graph) for ``profile`` (a :class:`~mimc.latency.devices.DeviceProfile`).
 
     Returns ``{"ir": path, "sidecar": {...}}`` (openvino-cpu) or ``{"engine": path, "sidecar": {...}}``
-    (TensorRT). ``output`` None: ``<profile>-<precision>.xml`` / ``.plan`` beside the graph. Every check
+    (TensorRT). ``output`` None: ``<profile>-<precision>.xml`` / ``.plan`` beside the graph; an existing
+    file outside an artifact is replaced only with ``overwrite`` (an artifact's own is rebuilt). Every check
     that needs no GPU runs before TensorRT is imported, so bad input is refused here as on the target.
     """
     from mimc.artifact import verify_graph
@@ -42,16 +43,25 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
         from mimc.latency.openvino_cpu import precision_for
 
         precision = precision_for(model, precision)  # the graph's own by default; one it does not run is refused
-        out = Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml"
+        out = _check_new(Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml", overwrite)
         return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
     from mimc.graph import graph_precision
 
     # named for the engine's precision: the one asked, else the graph's own (build_engine refuses what it cannot build)
     name = f"{profile.name}-{precision or graph_precision(model)}.plan"
-    out = Path(output) if output is not None else model.parent / name
+    out = _check_new(Path(output) if output is not None else model.parent / name, overwrite)
     side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
                         timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return {"engine": str(out), "sidecar": side}
+
+
+def _check_new(out: Path, overwrite: bool) -> Path:
+    from mimc.artifact import is_artifact
+    from mimc.atomic import check_new_files
+
+    if not is_artifact(out.parent) and out.parent.is_dir() and not out.is_dir():  # else refused where it is written
+        check_new_files([out], overwrite)
+    return out
 
 
 __all__ = ["build"]

@@ -177,7 +177,7 @@ def test_build_writes_its_ir_atomically_never_through_a_link_onto_the_graph(app,
     for link in ("a.xml", "b.bin"):
         (tmp_path / link).symlink_to(g.name)
     for out in ("a.xml", "b.xml"):
-        assert invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / out]).exit_code == 0
+        assert invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / out, "--overwrite"]).exit_code == 0
         assert hashlib.sha256(g.read_bytes()).hexdigest() == digest
     assert not (tmp_path / "a.xml").is_symlink() and not (tmp_path / "b.bin").is_symlink()
     one_error_line(invoke(app, ["build", g, "--device", "openvino-cpu", "-o", tmp_path / "no" / "x.xml"]), "does not exist")
@@ -208,6 +208,17 @@ def test_build_into_an_artifact_records_the_ir_so_a_new_export_sees_it(app, tmp_
     one_error_line(invoke(app, ["export", graph.parent]), "openvino-cpu-fp32.xml")
     assert invoke(app, ["export", graph.parent, "--overwrite"]).exit_code == 0
     assert not (graph.parent / "openvino-cpu-fp32.xml").exists() and not (graph.parent / "openvino-cpu-fp32.bin").exists()
+
+
+def test_build_onto_an_existing_file_outside_an_artifact_needs_overwrite(app, graph, tmp_path):
+    """-o ir.xml over a file of the user's replaced it silently, where embed, export, quantize and prune refuse."""
+    pytest.importorskip("openvino")
+    taken = tmp_path / "ir.xml"
+    taken.write_text("mine")
+    args = ["build", graph, "--device", "openvino-cpu", "-o", taken]
+    one_error_line(invoke(app, args), "ir.xml already exists")
+    assert taken.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["ir.xml"]
+    assert invoke(app, [*args, "--overwrite"]).exit_code == 0 and taken.read_text().startswith("<?xml")
 
 
 def test_build_onto_a_folder_is_refused_and_writes_nothing(app, graph, tmp_path):
