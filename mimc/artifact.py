@@ -118,21 +118,27 @@ def state_hash(module: torch.nn.Module) -> str:
 # Save / load --------------------------------------------------------------------------------------
 def save_artifact(encoder, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``encoder`` (and its manifest) as an artifact directory; returns the directory."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_artifact(encoder, tmp)
+    return out_dir
+
+
+def write_artifact(encoder, folder: Path) -> None:
+    """Write the weights and manifest into ``folder``, a writer's own temporary folder (nothing else
+    writes there, so no temporary of a temporary is made: a killed writer's are all swept as OUT's)."""
     from safetensors.torch import save_file
 
     manifest = getattr(encoder, "manifest", None) or Manifest(encoder=encoder.config.to_dict())
     manifest.encoder = encoder.config.to_dict()
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        # One metadata key only: safetensors writes its metadata map in hash order, which changes from
-        # process to process, and the same weights must give the same bytes (weights_sha256, replay).
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        default_mode(tmp / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
-        manifest.weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    # One metadata key only: safetensors writes its metadata map in hash order, which changes from
+    # process to process, and the same weights must give the same bytes (weights_sha256, replay).
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    default_mode(folder / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
+    manifest.weights_sha256 = sha256_file(folder / WEIGHTS_NAME)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     encoder.manifest = manifest
-    return out_dir
 
 
 def is_artifact(path: str | os.PathLike) -> bool:

@@ -733,6 +733,26 @@ def test_killed_writers_temps_are_swept_on_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])
 
 
+def test_what_a_killed_prune_leaves_is_swept_by_the_next_one(ws, monkeypatch):
+    """Everything beside OUT while its weights are written is a temporary or lock of OUT, which the next
+    write of OUT sweeps once the writer is gone: the weights were written into a temporary of the
+    temporary (``..OUT.<pid>.<r>.tmp.<pid>.<r>.tmp``, the model's size), which a SIGKILL left for good."""
+    import re
+
+    import safetensors.torch
+
+    save_file, seen = safetensors.torch.save_file, []
+
+    def spying(*args, **kwargs):
+        seen.extend(p.name for p in ws.iterdir() if p.name.startswith("."))
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spying)
+    result = CliRunner().invoke(app, ["prune", "A", "--ratio", "0.5", "-o", "OUT"])
+    assert result.exit_code == 0, result.output
+    assert seen and all(re.fullmatch(r"\.OUT(\.\d+\.[^.]+\.tmp|\.lock)", name) for name in seen), seen
+
+
 def test_outputs_have_plain_permissions(tmp_path):
     from mimc.artifact import MANIFEST_NAME, WEIGHTS_NAME
 

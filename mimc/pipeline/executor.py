@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mimc.artifact import save_artifact
+from mimc.artifact import write_artifact
 from mimc.atomic import atomic_dir, check_output
 from mimc.pipeline.graph_stages import GRAPH_HANDLERS, GraphContext
 from mimc.pipeline.recipe import RECIPE_NAME, RUN_REPORT_NAME, Recipe
@@ -122,7 +122,7 @@ def execute(job: Job, output: str | Path, overwrite: bool = False, recipe: Recip
     if not write:
         return RunResult(out, encoder, results, round(time.perf_counter() - start, 3))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_artifact(encoder, tmp, overwrite=True)
+        write_artifact(encoder, tmp)
         graph_stages = [c for c in job.stages if not is_model_stage(c)]
         results += extend(tmp, encoder, graph_stages, job.images, job.force, job.seed, job.export_options, on_stage,
                           source=job.source, first_index=len(model_stages) + 1).stages
