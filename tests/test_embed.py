@@ -334,3 +334,20 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, folder, graph, 
     with pytest.raises(mimc.api.MimcError, match=r"cannot write f.npy \(No space left on device\)") as exc:
         embed(str(graph), str(folder), tmp_path / "f.npy", workers=0)
     assert exc.value.options == ("output",) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("full", [".npy.", ".json."])
+def test_a_disk_that_fills_is_one_line_and_leaves_nothing(tmp_path, folder, graph, monkeypatch, full):
+    """A write to a full disk: cleaning up closed the temporary, whose buffered bytes failed to reach
+    the disk again: that OSError replaced the one-line error (a traceback under `mimc embed`)."""
+    import builtins
+
+    from mimc.data import feature_files
+
+    def on_a_full_disk(path, mode="r", **kwargs):
+        return builtins.open("/dev/full" if full in str(path) else path, mode, **kwargs)
+
+    monkeypatch.setattr(feature_files, "open", on_a_full_disk, raising=False)
+    with pytest.raises(mimc.api.MimcError, match=r"cannot write f.npy \(No space left on device\)"):
+        embed(str(graph), str(folder), tmp_path / "f.npy", workers=0)
+    assert list(tmp_path.iterdir()) == []

@@ -123,8 +123,9 @@ class NpyWriter:
         self.index.close(tail)
 
     def abort(self) -> None:
-        self.file.close()
-        self.index.file.close()
+        for file in (self.file, self.index.file):  # bytes still buffered for a full disk fail again: the temporaries go anyway
+            with contextlib.suppress(OSError):
+                file.close()
 
 
 def pyarrow():
