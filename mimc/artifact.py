@@ -127,6 +127,7 @@ def save_artifact(encoder, out_dir: str | os.PathLike, overwrite: bool = False) 
 def write_artifact(encoder, folder: Path) -> None:
     """Write the weights and manifest into ``folder``, a writer's own temporary folder (nothing else
     writes there, so no temporary of a temporary is made: a killed writer's are all swept as OUT's)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     manifest = getattr(encoder, "manifest", None) or Manifest(encoder=encoder.config.to_dict())
@@ -134,7 +135,11 @@ def write_artifact(encoder, folder: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     # One metadata key only: safetensors writes its metadata map in hash order, which changes from
     # process to process, and the same weights must give the same bytes (weights_sha256, replay).
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    except SafetensorError as exc:  # an I/O error it keeps only in its text: the OSError it was
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(folder / WEIGHTS_NAME)) if code else exc
     default_mode(folder / WEIGHTS_NAME, directory=False)  # safetensors creates it 0600
     manifest.weights_sha256 = sha256_file(folder / WEIGHTS_NAME)
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")

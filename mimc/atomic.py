@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mimc.errors import BadInputError, clip
+from mimc.errors import BadInputError, MimcError, clip
 
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 TEMP_ROOM = 32  # what a temporary name adds: .NAME.<pid>.<8 random>.tmp
@@ -75,6 +75,20 @@ def sweep_stale_temps(parent: str | os.PathLike, name: str) -> None:
                 entry.unlink()
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """A disk that fills up or is read-only while ``path`` is written: one line naming it (where it goes,
+    not its temporary name) and the fix, instead of the OSError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        shown = Path(*[m.group("name") if (m := _TEMP.match(part)) else part for part in Path(path).parts])
+        fix = "choose another output" if exc.errno == errno.EROFS else "free space there or choose another output"
+        raise MimcError(f"cannot write {shown} ({exc.strerror}): {fix}", option="output") from None
+
+
 def _temp(path: Path, suffix: str = ".tmp", directory: bool = False) -> Path:
     """A new empty file (or folder) ``.NAME.<pid>.<rand><suffix>`` beside ``path``."""
     names = {"prefix": f".{path.name}.{os.getpid()}.", "suffix": suffix, "dir": path.parent}
@@ -94,14 +108,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise BadInputError(f"output {path} is a directory: give a file path", option="output")
     sweep_stale_temps(path.parent, path.name)
-    tmp_path = _temp(path)
-    try:
-        yield tmp_path
-        default_mode(tmp_path, directory=False)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with writing(path):
+        tmp_path = _temp(path)
+        try:
+            yield tmp_path
+            default_mode(tmp_path, directory=False)
+            os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -273,7 +288,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(parent, path.name)
-    with _output_lock(path):
+    with writing(path), _output_lock(path):
         tmp = _temp(path, directory=True)
         try:
             yield tmp

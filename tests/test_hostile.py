@@ -753,6 +753,37 @@ def test_what_a_killed_prune_leaves_is_swept_by_the_next_one(ws, monkeypatch):
     assert seen and all(re.fullmatch(r"\.OUT(\.\d+\.[^.]+\.tmp|\.lock)", name) for name in seen), seen
 
 
+def _full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("argv, patched, fail, shown", [
+    (["prune", "A", "--ratio", "0.5", "-o", "OUT"], "safetensors.torch.save_file", _full_safetensors, "OUT"),
+    (["export", "A"], "mimc.deploy.onnx.save_graph", _full, "A/model.onnx"),
+    (["export", "A", "-o", "OUT"], "mimc.deploy.onnx.save_graph", _full, "OUT/model.onnx"),
+    (["quantize", "g.onnx", "--calib", "imgs.npz", "--n", "4", "-o", "q.onnx"], "mimc.quant.quantize.save_graph", _full, "q.onnx"),
+    (["profile", "g.onnx", "--device", "h100", "--predict", "-o", "p.json"], "mimc.atomic.default_mode", _full, "p.json"),
+])
+def test_a_disk_that_fills_is_one_line_and_leaves_nothing(ws, monkeypatch, argv, patched, fail, shown):
+    """No space left on device while an output is written: a traceback (OSError, safetensors' own
+    error) instead of one line naming the output, where it goes rather than its temporary name."""
+    monkeypatch.setattr(patched, fail)
+    before = snapshot(ws)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: cannot write {shown} (No space left on device): free space there or choose another --output"], result.stderr
+    assert snapshot(ws) == before
+
+
 def test_outputs_have_plain_permissions(tmp_path):
     from mimc.artifact import MANIFEST_NAME, WEIGHTS_NAME
 
