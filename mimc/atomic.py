@@ -84,9 +84,13 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
             raise
-        shown = Path(*[m.group("name") if (m := _TEMP.match(part)) else part for part in Path(path).parts])
-        fix = "choose another output" if exc.errno == errno.EROFS else "free space there or choose another output"
-        raise MimcError(f"cannot write {shown} ({exc.strerror}): {fix}", option="output") from None
+        raise write_error(path, exc.strerror, "choose another output" if exc.errno == errno.EROFS else None) from None
+
+
+def write_error(path: str | os.PathLike, why: str, fix: str | None = None) -> MimcError:
+    """'cannot write PATH (why): fix', PATH where the output goes (each ``.NAME.<pid>.<rand>.tmp`` in it as NAME)."""
+    shown = Path(*[m.group("name") if (m := _TEMP.match(part)) else part for part in Path(path).parts])
+    return MimcError(f"cannot write {shown} ({why}): {fix or 'free space there or choose another output'}", option="output")
 
 
 def _temp(path: Path, suffix: str = ".tmp", directory: bool = False) -> Path:

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mimc.atomic import atomic_file
-from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError
+from mimc.atomic import atomic_file, write_error
+from mimc.errors import BadInputError, DeviceUnavailableError, MissingExtraError, shorten
 from mimc.runtime.timing import proc_field, time_runs, warmed, worker_main
 from mimc.runtime.session import Port
 
@@ -219,7 +219,10 @@ def save_ir(model, out: str | Path) -> None:
     out = Path(out)
     with atomic_file(out) as xml, atomic_file(out.with_suffix(".bin")) as weights, \
             tempfile.TemporaryDirectory(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent) as tmp:
-        openvino().save_model(model, f"{tmp}/ir.xml", compress_to_fp16=False)
+        try:
+            openvino().save_model(model, f"{tmp}/ir.xml", compress_to_fp16=False)
+        except RuntimeError as exc:  # its C++ stream's failure, without an errno: a full (or read-only) disk
+            raise write_error(out, f"OpenVINO: {shorten(exc)}") from None
         os.replace(f"{tmp}/ir.xml", xml)
         os.replace(f"{tmp}/ir.bin", weights)
 

@@ -348,3 +348,15 @@ def test_a_profile_report_never_replaces_the_irs_sidecar(app, graph, tmp_path):
     one_error_line(invoke(app, ["profile", ir, "--device", "openvino-cpu", "--iters", "1", "-o", tmp_path / "m.xml.json"]),
                    "m.xml.json")
     assert (tmp_path / "m.xml.json").read_bytes() == before
+
+
+def test_build_onto_a_full_disk_is_one_line_and_leaves_nothing(app, graph, tmp_path, monkeypatch):
+    """OpenVINO reports a disk that fills under its IR as a bare RuntimeError of its C++ stream: a traceback."""
+    ov = pytest.importorskip("openvino")
+
+    def full(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", full)
+    one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "m.xml"]), "cannot write", code=1)
+    assert list(tmp_path.iterdir()) == []
