@@ -715,6 +715,22 @@ def test_two_cli_runs_racing_for_one_output(ws):
     assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.parametrize("argv, lock", [
+    (["export", "A"], "A/.model.onnx.lock"),
+    (["quantize", "g.onnx", "--calib", "imgs.npz", "--n", "4", "-o", "q.onnx"], ".q.onnx.lock"),
+])
+def test_a_graph_another_process_is_writing_is_refused(ws, argv, lock):
+    """Two `mimc export A` (--batch 1 and --batch 2) at once both exited 0, and A/mimc.json recorded one
+    graph while model.onnx was the other's: A then refused as 'altered or swapped'. A graph's writer now
+    claims it, as a folder's does (pid 1: a process that is alive)."""
+    (ws / lock).write_text("1")
+    before = snapshot(ws)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: another mimc process (pid 1) is writing") and len(result.stderr.splitlines()) == 1
+    assert snapshot(ws) == before
+
+
 def test_killed_writers_temps_are_swept_on_the_next_write(tmp_path):
     from mimc.atomic import atomic_dir
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from mimc.artifact import is_artifact, mimc_version, now_iso, read_manifest, sha256_file, update_manifest
-from mimc.atomic import sweep_stale_temps, writing
+from mimc.atomic import claim_output, sweep_stale_temps, writing
 from mimc.errors import BadInputError, ConfigError, ValidationError
 from mimc.deploy.validate import check_gate, gate_for, verdict
 from mimc.graph import check_graph, load_graph, save_graph
@@ -232,7 +232,8 @@ def export_onnx(encoder, path: str | os.PathLike, batch: int | str = 1, opset: i
     encoder.eval()  # restored below: the caller's module is not changed
     sweep_stale_temps(path.parent, path.name)  # a killed export's temp folder (its pid is gone)
     try:
-        with writing(path), tempfile.TemporaryDirectory(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent) as tmp_dir:
+        # claimed: of two exports into one artifact, one is refused (both recorded, then each moved its own graph in)
+        with writing(path), claim_output(path), tempfile.TemporaryDirectory(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent) as tmp_dir:
             tmp = Path(tmp_dir) / "raw" / path.name
             tmp.parent.mkdir()
             start = time.perf_counter()

@@ -71,7 +71,7 @@ import onnx
 from onnx import helper, version_converter
 
 from mimc.artifact import mimc_version, sha256_file, verify_graph
-from mimc.atomic import sweep_stale_temps, writing
+from mimc.atomic import claim_output, sweep_stale_temps, writing
 from mimc.errors import BadInputError, DataError, ValidationError
 from mimc.graph import (check_graph, external_file, is_mimc_graph, load_graph, metadata, offload_tensors, save_graph,
                         single_input, token_reduced, uses_external)
@@ -283,7 +283,7 @@ def quantize_onnx(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
     pooled_only = token_reduced(model)
     runnable, why = runnable_here(config)
     sweep_stale_temps(onnx_out.parent, onnx_out.name)  # a killed run's temp folder (its pid is gone)
-    with writing(onnx_out), tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.{os.getpid()}.", suffix=".tmp", dir=onnx_out.parent) as tmp_dir:
+    with writing(onnx_out), claim_output(onnx_out), tempfile.TemporaryDirectory(prefix=f".{onnx_out.name}.{os.getpid()}.", suffix=".tmp", dir=onnx_out.parent) as tmp_dir:
         work = Path(tmp_dir) / "work"
         work.mkdir()
         _workspace(model, source.parent, work)
