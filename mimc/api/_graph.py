@@ -108,6 +108,7 @@ def export(model: Any = "ref", output=None, *, batch: Any = 1, opset: int = 17, 
         into = f" (to export into that artifact, run `mimc export {out_dir}`)" if is_artifact(out_dir) else ""
         _new_artifact(out_dir, overwrite, f" or overwrite it{into}")
     stale = _stale(out_dir / ONNX_NAME, overwrite, "export", "export into a new folder") if in_place else []
+    check_writable(out_dir / ONNX_NAME)  # an artifact on a read-only mount: refused before the export, not after
     encoder = _unshared(_load(model)) if in_memory else _load(model)
     runtime = dict(validate=validate, force=force, seed=seed)
     if in_place:
@@ -190,6 +191,7 @@ def quantize(model: str, calib=None, output=None, *, precision: str = "int8", de
             _new_artifact(folder, False, f", or run `mimc quantize {folder}`")
         images.draw(encoder.config, config.n + EVAL_IMAGES)  # bad images: refused before an export is written
         if folder is path:
+            check_writable(path / name)
             stale = _stale(path / name, overwrite, "quantize", "write the graph to another file")
             result = extend(path, encoder, [config], images=images, force=force, seed=seed)
             _drop_files(path, stale)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from mimc.atomic import check_writable
 from mimc.errors import BadInputError
 
 
@@ -44,12 +45,14 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
 
         precision = precision_for(model, precision)  # the graph's own by default; one it does not run is refused
         out = _check_new(Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml", overwrite)
+        check_writable(out)  # a folder this user cannot write: refused before the build, not after
         return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
     from mimc.graph import graph_precision
 
     # named for the engine's precision: the one asked, else the graph's own (build_engine refuses what it cannot build)
     name = f"{profile.name}-{precision or graph_precision(model)}.plan"
     out = _check_new(Path(output) if output is not None else model.parent / name, overwrite)
+    check_writable(out)
     side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
                         timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return {"engine": str(out), "sidecar": side}
