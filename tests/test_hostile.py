@@ -832,21 +832,22 @@ def test_unwritable_output_folder_is_refused_library(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    (["export", "A"], "model.onnx"),
-    (["quantize", "A", "--calib", "imgs.npz", "--n", "4"], "model.int8.onnx"),
-    (["build", "g.onnx", "--device", "openvino-cpu", "-o", "A/m.xml"], "m.xml"),
+    (["export", "A"], "A/model.onnx"),
+    (["quantize", "A", "--calib", "imgs.npz", "--n", "4"], "A/model.int8.onnx"),
+    (["build", "g.onnx", "--device", "openvino-cpu", "-o", "ro/m.xml"], "ro/m.xml"),  # a plain folder: not into an artifact
 ])
 def test_an_unwritable_artifact_is_refused_before_any_work(ws, monkeypatch, argv, shown):
     """Into an artifact this user cannot write (a read-only mount), export, quantize and build did all
     their work (a TensorRT build: minutes) and only then failed to write, where -o folders are refused first."""
     if argv[0] == "build":
         pytest.importorskip("openvino")
+        (ws / "ro").mkdir()
     access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "A" and access(path, mode))
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name not in ("A", "ro") and access(path, mode))
     before = snapshot(ws)
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith(f"error: cannot write A/{shown}: ") and "is not writable" in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: cannot write {shown}: ") and "is not writable" in result.stderr, result.stderr
     assert snapshot(ws) == before
 
 
