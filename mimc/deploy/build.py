@@ -44,27 +44,45 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
         from mimc.latency.openvino_cpu import precision_for
 
         precision = precision_for(model, precision)  # the graph's own by default; one it does not run is refused
-        out = _check_new(Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml", overwrite)
+        out = Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml"
+        _not_onto_the_graph(model, out)
+        _check_new(out, overwrite)
         check_writable(out)  # a folder this user cannot write: refused before the build, not after
         return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
     from mimc.graph import graph_precision
 
     # named for the engine's precision: the one asked, else the graph's own (build_engine refuses what it cannot build)
     name = f"{profile.name}-{precision or graph_precision(model)}.plan"
-    out = _check_new(Path(output) if output is not None else model.parent / name, overwrite)
+    out = Path(output) if output is not None else model.parent / name
+    _not_onto_the_graph(model, out)
+    _check_new(out, overwrite)
     check_writable(out)
     side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
                         timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return {"engine": str(out), "sidecar": side}
 
 
-def _check_new(out: Path, overwrite: bool) -> Path:
+def _check_new(out: Path, overwrite: bool) -> None:
     from mimc.artifact import is_artifact
     from mimc.atomic import check_new_files
 
     if not is_artifact(out.parent) and out.parent.is_dir() and not out.is_dir():  # else refused where it is written
         check_new_files([out], overwrite)
-    return out
+
+
+def _not_onto_the_graph(model: Path, out: Path) -> None:
+    """The deployable's files (it, an IR's .bin, the sidecar) never replace the graph or its external
+    weights; a link in their place is replaced, not written through."""
+    from mimc.atomic import check_not_input
+    from mimc.graph import external_file, load_graph, uses_external
+
+    if not model.is_file():
+        return  # refused by the build, naming the graph
+    inputs = [model, *(external_file(t, model.parent) for t in load_graph(model, external_data=False).graph.initializer
+                       if uses_external(t))]
+    for written in (out, Path(f"{out}.json"), *([out.with_suffix(".bin")] if out.suffix == ".xml" else [])):
+        if not written.is_symlink():
+            check_not_input(written, inputs, inside=False)
 
 
 __all__ = ["build"]

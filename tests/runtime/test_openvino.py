@@ -360,3 +360,19 @@ def test_build_onto_a_full_disk_is_one_line_and_leaves_nothing(app, graph, tmp_p
     monkeypatch.setattr(ov, "save_model", full)
     one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "m.xml"]), "cannot write", code=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_never_writes_over_the_graph_or_its_external_weights(app, graph, tmp_path):
+    """`mimc build g.onnx -d openvino-cpu -o w.xml` with the graph's weights in w.bin (external data) replaced them
+    with the IR's weights: the graph was broken. `-d h100 -o g.onnx` (an engine onto the graph) was not refused
+    before TensorRT was needed."""
+    pytest.importorskip("openvino")
+    import onnx
+
+    from tests.cli.conftest import snapshot
+
+    onnx.save(onnx.load(graph), tmp_path / "g.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    before = snapshot(tmp_path)
+    one_error_line(invoke(app, ["build", tmp_path / "g.onnx", "--device", "openvino-cpu", "-o", tmp_path / "w.xml"]), "w.bin")
+    one_error_line(invoke(app, ["build", tmp_path / "g.onnx", "--device", "h100", "-o", tmp_path / "g.onnx"]), "is the input")
+    assert snapshot(tmp_path) == before
