@@ -122,9 +122,10 @@ def load_profile(device: str | Path) -> DeviceProfile:
         raise ConfigError(f"device profile {path}: precisions is empty: list those the device runs, e.g. [fp32, int8]")
     numbers = {f"peak_tflops.{k}": v for k, v in data["peak_tflops"].items()}
     numbers.update(memory_bandwidth_gbs=data["memory_bandwidth_gbs"], memory_gb=data["memory_gb"])
-    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf]
+    # at least 1e-6 (a KB/s, a MFLOP/s): a bytes / bandwidth or flops / peak past the float range would be inf
+    not_positive = [k for k, v in numbers.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not 1e-6 <= v < math.inf]
     if not_positive:
-        raise ConfigError(f"device profile {path}: {not_positive} must be positive finite numbers: fix the file")
+        raise ConfigError(f"device profile {path}: {not_positive} must be positive finite numbers (at least 1e-06): fix the file")
     counts = {"threads": [1] if data.get("threads") is None else [data["threads"]], "batch_sizes": data.get("batch_sizes", [1])}
     not_counts = [k for k, v in counts.items() if not isinstance(v, list) or not v or not all(type(n) is int and n >= 1 for n in v)]
     if not_counts:

@@ -77,6 +77,9 @@ def test_user_yaml_is_accepted(tmp_path):
         (lambda d: d["peak_tflops"].update(fp16=-1), "positive"),
         (lambda d: d["peak_tflops"].update(fp32=float("nan")), "positive finite"),  # was accepted: predicted latency nan
         (lambda d: d.update(memory_bandwidth_gbs=float("inf")), "positive finite"),
+        # was accepted: a predicted latency of inf, printed by --json as Infinity (not JSON)
+        (lambda d: d.update(memory_bandwidth_gbs=1e-320), "at least 1e-06"),
+        (lambda d: d["peak_tflops"].update(fp16=1e-320), "at least 1e-06"),
         (lambda d: d.update(peak_tflops=["fp16"]), "wrong type"),  # was an AttributeError traceback
         (lambda d: d.update(sources="datasheet"), "wrong type"),  # `mimc profiles FILE` crashed
         (lambda d: d.update(sparse_tensor_cores="maybe"), "wrong type"),  # was read as true
