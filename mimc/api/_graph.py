@@ -279,7 +279,7 @@ def _read_by(model: Path) -> list[Path]:
     return files
 
 
-def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float = 4.0, timing_cache=None,
+def build(model, device: str, *, precision=None, batch_range=None, workspace_gb: float | None = None, timing_cache=None,
           sparse=None, output=None, on_message=None, overwrite: bool = False) -> BuildReport:
     """A TensorRT engine (strongly typed: the precision comes from the graph) plus its JSON sidecar, or
     for an openvino-cpu device an OpenVINO IR (.xml + .bin) and its sidecar;

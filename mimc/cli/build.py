@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(..., "--device", "-d", help="A TensorRT device profile or openvino-cpu (see `mimc profiles`), or a profile .yaml."),
         precision: Optional[str] = typer.Option(None, "--precision", help="fp16 casts an fp32 graph first; int8/fp8 need a quantized graph (openvino-cpu: fp32/bf16 for fp32 graphs, int8/int8-bf16 for quantized ones; default: the graph's)."),
         batch: Optional[str] = typer.Option(None, "--batch", "-b", help="MIN:OPT:MAX batch range of the optimization profile (default 1:1:<largest profile batch>)."),
-        workspace_gb: float = typer.Option(4.0, "--workspace-gb", help="Builder workspace limit in GB."),
+        workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Builder workspace limit in GB (default 4)."),
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, read if present and updated after the build."),
         sparse: Optional[bool] = typer.Option(None, "--sparse/--no-sparse", help="Sparse weights (default: on when the model is 2:4 and the device has sparse tensor cores)."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine or IR path (default: <device>-<precision>.plan, or .xml for openvino-cpu, beside the graph)."),

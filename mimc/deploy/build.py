@@ -14,7 +14,7 @@ from mimc.atomic import check_writable
 from mimc.errors import BadInputError
 
 
-def build(model: str | Path, profile, *, precision: str | None = None, batch_range=None, workspace_gb: float = 4.0,
+def build(model: str | Path, profile, *, precision: str | None = None, batch_range=None, workspace_gb: float | None = None,
           timing_cache=None, sparse: bool | None = None, output: str | Path | None = None,
           on_message: Callable[[str], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Build ``model`` (an ``.onnx`` graph) for ``profile`` (a :class:`~mimc.latency.devices.DeviceProfile`).
@@ -35,7 +35,7 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
     if model.is_file():
         verify_graph(model)  # a graph its artifact lists (and its external data) must be the one recorded
     if profile.backend == "openvino-cpu":  # an OpenVINO IR, not an engine
-        given = tuple(name for name, value in (("batch", batch_range), ("workspace_gb", workspace_gb != 4.0 or None),
+        given = tuple(name for name, value in (("batch", batch_range), ("workspace_gb", workspace_gb),
                                                ("timing_cache", timing_cache), ("sparse", sparse)) if value is not None)
         if given:
             raise BadInputError(f"{', '.join(given)} set TensorRT's builder; an OpenVINO IR has no such setting: drop "
@@ -57,7 +57,7 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
     _not_onto_the_graph(model, out)
     _check_new(out, overwrite)
     check_writable(out)
-    side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=workspace_gb,
+    side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=4.0 if workspace_gb is None else workspace_gb,
                         timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return {"engine": str(out), "sidecar": side}
 

@@ -188,7 +188,8 @@ def test_build_for_openvino_refuses_the_tensorrt_only_options(app, graph, tmp_pa
     """--batch, --workspace-gb, --timing-cache and --sparse set TensorRT's builder: for openvino-cpu they
     were silently ignored (an IR built, exit 0) instead of refused."""
     pytest.importorskip("openvino")
-    for extra, flag in ((["--batch", "1:2:4"], "--batch"), (["--workspace-gb", "8"], "--workspace-gb"),
+    # --workspace-gb 4 (its default's value, typed) was still ignored without a word
+    for extra, flag in ((["--batch", "1:2:4"], "--batch"), (["--workspace-gb", "8"], "--workspace-gb"), (["--workspace-gb", "4"], "--workspace-gb"),
                         (["--timing-cache", str(tmp_path / "tc")], "--timing-cache"), (["--no-sparse"], "--sparse")):
         out = tmp_path / "ir.xml"
         one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", out, *extra]), flag)
