@@ -45,44 +45,40 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
 
         precision = precision_for(model, precision)  # the graph's own by default; one it does not run is refused
         out = Path(output) if output is not None else model.parent / f"{profile.name}-{precision}.xml"
-        _not_onto_the_graph(model, out)
-        _check_new(out, overwrite)
-        check_writable(out)  # a folder this user cannot write: refused before the build, not after
+        _check_outputs(model, out, overwrite)
         return {"ir": str(out), "sidecar": build_ir(model, profile, out, precision=precision)}
     from mimc.graph import graph_precision
 
     # named for the engine's precision: the one asked, else the graph's own (build_engine refuses what it cannot build)
     name = f"{profile.name}-{precision or graph_precision(model)}.plan"
     out = Path(output) if output is not None else model.parent / name
-    _not_onto_the_graph(model, out)
-    _check_new(out, overwrite)
-    check_writable(out)
+    _check_outputs(model, out, overwrite)
     side = build_engine(model, profile, out, batch_range=batch_range, workspace_gb=4.0 if workspace_gb is None else workspace_gb,
                         timing_cache=timing_cache, sparse=sparse, precision=precision, on_message=on_message)
     return {"engine": str(out), "sidecar": side}
 
 
-def _check_new(out: Path, overwrite: bool) -> None:
+def _check_outputs(model: Path, out: Path, overwrite: bool) -> None:
+    """The deployable's files (it, an IR's .bin, the sidecar): none a folder (refused before any is written),
+    none the graph or its external weights (a link in their place is replaced, not written through), an
+    existing file outside an artifact only with ``overwrite``, and a folder this user can write."""
     from mimc.artifact import is_artifact
-    from mimc.atomic import check_new_files
-
-    if not is_artifact(out.parent) and out.parent.is_dir() and not out.is_dir():  # else refused where it is written
-        check_new_files([out], overwrite)
-
-
-def _not_onto_the_graph(model: Path, out: Path) -> None:
-    """The deployable's files (it, an IR's .bin, the sidecar) never replace the graph or its external
-    weights; a link in their place is replaced, not written through."""
-    from mimc.atomic import check_not_input
+    from mimc.atomic import check_new_files, check_not_input
     from mimc.graph import external_file, load_graph, uses_external
 
+    files = (out, Path(f"{out}.json"), *([out.with_suffix(".bin")] if out.suffix == ".xml" else []))
+    for folder in (f for f in files if f.is_dir()):
+        raise BadInputError(f"output {folder} is a directory: give a file path", option="output")
     if not model.is_file():
         return  # refused by the build, naming the graph
     inputs = [model, *(external_file(t, model.parent) for t in load_graph(model, external_data=False).graph.initializer
                        if uses_external(t))]
-    for written in (out, Path(f"{out}.json"), *([out.with_suffix(".bin")] if out.suffix == ".xml" else [])):
+    for written in files:
         if not written.is_symlink():
             check_not_input(written, inputs, inside=False)
+    if not is_artifact(out.parent) and out.parent.is_dir():  # an artifact's own IR or engine is rebuilt in place
+        check_new_files([out], overwrite)
+    check_writable(out)  # a folder this user cannot write: refused before the build, not after
 
 
 __all__ = ["build"]

@@ -377,3 +377,15 @@ def test_build_never_writes_over_the_graph_or_its_external_weights(app, graph, t
     one_error_line(invoke(app, ["build", tmp_path / "g.onnx", "--device", "openvino-cpu", "-o", tmp_path / "w.xml"]), "w.bin")
     one_error_line(invoke(app, ["build", tmp_path / "g.onnx", "--device", "h100", "-o", tmp_path / "g.onnx"]), "is the input")
     assert snapshot(tmp_path) == before
+
+
+def test_build_with_a_folder_where_its_sidecar_goes_writes_nothing(app, graph, tmp_path):
+    """-o x.xml with a folder named x.xml.json (or x.bin) was refused only once the IR was in place: x.xml and
+    x.bin were left behind without a sidecar."""
+    pytest.importorskip("openvino")
+    for name in ("x.xml.json", "x.bin"):
+        folder = tmp_path / name
+        folder.mkdir()
+        one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "x.xml"]), "is a directory")
+        assert [p.name for p in tmp_path.iterdir()] == [name]
+        folder.rmdir()
