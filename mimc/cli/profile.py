@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("profile")
     @handle_errors(flags={"batch_sizes": "--batch"})
     def profile(
-        model: Path = typer.Argument(..., help="An .onnx graph (mimc export writes <artifact>/model.onnx) or a TensorRT .plan."),
+        model: Path = typer.Argument(..., help="An .onnx graph (mimc export writes <artifact>/model.onnx), an OpenVINO .xml IR or a TensorRT .plan."),
         device: str = typer.Option("cpu", "--device", "-d", help="A device profile name (see `mimc profiles`) or a profile .yaml."),
         batch: Optional[str] = typer.Option(None, "--batch", "-b", help="Batch sizes, e.g. 1,8 (default: the graph's static batch, else the profile's)."),
         iters: int = typer.Option(50, "--iters", help="Timed runs per batch size."),

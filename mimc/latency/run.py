@@ -53,10 +53,10 @@ def check_predict(predict: bool, warmup: int, iters: int, threads: int | None) -
 def check_model_path(model_path: str | os.PathLike) -> Path:
     path = Path(model_path)
     if not path.exists():
-        raise BadInputError(f"{path} does not exist: pass an .onnx file (mimc export MODEL writes one) or a TensorRT .plan")
+        raise BadInputError(f"{path} does not exist: pass an .onnx file (mimc export MODEL writes one), an OpenVINO .xml IR or a TensorRT .plan")
     if path.is_dir():
         hint = f"; did you mean {path / 'model.onnx'}?" if (path / "model.onnx").is_file() else ""
-        raise BadInputError(f"{path} is a directory, not an ONNX file or engine: pass the .onnx file inside it{hint}")
+        raise BadInputError(f"{path} is a directory, not an ONNX file, OpenVINO .xml IR or engine: pass the .onnx file inside it{hint}")
     if path.suffix not in ONNX_SUFFIXES + ENGINE_SUFFIXES + IR_SUFFIXES:
         raise BadInputError(f"{path} is not an ONNX graph, TensorRT engine or OpenVINO IR (expected {', '.join(ONNX_SUFFIXES + ENGINE_SUFFIXES + IR_SUFFIXES)}): export one with `mimc export MODEL`")
     return path

@@ -389,3 +389,11 @@ def test_build_with_a_folder_where_its_sidecar_goes_writes_nothing(app, graph, t
         one_error_line(invoke(app, ["build", graph, "--device", "openvino-cpu", "-o", tmp_path / "x.xml"]), "is a directory")
         assert [p.name for p in tmp_path.iterdir()] == [name]
         folder.rmdir()
+
+
+def test_profile_help_and_refusals_name_the_openvino_ir(app, tmp_path):
+    """`mimc profile --help` said its MODEL is "An .onnx graph ... or a TensorRT .plan", and a missing or folder MODEL
+    was answered with the same two kinds, though profile measures an OpenVINO .xml IR too."""
+    assert "OpenVINO .xml IR" in " ".join(invoke(app, ["profile", "--help"]).stdout.split())
+    one_error_line(invoke(app, ["profile", tmp_path / "missing.xml", "--device", "openvino-cpu"]), "OpenVINO .xml IR")
+    one_error_line(invoke(app, ["profile", tmp_path, "--device", "openvino-cpu"]), "OpenVINO .xml IR")
