@@ -110,8 +110,6 @@ def tokens(model: Any, output, *, overwrite: bool = False, **options) -> StageRe
     """Static token reduction (:class:`~mimc.compression.tokens.TokenReductionConfig`)."""
     from mimc.compression.tokens import TokenReductionConfig
 
-    if options.get("method", "tome") == "tome" and options.get("r") is None and not options.get("r_list"):
-        raise ConfigError("method tome needs r (tokens merged per block, e.g. 8, or one value per block: 16,12,8)", option="r")
     return run_stage(model, TokenReductionConfig.from_dict(options), output, "tokens", overwrite=overwrite)
 
 

@@ -62,6 +62,9 @@ class TokenReductionConfig(StageConfig):
         super().__post_init__()
 
     def check(self) -> None:
+        if self.method == "tome" and not self.r and not any(self.r_list):  # found when read, not after the stages before it ran
+            raise ConfigError("method tome removes no token without r: give r (tokens merged per block, e.g. 8, "
+                              "or one value per block: 16,12,8)", option="r")
         if self.method == "tome" and self.r_list and self.r:
             raise ConfigError("give either r or r_list for ToMe, not both", option=("r", "r_list"))
         if self.method == "tome" and self.keep is not None:

@@ -105,6 +105,9 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     ({"n": 0}, "'n' must be a positive integer"),
     # before: refused once the run started as the model being "its own stages[0].distill.teacher", a key no recipe has
     ({"stages": [{"distill": {"steps": 1}}]}, "stages[0].distill would distill the recipe's model from itself"),
+    # ToMe without r merges nothing: passed --dry-run and was refused only after the stages before it ran
+    ({"stages": [{"prune": {"ratio": 0.5}}, {"tokens": {}}]}, "stages[1].tokens.r"),
+    ({"stages": [{"tokens": {"method": "tome", "r_list": [0, 0]}}]}, "stages[0].tokens.r"),
 ])
 def test_bad_recipes_are_refused_before_any_work(change, match):
     data = {"model": "ref", "data": "builtin", "stages": [{"prune": {"ratio": 0.5}}], **change}
