@@ -217,6 +217,11 @@ def save_ir(model, out: str | Path) -> None:
     """Write ``out`` (.xml) and its .bin with the weights as they are (no fp16 compression), each
     renamed into place whole: what was there (a link to the graph, say) is replaced, never written through."""
     out = Path(out)
+    # the nodes OpenVINO names itself (Constant_39) are numbered by a count kept across the process: renumbered
+    # within the graph, the same graph writes the same IR however many were built before it
+    for i, op in enumerate(model.get_ordered_ops()):
+        if re.fullmatch(rf"{op.get_type_name()}_\d+", op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{i}")
     with atomic_file(out) as xml, atomic_file(out.with_suffix(".bin")) as weights, \
             tempfile.TemporaryDirectory(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent) as tmp:
         try:
