@@ -44,13 +44,14 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
 
 
 def _compare(old: Path, new: Path) -> dict[str, Any]:
-    """Whether a replay reproduced the artifact it replayed: its weights and every graph both list."""
+    """Whether a replay reproduced the artifact it replayed: its weights and every graph both list (with
+    the file of its weights: an IR's .bin, a graph's external data)."""
     from mimc.artifact import read_manifest
 
     before, after = read_manifest(old), read_manifest(new)
     hashes = [("model.safetensors", before.weights_sha256, after.weights_sha256)]
-    hashes += [(name, entry.get("sha256"), after.files[name].get("sha256"))
-               for name, entry in before.files.items() if name in after.files]
+    files = lambda entry: (entry.get("sha256"), entry.get("external_data_sha256"))  # noqa: E731
+    hashes += [(name, files(entry), files(after.files[name])) for name, entry in before.files.items() if name in after.files]
     return {"of": str(old), "identical": [n for n, a, b in hashes if a == b], "differ": [n for n, a, b in hashes if a != b]}
 
 

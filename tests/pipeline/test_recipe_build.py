@@ -159,3 +159,20 @@ def test_an_ir_replayed_in_the_same_process_is_identical(tmp_path):
 
     run_recipe(parse_recipe(recipe("export", "build")), tmp_path / "art")
     assert mimc.run(str(tmp_path / "art"), tmp_path / "again")["replay"]["differ"] == []
+
+
+def test_a_replay_whose_ir_weights_differ_does_not_call_the_ir_identical(tmp_path):
+    # the IR's model.xml holds the graph, its model.bin the weights: the replay compared only the
+    # .xml, so an IR rebuilt with other weights (Wanda on other images) was listed as identical
+    needs_openvino()
+    import numpy as np
+
+    import mimc
+
+    art = tmp_path / "art"
+    run_recipe(parse_recipe(recipe({"sparsify": {"method": "wanda", "n_calib": 8}}, "export", "build", n=8)), art)
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    replay = mimc.run(str(art), tmp_path / "again", data=str(other))["replay"]
+    assert sha256_file(art / "model.bin") != sha256_file(tmp_path / "again" / "model.bin")
+    assert "model.xml" in replay["differ"] and "model.xml" not in replay["identical"]
