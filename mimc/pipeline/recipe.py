@@ -184,6 +184,9 @@ def _check_graph_names(steps: list[Step], where: str) -> None:
         if step.name in ("build", "profile", "eval") and step.config.graph is not None and step.config.graph not in written:
             hint = f"choose one of {written}" if written else "add an export (or quantize) stage before it"
             raise ConfigError(f"{where}: {stage_key(i, step.name)} reads graph '{step.config.graph}', which no earlier stage writes: {hint}")
+        if step.name == "profile" and name is None:
+            raise ConfigError(f"{where}: {stage_key(i, 'profile')} measures a graph and no earlier stage writes one: "
+                              "add an 'export' (or 'quantize') stage before it")
         if step.name == "export":
             written.append("model.onnx")
             batch = step.config.batch

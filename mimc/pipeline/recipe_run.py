@@ -103,10 +103,6 @@ def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite
     steps = [Step(replace(s.config, val=recorded_path(s.config.val))) if s.name == "eval" else s for s in recipe.steps]
     recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data), steps=steps)
     check_output(out, overwrite)
-    # (a build without a graph before it is refused when the recipe is parsed)
-    graphless = any(s.name == "profile" and s.config.graph is None for s in recipe.steps)
-    if graphless and not {"export", "quantize"} & {s.name for s in recipe.steps}:
-        raise ConfigError("recipe: 'profile' measures a graph: add an 'export' (or 'quantize') stage before it")
     _check_runtimes(recipe)
     _check_not_source(recipe, out)
     source = load_model(recipe.model)

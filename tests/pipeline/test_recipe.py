@@ -108,6 +108,8 @@ def test_a_manifest_written_stage_by_stage_becomes_a_recipe(tmp_path):
     # ToMe without r merges nothing: passed --dry-run and was refused only after the stages before it ran
     ({"stages": [{"prune": {"ratio": 0.5}}, {"tokens": {}}]}, "stages[1].tokens.r"),
     ({"stages": [{"tokens": {"method": "tome", "r_list": [0, 0]}}]}, "stages[0].tokens.r"),
+    # was "recipe: 'profile' measures a graph", naming neither the stage nor where it sits, found only by the run
+    ({"stages": [{"prune": {"ratio": 0.5}}, {"profile": {}}]}, "stages[1].profile measures a graph"),
 ])
 def test_bad_recipes_are_refused_before_any_work(change, match):
     data = {"model": "ref", "data": "builtin", "stages": [{"prune": {"ratio": 0.5}}], **change}
