@@ -50,11 +50,12 @@ def _check_runtimes(recipe: Recipe) -> None:
             raise _in_recipe(exc, i, step.name) from None
 
 
-def _in_recipe(exc: MimcError, i: int, name: str) -> MimcError:
+def _in_recipe(exc: MimcError, i: int | None, name: str | None = None) -> MimcError:
     """``exc`` of stage ``i`` with the options it names written as their recipe keys (``stages[1].width.macs``;
-    the recipe's own keys, such as data, as they are): no option name is left for the CLI to word as a flag."""
-    names = {o: o if o in TOP_LEVEL_KEYS else stage_key(i, name, o) for o in exc.options}
-    return type(exc)(f"recipe: {exc.phrased(names)}" if names else f"recipe: {stage_key(i, name)}: {exc}")
+    the recipe's own keys, such as data, as they are; ``i`` None: reading its images, ``data.workers``):
+    no option name is left for the CLI to word as a flag."""
+    names = {o: o if o in TOP_LEVEL_KEYS else stage_key(i, name, o) if i is not None else f"data.{o}" for o in exc.options}
+    return type(exc)(f"recipe: {exc.phrased(names)}" if names or i is None else f"recipe: {stage_key(i, name)}: {exc}")
 
 
 def _check_not_source(recipe: Recipe, out: Path) -> None:
@@ -107,9 +108,12 @@ def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite
     _check_not_source(recipe, out)
     source = load_model(recipe.model)
     _check_masking(recipe, source)
-    images = ImageSource(recipe.data, recipe.seed, **recipe.data_options) if recipe.data is not None else None
-    if recipe.needs_data:
-        images.draw(source.config, recipe.n)  # unreadable or mis-shaped images: one line, before any work
+    try:
+        images = ImageSource(recipe.data, recipe.seed, **recipe.data_options) if recipe.data is not None else None
+        if recipe.needs_data:
+            images.draw(source.config, recipe.n)  # unreadable or mis-shaped images: one line, before any work
+    except MimcError as exc:
+        raise _in_recipe(exc, None) from None
     _check_val(recipe, source)
     return recipe, out, source, images
 

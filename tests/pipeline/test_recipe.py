@@ -175,6 +175,7 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, source):
         assert dry.exit_code == real.exit_code == 2, (args, dry.output, real.output)
         lines = [ln for ln in dry.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0] and dry.stdout == "", (args, dry.output)
+        assert "--data" not in real.stderr, real.stderr  # the recipe's key, data: not a flag nobody gave
     ok = runner.invoke(app, ["run", str(path), "-o", str(tmp_path / "full"), "--overwrite", "--dry-run"])
     assert ok.exit_code == 0 and (tmp_path / "full" / "f").is_file() and not (tmp_path / "o").exists(), ok.output
 
