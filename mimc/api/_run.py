@@ -34,6 +34,9 @@ def run(recipe, output=None, *, data: str | None = None, overwrite: bool = False
     recipe = _as_recipe(recipe, data)
     check_not_input(output if output is not None else default_output(recipe),
                     (recipe.model, recipe.data, source, getattr(recipe, "source_path", None)))
+    if force and "quantize" not in {s.name for s in recipe.steps}:  # else it would do nothing, silently
+        raise ConfigError("force keeps a quantized graph that misses its fidelity gate and the recipe has no quantize stage: "
+                          "drop force", option="force")
     if dry_run:
         return RunReport(check_recipe_run(recipe, output, overwrite)[0].to_dict())
     report = run_recipe(recipe, output, overwrite=overwrite, force=force, on_stage=on_stage)

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         if parsed.note:
             note(parsed.note)
         if dry_run:  # the resolved recipe: YAML, or with --json the same mapping as JSON
-            api.run(parsed, output, overwrite=overwrite, dry_run=True)  # refuses what the run would (-o, model, images)
+            api.run(parsed, output, overwrite=overwrite, force=force, dry_run=True)  # refuses what the run would (-o, model, images)
             emit_json(parsed.to_dict()) if json_out else typer.echo(parsed.to_yaml(), nl=False)
             return
         with status("starting") as spinner:

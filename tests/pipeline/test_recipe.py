@@ -565,3 +565,15 @@ def test_an_eval_stages_relative_val_is_recorded_absolute_so_it_replays_from_any
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     run_recipe(load_recipe(tmp_path / "out"), "again")
+
+
+def test_force_without_a_quantize_stage_is_refused(tmp_path):
+    # --force keeps a quantized graph that misses its gate: on a recipe with no quantize stage it did nothing, silently
+    from mimc.cli.app import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}, "export"]}))
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "out"), "--force", *extra])
+        assert result.exit_code == 2 and "--force" in result.stderr and "quantize" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
