@@ -276,3 +276,20 @@ def test_an_fp32_candidate_is_judged_through_its_onnx_graph(setup, monkeypatch):
     space = SearchSpace(block_ratios=(0.0,), token_keeps=(1.0,), precisions=("fp32",), runtimes=("ort",))
     result = search(enc, "cpu", held, calib, space, min_cosine=0.9, iters=1)
     assert through == ["model.onnx"] and result["candidates"][0]["pooled_cosine_mean"] >= 0.9999
+
+
+def test_the_written_recipe_names_local_paths_so_it_runs_from_any_folder(tmp_path, setup, monkeypatch):
+    # a model and --data given as relative paths went into recipe.yaml as written: `mimc run OUT/recipe.yaml`
+    # from any other folder was refused (model 'm' not found), unlike a profile .yaml, written by its path
+    from mimc.cli.app import app
+    from mimc.pipeline.recipe import load_recipe
+
+    enc, _, _, data = setup
+    save_artifact(enc, tmp_path / "m")
+    (tmp_path / "d.npz").write_bytes(data.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["search", "m", "--device", "jetson-orin", "--data", "d.npz", "--n", "8", "--n-eval", "8",
+                                      "--blocks", "0.5", "--keep", "1", "--precisions", "fp16", "--no-nm", "--min-cosine", "0.5", "-o", "s"])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(tmp_path / "s" / "recipe.yaml")
+    assert (recipe.model, recipe.data) == (str(tmp_path / "m"), str(tmp_path / "d.npz"))
