@@ -93,6 +93,7 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     from mimc.artifact import recorded_path
     from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
+    from mimc.pipeline.recipe import DATA_OPTIONS
     from mimc.pipeline.search import recipe_of
     from mimc.pipeline.search import search as _search
     from mimc.pipeline.search_space import SearchSpace
@@ -109,7 +110,8 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     out = Path(output) if output is not None else _default_output(model, "search")
     check_output(out, overwrite, inputs=(model, spec_of(data), device))
     encoder = _load(model)
-    images = as_source(data, seed).draw(encoder.config, n + n_eval)
+    source = as_source(data, seed)
+    images = source.draw(encoder.config, n + n_eval)
     data = spec_of(data)
     if len(images) <= n:
         raise ConfigError(f"{data} has {len(images)} images, fewer than n={n} plus held-out ones: lower n", option="n")
@@ -118,7 +120,9 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
                      on_candidate=on_candidate)
     # a local model, data or profile .yaml is named by its absolute path: the recipe may run from another folder
     spec = str(Path(device).resolve()) if Path(device).suffix in (".yaml", ".yml") and Path(device).is_file() else device
-    recipe = recipe_of(result, recorded_path(_name(model, None)) or name, recorded_path(data), n, seed, device=spec)
+    reading = {k: v for k in DATA_OPTIONS if (v := getattr(source, k)) is not None and v is not False}  # workers 0 kept
+    recipe = recipe_of(result, recorded_path(_name(model, None)) or name,
+                       {"path": recorded_path(data), **reading} if reading else recorded_path(data), n, seed, device=spec)
     result = {"model": name, "data": data, **result, "output": str(out)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "search.json").write_text(json.dumps({k: v for k, v in result.items() if k != "output"}, indent=2) + "\n")

@@ -239,7 +239,7 @@ def _graph_features(path: Path, images, emulate: bool, runtime: str = "ort", pre
     return np.stack(pooled).astype(np.float64)
 
 
-def recipe_of(result: dict[str, Any], model: str, data: str, n: int, seed: int, device: str | None = None) -> dict[str, Any] | None:
+def recipe_of(result: dict[str, Any], model: str, data: str | dict[str, Any], n: int, seed: int, device: str | None = None) -> dict[str, Any] | None:
     """The recipe (mimc.pipeline.recipe format) that rebuilds the best candidate, profiled and evaluated
     (an OpenVINO candidate: its IR, built by a ``build`` stage, is what is profiled and evaluated).
 

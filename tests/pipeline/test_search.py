@@ -293,3 +293,27 @@ def test_the_written_recipe_names_local_paths_so_it_runs_from_any_folder(tmp_pat
     assert result.exit_code == 0, result.output
     recipe = load_recipe(tmp_path / "s" / "recipe.yaml")
     assert (recipe.model, recipe.data) == (str(tmp_path / "m"), str(tmp_path / "d.npz"))
+
+
+def test_the_written_recipe_reads_the_images_as_the_search_did(tmp_path, setup):
+    # --skip-corrupt (and --workers, --image-column, --label-column) reached the search but not its recipe.yaml,
+    # whose run then stopped at the unreadable image the search had skipped
+    from PIL import Image
+
+    from mimc.cli.app import app
+    from mimc.pipeline.recipe import load_recipe
+
+    enc, _, _, _ = setup
+    model = save_artifact(enc, tmp_path / "m")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((32, 32, 3), i * 10, np.uint8)).save(folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["search", str(model), "--device", "jetson-orin", "--data", str(folder), "--skip-corrupt", "--n", "8",
+                                      "--n-eval", "8", "--blocks", "0.5", "--keep", "1", "--precisions", "fp16", "--no-nm", "--min-cosine", "0.1",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(out / "recipe.yaml")
+    assert (recipe.data, recipe.data_options) == (str(folder), {"skip_corrupt": True})
