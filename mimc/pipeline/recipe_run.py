@@ -136,7 +136,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, overwrite: bool
     try:
         result = execute(job, out, overwrite=overwrite, recipe=recipe, on_stage=started)
     except MimcError as exc:
-        if not running[0] or not exc.options:
+        if not running[0]:
             raise
         raise _in_recipe(exc, running[0] - 1, recipe.steps[running[0] - 1].name) from None
     return result.report

@@ -577,3 +577,16 @@ def test_force_without_a_quantize_stage_is_refused(tmp_path):
         result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "out"), "--force", *extra])
         assert result.exit_code == 2 and "--force" in result.stderr and "quantize" in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_refused_while_the_run_goes_is_named_even_when_no_option_is_to_blame(tmp_path, monkeypatch):
+    # an error naming no option (a token-reduced model met a prune stage) came out bare, without the stage it stopped
+    import mimc.compression.registry as registry
+
+    def refuse(encoder, config, *args, **kwargs):
+        raise ConfigError("this model cannot take it: fix the model")
+
+    monkeypatch.setattr(registry, "compress", refuse)
+    with pytest.raises(ConfigError) as info:
+        run_recipe(parse_recipe({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}, "export"]}), tmp_path / "out")
+    assert str(info.value) == "recipe: stages[0].prune: this model cannot take it: fix the model" and not (tmp_path / "out").exists()
