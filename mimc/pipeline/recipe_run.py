@@ -95,14 +95,23 @@ def _check_val(recipe: Recipe, source) -> None:
                 raise ConfigError(f"recipe: {stage_key(i, 'eval', 'val')}: {exc}") from None
 
 
+def _absolute(config):
+    """A stage's options with the local files they name (eval's val, a device profile .yaml) as absolute paths."""
+    device = getattr(config, "device", None)
+    paths = {"val": recorded_path(getattr(config, "val", None)),
+             "device": recorded_path(device) if str(device).endswith((".yaml", ".yml")) else device}
+    changed = {k: v for k, v in paths.items() if hasattr(config, k) and v != getattr(config, k)}
+    return replace(config, **changed) if changed else config
+
+
 def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False):
     """Everything a run checks before its first stage (a dry run stops here): the recipe with local
     paths made absolute, the output folder, the source model and the images."""
     check_one_process("mimc run", "recipe: a recipe")  # else every rank runs every stage into one folder
     out = Path(output) if output is not None else default_output(recipe)
-    # a model / data / eval val that names a local path is written absolute into recipe.yaml: the replay may run from another folder
-    steps = [Step(replace(s.config, val=recorded_path(s.config.val))) if s.name == "eval" else s for s in recipe.steps]
-    recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data), steps=steps)
+    # a model / data (and a stage's val or profile .yaml) that names a local path is written absolute into recipe.yaml: the replay may run from another folder
+    recipe = replace(recipe, model=recorded_path(recipe.model), data=recorded_path(recipe.data),
+                     steps=[Step(_absolute(s.config)) for s in recipe.steps])
     check_output(out, overwrite)
     _check_runtimes(recipe)
     _check_not_source(recipe, out)

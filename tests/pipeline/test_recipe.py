@@ -590,3 +590,17 @@ def test_a_stage_refused_while_the_run_goes_is_named_even_when_no_option_is_to_b
     with pytest.raises(ConfigError) as info:
         run_recipe(parse_recipe({"model": "ref", "stages": [{"prune": {"ratio": 0.5}}, "export"]}), tmp_path / "out")
     assert str(info.value) == "recipe: stages[0].prune: this model cannot take it: fix the model" and not (tmp_path / "out").exists()
+
+
+def test_paths_named_by_stage_options_are_written_absolute_too(tmp_path, monkeypatch, source):
+    # model and data were made absolute in recipe.yaml, eval's val and a profile .yaml were not: the
+    # replay from another folder was refused (val does not exist) or timed another folder's profile
+    from mimc.pipeline.recipe_run import check_recipe_run
+
+    model, data = source
+    (tmp_path / "dev.yaml").write_text((Path(__file__).parents[2] / "mimc" / "profiles" / "cpu.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    recipe = parse_recipe({"model": "src", "data": "data.npz", "stages": ["export", {"profile": {"device": "dev.yaml"}},
+                                                                         {"eval": {"val": "data.npz"}}]})
+    stages = check_recipe_run(recipe, "out")[0].to_dict()["stages"]
+    assert (stages[1]["profile"]["device"], stages[2]["eval"]["val"]) == (str(tmp_path / "dev.yaml"), data)
