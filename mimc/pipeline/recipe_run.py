@@ -85,6 +85,17 @@ def _check_masking(recipe: Recipe, source) -> None:
                               f"and absolute positions, but {why}: set {option} in its options")
 
 
+def _check_tokens(recipe: Recipe, source) -> None:
+    """A model that reduces tokens (the source, or after a tokens stage) takes no prune and no other tokens
+    stage: found here, not by the stage once the stages before it ran."""
+    reduced = bool(source.config.token_schedule)
+    for i, step in enumerate(recipe.steps):
+        if reduced and step.name in ("prune", "tokens"):
+            raise ConfigError(f"recipe: {stage_key(i, step.name)}: the model reduces tokens already (the recipe's model or a tokens "
+                              "stage before it): put prune before the tokens stage, and reduce tokens once")
+        reduced = reduced or step.name == "tokens"
+
+
 def _check_val(recipe: Recipe, source) -> None:
     """An eval stage's ``val`` images are opened (one decoded) before any stage runs."""
     for i, step in enumerate(recipe.steps):
@@ -117,6 +128,7 @@ def check_recipe_run(recipe: Recipe, output: str | Path | None = None, overwrite
     _check_not_source(recipe, out)
     source = load_model(recipe.model)
     _check_masking(recipe, source)
+    _check_tokens(recipe, source)
     try:
         images = ImageSource(recipe.data, recipe.seed, **recipe.data_options) if recipe.data is not None else None
         if recipe.needs_data:

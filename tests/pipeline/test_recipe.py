@@ -604,3 +604,13 @@ def test_paths_named_by_stage_options_are_written_absolute_too(tmp_path, monkeyp
                                                                          {"eval": {"val": "data.npz"}}]})
     stages = check_recipe_run(recipe, "out")[0].to_dict()["stages"]
     assert (stages[1]["profile"]["device"], stages[2]["eval"]["val"]) == (str(tmp_path / "dev.yaml"), data)
+
+
+@pytest.mark.parametrize("second", [{"prune": {"ratio": 0.5}}, {"tokens": {"method": "drop", "keep": 0.5}}])
+def test_a_stage_a_token_reduced_model_cannot_take_is_refused_before_any_stage_runs(tmp_path, second):
+    # --dry-run said OK and the run refused it once the stages before it had run
+    from mimc.pipeline.recipe_run import check_recipe_run
+
+    recipe = parse_recipe({"model": "ref", "stages": [{"tokens": {"method": "topk", "keep": 0.5}}, second]})
+    with pytest.raises(ConfigError, match=rf"recipe: stages\[1\]\.{next(iter(second))}: "):
+        check_recipe_run(recipe, tmp_path / "out")
