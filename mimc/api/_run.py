@@ -90,7 +90,6 @@ def search(model="ref", device: str = "cpu", *, min_cosine: float = 0.98, budget
     import numpy as np
     import yaml
 
-    from mimc.artifact import recorded_path
     from mimc.data import as_source, spec_of
     from mimc.latency.devices import load_profile
     from mimc.pipeline.recipe import DATA_OPTIONS
