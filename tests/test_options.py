@@ -141,6 +141,11 @@ def _keywords(schema: dict) -> set[str]:
     return found
 
 
+def _smallest(cls):
+    """The config with only the options it cannot do without (prune needs an amount, ToMe its r)."""
+    return {BlockPruningConfig: lambda: cls(ratio=0.5), TokenReductionConfig: lambda: cls(r=8)}.get(cls, cls)()
+
+
 @pytest.mark.parametrize("cls, example", [
     (BlockPruningConfig, BlockPruningConfig(blocks=(1, 3))),
     (TokenReductionConfig, TokenReductionConfig(method="topk", keep=0.5, at=(2, 4))),
@@ -152,7 +157,7 @@ def test_json_schema_of_a_stage_describes_its_options(cls, example):
     assert set(schema["properties"]) == {f.name for f in dataclasses.fields(cls)}
     assert _keywords(schema) <= KEYWORDS
     _check_against_schema(schema, example.to_dict())
-    _check_against_schema(schema, cls().to_dict() if cls is not BlockPruningConfig else BlockPruningConfig(ratio=0.5).to_dict())
+    _check_against_schema(schema, _smallest(cls).to_dict())
     typed = next(k for k, v in schema["properties"].items() if v.get("type") and "string" not in str(v["type"]))
     with pytest.raises(AssertionError):
         _check_against_schema(schema, {**example.to_dict(), typed: "not-valid-here"})
@@ -163,7 +168,7 @@ def test_json_schema_is_valid_json_schema(cls):
     jsonschema = pytest.importorskip("jsonschema")
     schema = cls.json_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
-    example = cls(ratio=0.5) if cls is BlockPruningConfig else cls()
+    example = _smallest(cls)
     jsonschema.validate(example.to_dict(), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**example.to_dict(), "nonsense": 1}, schema)
