@@ -104,7 +104,7 @@ class EvalConfig(StageConfig):
 
     name: ClassVar[str] = "eval"
     graph: str | None = option(None, doc="a graph file of the artifact, e.g. model.int8.onnx or model.xml; null: the last one written")
-    n: int | None = option(None, ge=1, doc="images evaluated; null: the recipe's n")
+    n: int | None = option(None, ge=1, doc="images evaluated; null: every image of the recipe's data")
     batch_size: int = option(32, ge=1)
     # the train / val protocol of `mimc eval --val`: the recipe's data is the labelled gallery
     val: str | None = option(None, doc="labelled val images (a folder, .npz, shards, ...): each classified by k-NN against the "
