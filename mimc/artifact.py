@@ -85,7 +85,7 @@ def recorded_path(spec: str | None) -> str | None:
     """A model or data argument as an artifact records it: a local path absolute, so that a replay finds
     it from any folder (a WebDataset pattern ``shards/train-{000..009}.tar`` too: a hub id has no brace);
     ``ref``, ``builtin``, hub ids and ``random:`` models as given."""
-    if spec in (None, "ref", "builtin") or not (Path(spec).expanduser().exists() or "{" in spec):
+    if spec in (None, "ref", "builtin") or not str(spec).strip() or not (Path(spec).expanduser().exists() or "{" in spec):
         return spec
     return str(Path(spec).expanduser().resolve())
 

@@ -526,3 +526,13 @@ def test_a_shard_gone_after_indexing_is_an_unreadable_image(tmp_path, tiny_image
     assert reader.read(0).shape == (32, 32, 3)
     with pytest.raises(DataError, match=r"cannot read image .*train-001.tar:sample00012.png \(\[Errno 2\] No such file"):
         reader.read(12)
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_data_spec_is_refused_not_read_as_the_current_folder(spec, tmp_path, monkeypatch):
+    # `data: ""` (a templated recipe whose variable was unset) read every image of the current folder
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data is empty") as info:
+        open_reader(spec)
+    assert info.value.options == ("data",)

@@ -238,6 +238,8 @@ def _reader(spec: str, image_column: str | None, label_column: str | None) -> Re
         return ArrayReader(BUILTIN_PATH, BUILTIN)
     if is_shard_spec(spec):
         return TarReader(spec)
+    if not spec.strip():  # else Path("") is the current folder, read in silence
+        raise DataError(f"data is empty: {SPEC_HELP} (. for the current folder)", option="data")
     path = Path(spec)
     if not path.exists():
         raise DataError(f"data path {path} does not exist: {SPEC_HELP}", option="data")

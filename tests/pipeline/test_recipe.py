@@ -614,3 +614,15 @@ def test_a_stage_a_token_reduced_model_cannot_take_is_refused_before_any_stage_r
     recipe = parse_recipe({"model": "ref", "stages": [{"tokens": {"method": "topk", "keep": 0.5}}, second]})
     with pytest.raises(ConfigError, match=rf"recipe: stages\[1\]\.{next(iter(second))}: "):
         check_recipe_run(recipe, tmp_path / "out")
+
+
+def test_an_empty_data_is_refused_not_read_as_the_folder_the_run_starts_in(tmp_path, monkeypatch):
+    # `data: ""` (a template's unset variable) was recorded as the absolute current folder and its images read
+    from mimc.cli.app import app
+
+    np.savez(tmp_path / "imgs.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "ref", "data": "", "stages": [{"sparsify": {"method": "wanda", "n_calib": 8}}]}))
+    result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2 and "data is empty" in result.stderr, result.output
