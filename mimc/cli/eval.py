@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from mimc import api
 from mimc.cli.common import JsonOption, MODEL_HELP, SeedOption, handle_errors, reads_images, status
@@ -31,6 +32,9 @@ def register(app: typer.Typer) -> None:
             report = api.evaluate(model, ref, data, val=val, n=n, seed=seed, batch_size=batch_size, device=device, threads=threads)
         if report.get("rank", 0) == 0:  # under torchrun, rank 0 reports
             show(report, json_out, _human)
+            for part in (report["data"], report.get("val")):
+                if n and part and part["n_images"] < n:
+                    note(escape(f"{part['source']} holds {part['n_images']} images, fewer than --n {n}: evaluated all of them"))
 
 
 def _human(r: dict) -> None:

@@ -188,6 +188,14 @@ def test_eval_artifact_against_itself_and_unlabelled_data(app, artifact, calib, 
     assert "k-NN skipped" in result.stderr  # notes go to stderr
 
 
+def test_eval_n_past_the_images_says_so(app, artifact, calib):
+    # --n 100000 on a handful of images evaluated them all without a word (embed says so)
+    result = invoke(app, ["eval", artifact, "--data", calib, "--n", "100000"])
+    assert result.exit_code == 0, result.output
+    assert "fewer than --n 100000: evaluated all of them" in " ".join(result.stderr.split())
+    assert "fewer than --n" not in invoke(app, ["eval", artifact, "--data", calib, "--n", "2"]).stderr
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
