@@ -19,9 +19,9 @@ from mimc.data.source import (
     default_workers,
     deterministic_inputs,
     load_images,
-    open_reader,
     spec_of,
 )
+from mimc.data.spec import open_reader
 
 __all__ = ["as_source", "spec_of", "ImageSet", "ImageSource", "ImageStream", "IndexedImages", "Batch", "load_images", "deterministic_inputs",
            "preprocess", "prepare_image", "open_reader", "expand_braces", "check_array_values", "default_workers",

@@ -9,7 +9,7 @@ Here: the base :class:`Reader`, picture decoding, folders (images at the top, un
 subfolder per class searched recursively: ImageNet layout) and arrays (``.npy`` memory-mapped,
 ``.npz`` with ``images`` / ``labels`` / ``class_names``, never unpickled; ``builtin``). WebDataset
 shards are :mod:`mimc.data.shards`, saved ``datasets`` folders :mod:`mimc.data.datasets_dir`, and
-:func:`mimc.data.source.open_reader` picks the reader for a spec.
+:func:`mimc.data.spec.open_reader` picks the reader for a spec.
 """
 from __future__ import annotations
 
