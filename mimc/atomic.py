@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mimc.errors import BadInputError, MimcError, clip
+from mimc.errors import BadInputError, MimcError, clip, shorten
 
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 TEMP_ROOM = 32  # what a temporary name adds: .NAME.<pid>.<8 random>.tmp
@@ -163,13 +163,7 @@ def check_not_input(output: str | os.PathLike, inputs: Any = (), option: str | S
             why = "contains the input"
         else:
             continue
-        raise BadInputError(f"output {_tail(output)} {why} {_tail(item)}: choose an output outside every input", option=option)
-
-
-def _tail(path: str | os.PathLike, limit: int = 80) -> str:
-    """A path for an error line, cut to its last ``limit`` characters: the file's name is what tells paths apart."""
-    text = str(path).replace("\n", " ")
-    return text if len(text) <= limit else "..." + text[3 - limit:]
+        raise BadInputError(f"output {shorten(output, keep_end=True)} {why} {shorten(item, keep_end=True)}: choose an output outside every input", option=option)
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Any = ()) -> None:

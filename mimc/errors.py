@@ -91,10 +91,13 @@ def clip(value: Any, limit: int = 80) -> str:
     return shorten(repr(value), limit)
 
 
-def shorten(text: Any, limit: int = 80) -> str:
-    """``str(text)`` on one line, cut to ``limit`` characters."""
+def shorten(text: Any, limit: int = 80, keep_end: bool = False) -> str:
+    """``str(text)`` on one line, cut to ``limit`` characters; ``keep_end``: its last ones (a path's file
+    name is what tells two paths apart)."""
     text = str(text).replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    return "..." + text[3 - limit:] if keep_end else text[: limit - 3] + "..."
 
 
 def require(module: str, extra: str, purpose: str):

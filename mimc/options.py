@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
-from mimc.errors import ConfigError, clip
+from mimc.errors import ConfigError, clip, whole
 
 _SPEC = "mimc.option"
 MAX_BATCH = 4096  # the most images one process takes at once (a batch, a learning step, an exported or profiled graph): a ViT-B input alone is 2.5 GB there
@@ -102,7 +102,7 @@ def _is(value: Any, base: type) -> bool:
     if isinstance(value, bool):
         return base is bool  # True is an int to Python, never to an option
     if base is int:
-        return isinstance(value, numbers.Integral)
+        return whole(value)
     if base is float:
         return isinstance(value, numbers.Real)
     return isinstance(value, base)
