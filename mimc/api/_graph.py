@@ -292,10 +292,6 @@ def build(model, device: str, *, precision=None, batch_range=None, workspace_gb:
     from mimc.pipeline.stages import BuildConfig
 
     check_one_process("mimc build")
-    if output is not None and is_artifact(Path(output).parent) and not _same_dir(Path(output).parent, Path(model).parent):
-        # its mimc.json would not list the IR or engine, which every command then refuses
-        raise BadInputError(f"output {output} is inside the artifact {Path(output).parent}, which {model} does not come from: "
-                            f"write it outside that artifact, or build the artifact's own graph", option="output")
     built = build_deployable(model, load_profile(device), precision=precision, batch_range=batch_range,
                              workspace_gb=workspace_gb, timing_cache=timing_cache, sparse=sparse, output=output,
                              on_message=on_message, overwrite=overwrite)

@@ -60,8 +60,9 @@ def build(model: str | Path, profile, *, precision: str | None = None, batch_ran
 
 def _check_outputs(model: Path, out: Path, overwrite: bool) -> None:
     """The deployable's files (it, an IR's .bin, the sidecar): none a folder (refused before any is written),
-    none the graph or its external weights (a link in their place is replaced, not written through), an
-    existing file outside an artifact only with ``overwrite``, and a folder this user can write."""
+    none in an artifact the graph does not come from, none the graph or its external weights (a link in their
+    place is replaced, not written through), an existing file outside an artifact only with ``overwrite``, and
+    a folder this user can write."""
     from mimc.artifact import is_artifact
     from mimc.atomic import check_new_files, check_not_input
     from mimc.graph import external_file, load_graph, uses_external
@@ -69,6 +70,10 @@ def _check_outputs(model: Path, out: Path, overwrite: bool) -> None:
     files = (out, Path(f"{out}.json"), *([out.with_suffix(".bin")] if out.suffix == ".xml" else []))
     for folder in (f for f in files if f.is_dir()):
         raise BadInputError(f"output {folder} is a directory: give a file path", option="output")
+    in_artifact = is_artifact(out.parent)
+    if in_artifact and out.parent.resolve() != model.parent.resolve():  # its mimc.json would not list it: every command refuses it
+        raise BadInputError(f"output {out} is inside the artifact {out.parent}, which {model} does not come from: "
+                            f"write it outside that artifact, or build the artifact's own graph", option="output")
     if not model.is_file():
         return  # refused by the build, naming the graph
     inputs = [model, *(external_file(t, model.parent) for t in load_graph(model, external_data=False).graph.initializer
@@ -76,7 +81,7 @@ def _check_outputs(model: Path, out: Path, overwrite: bool) -> None:
     for written in files:
         if not written.is_symlink():
             check_not_input(written, inputs, inside=False)
-    if not is_artifact(out.parent) and out.parent.is_dir():  # an artifact's own IR or engine is rebuilt in place
+    if not in_artifact and out.parent.is_dir():  # an artifact's own IR or engine is rebuilt in place
         check_new_files([out], overwrite)
     check_writable(out)  # a folder this user cannot write: refused before the build, not after
 
